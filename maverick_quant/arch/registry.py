@@ -1,0 +1,21 @@
+"""Look up the architecture table for a model config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from maverick_quant.arch.base import ArchTable
+from maverick_quant.arch.llama import LLAMA
+from maverick_quant.errors import InputError
+
+TABLES: tuple[ArchTable, ...] = (LLAMA,)
+
+
+def table_for(config: Any, source: str = "config.json") -> ArchTable:
+    """The table serving `config.architectures`; InputError naming the file if none does."""
+    names = tuple(getattr(config, "architectures", None) or ())
+    for table in TABLES:
+        if any(name in table.architectures for name in names):
+            return table
+    supported = sorted(a for t in TABLES for a in t.architectures)
+    raise InputError(f"{source}: architectures {list(names)} are not supported; expected one of {supported}")

@@ -1,0 +1,180 @@
+"""The bundle: the one intermediate artifact between quantize and export/validate.
+
+Layout of a bundle directory:
+    manifest.json                   recipe, source fingerprint, calibration provenance,
+                                    per-layer stats, sha256 and size of every file
+    config.json, tokenizer files    copied from the source model
+    passthrough.safetensors         embeddings, final norm, lm_head (original dtype)
+    layers/layer-00007.safetensors  one decoder layer: for each quantized linear `m`
+                                    `m.codes` (uint8 [N, K], two 4-bit codes per byte when
+                                    bits <= 4: [N, K/2]), `m.scales` fp16 [N, G],
+                                    `m.zeros` uint8 [N, G]; norms etc. under their own names
+    layers/layer-00007.json         that layer's stats (GPTQ loss, damping, seconds), written
+                                    after its tensors: a layer is complete iff both exist
+
+Every file is written under a temporary name and renamed, so a killed run leaves only
+complete layers behind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from maverick_quant.checkpoint import save_safetensors_atomic, sha256_file, write_json_atomic
+from maverick_quant.compress.types import QuantizedWeight
+from maverick_quant.errors import InputError
+
+MANIFEST = "manifest.json"
+PASSTHROUGH = "passthrough.safetensors"
+BUNDLE_FORMAT = "maverick-quant-bundle"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "generation_config.json", "chat_template.jinja", "vocab.json", "merges.txt")
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., K] codes < 16 with K even -> uint8 [..., K/2], code 2j in the low nibble."""
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_nibbles: uint8 [..., K/2] -> [..., K]."""
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
+
+
+def _nibble_packed(bits: int, in_features: int) -> bool:
+    return bits <= 4 and in_features % 2 == 0
+
+
+def encode_quantized(name: str, weight: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """The bundle's tensors for one quantized linear `name` (module path, no `.weight`)."""
+    codes = weight.codes
+    if _nibble_packed(weight.bits, codes.shape[-1]):
+        codes = pack_nibbles(codes)
+    return {f"{name}.codes": codes, f"{name}.scales": weight.scales.half(), f"{name}.zeros": weight.zeros}
+
+
+def decode_quantized(name: str, tensors: dict[str, torch.Tensor], shape: list[int], bits: int, group_size: int) -> QuantizedWeight:
+    codes = tensors[f"{name}.codes"]
+    if _nibble_packed(bits, shape[-1]):
+        codes = unpack_nibbles(codes)
+    return QuantizedWeight(codes, tensors[f"{name}.scales"], tensors[f"{name}.zeros"], bits, group_size)
+
+
+def layer_file(index: int) -> str:
+    return f"layers/layer-{index:05d}.safetensors"
+
+
+def copy_model_files(source_dir: Path, out_dir: Path) -> list[str]:
+    """Copy config.json and the tokenizer/generation files that exist; returns their names."""
+    copied = []
+    for name in ("config.json", *TOKENIZER_FILES):
+        if (Path(source_dir) / name).is_file():
+            shutil.copy2(Path(source_dir) / name, out_dir / name)
+            copied.append(name)
+    return copied
+
+
+class BundleWriter:
+    """Writes a bundle layer by layer into `root` (a temporary or partial directory)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        (self.root / "layers").mkdir(parents=True, exist_ok=True)
+
+    def write_layer(self, index: int, prefix: str, quantized: dict[str, QuantizedWeight],
+                    passthrough: dict[str, torch.Tensor], stats: dict[str, Any]) -> None:
+        """Tensors of decoder layer `index` (names relative to `prefix`), then its stats file."""
+        tensors = {}
+        for name, weight in quantized.items():
+            tensors.update(encode_quantized(prefix + name, weight))
+        tensors.update({prefix + name: t for name, t in passthrough.items()})
+        path = self.root / layer_file(index)
+        save_safetensors_atomic(tensors, path)
+        record = {"file": layer_file(index), "sha256": sha256_file(path), "prefix": prefix,
+                  "quantized": {name: {"shape": list(w.shape), **stats.get(name, {})} for name, w in quantized.items()},
+                  **{k: v for k, v in stats.items() if k not in quantized}}
+        write_json_atomic(path.with_suffix(".json"), record)
+
+    def completed_layers(self) -> set[int]:
+        """Indices of layers whose tensors and stats are both on disk."""
+        done = set()
+        for stats in (self.root / "layers").glob("layer-*.json"):
+            if stats.with_suffix(".safetensors").is_file():
+                done.add(int(stats.stem.split("-")[1]))
+        return done
+
+    def write_passthrough(self, tensors: dict[str, torch.Tensor]) -> None:
+        save_safetensors_atomic(tensors, self.root / PASSTHROUGH)
+
+    def finish(self, manifest: dict[str, Any], num_layers: int) -> dict[str, Any]:
+        """Gather layer stats and file hashes into manifest.json; returns the manifest."""
+        layers = [json.loads((self.root / layer_file(i)).with_suffix(".json").read_text()) for i in range(num_layers)]
+        files = {p.relative_to(self.root).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                 for p in sorted(self.root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+        manifest = {"format": BUNDLE_FORMAT, "format_version": 1, **manifest, "layers": layers, "files": files}
+        write_json_atomic(self.root / MANIFEST, manifest)
+        return manifest
+
+
+class Bundle:
+    """A finished bundle opened for reading; also a `WeightSource` for streaming."""
+
+    def __init__(self, root: Path | str):
+        from safetensors import safe_open
+
+        self.root = Path(root)
+        if not (self.root / MANIFEST).is_file():
+            raise InputError(f"{self.root}: not a bundle (no {MANIFEST})")
+        self.manifest = json.loads((self.root / MANIFEST).read_text())
+        if self.manifest.get("format") != BUNDLE_FORMAT:
+            raise InputError(f"{self.root / MANIFEST}: format {self.manifest.get('format')!r}, expected {BUNDLE_FORMAT!r}")
+        from maverick_quant.arch.registry import table_for
+        from transformers import AutoConfig
+
+        self.config = AutoConfig.from_pretrained(self.root, trust_remote_code=False)
+        self.table = table_for(self.config, str(self.root / "config.json"))
+        self.quant = self.manifest["recipe"]["weights"]
+        self._passthrough = safe_open(str(self.root / PASSTHROUGH), framework="pt")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.manifest["layers"])
+
+    def quantized_layer(self, index: int) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor]]:
+        """Layer `index` as ({relative linear name: QuantizedWeight}, {relative name: float tensor})."""
+        from safetensors.torch import load_file
+
+        record = self.manifest["layers"][index]
+        tensors = load_file(str(self.root / record["file"]))
+        prefix = record["prefix"]
+        quantized = {name: decode_quantized(prefix + name, tensors, info["shape"], self.quant["bits"], self.quant["group_size"])
+                     for name, info in record["quantized"].items()}
+        coded = {f"{prefix}{name}.{part}" for name in quantized for part in ("codes", "scales", "zeros")}
+        passthrough = {key[len(prefix):]: t for key, t in tensors.items() if key not in coded}
+        return quantized, passthrough
+
+    def layer_tensors(self, index: int) -> dict[str, torch.Tensor]:
+        quantized, passthrough = self.quantized_layer(index)
+        return {**passthrough, **{f"{name}.weight": w.dequantize() for name, w in quantized.items()}}
+
+    def model_tensor_names(self) -> list[str]:
+        """Names of the model-level pass-through tensors (embed, final norm, untied lm_head)."""
+        return list(self._passthrough.keys())
+
+    def model_tensor(self, name: str) -> torch.Tensor:
+        if name == self.table.lm_head and name not in self._passthrough.keys():
+            name = self.table.embed
+        return self._passthrough.get_tensor(name)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole dequantized model as a float state dict (small models only)."""
+        out = {name: self._passthrough.get_tensor(name) for name in self.model_tensor_names()}
+        for index in range(self.num_layers):
+            prefix = self.table.prefix(index)
+            out.update({prefix + name: t for name, t in self.layer_tensors(index).items()})
+        return out

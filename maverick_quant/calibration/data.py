@@ -1,0 +1,168 @@
+"""Calibration and evaluation text -> token windows, saved as a reusable artifact.
+
+Sources: a plain text file, a JSONL file whose records have a `text` field or (with the
+chat template) a `messages` list rendered through the tokenizer's chat template, or
+`self` (text the model generates itself, see selfgen.py). All records are tokenized,
+joined with the EOS token into one stream, and N windows of L tokens are drawn at start
+positions chosen by a seeded generator, so the same inputs always give the same windows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from maverick_quant.checkpoint import save_safetensors_atomic, write_json_atomic
+from maverick_quant.errors import InputError
+from maverick_quant.recipe import CalibSpec
+
+CALIB_TOKENS = "tokens.safetensors"
+CALIB_META = "calib.json"
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """input_ids: int64 [N, L] windows; meta: provenance (data sha256, options, tokenizer)."""
+
+    input_ids: torch.Tensor
+    meta: dict
+
+    def save(self, out_dir: Path) -> None:
+        save_safetensors_atomic({"input_ids": self.input_ids}, out_dir / CALIB_TOKENS)
+        write_json_atomic(out_dir / CALIB_META, self.meta)
+
+    @classmethod
+    def load(cls, calib_dir: Path) -> "CalibrationSet":
+        from safetensors.torch import load_file
+
+        calib_dir = Path(calib_dir)
+        if not (calib_dir / CALIB_TOKENS).is_file() or not (calib_dir / CALIB_META).is_file():
+            raise InputError(f"{calib_dir}: not a calibration directory (expected {CALIB_TOKENS} and {CALIB_META})")
+        input_ids = load_file(str(calib_dir / CALIB_TOKENS))["input_ids"]
+        return cls(input_ids, json.loads((calib_dir / CALIB_META).read_text()))
+
+
+def read_records(path: Path, tokenizer, chat_template: bool) -> list[str]:
+    """The text records of a .txt or .jsonl file (chat messages rendered when asked)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: data file not found")
+    if path.suffix != ".jsonl":
+        text = path.read_text(encoding="utf-8", errors="replace")
+        return [text] if text.strip() else []
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            records.append(_record_text(path, number, line, tokenizer, chat_template))
+    return records
+
+
+def _record_text(path: Path, number: int, line: str, tokenizer, chat_template: bool) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+    if chat_template:
+        if not isinstance(record.get("messages"), list):
+            raise InputError(f"{path}:{number}: --chat-template expects a 'messages' list in every record")
+        if not getattr(tokenizer, "chat_template", None):
+            raise InputError("--chat-template: the model's tokenizer has no chat template")
+        return tokenizer.apply_chat_template(record["messages"], tokenize=False)
+    if not isinstance(record.get("text"), str):
+        raise InputError(f"{path}:{number}: expected a string 'text' field (or use --chat-template with 'messages')")
+    return record["text"]
+
+
+def token_stream(records: list[str], tokenizer) -> torch.Tensor:
+    """All records tokenized (no special tokens) and joined by EOS: int64 [T]."""
+    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids: list[int] = []
+    for record in records:
+        if ids:
+            ids.extend(separator)
+        ids.extend(tokenizer(record, add_special_tokens=False)["input_ids"])
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def draw_windows(stream: torch.Tensor, spec: CalibSpec, source: str) -> torch.Tensor:
+    """N windows [N, L] at seeded random starts in [0, T - L]."""
+    total = stream.numel()
+    if total < spec.seq_len:
+        raise InputError(f"{source}: only {total} tokens of calibration text, need at least seq_len={spec.seq_len}")
+    generator = torch.Generator().manual_seed(spec.seed)
+    starts = torch.randint(0, total - spec.seq_len + 1, (spec.samples,), generator=generator)
+    return torch.stack([stream[s : s + spec.seq_len] for s in starts.tolist()])
+
+
+def contiguous_windows(stream: torch.Tensor, length: int, max_windows: int | None, source: str) -> torch.Tensor:
+    """Non-overlapping windows [W, L] from the start of the stream (evaluation protocol)."""
+    count = stream.numel() // length
+    if max_windows is not None:
+        count = min(count, max_windows)
+    if count < 1:
+        raise InputError(f"{source}: only {stream.numel()} tokens, need at least one window of {length}")
+    return stream[: count * length].view(count, length)
+
+
+def sha256_text(records: list[str]) -> str:
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(record.encode("utf-8") + b"\0")
+    return digest.hexdigest()
+
+
+def build_calibration(records: list[str], tokenizer, spec: CalibSpec, source: str) -> CalibrationSet:
+    """Windows drawn from the records, with the provenance a later run needs to trust them."""
+    if not records:
+        raise InputError(f"{source}: calibration data is empty")
+    windows = draw_windows(token_stream(records, tokenizer), spec, source)
+    meta = {
+        "source": source,
+        "data_sha256": sha256_text(records),
+        "samples": spec.samples,
+        "seq_len": spec.seq_len,
+        "seed": spec.seed,
+        "chat_template": spec.chat_template,
+        "tokenizer": getattr(tokenizer, "name_or_path", ""),
+        "windows_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
+    }
+    return CalibrationSet(windows, meta)
+
+
+def load_tokenizer(model_dir: Path):
+    """The model's own tokenizer (never trust_remote_code)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{model_dir}: cannot load its tokenizer ({exc})") from None
+
+
+def make_calibration(model_dir: Path, data: str, spec: CalibSpec, tokenizer=None) -> CalibrationSet:
+    """Calibration windows from `data`: a .txt/.jsonl path, or "self" for model-generated text."""
+    tokenizer = tokenizer or load_tokenizer(model_dir)
+    if data == "self":
+        from maverick_quant.calibration.selfgen import generate_self_text
+
+        new_tokens = min(spec.seq_len, 256)
+        count = -(-spec.samples * spec.seq_len // new_tokens) + 1
+        records = generate_self_text(Path(model_dir), n_samples=count, max_new_tokens=new_tokens, seed=spec.seed)
+        return build_calibration(records, tokenizer, spec, source="self-generated")
+    return build_calibration(read_records(Path(data), tokenizer, spec.chat_template), tokenizer, spec, source=str(data))
+
+
+def eval_windows(data: str | Path, tokenizer, ctx: int, max_windows: int | None) -> torch.Tensor:
+    """Evaluation windows [W, ctx] (GPTQ protocol: the text tokenized whole, cut into
+    non-overlapping windows from the start; the tokenizer's BOS only at the very start)."""
+    records = read_records(Path(data), tokenizer, chat_template=False)
+    if not records:
+        raise InputError(f"{data}: evaluation data is empty")
+    stream = token_stream(records, tokenizer)
+    if tokenizer.bos_token_id is not None:
+        stream = torch.cat([torch.tensor([tokenizer.bos_token_id]), stream])
+    return contiguous_windows(stream, ctx, max_windows, str(data))

@@ -1,0 +1,289 @@
+"""Lazy, validated reading of Hugging Face safetensors checkpoints, and atomic writing.
+
+Reading: `Checkpoint(model_dir)` parses config.json, the shard index and every shard's
+header (a few KB each) without touching tensor data. `validate()` checks the whole model
+against the architecture table before any work. Tensors are then read one at a time
+through safetensors' memory maps, so a model far larger than RAM can be streamed.
+
+Writing: `atomic_output_dir` gives a temporary sibling directory that replaces the target
+only on success; `ShardedWriter` writes safetensors shards with an index.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+
+from maverick_quant.errors import InputError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+FLOAT_DTYPES = {"F32": 4, "F16": 2, "BF16": 2}
+DTYPE_SIZES = {**FLOAT_DTYPES, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its shard file, dtype code (safetensors "F32"...) and shape."""
+
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and check one shard's header; InputError naming the file on any inconsistency.
+
+    Checks: the 8-byte header length fits the file, the JSON parses, every dtype is known,
+    every tensor's byte range equals numel * itemsize, lies in the file, and the data
+    section's end equals the file size (a truncated or padded shard is refused).
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        raw_len = handle.read(8)
+        if len(raw_len) < 8:
+            raise InputError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+        (header_len,) = struct.unpack("<Q", raw_len)
+        if header_len > min(MAX_HEADER_BYTES, size - 8):
+            raise InputError(f"{path}: truncated or corrupt safetensors header (header claims {header_len} bytes, file has {size})")
+        try:
+            header = json.loads(handle.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InputError(f"{path}: corrupt safetensors header ({exc})") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: corrupt safetensors header (expected a JSON object)")
+    header.pop("__metadata__", None)
+    return _tensor_infos(path, header, data_size=size - 8 - header_len)
+
+
+def _tensor_infos(path: Path, header: dict, data_size: int) -> dict[str, TensorInfo]:
+    infos, data_end = {}, 0
+    for name, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"{path}: tensor {name!r} has a malformed header entry {entry!r}") from None
+        if dtype not in DTYPE_SIZES:
+            raise InputError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        if not (isinstance(begin, int) and isinstance(end, int)) or end - begin != numel * DTYPE_SIZES[dtype] or begin < 0:
+            raise InputError(f"{path}: tensor {name!r} byte range {begin}..{end} does not match shape {list(shape)} {dtype}")
+        data_end = max(data_end, end)
+        infos[name] = TensorInfo(path, dtype, shape)
+    if data_end > data_size:
+        raise InputError(f"{path}: truncated safetensors file: tensors need {data_end} data bytes, file has {data_size}")
+    if data_end < data_size:
+        raise InputError(f"{path}: corrupt safetensors file: {data_size - data_end} unexplained bytes after the tensors")
+    return infos
+
+
+def _shard_files(model_dir: Path) -> list[Path]:
+    """The shard files named by the index (checked to stay inside model_dir), or the single file."""
+    index_path = model_dir / INDEX_NAME
+    if index_path.exists():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise InputError(f"{index_path}: not a valid safetensors index ({exc!r})") from None
+        files = []
+        for name, rel in weight_map.items():
+            target = (model_dir / rel).resolve()
+            if Path(rel).is_absolute() or model_dir.resolve() not in target.parents:
+                raise InputError(f"{index_path}: tensor {name!r} points outside the model directory ({rel!r})")
+            if not target.exists():
+                raise InputError(f"{index_path}: tensor {name!r} is in {rel!r}, which is missing from {model_dir}")
+            files.append(model_dir / rel)
+        return sorted(set(files))
+    if (model_dir / SINGLE_NAME).exists():
+        return [model_dir / SINGLE_NAME]
+    singles = sorted(model_dir.glob("*.safetensors"))
+    if len(singles) == 1:
+        return singles
+    pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise InputError(
+            f"{model_dir}: only pickle checkpoints found ({', '.join(pickles)}); maverick-quant never loads pickles "
+            "because unpickling can run arbitrary code. Convert the model to safetensors first."
+        )
+    raise InputError(f"{model_dir}: no {SINGLE_NAME} or {INDEX_NAME} found")
+
+
+class Checkpoint:
+    """A Hugging Face model directory read lazily: headers now, tensor data on demand."""
+
+    def __init__(self, model_dir: Path | str):
+        self.model_dir = Path(model_dir)
+        if not (self.model_dir / "config.json").is_file():
+            raise InputError(f"{self.model_dir}: not a model directory (no config.json)")
+        self.files = _shard_files(self.model_dir)
+        self.tensors: dict[str, TensorInfo] = {}
+        for path in self.files:
+            self.tensors.update(read_safetensors_header(path))
+        self._handles: dict[Path, object] = {}
+
+    def load_config(self):
+        """The transformers config (never trust_remote_code)."""
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(self.model_dir, trust_remote_code=False)
+        except (ValueError, OSError, KeyError) as exc:
+            raise InputError(f"{self.model_dir / 'config.json'}: cannot be read as a transformers config ({exc})") from None
+
+    def validate(self, expected: dict[str, tuple[int, ...]]) -> None:
+        """Every expected tensor present with that shape and a float dtype, before any work."""
+        problems = []
+        for name, shape in expected.items():
+            info = self.tensors.get(name)
+            if info is None:
+                problems.append(f"missing tensor {name!r} (expected shape {list(shape)})")
+            elif info.shape != tuple(shape):
+                problems.append(f"tensor {name!r} in {info.file.name} has shape {list(info.shape)}, config.json implies {list(shape)}")
+            elif info.dtype not in FLOAT_DTYPES:
+                problems.append(f"tensor {name!r} in {info.file.name} has dtype {info.dtype}, expected one of {sorted(FLOAT_DTYPES)}")
+        if problems:
+            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            raise InputError(f"{self.model_dir}: checkpoint does not match its config: {shown}")
+
+    def _handle(self, path: Path):
+        if path not in self._handles:
+            self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
+        return self._handles[path]
+
+    def get(self, name: str, check_finite: bool = True) -> torch.Tensor:
+        """One tensor (memory-mapped read); InputError naming it if absent or not finite."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise InputError(f"{self.model_dir}: tensor {name!r} not found")
+        tensor = self._handle(info.file).get_tensor(name)
+        if check_finite and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise InputError(f"{info.file}: tensor {name!r} contains NaN or Inf values")
+        return tensor
+
+    def fingerprint(self) -> str:
+        """sha256 over config.json and every shard's name, size and header (cheap, no tensor data)."""
+        digest = hashlib.sha256((self.model_dir / "config.json").read_bytes())
+        for path in self.files:
+            with open(path, "rb") as handle:
+                (header_len,) = struct.unpack("<Q", handle.read(8))
+                digest.update(path.name.encode() + str(path.stat().st_size).encode() + handle.read(header_len))
+        return digest.hexdigest()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_output_dir(out: Path, force: bool) -> None:
+    """Refuse to overwrite an existing output unless forced (before any work starts)."""
+    if out.exists() and not force:
+        raise InputError(f"{out}: output already exists; pass --force to replace it")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: Path, force: bool) -> Iterator[Path]:
+    """Yield a temporary sibling directory that becomes `out` only if the block succeeds.
+
+    On any exception the temporary directory is removed, so no half-written output is left;
+    an existing `out` is replaced (only with force=True) after the new one is complete.
+    """
+    out = Path(out)
+    check_output_dir(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON to a temporary name in the same directory, then rename over `path`."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    """safetensors.save_file to a temporary name, then rename (a crash never leaves half a file)."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata or {"format": "pt"})
+    os.replace(tmp, path)
+
+
+class ShardedWriter:
+    """Writes groups of tensors into safetensors shards of at most `max_shard_bytes`.
+
+    A group (one module's tensors) is never split across shards. `close()` writes
+    model.safetensors.index.json (or a single model.safetensors when one shard sufficed).
+    """
+
+    def __init__(self, out_dir: Path, max_shard_bytes: int = 5 * 10**9):
+        self.out_dir, self.max_shard_bytes = Path(out_dir), max_shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[tuple[str, list[str]]] = []
+        self.total_bytes = 0
+
+    def add_group(self, tensors: dict[str, torch.Tensor]) -> None:
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        if self.pending and self.pending_bytes + size > self.max_shard_bytes:
+            self._flush()
+        self.pending.update(tensors)
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        name = f"model-{len(self.shards) + 1:05d}.safetensors"
+        save_safetensors_atomic(self.pending, self.out_dir / name)
+        self.shards.append((name, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        """Flush and write the index; returns the shard file names."""
+        if self.pending or not self.shards:
+            self._flush()
+        count = len(self.shards)
+        if count == 1:
+            os.replace(self.out_dir / self.shards[0][0], self.out_dir / SINGLE_NAME)
+            return [SINGLE_NAME]
+        final = []
+        weight_map = {}
+        for i, (name, keys) in enumerate(self.shards, start=1):
+            final_name = f"model-{i:05d}-of-{count:05d}.safetensors"
+            os.replace(self.out_dir / name, self.out_dir / final_name)
+            final.append(final_name)
+            weight_map.update({key: final_name for key in keys})
+        write_json_atomic(self.out_dir / INDEX_NAME, {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map})
+        return final

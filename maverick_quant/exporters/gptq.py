@@ -1,0 +1,99 @@
+"""Bundle -> Hugging Face checkpoint in the GPTQ layout (AutoGPTQ/GPTQModel v1, vLLM, transformers).
+
+Per quantized linear `m` (N outputs, K inputs, G groups):
+    m.qweight int32 [K*bits/32, N]   codes packed along the input dim, low bits first
+    m.qzeros  int32 [G, N*bits/32]   (zero - 1) mod 2^bits packed along the output dim (v1)
+    m.scales  fp16  [G, N]
+    m.g_idx   int32 [K]              k // group_size (static groups keep it trivial)
+Everything else passes through in its original dtype. `config.json` gains a
+`quantization_config` with quant_method gptq. Shards are safetensors with an index; each
+module's tensors stay in one shard.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from maverick_quant import __version__
+from maverick_quant.bundle import Bundle, copy_model_files
+from maverick_quant.checkpoint import Checkpoint, ShardedWriter, write_json_atomic
+from maverick_quant.compress.pack import from_gptq_tensors, to_gptq_tensors
+from maverick_quant.errors import InputError
+
+PACKABLE_BITS = (2, 4, 8)
+GPTQ_PARTS = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def gptq_quantization_config(quant: dict, recipe: dict) -> dict:
+    """The `quantization_config` block transformers/GPTQModel/vLLM read."""
+    return {
+        "quant_method": "gptq",
+        "bits": quant["bits"],
+        "group_size": quant["group_size"],
+        "desc_act": False,
+        "sym": quant["sym"],
+        "static_groups": quant["act_order"],
+        "true_sequential": recipe.get("true_sequential", True),
+        "damp_percent": quant["damp"],
+        "checkpoint_format": "gptq",
+        "lm_head": False,
+        "meta": {"quantizer": [f"maverick-quant:{__version__}"]},
+    }
+
+
+def export_gptq(bundle: Bundle, out_dir: Path, max_shard_bytes: int = 5 * 10**9) -> list[str]:
+    """Write the GPTQ checkpoint of `bundle` into the (empty) directory `out_dir`."""
+    bits = bundle.quant["bits"]
+    if bits not in PACKABLE_BITS:
+        raise InputError(f"--format gptq stores bits in {PACKABLE_BITS}; this bundle has bits={bits}")
+    writer = ShardedWriter(out_dir, max_shard_bytes)
+    for index in range(bundle.num_layers):
+        prefix = bundle.table.prefix(index)
+        quantized, passthrough = bundle.quantized_layer(index)
+        for name, weight in quantized.items():
+            writer.add_group({f"{prefix}{name}.{part}": t for part, t in to_gptq_tensors(weight).items()})
+        writer.add_group({prefix + name: t for name, t in passthrough.items()})
+    writer.add_group({name: bundle.model_tensor(name) for name in bundle.model_tensor_names()})
+    shards = writer.close()
+    copied = copy_model_files(bundle.root, out_dir)
+    config = json.loads((out_dir / "config.json").read_text())
+    config["quantization_config"] = gptq_quantization_config(bundle.quant, bundle.manifest["recipe"])
+    write_json_atomic(out_dir / "config.json", config)
+    return shards + copied
+
+
+class GPTQExportSource:
+    """A GPTQ-layout checkpoint read back lazily as float tensors (a `WeightSource`)."""
+
+    def __init__(self, export_dir: Path | str):
+        from maverick_quant.arch.registry import table_for
+
+        self.checkpoint = Checkpoint(export_dir)
+        self.config = self.checkpoint.load_config()
+        self.table = table_for(self.config, str(self.checkpoint.model_dir / "config.json"))
+        quant = getattr(self.config, "quantization_config", None) or {}
+        quant = quant if isinstance(quant, dict) else quant.to_dict()
+        if quant.get("quant_method") != "gptq":
+            raise InputError(f"{export_dir}/config.json: quantization_config.quant_method is not 'gptq'")
+        self.bits, self.group_size = int(quant["bits"]), int(quant["group_size"])
+
+    def _linear(self, module: str) -> torch.Tensor:
+        tensors = {part: self.checkpoint.get(f"{module}.{part}") for part in GPTQ_PARTS}
+        weight = from_gptq_tensors(tensors, self.bits, self.group_size)
+        if not torch.equal(tensors["g_idx"], weight.group_index()):
+            raise InputError(f"{self.checkpoint.model_dir}: {module}.g_idx is not k // group_size (desc_act exports are not read)")
+        return weight.dequantize()
+
+    def layer_tensors(self, index: int) -> dict[str, torch.Tensor]:
+        prefix = self.table.prefix(index)
+        out = {name: self.checkpoint.get(prefix + name) for name in self.table.layer_passthrough}
+        out.update({f"{name}.weight": self._linear(prefix + name) for name in self.table.linears})
+        return out
+
+    def model_tensor(self, name: str) -> torch.Tensor:
+        if name == self.table.lm_head and name not in self.checkpoint.tensors:
+            name = self.table.embed
+        return self.checkpoint.get(name)

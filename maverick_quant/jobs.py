@@ -1,0 +1,94 @@
+"""The work behind each CLI command, shared by the commands and `demo`.
+
+Each function checks its inputs (refusing an existing output without force before any
+work), runs one stage, writes its output atomically and prints a one-line summary.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from maverick_quant import __version__
+from maverick_quant.errors import InputError
+from maverick_quant.recipe import Method
+
+
+def run_quantize(model_dir, out, spec, data, calib, calib_spec, force, progress):
+    """Shared by `quantize` and `demo`: check everything, calibrate, quantize, print the summary."""
+    from maverick_quant.calibration.data import CalibrationSet, make_calibration
+    from maverick_quant.checkpoint import atomic_output_dir, check_output_dir
+    from maverick_quant.pipeline import quantize_model
+    from maverick_quant.streaming import open_source
+
+    check_output_dir(out, force)
+    source = open_source(model_dir)
+    calibration = None
+    if spec.method is not Method.RTN:
+        if calib is None and data is None:
+            raise InputError(f"--method {spec.method.value} needs --data FILE|self or --calib DIR")
+        calibration = CalibrationSet.load(calib) if calib else make_calibration(model_dir, data, calib_spec)
+    with atomic_output_dir(out, force) as tmp:
+        _, summary = quantize_model(source, calibration, spec, tmp, show_progress=progress)
+    loss = "n/a" if summary.mean_rel_loss is None else f"{summary.mean_rel_loss:.5f}"
+    click.echo(f"quantized {summary.layers} layers in {summary.seconds:.1f} s, peak RSS {summary.peak_rss_mib:.0f} MiB, "
+               f"mean relative GPTQ loss {loss} -> {out}")
+    return summary
+
+
+def run_export(bundle_dir, out, max_shard_size=5 * 10**9, force=False):
+    from maverick_quant.bundle import Bundle
+    from maverick_quant.checkpoint import atomic_output_dir, check_output_dir
+    from maverick_quant.exporters.gptq import export_gptq
+
+    check_output_dir(out, force)
+    bundle = Bundle(bundle_dir)
+    with atomic_output_dir(out, force) as tmp:
+        files = export_gptq(bundle, tmp, max_shard_size)
+    click.echo(f"exported gptq: {len(files)} files -> {out}")
+
+
+def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates=(), baseline=None,
+                 batch=4, force=False, progress=True) -> bool:
+    """Shared by `validate` and `demo`; returns whether every gate passed."""
+    from maverick_quant.calibration.data import eval_windows, load_tokenizer
+    from maverick_quant.checkpoint import atomic_output_dir, check_output_dir
+    from maverick_quant.streaming import open_source
+    from maverick_quant.validation.evaluate import evaluate, open_candidate
+    from maverick_quant.validation.gates import evaluate_gates, parse_gate
+    from maverick_quant.validation.report import write_report
+
+    check_output_dir(report_dir, force)
+    parsed = [parse_gate(text) for text in gates]
+    baseline_report = _read_baseline(baseline) if baseline else None
+    ref_source, cand_source = open_source(reference), open_candidate(candidate)
+    windows = eval_windows(data, load_tokenizer(reference), ctx, max_windows)
+    result = evaluate(ref_source, cand_source, windows, batch=batch, show_progress=progress)
+    report = {**result.summary, "protocol": {"name": "gptq", "ctx": ctx, "windows": int(windows.shape[0]), "data": str(data)},
+              "reference_model": str(reference), "candidate_model": str(candidate), "tool_version": __version__}
+    outcomes = evaluate_gates(parsed, report, baseline_report)
+    report["gates"] = [{"gate": o.gate, "actual": o.actual, "threshold": o.threshold, "passed": o.passed} for o in outcomes]
+    with atomic_output_dir(report_dir, force) as tmp:
+        write_report(report, tmp, kl_values=result.kl_values, layer_errors=result.layer_errors, gate_results=outcomes)
+    _echo_summary(report, outcomes)
+    return all(o.passed for o in outcomes)
+
+
+def _read_baseline(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: cannot read baseline report ({exc})") from None
+
+
+def _echo_summary(report: dict, outcomes) -> None:
+    click.echo(f"perplexity: reference {report['reference']['ppl']:.3f}  candidate {report['candidate']['ppl']:.3f}  "
+               f"ratio {report['ppl_ratio']:.4f}")
+    click.echo(f"KL mean {report['kl']['mean']:.5f}  p99 {report['kl']['p99']:.5f}  "
+               f"top-1 agreement {report['top1_agreement']:.4f}  ({report['tokens']} tokens)")
+    for outcome in outcomes:
+        click.echo(f"gate {outcome.gate}: {'PASS' if outcome.passed else 'FAIL'} (actual {outcome.actual:.6g})")
+
+

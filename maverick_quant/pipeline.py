@@ -1,0 +1,140 @@
+"""Orchestration of a quantize run: streaming + capture + compress -> bundle.
+
+Sequential GPTQ: for each decoder layer, in the table's group order (q/k/v, o, gate/up,
+down), collect the group's input Hessian by running the layer (whose earlier groups are
+already quantized) over the cached hidden states of all calibration windows, solve, and
+put the dequantized weights back; then the quantized layer produces the next layer's
+inputs. RTN needs no calibration and runs no forward at all.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from maverick_quant import __version__
+from maverick_quant.bundle import BundleWriter, copy_model_files
+from maverick_quant.calibration.capture import capture_inputs
+from maverick_quant.calibration.data import CalibrationSet
+from maverick_quant.compress.gptq import gptq_quantize
+from maverick_quant.compress.grid import rtn_quantize
+from maverick_quant.compress.types import QuantizedWeight
+from maverick_quant.errors import InputError
+from maverick_quant.recipe import Method, QuantizeSpec
+from maverick_quant.streaming import CheckpointSource, StreamingModel
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What a quantize run reports at the end."""
+
+    seconds: float
+    peak_rss_mib: float
+    mean_rel_loss: float | None
+    layers: int
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far, MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _set_weight(layer: torch.nn.Module, name: str, weight: QuantizedWeight) -> None:
+    module = layer.get_submodule(name)
+    module.weight.data = weight.dequantize(module.weight.dtype)
+
+
+def _check_finite(hidden: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(hidden).all():
+        raise InputError(f"calibration activations became NaN/Inf at {where}; check the model's weights there")
+
+
+def quantize_layer_gptq(model: StreamingModel, layer: torch.nn.Module, hidden: torch.Tensor,
+                        spec: QuantizeSpec) -> tuple[dict[str, QuantizedWeight], dict[str, dict]]:
+    """GPTQ every linear of `layer` group by group (true-sequential); layer weights are
+    replaced by their dequantized values as they are solved."""
+    quantized, stats = {}, {}
+    groups = model.table.groups if spec.true_sequential else (None,)
+    for group in groups:
+        members = [g for g in model.table.groups] if group is None else [group]
+        with capture_inputs(layer, tuple(g.linears[0] for g in members), stop=group is not None) as hessians:
+            model.feed_layer(layer, hidden)
+        for member in members:
+            H = hessians[member.linears[0]].hessian()
+            tokens = hessians[member.linears[0]].tokens
+            for name in member.linears:
+                weight = layer.get_submodule(name).weight.data.float()
+                result = gptq_quantize(weight, H, spec.weights)
+                _set_weight(layer, name, result.weight)
+                quantized[name] = result.weight
+                stats[name] = {"loss": float(result.loss), "rel_loss": float(result.rel_loss),
+                               "damp": float(result.damp), "tokens": tokens}
+    return quantized, stats
+
+
+def quantize_layer_rtn(model: StreamingModel, layer: torch.nn.Module,
+                       spec: QuantizeSpec) -> tuple[dict[str, QuantizedWeight], dict[str, dict]]:
+    """Round-to-nearest every linear of `layer`; stats hold the relative weight error."""
+    quantized, stats = {}, {}
+    for name in model.table.linears:
+        weight = layer.get_submodule(name).weight.data.float()
+        quantized[name] = q = rtn_quantize(weight, spec.weights)
+        error = (q.dequantize() - weight).square().sum() / weight.square().sum().clamp_min(1e-30)
+        stats[name] = {"weight_rel_error": float(error)}
+    return quantized, stats
+
+
+def _model_level_tensors(source: CheckpointSource) -> dict[str, torch.Tensor]:
+    table, names = source.table, source.checkpoint.tensors
+    wanted = [table.embed, table.final_norm] + ([table.lm_head] if table.lm_head in names else [])
+    return {name: source.checkpoint.get(name) for name in wanted}
+
+
+def quantize_model(source: CheckpointSource, calibration: CalibrationSet | None, spec: QuantizeSpec,
+                   out_dir: Path, show_progress: bool = True) -> tuple[dict, RunSummary]:
+    """Quantize the whole model layer by layer into a bundle at `out_dir`.
+
+    Memory: the calibration hidden states [S, L, D] (fp32), one layer, its Hessians.
+    """
+    started = time.perf_counter()
+    needs_data = spec.method is not Method.RTN
+    if needs_data and calibration is None:
+        raise InputError(f"--method {spec.method.value} needs calibration data (--data or --calib)")
+    writer = BundleWriter(out_dir)
+    model = StreamingModel(source, batch=spec.batch_windows)
+    hidden = model.embed(calibration.input_ids) if needs_data else None
+    bar = tqdm(range(model.num_layers), desc=f"{spec.method.value} layers", unit="layer", disable=not show_progress)
+    losses = []
+    for index in bar:
+        layer_started = time.perf_counter()
+        tensors = source.layer_tensors(index)
+        layer = model.layer(index, tensors)
+        if needs_data:
+            quantized, stats = quantize_layer_gptq(model, layer, hidden, spec)
+            model.run_layer(layer, hidden, out=hidden)
+            _check_finite(hidden, f"the output of layer {index}")
+            losses.extend(s["rel_loss"] for s in stats.values())
+            bar.set_postfix(rel_loss=f"{sum(losses) / len(losses):.4f}")
+        else:
+            quantized, stats = quantize_layer_rtn(model, layer, spec)
+        passthrough = {name: tensors[name] for name in model.table.layer_passthrough}
+        stats["seconds"] = time.perf_counter() - layer_started
+        writer.write_layer(index, model.table.prefix(index), quantized, passthrough, stats)
+    writer.write_passthrough(_model_level_tensors(source))
+    copy_model_files(source.checkpoint.model_dir, out_dir)
+    summary = RunSummary(time.perf_counter() - started, peak_rss_mib(),
+                         sum(losses) / len(losses) if losses else None, model.num_layers)
+    manifest = writer.finish({
+        "tool_version": __version__,
+        "source": {"model_dir": str(source.checkpoint.model_dir), "fingerprint": source.checkpoint.fingerprint(),
+                   "architecture": list(source.config.architectures)},
+        "recipe": spec.to_dict(),
+        "calibration": calibration.meta if calibration is not None else None,
+        "summary": {"seconds": summary.seconds, "peak_rss_mib": summary.peak_rss_mib, "mean_rel_loss": summary.mean_rel_loss},
+    }, model.num_layers)
+    return manifest, summary

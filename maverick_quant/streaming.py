@@ -1,0 +1,150 @@
+"""Run a decoder-only model one layer at a time over cached hidden states.
+
+Only the embedding rows being looked up, one decoder layer and the hidden states of the
+windows are in memory. A layer is transformers' own decoder-layer class, built on the meta
+device and given the layer's tensors (no re-implemented attention). Quantize and validate
+share this engine through the `WeightSource` protocol: the original checkpoint, a bundle
+and an export all provide float tensors layer by layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from maverick_quant.arch.base import ArchTable
+from maverick_quant.checkpoint import Checkpoint
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a layer's forward once the inputs it needed were seen."""
+
+
+class WeightSource(Protocol):
+    """Float tensors of a model, one decoder layer at a time."""
+
+    table: ArchTable
+    config: Any
+
+    def layer_tensors(self, index: int) -> dict[str, torch.Tensor]:
+        """Tensors of layer `index`, keyed by name relative to the layer ("mlp.up_proj.weight")."""
+
+    def model_tensor(self, name: str) -> torch.Tensor:
+        """A model-level tensor (embed, final norm, lm_head; lm_head resolves ties)."""
+
+
+class CheckpointSource:
+    """The original model read lazily from its safetensors shards."""
+
+    def __init__(self, checkpoint: Checkpoint, table: ArchTable, config: Any):
+        self.checkpoint, self.table, self.config = checkpoint, table, config
+
+    def layer_tensors(self, index: int) -> dict[str, torch.Tensor]:
+        prefix = self.table.prefix(index)
+        return {name: self.checkpoint.get(prefix + name) for name in self.table.layer_shapes(self.config)}
+
+    def model_tensor(self, name: str) -> torch.Tensor:
+        if name == self.table.lm_head and name not in self.checkpoint.tensors:
+            name = self.table.embed
+        return self.checkpoint.get(name)
+
+
+class StreamingModel:
+    """Layer-by-layer forward of a `WeightSource` in `dtype` (fp32 by default on CPU).
+
+    Shapes: input_ids [S, L] -> hidden [S, L, D] -> logits [S, L, V]; windows are processed
+    `batch` at a time; causal attention via SDPA with no padding (all windows full length).
+    """
+
+    def __init__(self, source: WeightSource, dtype: torch.dtype = torch.float32, batch: int = 8):
+        self.source, self.table, self.config = source, source.table, source.config
+        self.config._attn_implementation = "sdpa"
+        self.dtype, self.batch = dtype, batch
+        self.rotary = self.table.build_rotary(self.config).to(dtype)
+        self._final = None
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[S, L] token ids -> [S, L, D] hidden states."""
+        weight = self.source.model_tensor(self.table.embed)
+        return torch.nn.functional.embedding(input_ids, weight).to(self.dtype)
+
+    def layer(self, index: int, tensors: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+        """Decoder layer `index` with its float tensors (from the source unless given)."""
+        module = self.table.build_layer(self.config, index)
+        tensors = self.source.layer_tensors(index) if tensors is None else tensors
+        module.load_state_dict({k: v.to(self.dtype) for k, v in tensors.items()}, strict=True, assign=True)
+        return module.eval()
+
+    def _position_embeddings(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = torch.arange(hidden.shape[1]).unsqueeze(0).expand(hidden.shape[0], -1)
+        return self.rotary(hidden, positions)
+
+    @torch.no_grad()
+    def apply(self, layer: torch.nn.Module, chunk: torch.Tensor) -> torch.Tensor:
+        """One layer on a batch of full-length windows [B, L, D] -> [B, L, D]."""
+        return layer(chunk, position_embeddings=self._position_embeddings(chunk))
+
+    @torch.no_grad()
+    def run_layer(self, layer: torch.nn.Module, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Apply `layer` to every window of `hidden` [S, L, D], `batch` windows at a time.
+
+        Writes into `out` (may be `hidden` itself: each window depends only on itself) and
+        returns it; allocates a new tensor when `out` is None.
+        """
+        out = torch.empty_like(hidden) if out is None else out
+        for start in range(0, hidden.shape[0], self.batch):
+            chunk = hidden[start : start + self.batch]
+            out[start : start + self.batch] = self.apply(layer, chunk)
+        return out
+
+    @torch.no_grad()
+    def feed_layer(self, layer: torch.nn.Module, hidden: torch.Tensor) -> None:
+        """Run `layer` over `hidden` for its hooks' sake only; outputs are discarded and a
+        hook may end each batch early by raising `StopForward`."""
+        for start in range(0, hidden.shape[0], self.batch):
+            chunk = hidden[start : start + self.batch]
+            try:
+                self.apply(layer, chunk)
+            except StopForward:
+                pass
+
+    def _final_modules(self) -> tuple[torch.nn.Module, torch.Tensor]:
+        if self._final is None:
+            norm = self.table.build_norm(self.config)
+            norm.weight.data = self.source.model_tensor(self.table.final_norm).to(self.dtype)
+            self._final = (norm, self.source.model_tensor(self.table.lm_head).to(self.dtype))
+        return self._final
+
+    @torch.no_grad()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., D] last hidden states -> [..., V] fp32 logits (final norm, then lm_head)."""
+        norm, lm_head = self._final_modules()
+        return (norm(hidden) @ lm_head.T).float()
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Whole-model logits [S, L, V], layer by layer (for tests and small models)."""
+        hidden = self.embed(input_ids)
+        for index in range(self.num_layers):
+            self.run_layer(self.layer(index), hidden, out=hidden)
+        return self.logits(hidden)
+
+
+def open_source(model_dir) -> CheckpointSource:
+    """Open a model directory, check the whole index against its architecture table, and wrap it.
+
+    Raises InputError (naming the file or tensor) for unsupported architectures, pickle-only
+    checkpoints, truncated or missing shards, and tensors whose shape disagrees with config.json.
+    """
+    from maverick_quant.arch.registry import table_for
+
+    checkpoint = Checkpoint(model_dir)
+    config = checkpoint.load_config()
+    table = table_for(config, str(checkpoint.model_dir / "config.json"))
+    checkpoint.validate(table.expected_tensors(config))
+    return CheckpointSource(checkpoint, table, config)
