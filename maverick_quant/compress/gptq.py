@@ -1,0 +1,222 @@
+"""GPTQ (Frantar et al., 2022): column-by-column quantization with second-order error feedback.
+
+For one weight W [N, K] and the input Hessian H = mean_t x_t x_t^T [K, K], GPTQ minimizes
+tr((W - Q) H (W - Q)^T) = mean_t ||(W - Q) x_t||^2 greedily: it quantizes column k, then
+spreads the rounding error over the not-yet-quantized columns j > k through the inverse
+Hessian, using the upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1:
+
+    err_k = (w_k - q_k) / U[k, k]          w_j -= err_k * U[k, j]   (j > k)
+
+Updates are applied lazily per block of columns (one matmul per block). Everything is
+batched over leading dims (MoE experts W [E, N, K], H [E, K, K]): the column loop runs once
+for the whole batch. The solve runs in fp32 on the inputs' device: damping keeps H's
+condition number bounded (~K/damp), which fp32 Cholesky handles; failures are detected
+per matrix and retried with more damping.
+
+Internally W is held transposed, Wt [B, K, N], so a column of W is a contiguous row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from maverick_quant.compress.grid import (
+    dequantize_codes,
+    expand_groups,
+    group_params,
+    pack_quantized,
+    quant_params,
+    quantize_codes,
+)
+from maverick_quant.compress.types import QuantizedWeight
+from maverick_quant.recipe import QuantSpec
+
+MAX_DAMP = 1.0
+
+
+@dataclass(frozen=True)
+class GPTQResult:
+    """Outcome of `gptq_quantize` for W [..., N, K]; the per-matrix stats have shape [...].
+
+    weight:   the quantized weight (codes in original column order, trivial g_idx).
+    loss:     fp32 tr((W - Q) H (W - Q)^T) with the undamped H = mean over tokens of ||(W - Q) x||^2.
+    rel_loss: fp32 loss / tr(W H W^T) (0 where W H W^T is 0).
+    damp:     fp64 relative damping actually used (spec.damp, or 10x steps of it up to 1.0).
+    """
+
+    weight: QuantizedWeight
+    loss: torch.Tensor
+    rel_loss: torch.Tensor
+    damp: torch.Tensor
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec) -> GPTQResult:
+    """Quantize W [..., N, K] against Hessians H [..., K, K] on the grid of `spec`.
+
+    Dead inputs (H_kk == 0) get H_kk = 1 and a zeroed W column. With spec.act_order the
+    columns are solved by decreasing diag(H), on static groups computed up front from W;
+    otherwise each group's grid is computed from the error-updated W when the solve reaches
+    the group's first column. Raises ValueError on bad shapes, non-finite input, or an H
+    that stays non positive-definite with damp 1.0.
+    """
+    batch, n, k = _check_inputs(W, H)
+    Wt = W.reshape(-1, n, k).float().transpose(1, 2).clone()  # [B, K, N]
+    Hd = H.reshape(-1, k, k).float().clone()
+    _mask_dead_inputs(Wt, Hd)
+    params = _static_params(Wt, spec) if _static(spec) else None
+    perm = _act_order_perm(Hd) if spec.act_order else None
+    if perm is not None:
+        Wt, Hd = _permute_rows(Wt, perm), _permute_rows(_permute_rows(Hd, perm).transpose(1, 2), perm)
+        params = tuple(_permute_rows(p, perm) for p in params)
+    U, damp = _damped_inverse_cholesky(Hd, spec.damp)
+    del Hd
+    codes, scale, zero = _solve(Wt, U, params, spec)
+    if perm is not None:
+        inverse = torch.argsort(perm, dim=-1)
+        codes, scale, zero = (_permute_rows(t, inverse) for t in (codes, scale, zero))
+    Q = dequantize_codes(codes, scale, zero).transpose(1, 2)  # [B, N, K], == weight.dequantize()
+    width = spec.group_width(k)
+    weight = pack_quantized(
+        codes.transpose(1, 2).reshape(*batch, n, k),
+        scale[:, ::width].transpose(1, 2).reshape(*batch, n, -1),
+        zero[:, ::width].transpose(1, 2).reshape(*batch, n, -1),
+        spec,
+    )
+    loss, rel_loss = _losses(W.reshape(-1, n, k).float(), Q, H.reshape(-1, k, k).float())
+    return GPTQResult(weight, loss.reshape(batch), rel_loss.reshape(batch), damp.reshape(batch))
+
+
+def _check_inputs(W: torch.Tensor, H: torch.Tensor) -> tuple[tuple[int, ...], int, int]:
+    """Validate W [..., N, K] against H [..., K, K]; return (batch dims, N, K)."""
+    if W.dim() < 2:
+        raise ValueError(f"GPTQ: weight must be [..., N, K], got shape {tuple(W.shape)}")
+    *batch, n, k = W.shape
+    if tuple(H.shape) != (*batch, k, k):
+        raise ValueError(f"GPTQ: Hessian shape {tuple(H.shape)} does not match weight {tuple(W.shape)}; expected {(*batch, k, k)}")
+    if not (torch.isfinite(W).all() and torch.isfinite(H).all()):
+        raise ValueError("GPTQ: weight or Hessian contains NaN/Inf; check the calibration activations")
+    return tuple(batch), n, k
+
+
+def _mask_dead_inputs(Wt: torch.Tensor, H: torch.Tensor) -> None:
+    """In place: inputs never seen (H_kk == 0) get H_kk = 1 and a zero weight column (Wt [B, K, N]).
+
+    Such a column contributes nothing to the loss, and the unit diagonal keeps H invertible.
+    """
+    diag = H.diagonal(dim1=-2, dim2=-1)
+    dead = diag == 0
+    diag.masked_fill_(dead, 1.0)
+    Wt.masked_fill_(dead.unsqueeze(-1), 0.0)
+
+
+def _static(spec: QuantSpec) -> bool:
+    """Whether grids are fixed before the solve (act-order, or one group per row as in GPTQ)."""
+    return spec.act_order or spec.group_size == -1
+
+
+def _static_params(Wt: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column (scale, zero) [B, K, N] of the group grids of the (dead-masked) original W."""
+    k = Wt.shape[1]
+    scales, zeros = group_params(Wt.transpose(1, 2), spec)  # [B, N, G]
+    return tuple(expand_groups(t, k, spec.group_size).transpose(1, 2).contiguous() for t in (scales, zeros))
+
+
+def _act_order_perm(H: torch.Tensor) -> torch.Tensor:
+    """Solve order [B, K]: columns by decreasing diag(H) (stable, so ties keep column order)."""
+    return torch.argsort(H.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True, stable=True)
+
+
+def _permute_rows(t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """t [B, K, M] with its rows reordered: out[b, i] = t[b, perm[b, i]]."""
+    return t.gather(1, perm.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+
+
+def _damped_inverse_cholesky(H: torch.Tensor, damp0: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper Cholesky factor U [B, K, K] of (H + damp * mean(diag H) * I)^-1, and damp fp64 [B].
+
+    damp starts at `damp0`; matrices whose factorization fails (H or its inverse not
+    numerically positive-definite) retry with 10x damp, capped at MAX_DAMP, and only those.
+    """
+    b = H.shape[0]
+    damp = torch.full((b,), damp0, dtype=torch.float64, device=H.device)
+    mean_diag = H.diagonal(dim1=-2, dim2=-1).mean(-1)
+    U = torch.empty_like(H)
+    todo = torch.arange(b, device=H.device)
+    while True:
+        factor, ok = _try_inverse_cholesky(H[todo], (damp[todo] * mean_diag[todo]).to(H.dtype))
+        U[todo[ok]] = factor[ok]
+        todo = todo[~ok]
+        if todo.numel() == 0:
+            return U, damp
+        if (damp[todo] >= MAX_DAMP).any():
+            raise ValueError(
+                f"GPTQ: Hessian is not positive-definite even with damp={MAX_DAMP} "
+                f"(batch elements {todo.tolist()}); the calibration activations are likely degenerate"
+            )
+        damp[todo] = (damp[todo] * 10).clamp(max=MAX_DAMP)
+
+
+def _try_inverse_cholesky(H: torch.Tensor, add: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each H [B, K, K] + add[b] * I: (upper Cholesky of its inverse [B, K, K], ok bool [B])."""
+    Hd = H.clone()
+    Hd.diagonal(dim1=-2, dim2=-1).add_(add.unsqueeze(-1))
+    L, info = torch.linalg.cholesky_ex(Hd)
+    eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
+    L = torch.where((info == 0).view(-1, 1, 1), L, eye)  # failed factors are garbage: keep them finite
+    U, info_inv = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+    ok = (info == 0) & (info_inv == 0) & torch.isfinite(U).flatten(1).all(-1)
+    return U, ok
+
+
+def _block_bounds(k: int, block_size: int, break_every: int) -> list[tuple[int, int]]:
+    """Lazy-update blocks [(i1, i2)] of at most `block_size` columns covering 0..k, also cut at
+    every multiple of `break_every`, so a dynamic group always starts a block: then no lazy
+    update is pending and its grid sees the fully updated weights (the reference code instead
+    reads stale columns when a group starts mid-block)."""
+    bounds, i1 = [], 0
+    while i1 < k:
+        i2 = min(i1 + block_size, k, (i1 // break_every + 1) * break_every)
+        bounds.append((i1, i2))
+        i1 = i2
+    return bounds
+
+
+def _solve(
+    Wt: torch.Tensor, U: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor] | None, spec: QuantSpec
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The GPTQ column loop on Wt [B, K, N] (updated in place) in solve order.
+
+    params: static per-column (scale, zero) [B, K, N], or None to compute each group's grid
+    when its first column is reached. Returns (codes, scale, zero), each [B, K, N] fp32.
+    """
+    b, k, n = Wt.shape
+    dynamic = params is None
+    width = spec.group_width(k)
+    scale, zero = (torch.empty_like(Wt), torch.empty_like(Wt)) if dynamic else params
+    codes = torch.empty_like(Wt)
+    for i1, i2 in _block_bounds(k, spec.block_size, width if dynamic else k):
+        if dynamic and i1 % width == 0:
+            s, z = quant_params(Wt[:, i1 : i1 + width].transpose(1, 2), spec.bits, spec.sym)  # [B, N]
+            scale[:, i1 : i1 + width], zero[:, i1 : i1 + width] = s.unsqueeze(1), z.unsqueeze(1)
+        W1, U1 = Wt[:, i1:i2], U[:, i1:i2, i1:i2]
+        err = torch.empty_like(W1)  # scaled errors (w - q) / U_kk of the block's columns
+        for i in range(i2 - i1):
+            w, col = W1[:, i], i1 + i
+            codes[:, col] = quantize_codes(w, scale[:, col], zero[:, col], spec.maxq)
+            err[:, i] = (w - dequantize_codes(codes[:, col], scale[:, col], zero[:, col])) / U1[:, i, i, None]
+            # w_j -= err * U[i, j] for the block's remaining columns j > i (rank-1 update)
+            W1[:, i + 1 :].sub_(U1[:, i, i + 1 :, None] * err[:, i, None, :])
+        # lazy update of all later columns: W[:, i2:] -= Err @ U[i1:i2, i2:] (transposed)
+        Wt[:, i2:].baddbmm_(U[:, i1:i2, i2:].transpose(1, 2), err, alpha=-1.0)
+    return codes, scale, zero
+
+
+def _losses(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tr((W-Q) H (W-Q)^T), that / tr(W H W^T)) per matrix, for W, Q [B, N, K], undamped H [B, K, K]."""
+    E = W - Q
+    loss = ((E @ H) * E).sum(dim=(-2, -1))
+    total = ((W @ H) * W).sum(dim=(-2, -1))
+    rel = torch.where(total > 0, loss / total.clamp_min(torch.finfo(total.dtype).tiny), torch.zeros_like(loss))
+    return loss, rel

@@ -1,0 +1,120 @@
+"""Quantization grids: per-row (scale, zero) parameters, rounding, and round-to-nearest.
+
+A grid maps a real weight w to an integer code and back:
+
+    code  = clamp(round(w / scale) + zero, 0, maxq)        maxq = 2^bits - 1
+    w_hat = (code - zero) * scale
+
+Scales are rounded to fp16 *before* they are used, so the fp16 scales a checkpoint stores
+dequantize bit-exactly to the weights the solvers computed (and error-compensated) against.
+Everything here is shape-generic over leading batch dims and keeps the input's device.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from maverick_quant.compress.types import QuantizedWeight
+from maverick_quant.recipe import QuantSpec
+
+FP16_TINY = 2.0**-14  # smallest positive normal fp16: keeps 1/scale finite and scales normal
+FP16_MAX = 65504.0  # largest finite fp16
+
+
+def fp16_exact(scale: torch.Tensor) -> torch.Tensor:
+    """`scale` (fp32, any shape) rounded to the nearest fp16 value in [FP16_TINY, FP16_MAX]."""
+    return scale.clamp(FP16_TINY, FP16_MAX).half().float()
+
+
+def quant_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min/max grid of each row of `w` [..., N, C] -> (scale fp32 [..., N], zero fp32 [..., N]).
+
+    As in GPTQ the range always contains 0: xmin = min(min_c w, 0), xmax = max(max_c w, 0).
+      symmetric:  amax = max(|xmin|, xmax), scale = 2 * amax / maxq, zero = 2^(bits-1)
+      asymmetric: scale = (xmax - xmin) / maxq, zero = clamp(round(-xmin / scale), 0, maxq)
+    All-zero rows get the range [-1, 1] (as GPTQ does) instead of dividing by zero.
+    `zero` is integer-valued; `scale` is fp16-exact (see `fp16_exact`).
+    """
+    maxq = (1 << bits) - 1
+    w = w.float()
+    xmin = w.amin(dim=-1).clamp(max=0.0)
+    xmax = w.amax(dim=-1).clamp(min=0.0)
+    if sym:
+        amax = torch.maximum(-xmin, xmax)
+        amax = torch.where(amax == 0, torch.ones_like(amax), amax)
+        scale = fp16_exact(2.0 * amax / maxq)
+        return scale, torch.full_like(scale, float((maxq + 1) // 2))
+    dead = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(dead, -torch.ones_like(xmin), xmin)
+    xmax = torch.where(dead, torch.ones_like(xmax), xmax)
+    scale = fp16_exact((xmax - xmin) / maxq)
+    zero = torch.round(-xmin / scale).clamp(0, maxq)
+    return scale, zero
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Integer codes clamp(round(w / scale) + zero, 0, maxq), as floats of w's dtype.
+
+    `scale` and `zero` broadcast against `w` with ordinary torch rules: for a per-row grid
+    on w [..., N, C] pass scale[..., None]; for one column w [..., N] pass scale [..., N].
+    Rounding is torch.round (half to even), as in GPTQ.
+    """
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """w_hat = (codes - zero) * scale (broadcast as in `quantize_codes`), in fp32.
+
+    Same operation order as `QuantizedWeight.dequantize`, so the results agree bit-exactly.
+    """
+    return (codes.float() - zero.float()) * scale.float()
+
+
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """w snapped to its grid: dequantize_codes(quantize_codes(w, ...), ...)."""
+    return dequantize_codes(quantize_codes(w, scale, zero, maxq), scale, zero)
+
+
+def group_index(in_features: int, group_size: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """g_idx int64 [K]: k // group_size (all 0 for group_size -1), on `device`."""
+    width = in_features if group_size == -1 else group_size
+    return torch.arange(in_features, device=device) // width
+
+
+def expand_groups(t: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
+    """Per-group values t [..., N, G] -> per-column values [..., N, K] (t[..., n, k // group_size])."""
+    return t.index_select(-1, group_index(in_features, group_size, t.device))
+
+
+def group_params(W: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grid of each group of `spec.group_size` columns of W [..., N, K] -> (scales, zeros) fp32 [..., N, G].
+
+    The last group may be shorter (K=576, group 128 -> G=5, last group 64 columns). It is
+    zero-padded to full width, which changes nothing since the range always contains 0.
+    """
+    k = W.shape[-1]
+    width, groups = spec.group_width(k), spec.groups_for(k)
+    padded = F.pad(W.float(), (0, groups * width - k))
+    return quant_params(padded.unflatten(-1, (groups, width)), spec.bits, spec.sym)
+
+
+def pack_quantized(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
+    """Solver outputs (integer-valued floats: codes [..., N, K], scales/zeros [..., N, G]) -> QuantizedWeight."""
+    return QuantizedWeight(
+        codes=codes.to(torch.uint8),
+        scales=scales.half(),
+        zeros=zeros.to(torch.uint8),
+        bits=spec.bits,
+        group_size=spec.group_size,
+    )
+
+
+def rtn_quantize(W: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
+    """Round-to-nearest W [..., N, K] on the group grid of `spec` (act_order, damp, block_size unused)."""
+    k = W.shape[-1]
+    scales, zeros = group_params(W, spec)
+    codes = quantize_codes(
+        W.float(), expand_groups(scales, k, spec.group_size), expand_groups(zeros, k, spec.group_size), spec.maxq
+    )
+    return pack_quantized(codes, scales, zeros, spec)

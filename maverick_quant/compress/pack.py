@@ -1,0 +1,101 @@
+"""Bit packing, and the GPTQ checkpoint layout (AutoGPTQ/GPTQModel v1, checkpoint_format "gptq").
+
+A packed int32 word holds 32/bits codes along one dim; code j of the word sits in bits
+[j*bits, (j+1)*bits) (first code in the lowest bits). Words are built in int64 and mapped to
+int32 by two's complement, so a set top bit becomes a negative int32 without overflow.
+
+GPTQ layout of a linear with N outputs, K inputs, G groups:
+    qweight int32 [K*bits/32, N]   codes transposed to [K, N], packed along K
+    qzeros  int32 [G, N*bits/32]   (zero - 1) mod 2^bits, packed along N (v1 convention)
+    scales  fp16  [G, N]
+    g_idx   int32 [K]              k // group_size (0 everywhere for group_size -1)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from maverick_quant.compress.types import QuantizedWeight
+
+PACK_BITS = (2, 4, 8)
+_WORD = 1 << 32
+
+
+def _per_word(bits: int) -> int:
+    """Codes per int32 word; only widths dividing 32 pack without straddling words."""
+    if bits not in PACK_BITS:
+        raise ValueError(f"bits={bits}: packing supports bits in {PACK_BITS} (32 must be a multiple of bits)")
+    return 32 // bits
+
+
+def _check_divisible(size: int, per: int, bits: int, what: str) -> None:
+    if size % per:
+        raise ValueError(f"{what} has size {size}, not a multiple of {per} ({per} codes of {bits} bits per int32)")
+
+
+def pack_along(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Integer codes in [0, 2^bits) -> int32, `dim` shrunk by 32/bits: word i of a lane holds
+    codes [i*per, (i+1)*per) of that lane, code j in bits [j*bits, (j+1)*bits)."""
+    per = _per_word(bits)
+    if codes.is_floating_point() or codes.is_complex():
+        raise ValueError(f"pack_along: codes must be an integer tensor, got {codes.dtype}")
+    _check_divisible(codes.shape[dim], per, bits, f"packed dim {dim} of shape {tuple(codes.shape)}")
+    lanes = codes.movedim(dim, -1).to(torch.int64)
+    if lanes.numel() and (lanes.min() < 0 or lanes.max() > (1 << bits) - 1):
+        raise ValueError(f"pack_along: codes must lie in [0, {(1 << bits) - 1}] for bits={bits}")
+    shifts = torch.arange(per, device=codes.device, dtype=torch.int64) * bits
+    words = (lanes.unflatten(-1, (-1, per)) << shifts).sum(-1)  # in [0, 2^32): disjoint bit fields
+    words = torch.where(words >= _WORD // 2, words - _WORD, words)  # two's complement into int32 range
+    return words.to(torch.int32).movedim(-1, dim).contiguous()
+
+
+def unpack_along(packed: torch.Tensor, bits: int, dim: int, length: int) -> torch.Tensor:
+    """Inverse of `pack_along`: int32 -> uint8 codes with `dim` of size `length` (= size * 32/bits)."""
+    per = _per_word(bits)
+    if packed.dtype != torch.int32:
+        raise ValueError(f"unpack_along: packed must be int32, got {packed.dtype}")
+    if length != packed.shape[dim] * per:
+        raise ValueError(f"unpack_along: length {length} != {packed.shape[dim]} words x {per} codes of {bits} bits")
+    words = packed.movedim(dim, -1).to(torch.int64) & (_WORD - 1)  # back to the unsigned bit pattern
+    shifts = torch.arange(per, device=packed.device, dtype=torch.int64) * bits
+    codes = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return codes.flatten(-2).to(torch.uint8).movedim(-1, dim).contiguous()
+
+
+def to_gptq_tensors(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """A 2-D QuantizedWeight [N, K] -> {"qweight", "qzeros", "scales", "g_idx"} in the GPTQ v1 layout."""
+    if qw.codes.dim() != 2:
+        raise ValueError(f"to_gptq_tensors: expected a 2-D weight [N, K], got shape {qw.shape}")
+    mask = (1 << qw.bits) - 1
+    stored_zeros = (qw.zeros.to(torch.int64) - 1) & mask  # v1 stores zero - 1 (mod 2^bits)
+    return {
+        "qweight": pack_along(qw.codes.t(), qw.bits, dim=0),
+        "qzeros": pack_along(stored_zeros.t(), qw.bits, dim=1),
+        "scales": qw.scales.t().contiguous(),
+        "g_idx": qw.group_index().to(qw.codes.device),
+    }
+
+
+def from_gptq_tensors(tensors: dict[str, torch.Tensor], bits: int, group_size: int) -> QuantizedWeight:
+    """Inverse of `to_gptq_tensors` (g_idx is not read; callers may check it against group_index())."""
+    qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"]
+    per = _per_word(bits)
+    k, n = qweight.shape[0] * per, scales.shape[-1]
+    _check_divisible(n, per, bits, "GPTQ output dim N (scales.shape[1])")
+    width = k if group_size == -1 else group_size
+    expected = {"qweight": (k // per, n), "qzeros": (-(-k // width), n // per), "scales": (-(-k // width), n)}
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(
+                f"GPTQ {name} has shape {tuple(tensors[name].shape)}, expected {shape} "
+                f"for K={k}, N={n}, bits={bits}, group_size={group_size}"
+            )
+    codes = unpack_along(qweight, bits, dim=0, length=k).t()
+    zeros = (unpack_along(qzeros, bits, dim=1, length=n).to(torch.int64) + 1) & ((1 << bits) - 1)
+    return QuantizedWeight(
+        codes=codes.contiguous(),
+        scales=scales.t().contiguous(),
+        zeros=zeros.to(torch.uint8).t().contiguous(),
+        bits=bits,
+        group_size=group_size,
+    )

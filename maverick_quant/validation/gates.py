@@ -1,0 +1,151 @@
+"""CI gates: pass/fail conditions on the numbers of a validation report.
+
+A gate is `KEY OP THRESHOLD` (spaces allowed around the parts):
+
+    KEY        a dotted path to a number in the nested report: ppl_ratio, kl.mean, candidate.ppl
+    OP         <=, >=, <, >, ==   (== is exact float equality)
+    THRESHOLD  a number (1.05, -1.0, 5e-2), or the same KEY's value b in a baseline report:
+               baseline -> b,  baseline*N -> b*N,  baseline+N -> b+N,  baseline-N -> b-N  (N >= 0)
+
+The gate passes when `actual OP threshold` holds; a NaN actual fails every gate.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from numbers import Real
+from types import MappingProxyType
+
+from maverick_quant.errors import InputError
+
+OPERATORS = MappingProxyType({"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt,
+                              "==": operator.eq})
+BASELINE_OPERATORS = MappingProxyType({"*": operator.mul, "+": operator.add, "-": operator.sub})
+
+_UNSIGNED = r"(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
+_GATE_RE = re.compile(r"\s*(?P<key>[A-Za-z_][\w-]*(?:\.[\w-]+)*)\s*(?P<op><=|>=|==|<|>)\s*(?P<rhs>.*?)\s*")
+_NUMBER_RE = re.compile(rf"[+-]?{_UNSIGNED}")
+_BASELINE_RE = re.compile(rf"baseline(?:\s*(?P<op>[*+-])\s*(?P<operand>{_UNSIGNED}))?")
+EXPECTED_FORM = ("expected KEY OP THRESHOLD with OP one of <=, >=, <, >, == and THRESHOLD a number, "
+                 "baseline, baseline*N, baseline+N or baseline-N (e.g. ppl_ratio<=1.05, kl.mean<=baseline*1.1)")
+
+
+@dataclass(frozen=True)
+class Gate:
+    """One parsed gate.
+
+    value:        the threshold when `baseline_op` is None, else the operand N of `baseline OP N`.
+    baseline_op:  None, or "*", "+", "-" (a bare `baseline` is stored as baseline*1).
+    """
+
+    text: str
+    key: str
+    op: str
+    value: float
+    baseline_op: str | None = None
+
+    @property
+    def uses_baseline(self) -> bool:
+        return self.baseline_op is not None
+
+    def threshold(self, baseline_value: float | None = None) -> float:
+        """The number compared against: `value`, or BASELINE_OPERATORS[baseline_op](b, value)."""
+        if self.baseline_op is None:
+            return self.value
+        if baseline_value is None:
+            raise ValueError(f"gate {self.text!r} needs a baseline value")
+        return float(BASELINE_OPERATORS[self.baseline_op](baseline_value, self.value))
+
+    def passes(self, actual: float, threshold: float) -> bool:
+        """actual OP threshold."""
+        return bool(OPERATORS[self.op](actual, threshold))
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """The outcome of one gate on one report."""
+
+    gate: str
+    key: str
+    actual: float
+    threshold: float
+    passed: bool
+
+
+def _bad_gate(text: str, reason: str) -> InputError:
+    return InputError(f"gate {text!r}: {reason}; {EXPECTED_FORM}")
+
+
+def _parse_threshold(text: str, rhs: str) -> tuple[float, str | None]:
+    """THRESHOLD text -> (value, baseline_op) as stored on `Gate`."""
+    if _NUMBER_RE.fullmatch(rhs):
+        value = float(rhs)
+        if not math.isfinite(value):
+            raise _bad_gate(text, f"threshold {rhs!r} is not a finite number")
+        return value, None
+    match = _BASELINE_RE.fullmatch(rhs)
+    if match is None:
+        raise _bad_gate(text, f"cannot read threshold {rhs!r}" if rhs else "missing threshold")
+    if match["op"] is None:
+        return 1.0, "*"
+    return float(match["operand"]), match["op"]
+
+
+def parse_gate(text: str) -> Gate:
+    """Parse `KEY OP THRESHOLD` into a Gate; InputError naming the text and the form otherwise."""
+    if not isinstance(text, str) or not text.strip():
+        raise _bad_gate(str(text), "empty gate")
+    match = _GATE_RE.fullmatch(text)
+    if match is None:
+        raise _bad_gate(text, "cannot find KEY and OP")
+    value, baseline_op = _parse_threshold(text, match["rhs"])
+    return Gate(text=text.strip(), key=match["key"], op=match["op"], value=value, baseline_op=baseline_op)
+
+
+def flatten(report: Mapping, prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a nested dict under dotted keys: {"kl": {"mean": 0.1}} -> {"kl.mean": 0.1}.
+
+    Only int/float leaves reachable through dicts are kept (bools, strings and lists are skipped).
+    """
+    flat: dict[str, float] = {}
+    for name, value in report.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, prefix=f"{key}."))
+        elif isinstance(value, Real) and not isinstance(value, bool):
+            flat[key] = float(value)
+    return flat
+
+
+def _lookup(flat: Mapping[str, float], key: str, gate: Gate, where: str) -> float:
+    """flat[key], or InputError naming the gate, the key and the keys available in `where`."""
+    if key not in flat:
+        available = ", ".join(sorted(flat)) or "none"
+        raise InputError(f"gate {gate.text!r}: no number {key!r} in the {where}; available keys: {available}")
+    return flat[key]
+
+
+def evaluate_gates(gates: Sequence[Gate], report: Mapping, baseline: Mapping | None = None) -> list[GateResult]:
+    """Evaluate every gate on `report`, reading `baseline` for gates that use it.
+
+    InputError when a key is absent from the report or baseline, or a gate needs a baseline
+    that was not given.
+    """
+    flat = flatten(report)
+    flat_baseline = flatten(baseline) if baseline is not None else None
+    results = []
+    for gate in gates:
+        actual = _lookup(flat, gate.key, gate, "report")
+        baseline_value = None
+        if gate.uses_baseline:
+            if flat_baseline is None:
+                raise InputError(f"gate {gate.text!r} compares with `baseline` but no baseline report was given "
+                                 "(pass --baseline PREVIOUS/report.json)")
+            baseline_value = _lookup(flat_baseline, gate.key, gate, "baseline report")
+        threshold = gate.threshold(baseline_value)
+        results.append(GateResult(gate.text, gate.key, actual, threshold, gate.passes(actual, threshold)))
+    return results

@@ -1,0 +1,208 @@
+"""Write a validation report: report.json, a ten-second report.md and PNG plots.
+
+Every file is written to a temporary name in the output directory and moved into place with
+os.replace, so a reader never sees a half-written file. Plots use matplotlib's Agg canvas
+directly (no pyplot, no global backend change); matplotlib is imported only when plotting.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import IO
+
+import torch
+
+from maverick_quant.validation.gates import GateResult
+
+METRIC_KEYS = frozenset({"reference", "candidate", "ppl_ratio", "kl", "top1_agreement", "tokens", "gates", "layers"})
+"""Top-level report keys shown in the metric table or plots; any other key goes to the "Run" section."""
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
+    """Call write(file) on a temporary file next to `path`, then os.replace it onto `path`."""
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _json_default(value):
+    """JSON fallback: paths as strings, tensor/numpy scalars as Python numbers."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"report value of type {type(value).__name__} is not JSON serialisable")
+
+
+def _fmt(value) -> str:
+    """A number for people: ints with thousands separators, floats to 6 significant digits."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.6g}"
+
+
+def _get(report: Mapping, dotted: str):
+    """report["a"]["b"] for "a.b", or None when any part is missing."""
+    node = report
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _metric_table(report: Mapping) -> list[str]:
+    """metric | reference | candidate | change, for perplexity, KL, top-1 agreement and tokens."""
+    ratio = _get(report, "ppl_ratio")
+    change = f"{(ratio - 1) * 100:+.2f}% (x{ratio:.4f})" if isinstance(ratio, (int, float)) else ""
+    rows = [
+        ("perplexity", _fmt(_get(report, "reference.ppl")), _fmt(_get(report, "candidate.ppl")), change),
+        ("KL mean (ref ‖ cand)", "—", _fmt(_get(report, "kl.mean")), ""),
+        ("KL p99", "—", _fmt(_get(report, "kl.p99")), ""),
+        ("top-1 agreement", "—", _fmt(_get(report, "top1_agreement")), ""),
+        ("tokens", _fmt(_get(report, "tokens")), _fmt(_get(report, "tokens")), ""),
+    ]
+    lines = ["| metric | reference | candidate | change |", "|---|---:|---:|---:|"]
+    return lines + [f"| {' | '.join(row)} |" for row in rows]
+
+
+def _gate_fields(result) -> tuple[str, object, object, bool]:
+    """(gate, actual, threshold, passed) from a GateResult or its dict form in report["gates"]."""
+    if isinstance(result, GateResult):
+        return result.gate, result.actual, result.threshold, result.passed
+    return result["gate"], result.get("actual"), result.get("threshold"), bool(result.get("passed"))
+
+
+def _gate_section(results: Sequence) -> list[str]:
+    """PASS/FAIL table of the gates and a one-line verdict."""
+    if not results:
+        return ["## Gates", "", "No gates were given."]
+    fields = [_gate_fields(result) for result in results]
+    failed = sum(not passed for *_, passed in fields)
+    verdict = f"**All {len(fields)} gates passed.**" if not failed else f"**{failed} of {len(fields)} gates FAILED.**"
+    lines = ["## Gates", "", verdict, "", "| gate | actual | threshold | result |", "|---|---:|---:|---|"]
+    lines += [f"| `{gate}` | {_fmt(actual)} | {_fmt(threshold)} | {'PASS' if passed else 'FAIL'} |"
+              for gate, actual, threshold, passed in fields]
+    return lines
+
+
+def _key_value_lines(value, prefix: str) -> list[str]:
+    """`- key: value` lines, nested dicts under dotted keys, lists summarised by their length."""
+    if isinstance(value, Mapping):
+        return [line for name, item in value.items() for line in _key_value_lines(item, f"{prefix}.{name}")]
+    if isinstance(value, (list, tuple)):
+        return [f"- {prefix}: {len(value)} entries"]
+    return [f"- {prefix}: {_fmt(value)}"]
+
+
+def _run_section(report: Mapping) -> list[str]:
+    """Every top-level key not in METRIC_KEYS (protocol, models, version, ...), as key: value lines."""
+    lines = [line for key in sorted(report) if key not in METRIC_KEYS for line in _key_value_lines(report[key], key)]
+    return ["## Run", "", *lines] if lines else []
+
+
+def _worst_layer_line(layer_errors: Sequence[tuple[str, float]] | None) -> list[str]:
+    if not layer_errors:
+        return []
+    name, error = max(layer_errors, key=lambda item: item[1] if math.isfinite(item[1]) else math.inf)
+    return [f"Largest relative layer error: {name} ({_fmt(float(error))})."]
+
+
+def render_markdown(report: Mapping, gate_results: Sequence | None = None,
+                    layer_errors: Sequence[tuple[str, float]] | None = None, plots: Sequence[Path] = ()) -> str:
+    """report.md text: metric table, gates, worst layer, extra report sections, plot links."""
+    gates = gate_results if gate_results is not None else report.get("gates", [])
+    lines = ["# Validation report", "", *_metric_table(report), "", *_worst_layer_line(layer_errors), ""]
+    lines += [*_gate_section(gates), ""]
+    run = _run_section(report)
+    lines += [*run, ""] if run else []
+    lines += [f"![{plot.stem}]({plot.name})" for plot in plots]
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _new_figure(title: str):
+    """A matplotlib Figure on its own Agg canvas (no pyplot state, no backend switch) and its axes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4), dpi=100, layout="tight")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.set_title(title)
+    return figure, axes
+
+
+def _save_png(figure, path: Path) -> Path:
+    return _atomic_write(path, lambda handle: figure.savefig(handle, format="png"))
+
+
+def plot_kl_histogram(kl_values: torch.Tensor, path: Path) -> Path:
+    """Histogram of per-token KL [N] with a log-scale count axis and the mean marked."""
+    values = kl_values.detach().reshape(-1).double().cpu()
+    finite = values[torch.isfinite(values)]
+    dropped = values.numel() - finite.numel()
+    title = "Per-token KL(P_ref ‖ P_cand)" + (f" ({dropped} non-finite omitted)" if dropped else "")
+    figure, axes = _new_figure(title)
+    if finite.numel():
+        axes.hist(finite.numpy(), bins=100, log=True)
+        axes.axvline(finite.mean().item(), color="black", linestyle="--", label=f"mean {finite.mean().item():.4g}")
+        axes.legend()
+    axes.set_xlabel("KL (nats)")
+    axes.set_ylabel("tokens")
+    return _save_png(figure, path)
+
+
+def plot_layer_errors(layer_errors: Sequence[tuple[str, float]], path: Path) -> Path:
+    """Bar chart of relative output error per layer; log scale when the errors span > 100x."""
+    errors = [float(error) for _, error in layer_errors]
+    figure, axes = _new_figure("Relative output error per layer")
+    axes.bar(range(len(errors)), errors)
+    positive = [error for error in errors if error > 0 and math.isfinite(error)]
+    if positive and max(positive) > 100 * min(positive) and len(positive) == len(errors):
+        axes.set_yscale("log")
+    axes.set_xlabel("layer")
+    axes.set_ylabel("||f_c(h) - f_r(h)||² / ||f_r(h) - h||²")
+    if len(errors) <= 16:
+        axes.set_xticks(range(len(errors)), [name for name, _ in layer_errors], rotation=45, ha="right")
+    return _save_png(figure, path)
+
+
+def write_report(report: dict, out_dir: Path, *, kl_values: torch.Tensor | None = None,
+                 layer_errors: list[tuple[str, float]] | None = None,
+                 gate_results: list | None = None) -> list[Path]:
+    """Write report.json, kl_histogram.png / layer_error.png (when their data is given) and report.md.
+
+    Returns the paths written, report.json first and report.md last.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(report, indent=2, sort_keys=True, default=_json_default) + "\n"
+    written = [_atomic_write(out_dir / "report.json", lambda handle: handle.write(text.encode()))]
+    plots = []
+    if kl_values is not None and kl_values.numel():
+        plots.append(plot_kl_histogram(kl_values, out_dir / "kl_histogram.png"))
+    if layer_errors:
+        plots.append(plot_layer_errors(layer_errors, out_dir / "layer_error.png"))
+    markdown = render_markdown(report, gate_results, layer_errors, plots)
+    written += plots
+    written.append(_atomic_write(out_dir / "report.md", lambda handle: handle.write(markdown.encode())))
+    return written

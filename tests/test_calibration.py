@@ -1,0 +1,57 @@
+"""Calibration windows: reproducible by seed, JSONL text and chat records, clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from maverick_quant.calibration.data import CalibrationSet, eval_windows, load_tokenizer, make_calibration
+from maverick_quant.errors import InputError
+from maverick_quant.recipe import CalibSpec
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_llama_dir):
+    return load_tokenizer(tiny_llama_dir)
+
+
+def test_windows_are_reproducible_and_seeded(tiny_llama_dir, tokenizer, small_text_file: Path, tmp_path: Path) -> None:
+    spec = CalibSpec(samples=5, seq_len=32, seed=3)
+    first = make_calibration(tiny_llama_dir, str(small_text_file), spec, tokenizer)
+    again = make_calibration(tiny_llama_dir, str(small_text_file), spec, tokenizer)
+    other = make_calibration(tiny_llama_dir, str(small_text_file), CalibSpec(samples=5, seq_len=32, seed=4), tokenizer)
+    assert first.input_ids.shape == (5, 32) and torch.equal(first.input_ids, again.input_ids)
+    assert not torch.equal(first.input_ids, other.input_ids)
+    first.save(tmp_path)
+    loaded = CalibrationSet.load(tmp_path)
+    assert torch.equal(loaded.input_ids, first.input_ids) and loaded.meta["data_sha256"] == first.meta["data_sha256"]
+
+
+def test_jsonl_text_and_chat_records(tiny_llama_dir, tokenizer, tmp_path: Path) -> None:
+    text_file = tmp_path / "data.jsonl"
+    text_file.write_text("\n".join(json.dumps({"text": f"record number {i} says hello world"}) for i in range(40)))
+    calibration = make_calibration(tiny_llama_dir, str(text_file), CalibSpec(samples=2, seq_len=16), tokenizer)
+    assert calibration.input_ids.shape == (2, 16)
+    chat_file = tmp_path / "chat.jsonl"
+    messages = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "It is 4."}]
+    chat_file.write_text("\n".join(json.dumps({"messages": messages}) for _ in range(20)))
+    chat = make_calibration(tiny_llama_dir, str(chat_file), CalibSpec(samples=2, seq_len=16, chat_template=True), tokenizer)
+    rendered = tokenizer.decode(chat.input_ids[0])
+    assert "assistant" in rendered or "user" in rendered
+
+
+@pytest.mark.parametrize("content, match", [("", "empty"), ("short text", "need at least"), ('{"text": 3}\n', "string 'text'")])
+def test_bad_calibration_data(tiny_llama_dir, tokenizer, tmp_path: Path, content: str, match: str) -> None:
+    path = tmp_path / ("bad.jsonl" if content.startswith("{") else "bad.txt")
+    path.write_text(content)
+    with pytest.raises(InputError, match=match):
+        make_calibration(tiny_llama_dir, str(path), CalibSpec(samples=2, seq_len=64), tokenizer)
+
+
+def test_eval_windows_are_contiguous(tokenizer, small_text_file: Path) -> None:
+    windows = eval_windows(small_text_file, tokenizer, ctx=16, max_windows=3)
+    assert windows.shape == (3, 16)
+    assert windows[0, 0].item() == tokenizer.bos_token_id

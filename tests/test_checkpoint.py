@@ -1,0 +1,125 @@
+"""Bad input is refused with a clear message, exit code 2 and no partial output."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from maverick_quant.checkpoint import Checkpoint, read_safetensors_header
+from maverick_quant.cli import cli
+from maverick_quant.errors import InputError
+
+
+@pytest.fixture
+def model_copy(tiny_llama_dir: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, target)
+    return target
+
+
+def _shards(model_dir: Path) -> list[Path]:
+    return sorted(model_dir.glob("model-*.safetensors"))
+
+
+def _quantize_rtn(model_dir: Path, out: Path, *extra: str):
+    return CliRunner().invoke(cli, ["quantize", str(model_dir), "--method", "rtn", "--out", str(out), "--no-progress", *extra])
+
+
+def _assert_refused(result, out: Path, *words: str) -> None:
+    assert result.exit_code == 2, result.output
+    for word in words:
+        assert word in result.output, result.output
+    assert not out.exists()
+    assert not any(p.name.startswith(f".{out.name}.partial") for p in out.parent.iterdir())
+
+
+def test_truncated_shard_is_refused(model_copy: Path, tmp_path: Path) -> None:
+    shard = _shards(model_copy)[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 100])
+    _assert_refused(_quantize_rtn(model_copy, tmp_path / "out"), tmp_path / "out", shard.name, "truncated")
+
+
+def test_missing_shard_is_refused(model_copy: Path, tmp_path: Path) -> None:
+    shard = _shards(model_copy)[-1]
+    shard.unlink()
+    _assert_refused(_quantize_rtn(model_copy, tmp_path / "out"), tmp_path / "out", shard.name, "missing")
+
+
+def test_index_entry_outside_model_dir_is_refused(model_copy: Path, tmp_path: Path) -> None:
+    index_path = model_copy / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    name = next(iter(index["weight_map"]))
+    index["weight_map"][name] = "../elsewhere.safetensors"
+    index_path.write_text(json.dumps(index))
+    _assert_refused(_quantize_rtn(model_copy, tmp_path / "out"), tmp_path / "out", "outside the model directory")
+
+
+def _rewrite_tensor(model_dir: Path, name: str, value: torch.Tensor) -> Path:
+    index = json.loads((model_dir / "model.safetensors.index.json").read_text())
+    shard = model_dir / index["weight_map"][name]
+    tensors = load_file(str(shard))
+    tensors[name] = value
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    return shard
+
+
+def test_wrong_shape_is_refused(model_copy: Path, tmp_path: Path) -> None:
+    name = "model.layers.1.mlp.up_proj.weight"
+    _rewrite_tensor(model_copy, name, torch.zeros(7, 96))
+    _assert_refused(_quantize_rtn(model_copy, tmp_path / "out"), tmp_path / "out", name, "[7, 96]")
+
+
+def test_nan_weights_are_refused(model_copy: Path, tmp_path: Path) -> None:
+    name = "model.layers.2.self_attn.v_proj.weight"
+    weight = load_file(str(model_copy / json.loads((model_copy / "model.safetensors.index.json").read_text())["weight_map"][name]))[name]
+    weight[0, 0] = float("nan")
+    _rewrite_tensor(model_copy, name, weight)
+    _assert_refused(_quantize_rtn(model_copy, tmp_path / "out"), tmp_path / "out", name, "NaN")
+
+
+def test_existing_output_needs_force(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    result = _quantize_rtn(tiny_llama_dir, out)
+    assert result.exit_code == 2 and "--force" in result.output
+    assert (out / "keep.txt").read_text() == "precious"
+    result = _quantize_rtn(tiny_llama_dir, out, "--force")
+    assert result.exit_code == 0, result.output
+    assert not (out / "keep.txt").exists() and (out / "manifest.json").is_file()
+
+
+def test_pickle_only_checkpoint_is_refused(tmp_path: Path) -> None:
+    model_dir = tmp_path / "pickled"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    (model_dir / "pytorch_model.bin").write_bytes(b"not loaded")
+    _assert_refused(_quantize_rtn(model_dir, tmp_path / "out"), tmp_path / "out", "pickle", "pytorch_model.bin")
+
+
+def test_unknown_architecture_is_refused(model_copy: Path, tmp_path: Path) -> None:
+    config = json.loads((model_copy / "config.json").read_text())
+    config["architectures"] = ["MysteryForCausalLM"]
+    (model_copy / "config.json").write_text(json.dumps(config))
+    _assert_refused(_quantize_rtn(model_copy, tmp_path / "out"), tmp_path / "out", "MysteryForCausalLM", "not supported")
+
+
+def test_header_reader_reports_shapes(tiny_llama_dir: Path) -> None:
+    checkpoint = Checkpoint(tiny_llama_dir)
+    info = checkpoint.tensors["model.layers.0.self_attn.q_proj.weight"]
+    assert info.shape == (96, 96) and info.dtype == "F32"
+    assert read_safetensors_header(info.file)["model.layers.0.self_attn.q_proj.weight"].shape == (96, 96)
+
+
+def test_garbage_header_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes((16).to_bytes(8, "little") + b"{not json at all" + b"\0" * 4)
+    with pytest.raises(InputError, match="corrupt"):
+        read_safetensors_header(path)

@@ -1,0 +1,111 @@
+"""Gate parsing and evaluation."""
+
+import pytest
+
+from maverick_quant.errors import InputError
+from maverick_quant.validation.gates import Gate, GateResult, evaluate_gates, flatten, parse_gate
+
+REPORT = {
+    "reference": {"ppl": 5.0, "nll": 1.6},
+    "candidate": {"ppl": 5.2, "nll": 1.65},
+    "ppl_ratio": 1.04,
+    "kl": {"mean": 0.04, "median": 0.02, "p90": 0.08, "p99": 0.3, "max": 2.0},
+    "top1_agreement": 0.93,
+    "tokens": 1000,
+    "hellaswag": {"delta": -0.5},
+    "protocol": {"name": "gptq", "ctx": 2048},
+    "candidate_model": "out/bundle",
+    "layers": [{"layer": 0, "rel_error": 0.01}],
+    "flag": True,
+}
+BASELINE = {"kl": {"mean": 0.05, "p99": 0.3}, "candidate": {"ppl": 5.0}}
+
+
+@pytest.mark.parametrize(
+    "text, key, op, value, baseline_op",
+    [
+        ("ppl_ratio<=1.05", "ppl_ratio", "<=", 1.05, None),
+        ("kl.mean<=0.05", "kl.mean", "<=", 0.05, None),
+        ("top1_agreement>=0.9", "top1_agreement", ">=", 0.9, None),
+        ("hellaswag.delta>=-1.0", "hellaswag.delta", ">=", -1.0, None),
+        ("  kl.mean <= baseline * 1.1 ", "kl.mean", "<=", 1.1, "*"),
+        ("candidate.ppl<baseline+0.5", "candidate.ppl", "<", 0.5, "+"),
+        ("candidate.ppl>baseline-0.5", "candidate.ppl", ">", 0.5, "-"),
+        ("kl.p99<=baseline", "kl.p99", "<=", 1.0, "*"),
+        ("tokens==1000", "tokens", "==", 1000.0, None),
+        ("kl.max<5e-1", "kl.max", "<", 0.5, None),
+    ],
+)
+def test_parse_gate_forms(text, key, op, value, baseline_op):
+    gate = parse_gate(text)
+    assert gate == Gate(text.strip(), key, op, value, baseline_op)
+    assert gate.uses_baseline is (baseline_op is not None)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "   ", "ppl_ratio", "ppl_ratio<=", "<=1.05", "ppl_ratio=>1.05", "ppl_ratio=1.05", "ppl_ratio<==1",
+     "ppl_ratio<=abc", "ppl_ratio<=baseline/2", "ppl_ratio<=baseline*", "ppl_ratio<=baseline*-1",
+     "ppl_ratio<=1.05 extra", "ppl_ratio<=nan", "ppl_ratio<=inf", "kl..mean<=1", "1kl<=1", "ppl ratio<=1"],
+)
+def test_bad_gate_raises_input_error_naming_expression_and_form(text):
+    with pytest.raises(InputError) as info:
+        parse_gate(text)
+    message = str(info.value)
+    assert repr(text.strip() if text.strip() else text) in message or repr(text) in message
+    assert "KEY OP THRESHOLD" in message
+
+
+def test_flatten_keeps_numeric_leaves_under_dotted_keys():
+    flat = flatten(REPORT)
+    assert flat["kl.mean"] == 0.04
+    assert flat["protocol.ctx"] == 2048.0
+    assert flat["tokens"] == 1000.0
+    assert "protocol.name" not in flat and "candidate_model" not in flat
+    assert "flag" not in flat and not any(key.startswith("layers") for key in flat)
+
+
+def _evaluate(*texts, baseline=None):
+    return evaluate_gates([parse_gate(t) for t in texts], REPORT, baseline)
+
+
+def test_number_gates_pass_and_fail():
+    results = _evaluate("ppl_ratio<=1.05", "ppl_ratio<1.04", "top1_agreement>=0.95", "tokens==1000",
+                        "kl.mean>0.04", "hellaswag.delta>=-1.0")
+    assert [r.passed for r in results] == [True, False, False, True, False, True]
+    assert results[0] == GateResult("ppl_ratio<=1.05", "ppl_ratio", 1.04, 1.05, True)
+
+
+def test_baseline_gates_compute_threshold_from_baseline():
+    results = _evaluate("kl.mean<=baseline*1.1", "candidate.ppl<baseline+0.5", "candidate.ppl<baseline-0.5",
+                        "kl.p99<=baseline", baseline=BASELINE)
+    assert [r.threshold for r in results] == pytest.approx([0.055, 5.5, 4.5, 0.3])
+    assert [r.actual for r in results] == pytest.approx([0.04, 5.2, 5.2, 0.3])
+    assert [r.passed for r in results] == [True, True, False, True]
+
+
+def test_nan_actual_fails():
+    results = evaluate_gates([parse_gate("kl.mean<=1")], {"kl": {"mean": float("nan")}}, None)
+    assert results[0].passed is False
+
+
+def test_missing_key_names_key_and_lists_available():
+    with pytest.raises(InputError) as info:
+        _evaluate("kl.mean<=0.05", "kl.p95<=0.1")
+    message = str(info.value)
+    assert "'kl.p95'" in message and "kl.p99" in message and "top1_agreement" in message
+
+
+def test_baseline_gate_without_baseline():
+    with pytest.raises(InputError, match="no baseline"):
+        _evaluate("kl.mean<=baseline*1.1")
+
+
+def test_baseline_lacking_key():
+    with pytest.raises(InputError, match="'top1_agreement'.*baseline report"):
+        _evaluate("top1_agreement>=baseline-0.01", baseline=BASELINE)
+
+
+def test_no_gates_and_unused_baseline():
+    assert evaluate_gates([], REPORT, None) == []
+    assert _evaluate("ppl_ratio<=1.05", baseline={})[0].passed
