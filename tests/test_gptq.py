@@ -95,7 +95,8 @@ def test_diagonal_hessian_gives_rtn(sym, group_size, act_order, diagonal):
     """Uncorrelated inputs leave nothing to compensate: GPTQ must reproduce RTN bit for bit
     (a random diagonal also makes act-order permute the columns)."""
     W = _weight(24, 200, seed=2)
-    H = torch.eye(200) if diagonal == "identity" else torch.diag(torch.rand(200, generator=torch.Generator().manual_seed(3)) + 0.1)
+    spread = torch.rand(200, generator=torch.Generator().manual_seed(3)) + 0.1
+    H = torch.eye(200) if diagonal == "identity" else torch.diag(spread)
     spec = QuantSpec(bits=4, group_size=group_size, sym=sym, act_order=act_order, block_size=48)
     result = gptq_quantize(W, H, spec)
     _assert_same_grid(result.weight, rtn_quantize(W, spec))

@@ -62,7 +62,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec) -> GPTQResu
     that stays non positive-definite with damp 1.0.
     """
     batch, n, k = _check_inputs(W, H)
-    Wt = W.reshape(-1, n, k).float().transpose(1, 2).clone()  # [B, K, N]
+    Wt = W.reshape(-1, n, k).float().transpose(1, 2).clone(memory_format=torch.contiguous_format)  # [B, K, N]
     Hd = H.reshape(-1, k, k).float().clone()
     _mask_dead_inputs(Wt, Hd)
     params = _static_params(Wt, spec) if _static(spec) else None
@@ -94,7 +94,9 @@ def _check_inputs(W: torch.Tensor, H: torch.Tensor) -> tuple[tuple[int, ...], in
         raise ValueError(f"GPTQ: weight must be [..., N, K], got shape {tuple(W.shape)}")
     *batch, n, k = W.shape
     if tuple(H.shape) != (*batch, k, k):
-        raise ValueError(f"GPTQ: Hessian shape {tuple(H.shape)} does not match weight {tuple(W.shape)}; expected {(*batch, k, k)}")
+        raise ValueError(
+            f"GPTQ: Hessian shape {tuple(H.shape)} does not match weight {tuple(W.shape)}; expected {(*batch, k, k)}"
+        )
     if not (torch.isfinite(W).all() and torch.isfinite(H).all()):
         raise ValueError("GPTQ: weight or Hessian contains NaN/Inf; check the calibration activations")
     return tuple(batch), n, k

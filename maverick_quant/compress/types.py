@@ -38,7 +38,7 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """W_hat [..., N, K] in `dtype`, computed in fp32 then cast."""
-        g_idx = self.group_index().long()
+        g_idx = self.group_index().long().to(self.codes.device)
         scales = self.scales.float().index_select(-1, g_idx)
         zeros = self.zeros.float().index_select(-1, g_idx)
         return ((self.codes.float() - zeros) * scales).to(dtype)
