@@ -1,0 +1,36 @@
+"""Data-free calibration: text the model generates itself.
+
+Each sample starts from BOS and one vocabulary token drawn by the seed (as LLM-QAT's
+data-free recipe does, so samples do not all open alike), then is sampled with
+temperature 1 and top-k 50. This loads the whole model with transformers: fine for
+small models; for a model larger than memory, generate once on a machine that holds it
+and pass the text with --data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def generate_self_text(model_dir: Path, n_samples: int, max_new_tokens: int, seed: int, batch_size: int = 16) -> list[str]:
+    """`n_samples` decoded texts of up to `max_new_tokens` tokens each, deterministic for `seed`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False).eval()
+    generator = torch.Generator().manual_seed(seed)
+    first = torch.randint(0, len(tokenizer), (n_samples, 1), generator=generator)
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    prompts = torch.cat([torch.full((n_samples, 1), bos), first], dim=1)
+    texts = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for start in range(0, n_samples, batch_size):
+            batch = prompts[start : start + batch_size]
+            output = model.generate(batch, attention_mask=torch.ones_like(batch), do_sample=True, temperature=1.0,
+                                    top_k=50, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                    pad_token_id=tokenizer.eos_token_id)
+            texts.extend(tokenizer.batch_decode(output[:, 1:], skip_special_tokens=True))
+    return texts

@@ -1,0 +1,73 @@
+"""Shared fixtures: the real SmolLM2 (converted once, cached), a tiny sharded Llama with
+SmolLM2's tokenizer, and the WikiText-2 files from ../shared/data."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    from maverick_quant.sources import smollm2_hf_dir
+
+    return smollm2_hf_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(smollm2_dir: Path, tmp_path_factory) -> Path:
+    """A random 3-layer Llama (hidden 96: group 64 does not divide it), fp32, in >= 2 shards."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=96, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=False, rms_norm_eps=1e-5,
+                         max_position_embeddings=2048, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                param.normal_(0.0, 0.05)
+    out = tmp_path_factory.mktemp("tiny_llama")
+    model.save_pretrained(out, max_shard_size="4MB")
+    for name in TOKENIZER_FILES:
+        if (smollm2_dir / name).is_file():
+            shutil.copy2(smollm2_dir / name, out / name)
+    return out
+
+
+def _shared_file(relative: str) -> Path:
+    path = SHARED_DATA / relative
+    if not path.is_file():
+        pytest.skip(f"{path} not present (tests read ../shared/data beside the repository)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def wiki_valid_path() -> Path:
+    return _shared_file("wikitext-2/wiki.valid.tokens")
+
+
+@pytest.fixture(scope="session")
+def wiki_test_path() -> Path:
+    return _shared_file("wikitext-2/wiki.test.raw")
+
+
+@pytest.fixture
+def small_text_file(tmp_path: Path) -> Path:
+    """A few KB of English text."""
+    source = SHARED_DATA / "wikitext-2" / "wiki.valid.tokens"
+    if source.is_file():
+        text = "\n".join(source.read_text(encoding="utf-8").splitlines()[:200])
+    else:
+        text = "The river runs past the old mill and under the stone bridge into the valley. " * 100
+    path = tmp_path / "small.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
