@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from maverick_quant import __version__
 from maverick_quant.bundle import BundleWriter, copy_model_files
-from maverick_quant.calibration.capture import capture_inputs
+from maverick_quant.arch.base import LinearGroup
+from maverick_quant.calibration.capture import capture_attention_mixed, capture_inputs
 from maverick_quant.calibration.data import CalibrationSet
 from maverick_quant.compress.gptq import gptq_quantize
 from maverick_quant.compress.grid import rtn_quantize
@@ -54,26 +55,54 @@ def _check_finite(hidden: torch.Tensor, where: str) -> None:
         raise InputError(f"calibration activations became NaN/Inf at {where}; check the model's weights there")
 
 
+def _group_hessian(model: StreamingModel, layer: torch.nn.Module, hidden: torch.Tensor,
+                   group: LinearGroup) -> tuple[torch.Tensor, int]:
+    """H of one linear group from a pass over all windows: [K, K], or [kv, K, K] for
+    attention-mixed inputs (value projections, see LinearGroup)."""
+    if group.mixed_by_attention:
+        with model.eager_attention(), capture_attention_mixed(
+            layer, group.linears[0], model.table.attention, model.config.num_key_value_heads
+        ) as accumulator:
+            model.feed_layer(layer, hidden)
+        return accumulator.hessian(), accumulator.tokens
+    with capture_inputs(layer, (group.linears[0],), stop=True) as accumulators:
+        model.feed_layer(layer, hidden)
+    accumulator = accumulators[group.linears[0]]
+    return accumulator.hessian(), accumulator.tokens
+
+
+def _solve_group(layer: torch.nn.Module, group: LinearGroup, H: torch.Tensor, tokens: int,
+                 spec: QuantizeSpec) -> tuple[dict[str, QuantizedWeight], dict[str, dict]]:
+    """GPTQ each linear of `group` against H and put the dequantized weight back in `layer`.
+
+    A per-KV-head H [kv, K, K] solves W [kv*hd, K] as a batch W.view(kv, hd, K)."""
+    quantized, stats = {}, {}
+    for name in group.linears:
+        weight = layer.get_submodule(name).weight.data.float()
+        per_head = H.dim() == 3
+        result = gptq_quantize(weight.unflatten(0, (H.shape[0], -1)) if per_head else weight, H, spec.weights)
+        quantized[name] = result.weight.merge_leading() if per_head else result.weight
+        _set_weight(layer, name, quantized[name])
+        total = (result.loss / result.rel_loss.clamp_min(1e-30)).sum()
+        stats[name] = {"loss": float(result.loss.sum()), "rel_loss": float(result.loss.sum() / total.clamp_min(1e-30)),
+                       "damp": float(result.damp.max()), "tokens": tokens}
+    return quantized, stats
+
+
 def quantize_layer_gptq(model: StreamingModel, layer: torch.nn.Module, hidden: torch.Tensor,
                         spec: QuantizeSpec) -> tuple[dict[str, QuantizedWeight], dict[str, dict]]:
-    """GPTQ every linear of `layer` group by group (true-sequential); layer weights are
-    replaced by their dequantized values as they are solved."""
-    quantized, stats = {}, {}
-    groups = model.table.groups if spec.true_sequential else (None,)
-    for group in groups:
-        members = [g for g in model.table.groups] if group is None else [group]
-        with capture_inputs(layer, tuple(g.linears[0] for g in members), stop=group is not None) as hessians:
-            model.feed_layer(layer, hidden)
-        for member in members:
-            H = hessians[member.linears[0]].hessian()
-            tokens = hessians[member.linears[0]].tokens
-            for name in member.linears:
-                weight = layer.get_submodule(name).weight.data.float()
-                result = gptq_quantize(weight, H, spec.weights)
-                _set_weight(layer, name, result.weight)
-                quantized[name] = result.weight
-                stats[name] = {"loss": float(result.loss), "rel_loss": float(result.rel_loss),
-                               "damp": float(result.damp), "tokens": tokens}
+    """GPTQ every linear of `layer`, group by group in table order. True-sequential: each
+    group's statistics are collected after the groups before it were quantized; otherwise
+    all statistics come from the float layer. Layer weights end up dequantized."""
+    quantized, stats, pending = {}, {}, []
+    for group in model.table.groups:
+        pending.append((group, *_group_hessian(model, layer, hidden, group)))
+        if spec.true_sequential or group is model.table.groups[-1]:
+            for member, H, tokens in pending:
+                member_quantized, member_stats = _solve_group(layer, member, H, tokens, spec)
+                quantized.update(member_quantized)
+                stats.update(member_stats)
+            pending.clear()
     return quantized, stats
 
 

@@ -9,7 +9,8 @@ and an export all provide float tensors layer by layer.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+import contextlib
+from typing import Any, Iterator, Protocol
 
 import torch
 
@@ -84,10 +85,28 @@ class StreamingModel:
         positions = torch.arange(hidden.shape[1]).unsqueeze(0).expand(hidden.shape[0], -1)
         return self.rotary(hidden, positions)
 
+    @contextlib.contextmanager
+    def eager_attention(self) -> Iterator[None]:
+        """Within the block, attention runs transformers' eager path, which returns the
+        attention probabilities (for hooks that need them), with an explicit causal mask."""
+        previous = self.config._attn_implementation
+        self.config._attn_implementation = "eager"
+        try:
+            yield
+        finally:
+            self.config._attn_implementation = previous
+
+    def _attention_mask(self, chunk: torch.Tensor) -> torch.Tensor | None:
+        """None for SDPA (causal by default); an additive causal mask [1, 1, L, L] for eager."""
+        if self.config._attn_implementation != "eager":
+            return None
+        length = chunk.shape[1]
+        return torch.full((length, length), float("-inf"), dtype=chunk.dtype).triu(1)[None, None]
+
     @torch.no_grad()
     def apply(self, layer: torch.nn.Module, chunk: torch.Tensor) -> torch.Tensor:
         """One layer on a batch of full-length windows [B, L, D] -> [B, L, D]."""
-        return layer(chunk, position_embeddings=self._position_embeddings(chunk))
+        return layer(chunk, attention_mask=self._attention_mask(chunk), position_embeddings=self._position_embeddings(chunk))
 
     @torch.no_grad()
     def run_layer(self, layer: torch.nn.Module, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -20,10 +20,16 @@ class LinearGroup:
 
     name:    a label for reports ("attn_in").
     linears: module paths relative to the decoder layer ("self_attn.q_proj").
+    mixed_by_attention: the linears produce attention values (v_proj). Their output reaches
+             the rest of the model only through the attention mix o_i = sum_j a_ij W x_j =
+             W z_i, so the exact Hessian is per KV head E[z z^T] with z_i = sum_j a_ij x_j,
+             not E[x x^T]: the latter under-weights attention-sink tokens that every query
+             reads, and GPTQ then ruins exactly those tokens' values.
     """
 
     name: str
     linears: tuple[str, ...]
+    mixed_by_attention: bool = False
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,7 @@ class ArchTable:
     layer_prefix:    format string of a decoder layer's tensor prefix, e.g. "model.layers.{i}.".
     groups:          linear groups in the order GPTQ solves them inside a layer (true-sequential).
     layer_passthrough: per-layer tensors kept in float (norm weights), relative to the layer.
+    attention:       path of the attention module in a layer (returns (output, weights) in eager mode).
     embed, final_norm, lm_head: model-level tensor names (lm_head may be tied to embed).
     build_layer:     (config, layer_index) -> the transformers decoder-layer module (on meta).
     build_rotary:    config -> module mapping (hidden, position_ids) to (cos, sin).
@@ -46,6 +53,7 @@ class ArchTable:
     layer_prefix: str
     groups: tuple[LinearGroup, ...]
     layer_passthrough: tuple[str, ...]
+    attention: str
     embed: str
     final_norm: str
     lm_head: str

@@ -18,11 +18,12 @@ class HessianAccumulator:
     """Running H = (1/n) sum_t x_t x_t^T over all tokens t of a linear's input.
 
     x arrives as [..., K]; each batch's x^T x is computed in fp32 (fast) and added to an
-    fp64 running sum (stable over many batches); returned as fp32 [K, K].
+    fp64 running sum (stable over many batches); returned as fp32 [*batch, K, K] (batch is
+    () for a plain linear, (kv_heads,) for attention-mixed inputs).
     """
 
-    def __init__(self, in_features: int):
-        self.sum = torch.zeros(in_features, in_features, dtype=torch.float64)
+    def __init__(self, in_features: int, batch: tuple[int, ...] = ()):
+        self.sum = torch.zeros(*batch, in_features, in_features, dtype=torch.float64)
         self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
@@ -30,8 +31,21 @@ class HessianAccumulator:
         self.sum += flat.T @ flat
         self.tokens += flat.shape[0]
 
+    def add_mixed(self, x: torch.Tensor, probs: torch.Tensor) -> None:
+        """Attention-mixed inputs: x [B, L, K], probs [B, Hq, L, L] (query i, key j).
+
+        z[b, h, i] = sum_j probs[b, h, i, j] x[b, j]; query heads are grouped by KV head
+        (Hq = kv * r, consecutive heads share a KV head as in transformers' repeat_kv) and
+        H[g] += sum over (b, r, i) of z z^T; tokens counts B * r * L per KV head.
+        """
+        kv = self.sum.shape[0]
+        z = probs.float() @ x.float().unsqueeze(1)  # [B, Hq, L, K]
+        z = z.unflatten(1, (kv, -1)).transpose(0, 1).flatten(1, 3)  # [kv, B*r*L, K]
+        self.sum += z.transpose(1, 2) @ z
+        self.tokens += z.shape[1]
+
     def hessian(self) -> torch.Tensor:
-        """H [K, K] fp32 (zeros when no token was seen)."""
+        """H [*batch, K, K] fp32 (zeros when no token was seen)."""
         return (self.sum / max(self.tokens, 1)).float()
 
 
@@ -61,3 +75,25 @@ def _record(acc: HessianAccumulator, x: torch.Tensor, halt: bool) -> None:
     acc.add(x.detach())
     if halt:
         raise StopForward
+
+
+@contextlib.contextmanager
+def capture_attention_mixed(layer: torch.nn.Module, value_name: str, attention_name: str,
+                            kv_heads: int) -> Iterator[HessianAccumulator]:
+    """Per-KV-head Hessians of a value projection's attention-mixed input (see add_mixed).
+
+    The value projection's pre-hook keeps its input; the attention module's forward hook
+    (eager attention, which returns the probabilities) mixes it. Run the layer with
+    `StreamingModel.eager_attention()` active.
+    """
+    value, attention = layer.get_submodule(value_name), layer.get_submodule(attention_name)
+    acc, stash = HessianAccumulator(value.in_features, (kv_heads,)), {}
+    handles = [
+        value.register_forward_pre_hook(lambda _m, args: stash.__setitem__("x", args[0].detach())),
+        attention.register_forward_hook(lambda _m, _args, out: acc.add_mixed(stash.pop("x"), out[1].detach())),
+    ]
+    try:
+        yield acc
+    finally:
+        for handle in handles:
+            handle.remove()

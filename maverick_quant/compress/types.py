@@ -30,6 +30,11 @@ class QuantizedWeight:
     def shape(self) -> tuple[int, ...]:
         return tuple(self.codes.shape)
 
+    def merge_leading(self) -> "QuantizedWeight":
+        """[A, B, ..., K] -> [A*B, ..., K]: e.g. per-KV-head solves [kv, hd, K] back to [kv*hd, K]."""
+        return QuantizedWeight(self.codes.flatten(0, 1), self.scales.flatten(0, 1), self.zeros.flatten(0, 1),
+                               self.bits, self.group_size)
+
     def group_index(self) -> torch.Tensor:
         """g_idx: int32 [K], the group of each input column."""
         k = self.codes.shape[-1]

@@ -1,0 +1,67 @@
+"""Hessian capture: plain inputs, and the attention-mixed inputs of value projections."""
+
+from __future__ import annotations
+
+import torch
+
+from maverick_quant.calibration.capture import capture_attention_mixed, capture_inputs
+from maverick_quant.streaming import StreamingModel, open_source
+
+
+def _model_and_hidden(model_dir, windows=3, length=20):
+    model = StreamingModel(open_source(model_dir), batch=2)
+    ids = torch.randint(0, 1000, (windows, length), generator=torch.Generator().manual_seed(0))
+    return model, model.embed(ids)
+
+
+def _attention_output_sq_change(model, layer, hidden, name, delta) -> float:
+    """mean over tokens of ||change of o_proj's input||^2 when `name`.weight += delta."""
+    seen = []
+    handle = layer.get_submodule("self_attn.o_proj").register_forward_pre_hook(lambda _m, a: seen.append(a[0].clone()))
+    model.run_layer(layer, hidden)
+    layer.get_submodule(name).weight.data += delta
+    model.run_layer(layer, hidden)
+    layer.get_submodule(name).weight.data -= delta
+    handle.remove()
+    half = len(seen) // 2
+    before, after = torch.cat(seen[:half]), torch.cat(seen[half:])
+    return (after - before).double().square().sum(-1).mean().item()
+
+
+def test_plain_hessian_is_mean_outer_product(tiny_llama_dir) -> None:
+    model, hidden = _model_and_hidden(tiny_llama_dir)
+    layer = model.layer(0)
+    inputs = []
+    handle = layer.get_submodule("mlp.down_proj").register_forward_pre_hook(lambda _m, a: inputs.append(a[0].clone()))
+    with capture_inputs(layer, ("mlp.down_proj",)) as accumulators:
+        model.run_layer(layer, hidden)
+    handle.remove()
+    x = torch.cat(inputs).reshape(-1, 160).double()
+    assert torch.allclose(accumulators["mlp.down_proj"].hessian().double(), x.T @ x / x.shape[0], rtol=1e-5, atol=1e-7)
+
+
+def test_attention_mixed_hessian_predicts_the_attention_output_error(tiny_llama_dir) -> None:
+    """tr(dW_g H_g dW_g^T) summed over KV heads, times the query heads per KV head, equals the
+    mean squared change of the attention output: the value projection's exact objective."""
+    model, hidden = _model_and_hidden(tiny_llama_dir)
+    layer = model.layer(1)
+    config = model.config
+    kv, repeat = config.num_key_value_heads, config.num_attention_heads // config.num_key_value_heads
+    with model.eager_attention(), capture_attention_mixed(layer, "self_attn.v_proj", "self_attn", kv) as accumulator:
+        model.run_layer(layer, hidden)
+    H = accumulator.hessian().double()  # [kv, K, K]
+    delta = torch.randn(layer.self_attn.v_proj.weight.shape, generator=torch.Generator().manual_seed(1)) * 1e-2
+    per_head = delta.double().unflatten(0, (kv, -1))
+    predicted = repeat * sum(torch.trace(per_head[g] @ H[g] @ per_head[g].T).item() for g in range(kv))
+    measured = _attention_output_sq_change(model, layer, hidden, "self_attn.v_proj", delta)
+    assert abs(predicted - measured) / measured < 1e-3
+
+
+def test_eager_and_sdpa_layers_agree(tiny_llama_dir) -> None:
+    model, hidden = _model_and_hidden(tiny_llama_dir)
+    layer = model.layer(2)
+    sdpa = model.run_layer(layer, hidden)
+    with model.eager_attention():
+        eager = model.run_layer(layer, hidden)
+    assert model.config._attn_implementation == "sdpa"
+    assert torch.allclose(sdpa, eager, atol=1e-5)
