@@ -96,5 +96,4 @@ def test_smollm2_gptq_beats_rtn_end_to_end(smollm2_dir: Path, wiki_valid_path: P
                          "--gate", "ppl_ratio<=2.5")
         assert code == 0, out
         ppl[method] = json.loads((tmp_path / f"report-{method}" / "report.json").read_text())["candidate"]["ppl"]
-    print(ppl)
     assert ppl["gptq"] < ppl["rtn"]
