@@ -22,8 +22,6 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import safe_open
-
 from maverick_quant.errors import InputError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -37,11 +35,19 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where one tensor lives: its shard file, dtype code (safetensors "F32"...) and shape."""
+    """Where one tensor lives: its shard file, dtype code (safetensors "F32"...), shape, and
+    its byte range [begin, end) in the file (absolute, header included)."""
 
     file: Path
     dtype: str
     shape: tuple[int, ...]
+    begin: int = 0
+    end: int = 0
+
+
+TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                "BOOL": torch.bool}
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
@@ -66,10 +72,10 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     if not isinstance(header, dict):
         raise InputError(f"{path}: corrupt safetensors header (expected a JSON object)")
     header.pop("__metadata__", None)
-    return _tensor_infos(path, header, data_size=size - 8 - header_len)
+    return _tensor_infos(path, header, data_size=size - 8 - header_len, data_start=8 + header_len)
 
 
-def _tensor_infos(path: Path, header: dict, data_size: int) -> dict[str, TensorInfo]:
+def _tensor_infos(path: Path, header: dict, data_size: int, data_start: int) -> dict[str, TensorInfo]:
     infos, data_end = {}, 0
     for name, entry in header.items():
         try:
@@ -84,7 +90,7 @@ def _tensor_infos(path: Path, header: dict, data_size: int) -> dict[str, TensorI
         if not (isinstance(begin, int) and isinstance(end, int)) or end - begin != numel * DTYPE_SIZES[dtype] or begin < 0:
             raise InputError(f"{path}: tensor {name!r} byte range {begin}..{end} does not match shape {list(shape)} {dtype}")
         data_end = max(data_end, end)
-        infos[name] = TensorInfo(path, dtype, shape)
+        infos[name] = TensorInfo(path, dtype, shape, data_start + begin, data_start + end)
     if data_end > data_size:
         raise InputError(f"{path}: truncated safetensors file: tensors need {data_end} data bytes, file has {data_size}")
     if data_end < data_size:
@@ -134,7 +140,6 @@ class Checkpoint:
         self.tensors: dict[str, TensorInfo] = {}
         for path in self.files:
             self.tensors.update(read_safetensors_header(path))
-        self._handles: dict[Path, object] = {}
 
     def load_config(self):
         """The transformers config (never trust_remote_code)."""
@@ -160,17 +165,14 @@ class Checkpoint:
             shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
             raise InputError(f"{self.model_dir}: checkpoint does not match its config: {shown}")
 
-    def _handle(self, path: Path):
-        if path not in self._handles:
-            self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
-        return self._handles[path]
-
     def get(self, name: str, check_finite: bool = True) -> torch.Tensor:
-        """One tensor (memory-mapped read); InputError naming it if absent or not finite."""
+        """One tensor, read with pread into its own buffer; InputError naming it if absent or
+        not finite. (Reading instead of memory-mapping keeps file pages out of this process's
+        resident set: only the tensors in use count against memory.)"""
         info = self.tensors.get(name)
         if info is None:
             raise InputError(f"{self.model_dir}: tensor {name!r} not found")
-        tensor = self._handle(info.file).get_tensor(name)
+        tensor = read_tensor(info)
         if check_finite and tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise InputError(f"{info.file}: tensor {name!r} contains NaN or Inf values")
         return tensor
@@ -183,6 +185,20 @@ class Checkpoint:
                 (header_len,) = struct.unpack("<Q", handle.read(8))
                 digest.update(path.name.encode() + str(path.stat().st_size).encode() + handle.read(header_len))
         return digest.hexdigest()
+
+
+def read_tensor(info: TensorInfo) -> torch.Tensor:
+    """The tensor at `info` read from disk into a fresh buffer (shape and dtype from the header)."""
+    if info.dtype not in TORCH_DTYPES:
+        raise InputError(f"{info.file}: dtype {info.dtype} is not readable here")
+    buffer = bytearray(info.end - info.begin)
+    with open(info.file, "rb") as handle:
+        handle.seek(info.begin)
+        if handle.readinto(buffer) != len(buffer):
+            raise InputError(f"{info.file}: truncated while reading a tensor")
+    if not buffer:
+        return torch.empty(info.shape, dtype=TORCH_DTYPES[info.dtype])
+    return torch.frombuffer(buffer, dtype=TORCH_DTYPES[info.dtype]).reshape(info.shape)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
