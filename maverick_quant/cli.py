@@ -143,7 +143,7 @@ def validate(reference, candidate, data, report_dir, ctx, max_windows, gates, ba
 @cli.command()
 @click.option("--work-dir", default="maverick-quant-demo", show_default=True, type=click.Path(path_type=Path))
 @click.option("--eval-data", type=click.Path(path_type=Path), help="Also validate on this text file.")
-@click.option("--samples", default=32, show_default=True, help="Self-generated calibration windows.")
+@click.option("--samples", default=16, show_default=True, help="Self-generated calibration windows.")
 @click.option("--seq-len", default=256, show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing work directory's outputs.")
 @click.option("--progress/--no-progress", default=True)

@@ -150,7 +150,7 @@ def make_calibration(model_dir: Path, data: str, spec: CalibSpec, tokenizer=None
         from maverick_quant.calibration.selfgen import generate_self_text
 
         new_tokens = min(spec.seq_len, 256)
-        count = -(-spec.samples * spec.seq_len // new_tokens) + 1
+        count = -(-spec.samples * spec.seq_len // new_tokens)
         records = generate_self_text(Path(model_dir), n_samples=count, max_new_tokens=new_tokens, seed=spec.seed)
         return build_calibration(records, tokenizer, spec, source="self-generated")
     return build_calibration(read_records(Path(data), tokenizer, spec.chat_template), tokenizer, spec, source=str(data))
