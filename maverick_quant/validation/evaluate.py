@@ -99,7 +99,8 @@ def evaluate(reference: WeightSource, candidate: WeightSource, windows: torch.Te
     bar = tqdm(range(ref_model.num_layers), desc="validate layers", unit="layer", disable=not show_progress)
     for index in bar:
         layer_errors.append((f"layer {index}", _advance_layer(ref_model, cand_model, index, h_ref, h_cand)))
-        bar.set_postfix(tok_per_s=f"{windows.numel() * (index + 1) / (time.perf_counter() - started):.0f}")
+        elapsed = time.perf_counter() - started  # tokens through the whole model per second, so far
+        bar.set_postfix(tok_per_s=f"{windows.numel() * (index + 1) / ref_model.num_layers / elapsed:.0f}")
     metrics = _score(ref_model, cand_model, windows, h_ref, h_cand)
     summary = metrics.summary()
     summary["seconds"] = time.perf_counter() - started
