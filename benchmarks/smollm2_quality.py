@@ -43,15 +43,32 @@ def cli(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "maverick_quant", *args], check=True)
 
 
-def full_model_baseline_rss(model_dir: Path, samples: int, seq_len: int) -> float:
-    """Peak RSS (MiB) of a process that loads the whole fp32 model and holds the calibration activations."""
-    code = (
-        "import resource, torch; from transformers import AutoModelForCausalLM;"
-        f"m = AutoModelForCausalLM.from_pretrained('{model_dir}', dtype=torch.float32);"
-        f"h = torch.zeros({samples}, {seq_len}, m.config.hidden_size);"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
-    )
-    return float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()[-1])
+def full_model_baseline_rss(model_dir: Path, calib: Path) -> float:
+    """Peak RSS (MiB) of a separate process that does what a whole-model tool does: load the
+    fp32 model with transformers, make every weight resident (a model in use touches every
+    page; lazily mapped weights would otherwise not count), and run the calibration windows
+    through it, keeping the last hidden states of all of them [S, L, D]."""
+    out = subprocess.run([sys.executable, __file__, "--baseline-process", str(model_dir), str(calib)],
+                         check=True, capture_output=True, text=True).stdout
+    return float(out.split()[-1])
+
+
+@torch.no_grad()
+def baseline_process(model_dir: str, calib: str, batch: int = 8) -> None:
+    import resource
+
+    from transformers import AutoModelForCausalLM
+
+    from maverick_quant.calibration.data import CalibrationSet
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    for parameter in model.parameters():
+        parameter.data = parameter.data.clone()
+    ids = CalibrationSet.load(Path(calib)).input_ids
+    hidden = torch.empty(*ids.shape, model.config.hidden_size)
+    for start in range(0, ids.shape[0], batch):
+        hidden[start : start + batch] = model.model(ids[start : start + batch]).last_hidden_state
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 @torch.no_grad()
@@ -83,6 +100,8 @@ def score(ref_model, ref_hidden, cand_model, cand_hidden, windows) -> dict:
 
 
 def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--baseline-process":
+        return baseline_process(sys.argv[2], sys.argv[3])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--samples", type=int, default=128)
@@ -121,7 +140,7 @@ def main() -> None:
         rows[name] = {"ppl": summary["candidate"]["ppl"], "kl_mean": summary["kl"]["mean"],
                       "top1": summary["top1_agreement"], **bundle.manifest["summary"]}
         print(json.dumps({name: rows[name]}), flush=True)
-    rows["_baseline_full_model_peak_rss_mib"] = full_model_baseline_rss(model_dir, args.samples, args.seq_len)
+    rows["_baseline_full_model_peak_rss_mib"] = full_model_baseline_rss(model_dir, calib)
     print_table(rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

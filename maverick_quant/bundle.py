@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from maverick_quant.checkpoint import save_safetensors_atomic, sha256_file, write_json_atomic
+from maverick_quant.checkpoint import (read_rows, read_safetensors_header, read_tensor, save_safetensors_atomic,
+                                       sha256_file, write_json_atomic)
 from maverick_quant.compress.types import QuantizedWeight
 from maverick_quant.errors import InputError
 
@@ -125,8 +126,6 @@ class Bundle:
     """A finished bundle opened for reading; also a `WeightSource` for streaming."""
 
     def __init__(self, root: Path | str):
-        from safetensors import safe_open
-
         self.root = Path(root)
         if not (self.root / MANIFEST).is_file():
             raise InputError(f"{self.root}: not a bundle (no {MANIFEST})")
@@ -139,7 +138,7 @@ class Bundle:
         self.config = AutoConfig.from_pretrained(self.root, trust_remote_code=False)
         self.table = table_for(self.config, str(self.root / "config.json"))
         self.quant = self.manifest["recipe"]["weights"]
-        self._passthrough = safe_open(str(self.root / PASSTHROUGH), framework="pt")
+        self._passthrough = read_safetensors_header(self.root / PASSTHROUGH)
 
     @property
     def num_layers(self) -> int:
@@ -164,16 +163,19 @@ class Bundle:
 
     def model_tensor_names(self) -> list[str]:
         """Names of the model-level pass-through tensors (embed, final norm, untied lm_head)."""
-        return list(self._passthrough.keys())
+        return list(self._passthrough)
 
     def model_tensor(self, name: str) -> torch.Tensor:
-        if name == self.table.lm_head and name not in self._passthrough.keys():
+        if name == self.table.lm_head and name not in self._passthrough:
             name = self.table.embed
-        return self._passthrough.get_tensor(name)
+        return read_tensor(self._passthrough[name])
+
+    def embedding_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return read_rows(self._passthrough[self.table.embed], rows)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The whole dequantized model as a float state dict (small models only)."""
-        out = {name: self._passthrough.get_tensor(name) for name in self.model_tensor_names()}
+        out = {name: self.model_tensor(name) for name in self.model_tensor_names()}
         for index in range(self.num_layers):
             prefix = self.table.prefix(index)
             out.update({prefix + name: t for name, t in self.layer_tensors(index).items()})

@@ -173,7 +173,17 @@ class Checkpoint:
         if info is None:
             raise InputError(f"{self.model_dir}: tensor {name!r} not found")
         tensor = read_tensor(info)
-        if check_finite and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if check_finite and not all_finite(tensor):
+            raise InputError(f"{info.file}: tensor {name!r} contains NaN or Inf values")
+        return tensor
+
+    def get_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """Rows `rows` (sorted, unique) of tensor `name`, checked finite (see `read_rows`)."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise InputError(f"{self.model_dir}: tensor {name!r} not found")
+        tensor = read_rows(info, rows)
+        if not all_finite(tensor):
             raise InputError(f"{info.file}: tensor {name!r} contains NaN or Inf values")
         return tensor
 
@@ -185,6 +195,14 @@ class Checkpoint:
                 (header_len,) = struct.unpack("<Q", handle.read(8))
                 digest.update(path.name.encode() + str(path.stat().st_size).encode() + handle.read(header_len))
         return digest.hexdigest()
+
+
+def all_finite(tensor: torch.Tensor, chunk: int = 1 << 20) -> bool:
+    """No NaN or Inf in `tensor`, checked `chunk` elements at a time so the boolean and
+    intermediate temporaries of `isfinite` stay small for activation caches of any size."""
+    if not tensor.is_floating_point():
+        return True
+    return all(bool(torch.isfinite(part).all()) for part in tensor.reshape(-1).split(chunk))
 
 
 def read_tensor(info: TensorInfo) -> torch.Tensor:
@@ -199,6 +217,30 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
     if not buffer:
         return torch.empty(info.shape, dtype=TORCH_DTYPES[info.dtype])
     return torch.frombuffer(buffer, dtype=TORCH_DTYPES[info.dtype]).reshape(info.shape)
+
+
+def read_rows(info: TensorInfo, rows: torch.Tensor) -> torch.Tensor:
+    """Rows `rows` (sorted, unique int64 [U]) of the tensor at `info` [R, ...] -> [U, ...].
+
+    Reads only those rows, one `preadv` per run of consecutive indices, so an embedding
+    lookup costs the rows it uses rather than the whole table (2 GB for Maverick's).
+    """
+    if info.dtype not in TORCH_DTYPES:
+        raise InputError(f"{info.file}: dtype {info.dtype} is not readable here")
+    rows = rows.to(torch.int64)
+    if rows.numel() and (int(rows[0]) < 0 or int(rows[-1]) >= info.shape[0]):
+        raise InputError(f"{info.file}: row index out of range [0, {info.shape[0]}) for a tensor of shape {list(info.shape)}")
+    row_bytes = (info.end - info.begin) // max(info.shape[0], 1)
+    out = bytearray(row_bytes * rows.numel())
+    breaks = (torch.nonzero(rows.diff() != 1).flatten() + 1).tolist()
+    with open(info.file, "rb") as handle:
+        for first, stop in zip([0, *breaks], [*breaks, rows.numel()]):
+            target = memoryview(out)[first * row_bytes : stop * row_bytes]
+            if os.preadv(handle.fileno(), [target], info.begin + int(rows[first]) * row_bytes) != len(target):
+                raise InputError(f"{info.file}: truncated while reading rows of a tensor")
+    if not out:
+        return torch.empty((0, *info.shape[1:]), dtype=TORCH_DTYPES[info.dtype])
+    return torch.frombuffer(out, dtype=TORCH_DTYPES[info.dtype]).reshape(rows.numel(), *info.shape[1:])
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:

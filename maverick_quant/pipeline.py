@@ -9,6 +9,7 @@ inputs. RTN needs no calibration and runs no forward at all.
 
 from __future__ import annotations
 
+import ctypes
 import resource
 import time
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 
 from maverick_quant import __version__
 from maverick_quant.bundle import BundleWriter, copy_model_files
+from maverick_quant.checkpoint import all_finite
 from maverick_quant.arch.base import LinearGroup
 from maverick_quant.calibration.capture import capture_attention_mixed, capture_inputs
 from maverick_quant.calibration.data import CalibrationSet
@@ -45,13 +47,22 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def release_free_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc `malloc_trim`), so that transient
+    buffers of one layer (or the tokenizer's) do not stay resident for the whole run."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def _set_weight(layer: torch.nn.Module, name: str, weight: QuantizedWeight) -> None:
     module = layer.get_submodule(name)
     module.weight.data = weight.dequantize(module.weight.dtype)
 
 
 def _check_finite(hidden: torch.Tensor, where: str) -> None:
-    if not torch.isfinite(hidden).all():
+    if not all_finite(hidden):
         raise InputError(f"calibration activations became NaN/Inf at {where}; check the model's weights there")
 
 
@@ -63,7 +74,7 @@ def _group_hessian(model: StreamingModel, layer: torch.nn.Module, hidden: torch.
         with model.eager_attention(), capture_attention_mixed(
             layer, group.linears[0], model.table.attention, model.config.num_key_value_heads
         ) as accumulator:
-            model.feed_layer(layer, hidden)
+            model.feed_layer(layer, hidden, batch=model.eager_batch(hidden.shape[1]))
         return accumulator.hessian(), accumulator.tokens
     with capture_inputs(layer, (group.linears[0],), stop=True) as accumulators:
         model.feed_layer(layer, hidden)
@@ -135,8 +146,10 @@ def quantize_model(source: CheckpointSource, calibration: CalibrationSet | None,
     if needs_data and calibration is None:
         raise InputError(f"--method {spec.method.value} needs calibration data (--data or --calib)")
     writer = BundleWriter(out_dir)
+    release_free_memory()
     model = StreamingModel(source, batch=spec.batch_windows)
     hidden = model.embed(calibration.input_ids) if needs_data else None
+    release_free_memory()
     bar = tqdm(range(model.num_layers), desc=f"{spec.method.value} layers", unit="layer", disable=not show_progress)
     losses = []
     for index in bar:
@@ -154,6 +167,9 @@ def quantize_model(source: CheckpointSource, calibration: CalibrationSet | None,
         passthrough = {name: tensors[name] for name in model.table.layer_passthrough}
         stats["seconds"] = time.perf_counter() - layer_started
         writer.write_layer(index, model.table.prefix(index), quantized, passthrough, stats)
+        del layer, tensors, quantized, passthrough
+        release_free_memory()
+    del hidden
     writer.write_passthrough(_model_level_tensors(source))
     copy_model_files(source.checkpoint.model_dir, out_dir)
     summary = RunSummary(time.perf_counter() - started, peak_rss_mib(),

@@ -34,6 +34,9 @@ class WeightSource(Protocol):
     def model_tensor(self, name: str) -> torch.Tensor:
         """A model-level tensor (embed, final norm, lm_head; lm_head resolves ties)."""
 
+    def embedding_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows `rows` (sorted, unique token ids [U]) of the input embedding -> [U, D]."""
+
 
 class CheckpointSource:
     """The original model read lazily from its safetensors shards."""
@@ -49,6 +52,9 @@ class CheckpointSource:
         if name == self.table.lm_head and name not in self.checkpoint.tensors:
             name = self.table.embed
         return self.checkpoint.get(name)
+
+    def embedding_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.checkpoint.get_rows(self.table.embed, rows)
 
 
 class StreamingModel:
@@ -70,9 +76,9 @@ class StreamingModel:
         return self.config.num_hidden_layers
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[S, L] token ids -> [S, L, D] hidden states."""
-        weight = self.source.model_tensor(self.table.embed)
-        return torch.nn.functional.embedding(input_ids, weight).to(self.dtype)
+        """[S, L] token ids -> [S, L, D] hidden states, reading only the rows used."""
+        unique, inverse = input_ids.unique(sorted=True, return_inverse=True)
+        return torch.nn.functional.embedding(inverse, self.source.embedding_rows(unique)).to(self.dtype)
 
     def layer(self, index: int, tensors: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
         """Decoder layer `index` with its float tensors (from the source unless given)."""
@@ -121,12 +127,20 @@ class StreamingModel:
             out[start : start + self.batch] = self.apply(layer, chunk)
         return out
 
+    def eager_batch(self, length: int, budget_bytes: int = 32 * 2**20) -> int:
+        """Windows per batch under eager attention, whose probabilities [B, heads, L, L]
+        (materialised several times by the eager path) should stay within `budget_bytes`."""
+        per_window = self.config.num_attention_heads * length * length * torch.finfo(self.dtype).bits // 8
+        return max(1, min(self.batch, budget_bytes // per_window))
+
     @torch.no_grad()
-    def feed_layer(self, layer: torch.nn.Module, hidden: torch.Tensor) -> None:
-        """Run `layer` over `hidden` for its hooks' sake only; outputs are discarded and a
-        hook may end each batch early by raising `StopForward`."""
-        for start in range(0, hidden.shape[0], self.batch):
-            chunk = hidden[start : start + self.batch]
+    def feed_layer(self, layer: torch.nn.Module, hidden: torch.Tensor, batch: int | None = None) -> None:
+        """Run `layer` over `hidden` for its hooks' sake only, `batch` windows at a time
+        (default `self.batch`); outputs are discarded and a hook may end each batch early by
+        raising `StopForward`."""
+        batch = batch or self.batch
+        for start in range(0, hidden.shape[0], batch):
+            chunk = hidden[start : start + batch]
             try:
                 self.apply(layer, chunk)
             except StopForward:

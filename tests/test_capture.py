@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from maverick_quant.calibration.capture import capture_attention_mixed, capture_inputs
+from maverick_quant.calibration.capture import HessianAccumulator, capture_attention_mixed, capture_inputs
 from maverick_quant.streaming import StreamingModel, open_source
 
 
@@ -65,3 +66,19 @@ def test_eager_and_sdpa_layers_agree(tiny_llama_dir) -> None:
         eager = model.run_layer(layer, hidden)
     assert model.config._attn_implementation == "sdpa"
     assert torch.allclose(sdpa, eager, atol=1e-5)
+
+
+@pytest.mark.parametrize("length, width", [(6, 40), (40, 6)])  # the two evaluation orders
+def test_add_mixed_equals_the_explicit_sum_of_mixed_outer_products(length, width) -> None:
+    generator = torch.Generator().manual_seed(3)
+    batch, kv, repeat = 2, 2, 3
+    x = torch.randn(batch, length, width, generator=generator)
+    probs = torch.softmax(torch.randn(batch, kv * repeat, length, length, generator=generator), -1)
+    accumulator = HessianAccumulator(width, (kv,))
+    accumulator.add_mixed(x, probs)
+    z = probs.double() @ x.double().unsqueeze(1)  # [B, Hq, L, K]
+    expected = torch.stack([
+        sum(z[b, g * repeat + r].T @ z[b, g * repeat + r] for b in range(batch) for r in range(repeat)) for g in range(kv)
+    ])
+    assert accumulator.tokens == batch * repeat * length
+    assert torch.allclose(accumulator.sum, expected, rtol=1e-5, atol=1e-5)

@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from maverick_quant.checkpoint import Checkpoint, read_safetensors_header
+from maverick_quant.checkpoint import Checkpoint, all_finite, read_safetensors_header
 from maverick_quant.cli import cli
 from maverick_quant.errors import InputError
 
@@ -123,3 +123,20 @@ def test_garbage_header_is_refused(tmp_path: Path) -> None:
     path.write_bytes((16).to_bytes(8, "little") + b"{not json at all" + b"\0" * 4)
     with pytest.raises(InputError, match="corrupt"):
         read_safetensors_header(path)
+
+
+def test_embedding_rows_read_only_what_is_asked(tiny_llama_dir: Path) -> None:
+    checkpoint = Checkpoint(tiny_llama_dir)
+    full = checkpoint.get("model.embed_tokens.weight")
+    rows = torch.tensor([0, 1, 2, 7, 9, 10, full.shape[0] - 1])  # runs of consecutive rows and gaps
+    assert torch.equal(checkpoint.get_rows("model.embed_tokens.weight", rows), full[rows])
+    with pytest.raises(InputError, match="row index out of range"):
+        checkpoint.get_rows("model.embed_tokens.weight", torch.tensor([full.shape[0]]))
+
+
+def test_all_finite_finds_a_nan_in_any_chunk() -> None:
+    tensor = torch.zeros(10_000)
+    assert all_finite(tensor, chunk=1000)
+    tensor[9_999] = float("nan")
+    assert not all_finite(tensor, chunk=1000)
+    assert all_finite(torch.tensor([1, 2, 3]))  # integers are always finite

@@ -97,3 +97,6 @@ class GPTQExportSource:
         if name == self.table.lm_head and name not in self.checkpoint.tensors:
             name = self.table.embed
         return self.checkpoint.get(name)
+
+    def embedding_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.checkpoint.get_rows(self.table.embed, rows)
