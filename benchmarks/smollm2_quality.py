@@ -55,9 +55,9 @@ def full_model_baseline_rss(model_dir: Path, calib: Path) -> float:
 
 @torch.no_grad()
 def baseline_process(model_dir: str, calib: str, batch: int = 8) -> None:
-    import resource
-
     from transformers import AutoModelForCausalLM
+
+    from maverick_quant.pipeline import peak_rss_mib
 
     from maverick_quant.calibration.data import CalibrationSet
 
@@ -68,7 +68,7 @@ def baseline_process(model_dir: str, calib: str, batch: int = 8) -> None:
     hidden = torch.empty(*ids.shape, model.config.hidden_size)
     for start in range(0, ids.shape[0], batch):
         hidden[start : start + batch] = model.model(ids[start : start + batch]).last_hidden_state
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(peak_rss_mib())
 
 
 @torch.no_grad()
