@@ -21,16 +21,18 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from maverick_quant.checkpoint import (read_rows, read_safetensors_header, read_tensor, save_safetensors_atomic,
                                        sha256_file, write_json_atomic)
+from maverick_quant.arch.base import fuse_experts
 from maverick_quant.compress.types import QuantizedWeight
 from maverick_quant.errors import InputError
 
 MANIFEST = "manifest.json"
+AUDIT = "audit.json"
 PASSTHROUGH = "passthrough.safetensors"
 BUNDLE_FORMAT = "maverick-quant-bundle"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -70,6 +72,11 @@ def layer_file(index: int) -> str:
     return f"layers/layer-{index:05d}.safetensors"
 
 
+def expert_file(index: int, first: int) -> str:
+    """Routed experts [first, first + count) of layer `index`, stacked [count, N, K] per linear."""
+    return f"layers/layer-{index:05d}-experts-{first:05d}.safetensors"
+
+
 def copy_model_files(source_dir: Path, out_dir: Path) -> list[str]:
     """Copy config.json and the tokenizer/generation files that exist; returns their names."""
     copied = []
@@ -101,6 +108,19 @@ class BundleWriter:
                   **{k: v for k, v in stats.items() if k not in quantized}}
         write_json_atomic(path.with_suffix(".json"), record)
 
+    def write_experts(self, index: int, name_prefix: str, first: int,
+                      quantized: dict[str, QuantizedWeight]) -> dict[str, Any]:
+        """One chunk of routed experts of layer `index`: {linear name: QuantizedWeight [count, N, K]},
+        stored as "{name_prefix}{linear name}.codes" etc.; returns the chunk's record."""
+        tensors = {}
+        for name, weight in quantized.items():
+            tensors.update(encode_quantized(name_prefix + name, weight))
+        path = self.root / expert_file(index, first)
+        save_safetensors_atomic(tensors, path)
+        count = next(iter(quantized.values())).shape[0]
+        return {"file": expert_file(index, first), "sha256": sha256_file(path), "first": first, "count": count,
+                "prefix": name_prefix, "shapes": {name: list(w.shape) for name, w in quantized.items()}}
+
     def completed_layers(self) -> set[int]:
         """Indices of layers whose tensors and stats are both on disk."""
         done = set()
@@ -115,6 +135,10 @@ class BundleWriter:
     def finish(self, manifest: dict[str, Any], num_layers: int) -> dict[str, Any]:
         """Gather layer stats and file hashes into manifest.json; returns the manifest."""
         layers = [json.loads((self.root / layer_file(i)).with_suffix(".json").read_text()) for i in range(num_layers)]
+        audit = [{"layer": i, **record} for i, layer in enumerate(layers)
+                 for record in layer.get("experts", {}).get("audit", [])]
+        if audit:
+            write_json_atomic(self.root / AUDIT, {"experts": audit})
         files = {p.relative_to(self.root).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                  for p in sorted(self.root.rglob("*")) if p.is_file() and p.name != MANIFEST}
         manifest = {"format": BUNDLE_FORMAT, "format_version": 1, **manifest, "layers": layers, "files": files}
@@ -137,6 +161,7 @@ class Bundle:
 
         self.config = AutoConfig.from_pretrained(self.root, trust_remote_code=False)
         self.table = table_for(self.config, str(self.root / "config.json"))
+        self.text_config = self.table.text_config(self.config)
         self.quant = self.manifest["recipe"]["weights"]
         self._passthrough = read_safetensors_header(self.root / PASSTHROUGH)
 
@@ -157,9 +182,29 @@ class Bundle:
         passthrough = {key[len(prefix):]: t for key, t in tensors.items() if key not in coded}
         return quantized, passthrough
 
-    def layer_tensors(self, index: int) -> dict[str, torch.Tensor]:
+    def expert_chunks(self, index: int) -> Iterator[tuple[int, dict[str, QuantizedWeight]]]:
+        """(first expert, {linear name: QuantizedWeight [count, N, K]}) for each stored chunk
+        of layer `index`'s routed experts (none for a dense layer)."""
+        from safetensors.torch import load_file
+
+        for chunk in self.manifest["layers"][index].get("experts", {}).get("chunks", []):
+            tensors = load_file(str(self.root / chunk["file"]))
+            yield chunk["first"], {name: decode_quantized(chunk["prefix"] + name, tensors, shape, self.quant["bits"],
+                                                          self.quant["group_size"])
+                                   for name, shape in chunk["shapes"].items()}
+
+    def layer_tensors(self, index: int, experts: bool = True) -> dict[str, torch.Tensor]:
         quantized, passthrough = self.quantized_layer(index)
-        return {**passthrough, **{f"{name}.weight": w.dequantize() for name, w in quantized.items()}}
+        out = {**passthrough, **{f"{name}.weight": w.dequantize() for name, w in quantized.items()}}
+        moe = self.table.plan(self.text_config, index).moe
+        if experts and moe is not None:
+            chunks = [dequantized for _, dequantized in self._dequantized_chunks(index)]
+            out.update(fuse_experts(moe, {name: torch.cat([c[name] for c in chunks]) for name in chunks[0]}))
+        return out
+
+    def _dequantized_chunks(self, index: int) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        for first, chunk in self.expert_chunks(index):
+            yield first, {name: weight.dequantize() for name, weight in chunk.items()}
 
     def model_tensor_names(self) -> list[str]:
         """Names of the model-level pass-through tensors (embed, final norm, untied lm_head)."""

@@ -13,7 +13,7 @@ import click
 
 from maverick_quant import __version__
 from maverick_quant.errors import InputError
-from maverick_quant.recipe import CalibSpec, Method, QuantizeSpec, QuantSpec
+from maverick_quant.recipe import CalibSpec, ExpertPolicy, Method, MoESpec, QuantizeSpec, QuantSpec
 
 
 class BadInput(click.ClickException):
@@ -80,9 +80,30 @@ def quant_options(func):
     return func
 
 
-def _quantize_spec(method, bits, group_size, sym, act_order, damp, batch, true_sequential=True) -> QuantizeSpec:
+def moe_options(func):
+    """How routed experts are calibrated (see MoESpec); the decisions land in audit.json."""
+    policies = [p.value for p in ExpertPolicy]
+    func = click.option("--moe-chunk-mib", default=2048, show_default=True, help="Memory budget of one chunk of experts.")(func)
+    func = click.option("--moe-quantize-router", is_flag=True, help="Quantize the router too (default: kept in float).")(func)
+    func = click.option("--moe-fallback", type=click.Choice(["mixed", "rtn"]), default="mixed", show_default=True,
+                        help="Policy of experts with fewer than --moe-min-tokens routed tokens.")(func)
+    func = click.option("--moe-min-tokens", default=128, show_default=True, help="Routed tokens below which an expert falls back.")(func)
+    func = click.option("--moe-mix", default=0.1, show_default=True, help="Weight of the all-token Hessian in 'mixed'.")(func)
+    func = click.option("--moe-policy", type=click.Choice(policies), default="routed", show_default=True,
+                        help="routed: tokens routed to the expert; mixed: + all tokens at its score; rtn: no calibration.")(func)
+    return func
+
+
+def _moe_spec(moe_policy, moe_mix, moe_min_tokens, moe_fallback, moe_quantize_router, moe_chunk_mib) -> MoESpec:
+    return MoESpec(policy=ExpertPolicy(moe_policy), mix=moe_mix, min_tokens=moe_min_tokens,
+                   fallback=ExpertPolicy(moe_fallback), quantize_router=moe_quantize_router, chunk_mib=moe_chunk_mib)
+
+
+def _quantize_spec(method, bits, group_size, sym, act_order, damp, batch, true_sequential=True,
+                   moe: MoESpec = MoESpec()) -> QuantizeSpec:
     weights = QuantSpec(bits=bits, group_size=group_size, sym=sym, act_order=act_order, damp=damp)
-    return QuantizeSpec(method=Method(method), weights=weights, batch_windows=batch, true_sequential=true_sequential)
+    return QuantizeSpec(method=Method(method), weights=weights, batch_windows=batch, true_sequential=true_sequential,
+                        moe=moe)
 
 
 @cli.command()
@@ -92,18 +113,21 @@ def _quantize_spec(method, bits, group_size, sym, act_order, damp, batch, true_s
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
 @quant_options
 @calib_options
+@moe_options
 @click.option("--batch", default=8, show_default=True, help="Windows per forward batch.")
 @click.option("--true-sequential/--no-true-sequential", default=True, show_default=True,
               help="Re-collect statistics after each group of a layer is quantized.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--progress/--no-progress", default=True)
 def quantize(model_dir, data, calib, out, method, bits, group_size, sym, act_order, damp, samples, seq_len, seed,
-             chat_template, batch, true_sequential, force, progress) -> None:
-    """Quantize MODEL_DIR layer by layer into a bundle."""
+             chat_template, moe_policy, moe_mix, moe_min_tokens, moe_fallback, moe_quantize_router, moe_chunk_mib,
+             batch, true_sequential, force, progress) -> None:
+    """Quantize MODEL_DIR layer by layer (routed experts chunk by chunk) into a bundle."""
     from maverick_quant.jobs import run_quantize
 
-    run_quantize(model_dir, out, _quantize_spec(method, bits, group_size, sym, act_order, damp, batch, true_sequential),
-                 data, calib, _calib_spec(samples, seq_len, seed, chat_template), force, progress)
+    moe = _moe_spec(moe_policy, moe_mix, moe_min_tokens, moe_fallback, moe_quantize_router, moe_chunk_mib)
+    spec = _quantize_spec(method, bits, group_size, sym, act_order, damp, batch, true_sequential, moe)
+    run_quantize(model_dir, out, spec, data, calib, _calib_spec(samples, seq_len, seed, chat_template), force, progress)
 
 
 @cli.command()

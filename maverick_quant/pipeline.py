@@ -10,6 +10,7 @@ inputs. RTN needs no calibration and runs no forward at all.
 from __future__ import annotations
 
 import ctypes
+import functools
 import resource
 import time
 from dataclasses import dataclass
@@ -22,10 +23,10 @@ from maverick_quant import __version__
 from maverick_quant.bundle import BundleWriter, copy_model_files
 from maverick_quant.checkpoint import all_finite
 from maverick_quant.arch.base import LinearGroup
-from maverick_quant.calibration.capture import capture_attention_mixed, capture_inputs
 from maverick_quant.calibration.data import CalibrationSet
-from maverick_quant.compress.gptq import gptq_quantize
 from maverick_quant.compress.grid import rtn_quantize
+from maverick_quant.experts import quantize_moe_block, rtn_moe_block
+from maverick_quant.groups import group_hessian, solve_group
 from maverick_quant.compress.types import QuantizedWeight
 from maverick_quant.errors import InputError
 from maverick_quant.recipe import Method, QuantizeSpec
@@ -66,82 +67,65 @@ def release_free_memory() -> None:
         pass
 
 
-def _set_weight(layer: torch.nn.Module, name: str, weight: QuantizedWeight) -> None:
-    module = layer.get_submodule(name)
-    module.weight.data = weight.dequantize(module.weight.dtype)
-
-
 def _check_finite(hidden: torch.Tensor, where: str) -> None:
     if not all_finite(hidden):
         raise InputError(f"calibration activations became NaN/Inf at {where}; check the model's weights there")
 
 
-def _group_hessian(model: StreamingModel, layer: torch.nn.Module, hidden: torch.Tensor,
-                   group: LinearGroup) -> tuple[torch.Tensor, int]:
-    """H of one linear group from a pass over all windows: [K, K], or [kv, K, K] for
-    attention-mixed inputs (value projections, see LinearGroup)."""
-    if group.mixed_by_attention:
-        with model.eager_attention(), capture_attention_mixed(
-            layer, group.linears[0], model.table.attention, model.config.num_key_value_heads
-        ) as accumulator:
-            model.feed_layer(layer, hidden, batch=model.eager_batch(hidden.shape[1]))
-        return accumulator.hessian(), accumulator.tokens
-    with capture_inputs(layer, (group.linears[0],), stop=True) as accumulators:
-        model.feed_layer(layer, hidden)
-    accumulator = accumulators[group.linears[0]]
-    return accumulator.hessian(), accumulator.tokens
-
-
-def _solve_group(layer: torch.nn.Module, group: LinearGroup, H: torch.Tensor, tokens: int,
-                 spec: QuantizeSpec) -> tuple[dict[str, QuantizedWeight], dict[str, dict]]:
-    """GPTQ each linear of `group` against H and put the dequantized weight back in `layer`.
-
-    A per-KV-head H [kv, K, K] solves W [kv*hd, K] as a batch W.view(kv, hd, K)."""
-    quantized, stats = {}, {}
-    for name in group.linears:
-        weight = layer.get_submodule(name).weight.data.float()
-        per_head = H.dim() == 3
-        result = gptq_quantize(weight.unflatten(0, (H.shape[0], -1)) if per_head else weight, H, spec.weights)
-        quantized[name] = result.weight.merge_leading() if per_head else result.weight
-        _set_weight(layer, name, quantized[name])
-        total = (result.loss / result.rel_loss.clamp_min(1e-30)).sum()
-        stats[name] = {"loss": float(result.loss.sum()), "rel_loss": float(result.loss.sum() / total.clamp_min(1e-30)),
-                       "damp": float(result.damp.max()), "tokens": tokens}
-    return quantized, stats
-
-
-def quantize_layer_gptq(model: StreamingModel, layer: torch.nn.Module, hidden: torch.Tensor,
-                        spec: QuantizeSpec) -> tuple[dict[str, QuantizedWeight], dict[str, dict]]:
-    """GPTQ every linear of `layer`, group by group in table order. True-sequential: each
-    group's statistics are collected after the groups before it were quantized; otherwise
-    all statistics come from the float layer. Layer weights end up dequantized."""
+def quantize_groups_gptq(model: StreamingModel, layer: torch.nn.Module, hidden: torch.Tensor,
+                         groups: tuple[LinearGroup, ...], spec: QuantizeSpec) -> tuple[dict[str, QuantizedWeight], dict[str, dict]]:
+    """GPTQ the linears of `groups`, in order. True-sequential: each group's statistics are
+    collected after the groups before it were quantized; otherwise all statistics come from
+    the float layer. Layer weights end up dequantized."""
     quantized, stats, pending = {}, {}, []
-    for group in model.table.groups:
-        pending.append((group, *_group_hessian(model, layer, hidden, group)))
-        if spec.true_sequential or group is model.table.groups[-1]:
+    for group in groups:
+        pending.append((group, *group_hessian(model, layer, hidden, group)))
+        if spec.true_sequential or group is groups[-1]:
             for member, H, tokens in pending:
-                member_quantized, member_stats = _solve_group(layer, member, H, tokens, spec)
+                member_quantized, member_stats = solve_group(layer, member, H, tokens, spec)
                 quantized.update(member_quantized)
                 stats.update(member_stats)
             pending.clear()
     return quantized, stats
 
 
-def quantize_layer_rtn(model: StreamingModel, layer: torch.nn.Module,
-                       spec: QuantizeSpec) -> tuple[dict[str, QuantizedWeight], dict[str, dict]]:
-    """Round-to-nearest every linear of `layer`; stats hold the relative weight error."""
-    quantized, stats = {}, {}
-    for name in model.table.linears:
+def quantize_layer_gptq(model: StreamingModel, index: int, layer: torch.nn.Module, hidden: torch.Tensor,
+                        spec: QuantizeSpec, write_chunk) -> tuple[dict[str, QuantizedWeight], dict]:
+    """GPTQ layer `index` and advance `hidden` [S, L, D] to its (quantized) output.
+
+    Dense groups first; an MoE block is then solved by `experts.quantize_moe_block`, which
+    streams routed experts through `write_chunk`."""
+    plan = model.plan(index)
+    quantized, stats = quantize_groups_gptq(model, layer, hidden, plan.groups, spec)
+    if plan.moe is None:
+        model.run_layer(layer, hidden, out=hidden)
+        return quantized, stats
+    moe_quantized, moe_stats = quantize_moe_block(model, index, layer, hidden, spec, write_chunk)
+    return {**quantized, **moe_quantized}, {**stats, **moe_stats}
+
+
+def quantize_layer_rtn(model: StreamingModel, index: int, layer: torch.nn.Module,
+                       spec: QuantizeSpec, write_chunk) -> tuple[dict[str, QuantizedWeight], dict]:
+    """Round-to-nearest every linear of layer `index` (routed experts chunk by chunk); stats
+    hold the relative weight error of the dense linears."""
+    quantized, stats, plan = {}, {}, model.plan(index)
+    for name in plan.linears:
         weight = layer.get_submodule(name).weight.data.float()
         quantized[name] = q = rtn_quantize(weight, spec.weights)
         error = (q.dequantize() - weight).square().sum() / weight.square().sum().clamp_min(1e-30)
         stats[name] = {"weight_rel_error": float(error)}
+    if plan.moe is not None:
+        stats.update(rtn_moe_block(model, index, spec, write_chunk))
     return quantized, stats
 
 
 def _model_level_tensors(source: CheckpointSource) -> dict[str, torch.Tensor]:
+    """Embeddings, final norm, an untied lm_head, and every tensor under the table's
+    pass-through prefixes (a vision tower and its projector), unchanged."""
     table, names = source.table, source.checkpoint.tensors
     wanted = [table.embed, table.final_norm] + ([table.lm_head] if table.lm_head in names else [])
+    if table.passthrough_prefixes:
+        wanted += [name for name in names if name.startswith(table.passthrough_prefixes)]
     return {name: source.checkpoint.get(name) for name in wanted}
 
 
@@ -164,19 +148,21 @@ def quantize_model(source: CheckpointSource, calibration: CalibrationSet | None,
     losses = []
     for index in bar:
         layer_started = time.perf_counter()
-        tensors = source.layer_tensors(index)
+        tensors = source.layer_tensors(index, experts=False)
         layer = model.layer(index, tensors)
+        prefix, moe = model.table.prefix(index), model.plan(index).moe
+        write_chunk = moe and functools.partial(writer.write_experts, index, f"{prefix}{moe.experts}.")
         if needs_data:
-            quantized, stats = quantize_layer_gptq(model, layer, hidden, spec)
-            model.run_layer(layer, hidden, out=hidden)
+            quantized, stats = quantize_layer_gptq(model, index, layer, hidden, spec, write_chunk)
             _check_finite(hidden, f"the output of layer {index}")
-            losses.extend(s["rel_loss"] for s in stats.values())
+            losses.extend(stats[name]["rel_loss"] for name in quantized)
             bar.set_postfix(rel_loss=f"{sum(losses) / len(losses):.4f}")
         else:
-            quantized, stats = quantize_layer_rtn(model, layer, spec)
-        passthrough = {name: tensors[name] for name in model.table.layer_passthrough}
+            quantized, stats = quantize_layer_rtn(model, index, layer, spec, write_chunk)
+        passthrough = {name: tensors[name] for name in model.plan(index).passthrough
+                       if name.removesuffix(".weight") not in quantized}
         stats["seconds"] = time.perf_counter() - layer_started
-        writer.write_layer(index, model.table.prefix(index), quantized, passthrough, stats)
+        writer.write_layer(index, prefix, quantized, passthrough, stats)
         del layer, tensors, quantized, passthrough
         release_free_memory()
     del hidden

@@ -88,6 +88,53 @@ class CalibSpec:
             raise InputError(f"seq_len={self.seq_len}: expected at least 2 tokens per window")
 
 
+class ExpertPolicy(str, enum.Enum):
+    """Which Hessian a routed expert is solved against (see MoESpec)."""
+
+    ROUTED = "routed"
+    MIXED = "mixed"
+    RTN = "rtn"
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """How routed experts are calibrated; every decision is recorded in the bundle's audit.
+
+    policy:     `rtn`: every expert rounded to nearest (the floor). `routed`: H_e = H_routed,e, the mean of (s x)(s x)^T over the tokens routed to
+                expert e (s = its sigmoid router score, applied to the input as Llama 4 does).
+                `mixed`: H_e = H_routed,e + mix * H_all,e, where H_all,e is the same mean over
+                all tokens (a deterministic, evenly spaced sample of at most `all_tokens`),
+                each scaled by the score e would have given it, sigmoid(logit_e).
+    mix:        the weight of H_all,e in `mixed` (lambda).
+    min_tokens: an expert with fewer routed tokens falls back to `fallback`.
+    fallback:   `mixed` (its H_routed part is kept) or `rtn` (round to nearest, H = I) as last resort.
+    all_tokens: sample size for H_all,e.
+    chunk_mib:  memory budget of one chunk of experts (fp32 weights, Hessians, workspace).
+    quantize_router: quantize the router linear too (default: kept in float).
+    """
+
+    policy: ExpertPolicy = ExpertPolicy.ROUTED
+    mix: float = 0.1
+    min_tokens: int = 128
+    fallback: ExpertPolicy = ExpertPolicy.MIXED
+    all_tokens: int = 4096
+    chunk_mib: int = 2048
+    quantize_router: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("policy", "fallback"):
+            if not isinstance(getattr(self, name), ExpertPolicy):
+                raise InputError(f"moe.{name}={getattr(self, name)!r}: expected one of {[p.value for p in ExpertPolicy]}")
+        if self.fallback is ExpertPolicy.ROUTED:
+            raise InputError("moe.fallback=routed: expected mixed or rtn (routed is what starved experts fall back from)")
+        if not 0.0 < self.mix:
+            raise InputError(f"moe.mix={self.mix}: expected a positive weight for H_all, e.g. 0.1")
+        if self.min_tokens < 1:
+            raise InputError(f"moe.min_tokens={self.min_tokens}: expected at least 1 (an expert with no tokens has no routed Hessian)")
+        if self.all_tokens < 1 or self.chunk_mib < 1:
+            raise InputError("moe.all_tokens and moe.chunk_mib: expected positive integers")
+
+
 @dataclass(frozen=True)
 class QuantizeSpec:
     """Everything a quantize run needs besides the model and the calibration tokens."""
@@ -96,6 +143,7 @@ class QuantizeSpec:
     weights: QuantSpec = QuantSpec()
     true_sequential: bool = True
     batch_windows: int = 8
+    moe: MoESpec = MoESpec()
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, Method):
@@ -107,6 +155,7 @@ class QuantizeSpec:
         """JSON-friendly form, for manifests."""
         out = dataclasses.asdict(self)
         out["method"] = self.method.value
+        out["moe"].update(policy=self.moe.policy.value, fallback=self.moe.fallback.value)
         return out
 
     @classmethod
@@ -115,4 +164,8 @@ class QuantizeSpec:
         data = dict(data)
         data["method"] = Method(data["method"])
         data["weights"] = QuantSpec(**data["weights"])
+        if "moe" in data:
+            moe = dict(data["moe"])
+            moe.update(policy=ExpertPolicy(moe["policy"]), fallback=ExpertPolicy(moe["fallback"]))
+            data["moe"] = MoESpec(**moe)
         return cls(**data)

@@ -28,8 +28,9 @@ class WeightSource(Protocol):
     table: ArchTable
     config: Any
 
-    def layer_tensors(self, index: int) -> dict[str, torch.Tensor]:
-        """Tensors of layer `index`, keyed by name relative to the layer ("mlp.up_proj.weight")."""
+    def layer_tensors(self, index: int, experts: bool = True) -> dict[str, torch.Tensor]:
+        """Tensors of layer `index`, keyed by name relative to the layer ("mlp.up_proj.weight");
+        without the fused routed-expert tensors when `experts` is False."""
 
     def model_tensor(self, name: str) -> torch.Tensor:
         """A model-level tensor (embed, final norm, lm_head; lm_head resolves ties)."""
@@ -38,15 +39,31 @@ class WeightSource(Protocol):
         """Rows `rows` (sorted, unique token ids [U]) of the input embedding -> [U, D]."""
 
 
+def layer_tensor_names(table: ArchTable, text_config: Any, index: int, experts: bool) -> list[str]:
+    """Relative names of layer `index`'s tensors, the fused expert tensors only if `experts`."""
+    plan = table.plan(text_config, index)
+    skipped = set(plan.moe.fused_names) if plan.moe and not experts else set()
+    return [name for name in plan.shapes if name not in skipped]
+
+
 class CheckpointSource:
     """The original model read lazily from its safetensors shards."""
 
     def __init__(self, checkpoint: Checkpoint, table: ArchTable, config: Any):
         self.checkpoint, self.table, self.config = checkpoint, table, config
+        self.text_config = table.text_config(config)
 
-    def layer_tensors(self, index: int) -> dict[str, torch.Tensor]:
+    def layer_tensors(self, index: int, experts: bool = True) -> dict[str, torch.Tensor]:
         prefix = self.table.prefix(index)
-        return {name: self.checkpoint.get(prefix + name) for name in self.table.layer_shapes(self.config)}
+        return {name: self.checkpoint.get(prefix + name)
+                for name in layer_tensor_names(self.table, self.text_config, index, experts)}
+
+    def expert_tensors(self, index: int, first: int, count: int) -> dict[str, torch.Tensor]:
+        """Experts [first, first+count) of layer `index`: {fused relative name: [count, K, parts*N]},
+        read as one contiguous slice of each fused tensor (never the whole layer's experts)."""
+        prefix, moe = self.table.prefix(index), self.table.plan(self.text_config, index).moe
+        rows = torch.arange(first, first + count)
+        return {name: self.checkpoint.get_rows(prefix + name, rows) for name in moe.fused_names}
 
     def model_tensor(self, name: str) -> torch.Tensor:
         if name == self.table.lm_head and name not in self.checkpoint.tensors:
@@ -65,7 +82,8 @@ class StreamingModel:
     """
 
     def __init__(self, source: WeightSource, dtype: torch.dtype = torch.float32, batch: int = 8):
-        self.source, self.table, self.config = source, source.table, source.config
+        self.source, self.table = source, source.table
+        self.config = source.table.text_config(source.config)
         self.config._attn_implementation = "sdpa"
         self.dtype, self.batch = dtype, batch
         self.rotary = self.table.build_rotary(self.config).to(dtype)
@@ -80,11 +98,25 @@ class StreamingModel:
         unique, inverse = input_ids.unique(sorted=True, return_inverse=True)
         return torch.nn.functional.embedding(inverse, self.source.embedding_rows(unique)).to(self.dtype)
 
+    def plan(self, index: int):
+        return self.table.plan(self.config, index)
+
     def layer(self, index: int, tensors: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
-        """Decoder layer `index` with its float tensors (from the source unless given)."""
+        """Decoder layer `index` with its float tensors (from the source unless given).
+
+        `tensors` may leave out the fused routed-expert tensors (they then stay on the meta
+        device: the quantize path runs experts itself, chunk by chunk); anything else missing
+        is an error. The module gets `attention_window` from the plan (None: plain causal).
+        """
+        plan = self.plan(index)
         module = self.table.build_layer(self.config, index)
         tensors = self.source.layer_tensors(index) if tensors is None else tensors
-        module.load_state_dict({k: v.to(self.dtype) for k, v in tensors.items()}, strict=True, assign=True)
+        result = module.load_state_dict({k: v.to(self.dtype) for k, v in tensors.items()}, strict=False, assign=True)
+        optional = set(plan.moe.fused_names) if plan.moe else set()
+        missing = [key for key in result.missing_keys if key not in optional]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"layer {index}: missing tensors {missing}, unexpected {result.unexpected_keys}")
+        module.attention_window = plan.attention_window
         return module.eval()
 
     def _position_embeddings(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,17 +134,26 @@ class StreamingModel:
         finally:
             self.config._attn_implementation = previous
 
-    def _attention_mask(self, chunk: torch.Tensor) -> torch.Tensor | None:
-        """None for SDPA (causal by default); an additive causal mask [1, 1, L, L] for eager."""
-        if self.config._attn_implementation != "eager":
-            return None
+    def _attention_mask(self, chunk: torch.Tensor, window: int | None) -> torch.Tensor | None:
+        """Additive mask [1, 1, L, L]: causal, and within chunks of `window` tokens for chunked
+        attention (query i sees key j iff j <= i and i // window == j // window). None where
+        SDPA's own causal mask is exact (no eager hooks, no chunk boundary inside the window)."""
         length = chunk.shape[1]
-        return torch.full((length, length), float("-inf"), dtype=chunk.dtype).triu(1)[None, None]
+        chunked = window is not None and window < length
+        if self.config._attn_implementation != "eager" and not chunked:
+            return None
+        positions = torch.arange(length)
+        allowed = positions[None, :] <= positions[:, None]
+        if chunked:
+            allowed &= (positions[None, :] // window) == (positions[:, None] // window)
+        mask = torch.zeros(length, length, dtype=chunk.dtype).masked_fill_(~allowed, float("-inf"))
+        return mask[None, None]
 
     @torch.no_grad()
     def apply(self, layer: torch.nn.Module, chunk: torch.Tensor) -> torch.Tensor:
         """One layer on a batch of full-length windows [B, L, D] -> [B, L, D]."""
-        return layer(chunk, attention_mask=self._attention_mask(chunk), position_embeddings=self._position_embeddings(chunk))
+        mask = self._attention_mask(chunk, getattr(layer, "attention_window", None))
+        return layer(chunk, attention_mask=mask, position_embeddings=self._position_embeddings(chunk))
 
     @torch.no_grad()
     def run_layer(self, layer: torch.nn.Module, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -43,6 +43,53 @@ def tiny_llama_dir(smollm2_dir: Path, tmp_path_factory) -> Path:
     return out
 
 
+TINY_LLAMA4_TEXT = dict(
+    hidden_size=64, intermediate_size=32, intermediate_size_mlp=48, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, num_local_experts=8, num_experts_per_tok=1, interleave_moe_layer_step=2,
+    vocab_size=49152, max_position_embeddings=4096, attention_chunk_size=16, rms_norm_eps=1e-5, use_qk_norm=True,
+    bos_token_id=1, eos_token_id=2, pad_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+)
+TINY_LLAMA4_VISION = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1, image_size=28,
+                          patch_size=14, projector_input_dim=32, projector_output_dim=32, vision_output_dim=32,
+                          pixel_shuffle_ratio=0.5)
+
+
+def skew_routers(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Make routing uneven: router row e scaled by (e + 1) / 2 (later experts win more often)
+    and expert 0's row scaled to almost nothing: its logit stays near 0 while the others'
+    maximum is almost always positive, so it is starved."""
+    for name, module in model.named_modules():
+        if name.endswith("feed_forward.router"):
+            weight = module.weight.data
+            weight.copy_(torch.randn(weight.shape, generator=generator) * 0.5)
+            weight.mul_(torch.arange(1, weight.shape[0] + 1, dtype=weight.dtype)[:, None] / 2)
+            weight[0] *= 1e-3
+
+
+@pytest.fixture(scope="session")
+def tiny_llama4_dir(smollm2_dir: Path, tmp_path_factory) -> Path:
+    """A random Llama4ForConditionalGeneration: 4 layers (MoE at 1 and 3, 8 experts, top-1,
+    uneven routing with a starved expert), chunked attention of 16 tokens, a vision tower;
+    fp32, sharded, with SmolLM2's tokenizer."""
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    config = Llama4Config(text_config=TINY_LLAMA4_TEXT, vision_config=TINY_LLAMA4_VISION, tie_word_embeddings=False)
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = Llama4ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+        skew_routers(model, generator)
+    out = tmp_path_factory.mktemp("tiny_llama4")
+    model.save_pretrained(out, max_shard_size="4MB")
+    for name in TOKENIZER_FILES:
+        if (smollm2_dir / name).is_file():
+            shutil.copy2(smollm2_dir / name, out / name)
+    return out
+
+
 def _shared_file(relative: str) -> Path:
     path = SHARED_DATA / relative
     if not path.is_file():

@@ -49,7 +49,7 @@ def test_attention_mixed_hessian_predicts_the_attention_output_error(tiny_llama_
     config = model.config
     kv, repeat = config.num_key_value_heads, config.num_attention_heads // config.num_key_value_heads
     with model.eager_attention(), capture_attention_mixed(layer, "self_attn.v_proj", "self_attn", kv) as accumulator:
-        model.run_layer(layer, hidden)
+        model.feed_layer(layer, hidden)
     H = accumulator.hessian().double()  # [kv, K, K]
     delta = torch.randn(layer.self_attn.v_proj.weight.shape, generator=torch.Generator().manual_seed(1)) * 1e-2
     per_head = delta.double().unflatten(0, (kv, -1))

@@ -1,14 +1,15 @@
 """Architecture tables: data that says which tensors of a decoder layer are what.
 
 A table names, relative to a decoder layer, the linear weights to quantize grouped by the
-input they share (one Hessian per group), the tensors that pass through unquantized, and
-the model-level tensors (embeddings, final norm, lm_head). The engine never branches on
-model classes: it reads these tables.
+input they share (one Hessian per group), the tensors that pass through unquantized, the
+mixture-of-experts block if the layer has one, and the model-level tensors (embeddings,
+final norm, lm_head, other towers). The engine never branches on model classes: it reads
+these tables through `ArchTable.plan(config, layer_index)`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -33,26 +34,105 @@ class LinearGroup:
 
 
 @dataclass(frozen=True)
+class ExpertLinear:
+    """One per-expert linear stored inside a fused, input-major expert tensor.
+
+    The fused tensor `fused` has shape [E, K, parts * N]; this linear is slice `part`
+    along the last dim, transposed: W[e] = fused[e][:, part*N:(part+1)*N].T, shape [N, K]
+    (Llama 4: gate_proj = gate_up_proj[e][:, :I].T, up_proj = gate_up_proj[e][:, I:].T,
+    down_proj = down_proj[e].T). `name` is the unfused per-expert module name in exports.
+    """
+
+    name: str
+    fused: str
+    part: int = 0
+    parts: int = 1
+
+
+@dataclass(frozen=True)
+class MoEBlock:
+    """A routed mixture of experts (Llama 4 style) inside a decoder layer.
+
+    block:        path of the MoE module ("feed_forward"); its input is the routed input x.
+    residual_input: path of the module whose input is the residual stream h entering the
+                  block (its norm): the layer's output is h + block(x), x = norm(h).
+    router:       path of the router linear [E, D] (logits = x W^T).
+    experts:      path of the routed experts' module; per-expert exports name its linears
+                  "{experts}.{e}.{linear name}".
+    shared_module: path of the shared expert (a gated MLP run on x).
+    shared:       groups of the always-on shared expert, relative to the decoder layer.
+    experts_in:   expert linears reading x * score (gate, up), solved together.
+    experts_mid:  expert linears reading act(gate) * up (down).
+    num_experts, top_k: routing size. The score sigmoid(logit) multiplies the expert's input.
+    """
+
+    block: str
+    residual_input: str
+    router: str
+    experts: str
+    shared_module: str
+    shared: tuple[LinearGroup, ...]
+    experts_in: tuple[ExpertLinear, ...]
+    experts_mid: tuple[ExpertLinear, ...]
+    num_experts: int
+    top_k: int
+    activation: str
+
+    @property
+    def expert_linears(self) -> tuple[ExpertLinear, ...]:
+        return self.experts_in + self.experts_mid
+
+    @property
+    def fused_names(self) -> tuple[str, ...]:
+        """Relative names of the fused expert tensors ("feed_forward.experts.gate_up_proj")."""
+        return tuple(dict.fromkeys(linear.fused for linear in self.expert_linears))
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What one decoder layer holds.
+
+    groups:       dense linear groups solved in this order, before the MoE block if any.
+    passthrough:  tensors kept in float (norms, an unquantized router), relative names.
+    shapes:       every tensor of the layer, relative name -> shape (fused experts included).
+    moe:          the MoE block, or None for a dense layer.
+    attention_window: tokens a query may see in this layer (chunked attention), or None.
+    """
+
+    groups: tuple[LinearGroup, ...]
+    passthrough: tuple[str, ...]
+    shapes: dict[str, tuple[int, ...]]
+    moe: MoEBlock | None = None
+    attention_window: int | None = None
+
+    @property
+    def linears(self) -> tuple[str, ...]:
+        """Every dense quantizable linear of the layer (shared expert included), in solve order."""
+        shared = self.moe.shared if self.moe else ()
+        return tuple(name for group in self.groups + shared for name in group.linears)
+
+
+@dataclass(frozen=True)
 class ArchTable:
     """How one decoder-only architecture lays out its tensors.
 
     architectures:   `config.architectures` values this table serves.
     layer_prefix:    format string of a decoder layer's tensor prefix, e.g. "model.layers.{i}.".
-    groups:          linear groups in the order GPTQ solves them inside a layer (true-sequential).
-    layer_passthrough: per-layer tensors kept in float (norm weights), relative to the layer.
+    plan:            (text config, layer index) -> LayerPlan.
     attention:       path of the attention module in a layer (returns (output, weights) in eager mode).
     embed, final_norm, lm_head: model-level tensor names (lm_head may be tied to embed).
-    build_layer:     (config, layer_index) -> the transformers decoder-layer module (on meta).
-    build_rotary:    config -> module mapping (hidden, position_ids) to (cos, sin).
-    build_norm:      config -> the final norm module (weight loaded by the engine).
-    layer_shapes:    config -> {relative tensor name: shape} for every tensor of a layer.
-    model_shapes:    config -> {tensor name: shape} for the model-level tensors.
+    build_layer:     (text config, layer_index) -> the transformers decoder-layer module (on meta).
+    build_rotary:    text config -> module mapping (hidden, position_ids) to position embeddings.
+    build_norm:      text config -> the final norm module (weight loaded by the engine).
+    model_shapes:    text config -> {tensor name: shape} for the model-level tensors.
+    text_config:     config -> the language model's config (itself for text-only models).
+    passthrough_prefixes: model-level tensors copied through untouched whatever their names
+                     (a vision tower), checked for readability but not against config shapes.
     """
 
     architectures: tuple[str, ...]
     layer_prefix: str
-    groups: tuple[LinearGroup, ...]
-    layer_passthrough: tuple[str, ...]
+    plan: Callable[[Any, int], LayerPlan]
     attention: str
     embed: str
     final_norm: str
@@ -60,21 +140,37 @@ class ArchTable:
     build_layer: Callable[[Any, int], torch.nn.Module]
     build_rotary: Callable[[Any], torch.nn.Module]
     build_norm: Callable[[Any], torch.nn.Module]
-    layer_shapes: Callable[[Any], dict[str, tuple[int, ...]]]
     model_shapes: Callable[[Any], dict[str, tuple[int, ...]]]
-
-    @property
-    def linears(self) -> tuple[str, ...]:
-        """Every quantizable linear of a layer, in solve order."""
-        return tuple(name for group in self.groups for name in group.linears)
+    text_config: Callable[[Any], Any] = field(default=lambda config: config)
+    passthrough_prefixes: tuple[str, ...] = ()
 
     def prefix(self, layer_index: int) -> str:
         return self.layer_prefix.format(i=layer_index)
 
     def expected_tensors(self, config: Any) -> dict[str, tuple[int, ...]]:
         """Full tensor name -> shape for the whole model, from config alone."""
-        shapes = dict(self.model_shapes(config))
-        for i in range(config.num_hidden_layers):
+        text = self.text_config(config)
+        shapes = dict(self.model_shapes(text))
+        for i in range(text.num_hidden_layers):
             prefix = self.prefix(i)
-            shapes.update({prefix + name: shape for name, shape in self.layer_shapes(config).items()})
+            shapes.update({prefix + name: shape for name, shape in self.plan(text, i).shapes.items()})
         return shapes
+
+
+def unfuse_experts(moe: MoEBlock, fused: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fused expert tensors {fused name: [E, K, parts*N]} -> {linear name: W [E, N, K]}."""
+    out = {}
+    for linear in moe.expert_linears:
+        tensor = fused[linear.fused]
+        width = tensor.shape[-1] // linear.parts
+        out[linear.name] = tensor[..., linear.part * width : (linear.part + 1) * width].transpose(-1, -2)
+    return out
+
+
+def fuse_experts(moe: MoEBlock, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of `unfuse_experts`: {linear name: W [E, N, K]} -> {fused name: [E, K, parts*N]}."""
+    out = {}
+    for name in moe.fused_names:
+        parts = sorted((l for l in moe.expert_linears if l.fused == name), key=lambda l: l.part)
+        out[name] = torch.cat([weights[l.name].transpose(-1, -2) for l in parts], dim=-1).contiguous()
+    return out

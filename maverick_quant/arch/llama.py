@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from maverick_quant.arch.base import ArchTable, LinearGroup
+from maverick_quant.arch.base import ArchTable, LayerPlan, LinearGroup
 
 
 def _build_llama_layer(config: Any, layer_index: int) -> torch.nn.Module:
@@ -32,9 +32,9 @@ def _head_dim(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def _llama_layer_shapes(config: Any) -> dict[str, tuple[int, ...]]:
-    """Shapes [out, in] of one Llama decoder layer's tensors."""
-    hidden, inter, head_dim = config.hidden_size, config.intermediate_size, _head_dim(config)
+def attention_shapes(config: Any) -> dict[str, tuple[int, ...]]:
+    """Shapes [out, in] of the attention projections and the two norms of a Llama-style layer."""
+    hidden, head_dim = config.hidden_size, _head_dim(config)
     q_out = config.num_attention_heads * head_dim
     kv_out = config.num_key_value_heads * head_dim
     return {
@@ -42,12 +42,20 @@ def _llama_layer_shapes(config: Any) -> dict[str, tuple[int, ...]]:
         "self_attn.k_proj.weight": (kv_out, hidden),
         "self_attn.v_proj.weight": (kv_out, hidden),
         "self_attn.o_proj.weight": (hidden, q_out),
-        "mlp.gate_proj.weight": (inter, hidden),
-        "mlp.up_proj.weight": (inter, hidden),
-        "mlp.down_proj.weight": (hidden, inter),
         "input_layernorm.weight": (hidden,),
         "post_attention_layernorm.weight": (hidden,),
     }
+
+
+def mlp_shapes(prefix: str, hidden: int, inter: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of a gated MLP's gate/up/down weights under `prefix` ("mlp.")."""
+    return {f"{prefix}gate_proj.weight": (inter, hidden), f"{prefix}up_proj.weight": (inter, hidden),
+            f"{prefix}down_proj.weight": (hidden, inter)}
+
+
+def _llama_layer_shapes(config: Any) -> dict[str, tuple[int, ...]]:
+    """Shapes [out, in] of one Llama decoder layer's tensors."""
+    return {**attention_shapes(config), **mlp_shapes("mlp.", config.hidden_size, config.intermediate_size)}
 
 
 def _llama_model_shapes(config: Any) -> dict[str, tuple[int, ...]]:
@@ -60,17 +68,26 @@ def _llama_model_shapes(config: Any) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+ATTENTION_GROUPS = (
+    LinearGroup("attn_qk", ("self_attn.q_proj", "self_attn.k_proj")),
+    LinearGroup("attn_v", ("self_attn.v_proj",), mixed_by_attention=True),
+    LinearGroup("attn_out", ("self_attn.o_proj",)),
+)
+NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight")
+
+
+def _llama_plan(config: Any, layer_index: int) -> LayerPlan:
+    groups = ATTENTION_GROUPS + (
+        LinearGroup("mlp_in", ("mlp.gate_proj", "mlp.up_proj")),
+        LinearGroup("mlp_mid", ("mlp.down_proj",)),
+    )
+    return LayerPlan(groups=groups, passthrough=NORMS, shapes=_llama_layer_shapes(config))
+
+
 LLAMA = ArchTable(
     architectures=("LlamaForCausalLM",),
     layer_prefix="model.layers.{i}.",
-    groups=(
-        LinearGroup("attn_qk", ("self_attn.q_proj", "self_attn.k_proj")),
-        LinearGroup("attn_v", ("self_attn.v_proj",), mixed_by_attention=True),
-        LinearGroup("attn_out", ("self_attn.o_proj",)),
-        LinearGroup("mlp_in", ("mlp.gate_proj", "mlp.up_proj")),
-        LinearGroup("mlp_mid", ("mlp.down_proj",)),
-    ),
-    layer_passthrough=("input_layernorm.weight", "post_attention_layernorm.weight"),
+    plan=_llama_plan,
     attention="self_attn",
     embed="model.embed_tokens.weight",
     final_norm="model.norm.weight",
@@ -78,6 +95,5 @@ LLAMA = ArchTable(
     build_layer=_build_llama_layer,
     build_rotary=_build_llama_rotary,
     build_norm=_build_llama_norm,
-    layer_shapes=_llama_layer_shapes,
     model_shapes=_llama_model_shapes,
 )

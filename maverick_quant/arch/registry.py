@@ -6,9 +6,10 @@ from typing import Any
 
 from maverick_quant.arch.base import ArchTable
 from maverick_quant.arch.llama import LLAMA
+from maverick_quant.arch.llama4 import LLAMA4, LLAMA4_CAUSAL
 from maverick_quant.errors import InputError
 
-TABLES: tuple[ArchTable, ...] = (LLAMA,)
+TABLES: tuple[ArchTable, ...] = (LLAMA, LLAMA4, LLAMA4_CAUSAL)
 
 
 def table_for(config: Any, source: str = "config.json") -> ArchTable:

@@ -97,17 +97,23 @@ def capture_attention_mixed(layer: torch.nn.Module, value_name: str, attention_n
     """Per-KV-head Hessians of a value projection's attention-mixed input (see add_mixed).
 
     The value projection's pre-hook keeps its input; the attention module's forward hook
-    (eager attention, which returns the probabilities) mixes it. Run the layer with
+    (eager attention, which returns the probabilities) mixes it, then raises `StopForward`:
+    nothing after the attention is needed. Run the layer with
     `StreamingModel.eager_attention()` active.
     """
     value, attention = layer.get_submodule(value_name), layer.get_submodule(attention_name)
     acc, stash = HessianAccumulator(value.in_features, (kv_heads,)), {}
     handles = [
         value.register_forward_pre_hook(lambda _m, args: stash.__setitem__("x", args[0].detach())),
-        attention.register_forward_hook(lambda _m, _args, out: acc.add_mixed(stash.pop("x"), out[1].detach())),
+        attention.register_forward_hook(lambda _m, _args, out: _mix_and_stop(acc, stash.pop("x"), out[1].detach())),
     ]
     try:
         yield acc
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _mix_and_stop(acc: HessianAccumulator, x: torch.Tensor, probs: torch.Tensor) -> None:
+    acc.add_mixed(x, probs)
+    raise StopForward

@@ -30,6 +30,10 @@ class QuantizedWeight:
     def shape(self) -> tuple[int, ...]:
         return tuple(self.codes.shape)
 
+    def __getitem__(self, index) -> "QuantizedWeight":
+        """Index the leading (batch) dimensions: experts[e] is expert e's [N, K] weight."""
+        return QuantizedWeight(self.codes[index], self.scales[index], self.zeros[index], self.bits, self.group_size)
+
     def merge_leading(self) -> "QuantizedWeight":
         """[A, B, ..., K] -> [A*B, ..., K]: e.g. per-KV-head solves [kv, hd, K] back to [kv*hd, K]."""
         return QuantizedWeight(self.codes.flatten(0, 1), self.scales.flatten(0, 1), self.zeros.flatten(0, 1),

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from maverick_quant import __version__
+from maverick_quant.arch.base import fuse_experts
 from maverick_quant.bundle import Bundle, copy_model_files
 from maverick_quant.checkpoint import Checkpoint, ShardedWriter, write_json_atomic
 from maverick_quant.compress.pack import from_gptq_tensors, to_gptq_tensors
@@ -56,6 +57,12 @@ def export_gptq(bundle: Bundle, out_dir: Path, max_shard_bytes: int = 5 * 10**9)
         for name, weight in quantized.items():
             writer.add_group({f"{prefix}{name}.{part}": t for part, t in to_gptq_tensors(weight).items()})
         writer.add_group({prefix + name: t for name, t in passthrough.items()})
+        for first, chunk in bundle.expert_chunks(index):
+            experts = bundle.table.plan(bundle.text_config, index).moe.experts
+            for offset in range(next(iter(chunk.values())).shape[0]):
+                module = f"{prefix}{experts}.{first + offset}"
+                writer.add_group({f"{module}.{name}.{part}": t for name, weight in chunk.items()
+                                  for part, t in to_gptq_tensors(weight[offset]).items()})
     writer.add_group({name: bundle.model_tensor(name) for name in bundle.model_tensor_names()})
     shards = writer.close()
     copied = copy_model_files(bundle.root, out_dir)
@@ -74,6 +81,7 @@ class GPTQExportSource:
         self.checkpoint = Checkpoint(export_dir)
         self.config = self.checkpoint.load_config()
         self.table = table_for(self.config, str(self.checkpoint.model_dir / "config.json"))
+        self.text_config = self.table.text_config(self.config)
         quant = getattr(self.config, "quantization_config", None) or {}
         quant = quant if isinstance(quant, dict) else quant.to_dict()
         if quant.get("quant_method") != "gptq":
@@ -87,10 +95,20 @@ class GPTQExportSource:
             raise InputError(f"{self.checkpoint.model_dir}: {module}.g_idx is not k // group_size (desc_act exports are not read)")
         return weight.dequantize()
 
-    def layer_tensors(self, index: int) -> dict[str, torch.Tensor]:
-        prefix = self.table.prefix(index)
-        out = {name: self.checkpoint.get(prefix + name) for name in self.table.layer_passthrough}
-        out.update({f"{name}.weight": self._linear(prefix + name) for name in self.table.linears})
+    def layer_tensors(self, index: int, experts: bool = True) -> dict[str, torch.Tensor]:
+        """Float tensors of layer `index`; per-expert GPTQ modules are dequantized and fused
+        back into the model's [E, K, parts*N] expert tensors."""
+        prefix, plan = self.table.prefix(index), self.table.plan(self.text_config, index)
+        out = {}
+        for name in plan.passthrough:  # a quantized router has qweight instead of weight
+            stored = self.checkpoint.tensors.get(prefix + name)
+            out[name] = self.checkpoint.get(prefix + name) if stored else self._linear(prefix + name.removesuffix(".weight"))
+        out.update({f"{name}.weight": self._linear(prefix + name) for name in plan.linears})
+        if experts and plan.moe is not None:
+            moe = plan.moe
+            unfused = {l.name: torch.stack([self._linear(f"{prefix}{moe.experts}.{e}.{l.name}") for e in range(moe.num_experts)])
+                       for l in moe.expert_linears}
+            out.update(fuse_experts(moe, unfused))
         return out
 
     def model_tensor(self, name: str) -> torch.Tensor:

@@ -1,0 +1,151 @@
+"""Llama 4 (`Llama4ForConditionalGeneration`, `Llama4ForCausalLM`) as architecture tables.
+
+Every `interleave_moe_layer_step`-th layer (those in `config.moe_layers`) is a mixture of
+experts: a router [E, D] (kept in float by default), a shared expert (a gated MLP of
+`intermediate_size`) and E routed experts stored fused and input-major:
+`experts.gate_up_proj [E, D, 2I]`, `experts.down_proj [E, I, D]`. Top-k routing with the
+sigmoid of the router logit multiplying the expert's INPUT. The other layers have a dense
+gated MLP of `intermediate_size_mlp` under `feed_forward`. Rope layers with
+`layer_types[i] == "chunked_attention"` attend within chunks of `attention_chunk_size`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from maverick_quant.arch.base import ArchTable, ExpertLinear, LayerPlan, LinearGroup, MoEBlock
+from maverick_quant.arch.llama import ATTENTION_GROUPS, NORMS, attention_shapes, mlp_shapes
+
+EXPERTS = "feed_forward.experts."
+ROUTER = "feed_forward.router"
+
+
+def _build_layer(config: Any, layer_index: int) -> torch.nn.Module:
+    from transformers.models.llama4.modeling_llama4 import Llama4TextDecoderLayer
+
+    with torch.device("meta"):
+        return Llama4TextDecoderLayer(config, layer_index)
+
+
+def _build_rotary(config: Any) -> torch.nn.Module:
+    from transformers.models.llama4.modeling_llama4 import Llama4TextRotaryEmbedding
+
+    return Llama4TextRotaryEmbedding(config)
+
+
+def _build_norm(config: Any) -> torch.nn.Module:
+    from transformers.models.llama4.modeling_llama4 import Llama4TextRMSNorm
+
+    return Llama4TextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+
+def moe_block(config: Any) -> MoEBlock:
+    """The MoE block of a Llama 4 MoE layer (the same for every MoE layer of a model)."""
+    return MoEBlock(
+        block="feed_forward",
+        residual_input="post_attention_layernorm",
+        router=ROUTER,
+        experts=EXPERTS.rstrip("."),
+        shared_module="feed_forward.shared_expert",
+        shared=(LinearGroup("shared_in", ("feed_forward.shared_expert.gate_proj", "feed_forward.shared_expert.up_proj")),
+                LinearGroup("shared_mid", ("feed_forward.shared_expert.down_proj",))),
+        experts_in=(ExpertLinear("gate_proj", EXPERTS + "gate_up_proj", 0, 2), ExpertLinear("up_proj", EXPERTS + "gate_up_proj", 1, 2)),
+        experts_mid=(ExpertLinear("down_proj", EXPERTS + "down_proj"),),
+        num_experts=config.num_local_experts,
+        top_k=config.num_experts_per_tok,
+        activation=config.hidden_act,
+    )
+
+
+def is_moe_layer(config: Any, layer_index: int) -> bool:
+    return layer_index in (getattr(config, "moe_layers", None) or ())
+
+
+def _plan(config: Any, layer_index: int) -> LayerPlan:
+    hidden = config.hidden_size
+    shapes = attention_shapes(config)
+    window = None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types and layer_types[layer_index] == "chunked_attention":
+        window = config.attention_chunk_size
+    if not is_moe_layer(config, layer_index):
+        shapes.update(mlp_shapes("feed_forward.", hidden, config.intermediate_size_mlp))
+        groups = ATTENTION_GROUPS + (
+            LinearGroup("mlp_in", ("feed_forward.gate_proj", "feed_forward.up_proj")),
+            LinearGroup("mlp_mid", ("feed_forward.down_proj",)),
+        )
+        return LayerPlan(groups=groups, passthrough=NORMS, shapes=shapes, attention_window=window)
+    experts, inter = config.num_local_experts, config.intermediate_size
+    shapes.update(mlp_shapes("feed_forward.shared_expert.", hidden, inter))
+    shapes.update({
+        ROUTER + ".weight": (experts, hidden),
+        EXPERTS + "gate_up_proj": (experts, hidden, 2 * inter),
+        EXPERTS + "down_proj": (experts, inter, hidden),
+    })
+    return LayerPlan(groups=ATTENTION_GROUPS, passthrough=NORMS + (ROUTER + ".weight",), shapes=shapes,
+                     moe=moe_block(config), attention_window=window)
+
+
+def _model_shapes(prefix: str, lm_head: str) -> Any:
+    def shapes(config: Any) -> dict[str, tuple[int, ...]]:
+        out = {f"{prefix}embed_tokens.weight": (config.vocab_size, config.hidden_size),
+               f"{prefix}norm.weight": (config.hidden_size,)}
+        if not getattr(config, "tie_word_embeddings", False):
+            out[lm_head] = (config.vocab_size, config.hidden_size)
+        return out
+
+    return shapes
+
+
+def _table(architecture: str, root: str, **extra: Any) -> ArchTable:
+    model = f"{root}model."
+    return ArchTable(
+        architectures=(architecture,),
+        layer_prefix=model + "layers.{i}.",
+        plan=_plan,
+        attention="self_attn",
+        embed=f"{model}embed_tokens.weight",
+        final_norm=f"{model}norm.weight",
+        lm_head=f"{root}lm_head.weight",
+        build_layer=_build_layer,
+        build_rotary=_build_rotary,
+        build_norm=_build_norm,
+        model_shapes=_model_shapes(model, f"{root}lm_head.weight"),
+        **extra,
+    )
+
+
+LLAMA4_CAUSAL = _table("Llama4ForCausalLM", "")
+LLAMA4 = _table("Llama4ForConditionalGeneration", "language_model.", text_config=lambda config: config.text_config,
+                passthrough_prefixes=("vision_model.", "multi_modal_projector."))
+
+
+MAVERICK_TEXT = dict(  # Llama-4-Maverick-17B-128E(-Instruct), public config.json
+    hidden_size=5120, num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8, head_dim=128,
+    intermediate_size=8192, intermediate_size_mlp=16384, num_local_experts=128, num_experts_per_tok=1,
+    interleave_moe_layer_step=2, vocab_size=202048, max_position_embeddings=1048576, rope_theta=500000.0,
+    rms_norm_eps=1e-5, attention_chunk_size=8192, use_qk_norm=False, attn_temperature_tuning=True,
+    floor_scale=8192, attn_scale=0.1, hidden_act="silu", tie_word_embeddings=False,
+)
+
+MAVERICK_VISION = dict(  # its vision tower (passed through untouched; sizes matter for plans only)
+    hidden_size=1408, intermediate_size=5632, num_attention_heads=16, num_hidden_layers=34, image_size=336,
+    patch_size=14, projector_input_dim=4096, projector_output_dim=4096, vision_output_dim=4096,
+    pixel_shuffle_ratio=0.5, norm_eps=1e-5,
+)
+
+
+def maverick_config(**text_overrides: Any):
+    """`Llama4Config` of Llama 4 Maverick (text as published; vision tower at its defaults),
+    for planning and for tests that need the real tensor layout without the weights.
+    `text_overrides` shrink it (fewer layers or experts) while keeping the layout."""
+    from transformers import Llama4Config
+
+    text = {**MAVERICK_TEXT, **text_overrides}
+    rope_theta = text.pop("rope_theta")
+    config = Llama4Config(text_config={**text, "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta}},
+                          vision_config=MAVERICK_VISION)
+    config.architectures = ["Llama4ForConditionalGeneration"]
+    return config

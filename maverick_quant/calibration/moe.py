@@ -1,0 +1,128 @@
+"""Routed mixture-of-experts math for calibration, faithful to `Llama4TextMoe`.
+
+Shapes: x [T, D] routed input (the post-attention norm's output, flattened over windows),
+router weight [E, D], expert weights unfused W_gate/W_up [E?, I, D], W_down [E?, D, I].
+
+Llama 4: logits = x W_r^T; each token goes to its top-k experts; the expert sees
+x * sigmoid(logit) (the score scales the INPUT), computes act(x' W_g^T) * (x' W_u^T) and
+projects with W_d; the block adds the shared expert's output of x. Here an expert only ever
+touches its routed tokens (transformers runs every expert on every token, zeros included).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from maverick_quant.recipe import ExpertPolicy, MoESpec
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Top-k routing of T tokens over E experts.
+
+    logits [T, E] router logits; choice [T, k] chosen experts; scores [T, k] their sigmoid
+    scores in x's dtype; order [T*k] the (token, slot) pairs sorted by expert (stable) and
+    offsets [E+1] so that expert e owns order[offsets[e]:offsets[e+1]].
+    """
+
+    logits: torch.Tensor
+    choice: torch.Tensor
+    scores: torch.Tensor
+    order: torch.Tensor
+    offsets: torch.Tensor
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """Tokens routed to each expert, int64 [E]."""
+        return self.offsets.diff()
+
+    def tokens_of(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token indices [n], scores [n]) of the tokens routed to `expert`, in token order."""
+        pairs = self.order[self.offsets[expert] : self.offsets[expert + 1]]
+        k = self.choice.shape[1]
+        return pairs // k, self.scores.reshape(-1)[pairs]
+
+
+def route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int) -> Routing:
+    """Llama4Router: logits = x W^T, top-k per token, score = sigmoid(logit) (computed in fp32,
+    cast back to x's dtype, as transformers does)."""
+    logits = torch.nn.functional.linear(x, router_weight)
+    top_value, choice = torch.topk(logits, top_k, dim=1)
+    scores = torch.sigmoid(top_value.float()).to(x.dtype)
+    order = torch.argsort(choice.reshape(-1), stable=True)
+    counts = torch.bincount(choice.reshape(-1), minlength=router_weight.shape[0])
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    return Routing(logits, choice, scores, order, offsets)
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name]
+
+
+def expert_hidden(x_in: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: Callable) -> torch.Tensor:
+    """act(x' W_g^T) * (x' W_u^T): [n, D] scaled inputs, W [I, D] -> [n, I] (down's input)."""
+    return act(torch.nn.functional.linear(x_in, gate)) * torch.nn.functional.linear(x_in, up)
+
+
+def routed_forward(x: torch.Tensor, routing: Routing, experts: dict[str, torch.Tensor], act: Callable,
+                   first: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Add the outputs of experts [first, first + E_c) to `out` [T, D] (zeros if None).
+
+    experts: {"gate_proj": [E_c, I, D], "up_proj": [E_c, I, D], "down_proj": [E_c, D, I]}.
+    Each expert runs on its routed tokens only, with the score applied to its input.
+    """
+    out = torch.zeros_like(x) if out is None else out
+    for offset in range(experts["down_proj"].shape[0]):
+        tokens, scores = routing.tokens_of(first + offset)
+        if tokens.numel() == 0:
+            continue
+        x_in = x[tokens] * scores[:, None]
+        hidden = expert_hidden(x_in, experts["gate_proj"][offset], experts["up_proj"][offset], act)
+        out.index_add_(0, tokens, torch.nn.functional.linear(hidden, experts["down_proj"][offset]))
+    return out
+
+
+def resolve_policy(tokens: int, spec: MoESpec) -> tuple[ExpertPolicy, str]:
+    """The policy applied to an expert with `tokens` routed tokens, and why (for the audit)."""
+    if spec.policy is ExpertPolicy.RTN:
+        return ExpertPolicy.RTN, "policy rtn"
+    if tokens >= spec.min_tokens:
+        return spec.policy, f"policy {spec.policy.value}"
+    return spec.fallback, f"fallback: {tokens} routed tokens < min_tokens {spec.min_tokens}"
+
+
+def sample_tokens(total: int, limit: int) -> torch.Tensor:
+    """Evenly spaced, deterministic token indices [min(total, limit)] for H_all."""
+    if total <= limit:
+        return torch.arange(total)
+    return torch.linspace(0, total - 1, limit).round().long()
+
+
+def mean_outer(rows: torch.Tensor, width: int) -> torch.Tensor:
+    """(1/n) rows^T rows in fp64 accumulation, fp32 result [K, K] (zeros for n = 0)."""
+    if rows.shape[0] == 0:
+        return torch.zeros(width, width)
+    rows = rows.float()
+    return ((rows.T @ rows).double() / rows.shape[0]).float()
+
+
+def policy_hessian(policy: ExpertPolicy, routed_rows: torch.Tensor, all_rows: torch.Tensor | None,
+                   spec: MoESpec, width: int) -> torch.Tensor:
+    """H [K, K] of one expert linear under its policy.
+
+    routed_rows [n, K]: what the linear reads on the expert's routed tokens; all_rows [T_s, K]:
+    what it would read on the sampled tokens at the expert's own score (needed for `mixed`).
+    routed: mean_outer(routed); mixed: that + spec.mix * mean_outer(all); rtn: I (GPTQ with
+    H = I is round to nearest, so RTN experts stay in the same batched solve).
+    """
+    if policy is ExpertPolicy.RTN:
+        return torch.eye(width)
+    H = mean_outer(routed_rows, width)
+    if policy is ExpertPolicy.MIXED:
+        H = H + spec.mix * mean_outer(all_rows, width)
+    return H

@@ -1,0 +1,230 @@
+"""Quantize the mixture-of-experts block of one decoder layer, streaming experts in chunks.
+
+Flow for an MoE layer whose attention is already quantized (see pipeline.py):
+
+1. One pass of the layer captures the residual stream before the block, h [S, L, D]
+   (written over the caller's hidden states), and the block's input x = norm(h).
+2. Shared expert: gate/up against H = E[x x^T], then down against its quantized hidden.
+   The router stays in float unless `moe.quantize_router` (then solved on the same H).
+3. Routing with the (final) router, exactly as Llama 4: top-k, sigmoid score on the input.
+4. Routed experts, `chunk` at a time, read as slices of the fused tensors: each expert's
+   gate/up are solved on its own routed inputs x * score (policy-dependent Hessian, see
+   MoESpec), then down on act(gate) * up of the QUANTIZED gate/up; all experts of a chunk
+   are solved as one batch W [E_c, N, K], H [E_c, K, K]. The chunk's quantized outputs are
+   accumulated and the chunk is written to the bundle before the next one is read.
+5. The layer output h + shared(x) + routed(x) becomes the next layer's input.
+
+Peak memory: three activation caches (h, x, routed output), one layer without its experts,
+one chunk of experts with their Hessians.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from maverick_quant.arch.base import LinearGroup, MoEBlock, unfuse_experts
+from maverick_quant.calibration.capture import capture_inputs
+from maverick_quant.calibration.moe import (Routing, activation, expert_hidden, mean_outer, policy_hessian,
+                                            resolve_policy, route, routed_forward, sample_tokens)
+from maverick_quant.compress.gptq import gptq_quantize
+from maverick_quant.compress.grid import rtn_quantize
+from maverick_quant.compress.types import QuantizedWeight
+from maverick_quant.groups import result_stats, solve_group
+from maverick_quant.recipe import ExpertPolicy, MoESpec, QuantizeSpec
+from maverick_quant.streaming import StopForward, StreamingModel
+
+
+def capture_block_io(model: StreamingModel, layer: torch.nn.Module, moe: MoEBlock,
+                     hidden: torch.Tensor) -> torch.Tensor:
+    """Run `layer` up to its MoE block over every window: overwrite `hidden` [S, L, D] with
+    the residual stream entering the block, return the block's input x [S*L, D]."""
+    x = torch.empty_like(hidden)
+    residual_module, block = layer.get_submodule(moe.residual_input), layer.get_submodule(moe.block)
+    seen = {}
+    handles = [residual_module.register_forward_pre_hook(lambda _m, args: seen.__setitem__("h", args[0].detach())),
+               block.register_forward_pre_hook(lambda _m, args: _stop_with(seen, "x", args[0].detach()))]
+    try:
+        for start in range(0, hidden.shape[0], model.batch):
+            try:
+                model.apply(layer, hidden[start : start + model.batch])
+            except StopForward:
+                pass
+            span = slice(start, start + seen["x"].shape[0])
+            hidden[span], x[span] = seen.pop("h"), seen.pop("x")
+    finally:
+        for handle in handles:
+            handle.remove()
+    return x.reshape(-1, x.shape[-1])
+
+
+def _stop_with(store: dict, key: str, value: torch.Tensor) -> None:
+    store[key] = value
+    raise StopForward
+
+
+def _feed_module(module: torch.nn.Module, x: torch.Tensor, batch_tokens: int = 8192) -> None:
+    """Run `module` over rows of x [T, D] for its hooks' sake (a hook may stop each batch)."""
+    for start in range(0, x.shape[0], batch_tokens):
+        try:
+            module(x[start : start + batch_tokens])
+        except StopForward:
+            pass
+
+
+@torch.no_grad()
+def _module_output(module: torch.nn.Module, x: torch.Tensor, batch_tokens: int = 8192) -> torch.Tensor:
+    """module(x) for x [T, D], computed `batch_tokens` rows at a time (bounded intermediates)."""
+    return torch.cat([module(x[start : start + batch_tokens]) for start in range(0, x.shape[0], batch_tokens)])
+
+
+def quantize_shared(layer: torch.nn.Module, moe: MoEBlock, x: torch.Tensor,
+                    spec: QuantizeSpec) -> tuple[dict[str, QuantizedWeight], dict[str, dict]]:
+    """GPTQ the shared expert (and the router if asked): the input group against E[x x^T],
+    the down projection against the quantized shared hidden act(gate) * up."""
+    first, rest = moe.shared[0], moe.shared[1:]
+    if spec.moe.quantize_router:
+        first = LinearGroup(first.name, (moe.router, *first.linears))
+    quantized, stats = solve_group(layer, first, mean_outer(x, x.shape[1]), x.shape[0], spec)
+    shared = layer.get_submodule(moe.shared_module)
+    for group in rest:
+        with capture_inputs(layer, (group.linears[0],), stop=True) as accumulators:
+            _feed_module(shared, x)
+        acc = accumulators[group.linears[0]]
+        group_quantized, group_stats = solve_group(layer, group, acc.hessian(), acc.tokens, spec)
+        quantized.update(group_quantized)
+        stats.update(group_stats)
+    return quantized, stats
+
+
+def experts_per_chunk(moe: MoEBlock, hidden: int, inter: int, budget_mib: int) -> int:
+    """Experts solved together within `budget_mib`: per expert, fp32 weights (gate, up, down)
+    and Hessians (D x D, I x I), about three copies of each live during a GPTQ solve."""
+    per_expert = 4 * 3 * (3 * hidden * inter + hidden * hidden + inter * inter)
+    return max(1, min(moe.num_experts, budget_mib * 2**20 // per_expert))
+
+
+def _expert_inputs(x: torch.Tensor, routing: Routing, expert: int, sample: torch.Tensor,
+                   policy: ExpertPolicy) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(routed inputs x*score [n, D], sampled inputs x*sigmoid(logit_e) [T_s, D] if mixed)."""
+    tokens, scores = routing.tokens_of(expert)
+    routed = x[tokens] * scores[:, None]
+    if policy is not ExpertPolicy.MIXED:
+        return routed, None
+    would_be = torch.sigmoid(routing.logits[sample, expert].float()).to(x.dtype)
+    return routed, x[sample] * would_be[:, None]
+
+
+def _solve_batch(weights: dict[str, torch.Tensor], names: tuple[str, ...], H: torch.Tensor,
+                 spec: QuantizeSpec) -> tuple[dict[str, QuantizedWeight], dict[str, dict]]:
+    """GPTQ W [E_c, N, K] of each named expert linear against H [E_c, K, K], as one batch;
+    per-expert losses [E_c] are returned for the audit."""
+    quantized, stats = {}, {}
+    for name in names:
+        result = gptq_quantize(weights[name], H, spec.weights)
+        quantized[name] = result.weight
+        stats[name] = {"loss": result.loss.tolist(), "rel_loss": result.rel_loss.tolist(), "damp": result.damp.tolist()}
+    return quantized, stats
+
+
+def quantize_expert_chunk(x: torch.Tensor, routing: Routing, moe: MoEBlock, weights: dict[str, torch.Tensor],
+                          first: int, spec: QuantizeSpec) -> tuple[dict[str, QuantizedWeight], list[dict]]:
+    """GPTQ experts [first, first + E_c) given their unfused float weights {name: [E_c, N, K]}.
+
+    Returns the quantized weights and one audit record per expert. The Hessians of the down
+    projections are built from the already quantized gate/up (sequential within the expert).
+    """
+    count = weights[moe.experts_mid[0].name].shape[0]
+    sample = sample_tokens(x.shape[0], spec.moe.all_tokens)
+    decisions = [resolve_policy(int(routing.counts[first + e]), spec.moe) for e in range(count)]
+    act = activation(moe.activation)
+    in_names, mid_names = tuple(l.name for l in moe.experts_in), tuple(l.name for l in moe.experts_mid)
+    gate, up = in_names  # Llama 4: the input group is (gate_proj, up_proj)
+
+    inputs = [_expert_inputs(x, routing, first + e, sample, policy) for e, (policy, _) in enumerate(decisions)]
+    H_in = torch.stack([policy_hessian(policy, routed, every, spec.moe, x.shape[1])
+                        for (policy, _), (routed, every) in zip(decisions, inputs)])
+    quantized, stats = _solve_batch(weights, in_names, H_in, spec)
+    del H_in
+    dequant = {name: quantized[name].dequantize() for name in in_names}
+
+    def down_input(e: int, rows: torch.Tensor | None) -> torch.Tensor | None:
+        return None if rows is None else expert_hidden(rows, dequant[gate][e], dequant[up][e], act)
+
+    width = dequant[gate].shape[1]
+    mids = [policy_hessian(decisions[e][0], down_input(e, routed), down_input(e, every), spec.moe, width)
+            for e, (routed, every) in enumerate(inputs)]
+    del inputs
+    mid_quantized, mid_stats = _solve_batch(weights, mid_names, torch.stack(mids), spec)
+    quantized.update(mid_quantized)
+    stats.update(mid_stats)
+    return quantized, _audit_records(routing, first, decisions, stats)
+
+
+def _audit_records(routing: Routing, first: int, decisions: list, stats: dict[str, dict]) -> list[dict]:
+    total = max(int(routing.counts.sum()), 1)
+    records = []
+    for e, (policy, reason) in enumerate(decisions):
+        tokens = int(routing.counts[first + e])
+        linears = {name: {key: values[e] for key, values in s.items()} for name, s in stats.items()}
+        records.append({"expert": first + e, "tokens": tokens, "share": tokens / total, "policy": policy.value,
+                        "reason": reason, "damp": max(l["damp"] for l in linears.values()), "linears": linears})
+    return records
+
+
+def rtn_expert_chunk(moe: MoEBlock, weights: dict[str, torch.Tensor], first: int,
+                     spec: QuantizeSpec) -> tuple[dict[str, QuantizedWeight], list[dict]]:
+    """Round-to-nearest for experts [first, first + E_c) (no calibration: tokens unknown)."""
+    quantized = {l.name: rtn_quantize(weights[l.name], spec.weights) for l in moe.expert_linears}
+    count = weights[moe.experts_mid[0].name].shape[0]
+    return quantized, [{"expert": first + e, "tokens": None, "share": None, "policy": "rtn", "reason": "method rtn"}
+                       for e in range(count)]
+
+
+def dequantized_experts(quantized: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
+    return {name: weight.dequantize() for name, weight in quantized.items()}
+
+
+def expert_chunks(moe: MoEBlock, config, spec: QuantizeSpec):
+    """(first, count) of each chunk of experts within the memory budget."""
+    step = experts_per_chunk(moe, config.hidden_size, config.intermediate_size, spec.moe.chunk_mib)
+    for first in range(0, moe.num_experts, step):
+        yield first, min(step, moe.num_experts - first)
+
+
+@torch.no_grad()
+def quantize_moe_block(model: StreamingModel, index: int, layer: torch.nn.Module, hidden: torch.Tensor,
+                       spec: QuantizeSpec, write_chunk) -> tuple[dict[str, QuantizedWeight], dict]:
+    """Quantize layer `index`'s MoE block and advance `hidden` to the layer's output.
+
+    `write_chunk(first, quantized)` stores one chunk of experts and returns its file record.
+    Returns the shared expert's (and router's) quantized weights and the block's stats:
+    {"experts": {"chunks": [...], "audit": [...]}, <shared linear>: {...}}.
+    """
+    moe = model.plan(index).moe
+    x = capture_block_io(model, layer, moe, hidden)
+    quantized, stats = quantize_shared(layer, moe, x, spec)
+    routing = route(x, layer.get_submodule(moe.router).weight, moe.top_k)
+    out = _module_output(layer.get_submodule(moe.shared_module), x)  # the block's output starts with the shared expert
+    chunks, audit = [], []
+    for first, count in expert_chunks(moe, model.config, spec):
+        weights = {k: v.float() for k, v in unfuse_experts(moe, model.source.expert_tensors(index, first, count)).items()}
+        chunk_quantized, records = quantize_expert_chunk(x, routing, moe, weights, first, spec)
+        del weights
+        routed_forward(x, routing, dequantized_experts(chunk_quantized), activation(moe.activation), first, out=out)
+        chunks.append(write_chunk(first, chunk_quantized))
+        audit.extend(records)
+    hidden += out.view_as(hidden)
+    return quantized, {**stats, "experts": {"chunks": chunks, "audit": audit}}
+
+
+@torch.no_grad()
+def rtn_moe_block(model: StreamingModel, index: int, spec: QuantizeSpec, write_chunk) -> dict:
+    """RTN every routed expert of layer `index`, chunk by chunk; returns the block's stats."""
+    moe = model.plan(index).moe
+    chunks, audit = [], []
+    for first, count in expert_chunks(moe, model.config, spec):
+        weights = unfuse_experts(moe, model.source.expert_tensors(index, first, count))
+        chunk_quantized, records = rtn_expert_chunk(moe, weights, first, spec)
+        chunks.append(write_chunk(first, chunk_quantized))
+        audit.extend(records)
+    return {"experts": {"chunks": chunks, "audit": audit}}

@@ -1,0 +1,61 @@
+"""One linear group of a decoder layer: collect its Hessian by running the layer, solve it.
+
+Shared by the dense path (pipeline.py) and the MoE path (experts.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from maverick_quant.arch.base import LinearGroup
+from maverick_quant.calibration.capture import capture_attention_mixed, capture_inputs
+from maverick_quant.compress.gptq import GPTQResult, gptq_quantize
+from maverick_quant.compress.types import QuantizedWeight
+from maverick_quant.recipe import QuantizeSpec
+from maverick_quant.streaming import StreamingModel
+
+
+def set_weight(layer: torch.nn.Module, name: str, weight: QuantizedWeight) -> None:
+    """Put the dequantized `weight` into linear `name` of `layer` (keeping its dtype)."""
+    module = layer.get_submodule(name)
+    module.weight.data = weight.dequantize(module.weight.dtype)
+
+
+def group_hessian(model: StreamingModel, layer: torch.nn.Module, hidden: torch.Tensor,
+                  group: LinearGroup) -> tuple[torch.Tensor, int]:
+    """H of one linear group from a pass over all windows: [K, K], or [kv, K, K] for
+    attention-mixed inputs (value projections, see LinearGroup). Each pass stops as soon as
+    the statistics are taken (never runs the rest of the layer)."""
+    if group.mixed_by_attention:
+        with model.eager_attention(), capture_attention_mixed(
+            layer, group.linears[0], model.table.attention, model.config.num_key_value_heads
+        ) as accumulator:
+            model.feed_layer(layer, hidden, batch=model.eager_batch(hidden.shape[1]))
+        return accumulator.hessian(), accumulator.tokens
+    with capture_inputs(layer, (group.linears[0],), stop=True) as accumulators:
+        model.feed_layer(layer, hidden)
+    accumulator = accumulators[group.linears[0]]
+    return accumulator.hessian(), accumulator.tokens
+
+
+def result_stats(result: GPTQResult) -> dict[str, float]:
+    """Loss, relative loss and damping of a (possibly batched) GPTQ result, summed over the batch."""
+    total = (result.loss / result.rel_loss.clamp_min(1e-30)).sum()
+    return {"loss": float(result.loss.sum()), "rel_loss": float(result.loss.sum() / total.clamp_min(1e-30)),
+            "damp": float(result.damp.max())}
+
+
+def solve_group(layer: torch.nn.Module, group: LinearGroup, H: torch.Tensor, tokens: int,
+                spec: QuantizeSpec) -> tuple[dict[str, QuantizedWeight], dict[str, dict]]:
+    """GPTQ each linear of `group` against H and put the dequantized weight back in `layer`.
+
+    A per-KV-head H [kv, K, K] solves W [kv*hd, K] as a batch W.view(kv, hd, K)."""
+    quantized, stats = {}, {}
+    for name in group.linears:
+        weight = layer.get_submodule(name).weight.data.float()
+        per_head = H.dim() == 3
+        result = gptq_quantize(weight.unflatten(0, (H.shape[0], -1)) if per_head else weight, H, spec.weights)
+        quantized[name] = result.weight.merge_leading() if per_head else result.weight
+        set_weight(layer, name, quantized[name])
+        stats[name] = {**result_stats(result), "tokens": tokens}
+    return quantized, stats
