@@ -49,7 +49,7 @@ def open_candidate(path: Path):
 
 
 def _check_compatible(reference: WeightSource, candidate: WeightSource) -> None:
-    ref, cand = reference.config, candidate.config
+    ref, cand = reference.table.text_config(reference.config), candidate.table.text_config(candidate.config)
     for key in ("num_hidden_layers", "hidden_size", "vocab_size"):
         if getattr(ref, key) != getattr(cand, key):
             raise InputError(f"reference and candidate differ in {key}: {getattr(ref, key)} vs {getattr(cand, key)}")

@@ -1,0 +1,138 @@
+"""Per-expert GPTQ on a tiny Llama 4 with uneven routing: audit, policies, chunking, export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from maverick_quant.arch.base import unfuse_experts
+from maverick_quant.bundle import Bundle
+from maverick_quant.checkpoint import Checkpoint
+from maverick_quant.calibration.moe import route
+from maverick_quant.cli import cli
+from maverick_quant.compress.grid import rtn_quantize
+from maverick_quant.experts import quantize_expert_chunk
+from maverick_quant.exporters.gptq import GPTQExportSource
+from maverick_quant.recipe import ExpertPolicy, MoESpec, QuantizeSpec
+from maverick_quant.streaming import StreamingModel, open_source
+from tests.conftest import SHARED_DATA
+
+WINDOWS, LENGTH = 16, 40
+MOE_LAYERS, EXPERTS = (1, 3), 8
+
+
+def run(*args) -> None:
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.fixture(scope="module")
+def moe_bundle(tiny_llama4_dir: Path, tmp_path_factory) -> Path:
+    """GPTQ with experts in chunks of 7 (1 MiB budget) and min_tokens 8 (expert 0 falls back)."""
+    out = tmp_path_factory.mktemp("moe") / "bundle"
+    run("quantize", tiny_llama4_dir, "--data", _text(tmp_path_factory.mktemp("text"), "wiki.valid.tokens"),
+        "--samples", WINDOWS, "--seq-len", LENGTH, "--group-size", 32, "--moe-min-tokens", 8, "--moe-chunk-mib", 1,
+        "--out", out, "--no-progress")
+    return out
+
+
+def _text(folder: Path, name: str) -> Path:
+    """Some of a WikiText-2 split when ../shared is there, else a made-up paragraph."""
+    source = SHARED_DATA / "wikitext-2" / name
+    text = source.read_text(encoding="utf-8")[:60_000] if source.is_file() else (
+        "A quiet morning in the harbour town, boats leaving one by one for the open sea. " * 200)
+    path = folder / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_every_expert_is_quantized_and_audited(moe_bundle: Path) -> None:
+    audit = json.loads((moe_bundle / "audit.json").read_text())["experts"]
+    assert sorted((r["layer"], r["expert"]) for r in audit) == [(l, e) for l in MOE_LAYERS for e in range(EXPERTS)]
+    for layer in MOE_LAYERS:
+        records = [r for r in audit if r["layer"] == layer]
+        assert sum(r["tokens"] for r in records) == WINDOWS * LENGTH
+        assert abs(sum(r["share"] for r in records) - 1) < 1e-9
+    for record in audit:
+        starved = record["tokens"] < 8
+        assert record["policy"] == ("mixed" if starved else "routed")
+        assert ("fallback" in record["reason"]) == starved
+        assert set(record["linears"]) == {"gate_proj", "up_proj", "down_proj"}
+        assert all(0 <= l["rel_loss"] < 1 and l["damp"] > 0 for l in record["linears"].values())
+    assert any(r["tokens"] < 8 for r in audit)  # the fixture starves expert 0
+
+
+def test_bundle_holds_all_experts_in_chunks_and_the_float_router(moe_bundle: Path, tiny_llama4_dir: Path) -> None:
+    bundle = Bundle(moe_bundle)
+    chunks = list(bundle.expert_chunks(1))
+    assert [first for first, _ in chunks] == [0, 7]
+    assert sum(c["gate_proj"].shape[0] for _, c in chunks) == EXPERTS
+    tensors = bundle.layer_tensors(1)
+    assert tensors["feed_forward.experts.gate_up_proj"].shape == (EXPERTS, 64, 64)
+    original = open_source(tiny_llama4_dir).layer_tensors(1)
+    assert torch.equal(tensors["feed_forward.router.weight"], original["feed_forward.router.weight"])
+    error = (tensors["feed_forward.experts.down_proj"] - original["feed_forward.experts.down_proj"]).norm()
+    assert 0 < error < 0.2 * original["feed_forward.experts.down_proj"].norm()
+
+
+def test_validate_and_gptq_export_of_an_moe_bundle(moe_bundle: Path, tiny_llama4_dir: Path, tmp_path: Path) -> None:
+    """GPTQ drifts less than RTN from the float model (KL; top-1 is noisy on a random model's
+    flat distributions), then the GPTQ export reads back to the bundle's exact values."""
+    text = _text(tmp_path, "wiki.test.raw")
+    run("quantize", tiny_llama4_dir, "--method", "rtn", "--group-size", 32, "--out", tmp_path / "rtn", "--no-progress")
+    kl = {}
+    for name, candidate in (("gptq", moe_bundle), ("rtn", tmp_path / "rtn")):
+        run("validate", "--reference", tiny_llama4_dir, "--candidate", candidate, "--data", text, "--ctx", LENGTH,
+            "--max-windows", 6, "--report", tmp_path / f"report-{name}", "--gate", "ppl_ratio<=1.5")
+        kl[name] = json.loads((tmp_path / f"report-{name}" / "report.json").read_text())["kl"]["mean"]
+    assert 0 < kl["gptq"] < kl["rtn"]
+    run("export", moe_bundle, "--format", "gptq", "--out", tmp_path / "gptq")
+    index = Checkpoint(tmp_path / "gptq").tensors
+    expert = "language_model.model.layers.3.feed_forward.experts.5.down_proj"
+    assert {f"{expert}.{p}" for p in ("qweight", "qzeros", "scales", "g_idx")} <= set(index)
+    assert not any("gate_up_proj" in name for name in index)
+    assert "language_model.model.layers.3.feed_forward.router.weight" in index
+    exported, bundled = GPTQExportSource(tmp_path / "gptq").layer_tensors(3), Bundle(moe_bundle).layer_tensors(3)
+    assert all(torch.equal(exported[name], bundled[name]) for name in bundled)
+
+
+def _chunk_inputs(tiny_llama4_dir: Path, tokens: int = 200):
+    source = open_source(tiny_llama4_dir)
+    model = StreamingModel(source)
+    moe = model.plan(1).moe
+    x = torch.randn(tokens, 64, generator=torch.Generator().manual_seed(2))
+    routing = route(x, source.layer_tensors(1)["feed_forward.router.weight"], moe.top_k)
+    weights = unfuse_experts(moe, source.expert_tensors(1, 0, EXPERTS))
+    return x, routing, moe, weights
+
+
+def test_rtn_policy_is_round_to_nearest_and_zero_token_experts_still_get_weights(tiny_llama4_dir: Path) -> None:
+    x, routing, moe, weights = _chunk_inputs(tiny_llama4_dir, tokens=5)  # 5 tokens: most experts get none
+    spec = QuantizeSpec(moe=MoESpec(policy=ExpertPolicy.RTN))
+    quantized, records = quantize_expert_chunk(x, routing, moe, weights, 0, spec)
+    for name in ("gate_proj", "down_proj"):
+        assert torch.equal(quantized[name].codes, rtn_quantize(weights[name], spec.weights).codes)
+    routed = QuantizeSpec(moe=MoESpec(min_tokens=1))
+    quantized, records = quantize_expert_chunk(x, routing, moe, weights, 0, routed)
+    empty = [r for r in records if r["tokens"] == 0]
+    assert empty and all(r["policy"] == "mixed" and "fallback" in r["reason"] for r in empty)
+    for record in empty:  # a real quantized weight, not zeros and not the float weight
+        w = quantized["up_proj"][record["expert"]].dequantize()
+        assert torch.isfinite(w).all() and w.abs().sum() > 0
+
+
+def test_policies_change_only_what_they_should(tiny_llama4_dir: Path) -> None:
+    x, routing, moe, weights = _chunk_inputs(tiny_llama4_dir)
+    routed, _ = quantize_expert_chunk(x, routing, moe, weights, 0, QuantizeSpec(moe=MoESpec(min_tokens=1)))
+    mixed, records = quantize_expert_chunk(x, routing, moe, weights, 0,
+                                           QuantizeSpec(moe=MoESpec(policy=ExpertPolicy.MIXED, mix=1.0, min_tokens=1)))
+    assert {r["policy"] for r in records} == {"mixed"}
+    assert not torch.equal(routed["gate_proj"].codes, mixed["gate_proj"].codes)
+    halves = [quantize_expert_chunk(x, routing, moe, {k: v[s] for k, v in weights.items()}, s.start,
+                                    QuantizeSpec(moe=MoESpec(min_tokens=1)))[0] for s in (slice(0, 3), slice(3, 8))]
+    for name in ("gate_proj", "up_proj", "down_proj"):  # chunking does not change any expert's result
+        assert torch.equal(torch.cat([h[name].codes for h in halves]), routed[name].codes)
