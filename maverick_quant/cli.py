@@ -56,16 +56,27 @@ def _calib_spec(samples: int, seq_len: int, seed: int, chat_template: bool) -> C
 @click.option("--data", required=True, help="Text file, JSONL ('text' or 'messages'), or 'self' (model-generated).")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Calibration directory to write.")
 @calib_options
+@click.option("--coverage", is_flag=True,
+              help="Also stream the model over the windows and report tokens per expert (coverage.json/.png).")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
-def calibrate(model_dir, data, out, samples, seq_len, seed, chat_template, force) -> None:
+@click.option("--progress/--no-progress", default=True)
+def calibrate(model_dir, data, out, samples, seq_len, seed, chat_template, coverage, force, progress) -> None:
     """Draw a reproducible calibration set (token windows + provenance) from DATA."""
     from maverick_quant.calibration.data import make_calibration
     from maverick_quant.checkpoint import atomic_output_dir, check_output_dir
+    from maverick_quant.streaming import open_source
 
     check_output_dir(out, force)
+    source = open_source(model_dir) if coverage else None  # refuse a bad model before tokenizing
     calibration = make_calibration(model_dir, data, _calib_spec(samples, seq_len, seed, chat_template))
     with atomic_output_dir(out, force) as tmp:
         calibration.save(tmp)
+        if coverage:
+            from maverick_quant.coverage import coverage_summary, expert_coverage, write_coverage
+
+            counts = expert_coverage(source, calibration.input_ids, show_progress=progress)
+            write_coverage(counts, tmp)
+            click.echo(coverage_summary(counts))
     click.echo(f"calibration: {calibration.input_ids.shape[0]} windows x {calibration.input_ids.shape[1]} tokens -> {out}")
 
 
@@ -128,6 +139,23 @@ def quantize(model_dir, data, calib, out, method, bits, group_size, sym, act_ord
     moe = _moe_spec(moe_policy, moe_mix, moe_min_tokens, moe_fallback, moe_quantize_router, moe_chunk_mib)
     spec = _quantize_spec(method, bits, group_size, sym, act_order, damp, batch, true_sequential, moe)
     run_quantize(model_dir, out, spec, data, calib, _calib_spec(samples, seq_len, seed, chat_template), force, progress)
+
+
+@cli.command("inspect")
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.option("--plot", type=click.Path(path_type=Path), help="Write a PNG heat map of tokens per expert per layer.")
+@click.option("--top", default=5, show_default=True, help="Experts listed as most/least used.")
+def inspect_command(bundle_dir, plot, top) -> None:
+    """Summarize a bundle: recipe, size, losses, and for MoE the expert usage and fallbacks."""
+    from maverick_quant.bundle import Bundle
+    from maverick_quant.inspect_bundle import bundle_summary, expert_audit, plot_bundle_experts
+
+    bundle = Bundle(bundle_dir)
+    click.echo(bundle_summary(bundle, top))
+    if plot:
+        if not expert_audit(bundle):
+            raise InputError(f"{bundle_dir}: --plot needs a mixture-of-experts bundle (no experts audited)")
+        click.echo(f"heat map -> {plot_bundle_experts(bundle, plot)}")
 
 
 @cli.command()

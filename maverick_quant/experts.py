@@ -184,9 +184,9 @@ def dequantized_experts(quantized: dict[str, QuantizedWeight]) -> dict[str, torc
     return {name: weight.dequantize() for name, weight in quantized.items()}
 
 
-def expert_chunks(moe: MoEBlock, config, spec: QuantizeSpec):
-    """(first, count) of each chunk of experts within the memory budget."""
-    step = experts_per_chunk(moe, config.hidden_size, config.intermediate_size, spec.moe.chunk_mib)
+def expert_chunks(moe: MoEBlock, config, chunk_mib: int):
+    """(first, count) of each chunk of experts within the memory budget `chunk_mib`."""
+    step = experts_per_chunk(moe, config.hidden_size, config.intermediate_size, chunk_mib)
     for first in range(0, moe.num_experts, step):
         yield first, min(step, moe.num_experts - first)
 
@@ -206,7 +206,7 @@ def quantize_moe_block(model: StreamingModel, index: int, layer: torch.nn.Module
     routing = route(x, layer.get_submodule(moe.router).weight, moe.top_k)
     out = _module_output(layer.get_submodule(moe.shared_module), x)  # the block's output starts with the shared expert
     chunks, audit = [], []
-    for first, count in expert_chunks(moe, model.config, spec):
+    for first, count in expert_chunks(moe, model.config, spec.moe.chunk_mib):
         weights = {k: v.float() for k, v in unfuse_experts(moe, model.source.expert_tensors(index, first, count)).items()}
         chunk_quantized, records = quantize_expert_chunk(x, routing, moe, weights, first, spec)
         del weights
@@ -218,11 +218,27 @@ def quantize_moe_block(model: StreamingModel, index: int, layer: torch.nn.Module
 
 
 @torch.no_grad()
+def run_moe_layer(model: StreamingModel, index: int, layer: torch.nn.Module, hidden: torch.Tensor,
+                  chunk_mib: int = MoESpec.chunk_mib) -> Routing:
+    """Float forward of MoE layer `index` over `hidden` [S, L, D] in place, reading routed
+    experts chunk by chunk from the source (never all of them); returns the routing."""
+    moe = model.plan(index).moe
+    x = capture_block_io(model, layer, moe, hidden)
+    routing = route(x, layer.get_submodule(moe.router).weight, moe.top_k)
+    out = _module_output(layer.get_submodule(moe.shared_module), x)
+    for first, count in expert_chunks(moe, model.config, chunk_mib):
+        weights = {k: v.to(x.dtype) for k, v in unfuse_experts(moe, model.source.expert_tensors(index, first, count)).items()}
+        routed_forward(x, routing, weights, activation(moe.activation), first, out=out)
+    hidden += out.view_as(hidden)
+    return routing
+
+
+@torch.no_grad()
 def rtn_moe_block(model: StreamingModel, index: int, spec: QuantizeSpec, write_chunk) -> dict:
     """RTN every routed expert of layer `index`, chunk by chunk; returns the block's stats."""
     moe = model.plan(index).moe
     chunks, audit = [], []
-    for first, count in expert_chunks(moe, model.config, spec):
+    for first, count in expert_chunks(moe, model.config, spec.moe.chunk_mib):
         weights = unfuse_experts(moe, model.source.expert_tensors(index, first, count))
         chunk_quantized, records = rtn_expert_chunk(moe, weights, first, spec)
         chunks.append(write_chunk(first, chunk_quantized))

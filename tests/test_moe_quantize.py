@@ -136,3 +136,25 @@ def test_policies_change_only_what_they_should(tiny_llama4_dir: Path) -> None:
                                     QuantizeSpec(moe=MoESpec(min_tokens=1)))[0] for s in (slice(0, 3), slice(3, 8))]
     for name in ("gate_proj", "up_proj", "down_proj"):  # chunking does not change any expert's result
         assert torch.equal(torch.cat([h[name].codes for h in halves]), routed[name].codes)
+
+
+def test_inspect_summarizes_experts_and_draws_the_heat_map(moe_bundle: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["inspect", str(moe_bundle), "--plot", str(tmp_path / "experts.png")])
+    assert result.exit_code == 0, result.output
+    assert "most used:" in result.output and "fallbacks: " in result.output and "L1/E0" in result.output
+    assert (tmp_path / "experts.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_coverage_counts_every_calibration_token_per_moe_layer(tiny_llama4_dir: Path, tiny_llama_dir: Path,
+                                                                tmp_path: Path) -> None:
+    text = _text(tmp_path, "wiki.valid.tokens")
+    run("calibrate", tiny_llama4_dir, "--data", text, "--samples", 4, "--seq-len", 40, "--coverage",
+        "--out", tmp_path / "calib", "--no-progress")
+    coverage = json.loads((tmp_path / "calib" / "coverage.json").read_text())
+    assert sorted(coverage["layers"]) == ["1", "3"]
+    assert all(sum(counts) == 160 and len(counts) == EXPERTS for counts in coverage["layers"].values())
+    assert (tmp_path / "calib" / "coverage.png").is_file()
+    result = CliRunner().invoke(cli, ["calibrate", str(tiny_llama_dir), "--data", str(text), "--samples", "2",
+                                      "--seq-len", "16", "--coverage", "--out", str(tmp_path / "dense")])
+    assert result.exit_code == 2 and "no mixture-of-experts layers" in result.output
+    assert not (tmp_path / "dense").exists()

@@ -186,6 +186,25 @@ def plot_layer_errors(layer_errors: Sequence[tuple[str, float]], path: Path) -> 
     return _save_png(figure, path)
 
 
+def plot_expert_tokens(counts: Mapping[int, Sequence[int]], path: Path, title: str = "Tokens per expert") -> Path:
+    """Heat map of routed tokens per expert (x) per MoE layer (y), as shares of the layer's
+    tokens; experts that received none are marked with a dot."""
+    layers = sorted(counts)
+    grid = torch.tensor([list(counts[layer]) for layer in layers], dtype=torch.float64)
+    share = grid / grid.sum(1, keepdim=True).clamp_min(1)
+    figure, axes = _new_figure(title)
+    image = axes.imshow(share.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    figure.colorbar(image, ax=axes, label="share of the layer's tokens")
+    starved = (grid == 0).nonzero().tolist()
+    if starved:
+        axes.scatter([e for _, e in starved], [l for l, _ in starved], marker=".", color="red", label="no tokens")
+        axes.legend(loc="upper right")
+    axes.set_xlabel("expert")
+    axes.set_ylabel("layer")
+    axes.set_yticks(range(len(layers)), [str(layer) for layer in layers])
+    return _save_png(figure, path)
+
+
 def write_report(report: dict, out_dir: Path, *, kl_values: torch.Tensor | None = None,
                  layer_errors: list[tuple[str, float]] | None = None,
                  gate_results: list | None = None) -> list[Path]:

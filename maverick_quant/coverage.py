@@ -1,0 +1,63 @@
+"""Routing coverage: how many calibration tokens the float model routes to each expert.
+
+Run before a long quantize job (`calibrate --coverage`) so starved experts are seen up
+front; the same counts appear per expert in a bundle's audit.json after quantization.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from maverick_quant.checkpoint import write_json_atomic
+from maverick_quant.errors import InputError
+from maverick_quant.experts import run_moe_layer
+from maverick_quant.streaming import StreamingModel, WeightSource
+
+COVERAGE_JSON, COVERAGE_PNG = "coverage.json", "coverage.png"
+
+
+@torch.no_grad()
+def expert_coverage(source: WeightSource, input_ids: torch.Tensor, batch: int = 8,
+                    show_progress: bool = True) -> dict:
+    """Stream the float model over `input_ids` [S, L]; tokens routed to each expert per MoE layer.
+
+    Returns {"tokens": S*L, "layers": {layer: [count per expert]}, "starved": {layer: [experts with 0]}}.
+    """
+    model = StreamingModel(source, batch=batch)
+    moe_layers = [i for i in range(model.num_layers) if model.plan(i).moe is not None]
+    if not moe_layers:
+        raise InputError("--coverage: this model has no mixture-of-experts layers")
+    hidden = model.embed(input_ids)
+    counts = {}
+    for index in tqdm(range(moe_layers[-1] + 1), desc="coverage layers", unit="layer", disable=not show_progress):
+        if index in moe_layers:
+            layer = model.layer(index, source.layer_tensors(index, experts=False))
+            counts[index] = run_moe_layer(model, index, layer, hidden).counts.tolist()
+        else:
+            model.run_layer(model.layer(index), hidden, out=hidden)
+    return {"tokens": int(input_ids.numel()), "layers": counts,
+            "starved": {index: [e for e, n in enumerate(c) if n == 0] for index, c in counts.items()}}
+
+
+def write_coverage(coverage: dict, out_dir: Path) -> list[Path]:
+    """coverage.json and a heat map coverage.png in `out_dir`."""
+    from maverick_quant.validation.report import plot_expert_tokens
+
+    out_dir = Path(out_dir)
+    write_json_atomic(out_dir / COVERAGE_JSON, coverage)
+    title = f"Calibration tokens per expert ({coverage['tokens']} tokens)"
+    return [out_dir / COVERAGE_JSON, plot_expert_tokens(coverage["layers"], out_dir / COVERAGE_PNG, title)]
+
+
+def coverage_summary(coverage: dict) -> str:
+    """One line per MoE layer: min / median / max tokens per expert and starved experts."""
+    lines = []
+    for index, counts in coverage["layers"].items():
+        ordered = sorted(counts)
+        starved = coverage["starved"][index]
+        lines.append(f"layer {index}: tokens per expert min {ordered[0]}, median {ordered[len(ordered) // 2]}, "
+                     f"max {ordered[-1]}; starved: {starved if starved else 'none'}")
+    return "\n".join(lines)

@@ -1,0 +1,54 @@
+"""`maverick-quant inspect`: what a bundle holds and what was decided for each expert."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from maverick_quant.bundle import Bundle
+
+
+def bundle_summary(bundle: Bundle, top: int = 5) -> str:
+    """Recipe, size and GPTQ loss of a bundle; for MoE bundles the most and least used
+    experts, every fallback, and the experts with the largest relative loss."""
+    manifest = bundle.manifest
+    quant = manifest["recipe"]["weights"]
+    size = sum(f["bytes"] for f in manifest["files"].values())
+    lines = [f"{bundle.root}: {manifest['source']['architecture'][0]}, {bundle.num_layers} layers, "
+             f"{manifest['recipe']['method']} {quant['bits']}-bit group {quant['group_size']} "
+             f"{'sym' if quant['sym'] else 'asym'}, {size / 2**20:.1f} MiB"]
+    loss = manifest["summary"].get("mean_rel_loss")
+    if loss is not None:
+        lines.append(f"mean relative GPTQ loss of the dense linears: {loss:.5f}")
+    audit = expert_audit(bundle)
+    if not audit:
+        return "\n".join(lines)
+    calibrated = [r for r in audit if r["tokens"] is not None]
+    by_tokens = sorted(calibrated, key=lambda r: r["tokens"])
+    describe = lambda r: f"L{r['layer']}/E{r['expert']} {r['tokens']} tok ({100 * r['share']:.1f}%)"  # noqa: E731
+    lines.append(f"experts: {len(audit)} in {len({r['layer'] for r in audit})} MoE layers")
+    if by_tokens:
+        lines.append("most used:  " + ", ".join(describe(r) for r in by_tokens[::-1][:top]))
+        lines.append("least used: " + ", ".join(describe(r) for r in by_tokens[:top]))
+    fallbacks = [r for r in audit if "fallback" in r["reason"]]
+    lines.append(f"fallbacks: {len(fallbacks)}" + "".join(f"\n  L{r['layer']}/E{r['expert']}: {r['policy']} ({r['reason']})"
+                                                         for r in fallbacks))
+    worst = sorted(calibrated, key=lambda r: -max(l["rel_loss"] for l in r["linears"].values()))[:top]
+    lines.append("largest relative loss: " + ", ".join(
+        f"L{r['layer']}/E{r['expert']} {max(l['rel_loss'] for l in r['linears'].values()):.4f}" for r in worst))
+    return "\n".join(lines)
+
+
+def expert_audit(bundle: Bundle) -> list[dict]:
+    """Every (layer, expert) record of the bundle, from the layer stats in its manifest."""
+    return [{"layer": index, **record} for index, layer in enumerate(bundle.manifest["layers"])
+            for record in layer.get("experts", {}).get("audit", [])]
+
+
+def plot_bundle_experts(bundle: Bundle, path: Path) -> Path:
+    """Heat map of routed calibration tokens per expert per MoE layer."""
+    from maverick_quant.validation.report import plot_expert_tokens
+
+    counts: dict[int, list[int]] = {}
+    for record in expert_audit(bundle):
+        counts.setdefault(record["layer"], []).append(record["tokens"] or 0)
+    return plot_expert_tokens(counts, Path(path), f"Calibration tokens per expert: {bundle.root.name}")
