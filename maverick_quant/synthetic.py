@@ -108,3 +108,39 @@ def upcycle_to_llama4(source_dir: Path, out_dir: Path, num_experts: int = 8, moe
             if (Path(source_dir) / name).is_file():
                 shutil.copy2(Path(source_dir) / name, tmp / name)
     return Path(out_dir)
+
+
+def random_llama4(out_dir: Path, num_experts: int, hidden: int = 512, inter: int = 1024, layers: int = 2,
+                  heads: int = 8, kv_heads: int = 2, tokenizer_dir: Path | None = None, seed: int = 0,
+                  force: bool = False) -> Path:
+    """A random `Llama4ForCausalLM` (MoE on odd layers, top-1) with every tensor of the
+    table's expected layout: N(0, 0.02) weights, unit norms, routers whose rows are scaled
+    by (e + 1) / E so routing is uneven. For scaling benchmarks and plan checks."""
+    from transformers import Llama4TextConfig
+
+    from maverick_quant.arch.llama4 import LLAMA4_CAUSAL
+
+    source = {"hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
+              "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": hidden // heads,
+              "vocab_size": 49152, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096,
+              "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}, "bos_token_id": 1,
+              "eos_token_id": 2, "pad_token_id": 2}
+    config = _llama4_text_config(source, num_experts, list(range(1, layers, 2)))
+    generator = torch.Generator().manual_seed(seed)
+    shapes = LLAMA4_CAUSAL.expected_tensors(Llama4TextConfig(**{k: v for k, v in config.items() if k != "architectures"}))
+    with atomic_output_dir(Path(out_dir), force) as tmp:
+        writer = ShardedWriter(tmp, 10**9)
+        for name, shape in shapes.items():
+            if name.endswith("norm.weight"):
+                tensor = torch.ones(shape)
+            else:
+                tensor = torch.randn(shape, generator=generator) * 0.02
+            if name.endswith("router.weight"):
+                tensor *= torch.arange(1, shape[0] + 1)[:, None] / shape[0] * 50
+            writer.add_group({name: tensor})
+        writer.close()
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        for name in TOKENIZER_FILES if tokenizer_dir else ():
+            if (Path(tokenizer_dir) / name).is_file():
+                shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+    return Path(out_dir)
