@@ -96,6 +96,9 @@ def test_validate_and_gptq_export_of_an_moe_bundle(moe_bundle: Path, tiny_llama4
     assert {f"{expert}.{p}" for p in ("qweight", "qzeros", "scales", "g_idx")} <= set(index)
     assert not any("gate_up_proj" in name for name in index)
     assert "language_model.model.layers.3.feed_forward.router.weight" in index
+    config = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]
+    assert {"feed_forward.router", "vision_model", "multi_modal_projector", "lm_head"} <= set(config["modules_to_not_convert"])
+    assert any(name.startswith("vision_model.") for name in index)  # the vision tower passes through
     exported, bundled = GPTQExportSource(tmp_path / "gptq").layer_tensors(3), Bundle(moe_bundle).layer_tensors(3)
     assert all(torch.equal(exported[name], bundled[name]) for name in bundled)
 

@@ -13,6 +13,7 @@ module's tensors stay in one shard.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -28,9 +29,22 @@ PACKABLE_BITS = (2, 4, 8)
 GPTQ_PARTS = ("qweight", "qzeros", "scales", "g_idx")
 
 
-def gptq_quantization_config(quant: dict, recipe: dict) -> dict:
+def unquantized_modules(bundle: Bundle) -> list[str]:
+    """Module name patterns left in float: routers (unless quantized), pass-through towers
+    (vision, projector) and lm_head. Used for `modules_to_not_convert` and, as negative
+    `dynamic` rules ("-:" + regex), by vLLM's GPTQ loader."""
+    names = ["lm_head", *(prefix.rstrip(".") for prefix in bundle.table.passthrough_prefixes)]
+    quantized_router = bundle.manifest["recipe"].get("moe", {}).get("quantize_router", False)
+    routers = {bundle.table.plan(bundle.text_config, i).moe.router for i in range(bundle.num_layers)
+               if bundle.table.plan(bundle.text_config, i).moe is not None}
+    return names + ([] if quantized_router else sorted(routers))
+
+
+def gptq_quantization_config(quant: dict, recipe: dict, unquantized: list[str] = ()) -> dict:
     """The `quantization_config` block transformers/GPTQModel/vLLM read."""
     return {
+        "modules_to_not_convert": list(unquantized),
+        "dynamic": {f"-:.*{re.escape(name)}.*": {} for name in unquantized},
         "quant_method": "gptq",
         "bits": quant["bits"],
         "group_size": quant["group_size"],
@@ -67,7 +81,8 @@ def export_gptq(bundle: Bundle, out_dir: Path, max_shard_bytes: int = 5 * 10**9)
     shards = writer.close()
     copied = copy_model_files(bundle.root, out_dir)
     config = json.loads((out_dir / "config.json").read_text())
-    config["quantization_config"] = gptq_quantization_config(bundle.quant, bundle.manifest["recipe"])
+    config["quantization_config"] = gptq_quantization_config(bundle.quant, bundle.manifest["recipe"],
+                                                             unquantized_modules(bundle))
     write_json_atomic(out_dir / "config.json", config)
     return shards + copied
 
