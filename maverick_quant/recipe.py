@@ -73,6 +73,31 @@ class QuantSpec:
 
 
 @dataclass(frozen=True)
+class AWQSpec:
+    """Activation-aware scale and clip search (see compress/awq.py).
+
+    grid:        ratios alpha = i / grid, i = 0..grid-1, tried for s = mean|x|^alpha.
+    duo_scaling: s = mean|x|^alpha / mean|w|^(1 - alpha) instead.
+    clip:        also search a per-(row, group) clipping range after scaling.
+    clip_grid, max_shrink: clip ranges max|w| * (1 - i / clip_grid) for i < max_shrink * clip_grid.
+    clip_tokens: calibration tokens sampled for the clip search.
+    """
+
+    grid: int = 20
+    duo_scaling: bool = False
+    clip: bool = True
+    clip_grid: int = 20
+    max_shrink: float = 0.5
+    clip_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        if self.grid < 1 or self.clip_grid < 1 or self.clip_tokens < 1:
+            raise InputError("awq.grid, awq.clip_grid and awq.clip_tokens: expected positive integers")
+        if not 0.0 <= self.max_shrink < 1.0:
+            raise InputError(f"awq.max_shrink={self.max_shrink}: expected a fraction in [0, 1)")
+
+
+@dataclass(frozen=True)
 class CalibSpec:
     """How calibration windows are drawn from a text source."""
 

@@ -1,0 +1,68 @@
+"""AWQ math on synthetic layers: scale search, clipping, folding."""
+
+from __future__ import annotations
+
+import torch
+
+from maverick_quant.compress.awq import (candidate_scales, clip_weights, fold_into_norm, fold_into_previous_linear,
+                                         output_loss, rtn_fake, scale_columns, search_scales)
+from maverick_quant.recipe import AWQSpec, QuantSpec
+
+SPEC = QuantSpec(bits=4, group_size=32, sym=False)
+
+
+def _outlier_layer(seed: int = 0, tokens: int = 256, k: int = 128, n: int = 64):
+    """Inputs with 4 channels 30x larger than the rest (as real activations have), random W."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, k, generator=g)
+    x[:, :4] *= 30
+    return x, torch.randn(n, k, generator=g) * 0.05
+
+
+def test_candidates_start_at_identity_and_are_normalised() -> None:
+    x_mean = torch.rand(64) * 10 + 0.1
+    scales = candidate_scales(x_mean, None, AWQSpec(grid=10))
+    assert scales.shape == (10, 64) and torch.allclose(scales[0], torch.ones(64))
+    assert torch.allclose(scales.amax(1) * scales.amin(1), torch.ones(10), atol=1e-5)
+    assert (scales[5].argsort() == x_mean.argsort()).all()  # larger activations, larger scales
+    duo = candidate_scales(x_mean, torch.rand(64) + 0.1, AWQSpec(grid=10, duo_scaling=True))
+    assert not torch.allclose(duo, scales)
+
+
+def test_scale_search_beats_rtn_on_a_layer_with_outlier_channels() -> None:
+    x, W = _outlier_layer()
+    awq = AWQSpec()
+    loss = output_loss(x, [W], SPEC)
+    result = search_scales(x.abs().mean(0), None, loss, awq)
+    rtn_loss = (x @ (rtn_fake(W, SPEC) - W).T).square().sum() / x.shape[0]
+    assert torch.isclose(result.losses[0], rtn_loss.double(), rtol=1e-4)  # alpha = 0 is plain RTN
+    assert result.ratio > 0 and result.losses.min() < 0.7 * rtn_loss
+    assert torch.equal(result.scales, candidate_scales(x.abs().mean(0), None, awq)[int(result.losses.argmin())])
+    held_out, _ = _outlier_layer(seed=1)  # the chosen scales generalise to new inputs
+    scaled = rtn_fake(scale_columns(W, result.scales), SPEC) / result.scales
+    assert (held_out @ (scaled - W).T).square().sum() < (held_out @ (rtn_fake(W, SPEC) - W).T).square().sum()
+
+
+def test_clipping_lowers_output_error_on_heavy_tailed_weights() -> None:
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(256, 128, generator=g)
+    W = torch.distributions.StudentT(2.0).sample((64, 128)) * 0.02
+    clipped = clip_weights(W, x, SPEC, AWQSpec())
+    error = lambda w: (x @ (rtn_fake(w, SPEC) - W).T).square().sum()  # noqa: E731
+    assert error(clipped) < 0.98 * error(W)
+    assert (clipped.abs() <= W.abs() + 1e-7).all()
+
+
+def test_folding_preserves_the_float_function() -> None:
+    g = torch.Generator().manual_seed(3)
+    x, s = torch.randn(16, 32, generator=g), torch.rand(32, generator=g) + 0.5
+    norm = torch.nn.RMSNorm(32, eps=1e-5)
+    norm.weight.data = torch.rand(32, generator=g) + 0.5
+    W = torch.randn(24, 32, generator=g)
+    expected = norm(x) @ W.T
+    norm.weight.data = fold_into_norm(norm.weight.data, s)
+    assert torch.allclose(norm(x) @ scale_columns(W, s).T, expected, rtol=1e-5, atol=1e-5)
+    up, down = torch.randn(32, 20, generator=g), torch.randn(8, 32, generator=g)
+    h = torch.randn(16, 20, generator=g)
+    assert torch.allclose((h @ fold_into_previous_linear(up, s).T) @ scale_columns(down, s).T, (h @ up.T) @ down.T,
+                          rtol=1e-4, atol=1e-4)
