@@ -29,7 +29,7 @@ from maverick_quant.calibration.moe import (Routing, activation, expert_hidden, 
 from maverick_quant.compress.gptq import gptq_quantize
 from maverick_quant.compress.grid import rtn_quantize
 from maverick_quant.compress.types import QuantizedWeight
-from maverick_quant.groups import result_stats, solve_group
+from maverick_quant.groups import solve_group
 from maverick_quant.recipe import ExpertPolicy, MoESpec, QuantizeSpec
 from maverick_quant.streaming import StopForward, StreamingModel
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 
 from maverick_quant.arch.base import fuse_experts, unfuse_experts

@@ -174,3 +174,33 @@ def fuse_experts(moe: MoEBlock, weights: dict[str, torch.Tensor]) -> dict[str, t
         parts = sorted((l for l in moe.expert_linears if l.fused == name), key=lambda l: l.part)
         out[name] = torch.cat([weights[l.name].transpose(-1, -2) for l in parts], dim=-1).contiguous()
     return out
+
+
+@dataclass(frozen=True)
+class TransformersModules:
+    """Builders of a family's transformers classes, imported on first use (importing
+    transformers' modeling files is slow and not needed to read a table).
+
+    module: "transformers.models.llama.modeling_llama"; layer/rotary/norm: class names there.
+    """
+
+    module: str
+    layer: str
+    rotary: str
+    norm: str
+
+    def _cls(self, name: str):
+        import importlib
+
+        return getattr(importlib.import_module(self.module), name)
+
+    def build_layer(self, config: Any, layer_index: int) -> torch.nn.Module:
+        """The decoder layer on the meta device (weights are assigned by the engine)."""
+        with torch.device("meta"):
+            return self._cls(self.layer)(config, layer_index)
+
+    def build_rotary(self, config: Any) -> torch.nn.Module:
+        return self._cls(self.rotary)(config)
+
+    def build_norm(self, config: Any) -> torch.nn.Module:
+        return self._cls(self.norm)(config.hidden_size, eps=config.rms_norm_eps)

@@ -4,28 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from maverick_quant.arch.base import ArchTable, LayerPlan, LinearGroup
+from maverick_quant.arch.base import ArchTable, LayerPlan, LinearGroup, TransformersModules
 
 
-def _build_llama_layer(config: Any, layer_index: int) -> torch.nn.Module:
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-
-    with torch.device("meta"):
-        return LlamaDecoderLayer(config, layer_index)
-
-
-def _build_llama_rotary(config: Any) -> torch.nn.Module:
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-    return LlamaRotaryEmbedding(config)
-
-
-def _build_llama_norm(config: Any) -> torch.nn.Module:
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
-    return LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+MODULES = TransformersModules("transformers.models.llama.modeling_llama", "LlamaDecoderLayer",
+                             "LlamaRotaryEmbedding", "LlamaRMSNorm")
 
 
 def _head_dim(config: Any) -> int:
@@ -92,8 +75,8 @@ LLAMA = ArchTable(
     embed="model.embed_tokens.weight",
     final_norm="model.norm.weight",
     lm_head="lm_head.weight",
-    build_layer=_build_llama_layer,
-    build_rotary=_build_llama_rotary,
-    build_norm=_build_llama_norm,
+    build_layer=MODULES.build_layer,
+    build_rotary=MODULES.build_rotary,
+    build_norm=MODULES.build_norm,
     model_shapes=_llama_model_shapes,
 )

@@ -13,32 +13,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from maverick_quant.arch.base import ArchTable, ExpertLinear, LayerPlan, LinearGroup, MoEBlock
+from maverick_quant.arch.base import ArchTable, ExpertLinear, LayerPlan, LinearGroup, MoEBlock, TransformersModules
 from maverick_quant.arch.llama import ATTENTION_GROUPS, NORMS, attention_shapes, mlp_shapes
 
 EXPERTS = "feed_forward.experts."
 ROUTER = "feed_forward.router"
 
 
-def _build_layer(config: Any, layer_index: int) -> torch.nn.Module:
-    from transformers.models.llama4.modeling_llama4 import Llama4TextDecoderLayer
-
-    with torch.device("meta"):
-        return Llama4TextDecoderLayer(config, layer_index)
-
-
-def _build_rotary(config: Any) -> torch.nn.Module:
-    from transformers.models.llama4.modeling_llama4 import Llama4TextRotaryEmbedding
-
-    return Llama4TextRotaryEmbedding(config)
-
-
-def _build_norm(config: Any) -> torch.nn.Module:
-    from transformers.models.llama4.modeling_llama4 import Llama4TextRMSNorm
-
-    return Llama4TextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+MODULES = TransformersModules("transformers.models.llama4.modeling_llama4", "Llama4TextDecoderLayer",
+                             "Llama4TextRotaryEmbedding", "Llama4TextRMSNorm")
 
 
 def moe_block(config: Any) -> MoEBlock:
@@ -109,9 +92,9 @@ def _table(architecture: str, root: str, **extra: Any) -> ArchTable:
         embed=f"{model}embed_tokens.weight",
         final_norm=f"{model}norm.weight",
         lm_head=f"{root}lm_head.weight",
-        build_layer=_build_layer,
-        build_rotary=_build_rotary,
-        build_norm=_build_norm,
+        build_layer=MODULES.build_layer,
+        build_rotary=MODULES.build_rotary,
+        build_norm=MODULES.build_norm,
         model_shapes=_model_shapes(model, f"{root}lm_head.weight"),
         **extra,
     )
