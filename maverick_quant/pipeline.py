@@ -26,7 +26,8 @@ from maverick_quant.arch.base import LinearGroup
 from maverick_quant.calibration.data import CalibrationSet
 from maverick_quant.compress.grid import rtn_quantize
 from maverick_quant.experts import quantize_moe_block, rtn_moe_block
-from maverick_quant.groups import group_hessian, solve_group
+from maverick_quant.awq_layer import awq_scale_layer
+from maverick_quant.groups import group_hessian, set_weight, solve_group
 from maverick_quant.compress.types import QuantizedWeight
 from maverick_quant.errors import InputError
 from maverick_quant.recipe import Method, QuantizeSpec
@@ -119,6 +120,23 @@ def quantize_layer_rtn(model: StreamingModel, index: int, layer: torch.nn.Module
     return quantized, stats
 
 
+def quantize_layer_calibrated(model: StreamingModel, index: int, layer: torch.nn.Module, hidden: torch.Tensor,
+                              spec: QuantizeSpec, write_chunk) -> tuple[dict[str, QuantizedWeight], dict]:
+    """GPTQ, AWQ (scales + clipping, then RTN) or AWQ+GPTQ (then GPTQ) of layer `index`;
+    advances `hidden` to the quantized layer's output."""
+    awq_stats = {}
+    if spec.method in (Method.AWQ, Method.AWQ_GPTQ):
+        awq_stats = awq_scale_layer(model, layer, hidden, model.plan(index), spec)
+    if spec.method is Method.AWQ:
+        quantized, stats = quantize_layer_rtn(model, index, layer, spec, write_chunk)
+        for name, weight in quantized.items():
+            set_weight(layer, name, weight)
+        model.run_layer(layer, hidden, out=hidden)
+    else:
+        quantized, stats = quantize_layer_gptq(model, index, layer, hidden, spec, write_chunk)
+    return quantized, {**stats, **awq_stats}
+
+
 def _model_level_tensors(source: CheckpointSource) -> dict[str, torch.Tensor]:
     """Embeddings, final norm, an untied lm_head, and every tensor under the table's
     pass-through prefixes (a vision tower and its projector), unchanged."""
@@ -127,6 +145,11 @@ def _model_level_tensors(source: CheckpointSource) -> dict[str, torch.Tensor]:
     if table.passthrough_prefixes:
         wanted += [name for name in names if name.startswith(table.passthrough_prefixes)]
     return {name: source.checkpoint.get(name) for name in wanted}
+
+
+def _plans(source: CheckpointSource) -> list:
+    text = source.table.text_config(source.config)
+    return [source.table.plan(text, index) for index in range(text.num_hidden_layers)]
 
 
 def quantize_model(source: CheckpointSource, calibration: CalibrationSet | None, spec: QuantizeSpec,
@@ -139,6 +162,9 @@ def quantize_model(source: CheckpointSource, calibration: CalibrationSet | None,
     needs_data = spec.method is not Method.RTN
     if needs_data and calibration is None:
         raise InputError(f"--method {spec.method.value} needs calibration data (--data or --calib)")
+    if spec.method is Method.AWQ and any(model_plan.moe for model_plan in _plans(source)):
+        raise InputError("--method awq: mixture-of-experts layers are not scaled yet; use --method awq+gptq "
+                         "(AWQ attention, GPTQ experts) or gptq")
     writer = BundleWriter(out_dir)
     release_free_memory()
     model = StreamingModel(source, batch=spec.batch_windows)
@@ -153,14 +179,15 @@ def quantize_model(source: CheckpointSource, calibration: CalibrationSet | None,
         prefix, moe = model.table.prefix(index), model.plan(index).moe
         write_chunk = moe and functools.partial(writer.write_experts, index, f"{prefix}{moe.experts}.")
         if needs_data:
-            quantized, stats = quantize_layer_gptq(model, index, layer, hidden, spec, write_chunk)
+            quantized, stats = quantize_layer_calibrated(model, index, layer, hidden, spec, write_chunk)
             _check_finite(hidden, f"the output of layer {index}")
-            losses.extend(stats[name]["rel_loss"] for name in quantized)
-            bar.set_postfix(rel_loss=f"{sum(losses) / len(losses):.4f}")
+            losses.extend(stats[name]["rel_loss"] for name in quantized if "rel_loss" in stats[name])
+            if losses:
+                bar.set_postfix(rel_loss=f"{sum(losses) / len(losses):.4f}")
         else:
             quantized, stats = quantize_layer_rtn(model, index, layer, spec, write_chunk)
-        passthrough = {name: tensors[name] for name in model.plan(index).passthrough
-                       if name.removesuffix(".weight") not in quantized}
+        passthrough = {name: layer.get_parameter(name).data.to(tensors[name].dtype)  # AWQ may have folded scales in
+                       for name in model.plan(index).passthrough if name.removesuffix(".weight") not in quantized}
         stats["seconds"] = time.perf_counter() - layer_started
         writer.write_layer(index, prefix, quantized, passthrough, stats)
         del layer, tensors, quantized, passthrough

@@ -18,6 +18,8 @@ class Method(str, enum.Enum):
 
     RTN = "rtn"
     GPTQ = "gptq"
+    AWQ = "awq"
+    AWQ_GPTQ = "awq+gptq"
 
 
 ALLOWED_GROUP_SIZES = (-1, 32, 64, 128, 256)
@@ -80,7 +82,7 @@ class AWQSpec:
     duo_scaling: s = mean|x|^alpha / mean|w|^(1 - alpha) instead.
     clip:        also search a per-(row, group) clipping range after scaling.
     clip_grid, max_shrink: clip ranges max|w| * (1 - i / clip_grid) for i < max_shrink * clip_grid.
-    clip_tokens: calibration tokens sampled for the clip search.
+    sample_tokens: calibration tokens sampled (evenly) for the scale and clip losses.
     """
 
     grid: int = 20
@@ -88,11 +90,11 @@ class AWQSpec:
     clip: bool = True
     clip_grid: int = 20
     max_shrink: float = 0.5
-    clip_tokens: int = 512
+    sample_tokens: int = 1024
 
     def __post_init__(self) -> None:
-        if self.grid < 1 or self.clip_grid < 1 or self.clip_tokens < 1:
-            raise InputError("awq.grid, awq.clip_grid and awq.clip_tokens: expected positive integers")
+        if self.grid < 1 or self.clip_grid < 1 or self.sample_tokens < 1:
+            raise InputError("awq.grid, awq.clip_grid and awq.sample_tokens: expected positive integers")
         if not 0.0 <= self.max_shrink < 1.0:
             raise InputError(f"awq.max_shrink={self.max_shrink}: expected a fraction in [0, 1)")
 
@@ -169,6 +171,7 @@ class QuantizeSpec:
     true_sequential: bool = True
     batch_windows: int = 8
     moe: MoESpec = MoESpec()
+    awq: AWQSpec = AWQSpec()
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, Method):
@@ -189,6 +192,8 @@ class QuantizeSpec:
         data = dict(data)
         data["method"] = Method(data["method"])
         data["weights"] = QuantSpec(**data["weights"])
+        if "awq" in data:
+            data["awq"] = AWQSpec(**data["awq"])
         if "moe" in data:
             moe = dict(data["moe"])
             moe.update(policy=ExpertPolicy(moe["policy"]), fallback=ExpertPolicy(moe["fallback"]))

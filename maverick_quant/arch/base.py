@@ -34,6 +34,21 @@ class LinearGroup:
 
 
 @dataclass(frozen=True)
+class ScaleGroup:
+    """AWQ: linears whose shared input is produced by `prev`, so a per-channel scale s can be
+    folded into `prev` (a norm's weight, or a linear's output rows) and W diag(s) into them.
+
+    prev:       module path of the producer ("input_layernorm", "mlp.up_proj").
+    linears:    the consumers, relative to the layer.
+    prev_norm:  whether `prev` is a norm (weight [K]) rather than a linear (weight [K, K_in]).
+    """
+
+    prev: str
+    linears: tuple[str, ...]
+    prev_norm: bool = True
+
+
+@dataclass(frozen=True)
 class ExpertLinear:
     """One per-expert linear stored inside a fused, input-major expert tensor.
 
@@ -97,6 +112,7 @@ class LayerPlan:
     shapes:       every tensor of the layer, relative name -> shape (fused experts included).
     moe:          the MoE block, or None for a dense layer.
     attention_window: tokens a query may see in this layer (chunked attention), or None.
+    scale_groups: AWQ scaling groups in solve order (see ScaleGroup).
     """
 
     groups: tuple[LinearGroup, ...]
@@ -104,6 +120,7 @@ class LayerPlan:
     shapes: dict[str, tuple[int, ...]]
     moe: MoEBlock | None = None
     attention_window: int | None = None
+    scale_groups: tuple[ScaleGroup, ...] = ()
 
     @property
     def linears(self) -> tuple[str, ...]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from maverick_quant.arch.base import ArchTable, LayerPlan, LinearGroup, TransformersModules
+from maverick_quant.arch.base import ArchTable, LayerPlan, LinearGroup, ScaleGroup, TransformersModules
 
 
 MODULES = TransformersModules("transformers.models.llama.modeling_llama", "LlamaDecoderLayer",
@@ -59,12 +59,26 @@ ATTENTION_GROUPS = (
 NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight")
 
 
+def scale_groups(config: Any, mlp: str | None) -> tuple[ScaleGroup, ...]:
+    """AWQ groups of a Llama-style layer: input norm -> q/k/v; v -> o when every query head
+    has its own value head (with grouped KV heads v's rows feed several o columns); and for
+    a gated MLP under `mlp` ("mlp."): post-attention norm -> gate/up, up -> down."""
+    groups = [ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))]
+    if config.num_key_value_heads == config.num_attention_heads:
+        groups.append(ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), prev_norm=False))
+    if mlp is not None:
+        groups += [ScaleGroup("post_attention_layernorm", (f"{mlp}gate_proj", f"{mlp}up_proj")),
+                   ScaleGroup(f"{mlp}up_proj", (f"{mlp}down_proj",), prev_norm=False)]
+    return tuple(groups)
+
+
 def _llama_plan(config: Any, layer_index: int) -> LayerPlan:
     groups = ATTENTION_GROUPS + (
         LinearGroup("mlp_in", ("mlp.gate_proj", "mlp.up_proj")),
         LinearGroup("mlp_mid", ("mlp.down_proj",)),
     )
-    return LayerPlan(groups=groups, passthrough=NORMS, shapes=_llama_layer_shapes(config))
+    return LayerPlan(groups=groups, passthrough=NORMS, shapes=_llama_layer_shapes(config),
+                     scale_groups=scale_groups(config, "mlp."))
 
 
 LLAMA = ArchTable(

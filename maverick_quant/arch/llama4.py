@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from maverick_quant.arch.base import ArchTable, ExpertLinear, LayerPlan, LinearGroup, MoEBlock, TransformersModules
-from maverick_quant.arch.llama import ATTENTION_GROUPS, NORMS, attention_shapes, mlp_shapes
+from maverick_quant.arch.llama import ATTENTION_GROUPS, NORMS, attention_shapes, mlp_shapes, scale_groups
 
 EXPERTS = "feed_forward.experts."
 ROUTER = "feed_forward.router"
@@ -59,7 +59,8 @@ def _plan(config: Any, layer_index: int) -> LayerPlan:
             LinearGroup("mlp_in", ("feed_forward.gate_proj", "feed_forward.up_proj")),
             LinearGroup("mlp_mid", ("feed_forward.down_proj",)),
         )
-        return LayerPlan(groups=groups, passthrough=NORMS, shapes=shapes, attention_window=window)
+        return LayerPlan(groups=groups, passthrough=NORMS, shapes=shapes, attention_window=window,
+                         scale_groups=scale_groups(config, "feed_forward."))
     experts, inter = config.num_local_experts, config.intermediate_size
     shapes.update(mlp_shapes("feed_forward.shared_expert.", hidden, inter))
     shapes.update({
@@ -68,7 +69,7 @@ def _plan(config: Any, layer_index: int) -> LayerPlan:
         EXPERTS + "down_proj": (experts, inter, hidden),
     })
     return LayerPlan(groups=ATTENTION_GROUPS, passthrough=NORMS + (ROUTER + ".weight",), shapes=shapes,
-                     moe=moe_block(config), attention_window=window)
+                     moe=moe_block(config), attention_window=window, scale_groups=scale_groups(config, None))
 
 
 def _model_shapes(prefix: str, lm_head: str) -> Any:

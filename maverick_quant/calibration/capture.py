@@ -64,9 +64,10 @@ class HessianAccumulator:
 
 
 @contextlib.contextmanager
-def capture_inputs(layer: torch.nn.Module, module_names: tuple[str, ...],
-                   stop: bool = False) -> Iterator[dict[str, HessianAccumulator]]:
-    """Accumulate input Hessians of `module_names` (paths in `layer`) while the block runs.
+def capture_inputs(layer: torch.nn.Module, module_names: tuple[str, ...], stop: bool = False,
+                   make=HessianAccumulator) -> Iterator[dict[str, HessianAccumulator]]:
+    """Accumulate input Hessians of `module_names` (paths in `layer`) while the block runs
+    (or, with `make(in_features)`, any accumulator with an `add(x)` method).
 
     Linears that share an input (q/k/v) each get their own hook; pass only one name per
     shared input to avoid redundant work. With `stop`, the last hooked module raises
@@ -75,7 +76,7 @@ def capture_inputs(layer: torch.nn.Module, module_names: tuple[str, ...],
     accumulators, handles = {}, []
     for position, name in enumerate(module_names):
         module = layer.get_submodule(name)
-        accumulators[name] = acc = HessianAccumulator(module.in_features)
+        accumulators[name] = acc = make(module.in_features)
         halt = stop and position == len(module_names) - 1
         handles.append(module.register_forward_pre_hook(lambda _m, args, acc=acc, halt=halt: _record(acc, args[0], halt)))
     try:
@@ -117,3 +118,35 @@ def capture_attention_mixed(layer: torch.nn.Module, value_name: str, attention_n
 def _mix_and_stop(acc: HessianAccumulator, x: torch.Tensor, probs: torch.Tensor) -> None:
     acc.add_mixed(x, probs)
     raise StopForward
+
+
+class ActivationSample:
+    """mean |x| per input channel over every token, and an evenly strided sample of rows.
+
+    x arrives as [..., K] batch by batch; rows whose running index is a multiple of
+    `stride` are kept (fp32), so the sample spans all windows.
+    """
+
+    def __init__(self, in_features: int, stride: int):
+        self.abs_sum = torch.zeros(in_features, dtype=torch.float64)
+        self.tokens, self.stride, self.rows = 0, stride, []
+
+    def add(self, x: torch.Tensor) -> None:
+        flat = x.reshape(-1, x.shape[-1]).float()
+        self.abs_sum += flat.abs().sum(0).double()
+        first = (-self.tokens) % self.stride
+        self.rows.append(flat[first :: self.stride].clone())
+        self.tokens += flat.shape[0]
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return (self.abs_sum / max(self.tokens, 1)).float()
+
+    @property
+    def sample(self) -> torch.Tensor:
+        return torch.cat(self.rows)
+
+
+def capture_samples(layer: torch.nn.Module, module_names: tuple[str, ...], stride: int, stop: bool = False):
+    """`capture_inputs` with an ActivationSample (mean |x| and strided rows) per module."""
+    return capture_inputs(layer, module_names, stop, make=lambda width: ActivationSample(width, stride))

@@ -1,0 +1,61 @@
+"""AWQ through the streaming engine: folding keeps the float function; CLI paths."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from click.testing import CliRunner
+
+from maverick_quant.awq_layer import awq_scale_layer
+from maverick_quant.bundle import Bundle
+from maverick_quant.cli import cli
+from maverick_quant.recipe import AWQSpec, Method, QuantizeSpec
+from maverick_quant.streaming import StreamingModel, open_source
+
+
+def test_scaled_float_layers_compute_the_same_logits(tiny_llama_dir: Path) -> None:
+    """Scales folded into norms and producing linears (no clipping, no rounding) leave the
+    model's logits unchanged to fp32 rounding, while the weights themselves did change."""
+    model = StreamingModel(open_source(tiny_llama_dir), batch=2)
+    ids = torch.randint(3, 49152, (4, 32), generator=torch.Generator().manual_seed(0))
+    expected = model.forward(ids)
+    spec = QuantizeSpec(method=Method.AWQ, awq=AWQSpec(clip=False, sample_tokens=64))
+    hidden, ratios = model.embed(ids), []
+    for index in range(model.num_layers):
+        layer = model.layer(index)
+        before = layer.mlp.down_proj.weight.clone()
+        stats = awq_scale_layer(model, layer, hidden, model.plan(index), spec)
+        ratios += [s["ratio"] for s in stats.values()]
+        assert all(s["loss"] <= s["rtn_loss"] for s in stats.values())
+        assert not torch.equal(before, layer.mlp.down_proj.weight) or stats["awq:mlp.up_proj"]["ratio"] == 0
+        model.run_layer(layer, hidden, out=hidden)
+    assert any(ratio > 0 for ratio in ratios)
+    assert (model.logits(hidden) - expected).abs().max() < 1e-3 * expected.abs().max()
+
+
+def _run(*args) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def test_awq_and_awq_gptq_from_the_cli(tiny_llama_dir: Path, tiny_llama4_dir: Path, small_text_file: Path,
+                                       tmp_path: Path) -> None:
+    common = ["--data", small_text_file, "--samples", 4, "--seq-len", 32, "--group-size", 32, "--no-progress"]
+    for method in ("awq", "awq+gptq"):
+        code, out = _run("quantize", tiny_llama_dir, "--method", method, "--out", tmp_path / method, *common)
+        assert code == 0, out
+        bundle = Bundle(tmp_path / method)
+        assert "awq:input_layernorm" in bundle.manifest["layers"][0]
+        folded = bundle.layer_tensors(0)["input_layernorm.weight"]
+        assert not torch.equal(folded, open_source(tiny_llama_dir).layer_tensors(0)["input_layernorm.weight"])
+        code, out = _run("validate", "--reference", tiny_llama_dir, "--candidate", tmp_path / method, "--data",
+                         small_text_file, "--ctx", 32, "--max-windows", 2, "--report", tmp_path / f"r-{method}",
+                         "--gate", "ppl_ratio<=1.5")
+        assert code == 0, out
+    code, out = _run("quantize", tiny_llama4_dir, "--method", "awq", "--out", tmp_path / "moe-awq", *common)
+    assert code == 2 and "mixture-of-experts layers are not scaled yet" in out and not (tmp_path / "moe-awq").exists()
+    code, out = _run("quantize", tiny_llama4_dir, "--method", "awq+gptq", "--out", tmp_path / "moe-awq-gptq", *common)
+    assert code == 0, out
+    assert json.loads((tmp_path / "moe-awq-gptq" / "audit.json").read_text())["experts"]
