@@ -160,7 +160,7 @@ def inspect_command(bundle_dir, plot, top) -> None:
 
 @cli.command()
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["gptq"]), required=True)
+@click.option("--format", "fmt", type=click.Choice(["gptq", "awq"]), required=True)
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path))
 @click.option("--max-shard-size", default=5 * 10**9, show_default=True, help="Bytes per safetensors shard.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
@@ -168,7 +168,7 @@ def export(bundle_dir, fmt, out, max_shard_size, force) -> None:
     """Write a bundle as a checkpoint other engines load."""
     from maverick_quant.jobs import run_export
 
-    run_export(bundle_dir, out, max_shard_size, force)
+    run_export(bundle_dir, out, fmt, max_shard_size, force)
 
 
 @cli.command()

@@ -38,16 +38,17 @@ def run_quantize(model_dir, out, spec, data, calib, calib_spec, force, progress)
     return summary
 
 
-def run_export(bundle_dir, out, max_shard_size=5 * 10**9, force=False):
+def run_export(bundle_dir, out, fmt="gptq", max_shard_size=5 * 10**9, force=False):
     from maverick_quant.bundle import Bundle
     from maverick_quant.checkpoint import atomic_output_dir, check_output_dir
-    from maverick_quant.exporters.gptq import export_gptq
+    from maverick_quant.exporters.packed import export_packed
+    from maverick_quant.exporters.registry import LAYOUTS
 
     check_output_dir(out, force)
     bundle = Bundle(bundle_dir)
     with atomic_output_dir(out, force) as tmp:
-        files = export_gptq(bundle, tmp, max_shard_size)
-    click.echo(f"exported gptq: {len(files)} files -> {out}")
+        files = export_packed(bundle, tmp, LAYOUTS[fmt], max_shard_size)
+    click.echo(f"exported {fmt}: {len(files)} files -> {out}")
 
 
 def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates=(), baseline=None,

@@ -59,3 +59,23 @@ def test_awq_and_awq_gptq_from_the_cli(tiny_llama_dir: Path, tiny_llama4_dir: Pa
     code, out = _run("quantize", tiny_llama4_dir, "--method", "awq+gptq", "--out", tmp_path / "moe-awq-gptq", *common)
     assert code == 0, out
     assert json.loads((tmp_path / "moe-awq-gptq" / "audit.json").read_text())["experts"]
+
+
+def test_awq_gemm_export_reads_back_to_the_bundle(tiny_llama_dir: Path, small_text_file: Path, tmp_path: Path) -> None:
+    from maverick_quant.exporters.registry import open_export
+
+    code, out = _run("quantize", tiny_llama_dir, "--method", "awq", "--data", small_text_file, "--samples", 2,
+                     "--seq-len", 32, "--group-size", 32, "--asym", "--out", tmp_path / "bundle", "--no-progress")
+    assert code == 0, out
+    code, out = _run("export", tmp_path / "bundle", "--format", "awq", "--out", tmp_path / "awq")
+    assert code == 0, out
+    config = json.loads((tmp_path / "awq" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "awq" and config["version"] == "gemm" and config["zero_point"] is True
+    assert "lm_head" in config["modules_to_not_convert"]
+    exported, bundled = open_export(tmp_path / "awq"), Bundle(tmp_path / "bundle")
+    for index in range(bundled.num_layers):
+        expected = bundled.layer_tensors(index)
+        assert all(torch.equal(exported.layer_tensors(index)[name], expected[name]) for name in expected)
+    code, out = _run("quantize", tiny_llama_dir, "--method", "rtn", "--bits", 8, "--out", tmp_path / "w8", "--no-progress")
+    code, out = _run("export", tmp_path / "w8", "--format", "awq", "--out", tmp_path / "awq8")
+    assert code == 2 and "4-bit" in out and not (tmp_path / "awq8").exists()

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from maverick_quant.bundle import Bundle
 from maverick_quant.cli import cli
-from maverick_quant.exporters.gptq import GPTQExportSource
+from maverick_quant.exporters.registry import open_export
 
 
 def _run(*args: str) -> tuple[int, str]:
@@ -48,7 +48,7 @@ def test_bundle_manifest_records_the_run(tiny_run) -> None:
 
 
 def test_export_dequantizes_to_the_bundle_exactly(tiny_run) -> None:
-    bundle, export = Bundle(tiny_run["bundle"]), GPTQExportSource(tiny_run["gptq"])
+    bundle, export = Bundle(tiny_run["bundle"]), open_export(tiny_run["gptq"])
     assert len(list(tiny_run["gptq"].glob("model-*.safetensors"))) >= 2
     config = json.loads((tiny_run["gptq"] / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "gptq" and config["bits"] == 4 and config["group_size"] == 64

@@ -16,7 +16,7 @@ from maverick_quant.calibration.moe import route
 from maverick_quant.cli import cli
 from maverick_quant.compress.grid import rtn_quantize
 from maverick_quant.experts import quantize_expert_chunk
-from maverick_quant.exporters.gptq import GPTQExportSource
+from maverick_quant.exporters.registry import open_export
 from maverick_quant.recipe import ExpertPolicy, MoESpec, QuantizeSpec
 from maverick_quant.streaming import StreamingModel, open_source
 from tests.conftest import SHARED_DATA
@@ -99,7 +99,7 @@ def test_validate_and_gptq_export_of_an_moe_bundle(moe_bundle: Path, tiny_llama4
     config = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]
     assert {"feed_forward.router", "vision_model", "multi_modal_projector", "lm_head"} <= set(config["modules_to_not_convert"])
     assert any(name.startswith("vision_model.") for name in index)  # the vision tower passes through
-    exported, bundled = GPTQExportSource(tmp_path / "gptq").layer_tensors(3), Bundle(moe_bundle).layer_tensors(3)
+    exported, bundled = open_export(tmp_path / "gptq").layer_tensors(3), Bundle(moe_bundle).layer_tensors(3)
     assert all(torch.equal(exported[name], bundled[name]) for name in bundled)
 
 

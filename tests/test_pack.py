@@ -126,3 +126,20 @@ def test_from_gptq_tensors_checks_shapes():
     with pytest.raises(ValueError, match="2-D"):
         to_gptq_tensors(QuantizedWeight(torch.zeros(2, 8, 32, dtype=torch.uint8), torch.ones(2, 8, 1).half(),
                                         torch.zeros(2, 8, 1, dtype=torch.uint8), 4, -1))
+
+
+def test_awq_gemm_layout_round_trips_and_uses_the_interleaved_nibble_order() -> None:
+    from maverick_quant.compress.pack import AWQ_ORDER, from_awq_tensors, to_awq_tensors
+
+    g = torch.Generator().manual_seed(5)
+    codes = torch.randint(0, 16, (16, 64), generator=g, dtype=torch.uint8)
+    zeros = torch.randint(0, 16, (16, 2), generator=g, dtype=torch.uint8)
+    qw = QuantizedWeight(codes, torch.rand(16, 2, generator=g).half(), zeros, 4, 32)
+    tensors = to_awq_tensors(qw)
+    assert tensors["qweight"].shape == (64, 2) and tensors["qzeros"].shape == (2, 2) and tensors["scales"].shape == (2, 16)
+    word = int(tensors["qweight"][3, 1]) & 0xFFFFFFFF  # input column 3, output columns 8..15
+    assert [(word >> (4 * i)) & 0xF for i in range(8)] == [int(codes[8 + AWQ_ORDER[i], 3]) for i in range(8)]
+    back = from_awq_tensors(tensors, 4, 32)
+    assert torch.equal(back.codes, codes) and torch.equal(back.zeros, zeros) and torch.equal(back.scales, qw.scales)
+    with pytest.raises(ValueError, match="multiple of the group size"):
+        to_awq_tensors(QuantizedWeight(codes[:, :48], qw.scales, zeros, 4, 32))

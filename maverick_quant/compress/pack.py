@@ -9,6 +9,12 @@ GPTQ layout of a linear with N outputs, K inputs, G groups:
     qzeros  int32 [G, N*bits/32]   (zero - 1) mod 2^bits, packed along N (v1 convention)
     scales  fp16  [G, N]
     g_idx   int32 [K]              k // group_size (0 everywhere for group_size -1)
+
+AWQ GEMM layout (AutoAWQ "gemm", 4 bits, K a multiple of the group size):
+    qweight int32 [K, N/8]         codes packed along N, nibble i of a word holding output
+                                   column AWQ_ORDER[i] of its block of 8
+    qzeros  int32 [G, N/8]         the real zero points, packed the same way
+    scales  fp16  [G, N]
 """
 
 from __future__ import annotations
@@ -99,3 +105,44 @@ def from_gptq_tensors(tensors: dict[str, torch.Tensor], bits: int, group_size: i
         bits=bits,
         group_size=group_size,
     )
+
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # output column held by nibble i of an AWQ GEMM word
+
+
+def _awq_pack(values: torch.Tensor) -> torch.Tensor:
+    """[R, N] 4-bit codes -> int32 [R, N/8] in AWQ's interleaved nibble order."""
+    rows, n = values.shape
+    _check_divisible(n, 8, 4, "AWQ output dim N")
+    order = torch.tensor(AWQ_ORDER, device=values.device)
+    return pack_along(values.reshape(rows, n // 8, 8).index_select(-1, order).reshape(rows, n), 4, dim=1)
+
+
+def _awq_unpack(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `_awq_pack`: int32 [R, N/8] -> uint8 [R, N]."""
+    rows, words = packed.shape
+    nibbles = unpack_along(packed, 4, dim=1, length=words * 8).reshape(rows, words, 8)
+    inverse = torch.argsort(torch.tensor(AWQ_ORDER, device=packed.device))
+    return nibbles.index_select(-1, inverse).reshape(rows, words * 8)
+
+
+def to_awq_tensors(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """A 2-D 4-bit QuantizedWeight [N, K] -> {"qweight", "qzeros", "scales"} (AWQ GEMM)."""
+    n, k = qw.shape
+    if qw.bits != 4 or qw.group_size == -1 or k % qw.group_size:
+        raise ValueError(f"AWQ GEMM stores 4-bit weights with K a multiple of the group size; got bits={qw.bits}, "
+                         f"group_size={qw.group_size}, K={k}")
+    return {"qweight": _awq_pack(qw.codes.t()), "qzeros": _awq_pack(qw.zeros.t()), "scales": qw.scales.t().contiguous()}
+
+
+def from_awq_tensors(tensors: dict[str, torch.Tensor], bits: int, group_size: int) -> QuantizedWeight:
+    """Inverse of `to_awq_tensors`."""
+    qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"]
+    k, n = qweight.shape[0], scales.shape[-1]
+    expected = {"qweight": (k, n // 8), "qzeros": (k // group_size, n // 8), "scales": (k // group_size, n)}
+    for name, shape in expected.items():
+        if bits != 4 or tuple(tensors[name].shape) != shape:
+            raise ValueError(f"AWQ {name} has shape {tuple(tensors[name].shape)}, expected {shape} for K={k}, N={n}, "
+                             f"bits=4 (got {bits}), group_size={group_size}")
+    return QuantizedWeight(_awq_unpack(qweight).t().contiguous(), scales.t().contiguous(),
+                           _awq_unpack(qzeros).t().contiguous(), bits, group_size)

@@ -35,7 +35,7 @@ class Evaluation:
 def open_candidate(path: Path):
     """A WeightSource for a bundle, a GPTQ export or a plain float model directory."""
     from maverick_quant.bundle import MANIFEST, Bundle
-    from maverick_quant.exporters.gptq import GPTQExportSource
+    from maverick_quant.exporters.registry import open_export
     from maverick_quant.streaming import open_source
 
     path = Path(path)
@@ -44,7 +44,7 @@ def open_candidate(path: Path):
     if not (path / "config.json").is_file():
         raise InputError(f"{path}: not a bundle, an export or a model directory")
     if '"quantization_config"' in (path / "config.json").read_text():
-        return GPTQExportSource(path)
+        return open_export(path)
     return open_source(path)
 
 

@@ -1,0 +1,139 @@
+"""Bundle -> Hugging Face checkpoint with packed integer weights, for any `Layout` (GPTQ, AWQ).
+
+Every quantized linear `m` becomes `m.<part>` tensors of the layout; routed experts are
+unfused, one module per expert (`...experts.{e}.{gate_proj,up_proj,down_proj}`); everything
+else passes through in its original dtype (norms, routers unless quantized, a vision tower).
+`config.json` gains the layout's `quantization_config`. Shards are safetensors with an
+index, each module's tensors in one shard. `ExportSource` reads such a checkpoint back as
+float tensors layer by layer, so `validate` can stream it like the original.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from maverick_quant.arch.base import fuse_experts
+from maverick_quant.bundle import Bundle, copy_model_files
+from maverick_quant.checkpoint import Checkpoint, ShardedWriter, write_json_atomic
+from maverick_quant.compress.types import QuantizedWeight
+from maverick_quant.errors import InputError
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A packed checkpoint format.
+
+    name:        `--format` value and `quant_method`.
+    parts:       tensor suffixes of one module ("qweight", ...).
+    to_tensors:  QuantizedWeight [N, K] -> {part: tensor}.
+    from_tensors: ({part: tensor}, bits, group_size) -> QuantizedWeight (raises ValueError if malformed).
+    check:       bundle quant dict -> None, or an error message if the layout cannot store it.
+    config:      (bundle quant, recipe, unquantized module names) -> quantization_config.
+    """
+
+    name: str
+    parts: tuple[str, ...]
+    to_tensors: Callable[[QuantizedWeight], dict[str, torch.Tensor]]
+    from_tensors: Callable[[dict[str, torch.Tensor], int, int], QuantizedWeight]
+    check: Callable[[dict], str | None]
+    config: Callable[[dict, dict, list[str]], dict]
+
+
+def unquantized_modules(bundle: Bundle) -> list[str]:
+    """Module name patterns left in float: routers (unless quantized), pass-through towers
+    (vision, projector) and lm_head. Used for `modules_to_not_convert` and, as negative
+    `dynamic` rules ("-:" + regex), by vLLM's loaders."""
+    names = ["lm_head", *(prefix.rstrip(".") for prefix in bundle.table.passthrough_prefixes)]
+    quantized_router = bundle.manifest["recipe"].get("moe", {}).get("quantize_router", False)
+    plans = [bundle.table.plan(bundle.text_config, i) for i in range(bundle.num_layers)]
+    routers = {plan.moe.router for plan in plans if plan.moe is not None}
+    return names + ([] if quantized_router else sorted(routers))
+
+
+def exclusion_fields(unquantized: list[str]) -> dict:
+    return {"modules_to_not_convert": list(unquantized),
+            "dynamic": {f"-:.*{re.escape(name)}.*": {} for name in unquantized}}
+
+
+def export_packed(bundle: Bundle, out_dir: Path, layout: Layout, max_shard_bytes: int = 5 * 10**9) -> list[str]:
+    """Write `bundle` in `layout` into the (empty) directory `out_dir`; returns the files written."""
+    problem = layout.check(bundle.quant)
+    if problem:
+        raise InputError(f"--format {layout.name}: {problem}")
+    convert = lambda weight: layout.to_tensors(weight)  # noqa: E731
+    writer = ShardedWriter(out_dir, max_shard_bytes)
+    for index in range(bundle.num_layers):
+        prefix = bundle.table.prefix(index)
+        quantized, passthrough = bundle.quantized_layer(index)
+        for name, weight in quantized.items():
+            writer.add_group({f"{prefix}{name}.{part}": t for part, t in convert(weight).items()})
+        writer.add_group({prefix + name: t for name, t in passthrough.items()})
+        for first, chunk in bundle.expert_chunks(index):
+            experts = bundle.table.plan(bundle.text_config, index).moe.experts
+            for offset in range(next(iter(chunk.values())).shape[0]):
+                module = f"{prefix}{experts}.{first + offset}"
+                writer.add_group({f"{module}.{name}.{part}": t for name, weight in chunk.items()
+                                  for part, t in convert(weight[offset]).items()})
+    writer.add_group({name: bundle.model_tensor(name) for name in bundle.model_tensor_names()})
+    shards = writer.close()
+    copied = copy_model_files(bundle.root, out_dir)
+    config = json.loads((out_dir / "config.json").read_text())
+    config["quantization_config"] = layout.config(bundle.quant, bundle.manifest["recipe"], unquantized_modules(bundle))
+    write_json_atomic(out_dir / "config.json", config)
+    return shards + copied
+
+
+class ExportSource:
+    """A packed export read back lazily as float tensors (a `WeightSource`)."""
+
+    def __init__(self, export_dir: Path | str, layouts: dict[str, Layout]):
+        from maverick_quant.arch.registry import table_for
+
+        self.checkpoint = Checkpoint(export_dir)
+        self.config = self.checkpoint.load_config()
+        self.table = table_for(self.config, str(self.checkpoint.model_dir / "config.json"))
+        self.text_config = self.table.text_config(self.config)
+        quant = getattr(self.config, "quantization_config", None) or {}
+        quant = quant if isinstance(quant, dict) else quant.to_dict()
+        if quant.get("quant_method") not in layouts:
+            raise InputError(f"{export_dir}/config.json: quantization_config.quant_method {quant.get('quant_method')!r} "
+                             f"is not one of {sorted(layouts)}")
+        self.layout = layouts[quant["quant_method"]]
+        self.bits, self.group_size = int(quant["bits"]), int(quant["group_size"])
+
+    def _linear(self, module: str) -> torch.Tensor:
+        tensors = {part: self.checkpoint.get(f"{module}.{part}") for part in self.layout.parts}
+        try:
+            return self.layout.from_tensors(tensors, self.bits, self.group_size).dequantize()
+        except ValueError as exc:
+            raise InputError(f"{self.checkpoint.model_dir}: module {module}: {exc}") from None
+
+    def layer_tensors(self, index: int, experts: bool = True) -> dict[str, torch.Tensor]:
+        """Float tensors of layer `index`; per-expert modules are dequantized and fused back
+        into the model's [E, K, parts*N] expert tensors."""
+        prefix, plan = self.table.prefix(index), self.table.plan(self.text_config, index)
+        out = {}
+        for name in plan.passthrough:  # a quantized router has packed parts instead of weight
+            stored = self.checkpoint.tensors.get(prefix + name)
+            out[name] = self.checkpoint.get(prefix + name) if stored else self._linear(prefix + name.removesuffix(".weight"))
+        out.update({f"{name}.weight": self._linear(prefix + name) for name in plan.linears})
+        if experts and plan.moe is not None:
+            moe = plan.moe
+            unfused = {l.name: torch.stack([self._linear(f"{prefix}{moe.experts}.{e}.{l.name}") for e in range(moe.num_experts)])
+                       for l in moe.expert_linears}
+            out.update(fuse_experts(moe, unfused))
+        return out
+
+    def model_tensor(self, name: str) -> torch.Tensor:
+        if name == self.table.lm_head and name not in self.checkpoint.tensors:
+            name = self.table.embed
+        return self.checkpoint.get(name)
+
+    def embedding_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.checkpoint.get_rows(self.table.embed, rows)

@@ -1,0 +1,16 @@
+"""Export layouts by `--format` name, and reading an export back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from maverick_quant.exporters.awq import AWQ
+from maverick_quant.exporters.gptq import GPTQ
+from maverick_quant.exporters.packed import ExportSource
+
+LAYOUTS = {layout.name: layout for layout in (GPTQ, AWQ)}
+
+
+def open_export(path: Path | str) -> ExportSource:
+    """A packed export (any layout above) as a float `WeightSource`."""
+    return ExportSource(path, LAYOUTS)
