@@ -182,13 +182,16 @@ def export(bundle_dir, fmt, out, max_shard_size, force) -> None:
 @click.option("--baseline", type=click.Path(path_type=Path), help="A previous report.json for `baseline` in gates.")
 @click.option("--batch", default=4, show_default=True, help="Windows per forward batch.")
 @click.option("--force", is_flag=True, help="Replace an existing report directory.")
+@click.option("--protocol", type=click.Choice(["gptq", "llama.cpp"]), default="gptq", show_default=True,
+              help="gptq: every token after a window's first scored; llama.cpp: BOS first, second half scored.")
 @click.option("--progress/--no-progress", default=True)
-def validate(reference, candidate, data, report_dir, ctx, max_windows, gates, baseline, batch, force, progress) -> None:
+def validate(reference, candidate, data, report_dir, ctx, max_windows, gates, baseline, batch, force, protocol,
+             progress) -> None:
     """Compare CANDIDATE with REFERENCE: perplexity, KL, top-1 agreement, per-layer error; gate CI."""
     from maverick_quant.jobs import run_validate
 
     passed = run_validate(reference, candidate, data, report_dir, ctx, max_windows or None, gates, baseline,
-                          batch, force, progress)
+                          batch, force, progress, protocol)
     sys.exit(0 if passed else 1)
 
 

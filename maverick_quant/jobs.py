@@ -52,9 +52,9 @@ def run_export(bundle_dir, out, fmt="gptq", max_shard_size=5 * 10**9, force=Fals
 
 
 def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates=(), baseline=None,
-                 batch=4, force=False, progress=True) -> bool:
+                 batch=4, force=False, progress=True, protocol="gptq") -> bool:
     """Shared by `validate` and `demo`; returns whether every gate passed."""
-    from maverick_quant.calibration.data import eval_windows, load_tokenizer
+    from maverick_quant.calibration.data import eval_windows, load_tokenizer, scored_from
     from maverick_quant.checkpoint import atomic_output_dir, check_output_dir
     from maverick_quant.streaming import open_source
     from maverick_quant.validation.evaluate import evaluate, open_candidate
@@ -65,9 +65,11 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
     parsed = [parse_gate(text) for text in gates]
     baseline_report = _read_baseline(baseline) if baseline else None
     ref_source, cand_source = open_source(reference), open_candidate(candidate)
-    windows = eval_windows(data, load_tokenizer(reference), ctx, max_windows)
-    result = evaluate(ref_source, cand_source, windows, batch=batch, show_progress=progress)
-    report = {**result.summary, "protocol": {"name": "gptq", "ctx": ctx, "windows": int(windows.shape[0]), "data": str(data)},
+    windows = eval_windows(data, load_tokenizer(reference), ctx, max_windows, protocol)
+    first = scored_from(protocol, ctx)
+    result = evaluate(ref_source, cand_source, windows, batch=batch, show_progress=progress, first_scored=first)
+    report = {**result.summary, "protocol": {"name": protocol, "ctx": ctx, "windows": int(windows.shape[0]),
+                                             "first_scored_position": first, "data": str(data)},
               "reference_model": str(reference), "candidate_model": str(candidate), "tool_version": __version__}
     outcomes = evaluate_gates(parsed, report, baseline_report)
     report["gates"] = [{"gate": o.gate, "actual": o.actual, "threshold": o.threshold, "passed": o.passed} for o in outcomes]

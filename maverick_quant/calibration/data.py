@@ -156,13 +156,31 @@ def make_calibration(model_dir: Path, data: str, spec: CalibSpec, tokenizer=None
     return build_calibration(read_records(Path(data), tokenizer, spec.chat_template), tokenizer, spec, source=str(data))
 
 
-def eval_windows(data: str | Path, tokenizer, ctx: int, max_windows: int | None) -> torch.Tensor:
-    """Evaluation windows [W, ctx] (GPTQ protocol: the text tokenized whole, cut into
-    non-overlapping windows from the start; the tokenizer's BOS only at the very start)."""
+PROTOCOLS = ("gptq", "llama.cpp")
+
+
+def eval_windows(data: str | Path, tokenizer, ctx: int, max_windows: int | None, protocol: str = "gptq") -> torch.Tensor:
+    """Evaluation windows [W, ctx]: the text tokenized whole (BOS only at the very start) and
+    cut into non-overlapping windows from the start. Protocol "llama.cpp" (as
+    `llama-perplexity`) also puts BOS as the first token of every window; which tokens are
+    scored is `scored_from(protocol, ctx)`."""
+    if protocol not in PROTOCOLS:
+        raise InputError(f"--protocol {protocol!r}: expected one of {list(PROTOCOLS)}")
     records = read_records(Path(data), tokenizer, chat_template=False)
     if not records:
         raise InputError(f"{data}: evaluation data is empty")
     stream = token_stream(records, tokenizer)
     if tokenizer.bos_token_id is not None:
         stream = torch.cat([torch.tensor([tokenizer.bos_token_id]), stream])
-    return contiguous_windows(stream, ctx, max_windows, str(data))
+    windows = contiguous_windows(stream, ctx, max_windows, str(data))
+    if protocol == "llama.cpp":
+        if tokenizer.bos_token_id is None:
+            raise InputError("--protocol llama.cpp puts BOS first in every window, but the tokenizer has no BOS token")
+        windows[:, 0] = tokenizer.bos_token_id
+    return windows
+
+
+def scored_from(protocol: str, ctx: int) -> int:
+    """First scored position of a window: every token after the first (GPTQ paper), or only
+    the second half, positions ctx//2 .. ctx-1 (llama.cpp's perplexity)."""
+    return ctx // 2 if protocol == "llama.cpp" else 1

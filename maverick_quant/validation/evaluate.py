@@ -5,8 +5,10 @@ layer it also measures the candidate layer's relative output error on the refere
 inputs, err_l = ||f_c(h) - f_r(h)||^2 / ||f_r(h) - h||^2 (the error relative to what the
 layer adds to the residual stream), which localises damage to a layer.
 
-Protocol "gptq": non-overlapping windows of `ctx` tokens from the start of the text, every
-token after the first of each window scored (the GPTQ paper's perplexity).
+Protocols (see calibration.data.eval_windows): "gptq", non-overlapping windows of `ctx`
+tokens from the start of the text, every token after the first of each window scored (the
+GPTQ paper's perplexity); "llama.cpp", the same windows with BOS first and only the second
+half of each window scored (`llama-perplexity`).
 """
 
 from __future__ import annotations
@@ -75,22 +77,24 @@ def _advance_layer(ref_model: StreamingModel, cand_model: StreamingModel, index:
 
 @torch.no_grad()
 def _score(ref_model: StreamingModel, cand_model: StreamingModel, windows: torch.Tensor,
-           h_ref: torch.Tensor, h_cand: torch.Tensor) -> MetricAccumulator:
-    """Final norm + lm_head for both caches a few windows at a time; tokens 1..L-1 scored."""
+           h_ref: torch.Tensor, h_cand: torch.Tensor, first: int = 1) -> MetricAccumulator:
+    """Final norm + lm_head for both caches a few windows at a time; tokens first..L-1 of
+    each window scored (from the logits at positions first-1..L-2)."""
     metrics = MetricAccumulator()
     step = max(1, ref_model.batch // 2)
     for start in range(0, windows.shape[0], step):
         span = slice(start, start + step)
-        ref_logits = ref_model.logits(h_ref[span, :-1])
-        cand_logits = cand_model.logits(h_cand[span, :-1])
+        ref_logits = ref_model.logits(h_ref[span, first - 1 : -1])
+        cand_logits = cand_model.logits(h_cand[span, first - 1 : -1])
         vocab = ref_logits.shape[-1]
-        metrics.update(ref_logits.reshape(-1, vocab), cand_logits.reshape(-1, vocab), windows[span, 1:].reshape(-1))
+        metrics.update(ref_logits.reshape(-1, vocab), cand_logits.reshape(-1, vocab), windows[span, first:].reshape(-1))
     return metrics
 
 
 def evaluate(reference: WeightSource, candidate: WeightSource, windows: torch.Tensor,
-             batch: int = 4, show_progress: bool = True) -> Evaluation:
-    """Perplexity of both, KL(ref || cand), top-1 agreement and per-layer error on `windows` [W, L]."""
+             batch: int = 4, show_progress: bool = True, first_scored: int = 1) -> Evaluation:
+    """Perplexity of both, KL(ref || cand), top-1 agreement and per-layer error on `windows`
+    [W, L], scoring positions first_scored..L-1 of each window."""
     _check_compatible(reference, candidate)
     started = time.perf_counter()
     ref_model, cand_model = StreamingModel(reference, batch=batch), StreamingModel(candidate, batch=batch)
@@ -101,7 +105,7 @@ def evaluate(reference: WeightSource, candidate: WeightSource, windows: torch.Te
         layer_errors.append((f"layer {index}", _advance_layer(ref_model, cand_model, index, h_ref, h_cand)))
         elapsed = time.perf_counter() - started  # tokens through the whole model per second, so far
         bar.set_postfix(tok_per_s=f"{windows.numel() * (index + 1) / ref_model.num_layers / elapsed:.0f}")
-    metrics = _score(ref_model, cand_model, windows, h_ref, h_cand)
+    metrics = _score(ref_model, cand_model, windows, h_ref, h_cand, first_scored)
     summary = metrics.summary()
     summary["seconds"] = time.perf_counter() - started
     summary["layers"] = [{"layer": i, "rel_error": err} for i, (_, err) in enumerate(layer_errors)]
