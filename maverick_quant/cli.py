@@ -184,14 +184,19 @@ def export(bundle_dir, fmt, out, max_shard_size, force) -> None:
 @click.option("--force", is_flag=True, help="Replace an existing report directory.")
 @click.option("--protocol", type=click.Choice(["gptq", "llama.cpp"]), default="gptq", show_default=True,
               help="gptq: every token after a window's first scored; llama.cpp: BOS first, second half scored.")
+@click.option("--hellaswag", type=click.Path(path_type=Path), help="HellaSwag in llama.cpp's text layout (6 lines per task).")
+@click.option("--hellaswag-tasks", type=int, help="Score only the first N tasks (HellaSwag or --choices).")
+@click.option("--choices", type=click.Path(path_type=Path),
+              help='Your multiple-choice JSONL: {"context": ..., "choices": [...], "label": i} per line.')
 @click.option("--progress/--no-progress", default=True)
 def validate(reference, candidate, data, report_dir, ctx, max_windows, gates, baseline, batch, force, protocol,
-             progress) -> None:
-    """Compare CANDIDATE with REFERENCE: perplexity, KL, top-1 agreement, per-layer error; gate CI."""
+             hellaswag, hellaswag_tasks, choices, progress) -> None:
+    """Compare CANDIDATE with REFERENCE: perplexity, KL, top-1 agreement, per-layer error,
+    multiple-choice accuracy drift; gate CI."""
     from maverick_quant.jobs import run_validate
 
     passed = run_validate(reference, candidate, data, report_dir, ctx, max_windows or None, gates, baseline,
-                          batch, force, progress, protocol)
+                          batch, force, progress, protocol, hellaswag, hellaswag_tasks, choices)
     sys.exit(0 if passed else 1)
 
 

@@ -52,7 +52,8 @@ def run_export(bundle_dir, out, fmt="gptq", max_shard_size=5 * 10**9, force=Fals
 
 
 def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates=(), baseline=None,
-                 batch=4, force=False, progress=True, protocol="gptq") -> bool:
+                 batch=4, force=False, progress=True, protocol="gptq", hellaswag=None, hellaswag_tasks=None,
+                 choices=None) -> bool:
     """Shared by `validate` and `demo`; returns whether every gate passed."""
     from maverick_quant.calibration.data import eval_windows, load_tokenizer, scored_from
     from maverick_quant.checkpoint import atomic_output_dir, check_output_dir
@@ -71,12 +72,31 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
     report = {**result.summary, "protocol": {"name": protocol, "ctx": ctx, "windows": int(windows.shape[0]),
                                              "first_scored_position": first, "data": str(data)},
               "reference_model": str(reference), "candidate_model": str(candidate), "tool_version": __version__}
+    report.update(_choice_benchmarks(ref_source, cand_source, load_tokenizer(reference), hellaswag, hellaswag_tasks,
+                                     choices))
     outcomes = evaluate_gates(parsed, report, baseline_report)
     report["gates"] = [{"gate": o.gate, "actual": o.actual, "threshold": o.threshold, "passed": o.passed} for o in outcomes]
     with atomic_output_dir(report_dir, force) as tmp:
         write_report(report, tmp, kl_values=result.kl_values, layer_errors=result.layer_errors, gate_results=outcomes)
     _echo_summary(report, outcomes)
     return all(o.passed for o in outcomes)
+
+
+def _choice_benchmarks(ref_source, cand_source, tokenizer, hellaswag, hellaswag_tasks, choices) -> dict:
+    """HellaSwag (llama.cpp text layout) and/or a local multiple-choice JSONL: accuracy drift."""
+    from maverick_quant.validation.hellaswag import evaluate_choices, read_choice_jsonl, read_hellaswag
+
+    out = {}
+    if hellaswag:
+        tasks = read_hellaswag(hellaswag, hellaswag_tasks)
+        out["hellaswag"] = {**evaluate_choices(ref_source, cand_source, tasks, tokenizer), "file": str(hellaswag)}
+        click.echo(f"hellaswag ({len(tasks)} tasks): reference {out['hellaswag']['reference']['acc']:.2f}%  "
+                   f"candidate {out['hellaswag']['candidate']['acc']:.2f}%  delta {out['hellaswag']['delta']:+.2f} "
+                   f"+- {out['hellaswag']['delta_ci95']:.2f} pp")
+    if choices:
+        tasks = read_choice_jsonl(choices, hellaswag_tasks)
+        out["multiple_choice"] = {**evaluate_choices(ref_source, cand_source, tasks, tokenizer), "file": str(choices)}
+    return out
 
 
 def _read_baseline(path: Path) -> dict:
