@@ -20,9 +20,12 @@ one chunk of experts with their Hessians.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from maverick_quant.arch.base import LinearGroup, MoEBlock, unfuse_experts
+from maverick_quant.awq_moe import apply_block_scale, scale_expert_chunk, scale_shared_down, search_block_scale
 from maverick_quant.calibration.capture import capture_inputs
 from maverick_quant.calibration.moe import (Routing, activation, expert_hidden, mean_outer, policy_hessian,
                                             resolve_policy, route, routed_forward, sample_tokens)
@@ -30,7 +33,7 @@ from maverick_quant.compress.gptq import gptq_quantize
 from maverick_quant.compress.grid import rtn_quantize
 from maverick_quant.compress.types import QuantizedWeight
 from maverick_quant.groups import solve_group
-from maverick_quant.recipe import ExpertPolicy, MoESpec, QuantizeSpec
+from maverick_quant.recipe import ExpertPolicy, Method, MoESpec, QuantizeSpec
 from maverick_quant.streaming import StopForward, StreamingModel
 
 
@@ -84,13 +87,16 @@ def quantize_shared(layer: torch.nn.Module, moe: MoEBlock, x: torch.Tensor,
     first, rest = moe.shared[0], moe.shared[1:]
     if spec.moe.quantize_router:
         first = LinearGroup(first.name, (moe.router, *first.linears))
-    quantized, stats = solve_group(layer, first, mean_outer(x, x.shape[1]), x.shape[0], spec)
+    rtn = spec.method is Method.AWQ  # round to nearest: GPTQ with H = I
+    H = torch.eye(x.shape[1]) if rtn else mean_outer(x, x.shape[1])
+    quantized, stats = solve_group(layer, first, H, x.shape[0], spec)
     shared = layer.get_submodule(moe.shared_module)
     for group in rest:
         with capture_inputs(layer, (group.linears[0],), stop=True) as accumulators:
             _feed_module(shared, x)
         acc = accumulators[group.linears[0]]
-        group_quantized, group_stats = solve_group(layer, group, acc.hessian(), acc.tokens, spec)
+        H = torch.eye(acc.sum.shape[-1]) if rtn else acc.hessian()
+        group_quantized, group_stats = solve_group(layer, group, H, acc.tokens, spec)
         quantized.update(group_quantized)
         stats.update(group_stats)
     return quantized, stats
@@ -202,19 +208,44 @@ def quantize_moe_block(model: StreamingModel, index: int, layer: torch.nn.Module
     """
     moe = model.plan(index).moe
     x = capture_block_io(model, layer, moe, hidden)
+    awq = spec.method in (Method.AWQ, Method.AWQ_GPTQ)
+    awq_stats, block_scales = ({}, None) if not awq else scale_block(model, index, layer, x, spec)
+    scale_spec = spec  # AWQ's per-expert search follows the user's policy and fallback
+    if spec.method is Method.AWQ:  # AWQ then round to nearest: GPTQ with H = I everywhere
+        spec = dataclasses.replace(spec, moe=dataclasses.replace(spec.moe, policy=ExpertPolicy.RTN))
     quantized, stats = quantize_shared(layer, moe, x, spec)
     routing = route(x, layer.get_submodule(moe.router).weight, moe.top_k)
     out = _module_output(layer.get_submodule(moe.shared_module), x)  # the block's output starts with the shared expert
     chunks, audit = [], []
     for first, count in expert_chunks(moe, model.config, spec.moe.chunk_mib):
         weights = {k: v.float() for k, v in unfuse_experts(moe, model.source.expert_tensors(index, first, count)).items()}
+        awq_records = [{} for _ in range(count)]
+        if awq:
+            weights, awq_records = scale_expert_chunk(x, routing, moe, weights, first, block_scales, scale_spec)
         chunk_quantized, records = quantize_expert_chunk(x, routing, moe, weights, first, spec)
+        records = [{**record, **extra} for record, extra in zip(records, awq_records)]
         del weights
         routed_forward(x, routing, dequantized_experts(chunk_quantized), activation(moe.activation), first, out=out)
         chunks.append(write_chunk(first, chunk_quantized))
         audit.extend(records)
     hidden += out.view_as(hidden)
-    return quantized, {**stats, "experts": {"chunks": chunks, "audit": audit}}
+    return quantized, {**stats, **awq_stats, "experts": {"chunks": chunks, "audit": audit}}
+
+
+def scale_block(model: StreamingModel, index: int, layer: torch.nn.Module, x: torch.Tensor,
+                spec: QuantizeSpec) -> tuple[dict, torch.Tensor]:
+    """AWQ's block-wide input scale (searched on the float block with float routing) folded
+    into the layer, x rescaled in place to match, and the shared expert's up -> down scale."""
+    moe = model.plan(index).moe
+    routing = route(x, layer.get_submodule(moe.router).weight, moe.top_k)
+    block = search_block_scale(model, index, layer, x, routing, spec)
+    apply_block_scale(layer, moe, block.scales)
+    x /= block.scales
+    shared = scale_shared_down(layer, moe, x, spec)
+    stats = {f"awq:{moe.residual_input}": {"ratio": block.ratio, "rtn_loss": float(block.losses[0]), "loss": float(block.losses.min())},
+             f"awq:{moe.shared_module}.up_proj": {"ratio": shared.ratio, "rtn_loss": float(shared.losses[0]),
+                                                   "loss": float(shared.losses.min())}}
+    return stats, block.scales
 
 
 @torch.no_grad()

@@ -105,16 +105,25 @@ def quantize_layer_gptq(model: StreamingModel, index: int, layer: torch.nn.Modul
     return {**quantized, **moe_quantized}, {**stats, **moe_stats}
 
 
-def quantize_layer_rtn(model: StreamingModel, index: int, layer: torch.nn.Module,
-                       spec: QuantizeSpec, write_chunk) -> tuple[dict[str, QuantizedWeight], dict]:
-    """Round-to-nearest every linear of layer `index` (routed experts chunk by chunk); stats
-    hold the relative weight error of the dense linears."""
-    quantized, stats, plan = {}, {}, model.plan(index)
-    for name in plan.linears:
+def rtn_linears(layer: torch.nn.Module, names: tuple[str, ...],
+                spec: QuantizeSpec) -> tuple[dict[str, QuantizedWeight], dict[str, dict]]:
+    """Round-to-nearest the linears `names` of `layer`, putting the dequantized weights back;
+    stats hold each one's relative weight error."""
+    quantized, stats = {}, {}
+    for name in names:
         weight = layer.get_submodule(name).weight.data.float()
         quantized[name] = q = rtn_quantize(weight, spec.weights)
+        set_weight(layer, name, q)
         error = (q.dequantize() - weight).square().sum() / weight.square().sum().clamp_min(1e-30)
         stats[name] = {"weight_rel_error": float(error)}
+    return quantized, stats
+
+
+def quantize_layer_rtn(model: StreamingModel, index: int, layer: torch.nn.Module,
+                       spec: QuantizeSpec, write_chunk) -> tuple[dict[str, QuantizedWeight], dict]:
+    """Round-to-nearest every linear of layer `index` (routed experts chunk by chunk), no data."""
+    plan = model.plan(index)
+    quantized, stats = rtn_linears(layer, plan.linears, spec)
     if plan.moe is not None:
         stats.update(rtn_moe_block(model, index, spec, write_chunk))
     return quantized, stats
@@ -128,10 +137,13 @@ def quantize_layer_calibrated(model: StreamingModel, index: int, layer: torch.nn
     if spec.method in (Method.AWQ, Method.AWQ_GPTQ):
         awq_stats = awq_scale_layer(model, layer, hidden, model.plan(index), spec)
     if spec.method is Method.AWQ:
-        quantized, stats = quantize_layer_rtn(model, index, layer, spec, write_chunk)
-        for name, weight in quantized.items():
-            set_weight(layer, name, weight)
-        model.run_layer(layer, hidden, out=hidden)
+        plan = model.plan(index)
+        quantized, stats = rtn_linears(layer, tuple(name for group in plan.groups for name in group.linears), spec)
+        if plan.moe is None:
+            model.run_layer(layer, hidden, out=hidden)
+        else:  # AWQ-scaled experts, rounded to nearest chunk by chunk
+            moe_quantized, moe_stats = quantize_moe_block(model, index, layer, hidden, spec, write_chunk)
+            quantized, stats = {**quantized, **moe_quantized}, {**stats, **moe_stats}
     else:
         quantized, stats = quantize_layer_gptq(model, index, layer, hidden, spec, write_chunk)
     return quantized, {**stats, **awq_stats}
@@ -147,11 +159,6 @@ def _model_level_tensors(source: CheckpointSource) -> dict[str, torch.Tensor]:
     return {name: source.checkpoint.get(name) for name in wanted}
 
 
-def _plans(source: CheckpointSource) -> list:
-    text = source.table.text_config(source.config)
-    return [source.table.plan(text, index) for index in range(text.num_hidden_layers)]
-
-
 def quantize_model(source: CheckpointSource, calibration: CalibrationSet | None, spec: QuantizeSpec,
                    out_dir: Path, show_progress: bool = True) -> tuple[dict, RunSummary]:
     """Quantize the whole model layer by layer into a bundle at `out_dir`.
@@ -162,9 +169,6 @@ def quantize_model(source: CheckpointSource, calibration: CalibrationSet | None,
     needs_data = spec.method is not Method.RTN
     if needs_data and calibration is None:
         raise InputError(f"--method {spec.method.value} needs calibration data (--data or --calib)")
-    if spec.method is Method.AWQ and any(model_plan.moe for model_plan in _plans(source)):
-        raise InputError("--method awq: mixture-of-experts layers are not scaled yet; use --method awq+gptq "
-                         "(AWQ attention, GPTQ experts) or gptq")
     writer = BundleWriter(out_dir)
     release_free_memory()
     model = StreamingModel(source, batch=spec.batch_windows)

@@ -54,11 +54,42 @@ def test_awq_and_awq_gptq_from_the_cli(tiny_llama_dir: Path, tiny_llama4_dir: Pa
                          small_text_file, "--ctx", 32, "--max-windows", 2, "--report", tmp_path / f"r-{method}",
                          "--gate", "ppl_ratio<=1.5")
         assert code == 0, out
-    code, out = _run("quantize", tiny_llama4_dir, "--method", "awq", "--out", tmp_path / "moe-awq", *common)
-    assert code == 2 and "mixture-of-experts layers are not scaled yet" in out and not (tmp_path / "moe-awq").exists()
-    code, out = _run("quantize", tiny_llama4_dir, "--method", "awq+gptq", "--out", tmp_path / "moe-awq-gptq", *common)
-    assert code == 0, out
-    assert json.loads((tmp_path / "moe-awq-gptq" / "audit.json").read_text())["experts"]
+    for method in ("awq", "awq+gptq"):
+        code, out = _run("quantize", tiny_llama4_dir, "--method", method, "--out", tmp_path / f"moe-{method}",
+                         "--moe-min-tokens", 8, *common)
+        assert code == 0, out
+        audit = json.loads((tmp_path / f"moe-{method}" / "audit.json").read_text())["experts"]
+        assert all("awq_ratio" in record and record["awq_policy"] in ("routed", "mixed") for record in audit)
+        assert any(record["awq_reason"].startswith("fallback") for record in audit)  # the starved expert
+        assert {r["policy"] for r in audit} == ({"rtn"} if method == "awq" else {"routed", "mixed"})
+
+
+def test_moe_block_scales_keep_routing_and_the_float_block(tiny_llama4_dir: Path) -> None:
+    """The block scale folded into the norm and multiplied into router, shared and expert
+    gate/up columns, plus the per-expert and shared up -> down scales, change no float output."""
+    from maverick_quant.arch.base import unfuse_experts
+    from maverick_quant.awq_moe import apply_block_scale, scale_expert_chunk, scale_shared_down
+    from maverick_quant.calibration.moe import activation, route, routed_forward
+
+    source = open_source(tiny_llama4_dir)
+    model = StreamingModel(source)
+    layer, moe = model.layer(1), model.plan(1).moe
+    h = torch.randn(200, 64, generator=torch.Generator().manual_seed(4))
+    spec = QuantizeSpec(method=Method.AWQ, awq=AWQSpec(sample_tokens=64))
+    block, norm = layer.feed_forward, layer.post_attention_layernorm
+    with torch.no_grad():
+        expected, logits = block(norm(h))
+        scales = torch.rand(64, generator=torch.Generator().manual_seed(5)) + 0.5
+        apply_block_scale(layer, moe, scales)
+        x = norm(h)
+        routing = route(x, block.router.weight, 1)
+        assert torch.allclose(routing.logits, logits, atol=1e-5)
+        scale_shared_down(layer, moe, x, spec)
+        experts = unfuse_experts(moe, source.expert_tensors(1, 0, moe.num_experts))
+        scaled, records = scale_expert_chunk(x, routing, moe, experts, 0, scales, spec)
+        ours = routed_forward(x, routing, scaled, activation(moe.activation), out=block.shared_expert(x))
+    assert any(r["awq_ratio"] > 0 for r in records)
+    assert (ours - expected).abs().max() < 1e-4
 
 
 def test_awq_gemm_export_reads_back_to_the_bundle(tiny_llama_dir: Path, small_text_file: Path, tmp_path: Path) -> None:

@@ -1,0 +1,149 @@
+"""AWQ for a routed MoE block (Llama 4): one input scale for the whole block, then per expert.
+
+The post-attention norm feeds the router, the shared expert and every routed expert, so
+one scale s [D] serves them all: the norm's weight is divided by s, and the router's, the
+shared expert's and every expert's gate/up columns multiplied by s. The router stays in
+float, so its logits, hence the routing, do not change (up to fp rounding). The search loss
+is the whole block's output on a sample of its calibration tokens with faithful routing:
+for every candidate s, gate/up of the shared expert and of every routed expert are
+quantized (RTN) while down stays float, and ||block_s(x) - block(x)||^2 is accumulated
+chunk of experts by chunk (experts are read once for the search, once more to quantize).
+
+Then each routed expert gets its own up -> down scale, searched on its routed tokens
+(x * score); an expert below `moe.min_tokens` follows the same fallback as GPTQ: `mixed`
+searches on the sampled tokens at the score it would have given them, `rtn` keeps s = 1.
+The shared expert's up -> down scale is searched on all sampled tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from maverick_quant.arch.base import MoEBlock, unfuse_experts
+from maverick_quant.calibration.moe import Routing, activation, expert_hidden, resolve_policy, sample_tokens
+from maverick_quant.compress.awq import (ScaleSearch, candidate_scales, output_loss, rtn_fake, scale_columns,
+                                         search_scales)
+from maverick_quant.recipe import ExpertPolicy, QuantizeSpec
+from maverick_quant.streaming import StreamingModel
+
+
+@dataclass(frozen=True)
+class BlockSample:
+    """The block's inputs on sampled tokens: x [T_s, D], their routing (choice, scores [T_s, k])
+    and router logits [T_s, E]."""
+
+    x: torch.Tensor
+    choice: torch.Tensor
+    scores: torch.Tensor
+    logits: torch.Tensor
+
+
+def block_sample(x: torch.Tensor, routing: Routing, tokens: int) -> BlockSample:
+    rows = sample_tokens(x.shape[0], tokens)
+    return BlockSample(x[rows], routing.choice[rows], routing.scores[rows], routing.logits[rows])
+
+
+def _shared_output(layer: torch.nn.Module, moe: MoEBlock, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    down = layer.get_submodule(moe.shared_module).down_proj.weight.float()
+    return torch.nn.functional.linear(expert_hidden(x, gate, up, activation(moe.activation)), down)
+
+
+def _routed_outputs(sample: BlockSample, weights: dict[str, torch.Tensor], first: int, act,
+                    scales: torch.Tensor | None, spec: QuantizeSpec) -> torch.Tensor:
+    """Outputs [G, T_s, D] (G = 1 when scales is None: float) of experts [first, first+E_c)
+    on their sampled tokens, gate/up quantized under each candidate scale."""
+    count = weights["down_proj"].shape[0]
+    groups = 1 if scales is None else scales.shape[0]
+    out = torch.zeros(groups, *sample.x.shape)
+    for offset in range(count):
+        rows, slots = (sample.choice == first + offset).nonzero(as_tuple=True)
+        if rows.numel() == 0:
+            continue
+        x_in = sample.x[rows] * sample.scores[rows, slots][:, None]
+        gate, up = weights["gate_proj"][offset], weights["up_proj"][offset]
+        if scales is not None:
+            gate, up = (_scaled_rtn(w, scales, spec) for w in (gate, up))  # [G, I, D]
+        hidden = act(x_in @ gate.transpose(-1, -2)) * (x_in @ up.transpose(-1, -2))
+        out[:, rows] += hidden @ weights["down_proj"][offset].T
+    return out
+
+
+def _scaled_rtn(W: torch.Tensor, scales: torch.Tensor, spec: QuantizeSpec) -> torch.Tensor:
+    """Q(W diag(s)) diag(s)^-1 for W [I, D] under each candidate s [G, D] -> [G, I, D]."""
+    return rtn_fake(W[None] * scales[:, None, :], spec.weights) / scales[:, None, :]
+
+
+def search_block_scale(model: StreamingModel, index: int, layer: torch.nn.Module, x: torch.Tensor,
+                       routing: Routing, spec: QuantizeSpec) -> ScaleSearch:
+    """The block input scale minimising the block's output error on sampled tokens (see module doc)."""
+    moe = model.plan(index).moe
+    sample = block_sample(x, routing, spec.awq.sample_tokens)
+    act = activation(moe.activation)
+    shared = layer.get_submodule(moe.shared_module)
+    gate, up = shared.gate_proj.weight.float(), shared.up_proj.weight.float()
+    candidates = candidate_scales(x.abs().mean(0), None, spec.awq)
+    reference = _shared_output(layer, moe, sample.x, gate, up)
+    quantized = torch.stack([_shared_output(layer, moe, sample.x, *(_scaled_rtn(w, s[None], spec)[0] for w in (gate, up)))
+                             for s in candidates])
+    from maverick_quant.experts import expert_chunks
+
+    for first, count in expert_chunks(moe, model.config, spec.moe.chunk_mib):
+        weights = {k: v.float() for k, v in unfuse_experts(moe, model.source.expert_tensors(index, first, count)).items()}
+        reference += _routed_outputs(sample, weights, first, act, None, spec)[0]
+        quantized += _routed_outputs(sample, weights, first, act, candidates, spec)
+    losses = (quantized - reference[None]).double().square().sum((1, 2)) / sample.x.shape[0]
+    best = int(losses.argmin())
+    return ScaleSearch(candidates[best], best / spec.awq.grid, losses)
+
+
+def apply_block_scale(layer: torch.nn.Module, moe: MoEBlock, scales: torch.Tensor) -> None:
+    """Fold s into the block's input norm; scale the router's and the shared expert's gate/up columns."""
+    norm = layer.get_submodule(moe.residual_input)
+    norm.weight.data = norm.weight.data / scales.to(norm.weight.dtype)
+    for name in (moe.router, *moe.shared[0].linears):
+        module = layer.get_submodule(name)
+        module.weight.data = scale_columns(module.weight.data, scales)
+
+
+def scale_shared_down(layer: torch.nn.Module, moe: MoEBlock, x: torch.Tensor, spec: QuantizeSpec) -> ScaleSearch:
+    """up -> down scale of the shared expert, on sampled block inputs."""
+    shared = layer.get_submodule(moe.shared_module)
+    rows = x[sample_tokens(x.shape[0], spec.awq.sample_tokens)]
+    hidden = expert_hidden(rows, shared.gate_proj.weight.float(), shared.up_proj.weight.float(), activation(moe.activation))
+    down = shared.down_proj.weight.float()
+    result = search_scales(hidden.abs().mean(0), None, output_loss(hidden, [down], spec.weights), spec.awq)
+    shared.up_proj.weight.data = shared.up_proj.weight.data / result.scales.to(shared.up_proj.weight.dtype)[:, None]
+    shared.down_proj.weight.data = scale_columns(shared.down_proj.weight.data, result.scales)
+    return result
+
+
+def scale_expert_chunk(x: torch.Tensor, routing: Routing, moe: MoEBlock, weights: dict[str, torch.Tensor], first: int,
+                       block_scales: torch.Tensor, spec: QuantizeSpec) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Experts [first, first+E_c) with the block scale applied to gate/up and each expert's
+    own up -> down scale searched and folded; returns the weights and a record per expert.
+    `x` is the block input after the block scale was folded into the norm (x / s)."""
+    act = activation(moe.activation)
+    gate, up, down = (weights[name].float().clone() for name in ("gate_proj", "up_proj", "down_proj"))
+    gate, up = scale_columns(gate, block_scales), scale_columns(up, block_scales)
+    sample = sample_tokens(x.shape[0], spec.awq.sample_tokens)
+    records = []
+    for offset in range(down.shape[0]):
+        expert = first + offset
+        policy, reason = resolve_policy(int(routing.counts[expert]), spec.moe)
+        record = {"expert": expert, "awq_policy": policy.value, "awq_reason": reason, "awq_ratio": 0.0}
+        records.append(record)
+        if policy is ExpertPolicy.RTN:
+            continue
+        tokens, scores = routing.tokens_of(expert)
+        rows = x[tokens] * scores[:, None]
+        if policy is ExpertPolicy.MIXED:
+            would_be = torch.sigmoid(routing.logits[sample, expert].float()).to(x.dtype)
+            rows = torch.cat([rows, x[sample] * would_be[:, None]])
+        hidden = expert_hidden(rows, gate[offset], up[offset], act)
+        result = search_scales(hidden.abs().mean(0), None, output_loss(hidden, [down[offset]], spec.weights), spec.awq)
+        up[offset] = up[offset] / result.scales[:, None]
+        down[offset] = scale_columns(down[offset], result.scales)
+        record["awq_ratio"] = result.ratio
+    return {"gate_proj": gate, "up_proj": up, "down_proj": down}, records
