@@ -161,3 +161,16 @@ def test_coverage_counts_every_calibration_token_per_moe_layer(tiny_llama4_dir: 
                                       "--seq-len", "16", "--coverage", "--out", str(tmp_path / "dense")])
     assert result.exit_code == 2 and "no mixture-of-experts layers" in result.output
     assert not (tmp_path / "dense").exists()
+
+
+def test_quantized_router_is_solved_exported_and_read_back(tiny_llama4_dir: Path, tmp_path: Path) -> None:
+    run("quantize", tiny_llama4_dir, "--data", _text(tmp_path, "wiki.valid.tokens"), "--samples", 4, "--seq-len", LENGTH,
+        "--group-size", 32, "--moe-quantize-router", "--out", tmp_path / "bundle", "--no-progress")
+    bundle = Bundle(tmp_path / "bundle")
+    quantized, passthrough = bundle.quantized_layer(1)
+    assert "feed_forward.router" in quantized and "feed_forward.router.weight" not in passthrough
+    run("export", tmp_path / "bundle", "--format", "gptq", "--out", tmp_path / "gptq")
+    config = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]
+    assert "feed_forward.router" not in config["modules_to_not_convert"]
+    exported = open_export(tmp_path / "gptq").layer_tensors(1)
+    assert torch.equal(exported["feed_forward.router.weight"], bundle.layer_tensors(1)["feed_forward.router.weight"])
