@@ -74,12 +74,31 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
               "reference_model": str(reference), "candidate_model": str(candidate), "tool_version": __version__}
     report.update(_choice_benchmarks(ref_source, cand_source, load_tokenizer(reference), hellaswag, hellaswag_tasks,
                                      choices))
+    report.update(_expert_summary(cand_source))
     outcomes = evaluate_gates(parsed, report, baseline_report)
     report["gates"] = [{"gate": o.gate, "actual": o.actual, "threshold": o.threshold, "passed": o.passed} for o in outcomes]
     with atomic_output_dir(report_dir, force) as tmp:
         write_report(report, tmp, kl_values=result.kl_values, layer_errors=result.layer_errors, gate_results=outcomes)
+        if any(row["tokens"] is not None for row in report.get("experts", {}).get("per_expert", [])):
+            from maverick_quant.inspect_bundle import plot_bundle_experts
+
+            plot_bundle_experts(cand_source, tmp / "expert_tokens.png")
     _echo_summary(report, outcomes)
     return all(o.passed for o in outcomes)
+
+
+def _expert_summary(candidate) -> dict:
+    """For an MoE bundle: per-expert calibration tokens, policy and relative loss from its audit."""
+    from maverick_quant.bundle import Bundle
+    from maverick_quant.inspect_bundle import expert_audit
+
+    audit = expert_audit(candidate) if isinstance(candidate, Bundle) else []
+    if not audit:
+        return {}
+    fallbacks = sum("fallback" in r["reason"] for r in audit)
+    rows = [{"layer": r["layer"], "expert": r["expert"], "tokens": r["tokens"], "policy": r["policy"],
+             "rel_loss": max((l["rel_loss"] for l in r.get("linears", {}).values()), default=None)} for r in audit]
+    return {"experts": {"count": len(audit), "fallbacks": fallbacks, "per_expert": rows}}
 
 
 def _choice_benchmarks(ref_source, cand_source, tokenizer, hellaswag, hellaswag_tasks, choices) -> dict:

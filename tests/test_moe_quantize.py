@@ -88,7 +88,11 @@ def test_validate_and_gptq_export_of_an_moe_bundle(moe_bundle: Path, tiny_llama4
     for name, candidate in (("gptq", moe_bundle), ("rtn", tmp_path / "rtn")):
         run("validate", "--reference", tiny_llama4_dir, "--candidate", candidate, "--data", text, "--ctx", LENGTH,
             "--max-windows", 6, "--report", tmp_path / f"report-{name}", "--gate", "ppl_ratio<=1.5")
-        kl[name] = json.loads((tmp_path / f"report-{name}" / "report.json").read_text())["kl"]["mean"]
+        report = json.loads((tmp_path / f"report-{name}" / "report.json").read_text())
+        kl[name] = report["kl"]["mean"]
+    assert report["experts"]["count"] == 16 and not (tmp_path / "report-rtn" / "expert_tokens.png").exists()
+    assert (tmp_path / "report-gptq" / "expert_tokens.png").is_file()  # RTN saw no tokens: nothing to draw
+    assert json.loads((tmp_path / "report-gptq" / "report.json").read_text())["experts"]["fallbacks"] >= 1
     assert 0 < kl["gptq"] < kl["rtn"]
     run("export", moe_bundle, "--format", "gptq", "--out", tmp_path / "gptq")
     index = Checkpoint(tmp_path / "gptq").tensors
