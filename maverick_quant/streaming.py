@@ -46,7 +46,20 @@ def layer_tensor_names(table: ArchTable, text_config: Any, index: int, experts: 
     return [name for name in plan.shapes if name not in skipped]
 
 
-class CheckpointSource:
+class CheckpointModelTensors:
+    """Model-level tensors of a source backed by a `Checkpoint` (`self.checkpoint`, `self.table`);
+    a tied lm_head resolves to the embedding."""
+
+    def model_tensor(self, name: str) -> torch.Tensor:
+        if name == self.table.lm_head and name not in self.checkpoint.tensors:
+            name = self.table.embed
+        return self.checkpoint.get(name)
+
+    def embedding_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.checkpoint.get_rows(self.table.embed, rows)
+
+
+class CheckpointSource(CheckpointModelTensors):
     """The original model read lazily from its safetensors shards."""
 
     def __init__(self, checkpoint: Checkpoint, table: ArchTable, config: Any):
@@ -65,13 +78,6 @@ class CheckpointSource:
         rows = torch.arange(first, first + count)
         return {name: self.checkpoint.get_rows(prefix + name, rows) for name in moe.fused_names}
 
-    def model_tensor(self, name: str) -> torch.Tensor:
-        if name == self.table.lm_head and name not in self.checkpoint.tensors:
-            name = self.table.embed
-        return self.checkpoint.get(name)
-
-    def embedding_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.checkpoint.get_rows(self.table.embed, rows)
 
 
 class StreamingModel:

@@ -23,6 +23,7 @@ from maverick_quant.bundle import Bundle, copy_model_files
 from maverick_quant.checkpoint import Checkpoint, ShardedWriter, write_json_atomic
 from maverick_quant.compress.types import QuantizedWeight
 from maverick_quant.errors import InputError
+from maverick_quant.streaming import CheckpointModelTensors
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ def export_packed(bundle: Bundle, out_dir: Path, layout: Layout, max_shard_bytes
     return shards + copied
 
 
-class ExportSource:
+class ExportSource(CheckpointModelTensors):
     """A packed export read back lazily as float tensors (a `WeightSource`)."""
 
     def __init__(self, export_dir: Path | str, layouts: dict[str, Layout]):
@@ -129,11 +130,3 @@ class ExportSource:
                        for l in moe.expert_linears}
             out.update(fuse_experts(moe, unfused))
         return out
-
-    def model_tensor(self, name: str) -> torch.Tensor:
-        if name == self.table.lm_head and name not in self.checkpoint.tensors:
-            name = self.table.embed
-        return self.checkpoint.get(name)
-
-    def embedding_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.checkpoint.get_rows(self.table.embed, rows)
