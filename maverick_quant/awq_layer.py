@@ -12,7 +12,7 @@ Then, with clipping on, one more pass samples each group's (now scaled) input an
 linear's weight is clipped per (row, group). The layer is left holding the scaled, clipped
 float weights: RTN (`awq`) or GPTQ (`awq+gptq`) quantizes them next.
 
-Mixture-of-experts blocks are not scaled yet (their groups are left out of the plan).
+Mixture-of-experts blocks are scaled by awq_moe.py (their groups are left out of the plan).
 """
 
 from __future__ import annotations

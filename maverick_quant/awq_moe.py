@@ -26,23 +26,22 @@ from maverick_quant.calibration.moe import Routing, activation, expert_hidden, r
 from maverick_quant.compress.awq import (ScaleSearch, candidate_scales, output_loss, rtn_fake, scale_columns,
                                          search_scales)
 from maverick_quant.recipe import ExpertPolicy, QuantizeSpec
+from maverick_quant.awq_layer import weight_mean
 from maverick_quant.streaming import StreamingModel
 
 
 @dataclass(frozen=True)
 class BlockSample:
-    """The block's inputs on sampled tokens: x [T_s, D], their routing (choice, scores [T_s, k])
-    and router logits [T_s, E]."""
+    """The block's inputs on sampled tokens: x [T_s, D] and their routing (choice, scores [T_s, k])."""
 
     x: torch.Tensor
     choice: torch.Tensor
     scores: torch.Tensor
-    logits: torch.Tensor
 
 
 def block_sample(x: torch.Tensor, routing: Routing, tokens: int) -> BlockSample:
     rows = sample_tokens(x.shape[0], tokens)
-    return BlockSample(x[rows], routing.choice[rows], routing.scores[rows], routing.logits[rows])
+    return BlockSample(x[rows], routing.choice[rows], routing.scores[rows])
 
 
 def _shared_output(layer: torch.nn.Module, moe: MoEBlock, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -83,7 +82,8 @@ def search_block_scale(model: StreamingModel, index: int, layer: torch.nn.Module
     act = activation(moe.activation)
     shared = layer.get_submodule(moe.shared_module)
     gate, up = shared.gate_proj.weight.float(), shared.up_proj.weight.float()
-    candidates = candidate_scales(x.abs().mean(0), None, spec.awq)
+    duo = weight_mean([gate, up]) if spec.awq.duo_scaling else None  # the shared expert stands for all consumers
+    candidates = candidate_scales(x.abs().mean(0), duo, spec.awq)
     reference = _shared_output(layer, moe, sample.x, gate, up)
     quantized = torch.stack([_shared_output(layer, moe, sample.x, *(_scaled_rtn(w, s[None], spec)[0] for w in (gate, up)))
                              for s in candidates])
@@ -113,10 +113,26 @@ def scale_shared_down(layer: torch.nn.Module, moe: MoEBlock, x: torch.Tensor, sp
     rows = x[sample_tokens(x.shape[0], spec.awq.sample_tokens)]
     hidden = expert_hidden(rows, shared.gate_proj.weight.float(), shared.up_proj.weight.float(), activation(moe.activation))
     down = shared.down_proj.weight.float()
-    result = search_scales(hidden.abs().mean(0), None, output_loss(hidden, [down], spec.weights), spec.awq)
+    duo = weight_mean([down]) if spec.awq.duo_scaling else None
+    result = search_scales(hidden.abs().mean(0), duo, output_loss(hidden, [down], spec.weights), spec.awq)
     shared.up_proj.weight.data = shared.up_proj.weight.data / result.scales.to(shared.up_proj.weight.dtype)[:, None]
     shared.down_proj.weight.data = scale_columns(shared.down_proj.weight.data, result.scales)
     return result
+
+
+def _expert_rows(x: torch.Tensor, routing: Routing, expert: int, sample: torch.Tensor, policy: ExpertPolicy,
+                 spec: QuantizeSpec) -> torch.Tensor:
+    """What the expert reads for its scale search: at most `sample_tokens` of its routed
+    inputs x*score; under `mixed` also the sampled tokens at its would-be score, weighted by
+    sqrt(mix * n / T_s) so the loss weighs them as GPTQ's H_routed + mix * H_all does."""
+    tokens, scores = routing.tokens_of(expert)
+    keep = sample_tokens(tokens.numel(), spec.awq.sample_tokens)
+    rows = x[tokens[keep]] * scores[keep, None]
+    if policy is not ExpertPolicy.MIXED:
+        return rows
+    would_be = torch.sigmoid(routing.logits[sample, expert].float()).to(x.dtype)
+    weight = (spec.moe.mix * rows.shape[0] / sample.numel()) ** 0.5 if rows.shape[0] else 1.0
+    return torch.cat([rows, x[sample] * (would_be * weight)[:, None]])
 
 
 def scale_expert_chunk(x: torch.Tensor, routing: Routing, moe: MoEBlock, weights: dict[str, torch.Tensor], first: int,
@@ -136,13 +152,9 @@ def scale_expert_chunk(x: torch.Tensor, routing: Routing, moe: MoEBlock, weights
         records.append(record)
         if policy is ExpertPolicy.RTN:
             continue
-        tokens, scores = routing.tokens_of(expert)
-        rows = x[tokens] * scores[:, None]
-        if policy is ExpertPolicy.MIXED:
-            would_be = torch.sigmoid(routing.logits[sample, expert].float()).to(x.dtype)
-            rows = torch.cat([rows, x[sample] * would_be[:, None]])
-        hidden = expert_hidden(rows, gate[offset], up[offset], act)
-        result = search_scales(hidden.abs().mean(0), None, output_loss(hidden, [down[offset]], spec.weights), spec.awq)
+        hidden = expert_hidden(_expert_rows(x, routing, expert, sample, policy, spec), gate[offset], up[offset], act)
+        duo = weight_mean([down[offset]]) if spec.awq.duo_scaling else None
+        result = search_scales(hidden.abs().mean(0), duo, output_loss(hidden, [down[offset]], spec.weights), spec.awq)
         up[offset] = up[offset] / result.scales[:, None]
         down[offset] = scale_columns(down[offset], result.scales)
         record["awq_ratio"] = result.ratio

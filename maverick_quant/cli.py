@@ -153,8 +153,9 @@ def inspect_command(bundle_dir, plot, top) -> None:
     bundle = Bundle(bundle_dir)
     click.echo(bundle_summary(bundle, top))
     if plot:
-        if not expert_audit(bundle):
-            raise InputError(f"{bundle_dir}: --plot needs a mixture-of-experts bundle (no experts audited)")
+        if not any(record["tokens"] is not None for record in expert_audit(bundle)):
+            raise InputError(f"{bundle_dir}: --plot needs an MoE bundle quantized with calibration data "
+                             "(no routed-token counts recorded; an rtn run routes nothing)")
         click.echo(f"heat map -> {plot_bundle_experts(bundle, plot)}")
 
 

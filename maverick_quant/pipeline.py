@@ -123,7 +123,8 @@ def quantize_layer_rtn(model: StreamingModel, index: int, layer: torch.nn.Module
                        spec: QuantizeSpec, write_chunk) -> tuple[dict[str, QuantizedWeight], dict]:
     """Round-to-nearest every linear of layer `index` (routed experts chunk by chunk), no data."""
     plan = model.plan(index)
-    quantized, stats = rtn_linears(layer, plan.linears, spec)
+    router = (plan.moe.router,) if plan.moe is not None and spec.moe.quantize_router else ()
+    quantized, stats = rtn_linears(layer, plan.linears + router, spec)
     if plan.moe is not None:
         stats.update(rtn_moe_block(model, index, spec, write_chunk))
     return quantized, stats

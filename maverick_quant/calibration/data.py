@@ -181,6 +181,7 @@ def eval_windows(data: str | Path, tokenizer, ctx: int, max_windows: int | None,
 
 
 def scored_from(protocol: str, ctx: int) -> int:
-    """First scored position of a window: every token after the first (GPTQ paper), or only
-    the second half, positions ctx//2 .. ctx-1 (llama.cpp's perplexity)."""
-    return ctx // 2 if protocol == "llama.cpp" else 1
+    """First scored position of a window: every token after the first (GPTQ paper), or, as
+    llama-perplexity (first = n_ctx/2; logits first..n_ctx-2 score tokens first+1..n_ctx-1),
+    positions ctx//2 + 1 .. ctx-1."""
+    return ctx // 2 + 1 if protocol == "llama.cpp" else 1

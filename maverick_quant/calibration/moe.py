@@ -103,12 +103,16 @@ def sample_tokens(total: int, limit: int) -> torch.Tensor:
     return torch.linspace(0, total - 1, limit).round().long()
 
 
-def mean_outer(rows: torch.Tensor, width: int) -> torch.Tensor:
-    """(1/n) rows^T rows in fp64 accumulation, fp32 result [K, K] (zeros for n = 0)."""
+def mean_outer(rows: torch.Tensor, width: int, chunk: int = 8192) -> torch.Tensor:
+    """(1/n) rows^T rows [K, K] fp32: each `chunk` of rows multiplied in fp32 (fast), the
+    partial sums accumulated in fp64 (stable over millions of tokens); zeros for n = 0."""
     if rows.shape[0] == 0:
         return torch.zeros(width, width)
-    rows = rows.float()
-    return ((rows.T @ rows).double() / rows.shape[0]).float()
+    total = torch.zeros(width, width, dtype=torch.float64)
+    for start in range(0, rows.shape[0], chunk):
+        part = rows[start : start + chunk].float()
+        total += part.T @ part
+    return (total / rows.shape[0]).float()
 
 
 def policy_hessian(policy: ExpertPolicy, routed_rows: torch.Tensor, all_rows: torch.Tensor | None,

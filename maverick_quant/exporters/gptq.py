@@ -1,5 +1,9 @@
 """The GPTQ layout (AutoGPTQ/GPTQModel v1, vLLM, transformers).
 
+For Llama 4 MoE exports the routed experts are written per expert (`experts.{e}.*`), the
+names vLLM's loader maps; transformers does not unfuse quantized GPTQ/AWQ Llama 4 experts,
+so it cannot load those (dense exports it can).
+
 Per quantized linear `m` (N outputs, K inputs, G groups):
     m.qweight int32 [K*bits/32, N]   codes packed along the input dim, low bits first
     m.qzeros  int32 [G, N*bits/32]   (zero - 1) mod 2^bits packed along the output dim (v1)

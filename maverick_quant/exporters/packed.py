@@ -67,7 +67,7 @@ def export_packed(bundle: Bundle, out_dir: Path, layout: Layout, max_shard_bytes
     problem = layout.check(bundle.quant)
     if problem:
         raise InputError(f"--format {layout.name}: {problem}")
-    convert = lambda weight: layout.to_tensors(weight)  # noqa: E731
+    convert = layout.to_tensors
     writer = ShardedWriter(out_dir, max_shard_bytes)
     for index in range(bundle.num_layers):
         prefix = bundle.table.prefix(index)
