@@ -94,7 +94,8 @@ def quant_options(func):
 def moe_options(func):
     """How routed experts are calibrated (see MoESpec); the decisions land in audit.json."""
     policies = [p.value for p in ExpertPolicy]
-    func = click.option("--moe-chunk-mib", default=2048, show_default=True, help="Memory budget of one chunk of experts.")(func)
+    func = click.option("--moe-chunk-mib", default=8192, show_default=True,
+                        help="Memory budget of one chunk of experts (Maverick: about 2.6 GB per expert).")(func)
     func = click.option("--moe-quantize-router", is_flag=True, help="Quantize the router too (default: kept in float).")(func)
     func = click.option("--moe-fallback", type=click.Choice(["mixed", "rtn"]), default="mixed", show_default=True,
                         help="Policy of experts with fewer than --moe-min-tokens routed tokens.")(func)

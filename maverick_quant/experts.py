@@ -32,6 +32,7 @@ from maverick_quant.calibration.moe import (Routing, activation, expert_hidden, 
 from maverick_quant.compress.gptq import gptq_quantize
 from maverick_quant.compress.grid import rtn_quantize
 from maverick_quant.compress.types import QuantizedWeight
+from maverick_quant.errors import InputError
 from maverick_quant.groups import solve_group
 from maverick_quant.recipe import ExpertPolicy, Method, MoESpec, QuantizeSpec
 from maverick_quant.streaming import StopForward, StreamingModel
@@ -104,9 +105,13 @@ def quantize_shared(layer: torch.nn.Module, moe: MoEBlock, x: torch.Tensor,
 
 def experts_per_chunk(moe: MoEBlock, hidden: int, inter: int, budget_mib: int) -> int:
     """Experts solved together within `budget_mib`: per expert, fp32 weights (gate, up, down)
-    and Hessians (D x D, I x I), about three copies of each live during a GPTQ solve."""
+    and Hessians (D x D, I x I), about three copies of each live during a GPTQ solve
+    (Maverick: about 2.6 GB per expert). InputError when one expert does not fit."""
     per_expert = 4 * 3 * (3 * hidden * inter + hidden * hidden + inter * inter)
-    return max(1, min(moe.num_experts, budget_mib * 2**20 // per_expert))
+    if per_expert > budget_mib * 2**20:
+        raise InputError(f"--moe-chunk-mib {budget_mib}: one expert needs about {per_expert / 2**20:.0f} MiB "
+                         "(fp32 weights, Hessians and GPTQ workspace); raise the budget")
+    return min(moe.num_experts, budget_mib * 2**20 // per_expert)
 
 
 def _expert_inputs(x: torch.Tensor, routing: Routing, expert: int, sample: torch.Tensor,

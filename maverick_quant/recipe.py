@@ -145,7 +145,7 @@ class MoESpec:
     min_tokens: int = 128
     fallback: ExpertPolicy = ExpertPolicy.MIXED
     all_tokens: int = 4096
-    chunk_mib: int = 2048
+    chunk_mib: int = 8192
     quantize_router: bool = False
 
     def __post_init__(self) -> None:

@@ -88,3 +88,18 @@ def test_expert_slices_are_read_without_the_rest(tiny_llama4_dir) -> None:
     part = source.expert_tensors(3, 2, 3)["feed_forward.experts.down_proj"]
     assert torch.equal(part, full[2:5])
     assert "feed_forward.experts.down_proj" not in source.layer_tensors(3, experts=False)
+
+
+def test_expert_chunks_fit_the_budget_for_maverick() -> None:
+    from maverick_quant.errors import InputError
+    from maverick_quant.experts import experts_per_chunk
+
+    text = maverick_config().text_config
+    moe = moe_block(text)
+    assert experts_per_chunk(moe, text.hidden_size, text.intermediate_size, 8192) == 3
+    try:
+        experts_per_chunk(moe, text.hidden_size, text.intermediate_size, 2048)
+    except InputError as exc:
+        assert "--moe-chunk-mib 2048" in str(exc)
+    else:
+        raise AssertionError("a budget below one expert must be refused")
