@@ -41,11 +41,20 @@ def weight_mean(weights: list[torch.Tensor]) -> torch.Tensor:
     return (stacked / stacked.amax(1, keepdim=True).clamp_min(1e-12)).mean(0)
 
 
+def as_stored(layer: torch.nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` rounded to the dtype the bundle will store it in (the checkpoint's, e.g. bf16),
+    so calibration runs with the float weights that are actually shipped."""
+    return tensor.to(getattr(layer, "storage_dtype", tensor.dtype)).to(tensor.dtype)
+
+
 def apply_scales(layer: torch.nn.Module, group: ScaleGroup, scales: torch.Tensor) -> None:
-    """Fold s into the producer and multiply the consumers' input columns by s (in place)."""
+    """Fold s into the producer and multiply the consumers' input columns by s (in place);
+    a norm producer stays in float in the bundle, so it is rounded to its stored dtype."""
     prev = layer.get_submodule(group.prev)
     fold = fold_into_norm if group.prev_norm else fold_into_previous_linear
     prev.weight.data = fold(prev.weight.data, scales)
+    if group.prev_norm:
+        prev.weight.data = as_stored(layer, prev.weight.data)
     for name in group.linears:
         module = layer.get_submodule(name)
         module.weight.data = scale_columns(module.weight.data, scales)

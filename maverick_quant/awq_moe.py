@@ -26,7 +26,7 @@ from maverick_quant.calibration.moe import Routing, activation, expert_hidden, r
 from maverick_quant.compress.awq import (ScaleSearch, candidate_scales, output_loss, rtn_fake, scale_columns,
                                          search_scales)
 from maverick_quant.recipe import ExpertPolicy, QuantizeSpec
-from maverick_quant.awq_layer import weight_mean
+from maverick_quant.awq_layer import as_stored, weight_mean
 from maverick_quant.streaming import StreamingModel
 
 
@@ -101,10 +101,12 @@ def search_block_scale(model: StreamingModel, index: int, layer: torch.nn.Module
 def apply_block_scale(layer: torch.nn.Module, moe: MoEBlock, scales: torch.Tensor) -> None:
     """Fold s into the block's input norm; scale the router's and the shared expert's gate/up columns."""
     norm = layer.get_submodule(moe.residual_input)
-    norm.weight.data = norm.weight.data / scales.to(norm.weight.dtype)
+    norm.weight.data = as_stored(layer, norm.weight.data / scales.to(norm.weight.dtype))
     for name in (moe.router, *moe.shared[0].linears):
         module = layer.get_submodule(name)
         module.weight.data = scale_columns(module.weight.data, scales)
+    router = layer.get_submodule(moe.router)  # a float router is shipped in the checkpoint's dtype
+    router.weight.data = as_stored(layer, router.weight.data)
 
 
 def scale_shared_down(layer: torch.nn.Module, moe: MoEBlock, x: torch.Tensor, spec: QuantizeSpec) -> ScaleSearch:

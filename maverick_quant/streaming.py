@@ -123,6 +123,7 @@ class StreamingModel:
         if missing or result.unexpected_keys:
             raise ValueError(f"layer {index}: missing tensors {missing}, unexpected {result.unexpected_keys}")
         module.attention_window = plan.attention_window
+        module.storage_dtype = next(iter(tensors.values())).dtype  # what pass-through tensors are written as
         return module.eval()
 
     def _position_embeddings(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
