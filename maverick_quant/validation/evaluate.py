@@ -13,6 +13,7 @@ half of each window scored (`llama-perplexity`).
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,7 @@ class Evaluation:
 def open_candidate(path: Path):
     """A WeightSource for a bundle, a GPTQ export or a plain float model directory."""
     from maverick_quant.bundle import MANIFEST, Bundle
-    from maverick_quant.exporters.registry import open_export
+    from maverick_quant.exporters.registry import LAYOUTS, open_export
     from maverick_quant.streaming import open_source
 
     path = Path(path)
@@ -45,7 +46,8 @@ def open_candidate(path: Path):
         return Bundle(path)
     if not (path / "config.json").is_file():
         raise InputError(f"{path}: not a bundle, an export or a model directory")
-    if '"quantization_config"' in (path / "config.json").read_text():
+    quant = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    if quant.get("quant_method") in LAYOUTS:  # (a GGUF-converted float model also names a quant_method)
         return open_export(path)
     return open_source(path)
 
