@@ -93,11 +93,14 @@ def quantize_shared(layer: torch.nn.Module, moe: MoEBlock, x: torch.Tensor,
     quantized, stats = solve_group(layer, first, H, x.shape[0], spec)
     shared = layer.get_submodule(moe.shared_module)
     for group in rest:
-        with capture_inputs(layer, (group.linears[0],), stop=True) as accumulators:
-            _feed_module(shared, x)
-        acc = accumulators[group.linears[0]]
-        H = torch.eye(acc.sum.shape[-1]) if rtn else acc.hessian()
-        group_quantized, group_stats = solve_group(layer, group, H, acc.tokens, spec)
+        if rtn:  # no statistics needed
+            width = layer.get_submodule(group.linears[0]).in_features
+            group_quantized, group_stats = solve_group(layer, group, torch.eye(width), x.shape[0], spec)
+        else:
+            with capture_inputs(layer, (group.linears[0],), stop=True) as accumulators:
+                _feed_module(shared, x)
+            acc = accumulators[group.linears[0]]
+            group_quantized, group_stats = solve_group(layer, group, acc.hessian(), acc.tokens, spec)
         quantized.update(group_quantized)
         stats.update(group_stats)
     return quantized, stats
@@ -159,7 +162,9 @@ def quantize_expert_chunk(x: torch.Tensor, routing: Routing, moe: MoEBlock, weig
     dequant = {name: quantized[name].dequantize() for name in in_names}
 
     def down_input(e: int, rows: torch.Tensor | None) -> torch.Tensor | None:
-        return None if rows is None else expert_hidden(rows, dequant[gate][e], dequant[up][e], act)
+        if rows is None or decisions[e][0] is ExpertPolicy.RTN:  # H = I needs no activations
+            return None
+        return expert_hidden(rows, dequant[gate][e], dequant[up][e], act)
 
     width = dequant[gate].shape[1]
     mids = [policy_hessian(decisions[e][0], down_input(e, routed), down_input(e, every), spec.moe, width)
