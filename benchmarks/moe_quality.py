@@ -1,13 +1,14 @@
-"""Per-expert GPTQ quality on a Llama 4 layout MoE that sees real text: SmolLM2 upcycled.
+"""Per-expert GPTQ and AWQ quality on a Llama 4 layout MoE that sees real text: SmolLM2 upcycled.
 
 SmolLM2-135M becomes a Llama4ForCausalLM (maverick_quant.synthetic.upcycle_to_llama4):
 MoE on layers 1, 5, ..., 29 with 8 routed experts (perturbed copies of the MLP, top-1,
 random router: routing is uneven on real text) and the MLP as shared expert. Calibrates on
-WikiText-2 validation, quantizes with RTN and with GPTQ under each `moe.policy`, and scores
+WikiText-2 validation, quantizes with RTN, with GPTQ under each `moe.policy`, with AWQ and
+AWQ+GPTQ, and scores
 every candidate against the float upcycled model on the first WikiText-2 test windows
 (GPTQ-paper protocol). Prints a Markdown table.
 
-    python benchmarks/moe_quality.py --work /tmp/mq-moeq [--samples 32] [--windows 40]
+    python benchmarks/moe_quality.py --work /tmp/mq-moeq [--samples 32] [--windows 40] [--only "gptq routed" awq awq+gptq]
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ CONFIGS = {
     "gptq routed (fallback mixed < 128 tokens)": ["--moe-policy", "routed"],
     "gptq routed (fallback rtn < 128 tokens)": ["--moe-policy", "routed", "--moe-fallback", "rtn"],
     "gptq mixed (mix 0.1)": ["--moe-policy", "mixed"],
+    "awq (routed, fallback mixed)": ["--method", "awq"],
+    "awq+gptq (routed, fallback mixed)": ["--method", "awq+gptq"],
 }
 
 
@@ -37,6 +40,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--only", nargs="*", help="config names (before the parenthesis) to run; rtn always runs")
     args = parser.parse_args()
 
     from maverick_quant.bundle import Bundle
@@ -57,6 +61,8 @@ def main() -> None:
     ref_model, ref_hidden = base.final_hidden(open_source(model_dir), windows)
     rows = {"float (upcycled)": {"ppl": base.score(ref_model, ref_hidden, ref_model, ref_hidden, windows)["reference"]["ppl"]}}
     for name, options in CONFIGS.items():
+        if args.only and name != "rtn" and name.split(" (")[0] not in args.only:
+            continue
         bundle_dir = args.work / name.split(" (")[0].replace(" ", "-")
         if "fallback rtn" in name:
             bundle_dir = bundle_dir.with_name(bundle_dir.name + "-rtnfallback")
@@ -74,7 +80,7 @@ def main() -> None:
     print(f"\n| config (4-bit g{args.group_size} sym) | ppl | vs float | RTN gap closed | KL mean | top-1 | fallbacks | quantize s | peak RSS MiB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
-        closed = f"{(rtn - r['ppl']) / (rtn - ref):.0%}" if name.startswith("gptq") else ""
+        closed = f"{(rtn - r['ppl']) / (rtn - ref):.0%}" if name.startswith(("gptq", "awq")) else ""
         print(f"| {name} | {r['ppl']:.3f} | {r['ppl'] / ref - 1:+.2%} | {closed} | {r.get('kl_mean', 0):.4f} | "
               f"{r.get('top1', 1):.3f} | {r.get('fallbacks', '')} | {r.get('seconds', 0):.0f} | {r.get('peak_rss_mib', 0):.0f} |")
 

@@ -1,4 +1,4 @@
-"""SmolLM2-135M quality and cost table: reference vs RTN vs GPTQ at several settings.
+"""SmolLM2-135M quality and cost table: reference vs RTN vs GPTQ vs AWQ at several settings.
 
 Calibrates once on WikiText-2 validation (128 windows x 512 tokens by default), quantizes
 each configuration through the CLI in its own process (wall time and peak RSS from the
@@ -8,6 +8,8 @@ reference's final hidden states are computed once and candidates are scored one 
 so the table costs one forward per model. Prints a Markdown table; --json writes figures.
 
     python benchmarks/smollm2_quality.py --work /tmp/mq-bench [--samples 128] [--only gptq-w4-g128-sym]
+    python benchmarks/smollm2_quality.py --work /tmp/mq-awq --samples 32 \
+        --only rtn-w4-g64-asym awq-w4-g64-asym awq+gptq-w4-g64-asym   # llm-compressor's AWQ settings
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ CONFIGS = {  # name: quantize CLI options
     "rtn-w8-g128-sym": ["--method", "rtn", "--bits", "8", "--group-size", "128", "--sym"],
     "gptq-w8-g128-sym": ["--method", "gptq", "--bits", "8", "--group-size", "128", "--sym"],
     "rtn-w4-g32-asym (Q4_1 grid of the source file)": ["--method", "rtn", "--bits", "4", "--group-size", "32", "--asym"],
+    "awq-w4-g64-asym": ["--method", "awq", "--bits", "4", "--group-size", "64", "--asym"],
+    "awq-w4-g64-asym-duo": ["--method", "awq", "--bits", "4", "--group-size", "64", "--asym", "--awq-duo"],
+    "awq+gptq-w4-g64-asym": ["--method", "awq+gptq", "--bits", "4", "--group-size", "64", "--asym"],
+    "awq-w4-g128-sym": ["--method", "awq", "--bits", "4", "--group-size", "128", "--sym"],
+    "awq+gptq-w4-g128-sym": ["--method", "awq+gptq", "--bits", "4", "--group-size", "128", "--sym"],
 }
 
 
@@ -148,15 +155,15 @@ def main() -> None:
 
 def print_table(rows: dict) -> None:
     ref = rows["reference (fp32)"]["ppl"]
-    rtn = {name.replace("rtn", "gptq"): r["ppl"] for name, r in rows.items() if name.startswith("rtn")}
+    rtn = {name.split(" ")[0].split("-", 1)[1]: r["ppl"] for name, r in rows.items() if name.startswith("rtn")}
     print("\n| config | ppl | vs fp32 | RTN gap closed | KL mean | top-1 | quantize s | peak RSS MiB |")
     print("|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         if name.startswith("_"):
             continue
-        closed = ""
-        if name in rtn and name.startswith("gptq"):
-            closed = f"{(rtn[name] - r['ppl']) / (rtn[name] - ref):.0%}"
+        closed, grid = "", name.split(" ")[0].split("-", 1)[-1].removesuffix("-duo")
+        if grid in rtn and not name.startswith("rtn"):
+            closed = f"{(rtn[grid] - r['ppl']) / (rtn[grid] - ref):.0%}"
         print(f"| {name} | {r['ppl']:.3f} | {r['ppl'] / ref - 1:+.2%} | {closed} | {r.get('kl_mean', 0):.4f} | "
               f"{r.get('top1', 1):.3f} | {r.get('seconds', 0):.0f} | {r.get('peak_rss_mib', 0):.0f} |")
     print(f"\nwhole fp32 model + calibration activations, loaded by transformers: "

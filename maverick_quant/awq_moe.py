@@ -13,6 +13,11 @@ Then each routed expert gets its own up -> down scale, searched on its routed to
 (x * score); an expert below `moe.min_tokens` follows the same fallback as GPTQ: `mixed`
 searches on the sampled tokens at the score it would have given them, `rtn` keeps s = 1.
 The shared expert's up -> down scale is searched on all sampled tokens.
+
+With `awq.clip`, every expert's gate/up are then clipped on the rows its scale was searched
+on, and its down on the hidden act(gate) * up of the clipped gate/up; the shared expert the
+same way on the sampled block inputs. An expert under the `rtn` policy is neither scaled nor
+clipped (it has no inputs to judge by).
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ import torch
 
 from maverick_quant.arch.base import MoEBlock, unfuse_experts
 from maverick_quant.calibration.moe import Routing, activation, expert_hidden, resolve_policy, sample_tokens
-from maverick_quant.compress.awq import (ScaleSearch, candidate_scales, output_loss, rtn_fake, scale_columns,
-                                         search_scales)
+from maverick_quant.compress.awq import (ScaleSearch, candidate_scales, clip_weights, output_loss, rtn_fake,
+                                         scale_columns, search_scales)
 from maverick_quant.recipe import ExpertPolicy, QuantizeSpec
 from maverick_quant.awq_layer import as_stored, weight_mean
 from maverick_quant.streaming import StreamingModel
@@ -122,6 +127,24 @@ def scale_shared_down(layer: torch.nn.Module, moe: MoEBlock, x: torch.Tensor, sp
     return result
 
 
+def clip_expert(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, rows: torch.Tensor, act,
+                spec: QuantizeSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """AWQ clipping of one gated MLP: gate, up [I, D] on its inputs rows [T, D], then down
+    [D, I] on act(rows gate^T) * (rows up^T) computed with the clipped gate/up."""
+    gate, up = (clip_weights(w, rows, spec.weights, spec.awq) for w in (gate, up))
+    return gate, up, clip_weights(down, expert_hidden(rows, gate.float(), up.float(), act), spec.weights, spec.awq)
+
+
+def clip_shared(layer: torch.nn.Module, moe: MoEBlock, x: torch.Tensor, spec: QuantizeSpec) -> None:
+    """Clip the shared expert's linears (in place) on sampled block inputs x [T, D]."""
+    shared = layer.get_submodule(moe.shared_module)
+    linears = (shared.gate_proj, shared.up_proj, shared.down_proj)
+    rows = x[sample_tokens(x.shape[0], spec.awq.sample_tokens)].float()
+    clipped = clip_expert(*(linear.weight.data for linear in linears), rows, activation(moe.activation), spec)
+    for linear, weight in zip(linears, clipped):
+        linear.weight.data = weight
+
+
 def _expert_rows(x: torch.Tensor, routing: Routing, expert: int, sample: torch.Tensor, policy: ExpertPolicy,
                  spec: QuantizeSpec) -> torch.Tensor:
     """What the expert reads for its scale search: at most `sample_tokens` of its routed
@@ -154,10 +177,13 @@ def scale_expert_chunk(x: torch.Tensor, routing: Routing, moe: MoEBlock, weights
         records.append(record)
         if policy is ExpertPolicy.RTN:
             continue
-        hidden = expert_hidden(_expert_rows(x, routing, expert, sample, policy, spec), gate[offset], up[offset], act)
+        rows = _expert_rows(x, routing, expert, sample, policy, spec).float()
+        hidden = expert_hidden(rows, gate[offset], up[offset], act)
         duo = weight_mean([down[offset]]) if spec.awq.duo_scaling else None
         result = search_scales(hidden.abs().mean(0), duo, output_loss(hidden, [down[offset]], spec.weights), spec.awq)
         up[offset] = up[offset] / result.scales[:, None]
         down[offset] = scale_columns(down[offset], result.scales)
         record["awq_ratio"] = result.ratio
+        if spec.awq.clip:
+            gate[offset], up[offset], down[offset] = clip_expert(gate[offset], up[offset], down[offset], rows, act, spec)
     return {"gate_proj": gate, "up_proj": up, "down_proj": down}, records

@@ -25,7 +25,7 @@ import dataclasses
 import torch
 
 from maverick_quant.arch.base import LinearGroup, MoEBlock, unfuse_experts
-from maverick_quant.awq_moe import apply_block_scale, scale_expert_chunk, scale_shared_down, search_block_scale
+from maverick_quant.awq_moe import apply_block_scale, clip_shared, scale_expert_chunk, scale_shared_down, search_block_scale
 from maverick_quant.calibration.capture import capture_inputs
 from maverick_quant.calibration.moe import (Routing, activation, expert_hidden, mean_outer, policy_hessian,
                                             resolve_policy, route, routed_forward, sample_tokens)
@@ -245,13 +245,16 @@ def quantize_moe_block(model: StreamingModel, index: int, layer: torch.nn.Module
 def scale_block(model: StreamingModel, index: int, layer: torch.nn.Module, x: torch.Tensor,
                 spec: QuantizeSpec) -> tuple[dict, torch.Tensor]:
     """AWQ's block-wide input scale (searched on the float block with float routing) folded
-    into the layer, x rescaled in place to match, and the shared expert's up -> down scale."""
+    into the layer, x rescaled in place to match, the shared expert's up -> down scale, and
+    (awq.clip) the shared expert's clipping."""
     moe = model.plan(index).moe
     routing = route(x, layer.get_submodule(moe.router).weight, moe.top_k)
     block = search_block_scale(model, index, layer, x, routing, spec)
     apply_block_scale(layer, moe, block.scales)
     x /= block.scales
     shared = scale_shared_down(layer, moe, x, spec)
+    if spec.awq.clip:
+        clip_shared(layer, moe, x, spec)
     stats = {f"awq:{moe.residual_input}": {"ratio": block.ratio, "rtn_loss": float(block.losses[0]), "loss": float(block.losses.min())},
              f"awq:{moe.shared_module}.up_proj": {"ratio": shared.ratio, "rtn_loss": float(shared.losses[0]),
                                                    "loss": float(shared.losses.min())}}

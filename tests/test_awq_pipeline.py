@@ -75,7 +75,7 @@ def test_moe_block_scales_keep_routing_and_the_float_block(tiny_llama4_dir: Path
     model = StreamingModel(source)
     layer, moe = model.layer(1), model.plan(1).moe
     h = torch.randn(200, 64, generator=torch.Generator().manual_seed(4))
-    spec = QuantizeSpec(method=Method.AWQ, awq=AWQSpec(sample_tokens=64))
+    spec = QuantizeSpec(method=Method.AWQ, awq=AWQSpec(sample_tokens=64, clip=False))  # clipping does change W
     block, norm = layer.feed_forward, layer.post_attention_layernorm
     with torch.no_grad():
         expected, logits = block(norm(h))

@@ -87,16 +87,26 @@ def output_loss(x: torch.Tensor, weights: list[torch.Tensor], spec: QuantSpec,
     return loss
 
 
-def clip_weights(W: torch.Tensor, x: torch.Tensor, spec: QuantSpec, awq: AWQSpec) -> torch.Tensor:
+def clip_weights(W: torch.Tensor, x: torch.Tensor, spec: QuantSpec, awq: AWQSpec,
+                 budget_elements: int = 2**26) -> torch.Tensor:
     """W [N, K] with each (row, group) clamped to +-max|w| (1 - i / clip_grid), i chosen per
-    (row, group) to minimise sum_t (x_t,g . (Q(w_clip) - w)_g)^2 over the sample x [T, K]."""
+    (row, group) to minimise sum_t (x_t,g . (Q(w_clip) - w)_g)^2 over the sample x [T, K].
+    Rows are processed in blocks so the error tensor [T, rows, G] stays under `budget_elements`."""
+    n, k = W.shape
+    groups = spec.groups_for(k)
+    rows = max(1, budget_elements // max(1, x.shape[0] * groups))
+    return torch.cat([_clip_rows(W[start : start + rows], x, spec, awq) for start in range(0, n, rows)])
+
+
+def _clip_rows(W: torch.Tensor, x: torch.Tensor, spec: QuantSpec, awq: AWQSpec) -> torch.Tensor:
+    """`clip_weights` for one block of rows W [n, K] (the grid is per row, so blocks are independent)."""
     n, k = W.shape
     width = spec.group_width(k)
     groups = spec.groups_for(k)
     pad = groups * width - k
     Wg = torch.nn.functional.pad(W.float(), (0, pad)).view(n, groups, width)
     xg = torch.nn.functional.pad(x.float(), (0, pad)).view(-1, groups, width)  # [T, G, width]
-    limit = Wg.abs().amax(-1, keepdim=True)  # [N, G, 1]
+    limit = Wg.abs().amax(-1, keepdim=True)  # [n, G, 1]
     best_err = torch.full((n, groups), float("inf"))
     best = Wg.clone()
     for step in range(max(1, int(awq.max_shrink * awq.clip_grid))):
@@ -104,7 +114,7 @@ def clip_weights(W: torch.Tensor, x: torch.Tensor, spec: QuantSpec, awq: AWQSpec
         clipped = torch.maximum(torch.minimum(Wg, bound), -bound)
         q = rtn_fake(clipped.view(n, -1)[:, :k], spec)
         q = torch.nn.functional.pad(q, (0, pad)).view(n, groups, width)
-        err = torch.einsum("tgw,ngw->tng", xg, q - Wg).square().sum(0)  # [N, G]
+        err = torch.einsum("tgw,ngw->tng", xg, q - Wg).square().sum(0)  # [n, G]
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = torch.where(better[..., None], clipped, best)
