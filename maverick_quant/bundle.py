@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 import torch
 
-from maverick_quant.checkpoint import (read_rows, read_safetensors_header, read_tensor, save_safetensors_atomic,
+from maverick_quant.checkpoint import (TORCH_DTYPES, TensorInfo, read_rows, read_safetensors_header, read_tensor, save_safetensors_atomic,
                                        sha256_file, write_json_atomic)
 from maverick_quant.arch.base import fuse_experts
 from maverick_quant.compress.types import QuantizedWeight
@@ -193,6 +193,30 @@ class Bundle:
                                                           self.quant["group_size"])
                                    for name, shape in chunk["shapes"].items()}
 
+    def expert_linear_chunks(self, index: int, name: str) -> Iterator[QuantizedWeight]:
+        """Layer `index`'s routed-expert linear `name` (e.g. "gate_proj"), chunk by chunk as
+        QuantizedWeight [count, N, K]; only that linear's tensors are read from each file."""
+        from safetensors import safe_open
+
+        for chunk in self.manifest["layers"][index].get("experts", {}).get("chunks", []):
+            key = chunk["prefix"] + name
+            with safe_open(str(self.root / chunk["file"]), framework="pt") as handle:
+                tensors = {f"{key}.{part}": handle.get_tensor(f"{key}.{part}") for part in ("codes", "scales", "zeros")}
+            yield decode_quantized(key, tensors, chunk["shapes"][name], self.quant["bits"], self.quant["group_size"])
+
+    def passthrough_info(self, index: int) -> dict[str, TensorInfo]:
+        """Layer `index`'s float tensors (relative name -> header info), read without their data."""
+        record = self.manifest["layers"][index]
+        coded = {f"{record['prefix']}{name}.{part}" for name in record["quantized"] for part in ("codes", "scales", "zeros")}
+        header = read_safetensors_header(self.root / record["file"])
+        return {key[len(record["prefix"]):]: info for key, info in header.items() if key not in coded}
+
+    def model_tensor_info(self, name: str) -> TensorInfo:
+        """Header info of a model-level pass-through tensor (a tied lm_head is the embedding)."""
+        if name == self.table.lm_head and name not in self._passthrough:
+            name = self.table.embed
+        return self._passthrough[name]
+
     def layer_tensors(self, index: int, experts: bool = True) -> dict[str, torch.Tensor]:
         quantized, passthrough = self.quantized_layer(index)
         out = {**passthrough, **{f"{name}.weight": w.dequantize() for name, w in quantized.items()}}
@@ -211,9 +235,11 @@ class Bundle:
         return list(self._passthrough)
 
     def model_tensor(self, name: str) -> torch.Tensor:
-        if name == self.table.lm_head and name not in self._passthrough:
-            name = self.table.embed
-        return read_tensor(self._passthrough[name])
+        return read_tensor(self.model_tensor_info(name))
+
+    def float_dtype(self) -> torch.dtype:
+        """The float dtype the model ships in: its embedding's (e.g. bf16 for Maverick)."""
+        return TORCH_DTYPES[self.model_tensor_info(self.table.embed).dtype]
 
     def embedding_rows(self, rows: torch.Tensor) -> torch.Tensor:
         return read_rows(self._passthrough[self.table.embed], rows)

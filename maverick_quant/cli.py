@@ -13,7 +13,8 @@ import click
 
 from maverick_quant import __version__
 from maverick_quant.errors import InputError
-from maverick_quant.recipe import CalibSpec, ExpertPolicy, Method, MoESpec, QuantizeSpec, QuantSpec
+from maverick_quant.recipe import (GGUF_GRIDS, AWQSpec, CalibSpec, ExpertPolicy, Method, MoESpec, QuantizeSpec,
+                                   QuantSpec)
 
 
 class BadInput(click.ClickException):
@@ -88,6 +89,9 @@ def quant_options(func):
     func = click.option("--group-size", default=128, show_default=True, help="Columns per scale: -1, 32, 64, 128 or 256.")(func)
     func = click.option("--bits", default=4, show_default=True, help="Bits per weight, 2-8.")(func)
     func = click.option("--method", type=click.Choice([m.value for m in Method]), default="gptq", show_default=True)(func)
+    func = click.option("--gguf-grid", type=click.Choice(sorted(GGUF_GRIDS)),
+                        help="Solve on exactly the grid of this llama.cpp type (sets --bits, --group-size, --sym), "
+                             "so `export --format gguf` is lossless.")(func)
     return func
 
 
@@ -106,16 +110,33 @@ def moe_options(func):
     return func
 
 
+def awq_options(func):
+    """AWQ scale and clip search (see AWQSpec); used by --method awq and awq+gptq."""
+    func = click.option("--awq-sample-tokens", default=AWQSpec.sample_tokens, show_default=True,
+                        help="Calibration tokens (evenly sampled) in the scale and clip losses.")(func)
+    func = click.option("--awq-clip/--no-awq-clip", default=AWQSpec.clip, show_default=True,
+                        help="Also search a clipping range per (row, group) after scaling.")(func)
+    func = click.option("--awq-duo/--no-awq-duo", default=AWQSpec.duo_scaling, show_default=True,
+                        help="Duo scaling: s = mean|x|^a / mean|w|^(1-a).")(func)
+    func = click.option("--awq-grid", default=AWQSpec.grid, show_default=True, help="Exponents tried: a = i / grid.")(func)
+    return func
+
+
+def _awq_spec(awq_grid, awq_duo, awq_clip, awq_sample_tokens) -> AWQSpec:
+    return AWQSpec(grid=awq_grid, duo_scaling=awq_duo, clip=awq_clip, sample_tokens=awq_sample_tokens)
+
+
 def _moe_spec(moe_policy, moe_mix, moe_min_tokens, moe_fallback, moe_quantize_router, moe_chunk_mib) -> MoESpec:
     return MoESpec(policy=ExpertPolicy(moe_policy), mix=moe_mix, min_tokens=moe_min_tokens,
                    fallback=ExpertPolicy(moe_fallback), quantize_router=moe_quantize_router, chunk_mib=moe_chunk_mib)
 
 
 def _quantize_spec(method, bits, group_size, sym, act_order, damp, batch, true_sequential=True,
-                   moe: MoESpec = MoESpec()) -> QuantizeSpec:
-    weights = QuantSpec(bits=bits, group_size=group_size, sym=sym, act_order=act_order, damp=damp)
+                   moe: MoESpec = MoESpec(), awq: AWQSpec = AWQSpec(), gguf_grid: str | None = None) -> QuantizeSpec:
+    grid = {"bits": bits, "group_size": group_size, "sym": sym, **GGUF_GRIDS.get(gguf_grid, {})}
+    weights = QuantSpec(**grid, act_order=act_order, damp=damp)
     return QuantizeSpec(method=Method(method), weights=weights, batch_windows=batch, true_sequential=true_sequential,
-                        moe=moe)
+                        moe=moe, awq=awq)
 
 
 @cli.command()
@@ -126,19 +147,21 @@ def _quantize_spec(method, bits, group_size, sym, act_order, damp, batch, true_s
 @quant_options
 @calib_options
 @moe_options
+@awq_options
 @click.option("--batch", default=8, show_default=True, help="Windows per forward batch.")
 @click.option("--true-sequential/--no-true-sequential", default=True, show_default=True,
               help="Re-collect statistics after each group of a layer is quantized.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--progress/--no-progress", default=True)
-def quantize(model_dir, data, calib, out, method, bits, group_size, sym, act_order, damp, samples, seq_len, seed,
+def quantize(model_dir, data, calib, out, method, gguf_grid, bits, group_size, sym, act_order, damp, samples, seq_len, seed,
              chat_template, moe_policy, moe_mix, moe_min_tokens, moe_fallback, moe_quantize_router, moe_chunk_mib,
-             batch, true_sequential, force, progress) -> None:
+             awq_grid, awq_duo, awq_clip, awq_sample_tokens, batch, true_sequential, force, progress) -> None:
     """Quantize MODEL_DIR layer by layer (routed experts chunk by chunk) into a bundle."""
     from maverick_quant.jobs import run_quantize
 
     moe = _moe_spec(moe_policy, moe_mix, moe_min_tokens, moe_fallback, moe_quantize_router, moe_chunk_mib)
-    spec = _quantize_spec(method, bits, group_size, sym, act_order, damp, batch, true_sequential, moe)
+    awq = _awq_spec(awq_grid, awq_duo, awq_clip, awq_sample_tokens)
+    spec = _quantize_spec(method, bits, group_size, sym, act_order, damp, batch, true_sequential, moe, awq, gguf_grid)
     run_quantize(model_dir, out, spec, data, calib, _calib_spec(samples, seq_len, seed, chat_template), force, progress)
 
 
@@ -162,15 +185,23 @@ def inspect_command(bundle_dir, plot, top) -> None:
 
 @cli.command()
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["gptq", "awq"]), required=True)
-@click.option("--out", "out", required=True, type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["gptq", "awq", "compressed-tensors", "gguf"]), required=True)
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path),
+              help="Output directory (a .gguf file for --format gguf).")
 @click.option("--max-shard-size", default=5 * 10**9, show_default=True, help="Bytes per safetensors shard.")
-@click.option("--force", is_flag=True, help="Replace an existing output directory.")
-def export(bundle_dir, fmt, out, max_shard_size, force) -> None:
+@click.option("--gguf-type", default="Q4_0", show_default=True, help="llama.cpp block type: Q4_0, Q4_1 or Q8_0.")
+@click.option("--requantize", is_flag=True,
+              help="GGUF: re-round a bundle whose grid is not the type's (the added error is reported).")
+@click.option("--gguf-pre", help="GGUF: llama.cpp pre-tokenizer name, when it is not recognised from tokenizer.json.")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+def export(bundle_dir, fmt, out, max_shard_size, gguf_type, requantize, gguf_pre, force) -> None:
     """Write a bundle as a checkpoint other engines load."""
-    from maverick_quant.jobs import run_export
+    from maverick_quant.jobs import run_export, run_export_gguf
 
-    run_export(bundle_dir, out, fmt, max_shard_size, force)
+    if fmt == "gguf":
+        run_export_gguf(bundle_dir, out, gguf_type, requantize, gguf_pre, force)
+    else:
+        run_export(bundle_dir, out, fmt, max_shard_size, force)
 
 
 @cli.command()

@@ -51,6 +51,23 @@ def run_export(bundle_dir, out, fmt="gptq", max_shard_size=5 * 10**9, force=Fals
     click.echo(f"exported {fmt}: {len(files)} files -> {out}")
 
 
+def run_export_gguf(bundle_dir, out, gguf_type="Q4_0", requantize=False, pre=None, force=False):
+    from maverick_quant.bundle import Bundle
+    from maverick_quant.checkpoint import check_output_dir
+    from maverick_quant.exporters.gguf import export_gguf
+
+    check_output_dir(out, force)
+    bundle = Bundle(bundle_dir)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    report = export_gguf(bundle, Path(out), gguf_type, requantize, pre)
+    click.echo(f"exported gguf {gguf_type}: {report.tensors} tensors -> {out}")
+    if report.requantized:
+        errors = sorted(report.requantized.values())
+        worst = max(report.requantized, key=report.requantized.get)
+        click.echo(f"re-quantized {len(errors)} tensors to {gguf_type}: relative error added mean {sum(errors) / len(errors):.4f}, "
+                   f"max {errors[-1]:.4f} ({worst})")
+
+
 def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates=(), baseline=None,
                  batch=4, force=False, progress=True, protocol="gptq", hellaswag=None, hellaswag_tasks=None,
                  choices=None) -> bool:

@@ -25,6 +25,14 @@ class Method(str, enum.Enum):
 ALLOWED_GROUP_SIZES = (-1, 32, 64, 128, 256)
 
 
+# Weight grids that llama.cpp block types store exactly (see compress/gguf_blocks.py).
+GGUF_GRIDS = {
+    "Q4_0": {"bits": 4, "group_size": 32, "sym": True},
+    "Q4_1": {"bits": 4, "group_size": 32, "sym": False, "scale_bits": 7},
+    "Q8_0": {"bits": 8, "group_size": 32, "sym": True},
+}
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """How one weight matrix is quantized.
@@ -37,6 +45,9 @@ class QuantSpec:
                  static (computed on the original column order) so g_idx stays trivial.
     damp:        GPTQ relative damping: H + damp * mean(diag(H)) * I (raised on failure).
     block_size:  GPTQ lazy-update block width.
+    scale_bits:  significant bits kept in each fp16 scale (11: any fp16). With 7, -zero * scale
+                 is itself an fp16 number for every 4-bit zero, so an asymmetric 4-bit grid of
+                 group 32 is exactly llama.cpp's Q4_1 (d = scale, m = -zero * scale).
     """
 
     bits: int = 4
@@ -45,6 +56,7 @@ class QuantSpec:
     act_order: bool = False
     damp: float = 0.01
     block_size: int = 128
+    scale_bits: int = 11
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -57,6 +69,8 @@ class QuantSpec:
             raise InputError(f"damp={self.damp}: expected a fraction in (0, 1), e.g. 0.01")
         if self.block_size < 1:
             raise InputError(f"block_size={self.block_size}: expected a positive integer")
+        if not 1 <= self.scale_bits <= 11:
+            raise InputError(f"scale_bits={self.scale_bits}: expected 1 to 11 (fp16 has 11 significant bits)")
 
     @property
     def maxq(self) -> int:

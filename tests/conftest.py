@@ -66,14 +66,13 @@ def skew_routers(model: torch.nn.Module, generator: torch.Generator) -> None:
             weight[0] *= 1e-3
 
 
-@pytest.fixture(scope="session")
-def tiny_llama4_dir(smollm2_dir: Path, tmp_path_factory) -> Path:
-    """A random Llama4ForConditionalGeneration: 4 layers (MoE at 1 and 3, 8 experts, top-1,
-    uneven routing with a starved expert), chunked attention of 16 tokens, a vision tower;
-    fp32, sharded, with SmolLM2's tokenizer."""
+def make_tiny_llama4(smollm2_dir: Path, out: Path, **text_overrides) -> Path:
+    """A random Llama4ForConditionalGeneration (TINY_LLAMA4_TEXT with `text_overrides`, a
+    vision tower, skewed routers), fp32, sharded, with SmolLM2's tokenizer, saved in `out`."""
     from transformers import Llama4Config, Llama4ForConditionalGeneration
 
-    config = Llama4Config(text_config=TINY_LLAMA4_TEXT, vision_config=TINY_LLAMA4_VISION, tie_word_embeddings=False)
+    config = Llama4Config(text_config={**TINY_LLAMA4_TEXT, **text_overrides}, vision_config=TINY_LLAMA4_VISION,
+                          tie_word_embeddings=False)
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     model = Llama4ForConditionalGeneration(config).eval()
@@ -82,12 +81,19 @@ def tiny_llama4_dir(smollm2_dir: Path, tmp_path_factory) -> Path:
             if not name.endswith("norm.weight"):
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
         skew_routers(model, generator)
-    out = tmp_path_factory.mktemp("tiny_llama4")
     model.save_pretrained(out, max_shard_size="4MB")
     for name in TOKENIZER_FILES:
         if (smollm2_dir / name).is_file():
             shutil.copy2(smollm2_dir / name, out / name)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama4_dir(smollm2_dir: Path, tmp_path_factory) -> Path:
+    """A random Llama4ForConditionalGeneration: 4 layers (MoE at 1 and 3, 8 experts, top-1,
+    uneven routing with a starved expert), chunked attention of 16 tokens, a vision tower;
+    fp32, sharded, with SmolLM2's tokenizer."""
+    return make_tiny_llama4(smollm2_dir, tmp_path_factory.mktemp("tiny_llama4"))
 
 
 def _shared_file(relative: str) -> Path:

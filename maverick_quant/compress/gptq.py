@@ -200,7 +200,7 @@ def _solve(
     codes = torch.empty_like(Wt)
     for i1, i2 in _block_bounds(k, spec.block_size, width if dynamic else k):
         if dynamic and i1 % width == 0:
-            s, z = quant_params(Wt[:, i1 : i1 + width].transpose(1, 2), spec.bits, spec.sym)  # [B, N]
+            s, z = quant_params(Wt[:, i1 : i1 + width].transpose(1, 2), spec.bits, spec.sym, spec.scale_bits)  # [B, N]
             scale[:, i1 : i1 + width], zero[:, i1 : i1 + width] = s.unsqueeze(1), z.unsqueeze(1)
         W1, U1 = Wt[:, i1:i2], U[:, i1:i2, i1:i2]
         err = torch.empty_like(W1)  # scaled errors (w - q) / U_kk of the block's columns

@@ -27,14 +27,24 @@ def fp16_exact(scale: torch.Tensor) -> torch.Tensor:
     return scale.clamp(FP16_TINY, FP16_MAX).half().float()
 
 
-def quant_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def round_significand(scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Positive `scale` rounded up to `bits` significant bits (11 or more: unchanged for fp16
+    values). Rounding up keeps the group's range inside the grid."""
+    if bits >= 11:
+        return scale
+    mantissa, exponent = torch.frexp(scale)  # scale = mantissa * 2^exponent, mantissa in [0.5, 1)
+    return torch.ldexp(torch.ceil(mantissa * 2.0**bits) / 2.0**bits, exponent)
+
+
+def quant_params(w: torch.Tensor, bits: int, sym: bool, scale_bits: int = 11) -> tuple[torch.Tensor, torch.Tensor]:
     """Min/max grid of each row of `w` [..., N, C] -> (scale fp32 [..., N], zero fp32 [..., N]).
 
     As in GPTQ the range always contains 0: xmin = min(min_c w, 0), xmax = max(max_c w, 0).
       symmetric:  amax = max(|xmin|, xmax), scale = 2 * amax / maxq, zero = 2^(bits-1)
       asymmetric: scale = (xmax - xmin) / maxq, zero = clamp(round(-xmin / scale), 0, maxq)
     All-zero rows get the range [-1, 1] (as GPTQ does) instead of dividing by zero.
-    `zero` is integer-valued; `scale` is fp16-exact (see `fp16_exact`).
+    `zero` is integer-valued; `scale` is fp16-exact (see `fp16_exact`) with at most
+    `scale_bits` significant bits (see QuantSpec.scale_bits).
     """
     maxq = (1 << bits) - 1
     w = w.float()
@@ -43,12 +53,12 @@ def quant_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, t
     if sym:
         amax = torch.maximum(-xmin, xmax)
         amax = torch.where(amax == 0, torch.ones_like(amax), amax)
-        scale = fp16_exact(2.0 * amax / maxq)
+        scale = fp16_exact(round_significand(fp16_exact(2.0 * amax / maxq), scale_bits))
         return scale, torch.full_like(scale, float((maxq + 1) // 2))
     dead = (xmin == 0) & (xmax == 0)
     xmin = torch.where(dead, -torch.ones_like(xmin), xmin)
     xmax = torch.where(dead, torch.ones_like(xmax), xmax)
-    scale = fp16_exact((xmax - xmin) / maxq)
+    scale = fp16_exact(round_significand(fp16_exact((xmax - xmin) / maxq), scale_bits))
     zero = torch.round(-xmin / scale).clamp(0, maxq)
     return scale, zero
 
@@ -96,7 +106,7 @@ def group_params(W: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.
     k = W.shape[-1]
     width, groups = spec.group_width(k), spec.groups_for(k)
     padded = F.pad(W.float(), (0, groups * width - k))
-    return quant_params(padded.unflatten(-1, (groups, width)), spec.bits, spec.sym)
+    return quant_params(padded.unflatten(-1, (groups, width)), spec.bits, spec.sym, spec.scale_bits)
 
 
 def pack_quantized(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:

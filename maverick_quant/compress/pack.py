@@ -15,6 +15,16 @@ AWQ GEMM layout (AutoAWQ "gemm", 4 bits, K a multiple of the group size):
                                    column AWQ_ORDER[i] of its block of 8
     qzeros  int32 [G, N/8]         the real zero points, packed the same way
     scales  fp16  [G, N]
+
+compressed-tensors "pack-quantized" layout (bits 2/4/8, any group grid):
+    weight_packed     int32 [N, K*bits/32]   codes packed along K (compressed-tensors stores the
+                                             signed value q - 2^(bits-1) offset by +2^(bits-1),
+                                             which is exactly our unsigned code)
+    weight_scale      [N, G]                 in the model's float dtype (its dequantized weight
+                                             takes the scale's dtype)
+    weight_zero_point int32 [N*bits/32, G]   asymmetric only: zero points packed along N
+    weight_shape      int64 [2]              [N, K]
+A symmetric grid has zero 2^(bits-1), i.e. signed zero 0, and writes no zero point.
 """
 
 from __future__ import annotations
@@ -146,3 +156,36 @@ def from_awq_tensors(tensors: dict[str, torch.Tensor], bits: int, group_size: in
                              f"bits=4 (got {bits}), group_size={group_size}")
     return QuantizedWeight(_awq_unpack(qweight).t().contiguous(), scales.t().contiguous(),
                            _awq_unpack(qzeros).t().contiguous(), bits, group_size)
+
+
+def to_compressed_tensors(qw: QuantizedWeight, symmetric: bool, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A 2-D QuantizedWeight [N, K] -> compressed-tensors pack-quantized tensors (see module doc);
+    `symmetric` (the bundle's grid) decides whether zero points are written. compressed-tensors
+    dequantizes groups only when they tile K, so K must be a multiple of the group size."""
+    k = qw.shape[-1]
+    if qw.group_size != -1 and k % qw.group_size:
+        raise ValueError(f"compressed-tensors needs K a multiple of the group size; K={k}, group_size={qw.group_size}")
+    tensors = {"weight_packed": pack_along(qw.codes, qw.bits, dim=-1),
+               "weight_scale": qw.scales.to(scale_dtype).contiguous(),
+               "weight_shape": torch.tensor(qw.shape, dtype=torch.int64)}
+    if symmetric and not bool((qw.zeros == 1 << (qw.bits - 1)).all()):
+        raise ValueError(f"a symmetric grid has zero points {1 << (qw.bits - 1)}; this weight has others")
+    if not symmetric:
+        tensors["weight_zero_point"] = pack_along(qw.zeros, qw.bits, dim=0)
+    return tensors
+
+
+def from_compressed_tensors(tensors: dict[str, torch.Tensor], bits: int, group_size: int) -> QuantizedWeight:
+    """Inverse of `to_compressed_tensors` (zero points 2^(bits-1) when none are stored)."""
+    n, k = (int(size) for size in tensors["weight_shape"])
+    codes = unpack_along(tensors["weight_packed"], bits, -1, k)
+    scales = tensors["weight_scale"]
+    groups = 1 if group_size == -1 else -(-k // group_size)
+    if tuple(scales.shape) != (n, groups):
+        raise ValueError(f"weight_scale has shape {tuple(scales.shape)}, expected {(n, groups)} for N={n}, K={k}, "
+                         f"group_size={group_size}")
+    if "weight_zero_point" in tensors:
+        zeros = unpack_along(tensors["weight_zero_point"], bits, 0, n)
+    else:
+        zeros = torch.full((n, groups), 1 << (bits - 1), dtype=torch.uint8)
+    return QuantizedWeight(codes, scales, zeros, bits, group_size)

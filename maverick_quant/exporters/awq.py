@@ -33,4 +33,4 @@ def _check(quant: dict) -> str | None:
     return None
 
 
-AWQ = Layout("awq", ("qweight", "qzeros", "scales"), to_awq_tensors, from_awq_tensors, _check, awq_quantization_config)
+AWQ = Layout("awq", ("qweight", "qzeros", "scales"), lambda weight, _quant, _dtype: to_awq_tensors(weight), from_awq_tensors, _check, awq_quantization_config)

@@ -56,7 +56,7 @@ def _check(quant: dict) -> str | None:
     return None if quant["bits"] in PACKABLE_BITS else f"stores bits in {PACKABLE_BITS}; this bundle has bits={quant['bits']}"
 
 
-GPTQ = Layout("gptq", ("qweight", "qzeros", "scales", "g_idx"), to_gptq_tensors, _from_gptq_checked, _check,
+GPTQ = Layout("gptq", ("qweight", "qzeros", "scales", "g_idx"), lambda weight, _quant, _dtype: to_gptq_tensors(weight), _from_gptq_checked, _check,
               gptq_quantization_config)
 
 

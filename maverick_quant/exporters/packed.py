@@ -31,19 +31,21 @@ class Layout:
     """A packed checkpoint format.
 
     name:        `--format` value and `quant_method`.
-    parts:       tensor suffixes of one module ("qweight", ...).
-    to_tensors:  QuantizedWeight [N, K] -> {part: tensor}.
+    parts:       tensor suffixes of one module ("qweight", ...); optional ones may be absent.
+    to_tensors:  (QuantizedWeight [N, K], bundle quant dict, the model's float dtype) -> {part: tensor}.
     from_tensors: ({part: tensor}, bits, group_size) -> QuantizedWeight (raises ValueError if malformed).
     check:       bundle quant dict -> None, or an error message if the layout cannot store it.
     config:      (bundle quant, recipe, unquantized module names) -> quantization_config.
+    grid:        quantization_config -> (bits, group_size), for reading an export back.
     """
 
     name: str
     parts: tuple[str, ...]
-    to_tensors: Callable[[QuantizedWeight], dict[str, torch.Tensor]]
+    to_tensors: Callable[[QuantizedWeight, dict, torch.dtype], dict[str, torch.Tensor]]
     from_tensors: Callable[[dict[str, torch.Tensor], int, int], QuantizedWeight]
     check: Callable[[dict], str | None]
     config: Callable[[dict, dict, list[str]], dict]
+    grid: Callable[[dict], tuple[int, int]] = lambda quant: (int(quant["bits"]), int(quant["group_size"]))
 
 
 def unquantized_modules(bundle: Bundle) -> list[str]:
@@ -67,20 +69,27 @@ def export_packed(bundle: Bundle, out_dir: Path, layout: Layout, max_shard_bytes
     problem = layout.check(bundle.quant)
     if problem:
         raise InputError(f"--format {layout.name}: {problem}")
-    convert = layout.to_tensors
+    dtype = bundle.float_dtype()
+
+    def convert(module: str, weight: QuantizedWeight) -> dict[str, torch.Tensor]:
+        try:
+            return {f"{module}.{part}": t for part, t in layout.to_tensors(weight, bundle.quant, dtype).items()}
+        except ValueError as exc:
+            raise InputError(f"--format {layout.name}: {module} (shape {list(weight.shape)}): {exc}") from None
+
     writer = ShardedWriter(out_dir, max_shard_bytes)
     for index in range(bundle.num_layers):
         prefix = bundle.table.prefix(index)
         quantized, passthrough = bundle.quantized_layer(index)
         for name, weight in quantized.items():
-            writer.add_group({f"{prefix}{name}.{part}": t for part, t in convert(weight).items()})
+            writer.add_group(convert(prefix + name, weight))
         writer.add_group({prefix + name: t for name, t in passthrough.items()})
         for first, chunk in bundle.expert_chunks(index):
             experts = bundle.table.plan(bundle.text_config, index).moe.experts
             for offset in range(next(iter(chunk.values())).shape[0]):
                 module = f"{prefix}{experts}.{first + offset}"
-                writer.add_group({f"{module}.{name}.{part}": t for name, weight in chunk.items()
-                                  for part, t in convert(weight[offset]).items()})
+                writer.add_group({key: t for name, weight in chunk.items()
+                                  for key, t in convert(f"{module}.{name}", weight[offset]).items()})
     writer.add_group({name: bundle.model_tensor(name) for name in bundle.model_tensor_names()})
     shards = writer.close()
     copied = copy_model_files(bundle.root, out_dir)
@@ -106,10 +115,15 @@ class ExportSource(CheckpointModelTensors):
             raise InputError(f"{export_dir}/config.json: quantization_config.quant_method {quant.get('quant_method')!r} "
                              f"is not one of {sorted(layouts)}")
         self.layout = layouts[quant["quant_method"]]
-        self.bits, self.group_size = int(quant["bits"]), int(quant["group_size"])
+        try:
+            self.bits, self.group_size = self.layout.grid(quant)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"{export_dir}/config.json: quantization_config is not a readable "
+                             f"{quant['quant_method']} config: {exc!r}") from None
 
     def _linear(self, module: str) -> torch.Tensor:
-        tensors = {part: self.checkpoint.get(f"{module}.{part}") for part in self.layout.parts}
+        tensors = {part: self.checkpoint.get(f"{module}.{part}") for part in self.layout.parts
+                   if f"{module}.{part}" in self.checkpoint.tensors}
         try:
             return self.layout.from_tensors(tensors, self.bits, self.group_size).dequantize()
         except ValueError as exc:

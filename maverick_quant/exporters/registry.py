@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from maverick_quant.exporters.awq import AWQ
+from maverick_quant.exporters.compressed_tensors import COMPRESSED_TENSORS
 from maverick_quant.exporters.gptq import GPTQ
 from maverick_quant.exporters.packed import ExportSource
 
-LAYOUTS = {layout.name: layout for layout in (GPTQ, AWQ)}
+LAYOUTS = {layout.name: layout for layout in (GPTQ, AWQ, COMPRESSED_TENSORS)}
 
 
 def open_export(path: Path | str) -> ExportSource:

@@ -1,0 +1,69 @@
+"""The compressed-tensors "pack-quantized" layout (transformers + compressed-tensors, vLLM).
+
+Per quantized linear `m` (N outputs, K inputs, G groups), see compress/pack.py:
+    m.weight_packed int32 [N, K*bits/32], m.weight_scale [N, G] (model dtype),
+    m.weight_zero_point int32 [N*bits/32, G] (asymmetric only), m.weight_shape int64 [2].
+`quantization_config` is built with compressed-tensors' own pydantic classes: one config
+group targeting `Linear` (strategy "group", or "channel" for group_size -1), format
+"pack-quantized", status "compressed", and an `ignore` list of regexes for every module
+left in float (lm_head, routers, vision tower, projector). Routed experts are written per
+expert (`experts.{e}.gate_proj.*`), the names transformers' sequential Llama 4 experts and
+vLLM's expert mapping read.
+
+The decompressed weight takes the scale's dtype, so scales are written in the model's
+float dtype: exact for fp16/fp32 models; for bf16 models each fp16 scale is rounded to
+bf16 (relative change at most 2^-9), as compressed-tensors' own bf16 checkpoints store them.
+"""
+
+from __future__ import annotations
+
+import re
+
+from maverick_quant import __version__
+from maverick_quant.compress.pack import PACK_BITS, from_compressed_tensors, to_compressed_tensors
+from maverick_quant.exporters.packed import Layout
+
+FORMAT = "pack-quantized"
+
+
+def ignore_patterns(unquantized: list[str]) -> list[str]:
+    """compressed-tensors `ignore` entries ("re:" + regex, matched from the start of the full
+    module name) for each unquantized name: the module itself or anything under it."""
+    return [rf"re:(.*\.)?{re.escape(name)}($|\..*)" for name in unquantized]
+
+
+def ct_quantization_config(quant: dict, recipe: dict, unquantized: list[str] = ()) -> dict:
+    """The `quantization_config` of a pack-quantized checkpoint, validated by compressed-tensors."""
+    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
+                                                 QuantizationStatus)
+
+    grouped = quant["group_size"] != -1
+    weights = QuantizationArgs(num_bits=quant["bits"], type="int", symmetric=quant["sym"], dynamic=False,
+                               strategy="group" if grouped else "channel",
+                               group_size=quant["group_size"] if grouped else None)
+    config = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights,
+                                                                             format=FORMAT)},
+                                format=FORMAT, quantization_status=QuantizationStatus.COMPRESSED,
+                                ignore=ignore_patterns(list(unquantized)))
+    return {**config.model_dump(mode="json"), "version": __version__, "quantizer": f"maverick-quant:{__version__}",
+            "method": recipe.get("method")}
+
+
+def ct_grid(quant: dict) -> tuple[int, int]:
+    """(bits, group_size) of a pack-quantized `quantization_config` with one config group."""
+    groups = quant.get("config_groups") or {}
+    if len(groups) != 1 or quant.get("format") != FORMAT:
+        raise ValueError(f"expected one config group in format {FORMAT!r}; got {len(groups)} groups, "
+                         f"format {quant.get('format')!r}")
+    weights = next(iter(groups.values()))["weights"]
+    return int(weights["num_bits"]), int(weights.get("group_size") or -1)
+
+
+def _check(quant: dict) -> str | None:
+    return None if quant["bits"] in PACK_BITS else f"packs bits in {PACK_BITS}; this bundle has bits={quant['bits']}"
+
+
+COMPRESSED_TENSORS = Layout(
+    "compressed-tensors", ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point"),
+    lambda weight, quant, dtype: to_compressed_tensors(weight, quant["sym"], dtype), from_compressed_tensors,
+    _check, ct_quantization_config, ct_grid)

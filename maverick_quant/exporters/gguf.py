@@ -1,0 +1,334 @@
+"""Bundle -> GGUF (llama.cpp), written with llama.cpp's own gguf-py, one tensor at a time.
+
+Architectures: `llama` (dense) and `llama4` (the text model of Llama 4; the vision tower and
+projector are left out, as llama.cpp's converter does). Names follow llama.cpp:
+    token_embd, output_norm, output, [rope_freqs],
+    blk.N.attn_norm, attn_q, attn_k, attn_v, attn_output, ffn_norm,
+    blk.N.ffn_gate/up/down                      (dense MLP)
+    blk.N.ffn_gate_inp (router, F32), ffn_{gate,up,down}_shexp, ffn_{gate,up,down}_exps [E, N, K]
+For `llama`, q and k rows are permuted from Hugging Face's half-split rotary layout to
+llama.cpp's interleaved pairs (a pure row permutation, applied to codes, scales and zeros).
+
+Quantized linears are stored in the requested block type. When the bundle's grid is the
+type's grid (see compress/gguf_blocks.py, `quantize --gguf-grid`), the codes and scales are
+copied and the file dequantizes to the bundle bit for bit. Otherwise the export is refused,
+unless `requantize` is set: then gguf-py re-quantizes the bundle's dequantized weights and the
+relative error this adds is reported per tensor. Norms and the router are F32; embeddings and
+the output head keep the checkpoint's float dtype.
+
+Writing streams: every tensor's info (name, shape, type, size) is known from the bundle's
+manifest and headers, so the header is written first and then one tensor at a time (one
+stacked expert tensor is the largest thing held, e.g. 3 GB for a Maverick layer in Q4_0).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from maverick_quant.bundle import Bundle
+from maverick_quant.checkpoint import TORCH_DTYPES
+from maverick_quant.compress.gguf_blocks import BLOCK, BLOCK_TYPES, BlockType, encode_blocks, grid_mismatch, requantize_error
+from maverick_quant.compress.types import QuantizedWeight
+from maverick_quant.errors import InputError
+
+LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm",
+    "post_attention_layernorm.weight": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "feed_forward.gate_proj": "ffn_gate",
+    "feed_forward.up_proj": "ffn_up",
+    "feed_forward.down_proj": "ffn_down",
+    "feed_forward.router.weight": "ffn_gate_inp",
+    "feed_forward.router": "ffn_gate_inp",
+    "feed_forward.shared_expert.gate_proj": "ffn_gate_shexp",
+    "feed_forward.shared_expert.up_proj": "ffn_up_shexp",
+    "feed_forward.shared_expert.down_proj": "ffn_down_shexp",
+}
+EXPERT_NAMES = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
+ARCHITECTURES = {"llama": "llama", "llama4_text": "llama4", "llama4": "llama4"}
+FLOAT_TYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+F32_LAYER_TENSORS = ("attn_norm", "ffn_norm", "ffn_gate_inp")  # llama.cpp wants these in F32
+
+
+@dataclass
+class TensorJob:
+    """One GGUF tensor: name, logical shape [..., N, K], GGML type name, and how to make its data."""
+
+    name: str
+    shape: tuple[int, ...]
+    ggml_type: str
+    load: Callable[[], np.ndarray]
+
+    def byte_shape(self) -> tuple[int, ...]:
+        if self.ggml_type in BLOCK_TYPES:
+            return (*self.shape[:-1], self.shape[-1] // BLOCK * BLOCK_TYPES[self.ggml_type].bytes_per_block)
+        return (*self.shape[:-1], self.shape[-1] * (4 if self.ggml_type == "F32" else 2))
+
+    def nbytes(self) -> int:
+        return int(np.prod(self.byte_shape()))
+
+
+@dataclass
+class GGUFExport:
+    """What an export did: tensors written, and the relative error of each re-quantized tensor."""
+
+    path: Path
+    tensors: int = 0
+    requantized: dict[str, float] = field(default_factory=dict)
+
+
+def rotary_row_permutation(rows: int, heads: int) -> torch.Tensor:
+    """Row order [rows] taking HF's half-split rotary layout to llama.cpp's interleaved pairs:
+    within each head of d rows, new row 2i + j is old row j * d/2 + i."""
+    return torch.arange(rows).reshape(heads, 2, rows // heads // 2).transpose(1, 2).reshape(rows)
+
+
+def permute_rows(weight: QuantizedWeight, order: torch.Tensor) -> QuantizedWeight:
+    return QuantizedWeight(weight.codes[order], weight.scales[order], weight.zeros[order], weight.bits, weight.group_size)
+
+
+class GGUFPlan:
+    """The tensors of one bundle in one block type, in file order, with lazy loaders."""
+
+    def __init__(self, bundle: Bundle, block_type: BlockType, requantize: bool, report: GGUFExport):
+        self.bundle, self.block_type, self.requantize, self.report = bundle, block_type, requantize, report
+        self.config = bundle.text_config
+        self.arch = ARCHITECTURES.get(self.config.model_type)
+        if self.arch is None:
+            raise InputError(f"--format gguf: model_type {self.config.model_type!r} is not supported "
+                             f"(supported: {sorted(ARCHITECTURES)})")
+        mismatch = grid_mismatch(bundle.quant, block_type)
+        if mismatch and not requantize:
+            raise InputError(f"--gguf-type {block_type.name}: {mismatch}. Quantize with --gguf-grid {block_type.name} "
+                             "for a lossless export, or pass --requantize to re-round (its error is reported)")
+        self.exact = mismatch is None
+
+    @functools.lru_cache(maxsize=1)
+    def _layer(self, index: int):
+        return self.bundle.quantized_layer(index)
+
+    def jobs(self) -> list[TensorJob]:
+        bundle, table = self.bundle, self.bundle.table
+        jobs = [self._float_job("token_embd.weight", table.embed, self._big_float_type(table.embed))]
+        factors = rope_factors(self.config)
+        if factors is not None:
+            jobs.append(TensorJob("rope_freqs.weight", tuple(factors.shape), "F32", lambda: factors.numpy()))
+        for index in range(bundle.num_layers):
+            jobs.extend(self._layer_jobs(index))
+        jobs.append(self._float_job("output_norm.weight", table.final_norm, "F32"))
+        if table.lm_head in bundle.model_tensor_names():
+            jobs.append(self._float_job("output.weight", table.lm_head, self._big_float_type(table.lm_head)))
+        return jobs
+
+    def _big_float_type(self, name: str) -> str:
+        return FLOAT_TYPES.get(TORCH_DTYPES[self.bundle.model_tensor_info(name).dtype], "F32")
+
+    def _float_job(self, gguf_name: str, name: str, ggml_type: str) -> TensorJob:
+        shape = tuple(self.bundle.model_tensor_info(name).shape)
+        return TensorJob(gguf_name, shape, ggml_type, lambda: float_array(self.bundle.model_tensor(name), ggml_type))
+
+    def _layer_jobs(self, index: int) -> list[TensorJob]:
+        record = self.bundle.manifest["layers"][index]
+        jobs = []
+        for name, info in self.bundle.passthrough_info(index).items():
+            gguf_name = self._gguf_name(index, name)
+            ggml_type = "F32" if gguf_name.split(".")[2] in F32_LAYER_TENSORS else FLOAT_TYPES[TORCH_DTYPES[info.dtype]]
+            jobs.append(TensorJob(gguf_name, tuple(info.shape), ggml_type,
+                                  lambda i=index, n=name, t=ggml_type: float_array(self._layer(i)[1][n], t)))
+        for name, info in record["quantized"].items():
+            gguf_name = self._gguf_name(index, name)
+            if gguf_name.split(".")[2] == "ffn_gate_inp":  # a quantized router: its values, in F32
+                jobs.append(TensorJob(gguf_name, tuple(info["shape"]), "F32",
+                                      lambda i=index, n=name: self._layer(i)[0][n].dequantize().numpy()))
+                continue
+            jobs.append(TensorJob(gguf_name, tuple(info["shape"]), self.block_type.name,
+                                  lambda i=index, n=name, g=gguf_name: self._encode(g, self._rotary(i, n, self._layer(i)[0][n]))))
+        moe = self.bundle.table.plan(self.config, index).moe
+        if moe is not None and record.get("experts"):
+            chunks = record["experts"]["chunks"]
+            for name, gguf_base in EXPERT_NAMES.items():
+                n, k = chunks[0]["shapes"][name][-2:]
+                gguf_name = f"blk.{index}.{gguf_base}.weight"
+                jobs.append(TensorJob(gguf_name, (moe.num_experts, n, k), self.block_type.name,
+                                      lambda i=index, l=name, g=gguf_name: np.concatenate(
+                                          [self._encode(g, w) for w in self.bundle.expert_linear_chunks(i, l)])))
+        return jobs
+
+    def _gguf_name(self, index: int, name: str) -> str:
+        if name not in LAYER_NAMES:
+            raise InputError(f"--format gguf: layer {index} tensor {name!r} has no llama.cpp name")
+        return f"blk.{index}.{LAYER_NAMES[name]}.weight"
+
+    def _rotary(self, index: int, name: str, weight: QuantizedWeight) -> QuantizedWeight:
+        if self.arch != "llama" or name not in ("self_attn.q_proj", "self_attn.k_proj"):
+            return weight
+        heads = self.config.num_attention_heads if name == "self_attn.q_proj" else self.config.num_key_value_heads
+        return permute_rows(weight, rotary_row_permutation(weight.shape[-2], heads))
+
+    def _encode(self, gguf_name: str, weight: QuantizedWeight) -> np.ndarray:
+        if self.exact:
+            try:
+                return encode_blocks(weight, self.block_type)
+            except ValueError as exc:
+                raise InputError(f"--gguf-type {self.block_type.name}: {gguf_name}: {exc}") from None
+        import gguf
+
+        reference = weight.dequantize().numpy()
+        qtype = getattr(gguf.GGMLQuantizationType, self.block_type.name)
+        blocks = gguf.quants.quantize(reference, qtype)
+        stored = torch.from_numpy(gguf.quants.dequantize(blocks, qtype))
+        error = requantize_error(torch.from_numpy(reference), stored)
+        self.report.requantized[gguf_name] = max(error, self.report.requantized.get(gguf_name, 0.0))
+        return blocks
+
+
+def float_array(tensor: torch.Tensor, ggml_type: str) -> np.ndarray:
+    """A float tensor as the numpy array GGUFWriter stores for `ggml_type` (BF16 as raw bytes)."""
+    if ggml_type == "BF16":
+        return tensor.to(torch.bfloat16).contiguous().view(torch.uint8).numpy()
+    return tensor.to(torch.float16 if ggml_type == "F16" else torch.float32).contiguous().numpy()
+
+
+def rope_factors(config) -> torch.Tensor | None:
+    """llama.cpp's `rope_freqs` [head_dim/2] for llama3-type rope scaling (None otherwise):
+    the default inverse frequencies divided by the scaled ones, from transformers' own rope code."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if params.get("rope_type") != "llama3":
+        return None
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, torch.device("cpu"))
+    dim = scaled.shape[0] * 2
+    default = 1.0 / (rope_theta(config) ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    return (default / scaled.double()).float()
+
+
+def rope_theta(config) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def add_model_metadata(writer, config, arch: str, block_type: BlockType, name: str) -> None:
+    """The hyper-parameters llama.cpp reads for `arch` (keys as llama.cpp's converter writes them)."""
+    import gguf
+
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(getattr(config, "intermediate_size_mlp", None) or config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(rope_theta(config))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_rope_dimension_count(head_dim)
+    if arch == "llama4":
+        writer.add_expert_count(config.num_local_experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+        writer.add_interleave_moe_layer_step(config.interleave_moe_layer_step)
+        writer.add_expert_feed_forward_length(config.intermediate_size)
+    writer.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{block_type.name}"))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def tokenizer_pre(model_dir: Path, model_type: str) -> str | None:
+    """llama.cpp's pre-tokenizer name for a byte-level BPE tokenizer, read from the structure of
+    tokenizer.json's pre_tokenizer: ByteLevel with its regex alone is "gpt2"; individual digits
+    then ByteLevel is "smollm"; Llama 4's tokenizer is "llama4". None when not recognised."""
+    if model_type.startswith("llama4"):
+        return "llama4"
+    pre = json.loads((model_dir / "tokenizer.json").read_text()).get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [(step.get("type"), step.get("individual_digits"), step.get("use_regex")) for step in steps]
+    if kinds == [("ByteLevel", None, True)]:
+        return "gpt2"
+    if kinds == [("Digits", True, None), ("ByteLevel", None, True)]:
+        return "smollm"
+    return None
+
+
+def add_tokenizer(writer, model_dir: Path, vocab_size: int, pre: str) -> None:
+    """Byte-level BPE vocabulary (tokens, types, merges, special ids, chat template)."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    if not (model_dir / "tokenizer.json").is_file():
+        raise InputError(f"{model_dir}: --format gguf needs tokenizer.json (a Hugging Face fast tokenizer)")
+    model = json.loads((model_dir / "tokenizer.json").read_text()).get("model", {})
+    if model.get("type") != "BPE":
+        raise InputError(f"{model_dir}/tokenizer.json: model type {model.get('type')!r}; --format gguf writes "
+                         "byte-level BPE vocabularies only")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    by_id = {index: token for token, index in tokenizer.get_vocab().items()}
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for index in range(vocab_size):
+        if index not in by_id:
+            tokens.append(f"[PAD{index}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif index in added:
+            tokens.append(by_id[index])
+            types.append(gguf.TokenType.CONTROL if added[index].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[index])
+            types.append(gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer)
+
+
+def export_gguf(bundle: Bundle, out_path: Path, gguf_type: str, requantize: bool = False,
+                pre: str | None = None) -> GGUFExport:
+    """Write `bundle` as a GGUF file at `out_path` (a temporary name, renamed when complete)."""
+    import gguf
+
+    if gguf_type not in BLOCK_TYPES:
+        raise InputError(f"--gguf-type {gguf_type}: expected one of {sorted(BLOCK_TYPES)}")
+    report = GGUFExport(Path(out_path))
+    plan = GGUFPlan(bundle, BLOCK_TYPES[gguf_type], requantize, report)
+    pre = pre or tokenizer_pre(bundle.root, plan.config.model_type)
+    if pre is None:
+        raise InputError(f"{bundle.root}/tokenizer.json: pre-tokenizer not recognised; name llama.cpp's with --gguf-pre "
+                         "(e.g. gpt2, smollm, llama3, llama4)")
+    jobs = plan.jobs()
+    writer = gguf.GGUFWriter(path=None, arch=plan.arch)
+    add_model_metadata(writer, plan.config, plan.arch, plan.block_type, bundle.manifest.get("source", {}).get("name", "model"))
+    add_tokenizer(writer, bundle.root, plan.config.vocab_size, pre)
+    for job in jobs:
+        writer.add_tensor_info(job.name, job.byte_shape(), np.dtype(np.uint8), job.nbytes(),
+                               raw_dtype=getattr(gguf.GGMLQuantizationType, job.ggml_type))
+    tmp = Path(out_path).with_name(f".{Path(out_path).name}.partial-{os.getpid()}")
+    try:
+        writer.write_header_to_file(path=tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for job in jobs:
+            data = job.load()
+            writer.write_tensor_data(np.ascontiguousarray(data).view(np.uint8))
+            report.tensors += 1
+        writer.close()
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return report

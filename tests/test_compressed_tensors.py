@@ -1,0 +1,132 @@
+"""compressed-tensors export: bit-exact packing checked against compressed-tensors' own
+decompressor, and transformers + compressed-tensors loading our exports (dense and Llama 4)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from maverick_quant.bundle import Bundle
+from maverick_quant.cli import cli
+from maverick_quant.compress.grid import rtn_quantize
+from maverick_quant.compress.pack import from_compressed_tensors, to_compressed_tensors
+from maverick_quant.exporters.registry import open_export
+from maverick_quant.recipe import QuantSpec
+
+from conftest import make_tiny_llama4
+
+
+def _run(*args) -> str:
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.mark.parametrize("bits,sym,group", [(4, True, 32), (4, False, 32), (8, True, -1), (8, False, 64)])
+def test_packing_round_trips_and_decompresses_to_our_values(bits: int, sym: bool, group: int) -> None:
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+
+    from maverick_quant.exporters.compressed_tensors import ct_quantization_config
+
+    torch.manual_seed(bits + sym)
+    weight = rtn_quantize(torch.randn(24, 128), QuantSpec(bits=bits, group_size=group, sym=sym))
+    tensors = to_compressed_tensors(weight, sym, torch.float32)
+    assert ("weight_zero_point" in tensors) is (not sym)
+    back = from_compressed_tensors(tensors, bits, group)
+    assert torch.equal(back.codes, weight.codes) and torch.equal(back.zeros, weight.zeros)
+    assert torch.equal(back.scales, weight.scales.float())
+
+    config = ct_quantization_config({"bits": bits, "group_size": group, "sym": sym}, {})
+    scheme = QuantizationScheme.model_validate(config["config_groups"]["group_0"])
+    theirs = PackedQuantizationCompressor.decompress(tensors, scheme)["weight"]
+    assert torch.equal(theirs, weight.dequantize())
+
+
+def test_group_that_does_not_tile_k_is_refused() -> None:
+    weight = rtn_quantize(torch.randn(8, 96), QuantSpec(bits=4, group_size=64, sym=True))
+    with pytest.raises(ValueError, match="multiple of the group size"):
+        to_compressed_tensors(weight, True, torch.float32)
+
+
+def _logits(model_dir: Path, ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Logits of the model in `model_dir`, loaded by transformers with its config's architecture."""
+    import transformers
+
+    architecture = json.loads((model_dir / "config.json").read_text())["architectures"][0]
+    model = getattr(transformers, architecture).from_pretrained(model_dir, dtype=torch.float32, **kwargs).eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _bundle_logits(model_dir: Path, bundle: Bundle, ids: torch.Tensor, tmp: Path) -> torch.Tensor:
+    """Logits of the dequantized bundle, written as a float checkpoint beside the model's config."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    tmp.mkdir()
+    shutil.copy2(model_dir / "config.json", tmp / "config.json")
+    save_file({name: t.contiguous() for name, t in bundle.state_dict().items()}, tmp / "model.safetensors",
+              metadata={"format": "pt"})
+    return _logits(tmp, ids)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_transformers_loads_a_dense_export(tiny_llama_dir: Path, small_text_file: Path, tmp_path: Path, sym: bool) -> None:
+    """transformers + compressed-tensors decompress our pack-quantized export on the CPU and
+    compute the same logits as the dequantized bundle (fp rounding aside)."""
+    from transformers import CompressedTensorsConfig
+
+    grid = "--sym" if sym else "--asym"
+    _run("quantize", tiny_llama_dir, "--data", small_text_file, "--out", tmp_path / "bundle", "--samples", 4,
+         "--seq-len", 32, "--group-size", 32, grid, "--no-progress")
+    _run("export", tmp_path / "bundle", "--format", "compressed-tensors", "--out", tmp_path / "ct")
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    weights = config["config_groups"]["group_0"]["weights"]
+    assert config["format"] == "pack-quantized" and weights["symmetric"] is sym and weights["group_size"] == 32
+
+    bundle = Bundle(tmp_path / "bundle")
+    export = open_export(tmp_path / "ct")
+    for index in range(bundle.num_layers):
+        ours, theirs = bundle.layer_tensors(index), export.layer_tensors(index)
+        assert all(torch.equal(ours[name], theirs[name]) for name in ours)
+
+    ids = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(1))
+    theirs = _logits(tmp_path / "ct", ids, quantization_config=CompressedTensorsConfig(dequantize=True))
+    ours = _bundle_logits(tiny_llama_dir, bundle, ids, tmp_path / "float")
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_transformers_loads_a_llama4_moe_export(smollm2_dir: Path, small_text_file: Path, tmp_path: Path) -> None:
+    """A Llama 4 bundle (per-expert modules, router and vision tower ignored) through
+    transformers' sequential quantized experts gives the dequantized bundle's logits."""
+    from transformers import CompressedTensorsConfig
+
+    tiny_llama4_dir = make_tiny_llama4(smollm2_dir, tmp_path / "model", intermediate_size_mlp=64)  # groups tile K
+
+    _run("quantize", tiny_llama4_dir, "--data", small_text_file, "--out", tmp_path / "bundle", "--samples", 4,
+         "--seq-len", 32, "--group-size", 32, "--no-progress")
+    _run("export", tmp_path / "bundle", "--format", "compressed-tensors", "--out", tmp_path / "ct")
+    ignore = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["ignore"]
+    assert any("router" in pattern for pattern in ignore) and any("vision_model" in pattern for pattern in ignore)
+
+    ids = torch.randint(0, 49152, (1, 40), generator=torch.Generator().manual_seed(2))
+    theirs = _logits(tmp_path / "ct", ids, quantization_config=CompressedTensorsConfig(dequantize=True))
+    ours = _bundle_logits(tiny_llama4_dir, Bundle(tmp_path / "bundle"), ids, tmp_path / "float")
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_export_names_the_linear_whose_shape_the_format_cannot_store(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    _run("quantize", tiny_llama_dir, "--method", "rtn", "--out", tmp_path / "bundle", "--group-size", 64, "--no-progress")
+    result = CliRunner().invoke(cli, ["export", str(tmp_path / "bundle"), "--format", "compressed-tensors",
+                                      "--out", str(tmp_path / "ct")])
+    assert result.exit_code == 2, result.output
+    assert "q_proj" in result.output and "multiple of the group size" in result.output
+    assert not (tmp_path / "ct").exists()

@@ -1,0 +1,157 @@
+"""GGUF export: llama.cpp block encodings checked against gguf-py's own dequantizer, the
+rotary row permutation, and whole exports read back with gguf-py's reader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from maverick_quant.bundle import Bundle
+from maverick_quant.cli import cli
+from maverick_quant.compress.gguf_blocks import BLOCK_TYPES, encode_blocks
+from maverick_quant.compress.grid import rtn_quantize
+from maverick_quant.exporters.gguf import rotary_row_permutation
+from maverick_quant.recipe import GGUF_GRIDS, QuantSpec
+
+from conftest import make_tiny_llama4
+
+
+def _run(*args) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.output
+
+
+def _dequantize(reader_tensor) -> np.ndarray:
+    import gguf
+
+    return gguf.quants.dequantize(reader_tensor.data, reader_tensor.tensor_type)
+
+
+@pytest.mark.parametrize("gguf_type,group", [("Q4_0", 32), ("Q4_0", 128), ("Q4_0", -1), ("Q8_0", 32), ("Q8_0", 64),
+                                              ("Q4_1", 32)])
+def test_blocks_dequantize_in_gguf_py_to_our_values(gguf_type: str, group: int) -> None:
+    import gguf
+
+    grid = {**GGUF_GRIDS[gguf_type], "group_size": group}
+    weight = rtn_quantize(torch.randn(3, 5, 256) * 0.1, QuantSpec(**grid))
+    blocks = encode_blocks(weight, BLOCK_TYPES[gguf_type])
+    theirs = gguf.quants.dequantize(blocks, getattr(gguf.GGMLQuantizationType, gguf_type))
+    assert np.array_equal(theirs, weight.dequantize().numpy())
+
+
+def test_q4_1_needs_scales_whose_zero_products_are_fp16() -> None:
+    """A plain asymmetric grid (11-bit scales) is not on Q4_1's grid; --gguf-grid Q4_1's is."""
+    weight = rtn_quantize(torch.randn(64, 256), QuantSpec(bits=4, group_size=32, sym=False))
+    with pytest.raises(ValueError, match="fp16"):
+        encode_blocks(weight, BLOCK_TYPES["Q4_1"])
+
+
+def test_rotary_permutation_turns_half_split_rope_into_interleaved_pairs() -> None:
+    """HF rotates (x_i, x_{i+d/2}); llama.cpp rotates (x_2i, x_2i+1). Permuting q's rows by
+    `rotary_row_permutation` makes the two agree: perm(rope_hf(q)) == rope_pairs(perm(q))."""
+    heads, d = 3, 8
+    q = torch.randn(heads * d, dtype=torch.float64)
+    angles = torch.rand(d // 2, dtype=torch.float64) * 3
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    halves = q.view(heads, 2, d // 2)
+    hf = torch.stack((halves[:, 0] * cos - halves[:, 1] * sin, halves[:, 1] * cos + halves[:, 0] * sin), 1).reshape(-1)
+    order = rotary_row_permutation(heads * d, heads)
+    pairs = q[order].view(heads, d // 2, 2)
+    interleaved = torch.stack((pairs[..., 0] * cos - pairs[..., 1] * sin, pairs[..., 1] * cos + pairs[..., 0] * sin), -1)
+    torch.testing.assert_close(hf[order], interleaved.reshape(-1))
+
+
+@pytest.fixture(scope="module")
+def tiny_q4_0(tiny_llama_dir: Path, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("gguf")
+    text = root / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    code, out = _run("quantize", tiny_llama_dir, "--data", text, "--out", root / "bundle", "--samples", 4,
+                     "--seq-len", 32, "--gguf-grid", "Q4_0", "--no-progress")
+    assert code == 0, out
+    code, out = _run("export", root / "bundle", "--format", "gguf", "--gguf-type", "Q4_0", "--out", root / "model.gguf")
+    assert code == 0, out
+    return {"root": root, "bundle": root / "bundle", "gguf": root / "model.gguf", "text": text}
+
+
+def test_dense_export_holds_the_bundle_bit_for_bit(tiny_q4_0) -> None:
+    import gguf
+
+    reader = gguf.GGUFReader(tiny_q4_0["gguf"])
+    tensors = {t.name: t for t in reader.tensors}
+    bundle = Bundle(tiny_q4_0["bundle"])
+    config = bundle.text_config
+    assert reader.fields["general.architecture"].contents() == "llama"
+    assert reader.fields["llama.block_count"].contents() == config.num_hidden_layers
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "gpt2"
+    assert len(reader.fields["tokenizer.ggml.tokens"].contents()) == config.vocab_size
+    assert len(reader.fields["tokenizer.ggml.merges"].contents()) > 1000
+    for index in range(bundle.num_layers):
+        ours = bundle.layer_tensors(index)
+        q_order = rotary_row_permutation(config.hidden_size, config.num_attention_heads)
+        k_rows = ours["self_attn.k_proj.weight"].shape[0]
+        k_order = rotary_row_permutation(k_rows, config.num_key_value_heads)
+        expected = {"attn_q": ours["self_attn.q_proj.weight"][q_order], "attn_k": ours["self_attn.k_proj.weight"][k_order],
+                    "attn_v": ours["self_attn.v_proj.weight"], "attn_output": ours["self_attn.o_proj.weight"],
+                    "ffn_gate": ours["mlp.gate_proj.weight"], "ffn_down": ours["mlp.down_proj.weight"],
+                    "attn_norm": ours["input_layernorm.weight"]}
+        for name, value in expected.items():
+            tensor = tensors[f"blk.{index}.{name}.weight"]
+            assert tensor.tensor_type.name == ("F32" if name.endswith("norm") else "Q4_0")
+            assert np.array_equal(_dequantize(tensor).reshape(value.shape), value.numpy()), (index, name)
+    embed = bundle.model_tensor(bundle.table.embed)
+    assert np.array_equal(_dequantize(tensors["token_embd.weight"]).reshape(embed.shape), embed.numpy())
+
+
+def test_grid_mismatch_is_refused_or_requantized_with_its_error(tiny_q4_0) -> None:
+    root = tiny_q4_0["root"]
+    code, out = _run("export", tiny_q4_0["bundle"], "--format", "gguf", "--gguf-type", "Q4_1", "--out", root / "q41.gguf")
+    assert code == 2 and "--gguf-grid Q4_1" in out and "--requantize" in out, out
+    assert not (root / "q41.gguf").exists() and not list(root.glob(".q41.gguf*"))
+    code, out = _run("export", tiny_q4_0["bundle"], "--format", "gguf", "--gguf-type", "Q8_0", "--requantize",
+                     "--out", root / "q80.gguf")
+    assert code == 0 and "re-quantized" in out and "relative error added" in out, out
+    code, out = _run("export", tiny_q4_0["bundle"], "--format", "gguf", "--out", root / "model.gguf")
+    assert code == 2 and "--force" in out
+
+
+def test_llama4_export_stacks_experts_and_keeps_the_router_in_f32(smollm2_dir: Path, tmp_path: Path) -> None:
+    import gguf
+
+    model = make_tiny_llama4(smollm2_dir, tmp_path / "model", intermediate_size_mlp=64, attention_chunk_size=8192)
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    code, out = _run("quantize", model, "--data", text, "--out", tmp_path / "bundle", "--samples", 4, "--seq-len", 32,
+                     "--gguf-grid", "Q8_0", "--no-progress")
+    assert code == 0, out
+    code, out = _run("export", tmp_path / "bundle", "--format", "gguf", "--gguf-type", "Q8_0", "--out", tmp_path / "m.gguf")
+    assert code == 0, out
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    tensors = {t.name: t for t in reader.tensors}
+    assert reader.fields["general.architecture"].contents() == "llama4"
+    assert reader.fields["llama4.expert_count"].contents() == 8
+    assert reader.fields["llama4.interleave_moe_layer_step"].contents() == 2
+    assert not any("vision" in name or "projector" in name for name in tensors)
+    bundle = Bundle(tmp_path / "bundle")
+    ours = bundle.layer_tensors(1)
+    gate_up = ours["feed_forward.experts.gate_up_proj"]  # [E, D, 2I], input-major
+    inter = gate_up.shape[-1] // 2
+    gate = gate_up[..., :inter].transpose(1, 2)  # [E, I, D]
+    stacked = tensors["blk.1.ffn_gate_exps.weight"]
+    assert stacked.tensor_type.name == "Q8_0"
+    assert np.array_equal(_dequantize(stacked).reshape(gate.shape), gate.numpy())
+    down = ours["feed_forward.experts.down_proj"].transpose(1, 2)  # [E, D, I]
+    assert np.array_equal(_dequantize(tensors["blk.1.ffn_down_exps.weight"]).reshape(down.shape), down.numpy())
+    router = tensors["blk.1.ffn_gate_inp.weight"]
+    assert router.tensor_type.name == "F32"
+    assert np.array_equal(_dequantize(router).reshape(ours["feed_forward.router.weight"].shape),
+                          ours["feed_forward.router.weight"].numpy())
+    # the attention of Llama 4 is not permuted (llama.cpp's llama4 uses HF's rotary layout)
+    assert np.array_equal(_dequantize(tensors["blk.0.attn_q.weight"]).reshape(ours["self_attn.q_proj.weight"].shape),
+                          bundle.layer_tensors(0)["self_attn.q_proj.weight"].numpy())
