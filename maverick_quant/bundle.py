@@ -196,13 +196,32 @@ class Bundle:
     def expert_linear_chunks(self, index: int, name: str) -> Iterator[QuantizedWeight]:
         """Layer `index`'s routed-expert linear `name` (e.g. "gate_proj"), chunk by chunk as
         QuantizedWeight [count, N, K]; only that linear's tensors are read from each file."""
+        for chunk in self.manifest["layers"][index].get("experts", {}).get("chunks", []):
+            yield self._expert_linear(chunk, name)
+
+    def expert_tensors(self, index: int, first: int, count: int) -> dict[str, torch.Tensor]:
+        """Experts [first, first+count) of layer `index`, dequantized and fused as the model
+        stores them; only the chunk files that hold them are read."""
+        moe = self.table.plan(self.text_config, index).moe
+        parts = {linear.name: [] for linear in moe.expert_linears}
+        for chunk in self.manifest["layers"][index]["experts"]["chunks"]:
+            count_in_chunk = next(iter(chunk["shapes"].values()))[0]
+            lo, hi = max(first, chunk["first"]), min(first + count, chunk["first"] + count_in_chunk)
+            if lo >= hi:
+                continue
+            for name in parts:
+                weight = self._expert_linear(chunk, name)
+                parts[name].append(weight[lo - chunk["first"] : hi - chunk["first"]].dequantize())
+        return fuse_experts(moe, {name: torch.cat(values) for name, values in parts.items()})
+
+    def _expert_linear(self, chunk: dict, name: str) -> QuantizedWeight:
+        """One linear of one stored expert chunk, QuantizedWeight [count, N, K]."""
         from safetensors import safe_open
 
-        for chunk in self.manifest["layers"][index].get("experts", {}).get("chunks", []):
-            key = chunk["prefix"] + name
-            with safe_open(str(self.root / chunk["file"]), framework="pt") as handle:
-                tensors = {f"{key}.{part}": handle.get_tensor(f"{key}.{part}") for part in ("codes", "scales", "zeros")}
-            yield decode_quantized(key, tensors, chunk["shapes"][name], self.quant["bits"], self.quant["group_size"])
+        key = chunk["prefix"] + name
+        with safe_open(str(self.root / chunk["file"]), framework="pt") as handle:
+            tensors = {f"{key}.{part}": handle.get_tensor(f"{key}.{part}") for part in ("codes", "scales", "zeros")}
+        return decode_quantized(key, tensors, chunk["shapes"][name], self.quant["bits"], self.quant["group_size"])
 
     def passthrough_info(self, index: int) -> dict[str, TensorInfo]:
         """Layer `index`'s float tensors (relative name -> header info), read without their data."""

@@ -6,6 +6,7 @@ names the file, tensor or option), with no partial output left behind.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -166,26 +167,47 @@ def quantize(model_dir, data, calib, out, method, gguf_grid, bits, group_size, s
 
 
 @cli.command("inspect")
-@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.argument("path", type=click.Path(path_type=Path))
 @click.option("--plot", type=click.Path(path_type=Path), help="Write a PNG heat map of tokens per expert per layer.")
 @click.option("--top", default=5, show_default=True, help="Experts listed as most/least used.")
-def inspect_command(bundle_dir, plot, top) -> None:
-    """Summarize a bundle: recipe, size, losses, and for MoE the expert usage and fallbacks."""
+def inspect_command(path, plot, top) -> None:
+    """Summarize a bundle (recipe, size, losses, MoE expert usage and fallbacks), or an export
+    directory or GGUF file (format, tensors, sizes; file hashes verified: exit 1 on a mismatch)."""
     from maverick_quant.bundle import Bundle
-    from maverick_quant.inspect_bundle import bundle_summary, expert_audit, plot_bundle_experts
+    from maverick_quant.inspect_bundle import artifact_summary, bundle_summary, expert_audit, plot_bundle_experts
 
-    bundle = Bundle(bundle_dir)
+    if path.is_file() or _is_export(path):
+        summary, bad = artifact_summary(path)
+        click.echo(summary)
+        if bad is None:
+            click.echo(f"no manifest beside {path.name}: hashes not verified")
+        elif bad:
+            click.echo(f"hash or size mismatch: {', '.join(bad)}")
+            sys.exit(1)
+        else:
+            click.echo("files verified against the manifest")
+        return
+    bundle = Bundle(path)
     click.echo(bundle_summary(bundle, top))
     if plot:
         if not any(record["tokens"] is not None for record in expert_audit(bundle)):
-            raise InputError(f"{bundle_dir}: --plot needs an MoE bundle quantized with calibration data "
+            raise InputError(f"{path}: --plot needs an MoE bundle quantized with calibration data "
                              "(no routed-token counts recorded; an rtn run routes nothing)")
         click.echo(f"heat map -> {plot_bundle_experts(bundle, plot)}")
 
 
+def _is_export(path: Path) -> bool:
+    """An export directory: its manifest.json names an export format (a bundle's names the bundle format)."""
+    from maverick_quant.exporters.registry import LAYOUTS
+
+    manifest = path / "manifest.json"
+    return manifest.is_file() and json.loads(manifest.read_text()).get("format") in LAYOUTS
+
+
 @cli.command()
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["gptq", "awq", "compressed-tensors", "gguf"]), required=True)
+@click.option("--format", "fmt", type=click.Choice(["gptq", "awq", "compressed-tensors", "gguf"]), required=True,
+              help="gguf also takes a float model directory (re-quantized by gguf-py: the plain GGUF baseline).")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path),
               help="Output directory (a .gguf file for --format gguf).")
 @click.option("--max-shard-size", default=5 * 10**9, show_default=True, help="Bytes per safetensors shard.")
@@ -193,20 +215,24 @@ def inspect_command(bundle_dir, plot, top) -> None:
 @click.option("--requantize", is_flag=True,
               help="GGUF: re-round a bundle whose grid is not the type's (the added error is reported).")
 @click.option("--gguf-pre", help="GGUF: llama.cpp pre-tokenizer name, when it is not recognised from tokenizer.json.")
+@click.option("--report", "report_dir", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="A `validate` report directory whose summary goes into the model card.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
-def export(bundle_dir, fmt, out, max_shard_size, gguf_type, requantize, gguf_pre, force) -> None:
-    """Write a bundle as a checkpoint other engines load."""
+def export(bundle_dir, fmt, out, max_shard_size, gguf_type, requantize, gguf_pre, report_dir, force) -> None:
+    """Write a bundle as a checkpoint other engines load (with a model card and a manifest)."""
     from maverick_quant.jobs import run_export, run_export_gguf
 
+    if report_dir is not None and not (report_dir / "report.json").is_file():
+        raise InputError(f"--report {report_dir}: no report.json (expected a directory written by `validate --report`)")
     if fmt == "gguf":
-        run_export_gguf(bundle_dir, out, gguf_type, requantize, gguf_pre, force)
+        run_export_gguf(bundle_dir, out, gguf_type, requantize, gguf_pre, force, report_dir)
     else:
-        run_export(bundle_dir, out, fmt, max_shard_size, force)
+        run_export(bundle_dir, out, fmt, max_shard_size, force, report_dir)
 
 
 @cli.command()
 @click.option("--reference", required=True, type=click.Path(path_type=Path), help="Original model directory.")
-@click.option("--candidate", required=True, type=click.Path(path_type=Path), help="Bundle or export directory.")
+@click.option("--candidate", required=True, type=click.Path(path_type=Path), help="Bundle, export directory, or GGUF file (run in llama.cpp).")
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="Evaluation text (.txt or .jsonl).")
 @click.option("--report", "report_dir", required=True, type=click.Path(path_type=Path))
 @click.option("--ctx", default=512, show_default=True, help="Tokens per window.")

@@ -1,7 +1,9 @@
-"""`maverick-quant inspect`: what a bundle holds and what was decided for each expert."""
+"""`maverick-quant inspect`: what a bundle holds and what was decided for each expert; what an
+export (directory or GGUF file) holds, with its files checked against its manifest."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from maverick_quant.bundle import Bundle
@@ -52,3 +54,38 @@ def plot_bundle_experts(bundle: Bundle, path: Path) -> Path:
     for record in expert_audit(bundle):
         counts.setdefault(record["layer"], []).append(record["tokens"] or 0)
     return plot_expert_tokens(counts, Path(path), f"Calibration tokens per expert: {bundle.root.name}")
+
+
+def artifact_summary(path: Path) -> tuple[str, list[str] | None]:
+    """What an export holds (a directory with manifest.json, or a .gguf file) and the files whose
+    hashes no longer match its manifest (empty when all verify; None when there is no manifest)."""
+    from maverick_quant.exporters.artifact import verify_manifest
+
+    path = Path(path)
+    if path.is_file():
+        manifest = path.with_name(path.name + ".manifest.json")
+        return gguf_summary(path), verify_manifest(manifest) if manifest.is_file() else None
+    manifest = json.loads((path / "manifest.json").read_text())
+    config = json.loads((path / "config.json").read_text())
+    quant = config.get("quantization_config") or {}
+    size = sum(record["bytes"] for record in manifest["files"].values())
+    lines = [f"{path}: {manifest['format']} export of {manifest['source']['model_dir']} "
+             f"({', '.join(config.get('architectures', []))}), {len(manifest['files'])} files, {size / 2**20:.1f} MiB",
+             "quantization_config: " + json.dumps({k: v for k, v in quant.items() if k not in ("ignore", "dynamic",
+                                                                                               "modules_to_not_convert")})]
+    return "\n".join(lines), verify_manifest(path / "manifest.json")
+
+
+def gguf_summary(path: Path) -> str:
+    """Architecture, tensor count and bytes per GGML type of a GGUF file (read with gguf-py)."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    by_type: dict[str, list[int]] = {}
+    for tensor in reader.tensors:
+        entry = by_type.setdefault(tensor.tensor_type.name, [0, 0])
+        entry[0] += 1
+        entry[1] += int(tensor.n_bytes)
+    arch = reader.fields["general.architecture"].contents()
+    types = ", ".join(f"{name}: {count} tensors {size / 2**20:.1f} MiB" for name, (count, size) in sorted(by_type.items()))
+    return f"{path}: GGUF {arch}, {len(reader.tensors)} tensors ({types})"

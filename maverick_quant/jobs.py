@@ -38,9 +38,10 @@ def run_quantize(model_dir, out, spec, data, calib, calib_spec, force, progress)
     return summary
 
 
-def run_export(bundle_dir, out, fmt="gptq", max_shard_size=5 * 10**9, force=False):
+def run_export(bundle_dir, out, fmt="gptq", max_shard_size=5 * 10**9, force=False, report_dir=None):
     from maverick_quant.bundle import Bundle
     from maverick_quant.checkpoint import atomic_output_dir, check_output_dir
+    from maverick_quant.exporters.artifact import write_artifact_files
     from maverick_quant.exporters.packed import export_packed
     from maverick_quant.exporters.registry import LAYOUTS
 
@@ -48,18 +49,28 @@ def run_export(bundle_dir, out, fmt="gptq", max_shard_size=5 * 10**9, force=Fals
     bundle = Bundle(bundle_dir)
     with atomic_output_dir(out, force) as tmp:
         files = export_packed(bundle, tmp, LAYOUTS[fmt], max_shard_size)
+        write_artifact_files(bundle, tmp, fmt, report_dir=report_dir)
     click.echo(f"exported {fmt}: {len(files)} files -> {out}")
 
 
-def run_export_gguf(bundle_dir, out, gguf_type="Q4_0", requantize=False, pre=None, force=False):
-    from maverick_quant.bundle import Bundle
+def run_export_gguf(source_dir, out, gguf_type="Q4_0", requantize=False, pre=None, force=False, report_dir=None):
+    """GGUF of a bundle (lossless on its grid, or --requantize), or of a float model directory
+    (re-quantized by gguf-py: the plain GGUF other tools make, as a baseline)."""
+    from maverick_quant.bundle import BUNDLE_FORMAT, MANIFEST, Bundle
     from maverick_quant.checkpoint import check_output_dir
-    from maverick_quant.exporters.gguf import export_gguf
+    from maverick_quant.exporters.artifact import write_gguf_sidecars
+    from maverick_quant.exporters.gguf import BundleWeights, FloatWeights, export_gguf
 
     check_output_dir(out, force)
-    bundle = Bundle(bundle_dir)
+    if Path(out).is_dir():
+        raise InputError(f"{out}: is a directory; --format gguf writes one file (e.g. --out model-q4_0.gguf)")
+    manifest = Path(source_dir) / MANIFEST
+    is_bundle = manifest.is_file() and json.loads(manifest.read_text()).get("format") == BUNDLE_FORMAT
+    weights = BundleWeights(Bundle(source_dir)) if is_bundle else FloatWeights(Path(source_dir))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    report = export_gguf(bundle, Path(out), gguf_type, requantize, pre)
+    report = export_gguf(weights, Path(out), gguf_type, requantize, pre)
+    detail = gguf_type if is_bundle and not report.requantized else f"{gguf_type} (re-quantized by gguf-py)"
+    write_gguf_sidecars(weights.bundle if is_bundle else None, weights.name, Path(out), detail, report_dir)
     click.echo(f"exported gguf {gguf_type}: {report.tensors} tensors -> {out}")
     if report.requantized:
         errors = sorted(report.requantized.values())
@@ -75,17 +86,23 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
     from maverick_quant.calibration.data import eval_windows, load_tokenizer, scored_from
     from maverick_quant.checkpoint import atomic_output_dir, check_output_dir
     from maverick_quant.streaming import open_source
-    from maverick_quant.validation.evaluate import evaluate, open_candidate
+    from maverick_quant.validation.evaluate import GGUFCandidate, evaluate, evaluate_gguf, open_candidate
     from maverick_quant.validation.gates import evaluate_gates, parse_gate
     from maverick_quant.validation.report import write_report
 
     check_output_dir(report_dir, force)
     parsed = [parse_gate(text) for text in gates]
     baseline_report = _read_baseline(baseline) if baseline else None
-    ref_source, cand_source = open_source(reference), open_candidate(candidate)
+    gguf = Path(candidate).is_file()
+    if gguf and (hellaswag or choices):
+        raise InputError(f"{candidate}: --hellaswag/--choices are not run on GGUF candidates yet; "
+                         "validate the bundle for benchmark drift")
+    ref_source = open_source(reference)
+    cand_source = GGUFCandidate(Path(candidate)) if gguf else open_candidate(candidate)
     windows = eval_windows(data, load_tokenizer(reference), ctx, max_windows, protocol)
     first = scored_from(protocol, ctx)
-    result = evaluate(ref_source, cand_source, windows, batch=batch, show_progress=progress, first_scored=first)
+    run = evaluate_gguf if gguf else evaluate
+    result = run(ref_source, cand_source, windows, batch=batch, show_progress=progress, first_scored=first)
     report = {**result.summary, "protocol": {"name": protocol, "ctx": ctx, "windows": int(windows.shape[0]),
                                              "first_scored_position": first, "data": str(data)},
               "reference_model": str(reference), "candidate_model": str(candidate), "tool_version": __version__}

@@ -38,6 +38,10 @@ class WeightSource(Protocol):
     def embedding_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Rows `rows` (sorted, unique token ids [U]) of the input embedding -> [U, D]."""
 
+    def expert_tensors(self, index: int, first: int, count: int) -> dict[str, torch.Tensor]:
+        """Routed experts [first, first+count) of MoE layer `index` as the model's fused
+        tensors {relative name: [count, ...]}, reading no other expert."""
+
 
 def layer_tensor_names(table: ArchTable, text_config: Any, index: int, experts: bool) -> list[str]:
     """Relative names of layer `index`'s tensors, the fused expert tensors only if `experts`."""

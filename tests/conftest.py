@@ -124,3 +124,27 @@ def small_text_file(tmp_path: Path) -> Path:
     path = tmp_path / "small.txt"
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def model_logits(model_dir: Path, ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Logits [B, L, V] of the model in `model_dir`, loaded by transformers with its config's architecture."""
+    import json
+
+    import transformers
+
+    architecture = json.loads((model_dir / "config.json").read_text())["architectures"][0]
+    model = getattr(transformers, architecture).from_pretrained(model_dir, dtype=torch.float32, **kwargs).eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def bundle_logits(model_dir: Path, bundle, ids: torch.Tensor, tmp: Path) -> torch.Tensor:
+    """Logits of a bundle's dequantized weights run by the source model's own transformers
+    class (written as a float checkpoint in `tmp` beside the model's config)."""
+    from safetensors.torch import save_file
+
+    tmp.mkdir()
+    shutil.copy2(model_dir / "config.json", tmp / "config.json")
+    save_file({name: t.contiguous() for name, t in bundle.state_dict().items()}, tmp / "model.safetensors",
+              metadata={"format": "pt"})
+    return model_logits(tmp, ids)

@@ -17,7 +17,7 @@ from maverick_quant.compress.pack import from_compressed_tensors, to_compressed_
 from maverick_quant.exporters.registry import open_export
 from maverick_quant.recipe import QuantSpec
 
-from conftest import make_tiny_llama4
+from conftest import bundle_logits, make_tiny_llama4, model_logits
 
 
 def _run(*args) -> str:
@@ -55,29 +55,6 @@ def test_group_that_does_not_tile_k_is_refused() -> None:
         to_compressed_tensors(weight, True, torch.float32)
 
 
-def _logits(model_dir: Path, ids: torch.Tensor, **kwargs) -> torch.Tensor:
-    """Logits of the model in `model_dir`, loaded by transformers with its config's architecture."""
-    import transformers
-
-    architecture = json.loads((model_dir / "config.json").read_text())["architectures"][0]
-    model = getattr(transformers, architecture).from_pretrained(model_dir, dtype=torch.float32, **kwargs).eval()
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
-
-def _bundle_logits(model_dir: Path, bundle: Bundle, ids: torch.Tensor, tmp: Path) -> torch.Tensor:
-    """Logits of the dequantized bundle, written as a float checkpoint beside the model's config."""
-    import shutil
-
-    from safetensors.torch import save_file
-
-    tmp.mkdir()
-    shutil.copy2(model_dir / "config.json", tmp / "config.json")
-    save_file({name: t.contiguous() for name, t in bundle.state_dict().items()}, tmp / "model.safetensors",
-              metadata={"format": "pt"})
-    return _logits(tmp, ids)
-
-
 @pytest.mark.parametrize("sym", [True, False])
 def test_transformers_loads_a_dense_export(tiny_llama_dir: Path, small_text_file: Path, tmp_path: Path, sym: bool) -> None:
     """transformers + compressed-tensors decompress our pack-quantized export on the CPU and
@@ -99,8 +76,8 @@ def test_transformers_loads_a_dense_export(tiny_llama_dir: Path, small_text_file
         assert all(torch.equal(ours[name], theirs[name]) for name in ours)
 
     ids = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(1))
-    theirs = _logits(tmp_path / "ct", ids, quantization_config=CompressedTensorsConfig(dequantize=True))
-    ours = _bundle_logits(tiny_llama_dir, bundle, ids, tmp_path / "float")
+    theirs = model_logits(tmp_path / "ct", ids, quantization_config=CompressedTensorsConfig(dequantize=True))
+    ours = bundle_logits(tiny_llama_dir, bundle, ids, tmp_path / "float")
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
 
 
@@ -118,8 +95,8 @@ def test_transformers_loads_a_llama4_moe_export(smollm2_dir: Path, small_text_fi
     assert any("router" in pattern for pattern in ignore) and any("vision_model" in pattern for pattern in ignore)
 
     ids = torch.randint(0, 49152, (1, 40), generator=torch.Generator().manual_seed(2))
-    theirs = _logits(tmp_path / "ct", ids, quantization_config=CompressedTensorsConfig(dequantize=True))
-    ours = _bundle_logits(tiny_llama4_dir, Bundle(tmp_path / "bundle"), ids, tmp_path / "float")
+    theirs = model_logits(tmp_path / "ct", ids, quantization_config=CompressedTensorsConfig(dequantize=True))
+    ours = bundle_logits(tiny_llama4_dir, Bundle(tmp_path / "bundle"), ids, tmp_path / "float")
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
 
 
@@ -128,5 +105,22 @@ def test_export_names_the_linear_whose_shape_the_format_cannot_store(tiny_llama_
     result = CliRunner().invoke(cli, ["export", str(tmp_path / "bundle"), "--format", "compressed-tensors",
                                       "--out", str(tmp_path / "ct")])
     assert result.exit_code == 2, result.output
-    assert "q_proj" in result.output and "multiple of the group size" in result.output
+    assert "model.layers.0." in result.output and "multiple of the group size" in result.output
     assert not (tmp_path / "ct").exists()
+
+
+def test_export_directory_has_a_card_and_a_manifest_that_inspect_verifies(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    _run("quantize", tiny_llama_dir, "--method", "rtn", "--out", tmp_path / "bundle", "--group-size", 32, "--no-progress")
+    _run("export", tmp_path / "bundle", "--format", "compressed-tensors", "--out", tmp_path / "ct")
+    manifest = json.loads((tmp_path / "ct" / "manifest.json").read_text())
+    assert manifest["format"] == "compressed-tensors" and "config.json" in manifest["files"]
+    assert "compressed-tensors" in (tmp_path / "ct" / "README.md").read_text()
+    assert "verified" in _run("inspect", tmp_path / "ct")
+    shard = next((tmp_path / "ct").glob("model*.safetensors"))
+    with open(shard, "r+b") as handle:  # flip one byte of tensor data
+        handle.seek(-1, 2)
+        last = handle.read(1)
+        handle.seek(-1, 2)
+        handle.write(bytes([last[0] ^ 1]))
+    result = CliRunner().invoke(cli, ["inspect", str(tmp_path / "ct")])
+    assert result.exit_code == 1 and shard.name in result.output

@@ -89,9 +89,14 @@ def test_dense_export_holds_the_bundle_bit_for_bit(tiny_q4_0) -> None:
     config = bundle.text_config
     assert reader.fields["general.architecture"].contents() == "llama"
     assert reader.fields["llama.block_count"].contents() == config.num_hidden_layers
-    assert reader.fields["tokenizer.ggml.pre"].contents() == "gpt2"
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "gpt-2"
     assert len(reader.fields["tokenizer.ggml.tokens"].contents()) == config.vocab_size
     assert len(reader.fields["tokenizer.ggml.merges"].contents()) > 1000
+    head_dim = config.hidden_size // config.num_attention_heads
+    assert reader.fields["llama.rope.dimension_count"].contents() == head_dim
+    assert reader.fields["llama.attention.head_count_kv"].contents() == config.num_key_value_heads
+    assert reader.fields["llama.feed_forward_length"].contents() == config.intermediate_size
+    assert {"output.weight", "output_norm.weight", "blk.0.ffn_up.weight", "blk.0.ffn_norm.weight"} <= set(tensors)
     for index in range(bundle.num_layers):
         ours = bundle.layer_tensors(index)
         q_order = rotary_row_permutation(config.hidden_size, config.num_attention_heads)
@@ -104,6 +109,7 @@ def test_dense_export_holds_the_bundle_bit_for_bit(tiny_q4_0) -> None:
         for name, value in expected.items():
             tensor = tensors[f"blk.{index}.{name}.weight"]
             assert tensor.tensor_type.name == ("F32" if name.endswith("norm") else "Q4_0")
+            assert list(tensor.shape) == list(value.shape)[::-1]  # GGUF lists ne0 (K) first
             assert np.array_equal(_dequantize(tensor).reshape(value.shape), value.numpy()), (index, name)
     embed = bundle.model_tensor(bundle.table.embed)
     assert np.array_equal(_dequantize(tensors["token_embd.weight"]).reshape(embed.shape), embed.numpy())
@@ -155,3 +161,53 @@ def test_llama4_export_stacks_experts_and_keeps_the_router_in_f32(smollm2_dir: P
     # the attention of Llama 4 is not permuted (llama.cpp's llama4 uses HF's rotary layout)
     assert np.array_equal(_dequantize(tensors["blk.0.attn_q.weight"]).reshape(ours["self_attn.q_proj.weight"].shape),
                           bundle.layer_tensors(0)["self_attn.q_proj.weight"].numpy())
+
+
+def test_llama4_configurations_llama_cpp_cannot_run_are_refused(tiny_llama4_dir: Path, tmp_path: Path) -> None:
+    """The shared tiny Llama 4 chunks attention every 16 tokens; llama.cpp fixes 8192."""
+    code, out = _run("quantize", tiny_llama4_dir, "--method", "rtn", "--group-size", 32, "--bits", 8,
+                     "--out", tmp_path / "bundle", "--no-progress")
+    assert code == 0, out
+    code, out = _run("export", tmp_path / "bundle", "--format", "gguf", "--gguf-type", "Q8_0", "--requantize",
+                     "--out", tmp_path / "m.gguf")
+    assert code == 2 and "attention_chunk_size=16" in out, out
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_gguf_has_a_model_card_and_a_manifest_that_inspect_verifies(tiny_q4_0) -> None:
+    path = tiny_q4_0["gguf"]
+    card = path.with_name(path.name + ".README.md").read_text()
+    assert "Q4_0" in card and "source fingerprint" in card and "llama.cpp" in card
+    code, out = _run("inspect", path)
+    assert code == 0 and "GGUF llama" in out and "Q4_0:" in out and "verified" in out, out
+
+
+def test_a_float_model_exports_as_gguf_pys_own_round_to_nearest(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """The plain GGUF baseline: every linear rounded by gguf-py from the float checkpoint."""
+    import gguf
+
+    from maverick_quant.streaming import open_source
+
+    code, out = _run("export", tiny_llama_dir, "--format", "gguf", "--gguf-type", "Q4_0", "--out", tmp_path / "rtn.gguf")
+    assert code == 0 and "re-quantized" in out, out
+    tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "rtn.gguf").tensors}
+    source = open_source(tiny_llama_dir)
+    q = source.layer_tensors(1)["self_attn.q_proj.weight"].float()
+    q = q[rotary_row_permutation(q.shape[0], source.config.num_attention_heads)].numpy()  # llama.cpp's row order
+    expected = gguf.quants.dequantize(gguf.quants.quantize(q, gguf.GGMLQuantizationType.Q4_0), gguf.GGMLQuantizationType.Q4_0)
+    assert np.array_equal(_dequantize(tensors["blk.1.attn_q.weight"]).reshape(q.shape), expected)
+    assert "no calibration" in (tmp_path / "rtn.gguf.README.md").read_text()
+
+
+def test_q4_1_grid_exports_losslessly_end_to_end(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    import gguf
+
+    code, out = _run("quantize", tiny_llama_dir, "--method", "rtn", "--gguf-grid", "Q4_1", "--out", tmp_path / "bundle",
+                     "--no-progress")
+    assert code == 0, out
+    code, out = _run("export", tmp_path / "bundle", "--format", "gguf", "--gguf-type", "Q4_1", "--out", tmp_path / "m.gguf")
+    assert code == 0 and "re-quantized" not in out, out
+    tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    down = Bundle(tmp_path / "bundle").layer_tensors(2)["mlp.down_proj.weight"]
+    assert tensors["blk.2.ffn_down.weight"].tensor_type.name == "Q4_1"
+    assert np.array_equal(_dequantize(tensors["blk.2.ffn_down.weight"]).reshape(down.shape), down.numpy())

@@ -178,3 +178,25 @@ def test_quantized_router_is_solved_exported_and_read_back(tiny_llama4_dir: Path
     assert "feed_forward.router" not in config["modules_to_not_convert"]
     exported = open_export(tmp_path / "gptq").layer_tensors(1)
     assert torch.equal(exported["feed_forward.router.weight"], bundle.layer_tensors(1)["feed_forward.router.weight"])
+
+
+def test_validation_streams_experts_and_equals_the_whole_model(moe_bundle: Path, tiny_llama4_dir: Path,
+                                                               tmp_path: Path) -> None:
+    """Streamed validation with experts read a few at a time (chunks of 7 and 1) gives the
+    perplexities transformers computes with the whole float model and the whole dequantized bundle."""
+    from tests.conftest import bundle_logits, model_logits
+
+    from maverick_quant.validation.evaluate import evaluate
+
+    windows = torch.randint(0, 49152, (2, LENGTH), generator=torch.Generator().manual_seed(6))
+    result = evaluate(open_source(tiny_llama4_dir), Bundle(moe_bundle), windows, show_progress=False, expert_chunk_mib=1)
+
+    def ppl(logits: torch.Tensor) -> float:
+        nll = -logits[:, :-1].double().log_softmax(-1).gather(-1, windows[:, 1:, None]).mean()
+        return float(nll.exp())
+
+    reference = ppl(model_logits(tiny_llama4_dir, windows))
+    candidate = ppl(bundle_logits(tiny_llama4_dir, Bundle(moe_bundle), windows, tmp_path / "float"))
+    assert result.summary["reference"]["ppl"] == pytest.approx(reference, rel=1e-4)
+    assert result.summary["candidate"]["ppl"] == pytest.approx(candidate, rel=1e-4)
+    assert all(err > 0 for _, err in result.layer_errors)

@@ -24,6 +24,7 @@ import torch
 from maverick_quant.compress.types import QuantizedWeight
 
 BLOCK = 32
+Q4_1_SCALE_BITS = 7  # 7-bit scale x 4-bit zero fits fp16's 11-bit significand
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,9 @@ def grid_mismatch(quant: dict, block_type: BlockType) -> str | None:
                 f"{'symmetric' if quant['sym'] else 'asymmetric'}")
     if group != -1 and group % BLOCK:
         return f"{block_type.name} blocks hold 32 columns; the bundle's group size {group} is not a multiple of 32"
+    if not block_type.sym and quant.get("scale_bits", 11) > Q4_1_SCALE_BITS:
+        return (f"{block_type.name} stores m = -zero x scale as fp16, which needs scales of at most {Q4_1_SCALE_BITS} "
+                f"significant bits; the bundle's have {quant.get('scale_bits', 11)}")
     return None
 
 
@@ -65,8 +69,10 @@ def encode_blocks(weight: QuantizedWeight, block_type: BlockType) -> np.ndarray:
     k = weight.shape[-1]
     if k % BLOCK:
         raise ValueError(f"{block_type.name} needs K a multiple of {BLOCK}; K={k}")
-    mismatch = grid_mismatch({"bits": weight.bits, "group_size": weight.group_size,
-                              "sym": bool((weight.zeros == 1 << (weight.bits - 1)).all())}, block_type)
+    symmetric = bool((weight.zeros == 1 << (weight.bits - 1)).all())
+    grid = {"bits": weight.bits, "group_size": weight.group_size, "sym": symmetric and block_type.sym,
+            "scale_bits": Q4_1_SCALE_BITS}  # the Q4_1 scale condition is checked on the values below
+    mismatch = grid_mismatch(grid, block_type)
     if mismatch:
         raise ValueError(mismatch)
     blocks = _group_of_block(weight)

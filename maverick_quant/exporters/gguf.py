@@ -18,12 +18,12 @@ the output head keep the checkpoint's float dtype.
 
 Writing streams: every tensor's info (name, shape, type, size) is known from the bundle's
 manifest and headers, so the header is written first and then one tensor at a time (one
-stacked expert tensor is the largest thing held, e.g. 3 GB for a Maverick layer in Q4_0).
+stacked expert tensor is the largest thing held, about 3 GB for a Maverick layer in Q4_0,
+filled chunk by chunk).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -33,6 +33,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from maverick_quant.arch.base import unfuse_experts
 from maverick_quant.bundle import Bundle
 from maverick_quant.checkpoint import TORCH_DTYPES
 from maverick_quant.compress.gguf_blocks import BLOCK, BLOCK_TYPES, BlockType, encode_blocks, grid_mismatch, requantize_error
@@ -71,7 +72,7 @@ class TensorJob:
     name: str
     shape: tuple[int, ...]
     ggml_type: str
-    load: Callable[[], np.ndarray]
+    load: Callable[[], np.ndarray] | None
 
     def byte_shape(self) -> tuple[int, ...]:
         if self.ggml_type in BLOCK_TYPES:
@@ -97,89 +98,188 @@ def rotary_row_permutation(rows: int, heads: int) -> torch.Tensor:
     return torch.arange(rows).reshape(heads, 2, rows // heads // 2).transpose(1, 2).reshape(rows)
 
 
-def permute_rows(weight: QuantizedWeight, order: torch.Tensor) -> QuantizedWeight:
+def permute_rows(weight: QuantizedWeight | torch.Tensor, order: torch.Tensor) -> QuantizedWeight | torch.Tensor:
+    if isinstance(weight, torch.Tensor):
+        return weight[order]
     return QuantizedWeight(weight.codes[order], weight.scales[order], weight.zeros[order], weight.bits, weight.group_size)
 
 
-class GGUFPlan:
-    """The tensors of one bundle in one block type, in file order, with lazy loaders."""
+class BundleWeights:
+    """The GGUF writer's view of a bundle: linears as QuantizedWeight, read lazily."""
 
-    def __init__(self, bundle: Bundle, block_type: BlockType, requantize: bool, report: GGUFExport):
-        self.bundle, self.block_type, self.requantize, self.report = bundle, block_type, requantize, report
-        self.config = bundle.text_config
+    def __init__(self, bundle: Bundle):
+        self.bundle, self.root, self.table = bundle, bundle.root, bundle.table
+        self.config, self.quant, self.num_layers = bundle.text_config, bundle.quant, bundle.num_layers
+        self.name = Path(bundle.manifest["source"]["model_dir"]).name
+
+    def model_tensor_info(self, name: str) -> tuple[tuple[int, ...], torch.dtype] | None:
+        if name not in self.bundle.model_tensor_names() and name != self.table.embed:
+            return None
+        info = self.bundle.model_tensor_info(name)
+        return tuple(info.shape), TORCH_DTYPES[info.dtype]
+
+    def model_tensor(self, name: str) -> torch.Tensor:
+        return self.bundle.model_tensor(name)
+
+    def float_infos(self, index: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return {name: (tuple(info.shape), TORCH_DTYPES[info.dtype]) for name, info in self.bundle.passthrough_info(index).items()}
+
+    def _layer(self, index: int):
+        """Layer `index` decoded once while its tensors are written (one layer held at a time)."""
+        if getattr(self, "_cached", (None,))[0] != index:
+            self._cached = (index, self.bundle.quantized_layer(index))
+        return self._cached[1]
+
+    def float_tensor(self, index: int, name: str) -> torch.Tensor:
+        return self._layer(index)[1][name]
+
+    def linear_shapes(self, index: int) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(info["shape"]) for name, info in self.bundle.manifest["layers"][index]["quantized"].items()}
+
+    def linear(self, index: int, name: str) -> QuantizedWeight:
+        return self._layer(index)[0][name]
+
+    def expert_shapes(self, index: int) -> dict[str, tuple[int, ...]]:
+        chunks = self.bundle.manifest["layers"][index].get("experts", {}).get("chunks", [])
+        return {name: tuple(shape[-2:]) for name, shape in chunks[0]["shapes"].items()} if chunks else {}
+
+    def expert_chunks(self, index: int, name: str):
+        return self.bundle.expert_linear_chunks(index, name)
+
+
+class FloatWeights:
+    """The GGUF writer's view of an original float model: every linear is re-quantized by
+    gguf-py (llama.cpp's own round-to-nearest), the plain GGUF others would make."""
+
+    quant = None
+
+    def __init__(self, model_dir: Path):
+        from maverick_quant.streaming import open_source
+
+        self.source = open_source(model_dir)
+        self.root, self.table, self.config = Path(model_dir), self.source.table, self.source.text_config
+        self.num_layers, self.name = self.config.num_hidden_layers, Path(model_dir).name
+
+    def model_tensor_info(self, name: str) -> tuple[tuple[int, ...], torch.dtype] | None:
+        info = self.source.checkpoint.tensors.get(name)
+        return None if info is None else (tuple(info.shape), TORCH_DTYPES[info.dtype])
+
+    def model_tensor(self, name: str) -> torch.Tensor:
+        return self.source.checkpoint.get(name)
+
+    def _plan(self, index: int):
+        return self.table.plan(self.config, index)
+
+    def float_infos(self, index: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        prefix, infos = self.table.prefix(index), self.source.checkpoint.tensors
+        return {name: (tuple(infos[prefix + name].shape), TORCH_DTYPES[infos[prefix + name].dtype])
+                for name in self._plan(index).passthrough}
+
+    def float_tensor(self, index: int, name: str) -> torch.Tensor:
+        return self.source.checkpoint.get(self.table.prefix(index) + name)
+
+    def linear_shapes(self, index: int) -> dict[str, tuple[int, ...]]:
+        plan = self._plan(index)
+        return {name: tuple(plan.shapes[f"{name}.weight"]) for name in plan.linears}
+
+    def linear(self, index: int, name: str) -> torch.Tensor:
+        return self.source.checkpoint.get(f"{self.table.prefix(index)}{name}.weight").float()
+
+    def expert_shapes(self, index: int) -> dict[str, tuple[int, ...]]:
+        """Per-expert [N, K] of the gated MLP's linears (Llama 4 names), from the config."""
+        if self._plan(index).moe is None:
+            return {}
+        inter, hidden = self.config.intermediate_size, self.config.hidden_size
+        return {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+
+    def expert_chunks(self, index: int, name: str):
+        moe = self._plan(index).moe
+        for first in range(moe.num_experts):  # one expert at a time: bounded memory
+            yield unfuse_experts(moe, self.source.expert_tensors(index, first, 1))[name].float()
+
+
+class GGUFPlan:
+    """The tensors of one model (a bundle, or a float model) in one block type, in file order,
+    with lazy loaders."""
+
+    def __init__(self, weights: BundleWeights | FloatWeights, block_type: BlockType, requantize: bool,
+                 report: GGUFExport):
+        self.weights, self.block_type, self.report = weights, block_type, report
+        self.config = weights.config
         self.arch = ARCHITECTURES.get(self.config.model_type)
         if self.arch is None:
             raise InputError(f"--format gguf: model_type {self.config.model_type!r} is not supported "
                              f"(supported: {sorted(ARCHITECTURES)})")
-        mismatch = grid_mismatch(bundle.quant, block_type)
-        if mismatch and not requantize:
+        if self.arch == "llama4":
+            check_llama4_for_llama_cpp(self.config)
+        mismatch = "a float model" if weights.quant is None else grid_mismatch(weights.quant, block_type)
+        if mismatch and weights.quant is not None and not requantize:
             raise InputError(f"--gguf-type {block_type.name}: {mismatch}. Quantize with --gguf-grid {block_type.name} "
                              "for a lossless export, or pass --requantize to re-round (its error is reported)")
         self.exact = mismatch is None
 
-    @functools.lru_cache(maxsize=1)
-    def _layer(self, index: int):
-        return self.bundle.quantized_layer(index)
-
     def jobs(self) -> list[TensorJob]:
-        bundle, table = self.bundle, self.bundle.table
-        jobs = [self._float_job("token_embd.weight", table.embed, self._big_float_type(table.embed))]
+        table = self.weights.table
+        jobs = [self._model_job("token_embd.weight", table.embed)]
         factors = rope_factors(self.config)
         if factors is not None:
             jobs.append(TensorJob("rope_freqs.weight", tuple(factors.shape), "F32", lambda: factors.numpy()))
-        for index in range(bundle.num_layers):
+        for index in range(self.weights.num_layers):
             jobs.extend(self._layer_jobs(index))
-        jobs.append(self._float_job("output_norm.weight", table.final_norm, "F32"))
-        if table.lm_head in bundle.model_tensor_names():
-            jobs.append(self._float_job("output.weight", table.lm_head, self._big_float_type(table.lm_head)))
+        jobs.append(self._model_job("output_norm.weight", table.final_norm, "F32"))
+        if self.weights.model_tensor_info(table.lm_head) is not None:
+            jobs.append(self._model_job("output.weight", table.lm_head))
         return jobs
 
-    def _big_float_type(self, name: str) -> str:
-        return FLOAT_TYPES.get(TORCH_DTYPES[self.bundle.model_tensor_info(name).dtype], "F32")
-
-    def _float_job(self, gguf_name: str, name: str, ggml_type: str) -> TensorJob:
-        shape = tuple(self.bundle.model_tensor_info(name).shape)
-        return TensorJob(gguf_name, shape, ggml_type, lambda: float_array(self.bundle.model_tensor(name), ggml_type))
+    def _model_job(self, gguf_name: str, name: str, ggml_type: str | None = None) -> TensorJob:
+        shape, dtype = self.weights.model_tensor_info(name)
+        ggml_type = ggml_type or FLOAT_TYPES.get(dtype, "F32")
+        return TensorJob(gguf_name, shape, ggml_type, lambda: float_array(self.weights.model_tensor(name), ggml_type))
 
     def _layer_jobs(self, index: int) -> list[TensorJob]:
-        record = self.bundle.manifest["layers"][index]
-        jobs = []
-        for name, info in self.bundle.passthrough_info(index).items():
+        weights, jobs = self.weights, []
+        for name, (shape, dtype) in weights.float_infos(index).items():
             gguf_name = self._gguf_name(index, name)
-            ggml_type = "F32" if gguf_name.split(".")[2] in F32_LAYER_TENSORS else FLOAT_TYPES[TORCH_DTYPES[info.dtype]]
-            jobs.append(TensorJob(gguf_name, tuple(info.shape), ggml_type,
-                                  lambda i=index, n=name, t=ggml_type: float_array(self._layer(i)[1][n], t)))
-        for name, info in record["quantized"].items():
+            ggml_type = "F32" if gguf_name.split(".")[2] in F32_LAYER_TENSORS else FLOAT_TYPES[dtype]
+            jobs.append(TensorJob(gguf_name, shape, ggml_type,
+                                  lambda n=name, t=ggml_type: float_array(weights.float_tensor(index, n), t)))
+        for name, shape in weights.linear_shapes(index).items():
             gguf_name = self._gguf_name(index, name)
             if gguf_name.split(".")[2] == "ffn_gate_inp":  # a quantized router: its values, in F32
-                jobs.append(TensorJob(gguf_name, tuple(info["shape"]), "F32",
-                                      lambda i=index, n=name: self._layer(i)[0][n].dequantize().numpy()))
+                jobs.append(TensorJob(gguf_name, shape, "F32", lambda n=name: as_float(weights.linear(index, n)).numpy()))
                 continue
-            jobs.append(TensorJob(gguf_name, tuple(info["shape"]), self.block_type.name,
-                                  lambda i=index, n=name, g=gguf_name: self._encode(g, self._rotary(i, n, self._layer(i)[0][n]))))
-        moe = self.bundle.table.plan(self.config, index).moe
-        if moe is not None and record.get("experts"):
-            chunks = record["experts"]["chunks"]
-            for name, gguf_base in EXPERT_NAMES.items():
-                n, k = chunks[0]["shapes"][name][-2:]
-                gguf_name = f"blk.{index}.{gguf_base}.weight"
-                jobs.append(TensorJob(gguf_name, (moe.num_experts, n, k), self.block_type.name,
-                                      lambda i=index, l=name, g=gguf_name: np.concatenate(
-                                          [self._encode(g, w) for w in self.bundle.expert_linear_chunks(i, l)])))
+            jobs.append(TensorJob(gguf_name, shape, self.block_type.name,
+                                  lambda n=name, g=gguf_name: self._encode(g, self._rotary(n, weights.linear(index, n)))))
+        num_experts = getattr(self.config, "num_local_experts", 0)
+        for name, (n, k) in weights.expert_shapes(index).items():
+            job = TensorJob(f"blk.{index}.{EXPERT_NAMES[name]}.weight", (num_experts, n, k), self.block_type.name, None)
+            job.load = lambda l=name, j=job: self._stack_experts(j, weights.expert_chunks(index, l))
+            jobs.append(job)
         return jobs
+
+    def _stack_experts(self, job: TensorJob, chunks) -> np.ndarray:
+        """The stacked expert tensor's blocks [E, N, bytes], filled chunk by chunk (one copy held)."""
+        out, first = np.empty(job.byte_shape(), dtype=np.uint8), 0
+        for weight in chunks:
+            blocks = self._encode(job.name, weight)
+            out[first : first + blocks.shape[0]] = blocks
+            first += blocks.shape[0]
+        if first != job.shape[0]:
+            raise InputError(f"--format gguf: {job.name}: the bundle holds {first} experts, the config {job.shape[0]}")
+        return out
 
     def _gguf_name(self, index: int, name: str) -> str:
         if name not in LAYER_NAMES:
             raise InputError(f"--format gguf: layer {index} tensor {name!r} has no llama.cpp name")
         return f"blk.{index}.{LAYER_NAMES[name]}.weight"
 
-    def _rotary(self, index: int, name: str, weight: QuantizedWeight) -> QuantizedWeight:
+    def _rotary(self, name: str, weight: QuantizedWeight | torch.Tensor) -> QuantizedWeight | torch.Tensor:
         if self.arch != "llama" or name not in ("self_attn.q_proj", "self_attn.k_proj"):
             return weight
         heads = self.config.num_attention_heads if name == "self_attn.q_proj" else self.config.num_key_value_heads
         return permute_rows(weight, rotary_row_permutation(weight.shape[-2], heads))
 
-    def _encode(self, gguf_name: str, weight: QuantizedWeight) -> np.ndarray:
+    def _encode(self, gguf_name: str, weight: QuantizedWeight | torch.Tensor) -> np.ndarray:
         if self.exact:
             try:
                 return encode_blocks(weight, self.block_type)
@@ -187,13 +287,43 @@ class GGUFPlan:
                 raise InputError(f"--gguf-type {self.block_type.name}: {gguf_name}: {exc}") from None
         import gguf
 
-        reference = weight.dequantize().numpy()
+        reference = as_float(weight)
+        if reference.shape[-1] % BLOCK:
+            raise InputError(f"--gguf-type {self.block_type.name}: {gguf_name}: K={reference.shape[-1]} "
+                             f"is not a multiple of {BLOCK}")
         qtype = getattr(gguf.GGMLQuantizationType, self.block_type.name)
-        blocks = gguf.quants.quantize(reference, qtype)
-        stored = torch.from_numpy(gguf.quants.dequantize(blocks, qtype))
-        error = requantize_error(torch.from_numpy(reference), stored)
+        blocks = gguf.quants.quantize(reference.numpy(), qtype)
+        error = requantize_error(reference, torch.from_numpy(gguf.quants.dequantize(blocks, qtype)))
         self.report.requantized[gguf_name] = max(error, self.report.requantized.get(gguf_name, 0.0))
         return blocks
+
+
+def as_float(weight: QuantizedWeight | torch.Tensor) -> torch.Tensor:
+    return weight.float() if isinstance(weight, torch.Tensor) else weight.dequantize()
+
+
+def check_llama4_for_llama_cpp(config) -> None:
+    """llama.cpp's llama4 graph fixes what Hugging Face configures: MoE on every
+    `interleave_moe_layer_step`-th layer, no rope on every 4th layer, chunked attention of
+    8192 tokens, attention temperature tuning on, and q/k L2 norms unless the model has 128
+    experts. A GGUF of any other configuration would compute a different function: refused."""
+    layers, step = config.num_hidden_layers, config.interleave_moe_layer_step
+    expected = {
+        "moe_layers": [i for i in range(layers) if step and (i + 1) % step == 0],
+        "no_rope_layers": [int((i + 1) % 4 != 0) for i in range(layers)],
+        "attention_chunk_size": 8192,
+        "attn_temperature_tuning": True,
+        "floor_scale": 8192,
+        "attn_scale": 0.1,
+        "use_qk_norm": config.num_local_experts != 128,
+    }
+    actual = {key: getattr(config, key, None) for key in expected}
+    actual["moe_layers"] = list(actual["moe_layers"] or [])
+    actual["no_rope_layers"] = list(actual["no_rope_layers"] or [])
+    actual["attn_temperature_tuning"] = bool(actual["attn_temperature_tuning"])  # configs write 4 for "on"
+    wrong = [f"{key}={actual[key]!r} (llama.cpp: {value!r})" for key, value in expected.items() if actual[key] != value]
+    if wrong:
+        raise InputError("--format gguf: llama.cpp's llama4 cannot represent this model: " + "; ".join(wrong))
 
 
 def float_array(tensor: torch.Tensor, ggml_type: str) -> np.ndarray:
@@ -207,7 +337,10 @@ def rope_factors(config) -> torch.Tensor | None:
     """llama.cpp's `rope_freqs` [head_dim/2] for llama3-type rope scaling (None otherwise):
     the default inverse frequencies divided by the scaled ones, from transformers' own rope code."""
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if params.get("rope_type") != "llama3":
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise InputError(f"--format gguf: rope_type {rope_type!r} is not written yet (default and llama3 are)")
+    if rope_type != "llama3":
         return None
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -252,18 +385,17 @@ def add_model_metadata(writer, config, arch: str, block_type: BlockType, name: s
 
 def tokenizer_pre(model_dir: Path, model_type: str) -> str | None:
     """llama.cpp's pre-tokenizer name for a byte-level BPE tokenizer, read from the structure of
-    tokenizer.json's pre_tokenizer: ByteLevel with its regex alone is "gpt2"; individual digits
+    tokenizer.json's pre_tokenizer: ByteLevel with its regex alone is "gpt-2"; individual digits
     then ByteLevel is "smollm"; Llama 4's tokenizer is "llama4". None when not recognised."""
-    if model_type.startswith("llama4"):
-        return "llama4"
     pre = json.loads((model_dir / "tokenizer.json").read_text()).get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    kinds = [(step.get("type"), step.get("individual_digits"), step.get("use_regex")) for step in steps]
-    if kinds == [("ByteLevel", None, True)]:
-        return "gpt2"
-    if kinds == [("Digits", True, None), ("ByteLevel", None, True)]:
+    kinds = [(step.get("type"), step.get("individual_digits"), step.get("use_regex"), step.get("add_prefix_space"))
+             for step in steps]
+    if kinds == [("ByteLevel", None, True, False)]:
+        return "gpt-2"
+    if kinds == [("Digits", True, None, None), ("ByteLevel", None, True, False)]:
         return "smollm"
-    return None
+    return "llama4" if model_type.startswith("llama4") else None
 
 
 def add_tokenizer(writer, model_dir: Path, vocab_size: int, pre: str) -> None:
@@ -279,6 +411,8 @@ def add_tokenizer(writer, model_dir: Path, vocab_size: int, pre: str) -> None:
                          "byte-level BPE vocabularies only")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     by_id = {index: token for token, index in tokenizer.get_vocab().items()}
+    if by_id and max(by_id) >= vocab_size:
+        raise InputError(f"{model_dir}: the tokenizer has token id {max(by_id)}, beyond the model's vocab_size {vocab_size}")
     added = tokenizer.added_tokens_decoder
     tokens, types = [], []
     for index in range(vocab_size):
@@ -298,23 +432,27 @@ def add_tokenizer(writer, model_dir: Path, vocab_size: int, pre: str) -> None:
     gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer)
 
 
-def export_gguf(bundle: Bundle, out_path: Path, gguf_type: str, requantize: bool = False,
+def export_gguf(weights: BundleWeights | FloatWeights, out_path: Path, gguf_type: str, requantize: bool = False,
                 pre: str | None = None) -> GGUFExport:
-    """Write `bundle` as a GGUF file at `out_path` (a temporary name, renamed when complete)."""
+    """Write a bundle (or, re-quantized by gguf-py, a float model) as a GGUF file at `out_path`
+    (written under a temporary name, renamed when complete)."""
     import gguf
 
     if gguf_type not in BLOCK_TYPES:
         raise InputError(f"--gguf-type {gguf_type}: expected one of {sorted(BLOCK_TYPES)}")
     report = GGUFExport(Path(out_path))
-    plan = GGUFPlan(bundle, BLOCK_TYPES[gguf_type], requantize, report)
-    pre = pre or tokenizer_pre(bundle.root, plan.config.model_type)
+    plan = GGUFPlan(weights, BLOCK_TYPES[gguf_type], requantize, report)
+    pre = pre or tokenizer_pre(weights.root, plan.config.model_type)
     if pre is None:
-        raise InputError(f"{bundle.root}/tokenizer.json: pre-tokenizer not recognised; name llama.cpp's with --gguf-pre "
-                         "(e.g. gpt2, smollm, llama3, llama4)")
+        raise InputError(f"{weights.root}/tokenizer.json: pre-tokenizer not recognised; name llama.cpp's with --gguf-pre "
+                         "(e.g. gpt-2, smollm, llama3, llama4)")
     jobs = plan.jobs()
+    for job in jobs:
+        if job.ggml_type in BLOCK_TYPES and job.shape[-1] % BLOCK:
+            raise InputError(f"--gguf-type {gguf_type}: {job.name} has K={job.shape[-1]}, not a multiple of {BLOCK}")
     writer = gguf.GGUFWriter(path=None, arch=plan.arch)
-    add_model_metadata(writer, plan.config, plan.arch, plan.block_type, bundle.manifest.get("source", {}).get("name", "model"))
-    add_tokenizer(writer, bundle.root, plan.config.vocab_size, pre)
+    add_model_metadata(writer, plan.config, plan.arch, plan.block_type, weights.name)
+    add_tokenizer(writer, weights.root, plan.config.vocab_size, pre)
     for job in jobs:
         writer.add_tensor_info(job.name, job.byte_shape(), np.dtype(np.uint8), job.nbytes(),
                                raw_dtype=getattr(gguf.GGMLQuantizationType, job.ggml_type))
@@ -324,11 +462,14 @@ def export_gguf(bundle: Bundle, out_path: Path, gguf_type: str, requantize: bool
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for job in jobs:
-            data = job.load()
-            writer.write_tensor_data(np.ascontiguousarray(data).view(np.uint8))
+            data = np.ascontiguousarray(job.load()).view(np.uint8)
+            if data.nbytes != job.nbytes():
+                raise InputError(f"--format gguf: {job.name}: {data.nbytes} bytes made, {job.nbytes()} announced")
+            writer.write_tensor_data(data)
             report.tensors += 1
         writer.close()
         os.replace(tmp, out_path)
     finally:
+        writer.close()
         tmp.unlink(missing_ok=True)
     return report

@@ -126,6 +126,8 @@ class ExportSource(CheckpointModelTensors):
                    if f"{module}.{part}" in self.checkpoint.tensors}
         try:
             return self.layout.from_tensors(tensors, self.bits, self.group_size).dequantize()
+        except KeyError as exc:
+            raise InputError(f"{self.checkpoint.model_dir}: module {module}: tensor {module}.{exc.args[0]} is missing") from None
         except ValueError as exc:
             raise InputError(f"{self.checkpoint.model_dir}: module {module}: {exc}") from None
 
@@ -139,8 +141,12 @@ class ExportSource(CheckpointModelTensors):
             out[name] = self.checkpoint.get(prefix + name) if stored else self._linear(prefix + name.removesuffix(".weight"))
         out.update({f"{name}.weight": self._linear(prefix + name) for name in plan.linears})
         if experts and plan.moe is not None:
-            moe = plan.moe
-            unfused = {l.name: torch.stack([self._linear(f"{prefix}{moe.experts}.{e}.{l.name}") for e in range(moe.num_experts)])
-                       for l in moe.expert_linears}
-            out.update(fuse_experts(moe, unfused))
+            out.update(self.expert_tensors(index, 0, plan.moe.num_experts))
         return out
+
+    def expert_tensors(self, index: int, first: int, count: int) -> dict[str, torch.Tensor]:
+        """Experts [first, first+count) of layer `index`, dequantized and fused as the model stores them."""
+        prefix, moe = self.table.prefix(index), self.table.plan(self.text_config, index).moe
+        unfused = {l.name: torch.stack([self._linear(f"{prefix}{moe.experts}.{e}.{l.name}") for e in range(first, first + count)])
+                   for l in moe.expert_linears}
+        return fuse_experts(moe, unfused)

@@ -1,6 +1,7 @@
 """Reference vs candidate on the same token windows, both streamed layer by layer in lockstep.
 
-Memory holds the two hidden-state caches [W, L, D] and one layer of each model. For every
+Memory holds the two hidden-state caches [W, L, D] and one layer of each model (an MoE
+layer's routed experts one chunk at a time, plus a third cache for that layer). For every
 layer it also measures the candidate layer's relative output error on the reference's
 inputs, err_l = ||f_c(h) - f_r(h)||^2 / ||f_r(h) - h||^2 (the error relative to what the
 layer adds to the residual stream), which localises damage to a layer.
@@ -22,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from maverick_quant.errors import InputError
+from maverick_quant.recipe import MoESpec
 from maverick_quant.streaming import StreamingModel, WeightSource
 from maverick_quant.validation.metrics import MetricAccumulator
 
@@ -36,13 +38,14 @@ class Evaluation:
 
 
 def open_candidate(path: Path):
-    """A WeightSource for a bundle, a GPTQ export or a plain float model directory."""
-    from maverick_quant.bundle import MANIFEST, Bundle
+    """A WeightSource for a bundle, a packed export (GPTQ, AWQ, compressed-tensors) or a plain
+    float model directory. (Exports have a manifest.json too: the bundle's names its format.)"""
+    from maverick_quant.bundle import BUNDLE_FORMAT, MANIFEST, Bundle
     from maverick_quant.exporters.registry import LAYOUTS, open_export
     from maverick_quant.streaming import open_source
 
     path = Path(path)
-    if (path / MANIFEST).is_file():
+    if (path / MANIFEST).is_file() and json.loads((path / MANIFEST).read_text()).get("format") == BUNDLE_FORMAT:
         return Bundle(path)
     if not (path / "config.json").is_file():
         raise InputError(f"{path}: not a bundle, an export or a model directory")
@@ -61,8 +64,10 @@ def _check_compatible(reference: WeightSource, candidate: WeightSource) -> None:
 
 @torch.no_grad()
 def _advance_layer(ref_model: StreamingModel, cand_model: StreamingModel, index: int,
-                   h_ref: torch.Tensor, h_cand: torch.Tensor) -> float:
+                   h_ref: torch.Tensor, h_cand: torch.Tensor, chunk_mib: int = MoESpec.chunk_mib) -> float:
     """Run layer `index` of both models in place on their caches; returns err_l."""
+    if ref_model.plan(index).moe is not None:
+        return _advance_moe_layer(ref_model, cand_model, index, h_ref, h_cand, chunk_mib)
     ref_layer, cand_layer = ref_model.layer(index), cand_model.layer(index)
     error_sum, signal_sum = 0.0, 0.0
     for start in range(0, h_ref.shape[0], ref_model.batch):
@@ -75,6 +80,37 @@ def _advance_layer(ref_model: StreamingModel, cand_model: StreamingModel, index:
         h_ref[span] = y_ref
         h_cand[span] = cand_model.apply(cand_layer, h_cand[span])
     return error_sum / max(signal_sum, 1e-30)
+
+
+@torch.no_grad()
+def forward_layer(model: StreamingModel, index: int, hidden: torch.Tensor, chunk_mib: int = MoESpec.chunk_mib) -> None:
+    """Layer `index` over every window of `hidden` [W, L, D], in place; an MoE layer's routed
+    experts are read chunk by chunk (`chunk_mib`), never all at once."""
+    if model.plan(index).moe is None:
+        model.run_layer(model.layer(index), hidden, out=hidden)
+        return
+    from maverick_quant.experts import run_moe_layer
+
+    layer = model.layer(index, model.source.layer_tensors(index, experts=False))
+    run_moe_layer(model, index, layer, hidden, chunk_mib)
+
+
+@torch.no_grad()
+def _advance_moe_layer(ref_model: StreamingModel, cand_model: StreamingModel, index: int,
+                       h_ref: torch.Tensor, h_cand: torch.Tensor, chunk_mib: int = MoESpec.chunk_mib) -> float:
+    """`_advance_layer` for an MoE layer, routed experts streamed chunk by chunk from both
+    models (never a whole layer's experts): one more cache [W, L, D] holds the reference input."""
+    def forward(model: StreamingModel, hidden: torch.Tensor) -> None:
+        forward_layer(model, index, hidden, chunk_mib)
+
+    h_in = h_ref.clone()
+    forward(ref_model, h_ref)
+    signal = (h_ref - h_in).double().square().sum().item()
+    forward(cand_model, h_in)  # now the candidate layer's output on the reference's inputs
+    error = (h_in - h_ref).double().square().sum().item()
+    del h_in
+    forward(cand_model, h_cand)
+    return error / max(signal, 1e-30)
 
 
 @torch.no_grad()
@@ -94,9 +130,11 @@ def _score(ref_model: StreamingModel, cand_model: StreamingModel, windows: torch
 
 
 def evaluate(reference: WeightSource, candidate: WeightSource, windows: torch.Tensor,
-             batch: int = 4, show_progress: bool = True, first_scored: int = 1) -> Evaluation:
+             batch: int = 4, show_progress: bool = True, first_scored: int = 1,
+             expert_chunk_mib: int = MoESpec.chunk_mib) -> Evaluation:
     """Perplexity of both, KL(ref || cand), top-1 agreement and per-layer error on `windows`
-    [W, L], scoring positions first_scored..L-1 of each window."""
+    [W, L], scoring positions first_scored..L-1 of each window (routed experts read
+    `expert_chunk_mib` at a time)."""
     _check_compatible(reference, candidate)
     started = time.perf_counter()
     ref_model, cand_model = StreamingModel(reference, batch=batch), StreamingModel(candidate, batch=batch)
@@ -104,7 +142,8 @@ def evaluate(reference: WeightSource, candidate: WeightSource, windows: torch.Te
     layer_errors = []
     bar = tqdm(range(ref_model.num_layers), desc="validate layers", unit="layer", disable=not show_progress)
     for index in bar:
-        layer_errors.append((f"layer {index}", _advance_layer(ref_model, cand_model, index, h_ref, h_cand)))
+        layer_errors.append((f"layer {index}", _advance_layer(ref_model, cand_model, index, h_ref, h_cand,
+                                                              expert_chunk_mib)))
         elapsed = time.perf_counter() - started  # tokens through the whole model per second, so far
         bar.set_postfix(tok_per_s=f"{windows.numel() * (index + 1) / ref_model.num_layers / elapsed:.0f}")
     metrics = _score(ref_model, cand_model, windows, h_ref, h_cand, first_scored)
@@ -112,3 +151,54 @@ def evaluate(reference: WeightSource, candidate: WeightSource, windows: torch.Te
     summary["seconds"] = time.perf_counter() - started
     summary["layers"] = [{"layer": i, "rel_error": err} for i, (_, err) in enumerate(layer_errors)]
     return Evaluation(summary, metrics.kl_values(), layer_errors)
+
+
+class GGUFCandidate:
+    """A GGUF file run by llama.cpp (llama-cpp-python): it memory-maps the file itself, so the
+    candidate is never streamed by us; only its logits for each window are read."""
+
+    def __init__(self, path: Path, threads: int | None = None):
+        try:
+            import llama_cpp
+        except ImportError:
+            raise InputError(f"{path}: a GGUF candidate runs in llama.cpp; install llama-cpp-python") from None
+        import os
+
+        self.path = Path(path)
+        self._llama_cpp, self._model, self._threads = llama_cpp, None, threads or os.cpu_count()
+
+    def window_logits(self, window: list[int]) -> torch.Tensor:
+        """Logits [L, V] llama.cpp computes for one window (its KV cache reset first)."""
+        import numpy as np
+
+        if self._model is None or self._model.n_ctx() < len(window):
+            self._model = self._llama_cpp.Llama(model_path=str(self.path), n_ctx=len(window), n_batch=len(window),
+                                                logits_all=True, n_threads=self._threads, verbose=False)
+        self._model.reset()
+        self._model.eval(window)
+        return torch.from_numpy(np.array(self._model.scores[: len(window)], dtype=np.float32))
+
+
+@torch.no_grad()
+def evaluate_gguf(reference: WeightSource, candidate: GGUFCandidate, windows: torch.Tensor, batch: int = 4,
+                  show_progress: bool = True, first_scored: int = 1) -> Evaluation:
+    """`evaluate` for a GGUF candidate: the reference streamed to its final hidden states, the
+    candidate's logits from llama.cpp window by window (no per-layer errors: llama.cpp runs
+    the whole model)."""
+    started = time.perf_counter()
+    ref_model = StreamingModel(reference, batch=batch)
+    hidden = ref_model.embed(windows)
+    for index in tqdm(range(ref_model.num_layers), desc="reference layers", unit="layer", disable=not show_progress):
+        forward_layer(ref_model, index, hidden)
+    metrics = MetricAccumulator()
+    for row in tqdm(range(windows.shape[0]), desc="llama.cpp windows", unit="window", disable=not show_progress):
+        ref_logits = ref_model.logits(hidden[row, first_scored - 1 : -1])
+        cand_logits = candidate.window_logits(windows[row].tolist())[first_scored - 1 : -1]
+        if cand_logits.shape != ref_logits.shape:
+            raise InputError(f"{candidate.path}: llama.cpp logits {tuple(cand_logits.shape)} do not match the "
+                             f"reference's {tuple(ref_logits.shape)} (vocabulary size?)")
+        metrics.update(ref_logits, cand_logits, windows[row, first_scored:])
+    summary = metrics.summary()
+    summary["seconds"] = time.perf_counter() - started
+    summary["layers"] = []
+    return Evaluation(summary, metrics.kl_values(), [])

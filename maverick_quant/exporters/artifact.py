@@ -1,0 +1,106 @@
+"""What every exported artifact carries: a model card and a manifest of its files.
+
+    README.md      model card: source model and fingerprint, recipe, calibration data
+                   fingerprint, tool version, how to load the format, and the validation
+                   summary of a `validate` report when one is given (`export --report DIR`).
+    manifest.json  {"format", "tool_version", "source", "files": {name: {"sha256", "bytes"}}}
+
+A GGUF export is one file; its card and manifest sit beside it as `<name>.gguf.README.md` and
+`<name>.gguf.manifest.json`. `verify_manifest` re-hashes the files (used by `inspect`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from maverick_quant import __version__
+from maverick_quant.bundle import Bundle
+from maverick_quant.checkpoint import sha256_file, write_json_atomic
+
+LOADING = {
+    "gptq": "transformers + GPTQModel (`AutoModelForCausalLM.from_pretrained(DIR)`), vLLM (`vllm serve DIR`)",
+    "awq": "transformers + GPTQModel (`AutoModelForCausalLM.from_pretrained(DIR)`), vLLM (`vllm serve DIR`)",
+    "compressed-tensors": "transformers + compressed-tensors (`from_pretrained(DIR, quantization_config="
+                          "CompressedTensorsConfig(dequantize=True))` on CPU), vLLM (`vllm serve DIR`)",
+    "gguf": "llama.cpp (`llama-cli -m FILE`), llama-cpp-python (`Llama(model_path=FILE)`)",
+}
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def file_records(paths: list[Path], root: Path) -> dict[str, dict]:
+    return {str(path.relative_to(root)): {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+            for path in sorted(paths)}
+
+
+def model_card(bundle: Bundle | None, fmt: str, detail: str, name: str = "", report_dir: Path | None = None) -> str:
+    """The README.md text of an export of `bundle` in format `fmt` (`detail`: e.g. the GGUF
+    type); with no bundle, a float model `name` re-quantized by the exporter. `report_dir`: a
+    `validate` report whose summary the card quotes."""
+    if bundle is None:
+        return (f"# {name} — {fmt} {detail}\n\nRound-to-nearest by the exporter ({fmt} {detail}), no calibration: "
+                f"written by maverick-quant {__version__} as a baseline.\n\nLoad with: {LOADING[fmt]}\n")
+    manifest, recipe = bundle.manifest, bundle.manifest["recipe"]
+    weights, calibration = recipe["weights"], manifest.get("calibration") or {}
+    grid = f"{weights['bits']}-bit, group {weights['group_size']}, {'symmetric' if weights['sym'] else 'asymmetric'}"
+    lines = [
+        f"# {Path(manifest['source']['model_dir']).name} — {fmt} {detail}".rstrip(),
+        "",
+        f"Compressed with maverick-quant {__version__} (bundle written by {manifest.get('tool_version')}).",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| source | `{manifest['source']['model_dir']}` ({', '.join(manifest['source']['architecture'])}) |",
+        f"| source fingerprint | `{manifest['source']['fingerprint']}` |",
+        f"| method | {recipe['method']}, {grid} |",
+        f"| calibration | {calibration.get('samples', 0)} x {calibration.get('seq_len', 0)} tokens of "
+        f"`{calibration.get('source', 'none')}` (data sha256 `{calibration.get('data_sha256', '-')}`) |",
+        f"| format | {fmt} {detail} |",
+        f"| load with | {LOADING[fmt]} |",
+    ]
+    if report_dir is not None:
+        summary = json.loads((Path(report_dir) / "report.json").read_text())
+        lines += ["", f"## Validation ({summary.get('candidate_model', 'candidate')} against "
+                      f"{summary.get('reference_model', 'the reference')})", "", "```json",
+                  json.dumps({key: summary.get(key) for key in ("protocol", "reference", "candidate", "ppl_ratio", "kl",
+                                                                "top1_agreement", "hellaswag", "gates") if key in summary},
+                             indent=2, default=str),
+                  "```"]
+    return "\n".join(lines) + "\n"
+
+
+def write_artifact_files(bundle: Bundle, out_dir: Path, fmt: str, detail: str = "", report_dir: Path | None = None) -> None:
+    """Model card and manifest of a directory export (every file in `out_dir` hashed)."""
+    write_text_atomic(out_dir / "README.md", model_card(bundle, fmt, detail, report_dir=report_dir))
+    files = [path for path in out_dir.rglob("*") if path.is_file() and path.name != "manifest.json"]
+    write_json_atomic(out_dir / "manifest.json", {"format": fmt, "detail": detail, "tool_version": __version__,
+                                                  "source": bundle.manifest["source"], "files": file_records(files, out_dir)})
+
+
+def write_gguf_sidecars(bundle: Bundle | None, name: str, gguf_path: Path, detail: str,
+                        report_dir: Path | None = None) -> None:
+    """Model card and manifest beside a GGUF file (of a bundle, or of the float model `name`)."""
+    gguf_path = Path(gguf_path)
+    write_text_atomic(gguf_path.with_name(gguf_path.name + ".README.md"),
+                      model_card(bundle, "gguf", detail, name, report_dir))
+    source = bundle.manifest["source"] if bundle is not None else {"model_dir": name}
+    write_json_atomic(gguf_path.with_name(gguf_path.name + ".manifest.json"),
+                      {"format": "gguf", "detail": detail, "tool_version": __version__, "source": source,
+                       "files": file_records([gguf_path], gguf_path.parent)})
+
+
+def verify_manifest(manifest_path: Path) -> list[str]:
+    """Files listed in a manifest whose size or sha256 differ (or that are missing)."""
+    manifest = json.loads(Path(manifest_path).read_text())
+    root, bad = Path(manifest_path).parent, []
+    for name, record in manifest["files"].items():
+        path = root / name
+        if not path.is_file() or path.stat().st_size != record["bytes"] or sha256_file(path) != record["sha256"]:
+            bad.append(name)
+    return bad

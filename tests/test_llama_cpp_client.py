@@ -1,0 +1,113 @@
+"""llama.cpp (through llama-cpp-python, installed by .ci/run) loads our GGUF files and computes
+what our dequantized bundle computes: SmolLM2 in Q4_0 and a tiny Llama 4 MoE in Q8_0.
+
+llama.cpp rounds activations to 8 bits inside its quantized matmuls and keeps its KV cache in
+fp16, so the logits are close, not equal. Measured on SmolLM2 (512 tokens of wiki.test.raw):
+Q8_0 top-1 agreement 96.7%, mean KL 0.0024, flat across positions (a rotary mismatch would
+grow with position); Q4_0 95.7% / 0.0032 on 256 tokens. A wrong layout gives KL in the tenths
+(RTN 4-bit vs float is 0.34), so the tests bound the KL at 0.01 and top-1 at 93%."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from maverick_quant.bundle import Bundle
+from maverick_quant.cli import cli
+
+from conftest import bundle_logits, make_tiny_llama4
+
+if os.environ.get("MAVERICK_QUANT_REQUIRE_CLIENTS"):  # .ci/run installs llama-cpp-python: missing is a failure
+    import llama_cpp  # noqa: F401
+else:
+    pytest.importorskip("llama_cpp")
+
+
+def _run(*args) -> None:
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    assert result.exit_code == 0, result.output
+
+
+def llama_cpp_logits(gguf_path: Path, tokens: list[int]) -> torch.Tensor:
+    """Logits [L, V] llama.cpp computes for `tokens` (one sequence, every position)."""
+    from maverick_quant.validation.evaluate import GGUFCandidate
+
+    return GGUFCandidate(gguf_path, threads=2).window_logits(tokens)
+
+
+def agreement(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[float, float]:
+    """(top-1 agreement, mean KL(ours || theirs)) over positions of logits [L, V]."""
+    top1 = float((ours.argmax(-1) == theirs.argmax(-1)).float().mean())
+    log_p, log_q = ours.double().log_softmax(-1), theirs.double().log_softmax(-1)
+    return top1, float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+
+
+def _text_tokens(model_dir: Path, text_path: Path, count: int) -> list[int]:
+    from transformers import AutoTokenizer
+
+    text = text_path.read_text(encoding="utf-8")[:20000]
+    return AutoTokenizer.from_pretrained(model_dir)(text)["input_ids"][:count]
+
+
+@pytest.fixture(scope="module")
+def smollm2_q4_0(smollm2_dir: Path, tmp_path_factory) -> Path:
+    """SmolLM2 round-to-nearest on Q4_0's grid, as a bundle and its lossless GGUF."""
+    root = tmp_path_factory.mktemp("smollm2_gguf")
+    _run("quantize", smollm2_dir, "--method", "rtn", "--gguf-grid", "Q4_0", "--out", root / "bundle", "--no-progress")
+    _run("export", root / "bundle", "--format", "gguf", "--gguf-type", "Q4_0", "--out", root / "m.gguf")
+    return root
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_our_smollm2_q4_0_like_our_bundle(smollm2_dir: Path, smollm2_q4_0: Path, wiki_test_path: Path,
+                                                          tmp_path: Path) -> None:
+    tokens = _text_tokens(smollm2_dir, wiki_test_path, 256)
+    theirs = llama_cpp_logits(smollm2_q4_0 / "m.gguf", tokens)
+    ours = bundle_logits(smollm2_dir, Bundle(smollm2_q4_0 / "bundle"), torch.tensor([tokens]), tmp_path / "float")[0]
+    top1, kl = agreement(ours, theirs)
+    print(f"\nSmolLM2 Q4_0, {len(tokens)} tokens: top-1 agreement {top1:.4f}, mean KL {kl:.5f}")
+    assert top1 >= 0.93 and kl < 0.01
+
+
+@pytest.mark.slow
+def test_validate_runs_a_gguf_candidate_in_llama_cpp(smollm2_dir: Path, smollm2_q4_0: Path, wiki_test_path: Path,
+                                                     tmp_path: Path) -> None:
+    """`validate --candidate FILE.gguf`: the reference streamed, the candidate's logits from
+    llama.cpp; its perplexity agrees with the bundle's through our own path on the same windows."""
+    import json
+
+    common = ["--reference", smollm2_dir, "--data", wiki_test_path, "--ctx", 128, "--max-windows", 3,
+              "--protocol", "llama.cpp", "--no-progress"]
+    _run("validate", "--candidate", smollm2_q4_0 / "m.gguf", "--report", tmp_path / "gguf", *common,
+         "--gate", "top1_agreement>=0.5")
+    _run("validate", "--candidate", smollm2_q4_0 / "bundle", "--report", tmp_path / "bundle", *common)
+    gguf, bundle = (json.loads((tmp_path / name / "report.json").read_text()) for name in ("gguf", "bundle"))
+    assert gguf["protocol"]["name"] == "llama.cpp" and gguf["reference"] == bundle["reference"]
+    ratio = gguf["candidate"]["ppl"] / bundle["candidate"]["ppl"]
+    print(f"\nllama.cpp protocol, 3 x 128: GGUF in llama.cpp {gguf['candidate']['ppl']:.3f}, "
+          f"bundle in our path {bundle['candidate']['ppl']:.3f} (ratio {ratio:.4f})")
+    assert abs(ratio - 1) < 0.03  # 192 scored tokens; measured 1.2% (benchmarks/gguf_quality.py has 40 x 512)
+    _run("export", smollm2_q4_0 / "bundle", "--format", "gguf", "--out", tmp_path / "with-card.gguf",
+         "--report", tmp_path / "bundle")
+    card = (tmp_path / "with-card.gguf.README.md").read_text()
+    assert "## Validation" in card and "top1_agreement" in card
+
+
+def test_llama_cpp_runs_our_llama4_moe_like_our_bundle(smollm2_dir: Path, small_text_file: Path,
+                                                       tmp_path: Path) -> None:
+    model_dir = make_tiny_llama4(smollm2_dir, tmp_path / "model", intermediate_size_mlp=64, attention_chunk_size=8192)
+    _run("quantize", model_dir, "--data", small_text_file, "--samples", 4, "--seq-len", 32, "--gguf-grid", "Q8_0",
+         "--out", tmp_path / "bundle", "--no-progress")
+    _run("export", tmp_path / "bundle", "--format", "gguf", "--gguf-type", "Q8_0", "--out", tmp_path / "m.gguf")
+    tokens = torch.randint(0, 49152, (96,), generator=torch.Generator().manual_seed(3)).tolist()
+    theirs = llama_cpp_logits(tmp_path / "m.gguf", tokens)
+    ours = bundle_logits(model_dir, Bundle(tmp_path / "bundle"), torch.tensor([tokens]), tmp_path / "float")[0]
+    top1, kl = agreement(ours, theirs)
+    print(f"\ntiny Llama 4 Q8_0, {len(tokens)} tokens: top-1 agreement {top1:.4f}, mean KL {kl:.6f}")
+    assert top1 >= 0.93 and kl < 0.01
