@@ -200,3 +200,11 @@ def test_validation_streams_experts_and_equals_the_whole_model(moe_bundle: Path,
     assert result.summary["reference"]["ppl"] == pytest.approx(reference, rel=1e-4)
     assert result.summary["candidate"]["ppl"] == pytest.approx(candidate, rel=1e-4)
     assert all(err > 0 for _, err in result.layer_errors)
+
+
+def test_gptq_export_refuses_an_asymmetric_moe_bundle_that_vllm_cannot_run(tiny_llama4_dir: Path, tmp_path: Path) -> None:
+    run("quantize", tiny_llama4_dir, "--method", "rtn", "--asym", "--group-size", 32, "--out", tmp_path / "rtn",
+        "--no-progress")
+    result = CliRunner().invoke(cli, ["export", str(tmp_path / "rtn"), "--format", "gptq", "--out", str(tmp_path / "g")])
+    assert result.exit_code == 2 and "symmetric" in result.output and "--sym" in result.output, result.output
+    assert not (tmp_path / "g").exists()

@@ -27,10 +27,11 @@ def awq_quantization_config(quant: dict, recipe: dict, unquantized: list[str] = 
     }
 
 
-def _check(quant: dict) -> str | None:
+def _check(quant: dict, _has_experts: bool = False) -> str | None:
     if quant["bits"] != 4 or quant["group_size"] == -1:
         return f"AWQ GEMM stores 4-bit weights in groups; this bundle has bits={quant['bits']}, group_size={quant['group_size']}"
     return None
 
 
-AWQ = Layout("awq", ("qweight", "qzeros", "scales"), lambda weight, _quant, _dtype: to_awq_tensors(weight), from_awq_tensors, _check, awq_quantization_config)
+AWQ = Layout("awq", ("qweight", "qzeros", "scales"), lambda weight, _quant, _dtype: to_awq_tensors(weight),
+             from_awq_tensors, _check, awq_quantization_config)

@@ -59,7 +59,7 @@ def ct_grid(quant: dict) -> tuple[int, int]:
     return int(weights["num_bits"]), int(weights.get("group_size") or -1)
 
 
-def _check(quant: dict) -> str | None:
+def _check(quant: dict, _has_experts: bool = False) -> str | None:
     return None if quant["bits"] in PACK_BITS else f"packs bits in {PACK_BITS}; this bundle has bits={quant['bits']}"
 
 

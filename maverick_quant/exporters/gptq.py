@@ -52,12 +52,20 @@ def _from_gptq_checked(tensors: dict[str, torch.Tensor], bits: int, group_size: 
     return weight
 
 
-def _check(quant: dict) -> str | None:
-    return None if quant["bits"] in PACKABLE_BITS else f"stores bits in {PACKABLE_BITS}; this bundle has bits={quant['bits']}"
+def _check(quant: dict, has_experts: bool = False) -> str | None:
+    """What the GPTQ layout, and vLLM's GPTQ kernels that no CPU client can stand in for, accept:
+    bits 2/4/8; for routed experts a symmetric grid (vLLM runs GPTQ MoE only through Marlin,
+    whose GPTQ types are symmetric). desc_act is always written false (static groups)."""
+    if quant["bits"] not in PACKABLE_BITS:
+        return f"stores bits in {PACKABLE_BITS}; this bundle has bits={quant['bits']}"
+    if has_experts and not quant["sym"]:
+        return ("vLLM's GPTQ MoE kernel (Marlin) takes symmetric grids only; this MoE bundle is asymmetric. "
+                "Quantize with --sym, or export --format awq or compressed-tensors")
+    return None
 
 
-GPTQ = Layout("gptq", ("qweight", "qzeros", "scales", "g_idx"), lambda weight, _quant, _dtype: to_gptq_tensors(weight), _from_gptq_checked, _check,
-              gptq_quantization_config)
+GPTQ = Layout("gptq", ("qweight", "qzeros", "scales", "g_idx"), lambda weight, _quant, _dtype: to_gptq_tensors(weight),
+              _from_gptq_checked, _check, gptq_quantization_config)
 
 
 def export_gptq(bundle: Bundle, out_dir: Path, max_shard_bytes: int = 5 * 10**9) -> list[str]:

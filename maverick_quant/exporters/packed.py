@@ -34,7 +34,8 @@ class Layout:
     parts:       tensor suffixes of one module ("qweight", ...); optional ones may be absent.
     to_tensors:  (QuantizedWeight [N, K], bundle quant dict, the model's float dtype) -> {part: tensor}.
     from_tensors: ({part: tensor}, bits, group_size) -> QuantizedWeight (raises ValueError if malformed).
-    check:       bundle quant dict -> None, or an error message if the layout cannot store it.
+    check:       (bundle quant dict, whether it has routed experts) -> None, or an error message if
+                 the layout (or the engines that read it) cannot take it.
     config:      (bundle quant, recipe, unquantized module names) -> quantization_config.
     grid:        quantization_config -> (bits, group_size), for reading an export back.
     """
@@ -43,7 +44,7 @@ class Layout:
     parts: tuple[str, ...]
     to_tensors: Callable[[QuantizedWeight, dict, torch.dtype], dict[str, torch.Tensor]]
     from_tensors: Callable[[dict[str, torch.Tensor], int, int], QuantizedWeight]
-    check: Callable[[dict], str | None]
+    check: Callable[[dict, bool], str | None]
     config: Callable[[dict, dict, list[str]], dict]
     grid: Callable[[dict], tuple[int, int]] = lambda quant: (int(quant["bits"]), int(quant["group_size"]))
 
@@ -66,7 +67,8 @@ def exclusion_fields(unquantized: list[str]) -> dict:
 
 def export_packed(bundle: Bundle, out_dir: Path, layout: Layout, max_shard_bytes: int = 5 * 10**9) -> list[str]:
     """Write `bundle` in `layout` into the (empty) directory `out_dir`; returns the files written."""
-    problem = layout.check(bundle.quant)
+    has_experts = any(layer.get("experts") for layer in bundle.manifest["layers"])
+    problem = layout.check(bundle.quant, has_experts)
     if problem:
         raise InputError(f"--format {layout.name}: {problem}")
     dtype = bundle.float_dtype()
