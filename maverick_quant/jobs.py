@@ -94,9 +94,6 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
     parsed = [parse_gate(text) for text in gates]
     baseline_report = _read_baseline(baseline) if baseline else None
     gguf = Path(candidate).is_file()
-    if gguf and (hellaswag or choices):
-        raise InputError(f"{candidate}: --hellaswag/--choices are not run on GGUF candidates yet; "
-                         "validate the bundle for benchmark drift")
     ref_source = open_source(reference)
     cand_source = GGUFCandidate(Path(candidate)) if gguf else open_candidate(candidate)
     windows = eval_windows(data, load_tokenizer(reference), ctx, max_windows, protocol)

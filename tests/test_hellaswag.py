@@ -87,3 +87,21 @@ def test_validate_gates_on_hellaswag_delta(tiny_llama_dir: Path, hellaswag_file:
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert report["hellaswag"]["tasks"] == 6 and report["hellaswag"]["delta"] == 0
     assert report["multiple_choice"]["tasks"] == 3
+
+
+def test_one_sequence_at_a_time_scoring_equals_the_padded_batch_scoring() -> None:
+    """window_choice_scores (the GGUF path: one unpadded sequence per call) gives the scores
+    choice_scores computes from the right-padded batch, for a causal stand-in model whose
+    logits at position j depend on token j only."""
+    from maverick_quant.validation.hellaswag import ChoiceBatch, choice_scores, window_choice_scores
+
+    table = torch.randn(50, 50, generator=torch.Generator().manual_seed(7))
+
+    class Causal:
+        def window_logits(self, ids: list[int]) -> torch.Tensor:
+            return table[torch.tensor(ids)]
+
+    ids = torch.tensor([[1, 5, 6, 7, 0, 0], [1, 5, 6, 9, 9, 3], [1, 8, 2, 0, 0, 0]])
+    batch = ChoiceBatch(ids, torch.tensor([2, 2, 1]), torch.tensor([4, 6, 3]), torch.tensor([0, 0, 1]))
+    batched = choice_scores(torch.log_softmax(table[ids[:, :-1]].double(), -1), batch)
+    torch.testing.assert_close(window_choice_scores(Causal(), batch), batched)

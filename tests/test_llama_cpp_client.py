@@ -84,11 +84,13 @@ def test_validate_runs_a_gguf_candidate_in_llama_cpp(smollm2_dir: Path, smollm2_
 
     common = ["--reference", smollm2_dir, "--data", wiki_test_path, "--ctx", 128, "--max-windows", 3,
               "--protocol", "llama.cpp", "--no-progress"]
+    hellaswag = wiki_test_path.parents[1] / "hellaswag" / "hellaswag_val_full.txt"
     _run("validate", "--candidate", smollm2_q4_0 / "m.gguf", "--report", tmp_path / "gguf", *common,
-         "--gate", "top1_agreement>=0.5")
+         "--gate", "top1_agreement>=0.5", "--hellaswag", hellaswag, "--hellaswag-tasks", 4)
     _run("validate", "--candidate", smollm2_q4_0 / "bundle", "--report", tmp_path / "bundle", *common)
     gguf, bundle = (json.loads((tmp_path / name / "report.json").read_text()) for name in ("gguf", "bundle"))
     assert gguf["protocol"]["name"] == "llama.cpp" and gguf["reference"] == bundle["reference"]
+    assert gguf["hellaswag"]["tasks"] == 4 and 0 <= gguf["hellaswag"]["candidate"]["acc"] <= 100
     ratio = gguf["candidate"]["ppl"] / bundle["candidate"]["ppl"]
     print(f"\nllama.cpp protocol, 3 x 128: GGUF in llama.cpp {gguf['candidate']['ppl']:.3f}, "
           f"bundle in our path {bundle['candidate']['ppl']:.3f} (ratio {ratio:.4f})")

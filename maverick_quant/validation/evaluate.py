@@ -172,7 +172,8 @@ class GGUFCandidate:
         import numpy as np
 
         if self._model is None or self._model.n_ctx() < len(window):
-            self._model = self._llama_cpp.Llama(model_path=str(self.path), n_ctx=len(window), n_batch=len(window),
+            context = max(len(window), 512)  # short sequences (benchmark choices) reuse one context
+            self._model = self._llama_cpp.Llama(model_path=str(self.path), n_ctx=context, n_batch=context,
                                                 logits_all=True, n_threads=self._threads, verbose=False)
         self._model.reset()
         self._model.eval(window)

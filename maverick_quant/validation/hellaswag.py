@@ -129,6 +129,18 @@ def model_choice_scores(source: WeightSource, batch: ChoiceBatch, windows: int =
     return torch.cat(scores)
 
 
+def window_choice_scores(candidate, batch: ChoiceBatch) -> torch.Tensor:
+    """Scores [C] from a model that returns one sequence's logits at a time
+    (`candidate.window_logits(ids) -> [L, V]`, e.g. a GGUF run in llama.cpp)."""
+    scores = []
+    for row in range(batch.ids.shape[0]):
+        first, length = int(batch.first[row]), int(batch.length[row])
+        logprobs = torch.log_softmax(candidate.window_logits(batch.ids[row, :length].tolist())[:-1].double(), -1)
+        tokens = batch.ids[row, first:length]
+        scores.append(logprobs[first - 1 : length - 1].gather(-1, tokens[:, None]).mean())
+    return torch.stack(scores)
+
+
 def predictions(scores: torch.Tensor, batch: ChoiceBatch, tasks: int) -> torch.Tensor:
     """The argmax choice (index within its task) of each task [tasks]."""
     best = torch.full((tasks,), -1)
@@ -160,12 +172,14 @@ def accuracy_drift(correct_ref: torch.Tensor, correct_cand: torch.Tensor) -> dic
 
 def evaluate_choices(reference: WeightSource, candidate: WeightSource, tasks: list[Task], tokenizer,
                      block: int = 256) -> dict:
-    """Accuracy of both models on `tasks` (blocks of `block` tasks at a time) and the drift."""
+    """Accuracy of both models on `tasks` (blocks of `block` tasks at a time) and the drift; a
+    model with `window_logits` (a GGUF candidate) is run one sequence at a time."""
     correct = {"reference": [], "candidate": []}
     for start in range(0, len(tasks), block):
         chunk = tasks[start : start + block]
         batch = encode_tasks(chunk, tokenizer)
         labels = torch.tensor([task.label for task in chunk])
         for name, source in (("reference", reference), ("candidate", candidate)):
-            correct[name].append(predictions(model_choice_scores(source, batch), batch, len(chunk)) == labels)
+            score = window_choice_scores if hasattr(source, "window_logits") else model_choice_scores
+            correct[name].append(predictions(score(source, batch), batch, len(chunk)) == labels)
     return accuracy_drift(torch.cat(correct["reference"]), torch.cat(correct["candidate"]))
