@@ -72,7 +72,7 @@ class TensorJob:
     name: str
     shape: tuple[int, ...]
     ggml_type: str
-    load: Callable[[], np.ndarray] | None
+    load: Callable[[], np.ndarray]
 
     def byte_shape(self) -> tuple[int, ...]:
         if self.ggml_type in BLOCK_TYPES:
@@ -111,6 +111,7 @@ class BundleWeights:
         self.bundle, self.root, self.table = bundle, bundle.root, bundle.table
         self.config, self.quant, self.num_layers = bundle.text_config, bundle.quant, bundle.num_layers
         self.name = Path(bundle.manifest["source"]["model_dir"]).name
+        self._cached: tuple[int, tuple] | None = None  # (layer index, its decoded tensors)
 
     def model_tensor_info(self, name: str) -> tuple[tuple[int, ...], torch.dtype] | None:
         if name not in self.bundle.model_tensor_names() and name != self.table.embed:
@@ -126,7 +127,7 @@ class BundleWeights:
 
     def _layer(self, index: int):
         """Layer `index` decoded once while its tensors are written (one layer held at a time)."""
-        if getattr(self, "_cached", (None,))[0] != index:
+        if self._cached is None or self._cached[0] != index:
             self._cached = (index, self.bundle.quantized_layer(index))
         return self._cached[1]
 
@@ -252,20 +253,22 @@ class GGUFPlan:
                                   lambda n=name, g=gguf_name: self._encode(g, self._rotary(n, weights.linear(index, n)))))
         num_experts = getattr(self.config, "num_local_experts", 0)
         for name, (n, k) in weights.expert_shapes(index).items():
-            job = TensorJob(f"blk.{index}.{EXPERT_NAMES[name]}.weight", (num_experts, n, k), self.block_type.name, None)
-            job.load = lambda l=name, j=job: self._stack_experts(j, weights.expert_chunks(index, l))
-            jobs.append(job)
+            gguf_name = f"blk.{index}.{EXPERT_NAMES[name]}.weight"
+            jobs.append(TensorJob(gguf_name, (num_experts, n, k), self.block_type.name,
+                                  lambda l=name, g=gguf_name, s=(num_experts, n, k):
+                                  self._stack_experts(g, s, weights.expert_chunks(index, l))))
         return jobs
 
-    def _stack_experts(self, job: TensorJob, chunks) -> np.ndarray:
+    def _stack_experts(self, gguf_name: str, shape: tuple[int, int, int], chunks) -> np.ndarray:
         """The stacked expert tensor's blocks [E, N, bytes], filled chunk by chunk (one copy held)."""
-        out, first = np.empty(job.byte_shape(), dtype=np.uint8), 0
+        experts, n, k = shape
+        out, first = np.empty((experts, n, k // BLOCK * self.block_type.bytes_per_block), dtype=np.uint8), 0
         for weight in chunks:
-            blocks = self._encode(job.name, weight)
+            blocks = self._encode(gguf_name, weight)
             out[first : first + blocks.shape[0]] = blocks
             first += blocks.shape[0]
-        if first != job.shape[0]:
-            raise InputError(f"--format gguf: {job.name}: the bundle holds {first} experts, the config {job.shape[0]}")
+        if first != shape[0]:
+            raise InputError(f"--format gguf: {gguf_name}: the bundle holds {first} experts, the config {shape[0]}")
         return out
 
     def _gguf_name(self, index: int, name: str) -> str:
