@@ -14,7 +14,7 @@ import click
 
 from maverick_quant import __version__
 from maverick_quant.errors import InputError
-from maverick_quant.recipe import (GGUF_GRIDS, AWQSpec, CalibSpec, ExpertPolicy, Method, MoESpec, QuantizeSpec,
+from maverick_quant.recipe import (GGUF_GRIDS, KERNEL_BACKENDS, AWQSpec, CalibSpec, ExpertPolicy, Method, MoESpec, QuantizeSpec,
                                    QuantSpec)
 
 
@@ -247,16 +247,33 @@ def export(bundle_dir, fmt, out, max_shard_size, gguf_type, requantize, gguf_pre
 @click.option("--hellaswag-tasks", type=int, help="Score only the first N tasks (HellaSwag or --choices).")
 @click.option("--choices", type=click.Path(path_type=Path),
               help='Your multiple-choice JSONL: {"context": ..., "choices": [...], "label": i} per line.')
+@click.option("--kernels", type=click.Choice(KERNEL_BACKENDS),
+              help="Run a bundle candidate's 4-bit weights through this kernel backend instead of dequantizing them.")
 @click.option("--progress/--no-progress", default=True)
 def validate(reference, candidate, data, report_dir, ctx, max_windows, gates, baseline, batch, force, protocol,
-             hellaswag, hellaswag_tasks, choices, progress) -> None:
+             hellaswag, hellaswag_tasks, choices, kernels, progress) -> None:
     """Compare CANDIDATE with REFERENCE: perplexity, KL, top-1 agreement, per-layer error,
     multiple-choice accuracy drift; gate CI."""
     from maverick_quant.jobs import run_validate
 
     passed = run_validate(reference, candidate, data, report_dir, ctx, max_windows or None, gates, baseline,
-                          batch, force, progress, protocol, hellaswag, hellaswag_tasks, choices)
+                          batch, force, progress, protocol, hellaswag, hellaswag_tasks, choices, kernels)
     sys.exit(0 if passed else 1)
+
+
+@cli.command()
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--kernels", type=click.Choice(KERNEL_BACKENDS), default="auto", show_default=True,
+              help="auto: CUDA C++, then Triton on a GPU; the int4 CPU op, then the reference on a CPU.")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
+def generate(bundle_dir, prompt, max_new_tokens, kernels, chat) -> None:
+    """Greedy generation from a quantized BUNDLE_DIR, its 4-bit weights run by the kernels
+    (never dequantized to float); prints the text and tokens per second."""
+    from maverick_quant.jobs import run_generate
+
+    run_generate(bundle_dir, prompt, max_new_tokens, kernels, chat)
 
 
 @cli.command()

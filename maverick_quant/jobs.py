@@ -81,8 +81,9 @@ def run_export_gguf(source_dir, out, gguf_type="Q4_0", requantize=False, pre=Non
 
 def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates=(), baseline=None,
                  batch=4, force=False, progress=True, protocol="gptq", hellaswag=None, hellaswag_tasks=None,
-                 choices=None) -> bool:
-    """Shared by `validate` and `demo`; returns whether every gate passed."""
+                 choices=None, kernels=None) -> bool:
+    """Shared by `validate` and `demo`; returns whether every gate passed. `kernels`: run a
+    bundle candidate through that kernel backend (None: dequantize it)."""
     from maverick_quant.calibration.data import eval_windows, load_tokenizer, scored_from
     from maverick_quant.checkpoint import atomic_output_dir, check_output_dir
     from maverick_quant.streaming import open_source
@@ -98,11 +99,15 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
     cand_source = GGUFCandidate(Path(candidate)) if gguf else open_candidate(candidate)
     windows = eval_windows(data, load_tokenizer(reference), ctx, max_windows, protocol)
     first = scored_from(protocol, ctx)
-    run = evaluate_gguf if gguf else evaluate
-    result = run(ref_source, cand_source, windows, batch=batch, show_progress=progress, first_scored=first)
+    if gguf:
+        result = evaluate_gguf(ref_source, cand_source, windows, batch=batch, show_progress=progress, first_scored=first)
+    else:
+        result = evaluate(ref_source, cand_source, windows, batch=batch, show_progress=progress, first_scored=first,
+                          kernels=kernels)
     report = {**result.summary, "protocol": {"name": protocol, "ctx": ctx, "windows": int(windows.shape[0]),
                                              "first_scored_position": first, "data": str(data)},
-              "reference_model": str(reference), "candidate_model": str(candidate), "tool_version": __version__}
+              "reference_model": str(reference), "candidate_model": str(candidate), "tool_version": __version__,
+              "kernels": kernels}
     report.update(_choice_benchmarks(ref_source, cand_source, load_tokenizer(reference), hellaswag, hellaswag_tasks,
                                      choices))
     report.update(_expert_summary(cand_source))
@@ -165,3 +170,36 @@ def _echo_summary(report: dict, outcomes) -> None:
         click.echo(f"gate {outcome.gate}: {'PASS' if outcome.passed else 'FAIL'} (actual {outcome.actual:.6g})")
 
 
+
+
+def run_generate(bundle_dir: Path, prompt: str, max_new_tokens: int, kernels: str = "auto", chat: bool = False) -> None:
+    """Greedy generation from a bundle on the kernel backend `kernels`; streams the text, then
+    prints the decode rate."""
+    import time
+
+    import torch
+    from transformers import TextStreamer
+
+    from maverick_quant.bundle import Bundle
+    from maverick_quant.calibration.data import load_tokenizer
+    from maverick_quant.compress.kernels.backends import get_backend
+    from maverick_quant.compress.kernels.modules import load_quantized_model
+
+    bundle = Bundle(bundle_dir)
+    backend = get_backend(kernels)
+    dtype = torch.float32 if backend.name == "reference" else torch.bfloat16
+    model = load_quantized_model(bundle, backend, dtype)
+    tokenizer = load_tokenizer(bundle_dir)
+    if chat:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    started = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                             streamer=TextStreamer(tokenizer, skip_prompt=not chat), pad_token_id=tokenizer.eos_token_id)
+    elapsed = time.perf_counter() - started
+    new = out.shape[1] - ids.shape[1]
+    click.echo(f"\n{new} tokens in {elapsed:.1f} s ({new / elapsed:.2f} tokens/s, backend {backend.name}, "
+               f"prompt {ids.shape[1]} tokens)", err=True)

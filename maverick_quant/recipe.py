@@ -26,6 +26,8 @@ ALLOWED_GROUP_SIZES = (-1, 32, 64, 128, 256)
 
 
 # Weight grids that llama.cpp block types store exactly (see compress/gguf_blocks.py).
+# Kernel backends that run 4-bit weights (compress/kernels/backends.py); "auto" picks the best here.
+KERNEL_BACKENDS = ("auto", "reference", "cpu-int4", "triton", "cuda")
 GGUF_GRIDS = {
     "Q4_0": {"bits": 4, "group_size": 32, "sym": True},
     "Q4_1": {"bits": 4, "group_size": 32, "sym": False, "scale_bits": 7},

@@ -85,8 +85,9 @@ def _advance_layer(ref_model: StreamingModel, cand_model: StreamingModel, index:
 @torch.no_grad()
 def forward_layer(model: StreamingModel, index: int, hidden: torch.Tensor, chunk_mib: int = MoESpec.chunk_mib) -> None:
     """Layer `index` over every window of `hidden` [W, L, D], in place; an MoE layer's routed
-    experts are read chunk by chunk (`chunk_mib`), never all at once."""
-    if model.plan(index).moe is None:
+    experts are read chunk by chunk (`chunk_mib`), never all at once (a model that
+    `runs_experts` itself, a kernel-backed bundle, runs its MoE layers whole)."""
+    if model.plan(index).moe is None or getattr(model, "runs_experts", False):
         model.run_layer(model.layer(index), hidden, out=hidden)
         return
     from maverick_quant.experts import run_moe_layer
@@ -131,13 +132,20 @@ def _score(ref_model: StreamingModel, cand_model: StreamingModel, windows: torch
 
 def evaluate(reference: WeightSource, candidate: WeightSource, windows: torch.Tensor,
              batch: int = 4, show_progress: bool = True, first_scored: int = 1,
-             expert_chunk_mib: int = MoESpec.chunk_mib) -> Evaluation:
+             expert_chunk_mib: int = MoESpec.chunk_mib, kernels: str | None = None) -> Evaluation:
     """Perplexity of both, KL(ref || cand), top-1 agreement and per-layer error on `windows`
     [W, L], scoring positions first_scored..L-1 of each window (routed experts read
-    `expert_chunk_mib` at a time)."""
+    `expert_chunk_mib` at a time). With `kernels` (a backend name), a bundle candidate runs
+    its 4-bit weights through that backend instead of being dequantized to float."""
     _check_compatible(reference, candidate)
     started = time.perf_counter()
-    ref_model, cand_model = StreamingModel(reference, batch=batch), StreamingModel(candidate, batch=batch)
+    ref_model = StreamingModel(reference, batch=batch)
+    if kernels is None:
+        cand_model = StreamingModel(candidate, batch=batch)
+    else:
+        from maverick_quant.compress.kernels.modules import KernelModel
+
+        cand_model = KernelModel(candidate, kernels, batch=batch)
     h_ref, h_cand = ref_model.embed(windows), cand_model.embed(windows)
     layer_errors = []
     bar = tqdm(range(ref_model.num_layers), desc="validate layers", unit="layer", disable=not show_progress)

@@ -1,0 +1,158 @@
+"""`QuantLinear` and `QuantMoE`: transformers layers that run a bundle's 4-bit weights through
+a kernel backend instead of dequantizing them to float, and the loaders that build them.
+
+- `quantized_layer(bundle, index, backend, dtype)`: decoder layer `index` with every quantized
+  linear replaced by a `QuantLinear` and, in a Llama 4 MoE layer, the whole `feed_forward`
+  replaced by a `QuantMoE` (float router, quantized shared expert, stacked routed experts).
+- `KernelModel`: a `StreamingModel` whose layers are those (what `validate --kernels` runs).
+- `load_quantized_model(bundle, backend, dtype)`: the whole transformers CausalLM with those
+  layers (what `generate` runs, with transformers' KV cache and `generate`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from maverick_quant.compress.kernels.backends import Backend, get_backend
+from maverick_quant.compress.kernels.layout import Int4Weight, concat_outputs
+from maverick_quant.compress.types import QuantizedWeight
+from maverick_quant.errors import InputError
+from maverick_quant.streaming import StreamingModel
+
+
+class QuantLinear(torch.nn.Module):
+    """y = x W^T for a 4-bit W [N, K] on `backend`; x [..., K] -> y [..., N] in x's dtype."""
+
+    def __init__(self, weight: Int4Weight, backend: Backend):
+        super().__init__()
+        self.in_features, self.out_features = weight.in_features, weight.out_features
+        self.backend, self.weight_int4 = backend, weight
+        self.prepared = backend.prepare(weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.backend.linear(x.reshape(-1, self.in_features), self.prepared)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, group={self.weight_int4.group_size}, " \
+               f"backend={self.backend.name}"
+
+
+class QuantMoE(torch.nn.Module):
+    """Llama 4's MoE block on 4-bit experts; the same signature as `Llama4TextMoe`.
+
+    hidden [..., D] -> (out [T, D], router_logits [T, E]) with x = hidden flattened to [T, D]:
+    logits = x W_r^T (float router), top-k per token, score = sigmoid(logit) in x's dtype,
+    out = shared(x) + sum over the k slots of down_e(act(gate_e(x s)) * up_e(x s)).
+    gate_up: stacked [E, 2I, D/2] (gate rows first), down: [E, D, I/2].
+    """
+
+    def __init__(self, router_weight: torch.Tensor, shared: torch.nn.Module, gate_up: Int4Weight, down: Int4Weight,
+                 top_k: int, activation: str, backend: Backend):
+        super().__init__()
+        from maverick_quant.calibration.moe import activation as activation_fn
+
+        self.router_weight, self.shared, self.top_k, self.backend = router_weight, shared, top_k, backend
+        self.act = activation_fn(activation)
+        self.gate_up, self.down = backend.prepare_experts(gate_up), backend.prepare_experts(down)
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = hidden.reshape(-1, hidden.shape[-1])
+        logits = torch.nn.functional.linear(x, self.router_weight.to(x.dtype))
+        top_value, choice = torch.topk(logits, self.top_k, dim=1)
+        scores = torch.sigmoid(top_value.float()).to(x.dtype)
+        out = self.shared(x)
+        out = out + self.backend.experts(x, choice, scores, self.gate_up, self.down, self.act)
+        return out, logits
+
+
+def _set_submodule(root: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def _cat_experts(chunks: list[QuantizedWeight]) -> QuantizedWeight:
+    first = chunks[0]
+    return QuantizedWeight(torch.cat([c.codes for c in chunks]), torch.cat([c.scales for c in chunks]),
+                           torch.cat([c.zeros for c in chunks]), first.bits, first.group_size)
+
+
+def _routed_experts(bundle, index: int) -> dict[str, Int4Weight]:
+    """Layer `index`'s routed experts as stacked runtime weights {"gate_up": [E, 2I, D/2], "down": [E, D, I/2]}."""
+    parts: dict[str, list[QuantizedWeight]] = {}
+    for _, chunk in bundle.expert_chunks(index):
+        for name, weight in chunk.items():
+            parts.setdefault(name, []).append(weight)
+    prefix = f"{bundle.table.prefix(index)}experts."
+    stacked = {name: Int4Weight.from_quantized(_cat_experts(chunks), prefix + name) for name, chunks in parts.items()}
+    return {"gate_up": concat_outputs([stacked["gate_proj"], stacked["up_proj"]]), "down": stacked["down_proj"]}
+
+
+def quantized_layer(bundle, index: int, backend: Backend, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Decoder layer `index` of `bundle`, its quantized linears (and MoE block) on `backend`."""
+    config = bundle.text_config
+    plan = bundle.table.plan(config, index)
+    module = bundle.table.build_layer(config, index)
+    quantized, passthrough = bundle.quantized_layer(index)
+    module.load_state_dict({k: v.to(dtype) for k, v in passthrough.items()}, strict=False, assign=True)
+    prefix = bundle.table.prefix(index)
+    for name, weight in quantized.items():
+        _set_submodule(module, name, QuantLinear(Int4Weight.from_quantized(weight, prefix + name), backend))
+    if plan.moe is not None:
+        moe = plan.moe
+        experts = _routed_experts(bundle, index)
+        block = QuantMoE(module.get_submodule(moe.router).weight, module.get_submodule(moe.shared_module),
+                         experts["gate_up"], experts["down"], moe.top_k, moe.activation, backend)
+        _set_submodule(module, moe.block, block)
+    left = [name for name, p in [*module.named_parameters(), *module.named_buffers()] if p.is_meta]
+    if left:
+        raise InputError(f"{bundle.root}: layer {index} has tensors neither quantized nor stored: {left}")
+    module.attention_window = plan.attention_window
+    return module.eval()
+
+
+def _require_bundle(source) -> None:
+    from maverick_quant.bundle import Bundle
+
+    if not isinstance(source, Bundle):
+        raise InputError(f"{getattr(source, 'root', source)}: the kernels run a quantized bundle "
+                         "(exports are validated through their readers, GGUF through llama.cpp)")
+
+
+class KernelModel(StreamingModel):
+    """A bundle streamed layer by layer with its 4-bit weights run by `backend` (never
+    dequantized to float); MoE layers run whole (`runs_experts`)."""
+
+    runs_experts = True
+
+    def __init__(self, bundle, backend: Backend | str = "auto", dtype: torch.dtype = torch.float32, batch: int = 8):
+        _require_bundle(bundle)
+        super().__init__(bundle, dtype=dtype, batch=batch)
+        self.backend = get_backend(backend) if isinstance(backend, str) else backend
+
+    def layer(self, index: int, tensors: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+        return quantized_layer(self.source, index, self.backend, self.dtype)
+
+
+def load_quantized_model(bundle, backend: Backend | str = "auto", dtype: torch.dtype = torch.bfloat16):
+    """The whole transformers CausalLM of `bundle` with kernel-backed layers, ready for
+    `generate` (built on the meta device; every tensor is then assigned from the bundle)."""
+    from transformers import AutoModelForCausalLM
+
+    _require_bundle(bundle)
+    backend = get_backend(backend) if isinstance(backend, str) else backend
+    config = bundle.text_config
+    config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    table = bundle.table
+    model.model.embed_tokens.weight = torch.nn.Parameter(bundle.model_tensor(table.embed).to(dtype), requires_grad=False)
+    model.model.norm.weight = torch.nn.Parameter(bundle.model_tensor(table.final_norm).to(dtype), requires_grad=False)
+    model.lm_head.weight = torch.nn.Parameter(bundle.model_tensor(table.lm_head).to(dtype), requires_grad=False)
+    model.model.rotary_emb = table.build_rotary(config)
+    for index in range(config.num_hidden_layers):
+        model.model.layers[index] = quantized_layer(bundle, index, backend, dtype)
+    left = [name for name, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
+    if left:
+        raise InputError(f"{bundle.root}: the model has tensors the bundle does not hold: {left[:5]}")
+    return model.eval()

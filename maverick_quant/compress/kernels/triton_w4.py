@@ -1,0 +1,271 @@
+"""Triton W4A16 kernels on the runtime layout (`layout.Int4Weight`), dense and MoE.
+
+- `_w4_gemv_kernel`: small M (decode). One program per (output row m, block of BLOCK_N
+  outputs, K split); fp32 accumulation; split-K partial sums meet by atomic add in an fp32
+  buffer. Per group g of a row, with codes q, zero z, scale s:
+      y[m, n] += s[n, g] * (sum_k q[n, k] x[m, k]  -  z[n, g] * sum_k x[m, k])
+  so the zero costs one multiply per group, not per code. Optional per-row expert index
+  (weights stacked [E, N, K/2]), per-row source token (x row = token[m]) and per-row score:
+  that is the top-1 MoE decode path, one program per (token, output block).
+- `_w4_gemm_kernel`: larger M. Tiles [BLOCK_M, BLOCK_N], one group of K per step; the codes
+  of a tile are dequantized to the activation dtype in registers and fed to `tl.dot`
+  (even and odd k separately, as the bytes hold them). With MOE=True each M-block belongs to
+  one expert: rows are (token, slot) pairs sorted and padded per expert in torch
+  (`align_pairs`, as vLLM's `moe_align_block_size` does), then one launch runs all experts.
+- Fused gate+up: experts and MLPs keep gate and up concatenated along N (`gate_up`
+  [.., 2I, K/2]), so one launch reads the input once for both; act(gate) * up follows in torch.
+
+The router score multiplies the expert's input in Llama 4; the kernels apply it to the
+accumulator instead (equal by linearity, up to rounding).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import triton
+import triton.language as tl
+
+from maverick_quant.compress.kernels.backends import Backend, swiglu
+from maverick_quant.compress.kernels.layout import Int4Weight
+
+GEMV_MAX_ROWS = 4
+BLOCK_N_GEMV = 32
+BLOCK_K_GEMV = 128
+BLOCK_M_GEMM = 16
+BLOCK_N_GEMM = 32
+
+
+@triton.jit
+def _w4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, row_expert_ptr, row_token_ptr, row_scale_ptr,
+                    N, K, G, stride_xm, stride_om,
+                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                    HAS_ZEROS: tl.constexpr, HAS_EXPERT: tl.constexpr, HAS_TOKEN: tl.constexpr,
+                    HAS_SCALE: tl.constexpr):
+    m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    NG: tl.constexpr = BLOCK_K // GROUP
+    HALF_G: tl.constexpr = GROUP // 2
+    HALF_BK: tl.constexpr = BLOCK_K // 2
+    half = K // 2
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    if HAS_EXPERT:
+        expert = tl.load(row_expert_ptr + m).to(tl.int64)
+        w_ptr += expert * N * half
+        s_ptr += expert * N * G
+        if HAS_ZEROS:
+            z_ptr += expert * N * G
+    x_row = m
+    if HAS_TOKEN:
+        x_row = tl.load(row_token_ptr + m)
+    x_base = x_ptr + x_row.to(tl.int64) * stride_xm
+    offs_j = tl.arange(0, HALF_BK)
+    offs_g = tl.arange(0, NG)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    k_per_split = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        byte = k0 // 2 + offs_j
+        mask_k = byte < half
+        codes = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * half + byte[None, :],
+                        mask=mask_n[:, None] & mask_k[None, :], other=0)
+        x_even = tl.load(x_base + 2 * byte, mask=mask_k, other=0.0).to(tl.float32)
+        x_odd = tl.load(x_base + 2 * byte + 1, mask=mask_k, other=0.0).to(tl.float32)
+        dots = (codes & 0xF).to(tl.float32) * x_even[None, :] + (codes >> 4).to(tl.float32) * x_odd[None, :]
+        dots_g = tl.sum(tl.reshape(dots, (BLOCK_N, NG, HALF_G)), axis=2)
+        x_sum_g = tl.sum(tl.reshape(x_even + x_odd, (NG, HALF_G)), axis=1)
+        group = k0 // GROUP + offs_g
+        mask_ng = mask_n[:, None] & (group < G)[None, :]
+        group_offsets = offs_n[:, None].to(tl.int64) * G + group[None, :]
+        scales = tl.load(s_ptr + group_offsets, mask=mask_ng, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            zeros = tl.load(z_ptr + group_offsets, mask=mask_ng, other=0).to(tl.float32)
+        else:
+            zeros = tl.full([BLOCK_N, NG], 8.0, tl.float32)
+        acc += tl.sum(scales * (dots_g - zeros * x_sum_g[None, :]), axis=1)
+    if HAS_SCALE:
+        acc = acc * tl.load(row_scale_ptr + m).to(tl.float32)
+    out = out_ptr + m.to(tl.int64) * stride_om + offs_n
+    if SPLIT_K == 1:
+        tl.store(out, acc, mask=mask_n)
+    else:
+        tl.atomic_add(out, acc, mask=mask_n)
+
+
+@triton.jit
+def _w4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, pairs_ptr, block_expert_ptr, pair_scale_ptr,
+                    M, N, K, G, stride_xm, stride_om,
+                    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                    MOE: tl.constexpr, TOP_K: tl.constexpr, GATHER_TOKENS: tl.constexpr, HAS_SCALE: tl.constexpr,
+                    IEEE: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    HALF_G: tl.constexpr = GROUP // 2
+    half = K // 2
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    if MOE:
+        pairs = tl.load(pairs_ptr + offs_m)
+        mask_m = pairs < M
+        out_rows = pairs
+        if GATHER_TOKENS:
+            x_rows = pairs // TOP_K
+        else:
+            x_rows = pairs
+        expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+        w_ptr += expert * N * half
+        s_ptr += expert * N * G
+        if HAS_ZEROS:
+            z_ptr += expert * N * G
+    else:
+        mask_m = offs_m < M
+        out_rows = offs_m
+        x_rows = offs_m
+    offs_j = tl.arange(0, HALF_G)
+    x_rows_base = x_ptr + x_rows[:, None].to(tl.int64) * stride_xm
+    w_rows_base = w_ptr + offs_n[:, None].to(tl.int64) * half
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for group in range(0, G):
+        byte = group * HALF_G + offs_j
+        x_even = tl.load(x_rows_base + 2 * byte[None, :], mask=mask_m[:, None], other=0.0)
+        x_odd = tl.load(x_rows_base + 2 * byte[None, :] + 1, mask=mask_m[:, None], other=0.0)
+        codes = tl.load(w_rows_base + byte[None, :], mask=mask_n[:, None], other=0)
+        scales = tl.load(s_ptr + offs_n * G + group, mask=mask_n, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            zeros = tl.load(z_ptr + offs_n * G + group, mask=mask_n, other=0).to(tl.float32)
+        else:
+            zeros = tl.full([BLOCK_N], 8.0, tl.float32)
+        w_even = (((codes & 0xF).to(tl.float32) - zeros[:, None]) * scales[:, None]).to(x_even.dtype)
+        w_odd = (((codes >> 4).to(tl.float32) - zeros[:, None]) * scales[:, None]).to(x_even.dtype)
+        if IEEE:
+            acc += tl.dot(x_even, tl.trans(w_even), input_precision="ieee")
+            acc += tl.dot(x_odd, tl.trans(w_odd), input_precision="ieee")
+        else:
+            acc += tl.dot(x_even, tl.trans(w_even))
+            acc += tl.dot(x_odd, tl.trans(w_odd))
+    if HAS_SCALE:
+        acc = acc * tl.load(pair_scale_ptr + out_rows, mask=mask_m, other=0.0).to(tl.float32)[:, None]
+    out = out_ptr + out_rows[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _zeros_or_dummy(weight: Int4Weight) -> torch.Tensor:
+    return weight.zeros if weight.zeros is not None else weight.scales  # never read when HAS_ZEROS is False
+
+
+def _split_k(rows: int, n_blocks: int, k_blocks: int, device: torch.device) -> int:
+    """K splits so that a GEMV launches about four programs per streaming multiprocessor."""
+    if device.type != "cuda":
+        return min(2, k_blocks)
+    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(k_blocks, target // max(1, rows * n_blocks)))
+
+
+def w4_gemv(x: torch.Tensor, weight: Int4Weight, rows: int | None = None, row_expert: torch.Tensor | None = None,
+            row_token: torch.Tensor | None = None, row_scale: torch.Tensor | None = None,
+            split_k: int | None = None) -> torch.Tensor:
+    """y [rows, N] fp32: row m = (x[row_token[m]] W_e^T) * row_scale[m], e = row_expert[m]
+    (each optional: token m, dense weight, no scale). x [T, K] fp16/bf16/fp32."""
+    n, k = weight.out_features, weight.in_features
+    rows = x.shape[0] if rows is None else rows
+    n_blocks = triton.cdiv(n, BLOCK_N_GEMV)
+    block_k = max(BLOCK_K_GEMV, weight.group_size)
+    split = split_k or _split_k(rows, n_blocks, triton.cdiv(k, block_k), x.device)
+    out = torch.zeros(rows, n, dtype=torch.float32, device=x.device)
+    if rows == 0:
+        return out
+    dummy = weight.scales
+    _w4_gemv_kernel[(rows, n_blocks, split)](
+        x, weight.packed, weight.scales, _zeros_or_dummy(weight), out,
+        dummy if row_expert is None else row_expert, dummy if row_token is None else row_token,
+        dummy if row_scale is None else row_scale,
+        n, k, weight.scales.shape[-1], x.stride(0), out.stride(0),
+        GROUP=weight.group_size, BLOCK_N=BLOCK_N_GEMV, BLOCK_K=block_k, SPLIT_K=split,
+        HAS_ZEROS=weight.zeros is not None, HAS_EXPERT=row_expert is not None, HAS_TOKEN=row_token is not None,
+        HAS_SCALE=row_scale is not None)
+    return out
+
+
+def w4_gemm(x: torch.Tensor, weight: Int4Weight, moe: "AlignedPairs | None" = None, gather_tokens: bool = False,
+            pair_scale: torch.Tensor | None = None, rows: int | None = None) -> torch.Tensor:
+    """y [rows, N] in x's dtype = x W^T, tiled; with `moe`, rows are (token, slot) pairs and each
+    M-block runs its expert's weight (x rows are tokens when `gather_tokens`, else pairs)."""
+    n, k = weight.out_features, weight.in_features
+    rows = x.shape[0] if rows is None else rows
+    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    if rows == 0:
+        return out
+    dummy = weight.scales
+    m_blocks = moe.block_expert.numel() if moe is not None else triton.cdiv(rows, BLOCK_M_GEMM)
+    _w4_gemm_kernel[(m_blocks, triton.cdiv(n, BLOCK_N_GEMM))](
+        x, weight.packed, weight.scales, _zeros_or_dummy(weight), out,
+        dummy if moe is None else moe.pairs, dummy if moe is None else moe.block_expert,
+        dummy if pair_scale is None else pair_scale,
+        rows, n, k, weight.scales.shape[-1], x.stride(0), out.stride(0),
+        GROUP=weight.group_size, BLOCK_M=BLOCK_M_GEMM, BLOCK_N=BLOCK_N_GEMM, HAS_ZEROS=weight.zeros is not None,
+        MOE=moe is not None, TOP_K=moe.top_k if moe is not None else 1, GATHER_TOKENS=gather_tokens,
+        HAS_SCALE=pair_scale is not None, IEEE=x.dtype == torch.float32)
+    return out
+
+
+class AlignedPairs:
+    """(token, slot) pairs sorted by expert, each expert's run padded to a multiple of `block_m`.
+
+    pairs [P_pad] int32: pair index p = token * k + slot, or the sentinel T*k in padding;
+    block_expert [P_pad / block_m] int32: the expert of each M-block (empty experts get none).
+    """
+
+    def __init__(self, choice: torch.Tensor, num_experts: int, block_m: int):
+        tokens, self.top_k = choice.shape
+        flat = choice.reshape(-1).long()
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=num_experts)
+        padded = (counts + block_m - 1) // block_m * block_m
+        starts = torch.cumsum(padded, 0) - padded
+        first_of_expert = torch.cumsum(counts, 0) - counts
+        sorted_experts = flat[order]
+        rank = torch.arange(flat.numel(), device=flat.device) - first_of_expert[sorted_experts]
+        self.pairs = torch.full((int(padded.sum()),), tokens * self.top_k, dtype=torch.int32, device=flat.device)
+        self.pairs[starts[sorted_experts] + rank] = order.to(torch.int32)
+        experts = torch.arange(num_experts, device=flat.device, dtype=torch.int32)
+        self.block_expert = experts.repeat_interleave(padded // block_m)
+
+
+class TritonBackend(Backend):
+    """GEMV for up to GEMV_MAX_ROWS rows, tiled GEMM past that; MoE by the top-k decode GEMV
+    for few tokens, by one aligned launch per projection otherwise."""
+
+    name = "triton"
+
+    def prepare(self, weight: Int4Weight) -> Int4Weight:
+        return weight
+
+    def prepare_experts(self, weight: Int4Weight) -> Int4Weight:
+        return weight
+
+    def linear(self, x: torch.Tensor, weight: Int4Weight) -> torch.Tensor:
+        x = x.contiguous()
+        if x.shape[0] <= GEMV_MAX_ROWS:
+            return w4_gemv(x, weight).to(x.dtype)
+        return w4_gemm(x, weight)
+
+    def experts(self, x: torch.Tensor, choice: torch.Tensor, scores: torch.Tensor, gate_up: Int4Weight,
+                down: Int4Weight, act: Callable) -> torch.Tensor:
+        x = x.contiguous()
+        tokens, top_k = choice.shape
+        pair_scale = scores.reshape(-1).float().contiguous()
+        if tokens * top_k <= GEMV_MAX_ROWS:
+            pair_expert = choice.reshape(-1).to(torch.int32).contiguous()
+            pair_token = torch.arange(tokens * top_k, device=x.device, dtype=torch.int32) // top_k
+            hidden = swiglu(w4_gemv(x, gate_up, tokens * top_k, pair_expert, pair_token, pair_scale), act).to(x.dtype)
+            routed = w4_gemv(hidden, down, row_expert=pair_expert).to(x.dtype)
+        else:
+            aligned = AlignedPairs(choice, gate_up.num_experts, BLOCK_M_GEMM)
+            gate_up_out = w4_gemm(x, gate_up, aligned, gather_tokens=True, pair_scale=pair_scale, rows=tokens * top_k)
+            routed = w4_gemm(swiglu(gate_up_out, act).contiguous(), down, aligned, rows=tokens * top_k)
+        return routed.view(tokens, top_k, -1).sum(dim=1)

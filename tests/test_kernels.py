@@ -1,0 +1,183 @@
+"""The 4-bit runtime layout, the torch reference, the CPU int4 path, and the kernel-backed
+modules that `validate --kernels` and `generate` run (Triton: test_kernels_triton.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from maverick_quant.bundle import Bundle, encode_quantized
+from maverick_quant.calibration.moe import route, routed_forward
+from maverick_quant.cli import cli
+from maverick_quant.compress import pack
+from maverick_quant.compress.kernels.backends import (Backend, CpuInt4Backend, cpu_int4_available, dequantize,
+                                                      get_backend)
+from maverick_quant.compress.kernels.layout import Int4Weight, concat_outputs, to_export_tensors
+from maverick_quant.compress.kernels.modules import KernelModel, load_quantized_model
+from maverick_quant.compress.types import QuantizedWeight
+from maverick_quant.errors import InputError
+from maverick_quant.streaming import StreamingModel, open_source
+from tests.conftest import make_tiny_llama4
+from tests.kernel_cases import random_quantized
+
+LENGTH = 24
+
+
+def run(*args) -> str:
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def assert_same_weight(a: QuantizedWeight, b: QuantizedWeight) -> None:
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.zeros, b.zeros)
+    assert torch.equal(a.scales.half(), b.scales.half())
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_runtime_layout_is_the_bundle_form_and_converts_to_every_export_layout(symmetric: bool) -> None:
+    weight = random_quantized(48, 256, 64, symmetric)
+    runtime = Int4Weight.from_quantized(weight)
+    assert runtime.symmetric == symmetric and runtime.packed.shape == (48, 128)
+    assert torch.equal(runtime.packed, encode_quantized("w", weight)["w.codes"])  # the bundle's bytes, not a repack
+    assert_same_weight(runtime.to_quantized(), weight)
+    readers = {"gptq": pack.from_gptq_tensors, "awq": pack.from_awq_tensors, "compressed-tensors": pack.from_compressed_tensors}
+    for layout, read in readers.items():
+        back = read(to_export_tensors(runtime, layout), 4, 64)
+        assert torch.equal(back.dequantize(), weight.dequantize()), layout
+
+
+def test_layout_refuses_what_the_kernels_cannot_run() -> None:
+    eight_bit = QuantizedWeight(torch.zeros(16, 64, dtype=torch.uint8), torch.ones(16, 2).half(),
+                                torch.full((16, 2), 128, dtype=torch.uint8), 8, 32)
+    with pytest.raises(InputError, match="layers.0.mlp.up_proj: .*8-bit"):
+        Int4Weight.from_quantized(eight_bit, "layers.0.mlp.up_proj")
+    with pytest.raises(InputError, match="group size 16"):
+        Int4Weight.from_quantized(random_quantized(16, 64, 16, True), "w")
+
+
+def test_reference_backend_is_dequantize_then_matmul_and_llama4_routing() -> None:
+    """Linear: x W_hat^T. Experts: the same numbers as the calibration's routed forward
+    (score on the input, only routed tokens), written independently."""
+    backend = Backend()
+    weight = random_quantized(40, 128, 32, False)
+    x = torch.randn(5, 128)
+    assert torch.equal(backend.linear(x, Int4Weight.from_quantized(weight)), x @ weight.dequantize().T)
+
+    experts, hidden, inter = 4, 64, 32
+    gate, up = random_quantized(inter, hidden, 32, False, experts, 1), random_quantized(inter, hidden, 32, True, experts, 2)
+    down = random_quantized(hidden, inter, 32, False, experts, 3)
+    x = torch.randn(12, hidden)
+    routing = route(x, torch.randn(experts, hidden), top_k=2)
+    gate_up = concat_outputs([Int4Weight.from_quantized(gate), Int4Weight.from_quantized(up)])
+    out = backend.experts(x, routing.choice, routing.scores, backend.prepare_experts(gate_up),
+                          backend.prepare_experts(Int4Weight.from_quantized(down)), torch.nn.functional.silu)
+    expected = routed_forward(x, routing, {"gate_proj": gate.dequantize(), "up_proj": up.dequantize(),
+                                           "down_proj": down.dequantize()}, torch.nn.functional.silu)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_cpu_int4_op_matches_the_reference(group: int, symmetric: bool) -> None:
+    if not cpu_int4_available():
+        pytest.skip("this torch build has no aten._weight_int4pack_mm_for_cpu")
+    weight = Int4Weight.from_quantized(random_quantized(64, 256, group, symmetric, seed=group))
+    backend = CpuInt4Backend()
+    for rows in (1, 7):
+        x = torch.randn(rows, 256)
+        expected = x.bfloat16().float() @ dequantize(weight).T
+        out = backend.linear(x, backend.prepare(weight))
+        # bf16 activations, scales and zero offsets: errors of a few bf16 ulps of the output scale
+        assert (out - expected).abs().max() <= 0.02 * expected.abs().max()
+
+
+def test_cpu_int4_leaves_rows_it_cannot_pack_to_the_reference() -> None:
+    weight = Int4Weight.from_quantized(random_quantized(40, 64, 32, True))  # 40 rows: not a multiple of 16
+    backend = CpuInt4Backend()
+    x = torch.randn(3, 64)
+    assert torch.equal(backend.linear(x, backend.prepare(weight)), Backend().linear(x, weight))
+
+
+@pytest.fixture(scope="module")
+def dense_bundle(tiny_llama_dir: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("kernels") / "dense"
+    run("quantize", tiny_llama_dir, "--method", "rtn", "--group-size", 32, "--asym", "--out", out, "--no-progress")
+    return out
+
+
+@pytest.fixture(scope="module")
+def kernel_llama4_dir(smollm2_dir: Path, tmp_path_factory) -> Path:
+    """The tiny Llama 4 with a dense MLP of 64 (the default 48 is no multiple of group 32)."""
+    return make_tiny_llama4(smollm2_dir, tmp_path_factory.mktemp("kernel_llama4"), intermediate_size_mlp=64)
+
+
+@pytest.fixture(scope="module")
+def moe_bundle(kernel_llama4_dir: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("kernels") / "moe"
+    run("quantize", kernel_llama4_dir, "--method", "rtn", "--group-size", 32, "--out", out, "--no-progress")
+    return out
+
+
+def _ids(seed: int = 0, windows: int = 2) -> torch.Tensor:
+    return torch.randint(0, 49152, (windows, LENGTH), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("which", ["dense_bundle", "moe_bundle"])
+def test_kernel_model_computes_the_dequantized_bundle(which: str, request) -> None:
+    """Reference kernels: the same logits as the dequantized bundle (so QuantMoE's routing is
+    transformers' Llama4TextMoe); the CPU int4 op: the same up to bf16 activations."""
+    bundle = Bundle(request.getfixturevalue(which))
+    ids = _ids()
+    expected = StreamingModel(bundle).forward(ids)
+    torch.testing.assert_close(KernelModel(bundle, "reference").forward(ids), expected, rtol=1e-4, atol=1e-4)
+    if cpu_int4_available():
+        fast = KernelModel(bundle, "cpu-int4").forward(ids)
+        assert (fast.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
+        assert (fast - expected).abs().max() <= 0.05 * expected.abs().max()
+
+
+@pytest.mark.parametrize("which", ["dense_bundle", "moe_bundle"])
+def test_generation_with_the_kv_cache_is_greedy_decoding_of_the_bundle(which: str, request) -> None:
+    """transformers' generate on the kernel-backed model (KV cache, one token at a time through
+    QuantLinear/QuantMoE) picks the tokens a full re-forward of the dequantized bundle picks."""
+    bundle = Bundle(request.getfixturevalue(which))
+    model = load_quantized_model(bundle, "reference", torch.float32)
+    prompt = _ids(3, windows=1)[:, :6]
+    generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, do_sample=False,
+                               pad_token_id=0)
+    streaming, ids = StreamingModel(bundle), prompt
+    for _ in range(5):
+        ids = torch.cat([ids, streaming.forward(ids)[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(generated, ids)
+
+
+def test_generate_and_validate_run_a_bundle_on_the_kernels(dense_bundle: Path, tiny_llama_dir: Path,
+                                                           small_text_file: Path, tmp_path: Path) -> None:
+    output = run("generate", dense_bundle, "--prompt", "The harbour", "--max-new-tokens", 4, "--kernels", "reference")
+    assert "4 tokens in" in output and "tokens/s, backend reference" in output
+    for kernels in ("reference", None):
+        options = ["--kernels", kernels] if kernels else []
+        run("validate", "--reference", tiny_llama_dir, "--candidate", dense_bundle, "--data", small_text_file,
+            "--ctx", LENGTH, "--max-windows", 2, "--report", tmp_path / str(kernels), "--no-progress", *options)
+    with_kernels, dequantized = (json.loads((tmp_path / name / "report.json").read_text()) for name in ("reference", "None"))
+    assert with_kernels["kernels"] == "reference" and dequantized["kernels"] is None
+    assert with_kernels["candidate"]["ppl"] == pytest.approx(dequantized["candidate"]["ppl"], rel=1e-4)
+
+
+def test_kernels_refuse_a_float_model_a_grid_they_cannot_run_and_unknown_backends(tiny_llama_dir: Path,
+                                                                                   tiny_llama4_dir: Path,
+                                                                                   tmp_path: Path) -> None:
+    run("quantize", tiny_llama4_dir, "--method", "rtn", "--group-size", 32, "--out", tmp_path / "b", "--no-progress")
+    with pytest.raises(InputError, match="layers.0.feed_forward.down_proj: K=48 is not a multiple of the group size 32"):
+        KernelModel(Bundle(tmp_path / "b"), "reference").layer(0)
+    with pytest.raises(InputError, match="quantized bundle"):
+        KernelModel(open_source(tiny_llama_dir), "reference")
+    with pytest.raises(ValueError, match="kernel backend 'tensorrt'"):
+        get_backend("tensorrt")
+    result = CliRunner().invoke(cli, ["generate", str(tiny_llama_dir), "--prompt", "x"])
+    assert result.exit_code == 2 and "not a bundle" in result.output
