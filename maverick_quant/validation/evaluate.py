@@ -200,13 +200,16 @@ def evaluate_gguf(reference: WeightSource, candidate: GGUFCandidate, windows: to
     for index in tqdm(range(ref_model.num_layers), desc="reference layers", unit="layer", disable=not show_progress):
         forward_layer(ref_model, index, hidden)
     metrics = MetricAccumulator()
-    for row in tqdm(range(windows.shape[0]), desc="llama.cpp windows", unit="window", disable=not show_progress):
+    llama_started = time.perf_counter()
+    bar = tqdm(range(windows.shape[0]), desc="llama.cpp windows", unit="window", disable=not show_progress)
+    for row in bar:
         ref_logits = ref_model.logits(hidden[row, first_scored - 1 : -1])
         cand_logits = candidate.window_logits(windows[row].tolist())[first_scored - 1 : -1]
         if cand_logits.shape != ref_logits.shape:
             raise InputError(f"{candidate.path}: llama.cpp logits {tuple(cand_logits.shape)} do not match the "
                              f"reference's {tuple(ref_logits.shape)} (vocabulary size?)")
         metrics.update(ref_logits, cand_logits, windows[row, first_scored:])
+        bar.set_postfix(tok_per_s=f"{windows.shape[1] * (row + 1) / (time.perf_counter() - llama_started):.0f}")
     summary = metrics.summary()
     summary["seconds"] = time.perf_counter() - started
     summary["layers"] = []
