@@ -231,6 +231,24 @@ def export(bundle_dir, fmt, out, max_shard_size, gguf_type, requantize, gguf_pre
 
 
 @cli.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--data", help="Text file, JSONL, or 'self'. Not needed with --calib.")
+@click.option("--calib", type=click.Path(path_type=Path), help="A directory written by `calibrate`.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="The imatrix GGUF file to write.")
+@calib_options
+@click.option("--moe-chunk-mib", default=MoESpec.chunk_mib, show_default=True, help="Routed experts read this many MiB at a time.")
+@click.option("--force", is_flag=True, help="Replace an existing file.")
+@click.option("--progress/--no-progress", default=True)
+def imatrix(model_dir, data, calib, out, samples, seq_len, seed, chat_template, moe_chunk_mib, force, progress) -> None:
+    """Write MODEL_DIR's activation statistics over the calibration set as a llama.cpp imatrix
+    GGUF (for `llama-quantize --imatrix`), routed experts per expert."""
+    from maverick_quant.jobs import run_imatrix
+
+    run_imatrix(model_dir, out, data, calib, _calib_spec(samples, seq_len, seed, chat_template), force, progress,
+                moe_chunk_mib)
+
+
+@cli.command()
 @click.option("--reference", required=True, type=click.Path(path_type=Path), help="Original model directory.")
 @click.option("--candidate", required=True, type=click.Path(path_type=Path), help="Bundle, export directory, or GGUF file (run in llama.cpp).")
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="Evaluation text (.txt or .jsonl).")

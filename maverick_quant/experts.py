@@ -263,16 +263,17 @@ def scale_block(model: StreamingModel, index: int, layer: torch.nn.Module, x: to
 
 @torch.no_grad()
 def run_moe_layer(model: StreamingModel, index: int, layer: torch.nn.Module, hidden: torch.Tensor,
-                  chunk_mib: int = MoESpec.chunk_mib) -> Routing:
+                  chunk_mib: int = MoESpec.chunk_mib, observe=None) -> Routing:
     """Float forward of MoE layer `index` over `hidden` [S, L, D] in place, reading routed
-    experts chunk by chunk from the source (never all of them); returns the routing."""
+    experts chunk by chunk from the source (never all of them); returns the routing.
+    `observe` sees each expert's inputs (see `routed_forward`)."""
     moe = model.plan(index).moe
     x = capture_block_io(model, layer, moe, hidden)
     routing = route(x, layer.get_submodule(moe.router).weight, moe.top_k)
     out = _module_output(layer.get_submodule(moe.shared_module), x)
     for first, count in expert_chunks(moe, model.config, chunk_mib):
         weights = {k: v.to(x.dtype) for k, v in unfuse_experts(moe, model.source.expert_tensors(index, first, count)).items()}
-        routed_forward(x, routing, weights, activation(moe.activation), first, out=out)
+        routed_forward(x, routing, weights, activation(moe.activation), first, out=out, observe=observe)
     hidden += out.view_as(hidden)
     return routing
 

@@ -53,17 +53,40 @@ def run_export(bundle_dir, out, fmt="gptq", max_shard_size=5 * 10**9, force=Fals
     click.echo(f"exported {fmt}: {len(files)} files -> {out}")
 
 
+def _check_output_file(out: Path, force: bool, example: str) -> None:
+    from maverick_quant.checkpoint import check_output_dir
+
+    check_output_dir(out, force)
+    if Path(out).is_dir():
+        raise InputError(f"{out}: is a directory; this writes one file (e.g. --out {example})")
+
+
+def run_imatrix(model_dir, out, data, calib, calib_spec, force, progress, chunk_mib):
+    """llama.cpp imatrix GGUF of MODEL_DIR's float model over a calibration set."""
+    from maverick_quant.calibration.data import CalibrationSet, make_calibration
+    from maverick_quant.calibration.imatrix import collect_imatrix, write_imatrix_gguf
+    from maverick_quant.streaming import open_source
+
+    _check_output_file(out, force, "model.imatrix.gguf")
+    if calib is None and data is None:
+        raise InputError("imatrix needs --data FILE|self or --calib DIR")
+    source = open_source(model_dir)
+    calibration = CalibrationSet.load(calib) if calib else make_calibration(model_dir, data, calib_spec)
+    imatrix = collect_imatrix(source, calibration.input_ids, chunk_mib=chunk_mib, show_progress=progress)
+    datasets = [str(calibration.meta.get("source") or calib or data)]
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    write_imatrix_gguf(imatrix, Path(out), datasets)
+    click.echo(f"imatrix: {len(imatrix.entries)} linears over {imatrix.chunk_count} x {imatrix.chunk_size} tokens -> {out}")
+
+
 def run_export_gguf(source_dir, out, gguf_type="Q4_0", requantize=False, pre=None, force=False, report_dir=None):
     """GGUF of a bundle (lossless on its grid, or --requantize), or of a float model directory
     (re-quantized by gguf-py: the plain GGUF other tools make, as a baseline)."""
     from maverick_quant.bundle import BUNDLE_FORMAT, MANIFEST, Bundle
-    from maverick_quant.checkpoint import check_output_dir
     from maverick_quant.exporters.artifact import write_gguf_sidecars
     from maverick_quant.exporters.gguf import BundleWeights, FloatWeights, export_gguf
 
-    check_output_dir(out, force)
-    if Path(out).is_dir():
-        raise InputError(f"{out}: is a directory; --format gguf writes one file (e.g. --out model-q4_0.gguf)")
+    _check_output_file(out, force, "model-q4_0.gguf")
     manifest = Path(source_dir) / MANIFEST
     is_bundle = manifest.is_file() and json.loads(manifest.read_text()).get("format") == BUNDLE_FORMAT
     weights = BundleWeights(Bundle(source_dir)) if is_bundle else FloatWeights(Path(source_dir))

@@ -70,11 +70,14 @@ def expert_hidden(x_in: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act:
 
 
 def routed_forward(x: torch.Tensor, routing: Routing, experts: dict[str, torch.Tensor], act: Callable,
-                   first: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
+                   first: int = 0, out: torch.Tensor | None = None,
+                   observe: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Add the outputs of experts [first, first + E_c) to `out` [T, D] (zeros if None).
 
     experts: {"gate_proj": [E_c, I, D], "up_proj": [E_c, I, D], "down_proj": [E_c, D, I]}.
     Each expert runs on its routed tokens only, with the score applied to its input.
+    `observe(expert, x_in [n, D], hidden [n, I])`, if given, sees each expert's gate/up input
+    and down input (e.g. to collect an importance matrix).
     """
     out = torch.zeros_like(x) if out is None else out
     for offset in range(experts["down_proj"].shape[0]):
@@ -83,6 +86,8 @@ def routed_forward(x: torch.Tensor, routing: Routing, experts: dict[str, torch.T
             continue
         x_in = x[tokens] * scores[:, None]
         hidden = expert_hidden(x_in, experts["gate_proj"][offset], experts["up_proj"][offset], act)
+        if observe is not None:
+            observe(first + offset, x_in, hidden)
         out.index_add_(0, tokens, torch.nn.functional.linear(hidden, experts["down_proj"][offset]))
     return out
 
