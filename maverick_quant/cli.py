@@ -294,6 +294,19 @@ def generate(bundle_dir, prompt, max_new_tokens, kernels, chat) -> None:
     run_generate(bundle_dir, prompt, max_new_tokens, kernels, chat)
 
 
+@cli.command("run")
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory: bundle, exports, report, lock.")
+@click.option("--force", is_flag=True, help="Replace an existing run directory's outputs.")
+@click.option("--progress/--no-progress", default=True)
+def run_command(recipe, out, force, progress) -> None:
+    """Run a YAML RECIPE end to end: calibrate, quantize, export(s), validate; exit 1 when a
+    validation gate fails (see recipes/ and docs/recipes.md)."""
+    from maverick_quant.jobs import run_recipe
+
+    sys.exit(0 if run_recipe(recipe, out, force, progress) else 1)
+
+
 @cli.command()
 @click.option("--work-dir", default="maverick-quant-demo", show_default=True, type=click.Path(path_type=Path))
 @click.option("--eval-data", type=click.Path(path_type=Path), help="Also validate on this text file.")

@@ -18,7 +18,7 @@ from maverick_quant.recipe import CalibSpec, Method, QuantizeSpec, QuantSpec
 EVAL_SEED = 1234
 
 
-def _write_eval_text(model_dir: Path, path: Path, samples: int, seq_len: int) -> Path:
+def write_eval_text(model_dir: Path, path: Path, samples: int, seq_len: int) -> Path:
     """Held-out self-generated evaluation text (another seed than calibration)."""
     from maverick_quant.calibration.selfgen import generate_self_text
 
@@ -43,7 +43,7 @@ def run_demo(work_dir: Path, eval_data: Path | None, samples: int, seq_len: int,
     click.echo("3/4 export: GPTQ layout (transformers / GPTQModel / vLLM)")
     run_export(work_dir / "bundle", work_dir / "gptq", force=True)
     click.echo("4/4 validate the export against the float model")
-    evaluations = {"self-generated (held out)": _write_eval_text(model_dir, work_dir / "eval-self.txt", 16, seq_len)}
+    evaluations = {"self-generated (held out)": write_eval_text(model_dir, work_dir / "eval-self.txt", 16, seq_len)}
     if eval_data is not None:
         evaluations[str(eval_data)] = Path(eval_data)
     rows = []

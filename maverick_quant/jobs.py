@@ -226,3 +226,115 @@ def run_generate(bundle_dir: Path, prompt: str, max_new_tokens: int, kernels: st
     new = out.shape[1] - ids.shape[1]
     click.echo(f"\n{new} tokens in {elapsed:.1f} s ({new / elapsed:.2f} tokens/s, backend {backend.name}, "
                f"prompt {ids.shape[1]} tokens)", err=True)
+
+
+def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool = True) -> bool:
+    """`maverick-quant run RECIPE`: calibrate -> quantize -> export(s) -> validate into `out`,
+    then `recipe.lock.yaml`; returns whether every validation gate passed (True without one)."""
+    from maverick_quant.calibration.data import make_calibration
+    from maverick_quant.checkpoint import atomic_output_dir, check_output_dir
+    from maverick_quant.recipe_file import load_recipe
+    from maverick_quant.streaming import open_source
+
+    recipe = load_recipe(recipe_path)
+    check_output_dir(out, force)
+    model_dir = _recipe_model_dir(recipe.model)
+    source = open_source(model_dir)  # a bad model is refused here, before any work
+    _check_recipe_files(recipe)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    steps = 2 + len(recipe.exports) + (recipe.validation is not None)
+    step = _step_printer(steps)
+    calib_dir = None
+    if recipe.quantize.method is not Method.RTN:
+        step(f"calibrate: {recipe.calibration.samples} x {recipe.calibration.seq_len} tokens from {recipe.calibration_data}")
+        calib_dir = out / "calibration"
+        calibration = make_calibration(model_dir, recipe.calibration_data, recipe.calibration)
+        with atomic_output_dir(calib_dir, force=True) as tmp:
+            calibration.save(tmp)
+    else:
+        step("calibrate: not needed for rtn")
+    step(f"quantize: {recipe.quantize.method.value}, {recipe.quantize.weights.bits} bits, group {recipe.quantize.weights.group_size}")
+    run_quantize(model_dir, out / "bundle", recipe.quantize, None, calib_dir, recipe.calibration, True, progress)
+    for export in recipe.exports:
+        step(f"export: {export.format} -> {export.name}")
+        if export.format == "gguf":
+            run_export_gguf(out / "bundle", out / export.name, export.gguf_type, export.requantize, force=True)
+        else:
+            run_export(out / "bundle", out / export.name, export.format, export.max_shard_size, force=True)
+    passed = True
+    if recipe.validation is not None:
+        v = recipe.validation
+        step(f"validate the bundle on {v.data}")
+        data = v.data
+        if data == "self":  # held-out text the model writes itself (another seed than calibration)
+            from maverick_quant.demo import write_eval_text
+
+            data = write_eval_text(model_dir, out / "eval-self.txt", 16, v.ctx)
+        passed = run_validate(model_dir, out / "bundle", data, out / "report", v.ctx, v.max_windows, v.gates, None,
+                              v.batch, True, progress, v.protocol, v.hellaswag, v.hellaswag_tasks, v.choices, v.kernels)
+    _write_lock(recipe, Path(recipe_path), model_dir, source, calib_dir, out / "recipe.lock.yaml")
+    click.echo(f"run finished -> {out} ({'gates passed' if passed else 'a gate FAILED'})")
+    return passed
+
+
+def _recipe_model_dir(model: str) -> Path:
+    from maverick_quant.recipe_file import BUILTIN_MODELS
+
+    if model in BUILTIN_MODELS:
+        from maverick_quant.sources import smollm2_hf_dir
+
+        return smollm2_hf_dir()
+    return Path(model)
+
+
+def _check_recipe_files(recipe) -> None:
+    """Every file the recipe names exists, before any work."""
+    named = {"calibration.data": recipe.calibration_data}
+    if recipe.validation is not None:
+        named.update({"validation.data": recipe.validation.data, "validation.hellaswag": recipe.validation.hellaswag,
+                      "validation.choices": recipe.validation.choices})
+    for key, path in named.items():
+        if path not in (None, "self") and not Path(path).is_file():
+            raise InputError(f"{key}: {path} is not a file")
+
+
+def _step_printer(total: int):
+    count = iter(range(1, total + 1))
+    return lambda text: click.echo(f"[{next(count)}/{total}] {text}")
+
+
+def _write_lock(recipe, recipe_path: Path, model_dir: Path, source, calib_dir, path: Path) -> None:
+    """recipe.lock.yaml: every value resolved, library versions, model and data fingerprints."""
+    import importlib.metadata
+    import os
+    import platform
+
+    import yaml
+
+    from maverick_quant.calibration.data import CalibrationSet
+    from maverick_quant.checkpoint import sha256_file
+
+    def version(package: str) -> str | None:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    lock = recipe.to_dict()
+    lock["model"] = {"name": recipe.model, "path": str(model_dir), "fingerprint": source.checkpoint.fingerprint()}
+    if calib_dir is not None:
+        meta = CalibrationSet.load(calib_dir).meta
+        lock["calibration"].update(data_sha256=meta.get("data_sha256"), windows_sha256=meta.get("windows_sha256"))
+    if recipe.validation is not None:
+        for key in ("data", "hellaswag", "choices"):
+            value = lock["validation"].get(key)
+            if value:
+                lock["validation"][f"{key}_sha256"] = sha256_file(Path(value))
+    lock["recipe_file"] = {"path": str(recipe_path), "sha256": sha256_file(recipe_path)}
+    lock["versions"] = {"python": platform.python_version(), "maverick-quant": __version__,
+                        **{p: version(p) for p in ("torch", "transformers", "safetensors", "gguf", "compressed-tensors",
+                                                   "numpy", "triton")}}
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(lock, sort_keys=False))
+    os.replace(tmp, path)

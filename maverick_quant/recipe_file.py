@@ -1,0 +1,297 @@
+"""YAML recipes: the whole job in one file, validated on load, and the resolved lock file.
+
+    model: path/to/model | builtin:smollm2-135m-instruct
+    calibration: {data: FILE | self, samples: 128, seq_len: 512, seed: 0, chat_template: false}
+    quantize:
+      method: gptq            # rtn | gptq | awq | awq+gptq
+      bits: 4
+      group_size: 128
+      sym: true
+      gguf_grid: Q4_0         # optional: solve on exactly this llama.cpp type's grid
+      moe: {policy: routed, min_tokens: 128, fallback: mixed, chunk_mib: 8192}
+      awq: {grid: 20, clip: true}
+    exports:
+      - {format: gptq}        # gptq | awq | compressed-tensors | gguf (with gguf_type)
+      - {format: gguf, gguf_type: Q4_0}
+    validation:
+      data: wiki.test.raw     # or self: held-out text the model writes itself
+      ctx: 512
+      max_windows: 40
+      protocol: gptq          # gptq | llama.cpp
+      hellaswag: hellaswag_val_full.txt
+      hellaswag_tasks: 1000
+      gates: ["ppl_ratio<=1.05", "top1_agreement>=0.9"]
+
+Every section maps onto a frozen dataclass. An unknown key, a value of the wrong type, or
+an impossible value (bits 9, a group size no format stores) is refused with `InputError`
+naming the key and the allowed values, before any work. Relative paths are relative to the
+recipe file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from maverick_quant.errors import InputError
+from maverick_quant.recipe import GGUF_GRIDS, KERNEL_BACKENDS, AWQSpec, CalibSpec, Method, MoESpec, QuantizeSpec, QuantSpec
+
+BUILTIN_MODELS = {"builtin:smollm2-135m-instruct"}
+EXPORT_FORMATS = ("gptq", "awq", "compressed-tensors", "gguf")
+GGUF_TYPES = ("Q4_0", "Q4_1", "Q8_0")
+PROTOCOLS = ("gptq", "llama.cpp")
+
+
+@dataclass(frozen=True)
+class ExportStep:
+    """One export of the bundle: `format`, and for GGUF its type and whether re-quantizing is allowed."""
+
+    format: str
+    gguf_type: str = "Q4_0"
+    requantize: bool = False
+    max_shard_size: int = 5 * 10**9
+
+    def __post_init__(self) -> None:
+        _one_of("exports[].format", self.format, EXPORT_FORMATS)
+        _one_of("exports[].gguf_type", self.gguf_type, GGUF_TYPES)
+        if self.max_shard_size < 1:
+            raise InputError(f"exports[].max_shard_size={self.max_shard_size}: expected a positive number of bytes")
+
+    @property
+    def name(self) -> str:
+        """Output name inside the run directory: model-gptq/, model-q4_0.gguf."""
+        return f"model-{self.gguf_type.lower()}.gguf" if self.format == "gguf" else f"model-{self.format}"
+
+
+@dataclass(frozen=True)
+class ValidationStep:
+    """`validate` of the bundle against the original model (see `maverick-quant validate`)."""
+
+    data: str
+    ctx: int = 512
+    max_windows: int = 40
+    protocol: str = "gptq"
+    batch: int = 4
+    hellaswag: str | None = None
+    hellaswag_tasks: int | None = None
+    choices: str | None = None
+    kernels: str | None = None
+    gates: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _one_of("validation.protocol", self.protocol, PROTOCOLS)
+        if self.kernels is not None:
+            _one_of("validation.kernels", self.kernels, KERNEL_BACKENDS)
+        for key in ("ctx", "max_windows", "batch"):
+            if getattr(self, key) < 1:
+                raise InputError(f"validation.{key}={getattr(self, key)}: expected a positive integer")
+        from maverick_quant.validation.gates import parse_gate
+
+        for gate in self.gates:
+            parse_gate(gate)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A whole job: model, calibration, quantization, exports and validation."""
+
+    model: str
+    calibration_data: str | None = None
+    calibration: CalibSpec = CalibSpec()
+    quantize: QuantizeSpec = QuantizeSpec()
+    exports: tuple[ExportStep, ...] = ()
+    validation: ValidationStep | None = None
+    gguf_grid: str | None = None
+    source: Path | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.quantize.method is not Method.RTN and self.calibration_data is None:
+            raise InputError(f"calibration.data: method {self.quantize.method.value} needs calibration data (a file or 'self')")
+        for step in self.exports:
+            _check_export_grid(step, self.quantize.weights)
+
+    def to_dict(self) -> dict:
+        """Every value resolved (defaults included), JSON/YAML-friendly."""
+        return {"model": self.model,
+                "calibration": {"data": self.calibration_data, **dataclasses.asdict(self.calibration)},
+                "quantize": {**self.quantize.to_dict(), "gguf_grid": self.gguf_grid},
+                "exports": [dataclasses.asdict(step) for step in self.exports],
+                "validation": None if self.validation is None else {**dataclasses.asdict(self.validation),
+                                                                    "gates": list(self.validation.gates)}}
+
+
+EXPORT_BITS = {"gptq": (2, 4, 8), "compressed-tensors": (2, 4, 8), "awq": (4,)}
+
+
+def _check_export_grid(step: ExportStep, weights: QuantSpec) -> None:
+    """Refuse, before hours of work, an export that cannot store the bundle's grid."""
+    if step.format in EXPORT_BITS and weights.bits not in EXPORT_BITS[step.format]:
+        raise InputError(f"exports: format {step.format} stores bits {EXPORT_BITS[step.format]}, "
+                         f"quantize.bits is {weights.bits}")
+    if step.format == "gguf" and not step.requantize:
+        grid = {"scale_bits": 11, **GGUF_GRIDS[step.gguf_type]}
+        if any(getattr(weights, key) != value for key, value in grid.items()):
+            raise InputError(f"exports: gguf_type {step.gguf_type} needs the bundle on its grid ({grid}); set "
+                             f"quantize.gguf_grid: {step.gguf_type}, or requantize: true on the export")
+
+
+def _one_of(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise InputError(f"{key}={value!r}: expected one of {', '.join(map(str, allowed))}")
+
+
+def _check_type(key: str, value: Any, hint: Any) -> Any:
+    """`value` as the field type `hint` (bool, int, float, str, an enum, optional or tuple of str)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise InputError(f"{key}: expected a list of strings, got {value!r}")
+        return tuple(value)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        allowed = [member.value for member in hint]
+        if value not in allowed:
+            raise InputError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
+        return hint(value)
+    expected = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(hint)
+    if expected is None:
+        raise InputError(f"{key}: unsupported field type {hint}")
+    if not isinstance(value, expected) or (hint is not bool and isinstance(value, bool)):
+        raise InputError(f"{key}={value!r}: expected {hint.__name__}")
+    return float(value) if hint is float else value
+
+
+def _section(key: str, data: Any, cls: type, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Keyword arguments of `cls` from the mapping `data`, each key and type checked."""
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InputError(f"{key}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in skip]
+    out = {}
+    for name, value in data.items():
+        if name not in names:
+            raise InputError(f"{key}.{name}: unknown key; expected one of {', '.join(names)}")
+        out[name] = _check_type(f"{key}.{name}", value, hints[name])
+    return out
+
+
+def _quantize(data: Any) -> tuple[QuantizeSpec, str | None]:
+    top = _section("quantize", {k: v for k, v in (data or {}).items() if k not in ("moe", "awq", "gguf_grid")},
+                   _QuantizeKeys)
+    data = data or {}
+    grid = data.get("gguf_grid")
+    if grid is not None:
+        _one_of("quantize.gguf_grid", grid, tuple(sorted(GGUF_GRIDS)))
+    weights = {k: top.pop(k) for k in list(top) if k in {f.name for f in dataclasses.fields(QuantSpec)}}
+    weights.update(GGUF_GRIDS.get(grid, {}))
+    moe_keys = _section("quantize.moe", data.get("moe"), MoESpec)
+    awq_keys = _section("quantize.awq", data.get("awq"), AWQSpec)
+    with _prefixed("quantize."):
+        return QuantizeSpec(weights=QuantSpec(**weights), moe=MoESpec(**moe_keys), awq=AWQSpec(**awq_keys), **top), grid
+
+
+@contextlib.contextmanager
+def _prefixed(prefix: str):
+    """Prefix the key an InputError names with its recipe section ("bits=9" -> "quantize.bits=9")."""
+    try:
+        yield
+    except InputError as exc:
+        raise InputError(f"{prefix}{exc}") from None
+
+
+@dataclass(frozen=True)
+class _QuantizeKeys:
+    """The keys `quantize:` takes besides moe, awq and gguf_grid (QuantSpec's and QuantizeSpec's)."""
+
+    method: Method = Method.GPTQ
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    act_order: bool = False
+    damp: float = 0.01
+    block_size: int = 128
+    true_sequential: bool = True
+    batch_windows: int = 8
+
+
+TOP_KEYS = ("model", "calibration", "quantize", "exports", "validation")
+
+
+def parse_recipe(data: Any, base: Path = Path(".")) -> Recipe:
+    """A validated Recipe from parsed YAML `data`; relative paths resolved against `base`."""
+    if not isinstance(data, dict):
+        raise InputError(f"recipe: expected a mapping of {', '.join(TOP_KEYS)}, got {type(data).__name__}")
+    for key in data:
+        if key not in TOP_KEYS:
+            raise InputError(f"{key}: unknown key; expected one of {', '.join(TOP_KEYS)}")
+    model = data.get("model")
+    if not isinstance(model, str) or not model:
+        raise InputError("model: expected a model directory (or builtin:smollm2-135m-instruct)")
+    calibration = dict(data.get("calibration") or {}) if isinstance(data.get("calibration") or {}, dict) else None
+    if calibration is None:
+        raise InputError("calibration: expected a mapping")
+    calibration_data = calibration.pop("data", None)
+    if calibration_data is not None and not isinstance(calibration_data, str):
+        raise InputError(f"calibration.data={calibration_data!r}: expected a file path or 'self'")
+    spec, grid = _quantize(data.get("quantize"))
+    exports = data.get("exports") or []
+    if not isinstance(exports, list):
+        raise InputError("exports: expected a list of {format: ...} mappings")
+    steps = []
+    for number, step in enumerate(exports):
+        kwargs = _section(f"exports[{number}]", step, ExportStep)
+        if "format" not in kwargs:
+            raise InputError(f"exports[{number}].format: missing; expected one of {', '.join(EXPORT_FORMATS)}")
+        steps.append(ExportStep(**kwargs))
+    validation = None
+    if data.get("validation") is not None:
+        kwargs = _section("validation", data["validation"], ValidationStep)
+        if "data" not in kwargs:
+            raise InputError("validation.data: missing; expected an evaluation text file")
+        for key in ("data", "hellaswag", "choices"):
+            if kwargs.get(key) not in (None, "self"):
+                kwargs[key] = str(_resolve(kwargs[key], base))
+        validation = ValidationStep(**kwargs)
+    model = model if model in BUILTIN_MODELS else str(_resolve(model, base))
+    if calibration_data not in (None, "self"):
+        calibration_data = str(_resolve(calibration_data, base))
+    calibration_keys = _section("calibration", calibration, CalibSpec)
+    with _prefixed("calibration."):
+        calibration_spec = CalibSpec(**calibration_keys)
+    return Recipe(model=model, calibration_data=calibration_data, calibration=calibration_spec, quantize=spec,
+                  exports=tuple(steps), validation=validation, gguf_grid=grid)
+
+
+def _resolve(path: str, base: Path) -> Path:
+    candidate = Path(path).expanduser()
+    return candidate if candidate.is_absolute() else (base / candidate)
+
+
+def load_recipe(path: Path) -> Recipe:
+    """Read and validate a YAML recipe file."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read recipe ({exc.strerror or exc})") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    try:
+        recipe = parse_recipe(data, path.resolve().parent)
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from None
+    return dataclasses.replace(recipe, source=path)

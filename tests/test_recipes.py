@@ -1,0 +1,154 @@
+"""YAML recipes and `maverick-quant run`: validation on load (with hypothesis feeding mangled
+recipes), the whole pipeline into one directory, the lock file, and the gates' exit code."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from maverick_quant.cli import cli
+from maverick_quant.errors import InputError
+from maverick_quant.recipe_file import Recipe, load_recipe, parse_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+VALID = {
+    "model": "model-dir",
+    "calibration": {"data": "self", "samples": 4, "seq_len": 24},
+    "quantize": {"method": "gptq", "bits": 4, "group_size": 32, "sym": False, "moe": {"policy": "routed"}},
+    "exports": [{"format": "gptq"}, {"format": "compressed-tensors"}],
+    "validation": {"data": "eval.txt", "ctx": 24, "max_windows": 2, "gates": ["ppl_ratio<=1.5"]},
+}
+
+
+def test_shipped_recipes_load() -> None:
+    recipes = sorted((REPO / "recipes").glob("*.yaml"))
+    assert {p.name for p in recipes} >= {"smollm2-demo.yaml", "maverick-gptq-w4g128.yaml", "maverick-q4_0-gguf.yaml"}
+    for path in recipes:
+        assert isinstance(load_recipe(path), Recipe), path
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"quantize": {"bits": 9}}, "quantize.bits=9: expected an integer from 2 to 8"),
+    ({"quantize": {"group_size": 48}}, "quantize.group_size=48: expected one of"),
+    ({"quantize": {"moe": {"polcy": "routed"}}}, "quantize.moe.polcy: unknown key; expected one of policy"),
+    ({"quantize": {"method": "gptqq"}}, "quantize.method='gptqq': expected one of rtn, gptq, awq, awq+gptq"),
+    ({"calibration": {"samples": "many"}}, "calibration.samples='many': expected int"),
+    ({"exports": [{"format": "onnx"}]}, "exports[].format='onnx': expected one of gptq, awq"),
+    ({"exports": [{"format": "gguf", "gguf_type": "Q4_0"}]}, "gguf_type Q4_0 needs the bundle on its grid"),
+    ({"quantize": {"bits": 3}}, "format gptq stores bits (2, 4, 8), quantize.bits is 3"),
+    ({"validation": {"data": "x", "gates": ["ppl_ratio<<1"]}}, "gate 'ppl_ratio<<1'"),
+    ({"exprots": []}, "exprots: unknown key; expected one of model, calibration"),
+])
+def test_bad_recipes_name_the_key_and_the_allowed_values(change: dict, message: str) -> None:
+    data = json.loads(json.dumps(VALID))
+    for key, value in change.items():
+        data[key] = {**data[key], **value} if isinstance(value, dict) and isinstance(data.get(key), dict) else value
+    with pytest.raises(InputError) as error:
+        parse_recipe(data)
+    assert message in str(error.value)
+
+
+def _mangled(draw_value):
+    """VALID with one key at any depth replaced, removed, or joined by an unknown key."""
+    paths = []
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                paths.append(path + (key,))
+                walk(value, path + (key,))
+        elif isinstance(node, list):
+            for index, value in enumerate(node):
+                paths.append(path + (index,))
+                walk(value, path + (index,))
+
+    walk(VALID, ())
+    return st.tuples(st.sampled_from(paths), st.sampled_from(["replace", "remove", "add"]), draw_value)
+
+
+ANY_VALUE = st.recursive(st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=True) | st.text(max_size=8),
+                         lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+                         max_leaves=6)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_mangled(ANY_VALUE))
+def test_mangled_recipes_give_a_clean_error_never_a_traceback(mutation) -> None:
+    path, action, value = mutation
+    data = json.loads(json.dumps(VALID))
+    parent = data
+    for key in path[:-1]:
+        parent = parent[key]
+    last = path[-1]
+    if action == "replace":
+        parent[last] = value
+    elif action == "remove":
+        parent.pop(last) if isinstance(parent, dict) else parent.pop(last)
+    elif isinstance(parent, dict):
+        parent["zz_unknown"] = value
+    else:
+        parent.append(value)
+    try:
+        parse_recipe(data)
+    except InputError as error:
+        assert str(error)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(max_size=200))
+def test_recipe_files_that_are_not_yaml_mappings_exit_2(tmp_path_factory, content: bytes) -> None:
+    path = tmp_path_factory.mktemp("r") / "recipe.yaml"
+    path.write_bytes(content)
+    result = CliRunner().invoke(cli, ["run", str(path), "--out", str(path.parent / "out")])
+    assert result.exit_code == 2, result.output
+    assert not (path.parent / "out").exists()
+
+
+def _write_recipe(tmp_path: Path, model_dir: Path, text_file: Path, gates: list[str]) -> Path:
+    recipe = json.loads(json.dumps(VALID))
+    recipe["model"] = str(model_dir)
+    recipe["calibration"]["data"] = str(text_file)
+    recipe["validation"].update(data=str(text_file), gates=gates)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_run_makes_bundle_exports_report_and_lock_and_gates_the_exit_code(tiny_llama_dir: Path, small_text_file: Path,
+                                                                         tmp_path: Path) -> None:
+    recipe = _write_recipe(tmp_path, tiny_llama_dir, small_text_file, ["top1_agreement>=0.0"])
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in out.iterdir()} >= {"calibration", "bundle", "model-gptq", "model-compressed-tensors", "report",
+                                               "recipe.lock.yaml"}
+    lock = yaml.safe_load((out / "recipe.lock.yaml").read_text())
+    assert lock["quantize"]["weights"] == {"bits": 4, "group_size": 32, "sym": False, "act_order": False, "damp": 0.01,
+                                           "block_size": 128, "scale_bits": 11}
+    assert lock["quantize"]["moe"]["min_tokens"] == 128  # defaults resolved
+    assert len(lock["model"]["fingerprint"]) == 64 and len(lock["calibration"]["data_sha256"]) == 64
+    assert len(lock["validation"]["data_sha256"]) == 64 and lock["versions"]["torch"]
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert report["candidate_model"] == str(out / "bundle")
+    manifest = json.loads((out / "bundle" / "manifest.json").read_text())
+    assert manifest["recipe"]["weights"]["group_size"] == 32 and manifest["recipe"]["method"] == "gptq"
+
+    again = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(out), "--no-progress"])
+    assert again.exit_code == 2 and "--force" in again.output
+
+    failing = _write_recipe(tmp_path, tiny_llama_dir, small_text_file, ["top1_agreement>=1.01"])
+    result = CliRunner().invoke(cli, ["run", str(failing), "--out", str(tmp_path / "run2"), "--no-progress"])
+    assert result.exit_code == 1 and "FAILED" in result.output
+
+
+def test_run_refuses_missing_files_before_any_work(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    recipe = _write_recipe(tmp_path, tiny_llama_dir, tmp_path / "missing.txt", [])
+    result = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "calibration.data" in result.output and "missing.txt" in result.output
+    assert not (tmp_path / "run").exists()
