@@ -118,7 +118,6 @@ def bench_linear(name: str, n: int, k: int, rows: list[int], backends: list[str]
                 row[backend]["vs_torch_int4"] = row["torch_int4_s"] / seconds
         results.append(row)
         print(json.dumps(row), flush=True)
-    del dense_bf16, dense_fp32
     return results
 
 

@@ -171,26 +171,37 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
     return float(value) if hint is float else value
 
 
-def _section(key: str, data: Any, cls: type, skip: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Keyword arguments of `cls` from the mapping `data`, each key and type checked."""
+def _hints(cls: type, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """{field name: type} of dataclass `cls`, in declaration order, without `skip`."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name not in skip}
+
+
+def _section(key: str, data: Any, fields: dict[str, Any] | type) -> dict[str, Any]:
+    """Keyword arguments from the mapping `data`, each key checked against `fields` (a
+    dataclass or {name: type}) and each value against its type."""
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise InputError(f"{key}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.name not in skip]
+    fields = _hints(fields) if isinstance(fields, type) else fields
     out = {}
     for name, value in data.items():
-        if name not in names:
-            raise InputError(f"{key}.{name}: unknown key; expected one of {', '.join(names)}")
-        out[name] = _check_type(f"{key}.{name}", value, hints[name])
+        if name not in fields:
+            raise InputError(f"{key}.{name}: unknown key; expected one of {', '.join(fields)}")
+        out[name] = _check_type(f"{key}.{name}", value, fields[name])
     return out
 
 
 def _quantize(data: Any) -> tuple[QuantizeSpec, str | None]:
-    top = _section("quantize", {k: v for k, v in (data or {}).items() if k not in ("moe", "awq", "gguf_grid")},
-                   _QuantizeKeys)
-    data = data or {}
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise InputError(f"quantize: expected a mapping, got {type(data).__name__}")
+    nested = ("gguf_grid", "moe", "awq")
+    for name in data:
+        if name not in QUANTIZE_KEYS and name not in nested:
+            raise InputError(f"quantize.{name}: unknown key; expected one of {', '.join([*QUANTIZE_KEYS, *nested])}")
+    top = _section("quantize", {k: v for k, v in data.items() if k not in nested}, QUANTIZE_KEYS)
     grid = data.get("gguf_grid")
     if grid is not None:
         _one_of("quantize.gguf_grid", grid, tuple(sorted(GGUF_GRIDS)))
@@ -211,19 +222,8 @@ def _prefixed(prefix: str):
         raise InputError(f"{prefix}{exc}") from None
 
 
-@dataclass(frozen=True)
-class _QuantizeKeys:
-    """The keys `quantize:` takes besides moe, awq and gguf_grid (QuantSpec's and QuantizeSpec's)."""
-
-    method: Method = Method.GPTQ
-    bits: int = 4
-    group_size: int = 128
-    sym: bool = True
-    act_order: bool = False
-    damp: float = 0.01
-    block_size: int = 128
-    true_sequential: bool = True
-    batch_windows: int = 8
+# `quantize:` takes QuantizeSpec's own keys and QuantSpec's (scale_bits comes from gguf_grid)
+QUANTIZE_KEYS = {**_hints(QuantizeSpec, skip=("weights", "moe", "awq")), **_hints(QuantSpec, skip=("scale_bits",))}
 
 
 TOP_KEYS = ("model", "calibration", "quantize", "exports", "validation")
