@@ -25,7 +25,7 @@ import torch
 
 from maverick_quant.compress.kernels.backends import get_backend
 from maverick_quant.compress.kernels.layout import Int4Weight
-from maverick_quant.compress.kernels.modules import QuantLinear, QuantMoE
+from maverick_quant.runtime import QuantLinear, QuantMoE
 
 HIDDEN, EXPERT_INTER, MLP_INTER, HEADS, KV_HEADS, HEAD_DIM = 5120, 8192, 16384, 40, 8, 128
 SHAPES = {  # name: (N outputs, K inputs)

@@ -206,7 +206,7 @@ def run_generate(bundle_dir: Path, prompt: str, max_new_tokens: int, kernels: st
     from maverick_quant.bundle import Bundle
     from maverick_quant.calibration.data import load_tokenizer
     from maverick_quant.compress.kernels.backends import get_backend
-    from maverick_quant.compress.kernels.modules import load_quantized_model
+    from maverick_quant.runtime import load_quantized_model
 
     bundle = Bundle(bundle_dir)
     backend = get_backend(kernels)

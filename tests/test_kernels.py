@@ -17,7 +17,7 @@ from maverick_quant.compress import pack
 from maverick_quant.compress.kernels.backends import (Backend, CpuInt4Backend, cpu_int4_available, dequantize,
                                                       get_backend)
 from maverick_quant.compress.kernels.layout import Int4Weight, concat_outputs, to_export_tensors
-from maverick_quant.compress.kernels.modules import KernelModel, load_quantized_model
+from maverick_quant.runtime import KernelModel, load_quantized_model
 from maverick_quant.compress.types import QuantizedWeight
 from maverick_quant.errors import InputError
 from maverick_quant.streaming import StreamingModel, open_source

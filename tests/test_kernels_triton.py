@@ -90,7 +90,7 @@ def test_kernel_model_on_triton_equals_the_reference_kernels(smollm2_dir, tmp_pa
 
     from maverick_quant.bundle import Bundle
     from maverick_quant.cli import cli
-    from maverick_quant.compress.kernels.modules import KernelModel
+    from maverick_quant.runtime import KernelModel
     from tests.conftest import make_tiny_llama4
 
     model_dir = make_tiny_llama4(smollm2_dir, tmp_path / "model", intermediate_size_mlp=64, num_hidden_layers=2)

@@ -143,7 +143,7 @@ def evaluate(reference: WeightSource, candidate: WeightSource, windows: torch.Te
     if kernels is None:
         cand_model = StreamingModel(candidate, batch=batch)
     else:
-        from maverick_quant.compress.kernels.modules import KernelModel
+        from maverick_quant.runtime import KernelModel
 
         cand_model = KernelModel(candidate, kernels, batch=batch)
     h_ref, h_cand = ref_model.embed(windows), cand_model.embed(windows)

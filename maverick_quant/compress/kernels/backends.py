@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import torch
 
+from maverick_quant.calibration.moe import group_by_expert
 from maverick_quant.compress.kernels.layout import Int4Weight, SYMMETRIC_ZERO
 from maverick_quant.recipe import KERNEL_BACKENDS
 
@@ -26,15 +27,6 @@ from maverick_quant.recipe import KERNEL_BACKENDS
 def dequantize(weight: Int4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """W [E?, N, K] in `dtype`: (code - zero) * scale, computed in fp32."""
     return weight.to_quantized().dequantize(dtype)
-
-
-def expert_token_groups(choice: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(order [T*k] flat (token, slot) pairs sorted by expert, offsets [E+1]): expert e owns
-    pairs order[offsets[e]:offsets[e+1]]; pair p is token p // k, slot p % k."""
-    flat = choice.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
-    return order, torch.cat([counts.new_zeros(1), counts.cumsum(0)])
 
 
 def swiglu(gate_up: torch.Tensor, act: Callable) -> torch.Tensor:
@@ -63,7 +55,7 @@ class Backend:
                 act: Callable) -> torch.Tensor:
         """Routed experts, one expert at a time on its own tokens (see the module docstring)."""
         k = choice.shape[1]
-        order, offsets = expert_token_groups(choice, len(down))
+        order, offsets = group_by_expert(choice, len(down))
         out = torch.zeros_like(x)
         flat_scores = scores.reshape(-1).to(x.dtype)
         for expert in range(len(down)):

@@ -1,5 +1,6 @@
 """`QuantLinear` and `QuantMoE`: transformers layers that run a bundle's 4-bit weights through
-a kernel backend instead of dequantizing them to float, and the loaders that build them.
+a kernel backend (compress/kernels/) instead of dequantizing them to float, and the loaders
+that build them (kept out of compress/, which stays tensors in, tensors out).
 
 - `quantized_layer(bundle, index, backend, dtype)`: decoder layer `index` with every quantized
   linear replaced by a `QuantLinear` and, in a Llama 4 MoE layer, the whole `feed_forward`
