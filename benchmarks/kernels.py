@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from maverick_quant.compress.kernels.backends import get_backend
+from maverick_quant.compress.kernels.backends import get_backend, tinygemm_scales_and_zeros
 from maverick_quant.compress.kernels.layout import Int4Weight
 from maverick_quant.runtime import QuantLinear, QuantMoE
 
@@ -78,9 +78,7 @@ def copy_bandwidth(device: str) -> float:
 def torch_int4_op(weight: Int4Weight, device: str):
     """torch's own int4 matmul on this weight (tinygemm on CUDA, the CPU kernel on a CPU), or None."""
     codes = weight.codes().to(torch.int32)
-    scales = weight.scales.float()
-    offsets = (8 - weight.zero_points().float()) * scales
-    scales_and_zeros = torch.stack((scales.T, offsets.T), dim=-1).contiguous().bfloat16()
+    scales_and_zeros = tinygemm_scales_and_zeros(weight)
     try:
         if device == "cuda":
             packed = torch.ops.aten._convert_weight_to_int4pack(codes.to(torch.uint8)[:, ::2] << 4 | codes.to(torch.uint8)[:, 1::2], 8)

@@ -28,6 +28,7 @@ import torch
 from maverick_quant.checkpoint import (TORCH_DTYPES, TensorInfo, read_rows, read_safetensors_header, read_tensor, save_safetensors_atomic,
                                        sha256_file, write_json_atomic)
 from maverick_quant.arch.base import fuse_experts
+from maverick_quant.compress.pack import pack_nibbles, unpack_nibbles
 from maverick_quant.compress.types import QuantizedWeight
 from maverick_quant.errors import InputError
 
@@ -37,16 +38,6 @@ PASSTHROUGH = "passthrough.safetensors"
 BUNDLE_FORMAT = "maverick-quant-bundle"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "generation_config.json", "chat_template.jinja", "vocab.json", "merges.txt")
-
-
-def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., K] codes < 16 with K even -> uint8 [..., K/2], code 2j in the low nibble."""
-    return codes[..., 0::2] | (codes[..., 1::2] << 4)
-
-
-def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of pack_nibbles: uint8 [..., K/2] -> [..., K]."""
-    return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
 
 
 def _nibble_packed(bits: int, in_features: int) -> bool:

@@ -35,7 +35,7 @@ import dataclasses
 import enum
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +108,6 @@ class Recipe:
     exports: tuple[ExportStep, ...] = ()
     validation: ValidationStep | None = None
     gguf_grid: str | None = None
-    source: Path | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.quantize.method is not Method.RTN and self.calibration_data is None:
@@ -291,7 +290,6 @@ def load_recipe(path: Path) -> Recipe:
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     try:
-        recipe = parse_recipe(data, path.resolve().parent)
+        return parse_recipe(data, path.resolve().parent)
     except InputError as exc:
         raise InputError(f"{path}: {exc}") from None
-    return dataclasses.replace(recipe, source=path)

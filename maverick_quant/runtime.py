@@ -97,11 +97,14 @@ def quantized_layer(bundle, index: int, backend: Backend, dtype: torch.dtype = t
     quantized, passthrough = bundle.quantized_layer(index)
     module.load_state_dict({k: v.to(dtype) for k, v in passthrough.items()}, strict=False, assign=True)
     prefix = bundle.table.prefix(index)
-    for name, weight in quantized.items():
-        _set_submodule(module, name, QuantLinear(Int4Weight.from_quantized(weight, prefix + name), backend))
+    try:
+        for name, weight in quantized.items():
+            _set_submodule(module, name, QuantLinear(Int4Weight.from_quantized(weight, prefix + name), backend))
+        experts = _routed_experts(bundle, index) if plan.moe is not None else None
+    except ValueError as exc:
+        raise InputError(f"{bundle.root}: {exc}") from None
     if plan.moe is not None:
         moe = plan.moe
-        experts = _routed_experts(bundle, index)
         block = QuantMoE(module.get_submodule(moe.router).weight, module.get_submodule(moe.shared_module),
                          experts["gate_up"], experts["down"], moe.top_k, moe.activation, backend)
         _set_submodule(module, moe.block, block)

@@ -54,9 +54,9 @@ def test_runtime_layout_is_the_bundle_form_and_converts_to_every_export_layout(s
 def test_layout_refuses_what_the_kernels_cannot_run() -> None:
     eight_bit = QuantizedWeight(torch.zeros(16, 64, dtype=torch.uint8), torch.ones(16, 2).half(),
                                 torch.full((16, 2), 128, dtype=torch.uint8), 8, 32)
-    with pytest.raises(InputError, match="layers.0.mlp.up_proj: .*8-bit"):
+    with pytest.raises(ValueError, match="layers.0.mlp.up_proj: .*8-bit"):
         Int4Weight.from_quantized(eight_bit, "layers.0.mlp.up_proj")
-    with pytest.raises(InputError, match="group size 16"):
+    with pytest.raises(ValueError, match="group size 16"):
         Int4Weight.from_quantized(random_quantized(16, 64, 16, True), "w")
 
 

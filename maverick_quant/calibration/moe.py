@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from maverick_quant.compress.routing import group_by_expert
 from maverick_quant.recipe import ExpertPolicy, MoESpec
 
 
@@ -55,14 +56,6 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int) -> Routing:
     order, offsets = group_by_expert(choice, router_weight.shape[0])
     return Routing(logits, choice, scores, order, offsets)
 
-
-def group_by_expert(choice: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(order [T*k] flat (token, slot) pairs sorted by expert (stable), offsets [E+1]): expert e
-    owns pairs order[offsets[e]:offsets[e+1]]; pair p is token p // k, slot p % k."""
-    flat = choice.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
-    return order, torch.cat([counts.new_zeros(1), counts.cumsum(0)])
 
 
 def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -37,6 +37,16 @@ PACK_BITS = (2, 4, 8)
 _WORD = 1 << 32
 
 
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., K] codes < 16 with K even -> uint8 [..., K/2], code 2j in the low nibble."""
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_nibbles: uint8 [..., K/2] -> [..., K]."""
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
+
+
 def _per_word(bits: int) -> int:
     """Codes per int32 word; only widths dividing 32 pack without straddling words."""
     if bits not in PACK_BITS:

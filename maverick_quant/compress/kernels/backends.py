@@ -19,8 +19,8 @@ from typing import Any, Callable
 
 import torch
 
-from maverick_quant.calibration.moe import group_by_expert
 from maverick_quant.compress.kernels.layout import Int4Weight, SYMMETRIC_ZERO
+from maverick_quant.compress.routing import group_by_expert
 from maverick_quant.recipe import KERNEL_BACKENDS
 
 
@@ -83,12 +83,8 @@ class CpuInt4Backend(Backend):
     def prepare(self, weight: Int4Weight) -> Any:
         if weight.out_features % 16:
             return weight
-        codes = weight.codes().to(torch.int32)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-        scales = weight.scales.float()
-        offsets = (SYMMETRIC_ZERO - weight.zero_points().float()) * scales
-        scales_and_zeros = torch.stack((scales.T, offsets.T), dim=-1).contiguous().bfloat16()
-        return packed, scales_and_zeros, weight.group_size
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.codes().to(torch.int32), 1)
+        return packed, tinygemm_scales_and_zeros(weight), weight.group_size
 
     def linear(self, x: torch.Tensor, weight: Any) -> torch.Tensor:
         if isinstance(weight, Int4Weight):
@@ -96,6 +92,14 @@ class CpuInt4Backend(Backend):
         packed, scales_and_zeros, group_size = weight
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16().contiguous(), packed, group_size, scales_and_zeros)
         return y.to(x.dtype)
+
+
+def tinygemm_scales_and_zeros(weight: Int4Weight) -> torch.Tensor:
+    """bf16 [G, N, 2] (scale, zero) of torch's int4 ops, whose dequantization is
+    (q - 8) * scale + zero: zero = (8 - z) * s makes it our (q - z) * s."""
+    scales = weight.scales.float()
+    offsets = (SYMMETRIC_ZERO - weight.zero_points().float()) * scales
+    return torch.stack((scales.T, offsets.T), dim=-1).contiguous().bfloat16()
 
 
 def cpu_int4_available() -> bool:

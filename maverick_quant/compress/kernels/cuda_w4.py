@@ -115,9 +115,8 @@ class CudaBackend(Backend):
                 down: Int4Weight, act: Callable) -> torch.Tensor:
         tokens, top_k = choice.shape
         if tokens * top_k > GEMV_MAX_ROWS:
-            large_gate_up = gate_up if self.large.name == "triton" else self.large.prepare_experts(gate_up)
-            large_down = down if self.large.name == "triton" else self.large.prepare_experts(down)
-            return self.large.experts(x, choice, scores, large_gate_up, large_down, act)
+            return self.large.experts(x, choice, scores, self.large.prepare_experts(gate_up),
+                                      self.large.prepare_experts(down), act)
         pair_expert = choice.reshape(-1).to(torch.int32).contiguous()
         pair_token = torch.arange(tokens * top_k, device=x.device, dtype=torch.int32) // top_k
         pair_scale = scores.reshape(-1).float().contiguous()

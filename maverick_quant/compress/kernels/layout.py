@@ -25,9 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from maverick_quant.bundle import pack_nibbles, unpack_nibbles
+from maverick_quant.compress.pack import pack_nibbles, unpack_nibbles
 from maverick_quant.compress.types import QuantizedWeight
-from maverick_quant.errors import InputError
 
 SYMMETRIC_ZERO = 8
 GROUP_SIZES = (32, 64, 128)
@@ -75,7 +74,7 @@ class Int4Weight:
 
     @staticmethod
     def from_quantized(weight: QuantizedWeight, name: str = "weight") -> "Int4Weight":
-        """Bundle value -> runtime layout. Refuses what the kernels cannot run (message names `name`)."""
+        """Bundle value -> runtime layout. Raises ValueError (naming `name`) for what the kernels cannot run."""
         _check_kernel_grid(weight, name)
         packed = pack_nibbles(weight.codes).contiguous()
         symmetric = bool((weight.zeros == SYMMETRIC_ZERO).all())
@@ -100,11 +99,11 @@ class Int4Weight:
 def _check_kernel_grid(weight: QuantizedWeight, name: str) -> None:
     k = weight.codes.shape[-1]
     if weight.bits != 4:
-        raise InputError(f"{name}: the 4-bit kernels cannot run a {weight.bits}-bit weight (use the reference backend)")
+        raise ValueError(f"{name}: the 4-bit kernels cannot run a {weight.bits}-bit weight (use the reference backend)")
     if weight.group_size not in GROUP_SIZES:
-        raise InputError(f"{name}: group size {weight.group_size} is not one the kernels support {GROUP_SIZES}")
+        raise ValueError(f"{name}: group size {weight.group_size} is not one the kernels support {GROUP_SIZES}")
     if k % weight.group_size:
-        raise InputError(f"{name}: K={k} is not a multiple of the group size {weight.group_size}")
+        raise ValueError(f"{name}: K={k} is not a multiple of the group size {weight.group_size}")
 
 
 def stack_experts(weights: list[Int4Weight]) -> Int4Weight:
