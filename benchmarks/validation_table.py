@@ -5,7 +5,7 @@ The bundle is GPTQ on llama.cpp's Q4_0 grid (`quantize --gguf-grid Q4_0`), so th
 exactly the bundle's weights: the two rows differ only in the engine that runs them (ours, in
 fp32; llama.cpp, with activations rounded to 8 bits in its Q4_0 x Q8_0 dot products).
 
-    python benchmarks/validation_table.py --work /tmp/mq-bench [--tasks 1000] [--windows 40]
+    python benchmarks/validation_table.py --work /tmp/mq-bench [--tasks 1000] [--windows 40] [--hellaswag-only]
 
 `--work` must hold `gptq-Q4_0/` and `gptq-Q4_0.gguf` (made by benchmarks/gguf_quality.py
 with the same --work).
@@ -28,24 +28,20 @@ spec.loader.exec_module(base)
 HELLASWAG = base.DATA.parent / "hellaswag" / "hellaswag_val_full.txt"
 
 
-def hellaswag_correct(models: dict, tasks: list, tokenizer, block: int = 256) -> tuple[dict, dict]:
+def hellaswag_correct(models: dict, tasks: list, tokenizer) -> tuple[dict, dict]:
     """{model name: bool [tasks] (right answer chosen)} and {model name: seconds}."""
-    from maverick_quant.validation.hellaswag import encode_tasks, model_choice_scores, predictions, window_choice_scores
+    from maverick_quant.validation.hellaswag import choose_answers, encode_task
 
-    correct = {name: [] for name in models}
-    seconds = dict.fromkeys(models, 0.0)
-    for start in range(0, len(tasks), block):
-        chunk = tasks[start : start + block]
-        batch = encode_tasks(chunk, tokenizer)
-        labels = torch.tensor([task.label for task in chunk])
-        for name, model in models.items():
-            started = time.perf_counter()
-            score = window_choice_scores if hasattr(model, "window_logits") else model_choice_scores
-            correct[name].append(predictions(score(model, batch), batch, len(chunk)) == labels)
-            seconds[name] += time.perf_counter() - started
-        print(f"hellaswag {start + len(chunk)}/{len(tasks)} tasks: " + json.dumps(
-            {n: round(100 * torch.cat(c).double().mean().item(), 2) for n, c in correct.items()}), flush=True)
-    return {name: torch.cat(values) for name, values in correct.items()}, seconds
+    encoded = [encode_task(task, tokenizer) for task in tasks]
+    labels = torch.tensor([task.label for task in tasks])
+    correct, seconds = {}, {}
+    for name, model in models.items():
+        started = time.perf_counter()
+        correct[name] = choose_answers(model, encoded, tokenizer.eos_token_id or 0) == labels
+        seconds[name] = time.perf_counter() - started
+        print(f"hellaswag {name}: {len(tasks)} tasks, {100 * correct[name].double().mean().item():.2f}% "
+              f"in {seconds[name]:.0f} s", flush=True)
+    return correct, seconds
 
 
 def main() -> None:
@@ -53,6 +49,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--tasks", type=int, default=1000)
     parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--hellaswag-only", action="store_true", help="skip the perplexity passes")
     args = parser.parse_args()
 
     from maverick_quant.bundle import Bundle
@@ -67,7 +64,7 @@ def main() -> None:
     float_model, bundle = open_source(model_dir), Bundle(args.work / "gptq-Q4_0")
     gguf = GGUFCandidate(args.work / "gptq-Q4_0.gguf")
     rows = {"float": {}, "GPTQ bundle (ours)": {}, "Q4_0 GGUF (llama.cpp)": {}}
-    for protocol in ("gptq", "llama.cpp"):
+    for protocol in () if args.hellaswag_only else ("gptq", "llama.cpp"):
         windows = eval_windows(base.DATA / "wiki.test.raw", tokenizer, 512, args.windows, protocol)
         first = scored_from(protocol, 512)
         for name, candidate, run in (("GPTQ bundle (ours)", bundle, evaluate), ("Q4_0 GGUF (llama.cpp)", gguf, evaluate_gguf)):
@@ -85,6 +82,12 @@ def main() -> None:
         rows[name].update({"hellaswag": drift["candidate"]["acc"], "hellaswag ci95": drift["candidate"]["ci95"],
                            "delta": drift["delta"], "delta ci95": drift["delta_ci95"], "hellaswag s": seconds[name]})
     print(json.dumps(rows), flush=True)
+    if args.hellaswag_only:
+        print(f"\n| model | HellaSwag acc ({len(tasks)} tasks) | vs float | wall time |\n|---|---|---|---|")
+        for name, r in rows.items():
+            print(f"| {name} | {r['hellaswag']:.1f} ± {r['hellaswag ci95']:.1f} | {r['delta']:+.1f} ± {r['delta ci95']:.1f} pp "
+                  f"| {r['hellaswag s']:.0f} s |")
+        return
 
     print(f"\n| model | ppl (GPTQ protocol) | ppl (llama.cpp protocol) | KL mean | top-1 | HellaSwag acc ({len(tasks)} tasks) "
           "| vs float | wall time: ppl both protocols / HellaSwag |")

@@ -50,7 +50,8 @@ def capture_block_io(model: StreamingModel, layer: torch.nn.Module, moe: MoEBloc
     try:
         for start in range(0, hidden.shape[0], model.batch):
             try:
-                model.apply(layer, hidden[start : start + model.batch])
+                rows = slice(start, start + model.batch)
+                model.apply(layer, hidden[rows], rows)
             except StopForward:
                 pass
             span = slice(start, start + seen["x"].shape[0])

@@ -7,6 +7,7 @@ work), runs one stage, writes its output atomically and prints a one-line summar
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import click
@@ -132,7 +133,7 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
               "reference_model": str(reference), "candidate_model": str(candidate), "tool_version": __version__,
               "kernels": kernels}
     report.update(_choice_benchmarks(ref_source, cand_source, load_tokenizer(reference), hellaswag, hellaswag_tasks,
-                                     choices))
+                                     choices, kernels=kernels, progress=progress))
     report.update(_expert_summary(cand_source))
     outcomes = evaluate_gates(parsed, report, baseline_report)
     report["gates"] = [{"gate": o.gate, "actual": o.actual, "threshold": o.threshold, "passed": o.passed} for o in outcomes]
@@ -160,20 +161,25 @@ def _expert_summary(candidate) -> dict:
     return {"experts": {"count": len(audit), "fallbacks": fallbacks, "per_expert": rows}}
 
 
-def _choice_benchmarks(ref_source, cand_source, tokenizer, hellaswag, hellaswag_tasks, choices) -> dict:
-    """HellaSwag (llama.cpp text layout) and/or a local multiple-choice JSONL: accuracy drift."""
+def _choice_benchmarks(ref_source, cand_source, tokenizer, hellaswag, hellaswag_tasks, choices, kernels=None,
+                       progress=True) -> dict:
+    """HellaSwag (llama.cpp text layout) and/or a local multiple-choice JSONL: accuracy drift
+    and wall time."""
     from maverick_quant.validation.hellaswag import evaluate_choices, read_choice_jsonl, read_hellaswag
+
+    def drift(tasks, path) -> dict:
+        started = time.perf_counter()
+        result = evaluate_choices(ref_source, cand_source, tasks, tokenizer, kernels=kernels, show_progress=progress)
+        return {**result, "file": str(path), "seconds": time.perf_counter() - started}
 
     out = {}
     if hellaswag:
-        tasks = read_hellaswag(hellaswag, hellaswag_tasks)
-        out["hellaswag"] = {**evaluate_choices(ref_source, cand_source, tasks, tokenizer), "file": str(hellaswag)}
-        click.echo(f"hellaswag ({len(tasks)} tasks): reference {out['hellaswag']['reference']['acc']:.2f}%  "
+        out["hellaswag"] = drift(read_hellaswag(hellaswag, hellaswag_tasks), hellaswag)
+        click.echo(f"hellaswag ({out['hellaswag']['tasks']} tasks): reference {out['hellaswag']['reference']['acc']:.2f}%  "
                    f"candidate {out['hellaswag']['candidate']['acc']:.2f}%  delta {out['hellaswag']['delta']:+.2f} "
                    f"+- {out['hellaswag']['delta_ci95']:.2f} pp")
     if choices:
-        tasks = read_choice_jsonl(choices, hellaswag_tasks)
-        out["multiple_choice"] = {**evaluate_choices(ref_source, cand_source, tasks, tokenizer), "file": str(choices)}
+        out["multiple_choice"] = drift(read_choice_jsonl(choices, hellaswag_tasks), choices)
     return out
 
 

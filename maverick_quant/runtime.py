@@ -18,7 +18,7 @@ from maverick_quant.compress.kernels.backends import Backend, get_backend
 from maverick_quant.compress.kernels.layout import Int4Weight, concat_outputs
 from maverick_quant.compress.types import QuantizedWeight
 from maverick_quant.errors import InputError
-from maverick_quant.streaming import StreamingModel
+from maverick_quant.streaming import SequenceLayout, StreamingModel
 
 
 class QuantLinear(torch.nn.Module):
@@ -129,9 +129,10 @@ class KernelModel(StreamingModel):
 
     runs_experts = True
 
-    def __init__(self, bundle, backend: Backend | str = "auto", dtype: torch.dtype = torch.float32, batch: int = 8):
+    def __init__(self, bundle, backend: Backend | str = "auto", dtype: torch.dtype = torch.float32, batch: int = 8,
+                 layout: SequenceLayout | None = None):
         _require_bundle(bundle)
-        super().__init__(bundle, dtype=dtype, batch=batch)
+        super().__init__(bundle, dtype=dtype, batch=batch, layout=layout)
         self.backend = get_backend(backend) if isinstance(backend, str) else backend
 
     def layer(self, index: int, tensors: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:

@@ -10,6 +10,7 @@ and an export all provide float tensors layer by layer.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Any, Iterator, Protocol
 
 import torch
@@ -83,19 +84,47 @@ class CheckpointSource(CheckpointModelTensors):
         return {name: self.checkpoint.get_rows(prefix + name, rows) for name in moe.fused_names}
 
 
+@dataclass(frozen=True)
+class SequenceLayout:
+    """Several sequences sharing a prefix, packed into each row of a cache [S, L].
+
+    positions [S, L]: the rotary position of each token (a branch continues from the end of
+    the shared prefix, so it sees exactly the positions it would have alone).
+    segments [S, L]: 0 for the shared prefix, k > 0 for the k-th branch, -1 for padding.
+    Token q attends to token k iff k <= q and (segments[k] == 0 or segments[k] == segments[q]):
+    every branch computes what it would compute as its own sequence prefix + branch.
+    (Llama 4's NoPE temperature tuning reads array positions, floor((p + 1) / 8192): equal to
+    the branch's own positions for rows shorter than 8191 tokens.)
+    """
+
+    positions: torch.Tensor
+    segments: torch.Tensor
+
+    def attention_mask(self, rows: slice, dtype: torch.dtype) -> torch.Tensor:
+        """Additive mask [B, 1, L, L] for the rows `rows` (0 allowed, -inf masked)."""
+        segments = self.segments[rows]
+        length = segments.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        query, key = segments[:, :, None], segments[:, None, :]
+        allowed = causal & ((key == 0) | (key == query))
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+        return mask[:, None]
+
 
 class StreamingModel:
     """Layer-by-layer forward of a `WeightSource` in `dtype` (fp32 by default on CPU).
 
     Shapes: input_ids [S, L] -> hidden [S, L, D] -> logits [S, L, V]; windows are processed
-    `batch` at a time; causal attention via SDPA with no padding (all windows full length).
+    `batch` at a time; causal attention via SDPA with no padding (all windows full length),
+    or, with a `layout`, several prefix-sharing sequences packed per row (see SequenceLayout).
     """
 
-    def __init__(self, source: WeightSource, dtype: torch.dtype = torch.float32, batch: int = 8):
+    def __init__(self, source: WeightSource, dtype: torch.dtype = torch.float32, batch: int = 8,
+                 layout: SequenceLayout | None = None):
         self.source, self.table = source, source.table
         self.config = source.table.text_config(source.config)
         self.config._attn_implementation = "sdpa"
-        self.dtype, self.batch = dtype, batch
+        self.dtype, self.batch, self.layout = dtype, batch, layout
         self.rotary = self.table.build_rotary(self.config).to(dtype)
         self._final = None
 
@@ -130,7 +159,9 @@ class StreamingModel:
         module.storage_dtype = next(iter(tensors.values())).dtype  # what pass-through tensors are written as
         return module.eval()
 
-    def _position_embeddings(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _position_embeddings(self, hidden: torch.Tensor, rows: slice | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.layout is not None:
+            return self.rotary(hidden, self.layout.positions[rows])
         positions = torch.arange(hidden.shape[1]).unsqueeze(0).expand(hidden.shape[0], -1)
         return self.rotary(hidden, positions)
 
@@ -161,10 +192,17 @@ class StreamingModel:
         return mask[None, None]
 
     @torch.no_grad()
-    def apply(self, layer: torch.nn.Module, chunk: torch.Tensor) -> torch.Tensor:
-        """One layer on a batch of full-length windows [B, L, D] -> [B, L, D]."""
-        mask = self._attention_mask(chunk, getattr(layer, "attention_window", None))
-        return layer(chunk, attention_mask=mask, position_embeddings=self._position_embeddings(chunk))
+    def apply(self, layer: torch.nn.Module, chunk: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        """One layer on a batch of full-length windows [B, L, D] -> [B, L, D]; `rows` says
+        which rows of the cache `chunk` is (needed with a packed `layout`)."""
+        window = getattr(layer, "attention_window", None)
+        if self.layout is None:
+            mask = self._attention_mask(chunk, window)
+        elif rows is None or (window is not None and window < chunk.shape[1]):
+            raise ValueError("a packed layout needs the chunk's rows and rows shorter than the attention window")
+        else:
+            mask = self.layout.attention_mask(rows, chunk.dtype)
+        return layer(chunk, attention_mask=mask, position_embeddings=self._position_embeddings(chunk, rows))
 
     @torch.no_grad()
     def run_layer(self, layer: torch.nn.Module, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -175,8 +213,8 @@ class StreamingModel:
         """
         out = torch.empty_like(hidden) if out is None else out
         for start in range(0, hidden.shape[0], self.batch):
-            chunk = hidden[start : start + self.batch]
-            out[start : start + self.batch] = self.apply(layer, chunk)
+            rows = slice(start, start + self.batch)
+            out[rows] = self.apply(layer, hidden[rows], rows)
         return out
 
     def eager_batch(self, length: int, budget_bytes: int = 32 * 2**20) -> int:
@@ -192,9 +230,9 @@ class StreamingModel:
         raising `StopForward`."""
         batch = batch or self.batch
         for start in range(0, hidden.shape[0], batch):
-            chunk = hidden[start : start + batch]
+            rows = slice(start, start + batch)
             try:
-                self.apply(layer, chunk)
+                self.apply(layer, hidden[rows], rows)
             except StopForward:
                 pass
 

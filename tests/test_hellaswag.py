@@ -13,8 +13,9 @@ from maverick_quant.calibration.data import load_tokenizer
 from maverick_quant.cli import cli
 from maverick_quant.errors import InputError
 from maverick_quant.streaming import open_source
-from maverick_quant.validation.hellaswag import (Task, accuracy_drift, encode_tasks, model_choice_scores,
-                                                 read_choice_jsonl, read_hellaswag)
+from maverick_quant.streaming import StreamingModel
+from maverick_quant.validation.hellaswag import (Task, accuracy_drift, branch_choice_scores, encode_task, pack_tasks,
+                                                 read_choice_jsonl, read_hellaswag, streamed_choice_scores)
 from tests.conftest import SHARED_DATA
 
 HELLASWAG = SHARED_DATA / "hellaswag" / "hellaswag_val_full.txt"
@@ -44,24 +45,42 @@ def test_malformed_files_name_the_line(tmp_path: Path) -> None:
         read_choice_jsonl(jsonl)
 
 
-def test_scores_are_mean_logprobs_of_the_ending_tokens(tiny_llama_dir: Path) -> None:
-    """Against a whole-model transformers computation, one choice at a time (no padding)."""
+TASKS = [Task("The cat sat on the", ("mat.", "big red chair near the window."), 0),
+         Task("Rain fell all day, so we", ("stayed in.", "went out.", "slept"), 2),
+         Task("A", ("b c d e f g", "b"), 1)]
+
+
+def _separate_sequence_scores(model_dir: Path, tasks: list[Task]) -> list[float]:
+    """Mean log-prob of each choice's own tokens, each choice run alone through transformers."""
     from transformers import AutoModelForCausalLM
 
-    tokenizer = load_tokenizer(tiny_llama_dir)
-    tasks = [Task("The cat sat on the", ("mat.", "big red chair near the window."), 0),
-             Task("Rain fell all day, so we", ("stayed in.", "went out.", "slept"), 2)]
-    batch = encode_tasks(tasks, tokenizer)
-    scores = model_choice_scores(open_source(tiny_llama_dir), batch)
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
-    for row in range(batch.ids.shape[0]):
-        ids = batch.ids[row, : batch.length[row]][None]
-        with torch.no_grad():
-            logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
-        first = int(batch.first[row])
-        expected = logprobs[first - 1 :].gather(-1, ids[0, first:, None]).mean()
-        assert torch.isclose(scores[row], expected, atol=1e-4)
-    assert batch.task.tolist() == [0, 0, 1, 1, 1]
+    tokenizer = load_tokenizer(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    expected = []
+    for encoded in (encode_task(task, tokenizer) for task in tasks):
+        for suffix in encoded.suffixes:
+            ids = torch.tensor([list(encoded.prefix) + list(suffix)])
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
+            first = len(encoded.prefix)
+            expected.append(logprobs[first - 1 :].gather(-1, ids[0, first:, None]).mean().item())
+    return expected
+
+
+@pytest.mark.parametrize("model", ["tiny_llama_dir", "tiny_llama4_dir"])
+def test_packed_scores_equal_each_choice_run_alone(model: str, request: pytest.FixtureRequest) -> None:
+    """The packed rows (prefix once, choices masked from each other, positions restarted)
+    give every choice the mean log-prob transformers computes for it as its own sequence,
+    for a dense Llama and a Llama 4 MoE (experts streamed in chunks); padding rows included."""
+    model_dir = request.getfixturevalue(model)
+    tokenizer = load_tokenizer(model_dir)
+    encoded = [encode_task(task, tokenizer) for task in TASKS]
+    assert all(len(e.prefix) >= 1 and all(len(s) >= 1 for s in e.suffixes) for e in encoded)
+    packed = pack_tasks(encoded, pad=0)
+    assert packed.ids.shape == (3, max(e.packed_length for e in encoded))
+    scores = streamed_choice_scores(lambda layout: StreamingModel(open_source(model_dir), batch=2, layout=layout), packed)
+    torch.testing.assert_close(scores, torch.tensor(_separate_sequence_scores(model_dir, TASKS), dtype=torch.float64),
+                               atol=1e-4, rtol=0)
 
 
 def test_paired_drift_interval() -> None:
@@ -89,19 +108,44 @@ def test_validate_gates_on_hellaswag_delta(tiny_llama_dir: Path, hellaswag_file:
     assert report["multiple_choice"]["tasks"] == 3
 
 
-def test_one_sequence_at_a_time_scoring_equals_the_padded_batch_scoring() -> None:
-    """window_choice_scores (the GGUF path: one unpadded sequence per call) gives the scores
-    choice_scores computes from the right-padded batch, for a causal stand-in model whose
-    logits at position j depend on token j only."""
-    from maverick_quant.validation.hellaswag import ChoiceBatch, choice_scores, window_choice_scores
+TABLE = torch.randn(50, 50, generator=torch.Generator().manual_seed(7))
 
-    table = torch.randn(50, 50, generator=torch.Generator().manual_seed(7))
 
-    class Causal:
-        def window_logits(self, ids: list[int]) -> torch.Tensor:
-            return table[torch.tensor(ids)]
+class Causal:
+    """A stand-in engine whose logits at a position depend on that position's token only."""
 
-    ids = torch.tensor([[1, 5, 6, 7, 0, 0], [1, 5, 6, 9, 9, 3], [1, 8, 2, 0, 0, 0]])
-    batch = ChoiceBatch(ids, torch.tensor([2, 2, 1]), torch.tensor([4, 6, 3]), torch.tensor([0, 0, 1]))
-    batched = choice_scores(torch.log_softmax(table[ids[:, :-1]].double(), -1), batch)
-    torch.testing.assert_close(window_choice_scores(Causal(), batch), batched)
+    def branch_logits(self, prefix: list[int], suffixes: list[list[int]]) -> list[torch.Tensor]:
+        return [TABLE[torch.tensor([prefix[-1]] + suffix[:-1])] for suffix in suffixes]
+
+
+def test_answers_come_back_in_task_order_whatever_the_blocks() -> None:
+    """choose_answers sorts tasks by length into blocks; the answers return in task order."""
+    from maverick_quant.validation.hellaswag import EncodedTask, choose_answers, predictions
+
+    generator = torch.Generator().manual_seed(3)
+    encoded = [EncodedTask(tuple(torch.randint(1, 50, (int(torch.randint(1, 6, (1,), generator=generator)),),
+                                               generator=generator).tolist()),
+                           tuple(tuple(torch.randint(1, 50, (1 + (task * choice) % 5,), generator=generator).tolist())
+                                 for choice in range(4)), 0) for task in range(11)]
+    direct = predictions(branch_choice_scores(Causal(), encoded), (4,) * len(encoded))
+    assert len(set(direct.tolist())) > 1
+    for block in (1, 3, 64):
+        assert choose_answers(Causal(), encoded, pad=0, block=block).tolist() == direct.tolist()
+
+
+def test_branch_scoring_equals_the_packed_scoring() -> None:
+    """branch_choice_scores (the GGUF path: prefix once, then each choice) gives the scores the
+    packed streamed path computes, for a stand-in model whose logits at a position depend
+    on that position's token only (so both paths must read the same predicting positions)."""
+    from maverick_quant.validation.hellaswag import EncodedTask, mean_choice_logprobs
+
+    encoded = [EncodedTask((1, 5), ((6, 7), (9, 9, 3)), 0), EncodedTask((1,), ((8, 2),), 0)]
+    packed = pack_tasks(encoded, pad=0)
+    logprobs = torch.log_softmax(TABLE[packed.ids].double(), -1)
+
+    def logprob_of(first: int, last: int) -> torch.Tensor:
+        rows, predictors = packed.row[first:last], packed.predictor[first:last]
+        return logprobs[rows, predictors].gather(-1, packed.token[first:last, None]).squeeze(-1)
+
+    torch.testing.assert_close(branch_choice_scores(Causal(), encoded), mean_choice_logprobs(packed, logprob_of))
+    assert packed.layout.positions[0].tolist() == [0, 1, 2, 3, 2, 3, 4] and packed.choices_per_task == (2, 1)

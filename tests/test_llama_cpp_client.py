@@ -113,3 +113,22 @@ def test_llama_cpp_runs_our_llama4_moe_like_our_bundle(smollm2_dir: Path, small_
     top1, kl = agreement(ours, theirs)
     print(f"\ntiny Llama 4 Q8_0, {len(tokens)} tokens: top-1 agreement {top1:.4f}, mean KL {kl:.6f}")
     assert top1 >= 0.93 and kl < 0.01
+
+
+@pytest.mark.slow
+def test_llama_cpp_branches_after_a_cached_prefix_equal_whole_sequences(smollm2_dir: Path, smollm2_q4_0: Path,
+                                                                        wiki_test_path: Path) -> None:
+    """branch_logits (prefix evaluated once, each suffix after it in the KV cache, as the
+    HellaSwag path uses it) gives the logits of running prefix + suffix as one sequence: the
+    previous suffix's cache entries must not leak into the next one."""
+    from maverick_quant.validation.evaluate import GGUFCandidate
+
+    tokens = _text_tokens(smollm2_dir, wiki_test_path, 40)
+    prefix, suffixes = tokens[:24], [tokens[24:40], tokens[30:34], tokens[24:25]]
+    candidate = GGUFCandidate(smollm2_q4_0 / "m.gguf", threads=2)
+    branches = candidate.branch_logits(prefix, suffixes)
+    for suffix, branch in zip(suffixes, branches):
+        whole = candidate.window_logits(prefix + suffix)[len(prefix) - 1 : -1]
+        assert branch.shape == whole.shape
+        assert (branch.argmax(-1) == whole.argmax(-1)).all()
+        torch.testing.assert_close(branch, whole, atol=2e-2, rtol=0)

@@ -175,17 +175,38 @@ class GGUFCandidate:
         self.path = Path(path)
         self._llama_cpp, self._model, self._threads = llama_cpp, None, threads or os.cpu_count()
 
-    def window_logits(self, window: list[int]) -> torch.Tensor:
-        """Logits [L, V] llama.cpp computes for one window (its KV cache reset first)."""
-        import numpy as np
-
-        if self._model is None or self._model.n_ctx() < len(window):
-            context = max(len(window), 512)  # short sequences (benchmark choices) reuse one context
+    def _context(self, tokens: int):
+        """The llama.cpp context, (re)made large enough for `tokens` tokens, its KV cache empty."""
+        if self._model is None or self._model.n_ctx() < tokens:
+            context = max(tokens, 512)  # short sequences (benchmark choices) reuse one context
             self._model = self._llama_cpp.Llama(model_path=str(self.path), n_ctx=context, n_batch=context,
                                                 logits_all=True, n_threads=self._threads, verbose=False)
         self._model.reset()
-        self._model.eval(window)
-        return torch.from_numpy(np.array(self._model.scores[: len(window)], dtype=np.float32))
+        return self._model
+
+    def _scores(self, first: int, last: int) -> torch.Tensor:
+        import numpy as np
+
+        return torch.from_numpy(np.array(self._model.scores[first:last], dtype=np.float32))
+
+    def window_logits(self, window: list[int]) -> torch.Tensor:
+        """Logits [L, V] llama.cpp computes for one window (its KV cache reset first)."""
+        self._context(len(window)).eval(window)
+        return self._scores(0, len(window))
+
+    def branch_logits(self, prefix: list[int], suffixes: list[list[int]]) -> list[torch.Tensor]:
+        """For each suffix, the logits [len(suffix), V] predicting its tokens after `prefix`:
+        the prefix is evaluated once and kept in the KV cache, each suffix evaluated after it
+        (llama.cpp drops the previous suffix's cache entries when it evaluates from n_tokens)."""
+        model = self._context(len(prefix) + max(map(len, suffixes)))
+        model.eval(prefix)
+        last_prefix = self._scores(len(prefix) - 1, len(prefix))
+        out = []
+        for suffix in suffixes:
+            model.n_tokens = len(prefix)
+            model.eval(suffix)
+            out.append(torch.cat([last_prefix, self._scores(len(prefix), len(prefix) + len(suffix) - 1)]))
+        return out
 
 
 @torch.no_grad()

@@ -6,8 +6,10 @@ prefix) are context, and a choice's score is the MEAN log-probability of its rem
 tokens (length-normalised). The predicted choice is the argmax; accuracy is the share of
 tasks whose prediction is the label.
 
-Sequences of a block of tasks are right-padded to one length: attention is causal, so the
-padding never changes the logits of real positions, which are the only ones read.
+As llama.cpp does, the shared prefix is computed once per task: a task is one row holding
+the prefix and then every choice, each choice attending only to the prefix and to itself
+(streaming.SequenceLayout), so the result equals scoring each choice as its own sequence.
+Rows are right-padded; attention is causal, so padding never reaches a real position.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from pathlib import Path
 
 import torch
 
+from tqdm.auto import tqdm
+
 from maverick_quant.errors import InputError
-from maverick_quant.streaming import StreamingModel, WeightSource
+from maverick_quant.streaming import SequenceLayout, StreamingModel, WeightSource
 
 HELLASWAG_LINES = 6  # per task: context, label, four endings
 
@@ -69,30 +73,25 @@ def read_choice_jsonl(path: Path, limit: int | None = None) -> list[Task]:
 
 
 @dataclass(frozen=True)
-class ChoiceBatch:
-    """Token ids [C, L] of every choice of a block of tasks (right-padded), the first scored
-    position and length of each [C], and the task of each choice [C]."""
+class EncodedTask:
+    """A task's token ids: `prefix`, the tokens every choice shares (BOS + context; at least
+    BOS), and each choice's own tokens `suffixes` (at least one each), the scored ones."""
 
-    ids: torch.Tensor
-    first: torch.Tensor
-    length: torch.Tensor
-    task: torch.Tensor
+    prefix: tuple[int, ...]
+    suffixes: tuple[tuple[int, ...], ...]
+    label: int
+
+    @property
+    def packed_length(self) -> int:
+        return len(self.prefix) + sum(map(len, self.suffixes))
 
 
-def encode_tasks(tasks: list[Task], tokenizer) -> ChoiceBatch:
-    """BOS + context + " " + ending per choice; scoring starts after the choices' common prefix."""
-    sequences, firsts, owners = [], [], []
-    for index, task in enumerate(tasks):
-        encoded = [tokenizer(f"{task.context} {choice}", add_special_tokens=True)["input_ids"] for choice in task.choices]
-        prefix = _common_prefix(encoded)
-        for ids in encoded:
-            sequences.append(ids)
-            firsts.append(min(max(prefix, 1), len(ids) - 1))
-            owners.append(index)
-    longest = max(map(len, sequences))
-    pad = tokenizer.eos_token_id or 0
-    ids = torch.tensor([s + [pad] * (longest - len(s)) for s in sequences])
-    return ChoiceBatch(ids, torch.tensor(firsts), torch.tensor([len(s) for s in sequences]), torch.tensor(owners))
+def encode_task(task: Task, tokenizer) -> EncodedTask:
+    """BOS + context + " " + ending per choice, split at the choices' common prefix (llama.cpp
+    scores the tokens after it; the prefix keeps >= 1 token and leaves each choice >= 1)."""
+    encoded = [tokenizer(f"{task.context} {choice}", add_special_tokens=True)["input_ids"] for choice in task.choices]
+    shared = max(1, min(_common_prefix(encoded), min(map(len, encoded)) - 1))
+    return EncodedTask(tuple(encoded[0][:shared]), tuple(tuple(ids[shared:]) for ids in encoded), task.label)
 
 
 def _common_prefix(sequences: list[list[int]]) -> int:
@@ -104,54 +103,97 @@ def _common_prefix(sequences: list[list[int]]) -> int:
     return length
 
 
-def choice_scores(logprobs: torch.Tensor, batch: ChoiceBatch) -> torch.Tensor:
-    """Mean log-probability of each choice's scored tokens [C] from next-token log-probs
-    [C, L-1, V] (position j predicts token j+1)."""
-    positions = torch.arange(batch.ids.shape[1] - 1)[None]
-    scored = (positions >= batch.first[:, None] - 1) & (positions < batch.length[:, None] - 1)
-    token_logprobs = logprobs.gather(-1, batch.ids[:, 1:, None]).squeeze(-1)
-    return (token_logprobs * scored).sum(1) / scored.sum(1)
+@dataclass(frozen=True)
+class PackedTasks:
+    """Tasks packed one per row: the shared prefix once, then every choice's tokens, each
+    choice attending only to the prefix and itself (`layout`), so every choice is computed
+    exactly as its own sequence prefix + choice, with the prefix computed once per task.
+
+    ids [T, L] (right-padded), layout (positions and segments [T, L]); for the N scored
+    tokens of all choices: row, predictor (the position whose logits predict it), token and
+    choice (its index among all choices of the block, task by task) [N]; choices per task."""
+
+    ids: torch.Tensor
+    layout: SequenceLayout
+    row: torch.Tensor
+    predictor: torch.Tensor
+    token: torch.Tensor
+    choice: torch.Tensor
+    choices_per_task: tuple[int, ...]
+
+
+def pack_tasks(encoded: list[EncodedTask], pad: int) -> PackedTasks:
+    """Rows for `encoded` (see PackedTasks); `pad` fills the tail of shorter rows."""
+    length = max(task.packed_length for task in encoded)
+    ids = torch.full((len(encoded), length), pad)
+    positions = torch.zeros(len(encoded), length, dtype=torch.long)
+    segments = torch.full((len(encoded), length), -1)
+    scored = {"row": [], "predictor": [], "token": [], "choice": []}
+    choice = 0
+    for row, task in enumerate(encoded):
+        shared = len(task.prefix)
+        ids[row, :shared], positions[row, :shared], segments[row, :shared] = torch.tensor(task.prefix), torch.arange(shared), 0
+        offset = shared
+        for number, suffix in enumerate(task.suffixes, 1):
+            span = slice(offset, offset + len(suffix))
+            ids[row, span], segments[row, span] = torch.tensor(suffix), number
+            positions[row, span] = torch.arange(shared, shared + len(suffix))
+            predictors = [shared - 1] + list(range(offset, offset + len(suffix) - 1))
+            scored["row"] += [row] * len(suffix)
+            scored["predictor"] += predictors
+            scored["token"] += suffix
+            scored["choice"] += [choice] * len(suffix)
+            offset, choice = offset + len(suffix), choice + 1
+    return PackedTasks(ids, SequenceLayout(positions, segments), *(torch.tensor(v) for v in scored.values()),
+                       tuple(len(task.suffixes) for task in encoded))
+
+
+def mean_choice_logprobs(packed: PackedTasks, logprob_of) -> torch.Tensor:
+    """Mean log-probability of each choice's tokens [choices], from `logprob_of(first, last)`,
+    the log-probs [last - first] of scored tokens first..last-1 (in PackedTasks order)."""
+    sums = torch.zeros(sum(packed.choices_per_task), dtype=torch.float64)
+    step = 1024  # scored tokens per lm_head call: [step, V] logits stay ~ 200 MB in float64
+    for first in range(0, packed.choice.numel(), step):
+        last = min(first + step, packed.choice.numel())
+        sums.index_add_(0, packed.choice[first:last], logprob_of(first, last))
+    return sums / torch.bincount(packed.choice, minlength=sums.numel())
 
 
 @torch.no_grad()
-def model_choice_scores(source: WeightSource, batch: ChoiceBatch, windows: int = 8) -> torch.Tensor:
-    """Stream `source` over every choice sequence; their scores [C]."""
-    model = StreamingModel(source, batch=windows)
-    hidden = model.embed(batch.ids)
+def streamed_choice_scores(model_for, packed: PackedTasks) -> torch.Tensor:
+    """Scores [choices] of `packed` from a StreamingModel built by `model_for(layout)`: every
+    row through every layer (MoE experts streamed as in validation), then the final norm and
+    lm_head only at the predicting positions."""
+    from maverick_quant.validation.evaluate import forward_layer
+
+    model = model_for(packed.layout)
+    hidden = model.embed(packed.ids)
     for index in range(model.num_layers):
-        model.run_layer(model.layer(index), hidden, out=hidden)
-    scores = []
-    for start in range(0, hidden.shape[0], windows):
-        part = slice(start, start + windows)
-        logprobs = torch.log_softmax(model.logits(hidden[part, :-1]).double(), -1)
-        sub = ChoiceBatch(batch.ids[part], batch.first[part], batch.length[part], batch.task[part])
-        scores.append(choice_scores(logprobs, sub))
-    return torch.cat(scores)
+        forward_layer(model, index, hidden)
+    predicting = hidden[packed.row, packed.predictor]
+
+    def logprob_of(first: int, last: int) -> torch.Tensor:
+        logprobs = torch.log_softmax(model.logits(predicting[first:last]).double(), -1)
+        return logprobs.gather(-1, packed.token[first:last, None]).squeeze(-1)
+
+    return mean_choice_logprobs(packed, logprob_of)
 
 
-def window_choice_scores(candidate, batch: ChoiceBatch) -> torch.Tensor:
-    """Scores [C] from a model that returns one sequence's logits at a time
-    (`candidate.window_logits(ids) -> [L, V]`, e.g. a GGUF run in llama.cpp)."""
+def branch_choice_scores(candidate, encoded: list[EncodedTask]) -> torch.Tensor:
+    """Scores [choices] from an engine that evaluates a prefix once and then each branch
+    (`candidate.branch_logits(prefix, suffixes)` -> per suffix [len, V] logits predicting its
+    tokens; a GGUF run in llama.cpp keeps the prefix in its KV cache)."""
     scores = []
-    for row in range(batch.ids.shape[0]):
-        first, length = int(batch.first[row]), int(batch.length[row])
-        logprobs = torch.log_softmax(candidate.window_logits(batch.ids[row, :length].tolist())[:-1].double(), -1)
-        tokens = batch.ids[row, first:length]
-        scores.append(logprobs[first - 1 : length - 1].gather(-1, tokens[:, None]).mean())
+    for task in encoded:
+        for suffix, logits in zip(task.suffixes, candidate.branch_logits(list(task.prefix), [list(s) for s in task.suffixes])):
+            logprobs = torch.log_softmax(logits.double(), -1)
+            scores.append(logprobs.gather(-1, torch.tensor(suffix)[:, None]).mean())
     return torch.stack(scores)
 
 
-def predictions(scores: torch.Tensor, batch: ChoiceBatch, tasks: int) -> torch.Tensor:
-    """The argmax choice (index within its task) of each task [tasks]."""
-    best = torch.full((tasks,), -1)
-    best_score = torch.full((tasks,), -math.inf, dtype=scores.dtype)
-    offsets = torch.zeros(tasks, dtype=torch.long)
-    for row in range(scores.shape[0]):
-        task = int(batch.task[row])
-        if scores[row] > best_score[task]:
-            best_score[task], best[task] = scores[row], offsets[task]
-        offsets[task] += 1
-    return best
+def predictions(scores: torch.Tensor, choices_per_task: tuple[int, ...]) -> torch.Tensor:
+    """The argmax choice of each task [tasks] from the scores of all choices [choices]."""
+    return torch.stack([part.argmax() for part in scores.split(list(choices_per_task))])
 
 
 def accuracy_drift(correct_ref: torch.Tensor, correct_cand: torch.Tensor) -> dict:
@@ -170,16 +212,40 @@ def accuracy_drift(correct_ref: torch.Tensor, correct_cand: torch.Tensor) -> dic
             "only_candidate_right": c}
 
 
-def evaluate_choices(reference: WeightSource, candidate: WeightSource, tasks: list[Task], tokenizer,
-                     block: int = 256) -> dict:
-    """Accuracy of both models on `tasks` (blocks of `block` tasks at a time) and the drift; a
-    model with `window_logits` (a GGUF candidate) is run one sequence at a time."""
-    correct = {"reference": [], "candidate": []}
-    for start in range(0, len(tasks), block):
-        chunk = tasks[start : start + block]
-        batch = encode_tasks(chunk, tokenizer)
-        labels = torch.tensor([task.label for task in chunk])
-        for name, source in (("reference", reference), ("candidate", candidate)):
-            score = window_choice_scores if hasattr(source, "window_logits") else model_choice_scores
-            correct[name].append(predictions(score(source, batch), batch, len(chunk)) == labels)
-    return accuracy_drift(torch.cat(correct["reference"]), torch.cat(correct["candidate"]))
+def choose_answers(source, encoded: list[EncodedTask], pad: int, block: int = 64, kernels: str | None = None,
+                   bar=None) -> torch.Tensor:
+    """The choice `source` picks for each task [tasks]. Tasks are sorted by packed length and
+    run `block` at a time (little padding); a source with `branch_logits` (a GGUF) is run
+    task by task; with `kernels` (a backend name) a bundle runs its 4-bit weights there."""
+    order = sorted(range(len(encoded)), key=lambda i: encoded[i].packed_length)
+    chosen = torch.empty(len(encoded), dtype=torch.long)
+    for start in range(0, len(order), block):
+        members = order[start : start + block]
+        part = [encoded[i] for i in members]
+        packed = pack_tasks(part, pad)
+        chosen[members] = predictions(_scores(source, part, packed, kernels), packed.choices_per_task)
+        if bar is not None:
+            bar.update(len(members))
+    return chosen
+
+
+def _scores(source, encoded: list[EncodedTask], packed: PackedTasks, kernels: str | None) -> torch.Tensor:
+    if hasattr(source, "branch_logits"):
+        return branch_choice_scores(source, encoded)
+    if kernels is not None:
+        from maverick_quant.runtime import KernelModel
+
+        return streamed_choice_scores(lambda layout: KernelModel(source, kernels, layout=layout), packed)
+    return streamed_choice_scores(lambda layout: StreamingModel(source, layout=layout), packed)
+
+
+def evaluate_choices(reference: WeightSource, candidate, tasks: list[Task], tokenizer, block: int = 64,
+                     kernels: str | None = None, show_progress: bool = True) -> dict:
+    """Accuracy of both models on `tasks` and the drift (see `choose_answers`; `kernels`
+    applies to the candidate only)."""
+    encoded = [encode_task(task, tokenizer) for task in tasks]
+    labels, pad = torch.tensor([task.label for task in tasks]), tokenizer.eos_token_id or 0
+    with tqdm(total=2 * len(tasks), desc="multiple choice (both models)", unit="task", disable=not show_progress) as bar:
+        reference_right = choose_answers(reference, encoded, pad, block, bar=bar) == labels
+        candidate_right = choose_answers(candidate, encoded, pad, block, kernels, bar=bar) == labels
+    return accuracy_drift(reference_right, candidate_right)
