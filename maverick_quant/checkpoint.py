@@ -291,12 +291,25 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+KILL_DURING_WRITE = "MAVERICK_QUANT_KILL_DURING_WRITE"  # fault injection for the resume tests
+_atomic_writes = 0
+
+
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
-    """safetensors.save_file to a temporary name, then rename (a crash never leaves half a file)."""
+    """safetensors.save_file to a temporary name, then rename (a crash never leaves half a file).
+
+    Fault injection: with MAVERICK_QUANT_KILL_DURING_WRITE=N in the environment, the process
+    SIGKILLs itself during its N-th such write, leaving half a temporary file behind (the
+    resume tests use it to crash in the middle of a write deterministically)."""
     from safetensors.torch import save_file
 
+    global _atomic_writes
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata or {"format": "pt"})
+    _atomic_writes += 1
+    if os.environ.get(KILL_DURING_WRITE) == str(_atomic_writes):
+        os.truncate(tmp, tmp.stat().st_size // 2)
+        os.kill(os.getpid(), 9)
     os.replace(tmp, path)
 
 

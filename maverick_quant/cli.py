@@ -152,18 +152,23 @@ def _quantize_spec(method, bits, group_size, sym, act_order, damp, batch, true_s
 @click.option("--batch", default=8, show_default=True, help="Windows per forward batch.")
 @click.option("--true-sequential/--no-true-sequential", default=True, show_default=True,
               help="Re-collect statistics after each group of a layer is quantized.")
-@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("--force", is_flag=True, help="Replace an existing output directory (or discard an unfinished run).")
+@click.option("--resume", is_flag=True, help="Go on from where an interrupted run with the same inputs stopped.")
 @click.option("--progress/--no-progress", default=True)
 def quantize(model_dir, data, calib, out, method, gguf_grid, bits, group_size, sym, act_order, damp, samples, seq_len, seed,
              chat_template, moe_policy, moe_mix, moe_min_tokens, moe_fallback, moe_quantize_router, moe_chunk_mib,
-             awq_grid, awq_duo, awq_clip, awq_sample_tokens, batch, true_sequential, force, progress) -> None:
-    """Quantize MODEL_DIR layer by layer (routed experts chunk by chunk) into a bundle."""
+             awq_grid, awq_duo, awq_clip, awq_sample_tokens, batch, true_sequential, force, resume, progress) -> None:
+    """Quantize MODEL_DIR layer by layer (routed experts chunk by chunk) into a bundle.
+
+    The run works in .OUT.partial beside OUT and saves its progress after every layer; after
+    a crash, the same command with --resume goes on from the last finished layer."""
     from maverick_quant.jobs import run_quantize
 
     moe = _moe_spec(moe_policy, moe_mix, moe_min_tokens, moe_fallback, moe_quantize_router, moe_chunk_mib)
     awq = _awq_spec(awq_grid, awq_duo, awq_clip, awq_sample_tokens)
     spec = _quantize_spec(method, bits, group_size, sym, act_order, damp, batch, true_sequential, moe, awq, gguf_grid)
-    run_quantize(model_dir, out, spec, data, calib, _calib_spec(samples, seq_len, seed, chat_template), force, progress)
+    run_quantize(model_dir, out, spec, data, calib, _calib_spec(samples, seq_len, seed, chat_template), force, progress,
+                 resume)
 
 
 @cli.command("inspect")
@@ -298,13 +303,14 @@ def generate(bundle_dir, prompt, max_new_tokens, kernels, chat) -> None:
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory: bundle, exports, report, lock.")
 @click.option("--force", is_flag=True, help="Replace an existing run directory's outputs.")
+@click.option("--resume", is_flag=True, help="Go on with an interrupted run in OUT (keeps a finished bundle).")
 @click.option("--progress/--no-progress", default=True)
-def run_command(recipe, out, force, progress) -> None:
+def run_command(recipe, out, force, progress, resume) -> None:
     """Run a YAML RECIPE end to end: calibrate, quantize, export(s), validate; exit 1 when a
     validation gate fails (see recipes/ and docs/recipes.md)."""
     from maverick_quant.jobs import run_recipe
 
-    sys.exit(0 if run_recipe(recipe, out, force, progress) else 1)
+    sys.exit(0 if run_recipe(recipe, out, force, progress, resume) else 1)
 
 
 @cli.command()

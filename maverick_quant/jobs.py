@@ -17,11 +17,13 @@ from maverick_quant.errors import InputError
 from maverick_quant.recipe import Method
 
 
-def run_quantize(model_dir, out, spec, data, calib, calib_spec, force, progress):
-    """Shared by `quantize` and `demo`: check everything, calibrate, quantize, print the summary."""
+def run_quantize(model_dir, out, spec, data, calib, calib_spec, force, progress, resume=False):
+    """Shared by `quantize` and `demo`: check everything, calibrate, quantize (going on from an
+    interrupted run's work directory with `resume`), print the summary."""
     from maverick_quant.calibration.data import CalibrationSet, make_calibration
-    from maverick_quant.checkpoint import atomic_output_dir, check_output_dir
+    from maverick_quant.checkpoint import check_output_dir
     from maverick_quant.pipeline import quantize_model
+    from maverick_quant.resume import resumable_output_dir, run_identity
     from maverick_quant.streaming import open_source
 
     check_output_dir(out, force)
@@ -31,8 +33,10 @@ def run_quantize(model_dir, out, spec, data, calib, calib_spec, force, progress)
         if calib is None and data is None:
             raise InputError(f"--method {spec.method.value} needs --data FILE|self or --calib DIR")
         calibration = CalibrationSet.load(calib) if calib else make_calibration(model_dir, data, calib_spec)
-    with atomic_output_dir(out, force) as tmp:
-        _, summary = quantize_model(source, calibration, spec, tmp, show_progress=progress)
+    identity = run_identity(source.checkpoint.fingerprint(), spec.to_dict(),
+                            None if calibration is None else calibration.input_ids)
+    with resumable_output_dir(out, identity, force, resume) as work:
+        _, summary = quantize_model(source, calibration, spec, work, show_progress=progress)
     loss = "n/a" if summary.mean_rel_loss is None else f"{summary.mean_rel_loss:.5f}"
     click.echo(f"quantized {summary.layers} layers in {summary.seconds:.1f} s, peak RSS {summary.peak_rss_mib:.0f} MiB, "
                f"mean relative GPTQ loss {loss} -> {out}")
@@ -55,6 +59,7 @@ def run_export(bundle_dir, out, fmt="gptq", max_shard_size=5 * 10**9, force=Fals
 
 
 def _check_output_file(out: Path, force: bool, example: str) -> None:
+    """Refuse an existing output (unless forced) or a directory where one file is written."""
     from maverick_quant.checkpoint import check_output_dir
 
     check_output_dir(out, force)
@@ -234,16 +239,19 @@ def run_generate(bundle_dir: Path, prompt: str, max_new_tokens: int, kernels: st
                f"prompt {ids.shape[1]} tokens)", err=True)
 
 
-def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool = True) -> bool:
+def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool = True, resume: bool = False) -> bool:
     """`maverick-quant run RECIPE`: calibrate -> quantize -> export(s) -> validate into `out`,
-    then `recipe.lock.yaml`; returns whether every validation gate passed (True without one)."""
+    then `recipe.lock.yaml`; returns whether every validation gate passed (True without one).
+    With `resume`, an interrupted quantize goes on from its last finished layer and a bundle
+    finished earlier with the same inputs is kept; the other steps are redone."""
     from maverick_quant.calibration.data import make_calibration
     from maverick_quant.checkpoint import atomic_output_dir, check_output_dir
     from maverick_quant.recipe_file import load_recipe
     from maverick_quant.streaming import open_source
 
     recipe = load_recipe(recipe_path)
-    check_output_dir(out, force)
+    if not resume:
+        check_output_dir(out, force)
     model_dir = _recipe_model_dir(recipe.model)
     source = open_source(model_dir)  # a bad model is refused here, before any work
     _check_recipe_files(recipe)
@@ -261,7 +269,11 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
     else:
         step("calibrate: not needed for rtn")
     step(f"quantize: {recipe.quantize.method.value}, {recipe.quantize.weights.bits} bits, group {recipe.quantize.weights.group_size}")
-    run_quantize(model_dir, out / "bundle", recipe.quantize, None, calib_dir, recipe.calibration, True, progress)
+    if resume and _finished_bundle_matches(out / "bundle", source, recipe.quantize):
+        click.echo(f"  {out / 'bundle'} was finished earlier with this recipe and model: kept")
+    else:
+        run_quantize(model_dir, out / "bundle", recipe.quantize, None, calib_dir, recipe.calibration, True, progress,
+                     resume)
     for export in recipe.exports:
         step(f"export: {export.format} -> {export.name}")
         if export.format == "gguf":
@@ -282,6 +294,17 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
     _write_lock(recipe, Path(recipe_path), model_dir, source, calib_dir, out / "recipe.lock.yaml")
     click.echo(f"run finished -> {out} ({'gates passed' if passed else 'a gate FAILED'})")
     return passed
+
+
+def _finished_bundle_matches(bundle_dir: Path, source, spec) -> bool:
+    """Whether `bundle_dir` is a finished bundle of `source` made with `spec` (its manifest)."""
+    from maverick_quant.bundle import MANIFEST
+
+    if not (bundle_dir / MANIFEST).is_file():
+        return False
+    manifest = json.loads((bundle_dir / MANIFEST).read_text())
+    return (manifest.get("recipe") == json.loads(json.dumps(spec.to_dict()))
+            and manifest.get("source", {}).get("fingerprint") == source.checkpoint.fingerprint())
 
 
 def _recipe_model_dir(model: str) -> Path:

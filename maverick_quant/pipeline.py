@@ -31,6 +31,7 @@ from maverick_quant.groups import group_hessian, set_weight, solve_group
 from maverick_quant.compress.types import QuantizedWeight
 from maverick_quant.errors import InputError
 from maverick_quant.recipe import Method, QuantizeSpec
+from maverick_quant.resume import load_progress, save_progress
 from maverick_quant.streaming import CheckpointSource, StreamingModel
 
 
@@ -162,7 +163,8 @@ def _model_level_tensors(source: CheckpointSource) -> dict[str, torch.Tensor]:
 
 def quantize_model(source: CheckpointSource, calibration: CalibrationSet | None, spec: QuantizeSpec,
                    out_dir: Path, show_progress: bool = True) -> tuple[dict, RunSummary]:
-    """Quantize the whole model layer by layer into a bundle at `out_dir`.
+    """Quantize the whole model layer by layer into a bundle at `out_dir`, going on from the
+    progress recorded there by an interrupted run (resume.save_progress after every layer).
 
     Memory: the calibration hidden states [S, L, D] (fp32), one layer, its Hessians.
     """
@@ -173,9 +175,12 @@ def quantize_model(source: CheckpointSource, calibration: CalibrationSet | None,
     writer = BundleWriter(out_dir)
     release_free_memory()
     model = StreamingModel(source, batch=spec.batch_windows)
-    hidden = model.embed(calibration.input_ids) if needs_data else None
+    first_layer, hidden = load_progress(out_dir, writer.completed_layers())
+    if needs_data and hidden is None:
+        hidden = model.embed(calibration.input_ids)
     release_free_memory()
-    bar = tqdm(range(model.num_layers), desc=f"{spec.method.value} layers", unit="layer", disable=not show_progress)
+    bar = tqdm(range(first_layer, model.num_layers), desc=f"{spec.method.value} layers", unit="layer",
+               disable=not show_progress, initial=first_layer, total=model.num_layers)
     losses = []
     for index in bar:
         layer_started = time.perf_counter()
@@ -195,6 +200,7 @@ def quantize_model(source: CheckpointSource, calibration: CalibrationSet | None,
                        for name in model.plan(index).passthrough if name.removesuffix(".weight") not in quantized}
         stats["seconds"] = time.perf_counter() - layer_started
         writer.write_layer(index, prefix, quantized, passthrough, stats)
+        save_progress(out_dir, index + 1, hidden)
         del layer, tensors, quantized, passthrough
         release_free_memory()
     del hidden

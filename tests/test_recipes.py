@@ -141,6 +141,10 @@ def test_run_makes_bundle_exports_report_and_lock_and_gates_the_exit_code(tiny_l
 
     again = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(out), "--no-progress"])
     assert again.exit_code == 2 and "--force" in again.output
+    stamp = (out / "bundle" / "manifest.json").stat().st_mtime_ns
+    resumed = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(out), "--no-progress", "--resume"])
+    assert resumed.exit_code == 0 and "kept" in resumed.output, resumed.output
+    assert (out / "bundle" / "manifest.json").stat().st_mtime_ns == stamp
 
     failing = _write_recipe(tmp_path, tiny_llama_dir, small_text_file, ["top1_agreement>=1.01"])
     result = CliRunner().invoke(cli, ["run", str(failing), "--out", str(tmp_path / "run2"), "--no-progress"])

@@ -1,0 +1,169 @@
+"""Resume after a crash: a real `quantize` process is SIGKILLed (at random moments and in the
+middle of chosen atomic writes), resumed with --resume, and the final bundle's tensor files
+are byte-identical to an uninterrupted run's. A resume with different inputs is refused
+naming what changed; a disk that fills up keeps the finished layers and resumes."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from maverick_quant.checkpoint import KILL_DURING_WRITE
+from maverick_quant.cli import cli
+from maverick_quant.resume import work_dir_for
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _quantize_args(model: Path, text: Path, out: Path, *extra: str) -> list[str]:
+    return ["quantize", str(model), "--method", "gptq", "--data", str(text), "--samples", "4", "--seq-len", "32",
+            "--group-size", "32", "--moe-chunk-mib", "1", "--out", str(out), "--no-progress", *extra]
+
+
+def _spawn(args: list[str], env_extra: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
+    return subprocess.Popen([sys.executable, "-m", "maverick_quant", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _tensor_files(bundle: Path) -> dict[str, bytes]:
+    return {p.relative_to(bundle).as_posix(): p.read_bytes() for p in sorted(bundle.rglob("*.safetensors"))}
+
+
+def _layer_records(bundle: Path) -> dict[str, dict]:
+    """Layer stats files without their timings."""
+    def strip(record):
+        if isinstance(record, dict):
+            return {k: strip(v) for k, v in record.items() if k != "seconds"}
+        return [strip(v) for v in record] if isinstance(record, list) else record
+    return {p.name: strip(json.loads(p.read_text())) for p in sorted((bundle / "layers").glob("*.json"))}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_llama4_dir: Path, tmp_path_factory) -> tuple[Path, Path, float]:
+    """(calibration text, the bundle of an uninterrupted run, its wall time in seconds)."""
+    root = tmp_path_factory.mktemp("resume_reference")
+    text = root / "calib.txt"
+    source = REPO.parent / "shared" / "data" / "wikitext-2" / "wiki.valid.tokens"
+    text.write_text("\n".join(source.read_text(encoding="utf-8").splitlines()[:300]) if source.is_file()
+                    else "The river runs past the old mill and under the stone bridge. " * 200)
+    started = time.perf_counter()
+    process = _spawn(_quantize_args(tiny_llama4_dir, text, root / "bundle"))
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output
+    return text, root / "bundle", time.perf_counter() - started
+
+
+def _resume_until_done(args: list[str], bundle: Path) -> int:
+    """Run with --resume until the bundle exists; the number of runs it took."""
+    for attempt in range(1, 4):
+        process = _spawn(args + ["--resume"])
+        output, _ = process.communicate(timeout=600)
+        if process.returncode == 0:
+            return attempt
+        assert process.returncode == -signal.SIGKILL, output
+    raise AssertionError(f"{bundle} was not finished after 3 resumes")
+
+
+@pytest.mark.slow
+def test_sigkill_mid_write_then_resume_gives_identical_tensor_files(tiny_llama4_dir: Path, uninterrupted, tmp_path: Path) -> None:
+    """Killed inside the 2nd atomic write (layer 0's hidden states), then inside the 5th of the
+    resumed run (an expert chunk of layer 1 or later): half a temporary file is left each time,
+    and the resumed bundle equals the uninterrupted one, tensor file by tensor file."""
+    text, reference, _ = uninterrupted
+    bundle = tmp_path / "bundle"
+    args = _quantize_args(tiny_llama4_dir, text, bundle)
+    first = _spawn(args, {KILL_DURING_WRITE: "2"})
+    output, _ = first.communicate(timeout=600)
+    assert first.returncode == -signal.SIGKILL, output
+    work = work_dir_for(bundle)
+    assert not bundle.exists() and any(work.rglob(".*.tmp")), "a half-written temporary file should be left"
+    second = _spawn(args + ["--resume"], {KILL_DURING_WRITE: "5"})
+    output, _ = second.communicate(timeout=600)
+    assert second.returncode == -signal.SIGKILL, output
+    assert _resume_until_done(args, bundle) == 1
+    assert not work.exists()
+    assert _tensor_files(bundle) == _tensor_files(reference)
+    assert _layer_records(bundle) == _layer_records(reference)
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume_gives_identical_tensor_files(tiny_llama4_dir: Path, uninterrupted,
+                                                                           tmp_path: Path) -> None:
+    text, reference, seconds = uninterrupted
+    rng = random.Random(20261123)
+    interrupted = 0
+    for trial in range(3):
+        bundle = tmp_path / f"bundle{trial}"
+        args = _quantize_args(tiny_llama4_dir, text, bundle)
+        process = _spawn(args)
+        time.sleep(rng.uniform(0.3, 0.95) * seconds)
+        process.send_signal(signal.SIGKILL)
+        process.communicate(timeout=60)
+        if not bundle.exists():  # killed before the end (it may have finished first on a fast machine)
+            interrupted += 1
+            _resume_until_done(args, bundle)
+        assert _tensor_files(bundle) == _tensor_files(reference), f"trial {trial}"
+    assert interrupted >= 2
+
+
+@pytest.mark.slow
+def test_resume_with_other_inputs_is_refused_naming_what_changed(tiny_llama4_dir: Path, uninterrupted,
+                                                                 tmp_path: Path) -> None:
+    text, _, _ = uninterrupted
+    bundle = tmp_path / "bundle"
+    process = _spawn(_quantize_args(tiny_llama4_dir, text, bundle), {KILL_DURING_WRITE: "3"})
+    process.communicate(timeout=600)
+    runner = CliRunner()
+    result = runner.invoke(cli, _quantize_args(tiny_llama4_dir, text, bundle, "--resume", "--damp", "0.05"))
+    assert result.exit_code == 2 and "quantize.weights.damp (0.01 -> 0.05)" in result.output, result.output
+    result = runner.invoke(cli, _quantize_args(tiny_llama4_dir, text, bundle))
+    assert result.exit_code == 2 and "--resume" in result.output and "--force" in result.output
+    assert work_dir_for(bundle).is_dir() and not bundle.exists()
+
+
+def test_disk_full_keeps_finished_layers_and_resumes(tiny_llama_dir: Path, small_text_file: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC on the 3rd layer file: exit 2 with a message naming the file, the disk and
+    --resume; the finished layers stay; the resumed bundle equals an uninterrupted run's."""
+    import maverick_quant.bundle as bundle_module
+
+    args = lambda out: ["quantize", str(tiny_llama_dir), "--method", "gptq", "--data", str(small_text_file),  # noqa: E731
+                        "--samples", "2", "--seq-len", "32", "--group-size", "32", "--out", str(out), "--no-progress"]
+    runner = CliRunner()
+    assert runner.invoke(cli, args(tmp_path / "reference")).exit_code == 0
+    real_save = bundle_module.save_safetensors_atomic
+
+    def full_disk(tensors, path, metadata=None):
+        if path.name == "layer-00002.safetensors":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real_save(tensors, path, metadata)
+
+    monkeypatch.setattr(bundle_module, "save_safetensors_atomic", full_disk)
+    result = runner.invoke(cli, args(tmp_path / "bundle"))
+    assert result.exit_code == 2, result.output
+    assert "layer-00002.safetensors" in result.output and "disk is full" in result.output and "--resume" in result.output
+    kept = sorted(p.name for p in (work_dir_for(tmp_path / "bundle") / "layers").glob("*.safetensors"))
+    assert kept == ["layer-00000.safetensors", "layer-00001.safetensors"]
+    monkeypatch.setattr(bundle_module, "save_safetensors_atomic", real_save)
+    result = runner.invoke(cli, args(tmp_path / "bundle") + ["--resume"])
+    assert result.exit_code == 0, result.output
+    assert _tensor_files(tmp_path / "bundle") == _tensor_files(tmp_path / "reference")
+
+
+def test_an_output_that_cannot_be_created_is_named(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    result = CliRunner().invoke(cli, ["quantize", str(tiny_llama_dir), "--method", "rtn", "--out",
+                                      str(blocker / "bundle"), "--no-progress"])
+    assert result.exit_code == 2 and str(tmp_path / "a-file") in result.output, result.output
