@@ -28,6 +28,7 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 FLOAT_DTYPES = {"F32": 4, "F16": 2, "BF16": 2}
+CONFIG_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}  # config.json dtype -> safetensors code
 DTYPE_SIZES = {**FLOAT_DTYPES, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -75,19 +76,34 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     return _tensor_infos(path, header, data_size=size - 8 - header_len, data_start=8 + header_len)
 
 
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _entry_fields(path: Path, name: str, entry) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype, shape, begin, end) of one header entry, each checked for its type and sign."""
+    malformed = InputError(f"{path}: tensor {name!r} has a malformed header entry {entry!r} (expected "
+                           '{"dtype": str, "shape": [int >= 0, ...], "data_offsets": [begin, end]})')
+    if not isinstance(entry, dict):
+        raise malformed
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not (isinstance(shape, list) and all(map(_is_count, shape))):
+        raise malformed
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))):
+        raise malformed
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        raise InputError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
+    return dtype, tuple(shape), offsets[0], offsets[1]
+
+
 def _tensor_infos(path: Path, header: dict, data_size: int, data_start: int) -> dict[str, TensorInfo]:
     infos, data_end = {}, 0
     for name, entry in header.items():
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise InputError(f"{path}: tensor {name!r} has a malformed header entry {entry!r}") from None
-        if dtype not in DTYPE_SIZES:
-            raise InputError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
+        dtype, shape, begin, end = _entry_fields(path, name, entry)
         numel = 1
         for dim in shape:
             numel *= dim
-        if not (isinstance(begin, int) and isinstance(end, int)) or end - begin != numel * DTYPE_SIZES[dtype] or begin < 0:
+        if end - begin != numel * DTYPE_SIZES[dtype]:
             raise InputError(f"{path}: tensor {name!r} byte range {begin}..{end} does not match shape {list(shape)} {dtype}")
         data_end = max(data_end, end)
         infos[name] = TensorInfo(path, dtype, shape, data_start + begin, data_start + end)
@@ -150,8 +166,10 @@ class Checkpoint:
         except (ValueError, OSError, KeyError) as exc:
             raise InputError(f"{self.model_dir / 'config.json'}: cannot be read as a transformers config ({exc})") from None
 
-    def validate(self, expected: dict[str, tuple[int, ...]]) -> None:
-        """Every expected tensor present with that shape and a float dtype, before any work."""
+    def validate(self, expected: dict[str, tuple[int, ...]], config_dtype: str | None = None) -> None:
+        """Every expected tensor present with that shape and a float dtype (the one config.json
+        names as `dtype`/`torch_dtype`, when it names one), before any work."""
+        wanted = CONFIG_DTYPES.get(str(config_dtype).removeprefix("torch."))
         problems = []
         for name, shape in expected.items():
             info = self.tensors.get(name)
@@ -161,6 +179,8 @@ class Checkpoint:
                 problems.append(f"tensor {name!r} in {info.file.name} has shape {list(info.shape)}, config.json implies {list(shape)}")
             elif info.dtype not in FLOAT_DTYPES:
                 problems.append(f"tensor {name!r} in {info.file.name} has dtype {info.dtype}, expected one of {sorted(FLOAT_DTYPES)}")
+            elif wanted is not None and info.dtype != wanted:
+                problems.append(f"tensor {name!r} in {info.file.name} has dtype {info.dtype}, config.json says {config_dtype}")
         if problems:
             shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
             raise InputError(f"{self.model_dir}: checkpoint does not match its config: {shown}")

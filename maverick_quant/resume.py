@@ -96,18 +96,20 @@ def resumable_output_dir(out: Path, identity: dict, force: bool = False, resume:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise InputError(f"{work}: another run is writing this output now") from None
-        _prepare_work_dir(work, out, identity, force, resume)
         try:
-            yield work
-        except InputError:
-            shutil.rmtree(work, ignore_errors=True)
-            raise
-        except OSError as exc:
-            raise InputError(_io_failure_message(exc, work)) from exc
-        shutil.rmtree(work / RESUME_DIR, ignore_errors=True)
-        (work / RUN_FILE).unlink(missing_ok=True)
-        _replace(work, out)
-    Path(lock.name).unlink(missing_ok=True)
+            _prepare_work_dir(work, out, identity, force, resume)
+            try:
+                yield work
+            except InputError:
+                shutil.rmtree(work, ignore_errors=True)
+                raise
+            except OSError as exc:
+                raise InputError(_io_failure_message(exc, work)) from exc
+            shutil.rmtree(work / RESUME_DIR, ignore_errors=True)
+            (work / RUN_FILE).unlink(missing_ok=True)
+            _replace(work, out)
+        finally:
+            Path(lock.name).unlink(missing_ok=True)  # still ours: we hold the lock
 
 
 def _prepare_work_dir(work: Path, out: Path, identity: dict, force: bool, resume: bool) -> None:

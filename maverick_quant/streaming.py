@@ -269,5 +269,6 @@ def open_source(model_dir) -> CheckpointSource:
     checkpoint = Checkpoint(model_dir)
     config = checkpoint.load_config()
     table = table_for(config, str(checkpoint.model_dir / "config.json"))
-    checkpoint.validate(table.expected_tensors(config))
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    checkpoint.validate(table.expected_tensors(config), declared)
     return CheckpointSource(checkpoint, table, config)

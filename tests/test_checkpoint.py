@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from maverick_quant.checkpoint import Checkpoint, all_finite, read_safetensors_header
+from maverick_quant.checkpoint import DTYPE_SIZES, Checkpoint, all_finite, read_safetensors_header
 from maverick_quant.cli import cli
 from maverick_quant.errors import InputError
 
@@ -140,3 +143,67 @@ def test_all_finite_finds_a_nan_in_any_chunk() -> None:
     tensor[9_999] = float("nan")
     assert not all_finite(tensor, chunk=1000)
     assert all_finite(torch.tensor([1, 2, 3]))  # integers are always finite
+
+
+def test_dtype_that_disagrees_with_config_is_refused(model_copy: Path, tmp_path: Path) -> None:
+    name = "model.layers.0.self_attn.o_proj.weight"
+    _rewrite_tensor(model_copy, name, torch.zeros(96, 96, dtype=torch.bfloat16))
+    _assert_refused(_quantize_rtn(model_copy, tmp_path / "out"), tmp_path / "out", name, "BF16, config.json says")
+
+
+def _valid_shard_bytes() -> bytes:
+    from safetensors.torch import save
+
+    return save({"a.weight": torch.zeros(4, 8), "b.bias": torch.ones(3, dtype=torch.float16)}, metadata={"format": "pt"})
+
+
+_HEADER_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
+                           st.text(max_size=8), st.lists(st.integers(-5, 2**40), max_size=4),
+                           st.sampled_from(["F32", "F16", "BF16", "I64", "U8", "F8_E4M3", "Q4_0", ""]))
+
+
+@st.composite
+def mangled_shards(draw) -> bytes:
+    """A valid two-tensor shard, then its header JSON mangled (fields replaced, removed, added),
+    its length prefix changed, or its bytes flipped or cut."""
+    raw = _valid_shard_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header, data = json.loads(raw[8 : 8 + length]), raw[8 + length :]
+    kind = draw(st.sampled_from(["field", "drop", "extra", "length", "flip", "cut"]))
+    if kind in ("field", "drop", "extra"):
+        tensor = draw(st.sampled_from(["a.weight", "b.bias"]))
+        key = draw(st.sampled_from(["dtype", "shape", "data_offsets"]))
+        if kind == "field":
+            header[tensor][key] = draw(_HEADER_VALUES)
+        elif kind == "drop":
+            del header[tensor][key]
+        else:
+            header[draw(st.text(max_size=6))] = draw(st.one_of(_HEADER_VALUES, st.dictionaries(st.text(max_size=4), _HEADER_VALUES)))
+        body = json.dumps(header).encode()
+        return struct.pack("<Q", len(body)) + body + data
+    if kind == "length":
+        return struct.pack("<Q", draw(st.integers(0, 2**64 - 1))) + raw[8:]
+    if kind == "flip":
+        position = draw(st.integers(0, 8 + length - 1))
+        return raw[:position] + bytes([raw[position] ^ draw(st.integers(1, 255))]) + raw[position + 1 :]
+    return raw[: draw(st.integers(0, len(raw) - 1))]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shard=mangled_shards())
+def test_mangled_safetensors_headers_give_a_clean_error_never_a_traceback(tmp_path: Path, shard: bytes) -> None:
+    """Every mangled shard is either read consistently (each tensor's bytes within the file,
+    matching its shape) or refused with an InputError naming the file."""
+    path = tmp_path / "shard.safetensors"
+    path.write_bytes(shard)
+    try:
+        infos = read_safetensors_header(path)
+    except InputError as exc:
+        assert str(path) in str(exc)
+        return
+    for info in infos.values():
+        numel = 1
+        for dim in info.shape:
+            assert dim >= 0
+            numel *= dim
+        assert 0 <= info.begin <= info.end <= len(shard) and info.end - info.begin == numel * DTYPE_SIZES[info.dtype]

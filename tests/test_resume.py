@@ -167,3 +167,16 @@ def test_an_output_that_cannot_be_created_is_named(tiny_llama_dir: Path, tmp_pat
     result = CliRunner().invoke(cli, ["quantize", str(tiny_llama_dir), "--method", "rtn", "--out",
                                       str(blocker / "bundle"), "--no-progress"])
     assert result.exit_code == 2 and str(tmp_path / "a-file") in result.output, result.output
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    import fcntl
+
+    out = tmp_path / "bundle"
+    work = work_dir_for(out)
+    with open(work.with_name(work.name + ".lock"), "w") as held:  # what a running quantize holds
+        fcntl.flock(held, fcntl.LOCK_EX)
+        result = CliRunner().invoke(cli, ["quantize", str(tiny_llama_dir), "--method", "rtn", "--out", str(out),
+                                          "--no-progress"])
+    assert result.exit_code == 2 and "another run is writing" in result.output, result.output
+    assert not out.exists() and not work.exists()
