@@ -171,6 +171,26 @@ def quantize(model_dir, data, calib, out, method, gguf_grid, bits, group_size, s
                  resume)
 
 
+@cli.command()
+@click.argument("target")
+@quant_options
+@calib_options
+@moe_options
+@click.option("--batch", default=8, show_default=True, help="Windows per forward batch.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the plan as JSON here.")
+def plan(target, method, gguf_grid, bits, group_size, sym, act_order, damp, samples, seq_len, seed, chat_template,
+         moe_policy, moe_mix, moe_min_tokens, moe_fallback, moe_quantize_router, moe_chunk_mib, batch, json_out) -> None:
+    """Predict a quantize run before it starts: tensors quantized and passed through, output
+    size per format, peak host memory, disk and time. TARGET: a model directory (only
+    config.json and the safetensors headers are read), a recipe .yaml (its options win), or
+    `maverick` (Llama 4 Maverick's published config, bf16)."""
+    from maverick_quant.jobs import run_plan
+
+    moe = _moe_spec(moe_policy, moe_mix, moe_min_tokens, moe_fallback, moe_quantize_router, moe_chunk_mib)
+    spec = _quantize_spec(method, bits, group_size, sym, act_order, damp, batch, moe=moe, gguf_grid=gguf_grid)
+    run_plan(target, spec, _calib_spec(samples, seq_len, seed, chat_template), json_out)
+
+
 @cli.command("inspect")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--plot", type=click.Path(path_type=Path), help="Write a PNG heat map of tokens per expert per layer.")

@@ -296,6 +296,49 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
     return passed
 
 
+def run_plan(target: str, spec, calib_spec, json_out: Path | None = None):
+    """`maverick-quant plan`: print (and optionally write as JSON) the plan of a run; returns it."""
+    from maverick_quant.arch.llama4 import maverick_config
+    from maverick_quant.arch.registry import table_for
+    from maverick_quant.checkpoint import Checkpoint, write_json_atomic
+    from maverick_quant.plan import baseline_rss_bytes, machine_rates, make_plan, render, tensor_bytes
+
+    model_dir = None
+    if target == "maverick":
+        config = maverick_config()
+    else:
+        if str(target).endswith((".yaml", ".yml")):
+            from maverick_quant.recipe_file import load_recipe
+
+            recipe = load_recipe(Path(target))
+            spec, calib_spec, target = recipe.quantize, recipe.calibration, str(_recipe_model_dir(recipe.model))
+        model_dir = Path(target)
+        config = Checkpoint(model_dir).load_config() if any(model_dir.glob("*.safetensors")) else _config_only(model_dir)
+    table = table_for(config, str(target))
+    sizes, origin = tensor_bytes(model_dir, table, config)
+    rates = machine_rates(Path.home() / ".cache" / "maverick-quant" / f"plan-rates-{torch_threads()}.json")
+    result = make_plan(str(target), table, config, sizes, calib_spec, spec, rates, baseline_rss_bytes(table, config))
+    result.assumptions.append(f"tensor sizes from {origin}")
+    click.echo(render(result))
+    if json_out is not None:
+        write_json_atomic(Path(json_out), result.to_dict())
+    return result
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _config_only(model_dir: Path):
+    from transformers import AutoConfig
+
+    if not (model_dir / "config.json").is_file():
+        raise InputError(f"{model_dir}: not a model directory (no config.json)")
+    return AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+
+
 def _finished_bundle_matches(bundle_dir: Path, source, spec) -> bool:
     """Whether `bundle_dir` is a finished bundle of `source` made with `spec` (its manifest)."""
     from maverick_quant.bundle import MANIFEST

@@ -1,0 +1,234 @@
+"""`maverick-quant plan`: what a quantize run will read, write, hold in memory and take, from
+config.json and the safetensors headers only (no tensor data).
+
+Memory model of a calibrated run (GPTQ/AWQ, bytes; S windows x L tokens, hidden D, fp32):
+
+    baseline     this process's resident size after importing the model code (measured)
+    cache        S * L * D * 4: the hidden states of every window (one per dense layer; an
+                 MoE layer holds three: the residual stream, the block input x, its output)
+    layer        the layer's dense tensors in fp32, twice (weights and their quantized copy)
+    hessians     3 * K^2 * 4 for the widest dense group (H, its Cholesky factor, workspace)
+    experts      experts_per_chunk * 12 * (3 D I + D^2 + I^2) (experts.experts_per_chunk)
+    activations  batch * L * max(3 D, 2 I) * 4 * 2 (one batch's intermediates, twice)
+    final        the model-level tensors (embedding, lm_head, vision tower), read at the end
+                 after the caches are freed
+
+    peak = baseline + max(max over layers of the layer terms, final)
+
+RTN holds no cache and no Hessian. Time is the run's floating-point work divided by this
+machine's measured fp32 matmul rate (a 1-second benchmark, cached), with GPTQ's sequential
+column loop counted at the rate measured for a real 2048 x 1024 GPTQ solve.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from maverick_quant.checkpoint import DTYPE_SIZES
+from maverick_quant.recipe import CalibSpec, Method, QuantizeSpec
+
+FORMAT_BYTES_PER_WEIGHT = {  # (code bytes per weight, bytes per group) beside the codes
+    "bundle": lambda bits, group, sym: (bits / 8, 2 + (0 if sym else 1)),
+    "gptq": lambda bits, group, sym: (bits / 8, 2 + bits / 8),
+    "awq": lambda bits, group, sym: (bits / 8, 2 + bits / 8),
+    "compressed-tensors": lambda bits, group, sym: (bits / 8, 2 + (0 if sym else bits / 8)),
+}
+GGUF_BYTES_PER_WEIGHT = {"gguf Q4_0": 18 / 32, "gguf Q4_1": 20 / 32, "gguf Q4_K": 144 / 256, "gguf Q8_0": 34 / 32}
+
+
+@dataclass
+class LayerCost:
+    """One decoder layer: bytes it needs beside the baseline, and its work in flops."""
+
+    index: int
+    memory: dict[str, int]
+    matmul_flops: float
+    gptq_flops: float
+
+
+@dataclass
+class Plan:
+    model: str
+    quantized_params: int
+    quantized_tensors: int
+    passthrough_bytes: int
+    passthrough_tensors: int
+    baseline_bytes: int
+    layers: list[LayerCost]
+    final_bytes: int
+    outputs: dict[str, int]
+    seconds: float
+    assumptions: list[str] = field(default_factory=list)
+
+    @property
+    def peak_layer(self) -> LayerCost:
+        return max(self.layers, key=lambda layer: sum(layer.memory.values()))
+
+    @property
+    def peak_host_bytes(self) -> int:
+        return self.baseline_bytes + max(sum(self.peak_layer.memory.values()), self.final_bytes)
+
+    def disk_bytes(self, cache_bytes: int) -> int:
+        """The bundle, the resume copy of one hidden-state cache, and the largest export."""
+        exports = [size for name, size in self.outputs.items() if name != "bundle"]
+        return self.outputs["bundle"] + cache_bytes + max(exports, default=0)
+
+    def to_dict(self) -> dict:
+        peak = self.peak_layer
+        return {"model": self.model, "quantized_params": self.quantized_params, "quantized_tensors": self.quantized_tensors,
+                "passthrough_bytes": self.passthrough_bytes, "passthrough_tensors": self.passthrough_tensors,
+                "peak_host_bytes": self.peak_host_bytes, "baseline_bytes": self.baseline_bytes,
+                "peak_layer": {"index": peak.index, **peak.memory}, "final_bytes": self.final_bytes,
+                "outputs": self.outputs, "disk_bytes": self.disk_bytes(peak.memory.get("cache", 0)),
+                "seconds": self.seconds, "gpu_bytes": 0, "assumptions": self.assumptions}
+
+
+def _numel(shape) -> int:
+    total = 1
+    for dim in shape:
+        total *= dim
+    return total
+
+
+def layer_cost(table, config, index: int, calib: CalibSpec, spec: QuantizeSpec) -> tuple[LayerCost, list[str], int]:
+    """Memory terms and flops of layer `index`; also the names (relative to the layer) of its
+    quantized tensors and the number of 2-D matrices they hold (a fused expert tensor holds E)."""
+    from maverick_quant.experts import experts_per_chunk
+
+    plan = table.plan(config, index)
+    hidden, tokens = config.hidden_size, calib.samples * calib.seq_len
+    calibrated = spec.method is not Method.RTN
+    dense = {name: plan.shapes[name + ".weight"] for name in plan.linears}
+    dense_params = sum(_numel(s) for s in dense.values())
+    widest = max((s[1] for s in dense.values()), default=0)
+    memory = {"layer": 2 * 4 * sum(_numel(s) for n, s in plan.shapes.items() if not (plan.moe and n in plan.moe.fused_names))}
+    names, count = [name + ".weight" for name in dense], len(dense)
+    matmul = 2 * tokens * dense_params * (len(plan.groups) + 1)  # a forward per sequential group, and the output
+    gptq = sum(2 * s[0] * s[1] ** 2 + s[1] ** 3 for s in dense.values())
+    if calibrated:
+        caches = 3 if plan.moe else 1
+        memory["cache"] = caches * tokens * hidden * 4
+        memory["hessians"] = 3 * widest**2 * 4
+        inter = max((s[0] for s in dense.values()), default=hidden)
+        memory["activations"] = spec.batch_windows * calib.seq_len * max(3 * hidden, 2 * inter) * 4 * 2
+        matmul += sum(2 * tokens * s[1] ** 2 for s in dense.values())  # Hessian accumulation
+    if plan.moe is not None:
+        moe = plan.moe
+        inter = config.intermediate_size
+        expert_params = 3 * hidden * inter
+        names, count = names + list(moe.fused_names), count + 3 * moe.num_experts
+        routed = tokens * moe.top_k
+        matmul += 2 * routed * expert_params * 2 + 2 * routed * (2 * hidden**2 + inter**2)
+        gptq += moe.num_experts * (2 * 2 * inter * hidden**2 + 2 * hidden**3 + 2 * hidden * inter**2 + inter**3)
+        per_chunk = experts_per_chunk(moe, hidden, inter, spec.moe.chunk_mib)
+        per_expert = 12 * (3 * hidden * inter + hidden**2 + inter**2) if calibrated else 2 * 4 * expert_params
+        memory["experts"] = per_chunk * per_expert
+    return LayerCost(index, memory, float(matmul if calibrated else 0), float(gptq if calibrated else 0)), names, count
+
+
+def machine_rates(cache: Path | None = None) -> dict:
+    """fp32 matmul flops/s and GPTQ-solve flops/s measured on this machine (cached in `cache`)."""
+    if cache is not None and cache.is_file():
+        return json.loads(cache.read_text())
+    from maverick_quant.compress.gptq import gptq_quantize
+    from maverick_quant.recipe import QuantSpec
+
+    a = torch.randn(1024, 1024)
+    a @ a
+    started, repeats = time.perf_counter(), 8
+    for _ in range(repeats):
+        a @ a
+    matmul = repeats * 2 * 1024**3 / (time.perf_counter() - started)
+    rows, cols = 2048, 1024
+    weight, x = torch.randn(rows, cols), torch.randn(4 * cols, cols)
+    hessian = x.T @ x / x.shape[0]
+    started = time.perf_counter()
+    gptq_quantize(weight, hessian, QuantSpec(bits=4, group_size=128))
+    gptq = (2 * rows * cols**2 + cols**3) / (time.perf_counter() - started)
+    rates = {"matmul_flops_per_s": matmul, "gptq_flops_per_s": gptq, "threads": torch.get_num_threads()}
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(rates))
+    return rates
+
+
+def baseline_rss_bytes(table, config) -> int:
+    """This process's resident size once the model code is imported (a layer built on meta)."""
+    from maverick_quant.pipeline import peak_rss_mib
+
+    with torch.device("meta"):
+        table.build_layer(table.text_config(config), 0)
+    return int(peak_rss_mib() * 2**20)
+
+
+def tensor_bytes(model_dir: Path | None, table, config) -> tuple[dict[str, int], str]:
+    """Bytes of every tensor (from the shard headers, or from config.json's shapes at bf16
+    when the directory has no shards) and where the figures came from."""
+    from maverick_quant.checkpoint import Checkpoint
+
+    if model_dir is not None and any(Path(model_dir).glob("*.safetensors")):
+        checkpoint = Checkpoint(model_dir)
+        return {name: _numel(info.shape) * DTYPE_SIZES[info.dtype] for name, info in checkpoint.tensors.items()}, "headers"
+    sizes = {name: 2 * _numel(shape) for name, shape in table.expected_tensors(config).items()}
+    vision = getattr(config, "vision_config", None)
+    if vision is not None and table.passthrough_prefixes:
+        per_layer = 4 * vision.hidden_size**2 + 2 * vision.hidden_size * vision.intermediate_size
+        sizes["vision_model (estimate)"] = 2 * (vision.num_hidden_layers * per_layer
+                                                + vision.vision_output_dim * table.text_config(config).hidden_size)
+    return sizes, "config.json (bf16 assumed, vision tower estimated)"
+
+
+def make_plan(name: str, table, config, sizes: dict[str, int], calib: CalibSpec, spec: QuantizeSpec,
+              rates: dict, baseline: int) -> Plan:
+    text = table.text_config(config)
+    expected = table.expected_tensors(config)
+    layers, params, quantized_bytes, count, tensors = [], 0, 0, 0, 0
+    for index in range(text.num_hidden_layers):
+        cost, names, matrices = layer_cost(table, text, index, calib, spec)
+        layers.append(cost)
+        full = [table.prefix(index) + name for name in names]
+        params += sum(_numel(expected[name]) for name in full)
+        quantized_bytes += sum(sizes[name] for name in full)
+        count, tensors = count + matrices, tensors + len(full)
+    passthrough = sum(sizes.values()) - quantized_bytes
+    model_level = [table.embed, table.final_norm, table.lm_head]
+    final = sum(size for tensor, size in sizes.items()
+                if tensor in model_level or tensor.startswith(table.passthrough_prefixes or ("\0",)) or "vision" in tensor)
+    weights = spec.weights
+    groups = params / (weights.group_size if weights.group_size > 0 else text.hidden_size)
+    outputs = {}
+    for fmt, per_weight in FORMAT_BYTES_PER_WEIGHT.items():
+        code, per_group = per_weight(weights.bits, weights.group_size, weights.sym)
+        outputs[fmt] = int(params * code + groups * per_group + passthrough)
+    for fmt, per_weight in GGUF_BYTES_PER_WEIGHT.items():
+        outputs[fmt] = int(params * per_weight + passthrough)
+    seconds = sum(layer.matmul_flops for layer in layers) / rates["matmul_flops_per_s"] + \
+        sum(layer.gptq_flops for layer in layers) / rates["gptq_flops_per_s"]
+    assumptions = [f"{calib.samples} x {calib.seq_len} calibration tokens, batch {spec.batch_windows}, "
+                   f"expert chunks of {spec.moe.chunk_mib} MiB",
+                   f"rates measured here: fp32 matmul {rates['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, "
+                   f"GPTQ solve {rates['gptq_flops_per_s'] / 1e9:.1f} GFLOP/s on {rates['threads']} threads",
+                   "quantize runs on the CPU: no GPU memory is used"]
+    return Plan(name, params, count, passthrough, len(sizes) - tensors, baseline, layers, final, outputs, seconds, assumptions)
+
+
+def render(plan: Plan) -> str:
+    """The plan as a short Markdown report."""
+    gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
+    peak = plan.peak_layer
+    lines = [f"# Plan for {plan.model}", "",
+             f"- quantize {plan.quantized_tensors} matrices ({plan.quantized_params / 1e9:.3f} B params); "
+             f"pass through {plan.passthrough_tensors} tensors ({gib(plan.passthrough_bytes)})",
+             f"- peak host memory {gib(plan.peak_host_bytes)} (baseline {gib(plan.baseline_bytes)}; layer {peak.index}: "
+             + ", ".join(f"{k} {gib(v)}" for k, v in peak.memory.items()) + f"; final tensors {gib(plan.final_bytes)})",
+             f"- disk {gib(plan.disk_bytes(peak.memory.get('cache', 0)))} (bundle + resume cache + largest export)",
+             f"- estimated time {plan.seconds / 3600:.2f} h ({plan.seconds:.0f} s)", "",
+             "| output | size |", "|---|---|"]
+    lines += [f"| {fmt} | {gib(size)} |" for fmt, size in plan.outputs.items()]
+    lines += ["", "Assumptions:"] + [f"- {a}" for a in plan.assumptions]
+    return "\n".join(lines)

@@ -1,0 +1,51 @@
+"""`maverick-quant plan`: predictions from config.json and headers, checked against a real run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from maverick_quant.cli import cli
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_OPTIONS = ["--method", "gptq", "--samples", "8", "--seq-len", "64", "--group-size", "32", "--moe-chunk-mib", "2"]
+
+
+def test_maverick_plan_fits_one_host_with_64_gib(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["plan", "maverick", "--samples", "128", "--seq-len", "2048",
+                                      "--json", str(tmp_path / "plan.json")])
+    assert result.exit_code == 0, result.output
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    # 24 MoE layers x 128 experts x 3 + 48 x 4 attention + 24 dense MLPs x 3 + 24 shared experts x 3
+    assert plan["quantized_tensors"] == 24 * 128 * 3 + 48 * 4 + 24 * 3 + 24 * 3
+    assert 3.8e11 < plan["quantized_params"] < 4.0e11
+    assert plan["peak_host_bytes"] < 64 * 2**30
+    assert 180 * 2**30 < plan["outputs"]["gptq"] < 215 * 2**30  # ~4.1 bits per weight + bf16 pass-through
+    assert "peak host memory" in result.output and "| gguf Q4_K |" in result.output
+
+
+def test_plan_of_a_missing_model_names_it(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["plan", str(tmp_path / "nowhere")])
+    assert result.exit_code == 2 and "nowhere" in result.output
+
+
+@pytest.mark.slow
+def test_plan_memory_is_within_25_percent_of_the_measured_peak(tiny_llama4_dir: Path, small_text_file: Path,
+                                                               tmp_path: Path) -> None:
+    """The predicted peak host memory against the peak RSS of a real quantize process with
+    the same options (its own process, so nothing else counts)."""
+    result = CliRunner().invoke(cli, ["plan", str(tiny_llama4_dir), *RUN_OPTIONS, "--json", str(tmp_path / "plan.json")])
+    assert result.exit_code == 0, result.output
+    predicted = json.loads((tmp_path / "plan.json").read_text())["peak_host_bytes"] / 2**20
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, "-m", "maverick_quant", "quantize", str(tiny_llama4_dir), "--data", str(small_text_file),
+                    *RUN_OPTIONS, "--out", str(tmp_path / "bundle"), "--no-progress"], check=True, env=env)
+    measured = json.loads((tmp_path / "bundle" / "manifest.json").read_text())["summary"]["peak_rss_mib"]
+    print(f"\nplan {predicted:.0f} MiB, measured {measured:.0f} MiB ({predicted / measured - 1:+.1%})")
+    assert abs(predicted / measured - 1) <= 0.25
