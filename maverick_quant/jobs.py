@@ -316,7 +316,7 @@ def run_plan(target: str, spec, calib_spec, json_out: Path | None = None):
         config = Checkpoint(model_dir).load_config() if any(model_dir.glob("*.safetensors")) else _config_only(model_dir)
     table = table_for(config, str(target))
     sizes, origin = tensor_bytes(model_dir, table, config)
-    rates = machine_rates(Path.home() / ".cache" / "maverick-quant" / f"plan-rates-{torch_threads()}.json")
+    rates = machine_rates(Path.home() / ".cache" / "maverick-quant" / f"plan-rates-v2-{torch_threads()}.json")
     result = make_plan(str(target), table, config, sizes, calib_spec, spec, rates, baseline_rss_bytes(table, config))
     result.assumptions.append(f"tensor sizes from {origin}")
     click.echo(render(result))

@@ -15,9 +15,10 @@ Memory model of a calibrated run (GPTQ/AWQ, bytes; S windows x L tokens, hidden 
 
     peak = baseline + max(max over layers of the layer terms, final)
 
-RTN holds no cache and no Hessian. Time is the run's floating-point work divided by this
-machine's measured fp32 matmul rate (a 1-second benchmark, cached), with GPTQ's sequential
-column loop counted at the rate measured for a real 2048 x 1024 GPTQ solve.
+RTN holds no cache and no Hessian. Time is the forwards' and Hessians' floating-point work
+divided by this machine's measured fp32 matmul rate, plus every GPTQ solve costed as
+K * column_seconds + (2 N K^2 + K^3) / gptq_rate, both fitted to two real solves timed here
+(cached in ~/.cache/maverick-quant, a few seconds the first time).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ FORMAT_BYTES_PER_WEIGHT = {  # (code bytes per weight, bytes per group) beside t
     "awq": lambda bits, group, sym: (bits / 8, 2 + bits / 8),
     "compressed-tensors": lambda bits, group, sym: (bits / 8, 2 + (0 if sym else bits / 8)),
 }
-GGUF_BYTES_PER_WEIGHT = {"gguf Q4_0": 18 / 32, "gguf Q4_1": 20 / 32, "gguf Q4_K": 144 / 256, "gguf Q8_0": 34 / 32}
+GGUF_BYTES_PER_WEIGHT = {  # by the bundle's bits: the GGUF types it exports to
+    4: {"gguf Q4_0": 18 / 32, "gguf Q4_1": 20 / 32, "gguf Q4_K": 144 / 256}, 8: {"gguf Q8_0": 34 / 32}}
 
 
 @dataclass
@@ -48,7 +50,7 @@ class LayerCost:
     index: int
     memory: dict[str, int]
     matmul_flops: float
-    gptq_flops: float
+    gptq_solves: list[tuple[int, int, int]]  # (count, N, K) of the GPTQ solves
 
 
 @dataclass
@@ -63,6 +65,7 @@ class Plan:
     final_bytes: int
     outputs: dict[str, int]
     seconds: float
+    resume_bytes: int
     assumptions: list[str] = field(default_factory=list)
 
     @property
@@ -73,10 +76,11 @@ class Plan:
     def peak_host_bytes(self) -> int:
         return self.baseline_bytes + max(sum(self.peak_layer.memory.values()), self.final_bytes)
 
-    def disk_bytes(self, cache_bytes: int) -> int:
-        """The bundle, the resume copy of one hidden-state cache, and the largest export."""
+    @property
+    def disk_bytes(self) -> int:
+        """The bundle, the resume copy of the hidden states, and the largest export."""
         exports = [size for name, size in self.outputs.items() if name != "bundle"]
-        return self.outputs["bundle"] + cache_bytes + max(exports, default=0)
+        return self.outputs["bundle"] + self.resume_bytes + max(exports, default=0)
 
     def to_dict(self) -> dict:
         peak = self.peak_layer
@@ -84,7 +88,7 @@ class Plan:
                 "passthrough_bytes": self.passthrough_bytes, "passthrough_tensors": self.passthrough_tensors,
                 "peak_host_bytes": self.peak_host_bytes, "baseline_bytes": self.baseline_bytes,
                 "peak_layer": {"index": peak.index, **peak.memory}, "final_bytes": self.final_bytes,
-                "outputs": self.outputs, "disk_bytes": self.disk_bytes(peak.memory.get("cache", 0)),
+                "outputs": self.outputs, "disk_bytes": self.disk_bytes,
                 "seconds": self.seconds, "gpu_bytes": 0, "assumptions": self.assumptions}
 
 
@@ -109,7 +113,7 @@ def layer_cost(table, config, index: int, calib: CalibSpec, spec: QuantizeSpec) 
     memory = {"layer": 2 * 4 * sum(_numel(s) for n, s in plan.shapes.items() if not (plan.moe and n in plan.moe.fused_names))}
     names, count = [name + ".weight" for name in dense], len(dense)
     matmul = 2 * tokens * dense_params * (len(plan.groups) + 1)  # a forward per sequential group, and the output
-    gptq = sum(2 * s[0] * s[1] ** 2 + s[1] ** 3 for s in dense.values())
+    solves = [(1, s[0], s[1]) for s in dense.values()]
     if calibrated:
         caches = 3 if plan.moe else 1
         memory["cache"] = caches * tokens * hidden * 4
@@ -124,33 +128,55 @@ def layer_cost(table, config, index: int, calib: CalibSpec, spec: QuantizeSpec) 
         names, count = names + list(moe.fused_names), count + 3 * moe.num_experts
         routed = tokens * moe.top_k
         matmul += 2 * routed * expert_params * 2 + 2 * routed * (2 * hidden**2 + inter**2)
-        gptq += moe.num_experts * (2 * 2 * inter * hidden**2 + 2 * hidden**3 + 2 * hidden * inter**2 + inter**3)
+        solves += [(2 * moe.num_experts, inter, hidden), (moe.num_experts, hidden, inter)]
         per_chunk = experts_per_chunk(moe, hidden, inter, spec.moe.chunk_mib)
         per_expert = 12 * (3 * hidden * inter + hidden**2 + inter**2) if calibrated else 2 * 4 * expert_params
         memory["experts"] = per_chunk * per_expert
-    return LayerCost(index, memory, float(matmul if calibrated else 0), float(gptq if calibrated else 0)), names, count
+    return LayerCost(index, memory, float(matmul if calibrated else 0), solves if calibrated else []), names, count
 
 
-def machine_rates(cache: Path | None = None) -> dict:
-    """fp32 matmul flops/s and GPTQ-solve flops/s measured on this machine (cached in `cache`)."""
-    if cache is not None and cache.is_file():
-        return json.loads(cache.read_text())
+def _gptq_seconds(rows: int, cols: int) -> float:
+    """Best of two timed GPTQ solves of a random [rows, cols] weight (after a warm-up)."""
     from maverick_quant.compress.gptq import gptq_quantize
     from maverick_quant.recipe import QuantSpec
 
+    generator = torch.Generator().manual_seed(0)
+    weight, x = torch.randn(rows, cols, generator=generator), torch.randn(4 * cols, cols, generator=generator)
+    hessian, spec = x.T @ x / x.shape[0], QuantSpec(bits=4, group_size=128)
+    gptq_quantize(weight[:16], hessian, spec)
+    times = []
+    for _ in range(2):
+        started = time.perf_counter()
+        gptq_quantize(weight, hessian, spec)
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def gptq_flops(rows: int, cols: int) -> float:
+    """Floating-point work of one GPTQ solve: the column updates 2 N K^2 and the factorisation K^3."""
+    return 2 * rows * cols**2 + cols**3
+
+
+def machine_rates(cache: Path | None = None) -> dict:
+    """Measured on this machine (cached in `cache`): fp32 matmul flops/s, and GPTQ's cost
+    model t(N, K) = K * column_seconds + gptq_flops(N, K) / gptq_flops_per_s fitted to two
+    real solves (a small one, where the per-column overhead dominates, and a larger one)."""
+    if cache is not None and cache.is_file():
+        return json.loads(cache.read_text())
     a = torch.randn(1024, 1024)
     a @ a
     started, repeats = time.perf_counter(), 8
     for _ in range(repeats):
         a @ a
     matmul = repeats * 2 * 1024**3 / (time.perf_counter() - started)
-    rows, cols = 2048, 1024
-    weight, x = torch.randn(rows, cols), torch.randn(4 * cols, cols)
-    hessian = x.T @ x / x.shape[0]
-    started = time.perf_counter()
-    gptq_quantize(weight, hessian, QuantSpec(bits=4, group_size=128))
-    gptq = (2 * rows * cols**2 + cols**3) / (time.perf_counter() - started)
-    rates = {"matmul_flops_per_s": matmul, "gptq_flops_per_s": gptq, "threads": torch.get_num_threads()}
+    small, large = (512, 256), (2048, 1024)
+    t_small, t_large = _gptq_seconds(*small), _gptq_seconds(*large)
+    # solve t = K c + F / r for (c, 1/r) from the two measurements
+    (k1, f1), (k2, f2) = (small[1], gptq_flops(*small)), (large[1], gptq_flops(*large))
+    inverse_rate = max((t_large * k1 - t_small * k2) / (f2 * k1 - f1 * k2), 1 / matmul)
+    column = max((t_small - f1 * inverse_rate) / k1, 0.0)
+    rates = {"matmul_flops_per_s": matmul, "gptq_flops_per_s": 1 / inverse_rate, "gptq_column_seconds": column,
+             "threads": torch.get_num_threads(), "model": 2}
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(rates))
@@ -205,16 +231,20 @@ def make_plan(name: str, table, config, sizes: dict[str, int], calib: CalibSpec,
     for fmt, per_weight in FORMAT_BYTES_PER_WEIGHT.items():
         code, per_group = per_weight(weights.bits, weights.group_size, weights.sym)
         outputs[fmt] = int(params * code + groups * per_group + passthrough)
-    for fmt, per_weight in GGUF_BYTES_PER_WEIGHT.items():
+    for fmt, per_weight in GGUF_BYTES_PER_WEIGHT.get(weights.bits, {}).items():
         outputs[fmt] = int(params * per_weight + passthrough)
-    seconds = sum(layer.matmul_flops for layer in layers) / rates["matmul_flops_per_s"] + \
-        sum(layer.gptq_flops for layer in layers) / rates["gptq_flops_per_s"]
+    seconds = sum(layer.matmul_flops for layer in layers) / rates["matmul_flops_per_s"] + sum(
+        count * (k * rates["gptq_column_seconds"] + gptq_flops(n, k) / rates["gptq_flops_per_s"])
+        for layer in layers for count, n, k in layer.gptq_solves)
     assumptions = [f"{calib.samples} x {calib.seq_len} calibration tokens, batch {spec.batch_windows}, "
                    f"expert chunks of {spec.moe.chunk_mib} MiB",
                    f"rates measured here: fp32 matmul {rates['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, "
-                   f"GPTQ solve {rates['gptq_flops_per_s'] / 1e9:.1f} GFLOP/s on {rates['threads']} threads",
+                   f"GPTQ solve {rates['gptq_flops_per_s'] / 1e9:.1f} GFLOP/s + {1e3 * rates['gptq_column_seconds']:.2f} ms "
+                   f"per column, on {rates['threads']} threads",
                    "quantize runs on the CPU: no GPU memory is used"]
-    return Plan(name, params, count, passthrough, len(sizes) - tensors, baseline, layers, final, outputs, seconds, assumptions)
+    resume = calib.samples * calib.seq_len * text.hidden_size * 4 if spec.method is not Method.RTN else 0
+    return Plan(name, params, count, passthrough, len(sizes) - tensors, baseline, layers, final, outputs, seconds, resume,
+                assumptions)
 
 
 def render(plan: Plan) -> str:
@@ -226,7 +256,7 @@ def render(plan: Plan) -> str:
              f"pass through {plan.passthrough_tensors} tensors ({gib(plan.passthrough_bytes)})",
              f"- peak host memory {gib(plan.peak_host_bytes)} (baseline {gib(plan.baseline_bytes)}; layer {peak.index}: "
              + ", ".join(f"{k} {gib(v)}" for k, v in peak.memory.items()) + f"; final tensors {gib(plan.final_bytes)})",
-             f"- disk {gib(plan.disk_bytes(peak.memory.get('cache', 0)))} (bundle + resume cache + largest export)",
+             f"- disk {gib(plan.disk_bytes)} (bundle + resumable hidden states + largest export)",
              f"- estimated time {plan.seconds / 3600:.2f} h ({plan.seconds:.0f} s)", "",
              "| output | size |", "|---|---|"]
     lines += [f"| {fmt} | {gib(size)} |" for fmt, size in plan.outputs.items()]
