@@ -295,13 +295,19 @@ def atomic_output_dir(out: Path, force: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_dir(tmp, out)
+
+
+def replace_dir(finished: Path, out: Path) -> None:
+    """Rename the finished directory to `out`; an existing `out` is moved aside first and
+    removed only after the rename, so a crash never leaves neither."""
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
-        os.replace(tmp, out)
+        os.replace(finished, out)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.replace(tmp, out)
+        os.replace(finished, out)
 
 
 def write_json_atomic(path: Path, data: dict) -> None:

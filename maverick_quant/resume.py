@@ -24,7 +24,6 @@ import errno
 import fcntl
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Iterator
@@ -32,7 +31,8 @@ from typing import Iterator
 import torch
 
 from maverick_quant import __version__
-from maverick_quant.checkpoint import check_output_dir, save_safetensors_atomic, sha256_file, write_json_atomic
+from maverick_quant.checkpoint import (check_output_dir, replace_dir, save_safetensors_atomic, sha256_file,
+                                       write_json_atomic)
 from maverick_quant.errors import InputError
 
 RUN_FILE = "run.json"
@@ -107,7 +107,7 @@ def resumable_output_dir(out: Path, identity: dict, force: bool = False, resume:
                 raise InputError(_io_failure_message(exc, work)) from exc
             shutil.rmtree(work / RESUME_DIR, ignore_errors=True)
             (work / RUN_FILE).unlink(missing_ok=True)
-            _replace(work, out)
+            replace_dir(work, out)
         finally:
             Path(lock.name).unlink(missing_ok=True)  # still ours: we hold the lock
 
@@ -136,16 +136,6 @@ def _io_failure_message(exc: OSError, work: Path) -> str:
     where = f" writing {exc.filename}" if exc.filename else ""
     return (f"{where.strip() or 'writing the output'}: {what}. Finished layers are kept in {work}; "
             "fix the cause and rerun the same command with --resume")
-
-
-def _replace(work: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(work, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(work, out)
 
 
 def save_progress(work: Path, next_layer: int, hidden: torch.Tensor | None) -> None:
