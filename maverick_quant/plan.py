@@ -184,12 +184,14 @@ def machine_rates(cache: Path | None = None) -> dict:
 
 
 def baseline_rss_bytes(table, config) -> int:
-    """This process's resident size once the model code is imported (a layer built on meta)."""
-    from maverick_quant.pipeline import peak_rss_mib
-
+    """This process's resident size (VmRSS) once the model code is imported (a layer built on
+    meta): what a quantize process holds before its first tensor. Run from a fresh process."""
     with torch.device("meta"):
         table.build_layer(table.text_config(config), 0)
-    return int(peak_rss_mib() * 2**20)
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def tensor_bytes(model_dir: Path | None, table, config) -> tuple[dict[str, int], str]:
