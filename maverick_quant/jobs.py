@@ -301,7 +301,7 @@ def run_plan(target: str, spec, calib_spec, json_out: Path | None = None):
     from maverick_quant.arch.llama4 import maverick_config
     from maverick_quant.arch.registry import table_for
     from maverick_quant.checkpoint import Checkpoint, write_json_atomic
-    from maverick_quant.plan import baseline_rss_bytes, machine_rates, make_plan, render, tensor_bytes
+    from maverick_quant.plan import baseline_rss_bytes, machine_rates, make_plan, rates_cache, render, tensor_bytes
 
     model_dir = None
     if target == "maverick":
@@ -316,19 +316,13 @@ def run_plan(target: str, spec, calib_spec, json_out: Path | None = None):
         config = Checkpoint(model_dir).load_config() if any(model_dir.glob("*.safetensors")) else _config_only(model_dir)
     table = table_for(config, str(target))
     sizes, origin = tensor_bytes(model_dir, table, config)
-    rates = machine_rates(Path.home() / ".cache" / "maverick-quant" / f"plan-rates-v2-{torch_threads()}.json")
+    rates = machine_rates(rates_cache())
     result = make_plan(str(target), table, config, sizes, calib_spec, spec, rates, baseline_rss_bytes(table, config))
     result.assumptions.append(f"tensor sizes from {origin}")
     click.echo(render(result))
     if json_out is not None:
         write_json_atomic(Path(json_out), result.to_dict())
     return result
-
-
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 def _config_only(model_dir: Path):

@@ -157,6 +157,11 @@ def gptq_flops(rows: int, cols: int) -> float:
     return 2 * rows * cols**2 + cols**3
 
 
+def rates_cache() -> Path:
+    """Where this machine's measured rates are kept (per thread count and cost-model version)."""
+    return Path.home() / ".cache" / "maverick-quant" / f"plan-rates-v2-{torch.get_num_threads()}.json"
+
+
 def machine_rates(cache: Path | None = None) -> dict:
     """Measured on this machine (cached in `cache`): fp32 matmul flops/s, and GPTQ's cost
     model t(N, K) = K * column_seconds + gptq_flops(N, K) / gptq_flops_per_s fitted to two
@@ -206,7 +211,7 @@ def tensor_bytes(model_dir: Path | None, table, config) -> tuple[dict[str, int],
     vision = getattr(config, "vision_config", None)
     if vision is not None and table.passthrough_prefixes:
         per_layer = 4 * vision.hidden_size**2 + 2 * vision.hidden_size * vision.intermediate_size
-        sizes["vision_model (estimate)"] = 2 * (vision.num_hidden_layers * per_layer
+        sizes["vision_model.* (estimate)"] = 2 * (vision.num_hidden_layers * per_layer
                                                 + vision.vision_output_dim * table.text_config(config).hidden_size)
     return sizes, "config.json (bf16 assumed, vision tower estimated)"
 
@@ -226,7 +231,7 @@ def make_plan(name: str, table, config, sizes: dict[str, int], calib: CalibSpec,
     passthrough = sum(sizes.values()) - quantized_bytes
     model_level = [table.embed, table.final_norm, table.lm_head]
     final = sum(size for tensor, size in sizes.items()
-                if tensor in model_level or tensor.startswith(table.passthrough_prefixes or ("\0",)) or "vision" in tensor)
+                if tensor in model_level or tensor.startswith(table.passthrough_prefixes))
     weights = spec.weights
     groups = params / (weights.group_size if weights.group_size > 0 else text.hidden_size)
     outputs = {}
