@@ -35,8 +35,8 @@ def run_quantize(model_dir, out, spec, data, calib, calib_spec, force, progress,
         calibration = CalibrationSet.load(calib) if calib else make_calibration(model_dir, data, calib_spec)
     identity = run_identity(source.checkpoint.fingerprint(), spec.to_dict(),
                             None if calibration is None else calibration.input_ids)
-    with resumable_output_dir(out, identity, force, resume) as work:
-        _, summary = quantize_model(source, calibration, spec, work, show_progress=progress)
+    with resumable_output_dir(out, identity, force, resume) as (work, state):
+        _, summary = quantize_model(source, calibration, spec, work, state, show_progress=progress)
     loss = "n/a" if summary.mean_rel_loss is None else f"{summary.mean_rel_loss:.5f}"
     click.echo(f"quantized {summary.layers} layers in {summary.seconds:.1f} s, peak RSS {summary.peak_rss_mib:.0f} MiB, "
                f"mean relative GPTQ loss {loss} -> {out}")
@@ -259,7 +259,7 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
     out.mkdir(parents=True, exist_ok=True)
     steps = 2 + len(recipe.exports) + (recipe.validation is not None)
     step = _step_printer(steps)
-    calib_dir = None
+    calib_dir, calibration = None, None
     if recipe.quantize.method is not Method.RTN:
         step(f"calibrate: {recipe.calibration.samples} x {recipe.calibration.seq_len} tokens from {recipe.calibration_data}")
         calib_dir = out / "calibration"
@@ -269,7 +269,7 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
     else:
         step("calibrate: not needed for rtn")
     step(f"quantize: {recipe.quantize.method.value}, {recipe.quantize.weights.bits} bits, group {recipe.quantize.weights.group_size}")
-    if resume and _finished_bundle_matches(out / "bundle", source, recipe.quantize):
+    if resume and _finished_bundle_matches(out / "bundle", source, recipe.quantize, calibration):
         click.echo(f"  {out / 'bundle'} was finished earlier with this recipe and model: kept")
     else:
         run_quantize(model_dir, out / "bundle", recipe.quantize, None, calib_dir, recipe.calibration, True, progress,
@@ -333,15 +333,18 @@ def _config_only(model_dir: Path):
     return AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
 
 
-def _finished_bundle_matches(bundle_dir: Path, source, spec) -> bool:
-    """Whether `bundle_dir` is a finished bundle of `source` made with `spec` (its manifest)."""
+def _finished_bundle_matches(bundle_dir: Path, source, spec, calibration) -> bool:
+    """Whether `bundle_dir` is a finished bundle whose run identity (source fingerprint,
+    quantize spec, calibration tokens, tool version) equals this run's."""
     from maverick_quant.bundle import MANIFEST
+    from maverick_quant.resume import identity_changes, run_identity
 
     if not (bundle_dir / MANIFEST).is_file():
         return False
-    manifest = json.loads((bundle_dir / MANIFEST).read_text())
-    return (manifest.get("recipe") == json.loads(json.dumps(spec.to_dict()))
-            and manifest.get("source", {}).get("fingerprint") == source.checkpoint.fingerprint())
+    recorded = json.loads((bundle_dir / MANIFEST).read_text()).get("run_identity") or {}
+    current = run_identity(source.checkpoint.fingerprint(), spec.to_dict(),
+                           None if calibration is None else calibration.input_ids)
+    return not identity_changes(recorded, current)
 
 
 def _recipe_model_dir(model: str) -> Path:

@@ -31,7 +31,7 @@ from maverick_quant.groups import group_hessian, set_weight, solve_group
 from maverick_quant.compress.types import QuantizedWeight
 from maverick_quant.errors import InputError
 from maverick_quant.recipe import Method, QuantizeSpec
-from maverick_quant.resume import load_progress, save_progress
+from maverick_quant.resume import RunState
 from maverick_quant.streaming import CheckpointSource, StreamingModel
 
 
@@ -162,9 +162,10 @@ def _model_level_tensors(source: CheckpointSource) -> dict[str, torch.Tensor]:
 
 
 def quantize_model(source: CheckpointSource, calibration: CalibrationSet | None, spec: QuantizeSpec,
-                   out_dir: Path, show_progress: bool = True) -> tuple[dict, RunSummary]:
-    """Quantize the whole model layer by layer into a bundle at `out_dir`, going on from the
-    progress recorded there by an interrupted run (resume.save_progress after every layer).
+                   out_dir: Path, state: RunState | None = None, show_progress: bool = True) -> tuple[dict, RunSummary]:
+    """Quantize the whole model layer by layer into a bundle at `out_dir`. With a run `state`,
+    progress is saved after every layer and an interrupted run goes on from where it stopped;
+    the manifest records the state's identity as `run_identity`.
 
     Memory: the calibration hidden states [S, L, D] (fp32), one layer, its Hessians.
     """
@@ -175,7 +176,7 @@ def quantize_model(source: CheckpointSource, calibration: CalibrationSet | None,
     writer = BundleWriter(out_dir)
     release_free_memory()
     model = StreamingModel(source, batch=spec.batch_windows)
-    first_layer, hidden = load_progress(out_dir, writer.completed_layers())
+    first_layer, hidden = state.load_progress(writer.completed_layers()) if state else (0, None)
     if needs_data and hidden is None:
         hidden = model.embed(calibration.input_ids)
     release_free_memory()
@@ -200,7 +201,8 @@ def quantize_model(source: CheckpointSource, calibration: CalibrationSet | None,
                        for name in model.plan(index).passthrough if name.removesuffix(".weight") not in quantized}
         stats["seconds"] = time.perf_counter() - layer_started
         writer.write_layer(index, prefix, quantized, passthrough, stats)
-        save_progress(out_dir, index + 1, hidden)
+        if state is not None:
+            state.save_progress(index + 1, hidden)
         del layer, tensors, quantized, passthrough
         release_free_memory()
     del hidden
@@ -213,6 +215,7 @@ def quantize_model(source: CheckpointSource, calibration: CalibrationSet | None,
         "source": {"model_dir": str(source.checkpoint.model_dir), "fingerprint": source.checkpoint.fingerprint(),
                    "architecture": list(source.config.architectures)},
         "recipe": spec.to_dict(),
+        "run_identity": state.identity if state is not None else None,
         "calibration": calibration.meta if calibration is not None else None,
         "summary": {"seconds": summary.seconds, "peak_rss_mib": summary.peak_rss_mib, "mean_rel_loss": summary.mean_rel_loss},
     }, model.num_layers)

@@ -1,14 +1,15 @@
 """Resumable quantize runs: a fixed work directory, a fingerprint, and per-layer progress.
 
-A run writes into `.NAME.partial` beside its output `NAME` and renames it to `NAME` only when
-the bundle is complete. Inside it:
+A run builds the bundle in `.NAME.partial` beside its output `NAME` (finished layers, each
+file written atomically) and renames it to `NAME` only when it is complete. The run's state
+lives beside it in `.NAME.resume`, never inside the bundle (whose manifest hashes every file):
 
-    run.json                         what the run is computing: source model fingerprint, the
-                                     quantize spec, the calibration tokens' sha256, tool version
-    layers/layer-NNNNN.*             finished layers (each file written atomically)
-    resume/hidden.safetensors        the calibration hidden states entering `next_layer`
-    resume/progress.json             {"next_layer": i, "hidden_sha256": ...}, written after
-                                     the hidden states, so it never points at a half-written file
+    run.json              what the run is computing: source model fingerprint, the quantize
+                          spec, the calibration tokens' sha256, tool version (also kept in
+                          the finished bundle's manifest as `run_identity`)
+    hidden.safetensors    the calibration hidden states entering `next_layer`
+    progress.json         {"next_layer": i, "hidden_sha256": ...}, written after the hidden
+                          states, so it never points at a half-written file
 
 After a crash (SIGKILL, power loss, disk full) `--resume` checks run.json against the new
 invocation (a mismatch is refused, naming what changed), loads the hidden states and goes
@@ -25,6 +26,7 @@ import fcntl
 import hashlib
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -36,7 +38,6 @@ from maverick_quant.checkpoint import (check_output_dir, replace_dir, save_safet
 from maverick_quant.errors import InputError
 
 RUN_FILE = "run.json"
-RESUME_DIR = "resume"
 HIDDEN_FILE = "hidden.safetensors"
 PROGRESS_FILE = "progress.json"
 
@@ -47,6 +48,12 @@ def work_dir_for(out: Path) -> Path:
     return out.with_name(f".{out.name}.partial")
 
 
+def state_dir_for(out: Path) -> Path:
+    """Where a run of output `out` keeps its state: `.NAME.resume` beside it."""
+    out = Path(out)
+    return out.with_name(f".{out.name}.resume")
+
+
 def tensor_sha256(tensor: torch.Tensor) -> str:
     """sha256 of a tensor's dtype, shape and bytes."""
     digest = hashlib.sha256(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
@@ -55,9 +62,10 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
 
 
 def run_identity(source_fingerprint: str, spec: dict, calibration_ids: torch.Tensor | None) -> dict:
-    """What a run computes; a resumed run must match it exactly."""
-    return {"source_fingerprint": source_fingerprint, "quantize": spec, "tool_version": __version__,
-            "calibration_sha256": None if calibration_ids is None else tensor_sha256(calibration_ids)}
+    """What a run computes; a resumed run must match it exactly (JSON values, as stored)."""
+    identity = {"source_fingerprint": source_fingerprint, "quantize": spec, "tool_version": __version__,
+                "calibration_sha256": None if calibration_ids is None else tensor_sha256(calibration_ids)}
+    return json.loads(json.dumps(identity, default=str))
 
 
 def identity_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -73,19 +81,57 @@ def identity_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
     return changes
 
 
-@contextlib.contextmanager
-def resumable_output_dir(out: Path, identity: dict, force: bool = False, resume: bool = False) -> Iterator[Path]:
-    """Yield the work directory of `out`, renamed to `out` when the block succeeds.
+@dataclass(frozen=True)
+class RunState:
+    """The state folder of a run and the identity it was started with."""
 
-    Without `resume`, an existing work directory (an unfinished run) is refused unless
-    `force` discards it. With `resume`, its run.json must equal `identity`. Bad input found
-    during the run (InputError) removes the work directory; any other failure keeps it for
-    `--resume`, and an OSError (disk full, unwritable directory) becomes an InputError that
-    says what failed and what was kept.
+    folder: Path
+    identity: dict
+
+    def save_progress(self, next_layer: int, hidden: torch.Tensor | None) -> None:
+        """Record that every layer before `next_layer` is finished, with the hidden states
+        [S, L, D] entering `next_layer` (None for RTN, which needs none)."""
+        record = {"next_layer": next_layer, "hidden_sha256": None}
+        if hidden is not None:
+            save_safetensors_atomic({"hidden": hidden}, self.folder / HIDDEN_FILE)
+            record["hidden_sha256"] = sha256_file(self.folder / HIDDEN_FILE)
+        write_json_atomic(self.folder / PROGRESS_FILE, record)
+
+    def load_progress(self, finished_layers: set[int]) -> tuple[int, torch.Tensor | None]:
+        """(next layer, hidden states entering it), or (0, None) for a new run; InputError if
+        the record disagrees with the finished layer files or the hidden states file."""
+        from safetensors.torch import load_file
+
+        if not (self.folder / PROGRESS_FILE).is_file():
+            return 0, None
+        record = json.loads((self.folder / PROGRESS_FILE).read_text())
+        next_layer = int(record["next_layer"])
+        missing = sorted(set(range(next_layer)) - finished_layers)
+        if missing:
+            raise InputError(f"{self.folder}: progress says layers < {next_layer} are finished, but layers {missing} "
+                             "are missing; pass --force to start over")
+        if record["hidden_sha256"] is None:
+            return next_layer, None
+        path = self.folder / HIDDEN_FILE
+        if not path.is_file() or sha256_file(path) != record["hidden_sha256"]:
+            raise InputError(f"{path}: missing or does not match {PROGRESS_FILE}; pass --force to start over")
+        return next_layer, load_file(str(path))["hidden"]
+
+
+@contextlib.contextmanager
+def resumable_output_dir(out: Path, identity: dict, force: bool = False,
+                         resume: bool = False) -> Iterator[tuple[Path, RunState]]:
+    """Yield (work directory, run state) of `out`; the work directory becomes `out` when the
+    block succeeds, and the state is removed.
+
+    Without `resume`, an unfinished run is refused unless `force` discards it. With `resume`,
+    its run.json must equal `identity`. Bad input found during the run (InputError) removes
+    both; any other failure keeps them for `--resume`, and an OSError (disk full, unwritable
+    directory) becomes an InputError that says what failed and what was kept.
     """
     out = Path(out)
     check_output_dir(out, force)
-    work = work_dir_for(out)
+    work, state = work_dir_for(out), RunState(state_dir_for(out), identity)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         lock = open(work.with_name(work.name + ".lock"), "w")
@@ -97,38 +143,46 @@ def resumable_output_dir(out: Path, identity: dict, force: bool = False, resume:
         except BlockingIOError:
             raise InputError(f"{work}: another run is writing this output now") from None
         try:
-            _prepare_work_dir(work, out, identity, force, resume)
+            _prepare(work, state, out, force, resume)
             try:
-                yield work
+                yield work, state
             except InputError:
-                shutil.rmtree(work, ignore_errors=True)
+                _discard(work, state)
                 raise
             except OSError as exc:
                 raise InputError(_io_failure_message(exc, work)) from exc
-            shutil.rmtree(work / RESUME_DIR, ignore_errors=True)
-            (work / RUN_FILE).unlink(missing_ok=True)
             replace_dir(work, out)
+            shutil.rmtree(state.folder, ignore_errors=True)
         finally:
             Path(lock.name).unlink(missing_ok=True)  # still ours: we hold the lock
 
 
-def _prepare_work_dir(work: Path, out: Path, identity: dict, force: bool, resume: bool) -> None:
-    if work.exists() and not resume:
+def _discard(work: Path, state: RunState) -> None:
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(state.folder, ignore_errors=True)
+
+
+def _prepare(work: Path, state: RunState, out: Path, force: bool, resume: bool) -> None:
+    """Start a new run, or check that an unfinished one may be resumed with this identity."""
+    unfinished = work.exists() or state.folder.exists()
+    if unfinished and not resume:
         if not force:
             raise InputError(f"{work}: an unfinished run of {out.name} is here; pass --resume to continue it "
                              "or --force to discard it and start over")
-        shutil.rmtree(work)
-    if work.exists():
-        run_file = work / RUN_FILE
+        _discard(work, state)
+    elif unfinished:
+        run_file = state.folder / RUN_FILE
         if not run_file.is_file():
-            raise InputError(f"{work}: no {RUN_FILE}, so not a resumable run; pass --force to start over")
-        changes = identity_changes(json.loads(run_file.read_text()), identity)
+            raise InputError(f"{state.folder}: no {RUN_FILE}, so not a resumable run; pass --force to start over")
+        changes = identity_changes(json.loads(run_file.read_text()), state.identity)
         if changes:
             raise InputError(f"{work}: cannot resume, the run was started with different inputs: {'; '.join(changes)}. "
                              "Rerun with the original inputs, or pass --force to start over")
+        work.mkdir(exist_ok=True)
         return
     work.mkdir()
-    write_json_atomic(work / RUN_FILE, identity)
+    state.folder.mkdir()
+    write_json_atomic(state.folder / RUN_FILE, state.identity)
 
 
 def _io_failure_message(exc: OSError, work: Path) -> str:
@@ -136,37 +190,3 @@ def _io_failure_message(exc: OSError, work: Path) -> str:
     where = f" writing {exc.filename}" if exc.filename else ""
     return (f"{where.strip() or 'writing the output'}: {what}. Finished layers are kept in {work}; "
             "fix the cause and rerun the same command with --resume")
-
-
-def save_progress(work: Path, next_layer: int, hidden: torch.Tensor | None) -> None:
-    """Record that every layer before `next_layer` is finished, with the hidden states
-    [S, L, D] entering `next_layer` (None for RTN, which needs none)."""
-    folder = Path(work) / RESUME_DIR
-    folder.mkdir(exist_ok=True)
-    record = {"next_layer": next_layer, "hidden_sha256": None}
-    if hidden is not None:
-        save_safetensors_atomic({"hidden": hidden}, folder / HIDDEN_FILE)
-        record["hidden_sha256"] = sha256_file(folder / HIDDEN_FILE)
-    write_json_atomic(folder / PROGRESS_FILE, record)
-
-
-def load_progress(work: Path, finished_layers: set[int]) -> tuple[int, torch.Tensor | None]:
-    """(next layer, hidden states entering it) recorded in `work`, or (0, None) for a new
-    run; InputError if the record disagrees with the layer files or the hidden states file."""
-    from safetensors.torch import load_file
-
-    folder = Path(work) / RESUME_DIR
-    if not (folder / PROGRESS_FILE).is_file():
-        return 0, None
-    record = json.loads((folder / PROGRESS_FILE).read_text())
-    next_layer = int(record["next_layer"])
-    missing = sorted(set(range(next_layer)) - finished_layers)
-    if missing:
-        raise InputError(f"{work}: progress says layers < {next_layer} are finished, but layers {missing} are missing; "
-                         "pass --force to start over")
-    if record["hidden_sha256"] is None:
-        return next_layer, None
-    path = folder / HIDDEN_FILE
-    if not path.is_file() or sha256_file(path) != record["hidden_sha256"]:
-        raise InputError(f"{path}: missing or does not match {PROGRESS_FILE}; pass --force to start over")
-    return next_layer, load_file(str(path))["hidden"]

@@ -126,7 +126,7 @@ def test_answers_come_back_in_task_order_whatever_the_blocks() -> None:
     encoded = [EncodedTask(tuple(torch.randint(1, 50, (int(torch.randint(1, 6, (1,), generator=generator)),),
                                                generator=generator).tolist()),
                            tuple(tuple(torch.randint(1, 50, (1 + (task * choice) % 5,), generator=generator).tolist())
-                                 for choice in range(4)), 0) for task in range(11)]
+                                 for choice in range(4))) for task in range(11)]
     direct = predictions(branch_choice_scores(Causal(), encoded), (4,) * len(encoded))
     assert len(set(direct.tolist())) > 1
     for block in (1, 3, 64):
@@ -139,7 +139,7 @@ def test_branch_scoring_equals_the_packed_scoring() -> None:
     on that position's token only (so both paths must read the same predicting positions)."""
     from maverick_quant.validation.hellaswag import EncodedTask, mean_choice_logprobs
 
-    encoded = [EncodedTask((1, 5), ((6, 7), (9, 9, 3)), 0), EncodedTask((1,), ((8, 2),), 0)]
+    encoded = [EncodedTask((1, 5), ((6, 7), (9, 9, 3))), EncodedTask((1,), ((8, 2),))]
     packed = pack_tasks(encoded, pad=0)
     logprobs = torch.log_softmax(TABLE[packed.ids].double(), -1)
 

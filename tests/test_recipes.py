@@ -145,6 +145,12 @@ def test_run_makes_bundle_exports_report_and_lock_and_gates_the_exit_code(tiny_l
     resumed = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(out), "--no-progress", "--resume"])
     assert resumed.exit_code == 0 and "kept" in resumed.output, resumed.output
     assert (out / "bundle" / "manifest.json").stat().st_mtime_ns == stamp
+    other_calibration = yaml.safe_load(recipe.read_text())
+    other_calibration["calibration"]["seed"] = 1  # other windows: the bundle must be made again
+    recipe.write_text(yaml.safe_dump(other_calibration))
+    resumed = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(out), "--no-progress", "--resume"])
+    assert resumed.exit_code == 0 and "kept" not in resumed.output, resumed.output
+    assert (out / "bundle" / "manifest.json").stat().st_mtime_ns != stamp
 
     failing = _write_recipe(tmp_path, tiny_llama_dir, small_text_file, ["top1_agreement>=1.01"])
     result = CliRunner().invoke(cli, ["run", str(failing), "--out", str(tmp_path / "run2"), "--no-progress"])

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from maverick_quant.checkpoint import KILL_DURING_WRITE
 from maverick_quant.cli import cli
-from maverick_quant.resume import work_dir_for
+from maverick_quant.resume import state_dir_for, work_dir_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,18 +50,17 @@ def _layer_records(bundle: Path) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_llama4_dir: Path, tmp_path_factory) -> tuple[Path, Path, float]:
-    """(calibration text, the bundle of an uninterrupted run, its wall time in seconds)."""
+def uninterrupted(tiny_llama4_dir: Path, tmp_path_factory) -> tuple[Path, Path]:
+    """(calibration text, the bundle of an uninterrupted run)."""
     root = tmp_path_factory.mktemp("resume_reference")
     text = root / "calib.txt"
     source = REPO.parent / "shared" / "data" / "wikitext-2" / "wiki.valid.tokens"
     text.write_text("\n".join(source.read_text(encoding="utf-8").splitlines()[:300]) if source.is_file()
                     else "The river runs past the old mill and under the stone bridge. " * 200)
-    started = time.perf_counter()
     process = _spawn(_quantize_args(tiny_llama4_dir, text, root / "bundle"))
     output, _ = process.communicate(timeout=600)
     assert process.returncode == 0, output
-    return text, root / "bundle", time.perf_counter() - started
+    return text, root / "bundle"
 
 
 def _resume_until_done(args: list[str], bundle: Path) -> int:
@@ -80,47 +79,58 @@ def test_sigkill_mid_write_then_resume_gives_identical_tensor_files(tiny_llama4_
     """Killed inside the 2nd atomic write (layer 0's hidden states), then inside the 5th of the
     resumed run (an expert chunk of layer 1 or later): half a temporary file is left each time,
     and the resumed bundle equals the uninterrupted one, tensor file by tensor file."""
-    text, reference, _ = uninterrupted
+    text, reference = uninterrupted
     bundle = tmp_path / "bundle"
     args = _quantize_args(tiny_llama4_dir, text, bundle)
     first = _spawn(args, {KILL_DURING_WRITE: "2"})
     output, _ = first.communicate(timeout=600)
     assert first.returncode == -signal.SIGKILL, output
-    work = work_dir_for(bundle)
-    assert not bundle.exists() and any(work.rglob(".*.tmp")), "a half-written temporary file should be left"
+    work, state = work_dir_for(bundle), state_dir_for(bundle)
+    assert not bundle.exists() and any(state.rglob(".*.tmp")), "half of layer 0's hidden states should be left"
     second = _spawn(args + ["--resume"], {KILL_DURING_WRITE: "5"})
     output, _ = second.communicate(timeout=600)
     assert second.returncode == -signal.SIGKILL, output
     assert _resume_until_done(args, bundle) == 1
-    assert not work.exists()
+    assert not work.exists() and not state.exists()
     assert _tensor_files(bundle) == _tensor_files(reference)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    on_disk = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file() and p.name != "manifest.json"}
+    assert set(manifest["files"]) == on_disk  # the run's state never enters the bundle or its manifest
+    assert manifest["run_identity"]["calibration_sha256"] and manifest["run_identity"]["quantize"]["method"] == "gptq"
     assert _layer_records(bundle) == _layer_records(reference)
+
+
+def _wait_for_files(folder: Path, count: int, process: subprocess.Popen) -> None:
+    """Poll until `folder` holds `count` files (or the process ends)."""
+    while process.poll() is None and (not folder.is_dir() or sum(1 for _ in folder.iterdir()) < count):
+        time.sleep(0.005)
 
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_gives_identical_tensor_files(tiny_llama4_dir: Path, uninterrupted,
                                                                            tmp_path: Path) -> None:
-    text, reference, seconds = uninterrupted
+    """Killed at a random moment of the quantize phase: after a random number of the bundle's
+    layer files exist (so the run cannot have finished), plus a random delay up to 50 ms."""
+    text, reference = uninterrupted
+    files = sum(1 for _ in (reference / "layers").iterdir())
     rng = random.Random(20261123)
-    interrupted = 0
     for trial in range(3):
         bundle = tmp_path / f"bundle{trial}"
         args = _quantize_args(tiny_llama4_dir, text, bundle)
         process = _spawn(args)
-        time.sleep(rng.uniform(0.3, 0.95) * seconds)
+        _wait_for_files(work_dir_for(bundle) / "layers", rng.randint(1, files - 4), process)
+        time.sleep(rng.uniform(0.0, 0.05))
         process.send_signal(signal.SIGKILL)
         process.communicate(timeout=60)
-        if not bundle.exists():  # killed before the end (it may have finished first on a fast machine)
-            interrupted += 1
-            _resume_until_done(args, bundle)
+        assert process.returncode == -signal.SIGKILL and not bundle.exists(), f"trial {trial} was not interrupted"
+        _resume_until_done(args, bundle)
         assert _tensor_files(bundle) == _tensor_files(reference), f"trial {trial}"
-    assert interrupted >= 2
 
 
 @pytest.mark.slow
 def test_resume_with_other_inputs_is_refused_naming_what_changed(tiny_llama4_dir: Path, uninterrupted,
                                                                  tmp_path: Path) -> None:
-    text, _, _ = uninterrupted
+    text, _ = uninterrupted
     bundle = tmp_path / "bundle"
     process = _spawn(_quantize_args(tiny_llama4_dir, text, bundle), {KILL_DURING_WRITE: "3"})
     process.communicate(timeout=600)

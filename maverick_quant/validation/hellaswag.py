@@ -79,7 +79,6 @@ class EncodedTask:
 
     prefix: tuple[int, ...]
     suffixes: tuple[tuple[int, ...], ...]
-    label: int
 
     @property
     def packed_length(self) -> int:
@@ -91,7 +90,7 @@ def encode_task(task: Task, tokenizer) -> EncodedTask:
     scores the tokens after it; the prefix keeps >= 1 token and leaves each choice >= 1)."""
     encoded = [tokenizer(f"{task.context} {choice}", add_special_tokens=True)["input_ids"] for choice in task.choices]
     shared = max(1, min(_common_prefix(encoded), min(map(len, encoded)) - 1))
-    return EncodedTask(tuple(encoded[0][:shared]), tuple(tuple(ids[shared:]) for ids in encoded), task.label)
+    return EncodedTask(tuple(encoded[0][:shared]), tuple(tuple(ids[shared:]) for ids in encoded))
 
 
 def _common_prefix(sequences: list[list[int]]) -> int:
