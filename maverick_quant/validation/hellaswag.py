@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
 from tqdm.auto import tqdm
 
 from maverick_quant.errors import InputError
