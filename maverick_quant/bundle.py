@@ -8,7 +8,10 @@ Layout of a bundle directory:
     layers/layer-00007.safetensors  one decoder layer: for each quantized linear `m`
                                     `m.codes` (uint8 [N, K], two 4-bit codes per byte when
                                     bits <= 4: [N, K/2]), `m.scales` fp16 [N, G],
-                                    `m.zeros` uint8 [N, G]; norms etc. under their own names
+                                    `m.zeros` uint8 [N, G]; norms etc. under their own names.
+                                    On the Q4_K grid (compress/kquant.py) `m.scales` and
+                                    `m.zeros` are the uint8 6-bit sc and m [N, K/32], and
+                                    `m.super_scales`, `m.super_mins` fp16 [N, K/256] d, dmin
     layers/layer-00007.json         that layer's stats (GPTQ loss, damping, seconds), written
                                     after its tensors: a layer is complete iff both exist
 
@@ -40,6 +43,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json", "chat_template.jinja", "vocab.json", "merges.txt")
 
 
+QUANTIZED_PARTS = ("codes", "scales", "zeros", "super_scales", "super_mins")
+
+
 def _nibble_packed(bits: int, in_features: int) -> bool:
     return bits <= 4 and in_features % 2 == 0
 
@@ -49,6 +55,9 @@ def encode_quantized(name: str, weight: QuantizedWeight) -> dict[str, torch.Tens
     codes = weight.codes
     if _nibble_packed(weight.bits, codes.shape[-1]):
         codes = pack_nibbles(codes)
+    if weight.k_quant:
+        return {f"{name}.codes": codes, f"{name}.scales": weight.scales, f"{name}.zeros": weight.zeros,
+                f"{name}.super_scales": weight.super_scales.half(), f"{name}.super_mins": weight.super_mins.half()}
     return {f"{name}.codes": codes, f"{name}.scales": weight.scales.half(), f"{name}.zeros": weight.zeros}
 
 
@@ -56,7 +65,8 @@ def decode_quantized(name: str, tensors: dict[str, torch.Tensor], shape: list[in
     codes = tensors[f"{name}.codes"]
     if _nibble_packed(bits, shape[-1]):
         codes = unpack_nibbles(codes)
-    return QuantizedWeight(codes, tensors[f"{name}.scales"], tensors[f"{name}.zeros"], bits, group_size)
+    supers = [tensors.get(f"{name}.super_scales"), tensors.get(f"{name}.super_mins")]
+    return QuantizedWeight(codes, tensors[f"{name}.scales"], tensors[f"{name}.zeros"], bits, group_size, *supers)
 
 
 def layer_file(index: int) -> str:
@@ -169,7 +179,7 @@ class Bundle:
         prefix = record["prefix"]
         quantized = {name: decode_quantized(prefix + name, tensors, info["shape"], self.quant["bits"], self.quant["group_size"])
                      for name, info in record["quantized"].items()}
-        coded = {f"{prefix}{name}.{part}" for name in quantized for part in ("codes", "scales", "zeros")}
+        coded = {f"{prefix}{name}.{part}" for name in quantized for part in QUANTIZED_PARTS}
         passthrough = {key[len(prefix):]: t for key, t in tensors.items() if key not in coded}
         return quantized, passthrough
 
@@ -211,13 +221,15 @@ class Bundle:
 
         key = chunk["prefix"] + name
         with safe_open(str(self.root / chunk["file"]), framework="pt") as handle:
-            tensors = {f"{key}.{part}": handle.get_tensor(f"{key}.{part}") for part in ("codes", "scales", "zeros")}
+            present = set(handle.keys())
+            tensors = {f"{key}.{part}": handle.get_tensor(f"{key}.{part}") for part in QUANTIZED_PARTS
+                       if f"{key}.{part}" in present}
         return decode_quantized(key, tensors, chunk["shapes"][name], self.quant["bits"], self.quant["group_size"])
 
     def passthrough_info(self, index: int) -> dict[str, TensorInfo]:
         """Layer `index`'s float tensors (relative name -> header info), read without their data."""
         record = self.manifest["layers"][index]
-        coded = {f"{record['prefix']}{name}.{part}" for name in record["quantized"] for part in ("codes", "scales", "zeros")}
+        coded = {f"{record['prefix']}{name}.{part}" for name in record["quantized"] for part in QUANTIZED_PARTS}
         header = read_safetensors_header(self.root / record["file"])
         return {key[len(record["prefix"]):]: info for key, info in header.items() if key not in coded}
 

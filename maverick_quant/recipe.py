@@ -32,6 +32,8 @@ GGUF_GRIDS = {
     "Q4_0": {"bits": 4, "group_size": 32, "sym": True},
     "Q4_1": {"bits": 4, "group_size": 32, "sym": False, "scale_bits": 7},
     "Q8_0": {"bits": 8, "group_size": 32, "sym": True},
+    # super-blocks of 256 columns; a matrix whose K is not a multiple of 256 gets the Q4_1 grid
+    "Q4_K": {"bits": 4, "group_size": 32, "sym": False, "scale_bits": 7, "k_quant": True},
 }
 
 
@@ -50,6 +52,10 @@ class QuantSpec:
     scale_bits:  significant bits kept in each fp16 scale (11: any fp16). With 7, -zero * scale
                  is itself an fp16 number for every 4-bit zero, so an asymmetric 4-bit grid of
                  group 32 is exactly llama.cpp's Q4_1 (d = scale, m = -zero * scale).
+    k_quant:     llama.cpp's Q4_K grid (4-bit, asymmetric, group 32): each super-block of 256
+                 columns has fp16 (d, dmin) and every group 6-bit multipliers (sc, m), value =
+                 code * d * sc - dmin * m (see compress/kquant.py). Matrices whose K is not a
+                 multiple of 256 fall back to the Q4_1 grid (scale_bits 7), as GGUF Q4_1.
     """
 
     bits: int = 4
@@ -59,6 +65,7 @@ class QuantSpec:
     damp: float = 0.01
     block_size: int = 128
     scale_bits: int = 11
+    k_quant: bool = False
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -73,6 +80,9 @@ class QuantSpec:
             raise InputError(f"block_size={self.block_size}: expected a positive integer")
         if not 1 <= self.scale_bits <= 11:
             raise InputError(f"scale_bits={self.scale_bits}: expected 1 to 11 (fp16 has 11 significant bits)")
+        if self.k_quant and (self.bits, self.group_size, self.sym, self.scale_bits) != (4, 32, False, 7):
+            raise InputError(f"k_quant (llama.cpp Q4_K) is bits 4, group_size 32, sym false, scale_bits 7; got bits "
+                             f"{self.bits}, group_size {self.group_size}, sym {self.sym}, scale_bits {self.scale_bits}")
 
     @property
     def maxq(self) -> int:

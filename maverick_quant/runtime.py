@@ -16,7 +16,7 @@ import torch
 
 from maverick_quant.compress.kernels.backends import Backend, get_backend
 from maverick_quant.compress.kernels.layout import Int4Weight, concat_outputs
-from maverick_quant.compress.types import QuantizedWeight
+from maverick_quant.compress.types import QuantizedWeight, concat_leading
 from maverick_quant.errors import InputError
 from maverick_quant.streaming import SequenceLayout, StreamingModel
 
@@ -72,11 +72,6 @@ def _set_submodule(root: torch.nn.Module, path: str, module: torch.nn.Module) ->
     setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
-def _cat_experts(chunks: list[QuantizedWeight]) -> QuantizedWeight:
-    first = chunks[0]
-    return QuantizedWeight(torch.cat([c.codes for c in chunks]), torch.cat([c.scales for c in chunks]),
-                           torch.cat([c.zeros for c in chunks]), first.bits, first.group_size)
-
 
 def _routed_experts(bundle, index: int) -> dict[str, Int4Weight]:
     """Layer `index`'s routed experts as stacked runtime weights {"gate_up": [E, 2I, D/2], "down": [E, D, I/2]}."""
@@ -85,7 +80,7 @@ def _routed_experts(bundle, index: int) -> dict[str, Int4Weight]:
         for name, weight in chunk.items():
             parts.setdefault(name, []).append(weight)
     prefix = f"{bundle.table.prefix(index)}experts."
-    stacked = {name: Int4Weight.from_quantized(_cat_experts(chunks), prefix + name) for name, chunks in parts.items()}
+    stacked = {name: Int4Weight.from_quantized(concat_leading(chunks), prefix + name) for name, chunks in parts.items()}
     return {"gate_up": concat_outputs([stacked["gate_proj"], stacked["up_proj"]]), "down": stacked["down_proj"]}
 
 

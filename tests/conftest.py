@@ -21,26 +21,33 @@ def smollm2_dir() -> Path:
     return smollm2_hf_dir()
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_dir(smollm2_dir: Path, tmp_path_factory) -> Path:
-    """A random 3-layer Llama (hidden 96: group 64 does not divide it), fp32, in >= 2 shards."""
+TINY_LLAMA = dict(hidden_size=96, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=False, rms_norm_eps=1e-5,
+                  max_position_embeddings=2048, bos_token_id=1, eos_token_id=2)
+
+
+def make_tiny_llama(smollm2_dir: Path, out: Path, **overrides) -> Path:
+    """A random Llama (TINY_LLAMA with `overrides`), weights N(0, 0.05), fp32, in >= 2 shards,
+    with SmolLM2's tokenizer, saved in `out`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=96, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=False, rms_norm_eps=1e-5,
-                         max_position_embeddings=2048, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, **overrides})).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if not name.endswith("norm.weight"):
                 param.normal_(0.0, 0.05)
-    out = tmp_path_factory.mktemp("tiny_llama")
     model.save_pretrained(out, max_shard_size="4MB")
     for name in TOKENIZER_FILES:
         if (smollm2_dir / name).is_file():
             shutil.copy2(smollm2_dir / name, out / name)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(smollm2_dir: Path, tmp_path_factory) -> Path:
+    """A random 3-layer Llama (hidden 96: group 64 does not divide it), fp32, in >= 2 shards."""
+    return make_tiny_llama(smollm2_dir, tmp_path_factory.mktemp("tiny_llama"))
 
 
 TINY_LLAMA4_TEXT = dict(
@@ -66,9 +73,11 @@ def skew_routers(model: torch.nn.Module, generator: torch.Generator) -> None:
             weight[0] *= 1e-3
 
 
-def make_tiny_llama4(smollm2_dir: Path, out: Path, **text_overrides) -> Path:
+def make_tiny_llama4(smollm2_dir: Path, out: Path, logit_scale: float = 1.0, **text_overrides) -> Path:
     """A random Llama4ForConditionalGeneration (TINY_LLAMA4_TEXT with `text_overrides`, a
-    vision tower, skewed routers), fp32, sharded, with SmolLM2's tokenizer, saved in `out`."""
+    vision tower, skewed routers), fp32, sharded, with SmolLM2's tokenizer, saved in `out`.
+    `logit_scale` multiplies the final norm's weight, so the logits: random models predict
+    almost uniformly, and a scale of ~10 makes their top-1 choices decided enough to compare."""
     from transformers import Llama4Config, Llama4ForConditionalGeneration
 
     config = Llama4Config(text_config={**TINY_LLAMA4_TEXT, **text_overrides}, vision_config=TINY_LLAMA4_VISION,
@@ -81,6 +90,7 @@ def make_tiny_llama4(smollm2_dir: Path, out: Path, **text_overrides) -> Path:
             if not name.endswith("norm.weight"):
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
         skew_routers(model, generator)
+        model.language_model.model.norm.weight.mul_(logit_scale)
     model.save_pretrained(out, max_shard_size="4MB")
     for name in TOKENIZER_FILES:
         if (smollm2_dir / name).is_file():

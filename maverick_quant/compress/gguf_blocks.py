@@ -10,8 +10,14 @@ Our grid is value = (code - zero) * scale with one fp16 scale and integer zero p
   - an asymmetric 4-bit grid is Q4_1 with d = scale, m = -zero * scale, q = code, exactly
     when -zero * scale is an fp16 number (checked; otherwise the weight is not on the grid);
 whenever the group size is a multiple of 32 (a group's scale repeats over its blocks) or -1
-(one scale per row), and K is a multiple of 32. Such an encoding is lossless: gguf-py's
-`gguf.quants.dequantize` gives the bundle's dequantized values bit for bit.
+(one scale per row), and K is a multiple of 32.
+    Q4_K  144 bytes per 256 values: d fp16, dmin fp16, 12 bytes of 6-bit (sc, m) for the 8
+          groups, 128 bytes of codes;  value = q * d * sc - dmin * m.
+A weight on our K-quant grid (compress/kquant.py) is Q4_K with its own (d, dmin, sc, m, q).
+Q4_K needs K a multiple of 256: a Q4_K export stores the other matrices as Q4_1, the grid a
+k_quant spec gives them (llama.cpp's own quantizer falls back to Q5_0 there).
+Such an encoding is lossless: gguf-py's `gguf.quants.dequantize` gives the bundle's
+dequantized values bit for bit (gguf-py cannot quantize Q4_K; the packer here is ours).
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from maverick_quant.compress.types import QuantizedWeight
+from maverick_quant.compress.kquant import uses_k_grid
+from maverick_quant.compress.types import SUPER_BLOCK, QuantizedWeight
 
 BLOCK = 32
 Q4_1_SCALE_BITS = 7  # 7-bit scale x 4-bit zero fits fp16's 11-bit significand
@@ -29,21 +36,39 @@ Q4_1_SCALE_BITS = 7  # 7-bit scale x 4-bit zero fits fp16's 11-bit significand
 
 @dataclass(frozen=True)
 class BlockType:
-    """A llama.cpp block type: name (gguf.GGMLQuantizationType member), the grid it stores."""
+    """A llama.cpp block type: name (gguf.GGMLQuantizationType member), the grid it stores,
+    bytes per block of `block` columns."""
 
     name: str
     bits: int
     sym: bool
     bytes_per_block: int
+    block: int = BLOCK
+    k_quant: bool = False
+
+    def row_bytes(self, in_features: int) -> int:
+        return in_features // self.block * self.bytes_per_block
 
 
 BLOCK_TYPES = {t.name: t for t in (BlockType("Q4_0", 4, True, 18), BlockType("Q4_1", 4, False, 20),
-                                   BlockType("Q8_0", 8, True, 34))}
+                                   BlockType("Q8_0", 8, True, 34),
+                                   BlockType("Q4_K", 4, False, 144, block=SUPER_BLOCK, k_quant=True))}
+
+
+def tensor_block_type(block_type: BlockType, in_features: int) -> BlockType:
+    """The type a matrix with `in_features` columns gets in a `block_type` export: Q4_1 for a
+    Q4_K export whose K is not a multiple of 256 (the grid a k_quant spec gives it), else `block_type`."""
+    if block_type.k_quant and not uses_k_grid(True, in_features):
+        return BLOCK_TYPES["Q4_1"]
+    return block_type
 
 
 def grid_mismatch(quant: dict, block_type: BlockType) -> str | None:
-    """Why a bundle grid {bits, group_size, sym} cannot be stored losslessly in `block_type`, or None."""
+    """Why a bundle grid {bits, group_size, sym, k_quant} cannot be stored losslessly in `block_type`, or None."""
     group = quant["group_size"]
+    if bool(quant.get("k_quant")) != block_type.k_quant:
+        return (f"{block_type.name} {'stores' if block_type.k_quant else 'does not store'} llama.cpp's K-quant "
+                f"super-block grid; the bundle {'is' if quant.get('k_quant') else 'is not'} on it (--gguf-grid Q4_K)")
     if quant["bits"] != block_type.bits or quant["sym"] != block_type.sym:
         grid = f"{block_type.bits}-bit {'symmetric' if block_type.sym else 'asymmetric'}"
         return (f"{block_type.name} stores a {grid} grid; the bundle is {quant['bits']}-bit "
@@ -64,8 +89,11 @@ def _group_of_block(weight: QuantizedWeight) -> torch.Tensor:
 
 
 def encode_blocks(weight: QuantizedWeight, block_type: BlockType) -> np.ndarray:
-    """Codes of `weight` [..., N, K] as llama.cpp blocks: uint8 [..., N, K/32 * bytes_per_block].
+    """Codes of `weight` [..., N, K] as llama.cpp blocks: uint8 [..., N, K/block * bytes_per_block].
     Raises ValueError when the weight is not on the block type's grid."""
+    if block_type.k_quant:
+        return encode_q4_k(weight)
+    weight.require_uniform(block_type.name)
     k = weight.shape[-1]
     if k % BLOCK:
         raise ValueError(f"{block_type.name} needs K a multiple of {BLOCK}; K={k}")
@@ -91,6 +119,26 @@ def encode_blocks(weight: QuantizedWeight, block_type: BlockType) -> np.ndarray:
         payload = (codes.to(torch.int16) - 128).to(torch.int8).view(torch.uint8)
     parts = [h.unsqueeze(-1).view(torch.uint8) for h in header] + [payload]
     return torch.cat(parts, dim=-1).flatten(-2).contiguous().numpy()
+
+
+def encode_q4_k(weight: QuantizedWeight) -> np.ndarray:
+    """A K-quant weight [..., N, K] as Q4_K blocks uint8 [..., N, K/256 * 144]: per super-block
+    d, dmin (fp16), 12 scale bytes, then 128 bytes where byte 32i + l holds the codes of
+    columns 64i + l (low nibble) and 64i + 32 + l (high nibble). The 12 scale bytes hold the
+    6-bit sc[j], m[j] of the 8 groups: bytes 0-3 sc[0..3] | (sc[4..7] >> 4) << 6, bytes 4-7 the
+    same for m, bytes 8-11 (sc[4..7] & 15) | (m[4..7] & 15) << 4 (ggml's get_scale_min_k4)."""
+    if not weight.k_quant:
+        raise ValueError("Q4_K stores llama.cpp's K-quant super-block grid; this weight is not on it "
+                         "(quantize with --gguf-grid Q4_K)")
+    sc = weight.scales.to(torch.uint8).unflatten(-1, (-1, 8))  # [..., N, S, 8]
+    m = weight.zeros.to(torch.uint8).unflatten(-1, (-1, 8))
+    low, high = sc[..., :4], sc[..., 4:]
+    m_low, m_high = m[..., :4], m[..., 4:]
+    scale_bytes = torch.cat([low | ((high >> 4) << 6), m_low | ((m_high >> 4) << 6), (high & 15) | ((m_high & 15) << 4)], -1)
+    codes = weight.codes.to(torch.uint8).unflatten(-1, (-1, 4, 2, 32))  # [..., N, S, 4 pairs, 2 groups, 32]
+    payload = (codes[..., 0, :] | (codes[..., 1, :] << 4)).flatten(-2)  # [..., N, S, 128]
+    header = [t.half().unsqueeze(-1).view(torch.uint8) for t in (weight.super_scales, weight.super_mins)]
+    return torch.cat([*header, scale_bytes, payload], dim=-1).flatten(-2).contiguous().numpy()
 
 
 def requantize_error(reference: torch.Tensor, stored: torch.Tensor) -> float:

@@ -22,15 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from maverick_quant.compress.grid import (
-    dequantize_codes,
-    expand_groups,
-    group_params,
-    pack_quantized,
-    quant_params,
-    quantize_codes,
-)
-from maverick_quant.compress.types import QuantizedWeight
+from maverick_quant.compress.grid import dequantize_codes, expand_groups, group_params, pack_quantized, quantize_codes
+from maverick_quant.compress.kquant import (KQuantParams, concat_params, dequantize_offset, kquant_params, pack_kquant,
+                                            quantize_offset, uses_k_grid)
+from maverick_quant.compress.types import SUPER_BLOCK, QuantizedWeight
 from maverick_quant.recipe import QuantSpec
 
 MAX_DAMP = 1.0
@@ -65,27 +60,66 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec) -> GPTQResu
     Wt = W.reshape(-1, n, k).float().transpose(1, 2).clone(memory_format=torch.contiguous_format)  # [B, K, N]
     Hd = H.reshape(-1, k, k).float().clone()
     _mask_dead_inputs(Wt, Hd)
-    params = _static_params(Wt, spec) if _static(spec) else None
+    grid = _KQuantGrid() if uses_k_grid(spec.k_quant, k) else _GroupGrid(spec, k)
+    params = grid.columns(Wt) if _static(spec) else None
     perm = _act_order_perm(Hd) if spec.act_order else None
     if perm is not None:
         Wt, Hd = _permute_rows(Wt, perm), _permute_rows(_permute_rows(Hd, perm).transpose(1, 2), perm)
         params = tuple(_permute_rows(p, perm) for p in params)
     U, damp = _damped_inverse_cholesky(Hd, spec.damp)
     del Hd
-    codes, scale, zero = _solve(Wt, U, params, spec)
+    codes, scale, zero = _solve(Wt, U, params, grid, spec.block_size)
     if perm is not None:
         inverse = torch.argsort(perm, dim=-1)
         codes, scale, zero = (_permute_rows(t, inverse) for t in (codes, scale, zero))
-    Q = dequantize_codes(codes, scale, zero).transpose(1, 2)  # [B, N, K], == weight.dequantize()
-    width = spec.group_width(k)
-    weight = pack_quantized(
-        codes.transpose(1, 2).reshape(*batch, n, k),
-        scale[:, ::width].transpose(1, 2).reshape(*batch, n, -1),
-        zero[:, ::width].transpose(1, 2).reshape(*batch, n, -1),
-        spec,
-    )
+    Q = grid.dequantize(codes, scale, zero).transpose(1, 2)  # [B, N, K], == weight.dequantize()
+    weight = grid.pack(codes, scale, zero).map_tensors(lambda t: t.reshape(*batch, n, -1))
     loss, rel_loss = _losses(W.reshape(-1, n, k).float(), Q, H.reshape(-1, k, k).float())
     return GPTQResult(weight, loss.reshape(batch), rel_loss.reshape(batch), damp.reshape(batch))
+
+
+class _GroupGrid:
+    """The (scale, zero) group grid as the column loop sees it: per-column parameters [B, C, N]."""
+
+    def __init__(self, spec: QuantSpec, k: int):
+        self.spec, self.width = spec, spec.group_width(k)
+
+    def columns(self, Wt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-column (scale, zero) [B, C, N] of the groups of the columns Wt [B, C, N]."""
+        scales, zeros = group_params(Wt.transpose(1, 2), self.spec)  # [B, N, G]
+        c = Wt.shape[1]
+        return tuple(expand_groups(t, c, self.spec.group_size).transpose(1, 2).contiguous() for t in (scales, zeros))
+
+    def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        return quantize_codes(w, scale, zero, self.spec.maxq)
+
+    dequantize = staticmethod(dequantize_codes)
+
+    def pack(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> QuantizedWeight:
+        """Solver outputs [B, K, N] -> QuantizedWeight [B, N, K] (one scale and zero per group)."""
+        return pack_quantized(codes.transpose(1, 2), scale[:, :: self.width].transpose(1, 2),
+                              zero[:, :: self.width].transpose(1, 2), self.spec)
+
+
+class _KQuantGrid:
+    """llama.cpp's Q4_K grid (compress/kquant.py) as the column loop sees it: per-column
+    (step, offset) [B, C, N]; each super-block's parameters are kept, in column order, to pack."""
+
+    width = SUPER_BLOCK
+
+    def __init__(self):
+        self.parts: list[KQuantParams] = []
+
+    def columns(self, Wt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        params = kquant_params(Wt.transpose(1, 2))
+        self.parts.append(params)
+        return tuple(t.transpose(1, 2) for t in params.column_steps())
+
+    quantize = staticmethod(quantize_offset)
+    dequantize = staticmethod(dequantize_offset)
+
+    def pack(self, codes: torch.Tensor, _step: torch.Tensor, _offset: torch.Tensor) -> QuantizedWeight:
+        return pack_kquant(codes.transpose(1, 2), concat_params(self.parts))
 
 
 def _check_inputs(W: torch.Tensor, H: torch.Tensor) -> tuple[tuple[int, ...], int, int]:
@@ -116,13 +150,6 @@ def _mask_dead_inputs(Wt: torch.Tensor, H: torch.Tensor) -> None:
 def _static(spec: QuantSpec) -> bool:
     """Whether grids are fixed before the solve (act-order, or one group per row as in GPTQ)."""
     return spec.act_order or spec.group_size == -1
-
-
-def _static_params(Wt: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-column (scale, zero) [B, K, N] of the group grids of the (dead-masked) original W."""
-    k = Wt.shape[1]
-    scales, zeros = group_params(Wt.transpose(1, 2), spec)  # [B, N, G]
-    return tuple(expand_groups(t, k, spec.group_size).transpose(1, 2).contiguous() for t in (scales, zeros))
 
 
 def _act_order_perm(H: torch.Tensor) -> torch.Tensor:
@@ -186,28 +213,28 @@ def _block_bounds(k: int, block_size: int, break_every: int) -> list[tuple[int, 
 
 
 def _solve(
-    Wt: torch.Tensor, U: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor] | None, spec: QuantSpec
+    Wt: torch.Tensor, U: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor] | None,
+    grid: "_GroupGrid | _KQuantGrid", block_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The GPTQ column loop on Wt [B, K, N] (updated in place) in solve order.
 
-    params: static per-column (scale, zero) [B, K, N], or None to compute each group's grid
-    when its first column is reached. Returns (codes, scale, zero), each [B, K, N] fp32.
+    params: static per-column grid parameters [B, K, N], or None to compute each group's (or
+    super-block's) grid when its first column is reached. Returns (codes, params...), each [B, K, N] fp32.
     """
     b, k, n = Wt.shape
     dynamic = params is None
-    width = spec.group_width(k)
+    width = grid.width
     scale, zero = (torch.empty_like(Wt), torch.empty_like(Wt)) if dynamic else params
     codes = torch.empty_like(Wt)
-    for i1, i2 in _block_bounds(k, spec.block_size, width if dynamic else k):
+    for i1, i2 in _block_bounds(k, block_size, width if dynamic else k):
         if dynamic and i1 % width == 0:
-            s, z = quant_params(Wt[:, i1 : i1 + width].transpose(1, 2), spec.bits, spec.sym, spec.scale_bits)  # [B, N]
-            scale[:, i1 : i1 + width], zero[:, i1 : i1 + width] = s.unsqueeze(1), z.unsqueeze(1)
+            scale[:, i1 : i1 + width], zero[:, i1 : i1 + width] = grid.columns(Wt[:, i1 : i1 + width])
         W1, U1 = Wt[:, i1:i2], U[:, i1:i2, i1:i2]
         err = torch.empty_like(W1)  # scaled errors (w - q) / U_kk of the block's columns
         for i in range(i2 - i1):
             w, col = W1[:, i], i1 + i
-            codes[:, col] = quantize_codes(w, scale[:, col], zero[:, col], spec.maxq)
-            err[:, i] = (w - dequantize_codes(codes[:, col], scale[:, col], zero[:, col])) / U1[:, i, i, None]
+            codes[:, col] = grid.quantize(w, scale[:, col], zero[:, col])
+            err[:, i] = (w - grid.dequantize(codes[:, col], scale[:, col], zero[:, col])) / U1[:, i, i, None]
             # w_j -= err * U[i, j] for the block's remaining columns j > i (rank-1 update)
             W1[:, i + 1 :].sub_(U1[:, i, i + 1 :, None] * err[:, i, None, :])
         # lazy update of all later columns: W[:, i2:] -= Err @ U[i1:i2, i2:] (transposed)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from maverick_quant.compress.kquant import rtn_quantize_k, uses_k_grid
 from maverick_quant.compress.types import QuantizedWeight
 from maverick_quant.recipe import QuantSpec
 
@@ -121,8 +122,11 @@ def pack_quantized(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
 
 
 def rtn_quantize(W: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
-    """Round-to-nearest W [..., N, K] on the group grid of `spec` (act_order, damp, block_size unused)."""
+    """Round-to-nearest W [..., N, K] on the group grid of `spec` (act_order, damp, block_size unused),
+    or on llama.cpp's K-quant grid (compress/kquant.py) for a k_quant spec and K a multiple of 256."""
     k = W.shape[-1]
+    if uses_k_grid(spec.k_quant, k):
+        return rtn_quantize_k(W)
     scales, zeros = group_params(W, spec)
     codes = quantize_codes(
         W.float(), expand_groups(scales, k, spec.group_size), expand_groups(zeros, k, spec.group_size), spec.maxq

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+SUPER_BLOCK = 256  # columns per llama.cpp K-quant super-block (QK_K)
+
 
 @dataclass(frozen=True)
 class QuantizedWeight:
@@ -18,6 +20,14 @@ class QuantizedWeight:
 
     Dequantization: W_hat[..., n, k] = (codes[..., n, k] - zeros[..., n, g(k)]) * scales[..., n, g(k)]
     with g(k) = k // group_size (always trivial: act-order uses static groups).
+
+    llama.cpp K-quant grid (Q4_K), when `super_scales` is set: groups of 32 columns form
+    super-blocks of 256 (s(k) = k // 256), and the per-group tensors are 6-bit multipliers:
+    super_scales: fp16 [..., N, K/256] d,  super_mins: fp16 [..., N, K/256] dmin,
+    scales: uint8 [..., N, K/32] sc,       zeros: uint8 [..., N, K/32] m,
+        W_hat[..., n, k] = codes * (d[s(k)] * sc[g(k)]) - dmin[s(k)] * m[g(k)]      (fp32)
+    in llama.cpp's own operation order: both products are exact in fp32 (11 x 6 bits), only
+    the subtraction rounds, so gguf-py's dequantization of the packed blocks agrees bit for bit.
     """
 
     codes: torch.Tensor
@@ -25,6 +35,26 @@ class QuantizedWeight:
     zeros: torch.Tensor
     bits: int
     group_size: int
+    super_scales: torch.Tensor | None = None
+    super_mins: torch.Tensor | None = None
+
+    @property
+    def k_quant(self) -> bool:
+        """Whether the weight is on llama.cpp's K-quant super-block grid (see the class docstring)."""
+        return self.super_scales is not None
+
+    def map_tensors(self, fn) -> "QuantizedWeight":
+        """The same weight with `fn` applied to each tensor (indexing, reshaping leading dims)."""
+        supers = (fn(self.super_scales), fn(self.super_mins)) if self.k_quant else (None, None)
+        return QuantizedWeight(fn(self.codes), fn(self.scales), fn(self.zeros), self.bits, self.group_size, *supers)
+
+    def require_uniform(self, purpose: str) -> "QuantizedWeight":
+        """self, or ValueError naming `purpose` when the weight is on the K-quant grid, which only
+        a GGUF Q4_K tensor stores."""
+        if self.k_quant:
+            raise ValueError(f"{purpose} stores (code - zero) x scale grids; this weight is on llama.cpp's Q4_K "
+                             "super-block grid, which only GGUF Q4_K stores (export --format gguf --gguf-type Q4_K)")
+        return self
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -32,12 +62,11 @@ class QuantizedWeight:
 
     def __getitem__(self, index) -> "QuantizedWeight":
         """Index the leading (batch) dimensions: experts[e] is expert e's [N, K] weight."""
-        return QuantizedWeight(self.codes[index], self.scales[index], self.zeros[index], self.bits, self.group_size)
+        return self.map_tensors(lambda t: t[index])
 
     def merge_leading(self) -> "QuantizedWeight":
         """[A, B, ..., K] -> [A*B, ..., K]: e.g. per-KV-head solves [kv, hd, K] back to [kv*hd, K]."""
-        return QuantizedWeight(self.codes.flatten(0, 1), self.scales.flatten(0, 1), self.zeros.flatten(0, 1),
-                               self.bits, self.group_size)
+        return self.map_tensors(lambda t: t.flatten(0, 1))
 
     def group_index(self) -> torch.Tensor:
         """g_idx: int32 [K], the group of each input column."""
@@ -48,6 +77,24 @@ class QuantizedWeight:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """W_hat [..., N, K] in `dtype`, computed in fp32 then cast."""
         g_idx = self.group_index().long().to(self.codes.device)
+        if self.k_quant:
+            return self._dequantize_k(g_idx).to(dtype)
         scales = self.scales.float().index_select(-1, g_idx)
         zeros = self.zeros.float().index_select(-1, g_idx)
         return ((self.codes.float() - zeros) * scales).to(dtype)
+
+    def _dequantize_k(self, g_idx: torch.Tensor) -> torch.Tensor:
+        """K-quant W_hat [..., N, K] fp32: codes * (d * sc) - dmin * m, per column."""
+        s_idx = torch.arange(self.codes.shape[-1], device=self.codes.device) // SUPER_BLOCK
+        step = self.super_scales.float().index_select(-1, s_idx) * self.scales.float().index_select(-1, g_idx)
+        offset = self.super_mins.float().index_select(-1, s_idx) * self.zeros.float().index_select(-1, g_idx)
+        return self.codes.float() * step - offset
+
+
+def concat_leading(weights: list[QuantizedWeight]) -> QuantizedWeight:
+    """Weights [E_i, N, K] (same grid) concatenated along dim 0 -> [sum E_i, N, K]."""
+    first = weights[0]
+    fields = [torch.cat([getattr(w, f) for w in weights]) for f in ("codes", "scales", "zeros")]
+    supers = ([torch.cat([getattr(w, f) for w in weights]) for f in ("super_scales", "super_mins")]
+              if first.k_quant else [None, None])
+    return QuantizedWeight(*fields, first.bits, first.group_size, *supers)

@@ -36,7 +36,9 @@ import torch
 from maverick_quant.arch.base import unfuse_experts
 from maverick_quant.bundle import Bundle
 from maverick_quant.checkpoint import TORCH_DTYPES
-from maverick_quant.compress.gguf_blocks import BLOCK, BLOCK_TYPES, BlockType, encode_blocks, grid_mismatch, requantize_error
+from maverick_quant.compress.gguf_blocks import (BLOCK, BLOCK_TYPES, BlockType, encode_blocks, grid_mismatch, requantize_error,
+                                                tensor_block_type)
+from maverick_quant.compress.kquant import rtn_quantize_k
 from maverick_quant.compress.types import QuantizedWeight
 from maverick_quant.errors import InputError
 
@@ -76,7 +78,7 @@ class TensorJob:
 
     def byte_shape(self) -> tuple[int, ...]:
         if self.ggml_type in BLOCK_TYPES:
-            return (*self.shape[:-1], self.shape[-1] // BLOCK * BLOCK_TYPES[self.ggml_type].bytes_per_block)
+            return (*self.shape[:-1], BLOCK_TYPES[self.ggml_type].row_bytes(self.shape[-1]))
         return (*self.shape[:-1], self.shape[-1] * (4 if self.ggml_type == "F32" else 2))
 
     def nbytes(self) -> int:
@@ -101,7 +103,7 @@ def rotary_row_permutation(rows: int, heads: int) -> torch.Tensor:
 def permute_rows(weight: QuantizedWeight | torch.Tensor, order: torch.Tensor) -> QuantizedWeight | torch.Tensor:
     if isinstance(weight, torch.Tensor):
         return weight[order]
-    return QuantizedWeight(weight.codes[order], weight.scales[order], weight.zeros[order], weight.bits, weight.group_size)
+    return weight.map_tensors(lambda t: t[order])
 
 
 class BundleWeights:
@@ -249,12 +251,12 @@ class GGUFPlan:
             if gguf_name.split(".")[2] == "ffn_gate_inp":  # a quantized router: its values, in F32
                 jobs.append(TensorJob(gguf_name, shape, "F32", lambda n=name: as_float(weights.linear(index, n)).numpy()))
                 continue
-            jobs.append(TensorJob(gguf_name, shape, self.block_type.name,
+            jobs.append(TensorJob(gguf_name, shape, tensor_block_type(self.block_type, shape[-1]).name,
                                   lambda n=name, g=gguf_name: self._encode(g, self._rotary(n, weights.linear(index, n)))))
         num_experts = getattr(self.config, "num_local_experts", 0)
         for name, (n, k) in weights.expert_shapes(index).items():
             gguf_name = f"blk.{index}.{EXPERT_NAMES[name]}.weight"
-            jobs.append(TensorJob(gguf_name, (num_experts, n, k), self.block_type.name,
+            jobs.append(TensorJob(gguf_name, (num_experts, n, k), tensor_block_type(self.block_type, k).name,
                                   lambda l=name, g=gguf_name, s=(num_experts, n, k):
                                   self._stack_experts(g, s, weights.expert_chunks(index, l))))
         return jobs
@@ -262,7 +264,7 @@ class GGUFPlan:
     def _stack_experts(self, gguf_name: str, shape: tuple[int, int, int], chunks) -> np.ndarray:
         """The stacked expert tensor's blocks [E, N, bytes], filled chunk by chunk (one copy held)."""
         experts, n, k = shape
-        out, first = np.empty((experts, n, k // BLOCK * self.block_type.bytes_per_block), dtype=np.uint8), 0
+        out, first = np.empty((experts, n, tensor_block_type(self.block_type, k).row_bytes(k)), dtype=np.uint8), 0
         for weight in chunks:
             blocks = self._encode(gguf_name, weight)
             out[first : first + blocks.shape[0]] = blocks
@@ -283,9 +285,10 @@ class GGUFPlan:
         return permute_rows(weight, rotary_row_permutation(weight.shape[-2], heads))
 
     def _encode(self, gguf_name: str, weight: QuantizedWeight | torch.Tensor) -> np.ndarray:
+        block_type = tensor_block_type(self.block_type, weight.shape[-1])
         if self.exact:
             try:
-                return encode_blocks(weight, self.block_type)
+                return encode_blocks(weight, block_type)
             except ValueError as exc:
                 raise InputError(f"--gguf-type {self.block_type.name}: {gguf_name}: {exc}") from None
         import gguf
@@ -294,8 +297,10 @@ class GGUFPlan:
         if reference.shape[-1] % BLOCK:
             raise InputError(f"--gguf-type {self.block_type.name}: {gguf_name}: K={reference.shape[-1]} "
                              f"is not a multiple of {BLOCK}")
-        qtype = getattr(gguf.GGMLQuantizationType, self.block_type.name)
-        blocks = gguf.quants.quantize(reference.numpy(), qtype)
+        qtype = getattr(gguf.GGMLQuantizationType, block_type.name)
+        # gguf-py cannot quantize Q4_K: our round-to-nearest on its grid, packed by our packer
+        blocks = (encode_blocks(rtn_quantize_k(reference), block_type) if block_type.k_quant
+                  else gguf.quants.quantize(reference.numpy(), qtype))
         error = requantize_error(reference, torch.from_numpy(gguf.quants.dequantize(blocks, qtype)))
         self.report.requantized[gguf_name] = max(error, self.report.requantized.get(gguf_name, 0.0))
         return blocks
@@ -382,7 +387,8 @@ def add_model_metadata(writer, config, arch: str, block_type: BlockType, name: s
         writer.add_expert_used_count(config.num_experts_per_tok)
         writer.add_interleave_moe_layer_step(config.interleave_moe_layer_step)
         writer.add_expert_feed_forward_length(config.intermediate_size)
-    writer.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{block_type.name}"))
+    file_type = "MOSTLY_Q4_K_S" if block_type.k_quant else f"MOSTLY_{block_type.name}"  # S: Q4_K nearly everywhere
+    writer.add_file_type(getattr(gguf.LlamaFileType, file_type))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 

@@ -69,6 +69,9 @@ def export_packed(bundle: Bundle, out_dir: Path, layout: Layout, max_shard_bytes
     """Write `bundle` in `layout` into the (empty) directory `out_dir`; returns the files written."""
     has_experts = any(layer.get("experts") for layer in bundle.manifest["layers"])
     problem = layout.check(bundle.quant, has_experts)
+    if bundle.quant.get("k_quant"):
+        problem = ("the bundle is on llama.cpp's Q4_K super-block grid (quantize --gguf-grid Q4_K), which only "
+                   "--format gguf --gguf-type Q4_K stores")
     if problem:
         raise InputError(f"--format {layout.name}: {problem}")
     dtype = bundle.float_dtype()

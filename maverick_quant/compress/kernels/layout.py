@@ -98,6 +98,7 @@ class Int4Weight:
 
 def _check_kernel_grid(weight: QuantizedWeight, name: str) -> None:
     k = weight.codes.shape[-1]
+    weight.require_uniform(f"{name}: the 4-bit kernel layout")
     if weight.bits != 4:
         raise ValueError(f"{name}: the 4-bit kernels cannot run a {weight.bits}-bit weight (use the reference backend)")
     if weight.group_size not in GROUP_SIZES:

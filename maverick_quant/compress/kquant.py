@@ -1,0 +1,114 @@
+"""llama.cpp's K-quant grid (Q4_K): super-blocks of 256 columns, 8 groups of 32 each.
+
+Per row and super-block s, two fp16 numbers (d_s, dmin_s); per group g of 32 columns two
+6-bit integers (sc_g, m_g) in 0..63; per weight a 4-bit code q in 0..15:
+
+    w_hat = q * (d_s * sc_g) - dmin_s * m_g                  (fp32, llama.cpp's order)
+
+A group's step is S_g = d_s * sc_g and its offset M_g = dmin_s * m_g >= 0, so the group
+stores the values {q * S_g - M_g}; both products are exact in fp32 (11 x 6 bits).
+
+Parameters are chosen as llama.cpp's reference quantizer does, without its search:
+  group range [xmin, xmax], xmin = min(min_c w, 0), xmax = max_c w;
+  step_g = (xmax - xmin) / 15, offset_g = -xmin;
+  d = fp16(max_g step_g / 63), sc_g = round(step_g / d);  dmin = fp16(max_g offset_g / 63),
+  m_g = round(offset_g / dmin)   (0 where d or dmin is 0);
+and a weight rounds to q = clamp(round((w + M_g) / S_g), 0, 15) (q = 0 where S_g = 0).
+GPTQ uses the same rounding column by column, with each super-block's parameters computed
+from the error-updated weights when the solve reaches it (see compress/gptq.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from maverick_quant.compress.types import SUPER_BLOCK, QuantizedWeight
+
+GROUP = 32
+GROUPS_PER_SUPER = SUPER_BLOCK // GROUP
+MAX_CODE = 15
+MAX_MULTIPLIER = 63  # 6-bit sc and m
+FP16_MAX = 65504.0
+
+
+@dataclass(frozen=True)
+class KQuantParams:
+    """Grid of W [..., N, K], K = 256 S: d, dmin fp32 (fp16-exact) [..., N, S]; sc, m fp32 integer-valued [..., N, 8 S]."""
+
+    d: torch.Tensor
+    dmin: torch.Tensor
+    sc: torch.Tensor
+    m: torch.Tensor
+
+    def group_steps(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(S_g = d * sc, M_g = dmin * m), each fp32 [..., N, 8 S]."""
+        d = self.d.repeat_interleave(GROUPS_PER_SUPER, dim=-1)
+        dmin = self.dmin.repeat_interleave(GROUPS_PER_SUPER, dim=-1)
+        return d * self.sc, dmin * self.m
+
+    def column_steps(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(S, M) of every column, fp32 [..., N, K]."""
+        return tuple(t.repeat_interleave(GROUP, dim=-1) for t in self.group_steps())
+
+
+def uses_k_grid(k_quant: bool, in_features: int) -> bool:
+    """Whether a matrix with `in_features` columns is solved on the K-quant grid (its K is a
+    multiple of 256); a k_quant spec puts the others on the Q4_1 grid."""
+    return k_quant and in_features % SUPER_BLOCK == 0
+
+
+def concat_params(parts: list[KQuantParams]) -> KQuantParams:
+    """Parameters of consecutive column ranges -> the parameters of their concatenation."""
+    return KQuantParams(*(torch.cat([getattr(p, f) for p in parts], dim=-1) for f in ("d", "dmin", "sc", "m")))
+
+
+def kquant_params(w: torch.Tensor) -> KQuantParams:
+    """The K-quant grid of w [..., N, K] (K a multiple of 256), from each group's min/max."""
+    k = w.shape[-1]
+    if k % SUPER_BLOCK:
+        raise ValueError(f"Q4_K super-blocks hold {SUPER_BLOCK} columns; K={k} is not a multiple of {SUPER_BLOCK}")
+    groups = w.float().unflatten(-1, (-1, GROUP))  # [..., N, G, 32]
+    xmin = groups.amin(dim=-1).clamp(max=0.0)
+    xmax = groups.amax(dim=-1)
+    d, sc = _six_bit_multipliers((xmax - xmin) / MAX_CODE)
+    dmin, m = _six_bit_multipliers(-xmin)
+    return KQuantParams(d, dmin, sc, m)
+
+
+def _six_bit_multipliers(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-negative per-group values [..., N, G] -> (fp16-exact unit per super-block [..., N, G/8],
+    integer multipliers in 0..63 [..., N, G]) with unit * multiplier ~= value."""
+    per_super = values.unflatten(-1, (-1, GROUPS_PER_SUPER))  # [..., N, S, 8]
+    unit = (per_super.amax(dim=-1) / MAX_MULTIPLIER).clamp(max=FP16_MAX).half().float()
+    safe = torch.where(unit > 0, unit, torch.ones_like(unit))
+    multipliers = torch.round(per_super / safe.unsqueeze(-1)).clamp(0, MAX_MULTIPLIER)
+    multipliers = torch.where(unit.unsqueeze(-1) > 0, multipliers, torch.zeros_like(multipliers))
+    return unit, multipliers.flatten(-2)
+
+
+def quantize_offset(w: torch.Tensor, step: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Codes clamp(round((w + offset) / step), 0, 15) as floats (0 where step is 0); broadcasting
+    as in grid.quantize_codes."""
+    safe = torch.where(step > 0, step, torch.ones_like(step))
+    codes = torch.clamp(torch.round((w + offset) / safe), 0, MAX_CODE)
+    return torch.where(step > 0, codes, torch.zeros_like(codes))
+
+
+def dequantize_offset(codes: torch.Tensor, step: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """codes * step - offset in fp32 (the same operations as QuantizedWeight.dequantize)."""
+    return codes.float() * step.float() - offset.float()
+
+
+def pack_kquant(codes: torch.Tensor, params: KQuantParams) -> QuantizedWeight:
+    """Codes [..., N, K] (integer floats) on the grid `params` -> a K-quant QuantizedWeight."""
+    return QuantizedWeight(codes.to(torch.uint8), params.sc.to(torch.uint8), params.m.to(torch.uint8), 4, GROUP,
+                           super_scales=params.d.half(), super_mins=params.dmin.half())
+
+
+def rtn_quantize_k(W: torch.Tensor) -> QuantizedWeight:
+    """Round-to-nearest of W [..., N, K] (K a multiple of 256) on its K-quant grid."""
+    params = kquant_params(W)
+    step, offset = params.column_steps()
+    return pack_kquant(quantize_offset(W.float(), step, offset), params)
