@@ -6,12 +6,17 @@
 3. Exports the float model as a plain GGUF: every linear rounded to nearest by gguf-py
    (`export FLOAT_MODEL --format gguf`), the same type; embeddings and output stay in float
    in both files (llama-quantize would also quantize those), so only the linears differ.
+   gguf-py cannot quantize Q4_K: there the plain file is our min/max RTN on its grid, and a
+   third file is llama.cpp's own quantizer (`llama_model_quantize`, what `llama-quantize`
+   runs, pure type, no imatrix, embeddings kept F32) applied to an F32 GGUF of the float model.
+   Where K is not a multiple of 256 llama.cpp falls back to Q5_0 and we to Q4_1: the file
+   sizes are printed beside the perplexities.
 4. Runs both files in llama.cpp (llama-cpp-python) and scores the first `--windows` windows
    of 512 tokens of WikiText-2 raw test under both protocols (GPTQ paper: every token;
    llama.cpp: BOS first, second half scored). The bundle is also scored through our own
    streamed path, so the two engines' perplexities for the same weights can be compared.
 
-    python benchmarks/gguf_quality.py --work /tmp/mq-gguf [--samples 128] [--windows 40] [--type Q4_0]
+    python benchmarks/gguf_quality.py --work /tmp/mq-gguf [--samples 128] [--windows 40] [--type Q4_0|Q4_1|Q4_K|Q8_0]
 """
 
 from __future__ import annotations
@@ -44,6 +49,24 @@ def llama_cpp_ppl(gguf_path: Path, windows: torch.Tensor, first_scored: int) -> 
         nll -= float(log_probs.gather(1, targets[:, None]).sum())
         count += targets.numel()
     return math.exp(nll / count)
+
+
+def llama_cpp_quantize(float_gguf: Path, out: Path, gguf_type: str) -> None:
+    """llama.cpp's own quantizer (llama-quantize's library call): every linear in `gguf_type`
+    (pure: no per-tensor mix), token embeddings and output head kept F32, no imatrix."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{gguf_type}_S" if gguf_type.endswith("_K")
+                           else f"LLAMA_FTYPE_MOSTLY_{gguf_type}")
+    params.pure, params.nthread = True, 2
+    params.token_embedding_type = params.output_tensor_type = 0  # GGML_TYPE_F32
+    tmp = out.with_name(out.name + ".partial")
+    if llama_cpp.llama_model_quantize(str(float_gguf).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama_model_quantize failed on {float_gguf}")
+    tmp.rename(out)
 
 
 def streamed_ppl(source, windows: torch.Tensor, first_scored: int) -> float:
@@ -88,6 +111,16 @@ def main() -> None:
         base.cli("export", str(bundle), "--format", "gguf", "--gguf-type", args.type, "--out", str(ours))
     if not plain.exists():
         base.cli("export", str(model_dir), "--format", "gguf", "--gguf-type", args.type, "--out", str(plain))
+    llama_quantized = args.work / f"llama-quantize-{args.type}.gguf"
+    if not llama_quantized.exists():
+        float_gguf = args.work / "float-F32.gguf"
+        if not float_gguf.exists():
+            base.cli("export", str(model_dir), "--format", "gguf", "--gguf-type", "F32", "--out", str(float_gguf))
+        llama_cpp_quantize(float_gguf, llama_quantized, args.type)
+    plain_name = "our RTN on its grid" if args.type == "Q4_K" else "gguf-py RTN"
+    files = {f"plain {args.type} GGUF ({plain_name}) in llama.cpp": plain,
+             f"llama.cpp's own {args.type} (llama_model_quantize, pure) in llama.cpp": llama_quantized,
+             f"{args.method} {args.type} GGUF in llama.cpp": ours}
 
     tokenizer = load_tokenizer(model_dir)
     rows = {}
@@ -95,18 +128,16 @@ def main() -> None:
         windows = eval_windows(base.DATA / "wiki.test.raw", tokenizer, 512, args.windows, protocol)
         first = scored_from(protocol, 512)
         started = time.perf_counter()
-        rows[protocol] = {
-            "float (ours)": streamed_ppl(open_source(model_dir), windows, first),
-            f"plain {args.type} GGUF (gguf-py RTN) in llama.cpp": llama_cpp_ppl(plain, windows, first),
-            f"{args.method} {args.type} GGUF in llama.cpp": llama_cpp_ppl(ours, windows, first),
-            f"{args.method} {args.type} bundle (ours)": streamed_ppl(Bundle(bundle), windows, first),
-            "seconds": time.perf_counter() - started,
-        }
+        rows[protocol] = {"float (ours)": streamed_ppl(open_source(model_dir), windows, first),
+                          **{name: llama_cpp_ppl(path, windows, first) for name, path in files.items()},
+                          f"{args.method} {args.type} bundle (ours)": streamed_ppl(Bundle(bundle), windows, first),
+                          "seconds": time.perf_counter() - started}
         print(json.dumps({protocol: rows[protocol]}), flush=True)
-    print("\n| candidate | ppl, GPTQ protocol | ppl, llama.cpp protocol |\n|---|---|---|")
+    print("\n| candidate | file MiB | ppl, GPTQ protocol | ppl, llama.cpp protocol |\n|---|---|---|---|")
     for name in rows["gptq"]:
         if name != "seconds":
-            print(f"| {name} | {rows['gptq'][name]:.3f} | {rows['llama.cpp'][name]:.3f} |")
+            size = f"{files[name].stat().st_size / 2**20:.1f}" if name in files else ""
+            print(f"| {name} | {size} | {rows['gptq'][name]:.3f} | {rows['llama.cpp'][name]:.3f} |")
 
 
 if __name__ == "__main__":

@@ -236,7 +236,7 @@ def _is_export(path: Path) -> bool:
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path),
               help="Output directory (a .gguf file for --format gguf).")
 @click.option("--max-shard-size", default=5 * 10**9, show_default=True, help="Bytes per safetensors shard.")
-@click.option("--gguf-type", default="Q4_0", show_default=True, help="llama.cpp block type: Q4_0, Q4_1, Q4_K (Q4_1 where K is not a multiple of 256) or Q8_0.")
+@click.option("--gguf-type", default="Q4_0", show_default=True, help="llama.cpp block type: Q4_0, Q4_1, Q4_K (Q4_1 where K is not a multiple of 256), Q8_0; or F32/F16 (linears dequantized: the input of llama.cpp's own llama-quantize).")
 @click.option("--requantize", is_flag=True,
               help="GGUF: re-round a bundle whose grid is not the type's (the added error is reported).")
 @click.option("--gguf-pre", help="GGUF: llama.cpp pre-tokenizer name, when it is not recognised from tokenizer.json.")

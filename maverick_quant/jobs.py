@@ -90,7 +90,7 @@ def run_export_gguf(source_dir, out, gguf_type="Q4_0", requantize=False, pre=Non
     (re-quantized by gguf-py: the plain GGUF other tools make, as a baseline)."""
     from maverick_quant.bundle import BUNDLE_FORMAT, MANIFEST, Bundle
     from maverick_quant.exporters.artifact import write_gguf_sidecars
-    from maverick_quant.exporters.gguf import BundleWeights, FloatWeights, export_gguf
+    from maverick_quant.exporters.gguf import FLOAT_GGUF_TYPES, BundleWeights, FloatWeights, export_gguf
 
     _check_output_file(out, force, "model-q4_0.gguf")
     manifest = Path(source_dir) / MANIFEST
@@ -98,7 +98,8 @@ def run_export_gguf(source_dir, out, gguf_type="Q4_0", requantize=False, pre=Non
     weights = BundleWeights(Bundle(source_dir)) if is_bundle else FloatWeights(Path(source_dir))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     report = export_gguf(weights, Path(out), gguf_type, requantize, pre)
-    detail = gguf_type if is_bundle and not report.requantized else f"{gguf_type} (re-quantized by gguf-py)"
+    lossless = (is_bundle and not report.requantized) or gguf_type in FLOAT_GGUF_TYPES
+    detail = gguf_type if lossless else f"{gguf_type} (re-quantized by gguf-py)"
     write_gguf_sidecars(weights.bundle if is_bundle else None, weights.name, Path(out), detail, report_dir)
     click.echo(f"exported gguf {gguf_type}: {report.tensors} tensors -> {out}")
     if report.requantized:

@@ -169,6 +169,13 @@ def test_q4_k_export_is_lossless_with_q4_1_where_k_is_not_a_multiple_of_256(smol
         assert code == 2 and "Q4_K" in out and not (tmp_path / fmt).exists(), out
     code, out = _run("export", tmp_path / "bundle", "--format", "gguf", "--gguf-type", "Q4_1", "--out", tmp_path / "b.gguf")
     assert code == 2 and "K-quant" in out, out
+    # a float GGUF of the bundle (llama-quantize's input) holds its dequantized values
+    code, out = _run("export", tmp_path / "bundle", "--format", "gguf", "--gguf-type", "F32", "--out", tmp_path / "f.gguf")
+    assert code == 0 and "re-quantized" not in out, out
+    floats = {t.name: t for t in gguf.GGUFReader(tmp_path / "f.gguf").tensors}
+    up = bundle.layer_tensors(1)["mlp.up_proj.weight"]
+    assert floats["blk.1.ffn_up.weight"].tensor_type.name == "F32"
+    assert np.array_equal(np.asarray(floats["blk.1.ffn_up.weight"].data).reshape(up.shape), up.numpy())
 
 
 def test_a_float_model_exports_as_round_to_nearest_q4_k(tiny_llama_dir: Path, smollm2_dir: Path, tmp_path: Path) -> None:

@@ -65,6 +65,7 @@ EXPERT_NAMES = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_pr
 ARCHITECTURES = {"llama": "llama", "llama4_text": "llama4", "llama4": "llama4"}
 FLOAT_TYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 F32_LAYER_TENSORS = ("attn_norm", "ffn_norm", "ffn_gate_inp")  # llama.cpp wants these in F32
+FLOAT_GGUF_TYPES = ("F32", "F16")  # --gguf-type for a float GGUF (linears dequantized), llama-quantize's input
 
 
 @dataclass
@@ -205,9 +206,12 @@ class GGUFPlan:
     """The tensors of one model (a bundle, or a float model) in one block type, in file order,
     with lazy loaders."""
 
-    def __init__(self, weights: BundleWeights | FloatWeights, block_type: BlockType, requantize: bool,
+    def __init__(self, weights: BundleWeights | FloatWeights, block_type: BlockType | str, requantize: bool,
                  report: GGUFExport):
+        """`block_type` a BlockType, or a float type name ("F32", "F16"): every linear as its
+        (dequantized) float values, the input llama.cpp's own `llama-quantize` expects."""
         self.weights, self.block_type, self.report = weights, block_type, report
+        self.float_type = block_type if isinstance(block_type, str) else None
         self.config = weights.config
         self.arch = ARCHITECTURES.get(self.config.model_type)
         if self.arch is None:
@@ -215,6 +219,9 @@ class GGUFPlan:
                              f"(supported: {sorted(ARCHITECTURES)})")
         if self.arch == "llama4":
             check_llama4_for_llama_cpp(self.config)
+        if self.float_type:
+            self.exact = True
+            return
         mismatch = "a float model" if weights.quant is None else grid_mismatch(weights.quant, block_type)
         if mismatch and weights.quant is not None and not requantize:
             raise InputError(f"--gguf-type {block_type.name}: {mismatch}. Quantize with --gguf-grid {block_type.name} "
@@ -251,12 +258,12 @@ class GGUFPlan:
             if gguf_name.split(".")[2] == "ffn_gate_inp":  # a quantized router: its values, in F32
                 jobs.append(TensorJob(gguf_name, shape, "F32", lambda n=name: as_float(weights.linear(index, n)).numpy()))
                 continue
-            jobs.append(TensorJob(gguf_name, shape, tensor_block_type(self.block_type, shape[-1]).name,
+            jobs.append(TensorJob(gguf_name, shape, self._tensor_type(shape[-1]),
                                   lambda n=name, g=gguf_name: self._encode(g, self._rotary(n, weights.linear(index, n)))))
         num_experts = getattr(self.config, "num_local_experts", 0)
         for name, (n, k) in weights.expert_shapes(index).items():
             gguf_name = f"blk.{index}.{EXPERT_NAMES[name]}.weight"
-            jobs.append(TensorJob(gguf_name, (num_experts, n, k), tensor_block_type(self.block_type, k).name,
+            jobs.append(TensorJob(gguf_name, (num_experts, n, k), self._tensor_type(k),
                                   lambda l=name, g=gguf_name, s=(num_experts, n, k):
                                   self._stack_experts(g, s, weights.expert_chunks(index, l))))
         return jobs
@@ -264,10 +271,11 @@ class GGUFPlan:
     def _stack_experts(self, gguf_name: str, shape: tuple[int, int, int], chunks) -> np.ndarray:
         """The stacked expert tensor's blocks [E, N, bytes], filled chunk by chunk (one copy held)."""
         experts, n, k = shape
-        out, first = np.empty((experts, n, tensor_block_type(self.block_type, k).row_bytes(k)), dtype=np.uint8), 0
+        row_bytes = TensorJob(gguf_name, (k,), self._tensor_type(k), lambda: None).nbytes()
+        out, first = np.empty((experts, n, row_bytes), dtype=np.uint8), 0
         for weight in chunks:
             blocks = self._encode(gguf_name, weight)
-            out[first : first + blocks.shape[0]] = blocks
+            out[first : first + blocks.shape[0]] = blocks.reshape(blocks.shape[0], n, row_bytes)
             first += blocks.shape[0]
         if first != shape[0]:
             raise InputError(f"--format gguf: {gguf_name}: the bundle holds {first} experts, the config {shape[0]}")
@@ -284,7 +292,12 @@ class GGUFPlan:
         heads = self.config.num_attention_heads if name == "self_attn.q_proj" else self.config.num_key_value_heads
         return permute_rows(weight, rotary_row_permutation(weight.shape[-2], heads))
 
+    def _tensor_type(self, in_features: int) -> str:
+        return self.float_type or tensor_block_type(self.block_type, in_features).name
+
     def _encode(self, gguf_name: str, weight: QuantizedWeight | torch.Tensor) -> np.ndarray:
+        if self.float_type:
+            return float_array(as_float(weight), self.float_type).view(np.uint8)
         block_type = tensor_block_type(self.block_type, weight.shape[-1])
         if self.exact:
             try:
@@ -387,7 +400,10 @@ def add_model_metadata(writer, config, arch: str, block_type: BlockType, name: s
         writer.add_expert_used_count(config.num_experts_per_tok)
         writer.add_interleave_moe_layer_step(config.interleave_moe_layer_step)
         writer.add_expert_feed_forward_length(config.intermediate_size)
-    file_type = "MOSTLY_Q4_K_S" if block_type.k_quant else f"MOSTLY_{block_type.name}"  # S: Q4_K nearly everywhere
+    if isinstance(block_type, str):  # a float GGUF
+        file_type = "ALL_F32" if block_type == "F32" else "MOSTLY_F16"
+    else:  # Q4_K_S: Q4_K nearly everywhere
+        file_type = "MOSTLY_Q4_K_S" if block_type.k_quant else f"MOSTLY_{block_type.name}"
     writer.add_file_type(getattr(gguf.LlamaFileType, file_type))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -447,10 +463,10 @@ def export_gguf(weights: BundleWeights | FloatWeights, out_path: Path, gguf_type
     (written under a temporary name, renamed when complete)."""
     import gguf
 
-    if gguf_type not in BLOCK_TYPES:
-        raise InputError(f"--gguf-type {gguf_type}: expected one of {sorted(BLOCK_TYPES)}")
+    if gguf_type not in BLOCK_TYPES and gguf_type not in FLOAT_GGUF_TYPES:
+        raise InputError(f"--gguf-type {gguf_type}: expected one of {sorted(BLOCK_TYPES) + list(FLOAT_GGUF_TYPES)}")
     report = GGUFExport(Path(out_path))
-    plan = GGUFPlan(weights, BLOCK_TYPES[gguf_type], requantize, report)
+    plan = GGUFPlan(weights, BLOCK_TYPES.get(gguf_type, gguf_type), requantize, report)
     pre = pre or tokenizer_pre(weights.root, plan.config.model_type)
     if pre is None:
         raise InputError(f"{weights.root}/tokenizer.json: pre-tokenizer not recognised; name llama.cpp's with --gguf-pre "
