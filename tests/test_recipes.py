@@ -28,7 +28,8 @@ VALID = {
 
 def test_shipped_recipes_load() -> None:
     recipes = sorted((REPO / "recipes").glob("*.yaml"))
-    assert {p.name for p in recipes} >= {"smollm2-demo.yaml", "maverick-gptq-w4g128.yaml", "maverick-q4_0-gguf.yaml"}
+    assert {p.name for p in recipes} >= {"smollm2-demo.yaml", "maverick-gptq-w4g128.yaml", "maverick-q4_0-gguf.yaml",
+                                          "maverick-q4_k-gguf.yaml"}
     for path in recipes:
         assert isinstance(load_recipe(path), Recipe), path
 
@@ -41,6 +42,7 @@ def test_shipped_recipes_load() -> None:
     ({"calibration": {"samples": "many"}}, "calibration.samples='many': expected int"),
     ({"exports": [{"format": "onnx"}]}, "exports[].format='onnx': expected one of gptq, awq"),
     ({"exports": [{"format": "gguf", "gguf_type": "Q4_0"}]}, "gguf_type Q4_0 needs the bundle on its grid"),
+    ({"quantize": {"gguf_grid": "Q4_K"}}, "format gptq cannot store quantize.gguf_grid Q4_K's super-block grid"),
     ({"quantize": {"bits": 3}}, "format gptq stores bits (2, 4, 8), quantize.bits is 3"),
     ({"validation": {"data": "x", "gates": ["ppl_ratio<<1"]}}, "gate 'ppl_ratio<<1'"),
     ({"exprots": []}, "exprots: unknown key; expected one of model, calibration"),
