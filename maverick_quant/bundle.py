@@ -122,6 +122,18 @@ class BundleWriter:
         return {"file": expert_file(index, first), "sha256": sha256_file(path), "first": first, "count": count,
                 "prefix": name_prefix, "shapes": {name: list(w.shape) for name, w in quantized.items()}}
 
+    def read_experts(self, record: dict, bits: int, group_size: int) -> dict[str, QuantizedWeight] | None:
+        """The chunk `record` (as `write_experts` returned it) read back, or None when its file
+        is missing or is not the file the record describes (sha256)."""
+        from safetensors.torch import load_file
+
+        path = self.root / record["file"]
+        if not path.is_file() or sha256_file(path) != record["sha256"]:
+            return None
+        tensors = load_file(str(path))
+        return {name: decode_quantized(record["prefix"] + name, tensors, shape, bits, group_size)
+                for name, shape in record["shapes"].items()}
+
     def completed_layers(self) -> set[int]:
         """Indices of layers whose tensors and stats are both on disk."""
         done = set()

@@ -34,8 +34,41 @@ from maverick_quant.compress.grid import rtn_quantize
 from maverick_quant.compress.types import QuantizedWeight
 from maverick_quant.errors import InputError
 from maverick_quant.groups import solve_group
-from maverick_quant.recipe import ExpertPolicy, Method, MoESpec, QuantizeSpec
+from maverick_quant.recipe import ExpertPolicy, Method, MoESpec, QuantizeSpec, QuantSpec
 from maverick_quant.streaming import StopForward, StreamingModel
+
+
+@dataclasses.dataclass
+class ExpertChunks:
+    """Where layer `index`'s routed-expert chunks go: the bundle writer, and in a resumable run
+    (`state`) one record per finished chunk, so that a run resumed in the middle of this layer
+    reads the chunks already on disk instead of solving them again.
+
+    writer: BundleWriter; state: RunState or None; prefix: the experts' module path + ".";
+    grid: the bundle's QuantSpec (bits and group size to decode a chunk read back).
+    """
+
+    writer: object
+    state: object
+    index: int
+    prefix: str
+    grid: QuantSpec
+
+    def write(self, first: int, quantized: dict[str, QuantizedWeight], audit: list[dict]) -> dict:
+        """Store the chunk starting at expert `first`; returns its file record."""
+        record = self.writer.write_experts(self.index, self.prefix, first, quantized)
+        if self.state is not None:
+            self.state.save_chunk(self.index, first, record, audit)
+        return record
+
+    def finished(self, first: int) -> tuple[dict[str, QuantizedWeight], dict, list[dict]] | None:
+        """(quantized experts, file record, audit) of a chunk an earlier attempt finished, or None."""
+        saved = self.state.load_chunk(self.index, first) if self.state is not None else None
+        if saved is None:
+            return None
+        record, audit = saved
+        quantized = self.writer.read_experts(record, self.grid.bits, self.grid.group_size)
+        return None if quantized is None else (quantized, record, audit)
 
 
 def capture_block_io(model: StreamingModel, layer: torch.nn.Module, moe: MoEBlock,
@@ -210,10 +243,10 @@ def expert_chunks(moe: MoEBlock, config, chunk_mib: int):
 
 @torch.no_grad()
 def quantize_moe_block(model: StreamingModel, index: int, layer: torch.nn.Module, hidden: torch.Tensor,
-                       spec: QuantizeSpec, write_chunk) -> tuple[dict[str, QuantizedWeight], dict]:
+                       spec: QuantizeSpec, store: ExpertChunks) -> tuple[dict[str, QuantizedWeight], dict]:
     """Quantize layer `index`'s MoE block and advance `hidden` to the layer's output.
 
-    `write_chunk(first, quantized)` stores one chunk of experts and returns its file record.
+    `store` keeps each chunk of experts (and gives back the chunks a killed attempt finished).
     Returns the shared expert's (and router's) quantized weights and the block's stats:
     {"experts": {"chunks": [...], "audit": [...]}, <shared linear>: {...}}.
     """
@@ -229,15 +262,20 @@ def quantize_moe_block(model: StreamingModel, index: int, layer: torch.nn.Module
     out = _module_output(layer.get_submodule(moe.shared_module), x)  # the block's output starts with the shared expert
     chunks, audit = [], []
     for first, count in expert_chunks(moe, model.config, spec.moe.chunk_mib):
-        weights = {k: v.float() for k, v in unfuse_experts(moe, model.source.expert_tensors(index, first, count)).items()}
-        awq_records = [{} for _ in range(count)]
-        if awq:
-            weights, awq_records = scale_expert_chunk(x, routing, moe, weights, first, block_scales, scale_spec)
-        chunk_quantized, records = quantize_expert_chunk(x, routing, moe, weights, first, spec)
-        records = [{**record, **extra} for record, extra in zip(records, awq_records)]
-        del weights
+        done = store.finished(first)
+        if done is None:
+            weights = {k: v.float() for k, v in unfuse_experts(moe, model.source.expert_tensors(index, first, count)).items()}
+            awq_records = [{} for _ in range(count)]
+            if awq:
+                weights, awq_records = scale_expert_chunk(x, routing, moe, weights, first, block_scales, scale_spec)
+            chunk_quantized, records = quantize_expert_chunk(x, routing, moe, weights, first, spec)
+            records = [{**record, **extra} for record, extra in zip(records, awq_records)]
+            del weights
+            record = store.write(first, chunk_quantized, records)
+        else:
+            chunk_quantized, record, records = done
         routed_forward(x, routing, dequantized_experts(chunk_quantized), activation(moe.activation), first, out=out)
-        chunks.append(write_chunk(first, chunk_quantized))
+        chunks.append(record)
         audit.extend(records)
     hidden += out.view_as(hidden)
     return quantized, {**stats, **awq_stats, "experts": {"chunks": chunks, "audit": audit}}
@@ -280,13 +318,16 @@ def run_moe_layer(model: StreamingModel, index: int, layer: torch.nn.Module, hid
 
 
 @torch.no_grad()
-def rtn_moe_block(model: StreamingModel, index: int, spec: QuantizeSpec, write_chunk) -> dict:
+def rtn_moe_block(model: StreamingModel, index: int, spec: QuantizeSpec, store: ExpertChunks) -> dict:
     """RTN every routed expert of layer `index`, chunk by chunk; returns the block's stats."""
     moe = model.plan(index).moe
     chunks, audit = [], []
     for first, count in expert_chunks(moe, model.config, spec.moe.chunk_mib):
-        weights = unfuse_experts(moe, model.source.expert_tensors(index, first, count))
-        chunk_quantized, records = rtn_expert_chunk(moe, weights, first, spec)
-        chunks.append(write_chunk(first, chunk_quantized))
-        audit.extend(records)
+        done = store.finished(first)
+        if done is None:
+            weights = unfuse_experts(moe, model.source.expert_tensors(index, first, count))
+            chunk_quantized, records = rtn_expert_chunk(moe, weights, first, spec)
+            done = chunk_quantized, store.write(first, chunk_quantized, records), records
+        chunks.append(done[1])
+        audit.extend(done[2])
     return {"experts": {"chunks": chunks, "audit": audit}}

@@ -10,7 +10,6 @@ inputs. RTN needs no calibration and runs no forward at all.
 from __future__ import annotations
 
 import ctypes
-import functools
 import resource
 import time
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from maverick_quant.checkpoint import all_finite
 from maverick_quant.arch.base import LinearGroup
 from maverick_quant.calibration.data import CalibrationSet
 from maverick_quant.compress.grid import rtn_quantize
-from maverick_quant.experts import quantize_moe_block, rtn_moe_block
+from maverick_quant.experts import ExpertChunks, quantize_moe_block, rtn_moe_block
 from maverick_quant.awq_layer import awq_scale_layer
 from maverick_quant.groups import group_hessian, set_weight, solve_group
 from maverick_quant.compress.types import QuantizedWeight
@@ -92,17 +91,17 @@ def quantize_groups_gptq(model: StreamingModel, layer: torch.nn.Module, hidden: 
 
 
 def quantize_layer_gptq(model: StreamingModel, index: int, layer: torch.nn.Module, hidden: torch.Tensor,
-                        spec: QuantizeSpec, write_chunk) -> tuple[dict[str, QuantizedWeight], dict]:
+                        spec: QuantizeSpec, store: ExpertChunks | None) -> tuple[dict[str, QuantizedWeight], dict]:
     """GPTQ layer `index` and advance `hidden` [S, L, D] to its (quantized) output.
 
     Dense groups first; an MoE block is then solved by `experts.quantize_moe_block`, which
-    streams routed experts through `write_chunk`."""
+    streams routed experts through `store`."""
     plan = model.plan(index)
     quantized, stats = quantize_groups_gptq(model, layer, hidden, plan.groups, spec)
     if plan.moe is None:
         model.run_layer(layer, hidden, out=hidden)
         return quantized, stats
-    moe_quantized, moe_stats = quantize_moe_block(model, index, layer, hidden, spec, write_chunk)
+    moe_quantized, moe_stats = quantize_moe_block(model, index, layer, hidden, spec, store)
     return {**quantized, **moe_quantized}, {**stats, **moe_stats}
 
 
@@ -121,18 +120,18 @@ def rtn_linears(layer: torch.nn.Module, names: tuple[str, ...],
 
 
 def quantize_layer_rtn(model: StreamingModel, index: int, layer: torch.nn.Module,
-                       spec: QuantizeSpec, write_chunk) -> tuple[dict[str, QuantizedWeight], dict]:
+                       spec: QuantizeSpec, store: ExpertChunks | None) -> tuple[dict[str, QuantizedWeight], dict]:
     """Round-to-nearest every linear of layer `index` (routed experts chunk by chunk), no data."""
     plan = model.plan(index)
     router = (plan.moe.router,) if plan.moe is not None and spec.moe.quantize_router else ()
     quantized, stats = rtn_linears(layer, plan.linears + router, spec)
     if plan.moe is not None:
-        stats.update(rtn_moe_block(model, index, spec, write_chunk))
+        stats.update(rtn_moe_block(model, index, spec, store))
     return quantized, stats
 
 
 def quantize_layer_calibrated(model: StreamingModel, index: int, layer: torch.nn.Module, hidden: torch.Tensor,
-                              spec: QuantizeSpec, write_chunk) -> tuple[dict[str, QuantizedWeight], dict]:
+                              spec: QuantizeSpec, store: ExpertChunks | None) -> tuple[dict[str, QuantizedWeight], dict]:
     """GPTQ, AWQ (scales + clipping, then RTN) or AWQ+GPTQ (then GPTQ) of layer `index`;
     advances `hidden` to the quantized layer's output."""
     awq_stats = {}
@@ -144,10 +143,10 @@ def quantize_layer_calibrated(model: StreamingModel, index: int, layer: torch.nn
         if plan.moe is None:
             model.run_layer(layer, hidden, out=hidden)
         else:  # AWQ-scaled experts, rounded to nearest chunk by chunk
-            moe_quantized, moe_stats = quantize_moe_block(model, index, layer, hidden, spec, write_chunk)
+            moe_quantized, moe_stats = quantize_moe_block(model, index, layer, hidden, spec, store)
             quantized, stats = {**quantized, **moe_quantized}, {**stats, **moe_stats}
     else:
-        quantized, stats = quantize_layer_gptq(model, index, layer, hidden, spec, write_chunk)
+        quantized, stats = quantize_layer_gptq(model, index, layer, hidden, spec, store)
     return quantized, {**stats, **awq_stats}
 
 
@@ -188,15 +187,15 @@ def quantize_model(source: CheckpointSource, calibration: CalibrationSet | None,
         tensors = source.layer_tensors(index, experts=False)
         layer = model.layer(index, tensors)
         prefix, moe = model.table.prefix(index), model.plan(index).moe
-        write_chunk = moe and functools.partial(writer.write_experts, index, f"{prefix}{moe.experts}.")
+        store = moe and ExpertChunks(writer, state, index, f"{prefix}{moe.experts}.", spec.weights)
         if needs_data:
-            quantized, stats = quantize_layer_calibrated(model, index, layer, hidden, spec, write_chunk)
+            quantized, stats = quantize_layer_calibrated(model, index, layer, hidden, spec, store)
             _check_finite(hidden, f"the output of layer {index}")
             losses.extend(stats[name]["rel_loss"] for name in quantized if "rel_loss" in stats[name])
             if losses:
                 bar.set_postfix(rel_loss=f"{sum(losses) / len(losses):.4f}")
         else:
-            quantized, stats = quantize_layer_rtn(model, index, layer, spec, write_chunk)
+            quantized, stats = quantize_layer_rtn(model, index, layer, spec, store)
         passthrough = {name: layer.get_parameter(name).data.to(tensors[name].dtype)  # AWQ may have folded scales in
                        for name in model.plan(index).passthrough if name.removesuffix(".weight") not in quantized}
         stats["seconds"] = time.perf_counter() - layer_started

@@ -40,6 +40,7 @@ from maverick_quant.errors import InputError
 RUN_FILE = "run.json"
 HIDDEN_FILE = "hidden.safetensors"
 PROGRESS_FILE = "progress.json"
+CHUNKS_DIR = "chunks"  # one record per finished expert chunk of the layer in progress
 
 
 def work_dir_for(out: Path) -> Path:
@@ -96,6 +97,23 @@ class RunState:
             save_safetensors_atomic({"hidden": hidden}, self.folder / HIDDEN_FILE)
             record["hidden_sha256"] = sha256_file(self.folder / HIDDEN_FILE)
         write_json_atomic(self.folder / PROGRESS_FILE, record)
+
+    def _chunk_path(self, index: int, first: int) -> Path:
+        return self.folder / CHUNKS_DIR / f"layer-{index:05d}-experts-{first:05d}.json"
+
+    def save_chunk(self, index: int, first: int, record: dict, audit: list[dict]) -> None:
+        """Record that layer `index`'s expert chunk starting at `first` is on disk (`record`, as
+        the bundle writer returned it) with its experts' audit entries."""
+        self._chunk_path(index, first).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self._chunk_path(index, first), {"record": record, "audit": audit})
+
+    def load_chunk(self, index: int, first: int) -> tuple[dict, list[dict]] | None:
+        """(record, audit) of a chunk finished by an earlier attempt at this run, or None."""
+        path = self._chunk_path(index, first)
+        if not path.is_file():
+            return None
+        saved = json.loads(path.read_text())
+        return saved["record"], saved["audit"]
 
     def load_progress(self, finished_layers: set[int]) -> tuple[int, torch.Tensor | None]:
         """(next layer, hidden states entering it), or (0, None) for a new run; InputError if

@@ -190,3 +190,28 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(tiny_ll
                                           "--no-progress"])
     assert result.exit_code == 2 and "another run is writing" in result.output, result.output
     assert not out.exists() and not work.exists()
+
+
+@pytest.mark.slow
+def test_a_run_killed_inside_a_moe_layer_reuses_the_expert_chunks_it_finished(tiny_llama4_dir: Path, uninterrupted,
+                                                                            tmp_path: Path) -> None:
+    """Killed while writing layer 1's second expert chunk (writes: layer 0, its hidden states,
+    then layer 1's chunks: experts 0-6, then 7, within --moe-chunk-mib 1): the resumed run keeps
+    the chunk file already written (same inode and modification time: not solved or written
+    again) and still equals the uninterrupted run."""
+    text, reference = uninterrupted
+    bundle = tmp_path / "bundle"
+    args = _quantize_args(tiny_llama4_dir, text, bundle)
+    process = _spawn(args, {KILL_DURING_WRITE: "4"})
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == -signal.SIGKILL, output
+    layers = work_dir_for(bundle) / "layers"
+    finished = sorted(layers.glob("layer-00001-experts-*.safetensors"))
+    assert [p.name for p in finished] == ["layer-00001-experts-00000.safetensors"]
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in finished}
+    assert _resume_until_done(args, bundle) == 1
+    after = {name: ((bundle / "layers" / name).stat().st_ino, (bundle / "layers" / name).stat().st_mtime_ns)
+             for name in before}
+    assert after == before
+    assert _tensor_files(bundle) == _tensor_files(reference)
+    assert _layer_records(bundle) == _layer_records(reference)

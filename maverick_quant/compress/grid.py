@@ -111,11 +111,14 @@ def group_params(W: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.
 
 
 def pack_quantized(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
-    """Solver outputs (integer-valued floats: codes [..., N, K], scales/zeros [..., N, G]) -> QuantizedWeight."""
+    """Solver outputs (integer-valued floats: codes [..., N, K], scales/zeros [..., N, G]) -> QuantizedWeight.
+
+    Contiguous, as a weight read back from a bundle file is: matmuls on a transposed layout
+    round differently, and a resumed run mixes weights solved now with weights read back."""
     return QuantizedWeight(
-        codes=codes.to(torch.uint8),
-        scales=scales.half(),
-        zeros=zeros.to(torch.uint8),
+        codes=codes.to(torch.uint8).contiguous(),
+        scales=scales.half().contiguous(),
+        zeros=zeros.to(torch.uint8).contiguous(),
         bits=spec.bits,
         group_size=spec.group_size,
     )

@@ -102,9 +102,11 @@ def dequantize_offset(codes: torch.Tensor, step: torch.Tensor, offset: torch.Ten
 
 
 def pack_kquant(codes: torch.Tensor, params: KQuantParams) -> QuantizedWeight:
-    """Codes [..., N, K] (integer floats) on the grid `params` -> a K-quant QuantizedWeight."""
-    return QuantizedWeight(codes.to(torch.uint8), params.sc.to(torch.uint8), params.m.to(torch.uint8), 4, GROUP,
-                           super_scales=params.d.half(), super_mins=params.dmin.half())
+    """Codes [..., N, K] (integer floats) on the grid `params` -> a K-quant QuantizedWeight
+    (contiguous, as grid.pack_quantized)."""
+    return QuantizedWeight(codes.to(torch.uint8).contiguous(), params.sc.to(torch.uint8).contiguous(),
+                           params.m.to(torch.uint8).contiguous(), 4, GROUP,
+                           super_scales=params.d.half().contiguous(), super_mins=params.dmin.half().contiguous())
 
 
 def rtn_quantize_k(W: torch.Tensor) -> QuantizedWeight:
