@@ -159,6 +159,26 @@ class BundleWriter:
         return manifest
 
 
+class ReadOnlyWriter(BundleWriter):
+    """The writer of a process that writes nothing (ranks > 0 of an expert-parallel run, see
+    distributed.py): it reads rank 0's work directory `root` (finished layers) and discards writes."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def write_layer(self, *args, **kwargs) -> None:
+        pass
+
+    def write_experts(self, index: int, name_prefix: str, first: int, quantized: dict[str, QuantizedWeight]) -> dict:
+        return {"first": first, "written_by": "rank 0"}
+
+    def write_passthrough(self, tensors: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def finish(self, manifest: dict[str, Any], num_layers: int) -> dict[str, Any]:
+        return manifest
+
+
 class Bundle:
     """A finished bundle opened for reading; also a `WeightSource` for streaming."""
 

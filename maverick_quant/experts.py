@@ -45,7 +45,8 @@ class ExpertChunks:
     reads the chunks already on disk instead of solving them again.
 
     writer: BundleWriter; state: RunState or None; prefix: the experts' module path + ".";
-    grid: the bundle's QuantSpec (bits and group size to decode a chunk read back).
+    grid: the bundle's QuantSpec (bits and group size to decode a chunk read back);
+    parallel: ExpertParallel (distributed.py) splitting the chunks across processes, or None.
     """
 
     writer: object
@@ -53,6 +54,32 @@ class ExpertChunks:
     index: int
     prefix: str
     grid: QuantSpec
+    parallel: object = None
+
+    def solved(self, chunk_list: list[tuple[int, int]], solve):
+        """Yield (first, quantized experts, file record, audit) for each chunk (first, count) of
+        `chunk_list`, in order. Each chunk is solved once: read back from an earlier attempt,
+        or solved here by `solve(first, count) -> (quantized, audit)`, or, under expert
+        parallelism, solved by the rank that owns it (chunk c: rank c mod N, one round of N
+        chunks at a time) and received. A chunk is stored before it is yielded."""
+        world = self.parallel.world if self.parallel is not None else 1
+        for start in range(0, len(chunk_list), world):
+            round_chunks = list(enumerate(chunk_list[start : start + world], start))
+            local = {}
+            for number, (first, count) in round_chunks:
+                if self._owns(number):
+                    local[first] = self.finished(first) or (*solve(first, count), None)
+            for number, (first, _) in round_chunks:
+                quantized, audit, record = local.pop(first, (None, None, None))
+                if self.parallel is not None:
+                    quantized, audit = self.parallel.share(self.parallel.owner(number), quantized, audit,
+                                                           self.grid.bits, self.grid.group_size)
+                if record is None:
+                    record = self.write(first, quantized, audit)
+                yield first, quantized, record, audit
+
+    def _owns(self, chunk_number: int) -> bool:
+        return self.parallel is None or self.parallel.owner(chunk_number) == self.parallel.rank
 
     def write(self, first: int, quantized: dict[str, QuantizedWeight], audit: list[dict]) -> dict:
         """Store the chunk starting at expert `first`; returns its file record."""
@@ -61,14 +88,16 @@ class ExpertChunks:
             self.state.save_chunk(self.index, first, record, audit)
         return record
 
-    def finished(self, first: int) -> tuple[dict[str, QuantizedWeight], dict, list[dict]] | None:
-        """(quantized experts, file record, audit) of a chunk an earlier attempt finished, or None."""
-        saved = self.state.load_chunk(self.index, first) if self.state is not None else None
+    def finished(self, first: int) -> tuple[dict[str, QuantizedWeight], list[dict], dict] | None:
+        """(quantized experts, audit, file record) of a chunk an earlier attempt finished, or
+        None (always on ranks that do not write: the chunk files are rank 0's)."""
+        writes = self.parallel is None or self.parallel.writes
+        saved = self.state.load_chunk(self.index, first) if self.state is not None and writes else None
         if saved is None:
             return None
         record, audit = saved
         quantized = self.writer.read_experts(record, self.grid.bits, self.grid.group_size)
-        return None if quantized is None else (quantized, record, audit)
+        return None if quantized is None else (quantized, audit, record)
 
 
 def capture_block_io(model: StreamingModel, layer: torch.nn.Module, moe: MoEBlock,
@@ -260,20 +289,17 @@ def quantize_moe_block(model: StreamingModel, index: int, layer: torch.nn.Module
     quantized, stats = quantize_shared(layer, moe, x, spec)
     routing = route(x, layer.get_submodule(moe.router).weight, moe.top_k)
     out = _module_output(layer.get_submodule(moe.shared_module), x)  # the block's output starts with the shared expert
+    def solve(first: int, count: int) -> tuple[dict[str, QuantizedWeight], list[dict]]:
+        weights = {k: v.float() for k, v in unfuse_experts(moe, model.source.expert_tensors(index, first, count)).items()}
+        awq_records = [{} for _ in range(count)]
+        if awq:
+            weights, awq_records = scale_expert_chunk(x, routing, moe, weights, first, block_scales, scale_spec)
+        chunk_quantized, records = quantize_expert_chunk(x, routing, moe, weights, first, spec)
+        return chunk_quantized, [{**record, **extra} for record, extra in zip(records, awq_records)]
+
     chunks, audit = [], []
-    for first, count in expert_chunks(moe, model.config, spec.moe.chunk_mib):
-        done = store.finished(first)
-        if done is None:
-            weights = {k: v.float() for k, v in unfuse_experts(moe, model.source.expert_tensors(index, first, count)).items()}
-            awq_records = [{} for _ in range(count)]
-            if awq:
-                weights, awq_records = scale_expert_chunk(x, routing, moe, weights, first, block_scales, scale_spec)
-            chunk_quantized, records = quantize_expert_chunk(x, routing, moe, weights, first, spec)
-            records = [{**record, **extra} for record, extra in zip(records, awq_records)]
-            del weights
-            record = store.write(first, chunk_quantized, records)
-        else:
-            chunk_quantized, record, records = done
+    for first, chunk_quantized, record, records in store.solved(list(expert_chunks(moe, model.config, spec.moe.chunk_mib)),
+                                                                 solve):
         routed_forward(x, routing, dequantized_experts(chunk_quantized), activation(moe.activation), first, out=out)
         chunks.append(record)
         audit.extend(records)
@@ -321,13 +347,11 @@ def run_moe_layer(model: StreamingModel, index: int, layer: torch.nn.Module, hid
 def rtn_moe_block(model: StreamingModel, index: int, spec: QuantizeSpec, store: ExpertChunks) -> dict:
     """RTN every routed expert of layer `index`, chunk by chunk; returns the block's stats."""
     moe = model.plan(index).moe
+    def solve(first: int, count: int) -> tuple[dict[str, QuantizedWeight], list[dict]]:
+        return rtn_expert_chunk(moe, unfuse_experts(moe, model.source.expert_tensors(index, first, count)), first, spec)
+
     chunks, audit = [], []
-    for first, count in expert_chunks(moe, model.config, spec.moe.chunk_mib):
-        done = store.finished(first)
-        if done is None:
-            weights = unfuse_experts(moe, model.source.expert_tensors(index, first, count))
-            chunk_quantized, records = rtn_expert_chunk(moe, weights, first, spec)
-            done = chunk_quantized, store.write(first, chunk_quantized, records), records
-        chunks.append(done[1])
-        audit.extend(done[2])
+    for _, _, record, records in store.solved(list(expert_chunks(moe, model.config, spec.moe.chunk_mib)), solve):
+        chunks.append(record)
+        audit.extend(records)
     return {"experts": {"chunks": chunks, "audit": audit}}

@@ -6,6 +6,7 @@ work), runs one stage, writes its output atomically and prints a one-line summar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -23,7 +24,8 @@ def run_quantize(model_dir, out, spec, data, calib, calib_spec, force, progress,
     from maverick_quant.calibration.data import CalibrationSet, make_calibration
     from maverick_quant.checkpoint import check_output_dir
     from maverick_quant.pipeline import quantize_model
-    from maverick_quant.resume import resumable_output_dir, run_identity
+    from maverick_quant.distributed import ExpertParallel
+    from maverick_quant.resume import run_identity
     from maverick_quant.streaming import open_source
 
     check_output_dir(out, force)
@@ -35,12 +37,42 @@ def run_quantize(model_dir, out, spec, data, calib, calib_spec, force, progress,
         calibration = CalibrationSet.load(calib) if calib else make_calibration(model_dir, data, calib_spec)
     identity = run_identity(source.checkpoint.fingerprint(), spec.to_dict(),
                             None if calibration is None else calibration.input_ids)
-    with resumable_output_dir(out, identity, force, resume) as (work, state):
-        _, summary = quantize_model(source, calibration, spec, work, state, show_progress=progress)
+    parallel = ExpertParallel.from_env()  # under torchrun: routed experts split across the processes
+    with contextlib.ExitStack() as stack:
+        if parallel is not None:
+            stack.callback(parallel.close)
+        work, state = _enter_output(stack, out, identity, force, resume, parallel)
+        _, summary = quantize_model(source, calibration, spec, work, state, parallel=parallel,
+                                    show_progress=progress and (parallel is None or parallel.writes))
+        if parallel is not None:
+            parallel.barrier()  # rank 0 renames the finished bundle only when every rank is done
+    if parallel is not None and not parallel.writes:
+        return summary
     loss = "n/a" if summary.mean_rel_loss is None else f"{summary.mean_rel_loss:.5f}"
     click.echo(f"quantized {summary.layers} layers in {summary.seconds:.1f} s, peak RSS {summary.peak_rss_mib:.0f} MiB, "
                f"mean relative GPTQ loss {loss} -> {out}")
     return summary
+
+
+def _enter_output(stack: contextlib.ExitStack, out: Path, identity: dict, force: bool, resume: bool,
+                  parallel: "ExpertParallel | None"):
+    """(work directory, run state) of this process. Under expert parallelism rank 0 prepares
+    them (checks, lock, resume) and the other ranks then read its state without writing; if
+    rank 0 refuses the output, the others stop too instead of waiting for it."""
+    from maverick_quant.resume import ReadOnlyState, resumable_output_dir, state_dir_for, work_dir_for
+
+    if parallel is None:
+        return stack.enter_context(resumable_output_dir(out, identity, force, resume))
+    if parallel.writes:
+        entered = None
+        try:
+            entered = stack.enter_context(resumable_output_dir(out, identity, force, resume))
+        finally:
+            parallel.agree(entered is not None)
+        return entered
+    if not parallel.agree(True):
+        raise InputError(f"{out}: rank 0 refused this output (its message says why); rank {parallel.rank} stops")
+    return work_dir_for(out), ReadOnlyState(state_dir_for(out), identity)
 
 
 def run_export(bundle_dir, out, fmt="gptq", max_shard_size=5 * 10**9, force=False, report_dir=None):

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from maverick_quant import __version__
-from maverick_quant.bundle import BundleWriter, copy_model_files
+from maverick_quant.bundle import BundleWriter, ReadOnlyWriter, copy_model_files
 from maverick_quant.checkpoint import all_finite
 from maverick_quant.arch.base import LinearGroup
 from maverick_quant.calibration.data import CalibrationSet
@@ -28,6 +28,7 @@ from maverick_quant.experts import ExpertChunks, quantize_moe_block, rtn_moe_blo
 from maverick_quant.awq_layer import awq_scale_layer
 from maverick_quant.groups import group_hessian, set_weight, solve_group
 from maverick_quant.compress.types import QuantizedWeight
+from maverick_quant.distributed import ExpertParallel
 from maverick_quant.errors import InputError
 from maverick_quant.recipe import Method, QuantizeSpec
 from maverick_quant.resume import RunState
@@ -161,10 +162,12 @@ def _model_level_tensors(source: CheckpointSource) -> dict[str, torch.Tensor]:
 
 
 def quantize_model(source: CheckpointSource, calibration: CalibrationSet | None, spec: QuantizeSpec,
-                   out_dir: Path, state: RunState | None = None, show_progress: bool = True) -> tuple[dict, RunSummary]:
+                   out_dir: Path, state: RunState | None = None, show_progress: bool = True,
+                   parallel: ExpertParallel | None = None) -> tuple[dict, RunSummary]:
     """Quantize the whole model layer by layer into a bundle at `out_dir`. With a run `state`,
     progress is saved after every layer and an interrupted run goes on from where it stopped;
-    the manifest records the state's identity as `run_identity`.
+    the manifest records the state's identity as `run_identity`. With `parallel`, routed
+    expert chunks are split across processes (distributed.py); only rank 0 writes `out_dir`.
 
     Memory: the calibration hidden states [S, L, D] (fp32), one layer, its Hessians.
     """
@@ -172,7 +175,8 @@ def quantize_model(source: CheckpointSource, calibration: CalibrationSet | None,
     needs_data = spec.method is not Method.RTN
     if needs_data and calibration is None:
         raise InputError(f"--method {spec.method.value} needs calibration data (--data or --calib)")
-    writer = BundleWriter(out_dir)
+    writes = parallel is None or parallel.writes
+    writer = BundleWriter(out_dir) if writes else ReadOnlyWriter(out_dir)
     release_free_memory()
     model = StreamingModel(source, batch=spec.batch_windows)
     first_layer, hidden = state.load_progress(writer.completed_layers()) if state else (0, None)
@@ -187,7 +191,7 @@ def quantize_model(source: CheckpointSource, calibration: CalibrationSet | None,
         tensors = source.layer_tensors(index, experts=False)
         layer = model.layer(index, tensors)
         prefix, moe = model.table.prefix(index), model.plan(index).moe
-        store = moe and ExpertChunks(writer, state, index, f"{prefix}{moe.experts}.", spec.weights)
+        store = moe and ExpertChunks(writer, state, index, f"{prefix}{moe.experts}.", spec.weights, parallel)
         if needs_data:
             quantized, stats = quantize_layer_calibrated(model, index, layer, hidden, spec, store)
             _check_finite(hidden, f"the output of layer {index}")
@@ -205,8 +209,9 @@ def quantize_model(source: CheckpointSource, calibration: CalibrationSet | None,
         del layer, tensors, quantized, passthrough
         release_free_memory()
     del hidden
-    writer.write_passthrough(_model_level_tensors(source))
-    copy_model_files(source.checkpoint.model_dir, out_dir)
+    if writes:
+        writer.write_passthrough(_model_level_tensors(source))
+        copy_model_files(source.checkpoint.model_dir, out_dir)
     summary = RunSummary(time.perf_counter() - started, peak_rss_mib(),
                          sum(losses) / len(losses) if losses else None, model.num_layers)
     manifest = writer.finish({

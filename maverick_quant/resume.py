@@ -136,6 +136,17 @@ class RunState:
         return next_layer, load_file(str(path))["hidden"]
 
 
+class ReadOnlyState(RunState):
+    """The run state as the other ranks of an expert-parallel run see it: rank 0's progress,
+    read at the start (to begin at the same layer with the same hidden states), never written."""
+
+    def save_progress(self, next_layer: int, hidden: torch.Tensor | None) -> None:
+        pass
+
+    def save_chunk(self, index: int, first: int, record: dict, audit: list[dict]) -> None:
+        pass
+
+
 @contextlib.contextmanager
 def resumable_output_dir(out: Path, identity: dict, force: bool = False,
                          resume: bool = False) -> Iterator[tuple[Path, RunState]]:

@@ -1,0 +1,85 @@
+"""Expert parallelism on torch.distributed: `torchrun --nproc-per-node 2 -m maverick_quant
+quantize ...` (gloo, 2 CPU processes) splits each MoE layer's expert chunks between the ranks
+and writes tensor files byte-identical to a single-process run's (one thread per process, as
+torchrun sets); an output rank 0 refuses stops both ranks; a killed run resumes under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from maverick_quant.checkpoint import KILL_DURING_WRITE
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _args(model: Path, text: Path, out: Path, *extra: str) -> list[str]:
+    # --moe-chunk-mib 1: each MoE layer's 8 experts form 2 chunks (7 + 1), one per rank
+    return ["quantize", str(model), "--method", "gptq", "--data", str(text), "--samples", "4", "--seq-len", "32",
+            "--group-size", "32", "--moe-chunk-mib", "1", "--out", str(out), "--no-progress", *extra]
+
+
+def _env(**extra: str) -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
+
+
+def _single(args: list[str], **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "maverick_quant", *args], env=_env(**env), capture_output=True,
+                          text=True, timeout=600)
+
+
+def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "maverick_quant", *args], env=_env(), capture_output=True, text=True, timeout=600)
+
+
+def _tensor_files(bundle: Path) -> dict[str, bytes]:
+    return {p.relative_to(bundle).as_posix(): p.read_bytes() for p in sorted(bundle.rglob("*.safetensors"))}
+
+
+@pytest.fixture(scope="module")
+def single_process(tiny_llama4_dir: Path, tmp_path_factory) -> tuple[Path, Path]:
+    """(calibration text, the bundle of a single-process run)."""
+    root = tmp_path_factory.mktemp("single")
+    text = root / "calib.txt"
+    text.write_text("The river runs past the old mill and under the stone bridge. " * 200)
+    done = _single(_args(tiny_llama4_dir, text, root / "bundle"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    return text, root / "bundle"
+
+
+def test_two_processes_write_the_single_process_bundle_byte_for_byte(tiny_llama4_dir: Path, single_process,
+                                                                     tmp_path: Path) -> None:
+    text, reference = single_process
+    done = _torchrun(_args(tiny_llama4_dir, text, tmp_path / "bundle"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("quantized 4 layers") == 1  # rank 0 reports; rank 1 writes and says nothing
+    files = _tensor_files(tmp_path / "bundle")
+    assert sum("experts" in name for name in files) == 4  # 2 MoE layers x 2 chunks, one solved on each rank
+    assert files == _tensor_files(reference)
+    assert (tmp_path / "bundle" / "audit.json").read_bytes() == (reference / "audit.json").read_bytes()
+    assert not list(tmp_path.glob(".bundle.*")), "no work directory or run state is left behind"
+
+
+def test_an_output_rank_0_refuses_stops_both_ranks_then_resumes_under_torchrun(tiny_llama4_dir: Path, single_process,
+                                                                               tmp_path: Path) -> None:
+    """A killed single-process run leaves an unfinished output: torchrun without --resume is
+    refused by rank 0 and rank 1 stops with it (no hang); with --resume both ranks go on
+    from rank 0's saved progress and the bundle equals the single-process one."""
+    text, reference = single_process
+    args = _args(tiny_llama4_dir, text, tmp_path / "bundle")
+    killed = _single(args, **{KILL_DURING_WRITE: "5"})  # while writing layer 1's own file, after its 2 chunks
+    assert killed.returncode != 0
+    refused = _torchrun(args)
+    assert refused.returncode != 0 and "--resume" in refused.stdout + refused.stderr
+    assert "rank 1 stops" in refused.stdout + refused.stderr
+    resumed = _torchrun(args + ["--resume"])
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert _tensor_files(tmp_path / "bundle") == _tensor_files(reference)
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert manifest["run_identity"]["quantize"]["moe"]["chunk_mib"] == 1
