@@ -63,6 +63,13 @@ def uninterrupted(tiny_llama4_dir: Path, tmp_path_factory) -> tuple[Path, Path]:
     return text, root / "bundle"
 
 
+def _kill_during_write(args: list[str], write_number: int) -> None:
+    """Run `args` and SIGKILL it in the middle of its `write_number`-th atomic tensor write."""
+    process = _spawn(args, {KILL_DURING_WRITE: str(write_number)})
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == -signal.SIGKILL, output
+
+
 def _resume_until_done(args: list[str], bundle: Path) -> int:
     """Run with --resume until the bundle exists; the number of runs it took."""
     for attempt in range(1, 4):
@@ -82,14 +89,10 @@ def test_sigkill_mid_write_then_resume_gives_identical_tensor_files(tiny_llama4_
     text, reference = uninterrupted
     bundle = tmp_path / "bundle"
     args = _quantize_args(tiny_llama4_dir, text, bundle)
-    first = _spawn(args, {KILL_DURING_WRITE: "2"})
-    output, _ = first.communicate(timeout=600)
-    assert first.returncode == -signal.SIGKILL, output
+    _kill_during_write(args, 2)
     work, state = work_dir_for(bundle), state_dir_for(bundle)
     assert not bundle.exists() and any(state.rglob(".*.tmp")), "half of layer 0's hidden states should be left"
-    second = _spawn(args + ["--resume"], {KILL_DURING_WRITE: "5"})
-    output, _ = second.communicate(timeout=600)
-    assert second.returncode == -signal.SIGKILL, output
+    _kill_during_write(args + ["--resume"], 5)
     assert _resume_until_done(args, bundle) == 1
     assert not work.exists() and not state.exists()
     assert _tensor_files(bundle) == _tensor_files(reference)
@@ -132,8 +135,7 @@ def test_resume_with_other_inputs_is_refused_naming_what_changed(tiny_llama4_dir
                                                                  tmp_path: Path) -> None:
     text, _ = uninterrupted
     bundle = tmp_path / "bundle"
-    process = _spawn(_quantize_args(tiny_llama4_dir, text, bundle), {KILL_DURING_WRITE: "3"})
-    process.communicate(timeout=600)
+    _kill_during_write(_quantize_args(tiny_llama4_dir, text, bundle), 3)
     runner = CliRunner()
     result = runner.invoke(cli, _quantize_args(tiny_llama4_dir, text, bundle, "--resume", "--damp", "0.05"))
     assert result.exit_code == 2 and "quantize.weights.damp (0.01 -> 0.05)" in result.output, result.output
@@ -202,9 +204,7 @@ def test_a_run_killed_inside_a_moe_layer_reuses_the_expert_chunks_it_finished(ti
     text, reference = uninterrupted
     bundle = tmp_path / "bundle"
     args = _quantize_args(tiny_llama4_dir, text, bundle)
-    process = _spawn(args, {KILL_DURING_WRITE: "4"})
-    output, _ = process.communicate(timeout=600)
-    assert process.returncode == -signal.SIGKILL, output
+    _kill_during_write(args, 4)
     layers = work_dir_for(bundle) / "layers"
     finished = sorted(layers.glob("layer-00001-experts-*.safetensors"))
     assert [p.name for p in finished] == ["layer-00001-experts-00000.safetensors"]
