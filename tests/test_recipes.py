@@ -132,7 +132,7 @@ def test_run_makes_bundle_exports_report_and_lock_and_gates_the_exit_code(tiny_l
                                                "recipe.lock.yaml"}
     lock = yaml.safe_load((out / "recipe.lock.yaml").read_text())
     assert lock["quantize"]["weights"] == {"bits": 4, "group_size": 32, "sym": False, "act_order": False, "damp": 0.01,
-                                           "block_size": 128, "scale_bits": 11}
+                                           "block_size": 128, "scale_bits": 11, "k_quant": False}
     assert lock["quantize"]["moe"]["min_tokens"] == 128  # defaults resolved
     assert len(lock["model"]["fingerprint"]) == 64 and len(lock["calibration"]["data_sha256"]) == 64
     assert len(lock["validation"]["data_sha256"]) == 64 and lock["versions"]["torch"]
