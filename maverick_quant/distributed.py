@@ -1,4 +1,6 @@
-"""Expert parallelism across processes, on torch.distributed (gloo on CPU, NCCL on GPUs).
+"""Expert parallelism across processes, on torch.distributed (gloo: the quantize pipeline's
+tensors live on the CPU, and the chunks exchanged are CPU buffers; NCCL would need them on a
+GPU, which waits for a GPU solver).
 
     torchrun --nproc-per-node N -m maverick_quant quantize MODEL --data ... --out OUT
 
@@ -51,9 +53,8 @@ class ExpertParallel:
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
             minutes = float(os.environ.get(TIMEOUT_ENV, "60"))
-            dist.init_process_group(backend, timeout=datetime.timedelta(minutes=minutes))
+            dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=minutes))
         return cls(dist.get_rank(), dist.get_world_size())
 
     @property

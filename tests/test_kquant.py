@@ -4,6 +4,7 @@ multiple of 256, refused by the formats that cannot store it)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -59,12 +60,10 @@ def test_q4_k_scale_bytes_unpack_to_our_six_bit_multipliers() -> None:
     """Every 6-bit value in every group position, through ggml's get_scale_min_k4 layout."""
     import gguf
 
-    weight = rtn_quantize_k(torch.randn(64, 256))
+    rtn = rtn_quantize_k(torch.randn(64, 256))
     sc = torch.arange(64 * 8).reshape(64, 8) % 64
     m = (sc * 7 + 3) % 64
-    weight = weight.map_tensors(lambda t: t)  # a copy we may change field by field
-    object.__setattr__(weight, "scales", sc.to(torch.uint8))
-    object.__setattr__(weight, "zeros", m.to(torch.uint8))
+    weight = dataclasses.replace(rtn, scales=sc.to(torch.uint8), zeros=m.to(torch.uint8))
     blocks = encode_blocks(weight, BLOCK_TYPES["Q4_K"])
     their_sc, their_m = gguf.quants.Q4_K.get_scale_min(blocks[:, 4:16])
     assert np.array_equal(their_sc, sc.numpy()) and np.array_equal(their_m, m.numpy())
