@@ -134,10 +134,13 @@ def _run(*args) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
-def test_q4_k_export_is_lossless_with_q4_1_where_k_is_not_a_multiple_of_256(smollm2_dir: Path, tmp_path: Path) -> None:
-    """A Llama of hidden 256 and MLP width 320: attention and gate/up are Q4_K, down (K=320) Q4_1;
-    every tensor dequantizes in gguf-py to the bundle's values. Formats that store (code - zero)
-    x scale grids refuse the bundle and name the format that stores it."""
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_q4_k_export_is_lossless_with_q4_1_where_k_is_not_a_multiple_of_256(smollm2_dir: Path, tmp_path: Path,
+                                                                            method: str) -> None:
+    """A Llama of hidden 256 and MLP width 320, solved by GPTQ or AWQ on the Q4_K grid:
+    attention and gate/up are Q4_K, down (K=320) Q4_1; every tensor dequantizes in gguf-py to
+    the bundle's values. Formats that store (code - zero) x scale grids refuse the bundle and
+    name the format that stores it."""
     import gguf
 
     model = make_tiny_llama(smollm2_dir, tmp_path / "model", hidden_size=256, intermediate_size=320,
@@ -145,7 +148,7 @@ def test_q4_k_export_is_lossless_with_q4_1_where_k_is_not_a_multiple_of_256(smol
     text = tmp_path / "calib.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
     code, out = _run("quantize", model, "--data", text, "--out", tmp_path / "bundle", "--samples", 4, "--seq-len", 32,
-                     "--gguf-grid", "Q4_K", "--no-progress")
+                     "--gguf-grid", "Q4_K", "--method", method, "--no-progress")
     assert code == 0, out
     bundle = Bundle(tmp_path / "bundle")
     assert bundle.quant["k_quant"] is True
