@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from maverick_quant.compress.kquant import rtn_quantize_k, uses_k_grid
 from maverick_quant.compress.types import QuantizedWeight
 from maverick_quant.recipe import QuantSpec
 
@@ -127,6 +126,8 @@ def pack_quantized(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
 def rtn_quantize(W: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     """Round-to-nearest W [..., N, K] on the group grid of `spec` (act_order, damp, block_size unused),
     or on llama.cpp's K-quant grid (compress/kquant.py) for a k_quant spec and K a multiple of 256."""
+    from maverick_quant.compress.kquant import rtn_quantize_k, uses_k_grid  # kquant builds on this module
+
     k = W.shape[-1]
     if uses_k_grid(spec.k_quant, k):
         return rtn_quantize_k(W)

@@ -24,13 +24,13 @@ from dataclasses import dataclass
 
 import torch
 
+from maverick_quant.compress.grid import FP16_MAX
 from maverick_quant.compress.types import SUPER_BLOCK, QuantizedWeight
 
 GROUP = 32
 GROUPS_PER_SUPER = SUPER_BLOCK // GROUP
 MAX_CODE = 15
 MAX_MULTIPLIER = 63  # 6-bit sc and m
-FP16_MAX = 65504.0
 
 
 @dataclass(frozen=True)
