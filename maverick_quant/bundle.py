@@ -11,7 +11,8 @@ Layout of a bundle directory:
                                     `m.zeros` uint8 [N, G]; norms etc. under their own names.
                                     On the Q4_K grid (compress/kquant.py) `m.scales` and
                                     `m.zeros` are the uint8 6-bit sc and m [N, K/32], and
-                                    `m.super_scales`, `m.super_mins` fp16 [N, K/256] d, dmin
+                                    `m.super_scales`, `m.super_mins` fp16 [N, K/256] d, dmin;
+                                    on Q4_1's own grid sc = m = 1 and d, dmin are [N, K/32]
     layers/layer-00007.json         that layer's stats (GPTQ loss, damping, seconds), written
                                     after its tensors: a layer is complete iff both exist
 
@@ -55,7 +56,7 @@ def encode_quantized(name: str, weight: QuantizedWeight) -> dict[str, torch.Tens
     codes = weight.codes
     if _nibble_packed(weight.bits, codes.shape[-1]):
         codes = pack_nibbles(codes)
-    if weight.k_quant:
+    if weight.offset_grid:
         return {f"{name}.codes": codes, f"{name}.scales": weight.scales, f"{name}.zeros": weight.zeros,
                 f"{name}.super_scales": weight.super_scales.half(), f"{name}.super_mins": weight.super_mins.half()}
     return {f"{name}.codes": codes, f"{name}.scales": weight.scales.half(), f"{name}.zeros": weight.zeros}

@@ -30,10 +30,10 @@ ALLOWED_GROUP_SIZES = (-1, 32, 64, 128, 256)
 KERNEL_BACKENDS = ("auto", "reference", "cpu-int4", "triton", "cuda")
 GGUF_GRIDS = {
     "Q4_0": {"bits": 4, "group_size": 32, "sym": True},
-    "Q4_1": {"bits": 4, "group_size": 32, "sym": False, "scale_bits": 7},
+    "Q4_1": {"bits": 4, "group_size": 32, "sym": False, "free_min": True},
     "Q8_0": {"bits": 8, "group_size": 32, "sym": True},
     # super-blocks of 256 columns; a matrix whose K is not a multiple of 256 gets the Q4_1 grid
-    "Q4_K": {"bits": 4, "group_size": 32, "sym": False, "scale_bits": 7, "k_quant": True},
+    "Q4_K": {"bits": 4, "group_size": 32, "sym": False, "k_quant": True},
 }
 
 
@@ -51,11 +51,14 @@ class QuantSpec:
     block_size:  GPTQ lazy-update block width.
     scale_bits:  significant bits kept in each fp16 scale (11: any fp16). With 7, -zero * scale
                  is itself an fp16 number for every 4-bit zero, so an asymmetric 4-bit grid of
-                 group 32 is exactly llama.cpp's Q4_1 (d = scale, m = -zero * scale).
+                 group 32 can also be stored as llama.cpp's Q4_1 (d = scale, m = -zero * scale).
+    free_min:    llama.cpp Q4_1's own grid (4-bit, asymmetric, group 32): value = code * d + m
+                 with a free fp16 d and m per group, m the group's minimum (the range need not
+                 contain 0); see compress/kquant.py. Only GGUF Q4_1 stores it.
     k_quant:     llama.cpp's Q4_K grid (4-bit, asymmetric, group 32): each super-block of 256
                  columns has fp16 (d, dmin) and every group 6-bit multipliers (sc, m), value =
                  code * d * sc - dmin * m (see compress/kquant.py). Matrices whose K is not a
-                 multiple of 256 fall back to the Q4_1 grid (scale_bits 7), as GGUF Q4_1.
+                 multiple of 256 get the free_min Q4_1 grid and are stored as GGUF Q4_1.
     """
 
     bits: int = 4
@@ -66,6 +69,7 @@ class QuantSpec:
     block_size: int = 128
     scale_bits: int = 11
     k_quant: bool = False
+    free_min: bool = False
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -80,9 +84,15 @@ class QuantSpec:
             raise InputError(f"block_size={self.block_size}: expected a positive integer")
         if not 1 <= self.scale_bits <= 11:
             raise InputError(f"scale_bits={self.scale_bits}: expected 1 to 11 (fp16 has 11 significant bits)")
-        if self.k_quant and (self.bits, self.group_size, self.sym, self.scale_bits) != (4, 32, False, 7):
-            raise InputError(f"k_quant (llama.cpp Q4_K) is bits 4, group_size 32, sym false, scale_bits 7; got bits "
-                             f"{self.bits}, group_size {self.group_size}, sym {self.sym}, scale_bits {self.scale_bits}")
+        for flag, grid in (("k_quant", "Q4_K"), ("free_min", "Q4_1")):
+            if getattr(self, flag) and (self.bits, self.group_size, self.sym) != (4, 32, False):
+                raise InputError(f"{flag} (llama.cpp {grid}'s grid) is bits 4, group_size 32, sym false; got bits "
+                                 f"{self.bits}, group_size {self.group_size}, sym {self.sym}")
+
+    @property
+    def gguf_grid(self) -> str | None:
+        """The llama.cpp type whose own offset grid this spec solves on ("Q4_K", "Q4_1"), or None."""
+        return offset_grid_name({"k_quant": self.k_quant, "free_min": self.free_min})
 
     @property
     def maxq(self) -> int:
@@ -98,6 +108,12 @@ class QuantSpec:
     def group_width(self, in_features: int) -> int:
         """Columns per group (the last group may be shorter)."""
         return in_features if self.group_size == -1 else self.group_size
+
+
+def offset_grid_name(quant: dict) -> str | None:
+    """"Q4_K" / "Q4_1" when a grid dict (QuantSpec's fields, e.g. a bundle's recipe weights) is on
+    one of llama.cpp's own offset grids, else None."""
+    return "Q4_K" if quant.get("k_quant") else "Q4_1" if quant.get("free_min") else None
 
 
 @dataclass(frozen=True)

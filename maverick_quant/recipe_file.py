@@ -133,11 +133,11 @@ def _check_export_grid(step: ExportStep, weights: QuantSpec) -> None:
     if step.format in EXPORT_BITS and weights.bits not in EXPORT_BITS[step.format]:
         raise InputError(f"exports: format {step.format} stores bits {EXPORT_BITS[step.format]}, "
                          f"quantize.bits is {weights.bits}")
-    if weights.k_quant and step.format != "gguf" and not step.requantize:
-        raise InputError(f"exports: format {step.format} cannot store quantize.gguf_grid Q4_K's super-block grid; "
-                         "only gguf_type Q4_K does (or set requantize: true on the export)")
+    if weights.gguf_grid and step.format != "gguf" and not step.requantize:
+        raise InputError(f"exports: format {step.format} cannot store quantize.gguf_grid {weights.gguf_grid}'s offset "
+                         f"grid; only gguf_type {weights.gguf_grid} does (or set requantize: true on the export)")
     if step.format == "gguf" and not step.requantize:
-        grid = {"scale_bits": 11, "k_quant": False, **GGUF_GRIDS[step.gguf_type]}
+        grid = {"scale_bits": 11, "k_quant": False, "free_min": False, **GGUF_GRIDS[step.gguf_type]}
         if any(getattr(weights, key) != value for key, value in grid.items()):
             raise InputError(f"exports: gguf_type {step.gguf_type} needs the bundle on its grid ({grid}); set "
                              f"quantize.gguf_grid: {step.gguf_type}, or requantize: true on the export")
@@ -224,8 +224,9 @@ def _prefixed(prefix: str):
         raise InputError(f"{prefix}{exc}") from None
 
 
-# `quantize:` takes QuantizeSpec's own keys and QuantSpec's (scale_bits and k_quant come from gguf_grid)
-QUANTIZE_KEYS = {**_hints(QuantizeSpec, skip=("weights", "moe", "awq")), **_hints(QuantSpec, skip=("scale_bits", "k_quant"))}
+# `quantize:` takes QuantizeSpec's own keys and QuantSpec's (scale_bits, k_quant and free_min come from gguf_grid)
+QUANTIZE_KEYS = {**_hints(QuantizeSpec, skip=("weights", "moe", "awq")),
+                 **_hints(QuantSpec, skip=("scale_bits", "k_quant", "free_min"))}
 
 
 TOP_KEYS = ("model", "calibration", "quantize", "exports", "validation")

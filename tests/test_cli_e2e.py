@@ -40,7 +40,7 @@ def tiny_run(tiny_llama_dir: Path, tmp_path_factory) -> dict[str, Path]:
 def test_bundle_manifest_records_the_run(tiny_run) -> None:
     manifest = json.loads((tiny_run["bundle"] / "manifest.json").read_text())
     assert manifest["recipe"]["weights"] == {"bits": 4, "group_size": 64, "sym": False, "act_order": True,
-                                             "damp": 0.01, "block_size": 128, "scale_bits": 11, "k_quant": False}
+                                             "damp": 0.01, "block_size": 128, "scale_bits": 11, "k_quant": False, "free_min": False}
     assert manifest["calibration"]["samples"] == 6 and len(manifest["source"]["fingerprint"]) == 64
     layer = manifest["layers"][0]["quantized"]["self_attn.q_proj"]
     assert layer["damp"] >= 0.01 and layer["loss"] >= 0 and layer["tokens"] == 6 * 48

@@ -46,7 +46,7 @@ def test_blocks_dequantize_in_gguf_py_to_our_values(gguf_type: str, group: int) 
 
 
 def test_q4_1_needs_scales_whose_zero_products_are_fp16() -> None:
-    """A plain asymmetric grid (11-bit scales) is not on Q4_1's grid; --gguf-grid Q4_1's is."""
+    """A plain asymmetric grid (11-bit scales) is not on Q4_1's grid (7-bit scales are; so is --gguf-grid Q4_1's own)."""
     weight = rtn_quantize(torch.randn(64, 256), QuantSpec(bits=4, group_size=32, sym=False))
     with pytest.raises(ValueError, match="fp16"):
         encode_blocks(weight, BLOCK_TYPES["Q4_1"])

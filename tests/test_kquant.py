@@ -122,9 +122,43 @@ def test_gptq_on_the_q4_k_grid_beats_its_round_to_nearest_and_exports_exactly(ac
 def test_a_k_quant_spec_puts_matrices_whose_k_is_not_a_multiple_of_256_on_the_q4_1_grid() -> None:
     W, H = _correlated_problem(16, 96)
     for weight in (gptq_quantize(W, H, Q4_K).weight, rtn_quantize(W, Q4_K)):
-        assert not weight.k_quant and weight.group_size == 32
-        blocks = encode_blocks(weight, BLOCK_TYPES["Q4_1"])  # lossless Q4_1: 7-bit scales
+        assert not weight.k_quant and weight.gguf_grid == "Q4_1" and weight.group_size == 32
+        blocks = encode_blocks(weight, BLOCK_TYPES["Q4_1"])
         assert np.array_equal(_gguf_dequantize(blocks, "Q4_1"), weight.dequantize().numpy())
+
+
+Q4_1 = QuantSpec(**GGUF_GRIDS["Q4_1"])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_q4_1_own_grid_blocks_dequantize_in_gguf_py_to_our_values_bit_for_bit(seed: int) -> None:
+    """Free fp16 (d, m) per group: all-zero and all-negative groups, groups whose minimum is
+    positive (a range without 0, which the (code - zero) x scale grid cannot hold), large values."""
+    W = _awkward_weights(seed)
+    W[1, 2] = W[1, 2].abs() + 3.0
+    weight = rtn_quantize(W, Q4_1)
+    assert weight.gguf_grid == "Q4_1" and tuple(weight.super_scales.shape) == (2, 6, 16)
+    blocks = encode_blocks(weight, BLOCK_TYPES["Q4_1"])
+    theirs = _gguf_dequantize(blocks.reshape(-1, blocks.shape[-1]), "Q4_1").reshape(weight.shape)
+    assert np.array_equal(theirs.view(np.uint32), weight.dequantize().numpy().view(np.uint32))
+    assert float((weight.dequantize()[1, 2] - W[1, 2]).abs().max()) < 0.2  # range [3, ~4] kept, 0 not forced in
+    for other in ("Q4_0", "Q8_0", "Q4_K"):
+        with pytest.raises(ValueError, match="Q4_1|not on it"):
+            encode_blocks(weight, BLOCK_TYPES[other])
+
+
+def test_weights_already_on_a_q4_1_grid_come_back_unchanged_from_rtn_and_gptq() -> None:
+    """A model whose float weights are a Q4_1 GGUF's values (SmolLM2's here) loses nothing on
+    Q4_1's own grid: gguf-py's round trip is a fixed point of our RTN and GPTQ (zero error, so
+    GPTQ never moves a later column)."""
+    import gguf
+
+    W, H = _correlated_problem(24, 96, seed=3)
+    on_grid = torch.from_numpy(_gguf_dequantize(gguf.quants.quantize(W.numpy(), gguf.GGMLQuantizationType.Q4_1), "Q4_1"))
+    assert not torch.equal(on_grid, W)
+    assert torch.equal(rtn_quantize(on_grid, Q4_1).dequantize(), on_grid)
+    result = gptq_quantize(on_grid, H, Q4_1)
+    assert torch.equal(result.weight.dequantize(), on_grid) and float(result.loss) == 0.0
 
 
 def _run(*args) -> tuple[int, str]:

@@ -42,7 +42,7 @@ def test_shipped_recipes_load() -> None:
     ({"calibration": {"samples": "many"}}, "calibration.samples='many': expected int"),
     ({"exports": [{"format": "onnx"}]}, "exports[].format='onnx': expected one of gptq, awq"),
     ({"exports": [{"format": "gguf", "gguf_type": "Q4_0"}]}, "gguf_type Q4_0 needs the bundle on its grid"),
-    ({"quantize": {"gguf_grid": "Q4_K"}}, "format gptq cannot store quantize.gguf_grid Q4_K's super-block grid"),
+    ({"quantize": {"gguf_grid": "Q4_K"}}, "format gptq cannot store quantize.gguf_grid Q4_K's offset grid"),
     ({"quantize": {"bits": 3}}, "format gptq stores bits (2, 4, 8), quantize.bits is 3"),
     ({"validation": {"data": "x", "gates": ["ppl_ratio<<1"]}}, "gate 'ppl_ratio<<1'"),
     ({"exprots": []}, "exprots: unknown key; expected one of model, calibration"),
@@ -132,7 +132,7 @@ def test_run_makes_bundle_exports_report_and_lock_and_gates_the_exit_code(tiny_l
                                                "recipe.lock.yaml"}
     lock = yaml.safe_load((out / "recipe.lock.yaml").read_text())
     assert lock["quantize"]["weights"] == {"bits": 4, "group_size": 32, "sym": False, "act_order": False, "damp": 0.01,
-                                           "block_size": 128, "scale_bits": 11, "k_quant": False}
+                                           "block_size": 128, "scale_bits": 11, "k_quant": False, "free_min": False}
     assert lock["quantize"]["moe"]["min_tokens"] == 128  # defaults resolved
     assert len(lock["model"]["fingerprint"]) == 64 and len(lock["calibration"]["data_sha256"]) == 64
     assert len(lock["validation"]["data_sha256"]) == 64 and lock["versions"]["torch"]

@@ -14,6 +14,8 @@ whenever the group size is a multiple of 32 (a group's scale repeats over its bl
     Q4_K  144 bytes per 256 values: d fp16, dmin fp16, 12 bytes of 6-bit (sc, m) for the 8
           groups, 128 bytes of codes;  value = q * d * sc - dmin * m.
 A weight on our K-quant grid (compress/kquant.py) is Q4_K with its own (d, dmin, sc, m, q).
+A weight on Q4_1's own offset grid (free fp16 d and m, compress/kquant.py) is Q4_1 with
+d = d, m = -dmin, q = code.
 Q4_K needs K a multiple of 256: a Q4_K export stores the other matrices as Q4_1, the grid a
 k_quant spec gives them (llama.cpp's own quantizer falls back to Q5_0 there).
 Such an encoding is lossless: gguf-py's `gguf.quants.dequantize` gives the bundle's
@@ -64,11 +66,18 @@ def tensor_block_type(block_type: BlockType, in_features: int) -> BlockType:
 
 
 def grid_mismatch(quant: dict, block_type: BlockType) -> str | None:
-    """Why a bundle grid {bits, group_size, sym, k_quant} cannot be stored losslessly in `block_type`, or None."""
+    """Why a bundle grid {bits, group_size, sym, scale_bits, k_quant, free_min} cannot be stored
+    losslessly in `block_type`, or None."""
     group = quant["group_size"]
     if bool(quant.get("k_quant")) != block_type.k_quant:
         return (f"{block_type.name} {'stores' if block_type.k_quant else 'does not store'} llama.cpp's K-quant "
                 f"super-block grid; the bundle {'is' if quant.get('k_quant') else 'is not'} on it (--gguf-grid Q4_K)")
+    if block_type.k_quant:
+        return None
+    if quant.get("free_min"):
+        return None if block_type.name == "Q4_1" else (
+            f"{block_type.name} does not store Q4_1's own grid (a free fp16 minimum per group); the bundle is on it "
+            "(--gguf-grid Q4_1): export it as Q4_1")
     if quant["bits"] != block_type.bits or quant["sym"] != block_type.sym:
         grid = f"{block_type.bits}-bit {'symmetric' if block_type.sym else 'asymmetric'}"
         return (f"{block_type.name} stores a {grid} grid; the bundle is {quant['bits']}-bit "
@@ -93,10 +102,22 @@ def encode_blocks(weight: QuantizedWeight, block_type: BlockType) -> np.ndarray:
     Raises ValueError when the weight is not on the block type's grid."""
     if block_type.k_quant:
         return encode_q4_k(weight)
-    weight.require_uniform(block_type.name)
     k = weight.shape[-1]
     if k % BLOCK:
         raise ValueError(f"{block_type.name} needs K a multiple of {BLOCK}; K={k}")
+    header = _offset_q4_1_header(weight, block_type) if weight.offset_grid else _uniform_header(weight, block_type)
+    codes = weight.codes.unflatten(-1, (-1, BLOCK))  # [..., N, B, 32]
+    if block_type.bits == 4:
+        payload = (codes[..., :16] | (codes[..., 16:] << 4)).to(torch.uint8)
+    else:
+        payload = (codes.to(torch.int16) - 128).to(torch.int8).view(torch.uint8)
+    parts = [h.unsqueeze(-1).view(torch.uint8) for h in header] + [payload]
+    return torch.cat(parts, dim=-1).flatten(-2).contiguous().numpy()
+
+
+def _uniform_header(weight: QuantizedWeight, block_type: BlockType) -> list[torch.Tensor]:
+    """fp16 block headers [..., N, K/32] of a (code - zero) x scale weight: [d] (Q4_0, Q8_0) or
+    [d, m = -zero x scale] (Q4_1). Raises ValueError when the grid does not fit the type."""
     symmetric = bool((weight.zeros == 1 << (weight.bits - 1)).all())
     grid = {"bits": weight.bits, "group_size": weight.group_size, "sym": symmetric and block_type.sym,
             "scale_bits": Q4_1_SCALE_BITS}  # the Q4_1 scale condition is checked on the values below
@@ -104,21 +125,24 @@ def encode_blocks(weight: QuantizedWeight, block_type: BlockType) -> np.ndarray:
     if mismatch:
         raise ValueError(mismatch)
     blocks = _group_of_block(weight)
-    d = weight.scales.to(torch.float16).index_select(-1, blocks)  # [..., N, B]
-    codes = weight.codes.unflatten(-1, (-1, BLOCK))  # [..., N, B, 32]
-    header = [d]
+    header = [weight.scales.to(torch.float16).index_select(-1, blocks)]
     if block_type.name == "Q4_1":
         zeros = weight.zeros.index_select(-1, blocks)
         m = (-zeros.float() * weight.scales.float().index_select(-1, blocks))
         if not torch.equal(m.to(torch.float16).float(), m):
             raise ValueError("Q4_1 needs -zero * scale to be an fp16 number for every group; this weight's are not")
         header.append(m.to(torch.float16))
-    if block_type.bits == 4:
-        payload = (codes[..., :16] | (codes[..., 16:] << 4)).to(torch.uint8)
-    else:
-        payload = (codes.to(torch.int16) - 128).to(torch.int8).view(torch.uint8)
-    parts = [h.unsqueeze(-1).view(torch.uint8) for h in header] + [payload]
-    return torch.cat(parts, dim=-1).flatten(-2).contiguous().numpy()
+    return header
+
+
+def _offset_q4_1_header(weight: QuantizedWeight, block_type: BlockType) -> list[torch.Tensor]:
+    """[d, m = -dmin] fp16 [..., N, K/32] of a weight on Q4_1's own grid (unit multipliers)."""
+    if weight.gguf_grid != "Q4_1" or block_type.name != "Q4_1":
+        weight.require_uniform(block_type.name)
+    if not (bool((weight.scales == 1).all()) and bool((weight.zeros == 1).all())):
+        raise ValueError("Q4_1 blocks hold one (d, m) per 32 columns; this offset-grid weight has group multipliers "
+                         "other than 1")
+    return [weight.super_scales.half(), (-weight.super_mins.float()).half()]
 
 
 def encode_q4_k(weight: QuantizedWeight) -> np.ndarray:

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from maverick_quant.compress.grid import dequantize_codes, expand_groups, group_params, pack_quantized, quantize_codes
-from maverick_quant.compress.kquant import (KQuantParams, concat_params, dequantize_offset, kquant_params, pack_kquant,
-                                            quantize_offset, uses_k_grid)
+from maverick_quant.compress.kquant import (GROUP, KQuantParams, concat_params, dequantize_offset, kquant_params,
+                                            offset_grid_params, pack_kquant, quantize_offset)
 from maverick_quant.compress.types import SUPER_BLOCK, QuantizedWeight
 from maverick_quant.recipe import QuantSpec
 
@@ -60,7 +60,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec) -> GPTQResu
     Wt = W.reshape(-1, n, k).float().transpose(1, 2).clone(memory_format=torch.contiguous_format)  # [B, K, N]
     Hd = H.reshape(-1, k, k).float().clone()
     _mask_dead_inputs(Wt, Hd)
-    grid = _KQuantGrid() if uses_k_grid(spec.k_quant, k) else _GroupGrid(spec, k)
+    offset_params = offset_grid_params(spec, k)
+    grid = _GroupGrid(spec, k) if offset_params is None else _OffsetGrid(offset_params)
     params = grid.columns(Wt) if _static(spec) else None
     perm = _act_order_perm(Hd) if spec.act_order else None
     if perm is not None:
@@ -101,17 +102,18 @@ class _GroupGrid:
                               zero[:, :: self.width].transpose(1, 2), self.spec)
 
 
-class _KQuantGrid:
-    """llama.cpp's Q4_K grid (compress/kquant.py) as the column loop sees it: per-column
-    (step, offset) [B, C, N]; each super-block's parameters are kept, in column order, to pack."""
+class _OffsetGrid:
+    """A llama.cpp offset grid (Q4_K or Q4_1, compress/kquant.py) as the column loop sees it:
+    per-column (step, offset) [B, C, N]; each super-block's parameters are kept, in column
+    order, to pack. `grid_params` maps columns [..., N, C] to their KQuantParams."""
 
-    width = SUPER_BLOCK
-
-    def __init__(self):
+    def __init__(self, grid_params):
+        self.grid_params = grid_params
+        self.width = SUPER_BLOCK if grid_params is kquant_params else GROUP
         self.parts: list[KQuantParams] = []
 
     def columns(self, Wt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        params = kquant_params(Wt.transpose(1, 2))
+        params = self.grid_params(Wt.transpose(1, 2))
         self.parts.append(params)
         return tuple(t.transpose(1, 2) for t in params.column_steps())
 
@@ -214,7 +216,7 @@ def _block_bounds(k: int, block_size: int, break_every: int) -> list[tuple[int, 
 
 def _solve(
     Wt: torch.Tensor, U: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor] | None,
-    grid: "_GroupGrid | _KQuantGrid", block_size: int,
+    grid: "_GroupGrid | _OffsetGrid", block_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The GPTQ column loop on Wt [B, K, N] (updated in place) in solve order.
 

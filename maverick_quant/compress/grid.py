@@ -125,12 +125,13 @@ def pack_quantized(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
 
 def rtn_quantize(W: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     """Round-to-nearest W [..., N, K] on the group grid of `spec` (act_order, damp, block_size unused),
-    or on llama.cpp's K-quant grid (compress/kquant.py) for a k_quant spec and K a multiple of 256."""
-    from maverick_quant.compress.kquant import rtn_quantize_k, uses_k_grid  # kquant builds on this module
+    or on llama.cpp's Q4_K / Q4_1 offset grid (compress/kquant.py) for a k_quant or free_min spec."""
+    from maverick_quant.compress.kquant import offset_grid_params, rtn_quantize_k  # kquant builds on this module
 
     k = W.shape[-1]
-    if uses_k_grid(spec.k_quant, k):
-        return rtn_quantize_k(W)
+    offset_params = offset_grid_params(spec, k)
+    if offset_params is not None:
+        return rtn_quantize_k(W, offset_params)
     scales, zeros = group_params(W, spec)
     codes = quantize_codes(
         W.float(), expand_groups(scales, k, spec.group_size), expand_groups(zeros, k, spec.group_size), spec.maxq

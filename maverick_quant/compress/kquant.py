@@ -16,16 +16,24 @@ Parameters are chosen as llama.cpp's reference quantizer does, without its searc
 and a weight rounds to q = clamp(round((w + M_g) / S_g), 0, 15) (q = 0 where S_g = 0).
 GPTQ uses the same rounding column by column, with each super-block's parameters computed
 from the error-updated weights when the solve reaches it (see compress/gptq.py).
+
+llama.cpp's Q4_1 is the same kind of offset grid with one group of 32 per super-block and
+unit multipliers (sc = m = 1): w_hat = q * d - dmin, gguf-py's `q * d + m` with m = -dmin.
+Its parameters are those of llama.cpp's reference quantizer: the group's own range, not
+widened to contain 0: d = fp16((max_c w - min_c w) / 15), m = fp16(min_c w).
+A Q4_K spec solves matrices whose K is not a multiple of 256 on this Q4_1 grid.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from maverick_quant.compress.grid import FP16_MAX
 from maverick_quant.compress.types import SUPER_BLOCK, QuantizedWeight
+from maverick_quant.recipe import QuantSpec
 
 GROUP = 32
 GROUPS_PER_SUPER = SUPER_BLOCK // GROUP
@@ -35,7 +43,8 @@ MAX_MULTIPLIER = 63  # 6-bit sc and m
 
 @dataclass(frozen=True)
 class KQuantParams:
-    """Grid of W [..., N, K], K = 256 S: d, dmin fp32 (fp16-exact) [..., N, S]; sc, m fp32 integer-valued [..., N, 8 S]."""
+    """Offset grid of W [..., N, K] with S super-blocks of P groups of 32 (Q4_K: P = 8; Q4_1: P = 1):
+    d, dmin fp32 (fp16-exact) [..., N, S]; sc, m fp32 integer-valued [..., N, P S]."""
 
     d: torch.Tensor
     dmin: torch.Tensor
@@ -43,9 +52,10 @@ class KQuantParams:
     m: torch.Tensor
 
     def group_steps(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(S_g = d * sc, M_g = dmin * m), each fp32 [..., N, 8 S]."""
-        d = self.d.repeat_interleave(GROUPS_PER_SUPER, dim=-1)
-        dmin = self.dmin.repeat_interleave(GROUPS_PER_SUPER, dim=-1)
+        """(S_g = d * sc, M_g = dmin * m), each fp32 [..., N, P S]."""
+        per_super = self.sc.shape[-1] // self.d.shape[-1]
+        d = self.d.repeat_interleave(per_super, dim=-1)
+        dmin = self.dmin.repeat_interleave(per_super, dim=-1)
         return d * self.sc, dmin * self.m
 
     def column_steps(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,6 +67,15 @@ def uses_k_grid(k_quant: bool, in_features: int) -> bool:
     """Whether a matrix with `in_features` columns is solved on the K-quant grid (its K is a
     multiple of 256); a k_quant spec puts the others on the Q4_1 grid."""
     return k_quant and in_features % SUPER_BLOCK == 0
+
+
+def offset_grid_params(spec: QuantSpec, in_features: int) -> Callable[[torch.Tensor], KQuantParams] | None:
+    """The parameter function of the llama.cpp offset grid a matrix with `in_features` columns is
+    solved on under `spec`: `kquant_params` (k_quant, K a multiple of 256), `q4_1_params` (free_min,
+    or k_quant with any other K), or None for the (scale, zero) group grid."""
+    if uses_k_grid(spec.k_quant, in_features):
+        return kquant_params
+    return q4_1_params if spec.k_quant or spec.free_min else None
 
 
 def concat_params(parts: list[KQuantParams]) -> KQuantParams:
@@ -75,6 +94,20 @@ def kquant_params(w: torch.Tensor) -> KQuantParams:
     d, sc = _six_bit_multipliers((xmax - xmin) / MAX_CODE)
     dmin, m = _six_bit_multipliers(-xmin)
     return KQuantParams(d, dmin, sc, m)
+
+
+def q4_1_params(w: torch.Tensor) -> KQuantParams:
+    """llama.cpp's Q4_1 grid of w [..., N, K] (K a multiple of 32) from each group's own min/max:
+    d = fp16((max - min) / 15), dmin = fp16(-min) (the block's m is -dmin), sc = m = 1."""
+    k = w.shape[-1]
+    if k % GROUP:
+        raise ValueError(f"Q4_1 blocks hold {GROUP} columns; K={k} is not a multiple of {GROUP}")
+    groups = w.float().unflatten(-1, (-1, GROUP))  # [..., N, G, 32]
+    xmin, xmax = groups.amin(dim=-1), groups.amax(dim=-1)
+    d = ((xmax - xmin) / MAX_CODE).clamp(max=FP16_MAX).half().float()
+    dmin = (-xmin).clamp(-FP16_MAX, FP16_MAX).half().float()
+    ones = torch.ones_like(d)
+    return KQuantParams(d, dmin, ones, ones)
 
 
 def _six_bit_multipliers(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,15 +135,15 @@ def dequantize_offset(codes: torch.Tensor, step: torch.Tensor, offset: torch.Ten
 
 
 def pack_kquant(codes: torch.Tensor, params: KQuantParams) -> QuantizedWeight:
-    """Codes [..., N, K] (integer floats) on the grid `params` -> a K-quant QuantizedWeight
-    (contiguous, as grid.pack_quantized)."""
+    """Codes [..., N, K] (integer floats) on the offset grid `params` -> a Q4_K or Q4_1 offset-grid
+    QuantizedWeight (contiguous, as grid.pack_quantized)."""
     return QuantizedWeight(codes.to(torch.uint8).contiguous(), params.sc.to(torch.uint8).contiguous(),
                            params.m.to(torch.uint8).contiguous(), 4, GROUP,
                            super_scales=params.d.half().contiguous(), super_mins=params.dmin.half().contiguous())
 
 
-def rtn_quantize_k(W: torch.Tensor) -> QuantizedWeight:
-    """Round-to-nearest of W [..., N, K] (K a multiple of 256) on its K-quant grid."""
-    params = kquant_params(W)
+def rtn_quantize_k(W: torch.Tensor, grid_params: Callable[[torch.Tensor], KQuantParams] = kquant_params) -> QuantizedWeight:
+    """Round-to-nearest of W [..., N, K] on its offset grid (default Q4_K: K a multiple of 256)."""
+    params = grid_params(W)
     step, offset = params.column_steps()
     return pack_kquant(quantize_offset(W.float(), step, offset), params)

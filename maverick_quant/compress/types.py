@@ -21,13 +21,17 @@ class QuantizedWeight:
     Dequantization: W_hat[..., n, k] = (codes[..., n, k] - zeros[..., n, g(k)]) * scales[..., n, g(k)]
     with g(k) = k // group_size (always trivial: act-order uses static groups).
 
-    llama.cpp K-quant grid (Q4_K), when `super_scales` is set: groups of 32 columns form
-    super-blocks of 256 (s(k) = k // 256), and the per-group tensors are 6-bit multipliers:
-    super_scales: fp16 [..., N, K/256] d,  super_mins: fp16 [..., N, K/256] dmin,
-    scales: uint8 [..., N, K/32] sc,       zeros: uint8 [..., N, K/32] m,
+    Offset grids (llama.cpp's own), when `super_scales` is set: groups of 32 columns form
+    super-blocks of B columns (s(k) = k // B), and the per-group tensors are integer multipliers:
+    super_scales: fp16 [..., N, K/B] d,  super_mins: fp16 [..., N, K/B] dmin,
+    scales: uint8 [..., N, K/32] sc,     zeros: uint8 [..., N, K/32] m,
         W_hat[..., n, k] = codes * (d[s(k)] * sc[g(k)]) - dmin[s(k)] * m[g(k)]      (fp32)
     in llama.cpp's own operation order: both products are exact in fp32 (11 x 6 bits), only
     the subtraction rounds, so gguf-py's dequantization of the packed blocks agrees bit for bit.
+      Q4_K: B = 256, sc and m 6-bit (0..63), dmin >= 0.
+      Q4_1: B = 32 (one group per super-block), sc = m = 1: W_hat = code * d - dmin, which is
+            Q4_1's `q * d + m` with m = -dmin (any fp16 number: the group's minimum, whatever its sign).
+    B is read from the shapes: K / super_scales.shape[-1].
     """
 
     codes: torch.Tensor
@@ -39,21 +43,37 @@ class QuantizedWeight:
     super_mins: torch.Tensor | None = None
 
     @property
-    def k_quant(self) -> bool:
-        """Whether the weight is on llama.cpp's K-quant super-block grid (see the class docstring)."""
+    def offset_grid(self) -> bool:
+        """Whether the weight is on one of llama.cpp's offset grids, Q4_K or Q4_1 (see the class docstring)."""
         return self.super_scales is not None
+
+    @property
+    def super_block(self) -> int | None:
+        """Columns per super-block of an offset grid (256: Q4_K, 32: Q4_1), None otherwise."""
+        return self.codes.shape[-1] // self.super_scales.shape[-1] if self.offset_grid else None
+
+    @property
+    def k_quant(self) -> bool:
+        """Whether the weight is on llama.cpp's K-quant super-block grid (Q4_K)."""
+        return self.super_block == SUPER_BLOCK
+
+    @property
+    def gguf_grid(self) -> str | None:
+        """The llama.cpp type whose own grid this weight is on ("Q4_K", "Q4_1"), None for a (code - zero) x scale grid."""
+        return None if not self.offset_grid else "Q4_K" if self.k_quant else "Q4_1"
 
     def map_tensors(self, fn) -> "QuantizedWeight":
         """The same weight with `fn` applied to each tensor (indexing, reshaping leading dims)."""
-        supers = (fn(self.super_scales), fn(self.super_mins)) if self.k_quant else (None, None)
+        supers = (fn(self.super_scales), fn(self.super_mins)) if self.offset_grid else (None, None)
         return QuantizedWeight(fn(self.codes), fn(self.scales), fn(self.zeros), self.bits, self.group_size, *supers)
 
     def require_uniform(self, purpose: str) -> "QuantizedWeight":
-        """self, or ValueError naming `purpose` when the weight is on the K-quant grid, which only
-        a GGUF Q4_K tensor stores."""
-        if self.k_quant:
-            raise ValueError(f"{purpose} stores (code - zero) x scale grids; this weight is on llama.cpp's Q4_K "
-                             "super-block grid, which only GGUF Q4_K stores (export --format gguf --gguf-type Q4_K)")
+        """self, or ValueError naming `purpose` when the weight is on an offset grid, which only a
+        GGUF tensor of that type stores."""
+        if self.offset_grid:
+            grid = self.gguf_grid
+            raise ValueError(f"{purpose} stores (code - zero) x scale grids; this weight is on llama.cpp's {grid} "
+                             f"grid (free fp16 offsets), which only GGUF {grid} stores (export --format gguf --gguf-type {grid})")
         return self
 
     @property
@@ -77,15 +97,15 @@ class QuantizedWeight:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """W_hat [..., N, K] in `dtype`, computed in fp32 then cast."""
         g_idx = self.group_index().long().to(self.codes.device)
-        if self.k_quant:
-            return self._dequantize_k(g_idx).to(dtype)
+        if self.offset_grid:
+            return self._dequantize_offset(g_idx).to(dtype)
         scales = self.scales.float().index_select(-1, g_idx)
         zeros = self.zeros.float().index_select(-1, g_idx)
         return ((self.codes.float() - zeros) * scales).to(dtype)
 
-    def _dequantize_k(self, g_idx: torch.Tensor) -> torch.Tensor:
-        """K-quant W_hat [..., N, K] fp32: codes * (d * sc) - dmin * m, per column."""
-        s_idx = torch.arange(self.codes.shape[-1], device=self.codes.device) // SUPER_BLOCK
+    def _dequantize_offset(self, g_idx: torch.Tensor) -> torch.Tensor:
+        """Offset-grid W_hat [..., N, K] fp32: codes * (d * sc) - dmin * m, per column."""
+        s_idx = torch.arange(self.codes.shape[-1], device=self.codes.device) // self.super_block
         step = self.super_scales.float().index_select(-1, s_idx) * self.scales.float().index_select(-1, g_idx)
         offset = self.super_mins.float().index_select(-1, s_idx) * self.zeros.float().index_select(-1, g_idx)
         return self.codes.float() * step - offset
@@ -96,5 +116,5 @@ def concat_leading(weights: list[QuantizedWeight]) -> QuantizedWeight:
     first = weights[0]
     fields = [torch.cat([getattr(w, f) for w in weights]) for f in ("codes", "scales", "zeros")]
     supers = ([torch.cat([getattr(w, f) for w in weights]) for f in ("super_scales", "super_mins")]
-              if first.k_quant else [None, None])
+              if first.offset_grid else [None, None])
     return QuantizedWeight(*fields, first.bits, first.group_size, *supers)

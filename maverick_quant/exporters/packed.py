@@ -23,6 +23,7 @@ from maverick_quant.bundle import Bundle, copy_model_files
 from maverick_quant.checkpoint import Checkpoint, ShardedWriter, write_json_atomic
 from maverick_quant.compress.types import QuantizedWeight
 from maverick_quant.errors import InputError
+from maverick_quant.recipe import offset_grid_name
 from maverick_quant.streaming import CheckpointModelTensors
 
 
@@ -69,9 +70,10 @@ def export_packed(bundle: Bundle, out_dir: Path, layout: Layout, max_shard_bytes
     """Write `bundle` in `layout` into the (empty) directory `out_dir`; returns the files written."""
     has_experts = any(layer.get("experts") for layer in bundle.manifest["layers"])
     problem = layout.check(bundle.quant, has_experts)
-    if bundle.quant.get("k_quant"):
-        problem = ("the bundle is on llama.cpp's Q4_K super-block grid (quantize --gguf-grid Q4_K), which only "
-                   "--format gguf --gguf-type Q4_K stores")
+    grid = offset_grid_name(bundle.quant)
+    if grid:
+        problem = (f"the bundle is on llama.cpp's own {grid} grid (quantize --gguf-grid {grid}: fp16 offsets that "
+                   f"no (code - zero) x scale layout holds), which only --format gguf --gguf-type {grid} stores")
     if problem:
         raise InputError(f"--format {layout.name}: {problem}")
     dtype = bundle.float_dtype()
