@@ -23,6 +23,7 @@ from maverick_quant.arch.base import LayerPlan, ScaleGroup
 from maverick_quant.calibration.capture import capture_samples
 from maverick_quant.compress.awq import (clip_weights, fold_into_norm, fold_into_previous_linear, output_loss,
                                          scale_columns, search_scales)
+from maverick_quant.groups import quantized_linears
 from maverick_quant.recipe import QuantizeSpec
 from maverick_quant.streaming import StreamingModel
 
@@ -88,6 +89,6 @@ def clip_layer(model: StreamingModel, layer: torch.nn.Module, hidden: torch.Tens
         model.feed_layer(layer, hidden)
     for group in plan.scale_groups:
         x = samples[group.linears[0]].sample
-        for name in group.linears:
+        for name in quantized_linears(layer, group.linears):  # a linear kept in float keeps its range
             module = layer.get_submodule(name)
             module.weight.data = clip_weights(module.weight.data, x, spec.weights, spec.awq).to(module.weight.dtype)

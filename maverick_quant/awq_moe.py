@@ -30,6 +30,7 @@ from maverick_quant.arch.base import MoEBlock, unfuse_experts
 from maverick_quant.calibration.moe import Routing, activation, expert_hidden, resolve_policy, sample_tokens
 from maverick_quant.compress.awq import (ScaleSearch, candidate_scales, clip_weights, output_loss, rtn_fake,
                                          scale_columns, search_scales)
+from maverick_quant.groups import KEEP_FLOAT
 from maverick_quant.recipe import ExpertPolicy, QuantizeSpec
 from maverick_quant.awq_layer import as_stored, weight_mean
 from maverick_quant.streaming import StreamingModel
@@ -142,7 +143,8 @@ def clip_shared(layer: torch.nn.Module, moe: MoEBlock, x: torch.Tensor, spec: Qu
     rows = x[sample_tokens(x.shape[0], spec.awq.sample_tokens)].float()
     clipped = clip_expert(*(linear.weight.data for linear in linears), rows, activation(moe.activation), spec)
     for linear, weight in zip(linears, clipped):
-        linear.weight.data = weight
+        if not getattr(linear, KEEP_FLOAT, False):  # a linear kept in float keeps its range
+            linear.weight.data = weight
 
 
 def _expert_rows(x: torch.Tensor, routing: Routing, expert: int, sample: torch.Tensor, policy: ExpertPolicy,

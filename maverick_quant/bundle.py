@@ -216,6 +216,11 @@ class Bundle:
         passthrough = {key[len(prefix):]: t for key, t in tensors.items() if key not in coded}
         return quantized, passthrough
 
+    def kept_float(self, index: int) -> list[str]:
+        """Layer `index`'s linears that a keep_float override left in float (relative names,
+        stored as `{name}.weight` among its float tensors)."""
+        return list(self.manifest["layers"][index].get("kept_float", []))
+
     def expert_chunks(self, index: int) -> Iterator[tuple[int, dict[str, QuantizedWeight]]]:
         """(first expert, {linear name: QuantizedWeight [count, N, K]}) for each stored chunk
         of layer `index`'s routed experts (none for a dense layer)."""

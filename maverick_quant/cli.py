@@ -84,6 +84,10 @@ def calibrate(model_dir, data, out, samples, seq_len, seed, chat_template, cover
 
 def quant_options(func):
     """Options of the weight grid and solver."""
+    func = click.option("--keep-float", multiple=True, metavar="REGEX",
+                        help="Leave linears whose full module name matches REGEX (re.search) unquantized, in the "
+                             "model's float dtype, e.g. 'self_attn' or 'layers\\.0\\.'; repeatable. Not routed "
+                             "experts.")(func)
     func = click.option("--damp", default=0.01, show_default=True, help="GPTQ relative damping (raised automatically on failure).")(func)
     func = click.option("--act-order", is_flag=True, help="GPTQ act-order (static groups, trivial g_idx).")(func)
     func = click.option("--sym/--asym", default=True, show_default=True, help="Symmetric or asymmetric grid.")(func)
@@ -133,11 +137,12 @@ def _moe_spec(moe_policy, moe_mix, moe_min_tokens, moe_fallback, moe_quantize_ro
 
 
 def _quantize_spec(method, bits, group_size, sym, act_order, damp, batch, true_sequential=True,
-                   moe: MoESpec = MoESpec(), awq: AWQSpec = AWQSpec(), gguf_grid: str | None = None) -> QuantizeSpec:
+                   moe: MoESpec = MoESpec(), awq: AWQSpec = AWQSpec(), gguf_grid: str | None = None,
+                   keep_float: tuple[str, ...] = ()) -> QuantizeSpec:
     grid = {"bits": bits, "group_size": group_size, "sym": sym, **GGUF_GRIDS.get(gguf_grid, {})}
     weights = QuantSpec(**grid, act_order=act_order, damp=damp)
     return QuantizeSpec(method=Method(method), weights=weights, batch_windows=batch, true_sequential=true_sequential,
-                        moe=moe, awq=awq)
+                        moe=moe, awq=awq, keep_float=tuple(keep_float))
 
 
 @cli.command()
@@ -155,9 +160,10 @@ def _quantize_spec(method, bits, group_size, sym, act_order, damp, batch, true_s
 @click.option("--force", is_flag=True, help="Replace an existing output directory (or discard an unfinished run).")
 @click.option("--resume", is_flag=True, help="Go on from where an interrupted run with the same inputs stopped.")
 @click.option("--progress/--no-progress", default=True)
-def quantize(model_dir, data, calib, out, method, gguf_grid, bits, group_size, sym, act_order, damp, samples, seq_len, seed,
-             chat_template, moe_policy, moe_mix, moe_min_tokens, moe_fallback, moe_quantize_router, moe_chunk_mib,
-             awq_grid, awq_duo, awq_clip, awq_sample_tokens, batch, true_sequential, force, resume, progress) -> None:
+def quantize(model_dir, data, calib, out, method, gguf_grid, bits, group_size, sym, act_order, damp, keep_float, samples,
+             seq_len, seed, chat_template, moe_policy, moe_mix, moe_min_tokens, moe_fallback, moe_quantize_router,
+             moe_chunk_mib, awq_grid, awq_duo, awq_clip, awq_sample_tokens, batch, true_sequential, force, resume,
+             progress) -> None:
     """Quantize MODEL_DIR layer by layer (routed experts chunk by chunk) into a bundle.
 
     The run works in .OUT.partial beside OUT and saves its progress after every layer; after
@@ -166,7 +172,8 @@ def quantize(model_dir, data, calib, out, method, gguf_grid, bits, group_size, s
 
     moe = _moe_spec(moe_policy, moe_mix, moe_min_tokens, moe_fallback, moe_quantize_router, moe_chunk_mib)
     awq = _awq_spec(awq_grid, awq_duo, awq_clip, awq_sample_tokens)
-    spec = _quantize_spec(method, bits, group_size, sym, act_order, damp, batch, true_sequential, moe, awq, gguf_grid)
+    spec = _quantize_spec(method, bits, group_size, sym, act_order, damp, batch, true_sequential, moe, awq, gguf_grid,
+                          keep_float)
     run_quantize(model_dir, out, spec, data, calib, _calib_spec(samples, seq_len, seed, chat_template), force, progress,
                  resume)
 
@@ -178,8 +185,9 @@ def quantize(model_dir, data, calib, out, method, gguf_grid, bits, group_size, s
 @moe_options
 @click.option("--batch", default=8, show_default=True, help="Windows per forward batch.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the plan as JSON here.")
-def plan(target, method, gguf_grid, bits, group_size, sym, act_order, damp, samples, seq_len, seed, chat_template,
-         moe_policy, moe_mix, moe_min_tokens, moe_fallback, moe_quantize_router, moe_chunk_mib, batch, json_out) -> None:
+def plan(target, method, gguf_grid, bits, group_size, sym, act_order, damp, keep_float, samples, seq_len, seed,
+         chat_template, moe_policy, moe_mix, moe_min_tokens, moe_fallback, moe_quantize_router, moe_chunk_mib, batch,
+         json_out) -> None:
     """Predict a quantize run before it starts: tensors quantized and passed through, output
     size per format, peak host memory, disk and time. TARGET: a model directory (only
     config.json and the safetensors headers are read), a recipe .yaml (its options win), or
@@ -187,7 +195,8 @@ def plan(target, method, gguf_grid, bits, group_size, sym, act_order, damp, samp
     from maverick_quant.jobs import run_plan
 
     moe = _moe_spec(moe_policy, moe_mix, moe_min_tokens, moe_fallback, moe_quantize_router, moe_chunk_mib)
-    spec = _quantize_spec(method, bits, group_size, sym, act_order, damp, batch, moe=moe, gguf_grid=gguf_grid)
+    spec = _quantize_spec(method, bits, group_size, sym, act_order, damp, batch, moe=moe, gguf_grid=gguf_grid,
+                          keep_float=keep_float)
     run_plan(target, spec, _calib_spec(samples, seq_len, seed, chat_template), json_out)
 
 

@@ -45,13 +45,31 @@ def result_stats(result: GPTQResult) -> dict[str, float]:
             "damp": float(result.damp.max())}
 
 
+KEEP_FLOAT = "_maverick_keep_float"  # attribute marking a linear that a keep_float override leaves unquantized
+
+
+def mark_kept_linears(layer: torch.nn.Module, prefix: str, names: tuple[str, ...], spec: QuantizeSpec) -> tuple[str, ...]:
+    """Mark the linears `names` of `layer` (relative to `prefix`) that `spec.keep_float` keeps in
+    float, so every solver skips them; returns their names."""
+    kept = tuple(name for name in names if spec.keeps_float(prefix + name))
+    for name in kept:
+        setattr(layer.get_submodule(name), KEEP_FLOAT, True)
+    return kept
+
+
+def quantized_linears(layer: torch.nn.Module, names: tuple[str, ...]) -> tuple[str, ...]:
+    """`names` without the linears marked by `mark_kept_linears`."""
+    return tuple(name for name in names if not getattr(layer.get_submodule(name), KEEP_FLOAT, False))
+
+
 def solve_group(layer: torch.nn.Module, group: LinearGroup, H: torch.Tensor, tokens: int,
                 spec: QuantizeSpec) -> tuple[dict[str, QuantizedWeight], dict[str, dict]]:
-    """GPTQ each linear of `group` against H and put the dequantized weight back in `layer`.
+    """GPTQ each linear of `group` (but those kept in float) against H and put the dequantized
+    weight back in `layer`.
 
     A per-KV-head H [kv, K, K] solves W [kv*hd, K] as a batch W.view(kv, hd, K)."""
     quantized, stats = {}, {}
-    for name in group.linears:
+    for name in quantized_linears(layer, group.linears):
         weight = layer.get_submodule(name).weight.data.float()
         per_head = H.dim() == 3
         result = gptq_quantize(weight.unflatten(0, (H.shape[0], -1)) if per_head else weight, H, spec.weights)

@@ -26,7 +26,7 @@ from maverick_quant.calibration.data import CalibrationSet
 from maverick_quant.compress.grid import rtn_quantize
 from maverick_quant.experts import ExpertChunks, quantize_moe_block, rtn_moe_block
 from maverick_quant.awq_layer import awq_scale_layer
-from maverick_quant.groups import group_hessian, set_weight, solve_group
+from maverick_quant.groups import group_hessian, mark_kept_linears, quantized_linears, set_weight, solve_group
 from maverick_quant.compress.types import QuantizedWeight
 from maverick_quant.distributed import ExpertParallel
 from maverick_quant.errors import InputError
@@ -81,7 +81,8 @@ def quantize_groups_gptq(model: StreamingModel, layer: torch.nn.Module, hidden: 
     the float layer. Layer weights end up dequantized."""
     quantized, stats, pending = {}, {}, []
     for group in groups:
-        pending.append((group, *group_hessian(model, layer, hidden, group)))
+        if quantized_linears(layer, group.linears):  # else every member stays float: no statistics needed
+            pending.append((group, *group_hessian(model, layer, hidden, group)))
         if spec.true_sequential or group is groups[-1]:
             for member, H, tokens in pending:
                 member_quantized, member_stats = solve_group(layer, member, H, tokens, spec)
@@ -108,10 +109,10 @@ def quantize_layer_gptq(model: StreamingModel, index: int, layer: torch.nn.Modul
 
 def rtn_linears(layer: torch.nn.Module, names: tuple[str, ...],
                 spec: QuantizeSpec) -> tuple[dict[str, QuantizedWeight], dict[str, dict]]:
-    """Round-to-nearest the linears `names` of `layer`, putting the dequantized weights back;
-    stats hold each one's relative weight error."""
+    """Round-to-nearest the linears `names` of `layer` (but those kept in float), putting the
+    dequantized weights back; stats hold each one's relative weight error."""
     quantized, stats = {}, {}
-    for name in names:
+    for name in quantized_linears(layer, names):
         weight = layer.get_submodule(name).weight.data.float()
         quantized[name] = q = rtn_quantize(weight, spec.weights)
         set_weight(layer, name, q)
@@ -161,6 +162,20 @@ def _model_level_tensors(source: CheckpointSource) -> dict[str, torch.Tensor]:
     return {name: source.checkpoint.get(name) for name in wanted}
 
 
+def refuse_kept_experts(model: StreamingModel, spec: QuantizeSpec) -> None:
+    """InputError, before any work, when a keep_float pattern matches routed experts: they are
+    stored stacked on one grid per projection (no float chunks)."""
+    for index in range(model.num_layers):
+        moe = model.plan(index).moe
+        for linear in moe.expert_linears if moe is not None and spec.keep_float else ():
+            for module in (f"{model.table.prefix(index)}{moe.experts}.{linear.name}",
+                           f"{model.table.prefix(index)}{moe.experts}.0.{linear.name}"):
+                if spec.keeps_float(module):
+                    raise InputError(f"keep_float matches the routed experts {module}: routed experts are quantized "
+                                     "stacked on one grid and cannot stay float (narrow the pattern, e.g. to the "
+                                     "shared expert or self_attn)")
+
+
 def quantize_model(source: CheckpointSource, calibration: CalibrationSet | None, spec: QuantizeSpec,
                    out_dir: Path, state: RunState | None = None, show_progress: bool = True,
                    parallel: ExpertParallel | None = None) -> tuple[dict, RunSummary]:
@@ -179,6 +194,7 @@ def quantize_model(source: CheckpointSource, calibration: CalibrationSet | None,
     writer = BundleWriter(out_dir) if writes else ReadOnlyWriter(out_dir)
     release_free_memory()
     model = StreamingModel(source, batch=spec.batch_windows)
+    refuse_kept_experts(model, spec)
     first_layer, hidden = state.load_progress(writer.completed_layers()) if state else (0, None)
     if needs_data and hidden is None:
         hidden = model.embed(calibration.input_ids)
@@ -191,6 +207,8 @@ def quantize_model(source: CheckpointSource, calibration: CalibrationSet | None,
         tensors = source.layer_tensors(index, experts=False)
         layer = model.layer(index, tensors)
         prefix, moe = model.table.prefix(index), model.plan(index).moe
+        router = (moe.router,) if moe is not None and spec.moe.quantize_router else ()
+        kept = mark_kept_linears(layer, prefix, model.plan(index).linears + router, spec)
         store = moe and ExpertChunks(writer, state, index, f"{prefix}{moe.experts}.", spec.weights, parallel)
         if needs_data:
             quantized, stats = quantize_layer_calibrated(model, index, layer, hidden, spec, store)
@@ -200,8 +218,11 @@ def quantize_model(source: CheckpointSource, calibration: CalibrationSet | None,
                 bar.set_postfix(rel_loss=f"{sum(losses) / len(losses):.4f}")
         else:
             quantized, stats = quantize_layer_rtn(model, index, layer, spec, store)
+        floats = model.plan(index).passthrough + tuple(f"{name}.weight" for name in kept)
         passthrough = {name: layer.get_parameter(name).data.to(tensors[name].dtype)  # AWQ may have folded scales in
-                       for name in model.plan(index).passthrough if name.removesuffix(".weight") not in quantized}
+                       for name in floats if name.removesuffix(".weight") not in quantized}
+        if kept:
+            stats["kept_float"] = list(kept)
         stats["seconds"] = time.perf_counter() - layer_started
         writer.write_layer(index, prefix, quantized, passthrough, stats)
         if state is not None:

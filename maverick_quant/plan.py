@@ -101,13 +101,15 @@ def _numel(shape) -> int:
 
 def layer_cost(table, config, index: int, calib: CalibSpec, spec: QuantizeSpec) -> tuple[LayerCost, list[str], int]:
     """Memory terms and flops of layer `index`; also the names (relative to the layer) of its
-    quantized tensors and the number of 2-D matrices they hold (a fused expert tensor holds E)."""
+    quantized tensors (not those keep_float leaves in float) and the number of 2-D matrices they
+    hold (a fused expert tensor holds E)."""
     from maverick_quant.experts import experts_per_chunk
 
     plan = table.plan(config, index)
     hidden, tokens = config.hidden_size, calib.samples * calib.seq_len
     calibrated = spec.method is not Method.RTN
-    dense = {name: plan.shapes[name + ".weight"] for name in plan.linears}
+    prefix = table.prefix(index)
+    dense = {name: plan.shapes[name + ".weight"] for name in plan.linears if not spec.keeps_float(prefix + name)}
     dense_params = sum(_numel(s) for s in dense.values())
     widest = max((s[1] for s in dense.values()), default=0)
     memory = {"layer": 2 * 4 * sum(_numel(s) for n, s in plan.shapes.items() if not (plan.moe and n in plan.moe.fused_names))}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 from dataclasses import dataclass
 
 from maverick_quant.errors import InputError
@@ -206,7 +207,13 @@ class MoESpec:
 
 @dataclass(frozen=True)
 class QuantizeSpec:
-    """Everything a quantize run needs besides the model and the calibration tokens."""
+    """Everything a quantize run needs besides the model and the calibration tokens.
+
+    keep_float: per-module overrides: regular expressions (`re.search` on the full module name,
+                e.g. "model.layers.3.self_attn.q_proj") of linears left unquantized, in the
+                model's own float dtype. Routed experts are stored stacked on one grid and
+                cannot be kept (refused when a pattern matches them).
+    """
 
     method: Method = Method.GPTQ
     weights: QuantSpec = QuantSpec()
@@ -214,12 +221,22 @@ class QuantizeSpec:
     batch_windows: int = 8
     moe: MoESpec = MoESpec()
     awq: AWQSpec = AWQSpec()
+    keep_float: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, Method):
             raise InputError(f"method={self.method!r}: expected one of {[m.value for m in Method]}")
         if self.batch_windows < 1:
             raise InputError(f"batch_windows={self.batch_windows}: expected a positive integer")
+        for pattern in self.keep_float:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise InputError(f"keep_float pattern {pattern!r}: not a regular expression ({exc})") from None
+
+    def keeps_float(self, module: str) -> bool:
+        """Whether the linear `module` (full name, no `.weight`) stays in float (see keep_float)."""
+        return any(re.search(pattern, module) for pattern in self.keep_float)
 
     def to_dict(self) -> dict:
         """JSON-friendly form, for manifests."""
@@ -236,6 +253,7 @@ class QuantizeSpec:
         data["weights"] = QuantSpec(**data["weights"])
         if "awq" in data:
             data["awq"] = AWQSpec(**data["awq"])
+        data["keep_float"] = tuple(data.get("keep_float", ()))
         if "moe" in data:
             moe = dict(data["moe"])
             moe.update(policy=ExpertPolicy(moe["policy"]), fallback=ExpertPolicy(moe["fallback"]))

@@ -248,11 +248,12 @@ class GGUFPlan:
 
     def _layer_jobs(self, index: int) -> list[TensorJob]:
         weights, jobs = self.weights, []
-        for name, (shape, dtype) in weights.float_infos(index).items():
-            gguf_name = self._gguf_name(index, name)
+        for name, (shape, dtype) in weights.float_infos(index).items():  # norms, routers, linears kept in float
+            linear = name.removesuffix(".weight")
+            gguf_name = self._gguf_name(index, name if name in LAYER_NAMES else linear)
             ggml_type = "F32" if gguf_name.split(".")[2] in F32_LAYER_TENSORS else FLOAT_TYPES[dtype]
-            jobs.append(TensorJob(gguf_name, shape, ggml_type,
-                                  lambda n=name, t=ggml_type: float_array(weights.float_tensor(index, n), t)))
+            jobs.append(TensorJob(gguf_name, shape, ggml_type, lambda n=name, l=linear, t=ggml_type:
+                                  float_array(self._rotary(l, weights.float_tensor(index, n)), t)))
         for name, shape in weights.linear_shapes(index).items():
             gguf_name = self._gguf_name(index, name)
             if gguf_name.split(".")[2] == "ffn_gate_inp":  # a quantized router: its values, in F32

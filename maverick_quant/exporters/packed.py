@@ -58,7 +58,30 @@ def unquantized_modules(bundle: Bundle) -> list[str]:
     quantized_router = bundle.manifest["recipe"].get("moe", {}).get("quantize_router", False)
     plans = [bundle.table.plan(bundle.text_config, i) for i in range(bundle.num_layers)]
     routers = {plan.moe.router for plan in plans if plan.moe is not None}
-    return names + ([] if quantized_router else sorted(routers))
+    return names + ([] if quantized_router else sorted(routers)) + kept_float_modules(bundle)
+
+
+# vLLM loads these sibling linears as one fused module (packed_modules_mapping), on one quantization
+VLLM_FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def kept_float_modules(bundle: Bundle) -> list[str]:
+    """Full names of the linears a keep_float override left in float. InputError when one of a
+    set vLLM fuses (q/k/v, gate/up) is kept and a sibling is quantized: vLLM cannot load that."""
+    kept = []
+    for index in range(bundle.num_layers):
+        prefix, names = bundle.table.prefix(index), bundle.kept_float(index)
+        quantized = bundle.manifest["layers"][index]["quantized"]
+        for name in names:
+            parent, _, leaf = name.rpartition(".")
+            siblings = next((fused for fused in VLLM_FUSED if leaf in fused), ())
+            mixed = [f"{parent}.{s}" for s in siblings if f"{parent}.{s}" in quantized]
+            if mixed:
+                raise InputError(f"{prefix}{name} is kept in float but {', '.join(mixed)} is quantized: vLLM fuses "
+                                 f"{'/'.join(siblings)} into one module of one quantization; keep all of them "
+                                 f"(e.g. --keep-float '{re.escape(parent)}\\.({'|'.join(siblings)})') or none")
+            kept.append(prefix + name)
+    return kept
 
 
 def exclusion_fields(unquantized: list[str]) -> dict:
@@ -129,6 +152,10 @@ class ExportSource(CheckpointModelTensors):
                              f"{quant['quant_method']} config: {exc!r}") from None
 
     def _linear(self, module: str) -> torch.Tensor:
+        """Dequantized weight of the linear `module` (full name), or its float weight when it was
+        left unquantized (a keep_float override)."""
+        if f"{module}.weight" in self.checkpoint.tensors:
+            return self.checkpoint.get(f"{module}.weight")
         tensors = {part: self.checkpoint.get(f"{module}.{part}") for part in self.layout.parts
                    if f"{module}.{part}" in self.checkpoint.tensors}
         try:

@@ -1,0 +1,144 @@
+"""Per-module overrides: `keep_float` patterns leave linears unquantized, in the model's float
+dtype, through the solvers, the bundle, every export and the clients that read them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from maverick_quant.bundle import Bundle
+from maverick_quant.cli import cli
+from maverick_quant.errors import InputError
+from maverick_quant.exporters.gguf import rotary_row_permutation
+from maverick_quant.exporters.registry import open_export
+from maverick_quant.recipe_file import parse_recipe
+from maverick_quant.streaming import open_source
+
+from conftest import bundle_logits, make_tiny_llama4, model_logits
+
+KEEP = (r"layers\.1\.self_attn\.(q|k|v)_proj", r"mlp\.down_proj")
+
+
+def _run(*args) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.output
+
+
+def _keep_args(patterns=KEEP) -> list[str]:
+    return [arg for pattern in patterns for arg in ("--keep-float", pattern)]
+
+
+@pytest.fixture(scope="module")
+def kept_bundle(tiny_llama_dir: Path, tmp_path_factory) -> Path:
+    """GPTQ on Q4_0's grid with layer 1's q/k/v and every down_proj kept in float."""
+    root = tmp_path_factory.mktemp("keep")
+    text = root / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    code, out = _run("quantize", tiny_llama_dir, "--data", text, "--out", root / "bundle", "--samples", 4, "--seq-len", 32,
+                     "--gguf-grid", "Q4_0", *_keep_args(), "--no-progress")
+    assert code == 0, out
+    return root / "bundle"
+
+
+def _is_kept(name: str) -> bool:
+    return name.endswith("mlp.down_proj") or name.startswith("self_attn.") and name[-6:] in ("q_proj", "k_proj", "v_proj")
+
+
+def test_kept_linears_are_the_source_weights_and_the_rest_is_quantized(kept_bundle: Path, tiny_llama_dir: Path) -> None:
+    bundle, source = Bundle(kept_bundle), open_source(tiny_llama_dir)
+    for index in range(bundle.num_layers):
+        quantized, floats = bundle.quantized_layer(index)
+        original = source.layer_tensors(index)
+        kept = [name for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+                if name == "mlp.down_proj" or (index == 1 and _is_kept(name))]
+        assert sorted(bundle.kept_float(index)) == sorted(kept)
+        assert set(quantized).isdisjoint(kept) and len(quantized) == 7 - len(kept)
+        for name in kept:
+            assert torch.equal(floats[f"{name}.weight"], original[f"{name}.weight"]), (index, name)
+        for name, weight in quantized.items():
+            assert not torch.equal(weight.dequantize(), original[f"{name}.weight"].float())
+
+
+def test_gguf_stores_kept_linears_as_float_in_llama_cpp_row_order(kept_bundle: Path, tiny_llama_dir: Path,
+                                                                  tmp_path: Path) -> None:
+    import gguf
+
+    code, out = _run("export", kept_bundle, "--format", "gguf", "--gguf-type", "Q4_0", "--out", tmp_path / "m.gguf")
+    assert code == 0 and "re-quantized" not in out, out
+    tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    source = open_source(tiny_llama_dir).layer_tensors(1)
+    q = source["self_attn.q_proj.weight"]
+    assert tensors["blk.1.attn_q.weight"].tensor_type.name == "F32"
+    stored = np.asarray(tensors["blk.1.attn_q.weight"].data).reshape(q.shape)
+    assert np.array_equal(stored, q[rotary_row_permutation(q.shape[0], 4)].numpy())
+    assert np.array_equal(np.asarray(tensors["blk.1.ffn_down.weight"].data).reshape(source["mlp.down_proj.weight"].shape),
+                          source["mlp.down_proj.weight"].numpy())
+    assert tensors["blk.0.attn_q.weight"].tensor_type.name == "Q4_0"
+
+
+def test_transformers_loads_the_compressed_tensors_export_with_kept_linears_ignored(
+        kept_bundle: Path, tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """The kept modules are in `ignore` (and `modules_to_not_convert` for GPTQ): transformers +
+    compressed-tensors leave them plain Linear layers with our float weights and give the
+    bundle's logits; our own readers of both exports give the bundle's tensors."""
+    from transformers import CompressedTensorsConfig
+
+    bundle = Bundle(kept_bundle)
+    for fmt in ("compressed-tensors", "gptq"):
+        code, out = _run("export", kept_bundle, "--format", fmt, "--out", tmp_path / fmt)
+        assert code == 0, out
+        export = open_export(tmp_path / fmt)
+        for index in range(bundle.num_layers):
+            ours, theirs = bundle.layer_tensors(index), export.layer_tensors(index)
+            assert all(torch.equal(ours[name], theirs[name]) for name in ours), (fmt, index)
+    config = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]
+    assert "model.layers.1.self_attn.q_proj" in config["modules_to_not_convert"]
+    assert any("model\\.layers\\.2\\.mlp\\.down_proj" in rule for rule in config["dynamic"])
+    ids = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(1))
+    theirs = model_logits(tmp_path / "compressed-tensors", ids, quantization_config=CompressedTensorsConfig(dequantize=True))
+    ours = bundle_logits(tiny_llama_dir, bundle, ids, tmp_path / "float")
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_keeping_part_of_a_set_vllm_fuses_is_refused_by_the_vllm_formats(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    code, out = _run("quantize", tiny_llama_dir, "--method", "rtn", "--out", tmp_path / "bundle", "--group-size", 32,
+                     *_keep_args([r"layers\.0\.self_attn\.q_proj"]), "--no-progress")
+    assert code == 0, out
+    code, out = _run("export", tmp_path / "bundle", "--format", "gptq", "--out", tmp_path / "gptq")
+    assert code == 2 and "model.layers.0.self_attn.q_proj" in out and "k_proj" in out and "vLLM" in out, out
+    assert not (tmp_path / "gptq").exists()
+
+
+def test_bad_or_impossible_keep_float_patterns_are_refused_before_any_work(smollm2_dir: Path, tiny_llama_dir: Path,
+                                                                          tmp_path: Path) -> None:
+    code, out = _run("quantize", tiny_llama_dir, "--method", "rtn", "--out", tmp_path / "a", *_keep_args(["self_attn("]),
+                     "--no-progress")
+    assert code == 2 and "keep_float pattern 'self_attn('" in out and not (tmp_path / "a").exists(), out
+    llama4 = make_tiny_llama4(smollm2_dir, tmp_path / "llama4")
+    code, out = _run("quantize", llama4, "--method", "rtn", "--out", tmp_path / "b", *_keep_args([r"experts\.\d+\.down"]),
+                     "--no-progress")
+    assert code == 2 and "routed experts" in out and "down_proj" in out and not (tmp_path / "b").exists(), out
+    with pytest.raises(InputError, match="quantize.keep_float: expected a list of strings"):
+        parse_recipe({"model": "m", "calibration": {"data": "self"}, "quantize": {"keep_float": "self_attn"}})
+    recipe = parse_recipe({"model": "m", "calibration": {"data": "self"}, "quantize": {"keep_float": ["self_attn"]},
+                           "exports": [{"format": "gguf", "gguf_type": "Q8_0", "requantize": True}]})
+    assert recipe.quantize.keeps_float("model.layers.0.self_attn.o_proj") and not recipe.quantize.keeps_float("mlp.up_proj")
+
+
+def test_the_plan_counts_kept_linears_as_float(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    plans = {}
+    for name, keep in (("all", []), ("kept", [r"mlp\.down_proj"])):
+        code, out = _run("plan", tiny_llama_dir, "--method", "rtn", *_keep_args(keep), "--json", tmp_path / f"{name}.json")
+        assert code == 0, out
+        plans[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    down = 160 * 96 * 4  # fp32 down_proj of each of the 3 layers
+    assert plans["kept"]["quantized_tensors"] == plans["all"]["quantized_tensors"] - 3
+    assert plans["kept"]["passthrough_bytes"] == plans["all"]["passthrough_bytes"] + 3 * down
