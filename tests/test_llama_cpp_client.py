@@ -5,7 +5,9 @@ llama.cpp rounds activations to 8 bits inside its quantized matmuls and keeps it
 fp16, so the logits are close, not equal. Measured on SmolLM2 (512 tokens of wiki.test.raw):
 Q8_0 top-1 agreement 96.7%, mean KL 0.0024, flat across positions (a rotary mismatch would
 grow with position); Q4_0 95.7% / 0.0032 on 256 tokens. A wrong layout gives KL in the tenths
-(RTN 4-bit vs float is 0.34), so the tests bound the KL at 0.01 and top-1 at 93%."""
+(RTN 4-bit vs float is 0.34), so the tests bound the KL at 0.01 and top-1 at 93%. The same
+bundles written as F32 GGUFs (llama.cpp's F32 matmuls do not round activations) agree at
+top-1 100% / KL 1e-6 on SmolLM2: the issue's 98% holds wherever llama.cpp computes in float."""
 
 from __future__ import annotations
 
@@ -76,6 +78,21 @@ def test_llama_cpp_runs_our_smollm2_q4_0_like_our_bundle(smollm2_dir: Path, smol
 
 
 @pytest.mark.slow
+def test_llama_cpp_meets_98_percent_top1_where_it_does_not_round_activations(
+        smollm2_dir: Path, smollm2_q4_0: Path, wiki_test_path: Path, tmp_path: Path) -> None:
+    """The same bundle as an F32 GGUF (`--gguf-type F32`): llama.cpp's F32 matmuls keep the
+    activations in float, and its logits agree with our bundle's at the issue's 98% top-1. The
+    Q4_0 file's lower agreement (above) is llama.cpp's 8-bit activation rounding, not our export."""
+    _run("export", smollm2_q4_0 / "bundle", "--format", "gguf", "--gguf-type", "F32", "--out", tmp_path / "f32.gguf")
+    tokens = _text_tokens(smollm2_dir, wiki_test_path, 256)
+    theirs = llama_cpp_logits(tmp_path / "f32.gguf", tokens)
+    ours = bundle_logits(smollm2_dir, Bundle(smollm2_q4_0 / "bundle"), torch.tensor([tokens]), tmp_path / "float")[0]
+    top1, kl = agreement(ours, theirs)
+    print(f"\nSmolLM2 Q4_0 bundle as F32 GGUF, {len(tokens)} tokens: top-1 agreement {top1:.4f}, mean KL {kl:.6f}")
+    assert top1 >= 0.98 and kl < 0.001
+
+
+@pytest.mark.slow
 def test_validate_runs_a_gguf_candidate_in_llama_cpp(smollm2_dir: Path, smollm2_q4_0: Path, wiki_test_path: Path,
                                                      tmp_path: Path) -> None:
     """`validate --candidate FILE.gguf`: the reference streamed, the candidate's logits from
@@ -101,17 +118,20 @@ def test_validate_runs_a_gguf_candidate_in_llama_cpp(smollm2_dir: Path, smollm2_
     assert "## Validation" in card and "top1_agreement" in card
 
 
-@pytest.mark.parametrize("gguf_type,dims,min_top1", [
-    ("Q8_0", {}, 0.93),
+@pytest.mark.parametrize("gguf_type,dims,min_top1,max_kl", [
+    ("Q8_0", {}, 0.93, 0.01),
     # Widths of 256: Q4_K super-blocks (o_proj, K = 4 heads x 16, falls back to Q4_1). This random
     # model predicts almost uniformly (median top-1/top-2 probability gap 6e-5), and at these
     # widths llama.cpp's arithmetic (8-bit activations, fp16 KV cache) flips near-ties. Measured
-    # top-1 / KL: this model in Q4_0 0.91 / 0.0096, in Q4_K 0.92 / 0.0020; Q8_0 with hidden 256
-    # (MLP 64) 0.875 / 0.0012, and with hidden 64 1.00 / 0.000005. A wrong Q4_K nibble order gives 0.00 / 0.65.
-    ("Q4_K", {"hidden_size": 256, "intermediate_size": 256, "intermediate_size_mlp": 256}, 0.85),
+    # top-1 / KL in Q4_K: 0.79 / 0.016 with this calibration text, 0.87 / 0.0097 with another
+    # (0.85 / 0.0072 with the earlier 7-bit Q4_1 fallback grid), while the F32 GGUF of the same
+    # bundle agrees 1.00 / 2e-7 (checked below: the export is exact, the spread is llama.cpp's
+    # rounding). Q4_0 0.91 / 0.0096; Q8_0 with hidden 256 (MLP 64) 0.875 / 0.0012, with hidden 64
+    # 1.00 / 0.000005. A wrong Q4_K nibble order gives 0.00 / 0.65.
+    ("Q4_K", {"hidden_size": 256, "intermediate_size": 256, "intermediate_size_mlp": 256}, 0.7, 0.05),
 ])
 def test_llama_cpp_runs_our_llama4_moe_like_our_bundle(smollm2_dir: Path, small_text_file: Path, tmp_path: Path,
-                                                       gguf_type: str, dims: dict, min_top1: float) -> None:
+                                                       gguf_type: str, dims: dict, min_top1: float, max_kl: float) -> None:
     dims = {"intermediate_size_mlp": 64, **dims}
     model_dir = make_tiny_llama4(smollm2_dir, tmp_path / "model", attention_chunk_size=8192, **dims)
     _run("quantize", model_dir, "--data", small_text_file, "--samples", 4, "--seq-len", 32, "--gguf-grid", gguf_type,
@@ -122,7 +142,11 @@ def test_llama_cpp_runs_our_llama4_moe_like_our_bundle(smollm2_dir: Path, small_
     ours = bundle_logits(model_dir, Bundle(tmp_path / "bundle"), torch.tensor([tokens]), tmp_path / "float")[0]
     top1, kl = agreement(ours, theirs)
     print(f"\ntiny Llama 4 {gguf_type}, {len(tokens)} tokens: top-1 agreement {top1:.4f}, mean KL {kl:.6f}")
-    assert top1 >= min_top1 and kl < 0.01
+    assert top1 >= min_top1 and kl < max_kl
+    _run("export", tmp_path / "bundle", "--format", "gguf", "--gguf-type", "F32", "--out", tmp_path / "f32.gguf")
+    top1, kl = agreement(ours, llama_cpp_logits(tmp_path / "f32.gguf", tokens))
+    print(f"the same bundle as an F32 GGUF: top-1 agreement {top1:.4f}, mean KL {kl:.2e}")
+    assert top1 >= 0.98 and kl < 1e-5
 
 
 @pytest.mark.slow
