@@ -23,7 +23,7 @@ from maverick_quant.arch.base import LayerPlan, ScaleGroup
 from maverick_quant.calibration.capture import capture_samples
 from maverick_quant.compress.awq import (clip_weights, fold_into_norm, fold_into_previous_linear, output_loss,
                                          scale_columns, search_scales)
-from maverick_quant.groups import quantized_linears
+from maverick_quant.groups import linear_grid, quantized_linears
 from maverick_quant.recipe import QuantizeSpec
 from maverick_quant.streaming import StreamingModel
 
@@ -72,7 +72,7 @@ def awq_scale_layer(model: StreamingModel, layer: torch.nn.Module, hidden: torch
         sample = samples[group.linears[0]]
         weights = _weights(layer, group.linears)
         duo = weight_mean(weights) if spec.awq.duo_scaling else None
-        result = search_scales(sample.mean_abs, duo, output_loss(sample.sample, weights, spec.weights), spec.awq)
+        result = search_scales(sample.mean_abs, duo, output_loss(sample.sample, weights, [linear_grid(layer, name, spec) for name in group.linears]), spec.awq)
         apply_scales(layer, group, result.scales)
         stats[f"awq:{group.prev}"] = {"ratio": result.ratio, "rtn_loss": float(result.losses[0]),
                                       "loss": float(result.losses.min())}
@@ -91,4 +91,4 @@ def clip_layer(model: StreamingModel, layer: torch.nn.Module, hidden: torch.Tens
         x = samples[group.linears[0]].sample
         for name in quantized_linears(layer, group.linears):  # a linear kept in float keeps its range
             module = layer.get_submodule(name)
-            module.weight.data = clip_weights(module.weight.data, x, spec.weights, spec.awq).to(module.weight.dtype)
+            module.weight.data = clip_weights(module.weight.data, x, linear_grid(layer, name, spec), spec.awq).to(module.weight.dtype)

@@ -12,7 +12,10 @@ Layout of a bundle directory:
                                     On the Q4_K grid (compress/kquant.py) `m.scales` and
                                     `m.zeros` are the uint8 6-bit sc and m [N, K/32], and
                                     `m.super_scales`, `m.super_mins` fp16 [N, K/256] d, dmin;
-                                    on Q4_1's own grid sc = m = 1 and d, dmin are [N, K/32]
+                                    on Q4_1's own grid sc = m = 1 and d, dmin are [N, K/32].
+                                    A linear a bits override put on another grid has its
+                                    changed fields (e.g. {"bits": 8}) as `weights` in the
+                                    layer record (Bundle.tensor_quant).
     layers/layer-00007.json         that layer's stats (GPTQ loss, damping, seconds), written
                                     after its tensors: a layer is complete iff both exist
 
@@ -210,11 +213,23 @@ class Bundle:
         record = self.manifest["layers"][index]
         tensors = load_file(str(self.root / record["file"]))
         prefix = record["prefix"]
-        quantized = {name: decode_quantized(prefix + name, tensors, info["shape"], self.quant["bits"], self.quant["group_size"])
+        grids = {name: self.tensor_quant(index, name) for name in record["quantized"]}
+        quantized = {name: decode_quantized(prefix + name, tensors, info["shape"], grids[name]["bits"], grids[name]["group_size"])
                      for name, info in record["quantized"].items()}
         coded = {f"{prefix}{name}.{part}" for name in quantized for part in QUANTIZED_PARTS}
         passthrough = {key[len(prefix):]: t for key, t in tensors.items() if key not in coded}
         return quantized, passthrough
+
+    def tensor_quant(self, index: int, name: str) -> dict:
+        """The grid (QuantSpec's fields) of layer `index`'s quantized linear `name` (relative):
+        the run's, with the fields a bits override changed (its record's `weights`)."""
+        return {**self.quant, **self.manifest["layers"][index]["quantized"][name].get("weights", {})}
+
+    def overridden_grids(self) -> dict[str, dict]:
+        """{full module name: grid} of every linear a bits override put on its own grid."""
+        return {self.table.prefix(index) + name: self.tensor_quant(index, name)
+                for index, layer in enumerate(self.manifest["layers"])
+                for name, info in layer["quantized"].items() if info.get("weights")}
 
     def kept_float(self, index: int) -> list[str]:
         """Layer `index`'s linears that a keep_float override left in float (relative names,

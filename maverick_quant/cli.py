@@ -88,6 +88,10 @@ def quant_options(func):
                         help="Leave linears whose full module name matches REGEX (re.search) unquantized, in the "
                              "model's float dtype, e.g. 'self_attn' or 'layers\\.0\\.'; repeatable. Not routed "
                              "experts.")(func)
+    func = click.option("--bits-override", "bits_overrides", multiple=True, metavar="REGEX=BITS",
+                        help="Quantize linears whose full module name matches REGEX (re.search) with BITS bits "
+                             "instead, e.g. 'self_attn=8'; repeatable, the first match wins. On a --gguf-grid "
+                             "Q4_K/Q4_1 run they get the symmetric group-32 grid (8 bits: Q8_0). Not routed experts.")(func)
     func = click.option("--damp", default=0.01, show_default=True, help="GPTQ relative damping (raised automatically on failure).")(func)
     func = click.option("--act-order", is_flag=True, help="GPTQ act-order (static groups, trivial g_idx).")(func)
     func = click.option("--sym/--asym", default=True, show_default=True, help="Symmetric or asymmetric grid.")(func)
@@ -138,11 +142,12 @@ def _moe_spec(moe_policy, moe_mix, moe_min_tokens, moe_fallback, moe_quantize_ro
 
 def _quantize_spec(method, bits, group_size, sym, act_order, damp, batch, true_sequential=True,
                    moe: MoESpec = MoESpec(), awq: AWQSpec = AWQSpec(), gguf_grid: str | None = None,
-                   keep_float: tuple[str, ...] = ()) -> QuantizeSpec:
+                   keep_float: tuple[str, ...] = (), bits_overrides: tuple[str, ...] = ()) -> QuantizeSpec:
     grid = {"bits": bits, "group_size": group_size, "sym": sym, **GGUF_GRIDS.get(gguf_grid, {})}
     weights = QuantSpec(**grid, act_order=act_order, damp=damp)
     return QuantizeSpec(method=Method(method), weights=weights, batch_windows=batch, true_sequential=true_sequential,
-                        moe=moe, awq=awq, keep_float=tuple(keep_float))
+                        moe=moe, awq=awq, keep_float=tuple(keep_float),
+                        bits_overrides=tuple(bits_overrides))
 
 
 @cli.command()
@@ -160,7 +165,8 @@ def _quantize_spec(method, bits, group_size, sym, act_order, damp, batch, true_s
 @click.option("--force", is_flag=True, help="Replace an existing output directory (or discard an unfinished run).")
 @click.option("--resume", is_flag=True, help="Go on from where an interrupted run with the same inputs stopped.")
 @click.option("--progress/--no-progress", default=True)
-def quantize(model_dir, data, calib, out, method, gguf_grid, bits, group_size, sym, act_order, damp, keep_float, samples,
+def quantize(model_dir, data, calib, out, method, gguf_grid, bits, group_size, sym, act_order, damp, keep_float,
+             bits_overrides, samples,
              seq_len, seed, chat_template, moe_policy, moe_mix, moe_min_tokens, moe_fallback, moe_quantize_router,
              moe_chunk_mib, awq_grid, awq_duo, awq_clip, awq_sample_tokens, batch, true_sequential, force, resume,
              progress) -> None:
@@ -173,7 +179,7 @@ def quantize(model_dir, data, calib, out, method, gguf_grid, bits, group_size, s
     moe = _moe_spec(moe_policy, moe_mix, moe_min_tokens, moe_fallback, moe_quantize_router, moe_chunk_mib)
     awq = _awq_spec(awq_grid, awq_duo, awq_clip, awq_sample_tokens)
     spec = _quantize_spec(method, bits, group_size, sym, act_order, damp, batch, true_sequential, moe, awq, gguf_grid,
-                          keep_float)
+                          keep_float, bits_overrides)
     run_quantize(model_dir, out, spec, data, calib, _calib_spec(samples, seq_len, seed, chat_template), force, progress,
                  resume)
 
@@ -185,7 +191,8 @@ def quantize(model_dir, data, calib, out, method, gguf_grid, bits, group_size, s
 @moe_options
 @click.option("--batch", default=8, show_default=True, help="Windows per forward batch.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the plan as JSON here.")
-def plan(target, method, gguf_grid, bits, group_size, sym, act_order, damp, keep_float, samples, seq_len, seed,
+def plan(target, method, gguf_grid, bits, group_size, sym, act_order, damp, keep_float, bits_overrides, samples,
+         seq_len, seed,
          chat_template, moe_policy, moe_mix, moe_min_tokens, moe_fallback, moe_quantize_router, moe_chunk_mib, batch,
          json_out) -> None:
     """Predict a quantize run before it starts: tensors quantized and passed through, output
@@ -196,7 +203,7 @@ def plan(target, method, gguf_grid, bits, group_size, sym, act_order, damp, keep
 
     moe = _moe_spec(moe_policy, moe_mix, moe_min_tokens, moe_fallback, moe_quantize_router, moe_chunk_mib)
     spec = _quantize_spec(method, bits, group_size, sym, act_order, damp, batch, moe=moe, gguf_grid=gguf_grid,
-                          keep_float=keep_float)
+                          keep_float=keep_float, bits_overrides=bits_overrides)
     run_plan(target, spec, _calib_spec(samples, seq_len, seed, chat_template), json_out)
 
 

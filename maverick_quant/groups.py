@@ -11,7 +11,7 @@ from maverick_quant.arch.base import LinearGroup
 from maverick_quant.calibration.capture import capture_attention_mixed, capture_inputs
 from maverick_quant.compress.gptq import GPTQResult, gptq_quantize
 from maverick_quant.compress.types import QuantizedWeight
-from maverick_quant.recipe import QuantizeSpec
+from maverick_quant.recipe import QuantizeSpec, QuantSpec
 from maverick_quant.streaming import StreamingModel
 
 
@@ -46,20 +46,32 @@ def result_stats(result: GPTQResult) -> dict[str, float]:
 
 
 KEEP_FLOAT = "_maverick_keep_float"  # attribute marking a linear that a keep_float override leaves unquantized
+GRID = "_maverick_grid"  # attribute holding the QuantSpec a bits override gives a linear
 
 
-def mark_kept_linears(layer: torch.nn.Module, prefix: str, names: tuple[str, ...], spec: QuantizeSpec) -> tuple[str, ...]:
-    """Mark the linears `names` of `layer` (relative to `prefix`) that `spec.keep_float` keeps in
-    float, so every solver skips them; returns their names."""
+def mark_linears(layer: torch.nn.Module, prefix: str, names: tuple[str, ...], spec: QuantizeSpec) -> tuple[str, ...]:
+    """Mark the linears `names` of `layer` (relative to `prefix`) with their per-module
+    overrides, so every solver honours them: those `spec.keep_float` keeps in float are skipped,
+    those a bits override matches are solved on its grid. Returns the names kept in float."""
     kept = tuple(name for name in names if spec.keeps_float(prefix + name))
-    for name in kept:
-        setattr(layer.get_submodule(name), KEEP_FLOAT, True)
+    for name in names:
+        module = layer.get_submodule(name)
+        if name in kept:
+            setattr(module, KEEP_FLOAT, True)
+        elif spec.weights_for(prefix + name) is not spec.weights:
+            setattr(module, GRID, spec.weights_for(prefix + name))
     return kept
 
 
 def quantized_linears(layer: torch.nn.Module, names: tuple[str, ...]) -> tuple[str, ...]:
-    """`names` without the linears marked by `mark_kept_linears`."""
+    """`names` without the linears kept in float by `mark_linears`."""
     return tuple(name for name in names if not getattr(layer.get_submodule(name), KEEP_FLOAT, False))
+
+
+def linear_grid(layer: torch.nn.Module, name: str, spec: QuantizeSpec) -> QuantSpec:
+    """The grid the linear `name` of `layer` is quantized on: its bits override's (marked by
+    `mark_linears`), else `spec.weights`."""
+    return getattr(layer.get_submodule(name), GRID, spec.weights)
 
 
 def solve_group(layer: torch.nn.Module, group: LinearGroup, H: torch.Tensor, tokens: int,
@@ -72,7 +84,8 @@ def solve_group(layer: torch.nn.Module, group: LinearGroup, H: torch.Tensor, tok
     for name in quantized_linears(layer, group.linears):
         weight = layer.get_submodule(name).weight.data.float()
         per_head = H.dim() == 3
-        result = gptq_quantize(weight.unflatten(0, (H.shape[0], -1)) if per_head else weight, H, spec.weights)
+        result = gptq_quantize(weight.unflatten(0, (H.shape[0], -1)) if per_head else weight, H,
+                               linear_grid(layer, name, spec))
         quantized[name] = result.weight.merge_leading() if per_head else result.weight
         set_weight(layer, name, quantized[name])
         stats[name] = {**result_stats(result), "tokens": tokens}

@@ -26,11 +26,11 @@ from maverick_quant.calibration.data import CalibrationSet
 from maverick_quant.compress.grid import rtn_quantize
 from maverick_quant.experts import ExpertChunks, quantize_moe_block, rtn_moe_block
 from maverick_quant.awq_layer import awq_scale_layer
-from maverick_quant.groups import group_hessian, mark_kept_linears, quantized_linears, set_weight, solve_group
+from maverick_quant.groups import group_hessian, linear_grid, mark_linears, quantized_linears, set_weight, solve_group
 from maverick_quant.compress.types import QuantizedWeight
 from maverick_quant.distributed import ExpertParallel
 from maverick_quant.errors import InputError
-from maverick_quant.recipe import Method, QuantizeSpec
+from maverick_quant.recipe import Method, QuantizeSpec, grid_changes
 from maverick_quant.resume import RunState
 from maverick_quant.streaming import CheckpointSource, StreamingModel
 
@@ -114,7 +114,7 @@ def rtn_linears(layer: torch.nn.Module, names: tuple[str, ...],
     quantized, stats = {}, {}
     for name in quantized_linears(layer, names):
         weight = layer.get_submodule(name).weight.data.float()
-        quantized[name] = q = rtn_quantize(weight, spec.weights)
+        quantized[name] = q = rtn_quantize(weight, linear_grid(layer, name, spec))
         set_weight(layer, name, q)
         error = (q.dequantize() - weight).square().sum() / weight.square().sum().clamp_min(1e-30)
         stats[name] = {"weight_rel_error": float(error)}
@@ -162,18 +162,30 @@ def _model_level_tensors(source: CheckpointSource) -> dict[str, torch.Tensor]:
     return {name: source.checkpoint.get(name) for name in wanted}
 
 
-def refuse_kept_experts(model: StreamingModel, spec: QuantizeSpec) -> None:
-    """InputError, before any work, when a keep_float pattern matches routed experts: they are
-    stored stacked on one grid per projection (no float chunks)."""
+def refuse_overridden_experts(model: StreamingModel, spec: QuantizeSpec) -> None:
+    """InputError, before any work, when a keep_float or bits override pattern matches routed
+    experts: they are stored stacked on the run's one grid per projection."""
     for index in range(model.num_layers):
         moe = model.plan(index).moe
-        for linear in moe.expert_linears if moe is not None and spec.keep_float else ():
+        overrides = spec.keep_float or spec.bits_overrides
+        for linear in moe.expert_linears if moe is not None and overrides else ():
             for module in (f"{model.table.prefix(index)}{moe.experts}.{linear.name}",
                            f"{model.table.prefix(index)}{moe.experts}.0.{linear.name}"):
-                if spec.keeps_float(module):
-                    raise InputError(f"keep_float matches the routed experts {module}: routed experts are quantized "
-                                     "stacked on one grid and cannot stay float (narrow the pattern, e.g. to the "
-                                     "shared expert or self_attn)")
+                override = ("keep_float" if spec.keeps_float(module) else
+                            "bits_overrides" if spec.weights_for(module) is not spec.weights else None)
+                if override:
+                    raise InputError(f"{override} matches the routed experts {module}: routed experts are quantized "
+                                     "stacked on the run's grid and take no per-module override (narrow the pattern, "
+                                     "e.g. to the shared expert or self_attn)")
+
+
+def record_overridden_grids(layer: torch.nn.Module, quantized: dict, stats: dict, spec: QuantizeSpec) -> None:
+    """Put the grid of each linear a bits override changed into its stats (the bundle's
+    per-tensor record: `weights`, the fields that differ from the run's grid)."""
+    for name in quantized:
+        grid = linear_grid(layer, name, spec)
+        if grid is not spec.weights:
+            stats.setdefault(name, {})["weights"] = grid_changes(grid, spec.weights)
 
 
 def quantize_model(source: CheckpointSource, calibration: CalibrationSet | None, spec: QuantizeSpec,
@@ -194,7 +206,7 @@ def quantize_model(source: CheckpointSource, calibration: CalibrationSet | None,
     writer = BundleWriter(out_dir) if writes else ReadOnlyWriter(out_dir)
     release_free_memory()
     model = StreamingModel(source, batch=spec.batch_windows)
-    refuse_kept_experts(model, spec)
+    refuse_overridden_experts(model, spec)
     first_layer, hidden = state.load_progress(writer.completed_layers()) if state else (0, None)
     if needs_data and hidden is None:
         hidden = model.embed(calibration.input_ids)
@@ -208,7 +220,7 @@ def quantize_model(source: CheckpointSource, calibration: CalibrationSet | None,
         layer = model.layer(index, tensors)
         prefix, moe = model.table.prefix(index), model.plan(index).moe
         router = (moe.router,) if moe is not None and spec.moe.quantize_router else ()
-        kept = mark_kept_linears(layer, prefix, model.plan(index).linears + router, spec)
+        kept = mark_linears(layer, prefix, model.plan(index).linears + router, spec)
         store = moe and ExpertChunks(writer, state, index, f"{prefix}{moe.experts}.", spec.weights, parallel)
         if needs_data:
             quantized, stats = quantize_layer_calibrated(model, index, layer, hidden, spec, store)
@@ -223,6 +235,7 @@ def quantize_model(source: CheckpointSource, calibration: CalibrationSet | None,
                        for name in floats if name.removesuffix(".weight") not in quantized}
         if kept:
             stats["kept_float"] = list(kept)
+        record_overridden_grids(layer, quantized, stats, spec)
         stats["seconds"] = time.perf_counter() - layer_started
         writer.write_layer(index, prefix, quantized, passthrough, stats)
         if state is not None:

@@ -95,6 +95,16 @@ class QuantSpec:
         """The llama.cpp type whose own offset grid this spec solves on ("Q4_K", "Q4_1"), or None."""
         return offset_grid_name({"k_quant": self.k_quant, "free_min": self.free_min})
 
+    def with_bits(self, bits: int) -> "QuantSpec":
+        """This grid at another code width (a bits override). llama.cpp's offset grids (Q4_K,
+        Q4_1's own) exist at 4 bits only: from them the symmetric grid of group 32 is taken
+        (8 bits: Q8_0's grid, 4 bits: Q4_0's), which GGUF stores per tensor beside them."""
+        if bits == self.bits:
+            return self
+        if self.gguf_grid:
+            return dataclasses.replace(self, bits=bits, sym=True, k_quant=False, free_min=False, scale_bits=11)
+        return dataclasses.replace(self, bits=bits)
+
     @property
     def maxq(self) -> int:
         """Largest integer code, 2^bits - 1."""
@@ -109,6 +119,26 @@ class QuantSpec:
     def group_width(self, in_features: int) -> int:
         """Columns per group (the last group may be shorter)."""
         return in_features if self.group_size == -1 else self.group_size
+
+
+def parse_bits_override(entry: str) -> tuple[str, int]:
+    """"REGEX=BITS" (a bits override, e.g. "self_attn=8") -> (REGEX, BITS); InputError otherwise."""
+    pattern, separator, bits = entry.rpartition("=")
+    if not separator or not pattern or not bits.strip().isdigit():
+        raise InputError(f"bits_overrides entry {entry!r}: expected REGEX=BITS, e.g. 'self_attn=8'")
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise InputError(f"bits_overrides entry {entry!r}: {pattern!r} is not a regular expression ({exc})") from None
+    if not 2 <= int(bits) <= 8:
+        raise InputError(f"bits_overrides entry {entry!r}: expected bits from 2 to 8, got {int(bits)}")
+    return pattern, int(bits)
+
+
+def grid_changes(grid: QuantSpec, base: QuantSpec) -> dict:
+    """The fields of `grid` that differ from `base` (a bits override's record in a bundle)."""
+    base_fields = dataclasses.asdict(base)
+    return {key: value for key, value in dataclasses.asdict(grid).items() if base_fields[key] != value}
 
 
 def offset_grid_name(quant: dict) -> str | None:
@@ -213,6 +243,10 @@ class QuantizeSpec:
                 e.g. "model.layers.3.self_attn.q_proj") of linears left unquantized, in the
                 model's own float dtype. Routed experts are stored stacked on one grid and
                 cannot be kept (refused when a pattern matches them).
+    bits_overrides: per-module bit widths, "REGEX=BITS" (e.g. "self_attn=8"): a linear whose full
+                name matches REGEX (re.search; the first matching entry wins) is quantized on
+                `weights.with_bits(BITS)`. keep_float wins over a bits override; routed experts
+                share one grid per layer (refused when a pattern matches them).
     """
 
     method: Method = Method.GPTQ
@@ -222,6 +256,7 @@ class QuantizeSpec:
     moe: MoESpec = MoESpec()
     awq: AWQSpec = AWQSpec()
     keep_float: tuple[str, ...] = ()
+    bits_overrides: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, Method):
@@ -233,10 +268,21 @@ class QuantizeSpec:
                 re.compile(pattern)
             except re.error as exc:
                 raise InputError(f"keep_float pattern {pattern!r}: not a regular expression ({exc})") from None
+        for entry in self.bits_overrides:
+            parse_bits_override(entry)
 
     def keeps_float(self, module: str) -> bool:
         """Whether the linear `module` (full name, no `.weight`) stays in float (see keep_float)."""
         return any(re.search(pattern, module) for pattern in self.keep_float)
+
+    def weights_for(self, module: str) -> QuantSpec:
+        """The grid of the linear `module` (full name, no `.weight`): that of the first bits
+        override whose pattern matches it, else `weights`."""
+        for entry in self.bits_overrides:
+            pattern, bits = parse_bits_override(entry)
+            if re.search(pattern, module):
+                return self.weights.with_bits(bits)
+        return self.weights
 
     def to_dict(self) -> dict:
         """JSON-friendly form, for manifests."""
@@ -254,6 +300,7 @@ class QuantizeSpec:
         if "awq" in data:
             data["awq"] = AWQSpec(**data["awq"])
         data["keep_float"] = tuple(data.get("keep_float", ()))
+        data["bits_overrides"] = tuple(data.get("bits_overrides", ()))
         if "moe" in data:
             moe = dict(data["moe"])
             moe.update(policy=ExpertPolicy(moe["policy"]), fallback=ExpertPolicy(moe["fallback"]))

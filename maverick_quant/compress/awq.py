@@ -70,17 +70,20 @@ def search_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None,
     return ScaleSearch(candidates[best], best / awq.grid, losses)
 
 
-def output_loss(x: torch.Tensor, weights: list[torch.Tensor], spec: QuantSpec,
+def output_loss(x: torch.Tensor, weights: list[torch.Tensor], spec: QuantSpec | list[QuantSpec],
                 chunk: int = 4) -> Callable[[torch.Tensor], torch.Tensor]:
     """The plain AWQ loss for linears sharing input x [T, K]: for each candidate s,
-    sum over the linears of mean_t ||x_t (W_hat(s) - W)^T||^2 with W_hat(s) = scaled_quantized.
-    Candidates are evaluated `chunk` at a time to bound memory."""
+    sum over the linears of mean_t ||x_t (W_hat(s) - W)^T||^2 with W_hat(s) = scaled_quantized
+    on `spec` (one grid for all, or one per linear: bits overrides). Candidates are evaluated
+    `chunk` at a time to bound memory."""
+    grids = spec if isinstance(spec, list) else [spec] * len(weights)
+
     def loss(scales: torch.Tensor) -> torch.Tensor:
         total = torch.zeros(scales.shape[0], dtype=torch.float64)
         for start in range(0, scales.shape[0], chunk):
             part = scales[start : start + chunk]
-            for W in weights:
-                delta = scaled_quantized(W, part, spec) - W.float()[None]  # [g, N, K]
+            for W, grid in zip(weights, grids):
+                delta = scaled_quantized(W, part, grid) - W.float()[None]  # [g, N, K]
                 total[start : start + chunk] += (x.float() @ delta.transpose(1, 2)).square().sum((1, 2)).double() / x.shape[0]
         return total
 

@@ -65,6 +65,17 @@ def tensor_block_type(block_type: BlockType, in_features: int) -> BlockType:
     return block_type
 
 
+def block_type_for_grid(quant: dict) -> BlockType:
+    """The llama.cpp type that stores a grid {bits, sym, ...} of one tensor of another width
+    than the export's (a bits override): Q8_0 for 8 bits, Q4_0 / Q4_1 for 4 (sym / asym).
+    ValueError for widths no type here stores."""
+    if quant["bits"] == 8:
+        return BLOCK_TYPES["Q8_0"]
+    if quant["bits"] == 4:
+        return BLOCK_TYPES["Q4_0" if quant["sym"] else "Q4_1"]
+    raise ValueError(f"a {quant['bits']}-bit tensor has no GGUF type here (Q4_0, Q4_1, Q4_K: 4 bits; Q8_0: 8 bits)")
+
+
 def grid_mismatch(quant: dict, block_type: BlockType) -> str | None:
     """Why a bundle grid {bits, group_size, sym, scale_bits, k_quant, free_min} cannot be stored
     losslessly in `block_type`, or None."""

@@ -15,7 +15,8 @@ from maverick_quant.compress.pack import from_awq_tensors, to_awq_tensors
 from maverick_quant.exporters.packed import Layout, exclusion_fields
 
 
-def awq_quantization_config(quant: dict, recipe: dict, unquantized: list[str] = ()) -> dict:
+def awq_quantization_config(quant: dict, recipe: dict, unquantized: list[str] = (), _overrides: dict | None = None) -> dict:
+    """One grid for the whole checkpoint: bits overrides are refused before (per_module_grids)."""
     return {
         **exclusion_fields(list(unquantized)),
         "quant_method": "awq",
@@ -34,4 +35,4 @@ def _check(quant: dict, _has_experts: bool = False) -> str | None:
 
 
 AWQ = Layout("awq", ("qweight", "qzeros", "scales"), lambda weight, _quant, _dtype: to_awq_tensors(weight),
-             from_awq_tensors, _check, awq_quantization_config)
+             from_awq_tensors, _check, awq_quantization_config, per_module_grids=False)

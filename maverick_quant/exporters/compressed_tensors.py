@@ -17,6 +17,7 @@ bf16 (relative change at most 2^-9), as compressed-tensors' own bf16 checkpoints
 
 from __future__ import annotations
 
+import json
 import re
 
 from maverick_quant import __version__
@@ -32,30 +33,48 @@ def ignore_patterns(unquantized: list[str]) -> list[str]:
     return [rf"re:(.*\.)?{re.escape(name)}($|\..*)" for name in unquantized]
 
 
-def ct_quantization_config(quant: dict, recipe: dict, unquantized: list[str] = ()) -> dict:
-    """The `quantization_config` of a pack-quantized checkpoint, validated by compressed-tensors."""
-    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
-                                                 QuantizationStatus)
+def _weight_args(grid: dict):
+    """compressed-tensors' QuantizationArgs of a grid {bits, group_size, sym}."""
+    from compressed_tensors.quantization import QuantizationArgs
 
-    grouped = quant["group_size"] != -1
-    weights = QuantizationArgs(num_bits=quant["bits"], type="int", symmetric=quant["sym"], dynamic=False,
-                               strategy="group" if grouped else "channel",
-                               group_size=quant["group_size"] if grouped else None)
-    config = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights,
-                                                                             format=FORMAT)},
-                                format=FORMAT, quantization_status=QuantizationStatus.COMPRESSED,
+    grouped = grid["group_size"] != -1
+    return QuantizationArgs(num_bits=grid["bits"], type="int", symmetric=grid["sym"], dynamic=False,
+                            strategy="group" if grouped else "channel", group_size=grid["group_size"] if grouped else None)
+
+
+def ct_quantization_config(quant: dict, recipe: dict, unquantized: list[str] = (),
+                           overrides: dict[str, dict] | None = None) -> dict:
+    """The `quantization_config` of a pack-quantized checkpoint, validated by compressed-tensors:
+    group_0 targets every `Linear` on the bundle's grid; each other grid of bits overrides is a
+    further group whose targets are its modules' exact names (an exact name outranks a class
+    name in compressed-tensors' and vLLM's matching)."""
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, QuantizationStatus
+
+    groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=_weight_args(quant), format=FORMAT)}
+    by_grid: dict[str, list[str]] = {}
+    for module, grid in (overrides or {}).items():
+        by_grid.setdefault(json.dumps({k: grid[k] for k in ("bits", "group_size", "sym")}, sort_keys=True), []).append(module)
+    for number, (grid, modules) in enumerate(by_grid.items(), start=1):
+        groups[f"group_{number}"] = QuantizationScheme(targets=sorted(modules), weights=_weight_args(json.loads(grid)),
+                                                       format=FORMAT)
+    config = QuantizationConfig(config_groups=groups, format=FORMAT, quantization_status=QuantizationStatus.COMPRESSED,
                                 ignore=ignore_patterns(list(unquantized)))
     return {**config.model_dump(mode="json"), "version": __version__, "quantizer": f"maverick-quant:{__version__}",
             "method": recipe.get("method")}
 
 
-def ct_grid(quant: dict) -> tuple[int, int]:
-    """(bits, group_size) of a pack-quantized `quantization_config` with one config group."""
+def ct_grid(quant: dict, module: str) -> tuple[int, int]:
+    """(bits, group_size) of `module` in a pack-quantized `quantization_config`: the group
+    that names it exactly, else the group that targets `Linear`."""
     groups = quant.get("config_groups") or {}
-    if len(groups) != 1 or quant.get("format") != FORMAT:
-        raise ValueError(f"expected one config group in format {FORMAT!r}; got {len(groups)} groups, "
+    if not groups or quant.get("format") != FORMAT:
+        raise ValueError(f"expected config groups in format {FORMAT!r}; got {len(groups)} groups, "
                          f"format {quant.get('format')!r}")
-    weights = next(iter(groups.values()))["weights"]
+    named = [group for group in groups.values() if module in group["targets"]]
+    linear = [group for group in groups.values() if "Linear" in group["targets"]]
+    if not named and not linear:
+        raise ValueError(f"no config group targets {module or 'Linear'}")
+    weights = (named or linear)[0]["weights"]
     return int(weights["num_bits"]), int(weights.get("group_size") or -1)
 
 

@@ -36,8 +36,8 @@ import torch
 from maverick_quant.arch.base import unfuse_experts
 from maverick_quant.bundle import Bundle
 from maverick_quant.checkpoint import TORCH_DTYPES
-from maverick_quant.compress.gguf_blocks import (BLOCK, BLOCK_TYPES, BlockType, encode_blocks, grid_mismatch, requantize_error,
-                                                tensor_block_type)
+from maverick_quant.compress.gguf_blocks import (BLOCK, BLOCK_TYPES, BlockType, block_type_for_grid, encode_blocks, grid_mismatch,
+                                                requantize_error, tensor_block_type)
 from maverick_quant.compress.kquant import rtn_quantize_k
 from maverick_quant.compress.types import QuantizedWeight
 from maverick_quant.errors import InputError
@@ -143,6 +143,9 @@ class BundleWeights:
     def linear(self, index: int, name: str) -> QuantizedWeight:
         return self._layer(index)[0][name]
 
+    def linear_grid(self, index: int, name: str) -> dict:
+        return self.bundle.tensor_quant(index, name)
+
     def expert_shapes(self, index: int) -> dict[str, tuple[int, ...]]:
         chunks = self.bundle.manifest["layers"][index].get("experts", {}).get("chunks", [])
         return {name: tuple(shape[-2:]) for name, shape in chunks[0]["shapes"].items()} if chunks else {}
@@ -189,6 +192,9 @@ class FloatWeights:
     def linear(self, index: int, name: str) -> torch.Tensor:
         return self.source.checkpoint.get(f"{self.table.prefix(index)}{name}.weight").float()
 
+    def linear_grid(self, index: int, name: str) -> None:
+        return None  # every linear is re-quantized to the export's type
+
     def expert_shapes(self, index: int) -> dict[str, tuple[int, ...]]:
         """Per-expert [N, K] of the gated MLP's linears (Llama 4 names), from the config."""
         if self._plan(index).moe is None:
@@ -210,7 +216,7 @@ class GGUFPlan:
                  report: GGUFExport):
         """`block_type` a BlockType, or a float type name ("F32", "F16"): every linear as its
         (dequantized) float values, the input llama.cpp's own `llama-quantize` expects."""
-        self.weights, self.block_type, self.report = weights, block_type, report
+        self.weights, self.block_type, self.report, self.requantize = weights, block_type, report, requantize
         self.float_type = block_type if isinstance(block_type, str) else None
         self.config = weights.config
         self.arch = ARCHITECTURES.get(self.config.model_type)
@@ -259,8 +265,10 @@ class GGUFPlan:
             if gguf_name.split(".")[2] == "ffn_gate_inp":  # a quantized router: its values, in F32
                 jobs.append(TensorJob(gguf_name, shape, "F32", lambda n=name: as_float(weights.linear(index, n)).numpy()))
                 continue
-            jobs.append(TensorJob(gguf_name, shape, self._tensor_type(shape[-1]),
-                                  lambda n=name, g=gguf_name: self._encode(g, self._rotary(n, weights.linear(index, n)))))
+            block_type, exact = self._linear_type(gguf_name, shape[-1], weights.linear_grid(index, name))
+            ggml_type = block_type if isinstance(block_type, str) else block_type.name
+            jobs.append(TensorJob(gguf_name, shape, ggml_type, lambda n=name, g=gguf_name, t=block_type, e=exact:
+                                  self._encode(g, self._rotary(n, weights.linear(index, n)), t, e)))
         num_experts = getattr(self.config, "num_local_experts", 0)
         for name, (n, k) in weights.expert_shapes(index).items():
             gguf_name = f"blk.{index}.{EXPERT_NAMES[name]}.weight"
@@ -275,7 +283,7 @@ class GGUFPlan:
         row_bytes = TensorJob(gguf_name, (k,), self._tensor_type(k), lambda: None).nbytes()
         out, first = np.empty((experts, n, row_bytes), dtype=np.uint8), 0
         for weight in chunks:
-            blocks = self._encode(gguf_name, weight)
+            blocks = self._encode(gguf_name, weight, self._block_type(k), self.exact)
             out[first : first + blocks.shape[0]] = blocks.reshape(blocks.shape[0], n, row_bytes)
             first += blocks.shape[0]
         if first != shape[0]:
@@ -293,14 +301,39 @@ class GGUFPlan:
         heads = self.config.num_attention_heads if name == "self_attn.q_proj" else self.config.num_key_value_heads
         return permute_rows(weight, rotary_row_permutation(weight.shape[-2], heads))
 
-    def _tensor_type(self, in_features: int) -> str:
-        return self.float_type or tensor_block_type(self.block_type, in_features).name
+    def _block_type(self, in_features: int) -> BlockType | str:
+        """The type of a linear on the bundle's own grid: the float type of a float export, else
+        the export's block type (Q4_1 for a Q4_K export whose K is not a multiple of 256)."""
+        return self.float_type or tensor_block_type(self.block_type, in_features)
 
-    def _encode(self, gguf_name: str, weight: QuantizedWeight | torch.Tensor) -> np.ndarray:
-        if self.float_type:
-            return float_array(as_float(weight), self.float_type).view(np.uint8)
-        block_type = tensor_block_type(self.block_type, weight.shape[-1])
-        if self.exact:
+    def _tensor_type(self, in_features: int) -> str:
+        block_type = self._block_type(in_features)
+        return block_type if isinstance(block_type, str) else block_type.name
+
+    def _linear_type(self, gguf_name: str, in_features: int, grid: dict | None) -> tuple[BlockType | str, bool]:
+        """(type, stored exactly) of a linear whose grid is `grid` (None: the bundle's). A bits
+        override's grid (e.g. 8-bit attention in a 4-bit bundle) gets the llama.cpp type of its
+        own width, per tensor (Q8_0 for 8 bits), as llama.cpp's own mixes do."""
+        if self.float_type or grid is None or grid["bits"] == self.weights.quant["bits"]:
+            return self._block_type(in_features), self.exact
+        try:
+            block_type = block_type_for_grid(grid)
+        except ValueError as exc:
+            raise InputError(f"--format gguf: {gguf_name}: {exc}") from None
+        mismatch = grid_mismatch(grid, block_type)
+        if mismatch and not self.requantize:
+            raise InputError(f"--gguf-type {self.block_type.name}: {gguf_name} (a bits override's grid) is stored as "
+                             f"{block_type.name}, but {mismatch}. Quantize with --gguf-grid for a lossless export, or "
+                             "pass --requantize to re-round (its error is reported)")
+        return block_type, mismatch is None
+
+    def _encode(self, gguf_name: str, weight: QuantizedWeight | torch.Tensor, block_type: BlockType | str,
+                exact: bool) -> np.ndarray:
+        """The stored blocks of one tensor in `block_type`: exactly the bundle's codes when
+        `exact`, else re-rounded by llama.cpp's rules (its error goes into the report)."""
+        if isinstance(block_type, str):
+            return float_array(as_float(weight), block_type).view(np.uint8)
+        if exact:
             try:
                 return encode_blocks(weight, block_type)
             except ValueError as exc:

@@ -22,15 +22,17 @@ from maverick_quant import __version__
 from maverick_quant.bundle import Bundle
 from maverick_quant.compress.pack import from_gptq_tensors, to_gptq_tensors
 from maverick_quant.compress.types import QuantizedWeight
-from maverick_quant.exporters.packed import Layout, exclusion_fields, export_packed
+from maverick_quant.exporters.packed import Layout, dynamic_grid, exclusion_fields, export_packed
 
 PACKABLE_BITS = (2, 4, 8)
 
 
-def gptq_quantization_config(quant: dict, recipe: dict, unquantized: list[str] = ()) -> dict:
-    """The `quantization_config` block transformers/GPTQModel/vLLM read."""
+def gptq_quantization_config(quant: dict, recipe: dict, unquantized: list[str] = (),
+                             overrides: dict[str, dict] | None = None) -> dict:
+    """The `quantization_config` block transformers/GPTQModel/vLLM read; bits overrides become
+    positive `dynamic` rules (GPTQModel's and vLLM's per-module overrides)."""
     return {
-        **exclusion_fields(list(unquantized)),
+        **exclusion_fields(list(unquantized), overrides),
         "quant_method": "gptq",
         "bits": quant["bits"],
         "group_size": quant["group_size"],
@@ -65,7 +67,7 @@ def _check(quant: dict, has_experts: bool = False) -> str | None:
 
 
 GPTQ = Layout("gptq", ("qweight", "qzeros", "scales", "g_idx"), lambda weight, _quant, _dtype: to_gptq_tensors(weight),
-              _from_gptq_checked, _check, gptq_quantization_config)
+              _from_gptq_checked, _check, gptq_quantization_config, dynamic_grid)
 
 
 def export_gptq(bundle: Bundle, out_dir: Path, max_shard_bytes: int = 5 * 10**9) -> list[str]:

@@ -37,8 +37,11 @@ class Layout:
     from_tensors: ({part: tensor}, bits, group_size) -> QuantizedWeight (raises ValueError if malformed).
     check:       (bundle quant dict, whether it has routed experts) -> None, or an error message if
                  the layout (or the engines that read it) cannot take it.
-    config:      (bundle quant, recipe, unquantized module names) -> quantization_config.
-    grid:        quantization_config -> (bits, group_size), for reading an export back.
+    config:      (bundle quant, recipe, unquantized module names, {module: grid} of bits
+                 overrides) -> quantization_config.
+    grid:        (quantization_config, full module name) -> (bits, group_size) of that module,
+                 for reading an export back.
+    per_module_grids: whether the layout's config can give modules their own grid (bits overrides).
     """
 
     name: str
@@ -46,8 +49,9 @@ class Layout:
     to_tensors: Callable[[QuantizedWeight, dict, torch.dtype], dict[str, torch.Tensor]]
     from_tensors: Callable[[dict[str, torch.Tensor], int, int], QuantizedWeight]
     check: Callable[[dict, bool], str | None]
-    config: Callable[[dict, dict, list[str]], dict]
-    grid: Callable[[dict], tuple[int, int]] = lambda quant: (int(quant["bits"]), int(quant["group_size"]))
+    config: Callable[[dict, dict, list[str], dict[str, dict]], dict]
+    grid: Callable[[dict, str], tuple[int, int]] = lambda quant, _module: (int(quant["bits"]), int(quant["group_size"]))
+    per_module_grids: bool = True
 
 
 def unquantized_modules(bundle: Bundle) -> list[str]:
@@ -62,37 +66,90 @@ def unquantized_modules(bundle: Bundle) -> list[str]:
 
 
 # vLLM loads these sibling linears as one fused module (packed_modules_mapping), on one quantization
-VLLM_FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+VLLM_FUSED = {("q_proj", "k_proj", "v_proj"): "qkv_proj", ("gate_proj", "up_proj"): "gate_up_proj"}
+
+
+def _fused_siblings(leaf: str) -> tuple[str, ...]:
+    return next((fused for fused in VLLM_FUSED if leaf in fused), ())
+
+
+def _treatment(bundle: Bundle, index: int, name: str) -> str | dict | None:
+    """How layer `index`'s linear `name` is stored: "float" (kept), its grid, or None (absent)."""
+    if name in bundle.kept_float(index):
+        return "float"
+    return bundle.tensor_quant(index, name) if name in bundle.manifest["layers"][index]["quantized"] else None
+
+
+def _describe(treatment: str | dict) -> str:
+    return treatment if isinstance(treatment, str) else f"{treatment['bits']}-bit"
+
+
+def check_fused_sets(bundle: Bundle) -> None:
+    """InputError when siblings that vLLM fuses into one module (q/k/v, gate/up) are stored
+    differently: one kept in float and another quantized, or quantized on different grids (bits
+    overrides). vLLM cannot load either."""
+    for index in range(bundle.num_layers):
+        prefix, layer = bundle.table.prefix(index), bundle.manifest["layers"][index]
+        for name in [*layer["quantized"], *bundle.kept_float(index)]:
+            parent, _, leaf = name.rpartition(".")
+            siblings = [f"{parent}.{s}" for s in _fused_siblings(leaf)]
+            treatments = {s: _treatment(bundle, index, s) for s in siblings}
+            if len({json.dumps(t, sort_keys=True) for t in treatments.values() if t is not None}) > 1:
+                stored = "; ".join(f"{prefix}{s}: {_describe(t)}" for s, t in treatments.items() if t is not None)
+                raise InputError(f"vLLM fuses {'/'.join(_fused_siblings(leaf))} into one module of one quantization, but "
+                                 f"they are stored differently ({stored}); give them the same --keep-float or "
+                                 f"--bits-override (e.g. '{re.escape(parent)}\\.({'|'.join(_fused_siblings(leaf))})')")
 
 
 def kept_float_modules(bundle: Bundle) -> list[str]:
-    """Full names of the linears a keep_float override left in float. InputError when one of a
-    set vLLM fuses (q/k/v, gate/up) is kept and a sibling is quantized: vLLM cannot load that."""
-    kept = []
-    for index in range(bundle.num_layers):
-        prefix, names = bundle.table.prefix(index), bundle.kept_float(index)
-        quantized = bundle.manifest["layers"][index]["quantized"]
-        for name in names:
-            parent, _, leaf = name.rpartition(".")
-            siblings = next((fused for fused in VLLM_FUSED if leaf in fused), ())
-            mixed = [f"{parent}.{s}" for s in siblings if f"{parent}.{s}" in quantized]
-            if mixed:
-                raise InputError(f"{prefix}{name} is kept in float but {', '.join(mixed)} is quantized: vLLM fuses "
-                                 f"{'/'.join(siblings)} into one module of one quantization; keep all of them "
-                                 f"(e.g. --keep-float '{re.escape(parent)}\\.({'|'.join(siblings)})') or none")
-            kept.append(prefix + name)
-    return kept
+    """Full names of the linears a keep_float override left in float (fused sets checked)."""
+    check_fused_sets(bundle)
+    return [bundle.table.prefix(index) + name for index in range(bundle.num_layers) for name in bundle.kept_float(index)]
 
 
-def exclusion_fields(unquantized: list[str]) -> dict:
-    return {"modules_to_not_convert": list(unquantized),
-            "dynamic": {f"-:.*{re.escape(name)}.*": {} for name in unquantized}}
+def override_rules(overrides: dict[str, dict]) -> list[tuple[str, dict]]:
+    """(regex, grid) rules that match the modules of `overrides` ({full name: grid}, from
+    `Bundle.overridden_grids`): one per (parent module, grid), matched with re.match from the
+    start of a name, with the fused module names vLLM gives a whole set (qkv_proj, gate_up_proj)."""
+    by_parent: dict[tuple[str, str], list[str]] = {}
+    for module, grid in overrides.items():
+        parent, _, leaf = module.rpartition(".")
+        by_parent.setdefault((parent, json.dumps(grid, sort_keys=True)), []).append(leaf)
+    rules = []
+    for (parent, grid), leaves in by_parent.items():
+        fused = [name for members, name in VLLM_FUSED.items() if set(members) <= set(leaves)]
+        rules.append((rf"^(.*\.)?{re.escape(parent)}\.({'|'.join(sorted(leaves) + fused)})$", json.loads(grid)))
+    return rules
+
+
+def exclusion_fields(unquantized: list[str], overrides: dict[str, dict] | None = None) -> dict:
+    """`modules_to_not_convert` and the `dynamic` rules of GPTQModel and vLLM: "-:" + regex for
+    each unquantized module, then "+:" + regex with the grid of each bits override (the first
+    matching rule wins in both)."""
+    dynamic = {f"-:.*{re.escape(name)}.*": {} for name in unquantized}
+    for regex, grid in override_rules(overrides or {}):
+        dynamic[f"+:{regex}"] = {"bits": grid["bits"], "group_size": grid["group_size"], "sym": grid["sym"],
+                                 "desc_act": False}
+    return {"modules_to_not_convert": list(unquantized), "dynamic": dynamic}
+
+
+def dynamic_grid(quant: dict, module: str) -> tuple[int, int]:
+    """(bits, group_size) of `module` under a GPTQ `quantization_config` with `dynamic` rules."""
+    for pattern, override in (quant.get("dynamic") or {}).items():
+        if not pattern.startswith("-:") and re.match(pattern.removeprefix("+:"), module):
+            return int(override.get("bits", quant["bits"])), int(override.get("group_size", quant["group_size"]))
+    return int(quant["bits"]), int(quant["group_size"])
 
 
 def export_packed(bundle: Bundle, out_dir: Path, layout: Layout, max_shard_bytes: int = 5 * 10**9) -> list[str]:
     """Write `bundle` in `layout` into the (empty) directory `out_dir`; returns the files written."""
     has_experts = any(layer.get("experts") for layer in bundle.manifest["layers"])
-    problem = layout.check(bundle.quant, has_experts)
+    overrides, unquantized = bundle.overridden_grids(), unquantized_modules(bundle)  # fused sets checked first
+    problem = layout.check(bundle.quant, has_experts) or next(
+        (f"{module} (a bits override): {why}" for module, grid in overrides.items() if (why := layout.check(grid, False))), None)
+    if overrides and not layout.per_module_grids:
+        problem = (f"the layout has one grid per checkpoint, and bits overrides put {len(overrides)} linears on others "
+                   f"(e.g. {next(iter(overrides))}): export --format gptq, compressed-tensors or gguf")
     grid = offset_grid_name(bundle.quant)
     if grid:
         problem = (f"the bundle is on llama.cpp's own {grid} grid (quantize --gguf-grid {grid}: fp16 offsets that "
@@ -103,7 +160,8 @@ def export_packed(bundle: Bundle, out_dir: Path, layout: Layout, max_shard_bytes
 
     def convert(module: str, weight: QuantizedWeight) -> dict[str, torch.Tensor]:
         try:
-            return {f"{module}.{part}": t for part, t in layout.to_tensors(weight, bundle.quant, dtype).items()}
+            grid = overrides.get(module, bundle.quant)
+            return {f"{module}.{part}": t for part, t in layout.to_tensors(weight, grid, dtype).items()}
         except ValueError as exc:
             raise InputError(f"--format {layout.name}: {module} (shape {list(weight.shape)}): {exc}") from None
 
@@ -124,7 +182,7 @@ def export_packed(bundle: Bundle, out_dir: Path, layout: Layout, max_shard_bytes
     shards = writer.close()
     copied = copy_model_files(bundle.root, out_dir)
     config = json.loads((out_dir / "config.json").read_text())
-    config["quantization_config"] = layout.config(bundle.quant, bundle.manifest["recipe"], unquantized_modules(bundle))
+    config["quantization_config"] = layout.config(bundle.quant, bundle.manifest["recipe"], unquantized, overrides)
     write_json_atomic(out_dir / "config.json", config)
     return shards + copied
 
@@ -145,8 +203,9 @@ class ExportSource(CheckpointModelTensors):
             raise InputError(f"{export_dir}/config.json: quantization_config.quant_method {quant.get('quant_method')!r} "
                              f"is not one of {sorted(layouts)}")
         self.layout = layouts[quant["quant_method"]]
+        self.quant = quant
         try:
-            self.bits, self.group_size = self.layout.grid(quant)
+            self.layout.grid(quant, "")
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(f"{export_dir}/config.json: quantization_config is not a readable "
                              f"{quant['quant_method']} config: {exc!r}") from None
@@ -159,7 +218,7 @@ class ExportSource(CheckpointModelTensors):
         tensors = {part: self.checkpoint.get(f"{module}.{part}") for part in self.layout.parts
                    if f"{module}.{part}" in self.checkpoint.tensors}
         try:
-            return self.layout.from_tensors(tensors, self.bits, self.group_size).dequantize()
+            return self.layout.from_tensors(tensors, *self.layout.grid(self.quant, module)).dequantize()
         except KeyError as exc:
             raise InputError(f"{self.checkpoint.model_dir}: module {module}: tensor {module}.{exc.args[0]} is missing") from None
         except ValueError as exc:

@@ -1,9 +1,11 @@
 """Per-module overrides: `keep_float` patterns leave linears unquantized, in the model's float
-dtype, through the solvers, the bundle, every export and the clients that read them."""
+dtype, and `bits_overrides` put linears on a grid of another width, through the solvers, the
+bundle, every export and the clients that read them."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -142,3 +144,122 @@ def test_the_plan_counts_kept_linears_as_float(tiny_llama_dir: Path, tmp_path: P
     down = 160 * 96 * 4  # fp32 down_proj of each of the 3 layers
     assert plans["kept"]["quantized_tensors"] == plans["all"]["quantized_tensors"] - 3
     assert plans["kept"]["passthrough_bytes"] == plans["all"]["passthrough_bytes"] + 3 * down
+
+
+OVERRIDE = r"self_attn\.(q|k|v)_proj=8"
+
+
+@pytest.fixture(scope="module")
+def override_bundles(tiny_llama_dir: Path, tmp_path_factory) -> dict[str, Path]:
+    """GPTQ on Q4_0's grid (group 32, symmetric), with and without q/k/v at 8 bits."""
+    root = tmp_path_factory.mktemp("bits")
+    text = root / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    bundles = {}
+    for name, extra in (("plain", []), ("override", ["--bits-override", OVERRIDE])):
+        code, out = _run("quantize", tiny_llama_dir, "--data", text, "--out", root / name, "--samples", 4, "--seq-len", 32,
+                         "--gguf-grid", "Q4_0", *extra, "--no-progress")
+        assert code == 0, out
+        bundles[name] = root / name
+    return bundles
+
+
+def _relative_error(weight, original: torch.Tensor) -> float:
+    return float((weight.dequantize() - original.float()).norm() / original.float().norm())
+
+
+def test_overridden_linears_are_solved_on_their_own_grid(override_bundles: dict[str, Path], tiny_llama_dir: Path) -> None:
+    plain, override = Bundle(override_bundles["plain"]), Bundle(override_bundles["override"])
+    source = open_source(tiny_llama_dir)
+    for index in range(override.num_layers):
+        original = source.layer_tensors(index)
+        ours, baseline = override.quantized_layer(index)[0], plain.quantized_layer(index)[0]
+        for name, weight in ours.items():
+            widened = name.split(".")[-1] in ("q_proj", "k_proj", "v_proj")
+            assert weight.bits == (8 if widened else 4) and weight.group_size == 32, (index, name)
+            assert override.tensor_quant(index, name)["bits"] == weight.bits
+            if widened:  # 8 bits: codes use the whole range, and the error is far below 4 bits'
+                assert int(weight.codes.max()) > 15
+                error, error4 = (_relative_error(w, original[f"{name}.weight"]) for w in (weight, baseline[name]))
+                assert error < error4 / 8, (index, name, error, error4)
+    assert sorted(override.overridden_grids()) == sorted(f"model.layers.{i}.self_attn.{p}_proj"
+                                                           for i in range(override.num_layers) for p in "qkv")
+
+
+def test_gguf_stores_overridden_linears_as_q8_0_exactly(override_bundles: dict[str, Path], tmp_path: Path) -> None:
+    import gguf
+
+    code, out = _run("export", override_bundles["override"], "--format", "gguf", "--gguf-type", "Q4_0",
+                     "--out", tmp_path / "m.gguf")
+    assert code == 0 and "re-quantized" not in out, out
+    bundle = Bundle(override_bundles["override"])
+    tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    for gguf_name, name in (("attn_v", "self_attn.v_proj"), ("attn_output", "self_attn.o_proj"), ("ffn_up", "mlp.up_proj")):
+        tensor = tensors[f"blk.1.{gguf_name}.weight"]
+        weight = bundle.quantized_layer(1)[0][name].dequantize()
+        assert tensor.tensor_type.name == ("Q8_0" if name.endswith("v_proj") else "Q4_0")
+        stored = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(weight.shape)
+        assert np.array_equal(stored, weight.numpy()), gguf_name
+
+
+def test_packed_exports_carry_per_module_grids_that_clients_honour(override_bundles: dict[str, Path],
+                                                                   tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """compressed-tensors gets a second config group naming the 8-bit modules; GPTQ gets
+    positive `dynamic` rules (with vLLM's fused qkv_proj name); AWQ, one grid per checkpoint,
+    refuses. Our readers give the bundle's tensors back and transformers + compressed-tensors
+    computes the bundle's logits. (Loaded compressed, its default: with `dequantize=True`
+    transformers 5.25 decompresses every dense module with one scheme, get_dense_scheme.)"""
+    bundle = Bundle(override_bundles["override"])
+    for fmt in ("compressed-tensors", "gptq"):
+        code, out = _run("export", bundle.root, "--format", fmt, "--out", tmp_path / fmt)
+        assert code == 0, out
+        export = open_export(tmp_path / fmt)
+        for index in range(bundle.num_layers):
+            ours, theirs = bundle.layer_tensors(index), export.layer_tensors(index)
+            assert all(torch.equal(ours[name], theirs[name]) for name in ours), (fmt, index)
+    groups = json.loads((tmp_path / "compressed-tensors" / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert groups["group_1"]["weights"]["num_bits"] == 8 and "model.layers.0.self_attn.k_proj" in groups["group_1"]["targets"]
+    dynamic = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]["dynamic"]
+    rule = next(pattern for pattern in dynamic if pattern.startswith("+:") and "layers\\.2\\." in pattern)
+    assert dynamic[rule]["bits"] == 8 and re.match(rule[2:], "model.layers.2.self_attn.qkv_proj")
+    assert not re.match(rule[2:], "model.layers.2.self_attn.o_proj")
+    code, out = _run("export", bundle.root, "--format", "awq", "--out", tmp_path / "awq")
+    assert code == 2 and "bits overrides" in out and not (tmp_path / "awq").exists(), out
+    ids = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(2))
+    theirs = model_logits(tmp_path / "compressed-tensors", ids)
+    torch.testing.assert_close(theirs, bundle_logits(tiny_llama_dir, bundle, ids, tmp_path / "float"), rtol=1e-4, atol=1e-4)
+
+
+def test_bits_overrides_that_split_a_fused_set_or_touch_routed_experts_are_refused(
+        smollm2_dir: Path, tiny_llama_dir: Path, tmp_path: Path) -> None:
+    code, out = _run("quantize", tiny_llama_dir, "--method", "rtn", "--out", tmp_path / "bundle", "--group-size", 32,
+                     "--bits-override", r"layers\.0\.mlp\.up_proj=8", "--no-progress")
+    assert code == 0, out
+    code, out = _run("export", tmp_path / "bundle", "--format", "compressed-tensors", "--out", tmp_path / "ct")
+    assert code == 2 and "model.layers.0.mlp.up_proj: 8-bit" in out and "gate_proj: 4-bit" in out, out
+    assert not (tmp_path / "ct").exists()
+    llama4 = make_tiny_llama4(smollm2_dir, tmp_path / "llama4")
+    code, out = _run("quantize", llama4, "--method", "rtn", "--out", tmp_path / "b", "--bits-override", "experts=8",
+                     "--no-progress")
+    assert code == 2 and "bits_overrides matches the routed experts" in out and not (tmp_path / "b").exists(), out
+
+
+@pytest.mark.parametrize("entry, message", [("self_attn", "expected REGEX=BITS"), ("self_attn=9", "from 2 to 8, got 9"),
+                                            ("self_attn(=8", "not a regular expression")])
+def test_bad_bits_overrides_are_refused(entry: str, message: str, tiny_llama_dir: Path, tmp_path: Path) -> None:
+    code, out = _run("quantize", tiny_llama_dir, "--method", "rtn", "--out", tmp_path / "a", "--bits-override", entry,
+                     "--no-progress")
+    assert code == 2 and message in out and repr(entry) in out and not (tmp_path / "a").exists(), out
+    with pytest.raises(InputError, match=re.escape(message)):
+        parse_recipe({"model": "m", "calibration": {"data": "self"}, "quantize": {"bits_overrides": [entry]}})
+
+
+def test_weights_for_takes_the_first_matching_override_and_q4_k_overrides_get_q8_0s_grid() -> None:
+    recipe = parse_recipe({"model": "m", "calibration": {"data": "self"},
+                           "quantize": {"gguf_grid": "Q4_K", "bits_overrides": [r"layers\.0\.=4", "self_attn=8"]}})
+    spec = recipe.quantize
+    assert spec.weights_for("model.layers.1.mlp.up_proj") is spec.weights
+    eight = spec.weights_for("model.layers.1.self_attn.q_proj")
+    assert (eight.bits, eight.group_size, eight.sym, eight.k_quant, eight.free_min) == (8, 32, True, False, False)
+    # the first matching entry wins: 4 bits, the run's own width, so the run's own (Q4_K) grid
+    assert spec.weights_for("model.layers.0.self_attn.q_proj") is spec.weights
