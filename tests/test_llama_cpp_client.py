@@ -66,14 +66,20 @@ def smollm2_q4_0(smollm2_dir: Path, tmp_path_factory) -> Path:
     return root
 
 
+def smollm2_agreement(smollm2_dir: Path, bundle_dir: Path, gguf_path: Path, text_path: Path, tmp: Path,
+                      tokens: int = 256) -> tuple[float, float]:
+    """(top-1 agreement, mean KL) of llama.cpp running `gguf_path` against SmolLM2 `bundle_dir`
+    through transformers, on the first `tokens` tokens of `text_path`."""
+    ids = _text_tokens(smollm2_dir, text_path, tokens)
+    ours = bundle_logits(smollm2_dir, Bundle(bundle_dir), torch.tensor([ids]), tmp / "float")[0]
+    return agreement(ours, llama_cpp_logits(gguf_path, ids))
+
+
 @pytest.mark.slow
 def test_llama_cpp_runs_our_smollm2_q4_0_like_our_bundle(smollm2_dir: Path, smollm2_q4_0: Path, wiki_test_path: Path,
                                                           tmp_path: Path) -> None:
-    tokens = _text_tokens(smollm2_dir, wiki_test_path, 256)
-    theirs = llama_cpp_logits(smollm2_q4_0 / "m.gguf", tokens)
-    ours = bundle_logits(smollm2_dir, Bundle(smollm2_q4_0 / "bundle"), torch.tensor([tokens]), tmp_path / "float")[0]
-    top1, kl = agreement(ours, theirs)
-    print(f"\nSmolLM2 Q4_0, {len(tokens)} tokens: top-1 agreement {top1:.4f}, mean KL {kl:.5f}")
+    top1, kl = smollm2_agreement(smollm2_dir, smollm2_q4_0 / "bundle", smollm2_q4_0 / "m.gguf", wiki_test_path, tmp_path)
+    print(f"\nSmolLM2 Q4_0, 256 tokens: top-1 agreement {top1:.4f}, mean KL {kl:.5f}")
     assert top1 >= 0.93 and kl < 0.01
 
 
@@ -84,11 +90,8 @@ def test_llama_cpp_meets_98_percent_top1_where_it_does_not_round_activations(
     activations in float, and its logits agree with our bundle's at the issue's 98% top-1. The
     Q4_0 file's lower agreement (above) is llama.cpp's 8-bit activation rounding, not our export."""
     _run("export", smollm2_q4_0 / "bundle", "--format", "gguf", "--gguf-type", "F32", "--out", tmp_path / "f32.gguf")
-    tokens = _text_tokens(smollm2_dir, wiki_test_path, 256)
-    theirs = llama_cpp_logits(tmp_path / "f32.gguf", tokens)
-    ours = bundle_logits(smollm2_dir, Bundle(smollm2_q4_0 / "bundle"), torch.tensor([tokens]), tmp_path / "float")[0]
-    top1, kl = agreement(ours, theirs)
-    print(f"\nSmolLM2 Q4_0 bundle as F32 GGUF, {len(tokens)} tokens: top-1 agreement {top1:.4f}, mean KL {kl:.6f}")
+    top1, kl = smollm2_agreement(smollm2_dir, smollm2_q4_0 / "bundle", tmp_path / "f32.gguf", wiki_test_path, tmp_path)
+    print(f"\nSmolLM2 Q4_0 bundle as F32 GGUF, 256 tokens: top-1 agreement {top1:.4f}, mean KL {kl:.6f}")
     assert top1 >= 0.98 and kl < 0.001
 
 
