@@ -43,6 +43,25 @@ GGUF_BYTES_PER_WEIGHT = {  # by the bundle's bits: the GGUF types it exports to
     4: {"gguf Q4_0": 18 / 32, "gguf Q4_1": 20 / 32, "gguf Q4_K": 144 / 256}, 8: {"gguf Q8_0": 34 / 32}}
 
 
+def output_bytes(params_by_grid: dict, base, passthrough: int, hidden: int) -> dict[str, int]:
+    """Size of every output format: {format: bytes} from the quantized parameters on each grid
+    ({QuantSpec: params}; bits overrides add grids beside the run's `base`) and the bytes passed
+    through (a per-channel grid has about params / hidden groups). In a GGUF a tensor on another
+    grid than the run's gets its own width's type (Q8_0 for 8 bits, else Q4_0 / Q4_1)."""
+    outputs = {}
+    for fmt, per_weight in FORMAT_BYTES_PER_WEIGHT.items():
+        total = passthrough
+        for grid, params in params_by_grid.items():
+            code, per_group = per_weight(grid.bits, grid.group_size, grid.sym)
+            total += params * code + params / (grid.group_size if grid.group_size > 0 else hidden) * per_group
+        outputs[fmt] = int(total)
+    for fmt, per_weight in GGUF_BYTES_PER_WEIGHT.get(base.bits, {}).items():
+        own_type = lambda grid: 34 / 32 if grid.bits == 8 else (18 if grid.sym else 20) / 32  # noqa: E731
+        outputs[fmt] = int(passthrough + sum(params * (per_weight if grid == base else own_type(grid))
+                                             for grid, params in params_by_grid.items()))
+    return outputs
+
+
 @dataclass
 class LayerCost:
     """One decoder layer: bytes it needs beside the baseline, and its work in flops."""
@@ -222,26 +241,22 @@ def make_plan(name: str, table, config, sizes: dict[str, int], calib: CalibSpec,
               rates: dict, baseline: int) -> Plan:
     text = table.text_config(config)
     expected = table.expected_tensors(config)
-    layers, params, quantized_bytes, count, tensors = [], 0, 0, 0, 0
+    layers, params_by_grid, quantized_bytes, count, tensors = [], {}, 0, 0, 0
     for index in range(text.num_hidden_layers):
         cost, names, matrices = layer_cost(table, text, index, calib, spec)
         layers.append(cost)
         full = [table.prefix(index) + name for name in names]
-        params += sum(_numel(expected[name]) for name in full)
+        for name in full:
+            grid = spec.weights_for(name.removesuffix(".weight"))
+            params_by_grid[grid] = params_by_grid.get(grid, 0) + _numel(expected[name])
         quantized_bytes += sum(sizes[name] for name in full)
         count, tensors = count + matrices, tensors + len(full)
+    params = sum(params_by_grid.values())
     passthrough = sum(sizes.values()) - quantized_bytes
     model_level = [table.embed, table.final_norm, table.lm_head]
     final = sum(size for tensor, size in sizes.items()
                 if tensor in model_level or tensor.startswith(table.passthrough_prefixes))
-    weights = spec.weights
-    groups = params / (weights.group_size if weights.group_size > 0 else text.hidden_size)
-    outputs = {}
-    for fmt, per_weight in FORMAT_BYTES_PER_WEIGHT.items():
-        code, per_group = per_weight(weights.bits, weights.group_size, weights.sym)
-        outputs[fmt] = int(params * code + groups * per_group + passthrough)
-    for fmt, per_weight in GGUF_BYTES_PER_WEIGHT.get(weights.bits, {}).items():
-        outputs[fmt] = int(params * per_weight + passthrough)
+    outputs = output_bytes(params_by_grid, spec.weights, passthrough, text.hidden_size)
     seconds = sum(layer.matmul_flops for layer in layers) / rates["matmul_flops_per_s"] + sum(
         count * (k * rates["gptq_column_seconds"] + gptq_flops(n, k) / rates["gptq_flops_per_s"])
         for layer in layers for count, n, k in layer.gptq_solves)

@@ -73,6 +73,16 @@ def _set_submodule(root: torch.nn.Module, path: str, module: torch.nn.Module) ->
 
 
 
+def _runtime_linear(weight: QuantizedWeight, name: str, backend: Backend, dtype: torch.dtype) -> torch.nn.Module:
+    """A QuantLinear on `backend` for a 4-bit weight; one of another width (a bits override,
+    e.g. 8-bit attention), which the 4-bit kernels do not run, as a plain Linear of its values."""
+    if weight.bits == 4:
+        return QuantLinear(Int4Weight.from_quantized(weight, name), backend)
+    linear = torch.nn.Linear(weight.shape[-1], weight.shape[-2], bias=False, device="meta")
+    linear.weight = torch.nn.Parameter(weight.dequantize().to(dtype), requires_grad=False)
+    return linear
+
+
 def _routed_experts(bundle, index: int) -> dict[str, Int4Weight]:
     """Layer `index`'s routed experts as stacked runtime weights {"gate_up": [E, 2I, D/2], "down": [E, D, I/2]}."""
     parts: dict[str, list[QuantizedWeight]] = {}
@@ -94,7 +104,7 @@ def quantized_layer(bundle, index: int, backend: Backend, dtype: torch.dtype = t
     prefix = bundle.table.prefix(index)
     try:
         for name, weight in quantized.items():
-            _set_submodule(module, name, QuantLinear(Int4Weight.from_quantized(weight, prefix + name), backend))
+            _set_submodule(module, name, _runtime_linear(weight, prefix + name, backend, dtype))
         experts = _routed_experts(bundle, index) if plan.moe is not None else None
     except ValueError as exc:
         raise InputError(f"{bundle.root}: {exc}") from None

@@ -1,6 +1,7 @@
 """GPTQModel 7.6.0, the client most GPTQ/AWQ users load with, reads our exports and computes
 what our dequantized bundle computes: dense GPTQ (4-bit sym and asym, 8-bit) and AWQ through
-transformers, and GPTQ through `GPTQModel.load` for a dense Llama and a tiny Llama 4 MoE.
+transformers, and GPTQ through `GPTQModel.load` for a dense Llama (also with 8-bit q/k/v by
+bits overrides) and a tiny Llama 4 MoE.
 
 GPTQModel pins numpy 2.2.6, so `.ci/run` installs it (with optimum, which transformers' GPTQ
 path needs) in its own virtual environment over ours and names its python in
@@ -87,6 +88,8 @@ IDS = torch.randint(3, 49152, (2, 24), generator=torch.Generator().manual_seed(5
     ("gptq", ["--bits", 4, "--group-size", 32, "--asym"], "transformers"),
     ("gptq", ["--bits", 8, "--group-size", 32, "--sym"], "transformers"),
     ("gptq", ["--bits", 4, "--group-size", 32, "--sym"], "gptqmodel"),
+    # 8-bit q/k/v in a 4-bit checkpoint: GPTQModel must follow our positive `dynamic` rules
+    ("gptq", ["--bits", 4, "--group-size", 32, "--sym", "--bits-override", r"self_attn\.(q|k|v)_proj=8"], "gptqmodel"),
     ("awq", ["--bits", 4, "--group-size", 32, "--asym", "--method", "awq"], "transformers"),
 ])
 def test_gptqmodel_runs_our_dense_export_like_our_bundle(tiny_llama_dir: Path, calibration: Path, tmp_path: Path,

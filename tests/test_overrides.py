@@ -263,3 +263,33 @@ def test_weights_for_takes_the_first_matching_override_and_q4_k_overrides_get_q8
     assert (eight.bits, eight.group_size, eight.sym, eight.k_quant, eight.free_min) == (8, 32, True, False, False)
     # the first matching entry wins: 4 bits, the run's own width, so the run's own (Q4_K) grid
     assert spec.weights_for("model.layers.0.self_attn.q_proj") is spec.weights
+
+
+def test_the_plan_sizes_overridden_linears_on_their_own_grid(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """q/k/v at 8 bits on Q4_0's grid: each of their weights costs 34/32 bytes in the GGUF (Q8_0)
+    instead of 18/32, and 1 byte instead of 1/2 in compressed-tensors (fp16 scales per 32 either way)."""
+    plans = {}
+    for name, extra in (("plain", []), ("override", ["--bits-override", OVERRIDE])):
+        code, out = _run("plan", tiny_llama_dir, "--gguf-grid", "Q4_0", *extra, "--json", tmp_path / f"{name}.json")
+        assert code == 0, out
+        plans[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    qkv = 3 * (96 * 96 + 2 * 48 * 96)  # q, k, v weights of the 3 layers
+    grown = {fmt: plans["override"]["outputs"][fmt] - plans["plain"]["outputs"][fmt] for fmt in plans["plain"]["outputs"]}
+    assert grown["gguf Q4_0"] == qkv * 16 // 32 and grown["compressed-tensors"] == qkv // 2, grown
+    assert plans["override"]["quantized_tensors"] == plans["plain"]["quantized_tensors"]
+
+
+def test_the_kernel_runtime_runs_a_bundle_with_8_bit_linears(override_bundles: dict[str, Path], tiny_llama_dir: Path,
+                                                             tmp_path: Path) -> None:
+    """The 4-bit kernels run the 4-bit linears and the 8-bit ones run as float Linears of their
+    values: the model computes the dequantized bundle."""
+    from maverick_quant.runtime import QuantLinear, load_quantized_model
+
+    bundle = Bundle(override_bundles["override"])
+    model = load_quantized_model(bundle, "reference", torch.float32)
+    attention = model.model.layers[0].self_attn
+    assert isinstance(attention.o_proj, QuantLinear) and not isinstance(attention.q_proj, QuantLinear)
+    ids = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits
+    torch.testing.assert_close(ours, bundle_logits(tiny_llama_dir, bundle, ids, tmp_path / "float"), rtol=1e-4, atol=1e-4)
