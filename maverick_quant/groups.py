@@ -55,11 +55,11 @@ def mark_linears(layer: torch.nn.Module, prefix: str, names: tuple[str, ...], sp
     those a bits override matches are solved on its grid. Returns the names kept in float."""
     kept = tuple(name for name in names if spec.keeps_float(prefix + name))
     for name in names:
-        module = layer.get_submodule(name)
+        module, grid = layer.get_submodule(name), spec.weights_for(prefix + name)
         if name in kept:
             setattr(module, KEEP_FLOAT, True)
-        elif spec.weights_for(prefix + name) is not spec.weights:
-            setattr(module, GRID, spec.weights_for(prefix + name))
+        elif grid is not spec.weights:
+            setattr(module, GRID, grid)
     return kept
 
 

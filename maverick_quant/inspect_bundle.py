@@ -18,6 +18,7 @@ def bundle_summary(bundle: Bundle, top: int = 5) -> str:
     lines = [f"{bundle.root}: {manifest['source']['architecture'][0]}, {bundle.num_layers} layers, "
              f"{manifest['recipe']['method']} {quant['bits']}-bit group {quant['group_size']} "
              f"{'sym' if quant['sym'] else 'asym'}, {size / 2**20:.1f} MiB"]
+    lines += _override_lines(bundle)
     loss = manifest["summary"].get("mean_rel_loss")
     if loss is not None:
         lines.append(f"mean relative GPTQ loss of the dense linears: {loss:.5f}")
@@ -38,6 +39,16 @@ def bundle_summary(bundle: Bundle, top: int = 5) -> str:
     lines.append("largest relative loss: " + ", ".join(
         f"L{r['layer']}/E{r['expert']} {max(l['rel_loss'] for l in r['linears'].values()):.4f}" for r in worst))
     return "\n".join(lines)
+
+
+def _override_lines(bundle: Bundle) -> list[str]:
+    """One line per kind of per-module override: linears kept in float, linears on another grid."""
+    kept = sum(len(bundle.kept_float(index)) for index in range(bundle.num_layers))
+    widths: dict[int, int] = {}
+    for grid in bundle.overridden_grids().values():
+        widths[grid["bits"]] = widths.get(grid["bits"], 0) + 1
+    lines = [f"kept in float: {kept} linears"] if kept else []
+    return lines + [f"bits overrides: {count} linears at {bits} bits" for bits, count in sorted(widths.items())]
 
 
 def expert_audit(bundle: Bundle) -> list[dict]:

@@ -184,6 +184,8 @@ def test_overridden_linears_are_solved_on_their_own_grid(override_bundles: dict[
                 assert error < error4 / 8, (index, name, error, error4)
     assert sorted(override.overridden_grids()) == sorted(f"model.layers.{i}.self_attn.{p}_proj"
                                                            for i in range(override.num_layers) for p in "qkv")
+    code, out = _run("inspect", override.root)
+    assert code == 0 and "bits overrides: 9 linears at 8 bits" in out, out
 
 
 def test_gguf_stores_overridden_linears_as_q8_0_exactly(override_bundles: dict[str, Path], tmp_path: Path) -> None:
