@@ -85,15 +85,21 @@ def test_rtn_and_gptq_bundles_differ_and_both_validate(tiny_run) -> None:
 
 @pytest.mark.slow
 def test_smollm2_gptq_beats_rtn_end_to_end(smollm2_dir: Path, wiki_valid_path: Path, wiki_test_path: Path, tmp_path: Path) -> None:
-    """Real pretrained model, tiny calibration: GPTQ 4-bit must beat RTN 4-bit on held-out text."""
-    ppl = {}
+    """Real pretrained model, small calibration (16 x 128 tokens): GPTQ 4-bit must be closer to
+    the float model than RTN 4-bit on held-out text, by mean KL divergence over the same tokens.
+    (Perplexity over 512 held-out tokens cannot separate them: measured 61.18 vs 61.31, and
+    with 8 calibration windows GPTQ's ppl moved by 2.2 between two BLAS code paths of the same
+    CPU while its KL stayed lower than RTN's.)"""
+    kl, ppl = {}, {}
     for method in ("rtn", "gptq"):
-        code, out = _run("quantize", smollm2_dir, "--method", method, "--data", wiki_valid_path, "--samples", 8,
+        code, out = _run("quantize", smollm2_dir, "--method", method, "--data", wiki_valid_path, "--samples", 16,
                          "--seq-len", 128, "--group-size", 64, "--out", tmp_path / method, "--no-progress")
         assert code == 0, out
         code, out = _run("validate", "--reference", smollm2_dir, "--candidate", tmp_path / method, "--data", wiki_test_path,
                          "--ctx", 128, "--max-windows", 4, "--report", tmp_path / f"report-{method}", "--no-progress",
                          "--gate", "ppl_ratio<=2.5")
         assert code == 0, out
-        ppl[method] = json.loads((tmp_path / f"report-{method}" / "report.json").read_text())["candidate"]["ppl"]
-    assert ppl["gptq"] < ppl["rtn"]
+        report = json.loads((tmp_path / f"report-{method}" / "report.json").read_text())
+        kl[method], ppl[method] = report["kl"]["mean"], report["candidate"]["ppl"]
+    print(f"\nSmolLM2 4-bit g64, 16 x 128 calibration tokens: mean KL {kl}, ppl {ppl}")
+    assert kl["gptq"] < 0.85 * kl["rtn"], (kl, ppl)
