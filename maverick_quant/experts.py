@@ -232,8 +232,10 @@ def quantize_expert_chunk(x: torch.Tensor, routing: Routing, moe: MoEBlock, weig
     width = dequant[gate].shape[1]
     mids = [policy_hessian(decisions[e][0], down_input(e, routed), down_input(e, every), spec.moe, width)
             for e, (routed, every) in enumerate(inputs)]
-    del inputs
-    mid_quantized, mid_stats = _solve_batch(weights, mid_names, torch.stack(mids), spec)
+    del inputs, dequant
+    H_mid = torch.stack(mids)
+    del mids  # one copy of the down projections' Hessians during their solve
+    mid_quantized, mid_stats = _solve_batch(weights, mid_names, H_mid, spec)
     quantized.update(mid_quantized)
     stats.update(mid_stats)
     return quantized, _audit_records(routing, first, decisions, stats)

@@ -173,11 +173,13 @@ def _damped_inverse_cholesky(H: torch.Tensor, damp0: float) -> tuple[torch.Tenso
     b = H.shape[0]
     damp = torch.full((b,), damp0, dtype=torch.float64, device=H.device)
     mean_diag = H.diagonal(dim1=-2, dim2=-1).mean(-1)
-    U = torch.empty_like(H)
-    todo = torch.arange(b, device=H.device)
-    while True:
-        factor, ok = _try_inverse_cholesky(H[todo], (damp[todo] * mean_diag[todo]).to(H.dtype))
-        U[todo[ok]] = factor[ok]
+    U, todo = None, torch.arange(b, device=H.device)
+    while True:  # the first try factors every matrix in place of U; retries only the failed ones
+        factor, ok = _try_inverse_cholesky(H if U is None else H[todo], (damp[todo] * mean_diag[todo]).to(H.dtype))
+        if U is None:
+            U = factor
+        else:
+            U[todo[ok]] = factor[ok]
         todo = todo[~ok]
         if todo.numel() == 0:
             return U, damp
@@ -190,13 +192,19 @@ def _damped_inverse_cholesky(H: torch.Tensor, damp0: float) -> tuple[torch.Tenso
 
 
 def _try_inverse_cholesky(H: torch.Tensor, add: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each H [B, K, K] + add[b] * I: (upper Cholesky of its inverse [B, K, K], ok bool [B])."""
-    Hd = H.clone()
-    Hd.diagonal(dim1=-2, dim2=-1).add_(add.unsqueeze(-1))
-    L, info = torch.linalg.cholesky_ex(Hd)
-    eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
-    L = torch.where((info == 0).view(-1, 1, 1), L, eye)  # failed factors are garbage: keep them finite
-    U, info_inv = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+    """For each H [B, K, K] + add[b] * I: (upper Cholesky of its inverse [B, K, K], ok bool [B]).
+    At most two [B, K, K] temporaries live at once beside H (the solve of a Maverick expert's
+    down projection holds a handful of 256 MiB matrices)."""
+    L = H.clone()
+    L.diagonal(dim1=-2, dim2=-1).add_(add.unsqueeze(-1))
+    L, info = torch.linalg.cholesky_ex(L)
+    failed = info != 0
+    if failed.any():  # failed factors are garbage: keep them finite
+        L[failed] = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
+    inverse = torch.cholesky_inverse(L)
+    del L
+    U, info_inv = torch.linalg.cholesky_ex(inverse, upper=True)
+    del inverse
     ok = (info == 0) & (info_inv == 0) & torch.isfinite(U).flatten(1).all(-1)
     return U, ok
 
