@@ -104,6 +104,10 @@ def test_transformers_loads_the_compressed_tensors_export_with_kept_linears_igno
     config = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]
     assert "model.layers.1.self_attn.q_proj" in config["modules_to_not_convert"]
     assert any("model\\.layers\\.2\\.mlp\\.down_proj" in rule for rule in config["dynamic"])
+    # vLLM looks its rules up by the fused module's name: the kept q/k/v of layer 1 are excluded as qkv_proj too
+    first = lambda name: next(rule for rule in config["dynamic"] if re.match(rule[2:], name))  # noqa: E731
+    assert first("model.layers.1.self_attn.qkv_proj").startswith("-:")
+    assert not any(re.match(rule[2:], "model.layers.0.self_attn.qkv_proj") for rule in config["dynamic"])
     ids = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(1))
     theirs = model_logits(tmp_path / "compressed-tensors", ids, quantization_config=CompressedTensorsConfig(dequantize=True))
     ours = bundle_logits(tiny_llama_dir, bundle, ids, tmp_path / "float")

@@ -122,11 +122,22 @@ def override_rules(overrides: dict[str, dict]) -> list[tuple[str, dict]]:
     return rules
 
 
+def fused_names(modules: list[str]) -> list[str]:
+    """vLLM's names (`...self_attn.qkv_proj`, `...mlp.gate_up_proj`) of the fused sets wholly in `modules`."""
+    present, names = set(modules), []
+    for module in modules:
+        parent, _, leaf = module.rpartition(".")
+        names += [f"{parent}.{fused}" for members, fused in VLLM_FUSED.items()
+                  if leaf == members[0] and all(f"{parent}.{member}" in present for member in members)]
+    return names
+
+
 def exclusion_fields(unquantized: list[str], overrides: dict[str, dict] | None = None) -> dict:
     """`modules_to_not_convert` and the `dynamic` rules of GPTQModel and vLLM: "-:" + regex for
-    each unquantized module, then "+:" + regex with the grid of each bits override (the first
+    each unquantized module (and for vLLM's fused name of a set kept whole: vLLM matches the rules
+    on `qkv_proj`, not q_proj), then "+:" + regex with the grid of each bits override (the first
     matching rule wins in both)."""
-    dynamic = {f"-:.*{re.escape(name)}.*": {} for name in unquantized}
+    dynamic = {f"-:.*{re.escape(name)}.*": {} for name in [*unquantized, *fused_names(unquantized)]}
     for regex, grid in override_rules(overrides or {}):
         dynamic[f"+:{regex}"] = {"bits": grid["bits"], "group_size": grid["group_size"], "sym": grid["sym"],
                                  "desc_act": False}
