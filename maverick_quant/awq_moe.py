@@ -30,8 +30,8 @@ from maverick_quant.arch.base import MoEBlock, unfuse_experts
 from maverick_quant.calibration.moe import Routing, activation, expert_hidden, resolve_policy, sample_tokens
 from maverick_quant.compress.awq import (ScaleSearch, candidate_scales, clip_weights, output_loss, rtn_fake,
                                          scale_columns, search_scales)
-from maverick_quant.groups import KEEP_FLOAT
-from maverick_quant.recipe import ExpertPolicy, QuantizeSpec
+from maverick_quant.groups import KEEP_FLOAT, linear_grid
+from maverick_quant.recipe import ExpertPolicy, QuantizeSpec, QuantSpec
 from maverick_quant.awq_layer import as_stored, weight_mean
 from maverick_quant.streaming import StreamingModel
 
@@ -69,15 +69,20 @@ def _routed_outputs(sample: BlockSample, weights: dict[str, torch.Tensor], first
         x_in = sample.x[rows] * sample.scores[rows, slots][:, None]
         gate, up = weights["gate_proj"][offset], weights["up_proj"][offset]
         if scales is not None:
-            gate, up = (_scaled_rtn(w, scales, spec) for w in (gate, up))  # [G, I, D]
+            gate, up = (_scaled_rtn(w, scales, spec.weights) for w in (gate, up))  # [G, I, D]
         hidden = act(x_in @ gate.transpose(-1, -2)) * (x_in @ up.transpose(-1, -2))
         out[:, rows] += hidden @ weights["down_proj"][offset].T
     return out
 
 
-def _scaled_rtn(W: torch.Tensor, scales: torch.Tensor, spec: QuantizeSpec) -> torch.Tensor:
-    """Q(W diag(s)) diag(s)^-1 for W [I, D] under each candidate s [G, D] -> [G, I, D]."""
-    return rtn_fake(W[None] * scales[:, None, :], spec.weights) / scales[:, None, :]
+def _scaled_rtn(W: torch.Tensor, scales: torch.Tensor, grid: QuantSpec) -> torch.Tensor:
+    """Q(W diag(s)) diag(s)^-1 for W [I, D] on `grid` under each candidate s [G, D] -> [G, I, D]."""
+    return rtn_fake(W[None] * scales[:, None, :], grid) / scales[:, None, :]
+
+
+def _shared_grids(layer: torch.nn.Module, moe: MoEBlock, spec: QuantizeSpec) -> tuple[QuantSpec, ...]:
+    """The grids of the shared expert's gate, up and down (a bits override may change them)."""
+    return tuple(linear_grid(layer, f"{moe.shared_module}.{name}", spec) for name in ("gate_proj", "up_proj", "down_proj"))
 
 
 def search_block_scale(model: StreamingModel, index: int, layer: torch.nn.Module, x: torch.Tensor,
@@ -91,7 +96,9 @@ def search_block_scale(model: StreamingModel, index: int, layer: torch.nn.Module
     duo = weight_mean([gate, up]) if spec.awq.duo_scaling else None  # the shared expert stands for all consumers
     candidates = candidate_scales(x.abs().mean(0), duo, spec.awq)
     reference = _shared_output(layer, moe, sample.x, gate, up)
-    quantized = torch.stack([_shared_output(layer, moe, sample.x, *(_scaled_rtn(w, s[None], spec)[0] for w in (gate, up)))
+    grids = _shared_grids(layer, moe, spec)
+    quantized = torch.stack([_shared_output(layer, moe, sample.x, *(_scaled_rtn(w, s[None], g)[0]
+                                                                    for w, g in zip((gate, up), grids)))
                              for s in candidates])
     from maverick_quant.experts import expert_chunks
 
@@ -122,18 +129,21 @@ def scale_shared_down(layer: torch.nn.Module, moe: MoEBlock, x: torch.Tensor, sp
     hidden = expert_hidden(rows, shared.gate_proj.weight.float(), shared.up_proj.weight.float(), activation(moe.activation))
     down = shared.down_proj.weight.float()
     duo = weight_mean([down]) if spec.awq.duo_scaling else None
-    result = search_scales(hidden.abs().mean(0), duo, output_loss(hidden, [down], spec.weights), spec.awq)
+    result = search_scales(hidden.abs().mean(0), duo, output_loss(hidden, [down], _shared_grids(layer, moe, spec)[2]),
+                           spec.awq)
     shared.up_proj.weight.data = shared.up_proj.weight.data / result.scales.to(shared.up_proj.weight.dtype)[:, None]
     shared.down_proj.weight.data = scale_columns(shared.down_proj.weight.data, result.scales)
     return result
 
 
 def clip_expert(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, rows: torch.Tensor, act,
-                spec: QuantizeSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                spec: QuantizeSpec, grids: tuple[QuantSpec, ...] | None = None) -> tuple[torch.Tensor, ...]:
     """AWQ clipping of one gated MLP: gate, up [I, D] on its inputs rows [T, D], then down
-    [D, I] on act(rows gate^T) * (rows up^T) computed with the clipped gate/up."""
-    gate, up = (clip_weights(w, rows, spec.weights, spec.awq) for w in (gate, up))
-    return gate, up, clip_weights(down, expert_hidden(rows, gate.float(), up.float(), act), spec.weights, spec.awq)
+    [D, I] on act(rows gate^T) * (rows up^T) computed with the clipped gate/up; each on its
+    grid of `grids` (gate, up, down; default the run's)."""
+    grids = grids or (spec.weights,) * 3
+    gate, up = (clip_weights(w, rows, g, spec.awq) for w, g in zip((gate, up), grids))
+    return gate, up, clip_weights(down, expert_hidden(rows, gate.float(), up.float(), act), grids[2], spec.awq)
 
 
 def clip_shared(layer: torch.nn.Module, moe: MoEBlock, x: torch.Tensor, spec: QuantizeSpec) -> None:
@@ -141,7 +151,8 @@ def clip_shared(layer: torch.nn.Module, moe: MoEBlock, x: torch.Tensor, spec: Qu
     shared = layer.get_submodule(moe.shared_module)
     linears = (shared.gate_proj, shared.up_proj, shared.down_proj)
     rows = x[sample_tokens(x.shape[0], spec.awq.sample_tokens)].float()
-    clipped = clip_expert(*(linear.weight.data for linear in linears), rows, activation(moe.activation), spec)
+    clipped = clip_expert(*(linear.weight.data for linear in linears), rows, activation(moe.activation), spec,
+                          _shared_grids(layer, moe, spec))
     for linear, weight in zip(linears, clipped):
         if not getattr(linear, KEEP_FLOAT, False):  # a linear kept in float keeps its range
             linear.weight.data = weight

@@ -14,8 +14,8 @@ Layout of a bundle directory:
                                     `m.super_scales`, `m.super_mins` fp16 [N, K/256] d, dmin;
                                     on Q4_1's own grid sc = m = 1 and d, dmin are [N, K/32].
                                     A linear a bits override put on another grid has its
-                                    changed fields (e.g. {"bits": 8}) as `weights` in the
-                                    layer record (Bundle.tensor_quant).
+                                    changed fields (e.g. {"bits": 8}) as `weights` in its
+                                    entry of the layer record's `quantized` (Bundle.tensor_quant).
     layers/layer-00007.json         that layer's stats (GPTQ loss, damping, seconds), written
                                     after its tensors: a layer is complete iff both exist
 

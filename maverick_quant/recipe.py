@@ -124,7 +124,7 @@ class QuantSpec:
 def parse_bits_override(entry: str) -> tuple[str, int]:
     """"REGEX=BITS" (a bits override, e.g. "self_attn=8") -> (REGEX, BITS); InputError otherwise."""
     pattern, separator, bits = entry.rpartition("=")
-    if not separator or not pattern or not bits.strip().isdigit():
+    if not separator or not pattern or not bits.strip().isdecimal() or not bits.strip().isascii():
         raise InputError(f"bits_overrides entry {entry!r}: expected REGEX=BITS, e.g. 'self_attn=8'")
     try:
         re.compile(pattern)
@@ -289,6 +289,8 @@ class QuantizeSpec:
         out = dataclasses.asdict(self)
         out["method"] = self.method.value
         out["moe"].update(policy=self.moe.policy.value, fallback=self.moe.fallback.value)
+        if not self.bits_overrides:  # absent when unused: runs recorded before the key existed keep their identity
+            del out["bits_overrides"]
         return out
 
     @classmethod

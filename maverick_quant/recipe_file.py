@@ -40,7 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from maverick_quant.errors import InputError
-from maverick_quant.recipe import GGUF_GRIDS, KERNEL_BACKENDS, AWQSpec, CalibSpec, Method, MoESpec, QuantizeSpec, QuantSpec
+from maverick_quant.recipe import (GGUF_GRIDS, KERNEL_BACKENDS, AWQSpec, CalibSpec, Method, MoESpec, QuantizeSpec, QuantSpec,
+                                   parse_bits_override)
 
 BUILTIN_MODELS = {"builtin:smollm2-135m-instruct"}
 EXPORT_FORMATS = ("gptq", "awq", "compressed-tensors", "gguf")
@@ -114,6 +115,7 @@ class Recipe:
             raise InputError(f"calibration.data: method {self.quantize.method.value} needs calibration data (a file or 'self')")
         for step in self.exports:
             _check_export_grid(step, self.quantize.weights)
+            _check_export_overrides(step, self.quantize)
 
     def to_dict(self) -> dict:
         """Every value resolved (defaults included), JSON/YAML-friendly."""
@@ -141,6 +143,20 @@ def _check_export_grid(step: ExportStep, weights: QuantSpec) -> None:
         if any(getattr(weights, key) != value for key, value in grid.items()):
             raise InputError(f"exports: gguf_type {step.gguf_type} needs the bundle on its grid ({grid}); set "
                              f"quantize.gguf_grid: {step.gguf_type}, or requantize: true on the export")
+
+
+OVERRIDE_BITS = {**EXPORT_BITS, "awq": (), "gguf": (4, 8)}  # widths each export stores beside the bundle's
+
+
+def _check_export_overrides(step: ExportStep, quantize: QuantizeSpec) -> None:
+    """Refuse, before any work, an export that cannot store a bits override's width (AWQ has one
+    grid per checkpoint; GGUF stores other widths as Q4_0/Q4_1 or Q8_0)."""
+    for entry in quantize.bits_overrides:
+        bits = parse_bits_override(entry)[1]
+        if bits != quantize.weights.bits and bits not in OVERRIDE_BITS[step.format]:
+            stored = OVERRIDE_BITS[step.format] or "no other width"
+            raise InputError(f"exports: format {step.format} stores {stored} beside the bundle's grid; "
+                             f"quantize.bits_overrides entry {entry!r} asks for {bits} bits")
 
 
 def _one_of(key: str, value: Any, allowed: tuple) -> None:

@@ -73,10 +73,12 @@ def _set_submodule(root: torch.nn.Module, path: str, module: torch.nn.Module) ->
 
 
 
-def _runtime_linear(weight: QuantizedWeight, name: str, backend: Backend, dtype: torch.dtype) -> torch.nn.Module:
-    """A QuantLinear on `backend` for a 4-bit weight; one of another width (a bits override,
-    e.g. 8-bit attention), which the 4-bit kernels do not run, as a plain Linear of its values."""
-    if weight.bits == 4:
+def _runtime_linear(weight: QuantizedWeight, name: str, backend: Backend, dtype: torch.dtype,
+                    bundle_bits: int) -> torch.nn.Module:
+    """A QuantLinear on `backend`; a linear a bits override put on another width than the
+    bundle's (e.g. 8-bit attention in a 4-bit bundle), which the 4-bit kernels do not run, as
+    a plain Linear of its values. A bundle that is not 4-bit itself is refused by QuantLinear."""
+    if weight.bits == bundle_bits:
         return QuantLinear(Int4Weight.from_quantized(weight, name), backend)
     linear = torch.nn.Linear(weight.shape[-1], weight.shape[-2], bias=False, device="meta")
     linear.weight = torch.nn.Parameter(weight.dequantize().to(dtype), requires_grad=False)
@@ -104,7 +106,7 @@ def quantized_layer(bundle, index: int, backend: Backend, dtype: torch.dtype = t
     prefix = bundle.table.prefix(index)
     try:
         for name, weight in quantized.items():
-            _set_submodule(module, name, _runtime_linear(weight, prefix + name, backend, dtype))
+            _set_submodule(module, name, _runtime_linear(weight, prefix + name, backend, dtype, bundle.quant["bits"]))
         experts = _routed_experts(bundle, index) if plan.moe is not None else None
     except ValueError as exc:
         raise InputError(f"{bundle.root}: {exc}") from None

@@ -225,6 +225,7 @@ def test_packed_exports_carry_per_module_grids_that_clients_honour(override_bund
             assert all(torch.equal(ours[name], theirs[name]) for name in ours), (fmt, index)
     groups = json.loads((tmp_path / "compressed-tensors" / "config.json").read_text())["quantization_config"]["config_groups"]
     assert groups["group_1"]["weights"]["num_bits"] == 8 and "model.layers.0.self_attn.k_proj" in groups["group_1"]["targets"]
+    assert "model.layers.0.self_attn.qkv_proj" in groups["group_1"]["targets"]  # vLLM matches its fused name first
     dynamic = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]["dynamic"]
     rule = next(pattern for pattern in dynamic if pattern.startswith("+:") and "layers\\.2\\." in pattern)
     assert dynamic[rule]["bits"] == 8 and re.match(rule[2:], "model.layers.2.self_attn.qkv_proj")
@@ -251,7 +252,8 @@ def test_bits_overrides_that_split_a_fused_set_or_touch_routed_experts_are_refus
 
 
 @pytest.mark.parametrize("entry, message", [("self_attn", "expected REGEX=BITS"), ("self_attn=9", "from 2 to 8, got 9"),
-                                            ("self_attn(=8", "not a regular expression")])
+                                            ("self_attn(=8", "not a regular expression"),
+                                            ("self_attn=\u00b2", "expected REGEX=BITS")])
 def test_bad_bits_overrides_are_refused(entry: str, message: str, tiny_llama_dir: Path, tmp_path: Path) -> None:
     code, out = _run("quantize", tiny_llama_dir, "--method", "rtn", "--out", tmp_path / "a", "--bits-override", entry,
                      "--no-progress")
@@ -299,3 +301,40 @@ def test_the_kernel_runtime_runs_a_bundle_with_8_bit_linears(override_bundles: d
     with torch.no_grad():
         ours = model(input_ids=ids).logits
     torch.testing.assert_close(ours, bundle_logits(tiny_llama_dir, bundle, ids, tmp_path / "float"), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt, entry, message", [("awq", "self_attn=8", "stores no other width"),
+                                                 ("gguf", "self_attn=6", "(4, 8)"),
+                                                 ("gptq", "self_attn=3", "(2, 4, 8)")])
+def test_a_recipe_whose_export_cannot_store_an_override_is_refused_on_load(fmt: str, entry: str, message: str) -> None:
+    export = {"format": fmt, **({"gguf_type": "Q4_0"} if fmt == "gguf" else {})}
+    quantize = {"gguf_grid": "Q4_0"} if fmt == "gguf" else {"group_size": 32, "sym": fmt != "awq"}
+    with pytest.raises(InputError, match=re.escape(message)):
+        parse_recipe({"model": "m", "calibration": {"data": "self"}, "exports": [export],
+                      "quantize": {**quantize, "bits_overrides": [entry]}})
+
+
+def test_runs_without_overrides_keep_the_identity_they_had_before_overrides_existed() -> None:
+    """An unfinished run recorded before bits_overrides existed resumes: the key is absent when unused."""
+    from maverick_quant.recipe import QuantizeSpec
+
+    assert "bits_overrides" not in QuantizeSpec().to_dict()
+    spec = QuantizeSpec(bits_overrides=("self_attn=8",))
+    assert QuantizeSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_awq_on_a_moe_model_solves_the_shared_expert_on_its_override_grid(smollm2_dir: Path, small_text_file: Path,
+                                                                           tmp_path: Path) -> None:
+    """AWQ's block search, the shared expert's down scale and its clipping take the shared
+    expert's own grid; the routed experts stay on the run's grid."""
+    llama4 = make_tiny_llama4(smollm2_dir, tmp_path / "llama4")
+    code, out = _run("quantize", llama4, "--method", "awq", "--data", small_text_file, "--samples", 4, "--seq-len", 32,
+                     "--group-size", 32, "--bits-override", "shared_expert=8", "--out", tmp_path / "b", "--no-progress")
+    assert code == 0, out
+    bundle = Bundle(tmp_path / "b")
+    moe_layer = next(i for i in range(bundle.num_layers) if bundle.manifest["layers"][i].get("experts"))
+    quantized = bundle.quantized_layer(moe_layer)[0]
+    shared = {name: w.bits for name, w in quantized.items() if "shared_expert" in name}
+    assert len(shared) == 3 and set(shared.values()) == {8}, shared
+    assert all(w.bits == 4 for name, w in quantized.items() if "shared_expert" not in name)
+    assert all(w.bits == 4 for _, chunk in bundle.expert_chunks(moe_layer) for w in chunk.values())

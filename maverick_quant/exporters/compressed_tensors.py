@@ -22,7 +22,7 @@ import re
 
 from maverick_quant import __version__
 from maverick_quant.compress.pack import PACK_BITS, from_compressed_tensors, to_compressed_tensors
-from maverick_quant.exporters.packed import Layout
+from maverick_quant.exporters.packed import Layout, fused_names
 
 FORMAT = "pack-quantized"
 
@@ -46,8 +46,9 @@ def ct_quantization_config(quant: dict, recipe: dict, unquantized: list[str] = (
                            overrides: dict[str, dict] | None = None) -> dict:
     """The `quantization_config` of a pack-quantized checkpoint, validated by compressed-tensors:
     group_0 targets every `Linear` on the bundle's grid; each other grid of bits overrides is a
-    further group whose targets are its modules' exact names (an exact name outranks a class
-    name in compressed-tensors' and vLLM's matching)."""
+    further group whose targets are its modules' exact names, and vLLM's fused names of the sets
+    wholly in it (`...qkv_proj`, `...gate_up_proj`): vLLM matches its fused module's name before
+    class names, compressed-tensors the unfused names (an exact name outranks a class name)."""
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, QuantizationStatus
 
     groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=_weight_args(quant), format=FORMAT)}
@@ -55,8 +56,8 @@ def ct_quantization_config(quant: dict, recipe: dict, unquantized: list[str] = (
     for module, grid in (overrides or {}).items():
         by_grid.setdefault(json.dumps({k: grid[k] for k in ("bits", "group_size", "sym")}, sort_keys=True), []).append(module)
     for number, (grid, modules) in enumerate(by_grid.items(), start=1):
-        groups[f"group_{number}"] = QuantizationScheme(targets=sorted(modules), weights=_weight_args(json.loads(grid)),
-                                                       format=FORMAT)
+        groups[f"group_{number}"] = QuantizationScheme(targets=sorted(modules) + fused_names(modules),
+                                                       weights=_weight_args(json.loads(grid)), format=FORMAT)
     config = QuantizationConfig(config_groups=groups, format=FORMAT, quantization_status=QuantizationStatus.COMPRESSED,
                                 ignore=ignore_patterns(list(unquantized)))
     return {**config.model_dump(mode="json"), "version": __version__, "quantizer": f"maverick-quant:{__version__}",
@@ -72,9 +73,9 @@ def ct_grid(quant: dict, module: str) -> tuple[int, int]:
                          f"format {quant.get('format')!r}")
     named = [group for group in groups.values() if module in group["targets"]]
     linear = [group for group in groups.values() if "Linear" in group["targets"]]
-    if not named and not linear:
+    if not named and not linear and len(groups) > 1:
         raise ValueError(f"no config group targets {module or 'Linear'}")
-    weights = (named or linear)[0]["weights"]
+    weights = (named or linear or list(groups.values()))[0]["weights"]
     return int(weights["num_bits"]), int(weights.get("group_size") or -1)
 
 

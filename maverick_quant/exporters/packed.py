@@ -118,7 +118,8 @@ def override_rules(overrides: dict[str, dict]) -> list[tuple[str, dict]]:
     rules = []
     for (parent, grid), leaves in by_parent.items():
         fused = [name for members, name in VLLM_FUSED.items() if set(members) <= set(leaves)]
-        rules.append((rf"^(.*\.)?{re.escape(parent)}\.({'|'.join(sorted(leaves) + fused)})$", json.loads(grid)))
+        alternatives = "|".join(re.escape(name) for name in sorted(leaves) + fused)
+        rules.append((rf"^(.*\.)?{re.escape(parent)}\.({alternatives})$", json.loads(grid)))
     return rules
 
 
@@ -217,7 +218,7 @@ class ExportSource(CheckpointModelTensors):
         self.quant = quant
         try:
             self.layout.grid(quant, "")
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, re.error) as exc:
             raise InputError(f"{export_dir}/config.json: quantization_config is not a readable "
                              f"{quant['quant_method']} config: {exc!r}") from None
 
@@ -228,8 +229,9 @@ class ExportSource(CheckpointModelTensors):
             return self.checkpoint.get(f"{module}.weight")
         tensors = {part: self.checkpoint.get(f"{module}.{part}") for part in self.layout.parts
                    if f"{module}.{part}" in self.checkpoint.tensors}
+        grid = self.layout.grid(self.quant, module)  # the config was checked when the export was opened
         try:
-            return self.layout.from_tensors(tensors, *self.layout.grid(self.quant, module)).dequantize()
+            return self.layout.from_tensors(tensors, *grid).dequantize()
         except KeyError as exc:
             raise InputError(f"{self.checkpoint.model_dir}: module {module}: tensor {module}.{exc.args[0]} is missing") from None
         except ValueError as exc:
