@@ -169,8 +169,9 @@ def refuse_overridden_experts(model: StreamingModel, spec: QuantizeSpec) -> None
         moe = model.plan(index).moe
         overrides = spec.keep_float or spec.bits_overrides
         for linear in moe.expert_linears if moe is not None and overrides else ():
-            for module in (f"{model.table.prefix(index)}{moe.experts}.{linear.name}",
-                           f"{model.table.prefix(index)}{moe.experts}.0.{linear.name}"):
+            stacked = f"{model.table.prefix(index)}{moe.experts}"
+            for module in (f"{stacked}.{linear.name}",
+                           *(f"{stacked}.{expert}.{linear.name}" for expert in range(moe.num_experts))):
                 override = ("keep_float" if spec.keeps_float(module) else
                             "bits_overrides" if spec.weights_for(module) is not spec.weights else None)
                 if override:
