@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from maverick_quant.checkpoint import DTYPE_SIZES
+from maverick_quant.compress.gguf_blocks import BLOCK, BLOCK_TYPES, block_type_for_grid
 from maverick_quant.recipe import CalibSpec, Method, QuantizeSpec
 
 FORMAT_BYTES_PER_WEIGHT = {  # (code bytes per weight, bytes per group) beside the codes
@@ -39,15 +40,16 @@ FORMAT_BYTES_PER_WEIGHT = {  # (code bytes per weight, bytes per group) beside t
     "awq": lambda bits, group, sym: (bits / 8, 2 + bits / 8),
     "compressed-tensors": lambda bits, group, sym: (bits / 8, 2 + (0 if sym else bits / 8)),
 }
-GGUF_BYTES_PER_WEIGHT = {  # by the bundle's bits: the GGUF types it exports to
-    4: {"gguf Q4_0": 18 / 32, "gguf Q4_1": 20 / 32, "gguf Q4_K": 144 / 256}, 8: {"gguf Q8_0": 34 / 32}}
+GGUF_BYTES_PER_WEIGHT = {  # by the bundle's bits: the GGUF types it exports to (bytes per weight)
+    bits: {f"gguf {t.name}": t.bytes_per_block / t.block for t in BLOCK_TYPES.values() if t.bits == bits} for bits in (4, 8)}
 
 
 def output_bytes(params_by_grid: dict, base, passthrough: int, hidden: int) -> dict[str, int]:
     """Size of every output format: {format: bytes} from the quantized parameters on each grid
     ({QuantSpec: params}; bits overrides add grids beside the run's `base`) and the bytes passed
     through (a per-channel grid has about params / hidden groups). In a GGUF a tensor on another
-    grid than the run's gets its own width's type (Q8_0 for 8 bits, else Q4_0 / Q4_1)."""
+    grid than the run's gets its own width's type (`block_type_for_grid`: Q8_0 for 8 bits, Q4_0 /
+    Q4_1 for 4); a width no GGUF type stores leaves the GGUF formats out (the export refuses it)."""
     outputs = {}
     for fmt, per_weight in FORMAT_BYTES_PER_WEIGHT.items():
         total = passthrough
@@ -55,9 +57,12 @@ def output_bytes(params_by_grid: dict, base, passthrough: int, hidden: int) -> d
             code, per_group = per_weight(grid.bits, grid.group_size, grid.sym)
             total += params * code + params / (grid.group_size if grid.group_size > 0 else hidden) * per_group
         outputs[fmt] = int(total)
+    try:
+        own = {grid: block_type_for_grid({"bits": grid.bits, "sym": grid.sym}) for grid in params_by_grid if grid != base}
+    except ValueError:
+        return outputs
     for fmt, per_weight in GGUF_BYTES_PER_WEIGHT.get(base.bits, {}).items():
-        own_type = lambda grid: 34 / 32 if grid.bits == 8 else (18 if grid.sym else 20) / 32  # noqa: E731
-        outputs[fmt] = int(passthrough + sum(params * (per_weight if grid == base else own_type(grid))
+        outputs[fmt] = int(passthrough + sum(params * (per_weight if grid == base else own[grid].bytes_per_block / BLOCK)
                                              for grid, params in params_by_grid.items()))
     return outputs
 

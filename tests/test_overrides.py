@@ -286,6 +286,11 @@ def test_the_plan_sizes_overridden_linears_on_their_own_grid(tiny_llama_dir: Pat
     grown = {fmt: plans["override"]["outputs"][fmt] - plans["plain"]["outputs"][fmt] for fmt in plans["plain"]["outputs"]}
     assert grown["gguf Q4_0"] == qkv * 16 // 32 and grown["compressed-tensors"] == qkv // 2, grown
     assert plans["override"]["quantized_tensors"] == plans["plain"]["quantized_tensors"]
+    code, out = _run("plan", tiny_llama_dir, "--gguf-grid", "Q4_0", "--bits-override", "self_attn=6",
+                     "--json", tmp_path / "six.json")
+    assert code == 0, out  # no GGUF type stores 6 bits: the plan sizes no GGUF, as the export would refuse
+    outputs = json.loads((tmp_path / "six.json").read_text())["outputs"]
+    assert "gptq" in outputs and not any(fmt.startswith("gguf") for fmt in outputs), outputs
 
 
 def test_the_kernel_runtime_runs_a_bundle_with_8_bit_linears(override_bundles: dict[str, Path], tiny_llama_dir: Path,
