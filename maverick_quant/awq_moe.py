@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from maverick_quant.arch.base import MoEBlock, unfuse_experts
+from maverick_quant.arch.base import MoEBlock
 from maverick_quant.calibration.moe import Routing, activation, expert_hidden, resolve_policy, sample_tokens
 from maverick_quant.compress.awq import (ScaleSearch, candidate_scales, clip_weights, output_loss, rtn_fake,
                                          scale_columns, search_scales)
@@ -46,7 +46,7 @@ class BlockSample:
 
 
 def block_sample(x: torch.Tensor, routing: Routing, tokens: int) -> BlockSample:
-    rows = sample_tokens(x.shape[0], tokens)
+    rows = sample_tokens(x.shape[0], tokens, x.device)
     return BlockSample(x[rows], routing.choice[rows], routing.scores[rows])
 
 
@@ -61,7 +61,7 @@ def _routed_outputs(sample: BlockSample, weights: dict[str, torch.Tensor], first
     on their sampled tokens, gate/up quantized under each candidate scale."""
     count = weights["down_proj"].shape[0]
     groups = 1 if scales is None else scales.shape[0]
-    out = torch.zeros(groups, *sample.x.shape)
+    out = torch.zeros(groups, *sample.x.shape, device=sample.x.device)
     for offset in range(count):
         rows, slots = (sample.choice == first + offset).nonzero(as_tuple=True)
         if rows.numel() == 0:
@@ -100,10 +100,10 @@ def search_block_scale(model: StreamingModel, index: int, layer: torch.nn.Module
     quantized = torch.stack([_shared_output(layer, moe, sample.x, *(_scaled_rtn(w, s[None], g)[0]
                                                                     for w, g in zip((gate, up), grids)))
                              for s in candidates])
-    from maverick_quant.experts import expert_chunks
+    from maverick_quant.experts import expert_chunks, read_experts
 
     for first, count in expert_chunks(moe, model.config, spec.moe.chunk_mib):
-        weights = {k: v.float() for k, v in unfuse_experts(moe, model.source.expert_tensors(index, first, count)).items()}
+        weights = {k: v.float() for k, v in read_experts(model, index, first, count).items()}
         reference += _routed_outputs(sample, weights, first, act, None, spec)[0]
         quantized += _routed_outputs(sample, weights, first, act, candidates, spec)
     losses = (quantized - reference[None]).double().square().sum((1, 2)) / sample.x.shape[0]
@@ -125,7 +125,7 @@ def apply_block_scale(layer: torch.nn.Module, moe: MoEBlock, scales: torch.Tenso
 def scale_shared_down(layer: torch.nn.Module, moe: MoEBlock, x: torch.Tensor, spec: QuantizeSpec) -> ScaleSearch:
     """up -> down scale of the shared expert, on sampled block inputs."""
     shared = layer.get_submodule(moe.shared_module)
-    rows = x[sample_tokens(x.shape[0], spec.awq.sample_tokens)]
+    rows = x[sample_tokens(x.shape[0], spec.awq.sample_tokens, x.device)]
     hidden = expert_hidden(rows, shared.gate_proj.weight.float(), shared.up_proj.weight.float(), activation(moe.activation))
     down = shared.down_proj.weight.float()
     duo = weight_mean([down]) if spec.awq.duo_scaling else None
@@ -150,7 +150,7 @@ def clip_shared(layer: torch.nn.Module, moe: MoEBlock, x: torch.Tensor, spec: Qu
     """Clip the shared expert's linears (in place) on sampled block inputs x [T, D]."""
     shared = layer.get_submodule(moe.shared_module)
     linears = (shared.gate_proj, shared.up_proj, shared.down_proj)
-    rows = x[sample_tokens(x.shape[0], spec.awq.sample_tokens)].float()
+    rows = x[sample_tokens(x.shape[0], spec.awq.sample_tokens, x.device)].float()
     clipped = clip_expert(*(linear.weight.data for linear in linears), rows, activation(moe.activation), spec,
                           _shared_grids(layer, moe, spec))
     for linear, weight in zip(linears, clipped):
@@ -164,7 +164,7 @@ def _expert_rows(x: torch.Tensor, routing: Routing, expert: int, sample: torch.T
     inputs x*score; under `mixed` also the sampled tokens at its would-be score, weighted by
     sqrt(mix * n / T_s) so the loss weighs them as GPTQ's H_routed + mix * H_all does."""
     tokens, scores = routing.tokens_of(expert)
-    keep = sample_tokens(tokens.numel(), spec.awq.sample_tokens)
+    keep = sample_tokens(tokens.numel(), spec.awq.sample_tokens, tokens.device)
     rows = x[tokens[keep]] * scores[keep, None]
     if policy is not ExpertPolicy.MIXED:
         return rows
@@ -181,7 +181,7 @@ def scale_expert_chunk(x: torch.Tensor, routing: Routing, moe: MoEBlock, weights
     act = activation(moe.activation)
     gate, up, down = (weights[name].float().clone() for name in ("gate_proj", "up_proj", "down_proj"))
     gate, up = scale_columns(gate, block_scales), scale_columns(up, block_scales)
-    sample = sample_tokens(x.shape[0], spec.awq.sample_tokens)
+    sample = sample_tokens(x.shape[0], spec.awq.sample_tokens, x.device)
     records = []
     for offset in range(down.shape[0]):
         expert = first + offset

@@ -164,12 +164,14 @@ def _quantize_spec(method, bits, group_size, sym, act_order, damp, batch, true_s
               help="Re-collect statistics after each group of a layer is quantized.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory (or discard an unfinished run).")
 @click.option("--resume", is_flag=True, help="Go on from where an interrupted run with the same inputs stopped.")
+@click.option("--device", default="auto", show_default=True,
+              help="Where layers, statistics and solves run: auto (CUDA if present), cpu, cuda, cuda:N.")
 @click.option("--progress/--no-progress", default=True)
 def quantize(model_dir, data, calib, out, method, gguf_grid, bits, group_size, sym, act_order, damp, keep_float,
              bits_overrides, samples,
              seq_len, seed, chat_template, moe_policy, moe_mix, moe_min_tokens, moe_fallback, moe_quantize_router,
              moe_chunk_mib, awq_grid, awq_duo, awq_clip, awq_sample_tokens, batch, true_sequential, force, resume,
-             progress) -> None:
+             device, progress) -> None:
     """Quantize MODEL_DIR layer by layer (routed experts chunk by chunk) into a bundle.
 
     The run works in .OUT.partial beside OUT and saves its progress after every layer; after
@@ -181,7 +183,7 @@ def quantize(model_dir, data, calib, out, method, gguf_grid, bits, group_size, s
     spec = _quantize_spec(method, bits, group_size, sym, act_order, damp, batch, true_sequential, moe, awq, gguf_grid,
                           keep_float, bits_overrides)
     run_quantize(model_dir, out, spec, data, calib, _calib_spec(samples, seq_len, seed, chat_template), force, progress,
-                 resume)
+                 resume, device)
 
 
 @cli.command()
@@ -191,12 +193,14 @@ def quantize(model_dir, data, calib, out, method, gguf_grid, bits, group_size, s
 @moe_options
 @click.option("--batch", default=8, show_default=True, help="Windows per forward batch.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the plan as JSON here.")
+@click.option("--device", help="Plan a run on this device (auto, cpu, cuda): GPU memory is planned on any machine, "
+                               "time only where the device is. Default: a recipe's quantize.device, else auto.")
 def plan(target, method, gguf_grid, bits, group_size, sym, act_order, damp, keep_float, bits_overrides, samples,
          seq_len, seed,
          chat_template, moe_policy, moe_mix, moe_min_tokens, moe_fallback, moe_quantize_router, moe_chunk_mib, batch,
-         json_out) -> None:
+         json_out, device) -> None:
     """Predict a quantize run before it starts: tensors quantized and passed through, output
-    size per format, peak host memory, disk and time. TARGET: a model directory (only
+    size per format, peak host and GPU memory, disk and time. TARGET: a model directory (only
     config.json and the safetensors headers are read), a recipe .yaml (its options win), or
     `maverick` (Llama 4 Maverick's published config, bf16)."""
     from maverick_quant.jobs import run_plan
@@ -204,7 +208,7 @@ def plan(target, method, gguf_grid, bits, group_size, sym, act_order, damp, keep
     moe = _moe_spec(moe_policy, moe_mix, moe_min_tokens, moe_fallback, moe_quantize_router, moe_chunk_mib)
     spec = _quantize_spec(method, bits, group_size, sym, act_order, damp, batch, moe=moe, gguf_grid=gguf_grid,
                           keep_float=keep_float, bits_overrides=bits_overrides)
-    run_plan(target, spec, _calib_spec(samples, seq_len, seed, chat_template), json_out)
+    run_plan(target, spec, _calib_spec(samples, seq_len, seed, chat_template), json_out, device)
 
 
 @cli.command("inspect")
@@ -340,13 +344,14 @@ def generate(bundle_dir, prompt, max_new_tokens, kernels, chat) -> None:
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory: bundle, exports, report, lock.")
 @click.option("--force", is_flag=True, help="Replace an existing run directory's outputs.")
 @click.option("--resume", is_flag=True, help="Go on with an interrupted run in OUT (keeps a finished bundle).")
+@click.option("--device", help="Where the quantize step runs (auto, cpu, cuda, cuda:N); default: the recipe's quantize.device.")
 @click.option("--progress/--no-progress", default=True)
-def run_command(recipe, out, force, progress, resume) -> None:
+def run_command(recipe, out, force, progress, resume, device) -> None:
     """Run a YAML RECIPE end to end: calibrate, quantize, export(s), validate; exit 1 when a
     validation gate fails (see recipes/ and docs/recipes.md)."""
     from maverick_quant.jobs import run_recipe
 
-    sys.exit(0 if run_recipe(recipe, out, force, progress, resume) else 1)
+    sys.exit(0 if run_recipe(recipe, out, force, progress, resume, device) else 1)
 
 
 @cli.command()

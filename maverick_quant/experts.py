@@ -32,6 +32,7 @@ from maverick_quant.calibration.moe import (Routing, activation, expert_hidden, 
 from maverick_quant.compress.gptq import gptq_quantize
 from maverick_quant.compress.grid import rtn_quantize
 from maverick_quant.compress.types import QuantizedWeight
+from maverick_quant.devices import quantized_to
 from maverick_quant.errors import InputError
 from maverick_quant.groups import solve_group
 from maverick_quant.recipe import ExpertPolicy, Method, MoESpec, QuantizeSpec, QuantSpec
@@ -103,8 +104,9 @@ class ExpertChunks:
 def capture_block_io(model: StreamingModel, layer: torch.nn.Module, moe: MoEBlock,
                      hidden: torch.Tensor) -> torch.Tensor:
     """Run `layer` up to its MoE block over every window: overwrite `hidden` [S, L, D] with
-    the residual stream entering the block, return the block's input x [S*L, D]."""
-    x = torch.empty_like(hidden)
+    the residual stream entering the block, return the block's input x [S*L, D] (on the
+    model's device, where the whole block is computed)."""
+    x = torch.empty(hidden.shape, dtype=hidden.dtype, device=model.device)
     residual_module, block = layer.get_submodule(moe.residual_input), layer.get_submodule(moe.block)
     seen = {}
     handles = [residual_module.register_forward_pre_hook(lambda _m, args: seen.__setitem__("h", args[0].detach())),
@@ -152,13 +154,13 @@ def quantize_shared(layer: torch.nn.Module, moe: MoEBlock, x: torch.Tensor,
     if spec.moe.quantize_router:
         first = LinearGroup(first.name, (moe.router, *first.linears))
     rtn = spec.method is Method.AWQ  # round to nearest: GPTQ with H = I
-    H = torch.eye(x.shape[1]) if rtn else mean_outer(x, x.shape[1])
+    H = torch.eye(x.shape[1], device=x.device) if rtn else mean_outer(x, x.shape[1])
     quantized, stats = solve_group(layer, first, H, x.shape[0], spec)
     shared = layer.get_submodule(moe.shared_module)
     for group in rest:
         if rtn:  # no statistics needed
             width = layer.get_submodule(group.linears[0]).in_features
-            group_quantized, group_stats = solve_group(layer, group, torch.eye(width), x.shape[0], spec)
+            group_quantized, group_stats = solve_group(layer, group, torch.eye(width, device=x.device), x.shape[0], spec)
         else:
             with capture_inputs(layer, (group.linears[0],), stop=True) as accumulators:
                 _feed_module(shared, x)
@@ -211,14 +213,14 @@ def quantize_expert_chunk(x: torch.Tensor, routing: Routing, moe: MoEBlock, weig
     projections are built from the already quantized gate/up (sequential within the expert).
     """
     count = weights[moe.experts_mid[0].name].shape[0]
-    sample = sample_tokens(x.shape[0], spec.moe.all_tokens)
+    sample = sample_tokens(x.shape[0], spec.moe.all_tokens, x.device)
     decisions = [resolve_policy(int(routing.counts[first + e]), spec.moe) for e in range(count)]
     act = activation(moe.activation)
     in_names, mid_names = tuple(l.name for l in moe.experts_in), tuple(l.name for l in moe.experts_mid)
     gate, up = in_names  # Llama 4: the input group is (gate_proj, up_proj)
 
     inputs = [_expert_inputs(x, routing, first + e, sample, policy) for e, (policy, _) in enumerate(decisions)]
-    H_in = torch.stack([policy_hessian(policy, routed, every, spec.moe, x.shape[1])
+    H_in = torch.stack([policy_hessian(policy, routed, every, spec.moe, x.shape[1], x.device)
                         for (policy, _), (routed, every) in zip(decisions, inputs)])
     quantized, stats = _solve_batch(weights, in_names, H_in, spec)
     del H_in
@@ -230,7 +232,7 @@ def quantize_expert_chunk(x: torch.Tensor, routing: Routing, moe: MoEBlock, weig
         return expert_hidden(rows, dequant[gate][e], dequant[up][e], act)
 
     width = dequant[gate].shape[1]
-    mids = [policy_hessian(decisions[e][0], down_input(e, routed), down_input(e, every), spec.moe, width)
+    mids = [policy_hessian(decisions[e][0], down_input(e, routed), down_input(e, every), spec.moe, width, x.device)
             for e, (routed, every) in enumerate(inputs)]
     del inputs, dequant
     H_mid = torch.stack(mids)
@@ -261,8 +263,17 @@ def rtn_expert_chunk(moe: MoEBlock, weights: dict[str, torch.Tensor], first: int
                        for e in range(count)]
 
 
-def dequantized_experts(quantized: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
-    return {name: weight.dequantize() for name, weight in quantized.items()}
+def dequantized_experts(quantized: dict[str, QuantizedWeight], device: torch.device) -> dict[str, torch.Tensor]:
+    """Float weights {name: [E_c, N, K]} of a chunk of quantized experts, on `device`."""
+    return {name: weight.dequantize() for name, weight in quantized_to(quantized, device).items()}
+
+
+def read_experts(model: StreamingModel, index: int, first: int, count: int) -> dict[str, torch.Tensor]:
+    """Unfused weights {name: [count, N, K]} of routed experts [first, first + count) of MoE
+    layer `index`, read from the source and moved to the model's device (in their stored dtype)."""
+    moe = model.plan(index).moe
+    fused = model.source.expert_tensors(index, first, count)
+    return {name: weight.to(model.device) for name, weight in unfuse_experts(moe, fused).items()}
 
 
 def expert_chunks(moe: MoEBlock, config, chunk_mib: int):
@@ -292,20 +303,20 @@ def quantize_moe_block(model: StreamingModel, index: int, layer: torch.nn.Module
     routing = route(x, layer.get_submodule(moe.router).weight, moe.top_k)
     out = _module_output(layer.get_submodule(moe.shared_module), x)  # the block's output starts with the shared expert
     def solve(first: int, count: int) -> tuple[dict[str, QuantizedWeight], list[dict]]:
-        weights = {k: v.float() for k, v in unfuse_experts(moe, model.source.expert_tensors(index, first, count)).items()}
+        weights = {k: v.float() for k, v in read_experts(model, index, first, count).items()}
         awq_records = [{} for _ in range(count)]
         if awq:
             weights, awq_records = scale_expert_chunk(x, routing, moe, weights, first, block_scales, scale_spec)
         chunk_quantized, records = quantize_expert_chunk(x, routing, moe, weights, first, spec)
-        return chunk_quantized, [{**record, **extra} for record, extra in zip(records, awq_records)]
+        return quantized_to(chunk_quantized, "cpu"), [{**record, **extra} for record, extra in zip(records, awq_records)]
 
     chunks, audit = [], []
     for first, chunk_quantized, record, records in store.solved(list(expert_chunks(moe, model.config, spec.moe.chunk_mib)),
                                                                  solve):
-        routed_forward(x, routing, dequantized_experts(chunk_quantized), activation(moe.activation), first, out=out)
+        routed_forward(x, routing, dequantized_experts(chunk_quantized, x.device), activation(moe.activation), first, out=out)
         chunks.append(record)
         audit.extend(records)
-    hidden += out.view_as(hidden)
+    hidden += out.view_as(hidden).to(hidden.device)
     return quantized, {**stats, **awq_stats, "experts": {"chunks": chunks, "audit": audit}}
 
 
@@ -339,9 +350,9 @@ def run_moe_layer(model: StreamingModel, index: int, layer: torch.nn.Module, hid
     routing = route(x, layer.get_submodule(moe.router).weight, moe.top_k)
     out = _module_output(layer.get_submodule(moe.shared_module), x)
     for first, count in expert_chunks(moe, model.config, chunk_mib):
-        weights = {k: v.to(x.dtype) for k, v in unfuse_experts(moe, model.source.expert_tensors(index, first, count)).items()}
+        weights = {k: v.to(x.dtype) for k, v in read_experts(model, index, first, count).items()}
         routed_forward(x, routing, weights, activation(moe.activation), first, out=out, observe=observe)
-    hidden += out.view_as(hidden)
+    hidden += out.view_as(hidden).to(hidden.device)
     return routing
 
 
@@ -350,7 +361,8 @@ def rtn_moe_block(model: StreamingModel, index: int, spec: QuantizeSpec, store: 
     """RTN every routed expert of layer `index`, chunk by chunk; returns the block's stats."""
     moe = model.plan(index).moe
     def solve(first: int, count: int) -> tuple[dict[str, QuantizedWeight], list[dict]]:
-        return rtn_expert_chunk(moe, unfuse_experts(moe, model.source.expert_tensors(index, first, count)), first, spec)
+        quantized, audit = rtn_expert_chunk(moe, read_experts(model, index, first, count), first, spec)
+        return quantized_to(quantized, "cpu"), audit
 
     chunks, audit = [], []
     for _, _, record, records in store.solved(list(expert_chunks(moe, model.config, spec.moe.chunk_mib)), solve):

@@ -7,6 +7,7 @@ work), runs one stage, writes its output atomically and prints a one-line summar
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -18,17 +19,20 @@ from maverick_quant.errors import InputError
 from maverick_quant.recipe import Method
 
 
-def run_quantize(model_dir, out, spec, data, calib, calib_spec, force, progress, resume=False):
-    """Shared by `quantize` and `demo`: check everything, calibrate, quantize (going on from an
-    interrupted run's work directory with `resume`), print the summary."""
+def run_quantize(model_dir, out, spec, data, calib, calib_spec, force, progress, resume=False, device="auto"):
+    """Shared by `quantize` and `demo`: check everything, calibrate, quantize on `device`
+    (devices.py; going on from an interrupted run's work directory with `resume`), print the
+    summary."""
     from maverick_quant.calibration.data import CalibrationSet, make_calibration
     from maverick_quant.checkpoint import check_output_dir
+    from maverick_quant.devices import resolve_device
     from maverick_quant.pipeline import quantize_model
     from maverick_quant.distributed import ExpertParallel
     from maverick_quant.resume import run_identity
     from maverick_quant.streaming import open_source
 
     check_output_dir(out, force)
+    compute = resolve_device(device)
     source = open_source(model_dir)
     calibration = None
     if spec.method is not Method.RTN:
@@ -43,14 +47,15 @@ def run_quantize(model_dir, out, spec, data, calib, calib_spec, force, progress,
             stack.callback(parallel.close)
         work, state = _enter_output(stack, out, identity, force, resume, parallel)
         _, summary = quantize_model(source, calibration, spec, work, state, parallel=parallel,
-                                    show_progress=progress and (parallel is None or parallel.writes))
+                                    show_progress=progress and (parallel is None or parallel.writes), device=compute)
         if parallel is not None:
             parallel.barrier()  # rank 0 renames the finished bundle only when every rank is done
     if parallel is not None and not parallel.writes:
         return summary
     loss = "n/a" if summary.mean_rel_loss is None else f"{summary.mean_rel_loss:.5f}"
-    click.echo(f"quantized {summary.layers} layers in {summary.seconds:.1f} s, peak RSS {summary.peak_rss_mib:.0f} MiB, "
-               f"mean relative GPTQ loss {loss} -> {out}")
+    gpu = "" if summary.peak_device_mib is None else f", peak {summary.device} memory {summary.peak_device_mib:.0f} MiB"
+    click.echo(f"quantized {summary.layers} layers on {summary.device} in {summary.seconds:.1f} s, peak RSS "
+               f"{summary.peak_rss_mib:.0f} MiB{gpu}, mean relative GPTQ loss {loss} -> {out}")
     return summary
 
 
@@ -272,19 +277,23 @@ def run_generate(bundle_dir: Path, prompt: str, max_new_tokens: int, kernels: st
                f"prompt {ids.shape[1]} tokens)", err=True)
 
 
-def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool = True, resume: bool = False) -> bool:
+def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool = True, resume: bool = False,
+               device: str | None = None) -> bool:
     """`maverick-quant run RECIPE`: calibrate -> quantize -> export(s) -> validate into `out`,
     then `recipe.lock.yaml`; returns whether every validation gate passed (True without one).
     With `resume`, an interrupted quantize goes on from its last finished layer and a bundle
-    finished earlier with the same inputs is kept; the other steps are redone."""
+    finished earlier with the same inputs is kept; the other steps are redone. `device`
+    (default: the recipe's quantize.device) is where the quantize step computes."""
     from maverick_quant.calibration.data import make_calibration
     from maverick_quant.checkpoint import atomic_output_dir, check_output_dir
+    from maverick_quant.devices import resolve_device
     from maverick_quant.recipe_file import load_recipe
     from maverick_quant.streaming import open_source
 
     recipe = load_recipe(recipe_path)
     if not resume:
         check_output_dir(out, force)
+    device = str(resolve_device(device or recipe.device, "--device" if device else "quantize.device"))
     model_dir = _recipe_model_dir(recipe.model)
     source = open_source(model_dir)  # a bad model is refused here, before any work
     _check_recipe_files(recipe)
@@ -306,7 +315,7 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
         click.echo(f"  {out / 'bundle'} was finished earlier with this recipe and model: kept")
     else:
         run_quantize(model_dir, out / "bundle", recipe.quantize, None, calib_dir, recipe.calibration, True, progress,
-                     resume)
+                     resume, device)
     for export in recipe.exports:
         step(f"export: {export.format} -> {export.name}")
         if export.format == "gguf":
@@ -324,17 +333,19 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
             data = write_eval_text(model_dir, out / "eval-self.txt", 16, v.ctx)
         passed = run_validate(model_dir, out / "bundle", data, out / "report", v.ctx, v.max_windows, v.gates, None,
                               v.batch, True, progress, v.protocol, v.hellaswag, v.hellaswag_tasks, v.choices, v.kernels)
-    _write_lock(recipe, Path(recipe_path), model_dir, source, calib_dir, out / "recipe.lock.yaml")
+    _write_lock(dataclasses.replace(recipe, device=device), Path(recipe_path), model_dir, source, calib_dir,
+                out / "recipe.lock.yaml")
     click.echo(f"run finished -> {out} ({'gates passed' if passed else 'a gate FAILED'})")
     return passed
 
 
-def run_plan(target: str, spec, calib_spec, json_out: Path | None = None):
-    """`maverick-quant plan`: print (and optionally write as JSON) the plan of a run; returns it."""
+def run_plan(target: str, spec, calib_spec, json_out: Path | None = None, device: str | None = None):
+    """`maverick-quant plan`: print (and optionally write as JSON) the plan of a run on `device`
+    (default: a recipe's quantize.device, else auto); returns it."""
     from maverick_quant.arch.llama4 import maverick_config
     from maverick_quant.arch.registry import table_for
     from maverick_quant.checkpoint import Checkpoint, write_json_atomic
-    from maverick_quant.plan import baseline_rss_bytes, machine_rates, make_plan, rates_cache, render, tensor_bytes
+    from maverick_quant.plan import baseline_rss_bytes, make_plan, render, tensor_bytes
 
     model_dir = None
     if target == "maverick":
@@ -345,17 +356,34 @@ def run_plan(target: str, spec, calib_spec, json_out: Path | None = None):
 
             recipe = load_recipe(Path(target))
             spec, calib_spec, target = recipe.quantize, recipe.calibration, str(_recipe_model_dir(recipe.model))
+            device = device or recipe.device
         model_dir = Path(target)
         config = Checkpoint(model_dir).load_config() if any(model_dir.glob("*.safetensors")) else _config_only(model_dir)
     table = table_for(config, str(target))
     sizes, origin = tensor_bytes(model_dir, table, config)
-    rates = machine_rates(rates_cache())
-    result = make_plan(str(target), table, config, sizes, calib_spec, spec, rates, baseline_rss_bytes(table, config))
+    kind, rates = _plan_device(device or "auto")
+    result = make_plan(str(target), table, config, sizes, calib_spec, spec, rates, baseline_rss_bytes(table, config), kind)
     result.assumptions.append(f"tensor sizes from {origin}")
     click.echo(render(result))
     if json_out is not None:
         write_json_atomic(Path(json_out), result.to_dict())
     return result
+
+
+def _plan_device(name: str) -> tuple[str, dict | None]:
+    """("cpu" | "cuda", the measured rates of that device here, or None when this machine has
+    no such device: a plan for a GPU may be made anywhere, but only timed on one)."""
+    import torch
+
+    from maverick_quant.devices import check_device_name, resolve_device
+    from maverick_quant.plan import machine_rates, rates_cache
+
+    check_device_name(name)
+    kind = "cuda" if name.startswith("cuda") or (name == "auto" and torch.cuda.is_available()) else "cpu"
+    if kind == "cuda" and not torch.cuda.is_available():
+        return kind, None
+    device = resolve_device(name)
+    return kind, machine_rates(rates_cache(device), device)
 
 
 def _config_only(model_dir: Path):

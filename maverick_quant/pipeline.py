@@ -28,6 +28,7 @@ from maverick_quant.experts import ExpertChunks, quantize_moe_block, rtn_moe_blo
 from maverick_quant.awq_layer import awq_scale_layer
 from maverick_quant.groups import group_hessian, linear_grid, mark_linears, quantized_linears, set_weight, solve_group
 from maverick_quant.compress.types import QuantizedWeight
+from maverick_quant.devices import peak_device_mib, quantized_to, reset_peak_memory
 from maverick_quant.distributed import ExpertParallel
 from maverick_quant.errors import InputError
 from maverick_quant.recipe import Method, QuantizeSpec, grid_changes
@@ -43,6 +44,8 @@ class RunSummary:
     peak_rss_mib: float
     mean_rel_loss: float | None
     layers: int
+    device: str = "cpu"
+    peak_device_mib: float | None = None  # peak CUDA allocation; None on the CPU
 
 
 def peak_rss_mib() -> float:
@@ -191,13 +194,14 @@ def record_overridden_grids(layer: torch.nn.Module, quantized: dict, stats: dict
 
 def quantize_model(source: CheckpointSource, calibration: CalibrationSet | None, spec: QuantizeSpec,
                    out_dir: Path, state: RunState | None = None, show_progress: bool = True,
-                   parallel: ExpertParallel | None = None) -> tuple[dict, RunSummary]:
+                   parallel: ExpertParallel | None = None, device: torch.device | str = "cpu") -> tuple[dict, RunSummary]:
     """Quantize the whole model layer by layer into a bundle at `out_dir`. With a run `state`,
     progress is saved after every layer and an interrupted run goes on from where it stopped;
     the manifest records the state's identity as `run_identity`. With `parallel`, routed
     expert chunks are split across processes (distributed.py); only rank 0 writes `out_dir`.
 
-    Memory: the calibration hidden states [S, L, D] (fp32), one layer, its Hessians.
+    Memory: the calibration hidden states [S, L, D] (fp32) in host memory; one layer, its
+    Hessians, an MoE block's caches and a chunk of experts on `device` (devices.py).
     """
     started = time.perf_counter()
     needs_data = spec.method is not Method.RTN
@@ -206,7 +210,9 @@ def quantize_model(source: CheckpointSource, calibration: CalibrationSet | None,
     writes = parallel is None or parallel.writes
     writer = BundleWriter(out_dir) if writes else ReadOnlyWriter(out_dir)
     release_free_memory()
-    model = StreamingModel(source, batch=spec.batch_windows)
+    device = torch.device(device)
+    reset_peak_memory(device)
+    model = StreamingModel(source, batch=spec.batch_windows, device=device)
     refuse_overridden_experts(model, spec)
     first_layer, hidden = state.load_progress(writer.completed_layers()) if state else (0, None)
     if needs_data and hidden is None:
@@ -232,8 +238,9 @@ def quantize_model(source: CheckpointSource, calibration: CalibrationSet | None,
         else:
             quantized, stats = quantize_layer_rtn(model, index, layer, spec, store)
         floats = model.plan(index).passthrough + tuple(f"{name}.weight" for name in kept)
-        passthrough = {name: layer.get_parameter(name).data.to(tensors[name].dtype)  # AWQ may have folded scales in
+        passthrough = {name: layer.get_parameter(name).data.to("cpu", tensors[name].dtype)  # AWQ may have folded scales in
                        for name in floats if name.removesuffix(".weight") not in quantized}
+        quantized = quantized_to(quantized, "cpu")
         if kept:
             stats["kept_float"] = list(kept)
         record_overridden_grids(layer, quantized, stats, spec)
@@ -248,7 +255,8 @@ def quantize_model(source: CheckpointSource, calibration: CalibrationSet | None,
         writer.write_passthrough(_model_level_tensors(source))
         copy_model_files(source.checkpoint.model_dir, out_dir)
     summary = RunSummary(time.perf_counter() - started, peak_rss_mib(),
-                         sum(losses) / len(losses) if losses else None, model.num_layers)
+                         sum(losses) / len(losses) if losses else None, model.num_layers, str(device),
+                         peak_device_mib(device))
     manifest = writer.finish({
         "tool_version": __version__,
         "source": {"model_dir": str(source.checkpoint.model_dir), "fingerprint": source.checkpoint.fingerprint(),
@@ -256,6 +264,7 @@ def quantize_model(source: CheckpointSource, calibration: CalibrationSet | None,
         "recipe": spec.to_dict(),
         "run_identity": state.identity if state is not None else None,
         "calibration": calibration.meta if calibration is not None else None,
-        "summary": {"seconds": summary.seconds, "peak_rss_mib": summary.peak_rss_mib, "mean_rel_loss": summary.mean_rel_loss},
+        "summary": {"seconds": summary.seconds, "peak_rss_mib": summary.peak_rss_mib, "mean_rel_loss": summary.mean_rel_loss,
+                    "device": summary.device, "peak_device_mib": summary.peak_device_mib},
     }, model.num_layers)
     return manifest, summary

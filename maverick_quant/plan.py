@@ -4,21 +4,29 @@ config.json and the safetensors headers only (no tensor data).
 Memory model of a calibrated run (GPTQ/AWQ, bytes; S windows x L tokens, hidden D, fp32):
 
     baseline     this process's resident size after importing the model code (measured)
-    cache        S * L * D * 4: the hidden states of every window (one per dense layer; an
-                 MoE layer holds three: the residual stream, the block input x, its output)
+    cache        S * L * D * 4: the hidden states of every window (host memory)
+    block_caches 2 * S * L * D * 4 in an MoE layer: the block input x and its output
     layer        the layer's dense tensors in fp32, twice (weights and their quantized copy)
     hessians     3 * K^2 * 4 for the widest dense group (H, its Cholesky factor, workspace)
     experts      experts_per_chunk * 12 * (3 D I + D^2 + I^2) (experts.experts_per_chunk)
     activations  batch * L * max(3 D, 2 I) * 4 * 2 (one batch's intermediates, twice)
+    expert_reads experts_per_chunk * 3 D I * 2: a chunk of bf16 experts read on the host
+                 before it moves to the GPU (GPU runs only; on the CPU `experts` holds them)
     final        the model-level tensors (embedding, lm_head, vision tower), read at the end
                  after the caches are freed
 
-    peak = baseline + max(max over layers of the layer terms, final)
+On the CPU every term is host memory. On a GPU (devices.py) the DEVICE_TERMS live there and
+the host keeps the cache, the expert reads and the final tensors:
+
+    peak host   = baseline + max(max over layers of the layer's host terms, final)
+    peak device = max over layers of the layer's device terms (torch's allocations; the CUDA
+                  context, about 0.5 GiB, comes on top)
 
 RTN holds no cache and no Hessian. Time is the forwards' and Hessians' floating-point work
-divided by this machine's measured fp32 matmul rate, plus every GPTQ solve costed as
-K * column_seconds + (2 N K^2 + K^3) / gptq_rate, both fitted to two real solves timed here
-(cached in ~/.cache/maverick-quant, a few seconds the first time).
+divided by the measured fp32 matmul rate of the run's device, plus every GPTQ solve costed as
+K * column_seconds + (2 N K^2 + K^3) / gptq_rate, both fitted to two real solves timed on that
+device (cached in ~/.cache/maverick-quant, a few seconds the first time). A plan for a GPU on
+a machine without one gives memory but no time.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ FORMAT_BYTES_PER_WEIGHT = {  # (code bytes per weight, bytes per group) beside t
     "awq": lambda bits, group, sym: (bits / 8, 2 + bits / 8),
     "compressed-tensors": lambda bits, group, sym: (bits / 8, 2 + (0 if sym else bits / 8)),
 }
+DEVICE_TERMS = frozenset({"layer", "hessians", "activations", "experts", "block_caches"})
 GGUF_BYTES_PER_WEIGHT = {  # by the bundle's bits: the GGUF types it exports to (bytes per weight)
     bits: {f"gguf {t.name}": t.bytes_per_block / t.block for t in BLOCK_TYPES.values() if t.bits == bits} for bits in (4, 8)}
 
@@ -88,17 +97,35 @@ class Plan:
     layers: list[LayerCost]
     final_bytes: int
     outputs: dict[str, int]
-    seconds: float
+    seconds: float | None  # None: a GPU plan made where there is no GPU to time
     resume_bytes: int
     assumptions: list[str] = field(default_factory=list)
+    device: str = "cpu"  # "cpu" or "cuda": where the DEVICE_TERMS live
+
+    def host_terms(self, layer: LayerCost) -> dict[str, int]:
+        """The memory terms of `layer` held in host memory."""
+        return {k: v for k, v in layer.memory.items() if self.device == "cpu" or k not in DEVICE_TERMS}
+
+    def device_terms(self, layer: LayerCost) -> dict[str, int]:
+        """The memory terms of `layer` held on the GPU (none on the CPU)."""
+        return {k: v for k, v in layer.memory.items() if self.device != "cpu" and k in DEVICE_TERMS}
 
     @property
     def peak_layer(self) -> LayerCost:
-        return max(self.layers, key=lambda layer: sum(layer.memory.values()))
+        """The layer with the largest host footprint."""
+        return max(self.layers, key=lambda layer: sum(self.host_terms(layer).values()))
+
+    @property
+    def peak_device_layer(self) -> LayerCost:
+        return max(self.layers, key=lambda layer: sum(self.device_terms(layer).values()))
 
     @property
     def peak_host_bytes(self) -> int:
-        return self.baseline_bytes + max(sum(self.peak_layer.memory.values()), self.final_bytes)
+        return self.baseline_bytes + max(sum(self.host_terms(self.peak_layer).values()), self.final_bytes)
+
+    @property
+    def peak_device_bytes(self) -> int:
+        return sum(self.device_terms(self.peak_device_layer).values())
 
     @property
     def disk_bytes(self) -> int:
@@ -107,13 +134,15 @@ class Plan:
         return self.outputs["bundle"] + self.resume_bytes + max(exports, default=0)
 
     def to_dict(self) -> dict:
-        peak = self.peak_layer
-        return {"model": self.model, "quantized_params": self.quantized_params, "quantized_tensors": self.quantized_tensors,
+        peak, gpu = self.peak_layer, self.peak_device_layer
+        return {"model": self.model, "device": self.device, "quantized_params": self.quantized_params,
+                "quantized_tensors": self.quantized_tensors,
                 "passthrough_bytes": self.passthrough_bytes, "passthrough_tensors": self.passthrough_tensors,
                 "peak_host_bytes": self.peak_host_bytes, "baseline_bytes": self.baseline_bytes,
-                "peak_layer": {"index": peak.index, **peak.memory}, "final_bytes": self.final_bytes,
+                "peak_layer": {"index": peak.index, **self.host_terms(peak)}, "final_bytes": self.final_bytes,
+                "gpu_bytes": self.peak_device_bytes, "peak_gpu_layer": {"index": gpu.index, **self.device_terms(gpu)},
                 "outputs": self.outputs, "disk_bytes": self.disk_bytes,
-                "seconds": self.seconds, "gpu_bytes": 0, "assumptions": self.assumptions}
+                "seconds": self.seconds, "assumptions": self.assumptions}
 
 
 def _numel(shape) -> int:
@@ -123,10 +152,11 @@ def _numel(shape) -> int:
     return total
 
 
-def layer_cost(table, config, index: int, calib: CalibSpec, spec: QuantizeSpec) -> tuple[LayerCost, list[str], int]:
-    """Memory terms and flops of layer `index`; also the names (relative to the layer) of its
-    quantized tensors (not those keep_float leaves in float) and the number of 2-D matrices they
-    hold (a fused expert tensor holds E)."""
+def layer_cost(table, config, index: int, calib: CalibSpec, spec: QuantizeSpec,
+               device: str = "cpu") -> tuple[LayerCost, list[str], int]:
+    """Memory terms and flops of layer `index` on `device` ("cpu" or "cuda"); also the names
+    (relative to the layer) of its quantized tensors (not those keep_float leaves in float) and
+    the number of 2-D matrices they hold (a fused expert tensor holds E)."""
     from maverick_quant.experts import experts_per_chunk
 
     plan = table.plan(config, index)
@@ -141,8 +171,9 @@ def layer_cost(table, config, index: int, calib: CalibSpec, spec: QuantizeSpec) 
     matmul = 2 * tokens * dense_params * (len(plan.groups) + 1)  # a forward per sequential group, and the output
     solves = [(1, s[0], s[1]) for s in dense.values()]
     if calibrated:
-        caches = 3 if plan.moe else 1
-        memory["cache"] = caches * tokens * hidden * 4
+        memory["cache"] = tokens * hidden * 4
+        if plan.moe:
+            memory["block_caches"] = 2 * tokens * hidden * 4
         memory["hessians"] = 3 * widest**2 * 4
         inter = max((s[0] for s in dense.values()), default=hidden)
         memory["activations"] = spec.batch_windows * calib.seq_len * max(3 * hidden, 2 * inter) * 4 * 2
@@ -158,24 +189,31 @@ def layer_cost(table, config, index: int, calib: CalibSpec, spec: QuantizeSpec) 
         per_chunk = experts_per_chunk(moe, hidden, inter, spec.moe.chunk_mib)
         per_expert = 12 * (3 * hidden * inter + hidden**2 + inter**2) if calibrated else 2 * 4 * expert_params
         memory["experts"] = per_chunk * per_expert
+        if device != "cpu":
+            memory["expert_reads"] = per_chunk * expert_params * 2
     return LayerCost(index, memory, float(matmul if calibrated else 0), solves if calibrated else []), names, count
 
 
-def _gptq_seconds(rows: int, cols: int) -> float:
-    """Best of two timed GPTQ solves of a random [rows, cols] weight (after a warm-up)."""
+def _timed(fn, device: torch.device) -> float:
+    """Seconds `fn()` takes on `device` (waiting for the GPU to finish)."""
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    synchronize()
+    started = time.perf_counter()
+    fn()
+    synchronize()
+    return time.perf_counter() - started
+
+
+def _gptq_seconds(rows: int, cols: int, device: torch.device) -> float:
+    """Best of two timed GPTQ solves of a random [rows, cols] weight on `device` (after a warm-up)."""
     from maverick_quant.compress.gptq import gptq_quantize
     from maverick_quant.recipe import QuantSpec
 
     generator = torch.Generator().manual_seed(0)
     weight, x = torch.randn(rows, cols, generator=generator), torch.randn(4 * cols, cols, generator=generator)
-    hessian, spec = x.T @ x / x.shape[0], QuantSpec(bits=4, group_size=128)
+    weight, hessian, spec = weight.to(device), (x.T @ x / x.shape[0]).to(device), QuantSpec(bits=4, group_size=128)
     gptq_quantize(weight[:16], hessian, spec)
-    times = []
-    for _ in range(2):
-        started = time.perf_counter()
-        gptq_quantize(weight, hessian, spec)
-        times.append(time.perf_counter() - started)
-    return min(times)
+    return min(_timed(lambda: gptq_quantize(weight, hessian, spec), device) for _ in range(2))
 
 
 def gptq_flops(rows: int, cols: int) -> float:
@@ -183,31 +221,35 @@ def gptq_flops(rows: int, cols: int) -> float:
     return 2 * rows * cols**2 + cols**3
 
 
-def rates_cache() -> Path:
-    """Where this machine's measured rates are kept (per thread count and cost-model version)."""
-    return Path.home() / ".cache" / "maverick-quant" / f"plan-rates-v2-{torch.get_num_threads()}.json"
+def rates_cache(device: torch.device | str = "cpu") -> Path:
+    """Where this machine's measured rates on `device` are kept (per device, thread count and
+    cost-model version)."""
+    device = torch.device(device)
+    where = f"{torch.get_num_threads()}" if device.type == "cpu" else torch.cuda.get_device_name(device).replace(" ", "_")
+    return Path.home() / ".cache" / "maverick-quant" / f"plan-rates-v2-{device.type}-{where}.json"
 
 
-def machine_rates(cache: Path | None = None) -> dict:
-    """Measured on this machine (cached in `cache`): fp32 matmul flops/s, and GPTQ's cost
-    model t(N, K) = K * column_seconds + gptq_flops(N, K) / gptq_flops_per_s fitted to two
+def machine_rates(cache: Path | None = None, device: torch.device | str = "cpu") -> dict:
+    """Measured on this machine's `device` (cached in `cache`): fp32 matmul flops/s, and GPTQ's
+    cost model t(N, K) = K * column_seconds + gptq_flops(N, K) / gptq_flops_per_s fitted to two
     real solves (a small one, where the per-column overhead dominates, and a larger one)."""
     if cache is not None and cache.is_file():
         return json.loads(cache.read_text())
-    a = torch.randn(1024, 1024)
+    device = torch.device(device)
+    size = 1024 if device.type == "cpu" else 8192
+    a = torch.randn(size, size, device=device)
     a @ a
-    started, repeats = time.perf_counter(), 8
-    for _ in range(repeats):
-        a @ a
-    matmul = repeats * 2 * 1024**3 / (time.perf_counter() - started)
+    repeats = 8
+    matmul = repeats * 2 * size**3 / _timed(lambda: [a @ a for _ in range(repeats)], device)
     small, large = (512, 256), (2048, 1024)
-    t_small, t_large = _gptq_seconds(*small), _gptq_seconds(*large)
+    t_small, t_large = _gptq_seconds(*small, device), _gptq_seconds(*large, device)
     # solve t = K c + F / r for (c, 1/r) from the two measurements
     (k1, f1), (k2, f2) = (small[1], gptq_flops(*small)), (large[1], gptq_flops(*large))
     inverse_rate = max((t_large * k1 - t_small * k2) / (f2 * k1 - f1 * k2), 1 / matmul)
     column = max((t_small - f1 * inverse_rate) / k1, 0.0)
     rates = {"matmul_flops_per_s": matmul, "gptq_flops_per_s": 1 / inverse_rate, "gptq_column_seconds": column,
-             "threads": torch.get_num_threads(), "model": 2}
+             "threads": torch.get_num_threads(), "model": 2,
+             "device": "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device)}
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(rates))
@@ -243,18 +285,20 @@ def tensor_bytes(model_dir: Path | None, table, config) -> tuple[dict[str, int],
 
 
 def make_plan(name: str, table, config, sizes: dict[str, int], calib: CalibSpec, spec: QuantizeSpec,
-              rates: dict, baseline: int) -> Plan:
+              rates: dict | None, baseline: int, device: str = "cpu") -> Plan:
+    """The plan of quantizing `config`'s model on `device` ("cpu" or "cuda"), timed with `rates`
+    measured on that device (None: no time estimate)."""
     text = table.text_config(config)
     expected = table.expected_tensors(config)
     layers, params_by_grid, quantized_bytes, count, tensors = [], {}, 0, 0, 0
     for index in range(text.num_hidden_layers):
-        cost, names, matrices = layer_cost(table, text, index, calib, spec)
+        cost, names, matrices = layer_cost(table, text, index, calib, spec, device)
         layers.append(cost)
         full = [table.prefix(index) + name for name in names]
-        for name in full:
-            grid = spec.weights_for(name.removesuffix(".weight"))
-            params_by_grid[grid] = params_by_grid.get(grid, 0) + _numel(expected[name])
-        quantized_bytes += sum(sizes[name] for name in full)
+        for tensor in full:
+            grid = spec.weights_for(tensor.removesuffix(".weight"))
+            params_by_grid[grid] = params_by_grid.get(grid, 0) + _numel(expected[tensor])
+        quantized_bytes += sum(sizes[tensor] for tensor in full)
         count, tensors = count + matrices, tensors + len(full)
     params = sum(params_by_grid.values())
     passthrough = sum(sizes.values()) - quantized_bytes
@@ -262,18 +306,38 @@ def make_plan(name: str, table, config, sizes: dict[str, int], calib: CalibSpec,
     final = sum(size for tensor, size in sizes.items()
                 if tensor in model_level or tensor.startswith(table.passthrough_prefixes))
     outputs = output_bytes(params_by_grid, spec.weights, passthrough, text.hidden_size)
-    seconds = sum(layer.matmul_flops for layer in layers) / rates["matmul_flops_per_s"] + sum(
+    assumptions = [f"{calib.samples} x {calib.seq_len} calibration tokens, batch {spec.batch_windows}, "
+                   f"expert chunks of {spec.moe.chunk_mib} MiB", _rates_assumption(rates, device),
+                   "quantize runs on the CPU: no GPU memory is used" if device == "cpu" else
+                   "quantize runs on one GPU: layers, statistics, MoE block caches and expert chunks there, the hidden "
+                   "states of the calibration windows in host memory; the CUDA context (~0.5 GiB) is not counted"]
+    resume = calib.samples * calib.seq_len * text.hidden_size * 4 if spec.method is not Method.RTN else 0
+    return Plan(name, params, count, passthrough, len(sizes) - tensors, baseline, layers, final, outputs,
+                None if rates is None else planned_seconds(layers, rates), resume, assumptions, device)
+
+
+def planned_seconds(layers: list[LayerCost], rates: dict) -> float:
+    """The layers' matmul work at the measured matmul rate plus each GPTQ solve at the fitted cost."""
+    return sum(layer.matmul_flops for layer in layers) / rates["matmul_flops_per_s"] + sum(
         count * (k * rates["gptq_column_seconds"] + gptq_flops(n, k) / rates["gptq_flops_per_s"])
         for layer in layers for count, n, k in layer.gptq_solves)
-    assumptions = [f"{calib.samples} x {calib.seq_len} calibration tokens, batch {spec.batch_windows}, "
-                   f"expert chunks of {spec.moe.chunk_mib} MiB",
-                   f"rates measured here: fp32 matmul {rates['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, "
-                   f"GPTQ solve {rates['gptq_flops_per_s'] / 1e9:.1f} GFLOP/s + {1e3 * rates['gptq_column_seconds']:.2f} ms "
-                   f"per column, on {rates['threads']} threads",
-                   "quantize runs on the CPU: no GPU memory is used"]
-    resume = calib.samples * calib.seq_len * text.hidden_size * 4 if spec.method is not Method.RTN else 0
-    return Plan(name, params, count, passthrough, len(sizes) - tensors, baseline, layers, final, outputs, seconds, resume,
-                assumptions)
+
+
+def _rates_assumption(rates: dict | None, device: str) -> str:
+    if rates is None:
+        return f"time not estimated: no {device} device on this machine to measure (run `plan` where the job runs)"
+    where = f"{rates['threads']} threads" if device == "cpu" else rates.get("device", device)
+    return (f"rates measured here: fp32 matmul {rates['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, GPTQ solve "
+            f"{rates['gptq_flops_per_s'] / 1e9:.1f} GFLOP/s + {1e3 * rates['gptq_column_seconds']:.2f} ms per column, "
+            f"on {where}")
+
+
+def _device_line(plan: Plan, gib) -> str:
+    if plan.device == "cpu":
+        return "- GPU memory: none (quantize on the CPU)"
+    layer = plan.peak_device_layer
+    return (f"- peak GPU memory {gib(plan.peak_device_bytes)} (layer {layer.index}: "
+            + ", ".join(f"{k} {gib(v)}" for k, v in plan.device_terms(layer).items()) + ")")
 
 
 def render(plan: Plan) -> str:
@@ -284,8 +348,10 @@ def render(plan: Plan) -> str:
              f"- quantize {plan.quantized_tensors} matrices ({plan.quantized_params / 1e9:.3f} B params); "
              f"pass through {plan.passthrough_tensors} tensors ({gib(plan.passthrough_bytes)})",
              f"- peak host memory {gib(plan.peak_host_bytes)} (baseline {gib(plan.baseline_bytes)}; layer {peak.index}: "
-             + ", ".join(f"{k} {gib(v)}" for k, v in peak.memory.items()) + f"; final tensors {gib(plan.final_bytes)})",
+             + ", ".join(f"{k} {gib(v)}" for k, v in plan.host_terms(peak).items()) + f"; final tensors {gib(plan.final_bytes)})",
+             _device_line(plan, gib),
              f"- disk {gib(plan.disk_bytes)} (bundle + resumable hidden states + largest export)",
+             "- estimated time: not estimated (see assumptions)" if plan.seconds is None else
              f"- estimated time {plan.seconds / 3600:.2f} h ({plan.seconds:.0f} s)", "",
              "| output | size |", "|---|---|"]
     lines += [f"| {fmt} | {gib(size)} |" for fmt, size in plan.outputs.items()]

@@ -8,6 +8,7 @@
       group_size: 128
       sym: true
       gguf_grid: Q4_0         # optional: solve on exactly this llama.cpp type's grid
+      device: auto            # auto | cpu | cuda | cuda:N: where layers and solves run (not part of the result's identity)
       moe: {policy: routed, min_tokens: 128, fallback: mixed, chunk_mib: 8192}
       awq: {grid: 20, clip: true}
     exports:
@@ -39,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from maverick_quant.devices import check_device_name
 from maverick_quant.errors import InputError
 from maverick_quant.recipe import (GGUF_GRIDS, KERNEL_BACKENDS, AWQSpec, CalibSpec, Method, MoESpec, QuantizeSpec, QuantSpec,
                                    parse_bits_override)
@@ -109,6 +111,7 @@ class Recipe:
     exports: tuple[ExportStep, ...] = ()
     validation: ValidationStep | None = None
     gguf_grid: str | None = None
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         if self.quantize.method is not Method.RTN and self.calibration_data is None:
@@ -121,7 +124,7 @@ class Recipe:
         """Every value resolved (defaults included), JSON/YAML-friendly."""
         return {"model": self.model,
                 "calibration": {"data": self.calibration_data, **dataclasses.asdict(self.calibration)},
-                "quantize": {**self.quantize.to_dict(), "gguf_grid": self.gguf_grid},
+                "quantize": {**self.quantize.to_dict(), "gguf_grid": self.gguf_grid, "device": self.device},
                 "exports": [dataclasses.asdict(step) for step in self.exports],
                 "validation": None if self.validation is None else {**dataclasses.asdict(self.validation),
                                                                     "gates": list(self.validation.gates)}}
@@ -211,11 +214,12 @@ def _section(key: str, data: Any, fields: dict[str, Any] | type) -> dict[str, An
     return out
 
 
-def _quantize(data: Any) -> tuple[QuantizeSpec, str | None]:
+def _quantize(data: Any) -> tuple[QuantizeSpec, str | None, str]:
+    """(spec, gguf_grid, device) of the `quantize:` section."""
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise InputError(f"quantize: expected a mapping, got {type(data).__name__}")
-    nested = ("gguf_grid", "moe", "awq")
+    nested = ("gguf_grid", "device", "moe", "awq")
     for name in data:
         if name not in QUANTIZE_KEYS and name not in nested:
             raise InputError(f"quantize.{name}: unknown key; expected one of {', '.join([*QUANTIZE_KEYS, *nested])}")
@@ -227,8 +231,9 @@ def _quantize(data: Any) -> tuple[QuantizeSpec, str | None]:
     weights.update(GGUF_GRIDS.get(grid, {}))
     moe_keys = _section("quantize.moe", data.get("moe"), MoESpec)
     awq_keys = _section("quantize.awq", data.get("awq"), AWQSpec)
+    device = check_device_name(data.get("device", "auto"), "quantize.device")
     with _prefixed("quantize."):
-        return QuantizeSpec(weights=QuantSpec(**weights), moe=MoESpec(**moe_keys), awq=AWQSpec(**awq_keys), **top), grid
+        return QuantizeSpec(weights=QuantSpec(**weights), moe=MoESpec(**moe_keys), awq=AWQSpec(**awq_keys), **top), grid, device
 
 
 @contextlib.contextmanager
@@ -264,7 +269,7 @@ def parse_recipe(data: Any, base: Path = Path(".")) -> Recipe:
     calibration_data = calibration.pop("data", None)
     if calibration_data is not None and not isinstance(calibration_data, str):
         raise InputError(f"calibration.data={calibration_data!r}: expected a file path or 'self'")
-    spec, grid = _quantize(data.get("quantize"))
+    spec, grid, device = _quantize(data.get("quantize"))
     exports = data.get("exports") or []
     if not isinstance(exports, list):
         raise InputError("exports: expected a list of {format: ...} mappings")
@@ -290,7 +295,7 @@ def parse_recipe(data: Any, base: Path = Path(".")) -> Recipe:
     with _prefixed("calibration."):
         calibration_spec = CalibSpec(**calibration_keys)
     return Recipe(model=model, calibration_data=calibration_data, calibration=calibration_spec, quantize=spec,
-                  exports=tuple(steps), validation=validation, gguf_grid=grid)
+                  exports=tuple(steps), validation=validation, gguf_grid=grid, device=device)
 
 
 def _resolve(path: str, base: Path) -> Path:

@@ -100,32 +100,34 @@ class SequenceLayout:
     positions: torch.Tensor
     segments: torch.Tensor
 
-    def attention_mask(self, rows: slice, dtype: torch.dtype) -> torch.Tensor:
-        """Additive mask [B, 1, L, L] for the rows `rows` (0 allowed, -inf masked)."""
-        segments = self.segments[rows]
+    def attention_mask(self, rows: slice, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Additive mask [B, 1, L, L] for the rows `rows` (0 allowed, -inf masked), on `device`."""
+        segments = self.segments[rows].to(device)
         length = segments.shape[1]
-        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
         query, key = segments[:, :, None], segments[:, None, :]
         allowed = causal & ((key == 0) | (key == query))
-        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
         return mask[:, None]
 
 
 class StreamingModel:
-    """Layer-by-layer forward of a `WeightSource` in `dtype` (fp32 by default on CPU).
+    """Layer-by-layer forward of a `WeightSource` in `dtype` (fp32 by default) on `device`.
 
     Shapes: input_ids [S, L] -> hidden [S, L, D] -> logits [S, L, V]; windows are processed
     `batch` at a time; causal attention via SDPA with no padding (all windows full length),
     or, with a `layout`, several prefix-sharing sequences packed per row (see SequenceLayout).
+    Layers live on `device`; the hidden states stay wherever the caller keeps them (host
+    memory: see devices.py) and each batch of windows is moved to `device` to be computed.
     """
 
     def __init__(self, source: WeightSource, dtype: torch.dtype = torch.float32, batch: int = 8,
-                 layout: SequenceLayout | None = None):
+                 layout: SequenceLayout | None = None, device: torch.device | str = "cpu"):
         self.source, self.table = source, source.table
         self.config = source.table.text_config(source.config)
         self.config._attn_implementation = "sdpa"
-        self.dtype, self.batch, self.layout = dtype, batch, layout
-        self.rotary = self.table.build_rotary(self.config).to(dtype)
+        self.dtype, self.batch, self.layout, self.device = dtype, batch, layout, torch.device(device)
+        self.rotary = self.table.build_rotary(self.config).to(device=self.device, dtype=dtype)
         self._final = None
 
     @property
@@ -150,7 +152,8 @@ class StreamingModel:
         plan = self.plan(index)
         module = self.table.build_layer(self.config, index)
         tensors = self.source.layer_tensors(index) if tensors is None else tensors
-        result = module.load_state_dict({k: v.to(self.dtype) for k, v in tensors.items()}, strict=False, assign=True)
+        result = module.load_state_dict({k: v.to(self.device, self.dtype) for k, v in tensors.items()},
+                                        strict=False, assign=True)
         optional = set(plan.moe.fused_names) if plan.moe else set()
         missing = [key for key in result.missing_keys if key not in optional]
         if missing or result.unexpected_keys:
@@ -161,8 +164,8 @@ class StreamingModel:
 
     def _position_embeddings(self, hidden: torch.Tensor, rows: slice | None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.layout is not None:
-            return self.rotary(hidden, self.layout.positions[rows])
-        positions = torch.arange(hidden.shape[1]).unsqueeze(0).expand(hidden.shape[0], -1)
+            return self.rotary(hidden, self.layout.positions[rows].to(hidden.device))
+        positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0).expand(hidden.shape[0], -1)
         return self.rotary(hidden, positions)
 
     @contextlib.contextmanager
@@ -184,24 +187,25 @@ class StreamingModel:
         chunked = window is not None and window < length
         if self.config._attn_implementation != "eager" and not chunked:
             return None
-        positions = torch.arange(length)
+        positions = torch.arange(length, device=chunk.device)
         allowed = positions[None, :] <= positions[:, None]
         if chunked:
             allowed &= (positions[None, :] // window) == (positions[:, None] // window)
-        mask = torch.zeros(length, length, dtype=chunk.dtype).masked_fill_(~allowed, float("-inf"))
+        mask = torch.zeros(length, length, dtype=chunk.dtype, device=chunk.device).masked_fill_(~allowed, float("-inf"))
         return mask[None, None]
 
     @torch.no_grad()
     def apply(self, layer: torch.nn.Module, chunk: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
-        """One layer on a batch of full-length windows [B, L, D] -> [B, L, D]; `rows` says
-        which rows of the cache `chunk` is (needed with a packed `layout`)."""
+        """One layer on a batch of full-length windows [B, L, D] -> [B, L, D] on the model's
+        device; `rows` says which rows of the cache `chunk` is (needed with a packed `layout`)."""
+        chunk = chunk.to(self.device)
         window = getattr(layer, "attention_window", None)
         if self.layout is None:
             mask = self._attention_mask(chunk, window)
         elif rows is None or (window is not None and window < chunk.shape[1]):
             raise ValueError("a packed layout needs the chunk's rows and rows shorter than the attention window")
         else:
-            mask = self.layout.attention_mask(rows, chunk.dtype)
+            mask = self.layout.attention_mask(rows, chunk.dtype, chunk.device)
         return layer(chunk, attention_mask=mask, position_embeddings=self._position_embeddings(chunk, rows))
 
     @torch.no_grad()
@@ -239,15 +243,16 @@ class StreamingModel:
     def _final_modules(self) -> tuple[torch.nn.Module, torch.Tensor]:
         if self._final is None:
             norm = self.table.build_norm(self.config)
-            norm.weight.data = self.source.model_tensor(self.table.final_norm).to(self.dtype)
-            self._final = (norm, self.source.model_tensor(self.table.lm_head).to(self.dtype))
+            norm.weight.data = self.source.model_tensor(self.table.final_norm).to(self.device, self.dtype)
+            self._final = (norm, self.source.model_tensor(self.table.lm_head).to(self.device, self.dtype))
         return self._final
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[..., D] last hidden states -> [..., V] fp32 logits (final norm, then lm_head)."""
+        """[..., D] last hidden states -> [..., V] fp32 logits (final norm, then lm_head),
+        computed on the model's device and returned where `hidden` is."""
         norm, lm_head = self._final_modules()
-        return (norm(hidden) @ lm_head.T).float()
+        return (norm(hidden.to(self.device)) @ lm_head.T).float().to(hidden.device)
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

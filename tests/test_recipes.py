@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
@@ -46,6 +47,7 @@ def test_shipped_recipes_load() -> None:
     ({"quantize": {"bits": 3}}, "format gptq stores bits (2, 4, 8), quantize.bits is 3"),
     ({"validation": {"data": "x", "gates": ["ppl_ratio<<1"]}}, "gate 'ppl_ratio<<1'"),
     ({"exprots": []}, "exprots: unknown key; expected one of model, calibration"),
+    ({"quantize": {"device": "gpu"}}, "quantize.device='gpu': expected auto, cpu, cuda or cuda:N"),
 ])
 def test_bad_recipes_name_the_key_and_the_allowed_values(change: dict, message: str) -> None:
     data = json.loads(json.dumps(VALID))
@@ -136,6 +138,7 @@ def test_run_makes_bundle_exports_report_and_lock_and_gates_the_exit_code(tiny_l
     assert lock["quantize"]["moe"]["min_tokens"] == 128  # defaults resolved
     assert len(lock["model"]["fingerprint"]) == 64 and len(lock["calibration"]["data_sha256"]) == 64
     assert len(lock["validation"]["data_sha256"]) == 64 and lock["versions"]["torch"]
+    assert lock["quantize"]["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")  # auto, resolved
     report = json.loads((out / "report" / "report.json").read_text())
     assert report["candidate_model"] == str(out / "bundle")
     manifest = json.loads((out / "bundle" / "manifest.json").read_text())

@@ -19,11 +19,11 @@ class HessianAccumulator:
 
     x arrives as [..., K]; each batch's x^T x is computed in fp32 (fast) and added to an
     fp64 running sum (stable over many batches); returned as fp32 [*batch, K, K] (batch is
-    () for a plain linear, (kv_heads,) for attention-mixed inputs).
+    () for a plain linear, (kv_heads,) for attention-mixed inputs), on `device` (the layer's).
     """
 
-    def __init__(self, in_features: int, batch: tuple[int, ...] = ()):
-        self.sum = torch.zeros(*batch, in_features, in_features, dtype=torch.float64)
+    def __init__(self, in_features: int, batch: tuple[int, ...] = (), device: torch.device | str = "cpu"):
+        self.sum = torch.zeros(*batch, in_features, in_features, dtype=torch.float64, device=device)
         self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
@@ -65,9 +65,11 @@ class HessianAccumulator:
 
 @contextlib.contextmanager
 def capture_inputs(layer: torch.nn.Module, module_names: tuple[str, ...], stop: bool = False,
-                   make=HessianAccumulator) -> Iterator[dict[str, HessianAccumulator]]:
+                   make=lambda width, device: HessianAccumulator(width, device=device)
+                   ) -> Iterator[dict[str, HessianAccumulator]]:
     """Accumulate input Hessians of `module_names` (paths in `layer`) while the block runs
-    (or, with `make(in_features)`, any accumulator with an `add(x)` method).
+    (or, with `make(in_features, device)`, any accumulator with an `add(x)` method), on the
+    device of each module's weight.
 
     Linears that share an input (q/k/v) each get their own hook; pass only one name per
     shared input to avoid redundant work. With `stop`, the last hooked module raises
@@ -76,7 +78,7 @@ def capture_inputs(layer: torch.nn.Module, module_names: tuple[str, ...], stop: 
     accumulators, handles = {}, []
     for position, name in enumerate(module_names):
         module = layer.get_submodule(name)
-        accumulators[name] = acc = make(module.in_features)
+        accumulators[name] = acc = make(module.in_features, module.weight.device)
         halt = stop and position == len(module_names) - 1
         handles.append(module.register_forward_pre_hook(lambda _m, args, acc=acc, halt=halt: _record(acc, args[0], halt)))
     try:
@@ -103,7 +105,7 @@ def capture_attention_mixed(layer: torch.nn.Module, value_name: str, attention_n
     `StreamingModel.eager_attention()` active.
     """
     value, attention = layer.get_submodule(value_name), layer.get_submodule(attention_name)
-    acc, stash = HessianAccumulator(value.in_features, (kv_heads,)), {}
+    acc, stash = HessianAccumulator(value.in_features, (kv_heads,), value.weight.device), {}
     handles = [
         value.register_forward_pre_hook(lambda _m, args: stash.__setitem__("x", args[0].detach())),
         attention.register_forward_hook(lambda _m, _args, out: _mix_and_stop(acc, stash.pop("x"), out[1].detach())),
@@ -124,11 +126,11 @@ class ActivationSample:
     """mean |x| per input channel over every token, and an evenly strided sample of rows.
 
     x arrives as [..., K] batch by batch; rows whose running index is a multiple of
-    `stride` are kept (fp32), so the sample spans all windows.
+    `stride` are kept (fp32), so the sample spans all windows. Sums live on `device`.
     """
 
-    def __init__(self, in_features: int, stride: int):
-        self.abs_sum = torch.zeros(in_features, dtype=torch.float64)
+    def __init__(self, in_features: int, stride: int, device: torch.device | str = "cpu"):
+        self.abs_sum = torch.zeros(in_features, dtype=torch.float64, device=device)
         self.tokens, self.stride, self.rows = 0, stride, []
 
     def add(self, x: torch.Tensor) -> None:
@@ -149,4 +151,4 @@ class ActivationSample:
 
 def capture_samples(layer: torch.nn.Module, module_names: tuple[str, ...], stride: int, stop: bool = False):
     """`capture_inputs` with an ActivationSample (mean |x| and strided rows) per module."""
-    return capture_inputs(layer, module_names, stop, make=lambda width: ActivationSample(width, stride))
+    return capture_inputs(layer, module_names, stop, make=lambda width, device: ActivationSample(width, stride, device))

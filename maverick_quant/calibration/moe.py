@@ -101,36 +101,38 @@ def resolve_policy(tokens: int, spec: MoESpec) -> tuple[ExpertPolicy, str]:
     return spec.fallback, f"fallback: {tokens} routed tokens < min_tokens {spec.min_tokens}"
 
 
-def sample_tokens(total: int, limit: int) -> torch.Tensor:
-    """Evenly spaced, deterministic token indices [min(total, limit)] for H_all."""
+def sample_tokens(total: int, limit: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Evenly spaced, deterministic token indices [min(total, limit)] for H_all, on `device`
+    (computed on the host: the same indices on every device)."""
     if total <= limit:
-        return torch.arange(total)
-    return torch.linspace(0, total - 1, limit).round().long()
+        return torch.arange(total, device=device)
+    return torch.linspace(0, total - 1, limit).round().long().to(device)
 
 
 def mean_outer(rows: torch.Tensor, width: int, chunk: int = 8192) -> torch.Tensor:
     """(1/n) rows^T rows [K, K] fp32: each `chunk` of rows multiplied in fp32 (fast), the
-    partial sums accumulated in fp64 (stable over millions of tokens); zeros for n = 0."""
+    partial sums accumulated in fp64 (stable over millions of tokens); zeros for n = 0. On
+    the rows' device."""
     if rows.shape[0] == 0:
-        return torch.zeros(width, width)
-    total = torch.zeros(width, width, dtype=torch.float64)
+        return torch.zeros(width, width, device=rows.device)
+    total = torch.zeros(width, width, dtype=torch.float64, device=rows.device)
     for start in range(0, rows.shape[0], chunk):
         part = rows[start : start + chunk].float()
         total += part.T @ part
     return (total / rows.shape[0]).float()
 
 
-def policy_hessian(policy: ExpertPolicy, routed_rows: torch.Tensor, all_rows: torch.Tensor | None,
-                   spec: MoESpec, width: int) -> torch.Tensor:
+def policy_hessian(policy: ExpertPolicy, routed_rows: torch.Tensor | None, all_rows: torch.Tensor | None,
+                   spec: MoESpec, width: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """H [K, K] of one expert linear under its policy.
 
     routed_rows [n, K]: what the linear reads on the expert's routed tokens; all_rows [T_s, K]:
     what it would read on the sampled tokens at the expert's own score (needed for `mixed`).
     routed: mean_outer(routed); mixed: that + spec.mix * mean_outer(all); rtn: I (GPTQ with
-    H = I is round to nearest, so RTN experts stay in the same batched solve).
+    H = I is round to nearest, so RTN experts stay in the same batched solve). On `device`.
     """
     if policy is ExpertPolicy.RTN:
-        return torch.eye(width)
+        return torch.eye(width, device=device)
     H = mean_outer(routed_rows, width)
     if policy is ExpertPolicy.MIXED:
         H = H + spec.mix * mean_outer(all_rows, width)

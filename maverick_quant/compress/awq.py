@@ -38,7 +38,7 @@ class ScaleSearch:
 
 def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None, awq: AWQSpec) -> torch.Tensor:
     """Scales [grid, K] for alpha = i / grid from mean|x| [K] (and mean|w| [K] for duo scaling)."""
-    ratios = torch.arange(awq.grid, dtype=torch.float64)[:, None] / awq.grid
+    ratios = torch.arange(awq.grid, dtype=torch.float64, device=x_mean.device)[:, None] / awq.grid
     x = x_mean.double().clamp_min(1e-4)[None]
     if awq.duo_scaling:
         scales = x**ratios / w_mean.double().clamp_min(1e-4)[None] ** (1 - ratios)
@@ -79,7 +79,7 @@ def output_loss(x: torch.Tensor, weights: list[torch.Tensor], spec: QuantSpec | 
     grids = spec if isinstance(spec, list) else [spec] * len(weights)
 
     def loss(scales: torch.Tensor) -> torch.Tensor:
-        total = torch.zeros(scales.shape[0], dtype=torch.float64)
+        total = torch.zeros(scales.shape[0], dtype=torch.float64, device=scales.device)
         for start in range(0, scales.shape[0], chunk):
             part = scales[start : start + chunk]
             for W, grid in zip(weights, grids):
@@ -110,7 +110,7 @@ def _clip_rows(W: torch.Tensor, x: torch.Tensor, spec: QuantSpec, awq: AWQSpec) 
     Wg = torch.nn.functional.pad(W.float(), (0, pad)).view(n, groups, width)
     xg = torch.nn.functional.pad(x.float(), (0, pad)).view(-1, groups, width)  # [T, G, width]
     limit = Wg.abs().amax(-1, keepdim=True)  # [n, G, 1]
-    best_err = torch.full((n, groups), float("inf"))
+    best_err = torch.full((n, groups), float("inf"), device=W.device)
     best = Wg.clone()
     for step in range(max(1, int(awq.max_shrink * awq.clip_grid))):
         bound = limit * (1 - step / awq.clip_grid)

@@ -1,0 +1,112 @@
+"""The compute device (`--device`, recipe `quantize.device`): layers, statistics and solves on
+it, the hidden-state cache on the host; devices this machine lacks refused before any work.
+
+Without a GPU, placement is checked on PyTorch's meta device: a tensor left on the host where
+the layer's device is expected fails an elementwise op there exactly as it would on CUDA. The
+CUDA run itself is checked where a GPU is present (skipped otherwise)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from maverick_quant.calibration.capture import capture_samples
+from maverick_quant.calibration.moe import mean_outer, policy_hessian, sample_tokens
+from maverick_quant.cli import cli
+from maverick_quant.compress.awq import candidate_scales, clip_weights, output_loss
+from maverick_quant.groups import group_hessian
+from maverick_quant.recipe import AWQSpec, ExpertPolicy, MoESpec, QuantSpec
+from maverick_quant.streaming import StreamingModel, open_source
+
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+
+
+def test_layers_and_their_statistics_live_on_the_compute_device(tiny_llama4_dir: Path) -> None:
+    """Every decoder layer (dense and MoE, chunked attention) runs on the device with hidden
+    states kept on the host, and each group's Hessian (plain, and attention-mixed for v_proj)
+    is accumulated there."""
+    model = StreamingModel(open_source(tiny_llama4_dir), device="meta", batch=2)
+    hidden = torch.randn(3, 40, model.config.hidden_size)  # longer than the 16-token attention chunks
+    for index in range(model.num_layers):
+        layer = model.layer(index)
+        assert {p.device.type for p in layer.parameters()} == {"meta"}
+        assert model.apply(layer, hidden[:2], slice(0, 2)).device.type == "meta"
+        for group in model.plan(index).groups:
+            H, tokens = group_hessian(model, layer, hidden, group)
+            width = layer.get_submodule(group.linears[0]).in_features
+            assert H.device.type == "meta" and H.shape[-1] == width and tokens >= hidden.shape[0] * hidden.shape[1]
+    assert hidden.device.type == "cpu"
+
+
+def test_awq_search_and_expert_hessians_stay_on_the_device(tiny_llama4_dir: Path) -> None:
+    model = StreamingModel(open_source(tiny_llama4_dir), device="meta", batch=2)
+    layer, group = model.layer(0), model.plan(0).scale_groups[0]
+    with capture_samples(layer, (group.linears[0],), stride=7, stop=True) as samples:
+        model.feed_layer(layer, torch.randn(2, 24, model.config.hidden_size))
+    sample = samples[group.linears[0]]
+    weights = [layer.get_submodule(name).weight.data for name in group.linears]
+    awq, grid = AWQSpec(grid=4, clip_grid=4), QuantSpec(bits=4, group_size=32)
+    candidates = candidate_scales(sample.mean_abs, None, awq)
+    losses = output_loss(sample.sample, weights, grid)(candidates)
+    clipped = clip_weights(weights[0], sample.sample, grid, awq)
+    assert {t.device.type for t in (candidates, losses, clipped)} == {"meta"}
+    rows = torch.randn(10, 64, device="meta")
+    assert sample_tokens(100, 10, "meta").device.type == "meta"
+    for policy in ExpertPolicy:
+        assert policy_hessian(policy, rows, rows, MoESpec(), 64, "meta").device.type == "meta"
+    assert mean_outer(rows[:0], 64).device.type == "meta"
+
+
+@no_cuda
+def test_a_device_this_machine_lacks_is_refused_before_any_work(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["quantize", str(tiny_llama_dir), "--method", "rtn", "--device", "cuda",
+                                      "--out", str(tmp_path / "bundle")])
+    assert result.exit_code == 2 and "--device='cuda': this machine has no CUDA device" in result.output
+    assert not any(tmp_path.iterdir())
+    result = CliRunner().invoke(cli, ["quantize", str(tiny_llama_dir), "--method", "rtn", "--device", "tpu",
+                                      "--out", str(tmp_path / "bundle")])
+    assert result.exit_code == 2 and "expected auto, cpu, cuda or cuda:N" in result.output
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"model": str(tiny_llama_dir), "quantize": {"method": "rtn", "device": "cuda:1"}}))
+    result = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "quantize.device='cuda:1'" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_maverick_fits_one_80_gib_gpu_and_64_gib_of_host_memory(tmp_path: Path) -> None:
+    """The shipped Maverick recipe's calibration (512 x 2048 tokens) planned for one GPU."""
+    result = CliRunner().invoke(cli, ["plan", "maverick", "--samples", "512", "--seq-len", "2048", "--device", "cuda",
+                                      "--json", str(tmp_path / "plan.json")])
+    assert result.exit_code == 0, result.output
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["device"] == "cuda" and 16 * 2**30 < plan["gpu_bytes"] < 80 * 2**30
+    assert plan["peak_host_bytes"] < 64 * 2**30
+    tokens = 512 * 2048 * 5120 * 4
+    assert plan["peak_gpu_layer"]["block_caches"] == 2 * tokens and plan["peak_layer"]["cache"] == tokens
+    assert "peak GPU memory" in result.output
+    if not torch.cuda.is_available():
+        assert plan["seconds"] is None and "not estimated" in result.output
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_quantize_on_cuda_matches_the_cpu_run(tiny_llama4_dir: Path, small_text_file: Path, tmp_path: Path) -> None:
+    """The same GPTQ run on the GPU and on the CPU: same routing audit, losses within fp noise."""
+    from maverick_quant.bundle import Bundle
+
+    bundles = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / device
+        result = CliRunner().invoke(cli, ["quantize", str(tiny_llama4_dir), "--data", str(small_text_file), "--samples", "8",
+                                          "--seq-len", "64", "--group-size", "32", "--device", device, "--out", str(out),
+                                          "--no-progress"])
+        assert result.exit_code == 0, result.output
+        bundles[device] = Bundle(out)
+    manifests = {device: json.loads((tmp_path / device / "manifest.json").read_text()) for device in bundles}
+    assert manifests["cuda"]["summary"]["peak_device_mib"] > 0
+    cpu, gpu = (manifests[d]["summary"]["mean_rel_loss"] for d in ("cpu", "cuda"))
+    assert abs(gpu / cpu - 1) < 0.05
