@@ -11,7 +11,10 @@ flat as experts grow (the goal: RSS(most experts) <= 1.3 x RSS(fewest) at equal 
 the plan should be within 25% of the measured peak.
 
     python benchmarks/moe_scaling.py --work /tmp/mq-moe [--shapes 8x2 32x2 128x2 32x4 32x8]
-        [--chunk-mib 256] [--samples 16] [--seq-len 256] [--text wiki.valid.tokens]
+        [--chunk-mib 256] [--samples 16] [--seq-len 256] [--text wiki.valid.tokens] [--device cuda]
+
+With `--device cuda` the quantize runs and the plans are for the GPU: the table then also shows
+the measured peak GPU allocation beside the plan's GPU memory.
 
 Run it alone: seconds are only comparable when nothing else shares the cores.
 """
@@ -53,7 +56,7 @@ def measure(work: Path, experts: int, layers: int, calib: Path, args) -> dict:
         random_llama4(model, experts, layers=layers, tokenizer_dir=smollm2_hf_dir())
     if not calib.exists():
         cli("calibrate", model, "--data", args.text, "--samples", args.samples, "--seq-len", args.seq_len, "--out", calib)
-    options = ["--moe-chunk-mib", args.chunk_mib, "--moe-min-tokens", 16]
+    options = ["--moe-chunk-mib", args.chunk_mib, "--moe-min-tokens", 16, "--device", args.device]
     bundle, plan_json = work / f"bundle-e{experts}-l{layers}", work / f"plan-e{experts}-l{layers}.json"
     cli("plan", model, "--samples", args.samples, "--seq-len", args.seq_len, *options, "--json", plan_json)
     cli("quantize", model, "--calib", calib, "--out", bundle, "--force", "--no-progress", *options)
@@ -63,17 +66,22 @@ def measure(work: Path, experts: int, layers: int, calib: Path, args) -> dict:
     return {"experts": experts, "layers": layers, "checkpoint_mib": checkpoint_mib(model),
             "peak_rss_mib": summary["peak_rss_mib"], "planned_peak_mib": plan["peak_host_bytes"] / MIB,
             "seconds": summary["seconds"], "planned_seconds": plan["seconds"],
+            "peak_gpu_mib": summary.get("peak_device_mib"), "planned_gpu_mib": plan["gpu_bytes"] / MIB,
             "seconds_per_expert": summary["seconds"] / max(1, experts * moe_layers)}
 
 
 def table(rows: list[dict]) -> str:
+    gpu = any(row["peak_gpu_mib"] is not None for row in rows)
     lines = ["| experts x layers | checkpoint MiB | peak RSS MiB | plan MiB | plan error | quantize s | plan s "
-             "| s per expert |", "|---|---|---|---|---|---|---|---|"]
+             "| s per expert |" + (" peak GPU MiB | plan GPU MiB |" if gpu else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|---|" if gpu else "")]
     for row in rows:
         error = (row["planned_peak_mib"] - row["peak_rss_mib"]) / row["peak_rss_mib"]
+        planned = "—" if row["planned_seconds"] is None else f"{row['planned_seconds']:.0f}"
         lines.append(f"| {row['experts']} x {row['layers']} | {row['checkpoint_mib']:.0f} | {row['peak_rss_mib']:.0f} "
                      f"| {row['planned_peak_mib']:.0f} | {error:+.1%} | {row['seconds']:.1f} "
-                     f"| {row['planned_seconds']:.0f} | {row['seconds_per_expert']:.2f} |")
+                     f"| {planned} | {row['seconds_per_expert']:.2f} |"
+                     + (f" {row['peak_gpu_mib'] or 0:.0f} | {row['planned_gpu_mib']:.0f} |" if gpu else ""))
     return "\n".join(lines)
 
 
@@ -86,6 +94,7 @@ def main() -> None:
     parser.add_argument("--chunk-mib", type=int, default=256)
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--device", default="cpu", help="where quantize runs (cpu, cuda): the plans are for it too")
     args = parser.parse_args()
 
     args.work.mkdir(parents=True, exist_ok=True)

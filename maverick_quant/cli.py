@@ -312,15 +312,17 @@ def imatrix(model_dir, data, calib, out, samples, seq_len, seed, chat_template, 
               help='Your multiple-choice JSONL: {"context": ..., "choices": [...], "label": i} per line.')
 @click.option("--kernels", type=click.Choice(KERNEL_BACKENDS),
               help="Run a bundle candidate's 4-bit weights through this kernel backend instead of dequantizing them.")
+@click.option("--device", default="auto", show_default=True,
+              help="Where both models' layers run: auto (CUDA if present), cpu, cuda, cuda:N.")
 @click.option("--progress/--no-progress", default=True)
 def validate(reference, candidate, data, report_dir, ctx, max_windows, gates, baseline, batch, force, protocol,
-             hellaswag, hellaswag_tasks, choices, kernels, progress) -> None:
+             hellaswag, hellaswag_tasks, choices, kernels, device, progress) -> None:
     """Compare CANDIDATE with REFERENCE: perplexity, KL, top-1 agreement, per-layer error,
     multiple-choice accuracy drift; gate CI."""
     from maverick_quant.jobs import run_validate
 
     passed = run_validate(reference, candidate, data, report_dir, ctx, max_windows or None, gates, baseline,
-                          batch, force, progress, protocol, hellaswag, hellaswag_tasks, choices, kernels)
+                          batch, force, progress, protocol, hellaswag, hellaswag_tasks, choices, kernels, device)
     sys.exit(0 if passed else 1)
 
 

@@ -148,17 +148,20 @@ def run_export_gguf(source_dir, out, gguf_type="Q4_0", requantize=False, pre=Non
 
 def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates=(), baseline=None,
                  batch=4, force=False, progress=True, protocol="gptq", hellaswag=None, hellaswag_tasks=None,
-                 choices=None, kernels=None) -> bool:
+                 choices=None, kernels=None, device="auto") -> bool:
     """Shared by `validate` and `demo`; returns whether every gate passed. `kernels`: run a
-    bundle candidate through that kernel backend (None: dequantize it)."""
+    bundle candidate through that kernel backend (None: dequantize it); `device`: where the
+    layers run (devices.py)."""
     from maverick_quant.calibration.data import eval_windows, load_tokenizer, scored_from
     from maverick_quant.checkpoint import atomic_output_dir, check_output_dir
+    from maverick_quant.devices import resolve_device
     from maverick_quant.streaming import open_source
     from maverick_quant.validation.evaluate import GGUFCandidate, evaluate, evaluate_gguf, open_candidate
     from maverick_quant.validation.gates import evaluate_gates, parse_gate
     from maverick_quant.validation.report import write_report
 
     check_output_dir(report_dir, force)
+    compute = resolve_device(device)
     parsed = [parse_gate(text) for text in gates]
     baseline_report = _read_baseline(baseline) if baseline else None
     gguf = Path(candidate).is_file()
@@ -167,16 +170,17 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
     windows = eval_windows(data, load_tokenizer(reference), ctx, max_windows, protocol)
     first = scored_from(protocol, ctx)
     if gguf:
-        result = evaluate_gguf(ref_source, cand_source, windows, batch=batch, show_progress=progress, first_scored=first)
+        result = evaluate_gguf(ref_source, cand_source, windows, batch=batch, show_progress=progress, first_scored=first,
+                               device=compute)
     else:
         result = evaluate(ref_source, cand_source, windows, batch=batch, show_progress=progress, first_scored=first,
-                          kernels=kernels)
+                          kernels=kernels, device=compute)
     report = {**result.summary, "protocol": {"name": protocol, "ctx": ctx, "windows": int(windows.shape[0]),
                                              "first_scored_position": first, "data": str(data)},
               "reference_model": str(reference), "candidate_model": str(candidate), "tool_version": __version__,
-              "kernels": kernels}
+              "kernels": kernels, "device": str(compute)}
     report.update(_choice_benchmarks(ref_source, cand_source, load_tokenizer(reference), hellaswag, hellaswag_tasks,
-                                     choices, kernels=kernels, progress=progress))
+                                     choices, kernels=kernels, progress=progress, device=compute))
     report.update(_expert_summary(cand_source))
     outcomes = evaluate_gates(parsed, report, baseline_report)
     report["gates"] = [{"gate": o.gate, "actual": o.actual, "threshold": o.threshold, "passed": o.passed} for o in outcomes]
@@ -205,14 +209,15 @@ def _expert_summary(candidate) -> dict:
 
 
 def _choice_benchmarks(ref_source, cand_source, tokenizer, hellaswag, hellaswag_tasks, choices, kernels=None,
-                       progress=True) -> dict:
+                       progress=True, device="cpu") -> dict:
     """HellaSwag (llama.cpp text layout) and/or a local multiple-choice JSONL: accuracy drift
-    and wall time."""
+    and wall time, layers on `device`."""
     from maverick_quant.validation.hellaswag import evaluate_choices, read_choice_jsonl, read_hellaswag
 
     def drift(tasks, path) -> dict:
         started = time.perf_counter()
-        result = evaluate_choices(ref_source, cand_source, tasks, tokenizer, kernels=kernels, show_progress=progress)
+        result = evaluate_choices(ref_source, cand_source, tasks, tokenizer, kernels=kernels, show_progress=progress,
+                                  device=device)
         return {**result, "file": str(path), "seconds": time.perf_counter() - started}
 
     out = {}
@@ -332,7 +337,8 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
 
             data = write_eval_text(model_dir, out / "eval-self.txt", 16, v.ctx)
         passed = run_validate(model_dir, out / "bundle", data, out / "report", v.ctx, v.max_windows, v.gates, None,
-                              v.batch, True, progress, v.protocol, v.hellaswag, v.hellaswag_tasks, v.choices, v.kernels)
+                              v.batch, True, progress, v.protocol, v.hellaswag, v.hellaswag_tasks, v.choices, v.kernels,
+                              device)
     _write_lock(dataclasses.replace(recipe, device=device), Path(recipe_path), model_dir, source, calib_dir,
                 out / "recipe.lock.yaml")
     click.echo(f"run finished -> {out} ({'gates passed' if passed else 'a gate FAILED'})")

@@ -61,6 +61,8 @@ def output_bytes(params_by_grid: dict, base, passthrough: int, hidden: int) -> d
     Q4_1 for 4); a width no GGUF type stores leaves the GGUF formats out (the export refuses it)."""
     outputs = {}
     for fmt, per_weight in FORMAT_BYTES_PER_WEIGHT.items():
+        if not format_stores(fmt, base, params_by_grid):
+            continue
         total = passthrough
         for grid, params in params_by_grid.items():
             code, per_group = per_weight(grid.bits, grid.group_size, grid.sym)
@@ -74,6 +76,17 @@ def output_bytes(params_by_grid: dict, base, passthrough: int, hidden: int) -> d
         outputs[fmt] = int(passthrough + sum(params * (per_weight if grid == base else own[grid].bytes_per_block / BLOCK)
                                              for grid, params in params_by_grid.items()))
     return outputs
+
+
+def format_stores(fmt: str, base, params_by_grid: dict) -> bool:
+    """Whether export format `fmt` can store the run's grid `base` and every override width
+    beside it (the limits `recipe_file` checks recipes against; the bundle stores anything)."""
+    from maverick_quant.recipe_file import EXPORT_BITS, OVERRIDE_BITS
+
+    if fmt not in EXPORT_BITS:
+        return True
+    others = {grid.bits for grid in params_by_grid if grid != base}
+    return base.bits in EXPORT_BITS[fmt] and all(bits == base.bits or bits in OVERRIDE_BITS[fmt] for bits in others)
 
 
 @dataclass

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from maverick_quant.compress.pack import PACK_BITS
 from maverick_quant.devices import check_device_name
 from maverick_quant.errors import InputError
 from maverick_quant.recipe import (GGUF_GRIDS, KERNEL_BACKENDS, AWQSpec, CalibSpec, Method, MoESpec, QuantizeSpec, QuantSpec,
@@ -130,7 +131,7 @@ class Recipe:
                                                                     "gates": list(self.validation.gates)}}
 
 
-EXPORT_BITS = {"gptq": (2, 4, 8), "compressed-tensors": (2, 4, 8), "awq": (4,)}
+EXPORT_BITS = {"gptq": PACK_BITS, "compressed-tensors": PACK_BITS, "awq": (4,)}  # AWQ's layout is 4-bit only
 
 
 def _check_export_grid(step: ExportStep, weights: QuantSpec) -> None:

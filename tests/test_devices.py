@@ -110,3 +110,12 @@ def test_quantize_on_cuda_matches_the_cpu_run(tiny_llama4_dir: Path, small_text_
     assert manifests["cuda"]["summary"]["peak_device_mib"] > 0
     cpu, gpu = (manifests[d]["summary"]["mean_rel_loss"] for d in ("cpu", "cuda"))
     assert abs(gpu / cpu - 1) < 0.05
+    reports = {}
+    for device in ("cpu", "cuda"):  # validation of the same bundle on both devices
+        result = CliRunner().invoke(cli, ["validate", "--reference", str(tiny_llama4_dir), "--candidate", str(tmp_path / "cuda"),
+                                          "--data", str(small_text_file), "--report", str(tmp_path / f"report-{device}"),
+                                          "--ctx", "32", "--max-windows", "4", "--device", device, "--no-progress"])
+        assert result.exit_code == 0, result.output
+        reports[device] = json.loads((tmp_path / f"report-{device}" / "report.json").read_text())
+    assert reports["cuda"]["device"] == "cuda:0"
+    assert abs(reports["cuda"]["candidate"]["ppl"] / reports["cpu"]["candidate"]["ppl"] - 1) < 1e-3

@@ -97,6 +97,7 @@ def test_transformers_loads_the_compressed_tensors_export_with_kept_linears_igno
     for fmt in ("compressed-tensors", "gptq"):
         code, out = _run("export", kept_bundle, "--format", fmt, "--out", tmp_path / fmt)
         assert code == 0, out
+        assert "| kept in float | " in (tmp_path / fmt / "README.md").read_text()
         export = open_export(tmp_path / fmt)
         for index in range(bundle.num_layers):
             ours, theirs = bundle.layer_tensors(index), export.layer_tensors(index)
@@ -223,6 +224,9 @@ def test_packed_exports_carry_per_module_grids_that_clients_honour(override_bund
         for index in range(bundle.num_layers):
             ours, theirs = bundle.layer_tensors(index), export.layer_tensors(index)
             assert all(torch.equal(ours[name], theirs[name]) for name in ours), (fmt, index)
+    card = (tmp_path / "gptq" / "README.md").read_text()  # the card says which linears are not on the run's grid
+    escaped = OVERRIDE.replace("|", "\\|")  # a pipe would end the table cell
+    assert f"| 8-bit | {3 * bundle.num_layers} linears matching `{escaped}` (e.g. `model.layers.0.self_attn." in card
     groups = json.loads((tmp_path / "compressed-tensors" / "config.json").read_text())["quantization_config"]["config_groups"]
     assert groups["group_1"]["weights"]["num_bits"] == 8 and "model.layers.0.self_attn.k_proj" in groups["group_1"]["targets"]
     assert "model.layers.0.self_attn.qkv_proj" in groups["group_1"]["targets"]  # vLLM matches its fused name first
@@ -283,14 +287,15 @@ def test_the_plan_sizes_overridden_linears_on_their_own_grid(tiny_llama_dir: Pat
         assert code == 0, out
         plans[name] = json.loads((tmp_path / f"{name}.json").read_text())
     qkv = 3 * (96 * 96 + 2 * 48 * 96)  # q, k, v weights of the 3 layers
-    grown = {fmt: plans["override"]["outputs"][fmt] - plans["plain"]["outputs"][fmt] for fmt in plans["plain"]["outputs"]}
+    grown = {fmt: plans["override"]["outputs"][fmt] - plans["plain"]["outputs"][fmt] for fmt in plans["override"]["outputs"]}
     assert grown["gguf Q4_0"] == qkv * 16 // 32 and grown["compressed-tensors"] == qkv // 2, grown
+    assert "awq" in plans["plain"]["outputs"] and "awq" not in plans["override"]["outputs"]  # one grid per AWQ checkpoint
     assert plans["override"]["quantized_tensors"] == plans["plain"]["quantized_tensors"]
     code, out = _run("plan", tiny_llama_dir, "--gguf-grid", "Q4_0", "--bits-override", "self_attn=6",
                      "--json", tmp_path / "six.json")
-    assert code == 0, out  # no GGUF type stores 6 bits: the plan sizes no GGUF, as the export would refuse
-    outputs = json.loads((tmp_path / "six.json").read_text())["outputs"]
-    assert "gptq" in outputs and not any(fmt.startswith("gguf") for fmt in outputs), outputs
+    assert code == 0, out  # no export format stores 6 bits (packs hold 2, 4 or 8): the plan sizes the bundle alone,
+    outputs = json.loads((tmp_path / "six.json").read_text())["outputs"]  # as each export would refuse it
+    assert list(outputs) == ["bundle"], outputs
 
 
 def test_the_kernel_runtime_runs_a_bundle_with_8_bit_linears(override_bundles: dict[str, Path], tiny_llama_dir: Path,

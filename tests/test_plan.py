@@ -14,7 +14,8 @@ from click.testing import CliRunner
 from maverick_quant.cli import cli
 
 REPO = Path(__file__).resolve().parents[1]
-RUN_OPTIONS = ["--method", "gptq", "--samples", "8", "--seq-len", "64", "--group-size", "32", "--moe-chunk-mib", "2"]
+RUN_OPTIONS = ["--method", "gptq", "--samples", "8", "--seq-len", "64", "--group-size", "32", "--moe-chunk-mib", "2",
+               "--device", "cpu"]  # host memory is what is compared
 
 
 def test_maverick_plan_fits_one_host_with_64_gib(tmp_path: Path) -> None:

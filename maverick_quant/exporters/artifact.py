@@ -62,6 +62,7 @@ def model_card(bundle: Bundle | None, fmt: str, detail: str, name: str = "", rep
         f"| calibration | {calibration.get('samples', 0)} x {calibration.get('seq_len', 0)} tokens of "
         f"`{calibration.get('source', 'none')}` (data sha256 `{calibration.get('data_sha256', '-')}`) |",
         f"| format | {fmt} {detail} |",
+        *override_rows(bundle),
         f"| load with | {LOADING[fmt]} |",
     ]
     if report_dir is not None:
@@ -73,6 +74,25 @@ def model_card(bundle: Bundle | None, fmt: str, detail: str, name: str = "", rep
                              indent=2, default=str),
                   "```"]
     return "\n".join(lines) + "\n"
+
+
+def override_rows(bundle: Bundle) -> list[str]:
+    """Model-card rows naming the linears a per-module override took off the run's grid: those
+    kept in float and those on another bit width (with the recipe's patterns)."""
+    recipe, rows = bundle.manifest["recipe"], []
+    patterns = lambda key: "`, `".join(p.replace("|", "\\|") for p in recipe.get(key, []))  # noqa: E731 (| splits a table cell)
+    kept = [bundle.table.prefix(index) + name for index in range(len(bundle.manifest["layers"]))
+            for name in bundle.kept_float(index)]
+    if kept:
+        rows.append(f"| kept in float | {len(kept)} linears matching `{patterns('keep_float')}` "
+                    f"(e.g. `{kept[0]}`) |")
+    widths: dict[int, list[str]] = {}
+    for module, grid in bundle.overridden_grids().items():
+        widths.setdefault(grid["bits"], []).append(module)
+    for bits, modules in sorted(widths.items()):
+        rows.append(f"| {bits}-bit | {len(modules)} linears matching `{patterns('bits_overrides')}` "
+                    f"(e.g. `{modules[0]}`) |")
+    return rows
 
 
 def write_artifact_files(bundle: Bundle, out_dir: Path, fmt: str, detail: str = "", report_dir: Path | None = None) -> None:

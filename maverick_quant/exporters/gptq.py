@@ -20,11 +20,11 @@ import torch
 
 from maverick_quant import __version__
 from maverick_quant.bundle import Bundle
-from maverick_quant.compress.pack import from_gptq_tensors, to_gptq_tensors
+from maverick_quant.compress.pack import PACK_BITS, from_gptq_tensors, to_gptq_tensors
 from maverick_quant.compress.types import QuantizedWeight
 from maverick_quant.exporters.packed import Layout, dynamic_grid, exclusion_fields, export_packed
 
-PACKABLE_BITS = (2, 4, 8)
+PACKABLE_BITS = PACK_BITS  # whole int32 words of codes
 
 
 def gptq_quantization_config(quant: dict, recipe: dict, unquantized: list[str] = (),

@@ -132,16 +132,18 @@ def _score(ref_model: StreamingModel, cand_model: StreamingModel, windows: torch
 
 def evaluate(reference: WeightSource, candidate: WeightSource, windows: torch.Tensor,
              batch: int = 4, show_progress: bool = True, first_scored: int = 1,
-             expert_chunk_mib: int = MoESpec.chunk_mib, kernels: str | None = None) -> Evaluation:
+             expert_chunk_mib: int = MoESpec.chunk_mib, kernels: str | None = None,
+             device: torch.device | str = "cpu") -> Evaluation:
     """Perplexity of both, KL(ref || cand), top-1 agreement and per-layer error on `windows`
     [W, L], scoring positions first_scored..L-1 of each window (routed experts read
-    `expert_chunk_mib` at a time). With `kernels` (a backend name), a bundle candidate runs
-    its 4-bit weights through that backend instead of being dequantized to float."""
+    `expert_chunk_mib` at a time), layers computed on `device`, hidden states on the host.
+    With `kernels` (a backend name), a bundle candidate runs its 4-bit weights through that
+    backend instead of being dequantized to float (placed by the backend, not `device`)."""
     _check_compatible(reference, candidate)
     started = time.perf_counter()
-    ref_model = StreamingModel(reference, batch=batch)
+    ref_model = StreamingModel(reference, batch=batch, device=device)
     if kernels is None:
-        cand_model = StreamingModel(candidate, batch=batch)
+        cand_model = StreamingModel(candidate, batch=batch, device=device)
     else:
         from maverick_quant.runtime import KernelModel
 
@@ -211,12 +213,12 @@ class GGUFCandidate:
 
 @torch.no_grad()
 def evaluate_gguf(reference: WeightSource, candidate: GGUFCandidate, windows: torch.Tensor, batch: int = 4,
-                  show_progress: bool = True, first_scored: int = 1) -> Evaluation:
-    """`evaluate` for a GGUF candidate: the reference streamed to its final hidden states, the
-    candidate's logits from llama.cpp window by window (no per-layer errors: llama.cpp runs
-    the whole model)."""
+                  show_progress: bool = True, first_scored: int = 1, device: torch.device | str = "cpu") -> Evaluation:
+    """`evaluate` for a GGUF candidate: the reference streamed to its final hidden states (on
+    `device`), the candidate's logits from llama.cpp window by window (no per-layer errors:
+    llama.cpp runs the whole model)."""
     started = time.perf_counter()
-    ref_model = StreamingModel(reference, batch=batch)
+    ref_model = StreamingModel(reference, batch=batch, device=device)
     hidden = ref_model.embed(windows)
     for index in tqdm(range(ref_model.num_layers), desc="reference layers", unit="layer", disable=not show_progress):
         forward_layer(ref_model, index, hidden)

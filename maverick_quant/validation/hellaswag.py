@@ -211,39 +211,41 @@ def accuracy_drift(correct_ref: torch.Tensor, correct_cand: torch.Tensor) -> dic
 
 
 def choose_answers(source, encoded: list[EncodedTask], pad: int, block: int = 64, kernels: str | None = None,
-                   bar=None) -> torch.Tensor:
+                   bar=None, device: torch.device | str = "cpu") -> torch.Tensor:
     """The choice `source` picks for each task [tasks]. Tasks are sorted by packed length and
-    run `block` at a time (little padding); a source with `branch_logits` (a GGUF) is run
-    task by task; with `kernels` (a backend name) a bundle runs its 4-bit weights there."""
+    run `block` at a time (little padding), layers on `device`; a source with `branch_logits`
+    (a GGUF) is run task by task; with `kernels` (a backend name) a bundle runs its 4-bit
+    weights there."""
     order = sorted(range(len(encoded)), key=lambda i: encoded[i].packed_length)
     chosen = torch.empty(len(encoded), dtype=torch.long)
     for start in range(0, len(order), block):
         members = order[start : start + block]
         part = [encoded[i] for i in members]
         packed = pack_tasks(part, pad)
-        chosen[members] = predictions(_scores(source, part, packed, kernels), packed.choices_per_task)
+        chosen[members] = predictions(_scores(source, part, packed, kernels, device), packed.choices_per_task)
         if bar is not None:
             bar.update(len(members))
     return chosen
 
 
-def _scores(source, encoded: list[EncodedTask], packed: PackedTasks, kernels: str | None) -> torch.Tensor:
+def _scores(source, encoded: list[EncodedTask], packed: PackedTasks, kernels: str | None,
+            device: torch.device | str) -> torch.Tensor:
     if hasattr(source, "branch_logits"):
         return branch_choice_scores(source, encoded)
     if kernels is not None:
         from maverick_quant.runtime import KernelModel
 
         return streamed_choice_scores(lambda layout: KernelModel(source, kernels, layout=layout), packed)
-    return streamed_choice_scores(lambda layout: StreamingModel(source, layout=layout), packed)
+    return streamed_choice_scores(lambda layout: StreamingModel(source, layout=layout, device=device), packed)
 
 
 def evaluate_choices(reference: WeightSource, candidate, tasks: list[Task], tokenizer, block: int = 64,
-                     kernels: str | None = None, show_progress: bool = True) -> dict:
+                     kernels: str | None = None, show_progress: bool = True, device: torch.device | str = "cpu") -> dict:
     """Accuracy of both models on `tasks` and the drift (see `choose_answers`; `kernels`
-    applies to the candidate only)."""
+    applies to the candidate only), layers computed on `device`."""
     encoded = [encode_task(task, tokenizer) for task in tasks]
     labels, pad = torch.tensor([task.label for task in tasks]), tokenizer.eos_token_id or 0
     with tqdm(total=2 * len(tasks), desc="multiple choice (both models)", unit="task", disable=not show_progress) as bar:
-        reference_right = choose_answers(reference, encoded, pad, block, bar=bar) == labels
-        candidate_right = choose_answers(candidate, encoded, pad, block, kernels, bar=bar) == labels
+        reference_right = choose_answers(reference, encoded, pad, block, bar=bar, device=device) == labels
+        candidate_right = choose_answers(candidate, encoded, pad, block, kernels, bar=bar, device=device) == labels
     return accuracy_drift(reference_right, candidate_right)
