@@ -353,6 +353,15 @@ def _device_line(plan: Plan, gib) -> str:
             + ", ".join(f"{k} {gib(v)}" for k, v in plan.device_terms(layer).items()) + ")")
 
 
+def _needs_line(plan: Plan) -> str:
+    """What the run needs, rounded up to whole GiB (the CUDA context's ~0.5 GiB included)."""
+    host = -(-plan.peak_host_bytes // 2**30)
+    if plan.device == "cpu":
+        return f"- needs: a host with {host} GiB of free RAM"
+    gpu = -(-(plan.peak_device_bytes + 2**29) // 2**30)
+    return f"- needs: one GPU with {gpu} GiB of free memory and {host} GiB of free host RAM"
+
+
 def render(plan: Plan) -> str:
     """The plan as a short Markdown report."""
     gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
@@ -363,6 +372,7 @@ def render(plan: Plan) -> str:
              f"- peak host memory {gib(plan.peak_host_bytes)} (baseline {gib(plan.baseline_bytes)}; layer {peak.index}: "
              + ", ".join(f"{k} {gib(v)}" for k, v in plan.host_terms(peak).items()) + f"; final tensors {gib(plan.final_bytes)})",
              _device_line(plan, gib),
+             _needs_line(plan),
              f"- disk {gib(plan.disk_bytes)} (bundle + resumable hidden states + largest export)",
              "- estimated time: not estimated (see assumptions)" if plan.seconds is None else
              f"- estimated time {plan.seconds / 3600:.2f} h ({plan.seconds:.0f} s)", "",

@@ -88,7 +88,9 @@ def test_maverick_fits_one_80_gib_gpu_and_64_gib_of_host_memory(tmp_path: Path) 
     assert plan["peak_host_bytes"] < 64 * 2**30
     tokens = 512 * 2048 * 5120 * 4
     assert plan["peak_gpu_layer"]["block_caches"] == 2 * tokens and plan["peak_layer"]["cache"] == tokens
-    assert "peak GPU memory" in result.output
+    gpu_gib, host_gib = -(-(plan["gpu_bytes"] + 2**29) // 2**30), -(-plan["peak_host_bytes"] // 2**30)
+    assert f"needs: one GPU with {gpu_gib} GiB of free memory and {host_gib} GiB of free host RAM" in result.output
+    assert gpu_gib <= 80 and host_gib <= 64
     if not torch.cuda.is_available():
         assert plan["seconds"] is None and "not estimated" in result.output
 
