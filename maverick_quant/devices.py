@@ -21,34 +21,50 @@ DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 def check_device_name(name: object, option: str = "--device") -> str:
     """`name` if it names a device this tool runs on (auto, cpu, cuda, cuda:N), whether or not
     this machine has it (a recipe or a plan may be for another machine); else InputError."""
-    if isinstance(name, str) and name != "auto":
-        try:
-            device = torch.device(name)
-        except (RuntimeError, ValueError, TypeError):
-            device = None
-        if device is not None and (device.type == "cuda" or (device.type == "cpu" and device.index is None)):
-            return name
     if name == "auto":
+        return name
+    try:
+        device = torch.device(name) if isinstance(name, str) else None
+    except (RuntimeError, ValueError, TypeError):
+        device = None
+    if device is not None and (device.type == "cuda" or (device.type == "cpu" and device.index is None)):
         return name
     raise InputError(f"{option}={name!r}: expected {DEVICE_CHOICES}")
 
 
-def resolve_device(name: str, option: str = "--device") -> torch.device:
-    """The torch device `name` stands for: "auto" is CUDA when this machine has it, else the
-    CPU; "cuda" under torchrun is this process's GPU (LOCAL_RANK). InputError naming `option`
-    for a device this machine does not have."""
+def device_kind(name: str, option: str = "--device") -> str:
+    """"cpu" or "cuda": the kind of device `name` stands for here ("auto": CUDA when present)."""
     check_device_name(name, option)
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cpu":
-        return device
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name).type
+
+
+def resolve_device(name: str, option: str = "--device") -> torch.device:
+    """The torch device `name` stands for: "auto" is CUDA when this machine has it, else the
+    CPU; plain "cuda" under torchrun is this process's GPU (LOCAL_RANK, modulo the GPUs this
+    process sees). InputError naming `option` for a device this machine does not have."""
+    if device_kind(name, option) == "cpu":
+        return torch.device("cpu")
     if not torch.cuda.is_available():
         raise InputError(f"{option}={name!r}: this machine has no CUDA device (torch {torch.__version__}); use cpu")
-    index = device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda" if name == "auto" else name)
+    index = device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
     if index >= torch.cuda.device_count():
         raise InputError(f"{option}={name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return torch.device("cuda", index)
+
+
+def use_device(device: torch.device) -> None:
+    """Make `device` this process's current CUDA device (kernels and synchronizations that do not
+    name a device use it); nothing on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
+def device_label(device: torch.device) -> str:
+    """What a device computes like: "cpu", or the GPU's model name (resumed work is compared by it)."""
+    return "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device)
 
 
 def quantized_to(quantized: dict[str, QuantizedWeight], device: torch.device | str) -> dict[str, QuantizedWeight]:

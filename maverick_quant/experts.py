@@ -142,8 +142,23 @@ def _feed_module(module: torch.nn.Module, x: torch.Tensor, batch_tokens: int = 8
 
 @torch.no_grad()
 def _module_output(module: torch.nn.Module, x: torch.Tensor, batch_tokens: int = 8192) -> torch.Tensor:
-    """module(x) for x [T, D], computed `batch_tokens` rows at a time (bounded intermediates)."""
-    return torch.cat([module(x[start : start + batch_tokens]) for start in range(0, x.shape[0], batch_tokens)])
+    """module(x) for x [T, D] -> [T, N], computed `batch_tokens` rows at a time into one
+    output (bounded intermediates; no list of pieces beside the result)."""
+    out = None
+    for start in range(0, x.shape[0], batch_tokens):
+        y = module(x[start : start + batch_tokens])
+        if out is None:
+            out = torch.empty((x.shape[0], *y.shape[1:]), dtype=y.dtype, device=y.device)
+        out[start : start + y.shape[0]] = y
+    return out
+
+
+def add_block_output(hidden: torch.Tensor, out: torch.Tensor) -> None:
+    """hidden [S, L, D] (host) += out [S*L, D] (the block's output, on the device), one window
+    at a time so that no host copy of the whole output is made."""
+    windows = out.view_as(hidden)
+    for row in range(hidden.shape[0]):
+        hidden[row] += windows[row].to(hidden.device)
 
 
 def quantize_shared(layer: torch.nn.Module, moe: MoEBlock, x: torch.Tensor,
@@ -316,7 +331,7 @@ def quantize_moe_block(model: StreamingModel, index: int, layer: torch.nn.Module
         routed_forward(x, routing, dequantized_experts(chunk_quantized, x.device), activation(moe.activation), first, out=out)
         chunks.append(record)
         audit.extend(records)
-    hidden += out.view_as(hidden).to(hidden.device)
+    add_block_output(hidden, out)
     return quantized, {**stats, **awq_stats, "experts": {"chunks": chunks, "audit": audit}}
 
 
@@ -352,7 +367,7 @@ def run_moe_layer(model: StreamingModel, index: int, layer: torch.nn.Module, hid
     for first, count in expert_chunks(moe, model.config, chunk_mib):
         weights = {k: v.to(x.dtype) for k, v in read_experts(model, index, first, count).items()}
         routed_forward(x, routing, weights, activation(moe.activation), first, out=out, observe=observe)
-    hidden += out.view_as(hidden).to(hidden.device)
+    add_block_output(hidden, out)
     return routing
 
 

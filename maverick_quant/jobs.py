@@ -154,14 +154,15 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
     layers run (devices.py)."""
     from maverick_quant.calibration.data import eval_windows, load_tokenizer, scored_from
     from maverick_quant.checkpoint import atomic_output_dir, check_output_dir
-    from maverick_quant.devices import resolve_device
+    from maverick_quant.devices import resolve_device, use_device
     from maverick_quant.streaming import open_source
     from maverick_quant.validation.evaluate import GGUFCandidate, evaluate, evaluate_gguf, open_candidate
     from maverick_quant.validation.gates import evaluate_gates, parse_gate
     from maverick_quant.validation.report import write_report
 
     check_output_dir(report_dir, force)
-    compute = resolve_device(device)
+    compute = resolve_device("cpu" if kernels else device)  # a kernel-backed candidate keeps its CPU placement
+    use_device(compute)
     parsed = [parse_gate(text) for text in gates]
     baseline_report = _read_baseline(baseline) if baseline else None
     gguf = Path(candidate).is_file()
@@ -381,14 +382,13 @@ def _plan_device(name: str) -> tuple[str, dict | None]:
     no such device: a plan for a GPU may be made anywhere, but only timed on one)."""
     import torch
 
-    from maverick_quant.devices import check_device_name, resolve_device
+    from maverick_quant.devices import device_kind, resolve_device
     from maverick_quant.plan import machine_rates, rates_cache
 
-    check_device_name(name)
-    kind = "cuda" if name.startswith("cuda") or (name == "auto" and torch.cuda.is_available()) else "cpu"
+    kind = device_kind(name)
     if kind == "cuda" and not torch.cuda.is_available():
         return kind, None
-    device = resolve_device(name)
+    device = resolve_device(kind)  # timed on this process's GPU whichever index was named
     return kind, machine_rates(rates_cache(device), device)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import resource
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from maverick_quant.experts import ExpertChunks, quantize_moe_block, rtn_moe_blo
 from maverick_quant.awq_layer import awq_scale_layer
 from maverick_quant.groups import group_hessian, linear_grid, mark_linears, quantized_linears, set_weight, solve_group
 from maverick_quant.compress.types import QuantizedWeight
-from maverick_quant.devices import peak_device_mib, quantized_to, reset_peak_memory
+from maverick_quant.devices import device_label, peak_device_mib, quantized_to, reset_peak_memory, use_device
 from maverick_quant.distributed import ExpertParallel
 from maverick_quant.errors import InputError
 from maverick_quant.recipe import Method, QuantizeSpec, grid_changes
@@ -183,6 +184,18 @@ def refuse_overridden_experts(model: StreamingModel, spec: QuantizeSpec) -> None
                                      "e.g. to the shared expert or self_attn)")
 
 
+def warn_if_resumed_elsewhere(state: RunState | None, label: str) -> str | None:
+    """The device an interrupted run's finished layers were computed on, when it is not `label`
+    (with a warning: the device is not part of a run's identity, so a run may go on elsewhere,
+    but its bundle then mixes two devices' rounding and equals neither device's run byte for byte)."""
+    previous = state.recorded_device() if state is not None else None
+    if previous is None or previous == label:
+        return None
+    warnings.warn(f"resuming a run whose finished layers were computed on {previous} on {label}: the bundle will mix "
+                  f"both devices' rounding (start over with --force for a bundle made on one device)", stacklevel=2)
+    return previous
+
+
 def record_overridden_grids(layer: torch.nn.Module, quantized: dict, stats: dict, spec: QuantizeSpec) -> None:
     """Put the grid of each linear a bits override changed into its stats (the bundle's
     per-tensor record: `weights`, the fields that differ from the run's grid)."""
@@ -211,7 +224,9 @@ def quantize_model(source: CheckpointSource, calibration: CalibrationSet | None,
     writer = BundleWriter(out_dir) if writes else ReadOnlyWriter(out_dir)
     release_free_memory()
     device = torch.device(device)
+    use_device(device)
     reset_peak_memory(device)
+    resumed_from = warn_if_resumed_elsewhere(state, device_label(device))
     model = StreamingModel(source, batch=spec.batch_windows, device=device)
     refuse_overridden_experts(model, spec)
     first_layer, hidden = state.load_progress(writer.completed_layers()) if state else (0, None)
@@ -247,7 +262,7 @@ def quantize_model(source: CheckpointSource, calibration: CalibrationSet | None,
         stats["seconds"] = time.perf_counter() - layer_started
         writer.write_layer(index, prefix, quantized, passthrough, stats)
         if state is not None:
-            state.save_progress(index + 1, hidden)
+            state.save_progress(index + 1, hidden, device_label(device))
         del layer, tensors, quantized, passthrough
         release_free_memory()
     del hidden
@@ -265,6 +280,7 @@ def quantize_model(source: CheckpointSource, calibration: CalibrationSet | None,
         "run_identity": state.identity if state is not None else None,
         "calibration": calibration.meta if calibration is not None else None,
         "summary": {"seconds": summary.seconds, "peak_rss_mib": summary.peak_rss_mib, "mean_rel_loss": summary.mean_rel_loss,
-                    "device": summary.device, "peak_device_mib": summary.peak_device_mib},
+                    "device": summary.device, "peak_device_mib": summary.peak_device_mib,
+                    **({"resumed_from_device": resumed_from} if resumed_from else {})},
     }, model.num_layers)
     return manifest, summary

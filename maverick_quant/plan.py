@@ -209,7 +209,7 @@ def layer_cost(table, config, index: int, calib: CalibSpec, spec: QuantizeSpec,
 
 def _timed(fn, device: torch.device) -> float:
     """Seconds `fn()` takes on `device` (waiting for the GPU to finish)."""
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     synchronize()
     started = time.perf_counter()
     fn()

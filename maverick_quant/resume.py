@@ -89,10 +89,11 @@ class RunState:
     folder: Path
     identity: dict
 
-    def save_progress(self, next_layer: int, hidden: torch.Tensor | None) -> None:
+    def save_progress(self, next_layer: int, hidden: torch.Tensor | None, device: str | None = None) -> None:
         """Record that every layer before `next_layer` is finished, with the hidden states
-        [S, L, D] entering `next_layer` (None for RTN, which needs none)."""
-        record = {"next_layer": next_layer, "hidden_sha256": None}
+        [S, L, D] entering `next_layer` (None for RTN, which needs none), computed on `device`
+        (devices.device_label)."""
+        record = {"next_layer": next_layer, "hidden_sha256": None, "device": device}
         if hidden is not None:
             save_safetensors_atomic({"hidden": hidden}, self.folder / HIDDEN_FILE)
             record["hidden_sha256"] = sha256_file(self.folder / HIDDEN_FILE)
@@ -114,6 +115,11 @@ class RunState:
             return None
         saved = json.loads(path.read_text())
         return saved["record"], saved["audit"]
+
+    def recorded_device(self) -> str | None:
+        """The device the finished layers were computed on (devices.device_label), if recorded."""
+        path = self.folder / PROGRESS_FILE
+        return json.loads(path.read_text()).get("device") if path.is_file() else None
 
     def load_progress(self, finished_layers: set[int]) -> tuple[int, torch.Tensor | None]:
         """(next layer, hidden states entering it), or (0, None) for a new run; InputError if
@@ -140,7 +146,7 @@ class ReadOnlyState(RunState):
     """The run state as the other ranks of an expert-parallel run see it: rank 0's progress,
     read at the start (to begin at the same layer with the same hidden states), never written."""
 
-    def save_progress(self, next_layer: int, hidden: torch.Tensor | None) -> None:
+    def save_progress(self, next_layer: int, hidden: torch.Tensor | None, device: str | None = None) -> None:
         pass
 
     def save_chunk(self, index: int, first: int, record: dict, audit: list[dict]) -> None:

@@ -121,3 +121,18 @@ def test_quantize_on_cuda_matches_the_cpu_run(tiny_llama4_dir: Path, small_text_
         reports[device] = json.loads((tmp_path / f"report-{device}" / "report.json").read_text())
     assert reports["cuda"]["device"] == "cuda:0"
     assert abs(reports["cuda"]["candidate"]["ppl"] / reports["cpu"]["candidate"]["ppl"] - 1) < 1e-3
+
+
+def test_resuming_on_another_device_warns_and_is_recorded(tmp_path: Path) -> None:
+    """The device is not part of a run's identity (a run may go on after its machine died), but
+    going on elsewhere mixes two devices' rounding: the run warns and the manifest says so."""
+    from maverick_quant.pipeline import warn_if_resumed_elsewhere
+    from maverick_quant.resume import RunState
+
+    state = RunState(tmp_path, {})
+    assert warn_if_resumed_elsewhere(state, "cpu") is None  # a new run: nothing recorded
+    state.save_progress(3, None, "NVIDIA H100 80GB HBM3")
+    with pytest.warns(UserWarning, match="computed on NVIDIA H100 80GB HBM3 on cpu"):
+        assert warn_if_resumed_elsewhere(state, "cpu") == "NVIDIA H100 80GB HBM3"
+    state.save_progress(4, None, "cpu")
+    assert warn_if_resumed_elsewhere(state, "cpu") is None

@@ -72,7 +72,7 @@ def _advance_layer(ref_model: StreamingModel, cand_model: StreamingModel, index:
     error_sum, signal_sum = 0.0, 0.0
     for start in range(0, h_ref.shape[0], ref_model.batch):
         span = slice(start, start + ref_model.batch)
-        x = h_ref[span]
+        x = h_ref[span].to(ref_model.device)
         y_ref = ref_model.apply(ref_layer, x)
         y_cand_on_ref = cand_model.apply(cand_layer, x)
         error_sum += (y_cand_on_ref - y_ref).double().square().sum().item()
@@ -123,8 +123,8 @@ def _score(ref_model: StreamingModel, cand_model: StreamingModel, windows: torch
     step = max(1, ref_model.batch // 2)
     for start in range(0, windows.shape[0], step):
         span = slice(start, start + step)
-        ref_logits = ref_model.logits(h_ref[span, first - 1 : -1])
-        cand_logits = cand_model.logits(h_cand[span, first - 1 : -1])
+        ref_logits = ref_model.logits(h_ref[span, first - 1 : -1].to(ref_model.device))  # scored where computed
+        cand_logits = cand_model.logits(h_cand[span, first - 1 : -1].to(cand_model.device))
         vocab = ref_logits.shape[-1]
         metrics.update(ref_logits.reshape(-1, vocab), cand_logits.reshape(-1, vocab), windows[span, first:].reshape(-1))
     return metrics
