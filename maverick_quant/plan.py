@@ -6,6 +6,9 @@ Memory model of a calibrated run (GPTQ/AWQ, bytes; S windows x L tokens, hidden 
     baseline     this process's resident size after importing the model code (measured)
     cache        S * L * D * 4: the hidden states of every window (host memory)
     block_caches 2 * S * L * D * 4 in an MoE layer: the block input x and its output
+    routing      S * L * E * 4 in an MoE layer: the router logits of every token (the routed
+                 inputs of the chunk's experts come on top: about S L k / E tokens per expert,
+                 more for a hot one, times (D + I) * 4 bytes)
     layer        the layer's dense tensors in fp32, twice (weights and their quantized copy)
     hessians     3 * K^2 * 4 for the widest dense group (H, its Cholesky factor, workspace)
     experts      experts_per_chunk * 12 * (3 D I + D^2 + I^2) (experts.experts_per_chunk)
@@ -48,7 +51,7 @@ FORMAT_BYTES_PER_WEIGHT = {  # (code bytes per weight, bytes per group) beside t
     "awq": lambda bits, group, sym: (bits / 8, 2 + bits / 8),
     "compressed-tensors": lambda bits, group, sym: (bits / 8, 2 + (0 if sym else bits / 8)),
 }
-DEVICE_TERMS = frozenset({"layer", "hessians", "activations", "experts", "block_caches"})
+DEVICE_TERMS = frozenset({"layer", "hessians", "activations", "experts", "block_caches", "routing"})
 GGUF_BYTES_PER_WEIGHT = {  # by the bundle's bits: the GGUF types it exports to (bytes per weight)
     bits: {f"gguf {t.name}": t.bytes_per_block / t.block for t in BLOCK_TYPES.values() if t.bits == bits} for bits in (4, 8)}
 
@@ -187,6 +190,7 @@ def layer_cost(table, config, index: int, calib: CalibSpec, spec: QuantizeSpec,
         memory["cache"] = tokens * hidden * 4
         if plan.moe:
             memory["block_caches"] = 2 * tokens * hidden * 4
+            memory["routing"] = tokens * plan.moe.num_experts * 4
         memory["hessians"] = 3 * widest**2 * 4
         inter = max((s[0] for s in dense.values()), default=hidden)
         memory["activations"] = spec.batch_windows * calib.seq_len * max(3 * hidden, 2 * inter) * 4 * 2
