@@ -360,15 +360,30 @@ def run_moe_layer(model: StreamingModel, index: int, layer: torch.nn.Module, hid
     """Float forward of MoE layer `index` over `hidden` [S, L, D] in place, reading routed
     experts chunk by chunk from the source (never all of them); returns the routing.
     `observe` sees each expert's inputs (see `routed_forward`)."""
+    return run_moe_blocks(model, index, layer, [(model.layout, hidden)], chunk_mib, observe)[0]
+
+
+@torch.no_grad()
+def run_moe_blocks(model: StreamingModel, index: int, layer: torch.nn.Module, blocks: list, chunk_mib: int,
+                   observe=None) -> list[Routing]:
+    """`run_moe_layer` over several caches, blocks = [(packed layout or None, hidden [S_b, L_b, D])],
+    each chunk of experts read once for all of them; returns each block's routing.
+
+    Memory: each block's input x and output [S_b * L_b, D] at once, and one chunk of experts."""
     moe = model.plan(index).moe
-    x = capture_block_io(model, layer, moe, hidden)
-    routing = route(x, layer.get_submodule(moe.router).weight, moe.top_k)
-    out = _module_output(layer.get_submodule(moe.shared_module), x)
+    states = []
+    for layout, hidden in blocks:
+        model.layout = layout
+        x = capture_block_io(model, layer, moe, hidden)
+        states.append((x, route(x, layer.get_submodule(moe.router).weight, moe.top_k),
+                       _module_output(layer.get_submodule(moe.shared_module), x)))
     for first, count in expert_chunks(moe, model.config, chunk_mib):
-        weights = {k: v.to(x.dtype) for k, v in read_experts(model, index, first, count).items()}
-        routed_forward(x, routing, weights, activation(moe.activation), first, out=out, observe=observe)
-    add_block_output(hidden, out)
-    return routing
+        weights = {k: v.to(model.dtype) for k, v in read_experts(model, index, first, count).items()}
+        for x, routing, out in states:
+            routed_forward(x, routing, weights, activation(moe.activation), first, out=out, observe=observe)
+    for (_, hidden), (_, _, out) in zip(blocks, states):
+        add_block_output(hidden, out)
+    return [routing for _, routing, _ in states]
 
 
 @torch.no_grad()

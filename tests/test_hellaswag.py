@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,40 @@ def test_packed_scores_equal_each_choice_run_alone(model: str, request: pytest.F
     scores = streamed_choice_scores(lambda layout: StreamingModel(open_source(model_dir), batch=2, layout=layout), packed)
     torch.testing.assert_close(scores, torch.tensor(_separate_sequence_scores(model_dir, TASKS), dtype=torch.float64),
                                atol=1e-4, rtol=0)
+
+
+class CountingSource:
+    """A weight source that counts the reads of each layer and each chunk of experts."""
+
+    def __init__(self, source):
+        self.inner, self.table, self.config, self.reads = source, source.table, source.config, Counter()
+
+    def layer_tensors(self, index: int, experts: bool = True):
+        self.reads[("layer", index)] += 1
+        return self.inner.layer_tensors(index, experts)
+
+    def expert_tensors(self, index: int, first: int, count: int):
+        self.reads[("experts", index, first)] += 1
+        return self.inner.expert_tensors(index, first, count)
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
+def test_blocks_stream_together_reading_each_layer_and_expert_chunk_once(tiny_llama4_dir: Path) -> None:
+    """Several blocks of packed tasks go through each layer together: the same scores, bit for
+    bit, as each block streamed alone, and every layer and chunk of experts read once."""
+    from maverick_quant.validation.hellaswag import streamed_block_scores
+
+    encoded = [encode_task(task, load_tokenizer(tiny_llama4_dir)) for task in TASKS]
+    blocks = [pack_tasks(encoded[:1], pad=0), pack_tasks(encoded[1:], pad=0)]
+    source = CountingSource(open_source(tiny_llama4_dir))
+    model_for = lambda layout: StreamingModel(source, batch=2, layout=layout)  # noqa: E731
+    together = streamed_block_scores(model_for, blocks)
+    assert set(source.reads.values()) == {1} and ("experts", 1, 0) in source.reads
+    for packed, scores in zip(blocks, together):
+        assert torch.equal(scores, streamed_choice_scores(model_for, packed))
+    assert set(source.reads.values()) == {3}  # alone: once more per block
 
 
 def test_paired_drift_interval() -> None:

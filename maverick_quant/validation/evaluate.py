@@ -87,13 +87,23 @@ def forward_layer(model: StreamingModel, index: int, hidden: torch.Tensor, chunk
     """Layer `index` over every window of `hidden` [W, L, D], in place; an MoE layer's routed
     experts are read chunk by chunk (`chunk_mib`), never all at once (a model that
     `runs_experts` itself, a kernel-backed bundle, runs its MoE layers whole)."""
+    forward_layer_blocks(model, index, [(model.layout, hidden)], chunk_mib)
+
+
+@torch.no_grad()
+def forward_layer_blocks(model: StreamingModel, index: int, blocks: list, chunk_mib: int = MoESpec.chunk_mib) -> None:
+    """`forward_layer` over several caches, blocks = [(packed layout or None, hidden [S_b, L_b, D])],
+    in place, reading the layer's weights (and each chunk of its experts) once for all blocks."""
     if model.plan(index).moe is None or getattr(model, "runs_experts", False):
-        model.run_layer(model.layer(index), hidden, out=hidden)
+        layer = model.layer(index)
+        for layout, hidden in blocks:
+            model.layout = layout
+            model.run_layer(layer, hidden, out=hidden)
         return
-    from maverick_quant.experts import run_moe_layer
+    from maverick_quant.experts import run_moe_blocks
 
     layer = model.layer(index, model.source.layer_tensors(index, experts=False))
-    run_moe_layer(model, index, layer, hidden, chunk_mib)
+    run_moe_blocks(model, index, layer, blocks, chunk_mib)
 
 
 @torch.no_grad()

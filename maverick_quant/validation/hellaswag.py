@@ -162,12 +162,26 @@ def streamed_choice_scores(model_for, packed: PackedTasks) -> torch.Tensor:
     """Scores [choices] of `packed` from a StreamingModel built by `model_for(layout)`: every
     row through every layer (MoE experts streamed as in validation), then the final norm and
     lm_head only at the predicting positions."""
-    from maverick_quant.validation.evaluate import forward_layer
+    return streamed_block_scores(model_for, [packed])[0]
 
-    model = model_for(packed.layout)
-    hidden = model.embed(packed.ids)
+
+@torch.no_grad()
+def streamed_block_scores(model_for, blocks: list[PackedTasks]) -> list[torch.Tensor]:
+    """`streamed_choice_scores` of several blocks, layer by layer over all of them: each layer
+    (and each chunk of an MoE layer's experts) is read once per evaluation, not once per block,
+    which is what a model far larger than memory pays for. Holds every block's hidden states."""
+    from maverick_quant.validation.evaluate import forward_layer_blocks
+
+    model = model_for(blocks[0].layout)
+    caches = [(packed.layout, model.embed(packed.ids)) for packed in blocks]
     for index in range(model.num_layers):
-        forward_layer(model, index, hidden)
+        forward_layer_blocks(model, index, caches)
+    return [_packed_scores(model, packed, hidden) for packed, (_, hidden) in zip(blocks, caches)]
+
+
+def _packed_scores(model, packed: PackedTasks, hidden: torch.Tensor) -> torch.Tensor:
+    """Scores [choices] of `packed` from its last hidden states [T, L, D] (final norm and
+    lm_head only at the predicting positions)."""
     predicting = hidden[packed.row, packed.predictor]
 
     def logprob_of(first: int, last: int) -> torch.Tensor:
@@ -213,30 +227,32 @@ def accuracy_drift(correct_ref: torch.Tensor, correct_cand: torch.Tensor) -> dic
 def choose_answers(source, encoded: list[EncodedTask], pad: int, block: int = 64, kernels: str | None = None,
                    bar=None, device: torch.device | str = "cpu") -> torch.Tensor:
     """The choice `source` picks for each task [tasks]. Tasks are sorted by packed length and
-    run `block` at a time (little padding), layers on `device`; a source with `branch_logits`
-    (a GGUF) is run task by task; with `kernels` (a backend name) a bundle runs its 4-bit
-    weights there."""
+    packed `block` at a time (little padding); all blocks then go through the layers together,
+    on `device`, so the weights are read once (memory: every block's hidden states). A source
+    with `branch_logits` (a GGUF) is run task by task; with `kernels` (a backend name) a bundle
+    runs its 4-bit weights there."""
     order = sorted(range(len(encoded)), key=lambda i: encoded[i].packed_length)
     chosen = torch.empty(len(encoded), dtype=torch.long)
-    for start in range(0, len(order), block):
-        members = order[start : start + block]
-        part = [encoded[i] for i in members]
-        packed = pack_tasks(part, pad)
-        chosen[members] = predictions(_scores(source, part, packed, kernels, device), packed.choices_per_task)
+    members = [order[start : start + block] for start in range(0, len(order), block)]
+    blocks = [pack_tasks([encoded[i] for i in part], pad) for part in members]
+    for part, packed, scores in zip(members, blocks, _block_scores(source, encoded, members, blocks, kernels, device)):
+        chosen[part] = predictions(scores, packed.choices_per_task)
         if bar is not None:
-            bar.update(len(members))
+            bar.update(len(part))
     return chosen
 
 
-def _scores(source, encoded: list[EncodedTask], packed: PackedTasks, kernels: str | None,
-            device: torch.device | str) -> torch.Tensor:
+def _block_scores(source, encoded: list[EncodedTask], members: list[list[int]], blocks: list[PackedTasks],
+                  kernels: str | None, device: torch.device | str):
+    """Scores [choices] of each block: task by task for an engine with `branch_logits` (yielded
+    as they come), else all blocks streamed together through the layers."""
     if hasattr(source, "branch_logits"):
-        return branch_choice_scores(source, encoded)
+        return (branch_choice_scores(source, [encoded[i] for i in part]) for part in members)
     if kernels is not None:
         from maverick_quant.runtime import KernelModel
 
-        return streamed_choice_scores(lambda layout: KernelModel(source, kernels, layout=layout), packed)
-    return streamed_choice_scores(lambda layout: StreamingModel(source, layout=layout, device=device), packed)
+        return streamed_block_scores(lambda layout: KernelModel(source, kernels, layout=layout), blocks)
+    return streamed_block_scores(lambda layout: StreamingModel(source, layout=layout, device=device), blocks)
 
 
 def evaluate_choices(reference: WeightSource, candidate, tasks: list[Task], tokenizer, block: int = 64,
