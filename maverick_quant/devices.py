@@ -55,6 +55,20 @@ def resolve_device(name: str, option: str = "--device") -> torch.device:
     return torch.device("cuda", index)
 
 
+KERNEL_DEVICES = {"cpu-int4": "cpu", "cuda": "cuda"}  # kernel backends that run on one kind of device only
+
+
+def check_kernels_device(kernels: str | None, device: torch.device) -> None:
+    """InputError when kernel backend `kernels` cannot run on `device` (triton runs on CUDA, or
+    anywhere under TRITON_INTERPRET=1; reference and auto run anywhere)."""
+    kind = KERNEL_DEVICES.get(kernels)
+    if kernels == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        kind = "cuda"
+    if kind is not None and kind != device.type:
+        raise InputError(f"--kernels {kernels} runs on {kind}, and --device is {device}: pass --device {kind} "
+                         f"(or --kernels auto)")
+
+
 def use_device(device: torch.device) -> None:
     """Make `device` this process's current CUDA device (kernels and synchronizations that do not
     name a device use it); nothing on the CPU."""

@@ -154,14 +154,15 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
     layers run (devices.py)."""
     from maverick_quant.calibration.data import eval_windows, load_tokenizer, scored_from
     from maverick_quant.checkpoint import atomic_output_dir, check_output_dir
-    from maverick_quant.devices import resolve_device, use_device
+    from maverick_quant.devices import check_kernels_device, resolve_device, use_device
     from maverick_quant.streaming import open_source
     from maverick_quant.validation.evaluate import GGUFCandidate, evaluate, evaluate_gguf, open_candidate
     from maverick_quant.validation.gates import evaluate_gates, parse_gate
     from maverick_quant.validation.report import write_report
 
     check_output_dir(report_dir, force)
-    compute = resolve_device("cpu" if kernels else device)  # a kernel-backed candidate keeps its CPU placement
+    compute = resolve_device(device)
+    check_kernels_device(kernels, compute)
     use_device(compute)
     parsed = [parse_gate(text) for text in gates]
     baseline_report = _read_baseline(baseline) if baseline else None

@@ -74,14 +74,15 @@ def _set_submodule(root: torch.nn.Module, path: str, module: torch.nn.Module) ->
 
 
 def _runtime_linear(weight: QuantizedWeight, name: str, backend: Backend, dtype: torch.dtype,
-                    bundle_bits: int) -> torch.nn.Module:
-    """A QuantLinear on `backend`; a linear a bits override put on another width than the
-    bundle's (e.g. 8-bit attention in a 4-bit bundle), which the 4-bit kernels do not run, as
-    a plain Linear of its values. A bundle that is not 4-bit itself is refused by QuantLinear."""
+                    bundle_bits: int, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """A QuantLinear on `backend` with its weight on `device`; a linear a bits override put on
+    another width than the bundle's (e.g. 8-bit attention in a 4-bit bundle), which the 4-bit
+    kernels do not run, as a plain Linear of its values. A bundle that is not 4-bit itself is
+    refused by QuantLinear."""
     if weight.bits == bundle_bits:
-        return QuantLinear(Int4Weight.from_quantized(weight, name), backend)
+        return QuantLinear(Int4Weight.from_quantized(weight, name).to(device), backend)
     linear = torch.nn.Linear(weight.shape[-1], weight.shape[-2], bias=False, device="meta")
-    linear.weight = torch.nn.Parameter(weight.dequantize().to(dtype), requires_grad=False)
+    linear.weight = torch.nn.Parameter(weight.dequantize().to(device, dtype), requires_grad=False)
     return linear
 
 
@@ -96,18 +97,21 @@ def _routed_experts(bundle, index: int) -> dict[str, Int4Weight]:
     return {"gate_up": concat_outputs([stacked["gate_proj"], stacked["up_proj"]]), "down": stacked["down_proj"]}
 
 
-def quantized_layer(bundle, index: int, backend: Backend, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """Decoder layer `index` of `bundle`, its quantized linears (and MoE block) on `backend`."""
+def quantized_layer(bundle, index: int, backend: Backend, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str = "cpu") -> torch.nn.Module:
+    """Decoder layer `index` of `bundle` on `device`, its quantized linears (and MoE block) on `backend`."""
     config = bundle.text_config
     plan = bundle.table.plan(config, index)
     module = bundle.table.build_layer(config, index)
     quantized, passthrough = bundle.quantized_layer(index)
-    module.load_state_dict({k: v.to(dtype) for k, v in passthrough.items()}, strict=False, assign=True)
+    loaded = module.load_state_dict({k: v.to(device, dtype) for k, v in passthrough.items()}, strict=False, assign=True)
     prefix = bundle.table.prefix(index)
     try:
         for name, weight in quantized.items():
-            _set_submodule(module, name, _runtime_linear(weight, prefix + name, backend, dtype, bundle.quant["bits"]))
-        experts = _routed_experts(bundle, index) if plan.moe is not None else None
+            _set_submodule(module, name, _runtime_linear(weight, prefix + name, backend, dtype, bundle.quant["bits"],
+                                                         device))
+        experts = ({name: weight.to(device) for name, weight in _routed_experts(bundle, index).items()}
+                   if plan.moe is not None else None)
     except ValueError as exc:
         raise InputError(f"{bundle.root}: {exc}") from None
     if plan.moe is not None:
@@ -115,7 +119,8 @@ def quantized_layer(bundle, index: int, backend: Backend, dtype: torch.dtype = t
         block = QuantMoE(module.get_submodule(moe.router).weight, module.get_submodule(moe.shared_module),
                          experts["gate_up"], experts["down"], moe.top_k, moe.activation, backend)
         _set_submodule(module, moe.block, block)
-    left = [name for name, p in [*module.named_parameters(), *module.named_buffers()] if p.is_meta]
+    replaced = tuple(f"{name}." for name in (*quantized, *((plan.moe.block,) if plan.moe is not None else ())))
+    left = [name for name in loaded.missing_keys if not name.startswith(replaced)]
     if left:
         raise InputError(f"{bundle.root}: layer {index} has tensors neither quantized nor stored: {left}")
     module.attention_window = plan.attention_window
@@ -137,13 +142,13 @@ class KernelModel(StreamingModel):
     runs_experts = True
 
     def __init__(self, bundle, backend: Backend | str = "auto", dtype: torch.dtype = torch.float32, batch: int = 8,
-                 layout: SequenceLayout | None = None):
+                 layout: SequenceLayout | None = None, device: torch.device | str = "cpu"):
         _require_bundle(bundle)
-        super().__init__(bundle, dtype=dtype, batch=batch, layout=layout)
-        self.backend = get_backend(backend) if isinstance(backend, str) else backend
+        super().__init__(bundle, dtype=dtype, batch=batch, layout=layout, device=device)
+        self.backend = get_backend(backend, self.device) if isinstance(backend, str) else backend
 
     def layer(self, index: int, tensors: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
-        return quantized_layer(self.source, index, self.backend, self.dtype)
+        return quantized_layer(self.source, index, self.backend, self.dtype, self.device)
 
 
 def load_quantized_model(bundle, backend: Backend | str = "auto", dtype: torch.dtype = torch.bfloat16):

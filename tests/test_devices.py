@@ -62,6 +62,22 @@ def test_awq_search_and_expert_hessians_stay_on_the_device(tiny_llama4_dir: Path
     assert mean_outer(rows[:0], 64).device.type == "meta"
 
 
+def test_a_kernel_backed_bundle_runs_its_layers_on_the_device(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """validate --kernels: the 4-bit weights (and a layer's float tensors) go to the device."""
+    from maverick_quant.bundle import Bundle
+    from maverick_quant.runtime import KernelModel
+
+    result = CliRunner().invoke(cli, ["quantize", str(tiny_llama_dir), "--method", "rtn", "--group-size", "32",
+                                      "--out", str(tmp_path / "b"), "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    model = KernelModel(Bundle(tmp_path / "b"), "reference", device="meta")
+    layer = model.layer(0)
+    weights = [module.prepared for module in layer.modules() if hasattr(module, "prepared")]
+    assert weights and {w.packed.device.type for w in weights} == {"meta"}
+    assert {p.device.type for p in layer.parameters()} == {"meta"}
+    assert model.apply(layer, torch.randn(2, 8, model.config.hidden_size)).device.type == "meta"
+
+
 @no_cuda
 def test_a_device_this_machine_lacks_is_refused_before_any_work(tiny_llama_dir: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["quantize", str(tiny_llama_dir), "--method", "rtn", "--device", "cuda",

@@ -164,6 +164,10 @@ def test_generate_and_validate_run_a_bundle_on_the_kernels(dense_bundle: Path, t
         options = ["--kernels", kernels] if kernels else []
         run("validate", "--reference", tiny_llama_dir, "--candidate", dense_bundle, "--data", small_text_file,
             "--ctx", LENGTH, "--max-windows", 2, "--report", tmp_path / str(kernels), "--no-progress", *options)
+    result = CliRunner().invoke(cli, ["validate", "--reference", str(tiny_llama_dir), "--candidate", str(dense_bundle),
+                                      "--data", str(small_text_file), "--report", str(tmp_path / "cuda-on-cpu"),
+                                      "--kernels", "cuda", "--device", "cpu"])
+    assert result.exit_code == 2 and "--kernels cuda runs on cuda, and --device is cpu" in result.output
     with_kernels, dequantized = (json.loads((tmp_path / name / "report.json").read_text()) for name in ("reference", "None"))
     assert with_kernels["kernels"] == "reference" and dequantized["kernels"] is None
     assert with_kernels["candidate"]["ppl"] == pytest.approx(dequantized["candidate"]["ppl"], rel=1e-4)
@@ -177,6 +181,12 @@ def test_kernels_refuse_a_float_model_a_grid_they_cannot_run_and_unknown_backend
         KernelModel(Bundle(tmp_path / "b"), "reference").layer(0)
     with pytest.raises(InputError, match="quantized bundle"):
         KernelModel(open_source(tiny_llama_dir), "reference")
+    bundle = Bundle(tmp_path / "b")
+    stored = bundle.quantized_layer
+    bundle.quantized_layer = lambda index: (stored(index)[0], {k: v for k, v in stored(index)[1].items()
+                                                               if k != "input_layernorm.weight"})
+    with pytest.raises(InputError, match=r"layer 1 has tensors neither quantized nor stored: \['input_layernorm.weight'\]"):
+        KernelModel(bundle, "reference").layer(1)
     with pytest.raises(ValueError, match="kernel backend 'tensorrt'"):
         get_backend("tensorrt")
     result = CliRunner().invoke(cli, ["generate", str(tiny_llama_dir), "--prompt", "x"])

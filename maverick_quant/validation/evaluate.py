@@ -148,7 +148,7 @@ def evaluate(reference: WeightSource, candidate: WeightSource, windows: torch.Te
     [W, L], scoring positions first_scored..L-1 of each window (routed experts read
     `expert_chunk_mib` at a time), layers computed on `device`, hidden states on the host.
     With `kernels` (a backend name), a bundle candidate runs its 4-bit weights through that
-    backend instead of being dequantized to float (placed by the backend, not `device`)."""
+    backend, on `device`, instead of being dequantized to float."""
     _check_compatible(reference, candidate)
     started = time.perf_counter()
     ref_model = StreamingModel(reference, batch=batch, device=device)
@@ -157,7 +157,7 @@ def evaluate(reference: WeightSource, candidate: WeightSource, windows: torch.Te
     else:
         from maverick_quant.runtime import KernelModel
 
-        cand_model = KernelModel(candidate, kernels, batch=batch)
+        cand_model = KernelModel(candidate, kernels, batch=batch, device=device)
     h_ref, h_cand = ref_model.embed(windows), cand_model.embed(windows)
     layer_errors = []
     bar = tqdm(range(ref_model.num_layers), desc="validate layers", unit="layer", disable=not show_progress)

@@ -251,7 +251,7 @@ def _block_scores(source, encoded: list[EncodedTask], members: list[list[int]], 
     if kernels is not None:
         from maverick_quant.runtime import KernelModel
 
-        return streamed_block_scores(lambda layout: KernelModel(source, kernels, layout=layout), blocks)
+        return streamed_block_scores(lambda layout: KernelModel(source, kernels, layout=layout, device=device), blocks)
     return streamed_block_scores(lambda layout: StreamingModel(source, layout=layout, device=device), blocks)
 
 
