@@ -166,15 +166,18 @@ def streamed_choice_scores(model_for, packed: PackedTasks) -> torch.Tensor:
 
 
 @torch.no_grad()
-def streamed_block_scores(model_for, blocks: list[PackedTasks]) -> list[torch.Tensor]:
+def streamed_block_scores(model_for, blocks: list[PackedTasks], progress: bool = False) -> list[torch.Tensor]:
     """`streamed_choice_scores` of several blocks, layer by layer over all of them: each layer
     (and each chunk of an MoE layer's experts) is read once per evaluation, not once per block,
-    which is what a model far larger than memory pays for. Holds every block's hidden states."""
+    which is what a model far larger than memory pays for. Holds every block's hidden states.
+    With `progress`, a bar counts the layers."""
     from maverick_quant.validation.evaluate import forward_layer_blocks
 
     model = model_for(blocks[0].layout)
     caches = [(packed.layout, model.embed(packed.ids)) for packed in blocks]
-    for index in range(model.num_layers):
+    tasks = sum(len(packed.choices_per_task) for packed in blocks)
+    for index in tqdm(range(model.num_layers), desc=f"{tasks} tasks through the layers", unit="layer",
+                      disable=not progress, leave=False):
         forward_layer_blocks(model, index, caches)
     return [_packed_scores(model, packed, hidden) for packed, (_, hidden) in zip(blocks, caches)]
 
@@ -235,7 +238,8 @@ def choose_answers(source, encoded: list[EncodedTask], pad: int, block: int = 64
     chosen = torch.empty(len(encoded), dtype=torch.long)
     members = [order[start : start + block] for start in range(0, len(order), block)]
     blocks = [pack_tasks([encoded[i] for i in part], pad) for part in members]
-    for part, packed, scores in zip(members, blocks, _block_scores(source, encoded, members, blocks, kernels, device)):
+    scored = _block_scores(source, encoded, members, blocks, kernels, device, bar is not None)
+    for part, packed, scores in zip(members, blocks, scored):
         chosen[part] = predictions(scores, packed.choices_per_task)
         if bar is not None:
             bar.update(len(part))
@@ -243,16 +247,18 @@ def choose_answers(source, encoded: list[EncodedTask], pad: int, block: int = 64
 
 
 def _block_scores(source, encoded: list[EncodedTask], members: list[list[int]], blocks: list[PackedTasks],
-                  kernels: str | None, device: torch.device | str):
+                  kernels: str | None, device: torch.device | str, progress: bool):
     """Scores [choices] of each block: task by task for an engine with `branch_logits` (yielded
-    as they come), else all blocks streamed together through the layers."""
+    as they come), else all blocks streamed together through the layers (a bar per layer)."""
     if hasattr(source, "branch_logits"):
         return (branch_choice_scores(source, [encoded[i] for i in part]) for part in members)
     if kernels is not None:
         from maverick_quant.runtime import KernelModel
 
-        return streamed_block_scores(lambda layout: KernelModel(source, kernels, layout=layout, device=device), blocks)
-    return streamed_block_scores(lambda layout: StreamingModel(source, layout=layout, device=device), blocks)
+        model_for = lambda layout: KernelModel(source, kernels, layout=layout, device=device)  # noqa: E731
+    else:
+        model_for = lambda layout: StreamingModel(source, layout=layout, device=device)  # noqa: E731
+    return streamed_block_scores(model_for, blocks, progress)
 
 
 def evaluate_choices(reference: WeightSource, candidate, tasks: list[Task], tokenizer, block: int = 64,
