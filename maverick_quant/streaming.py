@@ -119,6 +119,8 @@ class StreamingModel:
     or, with a `layout`, several prefix-sharing sequences packed per row (see SequenceLayout).
     Layers live on `device`; the hidden states stay wherever the caller keeps them (host
     memory: see devices.py) and each batch of windows is moved to `device` to be computed.
+    `layout` describes the cache being run and may be switched between caches that share a
+    built layer (validation.evaluate.forward_layer_blocks).
     """
 
     def __init__(self, source: WeightSource, dtype: torch.dtype = torch.float32, batch: int = 8,
