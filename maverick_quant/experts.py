@@ -255,17 +255,24 @@ def quantize_expert_chunk(x: torch.Tensor, routing: Routing, moe: MoEBlock, weig
     mid_quantized, mid_stats = _solve_batch(weights, mid_names, H_mid, spec)
     quantized.update(mid_quantized)
     stats.update(mid_stats)
-    return quantized, _audit_records(routing, first, decisions, stats)
+    widths = {**{name: x.shape[1] for name in in_names}, **{name: width for name in mid_names}}
+    return quantized, _audit_records(routing, first, decisions, stats, widths)
 
 
-def _audit_records(routing: Routing, first: int, decisions: list, stats: dict[str, dict]) -> list[dict]:
+def _audit_records(routing: Routing, first: int, decisions: list, stats: dict[str, dict],
+                   widths: dict[str, int]) -> list[dict]:
+    """One record per expert of the chunk: tokens, share, policy and why, damping, per-linear
+    losses, and `rank_deficient`: the linears solved on a routed Hessian from fewer tokens than
+    their input width K (rank < K: GPTQ fixes the null space by damping alone; docs/moe.md)."""
     total = max(int(routing.counts.sum()), 1)
     records = []
     for e, (policy, reason) in enumerate(decisions):
         tokens = int(routing.counts[first + e])
         linears = {name: {key: values[e] for key, values in s.items()} for name, s in stats.items()}
+        deficient = [name for name, k in widths.items() if tokens < k] if policy is ExpertPolicy.ROUTED else []
         records.append({"expert": first + e, "tokens": tokens, "share": tokens / total, "policy": policy.value,
-                        "reason": reason, "damp": max(l["damp"] for l in linears.values()), "linears": linears})
+                        "reason": reason, "damp": max(l["damp"] for l in linears.values()), "linears": linears,
+                        "rank_deficient": deficient})
     return records
 
 

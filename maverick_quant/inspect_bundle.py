@@ -35,6 +35,10 @@ def bundle_summary(bundle: Bundle, top: int = 5) -> str:
     fallbacks = [r for r in audit if "fallback" in r["reason"]]
     lines.append(f"fallbacks: {len(fallbacks)}" + "".join(f"\n  L{r['layer']}/E{r['expert']}: {r['policy']} ({r['reason']})"
                                                          for r in fallbacks))
+    deficient = [r for r in audit if r.get("rank_deficient")]
+    if deficient:
+        lines.append(f"rank-deficient routed Hessians: {len(deficient)} experts had fewer routed tokens than a "
+                     "projection's input width (--moe-policy mixed or a higher --moe-min-tokens avoids it; docs/moe.md)")
     worst = sorted(calibrated, key=lambda r: -max(l["rel_loss"] for l in r["linears"].values()))[:top]
     lines.append("largest relative loss: " + ", ".join(
         f"L{r['layer']}/E{r['expert']} {max(l['rel_loss'] for l in r['linears'].values()):.4f}" for r in worst))

@@ -46,7 +46,7 @@ def run_quantize(model_dir, out, spec, data, calib, calib_spec, force, progress,
         if parallel is not None:
             stack.callback(parallel.close)
         work, state = _enter_output(stack, out, identity, force, resume, parallel)
-        _, summary = quantize_model(source, calibration, spec, work, state, parallel=parallel,
+        manifest, summary = quantize_model(source, calibration, spec, work, state, parallel=parallel,
                                     show_progress=progress and (parallel is None or parallel.writes), device=compute)
         if parallel is not None:
             parallel.barrier()  # rank 0 renames the finished bundle only when every rank is done
@@ -56,6 +56,12 @@ def run_quantize(model_dir, out, spec, data, calib, calib_spec, force, progress,
     gpu = "" if summary.peak_device_mib is None else f", peak {summary.device} memory {summary.peak_device_mib:.0f} MiB"
     click.echo(f"quantized {summary.layers} layers on {summary.device} in {summary.seconds:.1f} s, peak RSS "
                f"{summary.peak_rss_mib:.0f} MiB{gpu}, mean relative GPTQ loss {loss} -> {out}")
+    deficient = sum(bool(record.get("rank_deficient")) for layer in manifest["layers"]
+                    for record in layer.get("experts", {}).get("audit", []))
+    if deficient:
+        click.echo(f"note: {deficient} experts were solved on routed Hessians from fewer tokens than a projection's "
+                   "input width (audit.json: rank_deficient); --moe-policy mixed or a higher --moe-min-tokens "
+                   "avoids it (docs/moe.md)")
     return summary
 
 

@@ -25,18 +25,20 @@ WINDOWS, LENGTH = 16, 40
 MOE_LAYERS, EXPERTS = (1, 3), 8
 
 
-def run(*args) -> None:
+def run(*args) -> str:
     result = CliRunner().invoke(cli, [str(a) for a in args])
     assert result.exit_code == 0, result.output
+    return result.output
 
 
 @pytest.fixture(scope="module")
 def moe_bundle(tiny_llama4_dir: Path, tmp_path_factory) -> Path:
     """GPTQ with experts in chunks of 7 (1 MiB budget) and min_tokens 8 (expert 0 falls back)."""
     out = tmp_path_factory.mktemp("moe") / "bundle"
-    run("quantize", tiny_llama4_dir, "--data", _text(tmp_path_factory.mktemp("text"), "wiki.valid.tokens"),
+    output = run("quantize", tiny_llama4_dir, "--data", _text(tmp_path_factory.mktemp("text"), "wiki.valid.tokens"),
         "--samples", WINDOWS, "--seq-len", LENGTH, "--group-size", 32, "--moe-min-tokens", 8, "--moe-chunk-mib", 1,
         "--out", out, "--no-progress")
+    assert "experts were solved on routed Hessians from fewer tokens than a projection's input width" in output
     return out
 
 
@@ -63,7 +65,11 @@ def test_every_expert_is_quantized_and_audited(moe_bundle: Path) -> None:
         assert ("fallback" in record["reason"]) == starved
         assert set(record["linears"]) == {"gate_proj", "up_proj", "down_proj"}
         assert all(0 <= l["rel_loss"] < 1 and l["damp"] > 0 for l in record["linears"].values())
+        widths = {"gate_proj": 64, "up_proj": 64, "down_proj": 32}  # input widths: hidden 64, expert intermediate 32
+        routed = record["policy"] == "routed"
+        assert record["rank_deficient"] == [name for name, k in widths.items() if routed and record["tokens"] < k]
     assert any(r["tokens"] < 8 for r in audit)  # the fixture starves expert 0
+    assert any(r["rank_deficient"] for r in audit)  # and routes fewer tokens than inputs to some others
 
 
 def test_bundle_holds_all_experts_in_chunks_and_the_float_router(moe_bundle: Path, tiny_llama4_dir: Path) -> None:
@@ -149,6 +155,9 @@ def test_inspect_summarizes_experts_and_draws_the_heat_map(moe_bundle: Path, tmp
     result = CliRunner().invoke(cli, ["inspect", str(moe_bundle), "--plot", str(tmp_path / "experts.png")])
     assert result.exit_code == 0, result.output
     assert "most used:" in result.output and "fallbacks: " in result.output and "L1/E0" in result.output
+    audit = json.loads((moe_bundle / "audit.json").read_text())["experts"]
+    deficient = sum(bool(r["rank_deficient"]) for r in audit)
+    assert f"rank-deficient routed Hessians: {deficient} experts" in result.output
     assert (tmp_path / "experts.png").read_bytes()[:4] == b"\x89PNG"
 
 
