@@ -333,12 +333,13 @@ def validate(reference, candidate, data, report_dir, ctx, max_windows, gates, ba
 @click.option("--kernels", type=click.Choice(KERNEL_BACKENDS), default="auto", show_default=True,
               help="auto: CUDA C++, then Triton on a GPU; the int4 CPU op, then the reference on a CPU.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
-def generate(bundle_dir, prompt, max_new_tokens, kernels, chat) -> None:
+@click.option("--device", default="auto", show_default=True, help="Where the model runs: auto (CUDA if present), cpu, cuda, cuda:N.")
+def generate(bundle_dir, prompt, max_new_tokens, kernels, chat, device) -> None:
     """Greedy generation from a quantized BUNDLE_DIR, its 4-bit weights run by the kernels
     (never dequantized to float); prints the text and tokens per second."""
     from maverick_quant.jobs import run_generate
 
-    run_generate(bundle_dir, prompt, max_new_tokens, kernels, chat)
+    run_generate(bundle_dir, prompt, max_new_tokens, kernels, chat, device)
 
 
 @cli.command("run")

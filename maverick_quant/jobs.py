@@ -257,9 +257,10 @@ def _echo_summary(report: dict, outcomes) -> None:
 
 
 
-def run_generate(bundle_dir: Path, prompt: str, max_new_tokens: int, kernels: str = "auto", chat: bool = False) -> None:
-    """Greedy generation from a bundle on the kernel backend `kernels`; streams the text, then
-    prints the decode rate."""
+def run_generate(bundle_dir: Path, prompt: str, max_new_tokens: int, kernels: str = "auto", chat: bool = False,
+                 device: str = "auto") -> None:
+    """Greedy generation from a bundle on the kernel backend `kernels` on `device`; streams the
+    text, then prints the decode rate."""
     import time
 
     import torch
@@ -268,25 +269,30 @@ def run_generate(bundle_dir: Path, prompt: str, max_new_tokens: int, kernels: st
     from maverick_quant.bundle import Bundle
     from maverick_quant.calibration.data import load_tokenizer
     from maverick_quant.compress.kernels.backends import get_backend
+    from maverick_quant.devices import check_kernels_device, resolve_device, use_device
     from maverick_quant.runtime import load_quantized_model
 
     bundle = Bundle(bundle_dir)
-    backend = get_backend(kernels)
+    compute = resolve_device(device)
+    check_kernels_device(kernels, compute)
+    use_device(compute)
+    backend = get_backend(kernels, compute)
     dtype = torch.float32 if backend.name == "reference" else torch.bfloat16
-    model = load_quantized_model(bundle, backend, dtype)
+    model = load_quantized_model(bundle, backend, dtype, compute)
     tokenizer = load_tokenizer(bundle_dir)
     if chat:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                             return_tensors="pt", return_dict=True)["input_ids"]
     else:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    ids = ids.to(compute)
     started = time.perf_counter()
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
                              streamer=TextStreamer(tokenizer, skip_prompt=not chat), pad_token_id=tokenizer.eos_token_id)
     elapsed = time.perf_counter() - started
     new = out.shape[1] - ids.shape[1]
-    click.echo(f"\n{new} tokens in {elapsed:.1f} s ({new / elapsed:.2f} tokens/s, backend {backend.name}, "
+    click.echo(f"\n{new} tokens in {elapsed:.1f} s ({new / elapsed:.2f} tokens/s, backend {backend.name} on {compute}, "
                f"prompt {ids.shape[1]} tokens)", err=True)
 
 

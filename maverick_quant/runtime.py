@@ -151,24 +151,27 @@ class KernelModel(StreamingModel):
         return quantized_layer(self.source, index, self.backend, self.dtype, self.device)
 
 
-def load_quantized_model(bundle, backend: Backend | str = "auto", dtype: torch.dtype = torch.bfloat16):
-    """The whole transformers CausalLM of `bundle` with kernel-backed layers, ready for
-    `generate` (built on the meta device; every tensor is then assigned from the bundle)."""
+def load_quantized_model(bundle, backend: Backend | str = "auto", dtype: torch.dtype = torch.bfloat16,
+                         device: torch.device | str = "cpu"):
+    """The whole transformers CausalLM of `bundle` with kernel-backed layers on `device`, ready
+    for `generate` (built on the meta device; every tensor is then assigned from the bundle)."""
     from transformers import AutoModelForCausalLM
 
     _require_bundle(bundle)
-    backend = get_backend(backend) if isinstance(backend, str) else backend
+    backend = get_backend(backend, device) if isinstance(backend, str) else backend
     config = bundle.text_config
     config._attn_implementation = "sdpa"
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     table = bundle.table
-    model.model.embed_tokens.weight = torch.nn.Parameter(bundle.model_tensor(table.embed).to(dtype), requires_grad=False)
-    model.model.norm.weight = torch.nn.Parameter(bundle.model_tensor(table.final_norm).to(dtype), requires_grad=False)
-    model.lm_head.weight = torch.nn.Parameter(bundle.model_tensor(table.lm_head).to(dtype), requires_grad=False)
-    model.model.rotary_emb = table.build_rotary(config)
+    def tensor(name: str) -> torch.nn.Parameter:
+        return torch.nn.Parameter(bundle.model_tensor(name).to(device, dtype), requires_grad=False)
+
+    model.model.embed_tokens.weight, model.model.norm.weight = tensor(table.embed), tensor(table.final_norm)
+    model.lm_head.weight = tensor(table.lm_head)
+    model.model.rotary_emb = table.build_rotary(config).to(device)
     for index in range(config.num_hidden_layers):
-        model.model.layers[index] = quantized_layer(bundle, index, backend, dtype)
+        model.model.layers[index] = quantized_layer(bundle, index, backend, dtype, device)
     left = [name for name, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
     if left:
         raise InputError(f"{bundle.root}: the model has tensors the bundle does not hold: {left[:5]}")

@@ -159,7 +159,7 @@ def test_generation_with_the_kv_cache_is_greedy_decoding_of_the_bundle(which: st
 def test_generate_and_validate_run_a_bundle_on_the_kernels(dense_bundle: Path, tiny_llama_dir: Path,
                                                            small_text_file: Path, tmp_path: Path) -> None:
     output = run("generate", dense_bundle, "--prompt", "The harbour", "--max-new-tokens", 4, "--kernels", "reference")
-    assert "4 tokens in" in output and "tokens/s, backend reference" in output
+    assert "4 tokens in" in output and "tokens/s, backend reference on cpu" in output
     for kernels in ("reference", None):
         options = ["--kernels", kernels] if kernels else []
         run("validate", "--reference", tiny_llama_dir, "--candidate", dense_bundle, "--data", small_text_file,
@@ -168,6 +168,9 @@ def test_generate_and_validate_run_a_bundle_on_the_kernels(dense_bundle: Path, t
                                       "--data", str(small_text_file), "--report", str(tmp_path / "cuda-on-cpu"),
                                       "--kernels", "cuda", "--device", "cpu"])
     assert result.exit_code == 2 and "--kernels cuda runs on cuda, and --device is cpu" in result.output
+    result = CliRunner().invoke(cli, ["generate", str(dense_bundle), "--prompt", "x", "--kernels", "cpu-int4",
+                                      "--device", "meta"])
+    assert result.exit_code == 2 and "--device='meta': expected auto, cpu, cuda or cuda:N" in result.output
     with_kernels, dequantized = (json.loads((tmp_path / name / "report.json").read_text()) for name in ("reference", "None"))
     assert with_kernels["kernels"] == "reference" and dequantized["kernels"] is None
     assert with_kernels["candidate"]["ppl"] == pytest.approx(dequantized["candidate"]["ppl"], rel=1e-4)
