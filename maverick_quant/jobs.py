@@ -174,7 +174,8 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
     baseline_report = _read_baseline(baseline) if baseline else None
     gguf = Path(candidate).is_file()
     ref_source = open_source(reference)
-    cand_source = GGUFCandidate(Path(candidate)) if gguf else open_candidate(candidate)
+    cand_source = (GGUFCandidate(Path(candidate), gpu_layers=-1 if compute.type == "cuda" else 0) if gguf
+                   else open_candidate(candidate))
     windows = eval_windows(data, load_tokenizer(reference), ctx, max_windows, protocol)
     first = scored_from(protocol, ctx)
     if gguf:

@@ -175,9 +175,10 @@ def evaluate(reference: WeightSource, candidate: WeightSource, windows: torch.Te
 
 class GGUFCandidate:
     """A GGUF file run by llama.cpp (llama-cpp-python): it memory-maps the file itself, so the
-    candidate is never streamed by us; only its logits for each window are read."""
+    candidate is never streamed by us; only its logits for each window are read. `gpu_layers`:
+    llama.cpp's n_gpu_layers (-1: all), honoured when llama-cpp-python was built with a GPU."""
 
-    def __init__(self, path: Path, threads: int | None = None):
+    def __init__(self, path: Path, threads: int | None = None, gpu_layers: int = 0):
         try:
             import llama_cpp
         except ImportError:
@@ -186,13 +187,15 @@ class GGUFCandidate:
 
         self.path = Path(path)
         self._llama_cpp, self._model, self._threads = llama_cpp, None, threads or os.cpu_count()
+        self._gpu_layers = gpu_layers
 
     def _context(self, tokens: int):
         """The llama.cpp context, (re)made large enough for `tokens` tokens, its KV cache empty."""
         if self._model is None or self._model.n_ctx() < tokens:
             context = max(tokens, 512)  # short sequences (benchmark choices) reuse one context
             self._model = self._llama_cpp.Llama(model_path=str(self.path), n_ctx=context, n_batch=context,
-                                                logits_all=True, n_threads=self._threads, verbose=False)
+                                                logits_all=True, n_threads=self._threads, verbose=False,
+                                                n_gpu_layers=self._gpu_layers)
         self._model.reset()
         return self._model
 
