@@ -69,7 +69,7 @@ class ExpertChunks:
             local = {}
             for number, (first, count) in round_chunks:
                 if self._owns(number):
-                    local[first] = self.finished(first) or (*solve(first, count), None)
+                    local[first] = self.finished(first) or self._solve_to_host(solve, first, count)
             for number, (first, _) in round_chunks:
                 quantized, audit, record = local.pop(first, (None, None, None))
                 if self.parallel is not None:
@@ -78,6 +78,13 @@ class ExpertChunks:
                 if record is None:
                     record = self.write(first, quantized, audit)
                 yield first, quantized, record, audit
+
+    @staticmethod
+    def _solve_to_host(solve, first: int, count: int) -> tuple[dict[str, QuantizedWeight], list[dict], None]:
+        """`solve` a chunk on the compute device and bring its weights to the host, where they are
+        written and shared between ranks (no record yet: it is written next)."""
+        quantized, audit = solve(first, count)
+        return quantized_to(quantized, "cpu"), audit, None
 
     def _owns(self, chunk_number: int) -> bool:
         return self.parallel is None or self.parallel.owner(chunk_number) == self.parallel.rank
@@ -330,7 +337,7 @@ def quantize_moe_block(model: StreamingModel, index: int, layer: torch.nn.Module
         if awq:
             weights, awq_records = scale_expert_chunk(x, routing, moe, weights, first, block_scales, scale_spec)
         chunk_quantized, records = quantize_expert_chunk(x, routing, moe, weights, first, spec)
-        return quantized_to(chunk_quantized, "cpu"), [{**record, **extra} for record, extra in zip(records, awq_records)]
+        return chunk_quantized, [{**record, **extra} for record, extra in zip(records, awq_records)]
 
     chunks, audit = [], []
     for first, chunk_quantized, record, records in store.solved(list(expert_chunks(moe, model.config, spec.moe.chunk_mib)),
@@ -398,8 +405,7 @@ def rtn_moe_block(model: StreamingModel, index: int, spec: QuantizeSpec, store: 
     """RTN every routed expert of layer `index`, chunk by chunk; returns the block's stats."""
     moe = model.plan(index).moe
     def solve(first: int, count: int) -> tuple[dict[str, QuantizedWeight], list[dict]]:
-        quantized, audit = rtn_expert_chunk(moe, read_experts(model, index, first, count), first, spec)
-        return quantized_to(quantized, "cpu"), audit
+        return rtn_expert_chunk(moe, read_experts(model, index, first, count), first, spec)
 
     chunks, audit = [], []
     for _, _, record, records in store.solved(list(expert_chunks(moe, model.config, spec.moe.chunk_mib)), solve):
