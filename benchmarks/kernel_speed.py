@@ -5,7 +5,7 @@ For each linear shape (qkv, o, dense MLP gate+up / down at 16384, expert gate+up
 matmul of the dequantized weight, and a whole Maverick MoE layer (router, shared expert,
 top-1 routed expert) at M = 1.
 
-    python benchmarks/kernels.py [--backends cuda triton cpu-int4] [--m 1 16 64 128] [--experts 128] [--json out.json]
+    python benchmarks/kernel_speed.py [--backends cuda triton cpu-int4] [--m 1 16 64 128] [--experts 128] [--json out.json]
 
 On a GPU: effective GB/s = bytes read (packed codes + scales + zeros + activations) / time,
 as a percent of the measured device-to-device copy bandwidth (2 x bytes / time of a 1 GiB
