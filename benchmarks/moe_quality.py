@@ -27,6 +27,7 @@ CONFIGS = {
     "rtn": ["--method", "rtn"],
     "gptq routed (fallback mixed < 128 tokens)": ["--moe-policy", "routed"],
     "gptq routed (fallback rtn < 128 tokens)": ["--moe-policy", "routed", "--moe-fallback", "rtn"],
+    "gptq routed full-rank (fallback mixed < 128 tokens or < K)": ["--moe-policy", "routed", "--moe-require-full-rank"],
     "gptq mixed (mix 0.1)": ["--moe-policy", "mixed"],
     "awq (routed, fallback mixed)": ["--method", "awq"],
     "awq+gptq (routed, fallback mixed)": ["--method", "awq+gptq"],

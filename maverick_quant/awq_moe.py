@@ -185,7 +185,7 @@ def scale_expert_chunk(x: torch.Tensor, routing: Routing, moe: MoEBlock, weights
     records = []
     for offset in range(down.shape[0]):
         expert = first + offset
-        policy, reason = resolve_policy(int(routing.counts[expert]), spec.moe)
+        policy, reason = resolve_policy(int(routing.counts[expert]), spec.moe, max(down.shape[1], down.shape[2]))
         record = {"expert": expert, "awq_policy": policy.value, "awq_reason": reason, "awq_ratio": 0.0}
         records.append(record)
         if policy is ExpertPolicy.RTN:

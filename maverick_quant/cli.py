@@ -14,7 +14,7 @@ import click
 
 from maverick_quant import __version__
 from maverick_quant.errors import InputError
-from maverick_quant.recipe import (GGUF_GRIDS, KERNEL_BACKENDS, AWQSpec, CalibSpec, ExpertPolicy, Method, MoESpec, QuantizeSpec,
+from maverick_quant.recipe import (CHOICES_PASS_MIB, GGUF_GRIDS, KERNEL_BACKENDS, AWQSpec, CalibSpec, ExpertPolicy, Method, MoESpec, QuantizeSpec,
                                    QuantSpec)
 
 
@@ -112,6 +112,9 @@ def moe_options(func):
     func = click.option("--moe-quantize-router", is_flag=True, help="Quantize the router too (default: kept in float).")(func)
     func = click.option("--moe-fallback", type=click.Choice(["mixed", "rtn"]), default="mixed", show_default=True,
                         help="Policy of experts with fewer than --moe-min-tokens routed tokens.")(func)
+    func = click.option("--moe-require-full-rank", is_flag=True,
+                        help="Also fall back for experts with fewer routed tokens than a projection's input width "
+                             "(a rank-deficient routed Hessian).")(func)
     func = click.option("--moe-min-tokens", default=128, show_default=True, help="Routed tokens below which an expert falls back.")(func)
     func = click.option("--moe-mix", default=0.1, show_default=True, help="Weight of the all-token Hessian in 'mixed'.")(func)
     func = click.option("--moe-policy", type=click.Choice(policies), default="routed", show_default=True,
@@ -135,8 +138,10 @@ def _awq_spec(awq_grid, awq_duo, awq_clip, awq_sample_tokens) -> AWQSpec:
     return AWQSpec(grid=awq_grid, duo_scaling=awq_duo, clip=awq_clip, sample_tokens=awq_sample_tokens)
 
 
-def _moe_spec(moe_policy, moe_mix, moe_min_tokens, moe_fallback, moe_quantize_router, moe_chunk_mib) -> MoESpec:
+def _moe_spec(moe_policy, moe_mix, moe_min_tokens, moe_require_full_rank, moe_fallback, moe_quantize_router,
+              moe_chunk_mib) -> MoESpec:
     return MoESpec(policy=ExpertPolicy(moe_policy), mix=moe_mix, min_tokens=moe_min_tokens,
+                   require_full_rank=moe_require_full_rank,
                    fallback=ExpertPolicy(moe_fallback), quantize_router=moe_quantize_router, chunk_mib=moe_chunk_mib)
 
 
@@ -169,7 +174,7 @@ def _quantize_spec(method, bits, group_size, sym, act_order, damp, batch, true_s
 @click.option("--progress/--no-progress", default=True)
 def quantize(model_dir, data, calib, out, method, gguf_grid, bits, group_size, sym, act_order, damp, keep_float,
              bits_overrides, samples,
-             seq_len, seed, chat_template, moe_policy, moe_mix, moe_min_tokens, moe_fallback, moe_quantize_router,
+             seq_len, seed, chat_template, moe_policy, moe_mix, moe_min_tokens, moe_require_full_rank, moe_fallback, moe_quantize_router,
              moe_chunk_mib, awq_grid, awq_duo, awq_clip, awq_sample_tokens, batch, true_sequential, force, resume,
              device, progress) -> None:
     """Quantize MODEL_DIR layer by layer (routed experts chunk by chunk) into a bundle.
@@ -178,7 +183,7 @@ def quantize(model_dir, data, calib, out, method, gguf_grid, bits, group_size, s
     a crash, the same command with --resume goes on from the last finished layer."""
     from maverick_quant.jobs import run_quantize
 
-    moe = _moe_spec(moe_policy, moe_mix, moe_min_tokens, moe_fallback, moe_quantize_router, moe_chunk_mib)
+    moe = _moe_spec(moe_policy, moe_mix, moe_min_tokens, moe_require_full_rank, moe_fallback, moe_quantize_router, moe_chunk_mib)
     awq = _awq_spec(awq_grid, awq_duo, awq_clip, awq_sample_tokens)
     spec = _quantize_spec(method, bits, group_size, sym, act_order, damp, batch, true_sequential, moe, awq, gguf_grid,
                           keep_float, bits_overrides)
@@ -197,7 +202,7 @@ def quantize(model_dir, data, calib, out, method, gguf_grid, bits, group_size, s
                                "time only where the device is. Default: a recipe's quantize.device, else auto.")
 def plan(target, method, gguf_grid, bits, group_size, sym, act_order, damp, keep_float, bits_overrides, samples,
          seq_len, seed,
-         chat_template, moe_policy, moe_mix, moe_min_tokens, moe_fallback, moe_quantize_router, moe_chunk_mib, batch,
+         chat_template, moe_policy, moe_mix, moe_min_tokens, moe_require_full_rank, moe_fallback, moe_quantize_router, moe_chunk_mib, batch,
          json_out, device) -> None:
     """Predict a quantize run before it starts: tensors quantized and passed through, output
     size per format, peak host and GPU memory, disk and time. TARGET: a model directory (only
@@ -205,7 +210,7 @@ def plan(target, method, gguf_grid, bits, group_size, sym, act_order, damp, keep
     `maverick` (Llama 4 Maverick's published config, bf16)."""
     from maverick_quant.jobs import run_plan
 
-    moe = _moe_spec(moe_policy, moe_mix, moe_min_tokens, moe_fallback, moe_quantize_router, moe_chunk_mib)
+    moe = _moe_spec(moe_policy, moe_mix, moe_min_tokens, moe_require_full_rank, moe_fallback, moe_quantize_router, moe_chunk_mib)
     spec = _quantize_spec(method, bits, group_size, sym, act_order, damp, batch, moe=moe, gguf_grid=gguf_grid,
                           keep_float=keep_float, bits_overrides=bits_overrides)
     run_plan(target, spec, _calib_spec(samples, seq_len, seed, chat_template), json_out, device)
@@ -310,19 +315,23 @@ def imatrix(model_dir, data, calib, out, samples, seq_len, seed, chat_template, 
 @click.option("--hellaswag-tasks", type=int, help="Score only the first N tasks (HellaSwag or --choices).")
 @click.option("--choices", type=click.Path(path_type=Path),
               help='Your multiple-choice JSONL: {"context": ..., "choices": [...], "label": i} per line.')
+@click.option("--choices-pass-mib", type=click.IntRange(min=1), default=CHOICES_PASS_MIB, show_default=True,
+              help="Hidden states (MiB) of multiple-choice tasks streamed through the layers per pass over the "
+                   "weights: more means fewer passes (Maverick: ~5 MiB per HellaSwag task).")
 @click.option("--kernels", type=click.Choice(KERNEL_BACKENDS),
               help="Run a bundle candidate's 4-bit weights through this kernel backend instead of dequantizing them.")
 @click.option("--device", default="auto", show_default=True,
               help="Where both models' layers run: auto (CUDA if present), cpu, cuda, cuda:N.")
 @click.option("--progress/--no-progress", default=True)
 def validate(reference, candidate, data, report_dir, ctx, max_windows, gates, baseline, batch, force, protocol,
-             hellaswag, hellaswag_tasks, choices, kernels, device, progress) -> None:
+             hellaswag, hellaswag_tasks, choices, choices_pass_mib, kernels, device, progress) -> None:
     """Compare CANDIDATE with REFERENCE: perplexity, KL, top-1 agreement, per-layer error,
     multiple-choice accuracy drift; gate CI."""
     from maverick_quant.jobs import run_validate
 
     passed = run_validate(reference, candidate, data, report_dir, ctx, max_windows or None, gates, baseline,
-                          batch, force, progress, protocol, hellaswag, hellaswag_tasks, choices, kernels, device)
+                          batch, force, progress, protocol, hellaswag, hellaswag_tasks, choices, kernels, device,
+                          choices_pass_mib)
     sys.exit(0 if passed else 1)
 
 

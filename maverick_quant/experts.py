@@ -236,7 +236,8 @@ def quantize_expert_chunk(x: torch.Tensor, routing: Routing, moe: MoEBlock, weig
     """
     count = weights[moe.experts_mid[0].name].shape[0]
     sample = sample_tokens(x.shape[0], spec.moe.all_tokens, x.device)
-    decisions = [resolve_policy(int(routing.counts[first + e]), spec.moe) for e in range(count)]
+    widest = max(x.shape[1], weights[moe.experts_mid[0].name].shape[2])
+    decisions = [resolve_policy(int(routing.counts[first + e]), spec.moe, widest) for e in range(count)]
     act = activation(moe.activation)
     in_names, mid_names = tuple(l.name for l in moe.experts_in), tuple(l.name for l in moe.experts_mid)
     gate, up = in_names  # Llama 4: the input group is (gate_proj, up_proj)

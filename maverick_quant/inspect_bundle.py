@@ -38,7 +38,7 @@ def bundle_summary(bundle: Bundle, top: int = 5) -> str:
     deficient = [r for r in audit if r.get("rank_deficient")]
     if deficient:
         lines.append(f"rank-deficient routed Hessians: {len(deficient)} experts had fewer routed tokens than a "
-                     "projection's input width (--moe-policy mixed or a higher --moe-min-tokens avoids it; docs/moe.md)")
+                     "projection's input width (--moe-require-full-rank or --moe-policy mixed avoids it; docs/moe.md)")
     worst = sorted(calibrated, key=lambda r: -max(l["rel_loss"] for l in r["linears"].values()))[:top]
     lines.append("largest relative loss: " + ", ".join(
         f"L{r['layer']}/E{r['expert']} {max(l['rel_loss'] for l in r['linears'].values()):.4f}" for r in worst))

@@ -16,7 +16,7 @@ import click
 
 from maverick_quant import __version__
 from maverick_quant.errors import InputError
-from maverick_quant.recipe import Method
+from maverick_quant.recipe import CHOICES_PASS_MIB, Method
 
 
 def run_quantize(model_dir, out, spec, data, calib, calib_spec, force, progress, resume=False, device="auto"):
@@ -60,7 +60,7 @@ def run_quantize(model_dir, out, spec, data, calib, calib_spec, force, progress,
                     for record in layer.get("experts", {}).get("audit", []))
     if deficient:
         click.echo(f"note: {deficient} experts were solved on routed Hessians from fewer tokens than a projection's "
-                   "input width (audit.json: rank_deficient); --moe-policy mixed or a higher --moe-min-tokens "
+                   "input width (audit.json: rank_deficient); --moe-require-full-rank or --moe-policy mixed "
                    "avoids it (docs/moe.md)")
     return summary
 
@@ -154,10 +154,11 @@ def run_export_gguf(source_dir, out, gguf_type="Q4_0", requantize=False, pre=Non
 
 def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates=(), baseline=None,
                  batch=4, force=False, progress=True, protocol="gptq", hellaswag=None, hellaswag_tasks=None,
-                 choices=None, kernels=None, device="auto") -> bool:
+                 choices=None, kernels=None, device="auto", choices_pass_mib=CHOICES_PASS_MIB) -> bool:
     """Shared by `validate` and `demo`; returns whether every gate passed. `kernels`: run a
     bundle candidate through that kernel backend (None: dequantize it); `device`: where the
-    layers run (devices.py)."""
+    layers run (devices.py); `choices_pass_mib`: hidden states per pass of the multiple-choice
+    benchmarks (MiB)."""
     from maverick_quant.calibration.data import eval_windows, load_tokenizer, scored_from
     from maverick_quant.checkpoint import atomic_output_dir, check_output_dir
     from maverick_quant.devices import check_kernels_device, resolve_device, use_device
@@ -189,7 +190,8 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
               "reference_model": str(reference), "candidate_model": str(candidate), "tool_version": __version__,
               "kernels": kernels, "device": str(compute)}
     report.update(_choice_benchmarks(ref_source, cand_source, load_tokenizer(reference), hellaswag, hellaswag_tasks,
-                                     choices, kernels=kernels, progress=progress, device=compute))
+                                     choices, kernels=kernels, progress=progress, device=compute,
+                                     pass_mib=choices_pass_mib))
     report.update(_expert_summary(cand_source))
     outcomes = evaluate_gates(parsed, report, baseline_report)
     report["gates"] = [{"gate": o.gate, "actual": o.actual, "threshold": o.threshold, "passed": o.passed} for o in outcomes]
@@ -218,15 +220,15 @@ def _expert_summary(candidate) -> dict:
 
 
 def _choice_benchmarks(ref_source, cand_source, tokenizer, hellaswag, hellaswag_tasks, choices, kernels=None,
-                       progress=True, device="cpu") -> dict:
+                       progress=True, device="cpu", pass_mib=CHOICES_PASS_MIB) -> dict:
     """HellaSwag (llama.cpp text layout) and/or a local multiple-choice JSONL: accuracy drift
-    and wall time, layers on `device`."""
+    and wall time, layers on `device`, `pass_mib` of hidden states per pass over the weights."""
     from maverick_quant.validation.hellaswag import evaluate_choices, read_choice_jsonl, read_hellaswag
 
     def drift(tasks, path) -> dict:
         started = time.perf_counter()
         result = evaluate_choices(ref_source, cand_source, tasks, tokenizer, kernels=kernels, show_progress=progress,
-                                  device=device)
+                                  device=device, pass_mib=pass_mib)
         return {**result, "file": str(path), "seconds": time.perf_counter() - started}
 
     out = {}
@@ -353,7 +355,7 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
             data = write_eval_text(model_dir, out / "eval-self.txt", 16, v.ctx)
         passed = run_validate(model_dir, out / "bundle", data, out / "report", v.ctx, v.max_windows, v.gates, None,
                               v.batch, True, progress, v.protocol, v.hellaswag, v.hellaswag_tasks, v.choices, v.kernels,
-                              device)
+                              device, v.choices_pass_mib)
     _write_lock(dataclasses.replace(recipe, device=device), Path(recipe_path), model_dir, source, calib_dir,
                 out / "recipe.lock.yaml")
     click.echo(f"run finished -> {out} ({'gates passed' if passed else 'a gate FAILED'})")

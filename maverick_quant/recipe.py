@@ -28,6 +28,8 @@ ALLOWED_GROUP_SIZES = (-1, 32, 64, 128, 256)
 
 # Weight grids that llama.cpp block types store exactly (see compress/gguf_blocks.py).
 # Kernel backends that run 4-bit weights (compress/kernels/backends.py); "auto" picks the best here.
+CHOICES_PASS_MIB = 8192  # multiple-choice hidden states (fp32) streamed through the layers per pass over the
+# weights: Maverick holds about 5 MiB per HellaSwag task (4 endings packed beside the context), 1000 tasks one pass
 KERNEL_BACKENDS = ("auto", "reference", "cpu-int4", "triton", "cuda")
 GGUF_GRIDS = {
     "Q4_0": {"bits": 4, "group_size": 32, "sym": True},
@@ -207,6 +209,10 @@ class MoESpec:
                 each scaled by the score e would have given it, sigmoid(logit_e).
     mix:        the weight of H_all,e in `mixed` (lambda).
     min_tokens: an expert with fewer routed tokens falls back to `fallback`.
+    require_full_rank: an expert with fewer routed tokens than the widest input K of its
+                projections (Maverick: K = 8192 for down) falls back too: its routed Hessian,
+                a mean of n < K outer products, has rank < K, and GPTQ would fix the weights'
+                action on the other directions by damping alone (docs/moe.md).
     fallback:   `mixed` (its H_routed part is kept) or `rtn` (round to nearest, H = I) as last resort.
     all_tokens: sample size for H_all,e.
     chunk_mib:  memory budget of one chunk of experts (fp32 weights, Hessians, workspace).
@@ -216,6 +222,7 @@ class MoESpec:
     policy: ExpertPolicy = ExpertPolicy.ROUTED
     mix: float = 0.1
     min_tokens: int = 128
+    require_full_rank: bool = False
     fallback: ExpertPolicy = ExpertPolicy.MIXED
     all_tokens: int = 4096
     chunk_mib: int = 8192
@@ -291,6 +298,8 @@ class QuantizeSpec:
         out["moe"].update(policy=self.moe.policy.value, fallback=self.moe.fallback.value)
         if not self.bits_overrides:  # absent when unused: runs recorded before the key existed keep their identity
             del out["bits_overrides"]
+        if not self.moe.require_full_rank:  # likewise
+            del out["moe"]["require_full_rank"]
         return out
 
     @classmethod

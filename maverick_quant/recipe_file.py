@@ -43,7 +43,7 @@ from typing import Any
 from maverick_quant.compress.pack import PACK_BITS
 from maverick_quant.devices import check_device_name
 from maverick_quant.errors import InputError
-from maverick_quant.recipe import (GGUF_GRIDS, KERNEL_BACKENDS, AWQSpec, CalibSpec, Method, MoESpec, QuantizeSpec, QuantSpec,
+from maverick_quant.recipe import (CHOICES_PASS_MIB, GGUF_GRIDS, KERNEL_BACKENDS, AWQSpec, CalibSpec, Method, MoESpec, QuantizeSpec, QuantSpec,
                                    parse_bits_override)
 
 BUILTIN_MODELS = {"builtin:smollm2-135m-instruct"}
@@ -85,6 +85,7 @@ class ValidationStep:
     hellaswag: str | None = None
     hellaswag_tasks: int | None = None
     choices: str | None = None
+    choices_pass_mib: int = CHOICES_PASS_MIB
     kernels: str | None = None
     gates: tuple[str, ...] = ()
 
@@ -92,7 +93,7 @@ class ValidationStep:
         _one_of("validation.protocol", self.protocol, PROTOCOLS)
         if self.kernels is not None:
             _one_of("validation.kernels", self.kernels, KERNEL_BACKENDS)
-        for key in ("ctx", "max_windows", "batch"):
+        for key in ("ctx", "max_windows", "batch", "choices_pass_mib"):
             if getattr(self, key) < 1:
                 raise InputError(f"validation.{key}={getattr(self, key)}: expected a positive integer")
         from maverick_quant.validation.gates import parse_gate

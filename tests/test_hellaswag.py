@@ -116,6 +116,18 @@ def test_blocks_stream_together_reading_each_layer_and_expert_chunk_once(tiny_ll
     for packed, scores in zip(blocks, together):
         assert torch.equal(scores, streamed_choice_scores(model_for, packed))
     assert set(source.reads.values()) == {3}  # alone: once more per block
+    bounded = streamed_block_scores(model_for, blocks, pass_mib=1e-6)  # a budget below one block: a pass per block
+    assert set(source.reads.values()) == {5}
+    assert all(torch.equal(a, b) for a, b in zip(bounded, together))
+
+
+def test_blocks_are_grouped_into_passes_under_the_memory_budget() -> None:
+    from maverick_quant.validation.hellaswag import group_blocks
+
+    mib = 2**20
+    assert group_blocks([3 * mib, 3 * mib, 3 * mib, 10 * mib, 1 * mib], 6) == [[0, 1], [2], [3], [4]]
+    assert group_blocks([3 * mib] * 3, None) == [[0, 1, 2]]
+    assert group_blocks([3 * mib] * 3, 100) == [[0, 1, 2]]
 
 
 def test_paired_drift_interval() -> None:

@@ -151,6 +151,28 @@ def test_policies_change_only_what_they_should(tiny_llama4_dir: Path) -> None:
         assert torch.equal(torch.cat([h[name].codes for h in halves]), routed[name].codes)
 
 
+def test_require_full_rank_sends_experts_with_fewer_tokens_than_inputs_to_the_fallback(tiny_llama4_dir: Path) -> None:
+    """`require_full_rank`: an expert routed fewer tokens than its widest input (hidden 64) is
+    solved as `mixed` (the fallback), exactly as under `--moe-policy mixed`; the others keep
+    their routed solve, bit for bit; no routed Hessian is left rank-deficient."""
+    x, routing, moe, weights = _chunk_inputs(tiny_llama4_dir, tokens=600)
+    routed, _ = quantize_expert_chunk(x, routing, moe, weights, 0, QuantizeSpec(moe=MoESpec(min_tokens=1)))
+    mixed, _ = quantize_expert_chunk(x, routing, moe, weights, 0,
+                                     QuantizeSpec(moe=MoESpec(policy=ExpertPolicy.MIXED, min_tokens=1)))
+    full, records = quantize_expert_chunk(x, routing, moe, weights, 0,
+                                          QuantizeSpec(moe=MoESpec(min_tokens=1, require_full_rank=True)))
+    short = [r["expert"] for r in records if r["tokens"] < 64]
+    assert short and len(short) < EXPERTS  # both kinds are present
+    for record in records:
+        e = record["expert"]
+        expected = mixed if e in short else routed
+        assert record["policy"] == ("mixed" if e in short else "routed")
+        assert ("input width 64 (require_full_rank)" in record["reason"]) == (e in short)
+        assert record["rank_deficient"] == []
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            assert torch.equal(full[name].codes[e], expected[name].codes[e])
+
+
 def test_inspect_summarizes_experts_and_draws_the_heat_map(moe_bundle: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["inspect", str(moe_bundle), "--plot", str(tmp_path / "experts.png")])
     assert result.exit_code == 0, result.output

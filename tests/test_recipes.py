@@ -48,6 +48,7 @@ def test_shipped_recipes_load() -> None:
     ({"validation": {"data": "x", "gates": ["ppl_ratio<<1"]}}, "gate 'ppl_ratio<<1'"),
     ({"exprots": []}, "exprots: unknown key; expected one of model, calibration"),
     ({"quantize": {"device": "gpu"}}, "quantize.device='gpu': expected auto, cpu, cuda or cuda:N"),
+    ({"quantize": {"moe": {"require_full_rank": "yes"}}}, "quantize.moe.require_full_rank='yes': expected bool"),
 ])
 def test_bad_recipes_name_the_key_and_the_allowed_values(change: dict, message: str) -> None:
     data = json.loads(json.dumps(VALID))
@@ -102,6 +103,19 @@ def test_mangled_recipes_give_a_clean_error_never_a_traceback(mutation) -> None:
         parse_recipe(data)
     except InputError as error:
         assert str(error)
+
+
+def test_require_full_rank_reaches_the_spec_and_enters_the_identity_only_when_set() -> None:
+    """An unset flag leaves the recorded spec as it was before the key existed (runs made
+    then keep their identity and can be resumed); a set one is recorded and read back."""
+    from maverick_quant.recipe import QuantizeSpec
+
+    data = json.loads(json.dumps(VALID))
+    assert "require_full_rank" not in parse_recipe(data).quantize.to_dict()["moe"]
+    data["quantize"]["moe"]["require_full_rank"] = True
+    spec = parse_recipe(data).quantize
+    assert spec.moe.require_full_rank and spec.to_dict()["moe"]["require_full_rank"] is True
+    assert QuantizeSpec.from_dict(spec.to_dict()) == spec
 
 
 @settings(max_examples=60, deadline=None)

@@ -92,13 +92,16 @@ def routed_forward(x: torch.Tensor, routing: Routing, experts: dict[str, torch.T
     return out
 
 
-def resolve_policy(tokens: int, spec: MoESpec) -> tuple[ExpertPolicy, str]:
-    """The policy applied to an expert with `tokens` routed tokens, and why (for the audit)."""
+def resolve_policy(tokens: int, spec: MoESpec, width: int) -> tuple[ExpertPolicy, str]:
+    """The policy applied to an expert with `tokens` routed tokens, and why (for the audit).
+    `width`: the widest input K of the expert's projections (for `spec.require_full_rank`)."""
     if spec.policy is ExpertPolicy.RTN:
         return ExpertPolicy.RTN, "policy rtn"
-    if tokens >= spec.min_tokens:
-        return spec.policy, f"policy {spec.policy.value}"
-    return spec.fallback, f"fallback: {tokens} routed tokens < min_tokens {spec.min_tokens}"
+    if tokens < spec.min_tokens:
+        return spec.fallback, f"fallback: {tokens} routed tokens < min_tokens {spec.min_tokens}"
+    if spec.require_full_rank and tokens < width:
+        return spec.fallback, f"fallback: {tokens} routed tokens < input width {width} (require_full_rank)"
+    return spec.policy, f"policy {spec.policy.value}"
 
 
 def sample_tokens(total: int, limit: int, device: torch.device | str = "cpu") -> torch.Tensor:

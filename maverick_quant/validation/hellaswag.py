@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from maverick_quant.errors import InputError
+from maverick_quant.recipe import CHOICES_PASS_MIB
 from maverick_quant.streaming import SequenceLayout, StreamingModel, WeightSource
 
 HELLASWAG_LINES = 6  # per task: context, label, four endings
@@ -166,17 +167,45 @@ def streamed_choice_scores(model_for, packed: PackedTasks) -> torch.Tensor:
 
 
 @torch.no_grad()
-def streamed_block_scores(model_for, blocks: list[PackedTasks], progress: bool = False) -> list[torch.Tensor]:
-    """`streamed_choice_scores` of several blocks, layer by layer over all of them: each layer
-    (and each chunk of an MoE layer's experts) is read once per evaluation, not once per block,
-    which is what a model far larger than memory pays for. Holds every block's hidden states.
-    With `progress`, a bar counts the layers."""
+def streamed_block_scores(model_for, blocks: list[PackedTasks], progress: bool = False,
+                          pass_mib: float | None = None) -> list[torch.Tensor]:
+    """`streamed_choice_scores` of several blocks, layer by layer over as many of them at once
+    as `pass_mib` of hidden states allows (all when None): each layer (and each chunk of an MoE
+    layer's experts) is read once per pass, not once per block, which is what a model far
+    larger than memory pays for. Host memory: one pass's hidden states [T_b, L_b, D] (fp32).
+    With `progress`, a bar counts the layers of each pass."""
+    model = model_for(blocks[0].layout)
+    first = model.embed(blocks[0].ids[:1, :1])
+    token_bytes = first.element_size() * first.shape[-1]
+    passes = group_blocks([packed.ids.numel() * token_bytes for packed in blocks], pass_mib)
+    scores = []
+    for number, group in enumerate(passes, 1):
+        scores += _pass_scores(model, [blocks[i] for i in group], progress, f"pass {number}/{len(passes)}")
+    return scores
+
+
+def group_blocks(sizes: list[int], pass_mib: float | None) -> list[list[int]]:
+    """Consecutive blocks grouped into passes of at most `pass_mib` MiB each (`sizes` in
+    bytes; a block larger than the budget gets a pass of its own); one pass when None."""
+    if pass_mib is None:
+        return [list(range(len(sizes)))]
+    budget, passes, used = pass_mib * 2**20, [[]], 0
+    for index, size in enumerate(sizes):
+        if passes[-1] and used + size > budget:
+            passes.append([])
+            used = 0
+        passes[-1].append(index)
+        used += size
+    return passes
+
+
+def _pass_scores(model, blocks: list[PackedTasks], progress: bool, label: str) -> list[torch.Tensor]:
+    """Scores of `blocks` streamed together through every layer of `model` (one pass)."""
     from maverick_quant.validation.evaluate import forward_layer_blocks
 
-    model = model_for(blocks[0].layout)
     caches = [(packed.layout, model.embed(packed.ids)) for packed in blocks]
     tasks = sum(len(packed.choices_per_task) for packed in blocks)
-    for index in tqdm(range(model.num_layers), desc=f"{tasks} tasks through the layers", unit="layer",
+    for index in tqdm(range(model.num_layers), desc=f"{tasks} tasks through the layers ({label})", unit="layer",
                       disable=not progress, leave=False):
         forward_layer_blocks(model, index, caches)
     return [_packed_scores(model, packed, hidden) for packed, (_, hidden) in zip(blocks, caches)]
@@ -228,17 +257,18 @@ def accuracy_drift(correct_ref: torch.Tensor, correct_cand: torch.Tensor) -> dic
 
 
 def choose_answers(source, encoded: list[EncodedTask], pad: int, block: int = 64, kernels: str | None = None,
-                   bar=None, device: torch.device | str = "cpu") -> torch.Tensor:
+                   bar=None, device: torch.device | str = "cpu", pass_mib: float | None = CHOICES_PASS_MIB) -> torch.Tensor:
     """The choice `source` picks for each task [tasks]. Tasks are sorted by packed length and
-    packed `block` at a time (little padding); all blocks then go through the layers together,
-    on `device`, so the weights are read once (memory: every block's hidden states). A source
+    packed `block` at a time (little padding); the blocks then go through the layers together,
+    on `device`, as many per pass as `pass_mib` of hidden states allows, so the weights are
+    read once per pass (`streamed_block_scores`). A source
     with `branch_logits` (a GGUF) is run task by task; with `kernels` (a backend name) a bundle
     runs its 4-bit weights there."""
     order = sorted(range(len(encoded)), key=lambda i: encoded[i].packed_length)
     chosen = torch.empty(len(encoded), dtype=torch.long)
     members = [order[start : start + block] for start in range(0, len(order), block)]
     blocks = [pack_tasks([encoded[i] for i in part], pad) for part in members]
-    scored = _block_scores(source, encoded, members, blocks, kernels, device, bar is not None)
+    scored = _block_scores(source, encoded, members, blocks, kernels, device, bar is not None, pass_mib)
     for part, packed, scores in zip(members, blocks, scored):
         chosen[part] = predictions(scores, packed.choices_per_task)
         if bar is not None:
@@ -247,9 +277,10 @@ def choose_answers(source, encoded: list[EncodedTask], pad: int, block: int = 64
 
 
 def _block_scores(source, encoded: list[EncodedTask], members: list[list[int]], blocks: list[PackedTasks],
-                  kernels: str | None, device: torch.device | str, progress: bool):
+                  kernels: str | None, device: torch.device | str, progress: bool, pass_mib: float | None):
     """Scores [choices] of each block: task by task for an engine with `branch_logits` (yielded
-    as they come), else all blocks streamed together through the layers (a bar per layer)."""
+    as they come), else the blocks streamed together through the layers, `pass_mib` of hidden
+    states per pass (a bar per layer)."""
     if hasattr(source, "branch_logits"):
         return (branch_choice_scores(source, [encoded[i] for i in part]) for part in members)
     if kernels is not None:
@@ -258,16 +289,19 @@ def _block_scores(source, encoded: list[EncodedTask], members: list[list[int]], 
         model_for = lambda layout: KernelModel(source, kernels, layout=layout, device=device)  # noqa: E731
     else:
         model_for = lambda layout: StreamingModel(source, layout=layout, device=device)  # noqa: E731
-    return streamed_block_scores(model_for, blocks, progress)
+    return streamed_block_scores(model_for, blocks, progress, pass_mib)
 
 
 def evaluate_choices(reference: WeightSource, candidate, tasks: list[Task], tokenizer, block: int = 64,
-                     kernels: str | None = None, show_progress: bool = True, device: torch.device | str = "cpu") -> dict:
+                     kernels: str | None = None, show_progress: bool = True, device: torch.device | str = "cpu",
+                     pass_mib: float | None = CHOICES_PASS_MIB) -> dict:
     """Accuracy of both models on `tasks` and the drift (see `choose_answers`; `kernels`
-    applies to the candidate only), layers computed on `device`."""
+    applies to the candidate only), layers computed on `device`, `pass_mib` of hidden states
+    per pass over the weights."""
     encoded = [encode_task(task, tokenizer) for task in tasks]
     labels, pad = torch.tensor([task.label for task in tasks]), tokenizer.eos_token_id or 0
     with tqdm(total=2 * len(tasks), desc="multiple choice (both models)", unit="task", disable=not show_progress) as bar:
-        reference_right = choose_answers(reference, encoded, pad, block, bar=bar, device=device) == labels
-        candidate_right = choose_answers(candidate, encoded, pad, block, kernels, bar=bar, device=device) == labels
+        reference_right = choose_answers(reference, encoded, pad, block, bar=bar, device=device, pass_mib=pass_mib) == labels
+        candidate_right = choose_answers(candidate, encoded, pad, block, kernels, bar=bar, device=device,
+                                         pass_mib=pass_mib) == labels
     return accuracy_drift(reference_right, candidate_right)
