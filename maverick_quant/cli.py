@@ -198,12 +198,15 @@ def quantize(model_dir, data, calib, out, method, gguf_grid, bits, group_size, s
 @moe_options
 @click.option("--batch", default=8, show_default=True, help="Windows per forward batch.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the plan as JSON here.")
+@click.option("--coverage", type=click.Path(path_type=Path),
+              help="coverage.json from `calibrate --coverage`: plan the busiest experts' inputs from the measured "
+                   "tokens per expert instead of even routing.")
 @click.option("--device", help="Plan a run on this device (auto, cpu, cuda): GPU memory is planned on any machine, "
                                "time only where the device is. Default: a recipe's quantize.device, else auto.")
 def plan(target, method, gguf_grid, bits, group_size, sym, act_order, damp, keep_float, bits_overrides, samples,
          seq_len, seed,
          chat_template, moe_policy, moe_mix, moe_min_tokens, moe_require_full_rank, moe_fallback, moe_quantize_router, moe_chunk_mib, batch,
-         json_out, device) -> None:
+         json_out, coverage, device) -> None:
     """Predict a quantize run before it starts: tensors quantized and passed through, output
     size per format, peak host and GPU memory, disk and time. TARGET: a model directory (only
     config.json and the safetensors headers are read), a recipe .yaml (its options win), or
@@ -213,7 +216,7 @@ def plan(target, method, gguf_grid, bits, group_size, sym, act_order, damp, keep
     moe = _moe_spec(moe_policy, moe_mix, moe_min_tokens, moe_require_full_rank, moe_fallback, moe_quantize_router, moe_chunk_mib)
     spec = _quantize_spec(method, bits, group_size, sym, act_order, damp, batch, moe=moe, gguf_grid=gguf_grid,
                           keep_float=keep_float, bits_overrides=bits_overrides)
-    run_plan(target, spec, _calib_spec(samples, seq_len, seed, chat_template), json_out, device)
+    run_plan(target, spec, _calib_spec(samples, seq_len, seed, chat_template), json_out, device, coverage)
 
 
 @cli.command("inspect")

@@ -243,10 +243,15 @@ def _choice_benchmarks(ref_source, cand_source, tokenizer, hellaswag, hellaswag_
 
 
 def _read_baseline(path: Path) -> dict:
+    return _read_json(path, "baseline report")
+
+
+def _read_json(path: Path, what: str = "coverage.json") -> dict:
+    """The JSON in `path`, or InputError naming the file and what it should have been."""
     try:
         return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: cannot read baseline report ({exc})") from None
+        raise InputError(f"{path}: cannot read {what} ({exc})") from None
 
 
 def _echo_summary(report: dict, outcomes) -> None:
@@ -362,13 +367,15 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
     return passed
 
 
-def run_plan(target: str, spec, calib_spec, json_out: Path | None = None, device: str | None = None):
+def run_plan(target: str, spec, calib_spec, json_out: Path | None = None, device: str | None = None,
+             coverage: Path | None = None):
     """`maverick-quant plan`: print (and optionally write as JSON) the plan of a run on `device`
-    (default: a recipe's quantize.device, else auto); returns it."""
+    (default: a recipe's quantize.device, else auto), with the routing measured in `coverage`
+    (a coverage.json; None: even routing); returns it."""
     from maverick_quant.arch.llama4 import maverick_config
     from maverick_quant.arch.registry import table_for
     from maverick_quant.checkpoint import Checkpoint, write_json_atomic
-    from maverick_quant.plan import baseline_rss_bytes, make_plan, render, tensor_bytes
+    from maverick_quant.plan import baseline_rss_bytes, expert_shares, make_plan, render, tensor_bytes
 
     model_dir = None
     if target == "maverick":
@@ -385,7 +392,9 @@ def run_plan(target: str, spec, calib_spec, json_out: Path | None = None, device
     table = table_for(config, str(target))
     sizes, origin = tensor_bytes(model_dir, table, config)
     kind, rates = _plan_device(device or "auto")
-    result = make_plan(str(target), table, config, sizes, calib_spec, spec, rates, baseline_rss_bytes(table, config), kind)
+    shares = expert_shares(_read_json(Path(coverage)), Path(coverage)) if coverage else None
+    result = make_plan(str(target), table, config, sizes, calib_spec, spec, rates, baseline_rss_bytes(table, config), kind,
+                       shares)
     result.assumptions.append(f"tensor sizes from {origin}")
     click.echo(render(result))
     if json_out is not None:

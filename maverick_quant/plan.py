@@ -6,9 +6,13 @@ Memory model of a calibrated run (GPTQ/AWQ, bytes; S windows x L tokens, hidden 
     baseline     this process's resident size after importing the model code (measured)
     cache        S * L * D * 4: the hidden states of every window (host memory)
     block_caches 2 * S * L * D * 4 in an MoE layer: the block input x and its output
-    routing      S * L * E * 4 in an MoE layer: the router logits of every token (the routed
-                 inputs of the chunk's experts come on top: about S L k / E tokens per expert,
-                 more for a hot one, times (D + I) * 4 bytes)
+    routing      S * L * E * 4 in an MoE layer: the router logits of every token
+    expert_inputs  (n_chunk + E_c T_s) * D * 4 + 3 * n_hot * I * 4 in an MoE layer: the routed
+                 inputs x*score of the busiest chunk of experts (n_chunk tokens in all) and the
+                 all-token sample (T_s = min(S L, moe.all_tokens) per expert, for `mixed`),
+                 then gate, up and their product for the busiest expert (n_hot tokens) while its
+                 down Hessian is built. Routing is taken as even (S L k / E tokens per expert)
+                 unless `plan --coverage` gives the measured tokens per expert
     layer        the layer's dense tensors in fp32, twice (weights and their quantized copy)
     hessians     3 * K^2 * 4 for the widest dense group (H, its Cholesky factor, workspace)
     experts      experts_per_chunk * 12 * (3 D I + D^2 + I^2) (experts.experts_per_chunk)
@@ -51,7 +55,7 @@ FORMAT_BYTES_PER_WEIGHT = {  # (code bytes per weight, bytes per group) beside t
     "awq": lambda bits, group, sym: (bits / 8, 2 + bits / 8),
     "compressed-tensors": lambda bits, group, sym: (bits / 8, 2 + (0 if sym else bits / 8)),
 }
-DEVICE_TERMS = frozenset({"layer", "hessians", "activations", "experts", "block_caches", "routing"})
+DEVICE_TERMS = frozenset({"layer", "hessians", "activations", "experts", "block_caches", "routing", "expert_inputs"})
 GGUF_BYTES_PER_WEIGHT = {  # by the bundle's bits: the GGUF types it exports to (bytes per weight)
     bits: {f"gguf {t.name}": t.bytes_per_block / t.block for t in BLOCK_TYPES.values() if t.bits == bits} for bits in (4, 8)}
 
@@ -169,10 +173,11 @@ def _numel(shape) -> int:
 
 
 def layer_cost(table, config, index: int, calib: CalibSpec, spec: QuantizeSpec,
-               device: str = "cpu") -> tuple[LayerCost, list[str], int]:
+               device: str = "cpu", shares: list[float] | None = None) -> tuple[LayerCost, list[str], int]:
     """Memory terms and flops of layer `index` on `device` ("cpu" or "cuda"); also the names
     (relative to the layer) of its quantized tensors (not those keep_float leaves in float) and
-    the number of 2-D matrices they hold (a fused expert tensor holds E)."""
+    the number of 2-D matrices they hold (a fused expert tensor holds E). `shares`: an MoE
+    layer's measured share of routed tokens per expert [E] (None: even routing)."""
     from maverick_quant.experts import experts_per_chunk
 
     plan = table.plan(config, index)
@@ -206,9 +211,39 @@ def layer_cost(table, config, index: int, calib: CalibSpec, spec: QuantizeSpec,
         per_chunk = experts_per_chunk(moe, hidden, inter, spec.moe.chunk_mib)
         per_expert = 12 * (3 * hidden * inter + hidden**2 + inter**2) if calibrated else 2 * 4 * expert_params
         memory["experts"] = per_chunk * per_expert
+        if calibrated:
+            memory["expert_inputs"] = expert_input_bytes(routed, hidden, inter, per_chunk,
+                                                         min(tokens, spec.moe.all_tokens), shares or [1 / moe.num_experts] * moe.num_experts)
         if device != "cpu":
             memory["expert_reads"] = per_chunk * expert_params * 2
     return LayerCost(index, memory, float(matmul if calibrated else 0), solves if calibrated else []), names, count
+
+
+def expert_input_bytes(routed: int, hidden: int, inter: int, per_chunk: int, sampled: int, shares: list[float]) -> int:
+    """The `expert_inputs` term: routed inputs [n, D] of the busiest chunk of `per_chunk`
+    consecutive experts plus their all-token samples [T_s, D], and the three [n_hot, I]
+    intermediates of the busiest expert; `routed` = S L k tokens split by `shares` [E]."""
+    counts = [routed * share for share in shares]
+    busiest = max(sum(counts[first : first + per_chunk]) for first in range(0, len(counts), per_chunk))
+    return int((busiest + per_chunk * sampled) * hidden * 4 + 3 * max(counts) * inter * 4)
+
+
+def expert_shares(coverage: dict, path: Path) -> dict[int, list[float]]:
+    """{MoE layer index: share of routed tokens per expert} from a `calibrate --coverage`
+    coverage.json at `path` (InputError naming the file when it is not one)."""
+    from maverick_quant.errors import InputError
+
+    layers = coverage.get("layers") if isinstance(coverage, dict) else None
+    if not isinstance(layers, dict) or not layers:
+        raise InputError(f"{path}: expected a coverage.json from `calibrate --coverage` (a 'layers' mapping of "
+                         "tokens per expert)")
+    shares = {}
+    for layer, counts in layers.items():
+        if not (layer.isdigit() and isinstance(counts, list) and counts and all(isinstance(c, int) for c in counts)):
+            raise InputError(f"{path}: layers[{layer!r}]: expected a layer index and a list of token counts")
+        total = sum(counts)
+        shares[int(layer)] = [c / total if total else 1 / len(counts) for c in counts]
+    return shares
 
 
 def _timed(fn, device: torch.device) -> float:
@@ -302,14 +337,17 @@ def tensor_bytes(model_dir: Path | None, table, config) -> tuple[dict[str, int],
 
 
 def make_plan(name: str, table, config, sizes: dict[str, int], calib: CalibSpec, spec: QuantizeSpec,
-              rates: dict | None, baseline: int, device: str = "cpu") -> Plan:
+              rates: dict | None, baseline: int, device: str = "cpu",
+              shares: dict[int, list[float]] | None = None) -> Plan:
     """The plan of quantizing `config`'s model on `device` ("cpu" or "cuda"), timed with `rates`
-    measured on that device (None: no time estimate)."""
+    measured on that device (None: no time estimate); `shares`: measured routing per MoE layer
+    (`expert_shares`; None: even)."""
+    _check_shares(table, config, shares or {})
     text = table.text_config(config)
     expected = table.expected_tensors(config)
     layers, params_by_grid, quantized_bytes, count, tensors = [], {}, 0, 0, 0
     for index in range(text.num_hidden_layers):
-        cost, names, matrices = layer_cost(table, text, index, calib, spec, device)
+        cost, names, matrices = layer_cost(table, text, index, calib, spec, device, (shares or {}).get(index))
         layers.append(cost)
         full = [table.prefix(index) + name for name in names]
         for tensor in full:
@@ -327,10 +365,25 @@ def make_plan(name: str, table, config, sizes: dict[str, int], calib: CalibSpec,
                    f"expert chunks of {spec.moe.chunk_mib} MiB", _rates_assumption(rates, device),
                    "quantize runs on the CPU: no GPU memory is used" if device == "cpu" else
                    "quantize runs on one GPU: layers, statistics, MoE block caches and expert chunks there, the hidden "
-                   "states of the calibration windows in host memory; the CUDA context (~0.5 GiB) is not counted"]
+                   "states of the calibration windows in host memory; the CUDA context (~0.5 GiB) is not counted",
+                   "routed tokens per expert as measured (--coverage)" if shares else
+                   "routing taken as even: a hot expert's inputs grow with its share (give `calibrate --coverage`'s "
+                   "coverage.json to --coverage)"]
     resume = calib.samples * calib.seq_len * text.hidden_size * 4 if spec.method is not Method.RTN else 0
     return Plan(name, params, count, passthrough, len(sizes) - tensors, baseline, layers, final, outputs,
                 None if rates is None else planned_seconds(layers, rates), resume, assumptions, device)
+
+
+def _check_shares(table, config, shares: dict[int, list[float]]) -> None:
+    """InputError unless every layer in `shares` is an MoE layer of `config` with as many experts."""
+    from maverick_quant.errors import InputError
+
+    text = table.text_config(config)
+    for index, layer_shares in shares.items():
+        moe = table.plan(text, index).moe if index < text.num_hidden_layers else None
+        if moe is None or moe.num_experts != len(layer_shares):
+            raise InputError(f"--coverage: layer {index} with {len(layer_shares)} experts is not an MoE layer of this "
+                             "model with as many (was the coverage measured on another model?)")
 
 
 def planned_seconds(layers: list[LayerCost], rates: dict) -> float:

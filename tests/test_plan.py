@@ -50,3 +50,27 @@ def test_plan_memory_is_within_25_percent_of_the_measured_peak(tiny_llama4_dir: 
     measured = json.loads((tmp_path / "bundle" / "manifest.json").read_text())["summary"]["peak_rss_mib"]
     print(f"\nplan {predicted:.0f} MiB, measured {measured:.0f} MiB ({predicted / measured - 1:+.1%})")
     assert abs(predicted / measured - 1) <= 0.25
+
+
+def test_plan_takes_the_busiest_experts_inputs_from_measured_coverage(tiny_llama4_dir: Path, tmp_path: Path) -> None:
+    """`plan --coverage`: the routed inputs of the busiest chunk and the busiest expert's
+    intermediates grow when one expert takes every token (8 x 64 tokens, hidden 64,
+    expert intermediate 32), over even routing; a coverage file of another model is refused."""
+    from maverick_quant.jobs import run_plan
+    from maverick_quant.recipe import CalibSpec, QuantizeSpec, MoESpec
+
+    spec, calib = QuantizeSpec(moe=MoESpec(chunk_mib=2)), CalibSpec(samples=8, seq_len=64)
+    hot = tmp_path / "coverage.json"
+    hot.write_text(json.dumps({"layers": {"1": [512] + [0] * 7, "3": [512] + [0] * 7}, "tokens": 512}))
+    even = run_plan(str(tiny_llama4_dir), spec, calib, device="cpu").layers[1].memory["expert_inputs"]
+    busy = run_plan(str(tiny_llama4_dir), spec, calib, device="cpu", coverage=hot).layers[1].memory["expert_inputs"]
+    # one chunk holds all 8 experts (2 MiB), so only the busiest expert's [n, 32] intermediates differ: 512 vs 64 rows
+    assert busy - even == 3 * (512 - 512 // 8) * 32 * 4
+    assert busy >= 512 * (64 + 3 * 32) * 4  # all 512 routed rows [., 64] and the three [512, 32] intermediates
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"layers": {"1": [10] * 4}}))
+    result = CliRunner().invoke(cli, ["plan", str(tiny_llama4_dir), "--coverage", str(other)])
+    assert result.exit_code == 2 and "layer 1 with 4 experts is not an MoE layer of this model" in result.output
+    (tmp_path / "bad.json").write_text("{not json")
+    result = CliRunner().invoke(cli, ["plan", str(tiny_llama4_dir), "--coverage", str(tmp_path / "bad.json")])
+    assert result.exit_code == 2 and "bad.json: cannot read coverage.json" in result.output
