@@ -55,15 +55,16 @@ def test_group_that_does_not_tile_k_is_refused() -> None:
         to_compressed_tensors(weight, True, torch.float32)
 
 
-@pytest.mark.parametrize("sym", [True, False])
-def test_transformers_loads_a_dense_export(tiny_llama_dir: Path, small_text_file: Path, tmp_path: Path, sym: bool) -> None:
+@pytest.mark.parametrize("grid", [["--sym"], ["--asym"], ["--gguf-grid", "Q4_0"]])
+def test_transformers_loads_a_dense_export(tiny_llama_dir: Path, small_text_file: Path, tmp_path: Path, grid: list) -> None:
     """transformers + compressed-tensors decompress our pack-quantized export on the CPU and
-    compute the same logits as the dequantized bundle (fp rounding aside)."""
+    compute the same logits as the dequantized bundle (fp rounding aside); Q4_0's grid has
+    negative scales (llama.cpp's rule), stored as they are."""
     from transformers import CompressedTensorsConfig
 
-    grid = "--sym" if sym else "--asym"
+    sym = grid != ["--asym"]
     _run("quantize", tiny_llama_dir, "--data", small_text_file, "--out", tmp_path / "bundle", "--samples", 4,
-         "--seq-len", 32, "--group-size", 32, grid, "--no-progress")
+         "--seq-len", 32, "--group-size", 32, *grid, "--no-progress")
     _run("export", tmp_path / "bundle", "--format", "compressed-tensors", "--out", tmp_path / "ct")
     config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     weights = config["config_groups"]["group_0"]["weights"]

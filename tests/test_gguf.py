@@ -211,3 +211,28 @@ def test_q4_1_grid_exports_losslessly_end_to_end(tiny_llama_dir: Path, tmp_path:
     down = Bundle(tmp_path / "bundle").layer_tensors(2)["mlp.down_proj.weight"]
     assert tensors["blk.2.ffn_down.weight"].tensor_type.name == "Q4_1"
     assert np.array_equal(_dequantize(tensors["blk.2.ffn_down.weight"]).reshape(down.shape), down.numpy())
+
+
+def test_round_to_nearest_on_the_q4_0_grid_is_llama_cpps_own_q4_0() -> None:
+    """`--gguf-grid Q4_0` uses llama.cpp's scale rule (d = the block's value of largest
+    magnitude / -8, so d < 0 when it is positive): round to nearest on our grid gives
+    llama.cpp's own Q4_0 values (gguf-py's quantizer, the reference llama-quantize follows),
+    up to the rare code llama.cpp picks with the unrounded d; the extreme of every block is
+    exact up to d's fp16 rounding; and the weight error is 20-25% below the min/max grid's."""
+    import gguf
+
+    weights = torch.randn(64, 512, generator=torch.Generator().manual_seed(0)) * 0.02
+    weights[::7, ::29] *= 8  # outliers, as in real checkpoints
+    ours = rtn_quantize(weights, QuantSpec(**GGUF_GRIDS["Q4_0"]))
+    assert (ours.scales < 0).any() and (ours.scales > 0).any()
+    values = ours.dequantize()
+    q4_0 = gguf.GGMLQuantizationType.Q4_0
+    theirs = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(weights.numpy(), q4_0), q4_0))
+    assert (values == theirs).double().mean() > 0.999
+    assert (values - weights).square().sum() <= (theirs - weights).square().sum()  # rounding with the stored d
+    blocks, block_values = weights.reshape(-1, 32), values.reshape(-1, 32)
+    extreme = blocks.abs().argmax(-1, keepdim=True)
+    torch.testing.assert_close(block_values.gather(-1, extreme), blocks.gather(-1, extreme), rtol=2**-11, atol=0)
+    minmax = rtn_quantize(weights, QuantSpec(bits=4, group_size=32, sym=True)).dequantize()
+    ratio = float((values - weights).square().sum() / (minmax - weights).square().sum())
+    assert ratio < 0.85, ratio

@@ -87,7 +87,7 @@ IDS = torch.randint(3, 49152, (2, 24), generator=torch.Generator().manual_seed(5
     ("gptq", ["--bits", 4, "--group-size", 32, "--sym"], "transformers"),
     ("gptq", ["--bits", 4, "--group-size", 32, "--asym"], "transformers"),
     ("gptq", ["--bits", 8, "--group-size", 32, "--sym"], "transformers"),
-    ("gptq", ["--bits", 4, "--group-size", 32, "--sym"], "gptqmodel"),
+    ("gptq", ["--gguf-grid", "Q4_0"], "gptqmodel"),  # 4-bit sym g32 with llama.cpp's scale rule: negative scales
     # 8-bit q/k/v in a 4-bit checkpoint: GPTQModel must follow our positive `dynamic` rules
     ("gptq", ["--bits", 4, "--group-size", 32, "--sym", "--bits-override", r"self_attn\.(q|k|v)_proj=8"], "gptqmodel"),
     ("awq", ["--bits", 4, "--group-size", 32, "--asym", "--method", "awq"], "transformers"),

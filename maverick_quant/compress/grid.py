@@ -23,24 +23,31 @@ FP16_MAX = 65504.0  # largest finite fp16
 
 
 def fp16_exact(scale: torch.Tensor) -> torch.Tensor:
-    """`scale` (fp32, any shape) rounded to the nearest fp16 value in [FP16_TINY, FP16_MAX]."""
-    return scale.clamp(FP16_TINY, FP16_MAX).half().float()
+    """`scale` (fp32, any shape) rounded to the nearest fp16 value with magnitude in
+    [FP16_TINY, FP16_MAX], keeping its sign (a signed-max grid's scales may be negative)."""
+    sign = torch.where(scale < 0, -1.0, 1.0)
+    return (sign * scale.abs().clamp(FP16_TINY, FP16_MAX)).half().float()
 
 
 def round_significand(scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """Positive `scale` rounded up to `bits` significant bits (11 or more: unchanged for fp16
-    values). Rounding up keeps the group's range inside the grid."""
+    """`scale` rounded away from zero to `bits` significant bits (11 or more: unchanged for
+    fp16 values). Rounding the magnitude up keeps the group's range inside the grid."""
     if bits >= 11:
         return scale
-    mantissa, exponent = torch.frexp(scale)  # scale = mantissa * 2^exponent, mantissa in [0.5, 1)
-    return torch.ldexp(torch.ceil(mantissa * 2.0**bits) / 2.0**bits, exponent)
+    mantissa, exponent = torch.frexp(scale.abs())  # |scale| = mantissa * 2^exponent, mantissa in [0.5, 1)
+    return torch.sign(scale) * torch.ldexp(torch.ceil(mantissa * 2.0**bits) / 2.0**bits, exponent)
 
 
-def quant_params(w: torch.Tensor, bits: int, sym: bool, scale_bits: int = 11) -> tuple[torch.Tensor, torch.Tensor]:
+def quant_params(w: torch.Tensor, bits: int, sym: bool, scale_bits: int = 11,
+                 signed_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Min/max grid of each row of `w` [..., N, C] -> (scale fp32 [..., N], zero fp32 [..., N]).
 
     As in GPTQ the range always contains 0: xmin = min(min_c w, 0), xmax = max(max_c w, 0).
       symmetric:  amax = max(|xmin|, xmax), scale = 2 * amax / maxq, zero = 2^(bits-1)
+      signed max: (symmetric, `signed_scale`, llama.cpp's Q4_0 rule) m = the row's value of
+                  largest magnitude, scale = m / -2^(bits-1) (negative when m > 0), zero =
+                  2^(bits-1): m is exactly code 0, and the step is amax / 2^(bits-1) instead
+                  of amax / (2^(bits-1) - 1/2); values of the other sign reach code maxq
       asymmetric: scale = (xmax - xmin) / maxq, zero = clamp(round(-xmin / scale), 0, maxq)
     All-zero rows get the range [-1, 1] (as GPTQ does) instead of dividing by zero.
     `zero` is integer-valued; `scale` is fp16-exact (see `fp16_exact`) with at most
@@ -48,6 +55,8 @@ def quant_params(w: torch.Tensor, bits: int, sym: bool, scale_bits: int = 11) ->
     """
     maxq = (1 << bits) - 1
     w = w.float()
+    if sym and signed_scale:
+        return _signed_max_params(w, bits, scale_bits)
     xmin = w.amin(dim=-1).clamp(max=0.0)
     xmax = w.amax(dim=-1).clamp(min=0.0)
     if sym:
@@ -61,6 +70,15 @@ def quant_params(w: torch.Tensor, bits: int, sym: bool, scale_bits: int = 11) ->
     scale = fp16_exact(round_significand(fp16_exact((xmax - xmin) / maxq), scale_bits))
     zero = torch.round(-xmin / scale).clamp(0, maxq)
     return scale, zero
+
+
+def _signed_max_params(w: torch.Tensor, bits: int, scale_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The signed-max symmetric grid of `quant_params` for rows of `w` [..., N, C]."""
+    half = float(1 << (bits - 1))
+    m = w.gather(-1, w.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
+    m = torch.where(m == 0, -torch.full_like(m, half), m)  # all-zero rows: step 1, as GPTQ's [-1, 1]
+    scale = fp16_exact(round_significand(fp16_exact(m / -half), scale_bits))
+    return scale, torch.full_like(scale, half)
 
 
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
@@ -106,7 +124,7 @@ def group_params(W: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.
     k = W.shape[-1]
     width, groups = spec.group_width(k), spec.groups_for(k)
     padded = F.pad(W.float(), (0, groups * width - k))
-    return quant_params(padded.unflatten(-1, (groups, width)), spec.bits, spec.sym, spec.scale_bits)
+    return quant_params(padded.unflatten(-1, (groups, width)), spec.bits, spec.sym, spec.scale_bits, spec.signed_scale)
 
 
 def pack_quantized(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
