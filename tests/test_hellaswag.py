@@ -155,6 +155,24 @@ def test_validate_gates_on_hellaswag_delta(tiny_llama_dir: Path, hellaswag_file:
     assert report["multiple_choice"]["tasks"] == 3
 
 
+def test_validate_passes_its_choices_memory_budget_down(tiny_llama_dir: Path, hellaswag_file: Path,
+                                                       small_text_file: Path, tmp_path: Path, monkeypatch) -> None:
+    """`--choices-pass-mib` reaches the grouping of blocks into passes (for both models); 0 is refused."""
+    from maverick_quant.validation import hellaswag
+
+    budgets = []
+    grouping = hellaswag.group_blocks
+    monkeypatch.setattr(hellaswag, "group_blocks", lambda sizes, pass_mib: budgets.append(pass_mib) or grouping(sizes, pass_mib))
+    common = ["validate", "--reference", str(tiny_llama_dir), "--candidate", str(tiny_llama_dir), "--data",
+              str(small_text_file), "--ctx", "32", "--max-windows", "1", "--hellaswag", str(hellaswag_file),
+              "--hellaswag-tasks", "2", "--no-progress"]
+    result = CliRunner().invoke(cli, [*common, "--choices-pass-mib", "3", "--report", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    assert budgets == [3, 3]
+    result = CliRunner().invoke(cli, [*common, "--choices-pass-mib", "0", "--report", str(tmp_path / "r0")])
+    assert result.exit_code == 2 and "--choices-pass-mib" in result.output
+
+
 TABLE = torch.randn(50, 50, generator=torch.Generator().manual_seed(7))
 
 
