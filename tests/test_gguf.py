@@ -236,3 +236,25 @@ def test_round_to_nearest_on_the_q4_0_grid_is_llama_cpps_own_q4_0() -> None:
     minmax = rtn_quantize(weights, QuantSpec(bits=4, group_size=32, sym=True)).dequantize()
     ratio = float((values - weights).square().sum() / (minmax - weights).square().sum())
     assert ratio < 0.85, ratio
+
+
+def test_signed_scale_is_an_option_of_any_symmetric_grid(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """`quantize --signed-scale`: llama.cpp's Q4_0 rule on another symmetric grid (group 64),
+    recorded in the bundle and stored by the GPTQ export; refused on an asymmetric grid."""
+    from maverick_quant.bundle import Bundle
+    from maverick_quant.exporters.registry import open_export
+
+    code, out = _run("quantize", tiny_llama_dir, "--method", "rtn", "--group-size", 64, "--signed-scale",
+                     "--out", tmp_path / "bundle", "--no-progress")
+    assert code == 0, out
+    bundle = Bundle(tmp_path / "bundle")
+    assert bundle.manifest["recipe"]["weights"]["signed_scale"] is True
+    scales = bundle.quantized_layer(1)[0]["self_attn.q_proj"].scales
+    assert (scales < 0).any() and (scales > 0).any()
+    code, out = _run("export", tmp_path / "bundle", "--format", "gptq", "--out", tmp_path / "gptq")
+    assert code == 0, out
+    ours, theirs = bundle.layer_tensors(1), open_export(tmp_path / "gptq").layer_tensors(1)
+    assert all(torch.equal(ours[name], theirs[name]) for name in ours)
+    code, out = _run("quantize", tiny_llama_dir, "--method", "rtn", "--asym", "--signed-scale",
+                     "--out", tmp_path / "asym", "--no-progress")
+    assert code == 2 and "signed_scale" in out and "symmetric" in out
