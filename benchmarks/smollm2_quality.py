@@ -29,6 +29,8 @@ DATA = REPO.parent / "shared" / "data" / "wikitext-2"
 CONFIGS = {  # name: quantize CLI options
     "rtn-w4-g128-sym": ["--method", "rtn", "--bits", "4", "--group-size", "128", "--sym"],
     "gptq-w4-g128-sym": ["--method", "gptq", "--bits", "4", "--group-size", "128", "--sym"],
+    "rtn-w4-g128-sym-signed": ["--method", "rtn", "--bits", "4", "--group-size", "128", "--sym", "--signed-scale"],
+    "gptq-w4-g128-sym-signed": ["--method", "gptq", "--bits", "4", "--group-size", "128", "--sym", "--signed-scale"],
     "rtn-w4-g128-asym": ["--method", "rtn", "--bits", "4", "--group-size", "128", "--asym"],
     "gptq-w4-g128-asym": ["--method", "gptq", "--bits", "4", "--group-size", "128", "--asym"],
     "rtn-w4-g64-sym": ["--method", "rtn", "--bits", "4", "--group-size", "64", "--sym"],
