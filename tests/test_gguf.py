@@ -255,6 +255,8 @@ def test_signed_scale_is_an_option_of_any_symmetric_grid(tiny_llama_dir: Path, t
     assert code == 0, out
     ours, theirs = bundle.layer_tensors(1), open_export(tmp_path / "gptq").layer_tensors(1)
     assert all(torch.equal(ours[name], theirs[name]) for name in ours)
+    assert "scale rule: max-magnitude weight / -8" in (tmp_path / "gptq" / "README.md").read_text()
+    assert "sym signed-scale" in _run("inspect", tmp_path / "bundle")[1]
     code, out = _run("quantize", tiny_llama_dir, "--method", "rtn", "--asym", "--signed-scale",
                      "--out", tmp_path / "asym", "--no-progress")
     assert code == 2 and "signed_scale" in out and "symmetric" in out

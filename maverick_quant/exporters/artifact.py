@@ -49,6 +49,8 @@ def model_card(bundle: Bundle | None, fmt: str, detail: str, name: str = "", rep
     manifest, recipe = bundle.manifest, bundle.manifest["recipe"]
     weights, calibration = recipe["weights"], manifest.get("calibration") or {}
     grid = f"{weights['bits']}-bit, group {weights['group_size']}, {'symmetric' if weights['sym'] else 'asymmetric'}"
+    if weights.get("signed_scale"):
+        grid += f" (llama.cpp Q4_0's scale rule: max-magnitude weight / -{2 ** (weights['bits'] - 1)}, scales of either sign)"
     lines = [
         f"# {Path(manifest['source']['model_dir']).name} — {fmt} {detail}".rstrip(),
         "",
