@@ -246,7 +246,7 @@ def _read_baseline(path: Path) -> dict:
     return _read_json(path, "baseline report")
 
 
-def _read_json(path: Path, what: str = "coverage.json") -> dict:
+def _read_json(path: Path, what: str) -> dict:
     """The JSON in `path`, or InputError naming the file and what it should have been."""
     try:
         return json.loads(Path(path).read_text())
@@ -392,7 +392,7 @@ def run_plan(target: str, spec, calib_spec, json_out: Path | None = None, device
     table = table_for(config, str(target))
     sizes, origin = tensor_bytes(model_dir, table, config)
     kind, rates = _plan_device(device or "auto")
-    shares = expert_shares(_read_json(Path(coverage)), Path(coverage)) if coverage else None
+    shares = expert_shares(_read_json(Path(coverage), "coverage.json"), Path(coverage)) if coverage else None
     result = make_plan(str(target), table, config, sizes, calib_spec, spec, rates, baseline_rss_bytes(table, config), kind,
                        shares)
     result.assumptions.append(f"tensor sizes from {origin}")

@@ -47,6 +47,7 @@ import torch
 
 from maverick_quant.checkpoint import DTYPE_SIZES
 from maverick_quant.compress.gguf_blocks import BLOCK, BLOCK_TYPES, block_type_for_grid
+from maverick_quant.errors import InputError
 from maverick_quant.recipe import CalibSpec, Method, QuantizeSpec
 
 FORMAT_BYTES_PER_WEIGHT = {  # (code bytes per weight, bytes per group) beside the codes
@@ -231,8 +232,6 @@ def expert_input_bytes(routed: int, hidden: int, inter: int, per_chunk: int, sam
 def expert_shares(coverage: dict, path: Path) -> dict[int, list[float]]:
     """{MoE layer index: share of routed tokens per expert} from a `calibrate --coverage`
     coverage.json at `path` (InputError naming the file when it is not one)."""
-    from maverick_quant.errors import InputError
-
     layers = coverage.get("layers") if isinstance(coverage, dict) else None
     if not isinstance(layers, dict) or not layers:
         raise InputError(f"{path}: expected a coverage.json from `calibrate --coverage` (a 'layers' mapping of "
@@ -376,8 +375,6 @@ def make_plan(name: str, table, config, sizes: dict[str, int], calib: CalibSpec,
 
 def _check_shares(table, config, shares: dict[int, list[float]]) -> None:
     """InputError unless every layer in `shares` is an MoE layer of `config` with as many experts."""
-    from maverick_quant.errors import InputError
-
     text = table.text_config(config)
     for index, layer_shares in shares.items():
         moe = table.plan(text, index).moe if index < text.num_hidden_layers else None

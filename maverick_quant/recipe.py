@@ -26,11 +26,12 @@ class Method(str, enum.Enum):
 ALLOWED_GROUP_SIZES = (-1, 32, 64, 128, 256)
 
 
-# Weight grids that llama.cpp block types store exactly (see compress/gguf_blocks.py).
+# Multiple-choice hidden states (MiB, fp32) streamed through the layers per pass over the weights: Maverick
+# holds about 5 MiB per HellaSwag task (4 endings packed beside the context), so 1000 tasks take one pass.
+CHOICES_PASS_MIB = 8192
 # Kernel backends that run 4-bit weights (compress/kernels/backends.py); "auto" picks the best here.
-CHOICES_PASS_MIB = 8192  # multiple-choice hidden states (fp32) streamed through the layers per pass over the
-# weights: Maverick holds about 5 MiB per HellaSwag task (4 endings packed beside the context), 1000 tasks one pass
 KERNEL_BACKENDS = ("auto", "reference", "cpu-int4", "triton", "cuda")
+# Weight grids that llama.cpp block types store exactly (see compress/gguf_blocks.py).
 GGUF_GRIDS = {
     "Q4_0": {"bits": 4, "group_size": 32, "sym": True, "signed_scale": True},
     "Q4_1": {"bits": 4, "group_size": 32, "sym": False, "free_min": True},

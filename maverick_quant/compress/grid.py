@@ -76,7 +76,7 @@ def _signed_max_params(w: torch.Tensor, bits: int, scale_bits: int) -> tuple[tor
     """The signed-max symmetric grid of `quant_params` for rows of `w` [..., N, C]."""
     half = float(1 << (bits - 1))
     m = w.gather(-1, w.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
-    m = torch.where(m == 0, -torch.full_like(m, half), m)  # all-zero rows: step 1, as GPTQ's [-1, 1]
+    m = torch.where(m == 0, -torch.full_like(m, half), m)  # all-zero rows: scale 1 (any scale codes them as 0)
     scale = fp16_exact(round_significand(fp16_exact(m / -half), scale_bits))
     return scale, torch.full_like(scale, half)
 

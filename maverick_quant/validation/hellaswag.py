@@ -175,7 +175,7 @@ def streamed_block_scores(model_for, blocks: list[PackedTasks], progress: bool =
     larger than memory pays for. Host memory: one pass's hidden states [T_b, L_b, D] (fp32).
     With `progress`, a bar counts the layers of each pass."""
     model = model_for(blocks[0].layout)
-    first = model.embed(blocks[0].ids[:1, :1])
+    first = model.embed(blocks[0].ids[:1, :1])  # one token's hidden state [1, 1, D]: its bytes size the blocks
     token_bytes = first.element_size() * first.shape[-1]
     passes = group_blocks([packed.ids.numel() * token_bytes for packed in blocks], pass_mib)
     scores = []
