@@ -45,9 +45,12 @@ def round_like_q8_0(x: torch.Tensor) -> torch.Tensor:
 
 
 def agreement(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[float, float]:
-    """(top-1 agreement, mean KL(ours || theirs)) over positions of logits [L, V]."""
-    log_p, log_q = ours.double().log_softmax(-1), theirs.double().log_softmax(-1)
-    return float((ours.argmax(-1) == theirs.argmax(-1)).double().mean()), float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+    """(top-1 agreement, mean KL(ours || theirs)) over positions of logits [L, V], as `validate`
+    computes them (validation.metrics.token_metrics; its NLLs are not used here)."""
+    from maverick_quant.validation.metrics import token_metrics
+
+    _, _, kl, agree = token_metrics(ours, theirs, torch.zeros(ours.shape[0], dtype=torch.long))
+    return float(agree.double().mean()), float(kl.double().mean())
 
 
 @torch.no_grad()

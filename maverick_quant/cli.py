@@ -324,7 +324,7 @@ def imatrix(model_dir, data, calib, out, samples, seq_len, seed, chat_template, 
               help='Your multiple-choice JSONL: {"context": ..., "choices": [...], "label": i} per line.')
 @click.option("--choices-pass-mib", type=click.IntRange(min=1), default=CHOICES_PASS_MIB, show_default=True,
               help="Hidden states (MiB) of multiple-choice tasks streamed through the layers per pass over the "
-                   "weights: more means fewer passes (Maverick: ~5 MiB per HellaSwag task).")
+                   "weights: more means fewer passes (Maverick: ~3.3 MiB per HellaSwag task).")
 @click.option("--kernels", type=click.Choice(KERNEL_BACKENDS),
               help="Run a bundle candidate's 4-bit weights through this kernel backend instead of dequantizing them.")
 @click.option("--device", default="auto", show_default=True,

@@ -26,8 +26,8 @@ class Method(str, enum.Enum):
 ALLOWED_GROUP_SIZES = (-1, 32, 64, 128, 256)
 
 
-# Multiple-choice hidden states (MiB, fp32) streamed through the layers per pass over the weights: Maverick
-# holds about 5 MiB per HellaSwag task (4 endings packed beside the context), so 1000 tasks take one pass.
+# Multiple-choice hidden states (MiB, fp32) streamed through the layers per pass over the weights: at Maverick's
+# hidden 5120 a HellaSwag task (4 endings packed beside the context, ~168 tokens) holds ~3.3 MiB (docs/validation.md).
 CHOICES_PASS_MIB = 8192
 # Kernel backends that run 4-bit weights (compress/kernels/backends.py); "auto" picks the best here.
 KERNEL_BACKENDS = ("auto", "reference", "cpu-int4", "triton", "cuda")
