@@ -49,7 +49,7 @@ def quant_params(w: torch.Tensor, bits: int, sym: bool, scale_bits: int = 11,
                   2^(bits-1): m is exactly code 0, and the step is amax / 2^(bits-1) instead
                   of amax / (2^(bits-1) - 1/2); values of the other sign reach code maxq
       asymmetric: scale = (xmax - xmin) / maxq, zero = clamp(round(-xmin / scale), 0, maxq)
-    All-zero rows get the range [-1, 1] (as GPTQ does) instead of dividing by zero.
+    All-zero rows get the range [-1, 1] (as GPTQ does; signed max: scale 1) instead of dividing by zero.
     `zero` is integer-valued; `scale` is fp16-exact (see `fp16_exact`) with at most
     `scale_bits` significant bits (see QuantSpec.scale_bits).
     """
