@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch
 
 from maverick_quant.arch.base import MoEBlock
-from maverick_quant.calibration.moe import Routing, activation, expert_hidden, resolve_policy, sample_tokens
+from maverick_quant.calibration.moe import (Routing, activation, expert_hidden, resolve_policy, sample_tokens,
+                                            widest_expert_input)
 from maverick_quant.compress.awq import (ScaleSearch, candidate_scales, clip_weights, output_loss, rtn_fake,
                                          scale_columns, search_scales)
 from maverick_quant.groups import KEEP_FLOAT, linear_grid
@@ -185,7 +186,7 @@ def scale_expert_chunk(x: torch.Tensor, routing: Routing, moe: MoEBlock, weights
     records = []
     for offset in range(down.shape[0]):
         expert = first + offset
-        policy, reason = resolve_policy(int(routing.counts[expert]), spec.moe, max(down.shape[1], down.shape[2]))
+        policy, reason = resolve_policy(int(routing.counts[expert]), spec.moe, widest_expert_input(down))
         record = {"expert": expert, "awq_policy": policy.value, "awq_reason": reason, "awq_ratio": 0.0}
         records.append(record)
         if policy is ExpertPolicy.RTN:

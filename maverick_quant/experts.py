@@ -28,7 +28,8 @@ from maverick_quant.arch.base import LinearGroup, MoEBlock, unfuse_experts
 from maverick_quant.awq_moe import apply_block_scale, clip_shared, scale_expert_chunk, scale_shared_down, search_block_scale
 from maverick_quant.calibration.capture import capture_inputs
 from maverick_quant.calibration.moe import (Routing, activation, expert_hidden, mean_outer, policy_hessian,
-                                            resolve_policy, route, routed_forward, sample_tokens)
+                                            resolve_policy, route, routed_forward, sample_tokens,
+                                            widest_expert_input)
 from maverick_quant.compress.gptq import gptq_quantize
 from maverick_quant.compress.grid import rtn_quantize
 from maverick_quant.compress.types import QuantizedWeight
@@ -236,7 +237,7 @@ def quantize_expert_chunk(x: torch.Tensor, routing: Routing, moe: MoEBlock, weig
     """
     count = weights[moe.experts_mid[0].name].shape[0]
     sample = sample_tokens(x.shape[0], spec.moe.all_tokens, x.device)
-    widest = max(x.shape[1], weights[moe.experts_mid[0].name].shape[2])
+    widest = widest_expert_input(weights[moe.experts_mid[0].name])
     decisions = [resolve_policy(int(routing.counts[first + e]), spec.moe, widest) for e in range(count)]
     act = activation(moe.activation)
     in_names, mid_names = tuple(l.name for l in moe.experts_in), tuple(l.name for l in moe.experts_mid)

@@ -92,9 +92,16 @@ def routed_forward(x: torch.Tensor, routing: Routing, experts: dict[str, torch.T
     return out
 
 
+def widest_expert_input(down: torch.Tensor) -> int:
+    """The widest input K over an expert's projections, from its down weight `down` [E, hidden, inter]:
+    gate/up read `hidden` columns, down reads `inter` (what a full-rank routed Hessian needs in tokens)."""
+    return max(down.shape[-2], down.shape[-1])
+
+
 def resolve_policy(tokens: int, spec: MoESpec, width: int) -> tuple[ExpertPolicy, str]:
     """The policy applied to an expert with `tokens` routed tokens, and why (for the audit).
-    `width`: the widest input K of the expert's projections (for `spec.require_full_rank`)."""
+    `width`: the widest input K of the expert's projections (`widest_expert_input`, for
+    `spec.require_full_rank`)."""
     if spec.policy is ExpertPolicy.RTN:
         return ExpertPolicy.RTN, "policy rtn"
     if tokens < spec.min_tokens:
