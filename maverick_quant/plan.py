@@ -7,9 +7,10 @@ Memory model of a calibrated run (GPTQ/AWQ, bytes; S windows x L tokens, hidden 
     cache        S * L * D * 4: the hidden states of every window (host memory)
     block_caches 2 * S * L * D * 4 in an MoE layer: the block input x and its output
     routing      S * L * E * 4 in an MoE layer: the router logits of every token
-    expert_inputs  (n_chunk + E_c T_s) * D * 4 + 3 * n_hot * I * 4 in an MoE layer: the routed
+    expert_inputs  (n_chunk + M_c T_s) * D * 4 + 3 * n_hot * I * 4 in an MoE layer: the routed
                  inputs x*score of the busiest chunk of experts (n_chunk tokens in all) and the
-                 all-token sample (T_s = min(S L, moe.all_tokens) per expert, for `mixed`),
+                 all-token sample (T_s = min(S L, moe.all_tokens)) of each of its M_c experts solved
+                 under `mixed` (the run's policy and min_tokens rule on the expected tokens),
                  then gate, up and their product for the busiest expert (n_hot tokens) while its
                  down Hessian is built. Routing is taken as even (S L k / E tokens per expert)
                  unless `plan --coverage` gives the measured tokens per expert
@@ -48,7 +49,8 @@ import torch
 from maverick_quant.checkpoint import DTYPE_SIZES
 from maverick_quant.compress.gguf_blocks import BLOCK, BLOCK_TYPES, block_type_for_grid
 from maverick_quant.errors import InputError
-from maverick_quant.recipe import CalibSpec, Method, QuantizeSpec
+from maverick_quant.calibration.moe import resolve_policy
+from maverick_quant.recipe import CalibSpec, ExpertPolicy, Method, QuantizeSpec
 
 FORMAT_BYTES_PER_WEIGHT = {  # (code bytes per weight, bytes per group) beside the codes
     "bundle": lambda bits, group, sym: (bits / 8, 2 + (0 if sym else 1)),
@@ -213,20 +215,28 @@ def layer_cost(table, config, index: int, calib: CalibSpec, spec: QuantizeSpec,
         per_expert = 12 * (3 * hidden * inter + hidden**2 + inter**2) if calibrated else 2 * 4 * expert_params
         memory["experts"] = per_chunk * per_expert
         if calibrated:
-            memory["expert_inputs"] = expert_input_bytes(routed, hidden, inter, per_chunk,
-                                                         min(tokens, spec.moe.all_tokens), shares or [1 / moe.num_experts] * moe.num_experts)
+            counts = [routed * share for share in shares or [1 / moe.num_experts] * moe.num_experts]
+            memory["expert_inputs"] = expert_input_bytes(counts, mixed_experts(counts, spec, max(hidden, inter)), hidden,
+                                                         inter, per_chunk, min(tokens, spec.moe.all_tokens))
         if device != "cpu":
             memory["expert_reads"] = per_chunk * expert_params * 2
     return LayerCost(index, memory, float(matmul if calibrated else 0), solves if calibrated else []), names, count
 
 
-def expert_input_bytes(routed: int, hidden: int, inter: int, per_chunk: int, sampled: int, shares: list[float]) -> int:
-    """The `expert_inputs` term: routed inputs [n, D] of the busiest chunk of `per_chunk`
-    consecutive experts plus their all-token samples [T_s, D], and the three [n_hot, I]
-    intermediates of the busiest expert; `routed` = S L k tokens split by `shares` [E]."""
-    counts = [routed * share for share in shares]
-    busiest = max(sum(counts[first : first + per_chunk]) for first in range(0, len(counts), per_chunk))
-    return int((busiest + per_chunk * sampled) * hidden * 4 + 3 * max(counts) * inter * 4)
+def mixed_experts(counts: list[float], spec: QuantizeSpec, width: int) -> list[bool]:
+    """Which experts quantize will solve under `mixed` (and so hold an all-token sample), given
+    their expected routed tokens `counts` [E]: the same rule as the run (`resolve_policy`)."""
+    return [resolve_policy(round(count), spec.moe, width)[0] is ExpertPolicy.MIXED for count in counts]
+
+
+def expert_input_bytes(counts: list[float], mixed: list[bool], hidden: int, inter: int, per_chunk: int,
+                       sampled: int) -> int:
+    """The `expert_inputs` term: routed inputs [n_e, D] of the busiest chunk of `per_chunk`
+    consecutive experts plus an all-token sample [T_s, D] for each of its `mixed` experts, and
+    the three [n_hot, I] intermediates of the busiest expert; `counts` [E]: routed tokens per expert."""
+    rows = [count + sampled * is_mixed for count, is_mixed in zip(counts, mixed)]
+    busiest = max(sum(rows[first : first + per_chunk]) for first in range(0, len(rows), per_chunk))
+    return int(busiest * hidden * 4 + 3 * max(counts) * inter * 4)
 
 
 def expert_shares(coverage: dict, path: Path) -> dict[int, list[float]]:

@@ -55,7 +55,8 @@ def test_plan_memory_is_within_25_percent_of_the_measured_peak(tiny_llama4_dir: 
 def test_plan_takes_the_busiest_experts_inputs_from_measured_coverage(tiny_llama4_dir: Path, tmp_path: Path) -> None:
     """`plan --coverage`: the routed inputs of the busiest chunk and the busiest expert's
     intermediates grow when one expert takes every token (8 x 64 tokens, hidden 64,
-    expert intermediate 32), over even routing; a coverage file of another model is refused."""
+    expert intermediate 32), over even routing; only experts that fall back to `mixed` hold
+    an all-token sample; a coverage file of another model is refused."""
     from maverick_quant.jobs import run_plan
     from maverick_quant.recipe import CalibSpec, QuantizeSpec, MoESpec
 
@@ -64,9 +65,15 @@ def test_plan_takes_the_busiest_experts_inputs_from_measured_coverage(tiny_llama
     hot.write_text(json.dumps({"layers": {"1": [512] + [0] * 7, "3": [512] + [0] * 7}, "tokens": 512}))
     even = run_plan(str(tiny_llama4_dir), spec, calib, device="cpu").layers[1].memory["expert_inputs"]
     busy = run_plan(str(tiny_llama4_dir), spec, calib, device="cpu", coverage=hot).layers[1].memory["expert_inputs"]
-    # one chunk holds all 8 experts (2 MiB), so only the busiest expert's [n, 32] intermediates differ: 512 vs 64 rows
-    assert busy - even == 3 * (512 - 512 // 8) * 32 * 4
-    assert busy >= 512 * (64 + 3 * 32) * 4  # all 512 routed rows [., 64] and the three [512, 32] intermediates
+    # one chunk holds all 8 experts (2 MiB). Even: 64 tokens each < min_tokens 128, so all 8 fall back to
+    # `mixed` and hold a 512-token sample [512, 64]; hot: expert 0 (512 tokens) is routed, the 7 others mixed.
+    # The busiest expert's three [n, 32] intermediates: 512 vs 64 rows.
+    assert busy - even == 3 * (512 - 512 // 8) * 32 * 4 - 512 * 64 * 4
+    assert busy == (512 + 7 * 512) * 64 * 4 + 3 * 512 * 32 * 4
+    # with min_tokens 1 no expert falls back, so none holds a sample
+    routed_only = QuantizeSpec(moe=MoESpec(chunk_mib=2, min_tokens=1))
+    assert run_plan(str(tiny_llama4_dir), routed_only, calib, device="cpu").layers[1].memory["expert_inputs"] == \
+        512 * 64 * 4 + 3 * 64 * 32 * 4
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"layers": {"1": [10] * 4}}))
     result = CliRunner().invoke(cli, ["plan", str(tiny_llama4_dir), "--coverage", str(other)])
