@@ -59,7 +59,8 @@ def test_group_that_does_not_tile_k_is_refused() -> None:
 def test_transformers_loads_a_dense_export(tiny_llama_dir: Path, small_text_file: Path, tmp_path: Path, grid: list) -> None:
     """transformers + compressed-tensors decompress our pack-quantized export on the CPU and
     compute the same logits as the dequantized bundle (fp rounding aside); Q4_0's grid has
-    negative scales (llama.cpp's rule), stored as they are."""
+    negative scales (llama.cpp's rule), stored as they are, and the model card says which
+    loaders take them."""
     from transformers import CompressedTensorsConfig
 
     sym = grid != ["--asym"]
@@ -69,6 +70,8 @@ def test_transformers_loads_a_dense_export(tiny_llama_dir: Path, small_text_file
     config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     weights = config["config_groups"]["group_0"]["weights"]
     assert config["format"] == "pack-quantized" and weights["symmetric"] is sym and weights["group_size"] == 32
+    # the card warns against vLLM's W4A8-INT8 Marlin mode exactly when the scales may be negative
+    assert ("VLLM_MARLIN_INPUT_DTYPE=int8" in (tmp_path / "ct" / "README.md").read_text()) is (grid[0] == "--gguf-grid")
 
     bundle = Bundle(tmp_path / "bundle")
     export = open_export(tmp_path / "ct")

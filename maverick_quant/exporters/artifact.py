@@ -39,6 +39,14 @@ def file_records(paths: list[Path], root: Path) -> dict[str, dict]:
             for path in sorted(paths)}
 
 
+# What vLLM does with negative scales, read from its source (docs/exports.md): its default kernels multiply by them
+SIGNED_SCALE_CAUTION = (
+    "**Scales of either sign.** Loaders that compute `scale * (q - 8)` run these weights as they are: transformers, "
+    "GPTQModel, and vLLM's default kernels (Marlin, Machete, exllama, the WNA16 MoE kernels). Do not serve them with "
+    "vLLM's opt-in W4A8-INT8 Marlin mode (`VLLM_MARLIN_INPUT_DTYPE=int8`): it re-quantizes the scales to unsigned "
+    "16-bit integers, which breaks negative ones.")
+
+
 def model_card(bundle: Bundle | None, fmt: str, detail: str, name: str = "", report_dir: Path | None = None) -> str:
     """The README.md text of an export of `bundle` in format `fmt` (`detail`: e.g. the GGUF
     type); with no bundle, a float model `name` re-quantized by the exporter. `report_dir`: a
@@ -67,6 +75,8 @@ def model_card(bundle: Bundle | None, fmt: str, detail: str, name: str = "", rep
         *override_rows(bundle),
         f"| load with | {LOADING[fmt]} |",
     ]
+    if weights.get("signed_scale") and fmt != "gguf":
+        lines += ["", SIGNED_SCALE_CAUTION]
     if report_dir is not None:
         summary = json.loads((Path(report_dir) / "report.json").read_text())
         lines += ["", f"## Validation ({summary.get('candidate_model', 'candidate')} against "
