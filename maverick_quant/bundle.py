@@ -150,14 +150,21 @@ class BundleWriter:
         save_safetensors_atomic(tensors, self.root / PASSTHROUGH)
 
     def finish(self, manifest: dict[str, Any], num_layers: int) -> dict[str, Any]:
-        """Gather layer stats and file hashes into manifest.json; returns the manifest."""
+        """Gather layer stats and file hashes into manifest.json; returns the manifest. The layer
+        and expert files keep the sha256 recorded when each was written (and flushed to the
+        disk), so a terabyte bundle is not hashed twice; the other files are hashed here."""
         layers = [json.loads((self.root / layer_file(i)).with_suffix(".json").read_text()) for i in range(num_layers)]
         audit = [{"layer": i, **record} for i, layer in enumerate(layers)
                  for record in layer.get("experts", {}).get("audit", [])]
         if audit:
             write_json_atomic(self.root / AUDIT, {"experts": audit})
-        files = {p.relative_to(self.root).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-                 for p in sorted(self.root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+        recorded = {record["file"]: record["sha256"] for layer in layers
+                    for record in [layer, *layer.get("experts", {}).get("chunks", [])]}
+        files = {}
+        for path in sorted(self.root.rglob("*")):
+            name = path.relative_to(self.root).as_posix()
+            if path.is_file() and path.name != MANIFEST:
+                files[name] = {"sha256": recorded.get(name) or sha256_file(path), "bytes": path.stat().st_size}
         manifest = {"format": BUNDLE_FORMAT, "format_version": 1, **manifest, "layers": layers, "files": files}
         write_json_atomic(self.root / MANIFEST, manifest)
         return manifest

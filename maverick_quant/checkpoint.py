@@ -310,11 +310,26 @@ def replace_dir(finished: Path, out: Path) -> None:
         os.replace(finished, out)
 
 
+def durable_replace(tmp: Path, path: Path) -> None:
+    """Rename the finished file `tmp` over `path` so that it survives a power loss: its data
+    is flushed to the disk first (fsync), and the directory entry after the rename. Without
+    the first fsync a file system may persist the rename before the data, leaving `path`
+    empty or zero-filled after a crash, which a resumed run would take as finished."""
+    with open(tmp, "rb") as stream:
+        os.fsync(stream.fileno())
+    os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON to a temporary name in the same directory, then rename over `path`."""
+    """Write JSON to a temporary name in the same directory, then rename over `path` (durably)."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    durable_replace(tmp, path)
 
 
 KILL_DURING_WRITE = "MAVERICK_QUANT_KILL_DURING_WRITE"  # fault injection for the resume tests
@@ -322,7 +337,8 @@ _atomic_writes = 0
 
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
-    """safetensors.save_file to a temporary name, then rename (a crash never leaves half a file).
+    """safetensors.save_file to a temporary name, then rename (a crash never leaves half a file,
+    and a finished one survives a power loss: `durable_replace`).
 
     Fault injection: with MAVERICK_QUANT_KILL_DURING_WRITE=N in the environment, the process
     SIGKILLs itself during its N-th such write, leaving half a temporary file behind (the
@@ -336,7 +352,7 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metada
     if os.environ.get(KILL_DURING_WRITE) == str(_atomic_writes):
         os.truncate(tmp, tmp.stat().st_size // 2)
         os.kill(os.getpid(), 9)
-    os.replace(tmp, path)
+    durable_replace(tmp, path)
 
 
 class ShardedWriter:

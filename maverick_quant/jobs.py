@@ -376,6 +376,8 @@ def run_plan(target: str, spec, calib_spec, json_out: Path | None = None, device
     from maverick_quant.arch.registry import table_for
     from maverick_quant.checkpoint import Checkpoint, write_json_atomic
     from maverick_quant.plan import baseline_rss_bytes, expert_shares, make_plan, render, tensor_bytes
+    from maverick_quant.disk import measure_disk
+    from maverick_quant.sources import cache_dir
 
     model_dir = None
     if target == "maverick":
@@ -393,8 +395,9 @@ def run_plan(target: str, spec, calib_spec, json_out: Path | None = None, device
     sizes, origin = tensor_bytes(model_dir, table, config)
     kind, rates = _plan_device(device or "auto")
     shares = expert_shares(_read_json(Path(coverage), "coverage.json"), Path(coverage)) if coverage else None
+    disk = measure_disk(Path.cwd(), model_dir, cache_dir())
     result = make_plan(str(target), table, config, sizes, calib_spec, spec, rates, baseline_rss_bytes(table, config), kind,
-                       shares)
+                       shares, disk)
     result.assumptions.append(f"tensor sizes from {origin}")
     click.echo(render(result))
     if json_out is not None:

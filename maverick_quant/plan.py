@@ -48,6 +48,7 @@ import torch
 
 from maverick_quant.checkpoint import DTYPE_SIZES
 from maverick_quant.compress.gguf_blocks import BLOCK, BLOCK_TYPES, block_type_for_grid
+from maverick_quant.disk import DiskRates
 from maverick_quant.errors import InputError
 from maverick_quant.calibration.moe import resolve_policy
 from maverick_quant.recipe import CalibSpec, ExpertPolicy, Method, QuantizeSpec
@@ -124,6 +125,15 @@ class Plan:
     resume_bytes: int
     assumptions: list[str] = field(default_factory=list)
     device: str = "cpu"  # "cpu" or "cuda": where the DEVICE_TERMS live
+    disk_io: dict[str, int] | None = None  # bytes {"read", "write", "hash"} (disk_work)
+    disk_seconds: dict[str, float] | None = None  # the same at measured rates (disk.py)
+
+    @property
+    def total_seconds(self) -> float | None:
+        """Compute and disk work together (None while the compute is not timed)."""
+        if self.seconds is None:
+            return None
+        return self.seconds + sum((self.disk_seconds or {}).values())
 
     def host_terms(self, layer: LayerCost) -> dict[str, int]:
         """The memory terms of `layer` held in host memory."""
@@ -152,9 +162,10 @@ class Plan:
 
     @property
     def disk_bytes(self) -> int:
-        """The bundle, the resume copy of the hidden states, and the largest export."""
+        """The bundle, the resume copies of the hidden states (two while the next one is
+        written, before the previous one is removed), and the largest export."""
         exports = [size for name, size in self.outputs.items() if name != "bundle"]
-        return self.outputs["bundle"] + self.resume_bytes + max(exports, default=0)
+        return self.outputs["bundle"] + 2 * self.resume_bytes + max(exports, default=0)
 
     def to_dict(self) -> dict:
         peak, gpu = self.peak_layer, self.peak_device_layer
@@ -165,7 +176,9 @@ class Plan:
                 "peak_layer": {"index": peak.index, **self.host_terms(peak)}, "final_bytes": self.final_bytes,
                 "gpu_bytes": self.peak_device_bytes, "peak_gpu_layer": {"index": gpu.index, **self.device_terms(gpu)},
                 "outputs": self.outputs, "disk_bytes": self.disk_bytes,
-                "seconds": self.seconds, "assumptions": self.assumptions}
+                "seconds": self.total_seconds, "compute_seconds": self.seconds, "disk_seconds": self.disk_seconds,
+                "disk_io_bytes": self.disk_io,
+                "assumptions": self.assumptions}
 
 
 def _numel(shape) -> int:
@@ -347,10 +360,10 @@ def tensor_bytes(model_dir: Path | None, table, config) -> tuple[dict[str, int],
 
 def make_plan(name: str, table, config, sizes: dict[str, int], calib: CalibSpec, spec: QuantizeSpec,
               rates: dict | None, baseline: int, device: str = "cpu",
-              shares: dict[int, list[float]] | None = None) -> Plan:
+              shares: dict[int, list[float]] | None = None, disk: DiskRates | None = None) -> Plan:
     """The plan of quantizing `config`'s model on `device` ("cpu" or "cuda"), timed with `rates`
     measured on that device (None: no time estimate); `shares`: measured routing per MoE layer
-    (`expert_shares`; None: even)."""
+    (`expert_shares`; None: even); `disk`: measured disk rates (None: disk work not timed)."""
     _check_shares(table, config, shares or {})
     text = table.text_config(config)
     expected = table.expected_tensors(config)
@@ -379,8 +392,27 @@ def make_plan(name: str, table, config, sizes: dict[str, int], calib: CalibSpec,
                    "routing taken as even: a hot expert's inputs grow with its share (give `calibrate --coverage`'s "
                    "coverage.json to --coverage)"]
     resume = calib.samples * calib.seq_len * text.hidden_size * 4 if spec.method is not Method.RTN else 0
+    work = disk_work(sum(sizes.values()), outputs["bundle"], resume, len(layers))
+    if disk is not None:
+        assumptions.append(_disk_assumption(disk, *work))
     return Plan(name, params, count, passthrough, len(sizes) - tensors, baseline, layers, final, outputs,
-                None if rates is None else planned_seconds(layers, rates), resume, assumptions, device)
+                None if rates is None else planned_seconds(layers, rates), resume, assumptions, device,
+                dict(zip(("read", "write", "hash"), work)), disk.seconds(*work) if disk is not None else None)
+
+
+def disk_work(checkpoint: int, bundle: int, resume: int, layers: int) -> tuple[int, int, int]:
+    """(bytes read, written, hashed) by a run: the checkpoint is read once; the bundle is written
+    and hashed once, when written (the manifest keeps those hashes); the hidden states for
+    `--resume` (`resume` bytes) are written after each of the `layers` layers (bound to their
+    layer by name, not hashed)."""
+    return checkpoint, bundle + layers * resume, bundle
+
+
+def _disk_assumption(disk: DiskRates, read: int, write: int, hashed: int) -> str:
+    gb = lambda n: f"{n / 1e9:.1f} GB"  # noqa: E731
+    return (f"disk work: reads {gb(read)}, writes {gb(write)} (bundle and the hidden states saved after every layer "
+            f"for --resume), hashes {gb(hashed)} of bundle files (sha256); rates measured here: write {gb(disk.write)}/s fsync'ed, "
+            f"uncached read {gb(disk.read)}/s, sha256 {gb(disk.hash)}/s ({disk.where})")
 
 
 def _check_shares(table, config, shares: dict[int, list[float]]) -> None:
@@ -426,6 +458,17 @@ def _needs_line(plan: Plan) -> str:
     return f"- needs: one GPU with {gpu} GiB of free memory and {host} GiB of free host RAM"
 
 
+def _time_line(plan: Plan) -> str:
+    disk = plan.disk_seconds
+    disk_text = "" if disk is None else (f"disk {sum(disk.values()):.0f} s: read {disk['read']:.0f}, write "
+                                         f"{disk['write']:.0f}, sha256 {disk['hash']:.0f}")
+    if plan.seconds is None:
+        return "- estimated time: not estimated (see assumptions)" + (f"; {disk_text} of it" if disk else "")
+    total = plan.total_seconds
+    return f"- estimated time {total / 3600:.2f} h ({total:.0f} s: compute {plan.seconds:.0f} s" + \
+        (f", {disk_text}" if disk else "") + ")"
+
+
 def render(plan: Plan) -> str:
     """The plan as a short Markdown report."""
     gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
@@ -438,8 +481,7 @@ def render(plan: Plan) -> str:
              _device_line(plan, gib),
              _needs_line(plan),
              f"- disk {gib(plan.disk_bytes)} (bundle + resumable hidden states + largest export)",
-             "- estimated time: not estimated (see assumptions)" if plan.seconds is None else
-             f"- estimated time {plan.seconds / 3600:.2f} h ({plan.seconds:.0f} s)", "",
+             _time_line(plan), "",
              "| output | size |", "|---|---|"]
     lines += [f"| {fmt} | {gib(size)} |" for fmt, size in plan.outputs.items()]
     lines += ["", "Assumptions:"] + [f"- {a}" for a in plan.assumptions]

@@ -7,9 +7,15 @@ lives beside it in `.NAME.resume`, never inside the bundle (whose manifest hashe
     run.json              what the run is computing: source model fingerprint, the quantize
                           spec, the calibration tokens' sha256, tool version (also kept in
                           the finished bundle's manifest as `run_identity`)
-    hidden.safetensors    the calibration hidden states entering `next_layer`
-    progress.json         {"next_layer": i, "hidden_sha256": ...}, written after the hidden
-                          states, so it never points at a half-written file
+    hidden-NNNNN.safetensors  the calibration hidden states entering layer NNNNN
+    progress.json         {"next_layer": i, "hidden_file": "hidden-0000i.safetensors"},
+                          written after the hidden states, so it never points at a
+                          half-written file; the previous hidden-states file is removed after it
+
+Every file is written to a temporary name, flushed to the disk and renamed
+(checkpoint.durable_replace), so a finished file survives a power loss. The hidden states are
+bound to their layer by name rather than by a checksum: for Maverick they are 20 GiB per
+layer, and a sha256 after each of 48 layers would hash a terabyte (docs/maverick.md).
 
 After a crash (SIGKILL, power loss, disk full) `--resume` checks run.json against the new
 invocation (a mismatch is refused, naming what changed), loads the hidden states and goes
@@ -38,7 +44,7 @@ from maverick_quant.checkpoint import (check_output_dir, replace_dir, save_safet
 from maverick_quant.errors import InputError
 
 RUN_FILE = "run.json"
-HIDDEN_FILE = "hidden.safetensors"
+LEGACY_HIDDEN_FILE = "hidden.safetensors"  # before hidden states were named by layer (checked by sha256)
 PROGRESS_FILE = "progress.json"
 CHUNKS_DIR = "chunks"  # one record per finished expert chunk of the layer in progress
 
@@ -93,11 +99,14 @@ class RunState:
         """Record that every layer before `next_layer` is finished, with the hidden states
         [S, L, D] entering `next_layer` (None for RTN, which needs none), computed on `device`
         (devices.device_label)."""
-        record = {"next_layer": next_layer, "hidden_sha256": None, "device": device}
+        record = {"next_layer": next_layer, "hidden_file": None, "device": device}
         if hidden is not None:
-            save_safetensors_atomic({"hidden": hidden}, self.folder / HIDDEN_FILE)
-            record["hidden_sha256"] = sha256_file(self.folder / HIDDEN_FILE)
+            record["hidden_file"] = hidden_file(next_layer)
+            save_safetensors_atomic({"hidden": hidden}, self.folder / record["hidden_file"])
         write_json_atomic(self.folder / PROGRESS_FILE, record)
+        for stale in self.folder.glob("hidden*.safetensors"):
+            if stale.name != record["hidden_file"]:
+                stale.unlink()
 
     def _chunk_path(self, index: int, first: int) -> Path:
         return self.folder / CHUNKS_DIR / f"layer-{index:05d}-experts-{first:05d}.json"
@@ -134,12 +143,33 @@ class RunState:
         if missing:
             raise InputError(f"{self.folder}: progress says layers < {next_layer} are finished, but layers {missing} "
                              "are missing; pass --force to start over")
-        if record["hidden_sha256"] is None:
+        if "hidden_sha256" in record:  # written by an earlier version
+            return next_layer, _legacy_hidden(self.folder, record["hidden_sha256"])
+        if record["hidden_file"] is None:
             return next_layer, None
-        path = self.folder / HIDDEN_FILE
-        if not path.is_file() or sha256_file(path) != record["hidden_sha256"]:
-            raise InputError(f"{path}: missing or does not match {PROGRESS_FILE}; pass --force to start over")
-        return next_layer, load_file(str(path))["hidden"]
+        path = self.folder / record["hidden_file"]
+        try:
+            return next_layer, load_file(str(path))["hidden"]
+        except Exception as exc:  # missing, truncated or not safetensors: the run cannot go on from it
+            raise InputError(f"{path}: the hidden states entering layer {next_layer} cannot be read ({exc}); "
+                             "pass --force to start over") from exc
+
+
+def hidden_file(next_layer: int) -> str:
+    """The name of the file holding the hidden states entering layer `next_layer`."""
+    return f"hidden-{next_layer:05d}.safetensors"
+
+
+def _legacy_hidden(folder: Path, sha256: str | None) -> torch.Tensor | None:
+    """The hidden states of a run state written before they were named by layer."""
+    from safetensors.torch import load_file
+
+    if sha256 is None:
+        return None
+    path = folder / LEGACY_HIDDEN_FILE
+    if not path.is_file() or sha256_file(path) != sha256:
+        raise InputError(f"{path}: missing or does not match {PROGRESS_FILE}; pass --force to start over")
+    return load_file(str(path))["hidden"]
 
 
 class ReadOnlyState(RunState):

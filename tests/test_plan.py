@@ -81,3 +81,30 @@ def test_plan_takes_the_busiest_experts_inputs_from_measured_coverage(tiny_llama
     (tmp_path / "bad.json").write_text("{not json")
     result = CliRunner().invoke(cli, ["plan", str(tiny_llama4_dir), "--coverage", str(tmp_path / "bad.json")])
     assert result.exit_code == 2 and "bad.json: cannot read coverage.json" in result.output
+
+
+def test_plan_times_the_disk_work_at_rates_measured_here(tmp_path: Path, monkeypatch) -> None:
+    """The disk rates are measured in a probe file that is removed (and cached per disk); the
+    plan reads the checkpoint once, writes the bundle and the hidden states after each of
+    Maverick's 48 layers, hashes the bundle once, and divides each by its measured rate."""
+    import maverick_quant.disk as disk
+    from maverick_quant.disk import DiskRates, measure_disk
+
+    rates = measure_disk(tmp_path, cache_dir=tmp_path / "cache")
+    assert min(rates.write, rates.read, rates.hash) > 0 and str(tmp_path) in rates.where
+    assert not list(tmp_path.glob(".maverick-quant-disk-probe-*"))
+    assert measure_disk(tmp_path, cache_dir=tmp_path / "cache") == rates
+
+    fixed = DiskRates(write=1e9, read=2e9, hash=5e8, where="test")
+    monkeypatch.setattr(disk, "measure_disk", lambda *args: fixed)
+    result = CliRunner().invoke(cli, ["plan", "maverick", "--samples", "512", "--seq-len", "2048", "--device", "cuda",
+                                      "--json", str(tmp_path / "plan.json")])
+    assert result.exit_code == 0, result.output
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    io, hidden = plan["disk_io_bytes"], 512 * 2048 * 5120 * 4
+    assert 7.8e11 < io["read"] < 8.3e11  # 400 B parameters in bf16 and the vision tower, read once
+    assert io["write"] == plan["outputs"]["bundle"] + 48 * hidden and io["hash"] == plan["outputs"]["bundle"]
+    assert plan["disk_seconds"] == {"read": io["read"] / 2e9, "write": io["write"] / 1e9, "hash": io["hash"] / 5e8}
+    assert plan["disk_bytes"] == plan["outputs"]["bundle"] + 2 * hidden + max(
+        size for name, size in plan["outputs"].items() if name != "bundle")
+    assert f"disk {sum(plan['disk_seconds'].values()):.0f} s" in result.output

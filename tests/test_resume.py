@@ -215,3 +215,37 @@ def test_a_run_killed_inside_a_moe_layer_reuses_the_expert_chunks_it_finished(ti
     assert after == before
     assert _tensor_files(bundle) == _tensor_files(reference)
     assert _layer_records(bundle) == _layer_records(reference)
+
+
+def test_hidden_states_are_bound_to_their_layer_by_name(tmp_path: Path) -> None:
+    """The hidden states entering layer i live in hidden-0000i.safetensors, named in
+    progress.json: a file written after the last progress record (a crash between the two)
+    is not taken, the previous file goes once the record moves on, and an unreadable one is
+    refused naming it. A state written by the earlier, sha256-checked layout still loads."""
+    import hashlib
+
+    import torch
+
+    from maverick_quant.checkpoint import save_safetensors_atomic, write_json_atomic
+    from maverick_quant.errors import InputError
+    from maverick_quant.resume import RunState, hidden_file
+
+    state = RunState(tmp_path, {})
+    first, second = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    state.save_progress(1, first)
+    state.save_progress(2, second)
+    assert sorted(p.name for p in tmp_path.glob("hidden*")) == ["hidden-00002.safetensors"]
+    save_safetensors_atomic({"hidden": first}, tmp_path / hidden_file(3))  # killed before progress.json moved on
+    next_layer, hidden = state.load_progress({0, 1})
+    assert next_layer == 2 and torch.equal(hidden, second)
+    path = tmp_path / hidden_file(2)
+    os.truncate(path, path.stat().st_size // 2)
+    with pytest.raises(InputError, match=r"hidden-00002\.safetensors: the hidden states entering layer 2 cannot be read"):
+        state.load_progress({0, 1})
+
+    legacy = RunState(tmp_path / "legacy", {})
+    legacy.folder.mkdir()
+    save_safetensors_atomic({"hidden": first}, legacy.folder / "hidden.safetensors")
+    digest = hashlib.sha256((legacy.folder / "hidden.safetensors").read_bytes()).hexdigest()
+    write_json_atomic(legacy.folder / "progress.json", {"next_layer": 1, "hidden_sha256": digest})
+    assert torch.equal(legacy.load_progress({0})[1], first)
