@@ -8,7 +8,8 @@ same order as the compute on a GPU, so the plan counts it:
 
     seconds = read_bytes / read_rate + write_bytes / write_rate + hashed_bytes / hash_rate
 
-Rates are measured, never assumed: write = `PROBE_BYTES` written and fsync'ed in the folder
+Rates are measured, never assumed (the median of `PROBES` tries, since a virtual disk's rate
+varies from one write to the next): write = `PROBE_BYTES` written and fsync'ed in the folder
 the run will write to; read = the same bytes read back after asking the kernel to drop them
 from the page cache (posix_fadvise DONTNEED; a file system that ignores it, such as tmpfs,
 reads from memory, which is then its true rate), or the first `PROBE_BYTES` of the model's
@@ -20,12 +21,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 PROBE_BYTES = 64 * 2**20
+PROBES = 3
 BLOCK = 4 * 2**20
 
 
@@ -106,12 +109,13 @@ def measure_disk(folder: Path, model_dir: Path | None = None, cache_dir: Path | 
     shards = sorted(Path(model_dir).glob("*.safetensors"), key=lambda p: p.stat().st_size) if model_dir else []
     key = f"{folder.stat().st_dev}-{shards[-1].stat().st_dev if shards else 'same'}"
     cache = Path(cache_dir) / f"plan-disk-v1-{key}.json" if cache_dir is not None else None
-    if cache is not None and cache.is_file():
-        return DiskRates(**json.loads(cache.read_text()))
-    write, read = write_read_rates(folder)
+    if cache is not None and cache.is_file():  # measured once per pair of disks
+        return DiskRates(**{**json.loads(cache.read_text()), "where": f"measured earlier, kept in {cache}"})
+    tries = [write_read_rates(folder) for _ in range(PROBES)]
+    write, read = statistics.median(t[0] for t in tries), statistics.median(t[1] for t in tries)
     where = f"writes in {folder.resolve()}"
     if shards:
-        read, where = file_read_rate(shards[-1]), f"{where}, reads of {shards[-1]}"
+        read, where = statistics.median(file_read_rate(shards[-1]) for _ in range(PROBES)), f"{where}, reads of {shards[-1]}"
     rates = DiskRates(write, read, hash_rate(), where)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
