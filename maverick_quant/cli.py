@@ -98,6 +98,9 @@ def quant_options(func):
                         help="Symmetric grids: llama.cpp Q4_0's scale rule, scale = the group's largest-magnitude "
                              "weight / -2^(bits-1) (exact extreme, finer step, scales of either sign; "
                              "--gguf-grid Q4_0 sets it).")(func)
+    func = click.option("--clip-search", is_flag=True,
+                        help="Search each group's range (shrunk by up to 80%%) for the least |w - q|^2.4 instead "
+                             "of its min/max (GPTQ's mse search).")(func)
     func = click.option("--sym/--asym", default=True, show_default=True, help="Symmetric or asymmetric grid.")(func)
     func = click.option("--group-size", default=128, show_default=True, help="Columns per scale: -1, 32, 64, 128 or 256.")(func)
     func = click.option("--bits", default=4, show_default=True, help="Bits per weight, 2-8.")(func)
@@ -149,11 +152,11 @@ def _moe_spec(moe_policy, moe_mix, moe_min_tokens, moe_require_full_rank, moe_fa
                    fallback=ExpertPolicy(moe_fallback), quantize_router=moe_quantize_router, chunk_mib=moe_chunk_mib)
 
 
-def _quantize_spec(method, bits, group_size, sym, signed_scale, act_order, damp, batch, true_sequential=True,
+def _quantize_spec(method, bits, group_size, sym, signed_scale, clip_search, act_order, damp, batch, true_sequential=True,
                    moe: MoESpec = MoESpec(), awq: AWQSpec = AWQSpec(), gguf_grid: str | None = None,
                    keep_float: tuple[str, ...] = (), bits_overrides: tuple[str, ...] = ()) -> QuantizeSpec:
     grid = {"bits": bits, "group_size": group_size, "sym": sym, "signed_scale": signed_scale, **GGUF_GRIDS.get(gguf_grid, {})}
-    weights = QuantSpec(**grid, act_order=act_order, damp=damp)
+    weights = QuantSpec(**grid, clip_search=clip_search, act_order=act_order, damp=damp)
     return QuantizeSpec(method=Method(method), weights=weights, batch_windows=batch, true_sequential=true_sequential,
                         moe=moe, awq=awq, keep_float=tuple(keep_float),
                         bits_overrides=tuple(bits_overrides))
@@ -176,7 +179,7 @@ def _quantize_spec(method, bits, group_size, sym, signed_scale, act_order, damp,
 @click.option("--device", default="auto", show_default=True,
               help="Where layers, statistics and solves run: auto (CUDA if present), cpu, cuda, cuda:N.")
 @click.option("--progress/--no-progress", default=True)
-def quantize(model_dir, data, calib, out, method, gguf_grid, bits, group_size, sym, signed_scale, act_order, damp, keep_float,
+def quantize(model_dir, data, calib, out, method, gguf_grid, bits, group_size, sym, signed_scale, clip_search, act_order, damp, keep_float,
              bits_overrides, samples,
              seq_len, seed, chat_template, moe_policy, moe_mix, moe_min_tokens, moe_require_full_rank, moe_fallback, moe_quantize_router,
              moe_chunk_mib, awq_grid, awq_duo, awq_clip, awq_sample_tokens, batch, true_sequential, force, resume,
@@ -189,7 +192,7 @@ def quantize(model_dir, data, calib, out, method, gguf_grid, bits, group_size, s
 
     moe = _moe_spec(moe_policy, moe_mix, moe_min_tokens, moe_require_full_rank, moe_fallback, moe_quantize_router, moe_chunk_mib)
     awq = _awq_spec(awq_grid, awq_duo, awq_clip, awq_sample_tokens)
-    spec = _quantize_spec(method, bits, group_size, sym, signed_scale, act_order, damp, batch, true_sequential, moe, awq, gguf_grid,
+    spec = _quantize_spec(method, bits, group_size, sym, signed_scale, clip_search, act_order, damp, batch, true_sequential, moe, awq, gguf_grid,
                           keep_float, bits_overrides)
     run_quantize(model_dir, out, spec, data, calib, _calib_spec(samples, seq_len, seed, chat_template), force, progress,
                  resume, device)
@@ -207,7 +210,7 @@ def quantize(model_dir, data, calib, out, method, gguf_grid, bits, group_size, s
                    "tokens per expert instead of even routing.")
 @click.option("--device", help="Plan a run on this device (auto, cpu, cuda): GPU memory is planned on any machine, "
                                "time only where the device is. Default: a recipe's quantize.device, else auto.")
-def plan(target, method, gguf_grid, bits, group_size, sym, signed_scale, act_order, damp, keep_float, bits_overrides, samples,
+def plan(target, method, gguf_grid, bits, group_size, sym, signed_scale, clip_search, act_order, damp, keep_float, bits_overrides, samples,
          seq_len, seed,
          chat_template, moe_policy, moe_mix, moe_min_tokens, moe_require_full_rank, moe_fallback, moe_quantize_router, moe_chunk_mib, batch,
          json_out, coverage, device) -> None:
@@ -218,7 +221,7 @@ def plan(target, method, gguf_grid, bits, group_size, sym, signed_scale, act_ord
     from maverick_quant.jobs import run_plan
 
     moe = _moe_spec(moe_policy, moe_mix, moe_min_tokens, moe_require_full_rank, moe_fallback, moe_quantize_router, moe_chunk_mib)
-    spec = _quantize_spec(method, bits, group_size, sym, signed_scale, act_order, damp, batch, moe=moe, gguf_grid=gguf_grid,
+    spec = _quantize_spec(method, bits, group_size, sym, signed_scale, clip_search, act_order, damp, batch, moe=moe, gguf_grid=gguf_grid,
                           keep_float=keep_float, bits_overrides=bits_overrides)
     run_plan(target, spec, _calib_spec(samples, seq_len, seed, chat_template), json_out, device, coverage)
 

@@ -17,7 +17,7 @@ def bundle_summary(bundle: Bundle, top: int = 5) -> str:
     size = sum(f["bytes"] for f in manifest["files"].values())
     lines = [f"{bundle.root}: {manifest['source']['architecture'][0]}, {bundle.num_layers} layers, "
              f"{manifest['recipe']['method']} {quant['bits']}-bit group {quant['group_size']} "
-             f"{'sym' if quant['sym'] else 'asym'}{' signed-scale' if quant.get('signed_scale') else ''}, "
+             f"{'sym' if quant['sym'] else 'asym'}{' signed-scale' if quant.get('signed_scale') else ''}{' clip-search' if quant.get('clip_search') else ''}, "
              f"{size / 2**20:.1f} MiB"]
     lines += _override_lines(bundle)
     loss = manifest["summary"].get("mean_rel_loss")

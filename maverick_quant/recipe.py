@@ -68,6 +68,11 @@ class QuantSpec:
                  is max|w| / 8 at 4 bits (min/max's is max|w| / 7.5, and its extreme weight
                  is clipped by half a step); the scale is negative when m > 0. Set by
                  `--gguf-grid Q4_0`; 23% less round-to-nearest weight error on SmolLM2.
+    clip_search: (group grids) search each group's range instead of taking its min/max:
+                 the range shrunk by p = 1 - i/100 for i < 80, keeping the p with the least
+                 sum |w - q(w)|^2.4 over the group (GPTQ's reference `mse` search, as
+                 GPTQModel's `mse=2.4`); in GPTQ it runs when the solve reaches a group, on the
+                 error-updated weights. llama.cpp's Q4_K/Q4_1 grids search their own ranges.
     """
 
     bits: int = 4
@@ -80,6 +85,7 @@ class QuantSpec:
     k_quant: bool = False
     free_min: bool = False
     signed_scale: bool = False
+    clip_search: bool = False
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -96,6 +102,9 @@ class QuantSpec:
             raise InputError(f"scale_bits={self.scale_bits}: expected 1 to 11 (fp16 has 11 significant bits)")
         if self.signed_scale and not self.sym:
             raise InputError("signed_scale (llama.cpp Q4_0's scale rule) needs a symmetric grid; got sym false")
+        if self.clip_search and self.gguf_grid:
+            raise InputError(f"clip_search: llama.cpp's {self.gguf_grid} grid chooses its ranges by its own search; "
+                             "use it on the (scale, zero) group grids (e.g. --gguf-grid Q4_0, or --bits/--group-size)")
         for flag, grid in (("k_quant", "Q4_K"), ("free_min", "Q4_1")):
             if getattr(self, flag) and (self.bits, self.group_size, self.sym) != (4, 32, False):
                 raise InputError(f"{flag} (llama.cpp {grid}'s grid) is bits 4, group_size 32, sym false; got bits "
@@ -307,7 +316,7 @@ class QuantizeSpec:
         out["moe"].update(policy=self.moe.policy.value, fallback=self.moe.fallback.value)
         if not self.bits_overrides:  # absent when unused: runs recorded before the key existed keep their identity
             del out["bits_overrides"]
-        for section, key in (("moe", "require_full_rank"), ("weights", "signed_scale")):  # likewise
+        for section, key in (("moe", "require_full_rank"), ("weights", "signed_scale"), ("weights", "clip_search")):
             if not out[section][key]:
                 del out[section][key]
         return out

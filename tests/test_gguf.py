@@ -260,3 +260,31 @@ def test_signed_scale_is_an_option_of_any_symmetric_grid(tiny_llama_dir: Path, t
     code, out = _run("quantize", tiny_llama_dir, "--method", "rtn", "--asym", "--signed-scale",
                      "--out", tmp_path / "asym", "--no-progress")
     assert code == 2 and "signed_scale" in out and "symmetric" in out
+
+
+def test_clip_search_bundles_stay_lossless_in_gguf_and_are_refused_on_q4_k(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """`quantize --clip-search` on the Q4_0 grid: recorded in the bundle, the card and `inspect`,
+    and still stored by GGUF Q4_0 bit for bit (Q4_0 keeps any fp16 scale); refused with Q4_K,
+    whose own search chooses its ranges."""
+    import gguf
+
+    code, out = _run("quantize", tiny_llama_dir, "--method", "rtn", "--gguf-grid", "Q4_0", "--clip-search",
+                     "--out", tmp_path / "bundle", "--no-progress")
+    assert code == 0, out
+    bundle = Bundle(tmp_path / "bundle")
+    assert bundle.manifest["recipe"]["weights"]["clip_search"] is True
+    code, out = _run("quantize", tiny_llama_dir, "--method", "rtn", "--gguf-grid", "Q4_0", "--out", tmp_path / "plain",
+                     "--no-progress")
+    assert code == 0, out
+    searched, plain = (Bundle(path).quantized_layer(1)[0]["mlp.down_proj"] for path in (tmp_path / "bundle", tmp_path / "plain"))
+    assert not torch.equal(searched.scales, plain.scales)
+    code, out = _run("export", tmp_path / "bundle", "--format", "gguf", "--gguf-type", "Q4_0", "--out", tmp_path / "m.gguf")
+    assert code == 0, out
+    tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    down = searched.dequantize()
+    assert np.array_equal(_dequantize(tensors["blk.1.ffn_down.weight"]).reshape(down.shape), down.numpy())
+    assert "least |w - q|^2.4" in (tmp_path / "m.gguf.README.md").read_text()
+    assert "clip-search" in _run("inspect", tmp_path / "bundle")[1]
+    code, out = _run("quantize", tiny_llama_dir, "--method", "rtn", "--gguf-grid", "Q4_K", "--clip-search",
+                     "--out", tmp_path / "q4k", "--no-progress")
+    assert code == 2 and "clip_search" in out and "Q4_K" in out

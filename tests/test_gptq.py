@@ -7,6 +7,9 @@ import torch
 
 from maverick_quant.compress.gptq import gptq_quantize
 from maverick_quant.compress.grid import (
+    CLIP_GRID,
+    CLIP_MAX_SHRINK,
+    CLIP_NORM,
     FP16_TINY,
     expand_groups,
     fake_quantize,
@@ -14,7 +17,9 @@ from maverick_quant.compress.grid import (
     quant_params,
     quantize_codes,
     rtn_quantize,
+    search_params,
 )
+from maverick_quant.errors import InputError
 from maverick_quant.recipe import QuantSpec
 
 
@@ -76,6 +81,51 @@ def test_rtn_grid_error_is_at_most_half_a_step():
     assert torch.equal(
         fake_quantize(W[:, :64], scales[:, :1], zeros[:, :1], 15), qw.dequantize()[:, :64]
     )
+
+
+def _norm_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """sum |w - q(w)|^CLIP_NORM per row of w [..., N, C] on the per-row grid (scale, zero) [..., N]."""
+    return (fake_quantize(w, scale[..., None], zero[..., None], maxq) - w).abs().pow(CLIP_NORM).sum(-1)
+
+
+@pytest.mark.parametrize("sym,signed", [(True, False), (True, True), (False, False)])
+def test_clip_search_takes_each_rows_best_shrink_of_the_range(sym, signed):
+    """search_params equals a row-by-row brute force over the shrink factors (first best kept),
+    never does worse than min/max in its norm on any row, and does better over all rows."""
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(24, 32, generator=gen) * torch.rand(24, 1, generator=gen)
+    w[5] = 0.0
+    w[7, 3] = 6.0  # an outlier
+    scale, zero = search_params(w, 4, sym, signed_scale=signed)
+    for row in range(w.shape[0]):
+        tries = [quant_params(w[row : row + 1], 4, sym, signed_scale=signed, shrink=1 - i / CLIP_GRID)
+                 for i in range(int(CLIP_MAX_SHRINK * CLIP_GRID))]
+        errors = torch.stack([_norm_error(w[row : row + 1], s, z, 15) for s, z in tries]).squeeze(1)
+        best = int(torch.argmin(errors))  # the first of equal errors, as search_params keeps it
+        assert (scale[row], zero[row]) == (tries[best][0][0], tries[best][1][0]), row
+    plain = _norm_error(w, *quant_params(w, 4, sym, signed_scale=signed), 15)
+    searched = _norm_error(w, scale, zero, 15)
+    others = torch.arange(w.shape[0]) != 7  # the outlier's row is better left unclipped, and dominates the sum
+    assert (searched <= plain).all() and searched[others].sum() < 0.97 * plain[others].sum()
+    assert torch.equal(scale.half().float(), scale) and torch.isfinite(scale).all() and scale[5] != 0
+
+
+def test_clip_search_runs_inside_gptq_and_is_refused_on_llama_cpp_offset_grids():
+    """GPTQ with clip_search has less weight error than without on heavy-tailed weights (its
+    groups' ranges are searched on the error-updated weights), and the flag is refused where
+    llama.cpp's own Q4_K/Q4_1 range search applies."""
+    gen = torch.Generator().manual_seed(4)
+    W = torch.distributions.StudentT(3.0).sample((48, 128)) * 0.02
+    H = _correlated_hessian(128, 512, seed=5)
+    losses = {}
+    for clip in (False, True):
+        spec = QuantSpec(bits=4, group_size=32, clip_search=clip)
+        losses[clip] = float(_loss(W, gptq_quantize(W, H, spec).weight.dequantize(), H))
+        assert torch.equal(rtn_quantize(W, spec).scales.float(), group_params(W, spec)[0].half().float())
+    assert losses[True] < losses[False], losses
+    with pytest.raises(InputError, match="clip_search.*Q4_K"):
+        QuantSpec(bits=4, group_size=32, sym=False, k_quant=True, clip_search=True)
+    del gen
 
 
 def test_group_params_shapes():

@@ -20,6 +20,8 @@ from maverick_quant.recipe import QuantSpec
 
 FP16_TINY = 2.0**-14  # smallest positive normal fp16: keeps 1/scale finite and scales normal
 FP16_MAX = 65504.0  # largest finite fp16
+# the range search of QuantSpec.clip_search: GPTQ's reference values (grid 100, maxshrink 0.8, norm 2.4)
+CLIP_GRID, CLIP_MAX_SHRINK, CLIP_NORM = 100, 0.8, 2.4
 
 
 def fp16_exact(scale: torch.Tensor) -> torch.Tensor:
@@ -39,7 +41,7 @@ def round_significand(scale: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def quant_params(w: torch.Tensor, bits: int, sym: bool, scale_bits: int = 11,
-                 signed_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                 signed_scale: bool = False, shrink: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Min/max grid of each row of `w` [..., N, C] -> (scale fp32 [..., N], zero fp32 [..., N]).
 
     As in GPTQ the range always contains 0: xmin = min(min_c w, 0), xmax = max(max_c w, 0).
@@ -49,6 +51,8 @@ def quant_params(w: torch.Tensor, bits: int, sym: bool, scale_bits: int = 11,
                   2^(bits-1): m is exactly code 0, and the step is amax / 2^(bits-1) instead
                   of amax / (2^(bits-1) - 1/2); values of the other sign reach code maxq
       asymmetric: scale = (xmax - xmin) / maxq, zero = clamp(round(-xmin / scale), 0, maxq)
+    `shrink` p in (0, 1] narrows the range before the scale is taken (xmin, xmax, m times p;
+    the values outside are clipped to the extreme codes), for `search_params`.
     All-zero rows get the range [-1, 1] (as GPTQ does; signed max: scale 1) instead of dividing by zero.
     `zero` is integer-valued; `scale` is fp16-exact (see `fp16_exact`) with at most
     `scale_bits` significant bits (see QuantSpec.scale_bits).
@@ -56,9 +60,9 @@ def quant_params(w: torch.Tensor, bits: int, sym: bool, scale_bits: int = 11,
     maxq = (1 << bits) - 1
     w = w.float()
     if sym and signed_scale:
-        return _signed_max_params(w, bits, scale_bits)
-    xmin = w.amin(dim=-1).clamp(max=0.0)
-    xmax = w.amax(dim=-1).clamp(min=0.0)
+        return _signed_max_params(w, bits, scale_bits, shrink)
+    xmin = w.amin(dim=-1).clamp(max=0.0) * shrink
+    xmax = w.amax(dim=-1).clamp(min=0.0) * shrink
     if sym:
         amax = torch.maximum(-xmin, xmax)
         amax = torch.where(amax == 0, torch.ones_like(amax), amax)
@@ -72,13 +76,38 @@ def quant_params(w: torch.Tensor, bits: int, sym: bool, scale_bits: int = 11,
     return scale, zero
 
 
-def _signed_max_params(w: torch.Tensor, bits: int, scale_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _signed_max_params(w: torch.Tensor, bits: int, scale_bits: int,
+                       shrink: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The signed-max symmetric grid of `quant_params` for rows of `w` [..., N, C]."""
     half = float(1 << (bits - 1))
-    m = w.gather(-1, w.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
+    m = w.gather(-1, w.abs().argmax(dim=-1, keepdim=True)).squeeze(-1) * shrink
     m = torch.where(m == 0, -torch.full_like(m, half), m)  # all-zero rows: scale 1 (any scale codes them as 0)
     scale = fp16_exact(round_significand(fp16_exact(m / -half), scale_bits))
     return scale, torch.full_like(scale, half)
+
+
+def search_params(w: torch.Tensor, bits: int, sym: bool, scale_bits: int = 11,
+                  signed_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quant_params` of each row of `w` [..., N, C] with its range shrunk by the p in
+    {1 - i / CLIP_GRID : i < CLIP_MAX_SHRINK * CLIP_GRID} that minimises the row's
+    sum_c |w - fake_quantize(w)|^CLIP_NORM -> (scale, zero) [..., N], as `quant_params`.
+
+    p = 1 (plain min/max) is tried first and kept on ties, so the error never exceeds
+    min/max's. Memory: a few copies of `w`; time: CLIP_MAX_SHRINK * CLIP_GRID passes over it.
+    """
+    w = w.float()
+    maxq = (1 << bits) - 1
+    best_scale, best_zero, best_err = None, None, None
+    for i in range(int(CLIP_MAX_SHRINK * CLIP_GRID)):
+        scale, zero = quant_params(w, bits, sym, scale_bits, signed_scale, shrink=1.0 - i / CLIP_GRID)
+        err = (fake_quantize(w, scale[..., None], zero[..., None], maxq) - w).abs_().pow_(CLIP_NORM).sum(dim=-1)
+        if best_err is None:
+            best_scale, best_zero, best_err = scale, zero, err
+            continue
+        better = err < best_err
+        best_scale, best_zero = torch.where(better, scale, best_scale), torch.where(better, zero, best_zero)
+        best_err = torch.minimum(err, best_err)
+    return best_scale, best_zero
 
 
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
@@ -119,12 +148,15 @@ def group_params(W: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.
     """Grid of each group of `spec.group_size` columns of W [..., N, K] -> (scales, zeros) fp32 [..., N, G].
 
     The last group may be shorter (K=576, group 128 -> G=5, last group 64 columns). It is
-    zero-padded to full width, which changes nothing since the range always contains 0.
+    zero-padded to full width, which changes nothing since the range always contains 0 (and
+    0 is always exactly on the grid, so the padding adds no error to `search_params`).
+    `spec.clip_search`: each group's range is searched (`search_params`), else its min/max.
     """
     k = W.shape[-1]
     width, groups = spec.group_width(k), spec.groups_for(k)
     padded = F.pad(W.float(), (0, groups * width - k))
-    return quant_params(padded.unflatten(-1, (groups, width)), spec.bits, spec.sym, spec.scale_bits, spec.signed_scale)
+    params = search_params if spec.clip_search else quant_params
+    return params(padded.unflatten(-1, (groups, width)), spec.bits, spec.sym, spec.scale_bits, spec.signed_scale)
 
 
 def pack_quantized(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:

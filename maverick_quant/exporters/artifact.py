@@ -59,6 +59,8 @@ def model_card(bundle: Bundle | None, fmt: str, detail: str, name: str = "", rep
     grid = f"{weights['bits']}-bit, group {weights['group_size']}, {'symmetric' if weights['sym'] else 'asymmetric'}"
     if weights.get("signed_scale"):
         grid += f" (llama.cpp Q4_0's scale rule: max-magnitude weight / -{2 ** (weights['bits'] - 1)}, scales of either sign)"
+    if weights.get("clip_search"):
+        grid += ", each group's range searched for the least |w - q|^2.4"
     lines = [
         f"# {Path(manifest['source']['model_dir']).name} — {fmt} {detail}".rstrip(),
         "",
