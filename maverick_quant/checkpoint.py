@@ -325,11 +325,16 @@ def durable_replace(tmp: Path, path: Path) -> None:
         os.close(directory)
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON to a temporary name in the same directory, then rename over `path` (durably)."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temporary name in the same directory, then rename over `path` (durably)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.write_text(text)
     durable_replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """`data` as indented, key-sorted JSON, written as `write_text_atomic` does."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 KILL_DURING_WRITE = "MAVERICK_QUANT_KILL_DURING_WRITE"  # fault injection for the resume tests

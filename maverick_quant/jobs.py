@@ -477,7 +477,7 @@ def _write_lock(recipe, recipe_path: Path, model_dir: Path, source, calib_dir, p
     import yaml
 
     from maverick_quant.calibration.data import CalibrationSet
-    from maverick_quant.checkpoint import sha256_file
+    from maverick_quant.checkpoint import sha256_file, write_text_atomic
 
     def version(package: str) -> str | None:
         try:
@@ -499,6 +499,4 @@ def _write_lock(recipe, recipe_path: Path, model_dir: Path, source, calib_dir, p
     lock["versions"] = {"python": platform.python_version(), "maverick-quant": __version__,
                         **{p: version(p) for p in ("torch", "transformers", "safetensors", "gguf", "compressed-tensors",
                                                    "numpy", "triton")}}
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(lock, sort_keys=False))
-    os.replace(tmp, path)
+    write_text_atomic(path, yaml.safe_dump(lock, sort_keys=False))

@@ -12,12 +12,11 @@ A GGUF export is one file; its card and manifest sit beside it as `<name>.gguf.R
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from maverick_quant import __version__
 from maverick_quant.bundle import Bundle
-from maverick_quant.checkpoint import sha256_file, write_json_atomic
+from maverick_quant.checkpoint import sha256_file, write_json_atomic, write_text_atomic
 
 LOADING = {
     "gptq": "transformers + GPTQModel (`AutoModelForCausalLM.from_pretrained(DIR)`), vLLM (`vllm serve DIR`)",
@@ -26,12 +25,6 @@ LOADING = {
                           "CompressedTensorsConfig(dequantize=True))` on CPU), vLLM (`vllm serve DIR`)",
     "gguf": "llama.cpp (`llama-cli -m FILE`), llama-cpp-python (`Llama(model_path=FILE)`)",
 }
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def file_records(paths: list[Path], root: Path) -> dict[str, dict]:

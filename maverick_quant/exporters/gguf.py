@@ -35,7 +35,7 @@ import torch
 
 from maverick_quant.arch.base import unfuse_experts
 from maverick_quant.bundle import Bundle
-from maverick_quant.checkpoint import TORCH_DTYPES
+from maverick_quant.checkpoint import TORCH_DTYPES, durable_replace
 from maverick_quant.compress.gguf_blocks import (BLOCK, BLOCK_TYPES, BlockType, block_type_for_grid, encode_blocks, grid_mismatch,
                                                 requantize_error, tensor_block_type)
 from maverick_quant.compress.kquant import rtn_quantize_k
@@ -527,7 +527,7 @@ def export_gguf(weights: BundleWeights | FloatWeights, out_path: Path, gguf_type
             writer.write_tensor_data(data)
             report.tensors += 1
         writer.close()
-        os.replace(tmp, out_path)
+        durable_replace(tmp, out_path)
     finally:
         writer.close()
         tmp.unlink(missing_ok=True)

@@ -1,7 +1,7 @@
 """Write a validation report: report.json, a ten-second report.md and PNG plots.
 
-Every file is written to a temporary name in the output directory and moved into place with
-os.replace, so a reader never sees a half-written file. Plots use matplotlib's Agg canvas
+Every file is written to a temporary name in the output directory, flushed to the disk and
+renamed into place, so a reader never sees a half-written file, nor a power loss an empty one. Plots use matplotlib's Agg canvas
 directly (no pyplot, no global backend change); matplotlib is imported only when plotting.
 """
 
@@ -17,6 +17,7 @@ from typing import IO
 
 import torch
 
+from maverick_quant.checkpoint import durable_replace
 from maverick_quant.validation.gates import GateResult
 
 METRIC_KEYS = frozenset({"reference", "candidate", "ppl_ratio", "kl", "top1_agreement", "tokens", "gates", "layers"})
@@ -26,14 +27,13 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
-    """Call write(file) on a temporary file next to `path`, then os.replace it onto `path`."""
+    """Call write(file) on a temporary file next to `path`, then rename it onto `path`, durably
+    (checkpoint.durable_replace)."""
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
+        durable_replace(Path(tmp_name), path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
