@@ -411,7 +411,7 @@ def _plan_device(name: str) -> tuple[str, dict | None]:
     import torch
 
     from maverick_quant.devices import device_kind, resolve_device
-    from maverick_quant.plan import machine_rates, rates_cache
+    from maverick_quant.compute_rates import machine_rates, rates_cache
 
     kind = device_kind(name)
     if kind == "cuda" and not torch.cuda.is_available():

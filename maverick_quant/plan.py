@@ -33,24 +33,25 @@ the host keeps the cache, the expert reads and the final tensors:
 RTN holds no cache and no Hessian. Time is the forwards' and Hessians' floating-point work
 divided by the measured fp32 matmul rate of the run's device, plus every GPTQ solve costed as
 K * column_seconds + (2 N K^2 + K^3) / gptq_rate, both fitted to two real solves timed on that
-device (cached in ~/.cache/maverick-quant, a few seconds the first time). A plan for a GPU on
-a machine without one gives memory but no time.
+device (compute_rates.py; cached in $MAVERICK_QUANT_CACHE, a few seconds the first time), plus
+the disk work: the checkpoint read once, the bundle and the per-layer hidden states for
+`--resume` written, the bundle hashed, each at the rate measured where `plan` runs (disk.py).
+A plan for a GPU on a machine without one gives memory and disk time but no compute time.
 """
 
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from maverick_quant.calibration.moe import resolve_policy
 from maverick_quant.checkpoint import DTYPE_SIZES
 from maverick_quant.compress.gguf_blocks import BLOCK, BLOCK_TYPES, block_type_for_grid
+from maverick_quant.compute_rates import gptq_flops
 from maverick_quant.disk import DiskRates
 from maverick_quant.errors import InputError
-from maverick_quant.calibration.moe import resolve_policy
 from maverick_quant.recipe import CalibSpec, ExpertPolicy, Method, QuantizeSpec
 
 FORMAT_BYTES_PER_WEIGHT = {  # (code bytes per weight, bytes per group) beside the codes
@@ -266,68 +267,6 @@ def expert_shares(coverage: dict, path: Path) -> dict[int, list[float]]:
         total = sum(counts)
         shares[int(layer)] = [c / total if total else 1 / len(counts) for c in counts]
     return shares
-
-
-def _timed(fn, device: torch.device) -> float:
-    """Seconds `fn()` takes on `device` (waiting for the GPU to finish)."""
-    synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    synchronize()
-    started = time.perf_counter()
-    fn()
-    synchronize()
-    return time.perf_counter() - started
-
-
-def _gptq_seconds(rows: int, cols: int, device: torch.device) -> float:
-    """Best of two timed GPTQ solves of a random [rows, cols] weight on `device` (after a warm-up)."""
-    from maverick_quant.compress.gptq import gptq_quantize
-    from maverick_quant.recipe import QuantSpec
-
-    generator = torch.Generator().manual_seed(0)
-    weight, x = torch.randn(rows, cols, generator=generator), torch.randn(4 * cols, cols, generator=generator)
-    weight, hessian, spec = weight.to(device), (x.T @ x / x.shape[0]).to(device), QuantSpec(bits=4, group_size=128)
-    gptq_quantize(weight[:16], hessian, spec)
-    return min(_timed(lambda: gptq_quantize(weight, hessian, spec), device) for _ in range(2))
-
-
-def gptq_flops(rows: int, cols: int) -> float:
-    """Floating-point work of one GPTQ solve: the column updates 2 N K^2 and the factorisation K^3."""
-    return 2 * rows * cols**2 + cols**3
-
-
-def rates_cache(device: torch.device | str = "cpu") -> Path:
-    """Where this machine's measured rates on `device` are kept (per device, thread count and
-    cost-model version)."""
-    device = torch.device(device)
-    where = f"{torch.get_num_threads()}" if device.type == "cpu" else torch.cuda.get_device_name(device).replace(" ", "_")
-    return Path.home() / ".cache" / "maverick-quant" / f"plan-rates-v2-{device.type}-{where}.json"
-
-
-def machine_rates(cache: Path | None = None, device: torch.device | str = "cpu") -> dict:
-    """Measured on this machine's `device` (cached in `cache`): fp32 matmul flops/s, and GPTQ's
-    cost model t(N, K) = K * column_seconds + gptq_flops(N, K) / gptq_flops_per_s fitted to two
-    real solves (a small one, where the per-column overhead dominates, and a larger one)."""
-    if cache is not None and cache.is_file():
-        return json.loads(cache.read_text())
-    device = torch.device(device)
-    size = 1024 if device.type == "cpu" else 8192
-    a = torch.randn(size, size, device=device)
-    a @ a
-    repeats = 8
-    matmul = repeats * 2 * size**3 / _timed(lambda: [a @ a for _ in range(repeats)], device)
-    small, large = (512, 256), (2048, 1024)
-    t_small, t_large = _gptq_seconds(*small, device), _gptq_seconds(*large, device)
-    # solve t = K c + F / r for (c, 1/r) from the two measurements
-    (k1, f1), (k2, f2) = (small[1], gptq_flops(*small)), (large[1], gptq_flops(*large))
-    inverse_rate = max((t_large * k1 - t_small * k2) / (f2 * k1 - f1 * k2), 1 / matmul)
-    column = max((t_small - f1 * inverse_rate) / k1, 0.0)
-    rates = {"matmul_flops_per_s": matmul, "gptq_flops_per_s": 1 / inverse_rate, "gptq_column_seconds": column,
-             "threads": torch.get_num_threads(), "model": 2,
-             "device": "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device)}
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(rates))
-    return rates
 
 
 def baseline_rss_bytes(table, config) -> int:

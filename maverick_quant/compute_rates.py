@@ -1,0 +1,79 @@
+"""How fast this machine computes what a quantize run computes: the compute part of `plan`'s time.
+
+Two rates, measured on the device the run will use and cached per device, thread count and
+cost-model version: fp32 matmul flops per second, and GPTQ's cost model
+t(N, K) = K * column_seconds + gptq_flops(N, K) / gptq_flops_per_s fitted to two real solves.
+The disk part (reads, writes, hashes) is `disk.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from maverick_quant.sources import cache_dir
+
+
+def _timed(fn, device: torch.device) -> float:
+    """Seconds `fn()` takes on `device` (waiting for the GPU to finish)."""
+    synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    synchronize()
+    started = time.perf_counter()
+    fn()
+    synchronize()
+    return time.perf_counter() - started
+
+
+def _gptq_seconds(rows: int, cols: int, device: torch.device) -> float:
+    """Best of two timed GPTQ solves of a random [rows, cols] weight on `device` (after a warm-up)."""
+    from maverick_quant.compress.gptq import gptq_quantize
+    from maverick_quant.recipe import QuantSpec
+
+    generator = torch.Generator().manual_seed(0)
+    weight, x = torch.randn(rows, cols, generator=generator), torch.randn(4 * cols, cols, generator=generator)
+    weight, hessian, spec = weight.to(device), (x.T @ x / x.shape[0]).to(device), QuantSpec(bits=4, group_size=128)
+    gptq_quantize(weight[:16], hessian, spec)
+    return min(_timed(lambda: gptq_quantize(weight, hessian, spec), device) for _ in range(2))
+
+
+def gptq_flops(rows: int, cols: int) -> float:
+    """Floating-point work of one GPTQ solve: the column updates 2 N K^2 and the factorisation K^3."""
+    return 2 * rows * cols**2 + cols**3
+
+
+def rates_cache(device: torch.device | str = "cpu") -> Path:
+    """Where this machine's measured rates on `device` are kept (per device, thread count and
+    cost-model version)."""
+    device = torch.device(device)
+    where = f"{torch.get_num_threads()}" if device.type == "cpu" else torch.cuda.get_device_name(device).replace(" ", "_")
+    return cache_dir() / f"plan-rates-v2-{device.type}-{where}.json"
+
+
+def machine_rates(cache: Path | None = None, device: torch.device | str = "cpu") -> dict:
+    """Measured on this machine's `device` (cached in `cache`): fp32 matmul flops/s, and GPTQ's
+    cost model t(N, K) = K * column_seconds + gptq_flops(N, K) / gptq_flops_per_s fitted to two
+    real solves (a small one, where the per-column overhead dominates, and a larger one)."""
+    if cache is not None and cache.is_file():
+        return json.loads(cache.read_text())
+    device = torch.device(device)
+    size = 1024 if device.type == "cpu" else 8192
+    a = torch.randn(size, size, device=device)
+    a @ a
+    repeats = 8
+    matmul = repeats * 2 * size**3 / _timed(lambda: [a @ a for _ in range(repeats)], device)
+    small, large = (512, 256), (2048, 1024)
+    t_small, t_large = _gptq_seconds(*small, device), _gptq_seconds(*large, device)
+    # solve t = K c + F / r for (c, 1/r) from the two measurements
+    (k1, f1), (k2, f2) = (small[1], gptq_flops(*small)), (large[1], gptq_flops(*large))
+    inverse_rate = max((t_large * k1 - t_small * k2) / (f2 * k1 - f1 * k2), 1 / matmul)
+    column = max((t_small - f1 * inverse_rate) / k1, 0.0)
+    rates = {"matmul_flops_per_s": matmul, "gptq_flops_per_s": 1 / inverse_rate, "gptq_column_seconds": column,
+             "threads": torch.get_num_threads(), "model": 2,
+             "device": "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device)}
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(rates))
+    return rates
