@@ -111,9 +111,9 @@ def test_clip_search_takes_each_rows_best_shrink_of_the_range(sym, signed):
 
 
 def test_clip_search_runs_inside_gptq_and_is_refused_on_llama_cpp_offset_grids():
-    """GPTQ with clip_search has less weight error than without on heavy-tailed weights (its
-    groups' ranges are searched on the error-updated weights), and the flag is refused where
-    llama.cpp's own Q4_K/Q4_1 range search applies."""
+    """GPTQ with clip_search has less loss than without on heavy-tailed weights (its groups'
+    ranges are searched on the error-updated weights, each column weighted by H_kk), and the
+    flag is refused where llama.cpp's own Q4_K/Q4_1 range search applies."""
     gen = torch.Generator().manual_seed(4)
     W = torch.distributions.StudentT(3.0).sample((48, 128)) * 0.02
     H = _correlated_hessian(128, 512, seed=5)
@@ -123,6 +123,10 @@ def test_clip_search_runs_inside_gptq_and_is_refused_on_llama_cpp_offset_grids()
         losses[clip] = float(_loss(W, gptq_quantize(W, H, spec).weight.dequantize(), H))
         assert torch.equal(rtn_quantize(W, spec).scales.float(), group_params(W, spec)[0].half().float())
     assert losses[True] < losses[False], losses
+    # the first group is searched before any error update, weighted by the inputs' energy diag(H)
+    first = gptq_quantize(W, H, QuantSpec(bits=4, group_size=32, clip_search=True)).weight.scales[:, 0].float()
+    weighted = search_params(W[:, :32], 4, True, importance=torch.diagonal(H)[:32])[0]
+    assert torch.equal(first, weighted) and not torch.equal(first, search_params(W[:, :32], 4, True)[0])
     with pytest.raises(InputError, match="clip_search.*Q4_K"):
         QuantSpec(bits=4, group_size=32, sym=False, k_quant=True, clip_search=True)
     del gen

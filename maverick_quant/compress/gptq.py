@@ -61,7 +61,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec) -> GPTQResu
     Hd = H.reshape(-1, k, k).float().clone()
     _mask_dead_inputs(Wt, Hd)
     offset_params = offset_grid_params(spec, k)
-    grid = _GroupGrid(spec, k) if offset_params is None else _OffsetGrid(offset_params)
+    importance = torch.diagonal(Hd, dim1=-2, dim2=-1).clone()  # [B, K]: E[x_k^2], weights clip_search's error
+    grid = _GroupGrid(spec, k, importance) if offset_params is None else _OffsetGrid(offset_params)
     params = grid.columns(Wt) if _static(spec) else None
     perm = _act_order_perm(Hd) if spec.act_order else None
     if perm is not None:
@@ -82,12 +83,14 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec) -> GPTQResu
 class _GroupGrid:
     """The (scale, zero) group grid as the column loop sees it: per-column parameters [B, C, N]."""
 
-    def __init__(self, spec: QuantSpec, k: int):
-        self.spec, self.width = spec, spec.group_width(k)
+    def __init__(self, spec: QuantSpec, k: int, importance: torch.Tensor | None = None):
+        self.spec, self.width, self.importance = spec, spec.group_width(k), importance
 
-    def columns(self, Wt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-column (scale, zero) [B, C, N] of the groups of the columns Wt [B, C, N]."""
-        scales, zeros = group_params(Wt.transpose(1, 2), self.spec)  # [B, N, G]
+    def columns(self, Wt: torch.Tensor, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-column (scale, zero) [B, C, N] of the groups of the columns Wt [B, C, N], which
+        are columns [first, first + C) of the matrix (for their `importance`)."""
+        importance = None if self.importance is None else self.importance[:, first : first + Wt.shape[1]]
+        scales, zeros = group_params(Wt.transpose(1, 2), self.spec, importance)  # [B, N, G]
         c = Wt.shape[1]
         return tuple(expand_groups(t, c, self.spec.group_size).transpose(1, 2).contiguous() for t in (scales, zeros))
 
@@ -112,7 +115,7 @@ class _OffsetGrid:
         self.width = SUPER_BLOCK if grid_params is kquant_params else GROUP
         self.parts: list[KQuantParams] = []
 
-    def columns(self, Wt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def columns(self, Wt: torch.Tensor, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         params = self.grid_params(Wt.transpose(1, 2))
         self.parts.append(params)
         return tuple(t.transpose(1, 2) for t in params.column_steps())
@@ -238,7 +241,7 @@ def _solve(
     codes = torch.empty_like(Wt)
     for i1, i2 in _block_bounds(k, block_size, width if dynamic else k):
         if dynamic and i1 % width == 0:
-            scale[:, i1 : i1 + width], zero[:, i1 : i1 + width] = grid.columns(Wt[:, i1 : i1 + width])
+            scale[:, i1 : i1 + width], zero[:, i1 : i1 + width] = grid.columns(Wt[:, i1 : i1 + width], i1)
         W1, U1 = Wt[:, i1:i2], U[:, i1:i2, i1:i2]
         err = torch.empty_like(W1)  # scaled errors (w - q) / U_kk of the block's columns
         for i in range(i2 - i1):

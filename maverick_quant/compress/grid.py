@@ -86,11 +86,12 @@ def _signed_max_params(w: torch.Tensor, bits: int, scale_bits: int,
     return scale, torch.full_like(scale, half)
 
 
-def search_params(w: torch.Tensor, bits: int, sym: bool, scale_bits: int = 11,
-                  signed_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def search_params(w: torch.Tensor, bits: int, sym: bool, scale_bits: int = 11, signed_scale: bool = False,
+                  importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`quant_params` of each row of `w` [..., N, C] with its range shrunk by the p in
     {1 - i / CLIP_GRID : i < CLIP_MAX_SHRINK * CLIP_GRID} that minimises the row's
-    sum_c |w - fake_quantize(w)|^CLIP_NORM -> (scale, zero) [..., N], as `quant_params`.
+    sum_c a_c |w_c - fake_quantize(w)_c|^CLIP_NORM -> (scale, zero) [..., N], as `quant_params`;
+    a = `importance` (broadcast against w, e.g. [..., 1, C]: GPTQ passes H_cc = E[x_c^2]), or 1.
 
     p = 1 (plain min/max) is tried first and kept on ties, so the error never exceeds
     min/max's. Memory: a few copies of `w`; time: CLIP_MAX_SHRINK * CLIP_GRID passes over it.
@@ -100,7 +101,8 @@ def search_params(w: torch.Tensor, bits: int, sym: bool, scale_bits: int = 11,
     best_scale, best_zero, best_err = None, None, None
     for i in range(int(CLIP_MAX_SHRINK * CLIP_GRID)):
         scale, zero = quant_params(w, bits, sym, scale_bits, signed_scale, shrink=1.0 - i / CLIP_GRID)
-        err = (fake_quantize(w, scale[..., None], zero[..., None], maxq) - w).abs_().pow_(CLIP_NORM).sum(dim=-1)
+        err = (fake_quantize(w, scale[..., None], zero[..., None], maxq) - w).abs_().pow_(CLIP_NORM)
+        err = (err if importance is None else err * importance).sum(dim=-1)
         if best_err is None:
             best_scale, best_zero, best_err = scale, zero, err
             continue
@@ -144,19 +146,24 @@ def expand_groups(t: torch.Tensor, in_features: int, group_size: int) -> torch.T
     return t.index_select(-1, group_index(in_features, group_size, t.device))
 
 
-def group_params(W: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def group_params(W: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Grid of each group of `spec.group_size` columns of W [..., N, K] -> (scales, zeros) fp32 [..., N, G].
 
     The last group may be shorter (K=576, group 128 -> G=5, last group 64 columns). It is
     zero-padded to full width, which changes nothing since the range always contains 0 (and
     0 is always exactly on the grid, so the padding adds no error to `search_params`).
-    `spec.clip_search`: each group's range is searched (`search_params`), else its min/max.
+    `spec.clip_search`: each group's range is searched (`search_params`), else its min/max;
+    `importance` [..., K] (one value per column, shared by the rows) weights that search.
     """
     k = W.shape[-1]
     width, groups = spec.group_width(k), spec.groups_for(k)
     padded = F.pad(W.float(), (0, groups * width - k))
-    params = search_params if spec.clip_search else quant_params
-    return params(padded.unflatten(-1, (groups, width)), spec.bits, spec.sym, spec.scale_bits, spec.signed_scale)
+    grouped = padded.unflatten(-1, (groups, width))
+    if not spec.clip_search:
+        return quant_params(grouped, spec.bits, spec.sym, spec.scale_bits, spec.signed_scale)
+    if importance is not None:  # [..., K] -> [..., 1, G, width], shared by the rows
+        importance = F.pad(importance.float(), (0, groups * width - k)).unflatten(-1, (groups, width)).unsqueeze(-3)
+    return search_params(grouped, spec.bits, spec.sym, spec.scale_bits, spec.signed_scale, importance)
 
 
 def pack_quantized(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
