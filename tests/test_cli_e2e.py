@@ -103,3 +103,21 @@ def test_smollm2_gptq_beats_rtn_end_to_end(smollm2_dir: Path, wiki_valid_path: P
         kl[method], ppl[method] = report["kl"]["mean"], report["candidate"]["ppl"]
     print(f"\nSmolLM2 4-bit g64, 16 x 128 calibration tokens: mean KL {kl}, ppl {ppl}")
     assert kl["gptq"] < 0.85 * kl["rtn"], (kl, ppl)
+
+
+def test_the_readme_demo_runs_the_whole_job(smollm2_dir: Path, tmp_path: Path) -> None:
+    """`maverick-quant demo` (the README's first command), with few small windows: SmolLM2
+    self-calibrated, GPTQ on llama.cpp's scale rule with searched ranges, exported as GPTQ,
+    validated against the float model on held-out self-generated text; an existing work
+    directory is not replaced without --force."""
+    work = tmp_path / "demo"
+    code, out = _run("demo", "--work-dir", work, "--samples", 4, "--seq-len", 64, "--no-progress")
+    assert code == 0, out
+    weights = Bundle(work / "bundle").manifest["recipe"]["weights"]
+    assert weights["signed_scale"] is True and weights["clip_search"] is True
+    report = json.loads((work / "report-0" / "report.json").read_text())
+    assert 1.0 <= report["ppl_ratio"] < 2.0 and report["top1_agreement"] > 0.5
+    assert f"| self-generated (held out) | {report['reference']['ppl']:.3f} |" in out
+    assert (work / "gptq" / "config.json").is_file()
+    code, out = _run("demo", "--work-dir", work, "--samples", 4, "--seq-len", 64, "--no-progress")
+    assert code == 2 and "--force" in out
