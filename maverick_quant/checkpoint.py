@@ -12,6 +12,7 @@ only on success; `ShardedWriter` writes safetensors shards with an index.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -321,6 +322,9 @@ def durable_replace(tmp: Path, path: Path) -> None:
     directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)
+    except OSError as exc:  # some network and FUSE file systems cannot fsync a directory
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
     finally:
         os.close(directory)
 

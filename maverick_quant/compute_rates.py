@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from maverick_quant.checkpoint import write_json_atomic
 from maverick_quant.sources import cache_dir
 
 
@@ -75,5 +76,5 @@ def machine_rates(cache: Path | None = None, device: torch.device | str = "cpu")
              "device": "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device)}
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(rates))
+        write_json_atomic(cache, rates)
     return rates

@@ -27,6 +27,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from maverick_quant.checkpoint import write_json_atomic
+
 PROBE_BYTES = 64 * 2**20
 PROBES = 3
 BLOCK = 4 * 2**20
@@ -40,6 +42,10 @@ class DiskRates:
     read: float
     hash: float
     where: str  # the folder written to (and the file read, if any), for the plan's assumptions
+
+    def __post_init__(self) -> None:
+        if min(self.write, self.read, self.hash) <= 0:
+            raise ValueError(f"disk rates must be positive: {self}")
 
     def seconds(self, read_bytes: int, write_bytes: int, hashed_bytes: int) -> dict[str, float]:
         """{"read", "write", "hash"}: seconds of each kind of disk work."""
@@ -79,13 +85,13 @@ def write_read_rates(folder: Path, size: int = PROBE_BYTES) -> tuple[float, floa
     """(write, read) bytes per second of a probe file in `folder`, removed afterwards."""
     fd, name = tempfile.mkstemp(dir=folder, prefix=".maverick-quant-disk-probe-")
     try:
-        block = os.urandom(BLOCK)
+        block, written = os.urandom(BLOCK), 0
         started = time.perf_counter()
-        for _ in range(size // BLOCK):
-            os.write(fd, block)
+        while written < size:
+            written += os.write(fd, block)
         os.fsync(fd)
-        write = size / max(time.perf_counter() - started, 1e-9)
-        done, seconds = _read_seconds(fd, size)
+        write = written / max(time.perf_counter() - started, 1e-9)
+        done, seconds = _read_seconds(fd, written)
         return write, done / max(seconds, 1e-9)
     finally:
         os.close(fd)
@@ -107,6 +113,7 @@ def measure_disk(folder: Path, model_dir: Path | None = None, cache_dir: Path | 
     reads as fast as `folder`), cached per (folder's device, model's device) in `cache_dir`."""
     folder = Path(folder)
     shards = sorted(Path(model_dir).glob("*.safetensors"), key=lambda p: p.stat().st_size) if model_dir else []
+    shards = [shard for shard in shards if shard.stat().st_size >= PROBE_BYTES]  # big enough to time
     key = f"{folder.stat().st_dev}-{shards[-1].stat().st_dev if shards else 'same'}"
     cache = Path(cache_dir) / f"plan-disk-v1-{key}.json" if cache_dir is not None else None
     if cache is not None and cache.is_file():  # measured once per pair of disks
@@ -119,5 +126,5 @@ def measure_disk(folder: Path, model_dir: Path | None = None, cache_dir: Path | 
     rates = DiskRates(write, read, hash_rate(), where)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(asdict(rates)))
+        write_json_atomic(cache, asdict(rates))
     return rates

@@ -395,9 +395,13 @@ def run_plan(target: str, spec, calib_spec, json_out: Path | None = None, device
     sizes, origin = tensor_bytes(model_dir, table, config)
     kind, rates = _plan_device(device or "auto")
     shares = expert_shares(_read_json(Path(coverage), "coverage.json"), Path(coverage)) if coverage else None
-    disk = measure_disk(Path.cwd(), model_dir, cache_dir())
+    try:
+        disk, disk_note = measure_disk(Path.cwd(), model_dir, cache_dir()), None
+    except OSError as exc:  # e.g. a read-only current directory: plan without the disk time
+        disk, disk_note = None, f"disk work not timed: its rates could not be measured here ({exc})"
     result = make_plan(str(target), table, config, sizes, calib_spec, spec, rates, baseline_rss_bytes(table, config), kind,
                        shares, disk)
+    result.assumptions += [disk_note] if disk_note else []
     result.assumptions.append(f"tensor sizes from {origin}")
     click.echo(render(result))
     if json_out is not None:
@@ -471,7 +475,6 @@ def _step_printer(total: int):
 def _write_lock(recipe, recipe_path: Path, model_dir: Path, source, calib_dir, path: Path) -> None:
     """recipe.lock.yaml: every value resolved, library versions, model and data fingerprints."""
     import importlib.metadata
-    import os
     import platform
 
     import yaml

@@ -261,8 +261,8 @@ def quantize_model(source: CheckpointSource, calibration: CalibrationSet | None,
         record_overridden_grids(layer, quantized, stats, spec)
         stats["seconds"] = time.perf_counter() - layer_started
         writer.write_layer(index, prefix, quantized, passthrough, stats)
-        if state is not None:
-            state.save_progress(index + 1, hidden, device_label(device))
+        if state is not None:  # after the last layer no hidden states are needed again
+            state.save_progress(index + 1, hidden if index + 1 < model.num_layers else None, device_label(device))
         del layer, tensors, quantized, passthrough
         release_free_memory()
     del hidden

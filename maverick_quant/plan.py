@@ -342,9 +342,9 @@ def make_plan(name: str, table, config, sizes: dict[str, int], calib: CalibSpec,
 def disk_work(checkpoint: int, bundle: int, resume: int, layers: int) -> tuple[int, int, int]:
     """(bytes read, written, hashed) by a run: the checkpoint is read once; the bundle is written
     and hashed once, when written (the manifest keeps those hashes); the hidden states for
-    `--resume` (`resume` bytes) are written after each of the `layers` layers (bound to their
-    layer by name, not hashed)."""
-    return checkpoint, bundle + layers * resume, bundle
+    `--resume` (`resume` bytes) are written after each of the `layers` layers but the last
+    (bound to their layer by name, not hashed)."""
+    return checkpoint, bundle + (layers - 1) * resume, bundle
 
 
 def _disk_assumption(disk: DiskRates, read: int, write: int, hashed: int) -> str:

@@ -292,6 +292,9 @@ class QuantizeSpec:
             raise InputError(f"method={self.method!r}: expected one of {[m.value for m in Method]}")
         if self.batch_windows < 1:
             raise InputError(f"batch_windows={self.batch_windows}: expected a positive integer")
+        if self.weights.clip_search and self.method in (Method.AWQ, Method.AWQ_GPTQ):
+            raise InputError(f"clip_search with method {self.method.value}: AWQ searches its clipping range against "
+                             "the layer's outputs itself (awq.clip); use clip_search with gptq or rtn")
         for pattern in self.keep_float:
             try:
                 re.compile(pattern)

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from safetensors import SafetensorError
 
 from maverick_quant import __version__
 from maverick_quant.checkpoint import (check_output_dir, replace_dir, save_safetensors_atomic, sha256_file,
@@ -150,7 +151,7 @@ class RunState:
         path = self.folder / record["hidden_file"]
         try:
             return next_layer, load_file(str(path))["hidden"]
-        except Exception as exc:  # missing, truncated or not safetensors: the run cannot go on from it
+        except (OSError, SafetensorError) as exc:  # missing, truncated or not safetensors (not: out of memory)
             raise InputError(f"{path}: the hidden states entering layer {next_layer} cannot be read ({exc}); "
                              "pass --force to start over") from exc
 

@@ -20,7 +20,7 @@ from maverick_quant.compress.grid import (
     search_params,
 )
 from maverick_quant.errors import InputError
-from maverick_quant.recipe import QuantSpec
+from maverick_quant.recipe import Method, QuantizeSpec, QuantSpec
 
 
 def _correlated_hessian(k: int, tokens: int, seed: int) -> torch.Tensor:
@@ -114,14 +114,13 @@ def test_clip_search_runs_inside_gptq_and_is_refused_on_llama_cpp_offset_grids()
     """GPTQ with clip_search has less loss than without on heavy-tailed weights (its groups'
     ranges are searched on the error-updated weights, each column weighted by H_kk), and the
     flag is refused where llama.cpp's own Q4_K/Q4_1 range search applies."""
-    gen = torch.Generator().manual_seed(4)
+    torch.manual_seed(4)  # StudentT samples from the global generator
     W = torch.distributions.StudentT(3.0).sample((48, 128)) * 0.02
     H = _correlated_hessian(128, 512, seed=5)
     losses = {}
     for clip in (False, True):
         spec = QuantSpec(bits=4, group_size=32, clip_search=clip)
         losses[clip] = float(_loss(W, gptq_quantize(W, H, spec).weight.dequantize(), H))
-        assert torch.equal(rtn_quantize(W, spec).scales.float(), group_params(W, spec)[0].half().float())
     assert losses[True] < losses[False], losses
     # the first group is searched before any error update, weighted by the inputs' energy diag(H)
     first = gptq_quantize(W, H, QuantSpec(bits=4, group_size=32, clip_search=True)).weight.scales[:, 0].float()
@@ -129,7 +128,8 @@ def test_clip_search_runs_inside_gptq_and_is_refused_on_llama_cpp_offset_grids()
     assert torch.equal(first, weighted) and not torch.equal(first, search_params(W[:, :32], 4, True)[0])
     with pytest.raises(InputError, match="clip_search.*Q4_K"):
         QuantSpec(bits=4, group_size=32, sym=False, k_quant=True, clip_search=True)
-    del gen
+    with pytest.raises(InputError, match="clip_search with method awq"):
+        QuantizeSpec(method=Method.AWQ, weights=QuantSpec(clip_search=True))
 
 
 def test_group_params_shapes():

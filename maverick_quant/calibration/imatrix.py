@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from maverick_quant.checkpoint import durable_replace
 from maverick_quant.recipe import MoESpec
 from maverick_quant.streaming import StreamingModel, WeightSource
 
@@ -137,7 +138,7 @@ def write_imatrix_gguf(imatrix: Imatrix, out_path: Path, datasets: list[str]) ->
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, out_path)
+        durable_replace(tmp, out_path)
     finally:
         writer.close()
         tmp.unlink(missing_ok=True)

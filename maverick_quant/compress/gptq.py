@@ -61,7 +61,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec) -> GPTQResu
     Hd = H.reshape(-1, k, k).float().clone()
     _mask_dead_inputs(Wt, Hd)
     offset_params = offset_grid_params(spec, k)
-    importance = torch.diagonal(Hd, dim1=-2, dim2=-1).clone()  # [B, K]: E[x_k^2], weights clip_search's error
+    importance = torch.diagonal(Hd, dim1=-2, dim2=-1).clone() if spec.clip_search else None  # [B, K]: E[x_k^2]
     grid = _GroupGrid(spec, k, importance) if offset_params is None else _OffsetGrid(offset_params)
     params = grid.columns(Wt) if _static(spec) else None
     perm = _act_order_perm(Hd) if spec.act_order else None

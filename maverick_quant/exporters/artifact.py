@@ -34,7 +34,7 @@ def file_records(paths: list[Path], root: Path) -> dict[str, dict]:
 
 # What vLLM does with negative scales, read from its source (docs/exports.md): its default kernels multiply by them
 SIGNED_SCALE_CAUTION = (
-    "**Scales of either sign.** Loaders that compute `scale * (q - 8)` run these weights as they are: transformers, "
+    "**Scales of either sign.** Loaders that compute `scale * (q - zero)` run these weights as they are: transformers, "
     "GPTQModel, and vLLM's default kernels (Marlin, Machete, exllama, the WNA16 MoE kernels). Do not serve them with "
     "vLLM's opt-in W4A8-INT8 Marlin mode (`VLLM_MARLIN_INPUT_DTYPE=int8`): it re-quantizes the scales to unsigned "
     "16-bit integers, which breaks negative ones.")
