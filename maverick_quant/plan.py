@@ -350,7 +350,7 @@ def disk_work(checkpoint: int, bundle: int, resume: int, layers: int) -> tuple[i
 def _disk_assumption(disk: DiskRates, read: int, write: int, hashed: int) -> str:
     gb = lambda n: f"{n / 1e9:.1f} GB"  # noqa: E731
     return (f"disk work: reads {gb(read)}, writes {gb(write)} (bundle and the hidden states saved after every layer "
-            f"for --resume), hashes {gb(hashed)} of bundle files (sha256); rates measured here: write {gb(disk.write)}/s fsync'ed, "
+            f"but the last, for --resume), hashes {gb(hashed)} of bundle files (sha256); rates measured here: write {gb(disk.write)}/s fsync'ed, "
             f"uncached read {gb(disk.read)}/s, sha256 {gb(disk.hash)}/s ({disk.where})")
 
 
