@@ -89,6 +89,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--type", default="Q4_0")
     parser.add_argument("--method", default="gptq")
+    parser.add_argument("--clip-search", action="store_true", help="quantize with --clip-search")
     args = parser.parse_args()
 
     from maverick_quant.bundle import Bundle
@@ -102,11 +103,12 @@ def main() -> None:
     if not calib.exists():
         base.cli("calibrate", str(model_dir), "--data", str(base.DATA / "wiki.valid.tokens"), "--out", str(calib),
                  "--samples", str(args.samples), "--seq-len", "512")
-    bundle = args.work / f"{args.method}-{args.type}"
+    name = f"{args.method}-{args.type}" + ("-clip" if args.clip_search else "")
+    bundle = args.work / name
     if not bundle.exists():
         base.cli("quantize", str(model_dir), "--calib", str(calib), "--out", str(bundle), "--method", args.method,
-                 "--gguf-grid", args.type, "--no-progress")
-    ours, plain = args.work / f"{args.method}-{args.type}.gguf", args.work / f"plain-{args.type}.gguf"
+                 "--gguf-grid", args.type, "--no-progress", *(["--clip-search"] if args.clip_search else []))
+    ours, plain = args.work / f"{name}.gguf", args.work / f"plain-{args.type}.gguf"
     if not ours.exists():
         base.cli("export", str(bundle), "--format", "gguf", "--gguf-type", args.type, "--out", str(ours))
     if not plain.exists():
