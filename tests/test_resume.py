@@ -249,3 +249,35 @@ def test_hidden_states_are_bound_to_their_layer_by_name(tmp_path: Path) -> None:
     digest = hashlib.sha256((legacy.folder / "hidden.safetensors").read_bytes()).hexdigest()
     write_json_atomic(legacy.folder / "progress.json", {"next_layer": 1, "hidden_sha256": digest})
     assert torch.equal(legacy.load_progress({0})[1], first)
+
+
+def test_a_run_stopped_after_its_last_layer_resumes_without_recomputing_anything(
+        tiny_llama_dir: Path, small_text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC on the pass-through file, after all 3 layers: no hidden states are kept after the
+    last layer, and --resume only finishes the bundle (no embedding, no layer), equal to an
+    uninterrupted run's."""
+    import maverick_quant.bundle as bundle_module
+    from maverick_quant.bundle import PASSTHROUGH
+    from maverick_quant.streaming import StreamingModel
+
+    args = lambda out: ["quantize", str(tiny_llama_dir), "--method", "gptq", "--data", str(small_text_file),  # noqa: E731
+                        "--samples", "2", "--seq-len", "32", "--group-size", "32", "--out", str(out), "--no-progress"]
+    runner = CliRunner()
+    assert runner.invoke(cli, args(tmp_path / "reference")).exit_code == 0
+    real_save = bundle_module.save_safetensors_atomic
+
+    def full_disk(tensors, path, metadata=None):
+        if path.name == Path(PASSTHROUGH).name:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real_save(tensors, path, metadata)
+
+    monkeypatch.setattr(bundle_module, "save_safetensors_atomic", full_disk)
+    assert runner.invoke(cli, args(tmp_path / "bundle")).exit_code == 2
+    state = state_dir_for(tmp_path / "bundle")
+    assert json.loads((state / "progress.json").read_text())["next_layer"] == 3 and not list(state.glob("hidden*"))
+    monkeypatch.setattr(bundle_module, "save_safetensors_atomic", real_save)
+    monkeypatch.setattr(StreamingModel, "embed", lambda *a: pytest.fail("embedded the calibration tokens again"))
+    monkeypatch.setattr(StreamingModel, "layer", lambda *a: pytest.fail("built a finished layer again"))
+    result = runner.invoke(cli, args(tmp_path / "bundle") + ["--resume"])
+    assert result.exit_code == 0, result.output
+    assert _tensor_files(tmp_path / "bundle") == _tensor_files(tmp_path / "reference")
