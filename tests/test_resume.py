@@ -144,24 +144,36 @@ def test_resume_with_other_inputs_is_refused_naming_what_changed(tiny_llama4_dir
     assert work_dir_for(bundle).is_dir() and not bundle.exists()
 
 
+def _small_gptq_args(model: Path, text: Path):
+    """quantize arguments of a small GPTQ run on `model` as a function of its output."""
+    return lambda out: ["quantize", str(model), "--method", "gptq", "--data", str(text), "--samples", "2",
+                        "--seq-len", "32", "--group-size", "32", "--out", str(out), "--no-progress"]
+
+
+def _disk_full_on(file_name: str, monkeypatch: pytest.MonkeyPatch):
+    """Make the bundle writer's atomic save of `file_name` fail with ENOSPC; returns the real save."""
+    import maverick_quant.bundle as bundle_module
+
+    real_save = bundle_module.save_safetensors_atomic
+
+    def full_disk(tensors, path, metadata=None):
+        if path.name == file_name:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real_save(tensors, path, metadata)
+
+    monkeypatch.setattr(bundle_module, "save_safetensors_atomic", full_disk)
+    return real_save
+
+
 def test_disk_full_keeps_finished_layers_and_resumes(tiny_llama_dir: Path, small_text_file: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """ENOSPC on the 3rd layer file: exit 2 with a message naming the file, the disk and
     --resume; the finished layers stay; the resumed bundle equals an uninterrupted run's."""
     import maverick_quant.bundle as bundle_module
 
-    args = lambda out: ["quantize", str(tiny_llama_dir), "--method", "gptq", "--data", str(small_text_file),  # noqa: E731
-                        "--samples", "2", "--seq-len", "32", "--group-size", "32", "--out", str(out), "--no-progress"]
-    runner = CliRunner()
+    args, runner = _small_gptq_args(tiny_llama_dir, small_text_file), CliRunner()
     assert runner.invoke(cli, args(tmp_path / "reference")).exit_code == 0
-    real_save = bundle_module.save_safetensors_atomic
-
-    def full_disk(tensors, path, metadata=None):
-        if path.name == "layer-00002.safetensors":
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        real_save(tensors, path, metadata)
-
-    monkeypatch.setattr(bundle_module, "save_safetensors_atomic", full_disk)
+    real_save = _disk_full_on("layer-00002.safetensors", monkeypatch)
     result = runner.invoke(cli, args(tmp_path / "bundle"))
     assert result.exit_code == 2, result.output
     assert "layer-00002.safetensors" in result.output and "disk is full" in result.output and "--resume" in result.output
@@ -260,18 +272,9 @@ def test_a_run_stopped_after_its_last_layer_resumes_without_recomputing_anything
     from maverick_quant.bundle import PASSTHROUGH
     from maverick_quant.streaming import StreamingModel
 
-    args = lambda out: ["quantize", str(tiny_llama_dir), "--method", "gptq", "--data", str(small_text_file),  # noqa: E731
-                        "--samples", "2", "--seq-len", "32", "--group-size", "32", "--out", str(out), "--no-progress"]
-    runner = CliRunner()
+    args, runner = _small_gptq_args(tiny_llama_dir, small_text_file), CliRunner()
     assert runner.invoke(cli, args(tmp_path / "reference")).exit_code == 0
-    real_save = bundle_module.save_safetensors_atomic
-
-    def full_disk(tensors, path, metadata=None):
-        if path.name == Path(PASSTHROUGH).name:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        real_save(tensors, path, metadata)
-
-    monkeypatch.setattr(bundle_module, "save_safetensors_atomic", full_disk)
+    real_save = _disk_full_on(Path(PASSTHROUGH).name, monkeypatch)
     assert runner.invoke(cli, args(tmp_path / "bundle")).exit_code == 2
     state = state_dir_for(tmp_path / "bundle")
     assert json.loads((state / "progress.json").read_text())["next_layer"] == 3 and not list(state.glob("hidden*"))
