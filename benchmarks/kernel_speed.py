@@ -23,19 +23,13 @@ import time
 
 import torch
 
+from maverick_quant.arch.llama4 import MAVERICK_TEXT, maverick_linear_shapes
 from maverick_quant.compress.kernels.backends import get_backend, tinygemm_scales_and_zeros
 from maverick_quant.compress.kernels.layout import Int4Weight
 from maverick_quant.runtime import QuantLinear, QuantMoE
 
-HIDDEN, EXPERT_INTER, MLP_INTER, HEADS, KV_HEADS, HEAD_DIM = 5120, 8192, 16384, 40, 8, 128
-SHAPES = {  # name: (N outputs, K inputs)
-    "qkv": ((HEADS + 2 * KV_HEADS) * HEAD_DIM, HIDDEN),
-    "o_proj": (HIDDEN, HEADS * HEAD_DIM),
-    "mlp gate+up": (2 * MLP_INTER, HIDDEN),
-    "mlp down": (HIDDEN, MLP_INTER),
-    "expert gate+up": (2 * EXPERT_INTER, HIDDEN),
-    "expert down": (HIDDEN, EXPERT_INTER),
-}
+SHAPES = maverick_linear_shapes()  # name: (N outputs, K inputs)
+HIDDEN, EXPERT_INTER = MAVERICK_TEXT["hidden_size"], MAVERICK_TEXT["intermediate_size"]
 GROUP = 128
 
 

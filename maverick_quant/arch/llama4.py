@@ -114,6 +114,20 @@ MAVERICK_TEXT = dict(  # Llama-4-Maverick-17B-128E(-Instruct), public config.jso
     floor_scale=8192, attn_scale=0.1, hidden_act="silu", tie_word_embeddings=False,
 )
 
+def maverick_linear_shapes(text: dict = MAVERICK_TEXT) -> dict[str, tuple[int, int]]:
+    """(N outputs, K inputs) of each 4-bit linear in a Maverick layer, fused as the kernels run
+    them: q, k and v in one, gate and up side by side (dense MLP and each routed expert)."""
+    hidden, heads, head_dim = text["hidden_size"], text["num_attention_heads"], text["head_dim"]
+    return {
+        "qkv": ((heads + 2 * text["num_key_value_heads"]) * head_dim, hidden),
+        "o_proj": (hidden, heads * head_dim),
+        "mlp gate+up": (2 * text["intermediate_size_mlp"], hidden),
+        "mlp down": (hidden, text["intermediate_size_mlp"]),
+        "expert gate+up": (2 * text["intermediate_size"], hidden),
+        "expert down": (hidden, text["intermediate_size"]),
+    }
+
+
 MAVERICK_VISION = dict(  # its vision tower (passed through untouched; sizes matter for plans only)
     hidden_size=1408, intermediate_size=5632, num_attention_heads=16, num_hidden_layers=34, image_size=336,
     patch_size=14, projector_input_dim=4096, projector_output_dim=4096, vision_output_dim=4096,

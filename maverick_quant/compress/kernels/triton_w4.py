@@ -8,8 +8,10 @@
   (weights stacked [E, N, K/2]), per-row source token (x row = token[m]) and per-row score:
   that is the top-1 MoE decode path, one program per (token, output block).
 - `_w4_gemm_kernel`: larger M. Tiles [BLOCK_M, BLOCK_N], one group of K per step; the codes
-  of a tile are dequantized to the activation dtype in registers and fed to `tl.dot`
-  (even and odd k separately, as the bytes hold them). With MOE=True each M-block belongs to
+  of a tile are unpacked (low and high nibbles interleaved back into K order), dequantized to
+  the activation dtype in registers and fed to one `tl.dot` with the [BLOCK_M, GROUP] input
+  tile, which is read contiguously (so Triton's pipeliner copies it asynchronously, 16 bytes
+  a copy on sm_90: `triton_compile`). With MOE=True each M-block belongs to
   one expert: rows are (token, slot) pairs sorted and padded per expert in torch
   (`align_pairs`, as vLLM's `moe_align_block_size` does), then one launch runs all experts.
 - Fused gate+up: experts and MLPs keep gate and up concatenated along N (`gate_up`
@@ -21,7 +23,8 @@ accumulator instead (equal by linearity, up to rounding).
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import triton
@@ -35,6 +38,7 @@ BLOCK_N_GEMV = 32
 BLOCK_K_GEMV = 128
 BLOCK_M_GEMM = 16
 BLOCK_N_GEMM = 32
+GEMV_PROGRAMS_PER_SM = 4
 
 
 @triton.jit
@@ -93,7 +97,7 @@ def _w4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, row_expert_ptr, row_tok
     if SPLIT_K == 1:
         tl.store(out, acc, mask=mask_n)
     else:
-        tl.atomic_add(out, acc, mask=mask_n)
+        tl.atomic_add(out, acc, mask=mask_n, sem="relaxed")  # partial sums: no ordering needed
 
 
 @triton.jit
@@ -126,28 +130,26 @@ def _w4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, pairs_ptr, block_expert
         mask_m = offs_m < M
         out_rows = offs_m
         x_rows = offs_m
+    offs_k = tl.arange(0, GROUP)
     offs_j = tl.arange(0, HALF_G)
-    x_rows_base = x_ptr + x_rows[:, None].to(tl.int64) * stride_xm
-    w_rows_base = w_ptr + offs_n[:, None].to(tl.int64) * half
+    x_rows_base = x_ptr + x_rows[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+    w_rows_base = w_ptr + offs_n[:, None].to(tl.int64) * half + offs_j[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for group in range(0, G):
-        byte = group * HALF_G + offs_j
-        x_even = tl.load(x_rows_base + 2 * byte[None, :], mask=mask_m[:, None], other=0.0)
-        x_odd = tl.load(x_rows_base + 2 * byte[None, :] + 1, mask=mask_m[:, None], other=0.0)
-        codes = tl.load(w_rows_base + byte[None, :], mask=mask_n[:, None], other=0)
+        x = tl.load(x_rows_base + group * GROUP, mask=mask_m[:, None], other=0.0)  # [BLOCK_M, GROUP], contiguous
+        codes = tl.load(w_rows_base + group * HALF_G, mask=mask_n[:, None], other=0)  # [BLOCK_N, GROUP / 2] bytes
         scales = tl.load(s_ptr + offs_n * G + group, mask=mask_n, other=0.0).to(tl.float32)
         if HAS_ZEROS:
             zeros = tl.load(z_ptr + offs_n * G + group, mask=mask_n, other=0).to(tl.float32)
         else:
             zeros = tl.full([BLOCK_N], 8.0, tl.float32)
-        w_even = (((codes & 0xF).to(tl.float32) - zeros[:, None]) * scales[:, None]).to(x_even.dtype)
-        w_odd = (((codes >> 4).to(tl.float32) - zeros[:, None]) * scales[:, None]).to(x_even.dtype)
+        # code 2j is byte j's low nibble, code 2j + 1 its high one: interleave back to K order
+        q = tl.reshape(tl.join(codes & 0xF, codes >> 4), (BLOCK_N, GROUP)).to(tl.float32)
+        w = ((q - zeros[:, None]) * scales[:, None]).to(x.dtype)
         if IEEE:
-            acc += tl.dot(x_even, tl.trans(w_even), input_precision="ieee")
-            acc += tl.dot(x_odd, tl.trans(w_odd), input_precision="ieee")
+            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
         else:
-            acc += tl.dot(x_even, tl.trans(w_even))
-            acc += tl.dot(x_odd, tl.trans(w_odd))
+            acc += tl.dot(x, tl.trans(w))
     if HAS_SCALE:
         acc = acc * tl.load(pair_scale_ptr + out_rows, mask=mask_m, other=0.0).to(tl.float32)[:, None]
     out = out_ptr + out_rows[:, None].to(tl.int64) * stride_om + offs_n[None, :]
@@ -158,12 +160,56 @@ def _zeros_or_dummy(weight: Int4Weight) -> torch.Tensor:
     return weight.zeros if weight.zeros is not None else weight.scales  # never read when HAS_ZEROS is False
 
 
-def _split_k(rows: int, n_blocks: int, k_blocks: int, device: torch.device) -> int:
-    """K splits so that a GEMV launches about four programs per streaming multiprocessor."""
-    if device.type != "cuda":
+@dataclass
+class Launch:
+    """One kernel launch, built but not yet run: `run` launches it on the tensors' device, and
+    `triton_compile` compiles exactly this specialization ahead of time for a GPU it lacks."""
+
+    kernel: Any
+    grid: tuple[int, ...]
+    args: tuple
+    constexprs: dict[str, Any]
+    out: torch.Tensor
+
+    def run(self) -> torch.Tensor:
+        if self.out.numel():
+            self.kernel[self.grid](*self.args, **self.constexprs)
+        return self.out
+
+
+def streaming_multiprocessors(device: torch.device) -> int | None:
+    """The device's SM count (None off a GPU)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+
+
+def split_k_for(rows: int, n_blocks: int, k_blocks: int, sms: int | None) -> int:
+    """K splits so that a GEMV launches about GEMV_PROGRAMS_PER_SM programs per streaming
+    multiprocessor (2 off a GPU, where only the interpreter runs it)."""
+    if sms is None:
         return min(2, k_blocks)
-    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(k_blocks, target // max(1, rows * n_blocks)))
+    return max(1, min(k_blocks, GEMV_PROGRAMS_PER_SM * sms // max(1, rows * n_blocks)))
+
+
+def gemv_launch(x: torch.Tensor, weight: Int4Weight, rows: int | None = None, row_expert: torch.Tensor | None = None,
+                row_token: torch.Tensor | None = None, row_scale: torch.Tensor | None = None,
+                split_k: int | None = None, sms: int | None = None) -> Launch:
+    """The GEMV launch of `w4_gemv` (same arguments; `sms` defaults to x's device's SM count)."""
+    n, k = weight.out_features, weight.in_features
+    rows = x.shape[0] if rows is None else rows
+    n_blocks = triton.cdiv(n, BLOCK_N_GEMV)
+    block_k = max(BLOCK_K_GEMV, weight.group_size)
+    sms = streaming_multiprocessors(x.device) if sms is None else sms
+    split = split_k or split_k_for(rows, n_blocks, triton.cdiv(k, block_k), sms)
+    out = torch.zeros(rows, n, dtype=torch.float32, device=x.device)
+    dummy = weight.scales
+    args = (x, weight.packed, weight.scales, _zeros_or_dummy(weight), out,
+            dummy if row_expert is None else row_expert, dummy if row_token is None else row_token,
+            dummy if row_scale is None else row_scale,
+            n, k, weight.scales.shape[-1], x.stride(0), out.stride(0))
+    constexprs = dict(GROUP=weight.group_size, BLOCK_N=BLOCK_N_GEMV, BLOCK_K=block_k, SPLIT_K=split,
+                      HAS_ZEROS=weight.zeros is not None, HAS_EXPERT=row_expert is not None,
+                      HAS_TOKEN=row_token is not None, HAS_SCALE=row_scale is not None)
+    return Launch(_w4_gemv_kernel, (rows, n_blocks, split), args, constexprs, out)
 
 
 def w4_gemv(x: torch.Tensor, weight: Int4Weight, rows: int | None = None, row_expert: torch.Tensor | None = None,
@@ -171,46 +217,33 @@ def w4_gemv(x: torch.Tensor, weight: Int4Weight, rows: int | None = None, row_ex
             split_k: int | None = None) -> torch.Tensor:
     """y [rows, N] fp32: row m = (x[row_token[m]] W_e^T) * row_scale[m], e = row_expert[m]
     (each optional: token m, dense weight, no scale). x [T, K] fp16/bf16/fp32."""
+    return gemv_launch(x, weight, rows, row_expert, row_token, row_scale, split_k).run()
+
+
+def gemm_launch(x: torch.Tensor, weight: Int4Weight, moe: "AlignedPairs | None" = None, gather_tokens: bool = False,
+                pair_scale: torch.Tensor | None = None, rows: int | None = None) -> Launch:
+    """The tiled GEMM launch of `w4_gemm` (same arguments)."""
     n, k = weight.out_features, weight.in_features
     rows = x.shape[0] if rows is None else rows
-    n_blocks = triton.cdiv(n, BLOCK_N_GEMV)
-    block_k = max(BLOCK_K_GEMV, weight.group_size)
-    split = split_k or _split_k(rows, n_blocks, triton.cdiv(k, block_k), x.device)
-    out = torch.zeros(rows, n, dtype=torch.float32, device=x.device)
-    if rows == 0:
-        return out
+    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     dummy = weight.scales
-    _w4_gemv_kernel[(rows, n_blocks, split)](
-        x, weight.packed, weight.scales, _zeros_or_dummy(weight), out,
-        dummy if row_expert is None else row_expert, dummy if row_token is None else row_token,
-        dummy if row_scale is None else row_scale,
-        n, k, weight.scales.shape[-1], x.stride(0), out.stride(0),
-        GROUP=weight.group_size, BLOCK_N=BLOCK_N_GEMV, BLOCK_K=block_k, SPLIT_K=split,
-        HAS_ZEROS=weight.zeros is not None, HAS_EXPERT=row_expert is not None, HAS_TOKEN=row_token is not None,
-        HAS_SCALE=row_scale is not None)
-    return out
+    m_blocks = moe.block_expert.numel() if moe is not None else triton.cdiv(rows, BLOCK_M_GEMM)
+    args = (x, weight.packed, weight.scales, _zeros_or_dummy(weight), out,
+            dummy if moe is None else moe.pairs, dummy if moe is None else moe.block_expert,
+            dummy if pair_scale is None else pair_scale,
+            rows, n, k, weight.scales.shape[-1], x.stride(0), out.stride(0))
+    constexprs = dict(GROUP=weight.group_size, BLOCK_M=BLOCK_M_GEMM, BLOCK_N=BLOCK_N_GEMM,
+                      HAS_ZEROS=weight.zeros is not None, MOE=moe is not None,
+                      TOP_K=moe.top_k if moe is not None else 1, GATHER_TOKENS=gather_tokens,
+                      HAS_SCALE=pair_scale is not None, IEEE=x.dtype == torch.float32)
+    return Launch(_w4_gemm_kernel, (m_blocks, triton.cdiv(n, BLOCK_N_GEMM)), args, constexprs, out)
 
 
 def w4_gemm(x: torch.Tensor, weight: Int4Weight, moe: "AlignedPairs | None" = None, gather_tokens: bool = False,
             pair_scale: torch.Tensor | None = None, rows: int | None = None) -> torch.Tensor:
     """y [rows, N] in x's dtype = x W^T, tiled; with `moe`, rows are (token, slot) pairs and each
     M-block runs its expert's weight (x rows are tokens when `gather_tokens`, else pairs)."""
-    n, k = weight.out_features, weight.in_features
-    rows = x.shape[0] if rows is None else rows
-    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-    if rows == 0:
-        return out
-    dummy = weight.scales
-    m_blocks = moe.block_expert.numel() if moe is not None else triton.cdiv(rows, BLOCK_M_GEMM)
-    _w4_gemm_kernel[(m_blocks, triton.cdiv(n, BLOCK_N_GEMM))](
-        x, weight.packed, weight.scales, _zeros_or_dummy(weight), out,
-        dummy if moe is None else moe.pairs, dummy if moe is None else moe.block_expert,
-        dummy if pair_scale is None else pair_scale,
-        rows, n, k, weight.scales.shape[-1], x.stride(0), out.stride(0),
-        GROUP=weight.group_size, BLOCK_M=BLOCK_M_GEMM, BLOCK_N=BLOCK_N_GEMM, HAS_ZEROS=weight.zeros is not None,
-        MOE=moe is not None, TOP_K=moe.top_k if moe is not None else 1, GATHER_TOKENS=gather_tokens,
-        HAS_SCALE=pair_scale is not None, IEEE=x.dtype == torch.float32)
-    return out
+    return gemm_launch(x, weight, moe, gather_tokens, pair_scale, rows).run()
 
 
 class AlignedPairs:
