@@ -22,6 +22,9 @@ def test_cuda_source_compiles_with_nvcc(tmp_path) -> None:
     result = cuda_w4.compile_check(tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     assert (tmp_path / "w4a16_gemv.o").stat().st_size > 0
+    spills = cuda_w4.ptxas_spills(result.stderr)
+    assert len(spills) == 4, result.stderr[-4000:]  # fp16 and bf16, with and without zeros
+    assert spills == [(0, 0)] * 4, result.stderr[-4000:]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or cuda_w4.nvcc_path() is None, reason="needs a CUDA GPU and nvcc")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shutil
 import subprocess
 import sysconfig
@@ -41,7 +42,8 @@ def nvcc_path() -> str | None:
 
 
 def compile_check(out_dir: Path, arch: str = "sm_90") -> subprocess.CompletedProcess:
-    """Compile the extension's CUDA source to an object file (no link, no GPU needed)."""
+    """Compile the extension's CUDA source to an object file (no link, no GPU needed); ptxas
+    reports each kernel's registers and spills on stderr (`ptxas_spills` reads them)."""
     from torch.utils.cpp_extension import include_paths
 
     nvcc = nvcc_path()
@@ -49,8 +51,14 @@ def compile_check(out_dir: Path, arch: str = "sm_90") -> subprocess.CompletedPro
         raise FileNotFoundError("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
     includes = [f"-I{path}" for path in [*include_paths(), sysconfig.get_paths()["include"]]]
     command = [nvcc, "-c", str(SOURCE), "-o", str(out_dir / "w4a16_gemv.o"), "-std=c++20", f"-arch={arch}",
-               "-O3", "--expt-relaxed-constexpr", "-DTORCH_EXTENSION_NAME=mq_w4a16", *includes]
+               "-O3", "--expt-relaxed-constexpr", "-Xptxas=-v", "-DTORCH_EXTENSION_NAME=mq_w4a16", *includes]
     return subprocess.run(command, capture_output=True, text=True)
+
+
+def ptxas_spills(ptxas_report: str) -> list[tuple[int, int]]:
+    """(spill store bytes, spill load bytes) of each kernel in `ptxas -v` output."""
+    return [(int(stores), int(loads)) for stores, loads in
+            re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas_report)]
 
 
 @functools.lru_cache(maxsize=1)
