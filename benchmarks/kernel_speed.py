@@ -12,6 +12,9 @@ as a percent of the measured device-to-device copy bandwidth (2 x bytes / time o
 copy), speedup over bf16 `torch.matmul` and over torch's own int4 op
 (`aten._weight_int4pack_mm`, tinygemm) where it runs. On a CPU: the CPU int4 path against
 fp32 and bf16 matmul (`--experts` defaults to 8 there: at M = 1 only one expert is read).
+On a GPU it also times, past the GEMV's rows, the tiled GEMM against dequantize + bf16 matmul
+(M = 256 and 1024 are added for that) and prints the M from which the second wins per shape:
+the measured value for `triton_w4.DEQUANTIZE_MATMUL_MIN_ROWS`.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import time
 import torch
 
 from maverick_quant.arch.llama4 import MAVERICK_TEXT, maverick_linear_shapes
-from maverick_quant.compress.kernels.backends import get_backend, tinygemm_scales_and_zeros
+from maverick_quant.compress.kernels.backends import get_backend, tinygemm_scales_and_zeros, triton_usable
 from maverick_quant.compress.kernels.layout import Int4Weight
 from maverick_quant.runtime import QuantLinear, QuantMoE
 
@@ -99,6 +102,7 @@ def bench_linear(name: str, n: int, k: int, rows: list[int], backends: list[str]
             row["fp32_s"] = timed(lambda: torch.matmul(x32, dense_fp32.T), device)
         if int4_op is not None:
             row["torch_int4_s"] = timed(lambda: int4_op(x), device)
+        row.update(gemm_or_dequantize_matmul(x, weight, device))
         for backend, module in modules.items():
             seconds = timed(lambda: module(x), device)
             moved = weight.nbytes() + x.numel() * 2 + m * n * 2
@@ -111,6 +115,33 @@ def bench_linear(name: str, n: int, k: int, rows: list[int], backends: list[str]
         results.append(row)
         print(json.dumps(row), flush=True)
     return results
+
+
+def gemm_or_dequantize_matmul(x: torch.Tensor, weight: Int4Weight, device: str) -> dict:
+    """On a GPU with Triton, past the GEMV's rows: the tiled GEMM alone and the weight
+    dequantized in one pass + bf16 matmul (cuBLAS), the two paths DEQUANTIZE_MATMUL_MIN_ROWS
+    chooses between, timed here whatever it is set to."""
+    if device != "cuda" or not triton_usable(torch.device(device)):
+        return {}
+    from maverick_quant.compress.kernels import triton_w4
+
+    if x.shape[0] <= triton_w4.GEMV_MAX_ROWS:
+        return {}
+    return {"triton_gemm_s": timed(lambda: triton_w4.w4_gemm(x, weight), device),
+            "dequantize_matmul_s": timed(lambda: torch.nn.functional.linear(x, triton_w4.w4_dequantize(weight, x.dtype)),
+                                         device)}
+
+
+def crossovers(rows: list[dict]) -> dict[str, int | None]:
+    """Per shape, the fewest rows M at which dequantize + matmul beat the tiled GEMM, when
+    they beat it there and at every larger M measured (None: never)."""
+    found: dict[str, int | None] = {}
+    for name in dict.fromkeys(row["shape"] for row in rows if "triton_gemm_s" in row):
+        timings = sorted((row["M"], row["dequantize_matmul_s"] < row["triton_gemm_s"])
+                         for row in rows if row["shape"] == name and "triton_gemm_s" in row)
+        wins_from = [m for i, (m, _) in enumerate(timings) if all(win for _, win in timings[i:])]
+        found[name] = wins_from[0] if wins_from else None
+    return found
 
 
 class SharedExpert(torch.nn.Module):
@@ -148,7 +179,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     gpu = torch.cuda.is_available()
     parser.add_argument("--backends", nargs="*", default=["cuda", "triton"] if gpu else ["cpu-int4"])
-    parser.add_argument("--m", nargs="*", type=int, default=[1, 16, 64, 128])
+    parser.add_argument("--m", nargs="*", type=int, default=[1, 16, 64, 128, 256, 1024] if gpu else [1, 16, 64, 128])
     parser.add_argument("--experts", type=int, default=128 if gpu else 8)
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES))
     parser.add_argument("--json", help="Also write every row here.")
@@ -164,9 +195,16 @@ def main() -> None:
         rows += bench_linear(name, n, k, args.m, args.backends, device, copy_bw)
     rows += bench_moe_layer(args.backends, args.experts, device)
     print_table(rows, args.backends)
+    crossover = crossovers(rows)
+    if crossover:
+        from maverick_quant.compress.kernels.triton_w4 import DEQUANTIZE_MATMUL_MIN_ROWS
+
+        print(f"\nDequantize + matmul beats the tiled GEMM from M = (per shape): {crossover}; "
+              f"DEQUANTIZE_MATMUL_MIN_ROWS is {DEQUANTIZE_MATMUL_MIN_ROWS}")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"device": what, "copy_GBps": copy_bw / 1e9, "rows": rows}, handle, indent=1)
+            json.dump({"device": what, "copy_GBps": copy_bw / 1e9, "rows": rows, "dequantize_crossover": crossover},
+                      handle, indent=1)
 
 
 def print_table(rows: list[dict], backends: list[str]) -> None:

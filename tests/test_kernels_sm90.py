@@ -38,7 +38,7 @@ def test_load_widths_are_read_from_ptx_variants() -> None:
 def test_every_triton_launch_compiles_for_the_h100_without_spilling(sm90_costs) -> None:
     cases = {cost.case for cost in sm90_costs}
     for needed in ("gemv qkv M=1 g32 asym", "gemv expert gate+up top-1 g128 sym", "gemm expert down 256 tokens g128 asym",
-                   "gemm qkv M=64 g128 sym fp32"):
+                   "gemm qkv M=64 g128 sym fp32", "dequantize qkv g128 asym"):
         assert needed in cases
     for cost in sm90_costs:
         assert cost.spill_bytes == 0, cost

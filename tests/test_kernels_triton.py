@@ -14,9 +14,10 @@ import torch
 if not os.environ.get("MAVERICK_QUANT_REQUIRE_CLIENTS"):  # CI installs triton and requires these tests
     pytest.importorskip("triton")
 
-from maverick_quant.compress.kernels.backends import Backend, get_backend  # noqa: E402
+from maverick_quant.compress.kernels import triton_w4  # noqa: E402
+from maverick_quant.compress.kernels.backends import Backend, dequantize, get_backend  # noqa: E402
 from maverick_quant.compress.kernels.layout import Int4Weight, concat_outputs  # noqa: E402
-from maverick_quant.compress.kernels.triton_w4 import AlignedPairs, w4_gemm, w4_gemv  # noqa: E402
+from maverick_quant.compress.kernels.triton_w4 import AlignedPairs, w4_dequantize, w4_gemm, w4_gemv  # noqa: E402
 from tests.kernel_cases import random_quantized, routed_tokens  # noqa: E402
 
 REFERENCE = Backend()
@@ -46,12 +47,29 @@ def test_tiled_gemm(dtype: torch.dtype, group: int) -> None:
     assert_matches(w4_gemm(x.to(dtype), weight), expected, dtype)
 
 
-def test_backend_picks_gemv_or_gemm_by_rows_and_matches_for_both() -> None:
+def test_backend_picks_gemv_gemm_or_dequantize_by_rows_and_matches_for_each(monkeypatch) -> None:
     backend = get_backend("triton")
     weight = Int4Weight.from_quantized(random_quantized(32, 128, 64, True))
-    for rows in (1, 4, 5, 17):
+    taken = []
+    for name in ("w4_gemv", "w4_gemm", "w4_dequantize"):
+        kernel = getattr(triton_w4, name)
+        monkeypatch.setattr(triton_w4, name, lambda *a, _k=kernel, _n=name, **kw: taken.append(_n) or _k(*a, **kw))
+    crossover = triton_w4.DEQUANTIZE_MATMUL_MIN_ROWS
+    for rows in (1, 4, 5, 17, crossover - 1, crossover):
         x = torch.randn(rows, 128)
         assert_matches(backend.linear(x, weight), REFERENCE.linear(x, weight), torch.float32)
+    assert taken == ["w4_gemv", "w4_gemv", "w4_gemm", "w4_gemm", "w4_gemm", "w4_dequantize"]
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_dequantize_kernel_gives_the_bundle_value_exactly(group: int, symmetric: bool) -> None:
+    """(q - z) * s in fp32, dense and stacked experts (39 rows: a ragged block), bit for bit."""
+    dense = Int4Weight.from_quantized(random_quantized(39, 256, group, symmetric, seed=group))
+    experts = Int4Weight.from_quantized(random_quantized(39, 256, group, symmetric, experts=3, seed=group + 1))
+    for weight in (dense, experts):
+        assert torch.equal(w4_dequantize(weight, torch.float32), dequantize(weight, torch.float32))
+    assert torch.equal(w4_dequantize(dense, torch.float16), dequantize(dense, torch.float32).half())
 
 
 def test_aligned_pairs_give_each_block_one_expert_and_every_pair_once() -> None:

@@ -33,8 +33,8 @@ from triton.runtime.jit import create_function_from_signature
 
 from maverick_quant.arch.llama4 import maverick_linear_shapes
 from maverick_quant.compress.kernels.layout import Int4Weight
-from maverick_quant.compress.kernels.triton_w4 import (BLOCK_M_GEMM, AlignedPairs, Launch, gemm_launch,
-                                                       gemv_launch)
+from maverick_quant.compress.kernels.triton_w4 import (BLOCK_M_GEMM, AlignedPairs, Launch, dequantize_launch,
+                                                       gemm_launch, gemv_launch)
 
 H100_SMS = 132
 META = torch.device("meta")
@@ -121,7 +121,7 @@ def _aligned(tokens: int, experts: int) -> AlignedPairs:
 
 def maverick_cases(sms: int = H100_SMS) -> dict[str, Launch]:
     """Every kernel specialization the Triton backend launches for Maverick, on meta tensors:
-    GEMV (decode) and tiled GEMM, dense and expert, symmetric and asymmetric, groups 32/64/128,
+    GEMV (decode), tiled GEMM and the dequantize kernel, dense and expert, symmetric and asymmetric, groups 32/64/128,
     bf16 and fp16 activations (fp32 too for the GEMM, whose dot then runs in IEEE fp32)."""
     shapes = maverick_linear_shapes()
     (n, k), (n_up, hidden), (n_down, inter) = shapes["qkv"], shapes["expert gate+up"], shapes["expert down"]
@@ -146,6 +146,8 @@ def maverick_cases(sms: int = H100_SMS) -> dict[str, Launch]:
         cases[f"gemm expert gate+up 256 tokens {grid}"] = gemm_launch(_activations(256, hidden, bf16), gate_up, aligned,
                                                                        True, scores, 256)
         cases[f"gemm expert down 256 tokens {grid}"] = gemm_launch(_activations(256, inter, bf16), down, aligned, rows=256)
+    for symmetric in (True, False):
+        cases[f"dequantize qkv g128 {'sym' if symmetric else 'asym'}"] = dequantize_launch(_weight(n, k, 128, symmetric), bf16)
     cases["gemm qkv M=64 g128 sym fp16"] = gemm_launch(_activations(64, k, torch.float16), _weight(n, k, 128, True))
     cases["gemm qkv M=64 g128 sym fp32"] = gemm_launch(_activations(64, k, torch.float32), _weight(n, k, 128, True))
     return cases

@@ -39,6 +39,43 @@ BLOCK_K_GEMV = 128
 BLOCK_M_GEMM = 16
 BLOCK_N_GEMM = 32
 GEMV_PROGRAMS_PER_SM = 4
+BLOCK_N_DEQUANTIZE = 32
+# From this many rows a dense linear dequantizes its weight and calls torch's matmul (cuBLAS):
+# the GEMM's small tiles lose to cuBLAS once the matmul is compute-bound. A guess until measured
+# on a GPU: `benchmarks/kernel_speed.py` times both paths and prints the crossover per shape.
+DEQUANTIZE_MATMUL_MIN_ROWS = 128
+
+
+@triton.jit
+def _dequantize_group(codes_ptrs, s_ptr, z_ptr, offs_n, mask_n, G, group,
+                      GROUP: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ZEROS: tl.constexpr):
+    """W [BLOCK_N, GROUP] fp32 of one group of rows offs_n: codes_ptrs [BLOCK_N, GROUP / 2] point
+    at the group's bytes; code 2j is byte j's low nibble and code 2j + 1 its high one, so the
+    nibbles are interleaved back into K order; W = (q - z) * s."""
+    codes = tl.load(codes_ptrs, mask=mask_n[:, None], other=0)
+    scales = tl.load(s_ptr + offs_n * G + group, mask=mask_n, other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        zeros = tl.load(z_ptr + offs_n * G + group, mask=mask_n, other=0).to(tl.float32)
+    else:
+        zeros = tl.full([BLOCK_N], 8.0, tl.float32)
+    q = tl.reshape(tl.join(codes & 0xF, codes >> 4), (BLOCK_N, GROUP)).to(tl.float32)
+    return (q - zeros[:, None]) * scales[:, None]
+
+
+@triton.jit
+def _w4_dequantize_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, G,
+                          GROUP: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ZEROS: tl.constexpr):
+    """out [N, K] = W in out's dtype; one program per (BLOCK_N rows, group)."""
+    pid_n = tl.program_id(0)
+    group = tl.program_id(1)
+    HALF_G: tl.constexpr = GROUP // 2
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    rows = offs_n[:, None].to(tl.int64)
+    w = _dequantize_group(w_ptr + rows * (K // 2) + group * HALF_G + tl.arange(0, HALF_G)[None, :], s_ptr, z_ptr,
+                          offs_n, mask_n, G, group, GROUP, BLOCK_N, HAS_ZEROS)
+    out = out_ptr + rows * K + group * GROUP + tl.arange(0, GROUP)[None, :]
+    tl.store(out, w.to(out_ptr.dtype.element_ty), mask=mask_n[:, None])
 
 
 @triton.jit
@@ -137,15 +174,8 @@ def _w4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, pairs_ptr, block_expert
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for group in range(0, G):
         x = tl.load(x_rows_base + group * GROUP, mask=mask_m[:, None], other=0.0)  # [BLOCK_M, GROUP], contiguous
-        codes = tl.load(w_rows_base + group * HALF_G, mask=mask_n[:, None], other=0)  # [BLOCK_N, GROUP / 2] bytes
-        scales = tl.load(s_ptr + offs_n * G + group, mask=mask_n, other=0.0).to(tl.float32)
-        if HAS_ZEROS:
-            zeros = tl.load(z_ptr + offs_n * G + group, mask=mask_n, other=0).to(tl.float32)
-        else:
-            zeros = tl.full([BLOCK_N], 8.0, tl.float32)
-        # code 2j is byte j's low nibble, code 2j + 1 its high one: interleave back to K order
-        q = tl.reshape(tl.join(codes & 0xF, codes >> 4), (BLOCK_N, GROUP)).to(tl.float32)
-        w = ((q - zeros[:, None]) * scales[:, None]).to(x.dtype)
+        w = _dequantize_group(w_rows_base + group * HALF_G, s_ptr, z_ptr, offs_n, mask_n, G, group,
+                              GROUP, BLOCK_N, HAS_ZEROS).to(x.dtype)
         if IEEE:
             acc += tl.dot(x, tl.trans(w), input_precision="ieee")
         else:
@@ -246,6 +276,21 @@ def w4_gemm(x: torch.Tensor, weight: Int4Weight, moe: "AlignedPairs | None" = No
     return gemm_launch(x, weight, moe, gather_tokens, pair_scale, rows).run()
 
 
+def dequantize_launch(weight: Int4Weight, dtype: torch.dtype) -> Launch:
+    """The launch of `w4_dequantize` (a stacked [E, N, K/2] weight runs as E*N rows)."""
+    rows, k = weight.packed.numel() * 2 // weight.in_features, weight.in_features
+    out = torch.empty(*weight.packed.shape[:-1], k, dtype=dtype, device=weight.packed.device)
+    args = (weight.packed, weight.scales, _zeros_or_dummy(weight), out, rows, k, weight.scales.shape[-1])
+    constexprs = dict(GROUP=weight.group_size, BLOCK_N=BLOCK_N_DEQUANTIZE, HAS_ZEROS=weight.zeros is not None)
+    return Launch(_w4_dequantize_kernel, (triton.cdiv(rows, BLOCK_N_DEQUANTIZE), weight.scales.shape[-1]), args,
+                  constexprs, out)
+
+
+def w4_dequantize(weight: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """W [E?, N, K] in `dtype`, in one pass over the codes (read K/2 bytes, write K values a row)."""
+    return dequantize_launch(weight, dtype).run()
+
+
 class AlignedPairs:
     """(token, slot) pairs sorted by expert, each expert's run padded to a multiple of `block_m`.
 
@@ -270,8 +315,10 @@ class AlignedPairs:
 
 
 class TritonBackend(Backend):
-    """GEMV for up to GEMV_MAX_ROWS rows, tiled GEMM past that; MoE by the top-k decode GEMV
-    for few tokens, by one aligned launch per projection otherwise."""
+    """GEMV for up to GEMV_MAX_ROWS rows, tiled GEMM past that, and from DEQUANTIZE_MATMUL_MIN_ROWS
+    rows the weight dequantized in one pass, then torch's matmul (cuBLAS on a GPU); MoE by the top-k
+    decode GEMV for few tokens, by one aligned launch per projection otherwise (dequantizing every
+    expert would write all of them in float)."""
 
     name = "triton"
 
@@ -285,6 +332,8 @@ class TritonBackend(Backend):
         x = x.contiguous()
         if x.shape[0] <= GEMV_MAX_ROWS:
             return w4_gemv(x, weight).to(x.dtype)
+        if x.shape[0] >= DEQUANTIZE_MATMUL_MIN_ROWS:
+            return torch.nn.functional.linear(x, w4_dequantize(weight, x.dtype))
         return w4_gemm(x, weight)
 
     def experts(self, x: torch.Tensor, choice: torch.Tensor, scores: torch.Tensor, gate_up: Int4Weight,
