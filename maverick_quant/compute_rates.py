@@ -1,8 +1,10 @@
 """How fast this machine computes what a quantize run computes: the compute part of `plan`'s time.
 
-Two rates, measured on the device the run will use and cached per device, thread count and
-cost-model version: fp32 matmul flops per second, and GPTQ's cost model
-t(N, K) = K * column_seconds + gptq_flops(N, K) / gptq_flops_per_s fitted to two real solves.
+Measured on the device the run will use and cached per device, thread count and cost-model
+version: fp32 matmul flops per second; GPTQ's cost model
+t(N, K) = K * column_seconds + gptq_flops(N, K) / gptq_flops_per_s fitted to two real solves;
+and the seconds per weight that the range search (`clip_search`) adds, by one solve timed
+with and without it.
 The disk part (reads, writes, hashes) is `disk.py`.
 """
 
@@ -18,6 +20,9 @@ from maverick_quant.checkpoint import write_json_atomic
 from maverick_quant.sources import cache_dir
 
 
+COST_MODEL = 3  # bump when the rates measured change: cached rates of another model are not reused
+
+
 def _timed(fn, device: torch.device) -> float:
     """Seconds `fn()` takes on `device` (waiting for the GPU to finish)."""
     synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
@@ -28,14 +33,16 @@ def _timed(fn, device: torch.device) -> float:
     return time.perf_counter() - started
 
 
-def _gptq_seconds(rows: int, cols: int, device: torch.device) -> float:
-    """Best of two timed GPTQ solves of a random [rows, cols] weight on `device` (after a warm-up)."""
+def _gptq_seconds(rows: int, cols: int, device: torch.device, clip_search: bool = False) -> float:
+    """Best of two timed GPTQ solves of a random [rows, cols] weight on `device` (after a warm-up),
+    with each group's range searched when `clip_search`."""
     from maverick_quant.compress.gptq import gptq_quantize
     from maverick_quant.recipe import QuantSpec
 
     generator = torch.Generator().manual_seed(0)
     weight, x = torch.randn(rows, cols, generator=generator), torch.randn(4 * cols, cols, generator=generator)
-    weight, hessian, spec = weight.to(device), (x.T @ x / x.shape[0]).to(device), QuantSpec(bits=4, group_size=128)
+    spec = QuantSpec(bits=4, group_size=128, clip_search=clip_search)
+    weight, hessian = weight.to(device), (x.T @ x / x.shape[0]).to(device)
     gptq_quantize(weight[:16], hessian, spec)
     return min(_timed(lambda: gptq_quantize(weight, hessian, spec), device) for _ in range(2))
 
@@ -50,13 +57,14 @@ def rates_cache(device: torch.device | str = "cpu") -> Path:
     cost-model version)."""
     device = torch.device(device)
     where = f"{torch.get_num_threads()}" if device.type == "cpu" else torch.cuda.get_device_name(device).replace(" ", "_")
-    return cache_dir() / f"plan-rates-v2-{device.type}-{where}.json"
+    return cache_dir() / f"plan-rates-v{COST_MODEL}-{device.type}-{where}.json"
 
 
 def machine_rates(cache: Path | None = None, device: torch.device | str = "cpu") -> dict:
     """Measured on this machine's `device` (cached in `cache`): fp32 matmul flops/s, and GPTQ's
     cost model t(N, K) = K * column_seconds + gptq_flops(N, K) / gptq_flops_per_s fitted to two
-    real solves (a small one, where the per-column overhead dominates, and a larger one)."""
+    real solves (a small one, where the per-column overhead dominates, and a larger one); and
+    what `clip_search` adds per weight, the larger solve timed with and without it."""
     if cache is not None and cache.is_file():
         return json.loads(cache.read_text())
     device = torch.device(device)
@@ -71,8 +79,9 @@ def machine_rates(cache: Path | None = None, device: torch.device | str = "cpu")
     (k1, f1), (k2, f2) = (small[1], gptq_flops(*small)), (large[1], gptq_flops(*large))
     inverse_rate = max((t_large * k1 - t_small * k2) / (f2 * k1 - f1 * k2), 1 / matmul)
     column = max((t_small - f1 * inverse_rate) / k1, 0.0)
+    clip = max(_gptq_seconds(*large, device, clip_search=True) - t_large, 0.0) / (large[0] * large[1])
     rates = {"matmul_flops_per_s": matmul, "gptq_flops_per_s": 1 / inverse_rate, "gptq_column_seconds": column,
-             "threads": torch.get_num_threads(), "model": 2,
+             "clip_search_seconds_per_weight": clip, "threads": torch.get_num_threads(), "model": COST_MODEL,
              "device": "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device)}
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,8 @@ the host keeps the cache, the expert reads and the final tensors:
 RTN holds no cache and no Hessian. Time is the forwards' and Hessians' floating-point work
 divided by the measured fp32 matmul rate of the run's device, plus every GPTQ solve costed as
 K * column_seconds + (2 N K^2 + K^3) / gptq_rate, both fitted to two real solves timed on that
-device (compute_rates.py; cached in $MAVERICK_QUANT_CACHE, a few seconds the first time), plus
+device (compute_rates.py; cached in $MAVERICK_QUANT_CACHE, a few seconds the first time), plus,
+under `clip_search`, every quantized weight at the search's measured seconds per weight, plus
 the disk work: the checkpoint read once, the bundle and the per-layer hidden states for
 `--resume` written, the bundle hashed, each at the rate measured where `plan` runs (disk.py).
 A plan for a GPU on a machine without one gives memory and disk time but no compute time.
@@ -109,6 +110,7 @@ class LayerCost:
     memory: dict[str, int]
     matmul_flops: float
     gptq_solves: list[tuple[int, int, int]]  # (count, N, K) of the GPTQ solves
+    quantized_weights: int = 0  # weights quantized in the layer (each one searched under clip_search)
 
 
 @dataclass
@@ -234,7 +236,8 @@ def layer_cost(table, config, index: int, calib: CalibSpec, spec: QuantizeSpec,
                                                          inter, per_chunk, min(tokens, spec.moe.all_tokens))
         if device != "cpu":
             memory["expert_reads"] = per_chunk * expert_params * 2
-    return LayerCost(index, memory, float(matmul if calibrated else 0), solves if calibrated else []), names, count
+    weights = sum(count * n * k for count, n, k in solves)
+    return LayerCost(index, memory, float(matmul if calibrated else 0), solves if calibrated else [], weights), names, count
 
 
 def mixed_experts(counts: list[float], spec: QuantizeSpec, width: int) -> list[bool]:
@@ -335,7 +338,7 @@ def make_plan(name: str, table, config, sizes: dict[str, int], calib: CalibSpec,
     if disk is not None:
         assumptions.append(_disk_assumption(disk, *work))
     return Plan(name, params, count, passthrough, len(sizes) - tensors, baseline, layers, final, outputs,
-                None if rates is None else planned_seconds(layers, rates), resume, assumptions, device,
+                None if rates is None else planned_seconds(layers, rates, spec.weights.clip_search), resume, assumptions, device,
                 dict(zip(("read", "write", "hash"), work)), disk.seconds(*work) if disk is not None else None)
 
 
@@ -364,9 +367,11 @@ def _check_shares(table, config, shares: dict[int, list[float]]) -> None:
                              "model with as many (was the coverage measured on another model?)")
 
 
-def planned_seconds(layers: list[LayerCost], rates: dict) -> float:
-    """The layers' matmul work at the measured matmul rate plus each GPTQ solve at the fitted cost."""
-    return sum(layer.matmul_flops for layer in layers) / rates["matmul_flops_per_s"] + sum(
+def planned_seconds(layers: list[LayerCost], rates: dict, clip_search: bool = False) -> float:
+    """The layers' matmul work at the measured matmul rate plus each GPTQ solve at the fitted cost,
+    plus, under `clip_search`, the measured search time per weight for every quantized weight."""
+    search = rates["clip_search_seconds_per_weight"] * sum(layer.quantized_weights for layer in layers) if clip_search else 0.0
+    return search + sum(layer.matmul_flops for layer in layers) / rates["matmul_flops_per_s"] + sum(
         count * (k * rates["gptq_column_seconds"] + gptq_flops(n, k) / rates["gptq_flops_per_s"])
         for layer in layers for count, n, k in layer.gptq_solves)
 
@@ -377,6 +382,7 @@ def _rates_assumption(rates: dict | None, device: str) -> str:
     where = f"{rates['threads']} threads" if device == "cpu" else rates.get("device", device)
     return (f"rates measured here: fp32 matmul {rates['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, GPTQ solve "
             f"{rates['gptq_flops_per_s'] / 1e9:.1f} GFLOP/s + {1e3 * rates['gptq_column_seconds']:.2f} ms per column, "
+            f"range search (clip_search) {1e9 * rates['clip_search_seconds_per_weight']:.1f} s per billion weights, "
             f"on {where}")
 
 

@@ -116,3 +116,43 @@ def test_plan_times_the_disk_work_at_rates_measured_here(tmp_path: Path, monkeyp
     monkeypatch.setattr(disk, "measure_disk", unwritable)  # e.g. plan run from a read-only directory
     result = CliRunner().invoke(cli, ["plan", "maverick", "--samples", "8", "--seq-len", "64"])
     assert result.exit_code == 0 and "disk work not timed: its rates could not be measured here" in result.output
+
+
+def test_plan_adds_the_measured_range_search_time_for_every_quantized_weight(tmp_path: Path, monkeypatch) -> None:
+    """`--clip-search` costs its measured seconds per weight on each of Maverick's ~386 B
+    quantized weights, on top of the same GPTQ solves; with RTN it is the whole compute time."""
+    import maverick_quant.compute_rates as compute_rates
+
+    rates = {"matmul_flops_per_s": 1e12, "gptq_flops_per_s": 5e11, "gptq_column_seconds": 1e-4,
+             "clip_search_seconds_per_weight": 2e-8, "threads": 2, "model": compute_rates.COST_MODEL, "device": "cpu"}
+    monkeypatch.setattr(compute_rates, "machine_rates", lambda *args: rates)
+
+    def planned(*options: str) -> dict:
+        out = tmp_path / f"plan{len(list(tmp_path.iterdir()))}.json"
+        result = CliRunner().invoke(cli, ["plan", "maverick", "--samples", "8", "--seq-len", "64", *options,
+                                          "--json", str(out)])
+        assert result.exit_code == 0, result.output
+        return json.loads(out.read_text())
+
+    plain, searched = planned("--method", "gptq"), planned("--method", "gptq", "--clip-search")
+    assert searched["compute_seconds"] - plain["compute_seconds"] == pytest.approx(2e-8 * plain["quantized_params"])
+    assert planned("--method", "rtn")["compute_seconds"] == 0
+    assert planned("--method", "rtn", "--clip-search")["compute_seconds"] == pytest.approx(2e-8 * plain["quantized_params"])
+    assert "range search (clip_search) 20.0 s per billion weights" in CliRunner().invoke(
+        cli, ["plan", "maverick", "--samples", "8", "--seq-len", "64"]).output
+
+
+def test_the_measured_range_search_rate_is_what_one_solve_with_it_adds(tmp_path: Path, monkeypatch) -> None:
+    """The cached rates carry the search's seconds per weight: what the search adds to the
+    larger probe solve (timings replaced by known ones: 1 us per column and 1 ns per flop, and
+    0.05 s more with the search), divided by that solve's weights."""
+    import maverick_quant.compute_rates as compute_rates
+
+    def solve_seconds(rows: int, cols: int, device, clip_search: bool = False) -> float:
+        return 1e-6 * cols + 1e-9 * compute_rates.gptq_flops(rows, cols) + (0.05 if clip_search else 0.0)
+
+    monkeypatch.setattr(compute_rates, "_gptq_seconds", solve_seconds)
+    rates = compute_rates.machine_rates(tmp_path / "rates.json", "cpu")
+    assert rates == json.loads((tmp_path / "rates.json").read_text()) and rates["model"] == compute_rates.COST_MODEL
+    assert rates["clip_search_seconds_per_weight"] == pytest.approx(0.05 / (2048 * 1024))
+    assert rates["gptq_flops_per_s"] == pytest.approx(1e9) and rates["gptq_column_seconds"] == pytest.approx(1e-6)
