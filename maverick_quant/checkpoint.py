@@ -316,10 +316,29 @@ def durable_replace(tmp: Path, path: Path) -> None:
     is flushed to the disk first (fsync), and the directory entry after the rename. Without
     the first fsync a file system may persist the rename before the data, leaving `path`
     empty or zero-filled after a crash, which a resumed run would take as finished."""
-    with open(tmp, "rb") as stream:
-        os.fsync(stream.fileno())
+    _fsync_file(tmp)
     os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
+    _fsync_directory(path.parent)
+
+
+def durable_replace_dir(tmp: Path, path: Path) -> None:
+    """`durable_replace` for a finished directory `tmp` (no subdirectories): each file in it and
+    the directory itself are flushed before it is renamed to `path`, and the parent after."""
+    for entry in tmp.iterdir():
+        _fsync_file(entry)
+    _fsync_directory(tmp)
+    os.replace(tmp, path)
+    _fsync_directory(path.parent)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as stream:
+        os.fsync(stream.fileno())
+
+
+def _fsync_directory(path: Path) -> None:
+    """Flush a directory's entries (renames into it) to the disk."""
+    directory = os.open(path, os.O_RDONLY)
     try:
         os.fsync(directory)
     except OSError as exc:  # some network and FUSE file systems cannot fsync a directory

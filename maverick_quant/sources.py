@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from maverick_quant.checkpoint import durable_replace_dir
 from maverick_quant.errors import InputError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -38,8 +39,8 @@ def smollm2_gguf_path() -> Path:
 def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torch.float32) -> Path:
     """Dequantize a Llama GGUF with transformers and save it as a safetensors HF directory.
 
-    Written into a temporary sibling directory and renamed, so a crash never leaves a
-    half-written `out_dir`. Tied embeddings stay tied (no lm_head.weight is written).
+    Written into a temporary sibling directory, flushed to the disk and renamed, so neither a
+    crash nor a power loss leaves a half-written `out_dir`. Tied embeddings stay tied (no lm_head.weight is written).
     """
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -58,7 +59,7 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torc
     model.config.save_pretrained(tmp)
     model.generation_config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    os.replace(tmp, out_dir)
+    durable_replace_dir(tmp, out_dir)
     return out_dir
 
 

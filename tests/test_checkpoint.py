@@ -207,3 +207,23 @@ def test_mangled_safetensors_headers_give_a_clean_error_never_a_traceback(tmp_pa
             assert dim >= 0
             numel *= dim
         assert 0 <= info.begin <= info.end <= len(shard) and info.end - info.begin == numel * DTYPE_SIZES[info.dtype]
+
+
+def test_a_finished_directory_is_flushed_file_by_file_before_it_is_renamed(tmp_path: Path, monkeypatch) -> None:
+    """durable_replace_dir (the converted-model cache): every file, then the directory, is
+    fsync'ed before the rename, and the parent after it."""
+    import os
+
+    from maverick_quant.checkpoint import durable_replace_dir
+
+    staging, target = tmp_path / ".model.partial", tmp_path / "model"
+    staging.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (staging / name).write_text(name)
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+    durable_replace_dir(staging, target)
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"] and not staging.exists()
+    assert sorted(synced[:2]) == sorted(str(staging / name) for name in ("config.json", "model.safetensors"))
+    assert synced[2:] == [str(staging), str(tmp_path)]
