@@ -73,8 +73,8 @@ def compile_launch(launch: Launch, target: GPUTarget):
     kernel = launch.kernel
     backend = make_backend(target)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    bound, specialization, options = binder(*launch.args, **launch.constexprs)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, launch.constexprs, bound, specialization, options)
+    bound, specialization, options = binder(*launch.args, **launch.keywords)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, launch.keywords, bound, specialization, options)
     return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
 
 

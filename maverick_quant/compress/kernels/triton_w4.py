@@ -4,16 +4,21 @@
   outputs, K split); fp32 accumulation; split-K partial sums meet by atomic add in an fp32
   buffer. Per group g of a row, with codes q, zero z, scale s:
       y[m, n] += s[n, g] * (sum_k q[n, k] x[m, k]  -  z[n, g] * sum_k x[m, k])
-  so the zero costs one multiply per group, not per code. Optional per-row expert index
-  (weights stacked [E, N, K/2]), per-row source token (x row = token[m]) and per-row score:
-  that is the top-1 MoE decode path, one program per (token, output block).
+  so the zero costs one multiply per group, not per code. The codes are unpacked into K
+  order and multiply a contiguous [BLOCK_K] slice of x; each thread's 16 bytes of codes come in
+  one 16-byte load (the row length K/2 is an argument, so the JIT marks it a multiple of 16).
+  Optional per-row expert index (weights stacked [E, N, K/2]), per-row source token (x row =
+  token[m]) and per-row score: that is the top-1 MoE decode path, one program per (token,
+  output block). Tiling: `GemvConfig`.
+- `_w4_dequantize_kernel`: W in the activation dtype in one pass, for dequantize + matmul past
+  DEQUANTIZE_MATMUL_MIN_ROWS rows.
 - `_w4_gemm_kernel`: larger M. Tiles [BLOCK_M, BLOCK_N], one group of K per step; the codes
   of a tile are unpacked (low and high nibbles interleaved back into K order), dequantized to
   the activation dtype in registers and fed to one `tl.dot` with the [BLOCK_M, GROUP] input
   tile, which is read contiguously (so Triton's pipeliner copies it asynchronously, 16 bytes
   a copy on sm_90: `triton_compile`). With MOE=True each M-block belongs to
   one expert: rows are (token, slot) pairs sorted and padded per expert in torch
-  (`align_pairs`, as vLLM's `moe_align_block_size` does), then one launch runs all experts.
+  (`AlignedPairs`, as vLLM's `moe_align_block_size` does), then one launch runs all experts.
 - Fused gate+up: experts and MLPs keep gate and up concatenated along N (`gate_up`
   [.., 2I, K/2]), so one launch reads the input once for both; act(gate) * up follows in torch.
 
@@ -34,11 +39,8 @@ from maverick_quant.compress.kernels.backends import Backend, swiglu
 from maverick_quant.compress.kernels.layout import Int4Weight
 
 GEMV_MAX_ROWS = 4
-BLOCK_N_GEMV = 32
-BLOCK_K_GEMV = 128
 BLOCK_M_GEMM = 16
 BLOCK_N_GEMM = 32
-GEMV_PROGRAMS_PER_SM = 4
 BLOCK_N_DEQUANTIZE = 32
 # From this many rows a dense linear dequantizes its weight and calls torch's matmul (cuBLAS):
 # the GEMM's small tiles lose to cuBLAS once the matmul is compute-bound. A guess until measured
@@ -63,7 +65,7 @@ def _dequantize_group(codes_ptrs, s_ptr, z_ptr, offs_n, mask_n, G, group,
 
 
 @triton.jit
-def _w4_dequantize_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, G,
+def _w4_dequantize_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, w_row_bytes, G,
                           GROUP: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ZEROS: tl.constexpr):
     """out [N, K] = W in out's dtype; one program per (BLOCK_N rows, group)."""
     pid_n = tl.program_id(0)
@@ -72,7 +74,7 @@ def _w4_dequantize_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, G,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     rows = offs_n[:, None].to(tl.int64)
-    w = _dequantize_group(w_ptr + rows * (K // 2) + group * HALF_G + tl.arange(0, HALF_G)[None, :], s_ptr, z_ptr,
+    w = _dequantize_group(w_ptr + rows * w_row_bytes + group * HALF_G + tl.arange(0, HALF_G)[None, :], s_ptr, z_ptr,
                           offs_n, mask_n, G, group, GROUP, BLOCK_N, HAS_ZEROS)
     out = out_ptr + rows * K + group * GROUP + tl.arange(0, GROUP)[None, :]
     tl.store(out, w.to(out_ptr.dtype.element_ty), mask=mask_n[:, None])
@@ -80,7 +82,7 @@ def _w4_dequantize_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, G,
 
 @triton.jit
 def _w4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, row_expert_ptr, row_token_ptr, row_scale_ptr,
-                    N, K, G, stride_xm, stride_om,
+                    N, K, w_row_bytes, G, stride_xm, stride_om,
                     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                     HAS_ZEROS: tl.constexpr, HAS_EXPERT: tl.constexpr, HAS_TOKEN: tl.constexpr,
                     HAS_SCALE: tl.constexpr):
@@ -90,7 +92,7 @@ def _w4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, row_expert_ptr, row_tok
     NG: tl.constexpr = BLOCK_K // GROUP
     HALF_G: tl.constexpr = GROUP // 2
     HALF_BK: tl.constexpr = BLOCK_K // 2
-    half = K // 2
+    half = w_row_bytes  # K / 2, passed in so the JIT can mark it a multiple of 16 (16-byte loads)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     if HAS_EXPERT:
@@ -104,6 +106,7 @@ def _w4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, row_expert_ptr, row_tok
         x_row = tl.load(row_token_ptr + m)
     x_base = x_ptr + x_row.to(tl.int64) * stride_xm
     offs_j = tl.arange(0, HALF_BK)
+    offs_k = tl.arange(0, BLOCK_K)
     offs_g = tl.arange(0, NG)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     k_per_split = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
@@ -114,11 +117,10 @@ def _w4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, row_expert_ptr, row_tok
         mask_k = byte < half
         codes = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * half + byte[None, :],
                         mask=mask_n[:, None] & mask_k[None, :], other=0)
-        x_even = tl.load(x_base + 2 * byte, mask=mask_k, other=0.0).to(tl.float32)
-        x_odd = tl.load(x_base + 2 * byte + 1, mask=mask_k, other=0.0).to(tl.float32)
-        dots = (codes & 0xF).to(tl.float32) * x_even[None, :] + (codes >> 4).to(tl.float32) * x_odd[None, :]
-        dots_g = tl.sum(tl.reshape(dots, (BLOCK_N, NG, HALF_G)), axis=2)
-        x_sum_g = tl.sum(tl.reshape(x_even + x_odd, (NG, HALF_G)), axis=1)
+        x = tl.load(x_base + k0 + offs_k, mask=(k0 + offs_k) < K, other=0.0).to(tl.float32)  # [BLOCK_K]
+        q = tl.reshape(tl.join(codes & 0xF, codes >> 4), (BLOCK_N, BLOCK_K)).to(tl.float32)  # K order
+        dots_g = tl.sum(tl.reshape(q * x[None, :], (BLOCK_N, NG, GROUP)), axis=2)
+        x_sum_g = tl.sum(tl.reshape(x, (NG, GROUP)), axis=1)
         group = k0 // GROUP + offs_g
         mask_ng = mask_n[:, None] & (group < G)[None, :]
         group_offsets = offs_n[:, None].to(tl.int64) * G + group[None, :]
@@ -139,14 +141,14 @@ def _w4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, row_expert_ptr, row_tok
 
 @triton.jit
 def _w4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, pairs_ptr, block_expert_ptr, pair_scale_ptr,
-                    M, N, K, G, stride_xm, stride_om,
+                    M, N, K, w_row_bytes, G, stride_xm, stride_om,
                     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ZEROS: tl.constexpr,
                     MOE: tl.constexpr, TOP_K: tl.constexpr, GATHER_TOKENS: tl.constexpr, HAS_SCALE: tl.constexpr,
                     IEEE: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     HALF_G: tl.constexpr = GROUP // 2
-    half = K // 2
+    half = w_row_bytes  # K / 2, passed in so the JIT can mark it a multiple of 16 (16-byte loads)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -198,12 +200,12 @@ class Launch:
     kernel: Any
     grid: tuple[int, ...]
     args: tuple
-    constexprs: dict[str, Any]
+    keywords: dict[str, Any]  # the constexprs, and launch options such as num_warps
     out: torch.Tensor
 
     def run(self) -> torch.Tensor:
         if self.out.numel():
-            self.kernel[self.grid](*self.args, **self.constexprs)
+            self.kernel[self.grid](*self.args, **self.keywords)
         return self.out
 
 
@@ -212,34 +214,49 @@ def streaming_multiprocessors(device: torch.device) -> int | None:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
 
 
-def split_k_for(rows: int, n_blocks: int, k_blocks: int, sms: int | None) -> int:
-    """K splits so that a GEMV launches about GEMV_PROGRAMS_PER_SM programs per streaming
+@dataclass(frozen=True)
+class GemvConfig:
+    """The GEMV's tiling: outputs and inputs per program (block_k is raised to the group size),
+    the programs per streaming multiprocessor that split-K aims for, and warps per program.
+    The default is a guess until timed on a GPU (`kernel_speed.py --sweep-gemv`)."""
+
+    block_n: int = 32
+    block_k: int = 128
+    programs_per_sm: int = 4
+    num_warps: int = 4
+
+
+DEFAULT_GEMV = GemvConfig()
+
+
+def split_k_for(rows: int, n_blocks: int, k_blocks: int, sms: int | None, programs_per_sm: int) -> int:
+    """K splits so that a GEMV launches about `programs_per_sm` programs per streaming
     multiprocessor (2 off a GPU, where only the interpreter runs it)."""
     if sms is None:
         return min(2, k_blocks)
-    return max(1, min(k_blocks, GEMV_PROGRAMS_PER_SM * sms // max(1, rows * n_blocks)))
+    return max(1, min(k_blocks, programs_per_sm * sms // max(1, rows * n_blocks)))
 
 
 def gemv_launch(x: torch.Tensor, weight: Int4Weight, rows: int | None = None, row_expert: torch.Tensor | None = None,
                 row_token: torch.Tensor | None = None, row_scale: torch.Tensor | None = None,
-                split_k: int | None = None, sms: int | None = None) -> Launch:
+                split_k: int | None = None, sms: int | None = None, config: GemvConfig = DEFAULT_GEMV) -> Launch:
     """The GEMV launch of `w4_gemv` (same arguments; `sms` defaults to x's device's SM count)."""
     n, k = weight.out_features, weight.in_features
     rows = x.shape[0] if rows is None else rows
-    n_blocks = triton.cdiv(n, BLOCK_N_GEMV)
-    block_k = max(BLOCK_K_GEMV, weight.group_size)
+    n_blocks = triton.cdiv(n, config.block_n)
+    block_k = max(config.block_k, weight.group_size)
     sms = streaming_multiprocessors(x.device) if sms is None else sms
-    split = split_k or split_k_for(rows, n_blocks, triton.cdiv(k, block_k), sms)
+    split = split_k or split_k_for(rows, n_blocks, triton.cdiv(k, block_k), sms, config.programs_per_sm)
     out = torch.zeros(rows, n, dtype=torch.float32, device=x.device)
     dummy = weight.scales
     args = (x, weight.packed, weight.scales, _zeros_or_dummy(weight), out,
             dummy if row_expert is None else row_expert, dummy if row_token is None else row_token,
             dummy if row_scale is None else row_scale,
-            n, k, weight.scales.shape[-1], x.stride(0), out.stride(0))
-    constexprs = dict(GROUP=weight.group_size, BLOCK_N=BLOCK_N_GEMV, BLOCK_K=block_k, SPLIT_K=split,
+            n, k, k // 2, weight.scales.shape[-1], x.stride(0), out.stride(0))
+    keywords = dict(GROUP=weight.group_size, BLOCK_N=config.block_n, BLOCK_K=block_k, SPLIT_K=split,
                       HAS_ZEROS=weight.zeros is not None, HAS_EXPERT=row_expert is not None,
-                      HAS_TOKEN=row_token is not None, HAS_SCALE=row_scale is not None)
-    return Launch(_w4_gemv_kernel, (rows, n_blocks, split), args, constexprs, out)
+                      HAS_TOKEN=row_token is not None, HAS_SCALE=row_scale is not None, num_warps=config.num_warps)
+    return Launch(_w4_gemv_kernel, (rows, n_blocks, split), args, keywords, out)
 
 
 def w4_gemv(x: torch.Tensor, weight: Int4Weight, rows: int | None = None, row_expert: torch.Tensor | None = None,
@@ -261,12 +278,12 @@ def gemm_launch(x: torch.Tensor, weight: Int4Weight, moe: "AlignedPairs | None" 
     args = (x, weight.packed, weight.scales, _zeros_or_dummy(weight), out,
             dummy if moe is None else moe.pairs, dummy if moe is None else moe.block_expert,
             dummy if pair_scale is None else pair_scale,
-            rows, n, k, weight.scales.shape[-1], x.stride(0), out.stride(0))
-    constexprs = dict(GROUP=weight.group_size, BLOCK_M=BLOCK_M_GEMM, BLOCK_N=BLOCK_N_GEMM,
+            rows, n, k, k // 2, weight.scales.shape[-1], x.stride(0), out.stride(0))
+    keywords = dict(GROUP=weight.group_size, BLOCK_M=BLOCK_M_GEMM, BLOCK_N=BLOCK_N_GEMM,
                       HAS_ZEROS=weight.zeros is not None, MOE=moe is not None,
                       TOP_K=moe.top_k if moe is not None else 1, GATHER_TOKENS=gather_tokens,
                       HAS_SCALE=pair_scale is not None, IEEE=x.dtype == torch.float32)
-    return Launch(_w4_gemm_kernel, (m_blocks, triton.cdiv(n, BLOCK_N_GEMM)), args, constexprs, out)
+    return Launch(_w4_gemm_kernel, (m_blocks, triton.cdiv(n, BLOCK_N_GEMM)), args, keywords, out)
 
 
 def w4_gemm(x: torch.Tensor, weight: Int4Weight, moe: "AlignedPairs | None" = None, gather_tokens: bool = False,
@@ -280,10 +297,10 @@ def dequantize_launch(weight: Int4Weight, dtype: torch.dtype) -> Launch:
     """The launch of `w4_dequantize` (a stacked [E, N, K/2] weight runs as E*N rows)."""
     rows, k = weight.packed.numel() * 2 // weight.in_features, weight.in_features
     out = torch.empty(*weight.packed.shape[:-1], k, dtype=dtype, device=weight.packed.device)
-    args = (weight.packed, weight.scales, _zeros_or_dummy(weight), out, rows, k, weight.scales.shape[-1])
-    constexprs = dict(GROUP=weight.group_size, BLOCK_N=BLOCK_N_DEQUANTIZE, HAS_ZEROS=weight.zeros is not None)
+    args = (weight.packed, weight.scales, _zeros_or_dummy(weight), out, rows, k, k // 2, weight.scales.shape[-1])
+    keywords = dict(GROUP=weight.group_size, BLOCK_N=BLOCK_N_DEQUANTIZE, HAS_ZEROS=weight.zeros is not None)
     return Launch(_w4_dequantize_kernel, (triton.cdiv(rows, BLOCK_N_DEQUANTIZE), weight.scales.shape[-1]), args,
-                  constexprs, out)
+                  keywords, out)
 
 
 def w4_dequantize(weight: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
