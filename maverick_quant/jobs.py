@@ -324,19 +324,22 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
     model_dir = _recipe_model_dir(recipe.model)
     source = open_source(model_dir)  # a bad model is refused here, before any work
     _check_recipe_files(recipe)
+    check_lock(recipe, source)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     steps = 2 + len(recipe.exports) + (recipe.validation is not None)
     step = _step_printer(steps)
     calib_dir, calibration = None, None
     if recipe.quantize.method is not Method.RTN:
         step(f"calibrate: {recipe.calibration.samples} x {recipe.calibration.seq_len} tokens from {recipe.calibration_data}")
-        calib_dir = out / "calibration"
         calibration = make_calibration(model_dir, recipe.calibration_data, recipe.calibration)
+        check_lock(recipe, source, calibration)
+        out.mkdir(parents=True, exist_ok=True)  # only now: bad calibration data leaves no directory behind
+        calib_dir = out / "calibration"
         with atomic_output_dir(calib_dir, force=True) as tmp:
             calibration.save(tmp)
     else:
         step("calibrate: not needed for rtn")
+        out.mkdir(parents=True, exist_ok=True)
     step(f"quantize: {recipe.quantize.method.value}, {recipe.quantize.weights.bits} bits, group {recipe.quantize.weights.group_size}")
     if resume and _finished_bundle_matches(out / "bundle", source, recipe.quantize, calibration):
         click.echo(f"  {out / 'bundle'} was finished earlier with this recipe and model: kept")
@@ -361,7 +364,7 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
         passed = run_validate(model_dir, out / "bundle", data, out / "report", v.ctx, v.max_windows, v.gates, None,
                               v.batch, True, progress, v.protocol, v.hellaswag, v.hellaswag_tasks, v.choices, v.kernels,
                               device, v.choices_pass_mib)
-    _write_lock(dataclasses.replace(recipe, device=device), Path(recipe_path), model_dir, source, calib_dir,
+    _write_lock(dataclasses.replace(recipe, device=device), Path(recipe_path), source, calibration,
                 out / "recipe.lock.yaml")
     click.echo(f"run finished -> {out} ({'gates passed' if passed else 'a gate FAILED'})")
     return passed
@@ -472,14 +475,16 @@ def _step_printer(total: int):
     return lambda text: click.echo(f"[{next(count)}/{total}] {text}")
 
 
-def _write_lock(recipe, recipe_path: Path, model_dir: Path, source, calib_dir, path: Path) -> None:
-    """recipe.lock.yaml: every value resolved, library versions, model and data fingerprints."""
+def _write_lock(recipe, recipe_path: Path, source, calibration, path: Path) -> None:
+    """recipe.lock.yaml: the recipe with every value resolved, and under `lock:` the model's
+    fingerprint, the calibration records' and windows' sha256, every validation file's sha256,
+    the recipe file, and library versions. `maverick-quant run recipe.lock.yaml` runs it again,
+    after `check_lock` finds the same model and data."""
     import importlib.metadata
     import platform
 
     import yaml
 
-    from maverick_quant.calibration.data import CalibrationSet
     from maverick_quant.checkpoint import sha256_file, write_text_atomic
 
     def version(package: str) -> str | None:
@@ -488,18 +493,53 @@ def _write_lock(recipe, recipe_path: Path, model_dir: Path, source, calib_dir, p
         except importlib.metadata.PackageNotFoundError:
             return None
 
-    lock = recipe.to_dict()
-    lock["model"] = {"name": recipe.model, "path": str(model_dir), "fingerprint": source.checkpoint.fingerprint()}
-    if calib_dir is not None:
-        meta = CalibrationSet.load(calib_dir).meta
-        lock["calibration"].update(data_sha256=meta.get("data_sha256"), windows_sha256=meta.get("windows_sha256"))
-    if recipe.validation is not None:
-        for key in ("data", "hellaswag", "choices"):
-            value = lock["validation"].get(key)
-            if value:
-                lock["validation"][f"{key}_sha256"] = sha256_file(Path(value))
-    lock["recipe_file"] = {"path": str(recipe_path), "sha256": sha256_file(recipe_path)}
-    lock["versions"] = {"python": platform.python_version(), "maverick-quant": __version__,
-                        **{p: version(p) for p in ("torch", "transformers", "safetensors", "gguf", "compressed-tensors",
-                                                   "numpy", "triton")}}
+    provenance = {"model_fingerprint": source.checkpoint.fingerprint(), **_calibration_hashes(calibration),
+                  "validation_sha256": _validation_hashes(recipe),
+                  "recipe_file": {"path": str(recipe_path), "sha256": sha256_file(recipe_path)},
+                  "versions": {"python": platform.python_version(), "maverick-quant": __version__,
+                               **{p: version(p) for p in ("torch", "transformers", "safetensors", "gguf",
+                                                          "compressed-tensors", "numpy", "triton")}}}
+    lock = dataclasses.replace(recipe, lock=provenance).to_dict()
     write_text_atomic(path, yaml.safe_dump(lock, sort_keys=False))
+
+
+def _calibration_hashes(calibration) -> dict:
+    """sha256 of the calibration records and of the drawn windows (none for RTN)."""
+    if calibration is None:
+        return {}
+    return {"calibration_data_sha256": calibration.meta.get("data_sha256"),
+            "calibration_windows_sha256": calibration.meta.get("windows_sha256")}
+
+
+def _validation_hashes(recipe) -> dict:
+    """{key: sha256} of the validation files the recipe names (not `self`)."""
+    from maverick_quant.checkpoint import sha256_file
+
+    if recipe.validation is None:
+        return {}
+    files = {key: getattr(recipe.validation, key) for key in ("data", "hellaswag", "choices")}
+    return {key: sha256_file(Path(value)) for key, value in files.items() if value not in (None, "self")}
+
+
+LOCKED_INPUTS = {"model_fingerprint": "the model", "validation_sha256": "that validation file",
+                 "calibration_data_sha256": "the calibration text", "calibration_windows_sha256": "the calibration windows"}
+
+
+def check_lock(recipe, source, calibration=None) -> None:
+    """A lock file's recipe runs only on what it was written from: InputError naming what
+    changed (the model, a validation file; with `calibration`, the calibration records or the
+    windows drawn from them). A recipe without `lock:` passes."""
+    if recipe.lock is None:
+        return
+    if calibration is not None:
+        found = _calibration_hashes(calibration)
+    else:
+        found = {"model_fingerprint": source.checkpoint.fingerprint(),
+                 **{f"validation_sha256.{key}": value for key, value in _validation_hashes(recipe).items()}}
+    for key, value in found.items():
+        section, _, name = key.partition(".")
+        expected = recipe.lock.get(section)
+        expected = expected.get(name) if name and isinstance(expected, dict) else expected
+        if expected is not None and value != expected:
+            raise InputError(f"lock.{key}: the lock file was written from {expected}, this run finds {value}: "
+                             f"{LOCKED_INPUTS[section]} changed since (remove the `lock:` section to run it anyway)")

@@ -48,6 +48,7 @@ from maverick_quant.recipe import (CHOICES_PASS_MIB, GGUF_GRIDS, KERNEL_BACKENDS
 
 BUILTIN_MODELS = {"builtin:smollm2-135m-instruct"}
 EXPORT_FORMATS = ("gptq", "awq", "compressed-tensors", "gguf")
+FROM_GGUF_GRID = ("scale_bits", "k_quant", "free_min")  # QuantSpec fields only a gguf_grid sets
 GGUF_TYPES = ("Q4_0", "Q4_1", "Q4_K", "Q8_0")
 PROTOCOLS = ("gptq", "llama.cpp")
 
@@ -114,6 +115,7 @@ class Recipe:
     validation: ValidationStep | None = None
     gguf_grid: str | None = None
     device: str = "auto"
+    lock: dict | None = dataclasses.field(default=None, hash=False)  # a lock file's provenance (LOCK_KEYS)
 
     def __post_init__(self) -> None:
         if self.quantize.method is not Method.RTN and self.calibration_data is None:
@@ -123,13 +125,27 @@ class Recipe:
             _check_export_overrides(step, self.quantize)
 
     def to_dict(self) -> dict:
-        """Every value resolved (defaults included), JSON/YAML-friendly."""
-        return {"model": self.model,
-                "calibration": {"data": self.calibration_data, **dataclasses.asdict(self.calibration)},
-                "quantize": {**self.quantize.to_dict(), "gguf_grid": self.gguf_grid, "device": self.device},
-                "exports": [dataclasses.asdict(step) for step in self.exports],
-                "validation": None if self.validation is None else {**dataclasses.asdict(self.validation),
-                                                                    "gates": list(self.validation.gates)}}
+        """Every value resolved (defaults included), in the recipe's own structure and YAML-friendly:
+        `parse_recipe(recipe.to_dict())` is this recipe again, so a lock file runs as a recipe."""
+        spec = self.quantize.to_dict()
+        weights = {key: value for key, value in spec.pop("weights").items() if key not in FROM_GGUF_GRID}
+        recipe = {"model": self.model,
+                  "calibration": {"data": self.calibration_data, **dataclasses.asdict(self.calibration)},
+                  "quantize": {**spec, **weights, "gguf_grid": self.gguf_grid, "device": self.device},
+                  "exports": [dataclasses.asdict(step) for step in self.exports],
+                  "validation": None if self.validation is None else dataclasses.asdict(self.validation)}
+        if self.lock is not None:
+            recipe["lock"] = self.lock
+        return _plain(recipe)
+
+
+def _plain(value: Any) -> Any:
+    """`value` with every tuple made a list (YAML's safe dumper writes no tuples)."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
 
 
 EXPORT_BITS = {"gptq": PACK_BITS, "compressed-tensors": PACK_BITS, "awq": (4,)}  # AWQ's layout is 4-bit only
@@ -248,11 +264,13 @@ def _prefixed(prefix: str):
 
 
 # `quantize:` takes QuantizeSpec's own keys and QuantSpec's (scale_bits, k_quant and free_min come from gguf_grid)
-QUANTIZE_KEYS = {**_hints(QuantizeSpec, skip=("weights", "moe", "awq")),
-                 **_hints(QuantSpec, skip=("scale_bits", "k_quant", "free_min"))}
+QUANTIZE_KEYS = {**_hints(QuantizeSpec, skip=("weights", "moe", "awq")), **_hints(QuantSpec, skip=FROM_GGUF_GRID)}
 
 
-TOP_KEYS = ("model", "calibration", "quantize", "exports", "validation")
+TOP_KEYS = ("model", "calibration", "quantize", "exports", "validation", "lock")
+# recipe.lock.yaml's `lock:` section, what `run` checks before it computes (jobs.check_lock)
+LOCK_KEYS = {"model_fingerprint": str, "calibration_data_sha256": str, "calibration_windows_sha256": str,
+             "validation_sha256": dict, "recipe_file": dict, "versions": dict}
 
 
 def parse_recipe(data: Any, base: Path = Path(".")) -> Recipe:
@@ -297,7 +315,21 @@ def parse_recipe(data: Any, base: Path = Path(".")) -> Recipe:
     with _prefixed("calibration."):
         calibration_spec = CalibSpec(**calibration_keys)
     return Recipe(model=model, calibration_data=calibration_data, calibration=calibration_spec, quantize=spec,
-                  exports=tuple(steps), validation=validation, gguf_grid=grid, device=device)
+                  exports=tuple(steps), validation=validation, gguf_grid=grid, device=device, lock=_lock(data.get("lock")))
+
+
+def _lock(data: Any) -> dict | None:
+    """A lock file's `lock:` section, its keys and their types checked (the values are checked by `run`)."""
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise InputError(f"lock: expected a mapping of {', '.join(LOCK_KEYS)}, got {type(data).__name__}")
+    for key, value in data.items():
+        if key not in LOCK_KEYS:
+            raise InputError(f"lock.{key}: unknown key; expected one of {', '.join(LOCK_KEYS)}")
+        if value is not None and not isinstance(value, LOCK_KEYS[key]):
+            raise InputError(f"lock.{key}={value!r}: expected {LOCK_KEYS[key].__name__}")
+    return data
 
 
 def _resolve(path: str, base: Path) -> Path:

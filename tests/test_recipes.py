@@ -147,11 +147,12 @@ def test_run_makes_bundle_exports_report_and_lock_and_gates_the_exit_code(tiny_l
     assert {p.name for p in out.iterdir()} >= {"calibration", "bundle", "model-gptq", "model-compressed-tensors", "report",
                                                "recipe.lock.yaml"}
     lock = yaml.safe_load((out / "recipe.lock.yaml").read_text())
-    assert lock["quantize"]["weights"] == {"bits": 4, "group_size": 32, "sym": False, "act_order": False, "damp": 0.01,
-                                           "block_size": 128, "scale_bits": 11, "k_quant": False, "free_min": False}
+    assert {key: lock["quantize"][key] for key in ("bits", "group_size", "sym", "act_order", "damp", "block_size")} == {
+        "bits": 4, "group_size": 32, "sym": False, "act_order": False, "damp": 0.01, "block_size": 128}
     assert lock["quantize"]["moe"]["min_tokens"] == 128  # defaults resolved
-    assert len(lock["model"]["fingerprint"]) == 64 and len(lock["calibration"]["data_sha256"]) == 64
-    assert len(lock["validation"]["data_sha256"]) == 64 and lock["versions"]["torch"]
+    provenance = lock["lock"]
+    assert len(provenance["model_fingerprint"]) == 64 and len(provenance["calibration_data_sha256"]) == 64
+    assert len(provenance["validation_sha256"]["data"]) == 64 and provenance["versions"]["torch"]
     assert lock["quantize"]["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")  # auto, resolved
     report = json.loads((out / "report" / "report.json").read_text())
     assert report["candidate_model"] == str(out / "bundle")
@@ -181,3 +182,36 @@ def test_run_refuses_missing_files_before_any_work(tiny_llama_dir: Path, tmp_pat
     result = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(tmp_path / "run")])
     assert result.exit_code == 2 and "calibration.data" in result.output and "missing.txt" in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_a_lock_file_runs_again_to_the_same_bundle_and_refuses_changed_inputs(tiny_llama_dir: Path, small_text_file: Path,
+                                                                            tmp_path: Path) -> None:
+    """recipe.lock.yaml is a recipe: run again it makes the same tensors, bit for bit. Its
+    `lock:` section stops a run on another model (before any work) or on other calibration
+    windows (before quantizing), and no output directory is left behind."""
+    recipe = _write_recipe(tmp_path, tiny_llama_dir, small_text_file, [])
+    lock_data = yaml.safe_load(recipe.read_text())
+    lock_data["exports"], lock_data["validation"] = [], None
+    recipe.write_text(yaml.safe_dump(lock_data))
+    first = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(tmp_path / "first"), "--no-progress"])
+    assert first.exit_code == 0, first.output
+    lock_file = tmp_path / "first" / "recipe.lock.yaml"
+    again = CliRunner().invoke(cli, ["run", str(lock_file), "--out", str(tmp_path / "again"), "--no-progress"])
+    assert again.exit_code == 0, again.output
+    hashes = lambda run: {name: f["sha256"] for name, f in json.loads(  # noqa: E731
+        (tmp_path / run / "bundle" / "manifest.json").read_text())["files"].items() if name.endswith(".safetensors")}
+    assert hashes("again") == hashes("first") and len(hashes("first")) >= 3  # the layers' JSON holds timings
+
+    for key, step in (("model_fingerprint", "before any work"), ("calibration_windows_sha256", "after calibrating")):
+        changed = yaml.safe_load(lock_file.read_text())
+        changed["lock"][key] = "0" * 64
+        path = tmp_path / f"changed-{key}.yaml"
+        path.write_text(yaml.safe_dump(changed))
+        result = CliRunner().invoke(cli, ["run", str(path), "--out", str(tmp_path / key), "--no-progress"])
+        assert result.exit_code == 2 and f"lock.{key}" in result.output and "0" * 64 in result.output, (step, result.output)
+        assert not (tmp_path / key).exists(), step
+    bad = yaml.safe_load(lock_file.read_text())
+    bad["lock"]["fingerprint"] = "x"
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    result = CliRunner().invoke(cli, ["run", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "bad")])
+    assert result.exit_code == 2 and "lock.fingerprint: unknown key" in result.output
