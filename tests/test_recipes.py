@@ -215,3 +215,11 @@ def test_a_lock_file_runs_again_to_the_same_bundle_and_refuses_changed_inputs(ti
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
     result = CliRunner().invoke(cli, ["run", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "bad")])
     assert result.exit_code == 2 and "lock.fingerprint: unknown key" in result.output
+
+
+@pytest.mark.parametrize("shipped", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda path: path.name)
+def test_every_shipped_recipe_written_out_resolved_reads_back_as_itself(shipped: Path) -> None:
+    """What the lock file is made of: `to_dict` through YAML and `parse_recipe` again is the
+    same recipe, gguf grids, MoE policies, AWQ and clip-search settings included."""
+    recipe = load_recipe(shipped)
+    assert parse_recipe(yaml.safe_load(yaml.safe_dump(recipe.to_dict())), shipped.parent) == recipe
