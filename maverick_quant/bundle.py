@@ -200,6 +200,7 @@ class Bundle:
         self.manifest = json.loads((self.root / MANIFEST).read_text())
         if self.manifest.get("format") != BUNDLE_FORMAT:
             raise InputError(f"{self.root / MANIFEST}: format {self.manifest.get('format')!r}, expected {BUNDLE_FORMAT!r}")
+        self._check_files_present()
         from maverick_quant.arch.registry import table_for
         from transformers import AutoConfig
 
@@ -208,6 +209,16 @@ class Bundle:
         self.text_config = self.table.text_config(self.config)
         self.quant = self.manifest["recipe"]["weights"]
         self._passthrough = read_safetensors_header(self.root / PASSTHROUGH)
+
+    def _check_files_present(self) -> None:
+        """InputError naming every file the manifest lists that is missing or of another size,
+        before anything reads the bundle (a cheap stat per file; `inspect` verifies the hashes)."""
+        bad = [f"{name} ({'missing' if not (self.root / name).is_file() else 'size differs from the manifest'})"
+               for name, record in self.manifest.get("files", {}).items()
+               if not (self.root / name).is_file() or (self.root / name).stat().st_size != record["bytes"]]
+        if bad:
+            shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            raise InputError(f"{self.root}: incomplete bundle: {shown} (copy it again, or quantize again)")
 
     @property
     def num_layers(self) -> int:

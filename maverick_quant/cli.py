@@ -205,6 +205,7 @@ def quantize(model_dir, data, calib, out, method, gguf_grid, bits, group_size, s
 @moe_options
 @click.option("--batch", default=8, show_default=True, help="Windows per forward batch.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the plan as JSON here.")
+@click.option("--force", is_flag=True, help="Replace an existing --json file.")
 @click.option("--coverage", type=click.Path(path_type=Path),
               help="coverage.json from `calibrate --coverage`: plan the busiest experts' inputs from the measured "
                    "tokens per expert instead of even routing.")
@@ -213,7 +214,7 @@ def quantize(model_dir, data, calib, out, method, gguf_grid, bits, group_size, s
 def plan(target, method, gguf_grid, bits, group_size, sym, signed_scale, clip_search, act_order, damp, keep_float, bits_overrides, samples,
          seq_len, seed,
          chat_template, moe_policy, moe_mix, moe_min_tokens, moe_require_full_rank, moe_fallback, moe_quantize_router, moe_chunk_mib, batch,
-         json_out, coverage, device) -> None:
+         json_out, force, coverage, device) -> None:
     """Predict a quantize run before it starts: tensors quantized and passed through, output
     size per format, peak host and GPU memory, disk and time. TARGET: a model directory (only
     config.json and the safetensors headers are read), a recipe .yaml (its options win), or
@@ -223,6 +224,10 @@ def plan(target, method, gguf_grid, bits, group_size, sym, signed_scale, clip_se
     moe = _moe_spec(moe_policy, moe_mix, moe_min_tokens, moe_require_full_rank, moe_fallback, moe_quantize_router, moe_chunk_mib)
     spec = _quantize_spec(method, bits, group_size, sym, signed_scale, clip_search, act_order, damp, batch, moe=moe, gguf_grid=gguf_grid,
                           keep_float=keep_float, bits_overrides=bits_overrides)
+    if json_out is not None:
+        from maverick_quant.checkpoint import check_output_dir
+
+        check_output_dir(json_out, force)
     run_plan(target, spec, _calib_spec(samples, seq_len, seed, chat_template), json_out, device, coverage)
 
 
@@ -230,23 +235,23 @@ def plan(target, method, gguf_grid, bits, group_size, sym, signed_scale, clip_se
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--plot", type=click.Path(path_type=Path), help="Write a PNG heat map of tokens per expert per layer.")
 @click.option("--top", default=5, show_default=True, help="Experts listed as most/least used.")
-def inspect_command(path, plot, top) -> None:
+@click.option("--force", is_flag=True, help="Replace an existing --plot file.")
+def inspect_command(path, plot, top, force) -> None:
     """Summarize a bundle (recipe, size, losses, MoE expert usage and fallbacks), or an export
-    directory or GGUF file (format, tensors, sizes; file hashes verified: exit 1 on a mismatch)."""
-    from maverick_quant.bundle import Bundle
+    directory or GGUF file (format, tensors, sizes). Either way every file's size and sha256 are
+    verified against its manifest: exit 1 on a mismatch."""
+    from maverick_quant.bundle import MANIFEST, Bundle
+    from maverick_quant.checkpoint import check_output_dir
+    from maverick_quant.exporters.artifact import verify_manifest
     from maverick_quant.inspect_bundle import artifact_summary, bundle_summary, expert_audit, plot_bundle_experts
 
     if path.is_file() or _is_export(path):
         summary, bad = artifact_summary(path)
         click.echo(summary)
-        if bad is None:
-            click.echo(f"no manifest beside {path.name}: hashes not verified")
-        elif bad:
-            click.echo(f"hash or size mismatch: {', '.join(bad)}")
-            sys.exit(1)
-        else:
-            click.echo("files verified against the manifest")
+        _report_verification(path, bad)
         return
+    if plot:
+        check_output_dir(plot, force)
     bundle = Bundle(path)
     click.echo(bundle_summary(bundle, top))
     if plot:
@@ -254,6 +259,19 @@ def inspect_command(path, plot, top) -> None:
             raise InputError(f"{path}: --plot needs an MoE bundle quantized with calibration data "
                              "(no routed-token counts recorded; an rtn run routes nothing)")
         click.echo(f"heat map -> {plot_bundle_experts(bundle, plot)}")
+    _report_verification(path, verify_manifest(path / MANIFEST))
+
+
+def _report_verification(path: Path, bad: list[str] | None) -> None:
+    """Say whether `path`'s files matched its manifest (`bad`: those that did not; None: no
+    manifest); exit 1 on a mismatch."""
+    if bad is None:
+        click.echo(f"no manifest beside {path.name}: hashes not verified")
+    elif bad:
+        click.echo(f"hash or size mismatch: {', '.join(bad)}")
+        sys.exit(1)
+    else:
+        click.echo("files verified against the manifest")
 
 
 def _is_export(path: Path) -> bool:

@@ -181,6 +181,32 @@ def test_inspect_summarizes_experts_and_draws_the_heat_map(moe_bundle: Path, tmp
     deficient = sum(bool(r["rank_deficient"]) for r in audit)
     assert f"rank-deficient routed Hessians: {deficient} experts" in result.output
     assert (tmp_path / "experts.png").read_bytes()[:4] == b"\x89PNG"
+    assert "files verified against the manifest" in result.output
+    again = CliRunner().invoke(cli, ["inspect", str(moe_bundle), "--plot", str(tmp_path / "experts.png")])
+    assert again.exit_code == 2 and "--force" in again.output
+    assert CliRunner().invoke(cli, ["inspect", str(moe_bundle), "--plot", str(tmp_path / "experts.png"),
+                                    "--force"]).exit_code == 0
+
+
+def test_inspect_finds_a_bundle_file_whose_bytes_changed_and_nothing_opens_an_incomplete_bundle(
+        moe_bundle: Path, tmp_path: Path) -> None:
+    """inspect hashes every file against the manifest (exit 1, naming it); a file missing or of
+    another size is refused when the bundle is opened, by any command, naming the file."""
+    import shutil
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(moe_bundle, copy)
+    layer = sorted((copy / "layers").glob("*.safetensors"))[0]
+    data = bytearray(layer.read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes
+    layer.write_bytes(bytes(data))
+    result = CliRunner().invoke(cli, ["inspect", str(copy)])
+    assert result.exit_code == 1 and f"hash or size mismatch: layers/{layer.name}" in result.output, result.output
+    layer.unlink()
+    for command in (["inspect", str(copy)], ["export", str(copy), "--format", "gptq", "--out", str(tmp_path / "gptq")]):
+        result = CliRunner().invoke(cli, command)
+        assert result.exit_code == 2 and f"layers/{layer.name} (missing)" in result.output, result.output
+    assert not (tmp_path / "gptq").exists()
 
 
 def test_coverage_counts_every_calibration_token_per_moe_layer(tiny_llama4_dir: Path, tiny_llama_dir: Path,

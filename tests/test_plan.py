@@ -36,6 +36,15 @@ def test_plan_of_a_missing_model_names_it(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "nowhere" in result.output
 
 
+def test_plan_json_never_replaces_a_file_without_force(tmp_path: Path) -> None:
+    (tmp_path / "plan.json").write_text("mine")
+    command = ["plan", "maverick", "--samples", "8", "--seq-len", "64", "--json", str(tmp_path / "plan.json")]
+    result = CliRunner().invoke(cli, command)
+    assert result.exit_code == 2 and "--force" in result.output and (tmp_path / "plan.json").read_text() == "mine"
+    assert CliRunner().invoke(cli, [*command, "--force"]).exit_code == 0
+    assert json.loads((tmp_path / "plan.json").read_text())["quantized_tensors"] > 0
+
+
 @pytest.mark.slow
 def test_plan_memory_is_within_25_percent_of_the_measured_peak(tiny_llama4_dir: Path, small_text_file: Path,
                                                                tmp_path: Path) -> None:
