@@ -55,3 +55,27 @@ def test_eval_windows_are_contiguous(tokenizer, small_text_file: Path) -> None:
     windows = eval_windows(small_text_file, tokenizer, ctx=16, max_windows=3)
     assert windows.shape == (3, 16)
     assert windows[0, 0].item() == tokenizer.bos_token_id
+
+
+def test_self_generated_data_is_refused_before_loading_a_model_larger_than_memory(tiny_llama_dir, tmp_path: Path,
+                                                                                  monkeypatch) -> None:
+    """`--data self` loads the whole model in fp32: with less memory available than that (here
+    made so), calibrate refuses before loading it, naming the model and both sizes."""
+    import math
+
+    from click.testing import CliRunner
+
+    from maverick_quant.calibration import selfgen
+    from maverick_quant.checkpoint import Checkpoint
+    from maverick_quant.cli import cli
+
+    fp32 = 4 * sum(math.prod(info.shape) for info in Checkpoint(tiny_llama_dir).tensors.values())
+    selfgen.check_fits_in_memory(tiny_llama_dir, available=fp32)  # exactly enough: passes
+    with pytest.raises(InputError, match=r"whole model loaded in fp32, .* GiB, and this machine has"):
+        selfgen.check_fits_in_memory(tiny_llama_dir, available=fp32 - 1)
+
+    monkeypatch.setattr(selfgen, "available_memory", lambda: 1024)
+    result = CliRunner().invoke(cli, ["calibrate", str(tiny_llama_dir), "--data", "self", "--samples", "2",
+                                      "--seq-len", "16", "--out", str(tmp_path / "calib")])
+    assert result.exit_code == 2 and str(tiny_llama_dir) in result.output and "pass the file instead" in result.output
+    assert not (tmp_path / "calib").exists()

@@ -2,13 +2,15 @@
 
 Each sample starts from BOS and one vocabulary token drawn by the seed (as LLM-QAT's
 data-free recipe does, so samples do not all open alike), then is sampled with
-temperature 1 and top-k 50. This loads the whole model with transformers: fine for
-small models; for a model larger than memory, generate once on a machine that holds it
-and pass the text with --data.
+temperature 1 and top-k 50. This loads the whole model with transformers in fp32: fine
+for small models; a model larger than the available memory is refused before loading
+(`check_fits_in_memory`): generate once on a machine that holds it and pass the text with
+--data.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -18,6 +20,7 @@ def generate_self_text(model_dir: Path, n_samples: int, max_new_tokens: int, see
     """`n_samples` decoded texts of up to `max_new_tokens` tokens each, deterministic for `seed`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_fits_in_memory(Path(model_dir))
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False).eval()
     generator = torch.Generator().manual_seed(seed)
@@ -34,3 +37,29 @@ def generate_self_text(model_dir: Path, n_samples: int, max_new_tokens: int, see
                                     pad_token_id=tokenizer.eos_token_id)
             texts.extend(tokenizer.batch_decode(output[:, 1:], skip_special_tokens=True))
     return texts
+
+
+def check_fits_in_memory(model_dir: Path, available: int | None = None) -> None:
+    """InputError, before loading anything, when the whole model in fp32 (4 bytes per element of
+    its shards, from their headers) exceeds this machine's available memory (`available` bytes,
+    default MemAvailable): Maverick would need 1.6 TB."""
+    from maverick_quant.checkpoint import Checkpoint
+    from maverick_quant.errors import InputError
+
+    needed = 4 * sum(math.prod(info.shape) for info in Checkpoint(model_dir).tensors.values())
+    available = available_memory() if available is None else available
+    if available is not None and needed > available:
+        raise InputError(f"{model_dir}: `self` data generates text with the whole model loaded in fp32, "
+                         f"{needed / 2**30:.1f} GiB, and this machine has {available / 2**30:.1f} GiB available: "
+                         "generate the text where the model fits (or write it another way) and pass the file instead")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available for a new allocation (Linux MemAvailable; None where unknown)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
