@@ -113,6 +113,24 @@ def test_validate_and_gptq_export_of_an_moe_bundle(moe_bundle: Path, tiny_llama4
     assert all(torch.equal(exported[name], bundled[name]) for name in bundled)
 
 
+def test_awq_export_of_an_moe_bundle_holds_every_expert_and_reads_back_exactly(smollm2_dir: Path, tmp_path: Path) -> None:
+    """The AWQ GEMM layout per expert; the router stays float. (A dense MLP of width 64: the
+    tiny model's 48 is no multiple of a group, which the AWQ export refuses by name.)"""
+    from tests.conftest import make_tiny_llama4
+
+    model_dir = make_tiny_llama4(smollm2_dir, tmp_path / "model", intermediate_size_mlp=64, num_hidden_layers=4)
+    bundle = tmp_path / "bundle"
+    run("quantize", model_dir, "--method", "rtn", "--group-size", 32, "--asym", "--out", bundle, "--no-progress")
+    run("export", bundle, "--format", "awq", "--out", tmp_path / "awq")
+    index = Checkpoint(tmp_path / "awq").tensors
+    expert = "language_model.model.layers.3.feed_forward.experts.7.gate_proj"
+    assert {f"{expert}.{p}" for p in ("qweight", "qzeros", "scales")} <= set(index)
+    assert "language_model.model.layers.3.feed_forward.router.weight" in index
+    assert json.loads((tmp_path / "awq" / "config.json").read_text())["quantization_config"]["quant_method"] == "awq"
+    exported, bundled = open_export(tmp_path / "awq").layer_tensors(3), Bundle(bundle).layer_tensors(3)
+    assert set(exported) == set(bundled) and all(torch.equal(exported[name], bundled[name]) for name in bundled)
+
+
 def _chunk_inputs(tiny_llama4_dir: Path, tokens: int = 200):
     source = open_source(tiny_llama4_dir)
     model = StreamingModel(source)
