@@ -351,7 +351,7 @@ def _fsync_directory(path: Path) -> None:
 def write_text_atomic(path: Path, text: str) -> None:
     """Write `text` to a temporary name in the same directory, then rename over `path` (durably)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     durable_replace(tmp, path)
 
 

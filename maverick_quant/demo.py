@@ -21,9 +21,10 @@ EVAL_SEED = 1234
 def write_eval_text(model_dir: Path, path: Path, samples: int, seq_len: int) -> Path:
     """Held-out self-generated evaluation text (another seed than calibration)."""
     from maverick_quant.calibration.selfgen import generate_self_text
+    from maverick_quant.checkpoint import write_text_atomic
 
     texts = generate_self_text(model_dir, n_samples=samples, max_new_tokens=seq_len, seed=EVAL_SEED)
-    path.write_text("\n\n".join(texts), encoding="utf-8")
+    write_text_atomic(path, "\n\n".join(texts))
     return path
 
 

@@ -326,7 +326,7 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
     _check_recipe_files(recipe)
     check_lock(recipe, source)
     out = Path(out)
-    steps = 2 + len(recipe.exports) + (recipe.validation is not None)
+    steps = 2 + len(recipe.exports) + (len(recipe.validation.candidates) if recipe.validation is not None else 0)
     step = _step_printer(steps)
     calib_dir, calibration = None, None
     if recipe.quantize.method is not Method.RTN:
@@ -355,15 +355,16 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
     passed = True
     if recipe.validation is not None:
         v = recipe.validation
-        step(f"validate the bundle on {v.data}")
         data = v.data
         if data == "self":  # held-out text the model writes itself (another seed than calibration)
             from maverick_quant.demo import write_eval_text
 
             data = write_eval_text(model_dir, out / "eval-self.txt", 16, v.ctx)
-        passed = run_validate(model_dir, out / "bundle", data, out / "report", v.ctx, v.max_windows, v.gates, None,
-                              v.batch, True, progress, v.protocol, v.hellaswag, v.hellaswag_tasks, v.choices, v.kernels,
-                              device, v.choices_pass_mib)
+        for candidate in v.candidates:
+            step(f"validate {candidate} on {v.data}" + (" (in llama.cpp)" if candidate.endswith(".gguf") else ""))
+            passed &= run_validate(model_dir, out / candidate, data, out / report_name(candidate), v.ctx, v.max_windows,
+                                   v.gates, None, v.batch, True, progress, v.protocol, v.hellaswag, v.hellaswag_tasks,
+                                   v.choices, v.kernels if candidate == "bundle" else None, device, v.choices_pass_mib)
     _write_lock(dataclasses.replace(recipe, device=device), Path(recipe_path), source, calibration,
                 out / "recipe.lock.yaml")
     click.echo(f"run finished -> {out} ({'gates passed' if passed else 'a gate FAILED'})")
@@ -468,6 +469,12 @@ def _check_recipe_files(recipe) -> None:
     for key, path in named.items():
         if path not in (None, "self") and not Path(path).is_file():
             raise InputError(f"{key}: {path} is not a file")
+
+
+def report_name(candidate: str) -> str:
+    """A run's report directory for a validation candidate: report/ for the bundle,
+    report-model-q4_0.gguf/ for an export."""
+    return "report" if candidate == "bundle" else f"report-{candidate}"
 
 
 def _step_printer(total: int):

@@ -76,7 +76,8 @@ class ExportStep:
 
 @dataclass(frozen=True)
 class ValidationStep:
-    """`validate` of the bundle against the original model (see `maverick-quant validate`)."""
+    """`validate` of each candidate (the bundle, and exports named by their output name: a GGUF
+    runs in llama.cpp) against the original model (see `maverick-quant validate`)."""
 
     data: str
     ctx: int = 512
@@ -89,9 +90,12 @@ class ValidationStep:
     choices_pass_mib: int = CHOICES_PASS_MIB
     kernels: str | None = None
     gates: tuple[str, ...] = ()
+    candidates: tuple[str, ...] = ("bundle",)  # "bundle" and/or exports by output name (model-q4_0.gguf, model-gptq)
 
     def __post_init__(self) -> None:
         _one_of("validation.protocol", self.protocol, PROTOCOLS)
+        if not self.candidates:
+            raise InputError("validation.candidates: empty; expected bundle and/or the name of an export")
         if self.kernels is not None:
             _one_of("validation.kernels", self.kernels, KERNEL_BACKENDS)
         for key in ("ctx", "max_windows", "batch", "choices_pass_mib"):
@@ -123,6 +127,10 @@ class Recipe:
         for step in self.exports:
             _check_export_grid(step, self.quantize.weights)
             _check_export_overrides(step, self.quantize)
+        if self.validation is not None:
+            names = ["bundle", *(step.name for step in self.exports)]
+            for candidate in self.validation.candidates:
+                _one_of("validation.candidates[]", candidate, tuple(names))
 
     def to_dict(self) -> dict:
         """Every value resolved (defaults included), in the recipe's own structure and YAML-friendly:

@@ -49,6 +49,9 @@ def test_shipped_recipes_load() -> None:
     ({"exprots": []}, "exprots: unknown key; expected one of model, calibration"),
     ({"quantize": {"device": "gpu"}}, "quantize.device='gpu': expected auto, cpu, cuda or cuda:N"),
     ({"quantize": {"moe": {"require_full_rank": "yes"}}}, "quantize.moe.require_full_rank='yes': expected bool"),
+    ({"validation": {"data": "x", "candidates": ["model-q4_0.gguf"]}},
+     "validation.candidates[]='model-q4_0.gguf': expected one of bundle, model-gptq, model-compressed-tensors"),
+    ({"validation": {"data": "x", "candidates": []}}, "validation.candidates: empty"),
 ])
 def test_bad_recipes_name_the_key_and_the_allowed_values(change: dict, message: str) -> None:
     data = json.loads(json.dumps(VALID))
@@ -141,11 +144,16 @@ def _write_recipe(tmp_path: Path, model_dir: Path, text_file: Path, gates: list[
 def test_run_makes_bundle_exports_report_and_lock_and_gates_the_exit_code(tiny_llama_dir: Path, small_text_file: Path,
                                                                          tmp_path: Path) -> None:
     recipe = _write_recipe(tmp_path, tiny_llama_dir, small_text_file, ["top1_agreement>=0.0"])
+    with_export = yaml.safe_load(recipe.read_text())
+    with_export["validation"]["candidates"] = ["bundle", "model-gptq"]  # the export users publish is validated too
+    recipe.write_text(yaml.safe_dump(with_export))
     out = tmp_path / "run"
     result = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(out), "--no-progress"])
     assert result.exit_code == 0, result.output
     assert {p.name for p in out.iterdir()} >= {"calibration", "bundle", "model-gptq", "model-compressed-tensors", "report",
-                                               "recipe.lock.yaml"}
+                                               "report-model-gptq", "recipe.lock.yaml"}
+    exported = json.loads((out / "report-model-gptq" / "report.json").read_text())
+    assert exported["candidate_model"] == str(out / "model-gptq") and exported["gates"]
     lock = yaml.safe_load((out / "recipe.lock.yaml").read_text())
     assert {key: lock["quantize"][key] for key in ("bits", "group_size", "sym", "act_order", "damp", "block_size")} == {
         "bits": 4, "group_size": 32, "sym": False, "act_order": False, "damp": 0.01, "block_size": 128}
