@@ -296,16 +296,17 @@ def _is_export(path: Path) -> bool:
 @click.option("--report", "report_dir", type=click.Path(path_type=Path, exists=True, file_okay=False),
               help="A `validate` report directory whose summary goes into the model card.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
-def export(bundle_dir, fmt, out, max_shard_size, gguf_type, requantize, gguf_pre, report_dir, force) -> None:
+@click.option("--progress/--no-progress", default=True)
+def export(bundle_dir, fmt, out, max_shard_size, gguf_type, requantize, gguf_pre, report_dir, force, progress) -> None:
     """Write a bundle as a checkpoint other engines load (with a model card and a manifest)."""
     from maverick_quant.jobs import run_export, run_export_gguf
 
     if report_dir is not None and not (report_dir / "report.json").is_file():
         raise InputError(f"--report {report_dir}: no report.json (expected a directory written by `validate --report`)")
     if fmt == "gguf":
-        run_export_gguf(bundle_dir, out, gguf_type, requantize, gguf_pre, force, report_dir)
+        run_export_gguf(bundle_dir, out, gguf_type, requantize, gguf_pre, force, report_dir, progress)
     else:
-        run_export(bundle_dir, out, fmt, max_shard_size, force, report_dir)
+        run_export(bundle_dir, out, fmt, max_shard_size, force, report_dir, progress)
 
 
 @cli.command()

@@ -45,7 +45,7 @@ def run_demo(work_dir: Path, eval_data: Path | None, samples: int, seq_len: int,
     run_quantize(model_dir, work_dir / "bundle", spec, "self", None, CalibSpec(samples=samples, seq_len=seq_len),
                  force=True, progress=progress)
     click.echo("3/4 export: GPTQ layout (transformers / GPTQModel / vLLM)")
-    run_export(work_dir / "bundle", work_dir / "gptq", force=True)
+    run_export(work_dir / "bundle", work_dir / "gptq", force=True, progress=progress)
     click.echo("4/4 validate the export against the float model")
     evaluations = {"self-generated (held out)": write_eval_text(model_dir, work_dir / "eval-self.txt", 16, seq_len)}
     if eval_data is not None:

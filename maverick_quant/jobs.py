@@ -86,7 +86,7 @@ def _enter_output(stack: contextlib.ExitStack, out: Path, identity: dict, force:
     return work_dir_for(out), ReadOnlyState(state_dir_for(out), identity)
 
 
-def run_export(bundle_dir, out, fmt="gptq", max_shard_size=5 * 10**9, force=False, report_dir=None):
+def run_export(bundle_dir, out, fmt="gptq", max_shard_size=5 * 10**9, force=False, report_dir=None, progress=True):
     from maverick_quant.bundle import Bundle
     from maverick_quant.checkpoint import atomic_output_dir, check_output_dir
     from maverick_quant.exporters.artifact import write_artifact_files
@@ -96,7 +96,7 @@ def run_export(bundle_dir, out, fmt="gptq", max_shard_size=5 * 10**9, force=Fals
     check_output_dir(out, force)
     bundle = Bundle(bundle_dir)
     with atomic_output_dir(out, force) as tmp:
-        files = export_packed(bundle, tmp, LAYOUTS[fmt], max_shard_size)
+        files = export_packed(bundle, tmp, LAYOUTS[fmt], max_shard_size, progress)
         write_artifact_files(bundle, tmp, fmt, report_dir=report_dir)
     click.echo(f"exported {fmt}: {len(files)} files -> {out}")
 
@@ -128,7 +128,8 @@ def run_imatrix(model_dir, out, data, calib, calib_spec, force, progress, chunk_
     click.echo(f"imatrix: {len(imatrix.entries)} linears over {imatrix.chunk_count} x {imatrix.chunk_size} tokens -> {out}")
 
 
-def run_export_gguf(source_dir, out, gguf_type="Q4_0", requantize=False, pre=None, force=False, report_dir=None):
+def run_export_gguf(source_dir, out, gguf_type="Q4_0", requantize=False, pre=None, force=False, report_dir=None,
+                    progress=True):
     """GGUF of a bundle (lossless on its grid, or --requantize), or of a float model directory
     (re-quantized by gguf-py: the plain GGUF other tools make, as a baseline)."""
     from maverick_quant.bundle import BUNDLE_FORMAT, MANIFEST, Bundle
@@ -140,7 +141,7 @@ def run_export_gguf(source_dir, out, gguf_type="Q4_0", requantize=False, pre=Non
     is_bundle = manifest.is_file() and json.loads(manifest.read_text()).get("format") == BUNDLE_FORMAT
     weights = BundleWeights(Bundle(source_dir)) if is_bundle else FloatWeights(Path(source_dir))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    report = export_gguf(weights, Path(out), gguf_type, requantize, pre)
+    report = export_gguf(weights, Path(out), gguf_type, requantize, pre, progress)
     lossless = (is_bundle and not report.requantized) or gguf_type in FLOAT_GGUF_TYPES
     detail = gguf_type if lossless else f"{gguf_type} (re-quantized by gguf-py)"
     write_gguf_sidecars(weights.bundle if is_bundle else None, weights.name, Path(out), detail, report_dir)
@@ -349,9 +350,11 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
     for export in recipe.exports:
         step(f"export: {export.format} -> {export.name}")
         if export.format == "gguf":
-            run_export_gguf(out / "bundle", out / export.name, export.gguf_type, export.requantize, force=True)
+            run_export_gguf(out / "bundle", out / export.name, export.gguf_type, export.requantize, force=True,
+                            progress=progress)
         else:
-            run_export(out / "bundle", out / export.name, export.format, export.max_shard_size, force=True)
+            run_export(out / "bundle", out / export.name, export.format, export.max_shard_size, force=True,
+                       progress=progress)
     passed = True
     if recipe.validation is not None:
         v = recipe.validation

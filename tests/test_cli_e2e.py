@@ -34,6 +34,7 @@ def tiny_run(tiny_llama_dir: Path, tmp_path_factory) -> dict[str, Path]:
     assert code == 0, out
     code, out = _run("export", root / "bundle", "--format", "gptq", "--out", root / "gptq", "--max-shard-size", 200_000)
     assert code == 0, out
+    assert "export gptq: 100%" in out and "layer/s" in out  # the progress bar, with counts and a rate
     return {"root": root, "text": text, "bundle": root / "bundle", "gptq": root / "gptq", "model": tiny_llama_dir}
 
 

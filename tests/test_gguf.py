@@ -77,6 +77,7 @@ def tiny_q4_0(tiny_llama_dir: Path, tmp_path_factory) -> dict[str, Path]:
     assert code == 0, out
     code, out = _run("export", root / "bundle", "--format", "gguf", "--gguf-type", "Q4_0", "--out", root / "model.gguf")
     assert code == 0, out
+    assert "export gguf Q4_0: 100%" in out and "B/s" in out  # the progress bar, in bytes with a rate
     return {"root": root, "bundle": root / "bundle", "gguf": root / "model.gguf", "text": text}
 
 

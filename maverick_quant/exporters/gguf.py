@@ -32,6 +32,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from maverick_quant.arch.base import unfuse_experts
 from maverick_quant.bundle import Bundle
@@ -492,7 +493,7 @@ def add_tokenizer(writer, model_dir: Path, vocab_size: int, pre: str) -> None:
 
 
 def export_gguf(weights: BundleWeights | FloatWeights, out_path: Path, gguf_type: str, requantize: bool = False,
-                pre: str | None = None) -> GGUFExport:
+                pre: str | None = None, show_progress: bool = True) -> GGUFExport:
     """Write a bundle (or, re-quantized by gguf-py, a float model) as a GGUF file at `out_path`
     (written under a temporary name, renamed when complete)."""
     import gguf
@@ -520,12 +521,16 @@ def export_gguf(weights: BundleWeights | FloatWeights, out_path: Path, gguf_type
         writer.write_header_to_file(path=tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
+        bar = tqdm(total=sum(job.nbytes() for job in jobs), desc=f"export gguf {gguf_type}", unit="B", unit_scale=True,
+                   disable=not show_progress)
         for job in jobs:
             data = np.ascontiguousarray(job.load()).view(np.uint8)
             if data.nbytes != job.nbytes():
                 raise InputError(f"--format gguf: {job.name}: {data.nbytes} bytes made, {job.nbytes()} announced")
             writer.write_tensor_data(data)
             report.tensors += 1
+            bar.update(data.nbytes)
+        bar.close()
         writer.close()
         durable_replace(tmp, out_path)
     finally:

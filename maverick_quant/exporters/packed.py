@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from tqdm.auto import tqdm
 
 from maverick_quant.arch.base import fuse_experts
 from maverick_quant.bundle import Bundle, copy_model_files
@@ -153,7 +154,8 @@ def dynamic_grid(quant: dict, module: str) -> tuple[int, int]:
     return int(quant["bits"]), int(quant["group_size"])
 
 
-def export_packed(bundle: Bundle, out_dir: Path, layout: Layout, max_shard_bytes: int = 5 * 10**9) -> list[str]:
+def export_packed(bundle: Bundle, out_dir: Path, layout: Layout, max_shard_bytes: int = 5 * 10**9,
+                  show_progress: bool = True) -> list[str]:
     """Write `bundle` in `layout` into the (empty) directory `out_dir`; returns the files written."""
     has_experts = any(layer.get("experts") for layer in bundle.manifest["layers"])
     overrides, unquantized = bundle.overridden_grids(), unquantized_modules(bundle)  # fused sets checked first
@@ -178,7 +180,7 @@ def export_packed(bundle: Bundle, out_dir: Path, layout: Layout, max_shard_bytes
             raise InputError(f"--format {layout.name}: {module} (shape {list(weight.shape)}): {exc}") from None
 
     writer = ShardedWriter(out_dir, max_shard_bytes)
-    for index in range(bundle.num_layers):
+    for index in tqdm(range(bundle.num_layers), desc=f"export {layout.name}", unit="layer", disable=not show_progress):
         prefix = bundle.table.prefix(index)
         quantized, passthrough = bundle.quantized_layer(index)
         for name, weight in quantized.items():
