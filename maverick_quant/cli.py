@@ -243,7 +243,8 @@ def inspect_command(path, plot, top, force) -> None:
     from maverick_quant.bundle import MANIFEST, Bundle
     from maverick_quant.checkpoint import check_output_dir
     from maverick_quant.exporters.artifact import verify_manifest
-    from maverick_quant.inspect_bundle import artifact_summary, bundle_summary, expert_audit, plot_bundle_experts
+    from maverick_quant.inspect_bundle import (artifact_summary, bundle_summary, expert_audit, expert_token_counts,
+                                               plot_bundle_experts)
 
     if path.is_file() or _is_export(path):
         summary, bad = artifact_summary(path)
@@ -255,7 +256,7 @@ def inspect_command(path, plot, top, force) -> None:
     bundle = Bundle(path)
     click.echo(bundle_summary(bundle, top))
     if plot:
-        if not any(record["tokens"] is not None for record in expert_audit(bundle)):
+        if not expert_token_counts(expert_audit(bundle)):
             raise InputError(f"{path}: --plot needs an MoE bundle quantized with calibration data "
                              "(no routed-token counts recorded; an rtn run routes nothing)")
         click.echo(f"heat map -> {plot_bundle_experts(bundle, plot)}")

@@ -62,14 +62,23 @@ def expert_audit(bundle: Bundle) -> list[dict]:
             for record in layer.get("experts", {}).get("audit", [])]
 
 
+def expert_token_counts(records: list[dict]) -> dict[int, list[int]]:
+    """{MoE layer: routed calibration tokens per expert} from audit records (layer, tokens);
+    empty when no record counted tokens (an RTN run routes nothing)."""
+    if not any(record["tokens"] is not None for record in records):
+        return {}
+    counts: dict[int, list[int]] = {}
+    for record in records:
+        counts.setdefault(record["layer"], []).append(record["tokens"] or 0)
+    return counts
+
+
 def plot_bundle_experts(bundle: Bundle, path: Path) -> Path:
     """Heat map of routed calibration tokens per expert per MoE layer."""
     from maverick_quant.validation.report import plot_expert_tokens
 
-    counts: dict[int, list[int]] = {}
-    for record in expert_audit(bundle):
-        counts.setdefault(record["layer"], []).append(record["tokens"] or 0)
-    return plot_expert_tokens(counts, Path(path), f"Calibration tokens per expert: {bundle.root.name}")
+    return plot_expert_tokens(expert_token_counts(expert_audit(bundle)), Path(path),
+                              f"Calibration tokens per expert: {bundle.root.name}")
 
 
 def artifact_summary(path: Path) -> tuple[str, list[str] | None]:

@@ -196,12 +196,11 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
     report.update(_expert_summary(cand_source))
     outcomes = evaluate_gates(parsed, report, baseline_report)
     report["gates"] = [{"gate": o.gate, "actual": o.actual, "threshold": o.threshold, "passed": o.passed} for o in outcomes]
-    with atomic_output_dir(report_dir, force) as tmp:
-        write_report(report, tmp, kl_values=result.kl_values, layer_errors=result.layer_errors, gate_results=outcomes)
-        if any(row["tokens"] is not None for row in report.get("experts", {}).get("per_expert", [])):
-            from maverick_quant.inspect_bundle import plot_bundle_experts
+    from maverick_quant.inspect_bundle import expert_token_counts
 
-            plot_bundle_experts(cand_source, tmp / "expert_tokens.png")
+    with atomic_output_dir(report_dir, force) as tmp:
+        write_report(report, tmp, kl_values=result.kl_values, layer_errors=result.layer_errors, gate_results=outcomes,
+                     expert_tokens=expert_token_counts(report.get("experts", {}).get("per_expert", [])))
     _echo_summary(report, outcomes)
     return all(o.passed for o in outcomes)
 

@@ -98,6 +98,10 @@ def test_validate_and_gptq_export_of_an_moe_bundle(moe_bundle: Path, tiny_llama4
         kl[name] = report["kl"]["mean"]
     assert report["experts"]["count"] == 16 and not (tmp_path / "report-rtn" / "expert_tokens.png").exists()
     assert (tmp_path / "report-gptq" / "expert_tokens.png").is_file()  # RTN saw no tokens: nothing to draw
+    markdown = (tmp_path / "report-gptq" / "report.md").read_text()
+    assert "![expert_tokens](expert_tokens.png)" in markdown and "## Routed experts" in markdown
+    assert "16 experts, " in markdown and "| layer | expert | tokens | policy | rel. loss |" in markdown
+    assert "Fewest calibration tokens" not in (tmp_path / "report-rtn" / "report.md").read_text()  # RTN routes none
     assert json.loads((tmp_path / "report-gptq" / "report.json").read_text())["experts"]["fallbacks"] >= 1
     assert 0 < kl["gptq"] < kl["rtn"]
     run("export", moe_bundle, "--format", "gptq", "--out", tmp_path / "gptq")

@@ -20,7 +20,8 @@ import torch
 from maverick_quant.checkpoint import durable_replace
 from maverick_quant.validation.gates import GateResult
 
-METRIC_KEYS = frozenset({"reference", "candidate", "ppl_ratio", "kl", "top1_agreement", "tokens", "gates", "layers"})
+METRIC_KEYS = frozenset({"reference", "candidate", "ppl_ratio", "kl", "top1_agreement", "tokens", "gates", "layers",
+                         "experts"})
 """Top-level report keys shown in the metric table or plots; any other key goes to the "Run" section."""
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -127,12 +128,31 @@ def _worst_layer_line(layer_errors: Sequence[tuple[str, float]] | None) -> list[
     return [f"Largest relative layer error: {name} ({_fmt(float(error))})."]
 
 
+def _expert_section(experts: Mapping | None, shown: int = 5) -> list[str]:
+    """An MoE candidate's routed experts (from its quantize audit): how many, how many fell
+    back, and the experts with the largest relative loss and with the fewest calibration tokens."""
+    if not experts:
+        return []
+    rows = experts.get("per_expert", [])
+    lines = ["## Routed experts", "", f"{_fmt(experts.get('count'))} experts, {_fmt(experts.get('fallbacks'))} "
+             "quantized by their fallback policy (too few routed calibration tokens).", ""]
+    lossy = sorted((r for r in rows if r.get("rel_loss") is not None), key=lambda r: -r["rel_loss"])[:shown]
+    starved = sorted((r for r in rows if r.get("tokens") is not None), key=lambda r: r["tokens"])[:shown]
+    for title, picked in (("Largest relative loss", lossy), ("Fewest calibration tokens", starved)):
+        if picked:
+            lines += [f"{title}:", "", "| layer | expert | tokens | policy | rel. loss |", "|---:|---:|---:|---|---:|"]
+            lines += [f"| {r['layer']} | {r['expert']} | {_fmt(r.get('tokens'))} | {r.get('policy')} | "
+                      f"{_fmt(r.get('rel_loss'))} |" for r in picked] + [""]
+    return lines
+
+
 def render_markdown(report: Mapping, gate_results: Sequence | None = None,
                     layer_errors: Sequence[tuple[str, float]] | None = None, plots: Sequence[Path] = ()) -> str:
-    """report.md text: metric table, gates, worst layer, extra report sections, plot links."""
+    """report.md text: metric table, gates, worst layer, routed experts, extra report sections, plot links."""
     gates = gate_results if gate_results is not None else report.get("gates", [])
     lines = ["# Validation report", "", *_metric_table(report), "", *_worst_layer_line(layer_errors), ""]
     lines += [*_gate_section(gates), ""]
+    lines += _expert_section(report.get("experts"))
     run = _run_section(report)
     lines += [*run, ""] if run else []
     lines += [f"![{plot.stem}]({plot.name})" for plot in plots]
@@ -207,8 +227,10 @@ def plot_expert_tokens(counts: Mapping[int, Sequence[int]], path: Path, title: s
 
 def write_report(report: dict, out_dir: Path, *, kl_values: torch.Tensor | None = None,
                  layer_errors: list[tuple[str, float]] | None = None,
-                 gate_results: list | None = None) -> list[Path]:
-    """Write report.json, kl_histogram.png / layer_error.png (when their data is given) and report.md.
+                 gate_results: list | None = None, expert_tokens: Mapping[int, Sequence[int]] | None = None) -> list[Path]:
+    """Write report.json, kl_histogram.png / layer_error.png / expert_tokens.png (when their data
+    is given: `expert_tokens` is {MoE layer: calibration tokens per expert}) and report.md, which
+    links every plot.
 
     Returns the paths written, report.json first and report.md last.
     """
@@ -221,6 +243,8 @@ def write_report(report: dict, out_dir: Path, *, kl_values: torch.Tensor | None 
         plots.append(plot_kl_histogram(kl_values, out_dir / "kl_histogram.png"))
     if layer_errors:
         plots.append(plot_layer_errors(layer_errors, out_dir / "layer_error.png"))
+    if expert_tokens:
+        plots.append(plot_expert_tokens(expert_tokens, out_dir / "expert_tokens.png", "Calibration tokens per expert"))
     markdown = render_markdown(report, gate_results, layer_errors, plots)
     written += plots
     written.append(_atomic_write(out_dir / "report.md", lambda handle: handle.write(markdown.encode())))
