@@ -61,14 +61,19 @@ def _calib_spec(samples: int, seq_len: int, seed: int, chat_template: bool) -> C
 @click.option("--coverage", is_flag=True,
               help="Also stream the model over the windows and report tokens per expert (coverage.json/.png).")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("--device", default="auto", show_default=True,
+              help="Where --coverage runs the model's layers: auto (CUDA if present), cpu, cuda, cuda:N.")
 @click.option("--progress/--no-progress", default=True)
-def calibrate(model_dir, data, out, samples, seq_len, seed, chat_template, coverage, force, progress) -> None:
+def calibrate(model_dir, data, out, samples, seq_len, seed, chat_template, coverage, force, device, progress) -> None:
     """Draw a reproducible calibration set (token windows + provenance) from DATA."""
     from maverick_quant.calibration.data import make_calibration
     from maverick_quant.checkpoint import atomic_output_dir, check_output_dir
+    from maverick_quant.devices import resolve_device, use_device
     from maverick_quant.streaming import open_source
 
     check_output_dir(out, force)
+    compute = resolve_device(device)
+    use_device(compute)
     source = open_source(model_dir) if coverage else None  # refuse a bad model before tokenizing
     calibration = make_calibration(model_dir, data, _calib_spec(samples, seq_len, seed, chat_template))
     with atomic_output_dir(out, force) as tmp:
@@ -76,7 +81,7 @@ def calibrate(model_dir, data, out, samples, seq_len, seed, chat_template, cover
         if coverage:
             from maverick_quant.coverage import coverage_summary, expert_coverage, write_coverage
 
-            counts = expert_coverage(source, calibration.input_ids, show_progress=progress)
+            counts = expert_coverage(source, calibration.input_ids, show_progress=progress, device=compute)
             write_coverage(counts, tmp)
             click.echo(coverage_summary(counts))
     click.echo(f"calibration: {calibration.input_ids.shape[0]} windows x {calibration.input_ids.shape[1]} tokens -> {out}")
@@ -318,14 +323,17 @@ def export(bundle_dir, fmt, out, max_shard_size, gguf_type, requantize, gguf_pre
 @calib_options
 @click.option("--moe-chunk-mib", default=MoESpec.chunk_mib, show_default=True, help="Routed experts read this many MiB at a time.")
 @click.option("--force", is_flag=True, help="Replace an existing file.")
+@click.option("--device", default="auto", show_default=True,
+              help="Where the model's layers run: auto (CUDA if present), cpu, cuda, cuda:N.")
 @click.option("--progress/--no-progress", default=True)
-def imatrix(model_dir, data, calib, out, samples, seq_len, seed, chat_template, moe_chunk_mib, force, progress) -> None:
+def imatrix(model_dir, data, calib, out, samples, seq_len, seed, chat_template, moe_chunk_mib, force, device,
+            progress) -> None:
     """Write MODEL_DIR's activation statistics over the calibration set as a llama.cpp imatrix
     GGUF (for `llama-quantize --imatrix`), routed experts per expert."""
     from maverick_quant.jobs import run_imatrix
 
     run_imatrix(model_dir, out, data, calib, _calib_spec(samples, seq_len, seed, chat_template), force, progress,
-                moe_chunk_mib)
+                moe_chunk_mib, device)
 
 
 @cli.command()

@@ -21,12 +21,13 @@ COVERAGE_JSON, COVERAGE_PNG = "coverage.json", "coverage.png"
 
 @torch.no_grad()
 def expert_coverage(source: WeightSource, input_ids: torch.Tensor, batch: int = 8,
-                    show_progress: bool = True) -> dict:
-    """Stream the float model over `input_ids` [S, L]; tokens routed to each expert per MoE layer.
+                    show_progress: bool = True, device: torch.device | str = "cpu") -> dict:
+    """Stream the float model over `input_ids` [S, L] (layers on `device`, hidden states on the
+    host); tokens routed to each expert per MoE layer.
 
     Returns {"tokens": S*L, "layers": {layer: [count per expert]}, "starved": {layer: [experts with 0]}}.
     """
-    model = StreamingModel(source, batch=batch)
+    model = StreamingModel(source, batch=batch, device=device)
     moe_layers = [i for i in range(model.num_layers) if model.plan(i).moe is not None]
     if not moe_layers:
         raise InputError("--coverage: this model has no mixture-of-experts layers")

@@ -110,18 +110,22 @@ def _check_output_file(out: Path, force: bool, example: str) -> None:
         raise InputError(f"{out}: is a directory; this writes one file (e.g. --out {example})")
 
 
-def run_imatrix(model_dir, out, data, calib, calib_spec, force, progress, chunk_mib):
-    """llama.cpp imatrix GGUF of MODEL_DIR's float model over a calibration set."""
+def run_imatrix(model_dir, out, data, calib, calib_spec, force, progress, chunk_mib, device="auto"):
+    """llama.cpp imatrix GGUF of MODEL_DIR's float model over a calibration set, its layers run
+    on `device`."""
     from maverick_quant.calibration.data import CalibrationSet, make_calibration
     from maverick_quant.calibration.imatrix import collect_imatrix, write_imatrix_gguf
+    from maverick_quant.devices import resolve_device, use_device
     from maverick_quant.streaming import open_source
 
     _check_output_file(out, force, "model.imatrix.gguf")
+    compute = resolve_device(device)
+    use_device(compute)
     if calib is None and data is None:
         raise InputError("imatrix needs --data FILE|self or --calib DIR")
     source = open_source(model_dir)
     calibration = CalibrationSet.load(calib) if calib else make_calibration(model_dir, data, calib_spec)
-    imatrix = collect_imatrix(source, calibration.input_ids, chunk_mib=chunk_mib, show_progress=progress)
+    imatrix = collect_imatrix(source, calibration.input_ids, chunk_mib=chunk_mib, show_progress=progress, device=compute)
     datasets = [str(calibration.meta.get("source") or calib or data)]
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     write_imatrix_gguf(imatrix, Path(out), datasets)

@@ -92,6 +92,11 @@ def test_a_device_this_machine_lacks_is_refused_before_any_work(tiny_llama_dir: 
     result = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(tmp_path / "run")])
     assert result.exit_code == 2 and "quantize.device='cuda:1'" in result.output
     assert not (tmp_path / "run").exists()
+    for command in (["calibrate", str(tiny_llama_dir), "--data", "self", "--coverage", "--out", str(tmp_path / "c")],
+                    ["imatrix", str(tiny_llama_dir), "--data", "self", "--out", str(tmp_path / "m.gguf")]):
+        result = CliRunner().invoke(cli, [*command, "--device", "cuda"])
+        assert result.exit_code == 2 and "--device='cuda': this machine has no CUDA device" in result.output, command
+    assert not (tmp_path / "c").exists() and not (tmp_path / "m.gguf").exists()
 
 
 def test_maverick_fits_one_80_gib_gpu_and_64_gib_of_host_memory(tmp_path: Path) -> None:
@@ -152,3 +157,22 @@ def test_resuming_on_another_device_warns_and_is_recorded(tmp_path: Path) -> Non
         assert warn_if_resumed_elsewhere(state, "cpu") == "NVIDIA H100 80GB HBM3"
     state.save_progress(4, None, "cpu")
     assert warn_if_resumed_elsewhere(state, "cpu") is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_coverage_and_imatrix_on_cuda_match_the_cpu_run(tiny_llama4_dir: Path) -> None:
+    """`calibrate --coverage` and `imatrix --device` run the float model's layers on the GPU:
+    the same tokens per expert, and the same input square sums up to fp noise. (Called as
+    functions: the GPU machine has no gguf package to write the imatrix file with.)"""
+    from maverick_quant.calibration.imatrix import collect_imatrix
+    from maverick_quant.coverage import expert_coverage
+
+    source = open_source(tiny_llama4_dir)
+    ids = torch.randint(0, 49152, (4, 48), generator=torch.Generator().manual_seed(0))
+    coverage = {device: expert_coverage(source, ids, show_progress=False, device=device) for device in ("cpu", "cuda")}
+    assert coverage["cuda"]["layers"] == coverage["cpu"]["layers"]
+    sums = {device: collect_imatrix(source, ids, show_progress=False, device=device).entries for device in ("cpu", "cuda")}
+    assert sums["cuda"].keys() == sums["cpu"].keys()
+    for key, value in sums["cpu"].items():
+        torch.testing.assert_close(sums["cuda"][key].sum2, value.sum2, rtol=1e-3, atol=1e-6)
+        assert torch.equal(sums["cuda"][key].counts, value.counts)

@@ -42,7 +42,7 @@ class SquareSums:
     def add(self, rows: torch.Tensor, matrix: int = 0) -> None:
         """Rows [..., K] of input seen by matrix `matrix`."""
         flat = rows.reshape(-1, rows.shape[-1])
-        self.sum2[matrix] += flat.double().square().sum(0)
+        self.sum2[matrix] += flat.double().square().sum(0).to(self.sum2.device)  # rows may be on a GPU
         self.counts[matrix] += flat.shape[0]
 
 
@@ -80,11 +80,13 @@ def _expert_observer(index: int, moe, config, out: Imatrix):
 
 @torch.no_grad()
 def collect_imatrix(source: WeightSource, input_ids: torch.Tensor, batch: int = 8,
-                    chunk_mib: int = MoESpec.chunk_mib, show_progress: bool = True) -> Imatrix:
-    """Square sums of every quantizable linear's input over windows `input_ids` [S, L]."""
+                    chunk_mib: int = MoESpec.chunk_mib, show_progress: bool = True,
+                    device: torch.device | str = "cpu") -> Imatrix:
+    """Square sums of every quantizable linear's input over windows `input_ids` [S, L] (layers
+    on `device`, hidden states on the host)."""
     from maverick_quant.experts import run_moe_layer
 
-    model = StreamingModel(source, batch=batch)
+    model = StreamingModel(source, batch=batch, device=device)
     out = Imatrix(chunk_count=int(input_ids.shape[0]), chunk_size=int(input_ids.shape[1]))
     hidden = model.embed(input_ids)
     for index in tqdm(range(model.num_layers), desc="imatrix layers", unit="layer", disable=not show_progress):
