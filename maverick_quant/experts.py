@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from tqdm.auto import tqdm
 
 from maverick_quant.arch.base import LinearGroup, MoEBlock, unfuse_experts
 from maverick_quant.awq_moe import apply_block_scale, clip_shared, scale_expert_chunk, scale_shared_down, search_block_scale
@@ -48,7 +49,8 @@ class ExpertChunks:
 
     writer: BundleWriter; state: RunState or None; prefix: the experts' module path + ".";
     grid: the bundle's QuantSpec (bits and group size to decode a chunk read back);
-    parallel: ExpertParallel (distributed.py) splitting the chunks across processes, or None.
+    parallel: ExpertParallel (distributed.py) splitting the chunks across processes, or None;
+    show_progress: a bar of the layer's experts (with a rate) under the run's bar of layers.
     """
 
     writer: object
@@ -57,6 +59,7 @@ class ExpertChunks:
     prefix: str
     grid: QuantSpec
     parallel: object = None
+    show_progress: bool = False
 
     def solved(self, chunk_list: list[tuple[int, int]], solve):
         """Yield (first, quantized experts, file record, audit) for each chunk (first, count) of
@@ -65,6 +68,8 @@ class ExpertChunks:
         parallelism, solved by the rank that owns it (chunk c: rank c mod N, one round of N
         chunks at a time) and received. A chunk is stored before it is yielded."""
         world = self.parallel.world if self.parallel is not None else 1
+        bar = tqdm(total=sum(count for _, count in chunk_list), desc=f"layer {self.index} experts", unit="expert",
+                   leave=False, disable=not self.show_progress)
         for start in range(0, len(chunk_list), world):
             round_chunks = list(enumerate(chunk_list[start : start + world], start))
             local = {}
@@ -78,7 +83,9 @@ class ExpertChunks:
                                                            self.grid.bits, self.grid.group_size)
                 if record is None:
                     record = self.write(first, quantized, audit)
+                bar.update(len(audit))
                 yield first, quantized, record, audit
+        bar.close()
 
     @staticmethod
     def _solve_to_host(solve, first: int, count: int) -> tuple[dict[str, QuantizedWeight], list[dict], None]:

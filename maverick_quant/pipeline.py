@@ -243,7 +243,8 @@ def quantize_model(source: CheckpointSource, calibration: CalibrationSet | None,
         prefix, moe = model.table.prefix(index), model.plan(index).moe
         router = (moe.router,) if moe is not None and spec.moe.quantize_router else ()
         kept = mark_linears(layer, prefix, model.plan(index).linears + router, spec)
-        store = moe and ExpertChunks(writer, state, index, f"{prefix}{moe.experts}.", spec.weights, parallel)
+        store = moe and ExpertChunks(writer, state, index, f"{prefix}{moe.experts}.", spec.weights, parallel,
+                                     show_progress)
         if needs_data:
             quantized, stats = quantize_layer_calibrated(model, index, layer, hidden, spec, store)
             _check_finite(hidden, f"the output of layer {index}")

@@ -287,3 +287,10 @@ def test_gptq_export_refuses_an_asymmetric_moe_bundle_that_vllm_cannot_run(tiny_
     result = CliRunner().invoke(cli, ["export", str(tmp_path / "rtn"), "--format", "gptq", "--out", str(tmp_path / "g")])
     assert result.exit_code == 2 and "symmetric" in result.output and "--sym" in result.output, result.output
     assert not (tmp_path / "g").exists()
+
+
+def test_quantize_shows_each_moe_layers_experts_under_the_bar_of_layers(tiny_llama4_dir: Path, tmp_path: Path) -> None:
+    """A Maverick MoE layer takes long: its experts get their own bar (counts and a rate)."""
+    output = run("quantize", tiny_llama4_dir, "--method", "rtn", "--group-size", 32, "--out", tmp_path / "bundle")
+    assert "rtn layers" in output and "layer 1 experts" in output and "layer 3 experts" in output
+    assert "/8 " in output.split("layer 1 experts", 1)[1].split("\r", 1)[0]  # 8 experts counted
