@@ -37,6 +37,9 @@ from maverick_quant.awq_layer import as_stored, weight_mean
 from maverick_quant.streaming import StreamingModel
 
 
+CANDIDATES_AT_ONCE = 4  # scale candidates quantized together in the block search (as compress.awq.output_loss)
+
+
 @dataclass(frozen=True)
 class BlockSample:
     """The block's inputs on sampled tokens: x [T_s, D] and their routing (choice, scores [T_s, k])."""
@@ -57,9 +60,11 @@ def _shared_output(layer: torch.nn.Module, moe: MoEBlock, x: torch.Tensor, gate:
 
 
 def _routed_outputs(sample: BlockSample, weights: dict[str, torch.Tensor], first: int, act,
-                    scales: torch.Tensor | None, spec: QuantizeSpec) -> torch.Tensor:
+                    scales: torch.Tensor | None, spec: QuantizeSpec, chunk: int = CANDIDATES_AT_ONCE) -> torch.Tensor:
     """Outputs [G, T_s, D] (G = 1 when scales is None: float) of experts [first, first+E_c)
-    on their sampled tokens, gate/up quantized under each candidate scale."""
+    on their sampled tokens, gate/up quantized under each candidate scale, `chunk` candidates
+    at a time: each holds gate and up as [chunk, I, D] in fp32 (Maverick: 0.67 GB a weight at 4,
+    where all 20 at once were 3.4 GB, with as much again in rounding temporaries)."""
     count = weights["down_proj"].shape[0]
     groups = 1 if scales is None else scales.shape[0]
     out = torch.zeros(groups, *sample.x.shape, device=sample.x.device)
@@ -68,11 +73,14 @@ def _routed_outputs(sample: BlockSample, weights: dict[str, torch.Tensor], first
         if rows.numel() == 0:
             continue
         x_in = sample.x[rows] * sample.scores[rows, slots][:, None]
-        gate, up = weights["gate_proj"][offset], weights["up_proj"][offset]
-        if scales is not None:
-            gate, up = (_scaled_rtn(w, scales, spec.weights) for w in (gate, up))  # [G, I, D]
-        hidden = act(x_in @ gate.transpose(-1, -2)) * (x_in @ up.transpose(-1, -2))
-        out[:, rows] += hidden @ weights["down_proj"][offset].T
+        gate, up, down = (weights[name][offset] for name in ("gate_proj", "up_proj", "down_proj"))
+        for start in range(0, groups, chunk):
+            if scales is None:
+                g, u = gate, up
+            else:  # [c, I, D] for candidates start..start+c
+                g, u = (_scaled_rtn(w, scales[start : start + chunk], spec.weights) for w in (gate, up))
+            hidden = act(x_in @ g.transpose(-1, -2)) * (x_in @ u.transpose(-1, -2))
+            out[start : start + chunk, rows] += hidden @ down.T
     return out
 
 

@@ -99,3 +99,28 @@ def test_expert_clipping_lowers_the_quantized_mlp_error() -> None:
 
     clipped = clip_expert(gate, up, down, rows, act, spec)
     assert mlp_error(*clipped) < 0.95 * mlp_error(gate, up, down)
+
+
+def test_the_moe_block_search_quantizes_its_candidates_a_few_at_a_time_with_the_same_outputs() -> None:
+    """Gate/up under 7 candidate scales, 3 at a time (a ragged last chunk) or all at once: the
+    same routed outputs; the float pass (no scales) is unchanged by chunking."""
+    from maverick_quant.awq_moe import BlockSample, _routed_outputs
+    from maverick_quant.recipe import QuantizeSpec, QuantSpec
+
+    generator = torch.Generator().manual_seed(0)
+    tokens, hidden, inter, experts = 40, 64, 32, 3
+    sample = BlockSample(torch.randn(tokens, hidden, generator=generator),
+                         torch.randint(0, experts, (tokens, 1), generator=generator),
+                         torch.rand(tokens, 1, generator=generator))
+    weights = {"gate_proj": torch.randn(experts, inter, hidden, generator=generator) * 0.1,
+               "up_proj": torch.randn(experts, inter, hidden, generator=generator) * 0.1,
+               "down_proj": torch.randn(experts, hidden, inter, generator=generator) * 0.1}
+    scales = torch.rand(7, hidden, generator=generator) + 0.5
+    spec = QuantizeSpec(weights=QuantSpec(bits=4, group_size=32))
+    act = torch.nn.functional.silu
+    whole = _routed_outputs(sample, weights, 0, act, scales, spec, chunk=7)
+    assert whole.shape == (7, tokens, hidden) and whole.abs().sum() > 0
+    torch.testing.assert_close(_routed_outputs(sample, weights, 0, act, scales, spec, chunk=3), whole)
+    torch.testing.assert_close(_routed_outputs(sample, weights, 0, act, None, spec, chunk=3),
+                               _routed_outputs(sample, weights, 0, act, None, spec, chunk=7))
+    assert not torch.allclose(whole[0], whole[6])  # the candidates differ, so a mixed-up chunk would show
