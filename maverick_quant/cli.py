@@ -399,7 +399,7 @@ def generate(bundle_dir, prompt, max_new_tokens, kernels, chat, device) -> None:
 def run_command(recipe, out, force, progress, resume, device) -> None:
     """Run a YAML RECIPE end to end: calibrate, quantize, export(s), validate; exit 1 when a
     validation gate fails (see recipes/ and docs/recipes.md)."""
-    from maverick_quant.jobs import run_recipe
+    from maverick_quant.recipe_run import run_recipe
 
     sys.exit(0 if run_recipe(recipe, out, force, progress, resume, device) else 1)
 

@@ -1,0 +1,192 @@
+"""`maverick-quant run RECIPE`: the whole job from a recipe file into one directory
+(calibrate -> quantize -> exports -> validation of each candidate), and its lock file:
+`recipe.lock.yaml` is the recipe resolved plus a `lock:` section, which `check_lock` holds a
+re-run to (same model, calibration and validation data)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import click
+
+from maverick_quant import __version__
+from maverick_quant.errors import InputError
+from maverick_quant.jobs import _recipe_model_dir, run_export, run_export_gguf, run_quantize, run_validate
+from maverick_quant.recipe import Method
+
+
+def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool = True, resume: bool = False,
+               device: str | None = None) -> bool:
+    """`maverick-quant run RECIPE`: calibrate -> quantize -> export(s) -> validate into `out`,
+    then `recipe.lock.yaml`; returns whether every validation gate passed (True without one).
+    With `resume`, an interrupted quantize goes on from its last finished layer and a bundle
+    finished earlier with the same inputs is kept; the other steps are redone. `device`
+    (default: the recipe's quantize.device) is where the quantize step computes."""
+    from maverick_quant.calibration.data import make_calibration
+    from maverick_quant.checkpoint import atomic_output_dir, check_output_dir
+    from maverick_quant.devices import resolve_device
+    from maverick_quant.recipe_file import load_recipe
+    from maverick_quant.streaming import open_source
+
+    recipe = load_recipe(recipe_path)
+    if not resume:
+        check_output_dir(out, force)
+    device = str(resolve_device(device or recipe.device, "--device" if device else "quantize.device"))
+    model_dir = _recipe_model_dir(recipe.model)
+    source = open_source(model_dir)  # a bad model is refused here, before any work
+    _check_recipe_files(recipe)
+    check_lock(recipe, source)
+    out = Path(out)
+    steps = 2 + len(recipe.exports) + (len(recipe.validation.candidates) if recipe.validation is not None else 0)
+    step = _step_printer(steps)
+    calib_dir, calibration = None, None
+    if recipe.quantize.method is not Method.RTN:
+        step(f"calibrate: {recipe.calibration.samples} x {recipe.calibration.seq_len} tokens from {recipe.calibration_data}")
+        calibration = make_calibration(model_dir, recipe.calibration_data, recipe.calibration)
+        check_lock(recipe, source, calibration)
+        out.mkdir(parents=True, exist_ok=True)  # only now: bad calibration data leaves no directory behind
+        calib_dir = out / "calibration"
+        with atomic_output_dir(calib_dir, force=True) as tmp:
+            calibration.save(tmp)
+    else:
+        step("calibrate: not needed for rtn")
+        out.mkdir(parents=True, exist_ok=True)
+    step(f"quantize: {recipe.quantize.method.value}, {recipe.quantize.weights.bits} bits, group {recipe.quantize.weights.group_size}")
+    if resume and _finished_bundle_matches(out / "bundle", source, recipe.quantize, calibration):
+        click.echo(f"  {out / 'bundle'} was finished earlier with this recipe and model: kept")
+    else:
+        run_quantize(model_dir, out / "bundle", recipe.quantize, None, calib_dir, recipe.calibration, True, progress,
+                     resume, device)
+    for export in recipe.exports:
+        step(f"export: {export.format} -> {export.name}")
+        if export.format == "gguf":
+            run_export_gguf(out / "bundle", out / export.name, export.gguf_type, export.requantize, force=True,
+                            progress=progress)
+        else:
+            run_export(out / "bundle", out / export.name, export.format, export.max_shard_size, force=True,
+                       progress=progress)
+    passed = True
+    if recipe.validation is not None:
+        v = recipe.validation
+        data = v.data
+        if data == "self":  # held-out text the model writes itself (another seed than calibration)
+            from maverick_quant.demo import write_eval_text
+
+            data = write_eval_text(model_dir, out / "eval-self.txt", 16, v.ctx)
+        for candidate in v.candidates:
+            step(f"validate {candidate} on {v.data}" + (" (in llama.cpp)" if candidate.endswith(".gguf") else ""))
+            passed &= run_validate(model_dir, out / candidate, data, out / report_name(candidate), v.ctx, v.max_windows,
+                                   v.gates, None, v.batch, True, progress, v.protocol, v.hellaswag, v.hellaswag_tasks,
+                                   v.choices, v.kernels if candidate == "bundle" else None, device, v.choices_pass_mib)
+    _write_lock(dataclasses.replace(recipe, device=device), Path(recipe_path), source, calibration,
+                out / "recipe.lock.yaml")
+    click.echo(f"run finished -> {out} ({'gates passed' if passed else 'a gate FAILED'})")
+    return passed
+
+
+def _finished_bundle_matches(bundle_dir: Path, source, spec, calibration) -> bool:
+    """Whether `bundle_dir` is a finished bundle whose run identity (source fingerprint,
+    quantize spec, calibration tokens, tool version) equals this run's."""
+    from maverick_quant.bundle import MANIFEST
+    from maverick_quant.resume import identity_changes, run_identity
+
+    if not (bundle_dir / MANIFEST).is_file():
+        return False
+    recorded = json.loads((bundle_dir / MANIFEST).read_text()).get("run_identity") or {}
+    current = run_identity(source.checkpoint.fingerprint(), spec.to_dict(),
+                           None if calibration is None else calibration.input_ids)
+    return not identity_changes(recorded, current)
+
+
+def _check_recipe_files(recipe) -> None:
+    """Every file the recipe names exists, before any work."""
+    named = {"calibration.data": recipe.calibration_data}
+    if recipe.validation is not None:
+        named.update({"validation.data": recipe.validation.data, "validation.hellaswag": recipe.validation.hellaswag,
+                      "validation.choices": recipe.validation.choices})
+    for key, path in named.items():
+        if path not in (None, "self") and not Path(path).is_file():
+            raise InputError(f"{key}: {path} is not a file")
+
+
+def report_name(candidate: str) -> str:
+    """A run's report directory for a validation candidate: report/ for the bundle,
+    report-model-q4_0.gguf/ for an export."""
+    return "report" if candidate == "bundle" else f"report-{candidate}"
+
+
+def _step_printer(total: int):
+    count = iter(range(1, total + 1))
+    return lambda text: click.echo(f"[{next(count)}/{total}] {text}")
+
+
+def _write_lock(recipe, recipe_path: Path, source, calibration, path: Path) -> None:
+    """recipe.lock.yaml: the recipe with every value resolved, and under `lock:` the model's
+    fingerprint, the calibration records' and windows' sha256, every validation file's sha256,
+    the recipe file, and library versions. `maverick-quant run recipe.lock.yaml` runs it again,
+    after `check_lock` finds the same model and data."""
+    import importlib.metadata
+    import platform
+
+    import yaml
+
+    from maverick_quant.checkpoint import sha256_file, write_text_atomic
+
+    def version(package: str) -> str | None:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    provenance = {"model_fingerprint": source.checkpoint.fingerprint(), **_calibration_hashes(calibration),
+                  "validation_sha256": _validation_hashes(recipe),
+                  "recipe_file": {"path": str(recipe_path), "sha256": sha256_file(recipe_path)},
+                  "versions": {"python": platform.python_version(), "maverick-quant": __version__,
+                               **{p: version(p) for p in ("torch", "transformers", "safetensors", "gguf",
+                                                          "compressed-tensors", "numpy", "triton")}}}
+    lock = dataclasses.replace(recipe, lock=provenance).to_dict()
+    write_text_atomic(path, yaml.safe_dump(lock, sort_keys=False))
+
+
+def _calibration_hashes(calibration) -> dict:
+    """sha256 of the calibration records and of the drawn windows (none for RTN)."""
+    if calibration is None:
+        return {}
+    return {"calibration_data_sha256": calibration.meta.get("data_sha256"),
+            "calibration_windows_sha256": calibration.meta.get("windows_sha256")}
+
+
+def _validation_hashes(recipe) -> dict:
+    """{key: sha256} of the validation files the recipe names (not `self`)."""
+    from maverick_quant.checkpoint import sha256_file
+
+    if recipe.validation is None:
+        return {}
+    files = {key: getattr(recipe.validation, key) for key in ("data", "hellaswag", "choices")}
+    return {key: sha256_file(Path(value)) for key, value in files.items() if value not in (None, "self")}
+
+
+LOCKED_INPUTS = {"model_fingerprint": "the model", "validation_sha256": "that validation file",
+                 "calibration_data_sha256": "the calibration text", "calibration_windows_sha256": "the calibration windows"}
+
+
+def check_lock(recipe, source, calibration=None) -> None:
+    """A lock file's recipe runs only on what it was written from: InputError naming what
+    changed (the model, a validation file; with `calibration`, the calibration records or the
+    windows drawn from them). A recipe without `lock:` passes."""
+    if recipe.lock is None:
+        return
+    if calibration is not None:
+        found = _calibration_hashes(calibration)
+    else:
+        found = {"model_fingerprint": source.checkpoint.fingerprint(),
+                 **{f"validation_sha256.{key}": value for key, value in _validation_hashes(recipe).items()}}
+    for key, value in found.items():
+        section, _, name = key.partition(".")
+        expected = recipe.lock.get(section)
+        expected = expected.get(name) if name and isinstance(expected, dict) else expected
+        if expected is not None and value != expected:
+            raise InputError(f"lock.{key}: the lock file was written from {expected}, this run finds {value}: "
+                             f"{LOCKED_INPUTS[section]} changed since (remove the `lock:` section to run it anyway)")
