@@ -5,12 +5,13 @@
 # SmolLM2's tokenizer files (the tiny test models need only those; its 98 MB GGUF does not
 # travel) and a calibration text for moe_scaling.py.
 #     bash benchmarks/gpu_check.sh prepare [CALIBRATION_TEXT]
-# There, in one device call (carry .gpu; about 8 minutes; results under $OUT):
+# There, in one device call (carry .gpu; about 9 minutes; results under $OUT):
 #     bash benchmarks/gpu_check.sh
 # Each step has its own time limit, so a slow one cannot eat the others' time. $OUT gets:
 # device.txt (nvidia-smi, torch, triton, nvcc), tests.txt (CUDA/Triton kernel tests and
 # quantize/validate on cuda against the CPU), kernel_speed.md/.json (docs/benchmarks.md's
-# table), moe_scaling.md (quantize on the GPU: time, peak RSS and GPU memory against the plan).
+# table), moe_scaling.md (quantize on the GPU: time, peak RSS and GPU memory against the plan),
+# gemv_sweep.md/.json (the Triton GEMV's tilings at M = 1: the best per shape against the default).
 set -u
 cd "$(dirname "$0")/.."
 GPU_DIR=.gpu
@@ -46,5 +47,6 @@ step 200 tests.txt python3 -m pytest -q -rs tests/test_kernels_cuda.py tests/tes
 step 150 kernel_speed.md python3 benchmarks/kernel_speed.py --json "$OUT/kernel_speed.json"
 step 120 moe_scaling.md python3 benchmarks/moe_scaling.py --work /tmp/mq-moe --device cuda --shapes 8x2 128x2 \
   --tokenizer "$GPU_DIR" --text "$GPU_DIR/calibration.txt"
+step 80 gemv_sweep.md python3 benchmarks/kernel_speed.py --sweep-gemv --json "$OUT/gemv_sweep.json"
 tail -n 3 "$OUT/tests.txt"
-tail -n 40 "$OUT/kernel_speed.md" "$OUT/moe_scaling.md"
+tail -n 40 "$OUT/kernel_speed.md" "$OUT/moe_scaling.md" "$OUT/gemv_sweep.md"

@@ -14,12 +14,15 @@ copy), speedup over bf16 `torch.matmul` and over torch's own int4 op
 fp32 and bf16 matmul (`--experts` defaults to 8 there: at M = 1 only one expert is read).
 On a GPU it also times, past the GEMV's rows, the tiled GEMM against dequantize + bf16 matmul
 (M = 256 and 1024 are added for that) and prints the M from which the second wins per shape:
-the measured value for `triton_w4.DEQUANTIZE_MATMUL_MIN_ROWS`.
+the measured value for `triton_w4.DEQUANTIZE_MATMUL_MIN_ROWS`. `--sweep-gemv` (GPU) times the
+Triton GEMV's tilings (`GemvConfig`) at M = 1 instead: the measured value for `DEFAULT_GEMV`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 import statistics
 import time
@@ -132,6 +135,34 @@ def gemm_or_dequantize_matmul(x: torch.Tensor, weight: Int4Weight, device: str) 
                                          device)}
 
 
+def sweep_gemv(shapes: list[str], device: str) -> list[dict]:
+    """The Triton GEMV at M = 1 on each shape under every tiling of `gemv_configs()`: the best
+    against the default (`triton_w4.DEFAULT_GEMV`), to set it from measurements."""
+    from maverick_quant.compress.kernels import triton_w4
+
+    rows = []
+    for name in shapes:
+        n, k = SHAPES[name]
+        weight = random_weight(n, k, device)
+        x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
+        times = {config: timed(lambda: triton_w4.gemv_launch(x, weight, config=config).run(), device)
+                 for config in gemv_configs()}
+        best = min(times, key=times.get)
+        row = {"shape": name, "default_us": times[triton_w4.DEFAULT_GEMV] * 1e6, "best_us": times[best] * 1e6,
+               "best": dataclasses.asdict(best), "GB/s_best": weight.nbytes() / times[best] / 1e9}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def gemv_configs() -> list:
+    """The GEMV tilings swept: outputs 16/32/64 and inputs 128/256 per program, 4/8/16 programs
+    per SM, 4/8 warps (every one compiles for sm_90 without spilling: triton_compile)."""
+    from maverick_quant.compress.kernels.triton_w4 import GemvConfig
+
+    return [GemvConfig(*values) for values in itertools.product((16, 32, 64), (128, 256), (4, 8, 16), (4, 8))]
+
+
 def crossovers(rows: list[dict]) -> dict[str, int | None]:
     """Per shape, the fewest rows M at which dequantize + matmul beat the tiled GEMM, when
     they beat it there and at every larger M measured (None: never)."""
@@ -183,9 +214,19 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=128 if gpu else 8)
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES))
     parser.add_argument("--json", help="Also write every row here.")
+    parser.add_argument("--sweep-gemv", action="store_true",
+                        help="Only time the Triton GEMV's tilings at M = 1 (GPU): the best per shape against the default.")
     args = parser.parse_args()
     device = "cuda" if gpu else "cpu"
     torch.manual_seed(0)
+    if args.sweep_gemv:
+        if not gpu:
+            parser.error("--sweep-gemv times the Triton GEMV on a GPU; this machine has none")
+        rows = sweep_gemv(args.shapes, device)
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump({"device": torch.cuda.get_device_name(), "gemv_sweep": rows}, handle, indent=1)
+        return
     copy_bw = copy_bandwidth(device)
     what = torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} threads"
     print(f"# device: {what}; copy bandwidth {copy_bw / 1e9:.1f} GB/s; torch {torch.__version__}", flush=True)
