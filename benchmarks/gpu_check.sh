@@ -8,8 +8,9 @@
 # There, in one device call (carry .gpu; about 9 minutes; results under $OUT):
 #     bash benchmarks/gpu_check.sh
 # Each step has its own time limit, so a slow one cannot eat the others' time. $OUT gets:
-# device.txt (nvidia-smi, torch, triton, nvcc), tests.txt (CUDA/Triton kernel tests and
-# quantize/validate on cuda against the CPU), kernel_speed.md/.json (docs/benchmarks.md's
+# device.txt (nvidia-smi, torch, triton, nvcc), tests.txt (CUDA C++ kernel tests; quantize,
+# validate, coverage and imatrix on cuda against the CPU), triton_tests.txt (the Triton kernel
+# tests, compiled, on the GPU), kernel_speed.md/.json (docs/benchmarks.md's
 # table), moe_scaling.md (quantize on the GPU: time, peak RSS and GPU memory against the plan),
 # gemv_sweep.md/.json (the Triton GEMV's tilings at M = 1: the best per shape against the default).
 set -u
@@ -43,10 +44,12 @@ step() {  # step SECONDS NAME COMMAND...: run with a time limit, output to $OUT/
 }
 
 { date -u; nvidia-smi; python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"; nvcc --version; } > "$OUT/device.txt" 2>&1
-step 200 tests.txt python3 -m pytest -q -rs tests/test_kernels_cuda.py tests/test_kernels_triton.py tests/test_devices.py
-step 150 kernel_speed.md python3 benchmarks/kernel_speed.py --json "$OUT/kernel_speed.json"
-step 120 moe_scaling.md python3 benchmarks/moe_scaling.py --work /tmp/mq-moe --device cuda --shapes 8x2 128x2 \
+step 150 tests.txt python3 -m pytest -q -rs tests/test_kernels_cuda.py tests/test_devices.py
+# the Triton tests with the kernels compiled and run on the GPU (here they run in the interpreter)
+step 100 triton_tests.txt env TRITON_INTERPRET=0 python3 -m pytest -q -rs tests/test_kernels_triton.py
+step 140 kernel_speed.md python3 benchmarks/kernel_speed.py --json "$OUT/kernel_speed.json"
+step 100 moe_scaling.md python3 benchmarks/moe_scaling.py --work /tmp/mq-moe --device cuda --shapes 8x2 128x2 \
   --tokenizer "$GPU_DIR" --text "$GPU_DIR/calibration.txt"
-step 80 gemv_sweep.md python3 benchmarks/kernel_speed.py --sweep-gemv --json "$OUT/gemv_sweep.json"
-tail -n 3 "$OUT/tests.txt"
+step 60 gemv_sweep.md python3 benchmarks/kernel_speed.py --sweep-gemv --json "$OUT/gemv_sweep.json"
+tail -n 3 "$OUT/tests.txt" "$OUT/triton_tests.txt"
 tail -n 40 "$OUT/kernel_speed.md" "$OUT/moe_scaling.md" "$OUT/gemv_sweep.md"

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
 import statistics
 import time
@@ -136,9 +135,11 @@ def gemm_or_dequantize_matmul(x: torch.Tensor, weight: Int4Weight, device: str) 
 
 
 def sweep_gemv(shapes: list[str], device: str) -> list[dict]:
-    """The Triton GEMV at M = 1 on each shape under every tiling of `gemv_configs()`: the best
-    against the default (`triton_w4.DEFAULT_GEMV`), to set it from measurements."""
+    """The Triton GEMV at M = 1 on each shape under every tiling of `triton_compile.gemv_tilings`
+    (each compiled for sm_90 without spilling in test_kernels_sm90), split-K aiming at 4, 8 or 16
+    programs per SM: the best against the default (`triton_w4.DEFAULT_GEMV`)."""
     from maverick_quant.compress.kernels import triton_w4
+    from maverick_quant.compress.kernels.triton_compile import gemv_tilings
 
     rows = []
     for name in shapes:
@@ -146,21 +147,13 @@ def sweep_gemv(shapes: list[str], device: str) -> list[dict]:
         weight = random_weight(n, k, device)
         x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
         times = {config: timed(lambda: triton_w4.gemv_launch(x, weight, config=config).run(), device)
-                 for config in gemv_configs()}
+                 for config in gemv_tilings(programs_per_sm=(4, 8, 16))}
         best = min(times, key=times.get)
         row = {"shape": name, "default_us": times[triton_w4.DEFAULT_GEMV] * 1e6, "best_us": times[best] * 1e6,
                "best": dataclasses.asdict(best), "GB/s_best": weight.nbytes() / times[best] / 1e9}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
-
-
-def gemv_configs() -> list:
-    """The GEMV tilings swept: outputs 16/32/64 and inputs 128/256 per program, 4/8/16 programs
-    per SM, 4/8 warps (every one compiles for sm_90 without spilling: triton_compile)."""
-    from maverick_quant.compress.kernels.triton_w4 import GemvConfig
-
-    return [GemvConfig(*values) for values in itertools.product((16, 32, 64), (128, 256), (4, 8, 16), (4, 8))]
 
 
 def crossovers(rows: list[dict]) -> dict[str, int | None]:

@@ -322,10 +322,10 @@ def durable_replace(tmp: Path, path: Path) -> None:
 
 
 def durable_replace_dir(tmp: Path, path: Path) -> None:
-    """`durable_replace` for a finished directory `tmp` (no subdirectories): each file in it and
-    the directory itself are flushed before it is renamed to `path`, and the parent after."""
-    for entry in tmp.iterdir():
-        _fsync_file(entry)
+    """`durable_replace` for a finished directory `tmp`: every file and directory under it
+    (deepest first) and `tmp` itself are flushed before it is renamed to `path`, and the parent after."""
+    for entry in sorted(tmp.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        (_fsync_directory if entry.is_dir() else _fsync_file)(entry)
     _fsync_directory(tmp)
     os.replace(tmp, path)
     _fsync_directory(path.parent)

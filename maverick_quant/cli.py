@@ -241,7 +241,9 @@ def plan(target, method, gguf_grid, bits, group_size, sym, signed_scale, clip_se
 @click.option("--plot", type=click.Path(path_type=Path), help="Write a PNG heat map of tokens per expert per layer.")
 @click.option("--top", default=5, show_default=True, help="Experts listed as most/least used.")
 @click.option("--force", is_flag=True, help="Replace an existing --plot file.")
-def inspect_command(path, plot, top, force) -> None:
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Re-hash every file against the manifest (a bundle of hundreds of GB takes minutes).")
+def inspect_command(path, plot, top, force, verify) -> None:
     """Summarize a bundle (recipe, size, losses, MoE expert usage and fallbacks), or an export
     directory or GGUF file (format, tensors, sizes). Either way every file's size and sha256 are
     verified against its manifest: exit 1 on a mismatch."""
@@ -252,9 +254,10 @@ def inspect_command(path, plot, top, force) -> None:
                                                plot_bundle_experts)
 
     if path.is_file() or _is_export(path):
-        summary, bad = artifact_summary(path)
+        summary, bad = artifact_summary(path, verify)
         click.echo(summary)
-        _report_verification(path, bad)
+        if verify:
+            _report_verification(path, bad)
         return
     if plot:
         check_output_dir(plot, force)
@@ -265,7 +268,8 @@ def inspect_command(path, plot, top, force) -> None:
             raise InputError(f"{path}: --plot needs an MoE bundle quantized with calibration data "
                              "(no routed-token counts recorded; an rtn run routes nothing)")
         click.echo(f"heat map -> {plot_bundle_experts(bundle, plot)}")
-    _report_verification(path, verify_manifest(path / MANIFEST))
+    if verify:
+        _report_verification(path, verify_manifest(path / MANIFEST))
 
 
 def _report_verification(path: Path, bad: list[str] | None) -> None:

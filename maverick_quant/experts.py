@@ -68,24 +68,23 @@ class ExpertChunks:
         parallelism, solved by the rank that owns it (chunk c: rank c mod N, one round of N
         chunks at a time) and received. A chunk is stored before it is yielded."""
         world = self.parallel.world if self.parallel is not None else 1
-        bar = tqdm(total=sum(count for _, count in chunk_list), desc=f"layer {self.index} experts", unit="expert",
-                   leave=False, disable=not self.show_progress)
-        for start in range(0, len(chunk_list), world):
-            round_chunks = list(enumerate(chunk_list[start : start + world], start))
-            local = {}
-            for number, (first, count) in round_chunks:
-                if self._owns(number):
-                    local[first] = self.finished(first) or self._solve_to_host(solve, first, count)
-            for number, (first, _) in round_chunks:
-                quantized, audit, record = local.pop(first, (None, None, None))
-                if self.parallel is not None:
-                    quantized, audit = self.parallel.share(self.parallel.owner(number), quantized, audit,
-                                                           self.grid.bits, self.grid.group_size)
-                if record is None:
-                    record = self.write(first, quantized, audit)
-                bar.update(len(audit))
-                yield first, quantized, record, audit
-        bar.close()
+        with tqdm(total=sum(count for _, count in chunk_list), desc=f"layer {self.index} experts", unit="expert",
+                  leave=False, disable=not self.show_progress) as bar:
+            for start in range(0, len(chunk_list), world):
+                round_chunks = list(enumerate(chunk_list[start : start + world], start))
+                local = {}
+                for number, (first, count) in round_chunks:
+                    if self._owns(number):
+                        local[first] = self.finished(first) or self._solve_to_host(solve, first, count)
+                for number, (first, _) in round_chunks:
+                    quantized, audit, record = local.pop(first, (None, None, None))
+                    if self.parallel is not None:
+                        quantized, audit = self.parallel.share(self.parallel.owner(number), quantized, audit,
+                                                               self.grid.bits, self.grid.group_size)
+                    if record is None:
+                        record = self.write(first, quantized, audit)
+                    bar.update(len(audit))
+                    yield first, quantized, record, audit
 
     @staticmethod
     def _solve_to_host(solve, first: int, count: int) -> tuple[dict[str, QuantizedWeight], list[dict], None]:

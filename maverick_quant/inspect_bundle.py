@@ -81,15 +81,16 @@ def plot_bundle_experts(bundle: Bundle, path: Path) -> Path:
                               f"Calibration tokens per expert: {bundle.root.name}")
 
 
-def artifact_summary(path: Path) -> tuple[str, list[str] | None]:
+def artifact_summary(path: Path, verify: bool = True) -> tuple[str, list[str] | None]:
     """What an export holds (a directory with manifest.json, or a .gguf file) and the files whose
-    hashes no longer match its manifest (empty when all verify; None when there is no manifest)."""
+    hashes no longer match its manifest (empty when all verify; None when there is no manifest
+    or `verify` is off)."""
     from maverick_quant.exporters.artifact import verify_manifest
 
     path = Path(path)
     if path.is_file():
         manifest = path.with_name(path.name + ".manifest.json")
-        return gguf_summary(path), verify_manifest(manifest) if manifest.is_file() else None
+        return gguf_summary(path), verify_manifest(manifest) if manifest.is_file() and verify else None
     manifest = json.loads((path / "manifest.json").read_text())
     config = json.loads((path / "config.json").read_text())
     quant = config.get("quantization_config") or {}
@@ -98,7 +99,7 @@ def artifact_summary(path: Path) -> tuple[str, list[str] | None]:
              f"({', '.join(config.get('architectures', []))}), {len(manifest['files'])} files, {size / 2**20:.1f} MiB",
              "quantization_config: " + json.dumps({k: v for k, v in quant.items() if k not in ("ignore", "dynamic",
                                                                                                "modules_to_not_convert")})]
-    return "\n".join(lines), verify_manifest(path / "manifest.json")
+    return "\n".join(lines), verify_manifest(path / "manifest.json") if verify else None
 
 
 def gguf_summary(path: Path) -> str:

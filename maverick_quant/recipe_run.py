@@ -36,7 +36,7 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
     device = str(resolve_device(device or recipe.device, "--device" if device else "quantize.device"))
     model_dir = _recipe_model_dir(recipe.model)
     source = open_source(model_dir)  # a bad model is refused here, before any work
-    _check_recipe_files(recipe)
+    _check_recipe_files(recipe, model_dir)
     check_lock(recipe, source)
     out = Path(out)
     steps = 2 + len(recipe.exports) + (len(recipe.validation.candidates) if recipe.validation is not None else 0)
@@ -80,8 +80,7 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
             passed &= run_validate(model_dir, out / candidate, data, out / report_name(candidate), v.ctx, v.max_windows,
                                    v.gates, None, v.batch, True, progress, v.protocol, v.hellaswag, v.hellaswag_tasks,
                                    v.choices, v.kernels if candidate == "bundle" else None, device, v.choices_pass_mib)
-    _write_lock(dataclasses.replace(recipe, device=device), Path(recipe_path), source, calibration,
-                out / "recipe.lock.yaml")
+    _write_lock(recipe, device, Path(recipe_path), source, calibration, out / "recipe.lock.yaml")
     click.echo(f"run finished -> {out} ({'gates passed' if passed else 'a gate FAILED'})")
     return passed
 
@@ -100,8 +99,11 @@ def _finished_bundle_matches(bundle_dir: Path, source, spec, calibration) -> boo
     return not identity_changes(recorded, current)
 
 
-def _check_recipe_files(recipe) -> None:
-    """Every file the recipe names exists, before any work."""
+def _check_recipe_files(recipe, model_dir: Path) -> None:
+    """Every file the recipe names exists, and `self` data (text the model writes, in fp32)
+    fits this machine's memory, before any work: validation's comes after hours of quantizing."""
+    from maverick_quant.calibration.selfgen import check_fits_in_memory
+
     named = {"calibration.data": recipe.calibration_data}
     if recipe.validation is not None:
         named.update({"validation.data": recipe.validation.data, "validation.hellaswag": recipe.validation.hellaswag,
@@ -109,6 +111,8 @@ def _check_recipe_files(recipe) -> None:
     for key, path in named.items():
         if path not in (None, "self") and not Path(path).is_file():
             raise InputError(f"{key}: {path} is not a file")
+    if "self" in named.values():
+        check_fits_in_memory(model_dir)
 
 
 def report_name(candidate: str) -> str:
@@ -122,8 +126,9 @@ def _step_printer(total: int):
     return lambda text: click.echo(f"[{next(count)}/{total}] {text}")
 
 
-def _write_lock(recipe, recipe_path: Path, source, calibration, path: Path) -> None:
-    """recipe.lock.yaml: the recipe with every value resolved, and under `lock:` the model's
+def _write_lock(recipe, device: str, recipe_path: Path, source, calibration, path: Path) -> None:
+    """recipe.lock.yaml: the recipe with every value resolved (but `quantize.device` as written,
+    so the lock runs on another machine), and under `lock:` the device that ran, the model's
     fingerprint, the calibration records' and windows' sha256, every validation file's sha256,
     the recipe file, and library versions. `maverick-quant run recipe.lock.yaml` runs it again,
     after `check_lock` finds the same model and data."""
@@ -140,7 +145,7 @@ def _write_lock(recipe, recipe_path: Path, source, calibration, path: Path) -> N
         except importlib.metadata.PackageNotFoundError:
             return None
 
-    provenance = {"model_fingerprint": source.checkpoint.fingerprint(), **_calibration_hashes(calibration),
+    provenance = {"model_fingerprint": source.checkpoint.fingerprint(), "device": device, **_calibration_hashes(calibration),
                   "validation_sha256": _validation_hashes(recipe),
                   "recipe_file": {"path": str(recipe_path), "sha256": sha256_file(recipe_path)},
                   "versions": {"python": platform.python_version(), "maverick-quant": __version__,

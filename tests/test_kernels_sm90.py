@@ -54,11 +54,16 @@ def test_the_gemv_and_dequantize_kernels_read_each_threads_codes_in_one_16_byte_
     """At M = 1 the GEMV's speed is the speed it streams the codes: each thread's 16 bytes of a
     [32, 64]-byte tile come in one 16-byte load (the row length K/2 is passed in, so the JIT
     knows rows start 16-byte aligned), and the activations are not re-read 2 bytes at a time
-    per code pair (one 2-byte load each of x and of the scale is left in the loop)."""
+    per code pair (a 2-byte load of x and of the scale are left in the loop: at most 3 in all,
+    20 before). The sweep's tilings read their codes at least 8 bytes at a time."""
     for cost in sm90_costs:
-        if cost.kernel.startswith(("_w4_gemv", "_w4_dequantize")):
+        if not cost.kernel.startswith(("_w4_gemv", "_w4_dequantize")):
+            continue
+        if " warps" in cost.case:  # the tilings kernel_speed --sweep-gemv times: 8 to 64 bytes per thread
+            assert cost.widest_code_load_bytes() >= 8, cost
+        else:  # the default tiling: 16 bytes of codes per thread
             assert cost.global_loads.get("v4.b32") == 1 and cost.widest_code_load_bytes() == 16, cost
-            assert cost.global_loads.get("b16", 0) <= 2, cost
+        assert cost.global_loads.get("b16", 0) <= 3, cost
 
 
 def test_the_gemm_copies_its_input_and_code_tiles_asynchronously_in_wide_copies(sm90_costs) -> None:

@@ -1,11 +1,14 @@
 """Triton W4A16 kernels under the Triton interpreter (TRITON_INTERPRET=1, no GPU needed),
 each compared with the plain-torch reference: GEMV with split-K, tiled GEMM, MoE decode and
-aligned MoE, symmetric and asymmetric, groups 32/64/128, fp32 and fp16 activations."""
+aligned MoE, the dequantize kernel, symmetric and asymmetric, groups 32/64/128, fp32 and fp16
+activations. With TRITON_INTERPRET=0 in the environment (benchmarks/gpu_check.sh, in its own
+process) the same tests run the compiled kernels on a CUDA GPU."""
 
 from __future__ import annotations
 
 import os
 
+COMPILED = os.environ.get("TRITON_INTERPRET") == "0"  # the compiled kernels, on the GPU
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels then run on the CPU
 
 import pytest
@@ -20,6 +23,9 @@ from maverick_quant.compress.kernels.layout import Int4Weight, concat_outputs  #
 from maverick_quant.compress.kernels.triton_w4 import AlignedPairs, w4_dequantize, w4_gemm, w4_gemv  # noqa: E402
 from tests.kernel_cases import random_quantized, routed_tokens  # noqa: E402
 
+if COMPILED and not torch.cuda.is_available():
+    pytest.skip("TRITON_INTERPRET=0 runs the compiled kernels, which need a CUDA GPU", allow_module_level=True)
+DEVICE = "cuda" if COMPILED else "cpu"
 REFERENCE = Backend()
 # fp32: the kernels and torch sum in different orders; fp16: the input and the dequantized tile are fp16
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
@@ -33,30 +39,30 @@ def assert_matches(out: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("split_k", [1, 3])
 def test_gemv_split_k(group: int, symmetric: bool, split_k: int) -> None:
-    weight = Int4Weight.from_quantized(random_quantized(40, 384, group, symmetric, seed=group))  # 40: a ragged N block
-    x = torch.randn(3, 384)
+    weight = Int4Weight.from_quantized(random_quantized(40, 384, group, symmetric, seed=group)).to(DEVICE)  # 40: a ragged N block
+    x = torch.randn(3, 384, device=DEVICE)
     assert_matches(w4_gemv(x, weight, split_k=split_k), REFERENCE.linear(x, weight), torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("group", [32, 128])
 def test_tiled_gemm(dtype: torch.dtype, group: int) -> None:
-    weight = Int4Weight.from_quantized(random_quantized(48, 256, group, symmetric=False, seed=7))
-    x = torch.randn(21, 256)  # 21 rows: a ragged M block
+    weight = Int4Weight.from_quantized(random_quantized(48, 256, group, symmetric=False, seed=7)).to(DEVICE)
+    x = torch.randn(21, 256, device=DEVICE)  # 21 rows: a ragged M block
     expected = REFERENCE.linear(x.to(dtype).float(), weight)
     assert_matches(w4_gemm(x.to(dtype), weight), expected, dtype)
 
 
 def test_backend_picks_gemv_gemm_or_dequantize_by_rows_and_matches_for_each(monkeypatch) -> None:
     backend = get_backend("triton")
-    weight = Int4Weight.from_quantized(random_quantized(32, 128, 64, True))
+    weight = Int4Weight.from_quantized(random_quantized(32, 128, 64, True)).to(DEVICE)
     taken = []
     for name in ("w4_gemv", "w4_gemm", "w4_dequantize"):
         kernel = getattr(triton_w4, name)
         monkeypatch.setattr(triton_w4, name, lambda *a, _k=kernel, _n=name, **kw: taken.append(_n) or _k(*a, **kw))
     crossover = triton_w4.DEQUANTIZE_MATMUL_MIN_ROWS
     for rows in (1, 4, 5, 17, crossover - 1, crossover):
-        x = torch.randn(rows, 128)
+        x = torch.randn(rows, 128, device=DEVICE)
         assert_matches(backend.linear(x, weight), REFERENCE.linear(x, weight), torch.float32)
     assert taken == ["w4_gemv", "w4_gemv", "w4_gemm", "w4_gemm", "w4_gemm", "w4_dequantize"]
 
@@ -65,8 +71,8 @@ def test_backend_picks_gemv_gemm_or_dequantize_by_rows_and_matches_for_each(monk
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_dequantize_kernel_gives_the_bundle_value_exactly(group: int, symmetric: bool) -> None:
     """(q - z) * s in fp32, dense and stacked experts (39 rows: a ragged block), bit for bit."""
-    dense = Int4Weight.from_quantized(random_quantized(39, 256, group, symmetric, seed=group))
-    experts = Int4Weight.from_quantized(random_quantized(39, 256, group, symmetric, experts=3, seed=group + 1))
+    dense = Int4Weight.from_quantized(random_quantized(39, 256, group, symmetric, seed=group)).to(DEVICE)
+    experts = Int4Weight.from_quantized(random_quantized(39, 256, group, symmetric, experts=3, seed=group + 1)).to(DEVICE)
     for weight in (dense, experts):
         assert torch.equal(w4_dequantize(weight, torch.float32), dequantize(weight, torch.float32))
     assert torch.equal(w4_dequantize(dense, torch.float16), dequantize(dense, torch.float32).half())
@@ -92,9 +98,9 @@ def test_moe_decode_and_aligned_paths_match_the_reference(tokens: int, top_k: in
     gate = random_quantized(inter, hidden, 32, symmetric, experts, 1)
     up = random_quantized(inter, hidden, 32, symmetric, experts, 2)
     down = random_quantized(hidden, inter, 32, symmetric, experts, 3)
-    gate_up = concat_outputs([Int4Weight.from_quantized(gate), Int4Weight.from_quantized(up)])
-    down = Int4Weight.from_quantized(down)
-    x, choice, scores = routed_tokens(tokens, hidden, experts, top_k, seed=tokens, skip_expert=5)
+    gate_up = concat_outputs([Int4Weight.from_quantized(gate), Int4Weight.from_quantized(up)]).to(DEVICE)
+    down = Int4Weight.from_quantized(down).to(DEVICE)
+    x, choice, scores = (t.to(DEVICE) for t in routed_tokens(tokens, hidden, experts, top_k, seed=tokens, skip_expert=5))
     act = torch.nn.functional.silu
     expected = REFERENCE.experts(x, choice, scores, REFERENCE.prepare_experts(gate_up), REFERENCE.prepare_experts(down), act)
     out = get_backend("triton").experts(x, choice, scores, gate_up, down, act)
@@ -117,5 +123,6 @@ def test_kernel_model_on_triton_equals_the_reference_kernels(smollm2_dir, tmp_pa
     assert result.exit_code == 0, result.output
     bundle = Bundle(tmp_path / "bundle")
     ids = torch.randint(0, 49152, (1, 20), generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(KernelModel(bundle, "triton").forward(ids), KernelModel(bundle, "reference").forward(ids),
+    torch.testing.assert_close(KernelModel(bundle, "triton", device=DEVICE).forward(ids),
+                               KernelModel(bundle, "reference", device=DEVICE).forward(ids),
                                rtol=1e-4, atol=1e-4)

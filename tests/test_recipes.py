@@ -161,7 +161,8 @@ def test_run_makes_bundle_exports_report_and_lock_and_gates_the_exit_code(tiny_l
     provenance = lock["lock"]
     assert len(provenance["model_fingerprint"]) == 64 and len(provenance["calibration_data_sha256"]) == 64
     assert len(provenance["validation_sha256"]["data"]) == 64 and provenance["versions"]["torch"]
-    assert lock["quantize"]["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")  # auto, resolved
+    assert lock["quantize"]["device"] == "auto"  # as written: the lock runs on a machine without this one's GPU
+    assert provenance["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")  # auto, resolved
     report = json.loads((out / "report" / "report.json").read_text())
     assert report["candidate_model"] == str(out / "bundle")
     manifest = json.loads((out / "bundle" / "manifest.json").read_text())
@@ -231,3 +232,18 @@ def test_every_shipped_recipe_written_out_resolved_reads_back_as_itself(shipped:
     same recipe, gguf grids, MoE policies, AWQ and clip-search settings included."""
     recipe = load_recipe(shipped)
     assert parse_recipe(yaml.safe_load(yaml.safe_dump(recipe.to_dict())), shipped.parent) == recipe
+
+
+def test_self_validation_data_too_large_for_memory_is_refused_before_any_work(tiny_llama_dir: Path, tmp_path: Path,
+                                                                            monkeypatch) -> None:
+    """`validation.data: self` is generated only after quantizing and exporting; a model whose
+    fp32 weights exceed the available memory (made so here) is refused before calibrating."""
+    from maverick_quant.calibration import selfgen
+
+    monkeypatch.setattr(selfgen, "available_memory", lambda: 1024)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"model": str(tiny_llama_dir), "quantize": {"method": "rtn"},
+                                      "validation": {"data": "self"}}))
+    result = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "whole model loaded in fp32" in result.output and str(tiny_llama_dir) in result.output
+    assert not (tmp_path / "run").exists()

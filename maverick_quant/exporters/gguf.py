@@ -521,16 +521,15 @@ def export_gguf(weights: BundleWeights | FloatWeights, out_path: Path, gguf_type
         writer.write_header_to_file(path=tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        bar = tqdm(total=sum(job.nbytes() for job in jobs), desc=f"export gguf {gguf_type}", unit="B", unit_scale=True,
-                   disable=not show_progress)
-        for job in jobs:
-            data = np.ascontiguousarray(job.load()).view(np.uint8)
-            if data.nbytes != job.nbytes():
-                raise InputError(f"--format gguf: {job.name}: {data.nbytes} bytes made, {job.nbytes()} announced")
-            writer.write_tensor_data(data)
-            report.tensors += 1
-            bar.update(data.nbytes)
-        bar.close()
+        with tqdm(total=sum(job.nbytes() for job in jobs), desc=f"export gguf {gguf_type}", unit="B", unit_scale=True,
+                  disable=not show_progress) as bar:
+            for job in jobs:
+                data = np.ascontiguousarray(job.load()).view(np.uint8)
+                if data.nbytes != job.nbytes():
+                    raise InputError(f"--format gguf: {job.name}: {data.nbytes} bytes made, {job.nbytes()} announced")
+                writer.write_tensor_data(data)
+                report.tensors += 1
+                bar.update(data.nbytes)
         writer.close()
         durable_replace(tmp, out_path)
     finally:

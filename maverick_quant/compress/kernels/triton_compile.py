@@ -16,6 +16,7 @@ function (the test runs it in a subprocess for that reason).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 import shutil
@@ -33,8 +34,8 @@ from triton.runtime.jit import create_function_from_signature
 
 from maverick_quant.arch.llama4 import maverick_linear_shapes
 from maverick_quant.compress.kernels.layout import Int4Weight
-from maverick_quant.compress.kernels.triton_w4 import (BLOCK_M_GEMM, AlignedPairs, Launch, dequantize_launch,
-                                                       gemm_launch, gemv_launch)
+from maverick_quant.compress.kernels.triton_w4 import (BLOCK_M_GEMM, AlignedPairs, GemvConfig, Launch,
+                                                       dequantize_launch, gemm_launch, gemv_launch)
 
 H100_SMS = 132
 META = torch.device("meta")
@@ -133,6 +134,9 @@ def maverick_cases(sms: int = H100_SMS) -> dict[str, Launch]:
             grid = f"g{group} {'sym' if symmetric else 'asym'}"
             cases[f"gemv qkv M=1 {grid}"] = gemv_launch(_activations(1, k, bf16), _weight(n, k, group, symmetric), sms=sms)
             cases[f"gemm qkv M=64 {grid}"] = gemm_launch(_activations(64, k, bf16), _weight(n, k, group, symmetric))
+    for tiling in gemv_tilings():  # what `kernel_speed.py --sweep-gemv` times on a GPU
+        cases[f"gemv qkv M=1 g128 sym {tiling.block_n}x{tiling.block_k} {tiling.num_warps} warps"] = gemv_launch(
+            _activations(1, k, bf16), _weight(n, k, 128, True), sms=sms, config=tiling)
     cases["gemv qkv M=1 g128 sym unsplit"] = gemv_launch(_activations(1, k, bf16), _weight(n, k, 128, True), split_k=1, sms=sms)
     cases["gemv qkv M=1 g128 sym fp16"] = gemv_launch(_activations(1, k, torch.float16), _weight(n, k, 128, True), sms=sms)
     for symmetric in (True, False):
@@ -151,6 +155,12 @@ def maverick_cases(sms: int = H100_SMS) -> dict[str, Launch]:
     cases["gemm qkv M=64 g128 sym fp16"] = gemm_launch(_activations(64, k, torch.float16), _weight(n, k, 128, True))
     cases["gemm qkv M=64 g128 sym fp32"] = gemm_launch(_activations(64, k, torch.float32), _weight(n, k, 128, True))
     return cases
+
+
+def gemv_tilings(programs_per_sm: tuple[int, ...] = (GemvConfig.programs_per_sm,)) -> list[GemvConfig]:
+    """The GEMV tilings worth timing: outputs 16/32/64 and inputs 128/256 per program, 4/8 warps,
+    and the split-K targets `programs_per_sm` (which change the grid, not the compiled code)."""
+    return [GemvConfig(*values) for values in itertools.product((16, 32, 64), (128, 256), programs_per_sm, (4, 8))]
 
 
 def compile_all(arch: int = 90) -> list[KernelCost]:
