@@ -135,11 +135,11 @@ def gemm_or_dequantize_matmul(x: torch.Tensor, weight: Int4Weight, device: str) 
 
 
 def sweep_gemv(shapes: list[str], device: str) -> list[dict]:
-    """The Triton GEMV at M = 1 on each shape under every tiling of `triton_compile.gemv_tilings`
+    """The Triton GEMV at M = 1 on each shape under every tiling of `triton_sm90.gemv_tilings`
     (each compiled for sm_90 without spilling in test_kernels_sm90), split-K aiming at 4, 8 or 16
     programs per SM: the best against the default (`triton_w4.DEFAULT_GEMV`)."""
     from maverick_quant.compress.kernels import triton_w4
-    from maverick_quant.compress.kernels.triton_compile import gemv_tilings
+    from maverick_quant.triton_sm90 import gemv_tilings
 
     rows = []
     for name in shapes:

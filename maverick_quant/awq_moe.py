@@ -29,15 +29,12 @@ import torch
 from maverick_quant.arch.base import MoEBlock
 from maverick_quant.calibration.moe import (Routing, activation, expert_hidden, resolve_policy, sample_tokens,
                                             widest_expert_input)
-from maverick_quant.compress.awq import (ScaleSearch, candidate_scales, clip_weights, output_loss, rtn_fake,
-                                         scale_columns, search_scales)
+from maverick_quant.compress.awq import (CANDIDATES_AT_ONCE, ScaleSearch, candidate_scales, clip_weights, output_loss,
+                                         rtn_fake, scale_columns, search_scales)
 from maverick_quant.groups import KEEP_FLOAT, linear_grid
 from maverick_quant.recipe import ExpertPolicy, QuantizeSpec, QuantSpec
 from maverick_quant.awq_layer import as_stored, weight_mean
 from maverick_quant.streaming import StreamingModel
-
-
-CANDIDATES_AT_ONCE = 4  # scale candidates quantized together in the block search (as compress.awq.output_loss)
 
 
 @dataclass(frozen=True)

@@ -276,7 +276,7 @@ QUANTIZE_KEYS = {**_hints(QuantizeSpec, skip=("weights", "moe", "awq")), **_hint
 
 
 TOP_KEYS = ("model", "calibration", "quantize", "exports", "validation", "lock")
-# recipe.lock.yaml's `lock:` section, what `run` checks before it computes (recipe_run.check_lock)
+# recipe.lock.yaml's `lock:` section, what `run` checks before it computes (recipe_run.check_lock_inputs, check_lock_calibration)
 LOCK_KEYS = {"device": str, "model_fingerprint": str, "calibration_data_sha256": str, "calibration_windows_sha256": str,
              "validation_sha256": dict, "recipe_file": dict, "versions": dict}
 

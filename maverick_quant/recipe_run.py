@@ -1,6 +1,6 @@
 """`maverick-quant run RECIPE`: the whole job from a recipe file into one directory
 (calibrate -> quantize -> exports -> validation of each candidate), and its lock file:
-`recipe.lock.yaml` is the recipe resolved plus a `lock:` section, which `check_lock` holds a
+`recipe.lock.yaml` is the recipe resolved plus a `lock:` section, which `check_lock_*` hold a
 re-run to (same model, calibration and validation data)."""
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
     model_dir = _recipe_model_dir(recipe.model)
     source = open_source(model_dir)  # a bad model is refused here, before any work
     _check_recipe_files(recipe, model_dir)
-    check_lock(recipe, source)
+    check_lock_inputs(recipe, source)
     out = Path(out)
     steps = 2 + len(recipe.exports) + (len(recipe.validation.candidates) if recipe.validation is not None else 0)
     step = _step_printer(steps)
@@ -45,7 +45,7 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
     if recipe.quantize.method is not Method.RTN:
         step(f"calibrate: {recipe.calibration.samples} x {recipe.calibration.seq_len} tokens from {recipe.calibration_data}")
         calibration = make_calibration(model_dir, recipe.calibration_data, recipe.calibration)
-        check_lock(recipe, source, calibration)
+        check_lock_calibration(recipe, calibration)
         out.mkdir(parents=True, exist_ok=True)  # only now: bad calibration data leaves no directory behind
         calib_dir = out / "calibration"
         with atomic_output_dir(calib_dir, force=True) as tmp:
@@ -131,7 +131,7 @@ def _write_lock(recipe, device: str, recipe_path: Path, source, calibration, pat
     so the lock runs on another machine), and under `lock:` the device that ran, the model's
     fingerprint, the calibration records' and windows' sha256, every validation file's sha256,
     the recipe file, and library versions. `maverick-quant run recipe.lock.yaml` runs it again,
-    after `check_lock` finds the same model and data."""
+    after `check_lock_inputs` and `check_lock_calibration` find the same model and data."""
     import importlib.metadata
     import platform
 
@@ -177,17 +177,24 @@ LOCKED_INPUTS = {"model_fingerprint": "the model", "validation_sha256": "that va
                  "calibration_data_sha256": "the calibration text", "calibration_windows_sha256": "the calibration windows"}
 
 
-def check_lock(recipe, source, calibration=None) -> None:
-    """A lock file's recipe runs only on what it was written from: InputError naming what
-    changed (the model, a validation file; with `calibration`, the calibration records or the
-    windows drawn from them). A recipe without `lock:` passes."""
+def check_lock_inputs(recipe, source) -> None:
+    """A lock file's recipe runs only on what it was written from: InputError naming the model
+    or validation file that changed, before any work. A recipe without `lock:` passes."""
+    _compare_with_lock(recipe, {"model_fingerprint": source.checkpoint.fingerprint(),
+                                **{f"validation_sha256.{key}": value for key, value in _validation_hashes(recipe).items()}})
+
+
+def check_lock_calibration(recipe, calibration) -> None:
+    """`check_lock_inputs` for the calibration records and the windows drawn from them, as
+    soon as they are drawn (before quantizing)."""
+    _compare_with_lock(recipe, _calibration_hashes(calibration))
+
+
+def _compare_with_lock(recipe, found: dict[str, str]) -> None:
+    """InputError for the first of `found` ({key or "section.key": hash}) that differs from the
+    recipe's `lock:` section (keys the lock does not record pass)."""
     if recipe.lock is None:
         return
-    if calibration is not None:
-        found = _calibration_hashes(calibration)
-    else:
-        found = {"model_fingerprint": source.checkpoint.fingerprint(),
-                 **{f"validation_sha256.{key}": value for key, value in _validation_hashes(recipe).items()}}
     for key, value in found.items():
         section, _, name = key.partition(".")
         expected = recipe.lock.get(section)

@@ -7,8 +7,13 @@ import os
 import shutil
 from pathlib import Path
 
-import pytest
-import torch
+# Triton reads TRITON_INTERPRET once, when it is first imported, so it is set here, before any
+# test module can import it: Triton kernels then run in the interpreter, on the CPU.
+# TRITON_INTERPRET=0 in the environment (benchmarks/gpu_check.sh) keeps them compiled, on a GPU.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

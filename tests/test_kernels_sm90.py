@@ -9,26 +9,21 @@ import os
 import subprocess
 import sys
 
-# Before triton is first imported in this process: Triton reads it once, and the interpreter
-# tests (test_kernels_triton.py, collected after this file) need it. The compiling is done in a
-# subprocess without it.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
+import pytest
 
 if not os.environ.get("MAVERICK_QUANT_REQUIRE_CLIENTS"):  # CI installs triton and requires these tests
     pytest.importorskip("triton")
 
-from maverick_quant.compress.kernels.triton_compile import KernelCost, load_bytes  # noqa: E402
+from maverick_quant.triton_sm90 import KernelCost, load_bytes  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def sm90_costs() -> list[KernelCost]:
-    """Compiled in a subprocess: this process runs under TRITON_INTERPRET=1, where `triton.jit`
-    makes nothing that compiles."""
+    """Compiled in a subprocess: this process runs under TRITON_INTERPRET=1 (conftest.py), where
+    `triton.jit` makes nothing that compiles."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    result = subprocess.run([sys.executable, "-m", "maverick_quant.compress.kernels.triton_compile", "--json"],
+    result = subprocess.run([sys.executable, "-m", "maverick_quant.triton_sm90", "--json"],
                             capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return [KernelCost(**row) for row in json.loads(result.stdout)]

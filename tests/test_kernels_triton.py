@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import os
 
-COMPILED = os.environ.get("TRITON_INTERPRET") == "0"  # the compiled kernels, on the GPU
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels then run on the CPU
+COMPILED = os.environ.get("TRITON_INTERPRET") == "0"  # the compiled kernels, on the GPU (else conftest.py set 1)
 
 import pytest
 import torch

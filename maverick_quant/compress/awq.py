@@ -48,6 +48,9 @@ def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None, awq: AWQ
     return (scales / (scales.amax(1, keepdim=True) * scales.amin(1, keepdim=True)).sqrt()).float()
 
 
+CANDIDATES_AT_ONCE = 4  # scale candidates quantized together: a weight [N, K] is held as [4, N, K] fp32
+
+
 def rtn_fake(W: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Round-to-nearest of W [..., N, K] on the group grid of `spec`, dequantized (fp32)."""
     return rtn_quantize(W, spec).dequantize()
@@ -71,7 +74,7 @@ def search_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None,
 
 
 def output_loss(x: torch.Tensor, weights: list[torch.Tensor], spec: QuantSpec | list[QuantSpec],
-                chunk: int = 4) -> Callable[[torch.Tensor], torch.Tensor]:
+                chunk: int = CANDIDATES_AT_ONCE) -> Callable[[torch.Tensor], torch.Tensor]:
     """The plain AWQ loss for linears sharing input x [T, K]: for each candidate s,
     sum over the linears of mean_t ||x_t (W_hat(s) - W)^T||^2 with W_hat(s) = scaled_quantized
     on `spec` (one grid for all, or one per linear: bits overrides). Candidates are evaluated

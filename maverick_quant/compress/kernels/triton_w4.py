@@ -16,7 +16,7 @@
   of a tile are unpacked (low and high nibbles interleaved back into K order), dequantized to
   the activation dtype in registers and fed to one `tl.dot` with the [BLOCK_M, GROUP] input
   tile, which is read contiguously (so Triton's pipeliner copies it asynchronously, 16 bytes
-  a copy on sm_90: `triton_compile`). With MOE=True each M-block belongs to
+  a copy on sm_90: `maverick_quant.triton_sm90`). With MOE=True each M-block belongs to
   one expert: rows are (token, slot) pairs sorted and padded per expert in torch
   (`AlignedPairs`, as vLLM's `moe_align_block_size` does), then one launch runs all experts.
 - Fused gate+up: experts and MLPs keep gate and up concatenated along N (`gate_up`
@@ -195,7 +195,7 @@ def _zeros_or_dummy(weight: Int4Weight) -> torch.Tensor:
 @dataclass
 class Launch:
     """One kernel launch, built but not yet run: `run` launches it on the tensors' device, and
-    `triton_compile` compiles exactly this specialization ahead of time for a GPU it lacks."""
+    `maverick_quant.triton_sm90` compiles exactly this specialization ahead of time for a GPU it lacks."""
 
     kernel: Any
     grid: tuple[int, ...]

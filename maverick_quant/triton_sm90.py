@@ -7,10 +7,12 @@ pointers divisible by 16 marked so, the same constexprs) and Triton's own ptxas.
 interpreter tests check for correctness is also known to compile for the GPU, without
 spilling, and with the weight codes read in wide loads. It says nothing about speed.
 
-    python -m maverick_quant.compress.kernels.triton_compile [--arch 90] [--json]
+    python -m maverick_quant.triton_sm90 [--arch 90] [--json]
 
 Run it with TRITON_INTERPRET unset: under the interpreter `triton.jit` makes no compilable
-function (the test runs it in a subprocess for that reason).
+function (the test runs it in a subprocess for that reason). It lives outside `compress/`
+because it runs ptxas/cuobjdump, writes temporary files and prints: `compress/` stays
+tensors in, tensors out.
 """
 
 from __future__ import annotations
