@@ -377,6 +377,17 @@ def scale_block(model: StreamingModel, index: int, layer: torch.nn.Module, x: to
 
 
 @torch.no_grad()
+def start_moe_block(model: StreamingModel, layer: torch.nn.Module, moe: MoEBlock,
+                    hidden: torch.Tensor) -> tuple[torch.Tensor, Routing, torch.Tensor]:
+    """Run `layer` up to its MoE block over `hidden` [S, L, D] (overwritten with the residual
+    stream entering the block) and begin the block: (its input x [S*L, D], the routing of x,
+    the shared expert's output [S*L, D], to which the routed experts' outputs are then added)."""
+    x = capture_block_io(model, layer, moe, hidden)
+    return (x, route(x, layer.get_submodule(moe.router).weight, moe.top_k),
+            _module_output(layer.get_submodule(moe.shared_module), x))
+
+
+@torch.no_grad()
 def run_moe_layer(model: StreamingModel, index: int, layer: torch.nn.Module, hidden: torch.Tensor,
                   chunk_mib: int = MoESpec.chunk_mib, observe=None) -> Routing:
     """Float forward of MoE layer `index` over `hidden` [S, L, D] in place, reading routed
@@ -396,9 +407,7 @@ def run_moe_blocks(model: StreamingModel, index: int, layer: torch.nn.Module, bl
     states = []
     for layout, hidden in blocks:
         model.layout = layout
-        x = capture_block_io(model, layer, moe, hidden)
-        states.append((x, route(x, layer.get_submodule(moe.router).weight, moe.top_k),
-                       _module_output(layer.get_submodule(moe.shared_module), x)))
+        states.append(start_moe_block(model, layer, moe, hidden))
     for first, count in expert_chunks(moe, model.config, chunk_mib):
         weights = {k: v.to(model.dtype) for k, v in read_experts(model, index, first, count).items()}
         for x, routing, out in states:

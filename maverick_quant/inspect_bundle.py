@@ -64,12 +64,12 @@ def expert_audit(bundle: Bundle) -> list[dict]:
 
 def expert_token_counts(records: list[dict]) -> dict[int, list[int]]:
     """{MoE layer: routed calibration tokens per expert} from audit records (layer, tokens);
-    empty when no record counted tokens (an RTN run routes nothing)."""
-    if not any(record["tokens"] is not None for record in records):
+    empty when no record counted tokens (an RTN run routes nothing; an export has no audit)."""
+    if not any(record.get("tokens") is not None for record in records):
         return {}
     counts: dict[int, list[int]] = {}
     for record in records:
-        counts.setdefault(record["layer"], []).append(record["tokens"] or 0)
+        counts.setdefault(record["layer"], []).append(record.get("tokens") or 0)
     return counts
 
 

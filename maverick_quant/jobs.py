@@ -196,7 +196,7 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
     report.update(_choice_benchmarks(ref_source, cand_source, load_tokenizer(reference), hellaswag, hellaswag_tasks,
                                      choices, kernels=kernels, progress=progress, device=compute,
                                      pass_mib=choices_pass_mib))
-    report.update(_expert_summary(cand_source))
+    report.update(_expert_summary(cand_source, result.summary.get("experts")))
     outcomes = evaluate_gates(parsed, report, baseline_report)
     report["gates"] = [{"gate": o.gate, "actual": o.actual, "threshold": o.threshold, "passed": o.passed} for o in outcomes]
     from maverick_quant.inspect_bundle import expert_token_counts
@@ -208,18 +208,22 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
     return all(o.passed for o in outcomes)
 
 
-def _expert_summary(candidate) -> dict:
-    """For an MoE bundle: per-expert calibration tokens, policy and relative loss from its audit."""
+def _expert_summary(candidate, measured: dict | None) -> dict:
+    """The report's "experts": what validation `measured` per routed expert (evaluation tokens,
+    rel_error; validation/experts.py) joined, for an MoE bundle, with its quantize audit
+    (calibration tokens, policy, the largest relative loss of its linears, fallbacks)."""
     from maverick_quant.bundle import Bundle
     from maverick_quant.inspect_bundle import expert_audit
 
+    summary = dict(measured or {})
     audit = expert_audit(candidate) if isinstance(candidate, Bundle) else []
-    if not audit:
-        return {}
-    fallbacks = sum("fallback" in r["reason"] for r in audit)
-    rows = [{"layer": r["layer"], "expert": r["expert"], "tokens": r["tokens"], "policy": r["policy"],
-             "rel_loss": max((l["rel_loss"] for l in r.get("linears", {}).values()), default=None)} for r in audit]
-    return {"experts": {"count": len(audit), "fallbacks": fallbacks, "per_expert": rows}}
+    if audit:
+        validated = {(row["layer"], row["expert"]): row for row in summary.get("per_expert", [])}
+        rows = [{**validated.get((r["layer"], r["expert"]), {}), "layer": r["layer"], "expert": r["expert"],
+                 "tokens": r["tokens"], "policy": r["policy"],
+                 "rel_loss": max((l["rel_loss"] for l in r.get("linears", {}).values()), default=None)} for r in audit]
+        summary.update(count=len(audit), fallbacks=sum("fallback" in r["reason"] for r in audit), per_expert=rows)
+    return {"experts": summary} if summary else {}
 
 
 def _choice_benchmarks(ref_source, cand_source, tokenizer, hellaswag, hellaswag_tasks, choices, kernels=None,

@@ -176,6 +176,20 @@ def test_generate_and_validate_run_a_bundle_on_the_kernels(dense_bundle: Path, t
     assert with_kernels["candidate"]["ppl"] == pytest.approx(dequantized["candidate"]["ppl"], rel=1e-4)
 
 
+def test_a_kernel_backed_moe_candidate_still_gets_its_experts_measured(moe_bundle: Path,
+                                                                       kernel_llama4_dir: Path) -> None:
+    """A kernel-backed bundle runs its MoE layers whole, so its routing is not seen (no routing
+    agreement), but each expert is still measured, on the bundle's weights, as when dequantized."""
+    from maverick_quant.validation.evaluate import evaluate
+
+    windows = _ids(4)
+    summaries = [evaluate(open_source(kernel_llama4_dir), Bundle(moe_bundle), windows, show_progress=False,
+                          kernels=kernels).summary for kernels in ("reference", None)]
+    with_kernels, dequantized = ([row["rel_error"] for row in s["experts"]["per_expert"]] for s in summaries)
+    assert len(with_kernels) == 16 and with_kernels == pytest.approx(dequantized, rel=1e-6)
+    assert "routing" not in summaries[0] and summaries[1]["routing"]["agreement"]["min"] > 0
+
+
 def test_kernels_refuse_a_float_model_a_grid_they_cannot_run_and_unknown_backends(tiny_llama_dir: Path,
                                                                                    tiny_llama4_dir: Path,
                                                                                    tmp_path: Path) -> None:

@@ -87,22 +87,31 @@ def test_bundle_holds_all_experts_in_chunks_and_the_float_router(moe_bundle: Pat
 
 def test_validate_and_gptq_export_of_an_moe_bundle(moe_bundle: Path, tiny_llama4_dir: Path, tmp_path: Path) -> None:
     """GPTQ drifts less than RTN from the float model (KL; top-1 is noisy on a random model's
-    flat distributions), then the GPTQ export reads back to the bundle's exact values."""
+    flat distributions), the report joins each expert's quantize audit with its validation
+    error, then the GPTQ export reads back to the bundle's exact values."""
     text = _text(tmp_path, "wiki.test.raw")
     run("quantize", tiny_llama4_dir, "--method", "rtn", "--group-size", 32, "--out", tmp_path / "rtn", "--no-progress")
     kl = {}
     for name, candidate in (("gptq", moe_bundle), ("rtn", tmp_path / "rtn")):
         run("validate", "--reference", tiny_llama4_dir, "--candidate", candidate, "--data", text, "--ctx", LENGTH,
-            "--max-windows", 6, "--report", tmp_path / f"report-{name}", "--gate", "ppl_ratio<=1.5")
+            "--max-windows", 6, "--report", tmp_path / f"report-{name}", "--gate", "ppl_ratio<=1.5",
+            "--gate", "experts.rel_error.max<=0.5", "--gate", "routing.agreement.min>=0.5")
         report = json.loads((tmp_path / f"report-{name}" / "report.json").read_text())
         kl[name] = report["kl"]["mean"]
     assert report["experts"]["count"] == 16 and not (tmp_path / "report-rtn" / "expert_tokens.png").exists()
     assert (tmp_path / "report-gptq" / "expert_tokens.png").is_file()  # RTN saw no tokens: nothing to draw
     markdown = (tmp_path / "report-gptq" / "report.md").read_text()
     assert "![expert_tokens](expert_tokens.png)" in markdown and "## Routed experts" in markdown
-    assert "16 experts, " in markdown and "| layer | expert | tokens | policy | rel. loss |" in markdown
+    assert "![expert_error](expert_error.png)" in markdown and "Largest validation error:" in markdown
+    assert "16 experts, " in markdown and "| layer | expert | calib. tokens | policy | quantize rel. loss |" in markdown
+    assert "Routing agreement, each model on its own stream: mean" in markdown
     assert "Fewest calibration tokens" not in (tmp_path / "report-rtn" / "report.md").read_text()  # RTN routes none
-    assert json.loads((tmp_path / "report-gptq" / "report.json").read_text())["experts"]["fallbacks"] >= 1
+    gptq = json.loads((tmp_path / "report-gptq" / "report.json").read_text())
+    assert gptq["experts"]["fallbacks"] >= 1 and all(g["passed"] for g in gptq["gates"])
+    rows = gptq["experts"]["per_expert"]  # the quantize audit and the validation joined per expert
+    assert all(r["policy"] in ("routed", "mixed") and r["eval_tokens"] >= 0 for r in rows)
+    assert sum(r["eval_tokens"] for r in rows) == 2 * 6 * LENGTH  # two MoE layers, every token routed once
+    assert [layer.get("routing_agreement") is not None for layer in gptq["layers"]] == [False, True, False, True]
     assert 0 < kl["gptq"] < kl["rtn"]
     run("export", moe_bundle, "--format", "gptq", "--out", tmp_path / "gptq")
     index = Checkpoint(tmp_path / "gptq").tensors

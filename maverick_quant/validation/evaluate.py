@@ -4,7 +4,9 @@ Memory holds the two hidden-state caches [W, L, D] and one layer of each model (
 layer's routed experts one chunk at a time, plus a third cache for that layer). For every
 layer it also measures the candidate layer's relative output error on the reference's
 inputs, err_l = ||f_c(h) - f_r(h)||^2 / ||f_r(h) - h||^2 (the error relative to what the
-layer adds to the residual stream), which localises damage to a layer.
+layer adds to the residual stream), which localises damage to a layer; for an MoE layer, also
+each routed expert's error on the reference's routed inputs and the routing agreement of the
+two models (validation/experts.py).
 
 Protocols (see calibration.data.eval_windows): "gptq", non-overlapping windows of `ctx`
 tokens from the start of the text, every token after the first of each window scored (the
@@ -25,12 +27,16 @@ from tqdm.auto import tqdm
 from maverick_quant.errors import InputError
 from maverick_quant.recipe import MoESpec
 from maverick_quant.streaming import StreamingModel, WeightSource
+from maverick_quant.calibration.moe import Routing
+from maverick_quant.validation.experts import (ExpertError, candidate_block_input, compare_expert_chunk,
+                                               routing_agreement, summarize_experts, summarize_routing)
 from maverick_quant.validation.metrics import MetricAccumulator
 
 
 @dataclass
 class Evaluation:
-    """What `evaluate` measured: the metric summary, per-token KL and per-layer errors."""
+    """What `evaluate` measured: the metric summary (with "layers", and for an MoE model
+    "experts" and "routing"), per-token KL and per-layer errors."""
 
     summary: dict
     kl_values: torch.Tensor
@@ -57,15 +63,29 @@ def open_candidate(path: Path):
 
 def _check_compatible(reference: WeightSource, candidate: WeightSource) -> None:
     ref, cand = reference.table.text_config(reference.config), candidate.table.text_config(candidate.config)
-    for key in ("num_hidden_layers", "hidden_size", "vocab_size"):
-        if getattr(ref, key) != getattr(cand, key):
-            raise InputError(f"reference and candidate differ in {key}: {getattr(ref, key)} vs {getattr(cand, key)}")
+    for key in ("num_hidden_layers", "hidden_size", "vocab_size", "num_local_experts"):
+        if getattr(ref, key, None) != getattr(cand, key, None):
+            raise InputError(f"reference and candidate differ in {key}: {getattr(ref, key, None)} vs "
+                             f"{getattr(cand, key, None)}")
+
+
+@dataclass
+class LayerResult:
+    """What one layer's step measured: err_l, and for an MoE layer its routed experts' errors
+    and routing agreement (validation/experts.py; None where the candidate runs its MoE layers
+    whole, a kernel-backed bundle, so its routing is not seen)."""
+
+    rel_error: float
+    experts: list[ExpertError] = field(default_factory=list)
+    routing_agreement: float | None = None
+    routing_agreement_local: float | None = None
 
 
 @torch.no_grad()
 def _advance_layer(ref_model: StreamingModel, cand_model: StreamingModel, index: int,
-                   h_ref: torch.Tensor, h_cand: torch.Tensor, chunk_mib: int = MoESpec.chunk_mib) -> float:
-    """Run layer `index` of both models in place on their caches; returns err_l."""
+                   h_ref: torch.Tensor, h_cand: torch.Tensor, chunk_mib: int = MoESpec.chunk_mib) -> LayerResult:
+    """Run layer `index` of both models in place on their caches; returns err_l (and, for an
+    MoE layer, what `_advance_moe_layer` measures)."""
     if ref_model.plan(index).moe is not None:
         return _advance_moe_layer(ref_model, cand_model, index, h_ref, h_cand, chunk_mib)
     ref_layer, cand_layer = ref_model.layer(index), cand_model.layer(index)
@@ -79,7 +99,7 @@ def _advance_layer(ref_model: StreamingModel, cand_model: StreamingModel, index:
         signal_sum += (y_ref - x).double().square().sum().item()
         h_ref[span] = y_ref
         h_cand[span] = cand_model.apply(cand_layer, h_cand[span])
-    return error_sum / max(signal_sum, 1e-30)
+    return LayerResult(error_sum / max(signal_sum, 1e-30))
 
 
 @torch.no_grad()
@@ -91,37 +111,71 @@ def forward_layer(model: StreamingModel, index: int, hidden: torch.Tensor, chunk
 
 
 @torch.no_grad()
-def forward_layer_blocks(model: StreamingModel, index: int, blocks: list, chunk_mib: int = MoESpec.chunk_mib) -> None:
+def forward_layer_blocks(model: StreamingModel, index: int, blocks: list,
+                         chunk_mib: int = MoESpec.chunk_mib) -> list[Routing] | None:
     """`forward_layer` over several caches, blocks = [(packed layout or None, hidden [S_b, L_b, D])],
-    in place, reading the layer's weights (and each chunk of its experts) once for all blocks."""
+    in place, reading the layer's weights (and each chunk of its experts) once for all blocks.
+    Returns each block's routing for an MoE layer run chunk by chunk, else None."""
     if model.plan(index).moe is None or getattr(model, "runs_experts", False):
         layer = model.layer(index)
         for layout, hidden in blocks:
             model.layout = layout
             model.run_layer(layer, hidden, out=hidden)
-        return
+        return None
     from maverick_quant.experts import run_moe_blocks
 
     layer = model.layer(index, model.source.layer_tensors(index, experts=False))
-    run_moe_blocks(model, index, layer, blocks, chunk_mib)
+    return run_moe_blocks(model, index, layer, blocks, chunk_mib)
 
 
 @torch.no_grad()
 def _advance_moe_layer(ref_model: StreamingModel, cand_model: StreamingModel, index: int,
-                       h_ref: torch.Tensor, h_cand: torch.Tensor, chunk_mib: int = MoESpec.chunk_mib) -> float:
+                       h_ref: torch.Tensor, h_cand: torch.Tensor, chunk_mib: int = MoESpec.chunk_mib) -> LayerResult:
     """`_advance_layer` for an MoE layer, routed experts streamed chunk by chunk from both
-    models (never a whole layer's experts): one more cache [W, L, D] holds the reference input."""
-    def forward(model: StreamingModel, hidden: torch.Tensor) -> None:
-        forward_layer(model, index, hidden, chunk_mib)
+    models (never a whole layer's experts); one more cache [W, L, D] holds the reference input.
 
+    1. The reference layer runs on h_ref, each chunk of its experts beside the candidate's same
+       chunk: every candidate expert is measured on the reference's routed inputs (err_e).
+    2. The candidate layer runs on the reference's input and on its own stream in one pass over
+       its experts: err_l, and the routing agreement of each with the reference's routing."""
     h_in = h_ref.clone()
-    forward(ref_model, h_ref)
+    routing, experts = _reference_moe_layer_measuring_experts(ref_model, cand_model, index, h_ref, chunk_mib)
     signal = (h_ref - h_in).double().square().sum().item()
-    forward(cand_model, h_in)  # now the candidate layer's output on the reference's inputs
+    cand_routings = forward_layer_blocks(cand_model, index, [(cand_model.layout, h_in), (cand_model.layout, h_cand)],
+                                         chunk_mib)  # h_in becomes the candidate layer's output on the reference's inputs
     error = (h_in - h_ref).double().square().sum().item()
-    del h_in
-    forward(cand_model, h_cand)
-    return error / max(signal, 1e-30)
+    result = LayerResult(error / max(signal, 1e-30), experts)
+    if cand_routings is not None:
+        result.routing_agreement_local = routing_agreement(routing, cand_routings[0])
+        result.routing_agreement = routing_agreement(routing, cand_routings[1])
+    return result
+
+
+@torch.no_grad()
+def _reference_moe_layer_measuring_experts(ref_model: StreamingModel, cand_model: StreamingModel, index: int,
+                                           hidden: torch.Tensor, chunk_mib: int) -> tuple[Routing, list[ExpertError]]:
+    """The reference's MoE layer `index` over `hidden` [W, L, D] in place, each chunk of its
+    routed experts read beside the candidate's and compared on the reference's routing
+    (`compare_expert_chunk`); returns that routing and every routed expert's error sums.
+
+    Memory on the device: the block's input for each model (one, unless AWQ scaled the
+    candidate's), its output, and one chunk of experts of each model."""
+    from maverick_quant.calibration.moe import activation
+    from maverick_quant.experts import add_block_output, expert_chunks, read_experts, start_moe_block
+
+    moe = ref_model.plan(index).moe
+    layer = ref_model.layer(index, ref_model.source.layer_tensors(index, experts=False))
+    x_ref, routing, out = start_moe_block(ref_model, layer, moe, hidden)
+    x_cand = candidate_block_input(cand_model, index, moe.residual_input, layer.get_submodule(moe.residual_input),
+                                   hidden, x_ref)
+    errors = []
+    for first, count in expert_chunks(moe, ref_model.config, chunk_mib):
+        reference = {k: v.to(ref_model.dtype) for k, v in read_experts(ref_model, index, first, count).items()}
+        candidate = {k: v.to(ref_model.dtype) for k, v in read_experts(cand_model, index, first, count).items()}
+        errors += compare_expert_chunk(index, x_ref, x_cand, routing, reference, candidate,
+                                       activation(moe.activation), first, out)
+    add_block_output(hidden, out)
+    return routing, errors
 
 
 @torch.no_grad()
@@ -159,18 +213,36 @@ def evaluate(reference: WeightSource, candidate: WeightSource, windows: torch.Te
 
         cand_model = KernelModel(candidate, kernels, batch=batch, device=device)
     h_ref, h_cand = ref_model.embed(windows), cand_model.embed(windows)
-    layer_errors = []
+    steps = []
     bar = tqdm(range(ref_model.num_layers), desc="validate layers", unit="layer", disable=not show_progress)
     for index in bar:
-        layer_errors.append((f"layer {index}", _advance_layer(ref_model, cand_model, index, h_ref, h_cand,
-                                                              expert_chunk_mib)))
+        steps.append(_advance_layer(ref_model, cand_model, index, h_ref, h_cand, expert_chunk_mib))
         elapsed = time.perf_counter() - started  # tokens through the whole model per second, so far
         bar.set_postfix(tok_per_s=f"{windows.numel() * (index + 1) / ref_model.num_layers / elapsed:.0f}")
     metrics = _score(ref_model, cand_model, windows, h_ref, h_cand, first_scored)
     summary = metrics.summary()
     summary["seconds"] = time.perf_counter() - started
-    summary["layers"] = [{"layer": i, "rel_error": err} for i, (_, err) in enumerate(layer_errors)]
-    return Evaluation(summary, metrics.kl_values(), layer_errors)
+    summary.update(_layer_summary(steps))
+    return Evaluation(summary, metrics.kl_values(), [(f"layer {i}", step.rel_error) for i, step in enumerate(steps)])
+
+
+def _layer_summary(steps: list[LayerResult]) -> dict:
+    """The report's "layers" (err_l, and routing agreement for MoE layers) and, for an MoE
+    model, its "experts" and "routing" entries (validation/experts.py)."""
+    layers = []
+    for index, step in enumerate(steps):
+        row = {"layer": index, "rel_error": step.rel_error}
+        if step.routing_agreement is not None:
+            row.update(routing_agreement=step.routing_agreement, routing_agreement_local=step.routing_agreement_local)
+        layers.append(row)
+    experts = [error for step in steps for error in step.experts]
+    out = {"layers": layers}
+    if experts:
+        out["experts"] = summarize_experts(experts)
+    routing = summarize_routing(layers)
+    if routing:
+        out["routing"] = routing
+    return out
 
 
 class GGUFCandidate:

@@ -21,7 +21,7 @@ from maverick_quant.checkpoint import durable_replace
 from maverick_quant.validation.gates import GateResult
 
 METRIC_KEYS = frozenset({"reference", "candidate", "ppl_ratio", "kl", "top1_agreement", "tokens", "gates", "layers",
-                         "experts"})
+                         "experts", "routing"})
 """Top-level report keys shown in the metric table or plots; any other key goes to the "Run" section."""
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -128,22 +128,50 @@ def _worst_layer_line(layer_errors: Sequence[tuple[str, float]] | None) -> list[
     return [f"Largest relative layer error: {name} ({_fmt(float(error))})."]
 
 
-def _expert_section(experts: Mapping | None, shown: int = 5) -> list[str]:
-    """An MoE candidate's routed experts (from its quantize audit): how many, how many fell
-    back, and the experts with the largest relative loss and with the fewest calibration tokens."""
+def _expert_rows(title: str, rows: list[dict]) -> list[str]:
+    """A titled table of per-expert rows (quantize audit and validation fields, n/a where absent)."""
+    if not rows:
+        return []
+    lines = [f"{title}:", "", "| layer | expert | calib. tokens | policy | quantize rel. loss | eval tokens | "
+             "validation rel. error |", "|---:|---:|---:|---|---:|---:|---:|"]
+    lines += [f"| {r['layer']} | {r['expert']} | {_fmt(r.get('tokens'))} | {r.get('policy', 'n/a')} | "
+              f"{_fmt(r.get('rel_loss'))} | {_fmt(r.get('eval_tokens'))} | {_fmt(r.get('rel_error'))} |" for r in rows]
+    return lines + [""]
+
+
+def _expert_section(experts: Mapping | None, routing: Mapping | None = None, shown: int = 5) -> list[str]:
+    """An MoE candidate's routed experts: how many (and how many fell back, from its quantize
+    audit), the pooled / median / worst validation error per expert, the routing agreement, and
+    tables of the experts with the largest validation error, the largest quantize loss and the
+    fewest calibration tokens."""
     if not experts:
         return []
     rows = experts.get("per_expert", [])
-    lines = ["## Routed experts", "", f"{_fmt(experts.get('count'))} experts, {_fmt(experts.get('fallbacks'))} "
-             "quantized by their fallback policy (too few routed calibration tokens).", ""]
+    lines = ["## Routed experts", ""]
+    head = f"{_fmt(experts.get('count'))} experts"
+    if experts.get("fallbacks") is not None:
+        head += f", {_fmt(experts['fallbacks'])} quantized by their fallback policy (too few routed calibration tokens)"
+    lines += [head + ".", ""]
+    error = experts.get("rel_error")
+    if error:
+        worst = (f"; worst {_fmt(error['max'])} (layer {error['max_layer']}, expert {error['max_expert']}) over experts "
+                 f"with at least {error['max_min_tokens']} tokens" if "max" in error else "")
+        lines += [f"Validation error per expert (each on the tokens the reference routes to it): pooled "
+                  f"{_fmt(error['pooled'])}, median {_fmt(error['median'])}{worst}; "
+                  f"{_fmt(experts.get('measured'))} experts received tokens.", ""]
+    for key, label in (("agreement", "each model on its own stream"),
+                       ("agreement_local", "the candidate layer on the reference's input")):
+        if routing and key in routing:
+            lines += [f"Routing agreement, {label}: mean {_fmt(routing[key]['mean'])}, lowest "
+                      f"{_fmt(routing[key]['min'])} (layer {routing[key]['min_layer']}).", ""]
+    min_tokens = (error or {}).get("max_min_tokens", 0)
+    largest = sorted((r for r in rows if r.get("rel_error") is not None and r.get("eval_tokens", 0) >= min_tokens),
+                     key=lambda r: -r["rel_error"])[:shown]
     lossy = sorted((r for r in rows if r.get("rel_loss") is not None), key=lambda r: -r["rel_loss"])[:shown]
     starved = sorted((r for r in rows if r.get("tokens") is not None), key=lambda r: r["tokens"])[:shown]
-    for title, picked in (("Largest relative loss", lossy), ("Fewest calibration tokens", starved)):
-        if picked:
-            lines += [f"{title}:", "", "| layer | expert | tokens | policy | rel. loss |", "|---:|---:|---:|---|---:|"]
-            lines += [f"| {r['layer']} | {r['expert']} | {_fmt(r.get('tokens'))} | {r.get('policy')} | "
-                      f"{_fmt(r.get('rel_loss'))} |" for r in picked] + [""]
-    return lines
+    lines += _expert_rows("Largest validation error", largest)
+    lines += _expert_rows("Largest relative loss when quantized", lossy)
+    return lines + _expert_rows("Fewest calibration tokens", starved)
 
 
 def render_markdown(report: Mapping, gate_results: Sequence | None = None,
@@ -152,7 +180,7 @@ def render_markdown(report: Mapping, gate_results: Sequence | None = None,
     gates = gate_results if gate_results is not None else report.get("gates", [])
     lines = ["# Validation report", "", *_metric_table(report), "", *_worst_layer_line(layer_errors), ""]
     lines += [*_gate_section(gates), ""]
-    lines += _expert_section(report.get("experts"))
+    lines += _expert_section(report.get("experts"), report.get("routing"))
     run = _run_section(report)
     lines += [*run, ""] if run else []
     lines += [f"![{plot.stem}]({plot.name})" for plot in plots]
@@ -206,18 +234,21 @@ def plot_layer_errors(layer_errors: Sequence[tuple[str, float]], path: Path) -> 
     return _save_png(figure, path)
 
 
-def plot_expert_tokens(counts: Mapping[int, Sequence[int]], path: Path, title: str = "Tokens per expert") -> Path:
-    """Heat map of routed tokens per expert (x) per MoE layer (y), as shares of the layer's
-    tokens; experts that received none are marked with a dot."""
-    layers = sorted(counts)
-    grid = torch.tensor([list(counts[layer]) for layer in layers], dtype=torch.float64)
-    share = grid / grid.sum(1, keepdim=True).clamp_min(1)
+def _expert_heat_map(grid: Mapping[int, Sequence[float | None]], path: Path, title: str, label: str,
+                     missing_label: str, log: bool = False) -> Path:
+    """Heat map of one value per expert (x) per MoE layer (y), {layer: [value or None per
+    expert]}; missing values (None) are marked with a red dot labelled `missing_label`."""
+    layers = sorted(grid)
+    values = torch.tensor([[math.nan if v is None else float(v) for v in grid[layer]] for layer in layers],
+                          dtype=torch.float64)
+    missing = values.isnan()
+    shown = values.clamp_min(1e-12).log10() if log else values
     figure, axes = _new_figure(title)
-    image = axes.imshow(share.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
-    figure.colorbar(image, ax=axes, label="share of the layer's tokens")
-    starved = (grid == 0).nonzero().tolist()
-    if starved:
-        axes.scatter([e for _, e in starved], [l for l, _ in starved], marker=".", color="red", label="no tokens")
+    image = axes.imshow(shown.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    figure.colorbar(image, ax=axes, label=f"log10 {label}" if log else label)
+    if missing.any():
+        starved = missing.nonzero().tolist()
+        axes.scatter([e for _, e in starved], [l for l, _ in starved], marker=".", color="red", label=missing_label)
         axes.legend(loc="upper right")
     axes.set_xlabel("expert")
     axes.set_ylabel("layer")
@@ -225,12 +256,30 @@ def plot_expert_tokens(counts: Mapping[int, Sequence[int]], path: Path, title: s
     return _save_png(figure, path)
 
 
+def plot_expert_tokens(counts: Mapping[int, Sequence[int]], path: Path, title: str = "Tokens per expert") -> Path:
+    """Heat map of routed tokens per expert (x) per MoE layer (y), as shares of the layer's
+    tokens; experts that received none are marked with a dot."""
+    shares = {layer: [c / max(sum(row), 1) if c else None for c in row] for layer, row in counts.items()}
+    return _expert_heat_map(shares, path, title, "share of the layer's tokens", "no tokens")
+
+
+def plot_expert_errors(rows: Sequence[Mapping], path: Path) -> Path:
+    """Heat map (log scale) of each routed expert's validation error, from the report's
+    per-expert rows (layer, expert, rel_error); experts given no token are marked."""
+    grid: dict[int, dict[int, float | None]] = {}
+    for row in rows:
+        grid.setdefault(row["layer"], {})[row["expert"]] = row.get("rel_error")
+    dense = {layer: [experts.get(e) for e in range(max(experts) + 1)] for layer, experts in grid.items()}
+    return _expert_heat_map(dense, path, "Validation error per routed expert",
+                            "||E_c(x) - E_r(x)||² / ||E_r(x)||²", "no tokens", log=True)
+
+
 def write_report(report: dict, out_dir: Path, *, kl_values: torch.Tensor | None = None,
                  layer_errors: list[tuple[str, float]] | None = None,
                  gate_results: list | None = None, expert_tokens: Mapping[int, Sequence[int]] | None = None) -> list[Path]:
     """Write report.json, kl_histogram.png / layer_error.png / expert_tokens.png (when their data
-    is given: `expert_tokens` is {MoE layer: calibration tokens per expert}) and report.md, which
-    links every plot.
+    is given: `expert_tokens` is {MoE layer: calibration tokens per expert}), expert_error.png
+    (when report["experts"] has per-expert validation errors) and report.md, which links every plot.
 
     Returns the paths written, report.json first and report.md last.
     """
@@ -245,6 +294,9 @@ def write_report(report: dict, out_dir: Path, *, kl_values: torch.Tensor | None 
         plots.append(plot_layer_errors(layer_errors, out_dir / "layer_error.png"))
     if expert_tokens:
         plots.append(plot_expert_tokens(expert_tokens, out_dir / "expert_tokens.png", "Calibration tokens per expert"))
+    measured = [row for row in report.get("experts", {}).get("per_expert", []) if "rel_error" in row]
+    if measured:
+        plots.append(plot_expert_errors(measured, out_dir / "expert_error.png"))
     markdown = render_markdown(report, gate_results, layer_errors, plots)
     written += plots
     written.append(_atomic_write(out_dir / "report.md", lambda handle: handle.write(markdown.encode())))
