@@ -8,7 +8,11 @@ AWQ+GPTQ, and scores
 every candidate against the float upcycled model on the first WikiText-2 test windows
 (GPTQ-paper protocol). Prints a Markdown table.
 
-    python benchmarks/moe_quality.py --work /tmp/mq-moeq [--samples 32] [--windows 40] [--only "gptq routed" awq awq+gptq]
+With --expert-errors each candidate is scored by `validate`'s own evaluation instead, which
+also measures every routed expert on the held-out tokens routed to it and the routing
+agreement (docs/validation.md): extra columns, about twice the scoring time.
+
+    python benchmarks/moe_quality.py --work /tmp/mq-moeq [--samples 32] [--windows 40] [--only "gptq routed" awq awq+gptq] [--expert-errors]
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--only", nargs="*", help="config names (before the parenthesis) to run; rtn always runs")
+    parser.add_argument("--expert-errors", action="store_true",
+                        help="score with validate's evaluation: per-expert error and routing agreement columns")
     args = parser.parse_args()
 
     from maverick_quant.bundle import Bundle
@@ -49,6 +55,7 @@ def main() -> None:
     from maverick_quant.sources import smollm2_hf_dir
     from maverick_quant.streaming import open_source
     from maverick_quant.synthetic import upcycle_to_llama4
+    from maverick_quant.validation.evaluate import evaluate
 
     args.work.mkdir(parents=True, exist_ok=True)
     model_dir = args.work / "smollm2-llama4-8e"
@@ -71,19 +78,42 @@ def main() -> None:
             base.cli("quantize", str(model_dir), "--calib", str(calib), "--out", str(bundle_dir), "--no-progress",
                      "--group-size", str(args.group_size), *options)
         bundle = Bundle(bundle_dir)
-        cand_model, cand_hidden = base.final_hidden(bundle, windows)
-        summary = base.score(ref_model, ref_hidden, cand_model, cand_hidden, windows)
+        if args.expert_errors:
+            summary = evaluate(open_source(model_dir), bundle, windows, show_progress=False).summary
+        else:
+            cand_model, cand_hidden = base.final_hidden(bundle, windows)
+            summary = base.score(ref_model, ref_hidden, cand_model, cand_hidden, windows)
         audit = [r for layer in bundle.manifest["layers"] for r in layer.get("experts", {}).get("audit", [])]
         rows[name] = {"ppl": summary["candidate"]["ppl"], "kl_mean": summary["kl"]["mean"], "top1": summary["top1_agreement"],
-                      "fallbacks": sum("fallback" in r["reason"] for r in audit), **bundle.manifest["summary"]}
+                      "fallbacks": sum("fallback" in r["reason"] for r in audit), **bundle.manifest["summary"],
+                      **_expert_columns(summary)}
         print(json.dumps({name: rows[name]}), flush=True)
+    _print_table(rows, args.group_size, args.expert_errors)
+
+
+def _expert_columns(summary: dict) -> dict:
+    """Per-expert validation error (pooled, median, max) and the lowest routing agreement, when measured."""
+    error = summary.get("experts", {}).get("rel_error")
+    if not error:
+        return {}
+    return {"expert_pooled": error["pooled"], "expert_median": error["median"], "expert_max": error.get("max"),
+            "routing_min": summary.get("routing", {}).get("agreement", {}).get("min")}
+
+
+def _print_table(rows: dict, group_size: int, expert_errors: bool) -> None:
     ref, rtn = rows["float (upcycled)"]["ppl"], rows["rtn"]["ppl"]
-    print(f"\n| config (4-bit g{args.group_size} sym) | ppl | vs float | RTN gap closed | KL mean | top-1 | fallbacks | quantize s | peak RSS MiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    extra = " expert err pooled | median | max | routing agreement min |" if expert_errors else ""
+    print(f"\n| config (4-bit g{group_size} sym) | ppl | vs float | RTN gap closed | KL mean | top-1 | fallbacks | "
+          f"quantize s | peak RSS MiB |{extra}")
+    print("|---|---|---|---|---|---|---|---|---|" + "---|" * (4 if expert_errors else 0))
     for name, r in rows.items():
         closed = f"{(rtn - r['ppl']) / (rtn - ref):.0%}" if name.startswith(("gptq", "awq")) else ""
-        print(f"| {name} | {r['ppl']:.3f} | {r['ppl'] / ref - 1:+.2%} | {closed} | {r.get('kl_mean', 0):.4f} | "
-              f"{r.get('top1', 1):.3f} | {r.get('fallbacks', '')} | {r.get('seconds', 0):.0f} | {r.get('peak_rss_mib', 0):.0f} |")
+        line = (f"| {name} | {r['ppl']:.3f} | {r['ppl'] / ref - 1:+.2%} | {closed} | {r.get('kl_mean', 0):.4f} | "
+                f"{r.get('top1', 1):.3f} | {r.get('fallbacks', '')} | {r.get('seconds', 0):.0f} | {r.get('peak_rss_mib', 0):.0f} |")
+        if expert_errors:
+            line += "".join(f" {r[key]:.4f} |" if r.get(key) is not None else " |"
+                            for key in ("expert_pooled", "expert_median", "expert_max", "routing_min"))
+        print(line)
 
 
 if __name__ == "__main__":

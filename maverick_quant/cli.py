@@ -364,16 +364,18 @@ def imatrix(model_dir, data, calib, out, samples, seq_len, seed, chat_template, 
               help="Run a bundle candidate's 4-bit weights through this kernel backend instead of dequantizing them.")
 @click.option("--device", default="auto", show_default=True,
               help="Where both models' layers run: auto (CUDA if present), cpu, cuda, cuda:N.")
+@click.option("--resume", is_flag=True, help="Go on from where an interrupted validation with the same inputs stopped.")
 @click.option("--progress/--no-progress", default=True)
 def validate(reference, candidate, data, report_dir, ctx, max_windows, gates, baseline, batch, force, protocol,
-             hellaswag, hellaswag_tasks, choices, choices_pass_mib, kernels, device, progress) -> None:
-    """Compare CANDIDATE with REFERENCE: perplexity, KL, top-1 agreement, per-layer error,
-    multiple-choice accuracy drift; gate CI."""
-    from maverick_quant.jobs import run_validate
+             hellaswag, hellaswag_tasks, choices, choices_pass_mib, kernels, device, resume, progress) -> None:
+    """Compare CANDIDATE with REFERENCE: perplexity, KL, top-1 agreement, per-layer and
+    per-expert error, multiple-choice accuracy drift; gate CI. Every finished layer is kept
+    beside the report: after a crash, the same command with --resume goes on from there."""
+    from maverick_quant.validate_job import run_validate
 
     passed = run_validate(reference, candidate, data, report_dir, ctx, max_windows or None, gates, baseline,
                           batch, force, progress, protocol, hellaswag, hellaswag_tasks, choices, kernels, device,
-                          choices_pass_mib)
+                          choices_pass_mib, resume)
     sys.exit(0 if passed else 1)
 
 

@@ -29,7 +29,8 @@ def write_eval_text(model_dir: Path, path: Path, samples: int, seq_len: int) -> 
 
 
 def run_demo(work_dir: Path, eval_data: Path | None, samples: int, seq_len: int, force: bool, progress: bool) -> None:
-    from maverick_quant.jobs import run_export, run_quantize, run_validate
+    from maverick_quant.jobs import run_export, run_quantize
+    from maverick_quant.validate_job import run_validate
     from maverick_quant.sources import smollm2_hf_dir
 
     work_dir = Path(work_dir)

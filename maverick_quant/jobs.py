@@ -13,9 +13,8 @@ from pathlib import Path
 
 import click
 
-from maverick_quant import __version__
 from maverick_quant.errors import InputError
-from maverick_quant.recipe import CHOICES_PASS_MIB, Method
+from maverick_quant.recipe import Method
 
 
 def run_quantize(model_dir, out, spec, data, calib, calib_spec, force, progress, resume=False, device="auto"):
@@ -156,118 +155,12 @@ def run_export_gguf(source_dir, out, gguf_type="Q4_0", requantize=False, pre=Non
                    f"max {errors[-1]:.4f} ({worst})")
 
 
-def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates=(), baseline=None,
-                 batch=4, force=False, progress=True, protocol="gptq", hellaswag=None, hellaswag_tasks=None,
-                 choices=None, kernels=None, device="auto", choices_pass_mib=CHOICES_PASS_MIB) -> bool:
-    """Shared by `validate` and `demo`; returns whether every gate passed. `kernels`: run a
-    bundle candidate through that kernel backend (None: dequantize it); `device`: where the
-    layers run (devices.py); `choices_pass_mib`: hidden states per pass of the multiple-choice
-    benchmarks (MiB)."""
-    from maverick_quant.calibration.data import eval_windows, load_tokenizer, scored_from
-    from maverick_quant.checkpoint import atomic_output_dir, check_output_dir
-    from maverick_quant.devices import check_kernels_device, resolve_device, use_device
-    from maverick_quant.streaming import open_source
-    from maverick_quant.validation.evaluate import GGUFCandidate, evaluate, evaluate_gguf, open_candidate
-    from maverick_quant.validation.gates import evaluate_gates, parse_gate
-    from maverick_quant.validation.report import write_report
-
-    check_output_dir(report_dir, force)
-    compute = resolve_device(device)
-    check_kernels_device(kernels, compute)
-    use_device(compute)
-    parsed = [parse_gate(text) for text in gates]
-    baseline_report = _read_baseline(baseline) if baseline else None
-    gguf = Path(candidate).is_file()
-    ref_source = open_source(reference)
-    cand_source = (GGUFCandidate(Path(candidate), gpu_layers=-1 if compute.type == "cuda" else 0) if gguf
-                   else open_candidate(candidate))
-    windows = eval_windows(data, load_tokenizer(reference), ctx, max_windows, protocol)
-    first = scored_from(protocol, ctx)
-    if gguf:
-        result = evaluate_gguf(ref_source, cand_source, windows, batch=batch, show_progress=progress, first_scored=first,
-                               device=compute)
-    else:
-        result = evaluate(ref_source, cand_source, windows, batch=batch, show_progress=progress, first_scored=first,
-                          kernels=kernels, device=compute)
-    report = {**result.summary, "protocol": {"name": protocol, "ctx": ctx, "windows": int(windows.shape[0]),
-                                             "first_scored_position": first, "data": str(data)},
-              "reference_model": str(reference), "candidate_model": str(candidate), "tool_version": __version__,
-              "kernels": kernels, "device": str(compute)}
-    report.update(_choice_benchmarks(ref_source, cand_source, load_tokenizer(reference), hellaswag, hellaswag_tasks,
-                                     choices, kernels=kernels, progress=progress, device=compute,
-                                     pass_mib=choices_pass_mib))
-    report.update(_expert_summary(cand_source, result.summary.get("experts")))
-    outcomes = evaluate_gates(parsed, report, baseline_report)
-    report["gates"] = [{"gate": o.gate, "actual": o.actual, "threshold": o.threshold, "passed": o.passed} for o in outcomes]
-    from maverick_quant.inspect_bundle import expert_token_counts
-
-    with atomic_output_dir(report_dir, force) as tmp:
-        write_report(report, tmp, kl_values=result.kl_values, layer_errors=result.layer_errors, gate_results=outcomes,
-                     expert_tokens=expert_token_counts(report.get("experts", {}).get("per_expert", [])))
-    _echo_summary(report, outcomes)
-    return all(o.passed for o in outcomes)
-
-
-def _expert_summary(candidate, measured: dict | None) -> dict:
-    """The report's "experts": what validation `measured` per routed expert (evaluation tokens,
-    rel_error; validation/experts.py) joined, for an MoE bundle, with its quantize audit
-    (calibration tokens, policy, the largest relative loss of its linears, fallbacks)."""
-    from maverick_quant.bundle import Bundle
-    from maverick_quant.inspect_bundle import expert_audit
-
-    summary = dict(measured or {})
-    audit = expert_audit(candidate) if isinstance(candidate, Bundle) else []
-    if audit:
-        validated = {(row["layer"], row["expert"]): row for row in summary.get("per_expert", [])}
-        rows = [{**validated.get((r["layer"], r["expert"]), {}), "layer": r["layer"], "expert": r["expert"],
-                 "tokens": r["tokens"], "policy": r["policy"],
-                 "rel_loss": max((l["rel_loss"] for l in r.get("linears", {}).values()), default=None)} for r in audit]
-        summary.update(count=len(audit), fallbacks=sum("fallback" in r["reason"] for r in audit), per_expert=rows)
-    return {"experts": summary} if summary else {}
-
-
-def _choice_benchmarks(ref_source, cand_source, tokenizer, hellaswag, hellaswag_tasks, choices, kernels=None,
-                       progress=True, device="cpu", pass_mib=CHOICES_PASS_MIB) -> dict:
-    """HellaSwag (llama.cpp text layout) and/or a local multiple-choice JSONL: accuracy drift
-    and wall time, layers on `device`, `pass_mib` of hidden states per pass over the weights."""
-    from maverick_quant.validation.hellaswag import evaluate_choices, read_choice_jsonl, read_hellaswag
-
-    def drift(tasks, path) -> dict:
-        started = time.perf_counter()
-        result = evaluate_choices(ref_source, cand_source, tasks, tokenizer, kernels=kernels, show_progress=progress,
-                                  device=device, pass_mib=pass_mib)
-        return {**result, "file": str(path), "seconds": time.perf_counter() - started}
-
-    out = {}
-    if hellaswag:
-        out["hellaswag"] = drift(read_hellaswag(hellaswag, hellaswag_tasks), hellaswag)
-        click.echo(f"hellaswag ({out['hellaswag']['tasks']} tasks): reference {out['hellaswag']['reference']['acc']:.2f}%  "
-                   f"candidate {out['hellaswag']['candidate']['acc']:.2f}%  delta {out['hellaswag']['delta']:+.2f} "
-                   f"+- {out['hellaswag']['delta_ci95']:.2f} pp")
-    if choices:
-        out["multiple_choice"] = drift(read_choice_jsonl(choices, hellaswag_tasks), choices)
-    return out
-
-
-def _read_baseline(path: Path) -> dict:
-    return _read_json(path, "baseline report")
-
-
 def _read_json(path: Path, what: str) -> dict:
     """The JSON in `path`, or InputError naming the file and what it should have been."""
     try:
         return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise InputError(f"{path}: cannot read {what} ({exc})") from None
-
-
-def _echo_summary(report: dict, outcomes) -> None:
-    click.echo(f"perplexity: reference {report['reference']['ppl']:.3f}  candidate {report['candidate']['ppl']:.3f}  "
-               f"ratio {report['ppl_ratio']:.4f}")
-    click.echo(f"KL mean {report['kl']['mean']:.5f}  p99 {report['kl']['p99']:.5f}  "
-               f"top-1 agreement {report['top1_agreement']:.4f}  ({report['tokens']} tokens)")
-    for outcome in outcomes:
-        click.echo(f"gate {outcome.gate}: {'PASS' if outcome.passed else 'FAIL'} (actual {outcome.actual:.6g})")
 
 
 def run_generate(bundle_dir: Path, prompt: str, max_new_tokens: int, kernels: str = "auto", chat: bool = False,

@@ -13,7 +13,8 @@ import click
 
 from maverick_quant import __version__
 from maverick_quant.errors import InputError
-from maverick_quant.jobs import _recipe_model_dir, run_export, run_export_gguf, run_quantize, run_validate
+from maverick_quant.jobs import _recipe_model_dir, run_export, run_export_gguf, run_quantize
+from maverick_quant.validate_job import run_validate
 from maverick_quant.recipe import Method
 
 
@@ -21,8 +22,9 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
                device: str | None = None) -> bool:
     """`maverick-quant run RECIPE`: calibrate -> quantize -> export(s) -> validate into `out`,
     then `recipe.lock.yaml`; returns whether every validation gate passed (True without one).
-    With `resume`, an interrupted quantize goes on from its last finished layer and a bundle
-    finished earlier with the same inputs is kept; the other steps are redone. `device`
+    With `resume`, an interrupted quantize goes on from its last finished layer, a bundle
+    finished earlier with the same inputs is kept, and an interrupted validation goes on from
+    its last finished layer; the other steps are redone. `device`
     (default: the recipe's quantize.device) is where the quantize step computes."""
     from maverick_quant.calibration.data import make_calibration
     from maverick_quant.checkpoint import atomic_output_dir, check_output_dir
@@ -79,7 +81,8 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
             step(f"validate {candidate} on {v.data}" + (" (in llama.cpp)" if candidate.endswith(".gguf") else ""))
             passed &= run_validate(model_dir, out / candidate, data, out / report_name(candidate), v.ctx, v.max_windows,
                                    v.gates, None, v.batch, True, progress, v.protocol, v.hellaswag, v.hellaswag_tasks,
-                                   v.choices, v.kernels if candidate == "bundle" else None, device, v.choices_pass_mib)
+                                   v.choices, v.kernels if candidate == "bundle" else None, device, v.choices_pass_mib,
+                                   resume)
     _write_lock(recipe, device, Path(recipe_path), source, calibration, out / "recipe.lock.yaml")
     click.echo(f"run finished -> {out} ({'gates passed' if passed else 'a gate FAILED'})")
     return passed

@@ -192,7 +192,7 @@ def resumable_output_dir(out: Path, identity: dict, force: bool = False,
 
     Without `resume`, an unfinished run is refused unless `force` discards it. With `resume`,
     its run.json must equal `identity`. Bad input found during the run (InputError) removes
-    both; any other failure keeps them for `--resume`, and an OSError (disk full, unwritable
+    both, unless it says to keep the work (`keep_work`); any other failure keeps them for `--resume`, and an OSError (disk full, unwritable
     directory) becomes an InputError that says what failed and what was kept.
     """
     out = Path(out)
@@ -212,8 +212,9 @@ def resumable_output_dir(out: Path, identity: dict, force: bool = False,
             _prepare(work, state, out, force, resume)
             try:
                 yield work, state
-            except InputError:
-                _discard(work, state)
+            except InputError as exc:
+                if not exc.keep_work:
+                    _discard(work, state)
                 raise
             except OSError as exc:
                 raise InputError(_io_failure_message(exc, work)) from exc

@@ -16,6 +16,7 @@ half of each window scored (`llama-perplexity`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from maverick_quant.calibration.moe import Routing
 from maverick_quant.validation.experts import (ExpertError, candidate_block_input, compare_expert_chunk,
                                                routing_agreement, summarize_experts, summarize_routing)
 from maverick_quant.validation.metrics import MetricAccumulator
+from maverick_quant.validation.progress import ValidationState
 
 
 @dataclass
@@ -79,6 +81,14 @@ class LayerResult:
     experts: list[ExpertError] = field(default_factory=list)
     routing_agreement: float | None = None
     routing_agreement_local: float | None = None
+
+    def to_record(self) -> dict:
+        """JSON form, kept by a resumable run (validation/progress.py)."""
+        return {**dataclasses.asdict(self), "experts": [dataclasses.astuple(e) for e in self.experts]}
+
+    @classmethod
+    def from_record(cls, record: dict) -> "LayerResult":
+        return cls(**{**record, "experts": [ExpertError(*fields) for fields in record["experts"]]})
 
 
 @torch.no_grad()
@@ -197,12 +207,13 @@ def _score(ref_model: StreamingModel, cand_model: StreamingModel, windows: torch
 def evaluate(reference: WeightSource, candidate: WeightSource, windows: torch.Tensor,
              batch: int = 4, show_progress: bool = True, first_scored: int = 1,
              expert_chunk_mib: int = MoESpec.chunk_mib, kernels: str | None = None,
-             device: torch.device | str = "cpu") -> Evaluation:
+             device: torch.device | str = "cpu", state: ValidationState | None = None) -> Evaluation:
     """Perplexity of both, KL(ref || cand), top-1 agreement and per-layer error on `windows`
     [W, L], scoring positions first_scored..L-1 of each window (routed experts read
     `expert_chunk_mib` at a time), layers computed on `device`, hidden states on the host.
     With `kernels` (a backend name), a bundle candidate runs its 4-bit weights through that
-    backend, on `device`, instead of being dequantized to float."""
+    backend, on `device`, instead of being dequantized to float. With a `state`, each finished
+    layer is recorded there and a run resumed from it goes on at the next layer."""
     _check_compatible(reference, candidate)
     started = time.perf_counter()
     ref_model = StreamingModel(reference, batch=batch, device=device)
@@ -212,18 +223,46 @@ def evaluate(reference: WeightSource, candidate: WeightSource, windows: torch.Te
         from maverick_quant.runtime import KernelModel
 
         cand_model = KernelModel(candidate, kernels, batch=batch, device=device)
-    h_ref, h_cand = ref_model.embed(windows), cand_model.embed(windows)
-    steps = []
-    bar = tqdm(range(ref_model.num_layers), desc="validate layers", unit="layer", disable=not show_progress)
-    for index in bar:
+    start, caches, steps = _resume_layers(state, lambda: {"reference": ref_model.embed(windows),
+                                                           "candidate": cand_model.embed(windows)})
+    h_ref, h_cand = caches["reference"], caches["candidate"]
+    for index in _layer_bar(ref_model.num_layers, start, windows, "validate layers", show_progress):
         steps.append(_advance_layer(ref_model, cand_model, index, h_ref, h_cand, expert_chunk_mib))
-        elapsed = time.perf_counter() - started  # tokens through the whole model per second, so far
-        bar.set_postfix(tok_per_s=f"{windows.numel() * (index + 1) / ref_model.num_layers / elapsed:.0f}")
+        _record_layer(state, index, caches, steps)
     metrics = _score(ref_model, cand_model, windows, h_ref, h_cand, first_scored)
     summary = metrics.summary()
     summary["seconds"] = time.perf_counter() - started
     summary.update(_layer_summary(steps))
     return Evaluation(summary, metrics.kl_values(), [(f"layer {i}", step.rel_error) for i, step in enumerate(steps)])
+
+
+def _resume_layers(state: ValidationState | None, fresh) -> tuple[int, dict[str, torch.Tensor], list[LayerResult]]:
+    """(first layer to run, the caches entering it, results of the layers before it): from the
+    `state` of an interrupted run, else (0, fresh(), [])."""
+    resumed = state.load_layers() if state is not None else None
+    if resumed is None:
+        return 0, fresh(), []
+    start, caches, records = resumed
+    return start, caches, [LayerResult.from_record(record) for record in records]
+
+
+def _record_layer(state: ValidationState | None, index: int, caches: dict[str, torch.Tensor],
+                  steps: list[LayerResult]) -> None:
+    """Keep layer `index` as finished in `state` (if any): the caches now entering the next layer."""
+    if state is not None:
+        state.save_layers(index + 1, caches, [step.to_record() for step in steps])
+
+
+def _layer_bar(layers: int, start: int, windows: torch.Tensor, desc: str, show_progress: bool):
+    """Yield layer indices start..layers-1 under a progress bar of all `layers` (those finished
+    by an earlier attempt counted) with the tokens per second through the whole model."""
+    started = time.perf_counter()
+    with tqdm(total=layers, initial=start, desc=desc, unit="layer", disable=not show_progress) as bar:
+        for index in range(start, layers):
+            yield index
+            bar.update()
+            per_layer = windows.numel() * (index + 1 - start) / (time.perf_counter() - started)
+            bar.set_postfix(tok_per_s=f"{per_layer / layers:.0f}")
 
 
 def _layer_summary(steps: list[LayerResult]) -> dict:
@@ -298,15 +337,18 @@ class GGUFCandidate:
 
 @torch.no_grad()
 def evaluate_gguf(reference: WeightSource, candidate: GGUFCandidate, windows: torch.Tensor, batch: int = 4,
-                  show_progress: bool = True, first_scored: int = 1, device: torch.device | str = "cpu") -> Evaluation:
+                  show_progress: bool = True, first_scored: int = 1, device: torch.device | str = "cpu",
+                  state: ValidationState | None = None) -> Evaluation:
     """`evaluate` for a GGUF candidate: the reference streamed to its final hidden states (on
-    `device`), the candidate's logits from llama.cpp window by window (no per-layer errors:
-    llama.cpp runs the whole model)."""
+    `device`; resumable through `state` as in `evaluate`), the candidate's logits from llama.cpp
+    window by window (no per-layer errors: llama.cpp runs the whole model)."""
     started = time.perf_counter()
     ref_model = StreamingModel(reference, batch=batch, device=device)
-    hidden = ref_model.embed(windows)
-    for index in tqdm(range(ref_model.num_layers), desc="reference layers", unit="layer", disable=not show_progress):
+    start, caches, _ = _resume_layers(state, lambda: {"reference": ref_model.embed(windows)})
+    hidden = caches["reference"]
+    for index in _layer_bar(ref_model.num_layers, start, windows, "reference layers", show_progress):
         forward_layer(ref_model, index, hidden)
+        _record_layer(state, index, caches, [])
     metrics = MetricAccumulator()
     llama_started = time.perf_counter()
     bar = tqdm(range(windows.shape[0]), desc="llama.cpp windows", unit="window", disable=not show_progress)

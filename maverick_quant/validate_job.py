@@ -1,0 +1,178 @@
+"""The `validate` job: reference vs candidate on held-out text, benchmarks, gates, report.
+
+The report directory is written as a resumable run (resume.resumable_output_dir and
+validation/progress.py): built in `.REPORT.partial`, with every finished layer, the finished
+evaluation and each finished benchmark kept in `.REPORT.resume`, so `--resume` after a crash
+goes on from the last finished layer. Gates are not part of what is resumed: a resumed run
+may gate differently, and a gate naming a key the report lacks keeps the finished work.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+import torch
+
+from maverick_quant import __version__
+from maverick_quant.errors import InputError
+from maverick_quant.recipe import CHOICES_PASS_MIB
+
+
+def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates=(), baseline=None,
+                 batch=4, force=False, progress=True, protocol="gptq", hellaswag=None, hellaswag_tasks=None,
+                 choices=None, kernels=None, device="auto", choices_pass_mib=CHOICES_PASS_MIB, resume=False) -> bool:
+    """Shared by `validate`, `run` and `demo`; returns whether every gate passed. `kernels`: run a
+    bundle candidate through that kernel backend (None: dequantize it); `device`: where the
+    layers run (devices.py); `choices_pass_mib`: hidden states per pass of the multiple-choice
+    benchmarks (MiB); `resume`: go on with an interrupted run of the same inputs."""
+    from maverick_quant.calibration.data import eval_windows, load_tokenizer, scored_from
+    from maverick_quant.checkpoint import check_output_dir
+    from maverick_quant.devices import check_kernels_device, resolve_device, use_device
+    from maverick_quant.resume import resumable_output_dir
+    from maverick_quant.streaming import open_source
+    from maverick_quant.validation.evaluate import GGUFCandidate, open_candidate
+    from maverick_quant.validation.gates import parse_gate
+    from maverick_quant.validation.progress import ValidationState, validation_identity
+
+    if not resume:
+        check_output_dir(report_dir, force)
+    compute = resolve_device(device)
+    check_kernels_device(kernels, compute)
+    use_device(compute)
+    parsed = [parse_gate(text) for text in gates]
+    baseline_report = _read_baseline(baseline) if baseline else None
+    gguf = Path(candidate).is_file()
+    ref_source = open_source(reference)
+    cand_source = (GGUFCandidate(Path(candidate), gpu_layers=-1 if compute.type == "cuda" else 0) if gguf
+                   else open_candidate(candidate))
+    tokenizer = load_tokenizer(reference)
+    windows = eval_windows(data, tokenizer, ctx, max_windows, protocol)
+    first = scored_from(protocol, ctx)
+    benchmarks = {"hellaswag": hellaswag and str(hellaswag), "choices": choices and str(choices),
+                  "tasks": hellaswag_tasks, "pass_mib": choices_pass_mib}
+    identity = validation_identity(reference, candidate, windows, {"protocol": protocol, "ctx": ctx, "batch": batch,
+                                                                   "kernels": kernels, "device": str(compute),
+                                                                   **benchmarks})
+    with resumable_output_dir(Path(report_dir), identity, force, resume) as (work, run_state):
+        state = ValidationState(run_state.folder)
+        result = _evaluation(state, ref_source, cand_source, windows, batch, progress, first, kernels, compute, gguf)
+        report = {**result.summary, "protocol": {"name": protocol, "ctx": ctx, "windows": int(windows.shape[0]),
+                                                 "first_scored_position": first, "data": str(data)},
+                  "reference_model": str(reference), "candidate_model": str(candidate), "tool_version": __version__,
+                  "kernels": kernels, "device": str(compute)}
+        report.update(_choice_benchmarks(state, ref_source, cand_source, tokenizer, hellaswag, hellaswag_tasks,
+                                         choices, kernels=kernels, progress=progress, device=compute,
+                                         pass_mib=choices_pass_mib))
+        report.update(_expert_summary(cand_source, result.summary.get("experts")))
+        outcomes = _gate(parsed, report, baseline_report, report_dir)
+        _write(report, outcomes, result, work)
+    _echo_summary(report, outcomes)
+    return all(o.passed for o in outcomes)
+
+
+def _evaluation(state, ref_source, cand_source, windows: torch.Tensor, batch: int, progress: bool, first: int,
+                kernels: str | None, device, gguf: bool):
+    """The perplexity / KL evaluation: kept in `state` once finished, and read back from it by a
+    resumed run (whose unfinished evaluation goes on from its last finished layer)."""
+    from maverick_quant.validation.evaluate import Evaluation, evaluate, evaluate_gguf
+
+    saved = state.load_result("evaluation")
+    if saved is not None:
+        (record, tensors) = saved
+        return Evaluation(record["summary"], tensors["kl_values"], [tuple(pair) for pair in record["layer_errors"]])
+    if gguf:
+        result = evaluate_gguf(ref_source, cand_source, windows, batch=batch, show_progress=progress, first_scored=first,
+                               device=device, state=state)
+    else:
+        result = evaluate(ref_source, cand_source, windows, batch=batch, show_progress=progress, first_scored=first,
+                          kernels=kernels, device=device, state=state)
+    state.save_result("evaluation", {"summary": result.summary, "layer_errors": result.layer_errors},
+                      {"kl_values": result.kl_values})
+    return result
+
+
+def _gate(parsed, report: dict, baseline_report: dict | None, report_dir) -> list:
+    """The gates' outcomes, recorded in report["gates"]. A gate whose key is missing is bad
+    input, but the finished evaluation is kept for `--resume` with corrected gates."""
+    from maverick_quant.validation.gates import evaluate_gates
+
+    try:
+        outcomes = evaluate_gates(parsed, report, baseline_report)
+    except InputError as exc:
+        raise InputError(f"{exc}. The finished evaluation is kept: rerun with the gates corrected and --resume "
+                         f"(report {report_dir})", keep_work=True) from None
+    report["gates"] = [{"gate": o.gate, "actual": o.actual, "threshold": o.threshold, "passed": o.passed} for o in outcomes]
+    return outcomes
+
+
+def _write(report: dict, outcomes: list, result, out_dir: Path) -> None:
+    """report.json, report.md and the plots into `out_dir`."""
+    from maverick_quant.inspect_bundle import expert_token_counts
+    from maverick_quant.validation.report import write_report
+
+    write_report(report, out_dir, kl_values=result.kl_values, layer_errors=result.layer_errors, gate_results=outcomes,
+                 expert_tokens=expert_token_counts(report.get("experts", {}).get("per_expert", [])))
+
+
+def _expert_summary(candidate, measured: dict | None) -> dict:
+    """The report's "experts": what validation `measured` per routed expert (evaluation tokens,
+    rel_error; validation/experts.py) joined, for an MoE bundle, with its quantize audit
+    (calibration tokens, policy, the largest relative loss of its linears, fallbacks)."""
+    from maverick_quant.bundle import Bundle
+    from maverick_quant.inspect_bundle import expert_audit
+
+    summary = dict(measured or {})
+    audit = expert_audit(candidate) if isinstance(candidate, Bundle) else []
+    if audit:
+        validated = {(row["layer"], row["expert"]): row for row in summary.get("per_expert", [])}
+        rows = [{**validated.get((r["layer"], r["expert"]), {}), "layer": r["layer"], "expert": r["expert"],
+                 "tokens": r["tokens"], "policy": r["policy"],
+                 "rel_loss": max((l["rel_loss"] for l in r.get("linears", {}).values()), default=None)} for r in audit]
+        summary.update(count=len(audit), fallbacks=sum("fallback" in r["reason"] for r in audit), per_expert=rows)
+    return {"experts": summary} if summary else {}
+
+
+def _choice_benchmarks(state, ref_source, cand_source, tokenizer, hellaswag, hellaswag_tasks, choices, kernels=None,
+                       progress=True, device="cpu", pass_mib=CHOICES_PASS_MIB) -> dict:
+    """HellaSwag (llama.cpp text layout) and/or a local multiple-choice JSONL: accuracy drift
+    and wall time, layers on `device`, `pass_mib` of hidden states per pass over the weights;
+    each kept in `state` once finished (a resumed run reads it back)."""
+    from maverick_quant.validation.hellaswag import evaluate_choices, read_choice_jsonl, read_hellaswag
+
+    def drift(name: str, read, path) -> dict:
+        saved = state.load_result(f"benchmark-{name}")
+        if saved is not None:
+            return saved[0]
+        started = time.perf_counter()
+        result = evaluate_choices(ref_source, cand_source, read(path, hellaswag_tasks), tokenizer, kernels=kernels,
+                                  show_progress=progress, device=device, pass_mib=pass_mib)
+        result = {**result, "file": str(path), "seconds": time.perf_counter() - started}
+        state.save_result(f"benchmark-{name}", result)
+        return result
+
+    out = {}
+    if hellaswag:
+        out["hellaswag"] = drift("hellaswag", read_hellaswag, hellaswag)
+        click.echo(f"hellaswag ({out['hellaswag']['tasks']} tasks): reference {out['hellaswag']['reference']['acc']:.2f}%  "
+                   f"candidate {out['hellaswag']['candidate']['acc']:.2f}%  delta {out['hellaswag']['delta']:+.2f} "
+                   f"+- {out['hellaswag']['delta_ci95']:.2f} pp")
+    if choices:
+        out["multiple_choice"] = drift("choices", read_choice_jsonl, choices)
+    return out
+
+
+def _read_baseline(path: Path) -> dict:
+    from maverick_quant.jobs import _read_json
+
+    return _read_json(path, "baseline report")
+
+
+def _echo_summary(report: dict, outcomes) -> None:
+    click.echo(f"perplexity: reference {report['reference']['ppl']:.3f}  candidate {report['candidate']['ppl']:.3f}  "
+               f"ratio {report['ppl_ratio']:.4f}")
+    click.echo(f"KL mean {report['kl']['mean']:.5f}  p99 {report['kl']['p99']:.5f}  "
+               f"top-1 agreement {report['top1_agreement']:.4f}  ({report['tokens']} tokens)")
+    for outcome in outcomes:
+        click.echo(f"gate {outcome.gate}: {'PASS' if outcome.passed else 'FAIL'} (actual {outcome.actual:.6g})")

@@ -1,0 +1,81 @@
+"""`validate --resume`: a validation killed mid-run goes on from its last finished layer and
+writes the report an uninterrupted run writes (validation/progress.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from maverick_quant.cli import cli
+from maverick_quant.resume import state_dir_for, work_dir_for
+from tests.test_resume import _kill_during_write, _spawn
+
+LENGTH = 24
+
+
+@pytest.fixture(scope="module")
+def candidate(tiny_llama4_dir: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("validate-resume") / "rtn"
+    result = CliRunner().invoke(cli, ["quantize", str(tiny_llama4_dir), "--method", "rtn", "--group-size", "32",
+                                      "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _args(model: Path, candidate: Path, text: Path, report: Path, *extra: str) -> list[str]:
+    return ["validate", "--reference", str(model), "--candidate", str(candidate), "--data", str(text),
+            "--ctx", str(LENGTH), "--max-windows", "4", "--report", str(report), "--no-progress", *extra]
+
+
+def _numbers(report: Path) -> dict:
+    """report.json without what differs between runs (timings, paths)."""
+    data = json.loads((report / "report.json").read_text())
+    return {k: v for k, v in data.items() if k not in ("seconds", "candidate_model", "reference_model")}
+
+
+def _invoke(args: list[str]):
+    return CliRunner().invoke(cli, args)
+
+
+@pytest.mark.slow
+def test_killed_validation_resumes_at_its_next_layer_and_reports_as_an_uninterrupted_run(
+        tiny_llama4_dir: Path, candidate: Path, small_text_file: Path, tmp_path: Path) -> None:
+    """SIGKILL inside the 3rd atomic tensor write (the hidden states entering layer 3): the
+    rerun without --resume is refused, one with other inputs is refused naming them, and
+    --resume finishes with the numbers of an uninterrupted run, running layer 2 onwards only."""
+    whole, report = tmp_path / "whole", tmp_path / "report"
+    assert _invoke(_args(tiny_llama4_dir, candidate, small_text_file, whole)).exit_code == 0
+    args = _args(tiny_llama4_dir, candidate, small_text_file, report)
+    _kill_during_write(args, 3)
+    state = state_dir_for(report)
+    progress = json.loads((state / "layers.json").read_text())
+    assert progress["next_layer"] == 2 and len(progress["steps"]) == 2 and not report.exists()
+
+    refused = _invoke(args)
+    assert refused.exit_code == 2 and "pass --resume to continue it" in refused.output
+    changed = _invoke(_args(tiny_llama4_dir, candidate, small_text_file, report, "--batch", "2", "--resume"))
+    assert changed.exit_code == 2 and "settings.batch (4 -> 2)" in changed.output
+
+    process = _spawn([*args[:-1], "--progress", "--resume"])  # the bar shows where it went on
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output
+    assert "2/4" in output and "0/4" not in output
+    assert _numbers(report) == _numbers(whole)
+    assert not state.exists() and not work_dir_for(report).exists()
+
+
+def test_a_gate_on_a_missing_key_keeps_the_finished_evaluation_for_resume(
+        tiny_llama4_dir: Path, candidate: Path, small_text_file: Path, tmp_path: Path) -> None:
+    report = tmp_path / "report"
+    typo = _invoke(_args(tiny_llama4_dir, candidate, small_text_file, report, "--gate", "kl.maen<=1"))
+    assert typo.exit_code == 2 and "no number 'kl.maen'" in typo.output and "rerun with the gates corrected and --resume" in typo.output
+    state = state_dir_for(report)
+    assert (state / "evaluation.json").is_file() and not report.exists()
+    (state / "layers-00004.safetensors").unlink()  # the evaluation is read back, not recomputed from the layers
+    fixed = _invoke(_args(tiny_llama4_dir, candidate, small_text_file, report, "--gate", "kl.mean<=1", "--resume"))
+    assert fixed.exit_code == 0, fixed.output
+    assert json.loads((report / "report.json").read_text())["gates"][0]["passed"]
+    assert "expert_error.png" in (report / "report.md").read_text() and not state.exists()
