@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from maverick_quant.calibration.moe import Routing
 from maverick_quant.errors import InputError
 from maverick_quant.recipe import MoESpec
 from maverick_quant.streaming import StreamingModel, WeightSource
-from maverick_quant.calibration.moe import Routing
 from maverick_quant.validation.experts import (ExpertError, candidate_block_input, compare_expert_chunk,
                                                routing_agreement, summarize_experts, summarize_routing)
 from maverick_quant.validation.metrics import MetricAccumulator
@@ -147,7 +147,11 @@ def _advance_moe_layer(ref_model: StreamingModel, cand_model: StreamingModel, in
     1. The reference layer runs on h_ref, each chunk of its experts beside the candidate's same
        chunk: every candidate expert is measured on the reference's routed inputs (err_e).
     2. The candidate layer runs on the reference's input and on its own stream in one pass over
-       its experts: err_l, and the routing agreement of each with the reference's routing."""
+       its experts: err_l, and the routing agreement of each with the reference's routing.
+
+    Device memory: in step 1 the block input of each model (one when their norms are equal)
+    and the output, [T, D] each (T = W * L tokens); in step 2 an input and an output per cache,
+    four [T, D]; plus one chunk of experts of each model in step 1, of the candidate in step 2."""
     h_in = h_ref.clone()
     routing, experts = _reference_moe_layer_measuring_experts(ref_model, cand_model, index, h_ref, chunk_mib)
     signal = (h_ref - h_in).double().square().sum().item()
