@@ -28,7 +28,7 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
     layers run (devices.py); `choices_pass_mib`: hidden states per pass of the multiple-choice
     benchmarks (MiB); `resume`: go on with an interrupted run of the same inputs."""
     from maverick_quant.calibration.data import eval_windows, load_tokenizer, scored_from
-    from maverick_quant.checkpoint import check_output_dir
+    from maverick_quant.checkpoint import check_output_dir, sha256_file
     from maverick_quant.devices import check_kernels_device, resolve_device, use_device
     from maverick_quant.resume import resumable_output_dir
     from maverick_quant.streaming import open_source
@@ -36,8 +36,7 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
     from maverick_quant.validation.gates import parse_gate
     from maverick_quant.validation.progress import ValidationState, validation_identity
 
-    if not resume:
-        check_output_dir(report_dir, force)
+    check_output_dir(report_dir, force)
     compute = resolve_device(device)
     check_kernels_device(kernels, compute)
     use_device(compute)
@@ -50,8 +49,9 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
     tokenizer = load_tokenizer(reference)
     windows = eval_windows(data, tokenizer, ctx, max_windows, protocol)
     first = scored_from(protocol, ctx)
-    benchmarks = {"hellaswag": hellaswag and str(hellaswag), "choices": choices and str(choices),
-                  "tasks": hellaswag_tasks, "pass_mib": choices_pass_mib}
+    tasks = _read_benchmarks(hellaswag, choices, hellaswag_tasks)  # a bad file is refused before any work
+    benchmarks = {name: {"file": str(path), "sha256": sha256_file(path)} for name, (path, _) in tasks.items()}
+    benchmarks.update(tasks=hellaswag_tasks, pass_mib=choices_pass_mib)
     identity = validation_identity(reference, candidate, windows, {"protocol": protocol, "ctx": ctx, "batch": batch,
                                                                    "kernels": kernels, "device": str(compute),
                                                                    **benchmarks})
@@ -62,9 +62,8 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
                                                  "first_scored_position": first, "data": str(data)},
                   "reference_model": str(reference), "candidate_model": str(candidate), "tool_version": __version__,
                   "kernels": kernels, "device": str(compute)}
-        report.update(_choice_benchmarks(state, ref_source, cand_source, tokenizer, hellaswag, hellaswag_tasks,
-                                         choices, kernels=kernels, progress=progress, device=compute,
-                                         pass_mib=choices_pass_mib))
+        report.update(_choice_benchmarks(state, ref_source, cand_source, tokenizer, tasks, kernels=kernels,
+                                         progress=progress, device=compute, pass_mib=choices_pass_mib))
         report.update(_expert_summary(cand_source, result.summary.get("experts")))
         outcomes = _gate(parsed, report, baseline_report, report_dir)
         _write(report, outcomes, result, work)
@@ -134,32 +133,43 @@ def _expert_summary(candidate, measured: dict | None) -> dict:
     return {"experts": summary} if summary else {}
 
 
-def _choice_benchmarks(state, ref_source, cand_source, tokenizer, hellaswag, hellaswag_tasks, choices, kernels=None,
-                       progress=True, device="cpu", pass_mib=CHOICES_PASS_MIB) -> dict:
-    """HellaSwag (llama.cpp text layout) and/or a local multiple-choice JSONL: accuracy drift
-    and wall time, layers on `device`, `pass_mib` of hidden states per pass over the weights;
-    each kept in `state` once finished (a resumed run reads it back)."""
-    from maverick_quant.validation.hellaswag import evaluate_choices, read_choice_jsonl, read_hellaswag
+def _read_benchmarks(hellaswag, choices, limit: int | None) -> dict[str, tuple[Path, list]]:
+    """{"hellaswag" / "choices": (file, its first `limit` tasks)} of the benchmarks asked for;
+    InputError naming the file and line of a malformed task."""
+    from maverick_quant.validation.hellaswag import read_choice_jsonl, read_hellaswag
 
-    def drift(name: str, read, path) -> dict:
+    readers = {"hellaswag": (hellaswag, read_hellaswag), "choices": (choices, read_choice_jsonl)}
+    return {name: (Path(path), read(path, limit)) for name, (path, read) in readers.items() if path}
+
+
+def _choice_benchmarks(state, ref_source, cand_source, tokenizer, tasks: dict[str, tuple[Path, list]], kernels=None,
+                       progress=True, device="cpu", pass_mib=CHOICES_PASS_MIB) -> dict:
+    """HellaSwag (llama.cpp text layout) and/or a local multiple-choice JSONL (`tasks`, from
+    `_read_benchmarks`): accuracy drift and wall time, layers on `device`, `pass_mib` of hidden
+    states per pass over the weights; each kept in `state` once finished (a resumed run reads
+    it back)."""
+    from maverick_quant.validation.hellaswag import evaluate_choices
+
+    def drift(name: str) -> dict:
         saved = state.load_result(f"benchmark-{name}")
         if saved is not None:
             return saved[0]
+        path, items = tasks[name]
         started = time.perf_counter()
-        result = evaluate_choices(ref_source, cand_source, read(path, hellaswag_tasks), tokenizer, kernels=kernels,
-                                  show_progress=progress, device=device, pass_mib=pass_mib)
+        result = evaluate_choices(ref_source, cand_source, items, tokenizer, kernels=kernels, show_progress=progress,
+                                  device=device, pass_mib=pass_mib)
         result = {**result, "file": str(path), "seconds": time.perf_counter() - started}
         state.save_result(f"benchmark-{name}", result)
         return result
 
     out = {}
-    if hellaswag:
-        out["hellaswag"] = drift("hellaswag", read_hellaswag, hellaswag)
+    if "hellaswag" in tasks:
+        out["hellaswag"] = drift("hellaswag")
         click.echo(f"hellaswag ({out['hellaswag']['tasks']} tasks): reference {out['hellaswag']['reference']['acc']:.2f}%  "
                    f"candidate {out['hellaswag']['candidate']['acc']:.2f}%  delta {out['hellaswag']['delta']:+.2f} "
                    f"+- {out['hellaswag']['delta_ci95']:.2f} pp")
-    if choices:
-        out["multiple_choice"] = drift("choices", read_choice_jsonl, choices)
+    if "choices" in tasks:
+        out["multiple_choice"] = drift("choices")
     return out
 
 

@@ -179,7 +179,8 @@ def test_generate_and_validate_run_a_bundle_on_the_kernels(dense_bundle: Path, t
 def test_a_kernel_backed_moe_candidate_still_gets_its_experts_measured(moe_bundle: Path,
                                                                        kernel_llama4_dir: Path) -> None:
     """A kernel-backed bundle runs its MoE layers whole, so its routing is not seen (no routing
-    agreement), but each expert is still measured, on the bundle's weights, as when dequantized."""
+    agreement), but each expert is still measured, on the bundle's weights read as a dequantized
+    candidate's are (so the errors are equal), with the kernel layer's own norm."""
     from maverick_quant.validation.evaluate import evaluate
 
     windows = _ids(4)

@@ -79,3 +79,20 @@ def test_a_gate_on_a_missing_key_keeps_the_finished_evaluation_for_resume(
     assert fixed.exit_code == 0, fixed.output
     assert json.loads((report / "report.json").read_text())["gates"][0]["passed"]
     assert "expert_error.png" in (report / "report.md").read_text() and not state.exists()
+
+
+def test_a_malformed_benchmark_file_is_refused_before_any_layer(tiny_llama4_dir: Path, candidate: Path,
+                                                                 small_text_file: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import maverick_quant.validation.evaluate as evaluate_module
+
+    def evaluated(*args, **kwargs):
+        raise AssertionError("the evaluation ran before the benchmark file was read")
+
+    monkeypatch.setattr(evaluate_module, "evaluate", evaluated)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"context": "The harbour", "choices": ["a", "b"]}\n', encoding="utf-8")
+    report = tmp_path / "report"
+    result = _invoke(_args(tiny_llama4_dir, candidate, small_text_file, report, "--choices", str(bad)))
+    assert result.exit_code == 2 and "bad.jsonl" in result.output, result.output
+    assert not report.exists() and not state_dir_for(report).exists()

@@ -121,21 +121,29 @@ def forward_layer(model: StreamingModel, index: int, hidden: torch.Tensor, chunk
 
 
 @torch.no_grad()
-def forward_layer_blocks(model: StreamingModel, index: int, blocks: list,
-                         chunk_mib: int = MoESpec.chunk_mib) -> list[Routing] | None:
+def forward_layer_blocks(model: StreamingModel, index: int, blocks: list, chunk_mib: int = MoESpec.chunk_mib,
+                         layer: torch.nn.Module | None = None) -> list[Routing] | None:
     """`forward_layer` over several caches, blocks = [(packed layout or None, hidden [S_b, L_b, D])],
     in place, reading the layer's weights (and each chunk of its experts) once for all blocks.
-    Returns each block's routing for an MoE layer run chunk by chunk, else None."""
+    `layer`: the layer as `streamed_layer` built it, if the caller has it. Returns each
+    block's routing for an MoE layer run chunk by chunk, else None."""
+    layer = streamed_layer(model, index) if layer is None else layer
     if model.plan(index).moe is None or getattr(model, "runs_experts", False):
-        layer = model.layer(index)
         for layout, hidden in blocks:
             model.layout = layout
             model.run_layer(layer, hidden, out=hidden)
         return None
     from maverick_quant.experts import run_moe_blocks
 
-    layer = model.layer(index, model.source.layer_tensors(index, experts=False))
     return run_moe_blocks(model, index, layer, blocks, chunk_mib)
+
+
+def streamed_layer(model: StreamingModel, index: int) -> torch.nn.Module:
+    """Layer `index` as `forward_layer_blocks` runs it: whole, or for an MoE layer whose experts
+    are streamed chunk by chunk, without its routed experts."""
+    if model.plan(index).moe is None or getattr(model, "runs_experts", False):
+        return model.layer(index)
+    return model.layer(index, model.source.layer_tensors(index, experts=False))
 
 
 @torch.no_grad()
@@ -153,10 +161,11 @@ def _advance_moe_layer(ref_model: StreamingModel, cand_model: StreamingModel, in
     and the output, [T, D] each (T = W * L tokens); in step 2 an input and an output per cache,
     four [T, D]; plus one chunk of experts of each model in step 1, of the candidate in step 2."""
     h_in = h_ref.clone()
-    routing, experts = _reference_moe_layer_measuring_experts(ref_model, cand_model, index, h_ref, chunk_mib)
+    cand_layer = streamed_layer(cand_model, index)
+    routing, experts = _reference_moe_layer_measuring_experts(ref_model, cand_model, cand_layer, index, h_ref, chunk_mib)
     signal = (h_ref - h_in).double().square().sum().item()
     cand_routings = forward_layer_blocks(cand_model, index, [(cand_model.layout, h_in), (cand_model.layout, h_cand)],
-                                         chunk_mib)  # h_in becomes the candidate layer's output on the reference's inputs
+                                         chunk_mib, cand_layer)  # h_in: the candidate layer's output on the reference's inputs
     error = (h_in - h_ref).double().square().sum().item()
     result = LayerResult(error / max(signal, 1e-30), experts)
     if cand_routings is not None:
@@ -166,11 +175,13 @@ def _advance_moe_layer(ref_model: StreamingModel, cand_model: StreamingModel, in
 
 
 @torch.no_grad()
-def _reference_moe_layer_measuring_experts(ref_model: StreamingModel, cand_model: StreamingModel, index: int,
-                                           hidden: torch.Tensor, chunk_mib: int) -> tuple[Routing, list[ExpertError]]:
+def _reference_moe_layer_measuring_experts(ref_model: StreamingModel, cand_model: StreamingModel,
+                                           cand_layer: torch.nn.Module, index: int, hidden: torch.Tensor,
+                                           chunk_mib: int) -> tuple[Routing, list[ExpertError]]:
     """The reference's MoE layer `index` over `hidden` [W, L, D] in place, each chunk of its
     routed experts read beside the candidate's and compared on the reference's routing
-    (`compare_expert_chunk`); returns that routing and every routed expert's error sums.
+    (`compare_expert_chunk`; the candidate's block input from its layer `cand_layer`'s norm);
+    returns that routing and every routed expert's error sums.
 
     Memory on the device: the block's input for each model (one, unless AWQ scaled the
     candidate's), its output, and one chunk of experts of each model."""
@@ -180,7 +191,7 @@ def _reference_moe_layer_measuring_experts(ref_model: StreamingModel, cand_model
     moe = ref_model.plan(index).moe
     layer = ref_model.layer(index, ref_model.source.layer_tensors(index, experts=False))
     x_ref, routing, out = start_moe_block(ref_model, layer, moe, hidden)
-    x_cand = candidate_block_input(cand_model, index, moe.residual_input, layer.get_submodule(moe.residual_input),
+    x_cand = candidate_block_input(cand_layer.get_submodule(moe.residual_input), layer.get_submodule(moe.residual_input),
                                    hidden, x_ref)
     errors = []
     for first, count in expert_chunks(moe, ref_model.config, chunk_mib):

@@ -18,12 +18,12 @@ choices that the other also makes (for top-1, the share of tokens sent to the sa
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 
 import torch
 
 from maverick_quant.calibration.moe import Routing, expert_hidden
-from maverick_quant.streaming import StreamingModel
 
 MIN_TOKENS_FOR_MAX = 16
 """The worst expert (`rel_error.max`, a gate key) is taken over experts with at least this many
@@ -68,29 +68,30 @@ def compare_expert_chunk(layer: int, x_ref: torch.Tensor, x_cand: torch.Tensor, 
             continue
         y_ref = expert_output(x_ref[tokens] * scores[:, None], reference, offset, act)
         y_cand = expert_output(x_cand[tokens] * scores[:, None], candidate, offset, act)
-        results.append(ExpertError(layer, first + offset, tokens.numel(),
-                                   (y_cand - y_ref).double().square().sum().item(),
-                                   y_ref.double().square().sum().item()))
+        results.append(ExpertError(layer, first + offset, tokens.numel(), _squared_norm(y_cand - y_ref),
+                                   _squared_norm(y_ref)))
         out.index_add_(0, tokens, y_ref)
     return results
 
 
+def _squared_norm(values: torch.Tensor) -> float:
+    """sum of values^2, accumulated in fp64 (no fp64 copy of `values`)."""
+    return torch.linalg.vector_norm(values, dtype=torch.float64).item() ** 2
+
+
 @torch.no_grad()
-def candidate_block_input(model: StreamingModel, index: int, norm_path: str, reference_norm: torch.nn.Module,
-                          residual: torch.Tensor, x_ref: torch.Tensor, rows_at_once: int = 8192) -> torch.Tensor:
-    """The candidate's MoE block input x~ [T, D] = norm_c(h) from the reference's residual h
-    [S, L, D] (host): `x_ref` itself when the candidate's norm weight (module `norm_path` of
-    layer `index`) equals the reference's, else computed `rows_at_once` tokens at a time on
-    the model's device."""
-    weight = model.source.layer_tensors(index, experts=False)[f"{norm_path}.weight"].to(model.device, model.dtype)
-    if torch.equal(weight, reference_norm.weight):
+def candidate_block_input(norm: torch.nn.Module, reference_norm: torch.nn.Module, residual: torch.Tensor,
+                          x_ref: torch.Tensor, rows_at_once: int = 8192) -> torch.Tensor:
+    """The candidate's MoE block input x~ [T, D] = norm_c(h), `norm` the candidate layer's
+    norm before the block, from the reference's residual h [S, L, D] (host): `x_ref` itself
+    when the two norms' weights are equal, else computed `rows_at_once` tokens at a time on
+    x_ref's device."""
+    if torch.equal(norm.weight, reference_norm.weight):
         return x_ref
-    norm = model.table.build_norm(model.config).to(model.device, model.dtype)
-    norm.weight.data = weight
     rows = residual.reshape(-1, residual.shape[-1])
     x_cand = torch.empty_like(x_ref)
     for start in range(0, rows.shape[0], rows_at_once):
-        x_cand[start : start + rows_at_once] = norm(rows[start : start + rows_at_once].to(model.device))
+        x_cand[start : start + rows_at_once] = norm(rows[start : start + rows_at_once].to(x_ref.device, x_ref.dtype))
     return x_cand
 
 
@@ -115,9 +116,8 @@ def summarize_experts(errors: list[ExpertError], min_tokens: int = MIN_TOKENS_FO
     summary = {"count": len(errors), "measured": len(measured), "per_expert": rows}
     if not measured:
         return summary
-    ordered = sorted(e.rel_error for e in measured)
     rel_error = {"pooled": sum(e.error for e in measured) / max(sum(e.signal for e in measured), 1e-30),
-                 "median": ordered[len(ordered) // 2], "max_min_tokens": min_tokens}
+                 "median": statistics.median(e.rel_error for e in measured), "max_min_tokens": min_tokens}
     counted = [e for e in measured if e.tokens >= min_tokens]
     if counted:
         worst = max(counted, key=lambda e: e.rel_error if math.isfinite(e.rel_error) else math.inf)

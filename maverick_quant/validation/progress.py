@@ -38,13 +38,17 @@ EDGE_BYTES = 1 << 20  # a GGUF file is fingerprinted by its size and its first a
 
 def artifact_fingerprint(path: Path) -> str:
     """A cheap sha256 naming what a path holds: a bundle's or export's manifest.json (which
-    hashes every file), a float model's config and shard headers (Checkpoint.fingerprint), or
-    a GGUF file's size and first and last MiB (a Maverick GGUF is over 200 GB)."""
+    hashes every file), a float model's config and shard headers (Checkpoint.fingerprint), a
+    GGUF file's `.manifest.json` sidecar when we exported it, else its size and first and last
+    MiB (a Maverick GGUF is over 200 GB)."""
     from maverick_quant.checkpoint import Checkpoint
 
     path = Path(path)
     digest = hashlib.sha256()
-    if path.is_file():
+    sidecar = path.with_name(path.name + ".manifest.json")  # our GGUF exports' manifest (hashes the file)
+    if path.is_file() and sidecar.is_file():
+        digest.update(sidecar.read_bytes())
+    elif path.is_file():
         size = path.stat().st_size
         with open(path, "rb") as handle:
             digest.update(str(size).encode() + handle.read(EDGE_BYTES))
@@ -96,7 +100,7 @@ class ValidationState:
             caches = load_file(str(self.folder / record["file"]))
         except (OSError, SafetensorError) as exc:
             raise InputError(f"{self.folder / record['file']}: the hidden states entering layer {record['next_layer']} "
-                             f"cannot be read ({exc}); pass --force to start over") from exc
+                             f"cannot be read ({exc}); the unfinished run is discarded, the next run starts over") from exc
         return int(record["next_layer"]), caches, record["steps"]
 
     def save_result(self, name: str, result: dict, tensors: dict[str, torch.Tensor] | None = None) -> None:
