@@ -100,14 +100,10 @@ class RunState:
         """Record that every layer before `next_layer` is finished, with the hidden states
         [S, L, D] entering `next_layer` (None for RTN, which needs none), computed on `device`
         (devices.device_label)."""
-        record = {"next_layer": next_layer, "hidden_file": None, "device": device}
-        if hidden is not None:
-            record["hidden_file"] = hidden_file(next_layer)
-            save_safetensors_atomic({"hidden": hidden}, self.folder / record["hidden_file"])
-        write_json_atomic(self.folder / PROGRESS_FILE, record)
-        for stale in self.folder.glob("hidden*.safetensors"):
-            if stale.name != record["hidden_file"]:
-                stale.unlink()
+        record = {"next_layer": next_layer, "hidden_file": None if hidden is None else hidden_file(next_layer),
+                  "device": device}
+        save_layer_progress(self.folder, PROGRESS_FILE, record, record["hidden_file"],
+                            None if hidden is None else {"hidden": hidden}, "hidden*.safetensors")
 
     def _chunk_path(self, index: int, first: int) -> Path:
         return self.folder / CHUNKS_DIR / f"layer-{index:05d}-experts-{first:05d}.json"
@@ -134,8 +130,6 @@ class RunState:
     def load_progress(self, finished_layers: set[int]) -> tuple[int, torch.Tensor | None]:
         """(next layer, hidden states entering it), or (0, None) for a new run; InputError if
         the record disagrees with the finished layer files or the hidden states file."""
-        from safetensors.torch import load_file
-
         if not (self.folder / PROGRESS_FILE).is_file():
             return 0, None
         record = json.loads((self.folder / PROGRESS_FILE).read_text())
@@ -148,12 +142,34 @@ class RunState:
             return next_layer, _legacy_hidden(self.folder, record["hidden_sha256"])
         if record["hidden_file"] is None:
             return next_layer, None
-        path = self.folder / record["hidden_file"]
-        try:
-            return next_layer, load_file(str(path))["hidden"]
-        except (OSError, SafetensorError) as exc:  # missing, truncated or not safetensors (not: out of memory)
-            raise InputError(f"{path}: the hidden states entering layer {next_layer} cannot be read ({exc}); "
-                             "pass --force to start over") from exc
+        return next_layer, read_layer_tensors(self.folder / record["hidden_file"], next_layer)["hidden"]
+
+
+def save_layer_progress(folder: Path, pointer: str, record: dict, tensors_file: str | None,
+                        tensors: dict[str, torch.Tensor] | None, stale: str) -> None:
+    """Progress of a layer-by-layer run (quantize, validate): `tensors` (the hidden states entering
+    the next layer; None: none kept) to folder/`tensors_file`, then `record` to folder/`pointer`,
+    written after the tensors so it never names a half-written file, then every other file
+    matching the glob `stale` (the previous layer's hidden states) removed."""
+    if tensors is not None:
+        save_safetensors_atomic(tensors, folder / tensors_file)
+    write_json_atomic(folder / pointer, record)
+    for path in folder.glob(stale):
+        if path.name != tensors_file:
+            path.unlink()
+
+
+def read_layer_tensors(path: Path, next_layer: int) -> dict[str, torch.Tensor]:
+    """The hidden states entering `next_layer` that `save_layer_progress` wrote to `path`;
+    InputError when the file is missing, truncated or not safetensors (a run that refuses it
+    is discarded: the next one starts over)."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as exc:  # (not: out of memory)
+        raise InputError(f"{path}: the hidden states entering layer {next_layer} cannot be read ({exc}); "
+                         "the unfinished run is discarded, the next run starts over") from exc
 
 
 def hidden_file(next_layer: int) -> str:

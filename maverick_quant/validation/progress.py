@@ -25,14 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 
 from maverick_quant import __version__
 from maverick_quant.checkpoint import save_safetensors_atomic, write_json_atomic
-from maverick_quant.errors import InputError
+from maverick_quant.resume import read_layer_tensors, save_layer_progress
 
 LAYERS_FILE = "layers.json"
-EVALUATION_FILE = "evaluation.json"
 EDGE_BYTES = 1 << 20  # a GGUF file is fingerprinted by its size and its first and last MiB
 
 
@@ -79,28 +77,19 @@ class ValidationState:
 
     def save_layers(self, next_layer: int, caches: dict[str, torch.Tensor], steps: list[dict]) -> None:
         """Record layers < `next_layer` as finished: the caches entering `next_layer` and
-        one JSON record per finished layer; the previous layer's caches are then removed."""
+        one JSON record per finished layer (resume.save_layer_progress)."""
         name = f"layers-{next_layer:05d}.safetensors"
-        save_safetensors_atomic(caches, self.folder / name)
-        write_json_atomic(self.folder / LAYERS_FILE, {"next_layer": next_layer, "file": name, "steps": steps})
-        for stale in self.folder.glob("layers-*.safetensors"):
-            if stale.name != name:
-                stale.unlink()
+        save_layer_progress(self.folder, LAYERS_FILE, {"next_layer": next_layer, "file": name, "steps": steps}, name,
+                            caches, "layers-*.safetensors")
 
     def load_layers(self) -> tuple[int, dict[str, torch.Tensor], list[dict]] | None:
         """(next layer, caches entering it, records of the finished layers), or None when no
         layer was finished; InputError when the caches cannot be read."""
-        from safetensors.torch import load_file
-
         path = self.folder / LAYERS_FILE
         if not path.is_file():
             return None
         record = json.loads(path.read_text())
-        try:
-            caches = load_file(str(self.folder / record["file"]))
-        except (OSError, SafetensorError) as exc:
-            raise InputError(f"{self.folder / record['file']}: the hidden states entering layer {record['next_layer']} "
-                             f"cannot be read ({exc}); the unfinished run is discarded, the next run starts over") from exc
+        caches = read_layer_tensors(self.folder / record["file"], record["next_layer"])
         return int(record["next_layer"]), caches, record["steps"]
 
     def save_result(self, name: str, result: dict, tensors: dict[str, torch.Tensor] | None = None) -> None:
