@@ -74,7 +74,7 @@ def full_model_baseline_rss(model_dir: Path, calib: Path) -> float:
 def baseline_process(model_dir: str, calib: str, batch: int = 8) -> None:
     from transformers import AutoModelForCausalLM
 
-    from maverick_quant.pipeline import peak_rss_mib
+    from maverick_quant.host_memory import peak_rss_mib
 
     from maverick_quant.calibration.data import CalibrationSet
 

@@ -216,10 +216,16 @@ def quantize(model_dir, data, calib, out, method, gguf_grid, bits, group_size, s
                    "tokens per expert instead of even routing.")
 @click.option("--device", help="Plan a run on this device (auto, cpu, cuda): GPU memory is planned on any machine, "
                                "time only where the device is. Default: a recipe's quantize.device, else auto.")
+@click.option("--validate-windows", type=click.IntRange(min=1),
+              help="Also plan validating the bundle on this many windows (a recipe plans its own validation step).")
+@click.option("--validate-ctx", type=click.IntRange(min=2), default=512, show_default=True, help="Tokens per validation window.")
+@click.option("--validate-batch", type=click.IntRange(min=1), default=4, show_default=True, help="Validation windows per batch.")
+@click.option("--hellaswag-tasks", type=click.IntRange(min=1), help="With --validate-windows: also plan this many "
+              "HellaSwag tasks (at the tokens per task measured with SmolLM2's tokenizer).")
 def plan(target, method, gguf_grid, bits, group_size, sym, signed_scale, clip_search, act_order, damp, keep_float, bits_overrides, samples,
          seq_len, seed,
          chat_template, moe_policy, moe_mix, moe_min_tokens, moe_require_full_rank, moe_fallback, moe_quantize_router, moe_chunk_mib, batch,
-         json_out, force, coverage, device) -> None:
+         json_out, force, coverage, device, validate_windows, validate_ctx, validate_batch, hellaswag_tasks) -> None:
     """Predict a quantize run before it starts: tensors quantized and passed through, output
     size per format, peak host and GPU memory, disk and time. TARGET: a model directory (only
     config.json and the safetensors headers are read), a recipe .yaml (its options win), or
@@ -233,7 +239,12 @@ def plan(target, method, gguf_grid, bits, group_size, sym, signed_scale, clip_se
         from maverick_quant.checkpoint import check_output_dir
 
         check_output_dir(json_out, force)
-    run_plan(target, spec, _calib_spec(samples, seq_len, seed, chat_template), json_out, device, coverage)
+    validation = None
+    if validate_windows is not None:
+        validation = {"windows": validate_windows, "ctx": validate_ctx, "batch": validate_batch, "tasks": hellaswag_tasks}
+    elif hellaswag_tasks is not None:
+        raise click.UsageError("--hellaswag-tasks plans the validation's benchmark: give --validate-windows too")
+    run_plan(target, spec, _calib_spec(samples, seq_len, seed, chat_template), json_out, device, coverage, validation)
 
 
 @cli.command("inspect")

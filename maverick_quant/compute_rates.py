@@ -20,7 +20,7 @@ from maverick_quant.checkpoint import write_json_atomic
 from maverick_quant.sources import cache_dir
 
 
-COST_MODEL = 3  # bump when the rates measured change: cached rates of another model are not reused
+COST_MODEL = 4  # bump when the rates measured change: cached rates of another model are not reused
 
 
 def _timed(fn, device: torch.device) -> float:
@@ -47,6 +47,20 @@ def _gptq_seconds(rows: int, cols: int, device: torch.device, clip_search: bool 
     return min(_timed(lambda: gptq_quantize(weight, hessian, spec), device) for _ in range(2))
 
 
+def dequantize_seconds_per_weight(rows: int = 2048, cols: int = 2048) -> float:
+    """Seconds per weight to read a 4-bit g128 weight as a bundle stores it back to fp32 on the
+    host (unpack the codes, then (q - z) s), as `validate` does with a bundle candidate's
+    weights (on the CPU, whatever device the layers then run on): best of three."""
+    from maverick_quant.bundle import decode_quantized, encode_quantized
+    from maverick_quant.compress.grid import rtn_quantize
+    from maverick_quant.recipe import QuantSpec
+
+    stored = encode_quantized("w", rtn_quantize(torch.randn(rows, cols), QuantSpec(bits=4, group_size=128)))
+    decode = lambda: decode_quantized("w", stored, [rows, cols], 4, 128).dequantize()  # noqa: E731
+    decode()
+    return min(_timed(decode, torch.device("cpu")) for _ in range(3)) / (rows * cols)
+
+
 def gptq_flops(rows: int, cols: int) -> float:
     """Floating-point work of one GPTQ solve: the column updates 2 N K^2 and the factorisation K^3."""
     return 2 * rows * cols**2 + cols**3
@@ -64,7 +78,8 @@ def machine_rates(cache: Path | None = None, device: torch.device | str = "cpu")
     """Measured on this machine's `device` (cached in `cache`): fp32 matmul flops/s, and GPTQ's
     cost model t(N, K) = K * column_seconds + gptq_flops(N, K) / gptq_flops_per_s fitted to two
     real solves (a small one, where the per-column overhead dominates, and a larger one); and
-    what `clip_search` adds per weight, the larger solve timed with and without it."""
+    what `clip_search` adds per weight, the larger solve timed with and without it; and the
+    host's seconds per weight to dequantize a bundle's weight (validate's candidate)."""
     if cache is not None and cache.is_file():
         return json.loads(cache.read_text())
     device = torch.device(device)
@@ -81,7 +96,8 @@ def machine_rates(cache: Path | None = None, device: torch.device | str = "cpu")
     column = max((t_small - f1 * inverse_rate) / k1, 0.0)
     clip = max(_gptq_seconds(*large, device, clip_search=True) - t_large, 0.0) / (large[0] * large[1])
     rates = {"matmul_flops_per_s": matmul, "gptq_flops_per_s": 1 / inverse_rate, "gptq_column_seconds": column,
-             "clip_search_seconds_per_weight": clip, "threads": torch.get_num_threads(), "model": COST_MODEL,
+             "clip_search_seconds_per_weight": clip, "dequantize_seconds_per_weight": dequantize_seconds_per_weight(),
+             "threads": torch.get_num_threads(), "model": COST_MODEL,
              "device": "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device)}
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)

@@ -203,14 +203,16 @@ def run_generate(bundle_dir: Path, prompt: str, max_new_tokens: int, kernels: st
 
 
 def run_plan(target: str, spec, calib_spec, json_out: Path | None = None, device: str | None = None,
-             coverage: Path | None = None):
+             coverage: Path | None = None, validation: dict | None = None):
     """`maverick-quant plan`: print (and optionally write as JSON) the plan of a run on `device`
     (default: a recipe's quantize.device, else auto), with the routing measured in `coverage`
-    (a coverage.json; None: even routing); returns it."""
+    (a coverage.json; None: even routing), and of validating its bundle: a recipe's validation
+    step, else `validation` ({windows, ctx, batch, tasks}; None: not planned); returns it."""
     from maverick_quant.arch.llama4 import maverick_config
     from maverick_quant.arch.registry import table_for
     from maverick_quant.checkpoint import Checkpoint, write_json_atomic
     from maverick_quant.plan import baseline_rss_bytes, expert_shares, make_plan, render, tensor_bytes
+    from maverick_quant.plan_validation import validation_settings
     from maverick_quant.disk import measure_disk
     from maverick_quant.sources import cache_dir
 
@@ -224,6 +226,7 @@ def run_plan(target: str, spec, calib_spec, json_out: Path | None = None, device
             recipe = load_recipe(Path(target))
             spec, calib_spec, target = recipe.quantize, recipe.calibration, str(_recipe_model_dir(recipe.model))
             device = device or recipe.device
+            validation = _recipe_validation(recipe.validation)
         model_dir = Path(target)
         config = Checkpoint(model_dir).load_config() if any(model_dir.glob("*.safetensors")) else _config_only(model_dir)
     table = table_for(config, str(target))
@@ -234,14 +237,25 @@ def run_plan(target: str, spec, calib_spec, json_out: Path | None = None, device
         disk, disk_note = measure_disk(Path.cwd(), model_dir, cache_dir()), None
     except OSError as exc:  # e.g. a read-only current directory: plan without the disk time
         disk, disk_note = None, f"disk work not timed: its rates could not be measured here ({exc})"
+    checked, notes = (None, []) if validation is None else validation_settings(**validation, model_dir=model_dir)
     result = make_plan(str(target), table, config, sizes, calib_spec, spec, rates, baseline_rss_bytes(table, config), kind,
-                       shares, disk)
-    result.assumptions += [disk_note] if disk_note else []
+                       shares, disk, checked)
+    result.assumptions += ([disk_note] if disk_note else []) + notes
     result.assumptions.append(f"tensor sizes from {origin}")
     click.echo(render(result))
     if json_out is not None:
         write_json_atomic(Path(json_out), result.to_dict())
     return result
+
+
+def _recipe_validation(step) -> dict | None:
+    """`validation_settings`' arguments for a recipe's validation step (None: the recipe has none)."""
+    if step is None:
+        return None
+    benchmark, kind = (step.hellaswag, "hellaswag") if step.hellaswag else (step.choices, "choices")
+    return {"windows": step.max_windows, "ctx": step.ctx, "batch": step.batch, "tasks": step.hellaswag_tasks,
+            "pass_mib": step.choices_pass_mib, "data": step.data, "benchmark": benchmark, "benchmark_kind": kind,
+            "protocol": step.protocol}
 
 
 def _plan_device(name: str) -> tuple[str, dict | None]:

@@ -9,8 +9,6 @@ inputs. RTN needs no calibration and runs no forward at all.
 
 from __future__ import annotations
 
-import ctypes
-import resource
 import time
 import warnings
 from dataclasses import dataclass
@@ -32,6 +30,7 @@ from maverick_quant.compress.types import QuantizedWeight
 from maverick_quant.devices import device_label, peak_device_mib, quantized_to, reset_peak_memory, use_device
 from maverick_quant.distributed import ExpertParallel
 from maverick_quant.errors import InputError
+from maverick_quant.host_memory import peak_rss_mib, release_free_memory
 from maverick_quant.recipe import Method, QuantizeSpec, grid_changes
 from maverick_quant.resume import RunState
 from maverick_quant.streaming import CheckpointSource, StreamingModel
@@ -47,30 +46,6 @@ class RunSummary:
     layers: int
     device: str = "cpu"
     peak_device_mib: float | None = None  # peak CUDA allocation; None on the CPU
-
-
-def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far, MiB.
-
-    Reads VmHWM (the high-water mark of this process image) from /proc: `ru_maxrss` is not
-    reset by exec, so a process started from a large parent would report the parent's size.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def release_free_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc `malloc_trim`), so that transient
-    buffers of one layer (or the tokenizer's) do not stay resident for the whole run."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
 
 
 def _check_finite(hidden: torch.Tensor, where: str) -> None:

@@ -42,6 +42,7 @@ A plan for a GPU on a machine without one gives memory and disk time but no comp
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +54,7 @@ from maverick_quant.compress.gguf_blocks import BLOCK, BLOCK_TYPES, block_type_f
 from maverick_quant.compute_rates import gptq_flops
 from maverick_quant.disk import DiskRates
 from maverick_quant.errors import InputError
+from maverick_quant.plan_validation import ValidationPlan, ValidationSettings, plan_validation, render_validation, time_validation
 from maverick_quant.recipe import CalibSpec, ExpertPolicy, Method, QuantizeSpec
 
 FORMAT_BYTES_PER_WEIGHT = {  # (code bytes per weight, bytes per group) beside the codes
@@ -130,6 +132,7 @@ class Plan:
     device: str = "cpu"  # "cpu" or "cuda": where the DEVICE_TERMS live
     disk_io: dict[str, int] | None = None  # bytes {"read", "write", "hash"} (disk_work)
     disk_seconds: dict[str, float] | None = None  # the same at measured rates (disk.py)
+    validation: ValidationPlan | None = None  # validating the bundle, when asked for
 
     @property
     def total_seconds(self) -> float | None:
@@ -181,14 +184,8 @@ class Plan:
                 "outputs": self.outputs, "disk_bytes": self.disk_bytes,
                 "seconds": self.total_seconds, "compute_seconds": self.seconds, "disk_seconds": self.disk_seconds,
                 "disk_io_bytes": self.disk_io,
-                "assumptions": self.assumptions}
-
-
-def _numel(shape) -> int:
-    total = 1
-    for dim in shape:
-        total *= dim
-    return total
+                "assumptions": self.assumptions,
+                "validation": None if self.validation is None else self.validation.to_dict(self.baseline_bytes)}
 
 
 def layer_cost(table, config, index: int, calib: CalibSpec, spec: QuantizeSpec,
@@ -204,9 +201,9 @@ def layer_cost(table, config, index: int, calib: CalibSpec, spec: QuantizeSpec,
     calibrated = spec.method is not Method.RTN
     prefix = table.prefix(index)
     dense = {name: plan.shapes[name + ".weight"] for name in plan.linears if not spec.keeps_float(prefix + name)}
-    dense_params = sum(_numel(s) for s in dense.values())
+    dense_params = sum(math.prod(s) for s in dense.values())
     widest = max((s[1] for s in dense.values()), default=0)
-    memory = {"layer": 2 * 4 * sum(_numel(s) for n, s in plan.shapes.items() if not (plan.moe and n in plan.moe.fused_names))}
+    memory = {"layer": 2 * 4 * sum(math.prod(s) for n, s in plan.shapes.items() if not (plan.moe and n in plan.moe.fused_names))}
     names, count = [name + ".weight" for name in dense], len(dense)
     matmul = 2 * tokens * dense_params * (len(plan.groups) + 1)  # a forward per sequential group, and the output
     solves = [(1, s[0], s[1]) for s in dense.values()]
@@ -290,8 +287,8 @@ def tensor_bytes(model_dir: Path | None, table, config) -> tuple[dict[str, int],
 
     if model_dir is not None and any(Path(model_dir).glob("*.safetensors")):
         checkpoint = Checkpoint(model_dir)
-        return {name: _numel(info.shape) * DTYPE_SIZES[info.dtype] for name, info in checkpoint.tensors.items()}, "headers"
-    sizes = {name: 2 * _numel(shape) for name, shape in table.expected_tensors(config).items()}
+        return {name: math.prod(info.shape) * DTYPE_SIZES[info.dtype] for name, info in checkpoint.tensors.items()}, "headers"
+    sizes = {name: 2 * math.prod(shape) for name, shape in table.expected_tensors(config).items()}
     vision = getattr(config, "vision_config", None)
     if vision is not None and table.passthrough_prefixes:
         per_layer = 4 * vision.hidden_size**2 + 2 * vision.hidden_size * vision.intermediate_size
@@ -302,23 +299,27 @@ def tensor_bytes(model_dir: Path | None, table, config) -> tuple[dict[str, int],
 
 def make_plan(name: str, table, config, sizes: dict[str, int], calib: CalibSpec, spec: QuantizeSpec,
               rates: dict | None, baseline: int, device: str = "cpu",
-              shares: dict[int, list[float]] | None = None, disk: DiskRates | None = None) -> Plan:
+              shares: dict[int, list[float]] | None = None, disk: DiskRates | None = None,
+              validation: ValidationSettings | None = None) -> Plan:
     """The plan of quantizing `config`'s model on `device` ("cpu" or "cuda"), timed with `rates`
     measured on that device (None: no time estimate); `shares`: measured routing per MoE layer
-    (`expert_shares`; None: even); `disk`: measured disk rates (None: disk work not timed)."""
+    (`expert_shares`; None: even); `disk`: measured disk rates (None: disk work not timed);
+    `validation`: also plan validating the bundle against the model (plan_validation.py)."""
     _check_shares(table, config, shares or {})
     text = table.text_config(config)
     expected = table.expected_tensors(config)
-    layers, params_by_grid, quantized_bytes, count, tensors = [], {}, 0, 0, 0
+    layers, params_by_grid, quantized_bytes, count, tensors, expert_params = [], {}, 0, 0, 0, 0
     for index in range(text.num_hidden_layers):
         cost, names, matrices = layer_cost(table, text, index, calib, spec, device, (shares or {}).get(index))
         layers.append(cost)
-        full = [table.prefix(index) + name for name in names]
-        for tensor in full:
+        moe = table.plan(text, index).moe
+        for name in names:
+            tensor = table.prefix(index) + name
             grid = spec.weights_for(tensor.removesuffix(".weight"))
-            params_by_grid[grid] = params_by_grid.get(grid, 0) + _numel(expected[tensor])
-        quantized_bytes += sum(sizes[tensor] for tensor in full)
-        count, tensors = count + matrices, tensors + len(full)
+            params_by_grid[grid] = params_by_grid.get(grid, 0) + math.prod(expected[tensor])
+            expert_params += math.prod(expected[tensor]) if moe and name in moe.fused_names else 0
+            quantized_bytes += sizes[tensor]
+        count, tensors = count + matrices, tensors + len(names)
     params = sum(params_by_grid.values())
     passthrough = sum(sizes.values()) - quantized_bytes
     model_level = [table.embed, table.final_norm, table.lm_head]
@@ -337,9 +338,14 @@ def make_plan(name: str, table, config, sizes: dict[str, int], calib: CalibSpec,
     work = disk_work(sum(sizes.values()), outputs["bundle"], resume, len(layers))
     if disk is not None:
         assumptions.append(_disk_assumption(disk, *work))
+    checked = None
+    if validation is not None:
+        checked = plan_validation(table, text, validation, sum(sizes.values()), sum(sizes.values()) * params // max(quantized_bytes, 1),
+                                  outputs["bundle"], params, expert_params / max(params, 1), device, shares)
+        time_validation(checked, rates, disk)
     return Plan(name, params, count, passthrough, len(sizes) - tensors, baseline, layers, final, outputs,
                 None if rates is None else planned_seconds(layers, rates, spec.weights.clip_search), resume, assumptions, device,
-                dict(zip(("read", "write", "hash"), work)), disk.seconds(*work) if disk is not None else None)
+                dict(zip(("read", "write", "hash"), work)), disk.seconds(*work) if disk is not None else None, checked)
 
 
 def disk_work(checkpoint: int, bundle: int, resume: int, layers: int) -> tuple[int, int, int]:
@@ -430,4 +436,6 @@ def render(plan: Plan) -> str:
              "| output | size |", "|---|---|"]
     lines += [f"| {fmt} | {gib(size)} |" for fmt, size in plan.outputs.items()]
     lines += ["", "Assumptions:"] + [f"- {a}" for a in plan.assumptions]
+    if plan.validation is not None:
+        lines += render_validation(plan.validation, plan.baseline_bytes)
     return "\n".join(lines)

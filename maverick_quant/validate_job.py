@@ -29,7 +29,7 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
     benchmarks (MiB); `resume`: go on with an interrupted run of the same inputs."""
     from maverick_quant.calibration.data import eval_windows, load_tokenizer, scored_from
     from maverick_quant.checkpoint import check_output_dir, sha256_file
-    from maverick_quant.devices import check_kernels_device, resolve_device, use_device
+    from maverick_quant.devices import check_kernels_device, reset_peak_memory, resolve_device, use_device
     from maverick_quant.resume import resumable_output_dir
     from maverick_quant.streaming import open_source
     from maverick_quant.validation.evaluate import GGUFCandidate, open_candidate
@@ -40,6 +40,7 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
     compute = resolve_device(device)
     check_kernels_device(kernels, compute)
     use_device(compute)
+    reset_peak_memory(compute)
     parsed = [parse_gate(text) for text in gates]
     baseline_report = _read_baseline(baseline) if baseline else None
     gguf = Path(candidate).is_file()
@@ -65,6 +66,7 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
         report.update(_choice_benchmarks(state, ref_source, cand_source, tokenizer, tasks, kernels=kernels,
                                          progress=progress, device=compute, pass_mib=choices_pass_mib))
         report.update(_expert_summary(cand_source, result.summary.get("experts")))
+        report["resources"] = _resources(compute)
         outcomes = _gate(parsed, report, baseline_report, report_dir)
         _write(report, outcomes, result, work)
     _echo_summary(report, outcomes)
@@ -90,6 +92,15 @@ def _evaluation(state, ref_source, cand_source, windows: torch.Tensor, batch: in
     state.save_result("evaluation", {"summary": result.summary, "layer_errors": result.layer_errors},
                       {"kl_values": result.kl_values})
     return result
+
+
+def _resources(device) -> dict:
+    """The peak memory of this attempt (a resumed run's counts only its last attempt): the
+    process's peak RSS, and on a GPU torch's peak allocation (`plan` predicts both)."""
+    from maverick_quant.devices import peak_device_mib
+    from maverick_quant.host_memory import peak_rss_mib
+
+    return {"peak_rss_mib": peak_rss_mib(), "peak_gpu_mib": peak_device_mib(device)}
 
 
 def _gate(parsed, report: dict, baseline_report: dict | None, report_dir) -> list:

@@ -31,9 +31,9 @@ def _args(model: Path, candidate: Path, text: Path, report: Path, *extra: str) -
 
 
 def _numbers(report: Path) -> dict:
-    """report.json without what differs between runs (timings, paths)."""
+    """report.json without what differs between runs (timings, peak memory, paths)."""
     data = json.loads((report / "report.json").read_text())
-    return {k: v for k, v in data.items() if k not in ("seconds", "candidate_model", "reference_model")}
+    return {k: v for k, v in data.items() if k not in ("seconds", "resources", "candidate_model", "reference_model")}
 
 
 def _invoke(args: list[str]):

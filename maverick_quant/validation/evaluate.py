@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from maverick_quant.calibration.moe import Routing
 from maverick_quant.errors import InputError
+from maverick_quant.host_memory import release_free_memory
 from maverick_quant.recipe import MoESpec
 from maverick_quant.streaming import StreamingModel, WeightSource
 from maverick_quant.validation.experts import (ExpertError, candidate_block_input, compare_expert_chunk,
@@ -216,6 +217,7 @@ def _score(ref_model: StreamingModel, cand_model: StreamingModel, windows: torch
         cand_logits = cand_model.logits(h_cand[span, first - 1 : -1].to(cand_model.device))
         vocab = ref_logits.shape[-1]
         metrics.update(ref_logits.reshape(-1, vocab), cand_logits.reshape(-1, vocab), windows[span, first:].reshape(-1))
+        del ref_logits, cand_logits  # not alive beside the next step's: two [rows, V] at a time, not three
     return metrics
 
 
@@ -244,6 +246,7 @@ def evaluate(reference: WeightSource, candidate: WeightSource, windows: torch.Te
     for index in _layer_bar(ref_model.num_layers, start, windows, "validate layers", show_progress):
         steps.append(_advance_layer(ref_model, cand_model, index, h_ref, h_cand, expert_chunk_mib))
         _record_layer(state, index, caches, steps)
+        release_free_memory()
     metrics = _score(ref_model, cand_model, windows, h_ref, h_cand, first_scored)
     summary = metrics.summary()
     summary["seconds"] = time.perf_counter() - started

@@ -23,10 +23,12 @@ import torch
 from tqdm.auto import tqdm
 
 from maverick_quant.errors import InputError
+from maverick_quant.host_memory import release_free_memory
 from maverick_quant.recipe import CHOICES_PASS_MIB
 from maverick_quant.streaming import SequenceLayout, StreamingModel, WeightSource
 
 HELLASWAG_LINES = 6  # per task: context, label, four endings
+CHOICE_BLOCK = 64  # tasks packed together (sorted by length, padded to the block's longest row)
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,7 @@ def mean_choice_logprobs(packed: PackedTasks, logprob_of) -> torch.Tensor:
     for first in range(0, packed.choice.numel(), step):
         last = min(first + step, packed.choice.numel())
         sums.index_add_(0, packed.choice[first:last], logprob_of(first, last))
+        release_free_memory()  # [step, V] float64 temporaries (host_memory.py)
     return sums / torch.bincount(packed.choice, minlength=sums.numel())
 
 
@@ -208,6 +211,7 @@ def _pass_scores(model, blocks: list[PackedTasks], progress: bool, label: str) -
     for index in tqdm(range(model.num_layers), desc=f"{tasks} tasks through the layers ({label})", unit="layer",
                       disable=not progress, leave=False):
         forward_layer_blocks(model, index, caches)
+        release_free_memory()
     return [_packed_scores(model, packed, hidden) for packed, (_, hidden) in zip(blocks, caches)]
 
 
@@ -256,7 +260,7 @@ def accuracy_drift(correct_ref: torch.Tensor, correct_cand: torch.Tensor) -> dic
             "only_candidate_right": c}
 
 
-def choose_answers(source, encoded: list[EncodedTask], pad: int, block: int = 64, kernels: str | None = None,
+def choose_answers(source, encoded: list[EncodedTask], pad: int, block: int = CHOICE_BLOCK, kernels: str | None = None,
                    bar=None, device: torch.device | str = "cpu", pass_mib: float | None = CHOICES_PASS_MIB) -> torch.Tensor:
     """The choice `source` picks for each task [tasks]. Tasks are sorted by packed length and
     packed `block` at a time (little padding); the blocks then go through the layers together,
@@ -292,7 +296,7 @@ def _block_scores(source, encoded: list[EncodedTask], members: list[list[int]], 
     return streamed_block_scores(model_for, blocks, progress, pass_mib)
 
 
-def evaluate_choices(reference: WeightSource, candidate, tasks: list[Task], tokenizer, block: int = 64,
+def evaluate_choices(reference: WeightSource, candidate, tasks: list[Task], tokenizer, block: int = CHOICE_BLOCK,
                      kernels: str | None = None, show_progress: bool = True, device: torch.device | str = "cpu",
                      pass_mib: float | None = CHOICES_PASS_MIB) -> dict:
     """Accuracy of both models on `tasks` and the drift (see `choose_answers`; `kernels`

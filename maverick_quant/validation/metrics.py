@@ -53,23 +53,46 @@ def _exp(x: float) -> float:
         return math.inf
 
 
-def token_metrics(ref_logits: torch.Tensor, cand_logits: torch.Tensor,
-                  targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def token_metrics(ref_logits: torch.Tensor, cand_logits: torch.Tensor, targets: torch.Tensor,
+                  workspace: "Workspace | None" = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token (nll_ref, nll_cand, kl, agree) for logits [T, V] and targets [T], all in fp32.
 
     Returns four [T] tensors: fp32 NLLs and KL (clamped at 0 against rounding), bool agreement.
-    Terms with p_ref(v) = 0 contribute 0 to the KL (the limit of p log p).
+    Terms with p_ref(v) = 0 contribute 0 to the KL (the limit of p log p). The [T, V]
+    intermediates (log p_ref, log p_cand, p_ref and a mask) are written into `workspace`
+    (one is made when None): a caller scoring many chunks reuses one.
     """
-    log_ref = torch.log_softmax(ref_logits.float(), dim=-1)
-    log_cand = torch.log_softmax(cand_logits.float(), dim=-1)
+    work = workspace if workspace is not None else Workspace()
+    log_ref, log_cand, p_ref, zero = work.buffers(ref_logits.shape, ref_logits.device)
+    torch.log_softmax(ref_logits.float(), -1, out=log_ref)
+    torch.log_softmax(cand_logits.float(), -1, out=log_cand)
     index = targets.to(device=log_ref.device, dtype=torch.long).unsqueeze(-1)
     nll_ref = -log_ref.gather(-1, index).squeeze(-1)
     nll_cand = -log_cand.gather(-1, index).squeeze(-1)
-    p_ref = log_ref.exp()
-    terms = torch.where(p_ref > 0, p_ref * (log_ref - log_cand), torch.zeros_like(p_ref))
-    kl = terms.sum(dim=-1).clamp_min(0.0)
     agree = ref_logits.argmax(dim=-1) == cand_logits.argmax(dim=-1)
+    torch.exp(log_ref, out=p_ref)
+    torch.eq(p_ref, 0, out=zero)
+    kl = log_ref.sub_(log_cand).mul_(p_ref).masked_fill_(zero, 0.0).sum(dim=-1).clamp_min(0.0)
     return nll_ref, nll_cand, kl, agree
+
+
+class Workspace:
+    """Three fp32 [T, V] buffers and a bool one for `token_metrics`, kept across calls: scoring
+    chunk after chunk then allocates nothing large, so no freed [T, V] temporaries fragment
+    the host heap (a fresh set per chunk grew the resident size by a chunk's worth at a time)."""
+
+    def __init__(self) -> None:
+        self._tensors: tuple[torch.Tensor, ...] = ()
+
+    def buffers(self, shape: torch.Size, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """Views [T, V] of the buffers, made (or grown) for `shape` on `device`."""
+        rows, vocab = shape
+        first = self._tensors[0] if self._tensors else None
+        if first is None or first.device != device or first.shape[1] != vocab or first.shape[0] < rows:
+            self._tensors = ()  # free the old buffers before the new ones are made
+            self._tensors = tuple(torch.empty(rows, vocab, dtype=dtype, device=device)
+                                  for dtype in (torch.float32, torch.float32, torch.float32, torch.bool))
+        return tuple(tensor[:rows] for tensor in self._tensors)
 
 
 class MetricAccumulator:
@@ -89,6 +112,7 @@ class MetricAccumulator:
         self.kl_sum = 0.0
         self.agree_count = 0
         self._kl_chunks: list[torch.Tensor] = []
+        self._workspace = Workspace()
 
     @torch.no_grad()
     def update(self, ref_logits: torch.Tensor, cand_logits: torch.Tensor, targets: torch.Tensor) -> None:
@@ -103,7 +127,7 @@ class MetricAccumulator:
         rows = max(1, self.chunk_elements // max(1, ref_logits.shape[1]))
         for start in range(0, ref_logits.shape[0], rows):
             span = slice(start, start + rows)
-            self._add(*token_metrics(ref_logits[span], cand_logits[span], targets[span]))
+            self._add(*token_metrics(ref_logits[span], cand_logits[span], targets[span], self._workspace))
 
     def _add(self, nll_ref: torch.Tensor, nll_cand: torch.Tensor, kl: torch.Tensor, agree: torch.Tensor) -> None:
         """Fold one chunk's per-token values [t] into the running sums."""
