@@ -220,12 +220,17 @@ def quantize(model_dir, data, calib, out, method, gguf_grid, bits, group_size, s
               help="Also plan validating the bundle on this many windows (a recipe plans its own validation step).")
 @click.option("--validate-ctx", type=click.IntRange(min=2), default=512, show_default=True, help="Tokens per validation window.")
 @click.option("--validate-batch", type=click.IntRange(min=1), default=4, show_default=True, help="Validation windows per batch.")
+@click.option("--validate-data", type=click.Path(path_type=Path), help="The validation text: the windows are cut from "
+              "it with the model's tokenizer (else --validate-windows are assumed).")
 @click.option("--hellaswag-tasks", type=click.IntRange(min=1), help="With --validate-windows: also plan this many "
-              "HellaSwag tasks (at the tokens per task measured with SmolLM2's tokenizer).")
+              "HellaSwag tasks (the first N of --hellaswag, tokenized; else at the tokens per task measured with "
+              "SmolLM2's tokenizer over the whole validation split).")
+@click.option("--hellaswag", type=click.Path(path_type=Path), help="HellaSwag file whose tasks are planned.")
 def plan(target, method, gguf_grid, bits, group_size, sym, signed_scale, clip_search, act_order, damp, keep_float, bits_overrides, samples,
          seq_len, seed,
          chat_template, moe_policy, moe_mix, moe_min_tokens, moe_require_full_rank, moe_fallback, moe_quantize_router, moe_chunk_mib, batch,
-         json_out, force, coverage, device, validate_windows, validate_ctx, validate_batch, hellaswag_tasks) -> None:
+         json_out, force, coverage, device, validate_windows, validate_ctx, validate_batch, validate_data, hellaswag_tasks,
+         hellaswag) -> None:
     """Predict a quantize run before it starts: tensors quantized and passed through, output
     size per format, peak host and GPU memory, disk and time. TARGET: a model directory (only
     config.json and the safetensors headers are read), a recipe .yaml (its options win), or
@@ -241,9 +246,11 @@ def plan(target, method, gguf_grid, bits, group_size, sym, signed_scale, clip_se
         check_output_dir(json_out, force)
     validation = None
     if validate_windows is not None:
-        validation = {"windows": validate_windows, "ctx": validate_ctx, "batch": validate_batch, "tasks": hellaswag_tasks}
-    elif hellaswag_tasks is not None:
-        raise click.UsageError("--hellaswag-tasks plans the validation's benchmark: give --validate-windows too")
+        validation = {"windows": validate_windows, "ctx": validate_ctx, "batch": validate_batch, "tasks": hellaswag_tasks,
+                      "data": validate_data, "benchmark": hellaswag}
+    elif hellaswag_tasks is not None or hellaswag is not None or validate_data is not None:
+        raise click.UsageError("--validate-data, --hellaswag and --hellaswag-tasks plan the validation: give "
+                               "--validate-windows too")
     run_plan(target, spec, _calib_spec(samples, seq_len, seed, chat_template), json_out, device, coverage, validation)
 
 

@@ -304,7 +304,7 @@ def render_validation(plan: ValidationPlan, baseline: int) -> list[str]:
                      + ", ".join(f"{k} {v:.0f}" for k, v in plan.seconds.items()) + ")")
     if choices is not None and not choices.measured:
         lines.append(f"- multiple-choice tokens assumed: {HELLASWAG_PADDED_TOKENS_PER_TASK:.0f} per HellaSwag task "
-                     f"(SmolLM2's tokenizer over the validation split); give the recipe's model and file to measure them")
+                     f"(SmolLM2's tokenizer over the validation split); plan a recipe, or give --hellaswag FILE with a model that has its tokenizer, to count them")
     return lines
 
 
