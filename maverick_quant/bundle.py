@@ -209,6 +209,7 @@ class Bundle:
         self.text_config = self.table.text_config(self.config)
         self.quant = self.manifest["recipe"]["weights"]
         self._passthrough = read_safetensors_header(self.root / PASSTHROUGH)
+        self.dequantize_device = torch.device("cpu")  # where quantized weights become float (StreamingModel sets it)
 
     def _check_files_present(self) -> None:
         """InputError naming every file the manifest lists that is missing or of another size,
@@ -283,7 +284,7 @@ class Bundle:
                 continue
             for name in parts:
                 weight = self._expert_linear(chunk, name)
-                parts[name].append(weight[lo - chunk["first"] : hi - chunk["first"]].dequantize())
+                parts[name].append(weight[lo - chunk["first"] : hi - chunk["first"]].dequantize_on(self.dequantize_device))
         return fuse_experts(moe, {name: torch.cat(values) for name, values in parts.items()})
 
     def _expert_linear(self, chunk: dict, name: str) -> QuantizedWeight:
@@ -312,7 +313,7 @@ class Bundle:
 
     def layer_tensors(self, index: int, experts: bool = True) -> dict[str, torch.Tensor]:
         quantized, passthrough = self.quantized_layer(index)
-        out = {**passthrough, **{f"{name}.weight": w.dequantize() for name, w in quantized.items()}}
+        out = {**passthrough, **{f"{name}.weight": w.dequantize_on(self.dequantize_device) for name, w in quantized.items()}}
         moe = self.table.plan(self.text_config, index).moe
         if experts and moe is not None:
             chunks = [dequantized for _, dequantized in self._dequantized_chunks(index)]
@@ -321,7 +322,7 @@ class Bundle:
 
     def _dequantized_chunks(self, index: int) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         for first, chunk in self.expert_chunks(index):
-            yield first, {name: weight.dequantize() for name, weight in chunk.items()}
+            yield first, {name: weight.dequantize_on(self.dequantize_device) for name, weight in chunk.items()}
 
     def model_tensor_names(self) -> list[str]:
         """Names of the model-level pass-through tensors (embed, final norm, untied lm_head)."""

@@ -22,9 +22,10 @@ beside the baseline, in bytes:
                                                  in fp32 beside its stored copy
                      expert_work   n_hot (5 D + 3 I) 4   (MoE layer) the busiest expert's inputs of
                                                  both models, its intermediates and both outputs
-             host    expert_reads  n_c 3 D I (s + 4)   (MoE layer, GPU runs) a chunk of the reference
-                                                 as stored and of the candidate dequantized, on
-                                                 the host before they move to the GPU
+             host    expert_reads  n_c 3 D I (s + c)   (MoE layer, GPU runs) a chunk of the reference
+                                                 as stored and of the candidate's codes (c bytes
+                                                 per weight), on the host before they move to
+                                                 the GPU, where the candidate is dequantized
     score    host    caches
              device  final         2 V D 4       both lm_heads in fp32
                      logits        2 ceil(b/2) L V 4
@@ -40,7 +41,8 @@ On the CPU every term is host memory. peak host = baseline + the largest phase's
 peak device = the largest phase's device terms (the CUDA context, ~0.5 GiB, on top).
 
 Time = flops / the device's fp32 matmul rate + bytes read / read rate + bytes written / write rate
-+ candidate weights dequantized (a bundle's, on the host) x measured seconds per weight, where
++ on the CPU, the candidate's weights dequantized x measured seconds per weight (a GPU run
+dequantizes on the GPU: elementwise work beside the matmuls, not counted), where
 
     flops    T sum_l (3 F_l + R_l) + 2 * 2 T D V             (windows: the reference once, the
              candidate on the reference's input and on its own, its routed experts once more to
@@ -176,11 +178,12 @@ def _moe_terms(text, plan, tokens: int, caches: int, chunk: int, reference_bytes
     return terms
 
 
-def _phases(table, text, settings: ValidationSettings, reference_bytes: float, shares: dict,
+def _phases(table, text, settings: ValidationSettings, reference_bytes: float, candidate_bytes: float, shares: dict,
             pass_tokens: int, gpu: bool) -> list[Phase]:
     """The memory of every phase (one per layer of the windows pass, the scoring, and the
     choices pass of `pass_tokens` tokens) as terms on the host and on the device (`gpu`: a
-    GPU run, which reads expert chunks on the host first)."""
+    GPU run, which reads expert chunks on the host first); `reference_bytes`, `candidate_bytes`:
+    each model's stored bytes per weight."""
     from maverick_quant.experts import experts_per_chunk
 
     hidden, vocab = text.hidden_size, text.vocab_size
@@ -203,7 +206,7 @@ def _phases(table, text, settings: ValidationSettings, reference_bytes: float, s
         moe = _moe_terms(text, plan, tokens, 2, chunk, reference_bytes, max(counts), 2)
         host = {**caches, "moe_input": tokens * hidden * FP32}
         if gpu:
-            host["expert_reads"] = int(chunk * 3 * hidden * text.intermediate_size * (reference_bytes + FP32))
+            host["expert_reads"] = int(chunk * 3 * hidden * text.intermediate_size * (reference_bytes + candidate_bytes))
         phases.append(Phase(f"layer {index}", host, {"layers": 2 * layer, **moe}))
         choice_layers.append({"layers": layer, **_moe_terms(text, plan, pass_tokens, 1, chunk, reference_bytes, 0, 1)})
     logit_rows = math.ceil(settings.batch / 2) * settings.ctx
@@ -247,13 +250,13 @@ def plan_validation(table, text, settings: ValidationSettings, reference_bytes: 
                     device: str = "cpu", shares: dict | None = None) -> ValidationPlan:
     """The validation plan of `text`'s model on `device` ("cpu" or "cuda") against a candidate
     of `candidate_bytes` on disk holding `candidate_weights` quantized weights (a bundle,
-    dequantized on the host as it is read), `candidate_expert_share` of both in routed experts;
+    dequantized where the layers run), `candidate_expert_share` of both in routed experts;
     the reference checkpoint holds `reference_bytes` in `reference_params` values. `shares`:
     measured routing per MoE layer (None: even)."""
     passes = choice_passes(settings, text.hidden_size)
     tokens = settings.windows * settings.ctx
-    phases = _phases(table, text, settings, reference_bytes / max(reference_params, 1), shares or {},
-                     max(passes, default=0), device != "cpu")
+    phases = _phases(table, text, settings, reference_bytes / max(reference_params, 1),
+                     candidate_bytes / max(candidate_weights, 1), shares or {}, max(passes, default=0), device != "cpu")
     if device == "cpu":
         phases = [Phase(phase.name, {**phase.host, **phase.device}, {}) for phase in phases]
     forward, routed = _forward_flops(table, text, tokens, settings.ctx)
@@ -277,8 +280,9 @@ def time_validation(plan: ValidationPlan, rates: dict | None, disk) -> None:
     if rates is None or disk is None or "dequantize_seconds_per_weight" not in rates:
         return
     plan.seconds = {"compute": plan.flops / rates["matmul_flops_per_s"], "read": plan.read_bytes / disk.read,
-                    "write": plan.write_bytes / disk.write,
-                    "dequantize": plan.dequantized_weights * rates["dequantize_seconds_per_weight"]}
+                    "write": plan.write_bytes / disk.write}
+    if plan.device == "cpu":
+        plan.seconds["dequantize"] = plan.dequantized_weights * rates["dequantize_seconds_per_weight"]
 
 
 def render_validation(plan: ValidationPlan, baseline: int) -> list[str]:
@@ -295,7 +299,8 @@ def render_validation(plan: ValidationPlan, baseline: int) -> list[str]:
         lines.append(f"- peak GPU memory {gib(sum(device.device.values()))} ({device.name}: {terms(device.device)})")
     lines.append(f"- reads {plan.read_bytes / 1e9:.1f} GB, writes {plan.write_bytes / 1e9:.1f} GB (both hidden-state "
                  f"caches after every layer, for --resume; {gib(plan.resume_bytes)} on disk at most), dequantizes "
-                 f"{plan.dequantized_weights / 1e9:.1f} B weights on the host, {plan.flops / 1e12:.1f} TFLOP")
+                 f"{plan.dequantized_weights / 1e9:.1f} B weights (on the {'host' if plan.device == 'cpu' else 'GPU'}), "
+                 f"{plan.flops / 1e12:.1f} TFLOP")
     if plan.seconds is None:
         lines.append("- estimated time: not estimated (see the quantize assumptions)")
     else:

@@ -119,6 +119,8 @@ class StreamingModel:
     or, with a `layout`, several prefix-sharing sequences packed per row (see SequenceLayout).
     Layers live on `device`; the hidden states stay wherever the caller keeps them (host
     memory: see devices.py) and each batch of windows is moved to `device` to be computed.
+    A quantized source (a bundle or packed export, with `dequantize_device`) is told to
+    dequantize on `device`, so its codes move there rather than fp32 weights.
     `layout` describes the cache being run and may be switched between caches that share a
     built layer (validation.evaluate.forward_layer_blocks).
     """
@@ -131,6 +133,8 @@ class StreamingModel:
         self.dtype, self.batch, self.layout, self.device = dtype, batch, layout, torch.device(device)
         self.rotary = self.table.build_rotary(self.config).to(device=self.device, dtype=dtype)
         self._final = None
+        if hasattr(source, "dequantize_device"):  # a bundle or packed export: its 4-bit codes cross to the device
+            source.dequantize_device = self.device
 
     @property
     def num_layers(self) -> int:

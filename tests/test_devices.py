@@ -176,3 +176,31 @@ def test_coverage_and_imatrix_on_cuda_match_the_cpu_run(tiny_llama4_dir: Path) -
     for key, value in sums["cpu"].items():
         torch.testing.assert_close(sums["cuda"][key].sum2, value.sum2, rtol=1e-3, atol=1e-6)
         assert torch.equal(sums["cuda"][key].counts, value.counts)
+
+
+@pytest.mark.parametrize("export", [None, "gptq"])
+def test_a_quantized_source_dequantizes_where_the_model_computes(tiny_llama4_dir: Path, small_text_file: Path,
+                                                                 tmp_path: Path, export: str | None) -> None:
+    """A bundle (or packed export) read by a StreamingModel on a device dequantizes there: its
+    4-bit codes cross to the device, not fp32 weights (here the meta device stands in for a GPU:
+    every quantized linear, routed experts included, comes back on it; float tensors do not)."""
+    from maverick_quant.validation.evaluate import open_candidate
+
+    bundle = tmp_path / "bundle"
+    result = CliRunner().invoke(cli, ["quantize", str(tiny_llama4_dir), "--method", "rtn", "--data", str(small_text_file),
+                                      "--group-size", "32", "--out", str(bundle), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    path = bundle
+    if export is not None:
+        path = tmp_path / export
+        result = CliRunner().invoke(cli, ["export", str(bundle), "--format", export, "--out", str(path), "--no-progress"])
+        assert result.exit_code == 0, result.output
+    source = open_candidate(path)
+    on_cpu = source.layer_tensors(1)
+    assert {t.device.type for t in on_cpu.values()} == {"cpu"}
+    model = StreamingModel(source, device="meta")
+    tensors = source.layer_tensors(1)
+    assert model.device.type == "meta" and tensors["self_attn.q_proj.weight"].device.type == "meta"
+    assert tensors["input_layernorm.weight"].device.type == "cpu"
+    assert all(t.device.type == "meta" for t in source.expert_tensors(1, 0, 2).values())
+    assert {name: t.shape for name, t in tensors.items()} == {name: t.shape for name, t in on_cpu.items()}

@@ -218,6 +218,7 @@ class ExportSource(CheckpointModelTensors):
                              f"is not one of {sorted(layouts)}")
         self.layout = layouts[quant["quant_method"]]
         self.quant = quant
+        self.dequantize_device = torch.device("cpu")  # where packed weights become float (StreamingModel sets it)
         try:
             self.layout.grid(quant, "")
         except (KeyError, TypeError, ValueError, re.error) as exc:
@@ -233,7 +234,7 @@ class ExportSource(CheckpointModelTensors):
                    if f"{module}.{part}" in self.checkpoint.tensors}
         grid = self.layout.grid(self.quant, module)  # the config was checked when the export was opened
         try:
-            return self.layout.from_tensors(tensors, *grid).dequantize()
+            return self.layout.from_tensors(tensors, *grid).dequantize_on(self.dequantize_device)
         except KeyError as exc:
             raise InputError(f"{self.checkpoint.model_dir}: module {module}: tensor {module}.{exc.args[0]} is missing") from None
         except ValueError as exc:
