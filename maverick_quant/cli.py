@@ -208,6 +208,7 @@ def quantize(model_dir, data, calib, out, method, gguf_grid, bits, group_size, s
 @quant_options
 @calib_options
 @moe_options
+@awq_options
 @click.option("--batch", default=8, show_default=True, help="Windows per forward batch.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the plan as JSON here.")
 @click.option("--force", is_flag=True, help="Replace an existing --json file.")
@@ -228,8 +229,8 @@ def quantize(model_dir, data, calib, out, method, gguf_grid, bits, group_size, s
 @click.option("--hellaswag", type=click.Path(path_type=Path), help="HellaSwag file whose tasks are planned.")
 def plan(target, method, gguf_grid, bits, group_size, sym, signed_scale, clip_search, act_order, damp, keep_float, bits_overrides, samples,
          seq_len, seed,
-         chat_template, moe_policy, moe_mix, moe_min_tokens, moe_require_full_rank, moe_fallback, moe_quantize_router, moe_chunk_mib, batch,
-         json_out, force, coverage, device, validate_windows, validate_ctx, validate_batch, validate_data, hellaswag_tasks,
+         chat_template, moe_policy, moe_mix, moe_min_tokens, moe_require_full_rank, moe_fallback, moe_quantize_router, moe_chunk_mib,
+         awq_grid, awq_duo, awq_clip, awq_sample_tokens, batch, json_out, force, coverage, device, validate_windows, validate_ctx, validate_batch, validate_data, hellaswag_tasks,
          hellaswag) -> None:
     """Predict a quantize run before it starts: tensors quantized and passed through, output
     size per format, peak host and GPU memory, disk and time. TARGET: a model directory (only
@@ -239,7 +240,8 @@ def plan(target, method, gguf_grid, bits, group_size, sym, signed_scale, clip_se
 
     moe = _moe_spec(moe_policy, moe_mix, moe_min_tokens, moe_require_full_rank, moe_fallback, moe_quantize_router, moe_chunk_mib)
     spec = _quantize_spec(method, bits, group_size, sym, signed_scale, clip_search, act_order, damp, batch, moe=moe, gguf_grid=gguf_grid,
-                          keep_float=keep_float, bits_overrides=bits_overrides)
+                          keep_float=keep_float, bits_overrides=bits_overrides,
+                          awq=_awq_spec(awq_grid, awq_duo, awq_clip, awq_sample_tokens))
     if json_out is not None:
         from maverick_quant.checkpoint import check_output_dir
 

@@ -54,6 +54,7 @@ from maverick_quant.compress.gguf_blocks import BLOCK, BLOCK_TYPES, block_type_f
 from maverick_quant.compute_rates import gptq_flops
 from maverick_quant.disk import DiskRates
 from maverick_quant.errors import InputError
+from maverick_quant.plan_awq import awq_layer_cost, uses_awq
 from maverick_quant.plan_validation import ValidationPlan, ValidationSettings, plan_validation, render_validation, time_validation
 from maverick_quant.recipe import CalibSpec, ExpertPolicy, Method, QuantizeSpec
 
@@ -63,7 +64,8 @@ FORMAT_BYTES_PER_WEIGHT = {  # (code bytes per weight, bytes per group) beside t
     "awq": lambda bits, group, sym: (bits / 8, 2 + bits / 8),
     "compressed-tensors": lambda bits, group, sym: (bits / 8, 2 + (0 if sym else bits / 8)),
 }
-DEVICE_TERMS = frozenset({"layer", "hessians", "activations", "experts", "block_caches", "routing", "expert_inputs"})
+DEVICE_TERMS = frozenset({"layer", "hessians", "activations", "experts", "block_caches", "routing", "expert_inputs",
+                          "awq_search"})
 GGUF_BYTES_PER_WEIGHT = {  # by the bundle's bits: the GGUF types it exports to (bytes per weight)
     bits: {f"gguf {t.name}": t.bytes_per_block / t.block for t in BLOCK_TYPES.values() if t.bits == bits} for bits in (4, 8)}
 
@@ -113,6 +115,8 @@ class LayerCost:
     matmul_flops: float
     gptq_solves: list[tuple[int, int, int]]  # (count, N, K) of the GPTQ solves
     quantized_weights: int = 0  # weights quantized in the layer (each one searched under clip_search)
+    awq_rounded: float = 0.0  # weights AWQ's searches round to nearest (plan_awq.py)
+    expert_rereads: int = 0  # routed-expert weights read a second time (AWQ's block scale search)
 
 
 @dataclass
@@ -216,6 +220,7 @@ def layer_cost(table, config, index: int, calib: CalibSpec, spec: QuantizeSpec,
         inter = max((s[0] for s in dense.values()), default=hidden)
         memory["activations"] = spec.batch_windows * calib.seq_len * max(3 * hidden, 2 * inter) * 4 * 2
         matmul += sum(2 * tokens * s[1] ** 2 for s in dense.values())  # Hessian accumulation
+    counts = None
     if plan.moe is not None:
         moe = plan.moe
         inter = config.intermediate_size
@@ -227,14 +232,22 @@ def layer_cost(table, config, index: int, calib: CalibSpec, spec: QuantizeSpec,
         per_chunk = experts_per_chunk(moe, hidden, inter, spec.moe.chunk_mib)
         per_expert = 12 * (3 * hidden * inter + hidden**2 + inter**2) if calibrated else 2 * 4 * expert_params
         memory["experts"] = per_chunk * per_expert
+        counts = [routed * share for share in shares or [1 / moe.num_experts] * moe.num_experts]
         if calibrated:
-            counts = [routed * share for share in shares or [1 / moe.num_experts] * moe.num_experts]
             memory["expert_inputs"] = expert_input_bytes(counts, mixed_experts(counts, spec, max(hidden, inter)), hidden,
                                                          inter, per_chunk, min(tokens, spec.moe.all_tokens))
         if device != "cpu":
             memory["expert_reads"] = per_chunk * expert_params * 2
     weights = sum(count * n * k for count, n, k in solves)
-    return LayerCost(index, memory, float(matmul if calibrated else 0), solves if calibrated else [], weights), names, count
+    cost = LayerCost(index, memory, float(matmul if calibrated else 0), solves if calibrated else [], weights)
+    if uses_awq(spec):
+        awq = awq_layer_cost(plan, dense, tokens, hidden, config.intermediate_size, spec, counts)
+        memory["awq_search"], cost.matmul_flops = awq.memory, cost.matmul_flops + awq.flops
+        cost.awq_rounded, cost.expert_rereads = awq.rounded, awq.expert_rereads
+        if spec.method is Method.AWQ:  # then round to nearest: only the shared expert is solved (H = I)
+            shared = {name for group in plan.moe.shared for name in group.linears} if plan.moe else set()
+            cost.gptq_solves = [(1, *dense[name]) for name in dense if name in shared]
+    return cost, names, count
 
 
 def mixed_experts(counts: list[float], spec: QuantizeSpec, width: int) -> list[bool]:
@@ -335,7 +348,8 @@ def make_plan(name: str, table, config, sizes: dict[str, int], calib: CalibSpec,
                    "routing taken as even: a hot expert's inputs grow with its share (give `calibrate --coverage`'s "
                    "coverage.json to --coverage)"]
     resume = calib.samples * calib.seq_len * text.hidden_size * 4 if spec.method is not Method.RTN else 0
-    work = disk_work(sum(sizes.values()), outputs["bundle"], resume, len(layers))
+    reread = sum(layer.expert_rereads for layer in layers) * quantized_bytes // max(params, 1)
+    work = disk_work(sum(sizes.values()), outputs["bundle"], resume, len(layers), reread)
     if disk is not None:
         assumptions.append(_disk_assumption(disk, *work))
     checked = None
@@ -348,12 +362,13 @@ def make_plan(name: str, table, config, sizes: dict[str, int], calib: CalibSpec,
                 dict(zip(("read", "write", "hash"), work)), disk.seconds(*work) if disk is not None else None, checked)
 
 
-def disk_work(checkpoint: int, bundle: int, resume: int, layers: int) -> tuple[int, int, int]:
-    """(bytes read, written, hashed) by a run: the checkpoint is read once; the bundle is written
+def disk_work(checkpoint: int, bundle: int, resume: int, layers: int, reread: int = 0) -> tuple[int, int, int]:
+    """(bytes read, written, hashed) by a run: the checkpoint is read once (and `reread` bytes of
+    routed experts a second time: AWQ's block scale search); the bundle is written
     and hashed once, when written (the manifest keeps those hashes); the hidden states for
     `--resume` (`resume` bytes) are written after each of the `layers` layers but the last
     (bound to their layer by name, not hashed)."""
-    return checkpoint, bundle + (layers - 1) * resume, bundle
+    return checkpoint + reread, bundle + (layers - 1) * resume, bundle
 
 
 def _disk_assumption(disk: DiskRates, read: int, write: int, hashed: int) -> str:
@@ -375,8 +390,10 @@ def _check_shares(table, config, shares: dict[int, list[float]]) -> None:
 
 def planned_seconds(layers: list[LayerCost], rates: dict, clip_search: bool = False) -> float:
     """The layers' matmul work at the measured matmul rate plus each GPTQ solve at the fitted cost,
-    plus, under `clip_search`, the measured search time per weight for every quantized weight."""
+    plus, under `clip_search`, the measured search time per weight for every quantized weight, plus
+    every weight AWQ's searches round to nearest at the measured rounding rate."""
     search = rates["clip_search_seconds_per_weight"] * sum(layer.quantized_weights for layer in layers) if clip_search else 0.0
+    search += rates["rtn_seconds_per_weight"] * sum(layer.awq_rounded for layer in layers)
     return search + sum(layer.matmul_flops for layer in layers) / rates["matmul_flops_per_s"] + sum(
         count * (k * rates["gptq_column_seconds"] + gptq_flops(n, k) / rates["gptq_flops_per_s"])
         for layer in layers for count, n, k in layer.gptq_solves)

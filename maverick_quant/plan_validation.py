@@ -57,9 +57,9 @@ dequantizes on the GPU: elementwise work beside the matmuls, not counted), where
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from maverick_quant.validation.hellaswag import CHOICE_BLOCK
+from maverick_quant.validation.hellaswag import CHOICE_BLOCK, group_blocks
 from maverick_quant.validation.metrics import DEFAULT_CHUNK_ELEMENTS
 
 FP32 = 4
@@ -124,6 +124,10 @@ class Phase:
 
 @dataclass
 class ValidationPlan:
+    """The plan of one validation on `device` ("cpu" or "cuda"): the memory of every phase, the
+    floating-point work, bytes read and written, weights dequantized, the largest resume state
+    on disk, the multiple-choice passes over the weights, and (where timed) seconds by part."""
+
     settings: ValidationSettings
     phases: list[Phase]
     flops: float
@@ -133,8 +137,7 @@ class ValidationPlan:
     resume_bytes: int  # the kept caches on disk, twice while the next are written
     choice_passes: int
     device: str = "cpu"
-    seconds: dict[str, float] | None = None  # {"compute", "read", "write", "dequantize"}; None: not timed
-    assumptions: list[str] = field(default_factory=list)
+    seconds: dict[str, float] | None = None  # {"compute", "read", "write"[, "dequantize"]}; None: not timed
 
     def peak(self, where: str) -> Phase:
         return max(self.phases, key=lambda phase: sum(getattr(phase, where).values()))
@@ -148,8 +151,7 @@ class ValidationPlan:
                 "gpu_bytes": sum(device.device.values()), "peak_gpu_phase": {"phase": device.name, **device.device},
                 "flops": self.flops, "read_bytes": self.read_bytes, "write_bytes": self.write_bytes,
                 "dequantized_weights": self.dequantized_weights, "disk_bytes": self.resume_bytes,
-                "seconds": None if self.seconds is None else sum(self.seconds.values()), "seconds_by_part": self.seconds,
-                "assumptions": self.assumptions}
+                "seconds": None if self.seconds is None else sum(self.seconds.values()), "seconds_by_part": self.seconds}
 
 
 def _layer_params(plan, moe_names: set) -> int:
@@ -237,8 +239,6 @@ def _forward_flops(table, text, tokens: float, span: float) -> tuple[float, floa
 
 def choice_passes(settings: ValidationSettings, hidden: int) -> list[int]:
     """Tokens of each pass over the weights in the choices benchmarks (`hellaswag.group_blocks`)."""
-    from maverick_quant.validation.hellaswag import group_blocks
-
     if settings.choices is None:
         return []
     blocks = settings.choices.blocks

@@ -127,13 +127,50 @@ def test_plan_times_the_disk_work_at_rates_measured_here(tmp_path: Path, monkeyp
     assert result.exit_code == 0 and "disk work not timed: its rates could not be measured here" in result.output
 
 
+RATES = {"matmul_flops_per_s": 1e12, "gptq_flops_per_s": 5e11, "gptq_column_seconds": 1e-4,
+         "clip_search_seconds_per_weight": 2e-8, "dequantize_seconds_per_weight": 2e-9, "rtn_seconds_per_weight": 3e-8,
+         "threads": 2, "model": 5, "device": "cpu"}  # known rates in place of measured ones
+
+
+def _planned(tmp_path: Path, *options: str) -> dict:
+    out = tmp_path / f"plan{len(list(tmp_path.iterdir()))}.json"
+    result = CliRunner().invoke(cli, ["plan", "maverick", "--samples", "8", "--seq-len", "64", *options, "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    return json.loads(out.read_text())
+
+
+def test_plan_prices_awqs_searches_at_the_measured_rounding_rate(tmp_path: Path, monkeypatch) -> None:
+    """AWQ's scale and clip searches on Maverick: every weight they round costs the measured
+    rounding rate, so the time they add moves with that rate alone; twice the scale grid adds the
+    searches' rounding and candidate outputs again. `awq` then rounds to nearest (only the shared
+    expert is solved, with H = I), `awq+gptq` solves as GPTQ does; both read the routed experts
+    twice (the block scale search)."""
+    import maverick_quant.compute_rates as compute_rates
+
+    rates = dict(RATES)
+    monkeypatch.setattr(compute_rates, "machine_rates", lambda *args: rates)
+    gptq, awq, both = (_planned(tmp_path, "--method", m, "--no-awq-clip") for m in ("gptq", "awq", "awq+gptq"))
+    rates["rtn_seconds_per_weight"] *= 2
+    both_slower = _planned(tmp_path, "--method", "awq+gptq", "--no-awq-clip")
+    searches = both["compute_seconds"] - gptq["compute_seconds"]
+    rounding = both_slower["compute_seconds"] - both["compute_seconds"]  # = rounded weights x 3e-8
+    assert 0 < rounding < searches
+    rates["rtn_seconds_per_weight"] /= 2
+    wide = _planned(tmp_path, "--method", "awq+gptq", "--no-awq-clip", "--awq-grid", "40")
+    assert wide["compute_seconds"] - both["compute_seconds"] == pytest.approx(searches, rel=0.02)  # all g-terms
+    solves = both["compute_seconds"] - awq["compute_seconds"]  # GPTQ's solves but the shared expert's
+    assert 0.9 * gptq["compute_seconds"] < solves < gptq["compute_seconds"]
+    experts = 24 * 128 * 3 * 5120 * 8192 * 2  # Maverick's routed experts in bf16
+    assert both["disk_io_bytes"]["read"] - gptq["disk_io_bytes"]["read"] == pytest.approx(experts, rel=0.01)
+    assert "awq_search" in both["peak_layer"] and "awq_search" not in gptq["peak_layer"]
+
+
 def test_plan_adds_the_measured_range_search_time_for_every_quantized_weight(tmp_path: Path, monkeypatch) -> None:
     """`--clip-search` costs its measured seconds per weight on each of Maverick's ~386 B
     quantized weights, on top of the same GPTQ solves; with RTN it is the whole compute time."""
     import maverick_quant.compute_rates as compute_rates
 
-    rates = {"matmul_flops_per_s": 1e12, "gptq_flops_per_s": 5e11, "gptq_column_seconds": 1e-4,
-             "clip_search_seconds_per_weight": 2e-8, "threads": 2, "model": compute_rates.COST_MODEL, "device": "cpu"}
+    rates = {**RATES, "clip_search_seconds_per_weight": 2e-8}
     monkeypatch.setattr(compute_rates, "machine_rates", lambda *args: rates)
 
     def planned(*options: str) -> dict:

@@ -1,0 +1,97 @@
+"""What AWQ's searches add to a quantize run (`plan` with --method awq or awq+gptq).
+
+Notation: T calibration tokens, T_s = min(awq.sample_tokens, T) sampled tokens, g = awq.grid
+scale candidates, c = max(1, floor(awq.max_shrink x awq.clip_grid)) clip candidates (0 without
+`awq.clip`), hidden D; an MoE layer has E routed experts of width I (top-k, n_e routed tokens
+for expert e) and a shared expert of width I_s. "Rounded" counts weights put through
+round-to-nearest (`rtn_fake`), priced at the device's measured seconds per weight; "flops"
+are matmuls, priced at its fp32 matmul rate (compress/awq.py, awq_layer.py, awq_moe.py):
+
+    dense scale group of linears W_i [N_i, K] (Wg = sum N_i K weights):
+        rounded g Wg, flops g 2 T_s Wg (each candidate's outputs on the sample),
+        plus a pass of the layer over all T tokens to sample the group's input (costed as a
+        whole forward, 2 T P_layer: an upper bound, the pass stops at the group)
+    clipping (per linear W [N, K], on the T_s sampled inputs): rounded c N K, flops c 2 T_s N K,
+        and one more pass of the layer
+    MoE block scale (one s [D] for the router, shared and routed experts): every candidate
+        rounds the shared and every routed expert's gate/up, rounded g 2 D (I_s + E I), and
+        runs the block on the sample, flops g 2 T_s (3 D I_s + k 3 D I); the routed experts
+        are read once more for it (`expert_rereads`)
+    up -> down scales: shared rounded g D I_s, flops g 2 T_s D I_s; expert e rounded g D I,
+        flops g 2 min(T_s, n_e) D I
+    clipping of the shared and routed experts: rounded c 3 D I, flops c 2 rows 3 D I per expert
+        (rows = T_s for the shared expert, min(T_s, n_e) for expert e)
+
+Memory (the `awq_search` term): CANDIDATES_AT_ONCE candidates of the widest weight searched,
+three fp32 copies each (scaled, rounded, unscaled), and, in an MoE layer, the block search's
+outputs on the sample for every candidate and the reference, (g + 1) T_s D fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from maverick_quant.compress.awq import CANDIDATES_AT_ONCE
+from maverick_quant.recipe import AWQSpec, Method, QuantizeSpec
+
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class AWQCost:
+    rounded: float  # weights put through round-to-nearest by the searches
+    flops: float
+    memory: int  # the awq_search term, bytes
+    expert_rereads: int  # routed-expert weights read once more (the block scale search)
+
+
+def uses_awq(spec: QuantizeSpec) -> bool:
+    return spec.method in (Method.AWQ, Method.AWQ_GPTQ)
+
+
+def clip_candidates(awq: AWQSpec) -> int:
+    """Clip ranges tried per (row, group): c in the module docstring (0 without clipping)."""
+    return max(1, int(awq.max_shrink * awq.clip_grid)) if awq.clip else 0
+
+
+def awq_layer_cost(plan, dense: dict[str, tuple[int, int]], tokens: int, hidden: int, inter: int,
+                   spec: QuantizeSpec, counts: list[float] | None) -> AWQCost:
+    """AWQ's searches in one layer: `plan` the layer's LayerPlan, `dense` its quantized dense
+    linears {name: (N, K)}, `inter` the routed experts' width, `counts` [E] the expected routed
+    tokens per expert (None for a dense layer)."""
+    awq = spec.awq
+    sampled, grid, clips = min(awq.sample_tokens, tokens), awq.grid, clip_candidates(awq)
+    layer_forward = 2 * tokens * sum(math.prod(shape) for shape in dense.values())
+    rounded = flops = 0.0
+    widest = max((math.prod(shape) for shape in dense.values()), default=0)
+    for group in plan.scale_groups:
+        weights = sum(math.prod(dense[name]) for name in group.linears if name in dense)
+        rounded += grid * weights + clips * weights
+        flops += layer_forward + (grid + clips) * 2 * sampled * weights
+    flops += layer_forward if clips and plan.scale_groups else 0
+    memory = 3 * CANDIDATES_AT_ONCE * widest * FP32
+    rereads = 0
+    if plan.moe is not None:
+        moe_rounded, moe_flops = _moe_search(plan, dense, hidden, inter, sampled, grid, clips, counts)
+        rounded, flops = rounded + moe_rounded, flops + moe_flops
+        memory = max(memory, 3 * CANDIDATES_AT_ONCE * hidden * inter * FP32) + (grid + 1) * sampled * hidden * FP32
+        rereads = plan.moe.num_experts * 3 * hidden * inter
+    return AWQCost(rounded, flops, int(memory), rereads)
+
+
+def _moe_search(plan, dense: dict[str, tuple[int, int]], hidden: int, inter: int, sampled: int, grid: int,
+                clips: int, counts: list[float]) -> tuple[float, float]:
+    """(rounded weights, flops) of an MoE block's searches: the block scale, the up -> down
+    scales and the clipping of the shared and routed experts."""
+    moe = plan.moe
+    shared = sum(math.prod(dense[name]) for group in moe.shared for name in group.linears if name in dense) / 3
+    experts = len(counts)
+    rows = [min(sampled, count) for count in counts]
+    rounded = grid * 2 * (shared + experts * hidden * inter)  # the block scale: every gate/up, every candidate
+    flops = grid * 2 * sampled * (3 * shared + moe.top_k * 3 * hidden * inter)
+    rounded += grid * (shared + experts * hidden * inter)  # up -> down
+    flops += grid * 2 * (sampled * shared + sum(rows) * hidden * inter)
+    rounded += clips * 3 * (shared + experts * hidden * inter)
+    flops += clips * 2 * 3 * (sampled * shared + sum(rows) * hidden * inter)
+    return rounded, flops
