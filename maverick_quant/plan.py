@@ -22,6 +22,7 @@ Memory model of a calibrated run (GPTQ/AWQ, bytes; S windows x L tokens, hidden 
                  before it moves to the GPU (GPU runs only; on the CPU `experts` holds them)
     final        the model-level tensors (embedding, lm_head, vision tower), read at the end
                  after the caches are freed
+    awq_search   (awq, awq+gptq) the scale and clip candidates (plan_awq.py)
 
 On the CPU every term is host memory. On a GPU (devices.py) the DEVICE_TERMS live there and
 the host keeps the cache, the expert reads and the final tensors:
@@ -34,10 +35,12 @@ RTN holds no cache and no Hessian. Time is the forwards' and Hessians' floating-
 divided by the measured fp32 matmul rate of the run's device, plus every GPTQ solve costed as
 K * column_seconds + (2 N K^2 + K^3) / gptq_rate, both fitted to two real solves timed on that
 device (compute_rates.py; cached in $MAVERICK_QUANT_CACHE, a few seconds the first time), plus,
-under `clip_search`, every quantized weight at the search's measured seconds per weight, plus
-the disk work: the checkpoint read once, the bundle and the per-layer hidden states for
+under `clip_search`, every quantized weight at the search's measured seconds per weight, plus,
+under AWQ, its searches (plan_awq.py: weights rounded at the measured rounding rate, outputs as
+matmuls, the routed experts read twice), plus the disk work: the checkpoint read once, the bundle and the per-layer hidden states for
 `--resume` written, the bundle hashed, each at the rate measured where `plan` runs (disk.py).
 A plan for a GPU on a machine without one gives memory and disk time but no compute time.
+With `validation` settings it also plans validating the bundle (plan_validation.py).
 """
 
 from __future__ import annotations
