@@ -25,6 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 MIB = 2**20
+MODELS = ("smollm2", "moe")
 
 
 def cli(*args) -> None:
@@ -55,17 +56,18 @@ def bundle_dir(work: Path, name: str, model: Path, text: Path) -> Path:
 
 def measure(work: Path, case: str, args) -> dict:
     name, _, shape = case.partition(":")
+    if name not in MODELS:
+        raise SystemExit(f"case {case!r}: the model is one of {MODELS}")
     shape, hellaswag = shape.removesuffix("+hs"), shape.endswith("+hs")
     windows, ctx, batch = (int(v) for v in shape.split("x"))
     model = model_dir(work, name)
     bundle = bundle_dir(work, name, model, args.text)
-    tasks = ["--hellaswag", args.hellaswag, "--hellaswag-tasks", args.tasks] if hellaswag else []
+    tasks = ["--hellaswag", args.hellaswag, "--hellaswag-tasks", args.tasks] if hellaswag else []  # both commands
     plan_json, report = work / f"plan-{case}.json", work / f"report-{case}"
     cli("plan", model, "--method", "rtn", "--device", "cpu", "--validate-windows", windows, "--validate-ctx", ctx,
         "--validate-batch", batch, "--validate-data", args.eval_text, *tasks, "--json", plan_json, "--force")
-    benchmark = ["--hellaswag", args.hellaswag, "--hellaswag-tasks", args.tasks] if hellaswag else []
     cli("validate", "--reference", model, "--candidate", bundle, "--data", args.eval_text, "--ctx", ctx, "--max-windows",
-        windows, "--batch", batch, *benchmark, "--report", report, "--force", "--no-progress", "--device", "cpu")
+        windows, "--batch", batch, *tasks, "--report", report, "--force", "--no-progress", "--device", "cpu")
     planned = json.loads(plan_json.read_text())["validation"]
     measured = json.loads((report / "report.json").read_text())
     seconds = measured["seconds"] + (measured["hellaswag"]["seconds"] if hellaswag else 0.0)

@@ -191,7 +191,10 @@ class ReadOnlyWriter(BundleWriter):
 
 
 class Bundle:
-    """A finished bundle opened for reading; also a `WeightSource` for streaming."""
+    """A finished bundle opened for reading; also a `WeightSource` for streaming, whose float
+    tensors are dequantized on the `device` its readers ask for (`dequantizes`)."""
+
+    dequantizes = True
 
     def __init__(self, root: Path | str):
         self.root = Path(root)
@@ -209,7 +212,6 @@ class Bundle:
         self.text_config = self.table.text_config(self.config)
         self.quant = self.manifest["recipe"]["weights"]
         self._passthrough = read_safetensors_header(self.root / PASSTHROUGH)
-        self.dequantize_device = torch.device("cpu")  # where quantized weights become float (StreamingModel sets it)
 
     def _check_files_present(self) -> None:
         """InputError naming every file the manifest lists that is missing or of another size,
@@ -272,9 +274,9 @@ class Bundle:
         for chunk in self.manifest["layers"][index].get("experts", {}).get("chunks", []):
             yield self._expert_linear(chunk, name)
 
-    def expert_tensors(self, index: int, first: int, count: int) -> dict[str, torch.Tensor]:
-        """Experts [first, first+count) of layer `index`, dequantized and fused as the model
-        stores them; only the chunk files that hold them are read."""
+    def expert_tensors(self, index: int, first: int, count: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Experts [first, first+count) of layer `index`, dequantized on `device` and fused as
+        the model stores them; only the chunk files that hold them are read."""
         moe = self.table.plan(self.text_config, index).moe
         parts = {linear.name: [] for linear in moe.expert_linears}
         for chunk in self.manifest["layers"][index]["experts"]["chunks"]:
@@ -284,7 +286,7 @@ class Bundle:
                 continue
             for name in parts:
                 weight = self._expert_linear(chunk, name)
-                parts[name].append(weight[lo - chunk["first"] : hi - chunk["first"]].dequantize_on(self.dequantize_device))
+                parts[name].append(weight[lo - chunk["first"] : hi - chunk["first"]].dequantize_on(device))
         return fuse_experts(moe, {name: torch.cat(values) for name, values in parts.items()})
 
     def _expert_linear(self, chunk: dict, name: str) -> QuantizedWeight:
@@ -311,18 +313,19 @@ class Bundle:
             name = self.table.embed
         return self._passthrough[name]
 
-    def layer_tensors(self, index: int, experts: bool = True) -> dict[str, torch.Tensor]:
+    def layer_tensors(self, index: int, experts: bool = True, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Layer `index`'s float tensors, the quantized ones dequantized on `device`."""
         quantized, passthrough = self.quantized_layer(index)
-        out = {**passthrough, **{f"{name}.weight": w.dequantize_on(self.dequantize_device) for name, w in quantized.items()}}
+        out = {**passthrough, **{f"{name}.weight": w.dequantize_on(device) for name, w in quantized.items()}}
         moe = self.table.plan(self.text_config, index).moe
         if experts and moe is not None:
-            chunks = [dequantized for _, dequantized in self._dequantized_chunks(index)]
+            chunks = [dequantized for _, dequantized in self._dequantized_chunks(index, device)]
             out.update(fuse_experts(moe, {name: torch.cat([c[name] for c in chunks]) for name in chunks[0]}))
         return out
 
-    def _dequantized_chunks(self, index: int) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    def _dequantized_chunks(self, index: int, device: torch.device | str) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         for first, chunk in self.expert_chunks(index):
-            yield first, {name: weight.dequantize_on(self.dequantize_device) for name, weight in chunk.items()}
+            yield first, {name: weight.dequantize_on(device) for name, weight in chunk.items()}
 
     def model_tensor_names(self) -> list[str]:
         """Names of the model-level pass-through tensors (embed, final norm, untied lm_head)."""

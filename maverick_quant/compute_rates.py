@@ -50,7 +50,7 @@ def _gptq_seconds(rows: int, cols: int, device: torch.device, clip_search: bool 
 def dequantize_seconds_per_weight(rows: int = 2048, cols: int = 2048) -> float:
     """Seconds per weight to read a 4-bit g128 weight as a bundle stores it back to fp32 on the
     host (unpack the codes, then (q - z) s), as `validate` does with a bundle candidate's
-    weights (on the CPU, whatever device the layers then run on): best of three."""
+    weights when its layers run on the CPU: best of three."""
     from maverick_quant.bundle import decode_quantized, encode_quantized
     from maverick_quant.compress.grid import rtn_quantize
     from maverick_quant.recipe import QuantSpec

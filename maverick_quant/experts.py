@@ -309,7 +309,7 @@ def read_experts(model: StreamingModel, index: int, first: int, count: int) -> d
     """Unfused weights {name: [count, N, K]} of routed experts [first, first + count) of MoE
     layer `index`, read from the source and moved to the model's device (in their stored dtype)."""
     moe = model.plan(index).moe
-    fused = model.source.expert_tensors(index, first, count)
+    fused = model.expert_tensors(index, first, count)
     return {name: weight.to(model.device) for name, weight in unfuse_experts(moe, fused).items()}
 
 

@@ -11,6 +11,7 @@ pages; a fixed lower mmap threshold would too, but made quantize 19-24% slower.
 from __future__ import annotations
 
 import ctypes
+import functools
 import resource
 from pathlib import Path
 
@@ -33,7 +34,15 @@ def peak_rss_mib() -> float:
 def release_free_memory() -> None:
     """Hand freed heap pages back to the OS (glibc `malloc_trim`), so that transient
     buffers of one layer (or the tokenizer's) do not stay resident for the whole run."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, loaded once (None where the C library is not glibc)."""
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None

@@ -216,7 +216,7 @@ def run_plan(target: str, spec, calib_spec, json_out: Path | None = None, device
     from maverick_quant.disk import measure_disk
     from maverick_quant.sources import cache_dir
 
-    model_dir = None
+    model_dir, validation_notes = None, []
     if target == "maverick":
         config = maverick_config()
     else:
@@ -226,7 +226,7 @@ def run_plan(target: str, spec, calib_spec, json_out: Path | None = None, device
             recipe = load_recipe(Path(target))
             spec, calib_spec, target = recipe.quantize, recipe.calibration, str(_recipe_model_dir(recipe.model))
             device = device or recipe.device
-            validation = _recipe_validation(recipe.validation)
+            validation, validation_notes = _recipe_validation(recipe.validation) if recipe.validation else (validation, [])
         model_dir = Path(target)
         config = Checkpoint(model_dir).load_config() if any(model_dir.glob("*.safetensors")) else _config_only(model_dir)
     table = table_for(config, str(target))
@@ -238,6 +238,7 @@ def run_plan(target: str, spec, calib_spec, json_out: Path | None = None, device
     except OSError as exc:  # e.g. a read-only current directory: plan without the disk time
         disk, disk_note = None, f"disk work not timed: its rates could not be measured here ({exc})"
     checked, notes = (None, []) if validation is None else validation_settings(**validation, model_dir=model_dir)
+    notes += validation_notes
     result = make_plan(str(target), table, config, sizes, calib_spec, spec, rates, baseline_rss_bytes(table, config), kind,
                        shares, disk, checked)
     result.assumptions += ([disk_note] if disk_note else []) + notes
@@ -248,14 +249,19 @@ def run_plan(target: str, spec, calib_spec, json_out: Path | None = None, device
     return result
 
 
-def _recipe_validation(step) -> dict | None:
-    """`validation_settings`' arguments for a recipe's validation step (None: the recipe has none)."""
-    if step is None:
-        return None
+def _recipe_validation(step) -> tuple[dict, list[str]]:
+    """`validation_settings`' arguments for a recipe's validation step, and what of the step
+    the plan leaves out (said in its assumptions)."""
     benchmark, kind = (step.hellaswag, "hellaswag") if step.hellaswag else (step.choices, "choices")
-    return {"windows": step.max_windows, "ctx": step.ctx, "batch": step.batch, "tasks": step.hellaswag_tasks,
-            "pass_mib": step.choices_pass_mib, "data": step.data, "benchmark": benchmark, "benchmark_kind": kind,
-            "protocol": step.protocol}
+    left_out = [f"validation of {name} not planned (the bundle's is)" for name in step.candidates if name != "bundle"]
+    if step.hellaswag and step.choices:
+        left_out.append(f"validation.choices {step.choices} not planned (validation.hellaswag is)")
+    if step.kernels:
+        left_out.append(f"validation.kernels {step.kernels}: planned as a dequantized bundle (the kernels run MoE "
+                        "layers whole and never dequantize)")
+    return ({"windows": step.max_windows, "ctx": step.ctx, "batch": step.batch, "tasks": step.hellaswag_tasks,
+             "pass_mib": step.choices_pass_mib, "data": step.data, "benchmark": benchmark, "benchmark_kind": kind,
+             "protocol": step.protocol}, left_out)
 
 
 def _plan_device(name: str) -> tuple[str, dict | None]:

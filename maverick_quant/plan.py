@@ -213,6 +213,7 @@ def layer_cost(table, config, index: int, calib: CalibSpec, spec: QuantizeSpec,
     memory = {"layer": 2 * 4 * sum(math.prod(s) for n, s in plan.shapes.items() if not (plan.moe and n in plan.moe.fused_names))}
     names, count = [name + ".weight" for name in dense], len(dense)
     matmul = 2 * tokens * dense_params * (len(plan.groups) + 1)  # a forward per sequential group, and the output
+    hessian_flops = 0
     solves = [(1, s[0], s[1]) for s in dense.values()]
     if calibrated:
         memory["cache"] = tokens * hidden * 4
@@ -222,16 +223,18 @@ def layer_cost(table, config, index: int, calib: CalibSpec, spec: QuantizeSpec,
         memory["hessians"] = 3 * widest**2 * 4
         inter = max((s[0] for s in dense.values()), default=hidden)
         memory["activations"] = spec.batch_windows * calib.seq_len * max(3 * hidden, 2 * inter) * 4 * 2
-        matmul += sum(2 * tokens * s[1] ** 2 for s in dense.values())  # Hessian accumulation
-    counts = None
+        hessian_flops += sum(2 * tokens * s[1] ** 2 for s in dense.values())  # Hessian accumulation
+    counts, expert_solves = None, []
     if plan.moe is not None:
         moe = plan.moe
         inter = config.intermediate_size
         expert_params = 3 * hidden * inter
         names, count = names + list(moe.fused_names), count + 3 * moe.num_experts
         routed = tokens * moe.top_k
-        matmul += 2 * routed * expert_params * 2 + 2 * routed * (2 * hidden**2 + inter**2)
-        solves += [(2 * moe.num_experts, inter, hidden), (moe.num_experts, hidden, inter)]
+        matmul += 2 * routed * expert_params * 2
+        hessian_flops += 2 * routed * (2 * hidden**2 + inter**2)
+        expert_solves = [(2 * moe.num_experts, inter, hidden), (moe.num_experts, hidden, inter)]
+        solves += expert_solves
         per_chunk = experts_per_chunk(moe, hidden, inter, spec.moe.chunk_mib)
         per_expert = 12 * (3 * hidden * inter + hidden**2 + inter**2) if calibrated else 2 * 4 * expert_params
         memory["experts"] = per_chunk * per_expert
@@ -242,15 +245,24 @@ def layer_cost(table, config, index: int, calib: CalibSpec, spec: QuantizeSpec,
         if device != "cpu":
             memory["expert_reads"] = per_chunk * expert_params * 2
     weights = sum(count * n * k for count, n, k in solves)
-    cost = LayerCost(index, memory, float(matmul if calibrated else 0), solves if calibrated else [], weights)
+    cost = LayerCost(index, memory, float(matmul + hessian_flops if calibrated else 0), solves if calibrated else [], weights)
     if uses_awq(spec):
         awq = awq_layer_cost(plan, dense, tokens, hidden, config.intermediate_size, spec, counts)
         memory["awq_search"], cost.matmul_flops = awq.memory, cost.matmul_flops + awq.flops
         cost.awq_rounded, cost.expert_rereads = awq.rounded, awq.expert_rereads
-        if spec.method is Method.AWQ:  # then round to nearest: only the shared expert is solved (H = I)
-            shared = {name for group in plan.moe.shared for name in group.linears} if plan.moe else set()
-            cost.gptq_solves = [(1, *dense[name]) for name in dense if name in shared]
+        if spec.method is Method.AWQ:
+            _round_after_awq(cost, plan, dense, expert_solves, matmul - 2 * tokens * dense_params * len(plan.groups) + awq.flops)
     return cost, names, count
+
+
+def _round_after_awq(cost: LayerCost, plan, dense: dict, expert_solves: list, matmul_flops: float) -> None:
+    """`cost` of a layer under `--method awq`, which rounds to nearest after scaling: the dense
+    linears by RTN (no solve, no Hessian, one pass of the layer for its output), the shared and
+    routed experts by GPTQ with H = I (still a solve each, as experts.py batches them:
+    `expert_solves`)."""
+    shared = {name for group in plan.moe.shared for name in group.linears} if plan.moe else set()
+    cost.gptq_solves = [(1, *dense[name]) for name in dense if name in shared] + expert_solves
+    cost.matmul_flops = float(matmul_flops)
 
 
 def mixed_experts(counts: list[float], spec: QuantizeSpec, width: int) -> list[bool]:
@@ -357,7 +369,7 @@ def make_plan(name: str, table, config, sizes: dict[str, int], calib: CalibSpec,
         assumptions.append(_disk_assumption(disk, *work))
     checked = None
     if validation is not None:
-        checked = plan_validation(table, text, validation, sum(sizes.values()), sum(sizes.values()) * params // max(quantized_bytes, 1),
+        checked = plan_validation(table, text, validation, sum(sizes.values()), quantized_bytes / max(params, 1),
                                   outputs["bundle"], params, expert_params / max(params, 1), device, shares)
         time_validation(checked, rates, disk)
     return Plan(name, params, count, passthrough, len(sizes) - tensors, baseline, layers, final, outputs,

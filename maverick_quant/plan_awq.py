@@ -22,9 +22,13 @@ are matmuls, priced at its fp32 matmul rate (compress/awq.py, awq_layer.py, awq_
     clipping of the shared and routed experts: rounded c 3 D I, flops c 2 rows 3 D I per expert
         (rows = T_s for the shared expert, min(T_s, n_e) for expert e)
 
+Routed experts follow their policy (`resolve_policy` on the expected n_e): an expert under
+`rtn` is neither scaled nor clipped; under `mixed` it reads T_s sampled tokens beside its own.
+
 Memory (the `awq_search` term): CANDIDATES_AT_ONCE candidates of the widest weight searched,
 three fp32 copies each (scaled, rounded, unscaled), and, in an MoE layer, the block search's
-outputs on the sample for every candidate and the reference, (g + 1) T_s D fp32.
+outputs on the sample for every candidate and the reference, twice over while a chunk's
+outputs are added in, 2 (g + 1) T_s D fp32.
 """
 
 from __future__ import annotations
@@ -73,22 +77,34 @@ def awq_layer_cost(plan, dense: dict[str, tuple[int, int]], tokens: int, hidden:
     memory = 3 * CANDIDATES_AT_ONCE * widest * FP32
     rereads = 0
     if plan.moe is not None:
-        moe_rounded, moe_flops = _moe_search(plan, dense, hidden, inter, sampled, grid, clips, counts)
+        moe_rounded, moe_flops = _moe_search(plan, dense, hidden, inter, sampled, grid, clips,
+                                             _expert_rows(counts, spec, sampled, max(hidden, inter)))
         rounded, flops = rounded + moe_rounded, flops + moe_flops
-        memory = max(memory, 3 * CANDIDATES_AT_ONCE * hidden * inter * FP32) + (grid + 1) * sampled * hidden * FP32
+        memory = max(memory, 3 * CANDIDATES_AT_ONCE * hidden * inter * FP32) + 2 * (grid + 1) * sampled * hidden * FP32
         rereads = plan.moe.num_experts * 3 * hidden * inter
     return AWQCost(rounded, flops, int(memory), rereads)
 
 
+def _expert_rows(counts: list[float], spec: QuantizeSpec, sampled: int, width: int) -> list[float | None]:
+    """Rows each routed expert's up -> down search and clipping read (None: an `rtn` expert,
+    neither scaled nor clipped), from its expected routed tokens `counts` [E] and its policy."""
+    from maverick_quant.calibration.moe import resolve_policy
+    from maverick_quant.recipe import ExpertPolicy
+
+    policies = [resolve_policy(round(count), spec.moe, width)[0] for count in counts]
+    return [None if policy is ExpertPolicy.RTN else min(sampled, count) + (sampled if policy is ExpertPolicy.MIXED else 0)
+            for policy, count in zip(policies, counts)]
+
+
 def _moe_search(plan, dense: dict[str, tuple[int, int]], hidden: int, inter: int, sampled: int, grid: int,
-                clips: int, counts: list[float]) -> tuple[float, float]:
+                clips: int, expert_rows: list[float | None]) -> tuple[float, float]:
     """(rounded weights, flops) of an MoE block's searches: the block scale, the up -> down
-    scales and the clipping of the shared and routed experts."""
+    scales and the clipping of the shared and routed experts (`expert_rows`: `_expert_rows`)."""
     moe = plan.moe
     shared = sum(math.prod(dense[name]) for group in moe.shared for name in group.linears if name in dense) / 3
-    experts = len(counts)
-    rows = [min(sampled, count) for count in counts]
-    rounded = grid * 2 * (shared + experts * hidden * inter)  # the block scale: every gate/up, every candidate
+    rows = [row for row in expert_rows if row is not None]
+    experts = len(rows)
+    rounded = grid * 2 * (shared + len(expert_rows) * hidden * inter)  # the block scale: every gate/up, every candidate
     flops = grid * 2 * sampled * (3 * shared + moe.top_k * 3 * hidden * inter)
     rounded += grid * (shared + experts * hidden * inter)  # up -> down
     flops += grid * 2 * (sampled * shared + sum(rows) * hidden * inter)

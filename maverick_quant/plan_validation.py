@@ -18,24 +18,29 @@ beside the baseline, in bytes:
                      block_io      4 T D 4       (MoE layer) input and output of the candidate's two
                                                  caches run together (the reference's step holds three)
                      routing       2 T E 4       (MoE layer) router logits of two caches
-                     expert_chunks 2 n_c 3 D I (4 + s)   (MoE layer) a chunk of each model's experts
-                                                 in fp32 beside its stored copy
+                     expert_chunks n_c 3 D I (4 + 13)    (MoE layer) a chunk of the reference's
+                                                 experts in fp32 while the candidate's is read:
+                                                 its codes (1 byte a weight) and three fp32 copies
+                                                 (the dequantized pieces, their concatenation, the
+                                                 fused tensor)
                      expert_work   n_hot (5 D + 3 I) 4   (MoE layer) the busiest expert's inputs of
                                                  both models, its intermediates and both outputs
-             host    expert_reads  n_c 3 D I (s + c)   (MoE layer, GPU runs) a chunk of the reference
-                                                 as stored and of the candidate's codes (c bytes
-                                                 per weight), on the host before they move to
-                                                 the GPU, where the candidate is dequantized
+             host    expert_reads  n_c 3 D I (s + c + 1)   (MoE layer, GPU runs) a chunk of the
+                                                 reference as stored and of the candidate as
+                                                 stored (c bytes per weight) and its codes
+                                                 unpacked to a byte each, on the host before they
+                                                 move to the GPU, where the candidate is dequantized
     score    host    caches
              device  final         2 V D 4       both lm_heads in fp32
-                     logits        2 ceil(b/2) L V 4
+                     logits        2 max(1, b // 2) L V 4
                      metric_work   13 C          the metrics' workspace over C logits at a time
                                                  (validation/metrics.py)
     choices  (each model alone, one pass of T_p tokens: blocks of 64 tasks padded to their longest
              row, grouped up to `choices_pass_mib` of hidden states)
              host    pass_hidden   T_p D 4
-             device  layers        P_l 4,  block_io 2 T_p D 4,  routing T_p E 4,
-                     expert_chunks n_c 3 D I (4 + s),  final V D 4,  choice_logits 1024 V (4 + 8 + 8)
+             device  layers        P_l 4,  block_io 2 T_p D 4,  routing T_p E 4, activations of a
+                     batch of 8 packed rows (dense layers), expert_chunks n_c 3 D I max(4 + s, 13),
+                     final V D 4,  choice_logits 1024 V (4 + 8 + 8)
 
 On the CPU every term is host memory. peak host = baseline + the largest phase's host terms;
 peak device = the largest phase's device terms (the CUDA context, ~0.5 GiB, on top).
@@ -63,6 +68,8 @@ from maverick_quant.validation.hellaswag import CHOICE_BLOCK, group_blocks
 from maverick_quant.validation.metrics import DEFAULT_CHUNK_ELEMENTS
 
 FP32 = 4
+CANDIDATE_CHUNK_BYTES = 1 + 3 * FP32  # per weight of a candidate's expert chunk while it is read (codes, three fp32 copies)
+CHOICE_BATCH = 8  # packed rows per forward in the choices benchmarks (StreamingModel's default batch)
 METRIC_WORKSPACE = 3 * FP32 + 1  # bytes per logit of metrics.Workspace (three fp32 buffers and a mask)
 CHOICE_LOGIT_ROWS = 1024  # scored tokens per lm_head call in the choices benchmarks (hellaswag.py)
 HELLASWAG_PADDED_TOKENS_PER_TASK = 168.0
@@ -140,21 +147,25 @@ class ValidationPlan:
     seconds: dict[str, float] | None = None  # {"compute", "read", "write"[, "dequantize"]}; None: not timed
 
     def peak(self, where: str) -> Phase:
+        """The phase holding the most memory `where` ("host" or "device")."""
         return max(self.phases, key=lambda phase: sum(getattr(phase, where).values()))
 
     def to_dict(self, baseline: int) -> dict:
-        host, device = self.peak("host"), self.peak("device")
+        """The plan as JSON (`plan --json`'s "validation"); `baseline`: the process's own bytes."""
+        host, device = self.peak("host"), self.peak("device") if self.device != "cpu" else None
         return {"windows": self.settings.windows, "ctx": self.settings.ctx, "batch": self.settings.batch,
                 "choice_tokens": sum(self.settings.choices.blocks) if self.settings.choices else 0,
                 "choice_passes": self.choice_passes,
                 "peak_host_bytes": baseline + sum(host.host.values()), "peak_host_phase": {"phase": host.name, **host.host},
-                "gpu_bytes": sum(device.device.values()), "peak_gpu_phase": {"phase": device.name, **device.device},
+                "gpu_bytes": None if device is None else sum(device.device.values()),
+                "peak_gpu_phase": None if device is None else {"phase": device.name, **device.device},
                 "flops": self.flops, "read_bytes": self.read_bytes, "write_bytes": self.write_bytes,
                 "dequantized_weights": self.dequantized_weights, "disk_bytes": self.resume_bytes,
                 "seconds": None if self.seconds is None else sum(self.seconds.values()), "seconds_by_part": self.seconds}
 
 
 def _layer_params(plan, moe_names: set) -> int:
+    """Values in layer `plan`'s tensors but the routed experts (`moe_names`)."""
     return sum(math.prod(shape) for name, shape in plan.shapes.items() if name not in moe_names)
 
 
@@ -168,23 +179,25 @@ def _active_weights(plan, moe_names: set) -> int:
     return dense + plan.moe.top_k * per_expert
 
 
-def _moe_terms(text, plan, tokens: int, caches: int, chunk: int, reference_bytes: float, hot_tokens: float,
+def _moe_terms(text, plan, tokens: int, caches: int, chunk: int, stored_bytes: float, hot_tokens: float,
                models: int) -> dict[str, int]:
     """Device terms of an MoE layer run on `caches` caches of `tokens` tokens each, a chunk of
-    `chunk` experts of each of `models` models (see the module docstring)."""
+    `chunk` experts of each of `models` models (1: whichever of the two needs more; see the
+    module docstring); `stored_bytes`: the reference's bytes per weight."""
     hidden, inter = text.hidden_size, text.intermediate_size
+    per_weight = FP32 + CANDIDATE_CHUNK_BYTES if models == 2 else max(FP32 + stored_bytes, CANDIDATE_CHUNK_BYTES)
     terms = {"block_io": 2 * caches * tokens * hidden * FP32, "routing": caches * tokens * plan.moe.num_experts * FP32,
-             "expert_chunks": int(models * chunk * 3 * hidden * inter * (FP32 + reference_bytes))}
+             "expert_chunks": int(chunk * 3 * hidden * inter * per_weight)}
     if models == 2:
         terms["expert_work"] = int(hot_tokens * (5 * hidden + 3 * inter) * FP32)
     return terms
 
 
-def _phases(table, text, settings: ValidationSettings, reference_bytes: float, candidate_bytes: float, shares: dict,
+def _phases(table, text, settings: ValidationSettings, stored_bytes: float, candidate_bytes: float, shares: dict,
             pass_tokens: int, gpu: bool) -> list[Phase]:
     """The memory of every phase (one per layer of the windows pass, the scoring, and the
     choices pass of `pass_tokens` tokens) as terms on the host and on the device (`gpu`: a
-    GPU run, which reads expert chunks on the host first); `reference_bytes`, `candidate_bytes`:
+    GPU run, which reads expert chunks on the host first); `stored_bytes`, `candidate_bytes`:
     each model's stored bytes per weight."""
     from maverick_quant.experts import experts_per_chunk
 
@@ -198,20 +211,21 @@ def _phases(table, text, settings: ValidationSettings, reference_bytes: float, c
         layer = _layer_params(plan, moe_names) * FP32
         if plan.moe is None:
             widest = max((shape[0] for name, shape in plan.shapes.items() if len(shape) == 2), default=hidden)
-            rows = settings.batch * settings.ctx
-            work = {"activations": rows * (2 * max(3 * hidden, 2 * widest) + 3 * hidden) * FP32}
-            phases.append(Phase(f"layer {index}", dict(caches), {"layers": 2 * layer, **work}))
-            choice_layers.append({"layers": layer, **work})
+            per_row = (2 * max(3 * hidden, 2 * widest) + 3 * hidden) * FP32
+            phases.append(Phase(f"layer {index}", dict(caches),
+                                {"layers": 2 * layer, "activations": settings.batch * settings.ctx * per_row}))
+            row = settings.choices.row_length if settings.choices else 0
+            choice_layers.append({"layers": layer, "activations": int(CHOICE_BATCH * row * per_row)})
             continue
         chunk = experts_per_chunk(plan.moe, hidden, text.intermediate_size, settings.chunk_mib)
         counts = [tokens * plan.moe.top_k * share for share in shares.get(index) or [1 / plan.moe.num_experts] * plan.moe.num_experts]
-        moe = _moe_terms(text, plan, tokens, 2, chunk, reference_bytes, max(counts), 2)
+        moe = _moe_terms(text, plan, tokens, 2, chunk, stored_bytes, max(counts), 2)
         host = {**caches, "moe_input": tokens * hidden * FP32}
         if gpu:
-            host["expert_reads"] = int(chunk * 3 * hidden * text.intermediate_size * (reference_bytes + candidate_bytes))
+            host["expert_reads"] = int(chunk * 3 * hidden * text.intermediate_size * (stored_bytes + candidate_bytes + 1))
         phases.append(Phase(f"layer {index}", host, {"layers": 2 * layer, **moe}))
-        choice_layers.append({"layers": layer, **_moe_terms(text, plan, pass_tokens, 1, chunk, reference_bytes, 0, 1)})
-    logit_rows = math.ceil(settings.batch / 2) * settings.ctx
+        choice_layers.append({"layers": layer, **_moe_terms(text, plan, pass_tokens, 1, chunk, stored_bytes, 0, 1)})
+    logit_rows = max(1, settings.batch // 2) * settings.ctx  # evaluate._score's windows per step
     phases.append(Phase("score", dict(caches), {"final": 2 * vocab * hidden * FP32, "logits": 2 * logit_rows * vocab * FP32,
                                                 "metric_work": METRIC_WORKSPACE * DEFAULT_CHUNK_ELEMENTS}))
     if settings.choices is not None:
@@ -245,18 +259,18 @@ def choice_passes(settings: ValidationSettings, hidden: int) -> list[int]:
     return [sum(blocks[i] for i in group) for group in group_blocks([n * hidden * FP32 for n in blocks], settings.pass_mib)]
 
 
-def plan_validation(table, text, settings: ValidationSettings, reference_bytes: int, reference_params: int,
+def plan_validation(table, text, settings: ValidationSettings, reference_bytes: int, stored_bytes: float,
                     candidate_bytes: int, candidate_weights: int, candidate_expert_share: float,
                     device: str = "cpu", shares: dict | None = None) -> ValidationPlan:
     """The validation plan of `text`'s model on `device` ("cpu" or "cuda") against a candidate
     of `candidate_bytes` on disk holding `candidate_weights` quantized weights (a bundle,
     dequantized where the layers run), `candidate_expert_share` of both in routed experts;
-    the reference checkpoint holds `reference_bytes` in `reference_params` values. `shares`:
+    the reference checkpoint holds `reference_bytes`, `stored_bytes` per weight. `shares`:
     measured routing per MoE layer (None: even)."""
     passes = choice_passes(settings, text.hidden_size)
     tokens = settings.windows * settings.ctx
-    phases = _phases(table, text, settings, reference_bytes / max(reference_params, 1),
-                     candidate_bytes / max(candidate_weights, 1), shares or {}, max(passes, default=0), device != "cpu")
+    phases = _phases(table, text, settings, stored_bytes, candidate_bytes / max(candidate_weights, 1), shares or {},
+                     max(passes, default=0), device != "cpu")
     if device == "cpu":
         phases = [Phase(phase.name, {**phase.host, **phase.device}, {}) for phase in phases]
     forward, routed = _forward_flops(table, text, tokens, settings.ctx)
@@ -309,7 +323,8 @@ def render_validation(plan: ValidationPlan, baseline: int) -> list[str]:
                      + ", ".join(f"{k} {v:.0f}" for k, v in plan.seconds.items()) + ")")
     if choices is not None and not choices.measured:
         lines.append(f"- multiple-choice tokens assumed: {HELLASWAG_PADDED_TOKENS_PER_TASK:.0f} per HellaSwag task "
-                     f"(SmolLM2's tokenizer over the validation split); plan a recipe, or give --hellaswag FILE with a model that has its tokenizer, to count them")
+                     f"(SmolLM2's tokenizer over the whole validation split; its first 1,000 tasks average 90): an "
+                     f"upper bound; give --hellaswag FILE and a model with its tokenizer to count them")
     return lines
 
 
@@ -329,13 +344,8 @@ def validation_settings(windows: int, ctx: int, batch: int, tasks: int | None = 
     if tokenizer is not None and data is not None and Path(data).is_file():
         from maverick_quant.calibration.data import eval_windows
 
-        windows = eval_windows(data, tokenizer, ctx, windows or None, protocol).shape[0]
+        windows = eval_windows(data, tokenizer, ctx, windows, protocol).shape[0]
         notes.append(f"validation windows: {windows} cut from {data}")
-    elif windows <= 0:
-        from maverick_quant.errors import InputError
-
-        raise InputError(f"validation max_windows {windows} (all of the text): planning it needs the text {data} "
-                         "and the model's tokenizer here, or a number of windows")
     else:
         notes.append(f"validation windows: {windows} assumed (the text or the tokenizer is not here to cut them)")
     choices = None
@@ -349,7 +359,9 @@ def validation_settings(windows: int, ctx: int, batch: int, tasks: int | None = 
         if not tasks:
             from maverick_quant.errors import InputError
 
-            raise InputError(f"{benchmark}: not here to count its tasks; give hellaswag_tasks to plan it")
+            why = "not found" if not Path(benchmark).is_file() else "no tokenizer in the model directory to count its tokens"
+            raise InputError(f"{benchmark}: {why}; give the number of tasks (--hellaswag-tasks, or the recipe's "
+                             "validation.hellaswag_tasks) to plan them at the measured average")
         choices = ChoiceTokens.assumed(tasks)
     return ValidationSettings(windows, ctx, batch, MoESpec.chunk_mib, choices, pass_mib), notes
 

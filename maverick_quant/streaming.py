@@ -119,8 +119,9 @@ class StreamingModel:
     or, with a `layout`, several prefix-sharing sequences packed per row (see SequenceLayout).
     Layers live on `device`; the hidden states stay wherever the caller keeps them (host
     memory: see devices.py) and each batch of windows is moved to `device` to be computed.
-    A quantized source (a bundle or packed export, with `dequantize_device`) is told to
-    dequantize on `device`, so its codes move there rather than fp32 weights.
+    A quantized source (a bundle or packed export: `dequantizes`) is read through
+    `layer_tensors` / `expert_tensors`, which have it dequantize on `device`: its integer
+    codes cross to the device rather than fp32 weights.
     `layout` describes the cache being run and may be switched between caches that share a
     built layer (validation.evaluate.forward_layer_blocks).
     """
@@ -133,8 +134,16 @@ class StreamingModel:
         self.dtype, self.batch, self.layout, self.device = dtype, batch, layout, torch.device(device)
         self.rotary = self.table.build_rotary(self.config).to(device=self.device, dtype=dtype)
         self._final = None
-        if hasattr(source, "dequantize_device"):  # a bundle or packed export: its 4-bit codes cross to the device
-            source.dequantize_device = self.device
+        self._reads_on = {"device": self.device} if getattr(source, "dequantizes", False) else {}
+
+    def layer_tensors(self, index: int, experts: bool = True) -> dict[str, torch.Tensor]:
+        """The source's tensors of layer `index` (a quantized source dequantizes on this model's device)."""
+        return self.source.layer_tensors(index, experts, **self._reads_on)
+
+    def expert_tensors(self, index: int, first: int, count: int) -> dict[str, torch.Tensor]:
+        """The source's fused routed experts [first, first + count) of layer `index` (dequantized
+        on this model's device by a quantized source)."""
+        return self.source.expert_tensors(index, first, count, **self._reads_on)
 
     @property
     def num_layers(self) -> int:
@@ -157,7 +166,7 @@ class StreamingModel:
         """
         plan = self.plan(index)
         module = self.table.build_layer(self.config, index)
-        tensors = self.source.layer_tensors(index) if tensors is None else tensors
+        tensors = self.layer_tensors(index) if tensors is None else tensors
         result = module.load_state_dict({k: v.to(self.device, self.dtype) for k, v in tensors.items()},
                                         strict=False, assign=True)
         optional = set(plan.moe.fused_names) if plan.moe else set()

@@ -182,8 +182,9 @@ def test_coverage_and_imatrix_on_cuda_match_the_cpu_run(tiny_llama4_dir: Path) -
 def test_a_quantized_source_dequantizes_where_the_model_computes(tiny_llama4_dir: Path, small_text_file: Path,
                                                                  tmp_path: Path, export: str | None) -> None:
     """A bundle (or packed export) read by a StreamingModel on a device dequantizes there: its
-    4-bit codes cross to the device, not fp32 weights (here the meta device stands in for a GPU:
-    every quantized linear, routed experts included, comes back on it; float tensors do not)."""
+    codes cross to the device, not fp32 weights (here the meta device stands in for a GPU: every
+    quantized linear, routed experts included, comes back on it; float tensors do not). The
+    source itself is left as it was: read directly, or by a model elsewhere, it stays on the CPU."""
     from maverick_quant.validation.evaluate import open_candidate
 
     bundle = tmp_path / "bundle"
@@ -199,8 +200,10 @@ def test_a_quantized_source_dequantizes_where_the_model_computes(tiny_llama4_dir
     on_cpu = source.layer_tensors(1)
     assert {t.device.type for t in on_cpu.values()} == {"cpu"}
     model = StreamingModel(source, device="meta")
-    tensors = source.layer_tensors(1)
+    tensors = model.layer_tensors(1)
     assert model.device.type == "meta" and tensors["self_attn.q_proj.weight"].device.type == "meta"
     assert tensors["input_layernorm.weight"].device.type == "cpu"
-    assert all(t.device.type == "meta" for t in source.expert_tensors(1, 0, 2).values())
+    assert all(t.device.type == "meta" for t in model.expert_tensors(1, 0, 2).values())
     assert {name: t.shape for name, t in tensors.items()} == {name: t.shape for name, t in on_cpu.items()}
+    assert {t.device.type for t in source.layer_tensors(1).values()} == {"cpu"}
+    assert {t.device.type for t in StreamingModel(source).layer_tensors(1).values()} == {"cpu"}

@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from maverick_quant.cli import cli
+from maverick_quant.compute_rates import COST_MODEL
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_OPTIONS = ["--method", "gptq", "--samples", "8", "--seq-len", "64", "--group-size", "32", "--moe-chunk-mib", "2",
@@ -129,7 +130,7 @@ def test_plan_times_the_disk_work_at_rates_measured_here(tmp_path: Path, monkeyp
 
 RATES = {"matmul_flops_per_s": 1e12, "gptq_flops_per_s": 5e11, "gptq_column_seconds": 1e-4,
          "clip_search_seconds_per_weight": 2e-8, "dequantize_seconds_per_weight": 2e-9, "rtn_seconds_per_weight": 3e-8,
-         "threads": 2, "model": 5, "device": "cpu"}  # known rates in place of measured ones
+         "threads": 2, "model": COST_MODEL, "device": "cpu"}  # known rates in place of measured ones
 
 
 def _planned(tmp_path: Path, *options: str) -> dict:
@@ -142,9 +143,9 @@ def _planned(tmp_path: Path, *options: str) -> dict:
 def test_plan_prices_awqs_searches_at_the_measured_rounding_rate(tmp_path: Path, monkeypatch) -> None:
     """AWQ's scale and clip searches on Maverick: every weight they round costs the measured
     rounding rate, so the time they add moves with that rate alone; twice the scale grid adds the
-    searches' rounding and candidate outputs again. `awq` then rounds to nearest (only the shared
-    expert is solved, with H = I), `awq+gptq` solves as GPTQ does; both read the routed experts
-    twice (the block scale search)."""
+    searches' rounding and candidate outputs again. `awq` then rounds the dense linears to
+    nearest and solves the experts with H = I, `awq+gptq` solves as GPTQ does; both read the
+    routed experts twice (the block scale search)."""
     import maverick_quant.compute_rates as compute_rates
 
     rates = dict(RATES)
@@ -158,8 +159,10 @@ def test_plan_prices_awqs_searches_at_the_measured_rounding_rate(tmp_path: Path,
     rates["rtn_seconds_per_weight"] /= 2
     wide = _planned(tmp_path, "--method", "awq+gptq", "--no-awq-clip", "--awq-grid", "40")
     assert wide["compute_seconds"] - both["compute_seconds"] == pytest.approx(searches, rel=0.02)  # all g-terms
-    solves = both["compute_seconds"] - awq["compute_seconds"]  # GPTQ's solves but the shared expert's
-    assert 0.9 * gptq["compute_seconds"] < solves < gptq["compute_seconds"]
+    # awq: the searches and the experts' solves with H = I (experts.py batches every expert in
+    # one GPTQ solve); awq+gptq: also the dense linears' solves and every Hessian
+    assert searches < awq["compute_seconds"] < both["compute_seconds"]
+    assert 0 < both["compute_seconds"] - awq["compute_seconds"] < gptq["compute_seconds"]
     experts = 24 * 128 * 3 * 5120 * 8192 * 2  # Maverick's routed experts in bf16
     assert both["disk_io_bytes"]["read"] - gptq["disk_io_bytes"]["read"] == pytest.approx(experts, rel=0.01)
     assert "awq_search" in both["peak_layer"] and "awq_search" not in gptq["peak_layer"]

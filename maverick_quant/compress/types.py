@@ -95,9 +95,9 @@ class QuantizedWeight:
         return torch.arange(k, dtype=torch.int32) // width
 
     def dequantize_on(self, device: torch.device | str) -> torch.Tensor:
-        """W_hat [..., N, K] fp32 computed on `device`: the codes, scales and zeros move there
-        first (a quarter of a bf16 weight's bytes at 4 bits), then `dequantize` runs there, with
-        the same result bit for bit (elementwise, correctly rounded ops)."""
+        """W_hat [..., N, K] fp32 computed on `device`: the codes (one byte each, as unpacked on
+        the host), scales and zeros move there first, a quarter of the fp32 weight's bytes, then
+        `dequantize` runs there, with the same result bit for bit (elementwise, correctly rounded ops)."""
         return self.map_tensors(lambda tensor: tensor.to(device)).dequantize()
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -202,7 +202,10 @@ def export_packed(bundle: Bundle, out_dir: Path, layout: Layout, max_shard_bytes
 
 
 class ExportSource(CheckpointModelTensors):
-    """A packed export read back lazily as float tensors (a `WeightSource`)."""
+    """A packed export read back lazily as float tensors (a `WeightSource`), dequantized on the
+    `device` its readers ask for (`dequantizes`)."""
+
+    dequantizes = True
 
     def __init__(self, export_dir: Path | str, layouts: dict[str, Layout]):
         from maverick_quant.arch.registry import table_for
@@ -218,44 +221,43 @@ class ExportSource(CheckpointModelTensors):
                              f"is not one of {sorted(layouts)}")
         self.layout = layouts[quant["quant_method"]]
         self.quant = quant
-        self.dequantize_device = torch.device("cpu")  # where packed weights become float (StreamingModel sets it)
         try:
             self.layout.grid(quant, "")
         except (KeyError, TypeError, ValueError, re.error) as exc:
             raise InputError(f"{export_dir}/config.json: quantization_config is not a readable "
                              f"{quant['quant_method']} config: {exc!r}") from None
 
-    def _linear(self, module: str) -> torch.Tensor:
-        """Dequantized weight of the linear `module` (full name), or its float weight when it was
-        left unquantized (a keep_float override)."""
+    def _linear(self, module: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Weight of the linear `module` (full name) dequantized on `device`, or its float weight
+        when it was left unquantized (a keep_float override)."""
         if f"{module}.weight" in self.checkpoint.tensors:
             return self.checkpoint.get(f"{module}.weight")
         tensors = {part: self.checkpoint.get(f"{module}.{part}") for part in self.layout.parts
                    if f"{module}.{part}" in self.checkpoint.tensors}
         grid = self.layout.grid(self.quant, module)  # the config was checked when the export was opened
         try:
-            return self.layout.from_tensors(tensors, *grid).dequantize_on(self.dequantize_device)
+            return self.layout.from_tensors(tensors, *grid).dequantize_on(device)
         except KeyError as exc:
             raise InputError(f"{self.checkpoint.model_dir}: module {module}: tensor {module}.{exc.args[0]} is missing") from None
         except ValueError as exc:
             raise InputError(f"{self.checkpoint.model_dir}: module {module}: {exc}") from None
 
-    def layer_tensors(self, index: int, experts: bool = True) -> dict[str, torch.Tensor]:
-        """Float tensors of layer `index`; per-expert modules are dequantized and fused back
-        into the model's [E, K, parts*N] expert tensors."""
+    def layer_tensors(self, index: int, experts: bool = True, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Float tensors of layer `index` (the quantized ones dequantized on `device`); per-expert
+        modules are dequantized and fused back into the model's [E, K, parts*N] expert tensors."""
         prefix, plan = self.table.prefix(index), self.table.plan(self.text_config, index)
         out = {}
         for name in plan.passthrough:  # a quantized router has packed parts instead of weight
             stored = self.checkpoint.tensors.get(prefix + name)
-            out[name] = self.checkpoint.get(prefix + name) if stored else self._linear(prefix + name.removesuffix(".weight"))
-        out.update({f"{name}.weight": self._linear(prefix + name) for name in plan.linears})
+            out[name] = self.checkpoint.get(prefix + name) if stored else self._linear(prefix + name.removesuffix(".weight"), device)
+        out.update({f"{name}.weight": self._linear(prefix + name, device) for name in plan.linears})
         if experts and plan.moe is not None:
-            out.update(self.expert_tensors(index, 0, plan.moe.num_experts))
+            out.update(self.expert_tensors(index, 0, plan.moe.num_experts, device))
         return out
 
-    def expert_tensors(self, index: int, first: int, count: int) -> dict[str, torch.Tensor]:
-        """Experts [first, first+count) of layer `index`, dequantized and fused as the model stores them."""
+    def expert_tensors(self, index: int, first: int, count: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Experts [first, first+count) of layer `index`, dequantized on `device` and fused as the model stores them."""
         prefix, moe = self.table.prefix(index), self.table.plan(self.text_config, index).moe
-        unfused = {l.name: torch.stack([self._linear(f"{prefix}{moe.experts}.{e}.{l.name}") for e in range(first, first + count)])
+        unfused = {l.name: torch.stack([self._linear(f"{prefix}{moe.experts}.{e}.{l.name}", device) for e in range(first, first + count)])
                    for l in moe.expert_linears}
         return fuse_experts(moe, unfused)

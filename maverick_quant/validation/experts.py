@@ -68,13 +68,13 @@ def compare_expert_chunk(layer: int, x_ref: torch.Tensor, x_cand: torch.Tensor, 
             continue
         y_ref = expert_output(x_ref[tokens] * scores[:, None], reference, offset, act)
         y_cand = expert_output(x_cand[tokens] * scores[:, None], candidate, offset, act)
-        results.append(ExpertError(layer, first + offset, tokens.numel(), _squared_norm(y_cand - y_ref),
-                                   _squared_norm(y_ref)))
+        results.append(ExpertError(layer, first + offset, tokens.numel(), squared_norm(y_cand - y_ref),
+                                   squared_norm(y_ref)))
         out.index_add_(0, tokens, y_ref)
     return results
 
 
-def _squared_norm(values: torch.Tensor) -> float:
+def squared_norm(values: torch.Tensor) -> float:
     """sum of values^2, accumulated in fp64 (no fp64 copy of `values`)."""
     return torch.linalg.vector_norm(values, dtype=torch.float64).item() ** 2
 

@@ -63,7 +63,7 @@ def token_metrics(ref_logits: torch.Tensor, cand_logits: torch.Tensor, targets: 
     (one is made when None): a caller scoring many chunks reuses one.
     """
     work = workspace if workspace is not None else Workspace()
-    log_ref, log_cand, p_ref, zero = work.buffers(ref_logits.shape, ref_logits.device)
+    log_ref, log_cand, p_ref, unseen = work.buffers(ref_logits.shape, ref_logits.device)
     torch.log_softmax(ref_logits.float(), -1, out=log_ref)
     torch.log_softmax(cand_logits.float(), -1, out=log_cand)
     index = targets.to(device=log_ref.device, dtype=torch.long).unsqueeze(-1)
@@ -71,8 +71,8 @@ def token_metrics(ref_logits: torch.Tensor, cand_logits: torch.Tensor, targets: 
     nll_cand = -log_cand.gather(-1, index).squeeze(-1)
     agree = ref_logits.argmax(dim=-1) == cand_logits.argmax(dim=-1)
     torch.exp(log_ref, out=p_ref)
-    torch.eq(p_ref, 0, out=zero)
-    kl = log_ref.sub_(log_cand).mul_(p_ref).masked_fill_(zero, 0.0).sum(dim=-1).clamp_min(0.0)
+    torch.gt(p_ref, 0, out=unseen).logical_not_()  # p_ref = 0 (or NaN): the term counts 0
+    kl = log_ref.sub_(log_cand).mul_(p_ref).masked_fill_(unseen, 0.0).sum(dim=-1).clamp_min(0.0)
     return nll_ref, nll_cand, kl, agree
 
 
