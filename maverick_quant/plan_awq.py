@@ -4,7 +4,7 @@ Notation: T calibration tokens, T_s = min(awq.sample_tokens, T) sampled tokens, 
 scale candidates, c = max(1, floor(awq.max_shrink x awq.clip_grid)) clip candidates (0 without
 `awq.clip`), hidden D; an MoE layer has E routed experts of width I (top-k, n_e routed tokens
 for expert e) and a shared expert of width I_s. "Rounded" counts weights put through
-round-to-nearest (`rtn_fake`), priced at the device's measured seconds per weight; "flops"
+round-to-nearest (`rtn_fake`, fused), priced at the device's measured seconds per weight; "flops"
 are matmuls, priced at its fp32 matmul rate (compress/awq.py, awq_layer.py, awq_moe.py):
 
     dense scale group of linears W_i [N_i, K] (Wg = sum N_i K weights):

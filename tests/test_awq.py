@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from maverick_quant.compress.awq import (candidate_scales, clip_weights, fold_into_norm, fold_into_previous_linear,
@@ -124,3 +125,22 @@ def test_the_moe_block_search_quantizes_its_candidates_a_few_at_a_time_with_the_
     torch.testing.assert_close(_routed_outputs(sample, weights, 0, act, None, spec, chunk=3),
                                _routed_outputs(sample, weights, 0, act, None, spec, chunk=7))
     assert not torch.allclose(whole[0], whole[6])  # the candidates differ, so a mixed-up chunk would show
+
+
+@pytest.mark.parametrize("bits,group,sym,signed,clip", [(4, 128, True, False, False), (4, 32, False, False, False),
+                                                        (4, 64, True, True, False), (8, 128, True, False, False),
+                                                        (4, -1, False, False, False), (4, 32, True, False, True)])
+def test_the_fused_rounding_equals_the_bundles_rounding_bit_for_bit(bits, group, sym, signed, clip) -> None:
+    """rtn_fake (the searches' fused quantize-dequantize) gives exactly what the bundle stores and
+    reads back, rtn_quantize(W).dequantize(): leading candidate dims, a K no group divides
+    (576 = 4.5 groups of 128), an all-zero row, and llama.cpp's offset grids (Q4_K, Q4_1)."""
+    from maverick_quant.compress.grid import rtn_quantize
+
+    W = torch.randn(3, 24, 576, generator=torch.Generator().manual_seed(bits + group)) * 0.05
+    W[0, 0] = 0
+    spec = QuantSpec(bits=bits, group_size=group, sym=sym, signed_scale=signed, clip_search=clip)
+    assert torch.equal(rtn_fake(W, spec), rtn_quantize(W, spec).dequantize())
+    for offset in (QuantSpec(bits=4, group_size=32, sym=False, k_quant=True), QuantSpec(bits=4, group_size=32, sym=False,
+                                                                                          free_min=True)):
+        W = torch.randn(2, 8, 512, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(rtn_fake(W, offset), rtn_quantize(W, offset).dequantize())

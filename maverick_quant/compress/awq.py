@@ -23,7 +23,8 @@ from typing import Callable
 
 import torch
 
-from maverick_quant.compress.grid import rtn_quantize
+from maverick_quant.compress.grid import group_params, rtn_quantize
+from maverick_quant.compress.kquant import offset_grid_params
 from maverick_quant.recipe import AWQSpec, QuantSpec
 
 
@@ -52,8 +53,19 @@ CANDIDATES_AT_ONCE = 4  # scale candidates quantized together: a weight [N, K] i
 
 
 def rtn_fake(W: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Round-to-nearest of W [..., N, K] on the group grid of `spec`, dequantized (fp32)."""
-    return rtn_quantize(W, spec).dequantize()
+    """Round-to-nearest of W [..., N, K] on the group grid of `spec`, dequantized (fp32):
+    rtn_quantize(W, spec).dequantize() bit for bit, computed on the grouped view [..., N, G, width]
+    in one temporary (w / s, round, + z, clamp, - z, * s in place) instead of codes, per-column
+    scales and zeros and their dequantization (AWQ's searches round each weight tens of times:
+    4x faster on the CPU). llama.cpp's offset grids go through rtn_quantize."""
+    k = W.shape[-1]
+    if offset_grid_params(spec, k) is not None:
+        return rtn_quantize(W, spec).dequantize()
+    width, groups = spec.group_width(k), spec.groups_for(k)
+    scales, zeros = (t[..., None] for t in group_params(W, spec))
+    grouped = torch.nn.functional.pad(W.float(), (0, groups * width - k)).unflatten(-1, (groups, width))
+    snapped = grouped.div(scales).round_().add_(zeros).clamp_(0, spec.maxq).sub_(zeros).mul_(scales)
+    return snapped.flatten(-2)[..., :k]
 
 
 def scaled_quantized(W: torch.Tensor, scales: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
