@@ -331,7 +331,7 @@ def quantize_moe_block(model: StreamingModel, index: int, layer: torch.nn.Module
     """
     moe = model.plan(index).moe
     x = capture_block_io(model, layer, moe, hidden)
-    awq = spec.method in (Method.AWQ, Method.AWQ_GPTQ)
+    awq = spec.method.searches_scales
     awq_stats, block_scales = ({}, None) if not awq else scale_block(model, index, layer, x, spec)
     scale_spec = spec  # AWQ's per-expert search follows the user's policy and fallback
     if spec.method is Method.AWQ:  # AWQ then round to nearest: GPTQ with H = I everywhere

@@ -116,7 +116,7 @@ def quantize_layer_calibrated(model: StreamingModel, index: int, layer: torch.nn
     """GPTQ, AWQ (scales + clipping, then RTN) or AWQ+GPTQ (then GPTQ) of layer `index`;
     advances `hidden` to the quantized layer's output."""
     awq_stats = {}
-    if spec.method in (Method.AWQ, Method.AWQ_GPTQ):
+    if spec.method.searches_scales:
         awq_stats = awq_scale_layer(model, layer, hidden, model.plan(index), spec)
     if spec.method is Method.AWQ:
         plan = model.plan(index)

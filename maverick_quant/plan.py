@@ -57,7 +57,7 @@ from maverick_quant.compress.gguf_blocks import BLOCK, BLOCK_TYPES, block_type_f
 from maverick_quant.compute_rates import gptq_flops
 from maverick_quant.disk import DiskRates
 from maverick_quant.errors import InputError
-from maverick_quant.plan_awq import awq_layer_cost, uses_awq
+from maverick_quant.plan_awq import awq_layer_cost
 from maverick_quant.plan_validation import ValidationPlan, ValidationSettings, plan_validation, render_validation, time_validation
 from maverick_quant.recipe import CalibSpec, ExpertPolicy, Method, QuantizeSpec
 
@@ -246,7 +246,7 @@ def layer_cost(table, config, index: int, calib: CalibSpec, spec: QuantizeSpec,
             memory["expert_reads"] = per_chunk * expert_params * 2
     weights = sum(count * n * k for count, n, k in solves)
     cost = LayerCost(index, memory, float(matmul + hessian_flops if calibrated else 0), solves if calibrated else [], weights)
-    if uses_awq(spec):
+    if spec.method.searches_scales:
         awq = awq_layer_cost(plan, dense, tokens, hidden, config.intermediate_size, spec, counts)
         memory["awq_search"], cost.matmul_flops = awq.memory, cost.matmul_flops + awq.flops
         cost.awq_rounded, cost.expert_rereads = awq.rounded, awq.expert_rereads

@@ -37,7 +37,7 @@ import math
 from dataclasses import dataclass
 
 from maverick_quant.compress.awq import CANDIDATES_AT_ONCE
-from maverick_quant.recipe import AWQSpec, Method, QuantizeSpec
+from maverick_quant.recipe import AWQSpec, QuantizeSpec
 
 FP32 = 4
 
@@ -48,10 +48,6 @@ class AWQCost:
     flops: float
     memory: int  # the awq_search term, bytes
     expert_rereads: int  # routed-expert weights read once more (the block scale search)
-
-
-def uses_awq(spec: QuantizeSpec) -> bool:
-    return spec.method in (Method.AWQ, Method.AWQ_GPTQ)
 
 
 def clip_candidates(awq: AWQSpec) -> int:

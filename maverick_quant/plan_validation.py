@@ -169,14 +169,16 @@ def _layer_params(plan, moe_names: set) -> int:
     return sum(math.prod(shape) for name, shape in plan.shapes.items() if name not in moe_names)
 
 
+def _expert_weights(plan) -> int:
+    """Weights of one routed expert of MoE layer `plan` (its slice of each fused tensor)."""
+    return sum(math.prod(plan.shapes[name][1:]) for name in plan.moe.fused_names)
+
+
 def _active_weights(plan, moe_names: set) -> int:
     """Weights one token goes through in layer `plan`: every matrix but the routed experts and,
     for an MoE layer, its top-k experts (norms and other vectors left out)."""
     dense = sum(math.prod(shape) for name, shape in plan.shapes.items() if len(shape) == 2 and name not in moe_names)
-    if plan.moe is None:
-        return dense
-    per_expert = sum(math.prod(plan.shapes[name][1:]) for name in plan.moe.fused_names)
-    return dense + plan.moe.top_k * per_expert
+    return dense if plan.moe is None else dense + plan.moe.top_k * _expert_weights(plan)
 
 
 def _moe_terms(text, plan, tokens: int, caches: int, chunk: int, stored_bytes: float, hot_tokens: float,
@@ -247,7 +249,7 @@ def _forward_flops(table, text, tokens: float, span: float) -> tuple[float, floa
         window = min(span, plan.attention_window or span)
         forward += tokens * (2 * _active_weights(plan, moe_names) + 4 * window * width)
         if plan.moe is not None:
-            routed += tokens * 2 * plan.moe.top_k * sum(math.prod(plan.shapes[name][1:]) for name in plan.moe.fused_names)
+            routed += tokens * 2 * plan.moe.top_k * _expert_weights(plan)
     return forward, routed
 
 
@@ -291,7 +293,7 @@ def plan_validation(table, text, settings: ValidationSettings, reference_bytes: 
 def time_validation(plan: ValidationPlan, rates: dict | None, disk) -> None:
     """Fill `plan.seconds` from the device's measured `rates` (compute_rates) and `disk`'s
     (disk.DiskRates); left None when either is missing."""
-    if rates is None or disk is None or "dequantize_seconds_per_weight" not in rates:
+    if rates is None or disk is None:
         return
     plan.seconds = {"compute": plan.flops / rates["matmul_flops_per_s"], "read": plan.read_bytes / disk.read,
                     "write": plan.write_bytes / disk.write}

@@ -22,6 +22,11 @@ class Method(str, enum.Enum):
     AWQ = "awq"
     AWQ_GPTQ = "awq+gptq"
 
+    @property
+    def searches_scales(self) -> bool:
+        """Whether the method runs AWQ's scale (and clip) searches before quantizing."""
+        return self in (Method.AWQ, Method.AWQ_GPTQ)
+
 
 ALLOWED_GROUP_SIZES = (-1, 32, 64, 128, 256)
 
@@ -292,7 +297,7 @@ class QuantizeSpec:
             raise InputError(f"method={self.method!r}: expected one of {[m.value for m in Method]}")
         if self.batch_windows < 1:
             raise InputError(f"batch_windows={self.batch_windows}: expected a positive integer")
-        if self.weights.clip_search and self.method in (Method.AWQ, Method.AWQ_GPTQ):
+        if self.weights.clip_search and self.method.searches_scales:
             raise InputError(f"clip_search with method {self.method.value}: AWQ searches its clipping range against "
                              "the layer's outputs itself (awq.clip); use clip_search with gptq or rtn")
         for pattern in self.keep_float:
