@@ -20,7 +20,7 @@ from maverick_quant.checkpoint import write_json_atomic
 from maverick_quant.sources import cache_dir
 
 
-COST_MODEL = 5  # bump when the rates measured change: cached rates of another model are not reused
+COST_MODEL = 6  # bump when the rates measured change: cached rates of another model are not reused
 
 
 def _timed(fn, device: torch.device) -> float:
@@ -61,6 +61,20 @@ def dequantize_seconds_per_weight(rows: int = 2048, cols: int = 2048) -> float:
     return min(_timed(decode, torch.device("cpu")) for _ in range(3)) / (rows * cols)
 
 
+def round_seconds_per_weight(device: torch.device, rows: int = 4096, cols: int = 4096) -> float:
+    """Seconds per weight to quantize a [rows, cols] weight to nearest (`rtn_quantize`, g128:
+    grid, codes, packing), as `--method rtn`, AWQ's final rounding and `rtn` experts do on
+    `device`: best of three. 64 MB of fp32, larger than the caches as a real weight is (a
+    2048 x 1024 probe ran 3-5x faster here than Maverick-sized weights)."""
+    from maverick_quant.compress.grid import rtn_quantize
+    from maverick_quant.recipe import QuantSpec
+
+    weight = torch.randn(rows, cols, generator=torch.Generator().manual_seed(0)).to(device)
+    spec = QuantSpec(bits=4, group_size=128)
+    rtn_quantize(weight, spec)
+    return min(_timed(lambda: rtn_quantize(weight, spec), device) for _ in range(3)) / weight.numel()
+
+
 def rtn_seconds_per_weight(device: torch.device, rows: int = 2048, cols: int = 1024) -> float:
     """Seconds per weight to round CANDIDATES_AT_ONCE scaled candidates of a [rows, cols] weight
     to nearest and back (`compress.awq.scaled_quantized`, g128), as AWQ's searches do on
@@ -95,7 +109,8 @@ def machine_rates(cache: Path | None = None, device: torch.device | str = "cpu")
     real solves (a small one, where the per-column overhead dominates, and a larger one); and
     what `clip_search` adds per weight, the larger solve timed with and without it; and the
     host's seconds per weight to dequantize a bundle's weight (validate's candidate); and the
-    device's seconds per weight to round AWQ's scale candidates to nearest."""
+    device's seconds per weight to round AWQ's scale candidates to nearest and to quantize a
+    weight to nearest."""
     if cache is not None and cache.is_file():
         return json.loads(cache.read_text())
     device = torch.device(device)
@@ -113,7 +128,7 @@ def machine_rates(cache: Path | None = None, device: torch.device | str = "cpu")
     clip = max(_gptq_seconds(*large, device, clip_search=True) - t_large, 0.0) / (large[0] * large[1])
     rates = {"matmul_flops_per_s": matmul, "gptq_flops_per_s": 1 / inverse_rate, "gptq_column_seconds": column,
              "clip_search_seconds_per_weight": clip, "dequantize_seconds_per_weight": dequantize_seconds_per_weight(),
-             "rtn_seconds_per_weight": rtn_seconds_per_weight(device),
+             "rtn_seconds_per_weight": rtn_seconds_per_weight(device), "round_seconds_per_weight": round_seconds_per_weight(device),
              "threads": torch.get_num_threads(), "model": COST_MODEL,
              "device": "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device)}
     if cache is not None:

@@ -31,7 +31,7 @@ from maverick_quant.calibration.capture import capture_inputs
 from maverick_quant.calibration.moe import (Routing, activation, expert_hidden, mean_outer, policy_hessian,
                                             resolve_policy, route, routed_forward, sample_tokens,
                                             widest_expert_input)
-from maverick_quant.compress.gptq import gptq_quantize
+from maverick_quant.compress.gptq import gptq_quantize_each
 from maverick_quant.compress.grid import rtn_quantize
 from maverick_quant.compress.types import QuantizedWeight
 from maverick_quant.devices import quantized_to
@@ -182,14 +182,12 @@ def quantize_shared(layer: torch.nn.Module, moe: MoEBlock, x: torch.Tensor,
     first, rest = moe.shared[0], moe.shared[1:]
     if spec.moe.quantize_router:
         first = LinearGroup(first.name, (moe.router, *first.linears))
-    rtn = spec.method is Method.AWQ  # round to nearest: GPTQ with H = I
-    H = torch.eye(x.shape[1], device=x.device) if rtn else mean_outer(x, x.shape[1])
-    quantized, stats = solve_group(layer, first, H, x.shape[0], spec)
+    rtn = spec.method is Method.AWQ  # round to nearest: GPTQ with H = I (None), in closed form
+    quantized, stats = solve_group(layer, first, None if rtn else mean_outer(x, x.shape[1]), x.shape[0], spec)
     shared = layer.get_submodule(moe.shared_module)
     for group in rest:
         if rtn:  # no statistics needed
-            width = layer.get_submodule(group.linears[0]).in_features
-            group_quantized, group_stats = solve_group(layer, group, torch.eye(width, device=x.device), x.shape[0], spec)
+            group_quantized, group_stats = solve_group(layer, group, None, x.shape[0], spec)
         else:
             with capture_inputs(layer, (group.linears[0],), stop=True) as accumulators:
                 _feed_module(shared, x)
@@ -212,8 +210,11 @@ def experts_per_chunk(moe: MoEBlock, hidden: int, inter: int, budget_mib: int) -
 
 
 def _expert_inputs(x: torch.Tensor, routing: Routing, expert: int, sample: torch.Tensor,
-                   policy: ExpertPolicy) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(routed inputs x*score [n, D], sampled inputs x*sigmoid(logit_e) [T_s, D] if mixed)."""
+                   policy: ExpertPolicy) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(routed inputs x*score [n, D], sampled inputs x*sigmoid(logit_e) [T_s, D] if mixed);
+    (None, None) for an `rtn` expert, whose H = I needs no inputs."""
+    if policy is ExpertPolicy.RTN:
+        return None, None
     tokens, scores = routing.tokens_of(expert)
     routed = x[tokens] * scores[:, None]
     if policy is not ExpertPolicy.MIXED:
@@ -222,13 +223,21 @@ def _expert_inputs(x: torch.Tensor, routing: Routing, expert: int, sample: torch
     return routed, x[sample] * would_be[:, None]
 
 
-def _solve_batch(weights: dict[str, torch.Tensor], names: tuple[str, ...], H: torch.Tensor,
+def _stack_hessians(hessians: list[torch.Tensor | None]) -> tuple[torch.Tensor | None, list[int]]:
+    """Per-expert H [K, K] or None (H = I) -> (the Hessians stacked [E_s, K, K], or None when
+    every expert is rounded, and the experts E_s they belong to)."""
+    solved = [e for e, H in enumerate(hessians) if H is not None]
+    return (torch.stack([hessians[e] for e in solved]) if solved else None), solved
+
+
+def _solve_batch(weights: dict[str, torch.Tensor], names: tuple[str, ...], H: torch.Tensor | None, solved: list[int],
                  spec: QuantizeSpec) -> tuple[dict[str, QuantizedWeight], dict[str, dict]]:
-    """GPTQ W [E_c, N, K] of each named expert linear against H [E_c, K, K], as one batch;
-    per-expert losses [E_c] are returned for the audit."""
+    """GPTQ W [E_c, N, K] of each named expert linear: the experts `solved` against their
+    Hessians H [E_s, K, K] as one batch, the others (H = I: `rtn`) rounded to nearest in closed
+    form (see `_stack_hessians`); per-expert losses [E_c] are returned for the audit."""
     quantized, stats = {}, {}
     for name in names:
-        result = gptq_quantize(weights[name], H, spec.weights)
+        result = gptq_quantize_each(weights[name], H, solved, spec.weights)
         quantized[name] = result.weight
         stats[name] = {"loss": result.loss.tolist(), "rel_loss": result.rel_loss.tolist(), "damp": result.damp.tolist()}
     return quantized, stats
@@ -250,9 +259,9 @@ def quantize_expert_chunk(x: torch.Tensor, routing: Routing, moe: MoEBlock, weig
     gate, up = in_names  # Llama 4: the input group is (gate_proj, up_proj)
 
     inputs = [_expert_inputs(x, routing, first + e, sample, policy) for e, (policy, _) in enumerate(decisions)]
-    H_in = torch.stack([policy_hessian(policy, routed, every, spec.moe, x.shape[1], x.device)
-                        for (policy, _), (routed, every) in zip(decisions, inputs)])
-    quantized, stats = _solve_batch(weights, in_names, H_in, spec)
+    H_in, solved = _stack_hessians([policy_hessian(policy, routed, every, spec.moe, x.shape[1], x.device)
+                                    for (policy, _), (routed, every) in zip(decisions, inputs)])
+    quantized, stats = _solve_batch(weights, in_names, H_in, solved, spec)
     del H_in
     dequant = {name: quantized[name].dequantize() for name in in_names}
 
@@ -262,12 +271,10 @@ def quantize_expert_chunk(x: torch.Tensor, routing: Routing, moe: MoEBlock, weig
         return expert_hidden(rows, dequant[gate][e], dequant[up][e], act)
 
     width = dequant[gate].shape[1]
-    mids = [policy_hessian(decisions[e][0], down_input(e, routed), down_input(e, every), spec.moe, width, x.device)
-            for e, (routed, every) in enumerate(inputs)]
+    H_mid, solved = _stack_hessians([policy_hessian(decisions[e][0], down_input(e, routed), down_input(e, every),
+                                                    spec.moe, width, x.device) for e, (routed, every) in enumerate(inputs)])
     del inputs, dequant
-    H_mid = torch.stack(mids)
-    del mids  # one copy of the down projections' Hessians during their solve
-    mid_quantized, mid_stats = _solve_batch(weights, mid_names, H_mid, spec)
+    mid_quantized, mid_stats = _solve_batch(weights, mid_names, H_mid, solved, spec)
     quantized.update(mid_quantized)
     stats.update(mid_stats)
     widths = {**{name: x.shape[1] for name in in_names}, **{name: width for name in mid_names}}

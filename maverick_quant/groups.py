@@ -9,7 +9,7 @@ import torch
 
 from maverick_quant.arch.base import LinearGroup
 from maverick_quant.calibration.capture import capture_attention_mixed, capture_inputs
-from maverick_quant.compress.gptq import GPTQResult, gptq_quantize
+from maverick_quant.compress.gptq import GPTQResult, gptq_quantize, identity_solve
 from maverick_quant.compress.types import QuantizedWeight
 from maverick_quant.recipe import QuantizeSpec, QuantSpec
 from maverick_quant.streaming import StreamingModel
@@ -74,18 +74,19 @@ def linear_grid(layer: torch.nn.Module, name: str, spec: QuantizeSpec) -> QuantS
     return getattr(layer.get_submodule(name), GRID, spec.weights)
 
 
-def solve_group(layer: torch.nn.Module, group: LinearGroup, H: torch.Tensor, tokens: int,
+def solve_group(layer: torch.nn.Module, group: LinearGroup, H: torch.Tensor | None, tokens: int,
                 spec: QuantizeSpec) -> tuple[dict[str, QuantizedWeight], dict[str, dict]]:
     """GPTQ each linear of `group` (but those kept in float) against H and put the dequantized
     weight back in `layer`.
 
-    A per-KV-head H [kv, K, K] solves W [kv*hd, K] as a batch W.view(kv, hd, K)."""
+    A per-KV-head H [kv, K, K] solves W [kv*hd, K] as a batch W.view(kv, hd, K); H None is
+    H = I, solved in closed form (`identity_solve`: round to nearest)."""
     quantized, stats = {}, {}
     for name in quantized_linears(layer, group.linears):
-        weight = layer.get_submodule(name).weight.data.float()
-        per_head = H.dim() == 3
-        result = gptq_quantize(weight.unflatten(0, (H.shape[0], -1)) if per_head else weight, H,
-                               linear_grid(layer, name, spec))
+        weight, grid = layer.get_submodule(name).weight.data.float(), linear_grid(layer, name, spec)
+        per_head = H is not None and H.dim() == 3
+        result = (identity_solve(weight, grid) if H is None else
+                  gptq_quantize(weight.unflatten(0, (H.shape[0], -1)) if per_head else weight, H, grid))
         quantized[name] = result.weight.merge_leading() if per_head else result.weight
         set_weight(layer, name, quantized[name])
         stats[name] = {**result_stats(result), "tokens": tokens}

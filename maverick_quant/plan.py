@@ -51,7 +51,7 @@ from pathlib import Path
 
 import torch
 
-from maverick_quant.calibration.moe import resolve_policy
+from maverick_quant.calibration.moe import expected_policies
 from maverick_quant.checkpoint import DTYPE_SIZES
 from maverick_quant.compress.gguf_blocks import BLOCK, BLOCK_TYPES, block_type_for_grid
 from maverick_quant.compute_rates import gptq_flops
@@ -119,6 +119,7 @@ class LayerCost:
     gptq_solves: list[tuple[int, int, int]]  # (count, N, K) of the GPTQ solves
     quantized_weights: int = 0  # weights quantized in the layer (each one searched under clip_search)
     awq_rounded: float = 0.0  # weights AWQ's searches round to nearest (plan_awq.py)
+    rounded_weights: float = 0.0  # weights quantized to nearest without a solve (RTN, AWQ's rounding, `rtn` experts)
     expert_rereads: int = 0  # routed-expert weights read a second time (AWQ's block scale search)
 
 
@@ -224,7 +225,7 @@ def layer_cost(table, config, index: int, calib: CalibSpec, spec: QuantizeSpec,
         inter = max((s[0] for s in dense.values()), default=hidden)
         memory["activations"] = spec.batch_windows * calib.seq_len * max(3 * hidden, 2 * inter) * 4 * 2
         hessian_flops += sum(2 * tokens * s[1] ** 2 for s in dense.values())  # Hessian accumulation
-    counts, expert_solves = None, []
+    counts, rounded = None, 0
     if plan.moe is not None:
         moe = plan.moe
         inter = config.intermediate_size
@@ -232,43 +233,32 @@ def layer_cost(table, config, index: int, calib: CalibSpec, spec: QuantizeSpec,
         names, count = names + list(moe.fused_names), count + 3 * moe.num_experts
         routed = tokens * moe.top_k
         matmul += 2 * routed * expert_params * 2
-        hessian_flops += 2 * routed * (2 * hidden**2 + inter**2)
-        expert_solves = [(2 * moe.num_experts, inter, hidden), (moe.num_experts, hidden, inter)]
-        solves += expert_solves
+        counts = [routed * share for share in shares or [1 / moe.num_experts] * moe.num_experts]
+        policies = expected_policies(counts, spec.moe, max(hidden, inter))
+        solved = sum(policy is not ExpertPolicy.RTN for policy in policies)  # `rtn` experts: rounded in closed form
+        solved_tokens = sum(count for count, policy in zip(counts, policies) if policy is not ExpertPolicy.RTN)
+        hessian_flops += 2 * solved_tokens * (2 * hidden**2 + inter**2)
+        solves += [(2 * solved, inter, hidden), (solved, hidden, inter)]
+        rounded += (moe.num_experts - solved) * expert_params
         per_chunk = experts_per_chunk(moe, hidden, inter, spec.moe.chunk_mib)
         per_expert = 12 * (3 * hidden * inter + hidden**2 + inter**2) if calibrated else 2 * 4 * expert_params
         memory["experts"] = per_chunk * per_expert
-        counts = [routed * share for share in shares or [1 / moe.num_experts] * moe.num_experts]
         if calibrated:
-            memory["expert_inputs"] = expert_input_bytes(counts, mixed_experts(counts, spec, max(hidden, inter)), hidden,
-                                                         inter, per_chunk, min(tokens, spec.moe.all_tokens))
+            memory["expert_inputs"] = expert_input_bytes(counts, [policy is ExpertPolicy.MIXED for policy in policies],
+                                                         hidden, inter, per_chunk, min(tokens, spec.moe.all_tokens))
         if device != "cpu":
             memory["expert_reads"] = per_chunk * expert_params * 2
-    weights = sum(count * n * k for count, n, k in solves)
-    cost = LayerCost(index, memory, float(matmul + hessian_flops if calibrated else 0), solves if calibrated else [], weights)
+    weights = sum(count * n * k for count, n, k in solves) + rounded
+    cost = LayerCost(index, memory, float(matmul + hessian_flops if calibrated else 0), solves if calibrated else [], weights,
+                     rounded_weights=rounded if calibrated else weights)
     if spec.method.searches_scales:
         awq = awq_layer_cost(plan, dense, tokens, hidden, config.intermediate_size, spec, counts)
         memory["awq_search"], cost.matmul_flops = awq.memory, cost.matmul_flops + awq.flops
         cost.awq_rounded, cost.expert_rereads = awq.rounded, awq.expert_rereads
-        if spec.method is Method.AWQ:
-            _round_after_awq(cost, plan, dense, expert_solves, matmul - 2 * tokens * dense_params * len(plan.groups) + awq.flops)
+        if spec.method is Method.AWQ:  # round to nearest after scaling: no solve, no Hessian, one pass for the output
+            cost.gptq_solves, cost.rounded_weights = [], weights
+            cost.matmul_flops = float(matmul - 2 * tokens * dense_params * len(plan.groups) + awq.flops)
     return cost, names, count
-
-
-def _round_after_awq(cost: LayerCost, plan, dense: dict, expert_solves: list, matmul_flops: float) -> None:
-    """`cost` of a layer under `--method awq`, which rounds to nearest after scaling: the dense
-    linears by RTN (no solve, no Hessian, one pass of the layer for its output), the shared and
-    routed experts by GPTQ with H = I (still a solve each, as experts.py batches them:
-    `expert_solves`)."""
-    shared = {name for group in plan.moe.shared for name in group.linears} if plan.moe else set()
-    cost.gptq_solves = [(1, *dense[name]) for name in dense if name in shared] + expert_solves
-    cost.matmul_flops = float(matmul_flops)
-
-
-def mixed_experts(counts: list[float], spec: QuantizeSpec, width: int) -> list[bool]:
-    """Which experts quantize will solve under `mixed` (and so hold an all-token sample), given
-    their expected routed tokens `counts` [E]: the same rule as the run (`resolve_policy`)."""
-    return [resolve_policy(round(count), spec.moe, width)[0] is ExpertPolicy.MIXED for count in counts]
 
 
 def expert_input_bytes(counts: list[float], mixed: list[bool], hidden: int, inter: int, per_chunk: int,
@@ -409,6 +399,7 @@ def planned_seconds(layers: list[LayerCost], rates: dict, clip_search: bool = Fa
     every weight AWQ's searches round to nearest at the measured rounding rate."""
     search = rates["clip_search_seconds_per_weight"] * sum(layer.quantized_weights for layer in layers) if clip_search else 0.0
     search += rates["rtn_seconds_per_weight"] * sum(layer.awq_rounded for layer in layers)
+    search += rates["round_seconds_per_weight"] * sum(layer.rounded_weights for layer in layers)
     return search + sum(layer.matmul_flops for layer in layers) / rates["matmul_flops_per_s"] + sum(
         count * (k * rates["gptq_column_seconds"] + gptq_flops(n, k) / rates["gptq_flops_per_s"])
         for layer in layers for count, n, k in layer.gptq_solves)
@@ -421,7 +412,7 @@ def _rates_assumption(rates: dict | None, device: str) -> str:
     return (f"rates measured here: fp32 matmul {rates['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, GPTQ solve "
             f"{rates['gptq_flops_per_s'] / 1e9:.1f} GFLOP/s + {1e3 * rates['gptq_column_seconds']:.2f} ms per column, "
             f"range search (clip_search) {1e9 * rates['clip_search_seconds_per_weight']:.1f} s per billion weights, "
-            f"on {where}")
+            f"round to nearest {1e9 * rates['round_seconds_per_weight']:.1f} s per billion weights, on {where}")
 
 
 def _device_line(plan: Plan, gib) -> str:

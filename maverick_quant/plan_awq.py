@@ -84,10 +84,10 @@ def awq_layer_cost(plan, dense: dict[str, tuple[int, int]], tokens: int, hidden:
 def _expert_rows(counts: list[float], spec: QuantizeSpec, sampled: int, width: int) -> list[float | None]:
     """Rows each routed expert's up -> down search and clipping read (None: an `rtn` expert,
     neither scaled nor clipped), from its expected routed tokens `counts` [E] and its policy."""
-    from maverick_quant.calibration.moe import resolve_policy
+    from maverick_quant.calibration.moe import expected_policies
     from maverick_quant.recipe import ExpertPolicy
 
-    policies = [resolve_policy(round(count), spec.moe, width)[0] for count in counts]
+    policies = expected_policies(counts, spec.moe, width)
     return [None if policy is ExpertPolicy.RTN else min(sampled, count) + (sampled if policy is ExpertPolicy.MIXED else 0)
             for policy, count in zip(policies, counts)]
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from maverick_quant.compress.gptq import gptq_quantize
+from maverick_quant.compress.gptq import gptq_quantize, gptq_quantize_each, identity_solve
 from maverick_quant.compress.grid import (
     CLIP_GRID,
     CLIP_MAX_SHRINK,
@@ -83,6 +85,18 @@ def test_rtn_grid_error_is_at_most_half_a_step():
     )
 
 
+@pytest.mark.parametrize("spec", [QuantSpec(bits=4, group_size=64, sym=False), QuantSpec(bits=4, group_size=128),
+                                  QuantSpec(bits=8, group_size=-1), QuantSpec(bits=4, group_size=32, signed_scale=True)])
+def test_rtn_codes_on_the_grouped_view_equal_per_column_rounding(spec):
+    """rtn_quantize rounds on the grouped view; the codes are those of the per-column formula
+    clamp(round(w / s_col) + z_col, 0, maxq) bit for bit (a short last group, batch dims)."""
+    W = torch.randn(2, 16, 200, generator=torch.Generator().manual_seed(5)) * 0.03
+    scales, zeros = group_params(W, spec)
+    per_column = quantize_codes(W, expand_groups(scales, 200, spec.group_size), expand_groups(zeros, 200, spec.group_size),
+                                spec.maxq)
+    assert torch.equal(rtn_quantize(W, spec).codes, per_column.to(torch.uint8))
+
+
 def _norm_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
     """sum |w - q(w)|^CLIP_NORM per row of w [..., N, C] on the per-row grid (scale, zero) [..., N]."""
     return (fake_quantize(w, scale[..., None], zero[..., None], maxq) - w).abs().pow(CLIP_NORM).sum(-1)
@@ -155,6 +169,51 @@ def test_diagonal_hessian_gives_rtn(sym, group_size, act_order, diagonal):
     result = gptq_quantize(W, H, spec)
     _assert_same_grid(result.weight, rtn_quantize(W, spec))
     assert result.damp.shape == () and result.damp == spec.damp
+
+
+_IDENTITY_GRIDS = [QuantSpec(bits=4, group_size=128), QuantSpec(bits=4, group_size=32, sym=False),
+                   QuantSpec(bits=4, group_size=64, act_order=True), QuantSpec(bits=8, group_size=128),
+                   QuantSpec(bits=4, group_size=-1, sym=False), QuantSpec(bits=4, group_size=32, clip_search=True),
+                   QuantSpec(bits=3, group_size=128, sym=False, act_order=True, clip_search=True),
+                   QuantSpec(bits=4, group_size=64, signed_scale=True),
+                   QuantSpec(bits=4, group_size=32, sym=False, k_quant=True),
+                   QuantSpec(bits=4, group_size=32, sym=False, free_min=True)]
+
+
+@pytest.mark.parametrize("spec", _IDENTITY_GRIDS, ids=lambda s: f"{s.bits}b-g{s.group_size}-{s.sym}-{s.act_order}-"
+                         f"{s.clip_search}-{s.signed_scale}-{s.k_quant}-{s.free_min}")
+@pytest.mark.parametrize("k", [512, 576])
+def test_identity_solve_is_gptq_against_the_identity_bit_for_bit(spec, k):
+    """The closed form that `rtn` experts and AWQ's rounding use equals the full solve against
+    H = I in every stored tensor and in the audit's loss, rel_loss and damp: batched, a K no
+    group divides (576; Q4_K then falls back to Q4_1's grid), an all-zero row, a block size
+    that cuts groups, W a transposed view (as an expert's slice of a fused [E, K, N] tensor is)."""
+    W = (torch.randn(3, k, 40, generator=torch.Generator().manual_seed(k + spec.bits)) * 0.05).transpose(1, 2)
+    W[0, 0] = 0
+    solved = gptq_quantize(W, torch.eye(k).expand(3, k, k), dataclasses.replace(spec, block_size=48))
+    closed = identity_solve(W, spec)
+    for field in ("codes", "scales", "zeros", "super_scales", "super_mins"):
+        a, b = getattr(solved.weight, field), getattr(closed.weight, field)
+        assert (a is None and b is None) or torch.equal(a, b), field
+    for stat in ("loss", "rel_loss", "damp"):
+        assert torch.equal(getattr(solved, stat), getattr(closed, stat)), stat
+    assert closed.loss.shape == (3,) and torch.equal(closed.weight.codes, rtn_quantize(W, spec).codes)
+
+
+def test_each_matrix_is_solved_or_rounded_and_returned_in_order():
+    """gptq_quantize_each: matrices with a Hessian are solved as one batch, the others rounded
+    in closed form; each equals its own separate result, in the input's order."""
+    E, N, K = 4, 20, 96
+    W = torch.stack([_weight(N, K, seed=30 + e) for e in range(E)])
+    H = {1: _correlated_hessian(K, 300, seed=40), 2: _correlated_hessian(K, 300, seed=41)}
+    spec = QuantSpec(group_size=32, sym=False)
+    each = gptq_quantize_each(W, torch.stack([H[1], H[2]]), [1, 2], spec)
+    for e in range(E):
+        alone = gptq_quantize(W[e], H[e], spec) if e in H else identity_solve(W[e], spec)
+        _assert_same_grid(each.weight[e], alone.weight)
+        assert each.loss[e] == pytest.approx(float(alone.loss), rel=1e-5) and each.damp[e] == alone.damp
+    assert not torch.equal(each.weight.codes[1], rtn_quantize(W[1], spec).codes)  # solved, not rounded
+    _assert_same_grid(gptq_quantize_each(W, None, [], spec).weight, rtn_quantize(W, spec))
 
 
 def test_batched_equals_per_element():

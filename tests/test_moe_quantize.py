@@ -169,6 +169,25 @@ def test_rtn_policy_is_round_to_nearest_and_zero_token_experts_still_get_weights
         assert torch.isfinite(w).all() and w.abs().sum() > 0
 
 
+def test_rtn_fallback_experts_are_rounded_beside_the_solved_ones_of_their_chunk(tiny_llama4_dir: Path) -> None:
+    """A chunk mixing both: the experts that fall back to `rtn` are round to nearest (closed
+    form, audited with H = I's loss ||W - Q||^2), the others are their routed solve bit for bit."""
+    x, routing, moe, weights = _chunk_inputs(tiny_llama4_dir, tokens=600)
+    spec = QuantizeSpec(moe=MoESpec(min_tokens=80, fallback=ExpertPolicy.RTN))
+    routed, _ = quantize_expert_chunk(x, routing, moe, weights, 0, QuantizeSpec(moe=MoESpec(min_tokens=1)))
+    quantized, records = quantize_expert_chunk(x, routing, moe, weights, 0, spec)
+    rounded = {r["expert"] for r in records if r["policy"] == "rtn"}
+    assert rounded and len(rounded) < EXPERTS  # both kinds are present
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        expected_rtn = rtn_quantize(weights[name], spec.weights)
+        for e in range(EXPERTS):
+            expected = expected_rtn[e] if e in rounded else routed[name][e]
+            assert torch.equal(quantized[name][e].codes, expected.codes), (name, e)
+        for e in rounded:
+            error = (weights[name][e] - expected_rtn[e].dequantize()).square().sum()
+            assert records[e]["linears"][name]["loss"] == pytest.approx(float(error), rel=1e-6)
+
+
 def test_policies_change_only_what_they_should(tiny_llama4_dir: Path) -> None:
     x, routing, moe, weights = _chunk_inputs(tiny_llama4_dir)
     routed, _ = quantize_expert_chunk(x, routing, moe, weights, 0, QuantizeSpec(moe=MoESpec(min_tokens=1)))

@@ -130,7 +130,7 @@ def test_plan_times_the_disk_work_at_rates_measured_here(tmp_path: Path, monkeyp
 
 RATES = {"matmul_flops_per_s": 1e12, "gptq_flops_per_s": 5e11, "gptq_column_seconds": 1e-4,
          "clip_search_seconds_per_weight": 2e-8, "dequantize_seconds_per_weight": 2e-9, "rtn_seconds_per_weight": 3e-8,
-         "threads": 2, "model": COST_MODEL, "device": "cpu"}  # known rates in place of measured ones
+         "round_seconds_per_weight": 1e-8, "threads": 2, "model": COST_MODEL, "device": "cpu"}  # known rates in place of measured ones
 
 
 def _planned(tmp_path: Path, *options: str) -> dict:
@@ -143,8 +143,8 @@ def _planned(tmp_path: Path, *options: str) -> dict:
 def test_plan_prices_awqs_searches_at_the_measured_rounding_rate(tmp_path: Path, monkeypatch) -> None:
     """AWQ's scale and clip searches on Maverick: every weight they round costs the measured
     rounding rate, so the time they add moves with that rate alone; twice the scale grid adds the
-    searches' rounding and candidate outputs again. `awq` then rounds the dense linears to
-    nearest and solves the experts with H = I, `awq+gptq` solves as GPTQ does; both read the
+    searches' rounding and candidate outputs again. `awq` then rounds every weight to nearest at
+    the measured rate, without a solve, `awq+gptq` solves as GPTQ does; both read the
     routed experts twice (the block scale search)."""
     import maverick_quant.compute_rates as compute_rates
 
@@ -159,13 +159,38 @@ def test_plan_prices_awqs_searches_at_the_measured_rounding_rate(tmp_path: Path,
     rates["rtn_seconds_per_weight"] /= 2
     wide = _planned(tmp_path, "--method", "awq+gptq", "--no-awq-clip", "--awq-grid", "40")
     assert wide["compute_seconds"] - both["compute_seconds"] == pytest.approx(searches, rel=0.02)  # all g-terms
-    # awq: the searches and the experts' solves with H = I (experts.py batches every expert in
-    # one GPTQ solve); awq+gptq: also the dense linears' solves and every Hessian
+    # awq: the searches and every weight rounded to nearest (closed form, no solve); awq+gptq:
+    # also every linear's solve and Hessian
     assert searches < awq["compute_seconds"] < both["compute_seconds"]
     assert 0 < both["compute_seconds"] - awq["compute_seconds"] < gptq["compute_seconds"]
     experts = 24 * 128 * 3 * 5120 * 8192 * 2  # Maverick's routed experts in bf16
     assert both["disk_io_bytes"]["read"] - gptq["disk_io_bytes"]["read"] == pytest.approx(experts, rel=0.01)
     assert "awq_search" in both["peak_layer"] and "awq_search" not in gptq["peak_layer"]
+    rates["round_seconds_per_weight"] *= 3
+    awq_slower = _planned(tmp_path, "--method", "awq", "--no-awq-clip")
+    assert awq_slower["compute_seconds"] - awq["compute_seconds"] == pytest.approx(2e-8 * awq["quantized_params"])
+
+
+def test_plan_rounds_rtn_experts_instead_of_solving_them(tmp_path: Path, monkeypatch) -> None:
+    """Experts under `rtn` (the policy, or starved ones falling back to it) are rounded in closed
+    form: against the routed solve, the plan drops each expert's three GPTQ solves and its
+    Hessians and adds its weights at the measured rounding rate, and nothing else."""
+    import maverick_quant.compute_rates as compute_rates
+    from maverick_quant.compute_rates import gptq_flops
+
+    monkeypatch.setattr(compute_rates, "machine_rates", lambda *args: RATES)
+    routed, rtn = (_planned(tmp_path, "--moe-policy", policy) for policy in ("routed", "rtn"))
+    starved = _planned(tmp_path, "--moe-fallback", "rtn", "--moe-min-tokens", "100000")  # every expert falls back
+
+    def solve(n: int, k: int) -> float:
+        return k * RATES["gptq_column_seconds"] + gptq_flops(n, k) / RATES["gptq_flops_per_s"]
+
+    experts, hidden, inter, routed_tokens = 24 * 128, 5120, 8192, 8 * 64
+    hessians = 24 * 2 * routed_tokens * (2 * hidden**2 + inter**2) / RATES["matmul_flops_per_s"]
+    saved = experts * (2 * solve(inter, hidden) + solve(hidden, inter)) + hessians
+    rounding = RATES["round_seconds_per_weight"] * experts * 3 * hidden * inter
+    for plan in (rtn, starved):
+        assert routed["compute_seconds"] - plan["compute_seconds"] == pytest.approx(saved - rounding, rel=1e-9)
 
 
 def test_plan_adds_the_measured_range_search_time_for_every_quantized_weight(tmp_path: Path, monkeypatch) -> None:
@@ -185,8 +210,9 @@ def test_plan_adds_the_measured_range_search_time_for_every_quantized_weight(tmp
 
     plain, searched = planned("--method", "gptq"), planned("--method", "gptq", "--clip-search")
     assert searched["compute_seconds"] - plain["compute_seconds"] == pytest.approx(2e-8 * plain["quantized_params"])
-    assert planned("--method", "rtn")["compute_seconds"] == 0
-    assert planned("--method", "rtn", "--clip-search")["compute_seconds"] == pytest.approx(2e-8 * plain["quantized_params"])
+    rounding = 1e-8 * plain["quantized_params"]  # RTN's whole compute: every weight rounded at the measured rate
+    assert planned("--method", "rtn")["compute_seconds"] == pytest.approx(rounding)
+    assert planned("--method", "rtn", "--clip-search")["compute_seconds"] == pytest.approx(rounding + 2e-8 * plain["quantized_params"])
     assert "range search (clip_search) 20.0 s per billion weights" in CliRunner().invoke(
         cli, ["plan", "maverick", "--samples", "8", "--seq-len", "64"]).output
 

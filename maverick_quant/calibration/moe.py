@@ -111,6 +111,12 @@ def resolve_policy(tokens: int, spec: MoESpec, width: int) -> tuple[ExpertPolicy
     return spec.policy, f"policy {spec.policy.value}"
 
 
+def expected_policies(counts: list[float], spec: MoESpec, width: int) -> list[ExpertPolicy]:
+    """The policy `resolve_policy` gives each expert for its expected routed tokens `counts` [E]
+    (rounded to whole tokens), as a planner that has no routing yet foresees it."""
+    return [resolve_policy(round(count), spec, width)[0] for count in counts]
+
+
 def sample_tokens(total: int, limit: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Evenly spaced, deterministic token indices [min(total, limit)] for H_all, on `device`
     (computed on the host: the same indices on every device)."""
@@ -133,16 +139,17 @@ def mean_outer(rows: torch.Tensor, width: int, chunk: int = 8192) -> torch.Tenso
 
 
 def policy_hessian(policy: ExpertPolicy, routed_rows: torch.Tensor | None, all_rows: torch.Tensor | None,
-                   spec: MoESpec, width: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """H [K, K] of one expert linear under its policy.
+                   spec: MoESpec, width: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """H [K, K] of one expert linear under its policy, on `device`.
 
     routed_rows [n, K]: what the linear reads on the expert's routed tokens; all_rows [T_s, K]:
     what it would read on the sampled tokens at the expert's own score (needed for `mixed`).
-    routed: mean_outer(routed); mixed: that + spec.mix * mean_outer(all); rtn: I (GPTQ with
-    H = I is round to nearest, so RTN experts stay in the same batched solve). On `device`.
+    routed: mean_outer(routed); mixed: that + spec.mix * mean_outer(all); rtn: None, meaning
+    H = I (GPTQ against I is round to nearest; `gptq_quantize_each` rounds such experts in
+    closed form beside the batch it solves).
     """
     if policy is ExpertPolicy.RTN:
-        return torch.eye(width, device=device)
+        return None
     H = mean_outer(routed_rows, width)
     if policy is ExpertPolicy.MIXED:
         H = H + spec.mix * mean_outer(all_rows, width)

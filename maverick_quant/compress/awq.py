@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from maverick_quant.compress.grid import group_params, rtn_quantize
+from maverick_quant.compress.grid import group_params, quantize_grouped, rtn_quantize
 from maverick_quant.compress.kquant import offset_grid_params
 from maverick_quant.recipe import AWQSpec, QuantSpec
 
@@ -61,10 +61,8 @@ def rtn_fake(W: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     k = W.shape[-1]
     if offset_grid_params(spec, k) is not None:
         return rtn_quantize(W, spec).dequantize()
-    width, groups = spec.group_width(k), spec.groups_for(k)
-    scales, zeros = (t[..., None] for t in group_params(W, spec))
-    grouped = torch.nn.functional.pad(W.float(), (0, groups * width - k)).unflatten(-1, (groups, width))
-    snapped = grouped.div(scales).round_().add_(zeros).clamp_(0, spec.maxq).sub_(zeros).mul_(scales)
+    scales, zeros = group_params(W, spec)
+    snapped = quantize_grouped(W, scales, zeros, spec).sub_(zeros[..., None]).mul_(scales[..., None])
     return snapped.flatten(-2)[..., :k]
 
 

@@ -22,10 +22,11 @@ from dataclasses import dataclass
 
 import torch
 
-from maverick_quant.compress.grid import dequantize_codes, expand_groups, group_params, pack_quantized, quantize_codes
+from maverick_quant.compress.grid import (dequantize_codes, expand_groups, group_params, pack_quantized, quantize_codes,
+                                          rtn_quantize)
 from maverick_quant.compress.kquant import (GROUP, KQuantParams, concat_params, dequantize_offset, kquant_params,
                                             offset_grid_params, pack_kquant, quantize_offset)
-from maverick_quant.compress.types import SUPER_BLOCK, QuantizedWeight
+from maverick_quant.compress.types import SUPER_BLOCK, QuantizedWeight, concat_leading
 from maverick_quant.recipe import QuantSpec
 
 MAX_DAMP = 1.0
@@ -78,6 +79,42 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec) -> GPTQResu
     weight = grid.pack(codes, scale, zero).map_tensors(lambda t: t.reshape(*batch, n, -1))
     loss, rel_loss = _losses(W.reshape(-1, n, k).float(), Q, H.reshape(-1, k, k).float())
     return GPTQResult(weight, loss.reshape(batch), rel_loss.reshape(batch), damp.reshape(batch))
+
+
+def identity_solve(W: torch.Tensor, spec: QuantSpec) -> GPTQResult:
+    """`gptq_quantize(W, I, spec)` for W [..., N, K] in closed form, bit for bit (tested).
+
+    With H = I the damped inverse (H + damp I)^-1 = I / (1 + damp) has the diagonal upper
+    Cholesky factor U = I / sqrt(1 + damp): every update w_j -= err_k U[k, j] (j > k) is zero,
+    so no column's rounding error reaches another, each group's grid is taken from W itself
+    (clip_search weighs the columns by diag(H) = 1, i.e. not at all) and act_order's stable
+    sort keeps the column order: the solve is round to nearest (`rtn_quantize`). The loss is
+    tr((W - Q) I (W - Q)^T) = ||W - Q||_F^2, rel_loss that / ||W||_F^2, damp spec.damp (the
+    first factorization of I always succeeds). One rounding pass instead of the solve's
+    K^3 + 2 N K^2 flops and K sequential column steps.
+    """
+    *batch, n, k = W.shape
+    weight = rtn_quantize(W, spec)
+    Q = weight.dequantize().reshape(-1, n, k)
+    loss, rel_loss = _losses(W.reshape(-1, n, k).float(), Q, None)
+    damp = torch.full(loss.shape, spec.damp, dtype=torch.float64, device=W.device)
+    return GPTQResult(weight, loss.reshape(batch), rel_loss.reshape(batch), damp.reshape(batch))
+
+
+def gptq_quantize_each(W: torch.Tensor, H: torch.Tensor | None, solved: list[int], spec: QuantSpec) -> GPTQResult:
+    """GPTQ the matrices W[solved] [E_s, N, K] of W [E, N, K] against H [E_s, K, K] as one
+    batch, and round the others to nearest (H = I, by `identity_solve`: the same result as
+    solving them against I, without the solve); the results in W's order [E]."""
+    chosen = set(solved)
+    rounded = [e for e in range(W.shape[0]) if e not in chosen]
+    if not rounded:
+        return gptq_quantize(W, H, spec)
+    if not solved:
+        return identity_solve(W, spec)
+    parts = [gptq_quantize(W[solved], H, spec), identity_solve(W[rounded], spec)]
+    order = torch.argsort(torch.tensor(solved + rounded, device=W.device))  # part position of each matrix
+    return GPTQResult(concat_leading([part.weight for part in parts])[order],
+                      *(torch.cat([getattr(part, f) for part in parts])[order] for f in ("loss", "rel_loss", "damp")))
 
 
 class _GroupGrid:
@@ -255,10 +292,13 @@ def _solve(
     return codes, scale, zero
 
 
-def _losses(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tr((W-Q) H (W-Q)^T), that / tr(W H W^T)) per matrix, for W, Q [B, N, K], undamped H [B, K, K]."""
+def _losses(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tr((W-Q) H (W-Q)^T), that / tr(W H W^T)) per matrix, for W, Q [B, N, K], undamped H
+    [B, K, K] or None for H = I. E @ I is E exactly, laid out as a matmul's output (contiguous): for
+    H = I that copy stands in for the matmul, so that the sums add in the same order, bit for bit,
+    when W is a strided view (an expert's slice of a fused tensor)."""
     E = W - Q
-    loss = ((E @ H) * E).sum(dim=(-2, -1))
-    total = ((W @ H) * W).sum(dim=(-2, -1))
+    loss = ((E.contiguous() if H is None else E @ H) * E).sum(dim=(-2, -1))
+    total = ((W.contiguous() if H is None else W @ H) * W).sum(dim=(-2, -1))
     rel = torch.where(total > 0, loss / total.clamp_min(torch.finfo(total.dtype).tiny), torch.zeros_like(loss))
     return loss, rel

@@ -190,7 +190,15 @@ def rtn_quantize(W: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     if offset_params is not None:
         return rtn_quantize_k(W, offset_params)
     scales, zeros = group_params(W, spec)
-    codes = quantize_codes(
-        W.float(), expand_groups(scales, k, spec.group_size), expand_groups(zeros, k, spec.group_size), spec.maxq
-    )
-    return pack_quantized(codes, scales, zeros, spec)
+    return pack_quantized(quantize_grouped(W, scales, zeros, spec).flatten(-2)[..., :k], scales, zeros, spec)
+
+
+def quantize_grouped(W: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Codes of W [..., N, K] on its groups' grid (scales, zeros) [..., N, G]: quantize_codes
+    on the zero-padded grouped view, integer-valued fp32 [..., N, G, width], computed in one
+    temporary (w / s, round, + z, clamp in place) instead of per-column copies of the scales
+    and zeros. `.flatten(-2)[..., :K]` gives them in column order."""
+    k = W.shape[-1]
+    width, groups = spec.group_width(k), spec.groups_for(k)
+    grouped = F.pad(W.float(), (0, groups * width - k)).unflatten(-1, (groups, width))
+    return grouped.div(scales[..., None]).round_().add_(zeros[..., None]).clamp_(0, spec.maxq)
