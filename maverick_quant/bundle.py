@@ -34,7 +34,7 @@ import torch
 
 from maverick_quant.checkpoint import (TORCH_DTYPES, TensorInfo, read_rows, read_safetensors_header, read_tensor, save_safetensors_atomic,
                                        sha256_file, write_json_atomic)
-from maverick_quant.arch.base import fuse_experts
+from maverick_quant.arch.base import FusedExpertsBuilder
 from maverick_quant.compress.pack import pack_nibbles, unpack_nibbles
 from maverick_quant.compress.types import QuantizedWeight
 from maverick_quant.errors import InputError
@@ -275,19 +275,21 @@ class Bundle:
             yield self._expert_linear(chunk, name)
 
     def expert_tensors(self, index: int, first: int, count: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        """Experts [first, first+count) of layer `index`, dequantized on `device` and fused as
-        the model stores them; only the chunk files that hold them are read."""
+        """Experts [first, first+count) of layer `index`, dequantized on `device` one expert at a
+        time into the fused tensors the model stores (`FusedExpertsBuilder`: one fp32 copy of
+        them, plus one expert's); only the chunk files that hold them are read."""
         moe = self.table.plan(self.text_config, index).moe
-        parts = {linear.name: [] for linear in moe.expert_linears}
+        fused = FusedExpertsBuilder(moe, count)
         for chunk in self.manifest["layers"][index]["experts"]["chunks"]:
             count_in_chunk = next(iter(chunk["shapes"].values()))[0]
             lo, hi = max(first, chunk["first"]), min(first + count, chunk["first"] + count_in_chunk)
             if lo >= hi:
                 continue
-            for name in parts:
-                weight = self._expert_linear(chunk, name)
-                parts[name].append(weight[lo - chunk["first"] : hi - chunk["first"]].dequantize_on(device))
-        return fuse_experts(moe, {name: torch.cat(values) for name, values in parts.items()})
+            for linear in moe.expert_linears:
+                weight = self._expert_linear(chunk, linear.name)
+                for expert in range(lo, hi):
+                    fused.add(linear.name, expert - first, weight[expert - chunk["first"]].dequantize_on(device)[None])
+        return fused.fused
 
     def _expert_linear(self, chunk: dict, name: str) -> QuantizedWeight:
         """One linear of one stored expert chunk, QuantizedWeight [count, N, K]."""
@@ -319,13 +321,8 @@ class Bundle:
         out = {**passthrough, **{f"{name}.weight": w.dequantize_on(device) for name, w in quantized.items()}}
         moe = self.table.plan(self.text_config, index).moe
         if experts and moe is not None:
-            chunks = [dequantized for _, dequantized in self._dequantized_chunks(index, device)]
-            out.update(fuse_experts(moe, {name: torch.cat([c[name] for c in chunks]) for name in chunks[0]}))
+            out.update(self.expert_tensors(index, 0, moe.num_experts, device))
         return out
-
-    def _dequantized_chunks(self, index: int, device: torch.device | str) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-        for first, chunk in self.expert_chunks(index):
-            yield first, {name: weight.dequantize_on(device) for name, weight in chunk.items()}
 
     def model_tensor_names(self) -> list[str]:
         """Names of the model-level pass-through tensors (embed, final norm, untied lm_head)."""

@@ -11,16 +11,18 @@ are matmuls, priced at its fp32 matmul rate (compress/awq.py, awq_layer.py, awq_
         rounded g Wg, flops g 2 T_s Wg (each candidate's outputs on the sample),
         plus a pass of the layer over all T tokens to sample the group's input (costed as a
         whole forward, 2 T P_layer: an upper bound, the pass stops at the group)
-    clipping (per linear W [N, K], on the T_s sampled inputs): rounded c N K, flops c 2 T_s N K,
-        and one more pass of the layer
+    clipping (per linear W [N, K] with groups of width w, on rows = T_s sampled inputs): rounded
+        c N K, flops c 2 min(rows, w) N K (each candidate's error projected on the groups'
+        second moments when rows > w, built once for 2 rows K w, else on the rows themselves;
+        `clip_flops`), and one more pass of the layer
     MoE block scale (one s [D] for the router, shared and routed experts): every candidate
         rounds the shared and every routed expert's gate/up, rounded g 2 D (I_s + E I), and
         runs the block on the sample, flops g 2 T_s (3 D I_s + k 3 D I); the routed experts
         are read once more for it (`expert_rereads`)
     up -> down scales: shared rounded g D I_s, flops g 2 T_s D I_s; expert e rounded g D I,
         flops g 2 min(T_s, n_e) D I
-    clipping of the shared and routed experts: rounded c 3 D I, flops c 2 rows 3 D I per expert
-        (rows = T_s for the shared expert, min(T_s, n_e) for expert e)
+    clipping of the shared and routed experts: rounded c 3 D I, flops `clip_flops` of gate, up
+        and down per expert (rows = T_s for the shared expert, min(T_s, n_e) for expert e)
 
 Routed experts follow their policy (`resolve_policy` on the expected n_e): an expert under
 `rtn` is neither scaled nor clipped; under `mixed` it reads T_s sampled tokens beside its own.
@@ -65,15 +67,18 @@ def awq_layer_cost(plan, dense: dict[str, tuple[int, int]], tokens: int, hidden:
     layer_forward = 2 * tokens * sum(math.prod(shape) for shape in dense.values())
     rounded = flops = 0.0
     widest = max((math.prod(shape) for shape in dense.values()), default=0)
+    width = spec.weights.group_width
     for group in plan.scale_groups:
-        weights = sum(math.prod(dense[name]) for name in group.linears if name in dense)
+        shapes = [dense[name] for name in group.linears if name in dense]
+        weights = sum(math.prod(shape) for shape in shapes)
         rounded += grid * weights + clips * weights
-        flops += layer_forward + (grid + clips) * 2 * sampled * weights
+        flops += layer_forward + grid * 2 * sampled * weights
+        flops += sum(clip_flops(sampled, n, k, width(k), clips) for n, k in shapes)
     flops += layer_forward if clips and plan.scale_groups else 0
     memory = 3 * CANDIDATES_AT_ONCE * widest * FP32
     rereads = 0
     if plan.moe is not None:
-        moe_rounded, moe_flops = _moe_search(plan, dense, hidden, inter, sampled, grid, clips,
+        moe_rounded, moe_flops = _moe_search(plan, dense, hidden, inter, sampled, grid, clips, width,
                                              _expert_rows(counts, spec, sampled, max(hidden, inter)))
         rounded, flops = rounded + moe_rounded, flops + moe_flops
         memory = max(memory, 3 * CANDIDATES_AT_ONCE * hidden * inter * FP32) + 2 * (grid + 1) * sampled * hidden * FP32
@@ -92,10 +97,26 @@ def _expert_rows(counts: list[float], spec: QuantizeSpec, sampled: int, width: i
             for policy, count in zip(policies, counts)]
 
 
+def clip_flops(rows: float, n: int, k: int, width: int, clips: int) -> float:
+    """Flops of clipping one W [n, k] with groups of `width` on `rows` sampled inputs
+    (compress/awq.clip_weights), beyond its rounding: each of the `clips` candidates projects its
+    error on min(rows, width) values per weight, 2 n k min(rows, width); when rows > width the
+    groups' second moments X_g^T X_g are built first, 2 rows k width."""
+    if not clips:
+        return 0.0
+    return clips * 2 * min(rows, width) * n * k + (2 * rows * k * width if rows > width else 0.0)
+
+
+def _mlp_clip_flops(rows: float, hidden: int, inter: int, width, clips: int) -> float:
+    """`clip_flops` of a gated MLP's gate and up [inter, hidden] and down [hidden, inter]."""
+    return 2 * clip_flops(rows, inter, hidden, width(hidden), clips) + clip_flops(rows, hidden, inter, width(inter), clips)
+
+
 def _moe_search(plan, dense: dict[str, tuple[int, int]], hidden: int, inter: int, sampled: int, grid: int,
-                clips: int, expert_rows: list[float | None]) -> tuple[float, float]:
+                clips: int, width, expert_rows: list[float | None]) -> tuple[float, float]:
     """(rounded weights, flops) of an MoE block's searches: the block scale, the up -> down
-    scales and the clipping of the shared and routed experts (`expert_rows`: `_expert_rows`)."""
+    scales and the clipping of the shared and routed experts (`expert_rows`: `_expert_rows`;
+    `width`: the group width of a weight with K inputs)."""
     moe = plan.moe
     shared = sum(math.prod(dense[name]) for group in moe.shared for name in group.linears if name in dense) / 3
     rows = [row for row in expert_rows if row is not None]
@@ -105,5 +126,6 @@ def _moe_search(plan, dense: dict[str, tuple[int, int]], hidden: int, inter: int
     rounded += grid * (shared + experts * hidden * inter)  # up -> down
     flops += grid * 2 * (sampled * shared + sum(rows) * hidden * inter)
     rounded += clips * 3 * (shared + experts * hidden * inter)
-    flops += clips * 2 * 3 * (sampled * shared + sum(rows) * hidden * inter)
+    flops += _mlp_clip_flops(sampled, hidden, round(shared / hidden), width, clips)
+    flops += sum(_mlp_clip_flops(row, hidden, inter, width, clips) for row in rows)
     return rounded, flops

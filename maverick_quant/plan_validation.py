@@ -18,11 +18,11 @@ beside the baseline, in bytes:
                      block_io      4 T D 4       (MoE layer) input and output of the candidate's two
                                                  caches run together (the reference's step holds three)
                      routing       2 T E 4       (MoE layer) router logits of two caches
-                     expert_chunks n_c 3 D I (4 + 13)    (MoE layer) a chunk of the reference's
+                     expert_chunks n_c 3 D I (4 + 5)     (MoE layer) a chunk of the reference's
                                                  experts in fp32 while the candidate's is read:
-                                                 its codes (1 byte a weight) and three fp32 copies
-                                                 (the dequantized pieces, their concatenation, the
-                                                 fused tensor)
+                                                 its fused fp32 tensors, filled one expert at a
+                                                 time, and the codes of one linear (at most 1
+                                                 byte a weight)
                      expert_work   n_hot (5 D + 3 I) 4   (MoE layer) the busiest expert's inputs of
                                                  both models, its intermediates and both outputs
              host    expert_reads  n_c 3 D I (s + c + 1)   (MoE layer, GPU runs) a chunk of the
@@ -68,7 +68,7 @@ from maverick_quant.validation.hellaswag import CHOICE_BLOCK, group_blocks
 from maverick_quant.validation.metrics import DEFAULT_CHUNK_ELEMENTS
 
 FP32 = 4
-CANDIDATE_CHUNK_BYTES = 1 + 3 * FP32  # per weight of a candidate's expert chunk while it is read (codes, three fp32 copies)
+CANDIDATE_CHUNK_BYTES = 1 + FP32  # per weight of a candidate's expert chunk while it is read (codes, the fused fp32 tensors)
 CHOICE_BATCH = 8  # packed rows per forward in the choices benchmarks (StreamingModel's default batch)
 METRIC_WORKSPACE = 3 * FP32 + 1  # bytes per logit of metrics.Workspace (three fp32 buffers and a mask)
 CHOICE_LOGIT_ROWS = 1024  # scored tokens per lm_head call in the choices benchmarks (hellaswag.py)

@@ -71,6 +71,35 @@ def test_folding_preserves_the_float_function() -> None:
                           rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("tokens", [40, 128, 300])
+def test_the_clip_search_picks_each_groups_best_clip_by_the_exact_output_error(tokens: int) -> None:
+    """For every (row, group) the chosen clip's output error on the sample, sum_t (x_t,g . d_g)^2
+    in fp64, is the least of all candidates' (to fp32 rounding): through the group second moments
+    C_g = X_g^T X_g when the sample has more rows than a group is wide (128 and 300 > 64), through
+    the sample itself otherwise (40); a K no group divides (200 = 3 groups of 64 and 8 columns)."""
+    spec, awq = QuantSpec(bits=4, group_size=64), AWQSpec()
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, 200, generator=g) * (torch.rand(200, generator=g) * 3)
+    with torch.random.fork_rng():
+        torch.manual_seed(tokens)
+        W = torch.distributions.StudentT(2.5).sample((48, 200)) * 0.02
+
+    def group_errors(clipped: torch.Tensor) -> torch.Tensor:  # [N, G] in fp64, straight from the definition
+        d = torch.nn.functional.pad((rtn_fake(clipped, spec) - W).double(), (0, 56)).view(48, 4, 64)
+        xg = torch.nn.functional.pad(x.double(), (0, 56)).view(tokens, 4, 64)
+        return torch.einsum("tgw,ngw->tng", xg, d).square().sum(0)
+
+    padded = torch.nn.functional.pad(W, (0, 56)).view(48, 4, 64)
+    limit = padded.abs().amax(-1, keepdim=True)
+    candidates = [group_errors(torch.maximum(torch.minimum(padded, limit * (1 - i / awq.clip_grid)),
+                                             -limit * (1 - i / awq.clip_grid)).view(48, -1)[:, :200])
+                  for i in range(int(awq.max_shrink * awq.clip_grid))]
+    best = torch.stack(candidates).amin(0)
+    chosen = group_errors(clip_weights(W, x, spec, awq))
+    assert (chosen <= best * (1 + 1e-5) + 1e-12).all()
+    assert (chosen < candidates[0] * (1 - 1e-3)).any()  # some groups are clipped for real
+
+
 def test_clipping_in_row_blocks_matches_one_block() -> None:
     """The row-block memory bound does not change the result (the grid is per row)."""
     torch.manual_seed(3)

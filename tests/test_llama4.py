@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from maverick_quant.arch.base import fuse_experts, unfuse_experts
+from maverick_quant.arch.base import FusedExpertsBuilder, unfuse_experts
 from maverick_quant.arch.llama4 import LLAMA4, maverick_config, moe_block
 from maverick_quant.calibration.moe import activation, route, routed_forward
 from maverick_quant.checkpoint import Checkpoint
@@ -40,14 +40,19 @@ def test_maverick_preset_has_the_published_layout() -> None:
     assert abs(expert_bytes / 1e9 - 32.2) < 0.1  # one MoE layer's experts in bf16
 
 
-def test_unfuse_and_fuse_are_inverse_and_follow_the_llama4_slicing() -> None:
+def test_unfuse_and_the_fused_builder_are_inverse_and_follow_the_llama4_slicing() -> None:
     moe = moe_block(maverick_config(hidden_size=8, intermediate_size=6, num_local_experts=3).text_config)
     fused = {"feed_forward.experts.gate_up_proj": torch.randn(3, 8, 12), "feed_forward.experts.down_proj": torch.randn(3, 6, 8)}
     unfused = unfuse_experts(moe, fused)
     assert torch.equal(unfused["gate_proj"][1], fused["feed_forward.experts.gate_up_proj"][1][:, :6].T)
     assert torch.equal(unfused["up_proj"][2], fused["feed_forward.experts.gate_up_proj"][2][:, 6:].T)
     assert torch.equal(unfused["down_proj"][0], fused["feed_forward.experts.down_proj"][0].T)
-    assert all(torch.equal(fused[k], v) for k, v in fuse_experts(moe, unfused).items())
+    builder = FusedExpertsBuilder(moe, 3)  # pieces of one or two experts, in any order
+    for name in ("down_proj", "up_proj", "gate_proj"):
+        builder.add(name, 1, unfused[name][1:])
+        builder.add(name, 0, unfused[name][:1])
+    assert builder.fused.keys() == fused.keys() and all(torch.equal(fused[k], v) for k, v in builder.fused.items())
+    assert all(t.is_contiguous() for t in builder.fused.values())
 
 
 def test_streaming_equals_the_whole_model_across_attention_chunks(tiny_llama4_dir) -> None:

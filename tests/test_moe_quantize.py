@@ -79,6 +79,14 @@ def test_bundle_holds_all_experts_in_chunks_and_the_float_router(moe_bundle: Pat
     assert sum(c["gate_proj"].shape[0] for _, c in chunks) == EXPERTS
     tensors = bundle.layer_tensors(1)
     assert tensors["feed_forward.experts.gate_up_proj"].shape == (EXPERTS, 64, 64)
+    moe = bundle.table.plan(bundle.text_config, 1).moe
+    stored = {name: torch.cat([c[name].dequantize() for _, c in chunks]) for name in chunks[0][1]}
+    for first, count in ((0, EXPERTS), (5, 3)):  # the whole layer, and a range across the chunk boundary (7)
+        fused = bundle.expert_tensors(1, first, count)  # filled expert by expert into the fused tensors
+        assert {name: tuple(t.shape) for name, t in fused.items()} == {
+            "feed_forward.experts.gate_up_proj": (count, 64, 64), "feed_forward.experts.down_proj": (count, 32, 64)}
+        for name, weight in unfuse_experts(moe, fused).items():
+            assert torch.equal(weight, stored[name][first : first + count]), name
     original = open_source(tiny_llama4_dir).layer_tensors(1)
     assert torch.equal(tensors["feed_forward.router.weight"], original["feed_forward.router.weight"])
     error = (tensors["feed_forward.experts.down_proj"] - original["feed_forward.experts.down_proj"]).norm()

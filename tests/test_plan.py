@@ -171,6 +171,24 @@ def test_plan_prices_awqs_searches_at_the_measured_rounding_rate(tmp_path: Path,
     assert awq_slower["compute_seconds"] - awq["compute_seconds"] == pytest.approx(2e-8 * awq["quantized_params"])
 
 
+@pytest.mark.parametrize("tokens", [40, 300])
+def test_the_planned_clip_flops_are_what_the_clip_search_computes(tokens: int) -> None:
+    """plan_awq.clip_flops equals the matmul flops torch's flop counter sees in one clip search,
+    through the sample itself (40 rows <= group width 64) and through the groups' second
+    moments (300 rows, the moments built once)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from maverick_quant.compress.awq import clip_weights
+    from maverick_quant.plan_awq import clip_candidates, clip_flops
+    from maverick_quant.recipe import AWQSpec, QuantSpec
+
+    awq = AWQSpec()
+    with FlopCounterMode(display=False) as counter:
+        clip_weights(torch.randn(48, 256), torch.randn(tokens, 256), QuantSpec(bits=4, group_size=64), awq)
+    assert counter.get_total_flops() == clip_flops(tokens, 48, 256, 64, clip_candidates(awq))
+
+
 def test_plan_rounds_rtn_experts_instead_of_solving_them(tmp_path: Path, monkeypatch) -> None:
     """Experts under `rtn` (the policy, or starved ones falling back to it) are rounded in closed
     form: against the routed solve, the plan drops each expert's three GPTQ solves and its

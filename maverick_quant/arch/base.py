@@ -176,21 +176,35 @@ class ArchTable:
 
 def unfuse_experts(moe: MoEBlock, fused: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Fused expert tensors {fused name: [E, K, parts*N]} -> {linear name: W [E, N, K]}."""
-    out = {}
-    for linear in moe.expert_linears:
-        tensor = fused[linear.fused]
-        width = tensor.shape[-1] // linear.parts
-        out[linear.name] = tensor[..., linear.part * width : (linear.part + 1) * width].transpose(-1, -2)
-    return out
+    return {linear.name: expert_view(linear, fused[linear.fused]) for linear in moe.expert_linears}
 
 
-def fuse_experts(moe: MoEBlock, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Inverse of `unfuse_experts`: {linear name: W [E, N, K]} -> {fused name: [E, K, parts*N]}."""
-    out = {}
-    for name in moe.fused_names:
-        parts = sorted((l for l in moe.expert_linears if l.fused == name), key=lambda l: l.part)
-        out[name] = torch.cat([weights[l.name].transpose(-1, -2) for l in parts], dim=-1).contiguous()
-    return out
+def expert_view(linear: ExpertLinear, fused: torch.Tensor) -> torch.Tensor:
+    """Linear `linear`'s weights W [E, N, K] as a view of its fused tensor [E, K, parts*N]."""
+    width = fused.shape[-1] // linear.parts
+    return fused[..., linear.part * width : (linear.part + 1) * width].transpose(-1, -2)
+
+
+class FusedExpertsBuilder:
+    """Fused expert tensors {fused name: [count, K, parts*N]} filled in place, one piece at a
+    time: each piece (some experts of one linear, W [n, N, K]) is copied into its view of the
+    fused tensor (`expert_view`), so one copy of the experts and the piece being added are
+    alive, instead of three (the pieces, their concatenation, the fused result). A fused
+    tensor is allocated, with its first piece's dtype and device, when that piece arrives; the
+    caller adds every expert of every linear, then reads `fused`."""
+
+    def __init__(self, moe: MoEBlock, count: int):
+        self.moe, self.count = moe, count
+        self.fused: dict[str, torch.Tensor] = {}
+
+    def add(self, name: str, first: int, weight: torch.Tensor) -> None:
+        """Copy experts [first, first + n) of linear `name`, weight [n, N, K], into place."""
+        linear = next(linear for linear in self.moe.expert_linears if linear.name == name)
+        if linear.fused not in self.fused:
+            n, k = weight.shape[-2:]
+            self.fused[linear.fused] = torch.empty((self.count, k, linear.parts * n), dtype=weight.dtype,
+                                                   device=weight.device)
+        expert_view(linear, self.fused[linear.fused])[first : first + weight.shape[0]].copy_(weight)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ Nothing here touches modules, hooks or disk.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -106,22 +106,56 @@ def output_loss(x: torch.Tensor, weights: list[torch.Tensor], spec: QuantSpec | 
 def clip_weights(W: torch.Tensor, x: torch.Tensor, spec: QuantSpec, awq: AWQSpec,
                  budget_elements: int = 2**26) -> torch.Tensor:
     """W [N, K] with each (row, group) clamped to +-max|w| (1 - i / clip_grid), i chosen per
-    (row, group) to minimise sum_t (x_t,g . (Q(w_clip) - w)_g)^2 over the sample x [T, K].
-    Rows are processed in blocks so the error tensor [T, rows, G] stays under `budget_elements`."""
+    (row, group) to minimise its output error on the sample x [T, K]:
+
+        err[n, g] = sum_t (x_t,g . d_n,g)^2 = d_n,g^T C_g d_n,g      d = Q(w_clip) - w,
+        C_g = X_g^T X_g [width, width], the group's input second moment (`group_inputs`).
+
+    Each candidate costs 2 N K min(T, width) flops: through C_g when T > width (built once,
+    2 T K width flops), else through X_g directly. Rows are processed in blocks so that the
+    projected errors [G, rows, min(T, width)] stay under `budget_elements`."""
     n, k = W.shape
-    groups = spec.groups_for(k)
-    rows = max(1, budget_elements // max(1, x.shape[0] * groups))
-    return torch.cat([_clip_rows(W[start : start + rows], x, spec, awq) for start in range(0, n, rows)])
+    inputs = group_inputs(x, spec)
+    rows = max(1, budget_elements // (spec.groups_for(k) * inputs.matrix.shape[-1]))
+    return torch.cat([_clip_rows(W[start : start + rows], inputs, spec, awq) for start in range(0, n, rows)])
 
 
-def _clip_rows(W: torch.Tensor, x: torch.Tensor, spec: QuantSpec, awq: AWQSpec) -> torch.Tensor:
+class GroupInputs(NamedTuple):
+    """What the clip search projects each group's weight error d_g [n, width] on (`group_inputs`):
+    matrix C_g = X_g^T X_g [G, width, width] when `second_moment` (err = sum((d_g C_g) * d_g)),
+    else X_g^T [G, width, T] (err = sum((d_g X_g^T)^2)), summed over the last dim."""
+
+    matrix: torch.Tensor
+    second_moment: bool
+
+
+def group_inputs(x: torch.Tensor, spec: QuantSpec) -> GroupInputs:
+    """`GroupInputs` of the sample x [T, K] (the last group zero-padded): the second moments
+    when T > width (accumulated in fp64, held in fp32), else the sample itself."""
+    k = x.shape[-1]
+    width, groups = spec.group_width(k), spec.groups_for(k)
+    xg = torch.nn.functional.pad(x.float(), (0, groups * width - k)).view(-1, groups, width).transpose(0, 1)  # [G, T, w]
+    if xg.shape[1] > width:
+        return GroupInputs(torch.bmm(xg.transpose(1, 2).double(), xg.double()).float(), True)
+    return GroupInputs(xg.transpose(1, 2).contiguous(), False)
+
+
+def _group_errors(delta: torch.Tensor, inputs: GroupInputs) -> torch.Tensor:
+    """Output error per (row, group) [n, G] of the weight error delta [n, G, width] on the
+    sample: d^T C d, or ||X d||^2 when the sample has at most width rows."""
+    by_group = delta.transpose(0, 1)  # [G, n, w]
+    projected = torch.bmm(by_group, inputs.matrix)  # [G, n, w] (d C) or [G, n, T] (X d)
+    errors = (projected * by_group).sum(-1) if inputs.second_moment else projected.square().sum(-1)
+    return errors.T.contiguous()
+
+
+def _clip_rows(W: torch.Tensor, inputs: GroupInputs, spec: QuantSpec, awq: AWQSpec) -> torch.Tensor:
     """`clip_weights` for one block of rows W [n, K] (the grid is per row, so blocks are independent)."""
     n, k = W.shape
     width = spec.group_width(k)
     groups = spec.groups_for(k)
     pad = groups * width - k
     Wg = torch.nn.functional.pad(W.float(), (0, pad)).view(n, groups, width)
-    xg = torch.nn.functional.pad(x.float(), (0, pad)).view(-1, groups, width)  # [T, G, width]
     limit = Wg.abs().amax(-1, keepdim=True)  # [n, G, 1]
     best_err = torch.full((n, groups), float("inf"), device=W.device)
     best = Wg.clone()
@@ -130,7 +164,7 @@ def _clip_rows(W: torch.Tensor, x: torch.Tensor, spec: QuantSpec, awq: AWQSpec) 
         clipped = torch.maximum(torch.minimum(Wg, bound), -bound)
         q = rtn_fake(clipped.view(n, -1)[:, :k], spec)
         q = torch.nn.functional.pad(q, (0, pad)).view(n, groups, width)
-        err = torch.einsum("tgw,ngw->tng", xg, q - Wg).square().sum(0)  # [n, G]
+        err = _group_errors(q - Wg, inputs)  # [n, G]
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = torch.where(better[..., None], clipped, best)

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from maverick_quant.arch.base import fuse_experts
+from maverick_quant.arch.base import FusedExpertsBuilder
 from maverick_quant.bundle import Bundle, copy_model_files
 from maverick_quant.checkpoint import Checkpoint, ShardedWriter, write_json_atomic
 from maverick_quant.compress.types import QuantizedWeight
@@ -256,8 +256,11 @@ class ExportSource(CheckpointModelTensors):
         return out
 
     def expert_tensors(self, index: int, first: int, count: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        """Experts [first, first+count) of layer `index`, dequantized on `device` and fused as the model stores them."""
+        """Experts [first, first+count) of layer `index`, dequantized on `device` one expert at a time
+        into the fused tensors the model stores (`FusedExpertsBuilder`)."""
         prefix, moe = self.table.prefix(index), self.table.plan(self.text_config, index).moe
-        unfused = {l.name: torch.stack([self._linear(f"{prefix}{moe.experts}.{e}.{l.name}", device) for e in range(first, first + count)])
-                   for l in moe.expert_linears}
-        return fuse_experts(moe, unfused)
+        fused = FusedExpertsBuilder(moe, count)
+        for linear in moe.expert_linears:
+            for expert in range(first, first + count):
+                fused.add(linear.name, expert - first, self._linear(f"{prefix}{moe.experts}.{expert}.{linear.name}", device)[None])
+        return fused.fused
