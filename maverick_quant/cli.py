@@ -63,12 +63,16 @@ def _calib_spec(samples: int, seq_len: int, seed: int, chat_template: bool) -> C
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--device", default="auto", show_default=True,
               help="Where --coverage runs the model's layers: auto (CUDA if present), cpu, cuda, cuda:N.")
+@click.option("--resume", is_flag=True,
+              help="Go on with an interrupted --coverage run of the same inputs (each finished layer is kept).")
 @click.option("--progress/--no-progress", default=True)
-def calibrate(model_dir, data, out, samples, seq_len, seed, chat_template, coverage, force, device, progress) -> None:
+def calibrate(model_dir, data, out, samples, seq_len, seed, chat_template, coverage, force, device, resume,
+              progress) -> None:
     """Draw a reproducible calibration set (token windows + provenance) from DATA."""
     from maverick_quant.calibration.data import make_calibration
     from maverick_quant.checkpoint import atomic_output_dir, check_output_dir
     from maverick_quant.devices import resolve_device, use_device
+    from maverick_quant.resume import resumable_output_dir, run_identity
     from maverick_quant.streaming import open_source
 
     check_output_dir(out, force)
@@ -76,13 +80,17 @@ def calibrate(model_dir, data, out, samples, seq_len, seed, chat_template, cover
     use_device(compute)
     source = open_source(model_dir) if coverage else None  # refuse a bad model before tokenizing
     calibration = make_calibration(model_dir, data, _calib_spec(samples, seq_len, seed, chat_template))
-    with atomic_output_dir(out, force) as tmp:
-        calibration.save(tmp)
-        if coverage:
-            from maverick_quant.coverage import coverage_summary, expert_coverage, write_coverage
+    if not coverage:
+        with atomic_output_dir(out, force) as tmp:
+            calibration.save(tmp)
+    else:
+        from maverick_quant.coverage import coverage_summary, expert_coverage, write_coverage
 
-            counts = expert_coverage(source, calibration.input_ids, show_progress=progress, device=compute)
-            write_coverage(counts, tmp)
+        identity = run_identity(source.checkpoint.fingerprint(), {"coverage": True}, calibration.input_ids, job="calibrate")
+        with resumable_output_dir(out, identity, force, resume) as (work, state):
+            calibration.save(work)
+            counts = expert_coverage(source, calibration.input_ids, show_progress=progress, device=compute, state=state)
+            write_coverage(counts, work)
             click.echo(coverage_summary(counts))
     click.echo(f"calibration: {calibration.input_ids.shape[0]} windows x {calibration.input_ids.shape[1]} tokens -> {out}")
 
@@ -349,15 +357,17 @@ def export(bundle_dir, fmt, out, max_shard_size, gguf_type, requantize, gguf_pre
 @click.option("--force", is_flag=True, help="Replace an existing file.")
 @click.option("--device", default="auto", show_default=True,
               help="Where the model's layers run: auto (CUDA if present), cpu, cuda, cuda:N.")
+@click.option("--resume", is_flag=True, help="Go on from where an interrupted run with the same inputs stopped.")
 @click.option("--progress/--no-progress", default=True)
 def imatrix(model_dir, data, calib, out, samples, seq_len, seed, chat_template, moe_chunk_mib, force, device,
-            progress) -> None:
+            resume, progress) -> None:
     """Write MODEL_DIR's activation statistics over the calibration set as a llama.cpp imatrix
-    GGUF (for `llama-quantize --imatrix`), routed experts per expert."""
+    GGUF (for `llama-quantize --imatrix`), routed experts per expert. Each finished layer is
+    kept beside OUT: after a crash, the same command with --resume goes on from there."""
     from maverick_quant.jobs import run_imatrix
 
     run_imatrix(model_dir, out, data, calib, _calib_spec(samples, seq_len, seed, chat_template), force, progress,
-                moe_chunk_mib, device)
+                moe_chunk_mib, device, resume)
 
 
 @cli.command()

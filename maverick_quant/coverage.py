@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from maverick_quant.checkpoint import write_json_atomic
 from maverick_quant.errors import InputError
@@ -21,24 +20,30 @@ COVERAGE_JSON, COVERAGE_PNG = "coverage.json", "coverage.png"
 
 @torch.no_grad()
 def expert_coverage(source: WeightSource, input_ids: torch.Tensor, batch: int = 8,
-                    show_progress: bool = True, device: torch.device | str = "cpu") -> dict:
+                    show_progress: bool = True, device: torch.device | str = "cpu", state=None) -> dict:
     """Stream the float model over `input_ids` [S, L] (layers on `device`, hidden states on the
-    host); tokens routed to each expert per MoE layer.
+    host); tokens routed to each expert per MoE layer. `state` (resume.RunState): keep each
+    layer's counts and the hidden states after it, and go on from an earlier attempt's (walk.py).
 
     Returns {"tokens": S*L, "layers": {layer: [count per expert]}, "starved": {layer: [experts with 0]}}.
     """
+    from maverick_quant.walk import walk_layers
+
     model = StreamingModel(source, batch=batch, device=device)
     moe_layers = [i for i in range(model.num_layers) if model.plan(i).moe is not None]
     if not moe_layers:
         raise InputError("--coverage: this model has no mixture-of-experts layers")
-    hidden = model.embed(input_ids)
-    counts = {}
-    for index in tqdm(range(moe_layers[-1] + 1), desc="coverage layers", unit="layer", disable=not show_progress):
-        if index in moe_layers:
-            layer = model.layer(index, source.layer_tensors(index, experts=False))
-            counts[index] = run_moe_layer(model, index, layer, hidden).counts.tolist()
-        else:
+
+    def step(index: int, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        if index not in moe_layers:
             model.run_layer(model.layer(index), hidden, out=hidden)
+            return {}
+        layer = model.layer(index, source.layer_tensors(index, experts=False))
+        return {"counts": run_moe_layer(model, index, layer, hidden).counts.cpu()}
+
+    counts = {index: results["counts"].tolist()
+              for index, results in walk_layers(moe_layers[-1] + 1, model.embed(input_ids), step, state,
+                                                "coverage layers", show_progress) if "counts" in results}
     return {"tokens": int(input_ids.numel()), "layers": counts,
             "starved": {index: [e for e, n in enumerate(c) if n == 0] for index, c in counts.items()}}
 

@@ -108,12 +108,14 @@ def _check_output_file(out: Path, force: bool, example: str) -> None:
         raise InputError(f"{out}: is a directory; this writes one file (e.g. --out {example})")
 
 
-def run_imatrix(model_dir, out, data, calib, calib_spec, force, progress, chunk_mib, device="auto"):
+def run_imatrix(model_dir, out, data, calib, calib_spec, force, progress, chunk_mib, device="auto", resume=False):
     """llama.cpp imatrix GGUF of MODEL_DIR's float model over a calibration set, its layers run
-    on `device`."""
+    on `device`; each layer's sums and the hidden states after it are kept in `.NAME.resume`
+    beside `out`, so that `resume` goes on with an interrupted run of the same inputs (walk.py)."""
     from maverick_quant.calibration.data import CalibrationSet, make_calibration
     from maverick_quant.calibration.imatrix import collect_imatrix, write_imatrix_gguf
     from maverick_quant.devices import resolve_device, use_device
+    from maverick_quant.resume import resumable_output_dir, run_identity
     from maverick_quant.streaming import open_source
 
     _check_output_file(out, force, "model.imatrix.gguf")
@@ -123,10 +125,13 @@ def run_imatrix(model_dir, out, data, calib, calib_spec, force, progress, chunk_
         raise InputError("imatrix needs --data FILE|self or --calib DIR")
     source = open_source(model_dir)
     calibration = CalibrationSet.load(calib) if calib else make_calibration(model_dir, data, calib_spec)
-    imatrix = collect_imatrix(source, calibration.input_ids, chunk_mib=chunk_mib, show_progress=progress, device=compute)
-    datasets = [str(calibration.meta.get("source") or calib or data)]
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    write_imatrix_gguf(imatrix, Path(out), datasets)
+    identity = run_identity(source.checkpoint.fingerprint(), {}, calibration.input_ids, job="imatrix")
+    out = Path(out)
+    with resumable_output_dir(out, identity, force, resume, single_file=True) as (work, state):
+        imatrix = collect_imatrix(source, calibration.input_ids, chunk_mib=chunk_mib, show_progress=progress,
+                                  device=compute, state=state)
+        datasets = [str(calibration.meta.get("source") or calib or data)]
+        write_imatrix_gguf(imatrix, work / out.name, datasets)
     click.echo(f"imatrix: {len(imatrix.entries)} linears over {imatrix.chunk_count} x {imatrix.chunk_size} tokens -> {out}")
 
 

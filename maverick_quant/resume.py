@@ -40,14 +40,15 @@ import torch
 from safetensors import SafetensorError
 
 from maverick_quant import __version__
-from maverick_quant.checkpoint import (check_output_dir, replace_dir, save_safetensors_atomic, sha256_file,
-                                       write_json_atomic)
+from maverick_quant.checkpoint import (check_output_dir, durable_replace, replace_dir, save_safetensors_atomic,
+                                       sha256_file, write_json_atomic)
 from maverick_quant.errors import InputError
 
 RUN_FILE = "run.json"
 LEGACY_HIDDEN_FILE = "hidden.safetensors"  # before hidden states were named by layer (checked by sha256)
 PROGRESS_FILE = "progress.json"
 CHUNKS_DIR = "chunks"  # one record per finished expert chunk of the layer in progress
+RESULTS_DIR = "results"  # what a forward-only walk gathered, one file per finished layer (walk.py)
 
 
 def work_dir_for(out: Path) -> Path:
@@ -69,9 +70,11 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-def run_identity(source_fingerprint: str, spec: dict, calibration_ids: torch.Tensor | None) -> dict:
-    """What a run computes; a resumed run must match it exactly (JSON values, as stored)."""
-    identity = {"source_fingerprint": source_fingerprint, "quantize": spec, "tool_version": __version__,
+def run_identity(source_fingerprint: str, spec: dict, calibration_ids: torch.Tensor | None,
+                 job: str = "quantize") -> dict:
+    """What a run computes (`job`: quantize, imatrix, calibrate, with its options `spec`); a
+    resumed run must match it exactly (JSON values, as stored)."""
+    identity = {"source_fingerprint": source_fingerprint, job: spec, "tool_version": __version__,
                 "calibration_sha256": None if calibration_ids is None else tensor_sha256(calibration_ids)}
     return json.loads(json.dumps(identity, default=str))
 
@@ -121,6 +124,23 @@ class RunState:
             return None
         saved = json.loads(path.read_text())
         return saved["record"], saved["audit"]
+
+    def _results_path(self, index: int) -> Path:
+        return self.folder / RESULTS_DIR / f"layer-{index:05d}.safetensors"
+
+    def save_layer_results(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
+        """What a forward-only walk (walk.py: imatrix, coverage) gathered in layer `index`,
+        written before the progress record that counts the layer finished."""
+        self._results_path(index).parent.mkdir(parents=True, exist_ok=True)
+        save_safetensors_atomic(tensors, self._results_path(index))
+
+    def layer_results(self, index: int) -> dict[str, torch.Tensor]:
+        """The tensors `save_layer_results` kept for layer `index` (InputError if unreadable)."""
+        return read_layer_tensors(self._results_path(index), index + 1)
+
+    def finished_results(self) -> set[int]:
+        """The layers whose results an earlier attempt kept."""
+        return {int(path.stem.removeprefix("layer-")) for path in (self.folder / RESULTS_DIR).glob("layer-*.safetensors")}
 
     def recorded_device(self) -> str | None:
         """The device the finished layers were computed on (devices.device_label), if recorded."""
@@ -201,10 +221,11 @@ class ReadOnlyState(RunState):
 
 
 @contextlib.contextmanager
-def resumable_output_dir(out: Path, identity: dict, force: bool = False,
-                         resume: bool = False) -> Iterator[tuple[Path, RunState]]:
+def resumable_output_dir(out: Path, identity: dict, force: bool = False, resume: bool = False,
+                         single_file: bool = False) -> Iterator[tuple[Path, RunState]]:
     """Yield (work directory, run state) of `out`; the work directory becomes `out` when the
-    block succeeds, and the state is removed.
+    block succeeds (`single_file`: the file work/NAME becomes the file `out`, the work directory
+    is removed), and the state is removed.
 
     Without `resume`, an unfinished run is refused unless `force` discards it. With `resume`,
     its run.json must equal `identity`. Bad input found during the run (InputError) removes
@@ -234,7 +255,11 @@ def resumable_output_dir(out: Path, identity: dict, force: bool = False,
                 raise
             except OSError as exc:
                 raise InputError(_io_failure_message(exc, work)) from exc
-            replace_dir(work, out)
+            if single_file:
+                durable_replace(work / out.name, out)
+                shutil.rmtree(work, ignore_errors=True)
+            else:
+                replace_dir(work, out)
             shutil.rmtree(state.folder, ignore_errors=True)
         finally:
             Path(lock.name).unlink(missing_ok=True)  # still ours: we hold the lock

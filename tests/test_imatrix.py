@@ -99,3 +99,43 @@ def test_imatrix_needs_calibration_data(tiny_llama_dir: Path, tmp_path: Path) ->
 def test_imatrix_refuses_a_directory_as_output(tiny_llama_dir: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["imatrix", str(tiny_llama_dir), "--data", "self", "--out", str(tmp_path), "--force"])
     assert result.exit_code == 2 and "is a directory" in result.output
+
+
+def test_a_killed_imatrix_or_coverage_run_resumes_to_the_same_output(tiny_llama4_dir: Path, tmp_path: Path) -> None:
+    """SIGKILLed inside an atomic write (the hidden states entering layer 2, after layer 1's
+    sums), the run leaves its finished layers beside the output and no output; without
+    --resume or with other inputs it is refused, naming why; --resume finishes it, reading
+    layers 0-1 back, and the GGUF equals an uninterrupted run's byte for byte. The same for
+    `calibrate --coverage` (killed entering layer 2), whose coverage.json equals an
+    uninterrupted run's."""
+    from tests.test_resume import _kill_during_write
+
+    from maverick_quant.resume import state_dir_for
+
+    calib, other = tmp_path / "calib", tmp_path / "other"
+    text = _text(tmp_path, "wiki.valid.tokens")
+    for folder, seed in ((calib, 0), (other, 1)):
+        run("calibrate", tiny_llama4_dir, "--data", text, "--samples", SAMPLES, "--seq-len", LENGTH, "--seed", seed,
+            "--out", folder, "--no-progress")
+    whole, resumed = tmp_path / "whole.gguf", tmp_path / "resumed.gguf"
+    run("imatrix", tiny_llama4_dir, "--calib", calib, "--out", whole, "--no-progress")
+    args = ["imatrix", str(tiny_llama4_dir), "--calib", str(calib), "--out", str(resumed), "--no-progress"]
+    _kill_during_write(args, 4)  # results 0, hidden 1, results 1, then the hidden states entering layer 2
+    state = state_dir_for(resumed)
+    assert not resumed.exists() and sorted(p.name for p in (state / "results").iterdir()) == [
+        "layer-00000.safetensors", "layer-00001.safetensors"]
+    refused = CliRunner().invoke(cli, args)
+    assert refused.exit_code == 2 and "--resume" in refused.output
+    changed = CliRunner().invoke(cli, [*args[:3], str(other), *args[4:], "--resume"])
+    assert changed.exit_code == 2 and "calibration_sha256" in changed.output and state.is_dir()
+    run(*args, "--resume")
+    assert resumed.read_bytes() == whole.read_bytes() and not state.exists()
+
+    coverage_args = lambda out: ["calibrate", str(tiny_llama4_dir), "--data", str(text), "--samples", str(SAMPLES),  # noqa: E731
+                                 "--seq-len", str(LENGTH), "--coverage", "--out", str(out), "--no-progress"]
+    run(*coverage_args(tmp_path / "cov-whole"))
+    _kill_during_write(coverage_args(tmp_path / "cov"), 5)  # calibration, results 0, hidden 1, results 1, hidden 2
+    assert not (tmp_path / "cov").exists() and (state_dir_for(tmp_path / "cov") / "results").is_dir()
+    run(*coverage_args(tmp_path / "cov"), "--resume")
+    assert ((tmp_path / "cov" / "coverage.json").read_text() == (tmp_path / "cov-whole" / "coverage.json").read_text())
+    assert not state_dir_for(tmp_path / "cov").exists()

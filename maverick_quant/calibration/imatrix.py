@@ -81,29 +81,49 @@ def _expert_observer(index: int, moe, config, out: Imatrix):
 @torch.no_grad()
 def collect_imatrix(source: WeightSource, input_ids: torch.Tensor, batch: int = 8,
                     chunk_mib: int = MoESpec.chunk_mib, show_progress: bool = True,
-                    device: torch.device | str = "cpu") -> Imatrix:
+                    device: torch.device | str = "cpu", state=None) -> Imatrix:
     """Square sums of every quantizable linear's input over windows `input_ids` [S, L] (layers
-    on `device`, hidden states on the host)."""
+    on `device`, hidden states on the host). `state` (resume.RunState): keep each layer's sums
+    and the hidden states after it, and go on from an earlier attempt's (walk.py)."""
     from maverick_quant.experts import run_moe_layer
+    from maverick_quant.walk import walk_layers
 
     model = StreamingModel(source, batch=batch, device=device)
     out = Imatrix(chunk_count=int(input_ids.shape[0]), chunk_size=int(input_ids.shape[1]))
-    hidden = model.embed(input_ids)
-    for index in tqdm(range(model.num_layers), desc="imatrix layers", unit="layer", disable=not show_progress):
+
+    def step(index: int, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
         plan = model.plan(index)
         tensors = None if plan.moe is None else source.layer_tensors(index, experts=False)
         layer = model.layer(index, tensors)
-        handles = _hook_linears(layer, plan.linears, index, out)
+        gathered = Imatrix()
+        handles = _hook_linears(layer, plan.linears, index, gathered)
         try:
             if plan.moe is None:
                 model.run_layer(layer, hidden, out=hidden)
             else:
                 run_moe_layer(model, index, layer, hidden, chunk_mib,
-                              observe=_expert_observer(index, plan.moe, model.config, out))
+                              observe=_expert_observer(index, plan.moe, model.config, gathered))
         finally:
             for handle in handles:
                 handle.remove()
+        return layer_sums_tensors(gathered)
+
+    for index, results in walk_layers(model.num_layers, model.embed(input_ids), step, state, "imatrix layers",
+                                      show_progress):
+        out.entries.update(layer_sums(index, results))
     return out
+
+
+def layer_sums_tensors(imatrix: Imatrix) -> dict[str, torch.Tensor]:
+    """One layer's entries as tensors {"<linear>.sum2": fp64 [E, K], "<linear>.counts": int64 [E]}."""
+    return {f"{name}.{part}": getattr(sums, part) for (_, name), sums in imatrix.entries.items()
+            for part in ("sum2", "counts")}
+
+
+def layer_sums(index: int, tensors: dict[str, torch.Tensor]) -> dict[tuple[int, str], SquareSums]:
+    """Inverse of `layer_sums_tensors` for layer `index`."""
+    names = sorted({key.rsplit(".", 1)[0] for key in tensors})
+    return {(index, name): SquareSums(tensors[f"{name}.sum2"], tensors[f"{name}.counts"]) for name in names}
 
 
 def imatrix_tensors(imatrix: Imatrix) -> dict[str, np.ndarray]:
