@@ -227,17 +227,21 @@ class Bundle:
     def num_layers(self) -> int:
         return len(self.manifest["layers"])
 
-    def quantized_layer(self, index: int) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor]]:
-        """Layer `index` as ({relative linear name: QuantizedWeight}, {relative name: float tensor})."""
+    def quantized_layer(self, index: int, device: torch.device | str = "cpu") -> tuple[dict[str, QuantizedWeight],
+                                                                                    dict[str, torch.Tensor]]:
+        """Layer `index` as ({relative linear name: QuantizedWeight on `device`}, {relative name:
+        float tensor on the host}): the stored (nibble-packed) codes move to `device` and are
+        unpacked there."""
         from safetensors.torch import load_file
 
         record = self.manifest["layers"][index]
         tensors = load_file(str(self.root / record["file"]))
         prefix = record["prefix"]
+        coded = {f"{prefix}{name}.{part}" for name in record["quantized"] for part in QUANTIZED_PARTS}
+        stored = {key: tensor.to(device) for key, tensor in tensors.items() if key in coded}
         grids = {name: self.tensor_quant(index, name) for name in record["quantized"]}
-        quantized = {name: decode_quantized(prefix + name, tensors, info["shape"], grids[name]["bits"], grids[name]["group_size"])
+        quantized = {name: decode_quantized(prefix + name, stored, info["shape"], grids[name]["bits"], grids[name]["group_size"])
                      for name, info in record["quantized"].items()}
-        coded = {f"{prefix}{name}.{part}" for name in quantized for part in QUANTIZED_PARTS}
         passthrough = {key[len(prefix):]: t for key, t in tensors.items() if key not in coded}
         return quantized, passthrough
 
@@ -286,19 +290,20 @@ class Bundle:
             if lo >= hi:
                 continue
             for linear in moe.expert_linears:
-                weight = self._expert_linear(chunk, linear.name)
+                weight = self._expert_linear(chunk, linear.name, device)
                 for expert in range(lo, hi):
-                    fused.add(linear.name, expert - first, weight[expert - chunk["first"]].dequantize_on(device)[None])
+                    fused.add(linear.name, expert - first, weight[expert - chunk["first"]].dequantize()[None])
         return fused.fused
 
-    def _expert_linear(self, chunk: dict, name: str) -> QuantizedWeight:
-        """One linear of one stored expert chunk, QuantizedWeight [count, N, K]."""
+    def _expert_linear(self, chunk: dict, name: str, device: torch.device | str = "cpu") -> QuantizedWeight:
+        """One linear of one stored expert chunk, QuantizedWeight [count, N, K] on `device`
+        (its packed codes move there and are unpacked there)."""
         from safetensors import safe_open
 
         key = chunk["prefix"] + name
         with safe_open(str(self.root / chunk["file"]), framework="pt") as handle:
             present = set(handle.keys())
-            tensors = {f"{key}.{part}": handle.get_tensor(f"{key}.{part}") for part in QUANTIZED_PARTS
+            tensors = {f"{key}.{part}": handle.get_tensor(f"{key}.{part}").to(device) for part in QUANTIZED_PARTS
                        if f"{key}.{part}" in present}
         return decode_quantized(key, tensors, chunk["shapes"][name], self.quant["bits"], self.quant["group_size"])
 
@@ -317,8 +322,8 @@ class Bundle:
 
     def layer_tensors(self, index: int, experts: bool = True, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """Layer `index`'s float tensors, the quantized ones dequantized on `device`."""
-        quantized, passthrough = self.quantized_layer(index)
-        out = {**passthrough, **{f"{name}.weight": w.dequantize_on(device) for name, w in quantized.items()}}
+        quantized, passthrough = self.quantized_layer(index, device)
+        out = {**passthrough, **{f"{name}.weight": w.dequantize() for name, w in quantized.items()}}
         moe = self.table.plan(self.text_config, index).moe
         if experts and moe is not None:
             out.update(self.expert_tensors(index, 0, moe.num_experts, device))

@@ -21,13 +21,14 @@ beside the baseline, in bytes:
                      expert_chunks n_c 3 D I (4 + 5)     (MoE layer) a chunk of the reference's
                                                  experts in fp32 while the candidate's is read:
                                                  its fused fp32 tensors, filled one expert at a
-                                                 time, and the codes of one linear (at most 1
-                                                 byte a weight)
+                                                 time, and the unpacked codes of one linear (at
+                                                 most 1 byte a weight)
                      expert_work   n_hot (5 D + 3 I) 4   (MoE layer) the busiest expert's inputs of
                                                  both models, its intermediates and both outputs
-             host    expert_reads  n_c 3 D I (s + c + 1)   (MoE layer, GPU runs) a chunk of the
+             host    expert_reads  n_c 3 D I (s + c)   (MoE layer, GPU runs) a chunk of the
                                                  reference as stored and of the candidate as
-                                                 stored (c bytes per weight) and its codes
+                                                 stored (c bytes per weight; a bundle's packed
+                                                 codes are unpacked on the device)
                                                  unpacked to a byte each, on the host before they
                                                  move to the GPU, where the candidate is dequantized
     score    host    caches
@@ -224,7 +225,7 @@ def _phases(table, text, settings: ValidationSettings, stored_bytes: float, cand
         moe = _moe_terms(text, plan, tokens, 2, chunk, stored_bytes, max(counts), 2)
         host = {**caches, "moe_input": tokens * hidden * FP32}
         if gpu:
-            host["expert_reads"] = int(chunk * 3 * hidden * text.intermediate_size * (stored_bytes + candidate_bytes + 1))
+            host["expert_reads"] = int(chunk * 3 * hidden * text.intermediate_size * (stored_bytes + candidate_bytes))
         phases.append(Phase(f"layer {index}", host, {"layers": 2 * layer, **moe}))
         choice_layers.append({"layers": layer, **_moe_terms(text, plan, pass_tokens, 1, chunk, stored_bytes, 0, 1)})
     logit_rows = max(1, settings.batch // 2) * settings.ctx  # evaluate._score's windows per step

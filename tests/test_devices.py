@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from maverick_quant.calibration.capture import capture_samples
 from maverick_quant.calibration.moe import mean_outer, policy_hessian, sample_tokens
@@ -179,6 +180,21 @@ def test_coverage_and_imatrix_on_cuda_match_the_cpu_run(tiny_llama4_dir: Path) -
         assert torch.equal(sums["cuda"][key].counts, value.counts)
 
 
+class _BytesToDevice(TorchDispatchMode):
+    """Counts the bytes of host tensors copied to `device` while active."""
+
+    def __init__(self, device: str):
+        super().__init__()
+        self.device, self.bytes = device, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if (func is torch.ops.aten._to_copy.default and args[0].device.type == "cpu"
+                and isinstance(out, torch.Tensor) and out.device.type == self.device):
+            self.bytes += args[0].nbytes
+        return out
+
+
 @pytest.mark.parametrize("export", [None, "gptq"])
 def test_a_quantized_source_dequantizes_where_the_model_computes(tiny_llama4_dir: Path, small_text_file: Path,
                                                                  tmp_path: Path, export: str | None) -> None:
@@ -206,5 +222,9 @@ def test_a_quantized_source_dequantizes_where_the_model_computes(tiny_llama4_dir
     assert tensors["input_layernorm.weight"].device.type == "cpu"
     assert all(t.device.type == "meta" for t in model.expert_tensors(1, 0, 2).values())
     assert {name: t.shape for name, t in tensors.items()} == {name: t.shape for name, t in on_cpu.items()}
+    with _BytesToDevice("meta") as crossing:  # a bundle's packed codes cross; an export's codes, a byte each
+        quantized = [t for t in model.layer_tensors(1).values() if t.device.type == "meta"]  # routed experts included
+    per_weight = crossing.bytes / sum(t.numel() for t in quantized)
+    assert 0.5 <= per_weight < 0.7 if export is None else 1.0 <= per_weight < 1.2  # + group-32 scales and zeros
     assert {t.device.type for t in source.layer_tensors(1).values()} == {"cpu"}
     assert {t.device.type for t in StreamingModel(source).layer_tensors(1).values()} == {"cpu"}

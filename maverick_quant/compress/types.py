@@ -88,21 +88,15 @@ class QuantizedWeight:
         """[A, B, ..., K] -> [A*B, ..., K]: e.g. per-KV-head solves [kv, hd, K] back to [kv*hd, K]."""
         return self.map_tensors(lambda t: t.flatten(0, 1))
 
-    def group_index(self) -> torch.Tensor:
-        """g_idx: int32 [K], the group of each input column."""
+    def group_index(self, dtype: torch.dtype = torch.int32, device: torch.device | str = "cpu") -> torch.Tensor:
+        """g_idx: [K] (int32 on the host unless asked), the group of each input column."""
         k = self.codes.shape[-1]
         width = k if self.group_size == -1 else self.group_size
-        return torch.arange(k, dtype=torch.int32) // width
-
-    def dequantize_on(self, device: torch.device | str) -> torch.Tensor:
-        """W_hat [..., N, K] fp32 computed on `device`: the codes (one byte each, as unpacked on
-        the host), scales and zeros move there first, a quarter of the fp32 weight's bytes, then
-        `dequantize` runs there, with the same result bit for bit (elementwise, correctly rounded ops)."""
-        return self.map_tensors(lambda tensor: tensor.to(device)).dequantize()
+        return torch.arange(k, dtype=dtype, device=device) // width
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """W_hat [..., N, K] in `dtype`, computed in fp32 then cast."""
-        g_idx = self.group_index().long().to(self.codes.device)
+        """W_hat [..., N, K] in `dtype`, computed in fp32 then cast, on the codes' device."""
+        g_idx = self.group_index(torch.int64, self.codes.device)
         if self.offset_grid:
             return self._dequantize_offset(g_idx).to(dtype)
         scales = self.scales.float().index_select(-1, g_idx)

@@ -229,14 +229,16 @@ class ExportSource(CheckpointModelTensors):
 
     def _linear(self, module: str, device: torch.device | str = "cpu") -> torch.Tensor:
         """Weight of the linear `module` (full name) dequantized on `device`, or its float weight
-        when it was left unquantized (a keep_float override)."""
+        when it was left unquantized (a keep_float override). The layout's tensors are decoded
+        (and checked) on the host, where their shape tensors and g_idx are read; the unpacked
+        codes, one byte a weight, with the scales and zeros, then move to `device`."""
         if f"{module}.weight" in self.checkpoint.tensors:
             return self.checkpoint.get(f"{module}.weight")
         tensors = {part: self.checkpoint.get(f"{module}.{part}") for part in self.layout.parts
                    if f"{module}.{part}" in self.checkpoint.tensors}
         grid = self.layout.grid(self.quant, module)  # the config was checked when the export was opened
         try:
-            return self.layout.from_tensors(tensors, *grid).dequantize_on(device)
+            return self.layout.from_tensors(tensors, *grid).map_tensors(lambda t: t.to(device)).dequantize()
         except KeyError as exc:
             raise InputError(f"{self.checkpoint.model_dir}: module {module}: tensor {module}.{exc.args[0]} is missing") from None
         except ValueError as exc:
