@@ -32,7 +32,9 @@ the host keeps the cache, the expert reads and the final tensors:
                   context, about 0.5 GiB, comes on top)
 
 RTN holds no cache and no Hessian. Time is the forwards' and Hessians' floating-point work
-divided by the measured fp32 matmul rate of the run's device, plus every GPTQ solve costed as
+(each sampling pass priced up to the group it stops at, with the attention once past it:
+`pass_flops`; the values' attention-mixed Hessians: `gptq_passes`) divided by the measured
+fp32 matmul rate of the run's device, plus every GPTQ solve costed as
 K * column_seconds + (2 N K^2 + K^3) / gptq_rate, both fitted to two real solves timed on that
 device (compute_rates.py; cached in $MAVERICK_QUANT_CACHE, a few seconds the first time), plus,
 under `clip_search`, every quantized weight at the search's measured seconds per weight, plus,
@@ -209,12 +211,10 @@ def layer_cost(table, config, index: int, calib: CalibSpec, spec: QuantizeSpec,
     calibrated = spec.method is not Method.RTN
     prefix = table.prefix(index)
     dense = {name: plan.shapes[name + ".weight"] for name in plan.linears if not spec.keeps_float(prefix + name)}
-    dense_params = sum(math.prod(s) for s in dense.values())
     widest = max((s[1] for s in dense.values()), default=0)
     memory = {"layer": 2 * 4 * sum(math.prod(s) for n, s in plan.shapes.items() if not (plan.moe and n in plan.moe.fused_names))}
     names, count = [name + ".weight" for name in dense], len(dense)
-    matmul = 2 * tokens * dense_params * (len(plan.groups) + 1)  # a forward per sequential group, and the output
-    hessian_flops = 0
+    matmul, hessian_flops = gptq_passes(plan, config, calib, set(dense))
     solves = [(1, s[0], s[1]) for s in dense.values()]
     if calibrated:
         memory["cache"] = tokens * hidden * 4
@@ -224,7 +224,6 @@ def layer_cost(table, config, index: int, calib: CalibSpec, spec: QuantizeSpec,
         memory["hessians"] = 3 * widest**2 * 4
         inter = max((s[0] for s in dense.values()), default=hidden)
         memory["activations"] = spec.batch_windows * calib.seq_len * max(3 * hidden, 2 * inter) * 4 * 2
-        hessian_flops += sum(2 * tokens * s[1] ** 2 for s in dense.values())  # Hessian accumulation
     counts, rounded = None, 0
     if plan.moe is not None:
         moe = plan.moe
@@ -232,7 +231,12 @@ def layer_cost(table, config, index: int, calib: CalibSpec, spec: QuantizeSpec,
         expert_params = 3 * hidden * inter
         names, count = names + list(moe.fused_names), count + 3 * moe.num_experts
         routed = tokens * moe.top_k
-        matmul += 2 * routed * expert_params * 2
+        shared_first, shared_all = (sum(math.prod(plan.shapes[name + ".weight"]) for group in groups for name in group.linears)
+                                    for groups in (moe.shared[:1], moe.shared))
+        output = 2 * tokens * shared_all  # the shared expert's output, then the routed experts' twice:
+        matmul += output + 2 * tokens * shared_first + 2 * routed * expert_params * 2  # down inputs, output
+        hessian_flops += sum(2 * tokens * plan.shapes[group.linears[0] + ".weight"][1] ** 2 for group in moe.shared
+                             if set(group.linears) & set(dense))  # the shared expert's (its gate/up pass above)
         counts = [routed * share for share in shares or [1 / moe.num_experts] * moe.num_experts]
         policies = expected_policies(counts, spec.moe, max(hidden, inter))
         solved = sum(policy is not ExpertPolicy.RTN for policy in policies)  # `rtn` experts: rounded in closed form
@@ -252,13 +256,57 @@ def layer_cost(table, config, index: int, calib: CalibSpec, spec: QuantizeSpec,
     cost = LayerCost(index, memory, float(matmul + hessian_flops if calibrated else 0), solves if calibrated else [], weights,
                      rounded_weights=rounded if calibrated else weights)
     if spec.method.searches_scales:
-        awq = awq_layer_cost(plan, dense, tokens, hidden, config.intermediate_size, spec, counts)
+        awq = awq_layer_cost(plan, dense, config, calib, spec, counts)
         memory["awq_search"], cost.matmul_flops = awq.memory, cost.matmul_flops + awq.flops
         cost.awq_rounded, cost.expert_rereads = awq.rounded, awq.expert_rereads
         if spec.method is Method.AWQ:  # round to nearest after scaling: no solve, no Hessian, one pass for the output
             cost.gptq_solves, cost.rounded_weights = [], weights
-            cost.matmul_flops = float(matmul - 2 * tokens * dense_params * len(plan.groups) + awq.flops)
+            routed_output = 0 if plan.moe is None else output + 2 * tokens * plan.moe.top_k * 3 * hidden * config.intermediate_size
+            cost.matmul_flops = float(pass_flops(config, plan, calib) + routed_output + awq.flops)
     return cost, names, count
+
+
+def attention_flops(config, plan, calib: CalibSpec) -> float:
+    """The attention's own work (scores and the weighted values) in one pass of a layer over the
+    calibration windows: 2 * 2 * T * keys * H_q * head_dim, every query against every key of its
+    window, keys = min(L, attention window). Masked keys are counted too: torch's CPU attention
+    computes them (SmolLM2, 16 x 512 tokens: its 240 SDPA calls took 8.0 s, 145 GFLOP/s so
+    counted, beside a matmul rate of 165)."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    keys = min(calib.seq_len, plan.attention_window or calib.seq_len)
+    return 4.0 * calib.samples * calib.seq_len * keys * heads * head_dim
+
+
+def pass_flops(config, plan, calib: CalibSpec, stop: str | None = None) -> float:
+    """One pass of a layer over the calibration windows that stops where the linear `stop` runs
+    (None: the whole layer up to its MoE block): the linears before it and, once past it, the
+    attention (LayerPlan.params_before / attends_before)."""
+    attention = attention_flops(config, plan, calib) if plan.attends_before(stop) else 0.0
+    return 2.0 * calib.samples * calib.seq_len * plan.params_before(stop) + attention
+
+
+def gptq_passes(plan, config, calib: CalibSpec, solved: set[str]) -> tuple[float, float]:
+    """(forward flops, Hessian flops) of GPTQ's dense groups in one layer: each sequential group's
+    pass stops at its input (the values' group runs through the attention, eager, and stops
+    after it), then the output pass; each group solved (a linear in `solved`) accumulates
+    2 T K^2, the values' per KV head the attention-mixed form (capture.mixed_hessian_flops)."""
+    from maverick_quant.calibration.capture import mixed_hessian_flops
+
+    tokens = calib.samples * calib.seq_len
+    forward, hessian = pass_flops(config, plan, calib), 0.0  # the output pass
+    for group in plan.groups:
+        width = plan.shapes[group.linears[0] + ".weight"][1]
+        if group.mixed_by_attention:
+            weights = sum(math.prod(plan.shapes[name + ".weight"]) for name in group.linears)
+            forward += 2.0 * tokens * (plan.params_before(group.linears[0]) + weights) + attention_flops(config, plan, calib)
+            kv = config.num_key_value_heads
+            mixed = calib.samples * mixed_hessian_flops(kv, config.num_attention_heads // kv, calib.seq_len, width)
+        else:
+            forward += pass_flops(config, plan, calib, group.linears[0])
+            mixed = 2.0 * tokens * width**2
+        hessian += mixed if set(group.linears) & solved else 0.0
+    return forward, hessian
 
 
 def expert_input_bytes(counts: list[float], mixed: list[bool], hidden: int, inter: int, per_chunk: int,

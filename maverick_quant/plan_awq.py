@@ -9,12 +9,13 @@ are matmuls, priced at its fp32 matmul rate (compress/awq.py, awq_layer.py, awq_
 
     dense scale group of linears W_i [N_i, K] (Wg = sum N_i K weights):
         rounded g Wg, flops g 2 T_s Wg (each candidate's outputs on the sample),
-        plus a pass of the layer over all T tokens to sample the group's input (costed as a
-        whole forward, 2 T P_layer: an upper bound, the pass stops at the group)
+        plus a pass of the layer over all T tokens to sample the group's input, which stops at
+        the group: 2 T P_before (the weights of the linears computed before the group's,
+        LayerPlan.params_before) and, past the attention, the attention (plan.pass_flops)
     clipping (per linear W [N, K] with groups of width w, on rows = T_s sampled inputs): rounded
         c N K, flops c 2 min(rows, w) N K (each candidate's error projected on the groups'
         second moments when rows > w, built once for 2 rows K w, else on the rows themselves;
-        `clip_flops`), and one more pass of the layer
+        `clip_flops`), and one more pass of the layer, stopped at the last group's input
     MoE block scale (one s [D] for the router, shared and routed experts): every candidate
         rounds the shared and every routed expert's gate/up, rounded g 2 D (I_s + E I), and
         runs the block on the sample, flops g 2 T_s (3 D I_s + k 3 D I); the routed experts
@@ -57,14 +58,16 @@ def clip_candidates(awq: AWQSpec) -> int:
     return max(1, int(awq.max_shrink * awq.clip_grid)) if awq.clip else 0
 
 
-def awq_layer_cost(plan, dense: dict[str, tuple[int, int]], tokens: int, hidden: int, inter: int,
-                   spec: QuantizeSpec, counts: list[float] | None) -> AWQCost:
+def awq_layer_cost(plan, dense: dict[str, tuple[int, int]], config, calib, spec: QuantizeSpec,
+                   counts: list[float] | None) -> AWQCost:
     """AWQ's searches in one layer: `plan` the layer's LayerPlan, `dense` its quantized dense
-    linears {name: (N, K)}, `inter` the routed experts' width, `counts` [E] the expected routed
-    tokens per expert (None for a dense layer)."""
+    linears {name: (N, K)}, `config` the text config, `calib` the CalibSpec, `counts` [E] the
+    expected routed tokens per expert (None for a dense layer)."""
+    from maverick_quant.plan import pass_flops
+
     awq = spec.awq
+    tokens, hidden, inter = calib.samples * calib.seq_len, config.hidden_size, config.intermediate_size
     sampled, grid, clips = min(awq.sample_tokens, tokens), awq.grid, clip_candidates(awq)
-    layer_forward = 2 * tokens * sum(math.prod(shape) for shape in dense.values())
     rounded = flops = 0.0
     widest = max((math.prod(shape) for shape in dense.values()), default=0)
     width = spec.weights.group_width
@@ -72,9 +75,10 @@ def awq_layer_cost(plan, dense: dict[str, tuple[int, int]], tokens: int, hidden:
         shapes = [dense[name] for name in group.linears if name in dense]
         weights = sum(math.prod(shape) for shape in shapes)
         rounded += grid * weights + clips * weights
-        flops += layer_forward + grid * 2 * sampled * weights
+        flops += pass_flops(config, plan, calib, group.linears[0]) + grid * 2 * sampled * weights
         flops += sum(clip_flops(sampled, n, k, width(k), clips) for n, k in shapes)
-    flops += layer_forward if clips and plan.scale_groups else 0
+    if clips and plan.scale_groups:  # the clip pass samples every group's input: it stops at the last group
+        flops += pass_flops(config, plan, calib, plan.scale_groups[-1].linears[0])
     memory = 3 * CANDIDATES_AT_ONCE * widest * FP32
     rereads = 0
     if plan.moe is not None:

@@ -189,6 +189,47 @@ def test_the_planned_clip_flops_are_what_the_clip_search_computes(tokens: int) -
     assert counter.get_total_flops() == clip_flops(tokens, 48, 256, 64, clip_candidates(awq))
 
 
+def test_a_pass_is_priced_up_to_where_it_stops() -> None:
+    """GPTQ's and AWQ's sampling passes stop at their group's input: a Maverick dense layer's
+    pass to q/k computes nothing, to v the q/k projections, to o the three and the attention,
+    to gate/up and down what precedes them; a whole pass every linear and the attention. In an
+    MoE layer a whole pass ends at the block (attention only)."""
+    from maverick_quant.arch.llama4 import maverick_config
+    from maverick_quant.arch.registry import table_for
+    from maverick_quant.plan import attention_flops, pass_flops
+    from maverick_quant.recipe import CalibSpec
+
+    config = maverick_config()
+    table = table_for(config)
+    text = table.text_config(config)
+    dense, moe = table.plan(text, 0), table.plan(text, 1)
+    q, kv, o, mlp = 40 * 128 * 5120, 8 * 128 * 5120, 5120 * 40 * 128, 5120 * 16384
+    expected = {"self_attn.q_proj": (0, False), "self_attn.v_proj": (q + kv, False),
+                "self_attn.o_proj": (q + 2 * kv, True), "feed_forward.gate_proj": (q + 2 * kv + o, True),
+                "feed_forward.down_proj": (q + 2 * kv + o + 2 * mlp, True), None: (q + 2 * kv + o + 3 * mlp, True)}
+    assert {name: (dense.params_before(name), dense.attends_before(name)) for name in expected} == expected
+    assert (moe.params_before(), moe.attends_before()) == (q + 2 * kv + o, True)
+    calib = CalibSpec(samples=4, seq_len=2048)
+    attention = attention_flops(text, dense, calib)
+    assert attention == 4 * 4 * 2048 * 2048 * 40 * 128  # every key of the 2048-token window (chunks of 8192)
+    assert pass_flops(text, dense, calib, "self_attn.o_proj") == 2 * 4 * 2048 * (q + 2 * kv) + attention
+
+
+@pytest.mark.parametrize("repeat,length,width", [(3, 64, 32), (3, 16, 200)])
+def test_the_planned_attention_mixed_hessian_is_what_add_mixed_computes(repeat: int, length: int, width: int) -> None:
+    """capture.mixed_hessian_flops equals torch's flop count of `add_mixed` over 3 windows, in
+    either of the forms it picks (M = P^T P first for short windows, z = P X otherwise)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from maverick_quant.calibration.capture import HessianAccumulator, mixed_hessian_flops
+
+    accumulator = HessianAccumulator(width, (2,))
+    with FlopCounterMode(display=False) as counter:
+        accumulator.add_mixed(torch.randn(3, length, width), torch.rand(3, 2 * repeat, length, length))
+    assert counter.get_total_flops() == 3 * mixed_hessian_flops(2, repeat, length, width)
+
+
 def test_plan_rounds_rtn_experts_instead_of_solving_them(tmp_path: Path, monkeypatch) -> None:
     """Experts under `rtn` (the policy, or starved ones falling back to it) are rounded in closed
     form: against the routed solve, the plan drops each expert's three GPTQ solves and its

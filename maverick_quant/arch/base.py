@@ -9,6 +9,8 @@ these tables through `ArchTable.plan(config, layer_index)`.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -127,6 +129,28 @@ class LayerPlan:
         """Every dense quantizable linear of the layer (shared expert included), in solve order."""
         shared = self.moe.shared if self.moe else ()
         return tuple(name for group in self.groups + shared for name in group.linears)
+
+    def params_before(self, linear: str | None = None) -> int:
+        """Weights of the linears a forward pass computes before `linear` runs: those of the
+        groups before the group holding it (a pass that stops at a group's input, as the
+        Hessian and AWQ sampling passes do); None: every group's, a whole pass of the layer up
+        to its MoE block (if any). `groups` are in forward order."""
+        total = 0
+        for group in self.groups:
+            if linear in group.linears:
+                return total
+            total += sum(math.prod(self.shapes[name + ".weight"]) for name in group.linears)
+        return total
+
+    def attends_before(self, linear: str | None = None) -> bool:
+        """Whether a pass computes the attention before `linear` runs: a group whose outputs
+        the attention mixes (the values) comes before its group; None: a whole pass."""
+        for group in self.groups:
+            if linear in group.linears:
+                return False
+            if group.mixed_by_attention:
+                return True
+        return linear is None or any(group.mixed_by_attention for group in self.groups)
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ class HessianAccumulator:
         kv = self.sum.shape[0]
         length, width = x.shape[1], x.shape[2]
         repeat = probs.shape[1] // kv
-        via_m = repeat * length**2 + length * width + width**2 < repeat * length * width + repeat * width**2
+        via_m = mixing_first(repeat, length, width)
         for window_x, window_probs in zip(x, probs):  # one window at a time bounds memory
             window_x = window_x.float()
             stacked = window_probs.float().unflatten(0, (kv, repeat)).flatten(1, 2)  # [kv, r*L, L]
@@ -61,6 +61,20 @@ class HessianAccumulator:
     def hessian(self) -> torch.Tensor:
         """H [*batch, K, K] fp32 (zeros when no token was seen)."""
         return (self.sum / max(self.tokens, 1)).float()
+
+
+def mixing_first(repeat: int, length: int, width: int) -> bool:
+    """Whether `HessianAccumulator.add_mixed` forms M_g = P_g^T P_g first (see there)."""
+    return repeat * length**2 + length * width + width**2 < repeat * length * width + repeat * width**2
+
+
+def mixed_hessian_flops(kv: int, repeat: int, length: int, width: int) -> float:
+    """Floating-point work of `add_mixed` for one window of `length` tokens: per KV head,
+    M_g = P_g^T P_g (2 r L^3), M_g X (2 L^2 K) and X^T (M_g X) (2 L K^2), or z = P_g X
+    (2 r L^2 K) and z^T z (2 r L K^2), whichever form it uses."""
+    if mixing_first(repeat, length, width):
+        return kv * (2 * repeat * length**3 + 2 * length**2 * width + 2 * length * width**2)
+    return kv * (2 * repeat * length**2 * width + 2 * repeat * length * width**2)
 
 
 @contextlib.contextmanager
