@@ -53,6 +53,7 @@ from pathlib import Path
 
 import torch
 
+from maverick_quant.arch.base import attention_flops
 from maverick_quant.calibration.moe import expected_policies
 from maverick_quant.checkpoint import DTYPE_SIZES
 from maverick_quant.compress.gguf_blocks import BLOCK, BLOCK_TYPES, block_type_for_grid
@@ -266,23 +267,11 @@ def layer_cost(table, config, index: int, calib: CalibSpec, spec: QuantizeSpec,
     return cost, names, count
 
 
-def attention_flops(config, plan, calib: CalibSpec) -> float:
-    """The attention's own work (scores and the weighted values) in one pass of a layer over the
-    calibration windows: 2 * 2 * T * keys * H_q * head_dim, every query against every key of its
-    window, keys = min(L, attention window). Masked keys are counted too: torch's CPU attention
-    computes them (SmolLM2, 16 x 512 tokens: its 240 SDPA calls took 8.0 s, 145 GFLOP/s so
-    counted, beside a matmul rate of 165)."""
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    keys = min(calib.seq_len, plan.attention_window or calib.seq_len)
-    return 4.0 * calib.samples * calib.seq_len * keys * heads * head_dim
-
-
 def pass_flops(config, plan, calib: CalibSpec, stop: str | None = None) -> float:
     """One pass of a layer over the calibration windows that stops where the linear `stop` runs
     (None: the whole layer up to its MoE block): the linears before it and, once past it, the
     attention (LayerPlan.params_before / attends_before)."""
-    attention = attention_flops(config, plan, calib) if plan.attends_before(stop) else 0.0
+    attention = attention_flops(config, plan, calib.samples * calib.seq_len, calib.seq_len) if plan.attends_before(stop) else 0.0
     return 2.0 * calib.samples * calib.seq_len * plan.params_before(stop) + attention
 
 
@@ -299,7 +288,8 @@ def gptq_passes(plan, config, calib: CalibSpec, solved: set[str]) -> tuple[float
         width = plan.shapes[group.linears[0] + ".weight"][1]
         if group.mixed_by_attention:
             weights = sum(math.prod(plan.shapes[name + ".weight"]) for name in group.linears)
-            forward += 2.0 * tokens * (plan.params_before(group.linears[0]) + weights) + attention_flops(config, plan, calib)
+            forward += 2.0 * tokens * (plan.params_before(group.linears[0]) + weights) + attention_flops(config, plan, tokens,
+                                                                                                        calib.seq_len)
             kv = config.num_key_value_heads
             mixed = calib.samples * mixed_hessian_flops(kv, config.num_attention_heads // kv, calib.seq_len, width)
         else:

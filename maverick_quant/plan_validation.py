@@ -242,13 +242,13 @@ def _phases(table, text, settings: ValidationSettings, stored_bytes: float, cand
 def _forward_flops(table, text, tokens: float, span: float) -> tuple[float, float]:
     """(sum_l F_l, sum_l R_l) x `tokens`: one forward of every layer over `tokens` tokens whose
     attention spans `span` tokens, and the routed experts' part alone."""
-    width = text.num_attention_heads * getattr(text, "head_dim", text.hidden_size // text.num_attention_heads)
+    from maverick_quant.arch.base import attention_flops
+
     forward = routed = 0.0
     for index in range(text.num_hidden_layers):
         plan = table.plan(text, index)
         moe_names = set(plan.moe.fused_names) if plan.moe else set()
-        window = min(span, plan.attention_window or span)
-        forward += tokens * (2 * _active_weights(plan, moe_names) + 4 * window * width)
+        forward += tokens * 2 * _active_weights(plan, moe_names) + attention_flops(text, plan, tokens, span)
         if plan.moe is not None:
             routed += tokens * 2 * plan.moe.top_k * _expert_weights(plan)
     return forward, routed

@@ -196,7 +196,8 @@ def test_a_pass_is_priced_up_to_where_it_stops() -> None:
     MoE layer a whole pass ends at the block (attention only)."""
     from maverick_quant.arch.llama4 import maverick_config
     from maverick_quant.arch.registry import table_for
-    from maverick_quant.plan import attention_flops, pass_flops
+    from maverick_quant.arch.base import attention_flops
+    from maverick_quant.plan import pass_flops
     from maverick_quant.recipe import CalibSpec
 
     config = maverick_config()
@@ -210,7 +211,7 @@ def test_a_pass_is_priced_up_to_where_it_stops() -> None:
     assert {name: (dense.params_before(name), dense.attends_before(name)) for name in expected} == expected
     assert (moe.params_before(), moe.attends_before()) == (q + 2 * kv + o, True)
     calib = CalibSpec(samples=4, seq_len=2048)
-    attention = attention_flops(text, dense, calib)
+    attention = attention_flops(text, dense, 4 * 2048, 2048)
     assert attention == 4 * 4 * 2048 * 2048 * 40 * 128  # every key of the 2048-token window (chunks of 8192)
     assert pass_flops(text, dense, calib, "self_attn.o_proj") == 2 * 4 * 2048 * (q + 2 * kv) + attention
 
