@@ -47,6 +47,8 @@ FP32 = 4
 
 @dataclass(frozen=True)
 class AWQCost:
+    """What AWQ's searches add to one layer's cost (`awq_layer_cost`; the model is the module docstring)."""
+
     rounded: float  # weights put through round-to-nearest by the searches
     flops: float
     memory: int  # the awq_search term, bytes
