@@ -15,8 +15,10 @@ Memory model of a calibrated run (GPTQ/AWQ, bytes; S windows x L tokens, hidden 
                  down Hessian is built. Routing is taken as even (S L k / E tokens per expert)
                  unless `plan --coverage` gives the measured tokens per expert
     layer        the layer's dense tensors in fp32, twice (weights and their quantized copy)
-    hessians     3 * K^2 * 4 for the widest dense group (H, its Cholesky factor, workspace)
-    experts      experts_per_chunk * 12 * (3 D I + D^2 + I^2) (experts.experts_per_chunk)
+    hessians     3 * K^2 * 4 for the widest dense group (H, its Cholesky factor, workspace; not
+                 under `awq`, which rounds)
+    experts      experts_per_chunk * 12 * (3 D I + D^2 + I^2) (experts.experts_per_chunk); without
+                 the Hessians D^2 + I^2 when no expert is solved (`awq`, or every expert `rtn`)
     activations  batch * L * max(3 D, 2 I) * 4 * 2 (one batch's intermediates, twice)
     expert_reads experts_per_chunk * 3 D I * 2: a chunk of bf16 experts read on the host
                  before it moves to the GPU (GPU runs only; on the CPU `experts` holds them)
@@ -222,7 +224,8 @@ def layer_cost(table, config, index: int, calib: CalibSpec, spec: QuantizeSpec,
         if plan.moe:
             memory["block_caches"] = 2 * tokens * hidden * 4
             memory["routing"] = tokens * plan.moe.num_experts * 4
-        memory["hessians"] = 3 * widest**2 * 4
+        if spec.method is not Method.AWQ:  # AWQ alone rounds the dense linears: no Hessian
+            memory["hessians"] = 3 * widest**2 * 4
         inter = max((s[0] for s in dense.values()), default=hidden)
         memory["activations"] = spec.batch_windows * calib.seq_len * max(3 * hidden, 2 * inter) * 4 * 2
     counts, rounded = None, 0
@@ -246,7 +249,9 @@ def layer_cost(table, config, index: int, calib: CalibSpec, spec: QuantizeSpec,
         solves += [(2 * solved, inter, hidden), (solved, hidden, inter)]
         rounded += (moe.num_experts - solved) * expert_params
         per_chunk = experts_per_chunk(moe, hidden, inter, spec.moe.chunk_mib)
-        per_expert = 12 * (3 * hidden * inter + hidden**2 + inter**2) if calibrated else 2 * 4 * expert_params
+        solves_experts = calibrated and spec.method is not Method.AWQ and solved > 0  # else no expert Hessians
+        per_expert = (12 * (expert_params + (hidden**2 + inter**2 if solves_experts else 0)) if calibrated
+                      else 2 * 4 * expert_params)
         memory["experts"] = per_chunk * per_expert
         if calibrated:
             memory["expert_inputs"] = expert_input_bytes(counts, [policy is ExpertPolicy.MIXED for policy in policies],

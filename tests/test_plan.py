@@ -166,6 +166,9 @@ def test_plan_prices_awqs_searches_at_the_measured_rounding_rate(tmp_path: Path,
     experts = 24 * 128 * 3 * 5120 * 8192 * 2  # Maverick's routed experts in bf16
     assert both["disk_io_bytes"]["read"] - gptq["disk_io_bytes"]["read"] == pytest.approx(experts, rel=0.01)
     assert "awq_search" in both["peak_layer"] and "awq_search" not in gptq["peak_layer"]
+    # awq alone builds no Hessian: no dense ones, and its expert chunk holds weights only
+    assert "hessians" not in awq["peak_layer"] and "hessians" in both["peak_layer"]
+    assert awq["peak_layer"]["experts"] < both["peak_layer"]["experts"] == gptq["peak_layer"]["experts"]
     rates["round_seconds_per_weight"] *= 3
     awq_slower = _planned(tmp_path, "--method", "awq", "--no-awq-clip")
     assert awq_slower["compute_seconds"] - awq["compute_seconds"] == pytest.approx(2e-8 * awq["quantized_params"])
