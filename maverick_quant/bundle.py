@@ -283,27 +283,33 @@ class Bundle:
         time into the fused tensors the model stores (`FusedExpertsBuilder`: one fp32 copy of
         them, plus one expert's); only the chunk files that hold them are read."""
         moe = self.table.plan(self.text_config, index).moe
-        fused = FusedExpertsBuilder(moe, count)
+        fused, found = FusedExpertsBuilder(moe, count), 0
         for chunk in self.manifest["layers"][index]["experts"]["chunks"]:
             count_in_chunk = next(iter(chunk["shapes"].values()))[0]
             lo, hi = max(first, chunk["first"]), min(first + count, chunk["first"] + count_in_chunk)
             if lo >= hi:
                 continue
+            found += hi - lo
+            wanted = slice(lo - chunk["first"], hi - chunk["first"])
             for linear in moe.expert_linears:
-                weight = self._expert_linear(chunk, linear.name, device)
-                for expert in range(lo, hi):
-                    fused.add(linear.name, expert - first, weight[expert - chunk["first"]].dequantize()[None])
+                weight = self._expert_linear(chunk, linear.name, device, wanted)
+                for expert in range(hi - lo):
+                    fused.add(linear.name, lo - first + expert, weight[expert].dequantize()[None])
+        if found != count:
+            raise InputError(f"{self.root}: layer {index} holds routed experts {first}..{first + count - 1} "
+                             f"only in part ({found} of {count} in its chunk files)")
         return fused.fused
 
-    def _expert_linear(self, chunk: dict, name: str, device: torch.device | str = "cpu") -> QuantizedWeight:
-        """One linear of one stored expert chunk, QuantizedWeight [count, N, K] on `device`
-        (its packed codes move there and are unpacked there)."""
+    def _expert_linear(self, chunk: dict, name: str, device: torch.device | str = "cpu",
+                       experts: slice = slice(None)) -> QuantizedWeight:
+        """One linear of one stored expert chunk, QuantizedWeight [count, N, K] on `device` (the
+        chunk's `experts` only: their packed codes move there and are unpacked there)."""
         from safetensors import safe_open
 
         key = chunk["prefix"] + name
         with safe_open(str(self.root / chunk["file"]), framework="pt") as handle:
             present = set(handle.keys())
-            tensors = {f"{key}.{part}": handle.get_tensor(f"{key}.{part}").to(device) for part in QUANTIZED_PARTS
+            tensors = {f"{key}.{part}": handle.get_tensor(f"{key}.{part}")[experts].to(device) for part in QUANTIZED_PARTS
                        if f"{key}.{part}" in present}
         return decode_quantized(key, tensors, chunk["shapes"][name], self.quant["bits"], self.quant["group_size"])
 

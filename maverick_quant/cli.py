@@ -75,6 +75,9 @@ def calibrate(model_dir, data, out, samples, seq_len, seed, chat_template, cover
     from maverick_quant.resume import resumable_output_dir, run_identity
     from maverick_quant.streaming import open_source
 
+    if resume and not coverage:
+        raise InputError("--resume: only a --coverage run keeps its finished layers to go on from; "
+                         "drawing the windows alone is quick, run it again without --resume")
     check_output_dir(out, force)
     compute = resolve_device(device)
     use_device(compute)

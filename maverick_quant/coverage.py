@@ -27,6 +27,7 @@ def expert_coverage(source: WeightSource, input_ids: torch.Tensor, batch: int = 
 
     Returns {"tokens": S*L, "layers": {layer: [count per expert]}, "starved": {layer: [experts with 0]}}.
     """
+    from maverick_quant.devices import device_label
     from maverick_quant.walk import walk_layers
 
     model = StreamingModel(source, batch=batch, device=device)
@@ -43,7 +44,8 @@ def expert_coverage(source: WeightSource, input_ids: torch.Tensor, batch: int = 
 
     counts = {index: results["counts"].tolist()
               for index, results in walk_layers(moe_layers[-1] + 1, model.embed(input_ids), step, state,
-                                                "coverage layers", show_progress) if "counts" in results}
+                                                "coverage layers", show_progress, device_label(model.device))
+              if "counts" in results}
     return {"tokens": int(input_ids.numel()), "layers": counts,
             "starved": {index: [e for e, n in enumerate(c) if n == 0] for index, c in counts.items()}}
 

@@ -263,14 +263,15 @@ def quantize_expert_chunk(x: torch.Tensor, routing: Routing, moe: MoEBlock, weig
                                     for (policy, _), (routed, every) in zip(decisions, inputs)])
     quantized, stats = _solve_batch(weights, in_names, H_in, solved, spec)
     del H_in
-    dequant = {name: quantized[name].dequantize() for name in in_names}
+    # the down projections' inputs come from the quantized gate/up, for the experts solved only
+    dequant = {name: quantized[name].dequantize() for name in in_names} if solved else {}
 
     def down_input(e: int, rows: torch.Tensor | None) -> torch.Tensor | None:
         if rows is None or decisions[e][0] is ExpertPolicy.RTN:  # H = I needs no activations
             return None
         return expert_hidden(rows, dequant[gate][e], dequant[up][e], act)
 
-    width = dequant[gate].shape[1]
+    width = weights[gate].shape[1]  # I: gate [E_c, I, D]
     H_mid, solved = _stack_hessians([policy_hessian(decisions[e][0], down_input(e, routed), down_input(e, every),
                                                     spec.moe, width, x.device) for e, (routed, every) in enumerate(inputs)])
     del inputs, dequant
@@ -341,8 +342,7 @@ def quantize_moe_block(model: StreamingModel, index: int, layer: torch.nn.Module
     awq = spec.method.searches_scales
     awq_stats, block_scales = ({}, None) if not awq else scale_block(model, index, layer, x, spec)
     scale_spec = spec  # AWQ's per-expert search follows the user's policy and fallback
-    if spec.method is Method.AWQ:  # AWQ then round to nearest: GPTQ with H = I everywhere
-        spec = dataclasses.replace(spec, moe=dataclasses.replace(spec.moe, policy=ExpertPolicy.RTN))
+    spec = dataclasses.replace(spec, moe=spec.rounding_moe)  # `awq` then rounds every expert to nearest
     quantized, stats = quantize_shared(layer, moe, x, spec)
     routing = route(x, layer.get_submodule(moe.router).weight, moe.top_k)
     out = _module_output(layer.get_submodule(moe.shared_module), x)  # the block's output starts with the shared expert

@@ -10,7 +10,6 @@ inputs. RTN needs no calibration and runs no forward at all.
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from maverick_quant.distributed import ExpertParallel
 from maverick_quant.errors import InputError
 from maverick_quant.host_memory import peak_rss_mib, release_free_memory
 from maverick_quant.recipe import Method, QuantizeSpec, grid_changes
-from maverick_quant.resume import RunState
+from maverick_quant.resume import RunState, warn_if_resumed_elsewhere
 from maverick_quant.streaming import CheckpointSource, StreamingModel
 
 
@@ -157,18 +156,6 @@ def refuse_overridden_experts(model: StreamingModel, spec: QuantizeSpec) -> None
                     raise InputError(f"{override} matches the routed experts {module}: routed experts are quantized "
                                      "stacked on the run's grid and take no per-module override (narrow the pattern, "
                                      "e.g. to the shared expert or self_attn)")
-
-
-def warn_if_resumed_elsewhere(state: RunState | None, label: str) -> str | None:
-    """The device an interrupted run's finished layers were computed on, when it is not `label`
-    (with a warning: the device is not part of a run's identity, so a run may go on elsewhere,
-    but its bundle then mixes two devices' rounding and equals neither device's run byte for byte)."""
-    previous = state.recorded_device() if state is not None else None
-    if previous is None or previous == label:
-        return None
-    warnings.warn(f"resuming a run whose finished layers were computed on {previous} on {label}: the bundle will mix "
-                  f"both devices' rounding (start over with --force for a bundle made on one device)", stacklevel=2)
-    return previous
 
 
 def record_overridden_grids(layer: torch.nn.Module, quantized: dict, stats: dict, spec: QuantizeSpec) -> None:

@@ -38,7 +38,9 @@ RTN holds no cache and no Hessian. Time is the forwards' and Hessians' floating-
 `pass_flops`; the values' attention-mixed Hessians: `gptq_passes`) divided by the measured
 fp32 matmul rate of the run's device, plus every GPTQ solve costed as
 K * column_seconds + (2 N K^2 + K^3) / gptq_rate, both fitted to two real solves timed on that
-device (compute_rates.py; cached in $MAVERICK_QUANT_CACHE, a few seconds the first time), plus,
+device (compute_rates.py; cached in $MAVERICK_QUANT_CACHE, a few seconds the first time), plus
+every weight quantized to nearest without a solve (RTN, `awq`, experts under `rtn`) at the
+measured `round_seconds_per_weight`, plus,
 under `clip_search`, every quantized weight at the search's measured seconds per weight, plus,
 under AWQ, its searches (plan_awq.py: weights rounded at the measured rounding rate, outputs as
 matmuls, the routed experts read twice), plus the disk work: the checkpoint read once, the bundle and the per-layer hidden states for
@@ -217,18 +219,20 @@ def layer_cost(table, config, index: int, calib: CalibSpec, spec: QuantizeSpec,
     widest = max((s[1] for s in dense.values()), default=0)
     memory = {"layer": 2 * 4 * sum(math.prod(s) for n, s in plan.shapes.items() if not (plan.moe and n in plan.moe.fused_names))}
     names, count = [name + ".weight" for name in dense], len(dense)
-    matmul, hessian_flops = gptq_passes(plan, config, calib, set(dense))
-    solves = [(1, s[0], s[1]) for s in dense.values()]
+    solved_dense = set(dense) if spec.method is not Method.AWQ else set()  # `awq` rounds them after its searches
+    matmul, hessian_flops = gptq_passes(plan, config, calib, solved_dense)
+    solves = [(1, *dense[name]) for name in solved_dense]
+    rounded = sum(math.prod(shape) for name, shape in dense.items() if name not in solved_dense)
     if calibrated:
         memory["cache"] = tokens * hidden * 4
         if plan.moe:
             memory["block_caches"] = 2 * tokens * hidden * 4
             memory["routing"] = tokens * plan.moe.num_experts * 4
-        if spec.method is not Method.AWQ:  # AWQ alone rounds the dense linears: no Hessian
+        if solved_dense:  # `awq` rounds the dense linears: no Hessian
             memory["hessians"] = 3 * widest**2 * 4
         inter = max((s[0] for s in dense.values()), default=hidden)
         memory["activations"] = spec.batch_windows * calib.seq_len * max(3 * hidden, 2 * inter) * 4 * 2
-    counts, rounded = None, 0
+    counts = None
     if plan.moe is not None:
         moe = plan.moe
         inter = config.intermediate_size
@@ -237,25 +241,28 @@ def layer_cost(table, config, index: int, calib: CalibSpec, spec: QuantizeSpec,
         routed = tokens * moe.top_k
         shared_first, shared_all = (sum(math.prod(plan.shapes[name + ".weight"]) for group in groups for name in group.linears)
                                     for groups in (moe.shared[:1], moe.shared))
-        output = 2 * tokens * shared_all  # the shared expert's output, then the routed experts' twice:
-        matmul += output + 2 * tokens * shared_first + 2 * routed * expert_params * 2  # down inputs, output
-        hessian_flops += sum(2 * tokens * plan.shapes[group.linears[0] + ".weight"][1] ** 2 for group in moe.shared
-                             if set(group.linears) & set(dense))  # the shared expert's (its gate/up pass above)
+        matmul += 2 * tokens * shared_all  # the shared expert's output
+        if solved_dense:  # its down projection's Hessian pass (gate/up), and both Hessians
+            matmul += 2 * tokens * shared_first
+            hessian_flops += sum(2 * tokens * plan.shapes[group.linears[0] + ".weight"][1] ** 2 for group in moe.shared
+                                 if set(group.linears) & solved_dense)
         counts = [routed * share for share in shares or [1 / moe.num_experts] * moe.num_experts]
-        policies = expected_policies(counts, spec.moe, max(hidden, inter))
+        policies = expected_policies(counts, spec.rounding_moe, max(hidden, inter))
         solved = sum(policy is not ExpertPolicy.RTN for policy in policies)  # `rtn` experts: rounded in closed form
-        solved_tokens = sum(count for count, policy in zip(counts, policies) if policy is not ExpertPolicy.RTN)
-        hessian_flops += 2 * solved_tokens * (2 * hidden**2 + inter**2)
+        # rows a solved expert's Hessians read: its routed tokens, and under `mixed` the all-token sample too
+        hessian_rows = sum(count for count, policy in zip(counts, policies) if policy is not ExpertPolicy.RTN)
+        hessian_rows += sum(policy is ExpertPolicy.MIXED for policy in policies) * min(tokens, spec.moe.all_tokens)
+        hessian_flops += 2 * hessian_rows * (hidden**2 + inter**2)  # gate/up share one H, then down's
+        matmul += 2 * hessian_rows * 2 * hidden * inter + 2 * routed * expert_params  # down's inputs; every output
         solves += [(2 * solved, inter, hidden), (solved, hidden, inter)]
         rounded += (moe.num_experts - solved) * expert_params
         per_chunk = experts_per_chunk(moe, hidden, inter, spec.moe.chunk_mib)
-        solves_experts = calibrated and spec.method is not Method.AWQ and solved > 0  # else no expert Hessians
-        per_expert = (12 * (expert_params + (hidden**2 + inter**2 if solves_experts else 0)) if calibrated
-                      else 2 * 4 * expert_params)
+        hessians = hidden**2 + inter**2 if solved else 0  # none held when every expert is rounded
+        per_expert = 12 * (expert_params + hessians) if calibrated else 2 * 4 * expert_params
         memory["experts"] = per_chunk * per_expert
         if calibrated:
-            memory["expert_inputs"] = expert_input_bytes(counts, [policy is ExpertPolicy.MIXED for policy in policies],
-                                                         hidden, inter, per_chunk, min(tokens, spec.moe.all_tokens))
+            memory["expert_inputs"] = expert_input_bytes(counts, policies, hidden, inter, per_chunk,
+                                                         min(tokens, spec.moe.all_tokens))
         if device != "cpu":
             memory["expert_reads"] = per_chunk * expert_params * 2
     weights = sum(count * n * k for count, n, k in solves) + rounded
@@ -265,10 +272,6 @@ def layer_cost(table, config, index: int, calib: CalibSpec, spec: QuantizeSpec,
         awq = awq_layer_cost(plan, dense, config, calib, spec, counts)
         memory["awq_search"], cost.matmul_flops = awq.memory, cost.matmul_flops + awq.flops
         cost.awq_rounded, cost.expert_rereads = awq.rounded, awq.expert_rereads
-        if spec.method is Method.AWQ:  # round to nearest after scaling: no solve, no Hessian, one pass for the output
-            cost.gptq_solves, cost.rounded_weights = [], weights
-            routed_output = 0 if plan.moe is None else output + 2 * tokens * plan.moe.top_k * 3 * hidden * config.intermediate_size
-            cost.matmul_flops = float(pass_flops(config, plan, calib) + routed_output + awq.flops)
     return cost, names, count
 
 
@@ -281,37 +284,42 @@ def pass_flops(config, plan, calib: CalibSpec, stop: str | None = None) -> float
 
 
 def gptq_passes(plan, config, calib: CalibSpec, solved: set[str]) -> tuple[float, float]:
-    """(forward flops, Hessian flops) of GPTQ's dense groups in one layer: each sequential group's
-    pass stops at its input (the values' group runs through the attention, eager, and stops
-    after it), then the output pass; each group solved (a linear in `solved`) accumulates
-    2 T K^2, the values' per KV head the attention-mixed form (capture.mixed_hessian_flops)."""
+    """(forward flops, Hessian flops) of GPTQ's dense groups in one layer: the pass of each group
+    solved (a linear in `solved`) stops at its input (the values' runs the attention module,
+    eager, to its output, the output projection included), then the output pass; each group
+    solved accumulates 2 T K^2, the values' per KV head the attention-mixed form
+    (capture.mixed_hessian_flops)."""
     from maverick_quant.calibration.capture import mixed_hessian_flops
 
     tokens = calib.samples * calib.seq_len
     forward, hessian = pass_flops(config, plan, calib), 0.0  # the output pass
-    for group in plan.groups:
+    for index, group in enumerate(plan.groups):
+        if not set(group.linears) & solved:  # every linear kept in float (or rounded): no pass, no Hessian
+            continue
         width = plan.shapes[group.linears[0] + ".weight"][1]
-        if group.mixed_by_attention:
-            weights = sum(math.prod(plan.shapes[name + ".weight"]) for name in group.linears)
-            forward += 2.0 * tokens * (plan.params_before(group.linears[0]) + weights) + attention_flops(config, plan, tokens,
-                                                                                                        calib.seq_len)
+        if group.mixed_by_attention:  # the attention module runs whole, its output projection (next group) included
+            after = plan.groups[index + 2].linears[0] if index + 2 < len(plan.groups) else None
+            forward += 2.0 * tokens * plan.params_before(after) + attention_flops(config, plan, tokens, calib.seq_len)
             kv = config.num_key_value_heads
-            mixed = calib.samples * mixed_hessian_flops(kv, config.num_attention_heads // kv, calib.seq_len, width)
+            hessian += calib.samples * mixed_hessian_flops(kv, config.num_attention_heads // kv, calib.seq_len, width)
         else:
             forward += pass_flops(config, plan, calib, group.linears[0])
-            mixed = 2.0 * tokens * width**2
-        hessian += mixed if set(group.linears) & solved else 0.0
+            hessian += 2.0 * tokens * width**2
     return forward, hessian
 
 
-def expert_input_bytes(counts: list[float], mixed: list[bool], hidden: int, inter: int, per_chunk: int,
+def expert_input_bytes(counts: list[float], policies: list[ExpertPolicy], hidden: int, inter: int, per_chunk: int,
                        sampled: int) -> int:
     """The `expert_inputs` term: routed inputs [n_e, D] of the busiest chunk of `per_chunk`
-    consecutive experts plus an all-token sample [T_s, D] for each of its `mixed` experts, and
-    the three [n_hot, I] intermediates of the busiest expert; `counts` [E]: routed tokens per expert."""
-    rows = [count + sampled * is_mixed for count, is_mixed in zip(counts, mixed)]
+    consecutive experts (those solved: an `rtn` expert reads none) plus an all-token sample
+    [T_s, D] for each of its `mixed` experts, and the three [n_hot, I] intermediates of the
+    busiest solved expert; `counts` [E]: routed tokens per expert, `policies` [E]: theirs."""
+    solved = [policy is not ExpertPolicy.RTN for policy in policies]
+    rows = [count * is_solved + sampled * (policy is ExpertPolicy.MIXED)
+            for count, policy, is_solved in zip(counts, policies, solved)]
     busiest = max(sum(rows[first : first + per_chunk]) for first in range(0, len(rows), per_chunk))
-    return int(busiest * hidden * 4 + 3 * max(counts) * inter * 4)
+    hottest = max((count for count, is_solved in zip(counts, solved) if is_solved), default=0)
+    return int(busiest * hidden * 4 + 3 * hottest * inter * 4)
 
 
 def expert_shares(coverage: dict, path: Path) -> dict[int, list[float]]:
@@ -439,7 +447,8 @@ def _check_shares(table, config, shares: dict[int, list[float]]) -> None:
 def planned_seconds(layers: list[LayerCost], rates: dict, clip_search: bool = False) -> float:
     """The layers' matmul work at the measured matmul rate plus each GPTQ solve at the fitted cost,
     plus, under `clip_search`, the measured search time per weight for every quantized weight, plus
-    every weight AWQ's searches round to nearest at the measured rounding rate."""
+    every weight AWQ's searches round to nearest at the measured rounding rate, plus every weight
+    quantized to nearest without a solve (RTN, `awq`, `rtn` experts) at the measured rate of that."""
     search = rates["clip_search_seconds_per_weight"] * sum(layer.quantized_weights for layer in layers) if clip_search else 0.0
     search += rates["rtn_seconds_per_weight"] * sum(layer.awq_rounded for layer in layers)
     search += rates["round_seconds_per_weight"] * sum(layer.rounded_weights for layer in layers)

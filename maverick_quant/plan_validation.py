@@ -29,8 +29,6 @@ beside the baseline, in bytes:
                                                  reference as stored and of the candidate as
                                                  stored (c bytes per weight; a bundle's packed
                                                  codes are unpacked on the device)
-                                                 unpacked to a byte each, on the host before they
-                                                 move to the GPU, where the candidate is dequantized
     score    host    caches
              device  final         2 V D 4       both lm_heads in fp32
                      logits        2 max(1, b // 2) L V 4

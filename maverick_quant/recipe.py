@@ -308,6 +308,14 @@ class QuantizeSpec:
         for entry in self.bits_overrides:
             parse_bits_override(entry)
 
+    @property
+    def rounding_moe(self) -> "MoESpec":
+        """The MoE spec the experts are quantized under: `awq` alone rounds every expert to nearest
+        after its scale search (policy rtn; the search itself follows `moe`), other methods `moe`."""
+        if self.method is Method.AWQ:
+            return dataclasses.replace(self.moe, policy=ExpertPolicy.RTN)
+        return self.moe
+
     def keeps_float(self, module: str) -> bool:
         """Whether the linear `module` (full name, no `.weight`) stays in float (see keep_float)."""
         return any(re.search(pattern, module) for pattern in self.keep_float)

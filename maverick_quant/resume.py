@@ -32,6 +32,7 @@ import fcntl
 import hashlib
 import json
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -136,7 +137,7 @@ class RunState:
 
     def layer_results(self, index: int) -> dict[str, torch.Tensor]:
         """The tensors `save_layer_results` kept for layer `index` (InputError if unreadable)."""
-        return read_layer_tensors(self._results_path(index), index + 1)
+        return read_layer_tensors(self._results_path(index), index, "what layer {} gathered")
 
     def finished_results(self) -> set[int]:
         """The layers whose results an earlier attempt kept."""
@@ -179,16 +180,16 @@ def save_layer_progress(folder: Path, pointer: str, record: dict, tensors_file: 
             path.unlink()
 
 
-def read_layer_tensors(path: Path, next_layer: int) -> dict[str, torch.Tensor]:
-    """The hidden states entering `next_layer` that `save_layer_progress` wrote to `path`;
-    InputError when the file is missing, truncated or not safetensors (a run that refuses it
-    is discarded: the next one starts over)."""
+def read_layer_tensors(path: Path, next_layer: int, what: str = "the hidden states entering layer {}") -> dict[str, torch.Tensor]:
+    """The hidden states entering `next_layer` that `save_layer_progress` wrote to `path` (or
+    what `what`, formatted with the layer, names); InputError when the file is missing,
+    truncated or not safetensors (a run that refuses it is discarded: the next one starts over)."""
     from safetensors.torch import load_file
 
     try:
         return load_file(str(path))
     except (OSError, SafetensorError) as exc:  # (not: out of memory)
-        raise InputError(f"{path}: the hidden states entering layer {next_layer} cannot be read ({exc}); "
+        raise InputError(f"{path}: {what.format(next_layer)} cannot be read ({exc}); "
                          "the unfinished run is discarded, the next run starts over") from exc
 
 
@@ -207,6 +208,18 @@ def _legacy_hidden(folder: Path, sha256: str | None) -> torch.Tensor | None:
     if not path.is_file() or sha256_file(path) != sha256:
         raise InputError(f"{path}: missing or does not match {PROGRESS_FILE}; pass --force to start over")
     return load_file(str(path))["hidden"]
+
+
+def warn_if_resumed_elsewhere(state: RunState | None, label: str) -> str | None:
+    """The device an interrupted run's finished layers were computed on, when it is not `label`
+    (with a warning: the device is not part of a run's identity, so a run may go on elsewhere,
+    but its output then mixes two devices' rounding and equals neither device's run byte for byte)."""
+    previous = state.recorded_device() if state is not None else None
+    if previous is None or previous == label:
+        return None
+    warnings.warn(f"resuming a run whose finished layers were computed on {previous} on {label}: the output will mix "
+                  f"both devices' rounding (start over with --force for an output made on one device)", stacklevel=2)
+    return previous
 
 
 class ReadOnlyState(RunState):

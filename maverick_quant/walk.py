@@ -12,7 +12,8 @@ After each layer the run keeps, in its state folder `.NAME.resume` beside the ou
 
 A run started again with --resume and the same inputs (run.json) reads the finished layers'
 results back and goes on from the saved hidden states; the output is the same, bit for bit,
-as an uninterrupted run's (every step is deterministic for a given machine and thread count).
+as an uninterrupted run's (every step is deterministic for a given machine and thread count;
+resuming on another device warns, as quantize does).
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from typing import Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from maverick_quant.resume import RunState
+from maverick_quant.resume import RunState, warn_if_resumed_elsewhere
 
 
 def walk_layers(layers: int, hidden: torch.Tensor, step: Callable[[int, torch.Tensor], dict[str, torch.Tensor]],
-                state: RunState | None, desc: str, show_progress: bool = True) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+                state: RunState | None, desc: str, show_progress: bool = True,
+                device: str | None = None) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
     """Yield (index, results) for layers 0 .. `layers` - 1, in order.
 
     step(index, hidden) runs layer `index` over `hidden` [S, L, D] (advancing it in place to
@@ -35,7 +37,9 @@ def walk_layers(layers: int, hidden: torch.Tensor, step: Callable[[int, torch.Te
     walk goes on from the hidden states saved after the last of them. With a state, each
     layer's results, then the hidden states entering the next layer, then the progress
     record are written before the layer's results are yielded (no hidden states after the last).
+    `device` (devices.device_label) is recorded with the progress; resuming on another one warns.
     """
+    warn_if_resumed_elsewhere(state, device)
     start, saved = state.load_progress(state.finished_results()) if state is not None else (0, None)
     for index in range(min(start, layers)):
         yield index, state.layer_results(index)
@@ -46,6 +50,6 @@ def walk_layers(layers: int, hidden: torch.Tensor, step: Callable[[int, torch.Te
             results = step(index, hidden)
             if state is not None:
                 state.save_layer_results(index, results)
-                state.save_progress(index + 1, hidden if index + 1 < layers else None)
+                state.save_progress(index + 1, hidden if index + 1 < layers else None, device)
             bar.update()
             yield index, results

@@ -149,7 +149,7 @@ def test_quantize_on_cuda_matches_the_cpu_run(tiny_llama4_dir: Path, small_text_
 def test_resuming_on_another_device_warns_and_is_recorded(tmp_path: Path) -> None:
     """The device is not part of a run's identity (a run may go on after its machine died), but
     going on elsewhere mixes two devices' rounding: the run warns and the manifest says so."""
-    from maverick_quant.pipeline import warn_if_resumed_elsewhere
+    from maverick_quant.resume import warn_if_resumed_elsewhere
     from maverick_quant.resume import RunState
 
     state = RunState(tmp_path, {})

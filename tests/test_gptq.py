@@ -198,6 +198,10 @@ def test_identity_solve_is_gptq_against_the_identity_bit_for_bit(spec, k):
     for stat in ("loss", "rel_loss", "damp"):
         assert torch.equal(getattr(solved, stat), getattr(closed, stat)), stat
     assert closed.loss.shape == (3,) and torch.equal(closed.weight.codes, rtn_quantize(W, spec).codes)
+    W[1, 2, 3] = float("nan")  # refused as the solve refuses it
+    for solve in (lambda: gptq_quantize(W, torch.eye(k).expand(3, k, k), spec), lambda: identity_solve(W, spec)):
+        with pytest.raises(ValueError, match="NaN/Inf"):
+            solve()
 
 
 def test_each_matrix_is_solved_or_rounded_and_returned_in_order():

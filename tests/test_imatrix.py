@@ -139,3 +139,6 @@ def test_a_killed_imatrix_or_coverage_run_resumes_to_the_same_output(tiny_llama4
     run(*coverage_args(tmp_path / "cov"), "--resume")
     assert ((tmp_path / "cov" / "coverage.json").read_text() == (tmp_path / "cov-whole" / "coverage.json").read_text())
     assert not state_dir_for(tmp_path / "cov").exists()
+    alone = CliRunner().invoke(cli, ["calibrate", str(tiny_llama4_dir), "--data", str(text), "--out", str(tmp_path / "cov2"),
+                                     "--resume"])  # no --coverage: nothing to resume
+    assert alone.exit_code == 2 and "only a --coverage run" in alone.output and not (tmp_path / "cov2").exists()

@@ -217,6 +217,18 @@ def test_a_pass_is_priced_up_to_where_it_stops() -> None:
     attention = attention_flops(text, dense, 4 * 2048, 2048)
     assert attention == 4 * 4 * 2048 * 2048 * 40 * 128  # every key of the 2048-token window (chunks of 8192)
     assert pass_flops(text, dense, calib, "self_attn.o_proj") == 2 * 4 * 2048 * (q + 2 * kv) + attention
+    # GPTQ: q/k's pass computes nothing; the values' runs the attention module whole (o_proj
+    # before its hook stops the pass); o's, gate/up's and down's stop at their inputs; then the output pass
+    from maverick_quant.calibration.capture import mixed_hessian_flops
+    from maverick_quant.plan import gptq_passes
+
+    tokens = 4 * 2048
+    forward, hessian = gptq_passes(dense, text, calib, set(dense.linears))
+    attn = q + 2 * kv + o
+    passes = [attn, q + 2 * kv, attn, attn + 2 * mlp, attn + 3 * mlp]
+    assert forward == 2 * tokens * sum(passes) + 5 * attention  # all but q/k's go through the attention
+    assert hessian == 2 * tokens * (2 * 5120**2 + (40 * 128) ** 2 + 16384**2) + 4 * mixed_hessian_flops(8, 5, 2048, 5120)
+    assert gptq_passes(dense, text, calib, set()) == (2 * tokens * (attn + 3 * mlp) + attention, 0.0)  # output pass only
 
 
 @pytest.mark.parametrize("repeat,length,width", [(3, 64, 32), (3, 16, 200)])
@@ -236,21 +248,24 @@ def test_the_planned_attention_mixed_hessian_is_what_add_mixed_computes(repeat: 
 
 def test_plan_rounds_rtn_experts_instead_of_solving_them(tmp_path: Path, monkeypatch) -> None:
     """Experts under `rtn` (the policy, or starved ones falling back to it) are rounded in closed
-    form: against the routed solve, the plan drops each expert's three GPTQ solves and its
-    Hessians and adds its weights at the measured rounding rate, and nothing else."""
+    form: against the routed solve (every expert has its 4 even-routed tokens of 512, min_tokens
+    1), the plan drops each expert's three GPTQ solves, its two Hessians (gate/up share one) and
+    the gate/up pass that feeds down's, and adds its weights at the measured rounding rate,
+    and nothing else."""
     import maverick_quant.compute_rates as compute_rates
     from maverick_quant.compute_rates import gptq_flops
 
     monkeypatch.setattr(compute_rates, "machine_rates", lambda *args: RATES)
-    routed, rtn = (_planned(tmp_path, "--moe-policy", policy) for policy in ("routed", "rtn"))
+    routed = _planned(tmp_path, "--moe-policy", "routed", "--moe-min-tokens", "1")
+    rtn = _planned(tmp_path, "--moe-policy", "rtn")
     starved = _planned(tmp_path, "--moe-fallback", "rtn", "--moe-min-tokens", "100000")  # every expert falls back
 
     def solve(n: int, k: int) -> float:
         return k * RATES["gptq_column_seconds"] + gptq_flops(n, k) / RATES["gptq_flops_per_s"]
 
     experts, hidden, inter, routed_tokens = 24 * 128, 5120, 8192, 8 * 64
-    hessians = 24 * 2 * routed_tokens * (2 * hidden**2 + inter**2) / RATES["matmul_flops_per_s"]
-    saved = experts * (2 * solve(inter, hidden) + solve(hidden, inter)) + hessians
+    per_layer = 2 * routed_tokens * (hidden**2 + inter**2) + 2 * routed_tokens * 2 * hidden * inter
+    saved = experts * (2 * solve(inter, hidden) + solve(hidden, inter)) + 24 * per_layer / RATES["matmul_flops_per_s"]
     rounding = RATES["round_seconds_per_weight"] * experts * 3 * hidden * inter
     for plan in (rtn, starved):
         assert routed["compute_seconds"] - plan["compute_seconds"] == pytest.approx(saved - rounding, rel=1e-9)

@@ -85,6 +85,7 @@ def collect_imatrix(source: WeightSource, input_ids: torch.Tensor, batch: int = 
     """Square sums of every quantizable linear's input over windows `input_ids` [S, L] (layers
     on `device`, hidden states on the host). `state` (resume.RunState): keep each layer's sums
     and the hidden states after it, and go on from an earlier attempt's (walk.py)."""
+    from maverick_quant.devices import device_label
     from maverick_quant.experts import run_moe_layer
     from maverick_quant.walk import walk_layers
 
@@ -109,7 +110,7 @@ def collect_imatrix(source: WeightSource, input_ids: torch.Tensor, batch: int = 
         return layer_sums_tensors(gathered)
 
     for index, results in walk_layers(model.num_layers, model.embed(input_ids), step, state, "imatrix layers",
-                                      show_progress):
+                                      show_progress, device_label(model.device)):
         out.entries.update(layer_sums(index, results))
     return out
 

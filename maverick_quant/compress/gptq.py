@@ -93,7 +93,7 @@ def identity_solve(W: torch.Tensor, spec: QuantSpec) -> GPTQResult:
     first factorization of I always succeeds). One rounding pass instead of the solve's
     K^3 + 2 N K^2 flops and K sequential column steps.
     """
-    *batch, n, k = W.shape
+    batch, n, k = _check_inputs(W, None)
     weight = rtn_quantize(W, spec)
     Q = weight.dequantize().reshape(-1, n, k)
     loss, rel_loss = _losses(W.reshape(-1, n, k).float(), Q, None)
@@ -164,16 +164,16 @@ class _OffsetGrid:
         return pack_kquant(codes.transpose(1, 2), concat_params(self.parts))
 
 
-def _check_inputs(W: torch.Tensor, H: torch.Tensor) -> tuple[tuple[int, ...], int, int]:
-    """Validate W [..., N, K] against H [..., K, K]; return (batch dims, N, K)."""
+def _check_inputs(W: torch.Tensor, H: torch.Tensor | None) -> tuple[tuple[int, ...], int, int]:
+    """Validate W [..., N, K] against H [..., K, K] (None: H = I); return (batch dims, N, K)."""
     if W.dim() < 2:
         raise ValueError(f"GPTQ: weight must be [..., N, K], got shape {tuple(W.shape)}")
     *batch, n, k = W.shape
-    if tuple(H.shape) != (*batch, k, k):
+    if H is not None and tuple(H.shape) != (*batch, k, k):
         raise ValueError(
             f"GPTQ: Hessian shape {tuple(H.shape)} does not match weight {tuple(W.shape)}; expected {(*batch, k, k)}"
         )
-    if not (torch.isfinite(W).all() and torch.isfinite(H).all()):
+    if not (torch.isfinite(W).all() and (H is None or torch.isfinite(H).all())):
         raise ValueError("GPTQ: weight or Hessian contains NaN/Inf; check the calibration activations")
     return tuple(batch), n, k
 
