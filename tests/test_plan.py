@@ -199,8 +199,7 @@ def test_a_pass_is_priced_up_to_where_it_stops() -> None:
     MoE layer a whole pass ends at the block (attention only)."""
     from maverick_quant.arch.llama4 import maverick_config
     from maverick_quant.arch.registry import table_for
-    from maverick_quant.arch.base import attention_flops
-    from maverick_quant.plan import pass_flops
+    from maverick_quant.plan import attention_flops, pass_flops
     from maverick_quant.recipe import CalibSpec
 
     config = maverick_config()

@@ -209,17 +209,6 @@ def expert_view(linear: ExpertLinear, fused: torch.Tensor) -> torch.Tensor:
     return fused[..., linear.part * width : (linear.part + 1) * width].transpose(-1, -2)
 
 
-def attention_flops(config, plan: LayerPlan, tokens: float, span: float) -> float:
-    """The attention's own work (scores and the weighted values) in one pass of a layer over
-    `tokens` tokens in windows of `span`: 2 * 2 * tokens * keys * H_q * head_dim, every query
-    against every key of its window, keys = min(span, the layer's attention window). Masked
-    keys are counted too: torch's CPU attention computes them (SmolLM2, 16 x 512 tokens: its
-    240 SDPA calls took 8.0 s, 145 GFLOP/s so counted, beside a matmul rate of 165)."""
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return 4.0 * tokens * min(span, plan.attention_window or span) * heads * head_dim
-
-
 class FusedExpertsBuilder:
     """Fused expert tensors {fused name: [count, K, parts*N]} filled in place, one piece at a
     time: each piece (some experts of one linear, W [n, N, K]) is copied into its view of the

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from maverick_quant.compress.types import QuantizedWeight
+from maverick_quant.compress.types import QuantizedWeight, group_index
 from maverick_quant.recipe import QuantSpec
 
 FP16_TINY = 2.0**-14  # smallest positive normal fp16: keeps 1/scale finite and scales normal
@@ -133,12 +133,6 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
 def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
     """w snapped to its grid: dequantize_codes(quantize_codes(w, ...), ...)."""
     return dequantize_codes(quantize_codes(w, scale, zero, maxq), scale, zero)
-
-
-def group_index(in_features: int, group_size: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """g_idx int64 [K]: k // group_size (all 0 for group_size -1), on `device`."""
-    width = in_features if group_size == -1 else group_size
-    return torch.arange(in_features, device=device) // width
 
 
 def expand_groups(t: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:

@@ -98,7 +98,7 @@ def to_gptq_tensors(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
         "qweight": pack_along(qw.codes.t(), qw.bits, dim=0),
         "qzeros": pack_along(stored_zeros.t(), qw.bits, dim=1),
         "scales": qw.scales.t().contiguous(),
-        "g_idx": qw.group_index().to(qw.codes.device),
+        "g_idx": qw.group_index(device=qw.codes.device),
     }
 
 

@@ -9,6 +9,13 @@ import torch
 SUPER_BLOCK = 256  # columns per llama.cpp K-quant super-block (QK_K)
 
 
+def group_index(in_features: int, group_size: int, device: torch.device | str | None = None,
+                dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """g_idx [K]: k // group_size (all 0 for group_size -1), on `device`."""
+    width = in_features if group_size == -1 else group_size
+    return torch.arange(in_features, dtype=dtype, device=device) // width
+
+
 @dataclass(frozen=True)
 class QuantizedWeight:
     """A weight `W[..., N, K]` (N outputs, K inputs) stored as integer codes on a group grid.
@@ -90,9 +97,7 @@ class QuantizedWeight:
 
     def group_index(self, dtype: torch.dtype = torch.int32, device: torch.device | str = "cpu") -> torch.Tensor:
         """g_idx: [K] (int32 on the host unless asked), the group of each input column."""
-        k = self.codes.shape[-1]
-        width = k if self.group_size == -1 else self.group_size
-        return torch.arange(k, dtype=dtype, device=device) // width
+        return group_index(self.codes.shape[-1], self.group_size, device, dtype)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """W_hat [..., N, K] in `dtype`, computed in fp32 then cast, on the codes' device."""
