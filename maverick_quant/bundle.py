@@ -45,6 +45,7 @@ PASSTHROUGH = "passthrough.safetensors"
 BUNDLE_FORMAT = "maverick-quant-bundle"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "generation_config.json", "chat_template.jinja", "vocab.json", "merges.txt")
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")  # a vision model's image processing
 
 
 QUANTIZED_PARTS = ("codes", "scales", "zeros", "super_scales", "super_mins")
@@ -83,9 +84,10 @@ def expert_file(index: int, first: int) -> str:
 
 
 def copy_model_files(source_dir: Path, out_dir: Path) -> list[str]:
-    """Copy config.json and the tokenizer/generation files that exist; returns their names."""
+    """Copy config.json and the tokenizer, generation and image-processor files that exist;
+    returns their names."""
     copied = []
-    for name in ("config.json", *TOKENIZER_FILES):
+    for name in ("config.json", *TOKENIZER_FILES, *PROCESSOR_FILES):
         if (Path(source_dir) / name).is_file():
             shutil.copy2(Path(source_dir) / name, out_dir / name)
             copied.append(name)

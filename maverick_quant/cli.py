@@ -14,7 +14,7 @@ import click
 
 from maverick_quant import __version__
 from maverick_quant.errors import InputError
-from maverick_quant.recipe import (CHOICES_PASS_MIB, GGUF_GRIDS, KERNEL_BACKENDS, AWQSpec, CalibSpec, ExpertPolicy, Method, MoESpec, QuantizeSpec,
+from maverick_quant.recipe import (CHOICES_PASS_MIB, GGUF_GRIDS, KERNEL_BACKENDS, MMPROJ_TYPES, AWQSpec, CalibSpec, ExpertPolicy, Method, MoESpec, QuantizeSpec,
                                    QuantSpec)
 
 
@@ -334,18 +334,28 @@ def _is_export(path: Path) -> bool:
 @click.option("--requantize", is_flag=True,
               help="GGUF: re-round a bundle whose grid is not the type's (the added error is reported).")
 @click.option("--gguf-pre", help="GGUF: llama.cpp pre-tokenizer name, when it is not recognised from tokenizer.json.")
+@click.option("--mmproj", type=click.Path(path_type=Path),
+              help="GGUF of a Llama 4: also write its vision tower and projector here, as llama.cpp's multimodal "
+                   "projector (llama-mtmd-cli --mmproj).")
+@click.option("--mmproj-type", type=click.Choice(MMPROJ_TYPES), default="F16", show_default=True,
+              help="Type of the mmproj's matrices (norms, biases and embeddings stay F32, as llama.cpp's converter "
+                   "writes them).")
 @click.option("--report", "report_dir", type=click.Path(path_type=Path, exists=True, file_okay=False),
               help="A `validate` report directory whose summary goes into the model card.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--progress/--no-progress", default=True)
-def export(bundle_dir, fmt, out, max_shard_size, gguf_type, requantize, gguf_pre, report_dir, force, progress) -> None:
+def export(bundle_dir, fmt, out, max_shard_size, gguf_type, requantize, gguf_pre, mmproj, mmproj_type, report_dir, force,
+           progress) -> None:
     """Write a bundle as a checkpoint other engines load (with a model card and a manifest)."""
     from maverick_quant.jobs import run_export, run_export_gguf
 
+    if mmproj is not None and fmt != "gguf":
+        raise click.UsageError(f"--mmproj is a GGUF file of llama.cpp's; --format {fmt} keeps the vision tower in the "
+                               "checkpoint itself")
     if report_dir is not None and not (report_dir / "report.json").is_file():
         raise InputError(f"--report {report_dir}: no report.json (expected a directory written by `validate --report`)")
     if fmt == "gguf":
-        run_export_gguf(bundle_dir, out, gguf_type, requantize, gguf_pre, force, report_dir, progress)
+        run_export_gguf(bundle_dir, out, gguf_type, requantize, gguf_pre, force, report_dir, progress, mmproj, mmproj_type)
     else:
         run_export(bundle_dir, out, fmt, max_shard_size, force, report_dir, progress)
 

@@ -136,28 +136,51 @@ def run_imatrix(model_dir, out, data, calib, calib_spec, force, progress, chunk_
 
 
 def run_export_gguf(source_dir, out, gguf_type="Q4_0", requantize=False, pre=None, force=False, report_dir=None,
-                    progress=True):
+                    progress=True, mmproj=None, mmproj_type="F16"):
     """GGUF of a bundle (lossless on its grid, or --requantize), or of a float model directory
-    (re-quantized by gguf-py: the plain GGUF other tools make, as a baseline)."""
+    (re-quantized by gguf-py: the plain GGUF other tools make, as a baseline); with `mmproj`,
+    a Llama 4's vision tower and projector too, as llama.cpp's multimodal projector file."""
     from maverick_quant.bundle import BUNDLE_FORMAT, MANIFEST, Bundle
     from maverick_quant.exporters.artifact import write_gguf_sidecars
     from maverick_quant.exporters.gguf import FLOAT_GGUF_TYPES, BundleWeights, FloatWeights, export_gguf
+    from maverick_quant.exporters.gguf_mmproj import MMProjPlan
 
     _check_output_file(out, force, "model-q4_0.gguf")
+    if mmproj is not None:
+        _check_output_file(mmproj, force, "mmproj-f16.gguf")
+        if Path(mmproj).resolve() == Path(out).resolve():
+            raise InputError(f"--mmproj {mmproj}: the same file as --out")
     manifest = Path(source_dir) / MANIFEST
     is_bundle = manifest.is_file() and json.loads(manifest.read_text()).get("format") == BUNDLE_FORMAT
     weights = BundleWeights(Bundle(source_dir)) if is_bundle else FloatWeights(Path(source_dir))
+    vision = MMProjPlan(weights, mmproj_type) if mmproj is not None else None  # refuses before any writing
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     report = export_gguf(weights, Path(out), gguf_type, requantize, pre, progress)
     lossless = (is_bundle and not report.requantized) or gguf_type in FLOAT_GGUF_TYPES
     detail = gguf_type if lossless else f"{gguf_type} (re-quantized by gguf-py)"
-    write_gguf_sidecars(weights.bundle if is_bundle else None, weights.name, Path(out), detail, report_dir)
     click.echo(f"exported gguf {gguf_type}: {report.tensors} tensors -> {out}")
     if report.requantized:
         errors = sorted(report.requantized.values())
         worst = max(report.requantized, key=report.requantized.get)
         click.echo(f"re-quantized {len(errors)} tensors to {gguf_type}: relative error added mean {sum(errors) / len(errors):.4f}, "
                    f"max {errors[-1]:.4f} ({worst})")
+    if vision is not None:
+        _write_mmproj(vision, Path(mmproj), progress)
+        detail += f", vision tower as mmproj {mmproj_type}"
+    write_gguf_sidecars(weights.bundle if is_bundle else None, weights.name, Path(out), detail, report_dir,
+                        [Path(mmproj)] if vision is not None else [])
+
+
+def _write_mmproj(plan, path: Path, progress: bool) -> None:
+    """llama.cpp's projector file of a checked MMProjPlan at `path`, and what it holds, printed."""
+    from maverick_quant.exporters.gguf_mmproj import export_mmproj
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    report = export_mmproj(plan, path, progress)
+    click.echo(f"exported mmproj {plan.mmproj_type} (llama4 vision): {report.tensors} tensors -> {path}; "
+               f"{report.tokens_per_chunk} tokens per image chunk; image normalisation from {report.normalisation}")
+    if report.f16_fallbacks:
+        click.echo(f"kept F16 (K not a multiple of 32 for Q8_0): {', '.join(report.f16_fallbacks)}")
 
 
 def _read_json(path: Path, what: str) -> dict:

@@ -36,6 +36,7 @@ ALLOWED_GROUP_SIZES = (-1, 32, 64, 128, 256)
 CHOICES_PASS_MIB = 8192
 # Kernel backends that run 4-bit weights (compress/kernels/backends.py); "auto" picks the best here.
 KERNEL_BACKENDS = ("auto", "reference", "cpu-int4", "triton", "cuda")
+MMPROJ_TYPES = ("F16", "F32", "Q8_0")  # llama.cpp projector (mmproj) files: the type of their matrices
 # Weight grids that llama.cpp block types store exactly (see compress/gguf_blocks.py).
 GGUF_GRIDS = {
     "Q4_0": {"bits": 4, "group_size": 32, "sym": True, "signed_scale": True},

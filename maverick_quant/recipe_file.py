@@ -13,7 +13,7 @@
       awq: {grid: 20, clip: true}
     exports:
       - {format: gptq}        # gptq | awq | compressed-tensors | gguf (with gguf_type)
-      - {format: gguf, gguf_type: Q4_0}
+      - {format: gguf, gguf_type: Q4_0, mmproj: F16}   # mmproj: a Llama 4's vision tower for llama.cpp
     validation:
       data: wiki.test.raw     # or self: held-out text the model writes itself
       ctx: 512
@@ -43,7 +43,7 @@ from typing import Any
 from maverick_quant.compress.pack import PACK_BITS
 from maverick_quant.devices import check_device_name
 from maverick_quant.errors import InputError
-from maverick_quant.recipe import (CHOICES_PASS_MIB, GGUF_GRIDS, KERNEL_BACKENDS, AWQSpec, CalibSpec, Method, MoESpec, QuantizeSpec, QuantSpec,
+from maverick_quant.recipe import (CHOICES_PASS_MIB, GGUF_GRIDS, KERNEL_BACKENDS, MMPROJ_TYPES, AWQSpec, CalibSpec, Method, MoESpec, QuantizeSpec, QuantSpec,
                                    parse_bits_override)
 
 BUILTIN_MODELS = {"builtin:smollm2-135m-instruct"}
@@ -55,16 +55,23 @@ PROTOCOLS = ("gptq", "llama.cpp")
 
 @dataclass(frozen=True)
 class ExportStep:
-    """One export of the bundle: `format`, and for GGUF its type and whether re-quantizing is allowed."""
+    """One export of the bundle: `format`, and for GGUF its type, whether re-quantizing is
+    allowed, and the type of a Llama 4's vision projector file written beside it (`mmproj`)."""
 
     format: str
     gguf_type: str = "Q4_0"
     requantize: bool = False
     max_shard_size: int = 5 * 10**9
+    mmproj: str | None = None
 
     def __post_init__(self) -> None:
         _one_of("exports[].format", self.format, EXPORT_FORMATS)
         _one_of("exports[].gguf_type", self.gguf_type, GGUF_TYPES)
+        if self.mmproj is not None:
+            _one_of("exports[].mmproj", self.mmproj, MMPROJ_TYPES)
+            if self.format != "gguf":
+                raise InputError(f"exports[].mmproj: only a gguf export writes llama.cpp's projector file "
+                                 f"(format {self.format} keeps the vision tower in the checkpoint)")
         if self.max_shard_size < 1:
             raise InputError(f"exports[].max_shard_size={self.max_shard_size}: expected a positive number of bytes")
 
@@ -72,6 +79,11 @@ class ExportStep:
     def name(self) -> str:
         """Output name inside the run directory: model-gptq/, model-q4_0.gguf."""
         return f"model-{self.gguf_type.lower()}.gguf" if self.format == "gguf" else f"model-{self.format}"
+
+    @property
+    def mmproj_name(self) -> str | None:
+        """The projector file beside a GGUF export: mmproj-f16.gguf (None without `mmproj`)."""
+        return f"mmproj-{self.mmproj.lower()}.gguf" if self.mmproj else None
 
 
 @dataclass(frozen=True)

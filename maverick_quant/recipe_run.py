@@ -65,7 +65,8 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
         step(f"export: {export.format} -> {export.name}")
         if export.format == "gguf":
             run_export_gguf(out / "bundle", out / export.name, export.gguf_type, export.requantize, force=True,
-                            progress=progress)
+                            progress=progress, mmproj=export.mmproj_name and out / export.mmproj_name,
+                            mmproj_type=export.mmproj or "F16")
         else:
             run_export(out / "bundle", out / export.name, export.format, export.max_shard_size, force=True,
                        progress=progress)

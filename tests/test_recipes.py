@@ -43,6 +43,8 @@ def test_shipped_recipes_load() -> None:
     ({"calibration": {"samples": "many"}}, "calibration.samples='many': expected int"),
     ({"exports": [{"format": "onnx"}]}, "exports[].format='onnx': expected one of gptq, awq"),
     ({"exports": [{"format": "gguf", "gguf_type": "Q4_0"}]}, "gguf_type Q4_0 needs the bundle on its grid"),
+    ({"exports": [{"format": "gptq", "mmproj": "F16"}]}, "exports[].mmproj: only a gguf export writes"),
+    ({"exports": [{"format": "gguf", "mmproj": "Q4_0"}]}, "exports[].mmproj='Q4_0': expected one of F16, F32, Q8_0"),
     ({"quantize": {"gguf_grid": "Q4_K"}}, "format gptq cannot store quantize.gguf_grid Q4_K's offset grid"),
     ({"quantize": {"bits": 3}}, "format gptq stores bits (2, 4, 8), quantize.bits is 3"),
     ({"validation": {"data": "x", "gates": ["ppl_ratio<<1"]}}, "gate 'ppl_ratio<<1'"),

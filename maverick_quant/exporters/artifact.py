@@ -12,6 +12,7 @@ A GGUF export is one file; its card and manifest sit beside it as `<name>.gguf.R
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from maverick_quant import __version__
@@ -28,7 +29,8 @@ LOADING = {
 
 
 def file_records(paths: list[Path], root: Path) -> dict[str, dict]:
-    return {str(path.relative_to(root)): {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    """{path relative to root (`..` where it lies elsewhere): sha256 and size}."""
+    return {os.path.relpath(path, root): {"sha256": sha256_file(path), "bytes": path.stat().st_size}
             for path in sorted(paths)}
 
 
@@ -111,15 +113,16 @@ def write_artifact_files(bundle: Bundle, out_dir: Path, fmt: str, detail: str = 
 
 
 def write_gguf_sidecars(bundle: Bundle | None, name: str, gguf_path: Path, detail: str,
-                        report_dir: Path | None = None) -> None:
-    """Model card and manifest beside a GGUF file (of a bundle, or of the float model `name`)."""
+                        report_dir: Path | None = None, extra_files: list[Path] = ()) -> None:
+    """Model card and manifest beside a GGUF file (of a bundle, or of the float model `name`);
+    `extra_files` (an mmproj GGUF) are hashed into the same manifest."""
     gguf_path = Path(gguf_path)
     write_text_atomic(gguf_path.with_name(gguf_path.name + ".README.md"),
                       model_card(bundle, "gguf", detail, name, report_dir))
     source = bundle.manifest["source"] if bundle is not None else {"model_dir": name}
     write_json_atomic(gguf_path.with_name(gguf_path.name + ".manifest.json"),
                       {"format": "gguf", "detail": detail, "tool_version": __version__, "source": source,
-                       "files": file_records([gguf_path], gguf_path.parent)})
+                       "files": file_records([gguf_path, *extra_files], gguf_path.parent)})
 
 
 def verify_manifest(manifest_path: Path) -> list[str]:

@@ -126,6 +126,10 @@ class BundleWeights:
     def model_tensor(self, name: str) -> torch.Tensor:
         return self.bundle.model_tensor(name)
 
+    def model_tensor_names(self) -> list[str]:
+        """Names of the model-level tensors kept in float (embeddings, norms, a vision tower)."""
+        return self.bundle.model_tensor_names()
+
     def float_infos(self, index: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         return {name: (tuple(info.shape), TORCH_DTYPES[info.dtype]) for name, info in self.bundle.passthrough_info(index).items()}
 
@@ -174,6 +178,9 @@ class FloatWeights:
 
     def model_tensor(self, name: str) -> torch.Tensor:
         return self.source.checkpoint.get(name)
+
+    def model_tensor_names(self) -> list[str]:
+        return list(self.source.checkpoint.tensors)
 
     def _plan(self, index: int):
         return self.table.plan(self.config, index)
@@ -513,26 +520,35 @@ def export_gguf(weights: BundleWeights | FloatWeights, out_path: Path, gguf_type
     writer = gguf.GGUFWriter(path=None, arch=plan.arch)
     add_model_metadata(writer, plan.config, plan.arch, plan.block_type, weights.name)
     add_tokenizer(writer, weights.root, plan.config.vocab_size, pre)
+    report.tensors = write_gguf_file(writer, jobs, Path(out_path), f"export gguf {gguf_type}", show_progress)
+    return report
+
+
+def write_gguf_file(writer, jobs: list[TensorJob], out_path: Path, desc: str, show_progress: bool = True) -> int:
+    """Write a GGUF whose metadata is in `writer`: the header and every tensor's info first, then
+    one tensor at a time as `jobs` make them, under a temporary name renamed when complete.
+    Returns the number of tensors written."""
+    import gguf
+
     for job in jobs:
         writer.add_tensor_info(job.name, job.byte_shape(), np.dtype(np.uint8), job.nbytes(),
                                raw_dtype=getattr(gguf.GGMLQuantizationType, job.ggml_type))
-    tmp = Path(out_path).with_name(f".{Path(out_path).name}.partial-{os.getpid()}")
+    tmp = out_path.with_name(f".{out_path.name}.partial-{os.getpid()}")
     try:
         writer.write_header_to_file(path=tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        with tqdm(total=sum(job.nbytes() for job in jobs), desc=f"export gguf {gguf_type}", unit="B", unit_scale=True,
+        with tqdm(total=sum(job.nbytes() for job in jobs), desc=desc, unit="B", unit_scale=True,
                   disable=not show_progress) as bar:
             for job in jobs:
                 data = np.ascontiguousarray(job.load()).view(np.uint8)
                 if data.nbytes != job.nbytes():
                     raise InputError(f"--format gguf: {job.name}: {data.nbytes} bytes made, {job.nbytes()} announced")
                 writer.write_tensor_data(data)
-                report.tensors += 1
                 bar.update(data.nbytes)
         writer.close()
         durable_replace(tmp, out_path)
     finally:
         writer.close()
         tmp.unlink(missing_ok=True)
-    return report
+    return len(jobs)
