@@ -1,7 +1,7 @@
 """Bundle -> GGUF (llama.cpp), written with llama.cpp's own gguf-py, one tensor at a time.
 
 Architectures: `llama` (dense) and `llama4` (the text model of Llama 4; the vision tower and
-projector are left out, as llama.cpp's converter does). Names follow llama.cpp:
+projector go to a second file, exporters/gguf_mmproj.py, as llama.cpp wants). Names follow llama.cpp:
     token_embd, output_norm, output, [rope_freqs],
     blk.N.attn_norm, attn_q, attn_k, attn_v, attn_output, ffn_norm,
     blk.N.ffn_gate/up/down                      (dense MLP)
