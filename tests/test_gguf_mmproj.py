@@ -15,6 +15,7 @@ import torch
 from click.testing import CliRunner
 
 from maverick_quant.cli import cli
+from maverick_quant.errors import InputError
 from maverick_quant.exporters import gguf_mmproj
 
 from conftest import make_tiny_llama4
@@ -205,3 +206,25 @@ def test_a_recipe_writes_the_mmproj_beside_its_gguf(llama4_vision, tmp_path: Pat
     assert (tmp_path / "run" / "mmproj-f32.gguf").read_bytes() == (tmp_path / "mmproj.gguf").read_bytes()
     manifest = json.loads((tmp_path / "run" / "model-q8_0.gguf.manifest.json").read_text())
     assert "mmproj-f32.gguf" in manifest["files"]
+
+
+def test_the_models_image_normalisation_travels_through_the_bundle_into_the_mmproj(smollm2_dir: Path,
+                                                                                    tmp_path: Path) -> None:
+    import gguf
+
+    model = make_tiny_llama4(smollm2_dir, tmp_path / "model", attention_chunk_size=8192, intermediate_size_mlp=64)
+    mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+    (model / "preprocessor_config.json").write_text(json.dumps({"image_mean": mean, "image_std": std}))
+    code, out = _run("quantize", model, "--method", "rtn", "--gguf-grid", "Q8_0", "--out", tmp_path / "bundle",
+                     "--no-progress")
+    assert code == 0, out
+    assert (tmp_path / "bundle" / "preprocessor_config.json").is_file()
+    code, out = _run("export", tmp_path / "bundle", "--format", "gguf", "--gguf-type", "Q8_0", "--out",
+                     tmp_path / "m.gguf", "--mmproj", tmp_path / "p.gguf", "--no-progress")
+    assert code == 0 and "image normalisation from preprocessor_config.json" in out, out
+    fields = gguf.GGUFReader(tmp_path / "p.gguf").fields
+    assert np.allclose(fields["clip.vision.image_mean"].contents(), mean)
+    assert np.allclose(fields["clip.vision.image_std"].contents(), std)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5]}))
+    with pytest.raises(InputError, match="preprocessor_config.json: expected image_mean and image_std"):
+        gguf_mmproj.image_normalisation(tmp_path)
