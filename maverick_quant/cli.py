@@ -337,9 +337,9 @@ def _is_export(path: Path) -> bool:
 @click.option("--mmproj", type=click.Path(path_type=Path),
               help="GGUF of a Llama 4: also write its vision tower and projector here, as llama.cpp's multimodal "
                    "projector (llama-mtmd-cli --mmproj).")
-@click.option("--mmproj-type", type=click.Choice(MMPROJ_TYPES), default="F16", show_default=True,
-              help="Type of the mmproj's matrices (norms, biases and embeddings stay F32, as llama.cpp's converter "
-                   "writes them).")
+@click.option("--mmproj-type", type=click.Choice(MMPROJ_TYPES),
+              help="Type of the mmproj's matrices, default F16 (norms, biases, the class token and the position "
+                   "embedding stay F32, and the patch embedding is F32 unless F16, as llama.cpp's converter writes them).")
 @click.option("--report", "report_dir", type=click.Path(path_type=Path, exists=True, file_okay=False),
               help="A `validate` report directory whose summary goes into the model card.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
@@ -352,10 +352,13 @@ def export(bundle_dir, fmt, out, max_shard_size, gguf_type, requantize, gguf_pre
     if mmproj is not None and fmt != "gguf":
         raise click.UsageError(f"--mmproj is a GGUF file of llama.cpp's; --format {fmt} keeps the vision tower in the "
                                "checkpoint itself")
+    if mmproj_type is not None and mmproj is None:
+        raise click.UsageError("--mmproj-type without --mmproj: name the projector file to write")
     if report_dir is not None and not (report_dir / "report.json").is_file():
         raise InputError(f"--report {report_dir}: no report.json (expected a directory written by `validate --report`)")
     if fmt == "gguf":
-        run_export_gguf(bundle_dir, out, gguf_type, requantize, gguf_pre, force, report_dir, progress, mmproj, mmproj_type)
+        run_export_gguf(bundle_dir, out, gguf_type, requantize, gguf_pre, force, report_dir, progress, mmproj,
+                        mmproj_type or "F16")
     else:
         run_export(bundle_dir, out, fmt, max_shard_size, force, report_dir, progress)
 

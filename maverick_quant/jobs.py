@@ -153,7 +153,7 @@ def run_export_gguf(source_dir, out, gguf_type="Q4_0", requantize=False, pre=Non
     manifest = Path(source_dir) / MANIFEST
     is_bundle = manifest.is_file() and json.loads(manifest.read_text()).get("format") == BUNDLE_FORMAT
     weights = BundleWeights(Bundle(source_dir)) if is_bundle else FloatWeights(Path(source_dir))
-    vision = MMProjPlan(weights, mmproj_type) if mmproj is not None else None  # refuses before any writing
+    vision = MMProjPlan(weights, mmproj_type) if mmproj is not None else None  # checks all before any writing
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     report = export_gguf(weights, Path(out), gguf_type, requantize, pre, progress)
     lossless = (is_bundle and not report.requantized) or gguf_type in FLOAT_GGUF_TYPES

@@ -39,6 +39,7 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
     model_dir = _recipe_model_dir(recipe.model)
     source = open_source(model_dir)  # a bad model is refused here, before any work
     _check_recipe_files(recipe, model_dir)
+    _check_mmproj_exports(recipe, model_dir)
     check_lock_inputs(recipe, source)
     out = Path(out)
     steps = 2 + len(recipe.exports) + (len(recipe.validation.candidates) if recipe.validation is not None else 0)
@@ -117,6 +118,17 @@ def _check_recipe_files(recipe, model_dir: Path) -> None:
             raise InputError(f"{key}: {path} is not a file")
     if "self" in named.values():
         check_fits_in_memory(model_dir)
+
+
+def _check_mmproj_exports(recipe, model_dir: Path) -> None:
+    """An `exports[].mmproj` step's vision tower is checked against llama.cpp's projector before
+    any work (config, tensor names and shapes, image normalisation: nothing is read but headers)."""
+    from maverick_quant.exporters.gguf import FloatWeights
+    from maverick_quant.exporters.gguf_mmproj import MMProjPlan
+
+    for export in recipe.exports:
+        if export.mmproj:
+            MMProjPlan(FloatWeights(model_dir), export.mmproj)
 
 
 def report_name(candidate: str) -> str:

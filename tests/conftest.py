@@ -71,7 +71,10 @@ TINY_LLAMA4_TEXT = dict(
     vocab_size=49152, max_position_embeddings=4096, attention_chunk_size=16, rms_norm_eps=1e-5, use_qk_norm=True,
     bos_token_id=1, eos_token_id=2, pad_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
 )
-TINY_LLAMA4_VISION = dict(hidden_size=32, intermediate_size=128, num_attention_heads=2, num_hidden_layers=1, image_size=28,
+# Text tests never run the vision tower, and their random text weights are drawn after it: its
+# sizes stay as they were (HF's forward would need intermediate_size = hidden / ratio² = 128,
+# which tests/test_gguf_mmproj.py passes in `vision`).
+TINY_LLAMA4_VISION = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1, image_size=28,
                           patch_size=14, projector_input_dim=32, projector_output_dim=32, vision_output_dim=32,
                           pixel_shuffle_ratio=0.5)
 
@@ -92,8 +95,7 @@ def make_tiny_llama4(smollm2_dir: Path, out: Path, logit_scale: float = 1.0, vis
                      **text_overrides) -> Path:
     """A random Llama4ForConditionalGeneration (TINY_LLAMA4_TEXT with `text_overrides`, a
     vision tower, TINY_LLAMA4_VISION with `vision`'s values, skewed routers), fp32, sharded,
-    with SmolLM2's tokenizer, saved in `out`. The vision tower's pixel shuffle gives the adapter
-    sf² · hidden = intermediate_size channels, as Hugging Face's forward needs.
+    with SmolLM2's tokenizer, saved in `out`.
     `logit_scale` multiplies the final norm's weight, so the logits: random models predict
     almost uniformly, and a scale of ~10 makes their top-1 choices decided enough to compare."""
     from transformers import Llama4Config, Llama4ForConditionalGeneration

@@ -20,7 +20,16 @@ from maverick_quant.exporters import gguf_mmproj
 
 from conftest import make_tiny_llama4
 
-VISION = {"image_size": 56}  # 4 x 4 patches of 14, shuffled 2 x 2: four image tokens in a 2 x 2 grid
+# 4 x 4 patches of 14, shuffled 2 x 2: four image tokens in a 2 x 2 grid; the adapter takes the
+# shuffle's 2² x 32 channels (Hugging Face's forward reads them as intermediate_size)
+VISION = {"image_size": 56, "intermediate_size": 128}
+
+
+def _require_llama_cpp() -> None:
+    if os.environ.get("MAVERICK_QUANT_REQUIRE_CLIENTS"):  # .ci/run installs llama-cpp-python: missing is a failure
+        import llama_cpp  # noqa: F401
+    else:
+        pytest.importorskip("llama_cpp")
 
 
 def _run(*args) -> tuple[int, str]:
@@ -123,10 +132,7 @@ def test_llama_cpp_encodes_an_image_with_our_mmproj_as_hugging_face_does(llama4_
                                                                          tolerance: float) -> None:
     """F32: llama.cpp's tanh GELU and fp16 attention against HF's erf GELU in fp32 measured at
     ~1e-3 relative; the converter's `attn_post_norm` naming of ln2 is off by far more."""
-    if os.environ.get("MAVERICK_QUANT_REQUIRE_CLIENTS"):
-        import llama_cpp  # noqa: F401
-    else:
-        pytest.importorskip("llama_cpp")
+    _require_llama_cpp()
     tmp = llama4_vision["tmp"]
     text_gguf, mmproj = tmp / f"m-{mmproj_type}.gguf", tmp / f"mmproj-{mmproj_type}.gguf"
     code, out = _run("export", llama4_vision["bundle"], "--format", "gguf", "--gguf-type", "Q8_0", "--out", text_gguf,
@@ -149,7 +155,7 @@ def test_llama_cpp_encodes_an_image_with_our_mmproj_as_hugging_face_does(llama4_
 def test_the_converters_attn_post_norm_naming_computes_another_function(llama4_vision, monkeypatch) -> None:
     """What llama.cpp's own converter writes for `post_attention_layernorm` (gguf-py's map):
     llama.cpp loads it without complaint and encodes the image differently."""
-    pytest.importorskip("llama_cpp")
+    _require_llama_cpp()
     import gguf
 
     converter = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, 1).get_name(
@@ -157,8 +163,9 @@ def test_the_converters_attn_post_norm_naming_computes_another_function(llama4_v
     tmp = llama4_vision["tmp"]
     monkeypatch.setitem(gguf_mmproj.BLOCK_LEVEL, "post_attention_layernorm", "V_ENC_ATTN_POST_NORM")
     assert gguf_mmproj.gguf_tensor_name("vision_model.model.layers.0.post_attention_layernorm.weight")[0] == converter
-    _run("export", llama4_vision["bundle"], "--format", "gguf", "--gguf-type", "Q8_0", "--out", tmp / "c.gguf",
-         "--mmproj", tmp / "mmproj-converter.gguf", "--mmproj-type", "F32", "--no-progress", "--force")
+    code, out = _run("export", llama4_vision["bundle"], "--format", "gguf", "--gguf-type", "Q8_0", "--out",
+                     tmp / "c.gguf", "--mmproj", tmp / "mmproj-converter.gguf", "--mmproj-type", "F32", "--no-progress")
+    assert code == 0, out
     image = np.random.default_rng(0).integers(0, 256, size=(56, 56, 3), dtype=np.uint8)
     theirs = transposed_token_grid(llama_cpp_image_embeddings(tmp / "c.gguf", tmp / "mmproj-converter.gguf", image))
     error = relative_error(theirs, hugging_face_image_embeddings(llama4_vision["model"], image))
@@ -181,12 +188,52 @@ def test_mmproj_refusals_leave_nothing_written(llama4_vision, tiny_llama_dir: Pa
     assert not (tmp_path / "d.gguf").exists() and not (tmp_path / "q.gguf").exists()
 
 
-def test_a_vision_tower_llama_cpp_would_compute_differently_is_refused(smollm2_dir: Path, tmp_path: Path) -> None:
-    model = make_tiny_llama4(smollm2_dir, tmp_path / "model", vision={"hidden_act": "silu"}, attention_chunk_size=8192)
+@pytest.mark.parametrize("vision, message", [
+    ({"pixel_shuffle_ratio": 0.3}, "pixel_shuffle_ratio 0.3 (llama.cpp: 1 / an integer)"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 5000.0}}, "(llama.cpp: default rope, theta 10000)"),
+    ({"hidden_size": 36, "intermediate_size": 144}, "head dim 18 (2-D rope needs a multiple of 4)"),
+    ({"image_size": 42}, "image_size 42 is not patch_size 14 times a multiple of 2"),
+])
+def test_vision_towers_llama_cpp_would_compute_differently_are_refused(vision: dict, message: str) -> None:
+    from transformers import Llama4VisionConfig
+
+    from conftest import TINY_LLAMA4_VISION
+
+    with pytest.raises(InputError, match="llama.cpp's llama4 projector cannot represent") as error:
+        gguf_mmproj.check_vision_config(Llama4VisionConfig(**{**TINY_LLAMA4_VISION, **VISION, **vision}), Path("m"))
+    assert message in str(error.value) and "m/config.json vision_config" in str(error.value)
+
+
+def test_tensors_llama_cpp_has_no_place_for_and_q8_0s_fallback() -> None:
+    for name in ("multi_modal_projector.linear_1.bias", "vision_model.vision_adapter.mlp.fc2.bias",
+                 "vision_model.patch_embedding.linear.bias", "vision_model.model.layers.x.mlp.fc1.weight",
+                 "vision_model.extra.weight"):
+        assert gguf_mmproj.gguf_tensor_name(name) is None, name
+    assert gguf_mmproj.tensor_type("V_ENC_ATTN_Q", (40, 40), "Q8_0") == "F16"
+    assert gguf_mmproj.tensor_type("V_ENC_ATTN_Q", (40, 64), "Q8_0") == "Q8_0"
+    assert gguf_mmproj.tensor_type("V_ENC_EMBD_PATCH", (32, 588), "F16") == "F16"
+    assert gguf_mmproj.tensor_type("V_ENC_EMBD_PATCH", (32, 588), "Q8_0") == "F32"
+    assert gguf_mmproj.tensor_type("V_ENC_INPUT_NORM", (32,), "F16") == "F32"
+
+
+def test_a_bad_vision_tower_is_refused_before_the_text_gguf_is_written(smollm2_dir: Path, tmp_path: Path) -> None:
+    """Shapes and image normalisation are checked with everything else, before the (for
+    Maverick, 200 GB) text GGUF is written."""
+    model = make_tiny_llama4(smollm2_dir, tmp_path / "model", attention_chunk_size=8192)  # adapter input 64, not 128
     code, out = _run("export", model, "--format", "gguf", "--gguf-type", "F32", "--out", tmp_path / "m.gguf",
                      "--mmproj", tmp_path / "p.gguf", "--no-progress")
-    assert code != 0 and "hidden_act 'silu'" in out and "config.json" in out
+    assert code != 0 and "vision_adapter.mlp.fc1.weight: shape [32, 64], expected [32, 128]" in out, out
     assert not (tmp_path / "m.gguf").exists() and not (tmp_path / "p.gguf").exists()
+    model = make_tiny_llama4(smollm2_dir, tmp_path / "model2", vision=VISION, attention_chunk_size=8192)
+    (model / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5]}))
+    code, out = _run("export", model, "--format", "gguf", "--gguf-type", "F32", "--out", tmp_path / "m.gguf",
+                     "--mmproj", tmp_path / "p.gguf", "--no-progress")
+    assert code != 0 and "preprocessor_config.json: expected image_mean and image_std" in out, out
+    assert not (tmp_path / "m.gguf").exists() and not (tmp_path / "p.gguf").exists()
+    code, out = _run("export", model, "--format", "gguf", "--out", tmp_path / "m.gguf", "--mmproj", tmp_path / "m.gguf")
+    assert code != 0 and "the same file as --out" in out
+    code, out = _run("export", model, "--format", "gguf", "--out", tmp_path / "m.gguf", "--mmproj-type", "F32")
+    assert code == 2 and "--mmproj-type without --mmproj" in out
 
 
 def test_a_recipe_writes_the_mmproj_beside_its_gguf(llama4_vision, tmp_path: Path) -> None:
@@ -212,7 +259,8 @@ def test_the_models_image_normalisation_travels_through_the_bundle_into_the_mmpr
                                                                                     tmp_path: Path) -> None:
     import gguf
 
-    model = make_tiny_llama4(smollm2_dir, tmp_path / "model", attention_chunk_size=8192, intermediate_size_mlp=64)
+    model = make_tiny_llama4(smollm2_dir, tmp_path / "model", vision=VISION, attention_chunk_size=8192,
+                             intermediate_size_mlp=64)
     mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
     (model / "preprocessor_config.json").write_text(json.dumps({"image_mean": mean, "image_std": std}))
     code, out = _run("quantize", model, "--method", "rtn", "--gguf-grid", "Q8_0", "--out", tmp_path / "bundle",
@@ -225,6 +273,50 @@ def test_the_models_image_normalisation_travels_through_the_bundle_into_the_mmpr
     fields = gguf.GGUFReader(tmp_path / "p.gguf").fields
     assert np.allclose(fields["clip.vision.image_mean"].contents(), mean)
     assert np.allclose(fields["clip.vision.image_std"].contents(), std)
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5]}))
-    with pytest.raises(InputError, match="preprocessor_config.json: expected image_mean and image_std"):
-        gguf_mmproj.image_normalisation(tmp_path)
+
+
+class MetaWeights:
+    """The exporter's view of a model built on the meta device: names and shapes, no data."""
+
+    def __init__(self, config, root: Path):
+        from transformers import Llama4ForConditionalGeneration
+
+        config.save_pretrained(root)
+        with torch.device("meta"):
+            model = Llama4ForConditionalGeneration(config)
+        self.root, self.name = root, "maverick"
+        self.infos = {name: (tuple(p.shape), p.dtype) for name, p in model.state_dict().items()
+                      if name.startswith(("vision_model.", "multi_modal_projector."))}
+
+    def model_tensor_names(self) -> list[str]:
+        return list(self.infos)
+
+    def model_tensor_info(self, name: str):
+        return self.infos[name]
+
+
+def test_maverick_vision_tower_maps_onto_llama_cpps_projector(tmp_path: Path) -> None:
+    """Every tensor of Maverick's vision tower (its config, meta tensors) has its llama.cpp
+    name, its shape passes the checks, and an image chunk is 144 tokens, as llama.cpp says."""
+    from maverick_quant.arch.llama4 import maverick_config
+
+    weights = MetaWeights(maverick_config(num_hidden_layers=2), tmp_path)
+    plan = gguf_mmproj.MMProjPlan(weights, "Q8_0")
+    jobs = {job.name: job for job in plan.jobs}
+    assert plan.scale == 2 and plan.tokens_per_chunk == 144
+    assert len(jobs) == len(weights.infos) == 10 + 34 * 16
+    assert jobs["mm.model.fc.weight"].shape == (5120, 4096) and jobs["mm.model.fc.weight"].ggml_type == "Q8_0"
+    assert jobs["v.patch_embd.weight"].ggml_type == "F32" and jobs["v.position_embd.weight"].ggml_type == "F32"
+    assert jobs["v.blk.33.ln2.weight"].ggml_type == "F32" and plan.f16_fallbacks == []
+
+
+def test_a_recipe_mmproj_on_a_model_without_a_vision_tower_is_refused_before_any_work(tiny_llama_dir: Path,
+                                                                                      tmp_path: Path) -> None:
+    import yaml
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"model": str(tiny_llama_dir), "quantize": {"method": "rtn", "gguf_grid": "Q8_0"},
+                                      "exports": [{"format": "gguf", "gguf_type": "Q8_0", "mmproj": "F16"}]}))
+    code, out = _run("run", recipe, "--out", tmp_path / "run", "--no-progress")
+    assert code != 0 and "not a Llama 4 model with a vision tower" in out
+    assert not (tmp_path / "run").exists()

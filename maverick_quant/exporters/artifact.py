@@ -5,7 +5,8 @@
                    summary of a `validate` report when one is given (`export --report DIR`).
     manifest.json  {"format", "tool_version", "source", "files": {name: {"sha256", "bytes"}}}
 
-A GGUF export is one file; its card and manifest sit beside it as `<name>.gguf.README.md` and
+A GGUF export is one file (two with a Llama 4's `--mmproj` projector file, hashed into the
+same manifest); its card and manifest sit beside it as `<name>.gguf.README.md` and
 `<name>.gguf.manifest.json`. `verify_manifest` re-hashes the files (used by `inspect`).
 """
 
@@ -24,7 +25,8 @@ LOADING = {
     "awq": "transformers + GPTQModel (`AutoModelForCausalLM.from_pretrained(DIR)`), vLLM (`vllm serve DIR`)",
     "compressed-tensors": "transformers + compressed-tensors (`from_pretrained(DIR, quantization_config="
                           "CompressedTensorsConfig(dequantize=True))` on CPU), vLLM (`vllm serve DIR`)",
-    "gguf": "llama.cpp (`llama-cli -m FILE`), llama-cpp-python (`Llama(model_path=FILE)`)",
+    "gguf": "llama.cpp (`llama-cli -m FILE`; with a Llama 4's projector file, `llama-mtmd-cli -m FILE --mmproj "
+            "MMPROJ --image IMG`), llama-cpp-python (`Llama(model_path=FILE)`)",
 }
 
 

@@ -543,7 +543,7 @@ def write_gguf_file(writer, jobs: list[TensorJob], out_path: Path, desc: str, sh
             for job in jobs:
                 data = np.ascontiguousarray(job.load()).view(np.uint8)
                 if data.nbytes != job.nbytes():
-                    raise InputError(f"--format gguf: {job.name}: {data.nbytes} bytes made, {job.nbytes()} announced")
+                    raise InputError(f"{desc}: {job.name}: {data.nbytes} bytes made, {job.nbytes()} announced")
                 writer.write_tensor_data(data)
                 bar.update(data.nbytes)
         writer.close()

@@ -21,6 +21,13 @@ then applies that norm to the attention output and leaves the pre-MLP norm witho
 weights. The file loads and computes something else; ours computes Hugging Face's function
 (tests/test_gguf_mmproj.py runs both through llama.cpp).
 
+Everything is checked when the plan is made, before a byte is written: the vision config
+against what clip.cpp's llama4 graph fixes (default rope of theta 10000, 1 / an integer pixel
+shuffle, head dims 2-D rope can split), every tensor's name (a bias the graph never adds has no
+place either) and the shapes it multiplies unchecked, and the image normalisation. The file
+carries what Hugging Face computes: GELU and LayerNorm eps 1e-5, which its vision code fixes
+whatever `hidden_act` and `norm_eps` say.
+
 Tensor types follow llama.cpp's converter: every 1-D tensor, the position embedding and the
 class token in F32; the patch embedding F16 in an F16 file and F32 otherwise; other matrices in
 the requested type (Q8_0 by gguf-py's own quantizer, F16 where K is not a multiple of 32).
@@ -65,6 +72,10 @@ PARAMETERS = ("vision_model.class_embedding", "vision_model.positional_embedding
 F32_TENSORS = ("V_ENC_EMBD_CLS", "V_ENC_EMBD_POS")
 LLAMA4_IMAGE_MEAN_STD = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])  # transformers' Llama4ImageProcessor defaults
 VISION_ROPE_THETA = 10000.0  # clip.cpp's llama4 graph fixes it
+# Hugging Face's vision LayerNorms are nn.LayerNorm(width) whatever `norm_eps` says, and its
+# MLPs nn.GELU() whatever `hidden_act` says: the file carries what HF computes.
+HF_LAYERNORM_EPS = 1e-5
+NO_BIAS = ("V_ENC_EMBD_PATCH", "V_MMPROJ_MLP", "V_MMPROJ_FC")  # clip.cpp's llama4 graph adds none
 
 
 @dataclass
@@ -99,6 +110,8 @@ def gguf_tensor_name(hf_name: str) -> tuple[str, str] | None:
         member, bid = BLOCK_LEVEL[relative], int(index)
     else:
         return None
+    if suffix == "bias" and member in NO_BIAS:
+        return None
     base = gguf.TENSOR_NAMES[getattr(gguf.MODEL_TENSOR, member)].format(bid=bid)
     return (f"{base}.{suffix}" if suffix else base), member
 
@@ -117,10 +130,10 @@ def check_vision_config(vision, source: Path) -> int:
     scale = round(1.0 / ratio) if ratio > 0 else 0
     side = vision.image_size // vision.patch_size
     problems = []
-    if vision.hidden_act != "gelu":
-        problems.append(f"hidden_act {vision.hidden_act!r} (llama.cpp: 'gelu')")
-    if float(getattr(vision, "rope_theta", VISION_ROPE_THETA)) != VISION_ROPE_THETA:
-        problems.append(f"rope_theta {vision.rope_theta} (llama.cpp: {VISION_ROPE_THETA:g})")
+    rope = getattr(vision, "rope_parameters", None) or {}
+    theta = float(rope.get("rope_theta", getattr(vision, "rope_theta", VISION_ROPE_THETA)))
+    if theta != VISION_ROPE_THETA or rope.get("rope_type", "default") != "default":
+        problems.append(f"rope_parameters {rope} (llama.cpp: default rope, theta {VISION_ROPE_THETA:g})")
     if scale < 1 or abs(scale * ratio - 1.0) > 1e-6:
         problems.append(f"pixel_shuffle_ratio {ratio} (llama.cpp: 1 / an integer)")
     elif vision.image_size % vision.patch_size or side % scale:
@@ -161,6 +174,7 @@ def tensor_type(member: str, shape: tuple[int, ...], mmproj_type: str) -> str:
 
 
 def tensor_data(tensor: torch.Tensor, ggml_type: str) -> np.ndarray:
+    """The bytes GGUFWriter stores for `tensor` in `ggml_type` (Q8_0 by gguf-py's quantizer)."""
     if ggml_type != "Q8_0":
         return float_array(tensor, ggml_type)
     import gguf
@@ -190,13 +204,16 @@ class MMProjPlan:
         if missing:
             raise InputError(f"--mmproj: {weights.root}: the vision tower lacks {len(missing)} tensors llama.cpp "
                              f"needs, e.g. {missing[:3]}")
+        self.mean, self.std, self.normalisation = image_normalisation(weights.root)
+        self.f16_fallbacks: list[str] = []
+        self.jobs = self._jobs()  # every name, shape and type checked before anything is written
 
     @property
     def tokens_per_chunk(self) -> int:
         """Image tokens per image_size² chunk: (S/p)² patches merged sf × sf by the pixel shuffle."""
         return (self.vision.image_size // self.vision.patch_size) ** 2 // self.scale ** 2
 
-    def jobs(self, report: MMProjExport) -> list[TensorJob]:
+    def _jobs(self) -> list[TensorJob]:
         jobs = []
         for name in self.names:
             mapped = gguf_tensor_name(name)
@@ -207,7 +224,7 @@ class MMProjPlan:
             self._check_shape(name, member, shape)
             ggml_type = tensor_type(member, shape, self.mmproj_type)
             if self.mmproj_type == "Q8_0" and ggml_type == "F16":
-                report.f16_fallbacks.append(gguf_name)
+                self.f16_fallbacks.append(gguf_name)
             jobs.append(TensorJob(gguf_name, shape, ggml_type,
                                   lambda name=name, ggml_type=ggml_type: tensor_data(self.weights.model_tensor(name),
                                                                                      ggml_type)))
@@ -235,16 +252,13 @@ def export_mmproj(plan: MMProjPlan, out_path: Path, show_progress: bool = True) 
     renamed when complete)."""
     import gguf
 
-    report = MMProjExport(Path(out_path), tokens_per_chunk=plan.tokens_per_chunk)
-    jobs = plan.jobs(report)
-    mean, std, report.normalisation = image_normalisation(plan.weights.root)
     writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ])
-    add_mmproj_metadata(writer, plan, plan.weights.name, mean, std)
-    report.tensors = write_gguf_file(writer, jobs, Path(out_path), f"export mmproj {plan.mmproj_type}", show_progress)
-    return report
+    add_mmproj_metadata(writer, plan)
+    tensors = write_gguf_file(writer, plan.jobs, Path(out_path), f"export mmproj {plan.mmproj_type}", show_progress)
+    return MMProjExport(Path(out_path), tensors, plan.tokens_per_chunk, plan.normalisation, list(plan.f16_fallbacks))
 
 
-def add_mmproj_metadata(writer, plan: MMProjPlan, name: str, mean: list[float], std: list[float]) -> None:
+def add_mmproj_metadata(writer, plan: MMProjPlan) -> None:
     """The keys clip.cpp reads for a llama4 projector (types as gguf-py's writer gives them:
     a key of another type aborts llama.cpp)."""
     import gguf
@@ -252,7 +266,7 @@ def add_mmproj_metadata(writer, plan: MMProjPlan, name: str, mean: list[float], 
     vision = plan.vision
     file_types = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "Q8_0": "MOSTLY_Q8_0"}
     writer.add_type(gguf.GGUFType.MMPROJ)
-    writer.add_name(f"{name} (vision)")
+    writer.add_name(f"{plan.weights.name} (vision)")
     writer.add_file_type(getattr(gguf.LlamaFileType, file_types[plan.mmproj_type]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_clip_has_vision_encoder(True)
@@ -264,8 +278,8 @@ def add_mmproj_metadata(writer, plan: MMProjPlan, name: str, mean: list[float], 
     writer.add_vision_feed_forward_length(vision.intermediate_size)
     writer.add_vision_block_count(vision.num_hidden_layers)
     writer.add_vision_head_count(vision.num_attention_heads)
-    writer.add_vision_attention_layernorm_eps(vision.norm_eps)
-    writer.add_vision_image_mean(mean)
-    writer.add_vision_image_std(std)
+    writer.add_vision_attention_layernorm_eps(HF_LAYERNORM_EPS)
+    writer.add_vision_image_mean(plan.mean)
+    writer.add_vision_image_std(plan.std)
     writer.add_vision_projector_scale_factor(plan.scale)
     writer.add_vision_use_gelu(True)
