@@ -178,3 +178,16 @@ def bundle_logits(model_dir: Path, bundle, ids: torch.Tensor, tmp: Path) -> torc
     save_file({name: t.contiguous() for name, t in bundle.state_dict().items()}, tmp / "model.safetensors",
               metadata={"format": "pt"})
     return model_logits(tmp, ids)
+
+
+def run_cli(*args) -> tuple[int, str]:
+    """(exit code, output) of `maverick-quant ARGS` run in-process; an exception other than the
+    CLI's own exit is raised, so a traceback is never mistaken for a refusal."""
+    from click.testing import CliRunner
+
+    from maverick_quant.cli import cli
+
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.output

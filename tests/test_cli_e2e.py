@@ -7,18 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from maverick_quant.bundle import Bundle
-from maverick_quant.cli import cli
 from maverick_quant.exporters.registry import open_export
 
-
-def _run(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.output
+from conftest import run_cli as _run
 
 
 @pytest.fixture(scope="module")

@@ -8,23 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 from maverick_quant.bundle import Bundle
-from maverick_quant.cli import cli
 from maverick_quant.compress.gguf_blocks import BLOCK_TYPES, encode_blocks
 from maverick_quant.compress.grid import rtn_quantize
 from maverick_quant.exporters.gguf import rotary_row_permutation
 from maverick_quant.recipe import GGUF_GRIDS, QuantSpec
 
-from conftest import make_tiny_llama4
-
-
-def _run(*args) -> tuple[int, str]:
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.output
+from conftest import make_tiny_llama4, run_cli as _run
 
 
 def _dequantize(reader_tensor) -> np.ndarray:

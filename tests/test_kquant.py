@@ -10,10 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 from maverick_quant.bundle import Bundle
-from maverick_quant.cli import cli
 from maverick_quant.compress.gguf_blocks import BLOCK_TYPES, encode_blocks
 from maverick_quant.compress.gptq import gptq_quantize
 from maverick_quant.compress.grid import rtn_quantize
@@ -21,7 +19,7 @@ from maverick_quant.compress.kquant import kquant_params, rtn_quantize_k
 from maverick_quant.errors import InputError
 from maverick_quant.recipe import GGUF_GRIDS, QuantSpec
 
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, run_cli as _run
 
 Q4_K = QuantSpec(**GGUF_GRIDS["Q4_K"])
 
@@ -159,13 +157,6 @@ def test_weights_already_on_a_q4_1_grid_come_back_unchanged_from_rtn_and_gptq() 
     assert torch.equal(rtn_quantize(on_grid, Q4_1).dequantize(), on_grid)
     result = gptq_quantize(on_grid, H, Q4_1)
     assert torch.equal(result.weight.dequantize(), on_grid) and float(result.loss) == 0.0
-
-
-def _run(*args) -> tuple[int, str]:
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.output
 
 
 @pytest.mark.parametrize("method", ["gptq", "awq"])

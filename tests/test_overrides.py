@@ -11,26 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 from maverick_quant.bundle import Bundle
-from maverick_quant.cli import cli
 from maverick_quant.errors import InputError
 from maverick_quant.exporters.gguf import rotary_row_permutation
 from maverick_quant.exporters.registry import open_export
 from maverick_quant.recipe_file import parse_recipe
 from maverick_quant.streaming import open_source
 
-from conftest import bundle_logits, make_tiny_llama4, model_logits
+from conftest import bundle_logits, make_tiny_llama4, model_logits, run_cli as _run
 
 KEEP = (r"layers\.1\.self_attn\.(q|k|v)_proj", r"mlp\.down_proj")
-
-
-def _run(*args) -> tuple[int, str]:
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.output
 
 
 def _keep_args(patterns=KEEP) -> list[str]:
