@@ -14,7 +14,7 @@ import click
 from maverick_quant import __version__
 from maverick_quant.errors import InputError
 from maverick_quant.jobs import _recipe_model_dir, run_export, run_export_gguf, run_quantize
-from maverick_quant.validate_job import run_validate
+from maverick_quant.validate_job import VisionCheck, run_validate
 from maverick_quant.recipe import Method
 
 
@@ -79,12 +79,14 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
             from maverick_quant.demo import write_eval_text
 
             data = write_eval_text(model_dir, out / "eval-self.txt", 16, v.ctx)
+        projectors = {e.name: out / e.mmproj_name for e in recipe.exports if e.mmproj}
         for candidate in v.candidates:
-            step(f"validate {candidate} on {v.data}" + (" (in llama.cpp)" if candidate.endswith(".gguf") else ""))
+            step(f"validate {candidate} on {v.data}" + (" (in llama.cpp)" if candidate.endswith(".gguf") else "")
+                 + (f" with {projectors[candidate].name}" if candidate in projectors else ""))
             passed &= run_validate(model_dir, out / candidate, data, out / report_name(candidate), v.ctx, v.max_windows,
                                    v.gates, None, v.batch, True, progress, v.protocol, v.hellaswag, v.hellaswag_tasks,
                                    v.choices, v.kernels if candidate == "bundle" else None, device, v.choices_pass_mib,
-                                   resume)
+                                   resume, vision=VisionCheck(projectors[candidate]) if candidate in projectors else None)
     _write_lock(recipe, device, Path(recipe_path), source, calibration, out / "recipe.lock.yaml")
     click.echo(f"run finished -> {out} ({'gates passed' if passed else 'a gate FAILED'})")
     return passed

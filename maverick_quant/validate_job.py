@@ -10,6 +10,7 @@ may gate differently, and a gate naming a key the report lacks keeps the finishe
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -20,13 +21,25 @@ from maverick_quant.errors import InputError
 from maverick_quant.recipe import CHOICES_PASS_MIB
 
 
+@dataclass(frozen=True)
+class VisionCheck:
+    """`validate --mmproj`: a GGUF candidate's projector file, the image folder (None:
+    synthetic images) and how many images to compare."""
+
+    mmproj: Path
+    images: Path | None = None
+    count: int = 8
+
+
 def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates=(), baseline=None,
                  batch=4, force=False, progress=True, protocol="gptq", hellaswag=None, hellaswag_tasks=None,
-                 choices=None, kernels=None, device="auto", choices_pass_mib=CHOICES_PASS_MIB, resume=False) -> bool:
+                 choices=None, kernels=None, device="auto", choices_pass_mib=CHOICES_PASS_MIB, resume=False,
+                 vision: VisionCheck | None = None) -> bool:
     """Shared by `validate`, `run` and `demo`; returns whether every gate passed. `kernels`: run a
     bundle candidate through that kernel backend (None: dequantize it); `device`: where the
     layers run (devices.py); `choices_pass_mib`: hidden states per pass of the multiple-choice
-    benchmarks (MiB); `resume`: go on with an interrupted run of the same inputs."""
+    benchmarks (MiB); `resume`: go on with an interrupted run of the same inputs; `vision`:
+    also compare a GGUF candidate's image embeddings (its mmproj) with the reference's."""
     from maverick_quant.calibration.data import eval_windows, load_tokenizer, scored_from
     from maverick_quant.checkpoint import check_output_dir, sha256_file
     from maverick_quant.devices import check_kernels_device, reset_peak_memory, resolve_device, use_device
@@ -53,6 +66,10 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
     tasks = _read_benchmarks(hellaswag, choices, hellaswag_tasks)  # a bad file is refused before any work
     benchmarks = {name: {"file": str(path), "sha256": sha256_file(path)} for name, (path, _) in tasks.items()}
     benchmarks.update(tasks=hellaswag_tasks, pass_mib=choices_pass_mib)
+    images = _vision_images(vision, ref_source, gguf)  # bad images or a wrong candidate refused before any work
+    if vision is not None:
+        benchmarks.update(mmproj=sha256_file(vision.mmproj), images=str(vision.images or "synthetic"),
+                          vision_images=len(images))
     identity = validation_identity(reference, candidate, windows, {"protocol": protocol, "ctx": ctx, "batch": batch,
                                                                    "kernels": kernels, "device": str(compute),
                                                                    **benchmarks})
@@ -66,6 +83,8 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
         report.update(_choice_benchmarks(state, ref_source, cand_source, tokenizer, tasks, kernels=kernels,
                                          progress=progress, device=compute, pass_mib=choices_pass_mib))
         report.update(_expert_summary(cand_source, result.summary.get("experts")))
+        if vision is not None:
+            report["vision"] = _vision(state, ref_source, Path(candidate), vision.mmproj, images, compute, progress)
         report["resources"] = _resources(compute)
         outcomes = _gate(parsed, report, baseline_report, report_dir)
         _write(report, outcomes, result, work)
@@ -91,6 +110,38 @@ def _evaluation(state, ref_source, cand_source, windows: torch.Tensor, batch: in
                           kernels=kernels, device=device, state=state)
     state.save_result("evaluation", {"summary": result.summary, "layer_errors": result.layer_errors},
                       {"kl_values": result.kl_values})
+    return result
+
+
+def _vision_images(vision: VisionCheck | None, ref_source, gguf: bool) -> list:
+    """The images `vision` compares on, made image_size square (validation/vision.py)."""
+    from maverick_quant.validation.vision import read_images, synthetic_images
+
+    if vision is None:
+        return []
+    if not gguf:
+        raise InputError(f"--mmproj {vision.mmproj}: the candidate must be the GGUF file it goes with "
+                         "(llama.cpp runs both)")
+    config = getattr(ref_source.checkpoint.load_config(), "vision_config", None)
+    if config is None:
+        raise InputError(f"--mmproj: the reference {ref_source.checkpoint.model_dir} has no vision tower")
+    if vision.images is None:
+        return synthetic_images(vision.count, config.image_size)
+    return read_images(vision.images, vision.count, config.image_size)
+
+
+def _vision(state, ref_source, text_gguf: Path, mmproj: Path, images: list, device, progress: bool) -> dict:
+    """The report's `vision` section, kept in `state` once finished."""
+    from maverick_quant.validation.vision import vision_agreement
+
+    saved = state.load_result("vision")
+    if saved is not None:
+        return saved[0]
+    result = vision_agreement(ref_source, text_gguf, mmproj, images, device, progress)
+    state.save_result("vision", result)
+    click.echo(f"vision: {result['images']} images of {result['tokens_per_image']} tokens, llama.cpp's image "
+               f"embeddings vs the reference: relative error mean {result['rel_error']['mean']:.2e}, "
+               f"max {result['rel_error']['max']:.2e}")
     return result
 
 

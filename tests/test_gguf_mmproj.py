@@ -4,7 +4,6 @@ image and compared with Hugging Face's vision forward of the same pixels."""
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 from pathlib import Path
@@ -12,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from maverick_quant.cli import cli
 from maverick_quant.errors import InputError
 from maverick_quant.exporters import gguf_mmproj
+from maverick_quant.validation.vision import (LlamaCppVision, ReferenceVision, hugging_face_token_order,
+                                              relative_error, synthetic_images)
 
-from conftest import make_tiny_llama4
+from conftest import make_tiny_llama4, run_cli as _run
 
 # 4 x 4 patches of 14, shuffled 2 x 2: four image tokens in a 2 x 2 grid; the adapter takes the
 # shuffle's 2² x 32 channels (Hugging Face's forward reads them as intermediate_size)
@@ -30,13 +29,6 @@ def _require_llama_cpp() -> None:
         import llama_cpp  # noqa: F401
     else:
         pytest.importorskip("llama_cpp")
-
-
-def _run(*args) -> tuple[int, str]:
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.output
 
 
 @pytest.fixture(scope="module")
@@ -81,50 +73,23 @@ def hugging_face_image_embeddings(model_dir: Path, image: np.ndarray) -> torch.T
         return model.get_image_features(pixels).pooler_output.reshape(-1, model.config.text_config.hidden_size)
 
 
+def test_the_reference_vision_tower_is_hugging_faces_forward(llama4_vision) -> None:
+    """validate's reference, loaded tensor by tensor without the text model, computes what
+    Hugging Face's whole Llama4ForConditionalGeneration computes for the image."""
+    from maverick_quant.streaming import open_source
+
+    image = synthetic_images(1, 56, seed=3)[0]
+    ours = ReferenceVision(open_source(llama4_vision["model"])).embeddings(image, [0.5] * 3, [0.5] * 3)
+    torch.testing.assert_close(ours, hugging_face_image_embeddings(llama4_vision["model"], image), rtol=1e-5, atol=1e-6)
+
+
 def llama_cpp_image_embeddings(text_gguf: Path, mmproj: Path, image: np.ndarray) -> torch.Tensor:
     """[tokens, text hidden]: llama.cpp's encoding of `image` (uint8 [H, W, 3]) with our mmproj."""
-    import llama_cpp
-    import llama_cpp.mtmd_cpp as mtmd
-
-    llama_cpp.llama_backend_init()
-    model = llama_cpp.llama_model_load_from_file(str(text_gguf).encode(), llama_cpp.llama_model_default_params())
-    params = mtmd.mtmd_context_params_default()
-    params.use_gpu, params.print_timings, params.n_threads = False, False, 2
-    ctx = mtmd.mtmd_init_from_file(str(mmproj).encode(), model, params)
-    assert ctx, f"llama.cpp refused {mmproj}"
-    pixels = (ctypes.c_uint8 * image.size).from_buffer_copy(np.ascontiguousarray(image).tobytes())
-    bitmap = mtmd.mtmd_bitmap_init(image.shape[1], image.shape[0], pixels)
-    chunks = mtmd.mtmd_input_chunks_init()
-    marker = mtmd.mtmd_default_marker()
-    prompt = mtmd.mtmd_input_text(text=marker, text_len=len(marker), add_special=False, parse_special=True)
-    embeddings = []
+    encoder = LlamaCppVision(text_gguf, mmproj)
     try:
-        assert mtmd.mtmd_tokenize(ctx, chunks, ctypes.byref(prompt), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1) == 0
-        hidden = llama_cpp.llama_model_n_embd(model)
-        for index in range(mtmd.mtmd_input_chunks_size(chunks)):
-            chunk = mtmd.mtmd_input_chunks_get(chunks, index)
-            if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
-                tokens = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
-                assert mtmd.mtmd_encode_chunk(ctx, chunk) == 0
-                out = np.ctypeslib.as_array(mtmd.mtmd_get_output_embd(ctx), shape=(tokens * hidden,))
-                embeddings.append(torch.from_numpy(out.copy()).reshape(tokens, hidden))
+        return encoder.embeddings(image)
     finally:
-        mtmd.mtmd_input_chunks_free(chunks)
-        mtmd.mtmd_bitmap_free(bitmap)
-        mtmd.mtmd_free(ctx)
-        llama_cpp.llama_model_free(model)
-    return torch.cat(embeddings)
-
-
-def transposed_token_grid(tokens: torch.Tensor) -> torch.Tensor:
-    """llama.cpp's llama4 pixel shuffle lists the merged tokens column by column (its second
-    permute is left out); Hugging Face lists them row by row. Same tokens, grid transposed."""
-    side = int(round(tokens.shape[0] ** 0.5))
-    return tokens.reshape(side, side, -1).transpose(0, 1).reshape(tokens.shape)
-
-
-def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    return float((ours.double() - reference.double()).norm() / reference.double().norm())
+        encoder.close()
 
 
 @pytest.mark.parametrize("mmproj_type, tolerance", [("F32", 0.005), ("F16", 0.005), ("Q8_0", 0.03)])
@@ -143,7 +108,7 @@ def test_llama_cpp_encodes_an_image_with_our_mmproj_as_hugging_face_does(llama4_
     theirs = llama_cpp_image_embeddings(text_gguf, mmproj, image)
     reference = hugging_face_image_embeddings(llama4_vision["model"], image)
     assert theirs.shape == reference.shape == (4, 64)
-    error = relative_error(transposed_token_grid(theirs), reference)
+    error = relative_error(hugging_face_token_order(theirs), reference)
     print(f"\nmmproj {mmproj_type}: llama.cpp vs Hugging Face, relative error {error:.2e} "
           f"(rows in HF's order: {relative_error(theirs, reference):.2e})")
     assert error < tolerance
@@ -167,7 +132,7 @@ def test_the_converters_attn_post_norm_naming_computes_another_function(llama4_v
                      tmp / "c.gguf", "--mmproj", tmp / "mmproj-converter.gguf", "--mmproj-type", "F32", "--no-progress")
     assert code == 0, out
     image = np.random.default_rng(0).integers(0, 256, size=(56, 56, 3), dtype=np.uint8)
-    theirs = transposed_token_grid(llama_cpp_image_embeddings(tmp / "c.gguf", tmp / "mmproj-converter.gguf", image))
+    theirs = hugging_face_token_order(llama_cpp_image_embeddings(tmp / "c.gguf", tmp / "mmproj-converter.gguf", image))
     error = relative_error(theirs, hugging_face_image_embeddings(llama4_vision["model"], image))
     print(f"\nconverter naming ({converter}): relative error {error:.2e}")
     assert error > 0.05
@@ -320,3 +285,52 @@ def test_a_recipe_mmproj_on_a_model_without_a_vision_tower_is_refused_before_any
     code, out = _run("run", recipe, "--out", tmp_path / "run", "--no-progress")
     assert code != 0 and "not a Llama 4 model with a vision tower" in out
     assert not (tmp_path / "run").exists()
+
+
+def test_validate_gates_a_gguf_candidates_image_embeddings(llama4_vision, small_text_file: Path, tmp_path: Path,
+                                                           monkeypatch) -> None:
+    """`validate --mmproj`: llama.cpp's image embeddings against the reference's vision tower,
+    in the report and its gates; the converter's ln2 naming fails the gate; images from a
+    folder are made image_size square first."""
+    _require_llama_cpp()
+    from PIL import Image
+
+    model, bundle = llama4_vision["model"], llama4_vision["bundle"]
+    for name, post_norm in (("ours", "V_ENC_POST_ATTN_NORM"), ("converter", "V_ENC_ATTN_POST_NORM")):
+        monkeypatch.setitem(gguf_mmproj.BLOCK_LEVEL, "post_attention_layernorm", post_norm)
+        code, out = _run("export", bundle, "--format", "gguf", "--gguf-type", "Q8_0", "--out", tmp_path / f"{name}.gguf",
+                         "--mmproj", tmp_path / f"mmproj-{name}.gguf", "--mmproj-type", "F32", "--no-progress")
+        assert code == 0, out
+    common = ["--reference", model, "--data", small_text_file, "--ctx", 32, "--max-windows", 2, "--vision-images", 2,
+              "--gate", "vision.rel_error.max<=0.005", "--no-progress"]
+    code, out = _run("validate", *common, "--candidate", tmp_path / "ours.gguf", "--mmproj", tmp_path / "mmproj-ours.gguf",
+                     "--report", tmp_path / "r-ours")
+    assert code == 0, out
+    report = json.loads((tmp_path / "r-ours" / "report.json").read_text())
+    assert report["vision"]["images"] == 2 and report["vision"]["tokens_per_image"] == 4
+    assert report["vision"]["rel_error"]["max"] < 0.005
+    assert "## Vision" in (tmp_path / "r-ours" / "report.md").read_text()
+    code, out = _run("validate", *common, "--candidate", tmp_path / "converter.gguf", "--mmproj",
+                     tmp_path / "mmproj-converter.gguf", "--report", tmp_path / "r-converter")
+    assert code == 1 and "gate vision.rel_error.max<=0.005: FAIL" in out, out
+    (tmp_path / "images").mkdir()
+    for index, size in enumerate([(80, 60), (30, 56)]):
+        Image.fromarray(synthetic_images(1, 90, seed=index)[0]).resize(size).save(tmp_path / "images" / f"{index}.png")
+    code, out = _run("validate", *common, "--candidate", tmp_path / "ours.gguf", "--mmproj", tmp_path / "mmproj-ours.gguf",
+                     "--images", tmp_path / "images", "--report", tmp_path / "r-images")
+    assert code == 0, out
+    assert json.loads((tmp_path / "r-images" / "report.json").read_text())["vision"]["images"] == 2
+
+
+def test_validate_refuses_an_mmproj_without_its_gguf(llama4_vision, small_text_file: Path, tmp_path: Path) -> None:
+    mmproj = tmp_path / "p.gguf"
+    mmproj.write_bytes(b"x")
+    common = ["--reference", llama4_vision["model"], "--data", small_text_file, "--ctx", 32, "--max-windows", 2,
+              "--no-progress"]
+    code, out = _run("validate", *common, "--candidate", llama4_vision["bundle"], "--mmproj", mmproj,
+                     "--report", tmp_path / "r")
+    assert code != 0 and "the candidate must be the GGUF file it goes with" in out
+    assert not (tmp_path / "r").exists()
+    code, out = _run("validate", *common, "--candidate", llama4_vision["bundle"], "--images", tmp_path,
+                     "--report", tmp_path / "r")
+    assert code == 2 and "--images without --mmproj" in out

@@ -20,7 +20,7 @@ import torch
 from maverick_quant.checkpoint import durable_replace
 from maverick_quant.validation.gates import GateResult
 
-METRIC_KEYS = frozenset({"reference", "candidate", "ppl_ratio", "kl", "top1_agreement", "tokens", "gates", "layers",
+METRIC_KEYS = frozenset({"reference", "candidate", "ppl_ratio", "kl", "top1_agreement", "tokens", "gates", "layers", "vision",
                          "experts", "routing"})
 """Top-level report keys shown in the metric table or plots; any other key goes to the "Run" section."""
 
@@ -174,6 +174,17 @@ def _expert_section(experts: Mapping | None, routing: Mapping | None = None, sho
     return lines + _expert_rows("Fewest calibration tokens", starved)
 
 
+def _vision_section(vision: Mapping | None) -> list[str]:
+    """The image-embedding comparison of a GGUF candidate's mmproj (`validate --mmproj`)."""
+    if not vision:
+        return []
+    error = vision["rel_error"]
+    return ["## Vision (llama.cpp's mmproj against the reference's vision tower)", "",
+            f"{vision['images']} images, {vision['tokens_per_image']} image tokens each, from `{vision['mmproj']}`: "
+            f"relative error of the image embeddings mean {_fmt(error['mean'])}, max {_fmt(error['max'])}.", "",
+            f"{vision['token_order']}.", ""]
+
+
 def render_markdown(report: Mapping, gate_results: Sequence | None = None,
                     layer_errors: Sequence[tuple[str, float]] | None = None, plots: Sequence[Path] = ()) -> str:
     """report.md text: metric table, gates, worst layer, routed experts, extra report sections, plot links."""
@@ -181,6 +192,7 @@ def render_markdown(report: Mapping, gate_results: Sequence | None = None,
     lines = ["# Validation report", "", *_metric_table(report), "", *_worst_layer_line(layer_errors), ""]
     lines += [*_gate_section(gates), ""]
     lines += _expert_section(report.get("experts"), report.get("routing"))
+    lines += _vision_section(report.get("vision"))
     run = _run_section(report)
     lines += [*run, ""] if run else []
     lines += [f"![{plot.stem}]({plot.name})" for plot in plots]

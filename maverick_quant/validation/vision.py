@@ -1,0 +1,180 @@
+"""Does a published mmproj see images as the original model does? llama.cpp's encoding of
+images (libmtmd, through llama-cpp-python) with the text GGUF + projector file, against the
+original checkpoint's vision tower, adapter and projector run in torch on the same pixels.
+
+Images are made `image_size` square here (PIL, bicubic) before either side sees them, so
+llama.cpp takes them as one chunk and only normalises them: both sides get the same pixels.
+Per image, the error is ||E_llama.cpp - E_ref|| / ||E_ref|| over its [tokens, text hidden]
+embedding. llama.cpp's llama4 pixel shuffle lists the merged tokens column by column where
+Hugging Face lists them row by row (docs/exports.md); its rows are put back in Hugging Face's
+order before comparing, and the report says so.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from maverick_quant.errors import InputError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+TOKEN_ORDER_NOTE = ("llama.cpp lists an image's merged tokens column by column, Hugging Face row by row: "
+                    "compared after putting llama.cpp's in Hugging Face's order")
+
+
+def synthetic_images(count: int, size: int, seed: int = 0) -> list[np.ndarray]:
+    """`count` uint8 [size, size, 3] images: smooth random colour fields (8 x 8 colours
+    upsampled bilinearly) with a little pixel noise, so patches differ the way photos' do."""
+    generator = torch.Generator().manual_seed(seed)
+    images = []
+    for _ in range(count):
+        coarse = torch.rand(1, 3, 8, 8, generator=generator)
+        smooth = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)[0]
+        noisy = smooth + 0.05 * torch.randn(smooth.shape, generator=generator)
+        images.append((noisy.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy())
+    return images
+
+
+def read_images(folder: Path, count: int, size: int) -> list[np.ndarray]:
+    """The first `count` images of `folder` (sorted by name) as RGB uint8 [size, size, 3]."""
+    from PIL import Image, UnidentifiedImageError
+
+    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:count]
+    if not paths:
+        raise InputError(f"--images {folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                images.append(np.array(image.convert("RGB").resize((size, size), Image.BICUBIC)))
+        except (OSError, UnidentifiedImageError) as exc:
+            raise InputError(f"--images: {path}: not a readable image ({exc})") from None
+    return images
+
+
+class ReferenceVision:
+    """The original model's vision tower, adapter and projector, in fp32 on `device`, loaded
+    tensor by tensor from its checkpoint (the text model is never read)."""
+
+    def __init__(self, source, device: torch.device | str = "cpu"):
+        from transformers.initialization import no_init_weights
+        from transformers.models.llama4.modeling_llama4 import Llama4MultiModalProjector, Llama4VisionModel
+
+        config = source.checkpoint.load_config()
+        if getattr(config, "vision_config", None) is None:
+            raise InputError(f"--mmproj: the reference {source.checkpoint.model_dir} has no vision tower")
+        self.config, self.device = config, torch.device(device)
+        with no_init_weights():  # every parameter is loaded below; the rotary buffers are computed here
+            self.tower, self.projector = Llama4VisionModel(config.vision_config), Llama4MultiModalProjector(config)
+        self._load(self.tower, "vision_model.", source)
+        self._load(self.projector, "multi_modal_projector.", source)
+
+    def _load(self, module: torch.nn.Module, prefix: str, source) -> None:
+        tensors = {name: source.checkpoint.get(prefix + name).float() for name in module.state_dict()}
+        module.load_state_dict(tensors, assign=True)
+        module.float().to(self.device).eval()
+
+    def embeddings(self, image: np.ndarray, mean: list[float], std: list[float]) -> torch.Tensor:
+        """[tokens, text hidden] of one image (uint8 [S, S, 3]): normalised per channel,
+        (x / 255 - mean) / std, then tower -> adapter -> projector."""
+        pixels = torch.from_numpy(image).permute(2, 0, 1).float()[None].to(self.device) / 255
+        channel = {"device": self.device, "dtype": torch.float32}
+        pixels = (pixels - torch.tensor(mean, **channel)[:, None, None]) / torch.tensor(std, **channel)[:, None, None]
+        with torch.no_grad():
+            hidden = self.tower(pixels, return_dict=True).last_hidden_state
+            return self.projector(hidden).reshape(-1, self.config.get_text_config().hidden_size).cpu()
+
+
+class LlamaCppVision:
+    """llama.cpp's image encoder for a text GGUF + mmproj (libmtmd through llama-cpp-python)."""
+
+    def __init__(self, text_gguf: Path, mmproj: Path, threads: int = 2):
+        import llama_cpp
+        import llama_cpp.mtmd_cpp as mtmd
+
+        self.llama_cpp, self.mtmd = llama_cpp, mtmd
+        llama_cpp.llama_backend_init()
+        self.model = llama_cpp.llama_model_load_from_file(str(text_gguf).encode(), llama_cpp.llama_model_default_params())
+        if not self.model:
+            raise InputError(f"{text_gguf}: llama.cpp could not load it")
+        params = mtmd.mtmd_context_params_default()
+        params.use_gpu, params.print_timings, params.n_threads = False, False, threads
+        self.ctx = mtmd.mtmd_init_from_file(str(mmproj).encode(), self.model, params)
+        if not self.ctx:
+            llama_cpp.llama_model_free(self.model)
+            raise InputError(f"--mmproj {mmproj}: llama.cpp refused it beside {text_gguf} (its log says why)")
+        self.hidden = llama_cpp.llama_model_n_embd(self.model)
+
+    def embeddings(self, image: np.ndarray) -> torch.Tensor:
+        """[tokens, text hidden] llama.cpp makes of one uint8 [H, W, 3] image (all its chunks)."""
+        mtmd = self.mtmd
+        pixels = (ctypes.c_uint8 * image.size).from_buffer_copy(np.ascontiguousarray(image).tobytes())
+        bitmap = mtmd.mtmd_bitmap_init(image.shape[1], image.shape[0], pixels)
+        chunks = mtmd.mtmd_input_chunks_init()
+        marker = mtmd.mtmd_default_marker()
+        prompt = mtmd.mtmd_input_text(text=marker, text_len=len(marker), add_special=False, parse_special=True)
+        try:
+            if mtmd.mtmd_tokenize(self.ctx, chunks, ctypes.byref(prompt), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1):
+                raise InputError("llama.cpp could not tokenize an image")
+            return torch.cat([self._encode(mtmd.mtmd_input_chunks_get(chunks, i))
+                              for i in range(mtmd.mtmd_input_chunks_size(chunks))
+                              if mtmd.mtmd_input_chunk_get_type(mtmd.mtmd_input_chunks_get(chunks, i))
+                              == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE])
+        finally:
+            mtmd.mtmd_input_chunks_free(chunks)
+            mtmd.mtmd_bitmap_free(bitmap)
+
+    def _encode(self, chunk) -> torch.Tensor:
+        tokens = self.mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+        if self.mtmd.mtmd_encode_chunk(self.ctx, chunk):
+            raise InputError("llama.cpp could not encode an image chunk")
+        out = np.ctypeslib.as_array(self.mtmd.mtmd_get_output_embd(self.ctx), shape=(tokens * self.hidden,))
+        return torch.from_numpy(out.copy()).reshape(tokens, self.hidden)
+
+    def close(self) -> None:
+        self.mtmd.mtmd_free(self.ctx)
+        self.llama_cpp.llama_model_free(self.model)
+
+
+def hugging_face_token_order(tokens: torch.Tensor) -> torch.Tensor:
+    """llama.cpp's [n², D] image tokens (column by column) in Hugging Face's row-by-row order:
+    the n x n grid transposed."""
+    side = int(round(tokens.shape[0] ** 0.5))
+    if side * side != tokens.shape[0]:
+        raise ValueError(f"{tokens.shape[0]} image tokens do not form a square grid")
+    return tokens.reshape(side, side, -1).transpose(0, 1).reshape(tokens.shape)
+
+
+def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    """||ours - reference|| / ||reference|| in fp64 (Frobenius over every token and channel)."""
+    return float((ours.double() - reference.double()).norm() / reference.double().norm())
+
+
+def vision_agreement(source, text_gguf: Path, mmproj: Path, images: list[np.ndarray],
+                     device: torch.device | str = "cpu", show_progress: bool = True) -> dict:
+    """The report's `vision` section: per-image relative error of llama.cpp's image embeddings
+    (mmproj) against the reference's, its mean and max, and tokens per image."""
+    from tqdm.auto import tqdm
+
+    from maverick_quant.exporters.gguf_mmproj import image_normalisation
+
+    reference = ReferenceVision(source, device)
+    mean, std, _ = image_normalisation(source.checkpoint.model_dir)
+    encoder = LlamaCppVision(text_gguf, mmproj)
+    errors, tokens = [], 0
+    try:
+        for image in tqdm(images, desc="vision", unit="image", disable=not show_progress):
+            ours, theirs = reference.embeddings(image, mean, std), encoder.embeddings(image)
+            if theirs.shape != ours.shape:
+                raise InputError(f"--mmproj {mmproj}: llama.cpp made {list(theirs.shape)} image embeddings, the "
+                                 f"reference {list(ours.shape)}")
+            errors.append(relative_error(hugging_face_token_order(theirs), ours))
+            tokens = ours.shape[0]
+    finally:
+        encoder.close()
+    return {"mmproj": str(mmproj), "images": len(images), "tokens_per_image": tokens,
+            "rel_error": {"mean": float(np.mean(errors)), "max": float(np.max(errors)), "per_image": errors},
+            "token_order": TOKEN_ORDER_NOTE}
