@@ -201,15 +201,20 @@ def test_a_bad_vision_tower_is_refused_before_the_text_gguf_is_written(smollm2_d
     assert code == 2 and "--mmproj-type without --mmproj" in out
 
 
-def test_a_recipe_writes_the_mmproj_beside_its_gguf(llama4_vision, tmp_path: Path) -> None:
+def test_a_recipe_writes_the_mmproj_beside_its_gguf_and_validates_with_it(llama4_vision, small_text_file: Path,
+                                                                         tmp_path: Path) -> None:
     """`exports: [{format: gguf, mmproj: F32}]`: the run's projector file is byte for byte the
-    one `export --mmproj` makes (the vision tower passes through any quantization method)."""
+    one `export --mmproj` makes (the vision tower passes through any quantization method), and
+    the GGUF candidate's validation compares its image embeddings (gate on them)."""
     import yaml
 
+    _require_llama_cpp()
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({
         "model": str(llama4_vision["model"]), "quantize": {"method": "rtn", "gguf_grid": "Q8_0"},
-        "exports": [{"format": "gguf", "gguf_type": "Q8_0", "mmproj": "F32"}]}))
+        "exports": [{"format": "gguf", "gguf_type": "Q8_0", "mmproj": "F32"}],
+        "validation": {"data": str(small_text_file), "ctx": 32, "max_windows": 2, "candidates": ["model-q8_0.gguf"],
+                       "gates": ["vision.rel_error.max<=0.005"]}}))
     code, out = _run("run", recipe, "--out", tmp_path / "run", "--no-progress")
     assert code == 0, out
     code, out = _run("export", llama4_vision["bundle"], "--format", "gguf", "--gguf-type", "Q8_0", "--out",
@@ -218,6 +223,8 @@ def test_a_recipe_writes_the_mmproj_beside_its_gguf(llama4_vision, tmp_path: Pat
     assert (tmp_path / "run" / "mmproj-f32.gguf").read_bytes() == (tmp_path / "mmproj.gguf").read_bytes()
     manifest = json.loads((tmp_path / "run" / "model-q8_0.gguf.manifest.json").read_text())
     assert "mmproj-f32.gguf" in manifest["files"]
+    vision = json.loads((tmp_path / "run" / "report-model-q8_0.gguf" / "report.json").read_text())["vision"]
+    assert vision["images"] == 8 and vision["mmproj"].endswith("mmproj-f32.gguf")
 
 
 def test_the_models_image_normalisation_travels_through_the_bundle_into_the_mmproj(smollm2_dir: Path,
