@@ -412,11 +412,11 @@ def imatrix(model_dir, data, calib, out, samples, seq_len, seed, chat_template, 
               help="Where both models' layers run: auto (CUDA if present), cpu, cuda, cuda:N.")
 @click.option("--mmproj", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="With a GGUF candidate: its Llama 4 projector file. llama.cpp's image embeddings are compared with "
-                   "the reference's vision tower (report `vision`; gate e.g. vision.rel_error.max<=0.02).")
+                   "the reference's vision tower (report `vision`; gate e.g. vision.rel_error.max<=0.005 for an F16 file).")
 @click.option("--images", type=click.Path(path_type=Path, exists=True, file_okay=False),
               help="--mmproj: a folder of images (png, jpg, webp, bmp) to compare on; default: synthetic images.")
-@click.option("--vision-images", type=click.IntRange(min=1), default=8, show_default=True,
-              help="--mmproj: how many images are compared.")
+@click.option("--vision-images", type=click.IntRange(min=1),
+              help="--mmproj: how many images are compared (default 8).")
 @click.option("--resume", is_flag=True, help="Go on from where an interrupted validation with the same inputs stopped.")
 @click.option("--progress/--no-progress", default=True)
 def validate(reference, candidate, data, report_dir, ctx, max_windows, gates, baseline, batch, force, protocol,
@@ -428,9 +428,10 @@ def validate(reference, candidate, data, report_dir, ctx, max_windows, gates, ba
     same command with --resume goes on from there."""
     from maverick_quant.validate_job import VisionCheck, run_validate
 
-    if mmproj is None and images is not None:
-        raise click.UsageError("--images without --mmproj: name the projector file whose image embeddings are compared")
-    vision = VisionCheck(mmproj, images, vision_images) if mmproj is not None else None
+    if mmproj is None and (images is not None or vision_images is not None):
+        raise click.UsageError("--images / --vision-images without --mmproj: name the projector file whose image "
+                               "embeddings are compared")
+    vision = VisionCheck(mmproj, images, vision_images or VisionCheck.count) if mmproj is not None else None
     passed = run_validate(reference, candidate, data, report_dir, ctx, max_windows or None, gates, baseline,
                           batch, force, progress, protocol, hellaswag, hellaswag_tasks, choices, kernels, device,
                           choices_pass_mib, resume, vision=vision)

@@ -66,15 +66,17 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
     tasks = _read_benchmarks(hellaswag, choices, hellaswag_tasks)  # a bad file is refused before any work
     benchmarks = {name: {"file": str(path), "sha256": sha256_file(path)} for name, (path, _) in tasks.items()}
     benchmarks.update(tasks=hellaswag_tasks, pass_mib=choices_pass_mib)
-    images = _vision_images(vision, ref_source, gguf)  # bad images or a wrong candidate refused before any work
+    images = _vision_images(vision, ref_source, gguf)  # a wrong projector file, images or candidate: before any work
     if vision is not None:
-        benchmarks.update(mmproj=sha256_file(vision.mmproj), images=str(vision.images or "synthetic"),
-                          vision_images=len(images))
+        from maverick_quant.validation.vision import images_sha256
+
+        benchmarks.update(mmproj=sha256_file(vision.mmproj), images_sha256=images_sha256(images))
     identity = validation_identity(reference, candidate, windows, {"protocol": protocol, "ctx": ctx, "batch": batch,
                                                                    "kernels": kernels, "device": str(compute),
                                                                    **benchmarks})
     with resumable_output_dir(Path(report_dir), identity, force, resume) as (work, run_state):
         state = ValidationState(run_state.folder)
+        seen = _vision(state, ref_source, Path(candidate), vision.mmproj, images, compute, progress) if vision else None
         result = _evaluation(state, ref_source, cand_source, windows, batch, progress, first, kernels, compute, gguf)
         report = {**result.summary, "protocol": {"name": protocol, "ctx": ctx, "windows": int(windows.shape[0]),
                                                  "first_scored_position": first, "data": str(data)},
@@ -83,8 +85,8 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
         report.update(_choice_benchmarks(state, ref_source, cand_source, tokenizer, tasks, kernels=kernels,
                                          progress=progress, device=compute, pass_mib=choices_pass_mib))
         report.update(_expert_summary(cand_source, result.summary.get("experts")))
-        if vision is not None:
-            report["vision"] = _vision(state, ref_source, Path(candidate), vision.mmproj, images, compute, progress)
+        if seen is not None:  # measured first: minutes, where the evaluation takes hours
+            report["vision"] = seen
         report["resources"] = _resources(compute)
         outcomes = _gate(parsed, report, baseline_report, report_dir)
         _write(report, outcomes, result, work)
@@ -114,20 +116,25 @@ def _evaluation(state, ref_source, cand_source, windows: torch.Tensor, batch: in
 
 
 def _vision_images(vision: VisionCheck | None, ref_source, gguf: bool) -> list:
-    """The images `vision` compares on, made image_size square (validation/vision.py)."""
-    from maverick_quant.validation.vision import read_images, synthetic_images
+    """The images `vision` compares on, made image_size square (validation/vision.py), after
+    checking the candidate, the projector file's geometry and the reference's vision tower."""
+    from maverick_quant.exporters.gguf_mmproj import image_normalisation
+    from maverick_quant.validation.vision import check_mmproj, read_images, synthetic_images
 
     if vision is None:
         return []
     if not gguf:
         raise InputError(f"--mmproj {vision.mmproj}: the candidate must be the GGUF file it goes with "
                          "(llama.cpp runs both)")
-    config = getattr(ref_source.checkpoint.load_config(), "vision_config", None)
-    if config is None:
+    config = ref_source.checkpoint.load_config()
+    if getattr(config, "vision_config", None) is None:
         raise InputError(f"--mmproj: the reference {ref_source.checkpoint.model_dir} has no vision tower")
-    if vision.images is None:
-        return synthetic_images(vision.count, config.image_size)
-    return read_images(vision.images, vision.count, config.image_size)
+    check_mmproj(vision.mmproj, config)
+    image_normalisation(ref_source.checkpoint.model_dir)
+    import llama_cpp.mtmd_cpp  # noqa: F401  (a missing client is refused here, not after the text evaluation)
+
+    size = config.vision_config.image_size
+    return synthetic_images(vision.count, size) if vision.images is None else read_images(vision.images, vision.count, size)
 
 
 def _vision(state, ref_source, text_gguf: Path, mmproj: Path, images: list, device, progress: bool) -> dict:

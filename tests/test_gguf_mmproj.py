@@ -298,7 +298,7 @@ def test_validate_gates_a_gguf_candidates_image_embeddings(llama4_vision, small_
                                                            monkeypatch) -> None:
     """`validate --mmproj`: llama.cpp's image embeddings against the reference's vision tower,
     in the report and its gates; the converter's ln2 naming fails the gate; images from a
-    folder are made image_size square first."""
+    folder (RGBA and grayscale too) are made image_size square first."""
     _require_llama_cpp()
     from PIL import Image
 
@@ -321,12 +321,42 @@ def test_validate_gates_a_gguf_candidates_image_embeddings(llama4_vision, small_
                      tmp_path / "mmproj-converter.gguf", "--report", tmp_path / "r-converter")
     assert code == 1 and "gate vision.rel_error.max<=0.005: FAIL" in out, out
     (tmp_path / "images").mkdir()
-    for index, size in enumerate([(80, 60), (30, 56)]):
-        Image.fromarray(synthetic_images(1, 90, seed=index)[0]).resize(size).save(tmp_path / "images" / f"{index}.png")
+    for index, (size, mode) in enumerate([((80, 60), "RGBA"), ((30, 56), "L")]):
+        image = Image.fromarray(synthetic_images(1, 90, seed=index)[0]).resize(size).convert(mode)
+        image.save(tmp_path / "images" / f"{index}.png")
     code, out = _run("validate", *common, "--candidate", tmp_path / "ours.gguf", "--mmproj", tmp_path / "mmproj-ours.gguf",
                      "--images", tmp_path / "images", "--report", tmp_path / "r-images")
     assert code == 0, out
     assert json.loads((tmp_path / "r-images" / "report.json").read_text())["vision"]["images"] == 2
+
+
+def test_validate_uses_the_models_image_normalisation_and_reports_a_file_that_differs(llama4_vision,
+                                                                                      small_text_file: Path,
+                                                                                      tmp_path: Path) -> None:
+    """A reference with its own mean/std (preprocessor_config.json): the projector file made
+    from it agrees; one made without it (0.5) fails the gate, and report.md says why."""
+    _require_llama_cpp()
+    import shutil
+
+    plain = tmp_path / "plain.gguf"
+    code, out = _run("export", llama4_vision["model"], "--format", "gguf", "--gguf-type", "F32", "--out", plain,
+                     "--mmproj", tmp_path / "mmproj-plain.gguf", "--mmproj-type", "F32", "--no-progress")
+    assert code == 0, out
+    model = shutil.copytree(llama4_vision["model"], tmp_path / "model")
+    (model / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.48, 0.46, 0.41],
+                                                                "image_std": [0.27, 0.26, 0.28]}))
+    code, out = _run("export", model, "--format", "gguf", "--gguf-type", "F32", "--out", tmp_path / "own.gguf",
+                     "--mmproj", tmp_path / "mmproj-own.gguf", "--mmproj-type", "F32", "--no-progress")
+    assert code == 0, out
+    common = ["--reference", model, "--data", small_text_file, "--ctx", 32, "--max-windows", 1, "--vision-images", 1,
+              "--gate", "vision.rel_error.max<=0.005", "--no-progress"]
+    code, out = _run("validate", *common, "--candidate", tmp_path / "own.gguf", "--mmproj", tmp_path / "mmproj-own.gguf",
+                     "--report", tmp_path / "r-own")
+    assert code == 0, out
+    code, out = _run("validate", *common, "--candidate", plain, "--mmproj", tmp_path / "mmproj-plain.gguf",
+                     "--report", tmp_path / "r-plain")
+    assert code == 1, out
+    assert "The image normalisation differs" in (tmp_path / "r-plain" / "report.md").read_text()
 
 
 def test_validate_refuses_an_mmproj_without_its_gguf(llama4_vision, small_text_file: Path, tmp_path: Path) -> None:
@@ -340,4 +370,11 @@ def test_validate_refuses_an_mmproj_without_its_gguf(llama4_vision, small_text_f
     assert not (tmp_path / "r").exists()
     code, out = _run("validate", *common, "--candidate", llama4_vision["bundle"], "--images", tmp_path,
                      "--report", tmp_path / "r")
-    assert code == 2 and "--images without --mmproj" in out
+    assert code == 2 and "--images / --vision-images without --mmproj" in out
+    text_gguf = tmp_path / "m.gguf"  # a GGUF that is not a projector file: refused before the evaluation
+    code, out = _run("export", llama4_vision["bundle"], "--format", "gguf", "--gguf-type", "Q8_0", "--out", text_gguf,
+                     "--no-progress")
+    assert code == 0, out
+    code, out = _run("validate", *common, "--candidate", text_gguf, "--mmproj", text_gguf, "--report", tmp_path / "r")
+    assert code != 0 and "not the projector of this reference" in out and "'llama4' (the reference: 'clip')" in out
+    assert not (tmp_path / "r").exists()

@@ -178,11 +178,17 @@ def _vision_section(vision: Mapping | None) -> list[str]:
     """The image-embedding comparison of a GGUF candidate's mmproj (`validate --mmproj`)."""
     if not vision:
         return []
-    error = vision["rel_error"]
-    return ["## Vision (llama.cpp's mmproj against the reference's vision tower)", "",
-            f"{vision['images']} images, {vision['tokens_per_image']} image tokens each, from `{vision['mmproj']}`: "
-            f"relative error of the image embeddings mean {_fmt(error['mean'])}, max {_fmt(error['max'])}.", "",
-            f"{vision['token_order']}.", ""]
+    error, norms = vision["rel_error"], vision.get("normalisation", {})
+    lines = ["## Vision (llama.cpp's mmproj against the reference's vision tower)", "",
+             f"{vision['images']} images, {vision['tokens_per_image']} image tokens each, from `{vision['mmproj']}`: "
+             f"relative error of the image embeddings mean {_fmt(error['mean'])}, max {_fmt(error['max'])}.", "",
+             f"{vision['token_order']}.", ""]
+    reference, in_file = norms.get("reference"), norms.get("mmproj")
+    if reference and in_file and (reference["mean"], reference["std"]) != (in_file["mean"], in_file["std"]):
+        lines += [f"**The image normalisation differs**: the reference's mean {reference['mean']} std "
+                  f"{reference['std']} (from {reference['from']}), the mmproj's mean {in_file['mean']} std "
+                  f"{in_file['std']}.", ""]
+    return lines
 
 
 def render_markdown(report: Mapping, gate_results: Sequence | None = None,

@@ -13,6 +13,8 @@ order before comparing, and the report says so.
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +44,8 @@ def read_images(folder: Path, count: int, size: int) -> list[np.ndarray]:
     """The first `count` images of `folder` (sorted by name) as RGB uint8 [size, size, 3]."""
     from PIL import Image, UnidentifiedImageError
 
-    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:count]
+    paths = sorted(p for p in Path(folder).iterdir()
+                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)[:count]
     if not paths:
         raise InputError(f"--images {folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
     images = []
@@ -53,6 +56,59 @@ def read_images(folder: Path, count: int, size: int) -> list[np.ndarray]:
         except (OSError, UnidentifiedImageError) as exc:
             raise InputError(f"--images: {path}: not a readable image ({exc})") from None
     return images
+
+
+def images_sha256(images: list[np.ndarray]) -> str:
+    """sha256 of the pixels compared (after the square resize): what a resumed run must see again."""
+    digest = hashlib.sha256()
+    for image in images:
+        digest.update(np.ascontiguousarray(image).tobytes())
+    return digest.hexdigest()
+
+
+def check_mmproj(mmproj: Path, config) -> dict:
+    """Refuse, before any work, a projector file llama.cpp would reject or run on another
+    geometry than the reference's (`config`, a Llama4Config); returns its image
+    normalisation {"mean", "std"}. Only the header is read."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(mmproj)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"--mmproj {mmproj}: not a GGUF file ({exc})") from None
+    fields, tensors = reader.fields, {t.name: t for t in reader.tensors}
+
+    def value(key: str):
+        return fields[key].contents() if key in fields else None
+
+    vision = config.vision_config
+    expected = {"general.architecture": "clip", "clip.projector_type": "llama4",
+                "clip.vision.image_size": vision.image_size, "clip.vision.patch_size": vision.patch_size,
+                "clip.vision.embedding_length": vision.hidden_size, "clip.vision.block_count": vision.num_hidden_layers,
+                "clip.vision.projector.scale_factor": round(1 / vision.pixel_shuffle_ratio)}
+    wrong = [f"{key} {value(key)!r} (the reference: {want!r})" for key, want in expected.items() if value(key) != want]
+    fc = tensors.get("mm.model.fc.weight")
+    hidden = config.get_text_config().hidden_size
+    if fc is None or "v.class_embd" not in tensors:
+        wrong.append("no mm.model.fc.weight or v.class_embd tensor")
+    elif int(fc.shape[1]) != hidden:  # [K, N], fastest dimension first
+        wrong.append(f"mm.model.fc.weight has {int(fc.shape[1])} rows (the text model's width: {hidden})")
+    if value("clip.vision.image_mean") is None or value("clip.vision.image_std") is None:
+        wrong.append("no clip.vision.image_mean / image_std")
+    if wrong:
+        raise InputError(f"--mmproj {mmproj}: not the projector of this reference: " + "; ".join(wrong))
+    return {"mean": [float(v) for v in value("clip.vision.image_mean")],
+            "std": [float(v) for v in value("clip.vision.image_std")]}
+
+
+def projector_width(mmproj: Path) -> int:
+    """Rows of the projector's `mm.model.fc.weight`: the width of each image embedding."""
+    import gguf
+
+    fc = next((t for t in gguf.GGUFReader(mmproj).tensors if t.name == "mm.model.fc.weight"), None)
+    if fc is None:
+        raise InputError(f"--mmproj {mmproj}: no mm.model.fc.weight tensor")
+    return int(fc.shape[1])  # gguf-py lists a tensor's shape fastest dimension first: [K, N]
 
 
 class ReferenceVision:
@@ -89,24 +145,36 @@ class ReferenceVision:
 
 
 class LlamaCppVision:
-    """llama.cpp's image encoder for a text GGUF + mmproj (libmtmd through llama-cpp-python)."""
+    """llama.cpp's image encoder for a text GGUF + mmproj (libmtmd through llama-cpp-python), on
+    the CPU. The text model is opened for its vocabulary and sizes only (mtmd tokenizes the
+    image markers and checks the projector's width against it); its weights are not loaded.
+    A context manager: `with LlamaCppVision(...) as encoder`."""
 
-    def __init__(self, text_gguf: Path, mmproj: Path, threads: int = 2):
+    def __init__(self, text_gguf: Path, mmproj: Path, threads: int | None = None):
         import llama_cpp
         import llama_cpp.mtmd_cpp as mtmd
 
-        self.llama_cpp, self.mtmd = llama_cpp, mtmd
+        self.llama_cpp, self.mtmd, self.ctx = llama_cpp, mtmd, None
         llama_cpp.llama_backend_init()
-        self.model = llama_cpp.llama_model_load_from_file(str(text_gguf).encode(), llama_cpp.llama_model_default_params())
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.vocab_only, model_params.n_gpu_layers = True, 0
+        self.model = llama_cpp.llama_model_load_from_file(str(text_gguf).encode(), model_params)
         if not self.model:
             raise InputError(f"{text_gguf}: llama.cpp could not load it")
         params = mtmd.mtmd_context_params_default()
-        params.use_gpu, params.print_timings, params.n_threads = False, False, threads
+        params.use_gpu, params.print_timings, params.n_threads = False, False, threads or os.cpu_count() or 1
         self.ctx = mtmd.mtmd_init_from_file(str(mmproj).encode(), self.model, params)
         if not self.ctx:
-            llama_cpp.llama_model_free(self.model)
+            self.close()
             raise InputError(f"--mmproj {mmproj}: llama.cpp refused it beside {text_gguf} (its log says why)")
-        self.hidden = llama_cpp.llama_model_n_embd(self.model)
+        self.hidden = projector_width(mmproj)  # a vocab-only model reports no width
+        self.where = f"--mmproj {mmproj} beside {text_gguf}"
+
+    def __enter__(self) -> "LlamaCppVision":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def embeddings(self, image: np.ndarray) -> torch.Tensor:
         """[tokens, text hidden] llama.cpp makes of one uint8 [H, W, 3] image (all its chunks)."""
@@ -118,7 +186,7 @@ class LlamaCppVision:
         prompt = mtmd.mtmd_input_text(text=marker, text_len=len(marker), add_special=False, parse_special=True)
         try:
             if mtmd.mtmd_tokenize(self.ctx, chunks, ctypes.byref(prompt), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1):
-                raise InputError("llama.cpp could not tokenize an image")
+                raise InputError(f"{self.where}: llama.cpp could not tokenize an image")
             return torch.cat([self._encode(mtmd.mtmd_input_chunks_get(chunks, i))
                               for i in range(mtmd.mtmd_input_chunks_size(chunks))
                               if mtmd.mtmd_input_chunk_get_type(mtmd.mtmd_input_chunks_get(chunks, i))
@@ -130,13 +198,18 @@ class LlamaCppVision:
     def _encode(self, chunk) -> torch.Tensor:
         tokens = self.mtmd.mtmd_input_chunk_get_n_tokens(chunk)
         if self.mtmd.mtmd_encode_chunk(self.ctx, chunk):
-            raise InputError("llama.cpp could not encode an image chunk")
+            raise InputError(f"{self.where}: llama.cpp could not encode an image chunk")
         out = np.ctypeslib.as_array(self.mtmd.mtmd_get_output_embd(self.ctx), shape=(tokens * self.hidden,))
         return torch.from_numpy(out.copy()).reshape(tokens, self.hidden)
 
     def close(self) -> None:
-        self.mtmd.mtmd_free(self.ctx)
-        self.llama_cpp.llama_model_free(self.model)
+        """Free the context and the model, once."""
+        if self.ctx:
+            self.mtmd.mtmd_free(self.ctx)
+            self.ctx = None
+        if self.model:
+            self.llama_cpp.llama_model_free(self.model)
+            self.model = None
 
 
 def hugging_face_token_order(tokens: torch.Tensor) -> torch.Tensor:
@@ -156,16 +229,20 @@ def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
 def vision_agreement(source, text_gguf: Path, mmproj: Path, images: list[np.ndarray],
                      device: torch.device | str = "cpu", show_progress: bool = True) -> dict:
     """The report's `vision` section: per-image relative error of llama.cpp's image embeddings
-    (mmproj) against the reference's, its mean and max, and tokens per image."""
+    (mmproj) against the reference's, its mean and max, tokens per image, and both sides'
+    image normalisation (a file whose mean/std differ from the reference's sees other pixels:
+    that shows in the error, and the report says where each came from)."""
     from tqdm.auto import tqdm
 
     from maverick_quant.exporters.gguf_mmproj import image_normalisation
 
+    if not images:
+        raise InputError("--mmproj: no images to compare")
+    in_file = check_mmproj(mmproj, source.checkpoint.load_config())
+    mean, std, where = image_normalisation(source.checkpoint.model_dir)
     reference = ReferenceVision(source, device)
-    mean, std, _ = image_normalisation(source.checkpoint.model_dir)
-    encoder = LlamaCppVision(text_gguf, mmproj)
     errors, tokens = [], 0
-    try:
+    with LlamaCppVision(text_gguf, mmproj) as encoder:
         for image in tqdm(images, desc="vision", unit="image", disable=not show_progress):
             ours, theirs = reference.embeddings(image, mean, std), encoder.embeddings(image)
             if theirs.shape != ours.shape:
@@ -173,8 +250,7 @@ def vision_agreement(source, text_gguf: Path, mmproj: Path, images: list[np.ndar
                                  f"reference {list(ours.shape)}")
             errors.append(relative_error(hugging_face_token_order(theirs), ours))
             tokens = ours.shape[0]
-    finally:
-        encoder.close()
     return {"mmproj": str(mmproj), "images": len(images), "tokens_per_image": tokens,
             "rel_error": {"mean": float(np.mean(errors)), "max": float(np.max(errors)), "per_image": errors},
+            "normalisation": {"reference": {"mean": mean, "std": std, "from": where}, "mmproj": in_file},
             "token_order": TOKEN_ORDER_NOTE}
