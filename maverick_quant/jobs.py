@@ -176,11 +176,11 @@ def _write_mmproj(plan, path: Path, progress: bool) -> None:
     from maverick_quant.exporters.gguf_mmproj import export_mmproj
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    report = export_mmproj(plan, path, progress)
-    click.echo(f"exported mmproj {plan.mmproj_type} (llama4 vision): {report.tensors} tensors -> {path}; "
-               f"{report.tokens_per_chunk} tokens per image chunk; image normalisation from {report.normalisation}")
-    if report.f16_fallbacks:
-        click.echo(f"kept F16 (K not a multiple of 32 for Q8_0): {', '.join(report.f16_fallbacks)}")
+    tensors = export_mmproj(plan, path, progress)
+    click.echo(f"exported mmproj {plan.mmproj_type} (llama4 vision): {tensors} tensors -> {path}; "
+               f"{plan.tokens_per_chunk} tokens per image chunk; image normalisation from {plan.normalisation}")
+    if plan.f16_fallbacks:
+        click.echo(f"kept F16 (K not a multiple of 32 for Q8_0): {', '.join(plan.f16_fallbacks)}")
 
 
 def _read_json(path: Path, what: str) -> dict:

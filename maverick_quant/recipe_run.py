@@ -39,7 +39,7 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
     model_dir = _recipe_model_dir(recipe.model)
     source = open_source(model_dir)  # a bad model is refused here, before any work
     _check_recipe_files(recipe, model_dir)
-    _check_mmproj_exports(recipe, model_dir)
+    _check_mmproj_exports(recipe, model_dir, source)
     check_lock_inputs(recipe, source)
     out = Path(out)
     steps = 2 + len(recipe.exports) + (len(recipe.validation.candidates) if recipe.validation is not None else 0)
@@ -79,14 +79,14 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
             from maverick_quant.demo import write_eval_text
 
             data = write_eval_text(model_dir, out / "eval-self.txt", 16, v.ctx)
-        projectors = {e.name: out / e.mmproj_name for e in recipe.exports if e.mmproj}
         for candidate in v.candidates:
+            vision = _vision_check(recipe, out, candidate)
             step(f"validate {candidate} on {v.data}" + (" (in llama.cpp)" if candidate.endswith(".gguf") else "")
-                 + (f" with {projectors[candidate].name}" if candidate in projectors else ""))
+                 + (f" with {vision.mmproj.name}" if vision else ""))
             passed &= run_validate(model_dir, out / candidate, data, out / report_name(candidate), v.ctx, v.max_windows,
                                    v.gates, None, v.batch, True, progress, v.protocol, v.hellaswag, v.hellaswag_tasks,
                                    v.choices, v.kernels if candidate == "bundle" else None, device, v.choices_pass_mib,
-                                   resume, vision=VisionCheck(projectors[candidate]) if candidate in projectors else None)
+                                   resume, vision=vision)
     _write_lock(recipe, device, Path(recipe_path), source, calibration, out / "recipe.lock.yaml")
     click.echo(f"run finished -> {out} ({'gates passed' if passed else 'a gate FAILED'})")
     return passed
@@ -122,7 +122,7 @@ def _check_recipe_files(recipe, model_dir: Path) -> None:
         check_fits_in_memory(model_dir)
 
 
-def _check_mmproj_exports(recipe, model_dir: Path) -> None:
+def _check_mmproj_exports(recipe, model_dir: Path, source) -> None:
     """An `exports[].mmproj` step's vision tower is checked against llama.cpp's projector before
     any work (config, tensor names and shapes, image normalisation: nothing is read but headers)."""
     from maverick_quant.exporters.gguf import FloatWeights
@@ -130,7 +130,13 @@ def _check_mmproj_exports(recipe, model_dir: Path) -> None:
 
     for export in recipe.exports:
         if export.mmproj:
-            MMProjPlan(FloatWeights(model_dir), export.mmproj)
+            MMProjPlan(FloatWeights(model_dir, source), export.mmproj)
+
+
+def _vision_check(recipe, out: Path, candidate: str) -> VisionCheck | None:
+    """A GGUF candidate whose export step wrote an mmproj is validated with it."""
+    written = {e.name: out / e.mmproj_name for e in recipe.exports if e.mmproj}
+    return VisionCheck(written[candidate]) if candidate in written else None
 
 
 def report_name(candidate: str) -> str:

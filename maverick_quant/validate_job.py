@@ -66,17 +66,14 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
     tasks = _read_benchmarks(hellaswag, choices, hellaswag_tasks)  # a bad file is refused before any work
     benchmarks = {name: {"file": str(path), "sha256": sha256_file(path)} for name, (path, _) in tasks.items()}
     benchmarks.update(tasks=hellaswag_tasks, pass_mib=choices_pass_mib)
-    images = _vision_images(vision, ref_source, gguf)  # a wrong projector file, images or candidate: before any work
-    if vision is not None:
-        from maverick_quant.validation.vision import images_sha256
-
-        benchmarks.update(mmproj=sha256_file(vision.mmproj), images_sha256=images_sha256(images))
+    images, in_file, seen_inputs = _vision_inputs(vision, ref_source, gguf)  # a wrong mmproj or image: before any work
     identity = validation_identity(reference, candidate, windows, {"protocol": protocol, "ctx": ctx, "batch": batch,
                                                                    "kernels": kernels, "device": str(compute),
-                                                                   **benchmarks})
+                                                                   **benchmarks, **seen_inputs})
     with resumable_output_dir(Path(report_dir), identity, force, resume) as (work, run_state):
         state = ValidationState(run_state.folder)
-        seen = _vision(state, ref_source, Path(candidate), vision.mmproj, images, compute, progress) if vision else None
+        seen = (_vision(state, ref_source, Path(candidate), vision.mmproj, images, in_file, compute, progress)
+                if images else None)
         result = _evaluation(state, ref_source, cand_source, windows, batch, progress, first, kernels, compute, gguf)
         report = {**result.summary, "protocol": {"name": protocol, "ctx": ctx, "windows": int(windows.shape[0]),
                                                  "first_scored_position": first, "data": str(data)},
@@ -115,36 +112,39 @@ def _evaluation(state, ref_source, cand_source, windows: torch.Tensor, batch: in
     return result
 
 
-def _vision_images(vision: VisionCheck | None, ref_source, gguf: bool) -> list:
-    """The images `vision` compares on, made image_size square (validation/vision.py), after
-    checking the candidate, the projector file's geometry and the reference's vision tower."""
-    from maverick_quant.exporters.gguf_mmproj import image_normalisation
-    from maverick_quant.validation.vision import check_mmproj, read_images, synthetic_images
+def _vision_inputs(vision: VisionCheck | None, ref_source, gguf: bool) -> tuple[list, dict | None, dict]:
+    """(images made image_size square, the projector file's normalisation from check_mmproj,
+    their part of the run identity) for `vision`, after checking the candidate, the file's
+    geometry and the reference's vision tower and normalisation; ([], None, {}) without."""
+    from maverick_quant.arch.llama4 import image_normalisation
+    from maverick_quant.checkpoint import sha256_file
+    from maverick_quant.validation.vision import check_mmproj, images_sha256, read_images, synthetic_images
 
     if vision is None:
-        return []
+        return [], None, {}
     if not gguf:
         raise InputError(f"--mmproj {vision.mmproj}: the candidate must be the GGUF file it goes with "
                          "(llama.cpp runs both)")
     config = ref_source.checkpoint.load_config()
-    if getattr(config, "vision_config", None) is None:
-        raise InputError(f"--mmproj: the reference {ref_source.checkpoint.model_dir} has no vision tower")
-    check_mmproj(vision.mmproj, config)
+    in_file = check_mmproj(vision.mmproj, config)
     image_normalisation(ref_source.checkpoint.model_dir)
     import llama_cpp.mtmd_cpp  # noqa: F401  (a missing client is refused here, not after the text evaluation)
 
     size = config.vision_config.image_size
-    return synthetic_images(vision.count, size) if vision.images is None else read_images(vision.images, vision.count, size)
+    images = (synthetic_images(vision.count, size) if vision.images is None
+              else read_images(vision.images, vision.count, size))
+    return images, in_file, {"mmproj": sha256_file(vision.mmproj), "images_sha256": images_sha256(images)}
 
 
-def _vision(state, ref_source, text_gguf: Path, mmproj: Path, images: list, device, progress: bool) -> dict:
+def _vision(state, ref_source, text_gguf: Path, mmproj: Path, images: list, in_file: dict, device,
+            progress: bool) -> dict:
     """The report's `vision` section, kept in `state` once finished."""
     from maverick_quant.validation.vision import vision_agreement
 
     saved = state.load_result("vision")
     if saved is not None:
         return saved[0]
-    result = vision_agreement(ref_source, text_gguf, mmproj, images, device, progress)
+    result = vision_agreement(ref_source, text_gguf, mmproj, images, device, progress, in_file)
     state.save_result("vision", result)
     click.echo(f"vision: {result['images']} images of {result['tokens_per_image']} tokens, llama.cpp's image "
                f"embeddings vs the reference: relative error mean {result['rel_error']['mean']:.2e}, "

@@ -191,3 +191,14 @@ def run_cli(*args) -> tuple[int, str]:
     if result.exception and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result.exit_code, result.output
+
+
+def require_llama_cpp() -> None:
+    """Skip without llama-cpp-python, unless MAVERICK_QUANT_REQUIRE_CLIENTS is set (.ci/run
+    installs it there, and a missing client is a failure)."""
+    import os
+
+    if os.environ.get("MAVERICK_QUANT_REQUIRE_CLIENTS"):
+        import llama_cpp  # noqa: F401
+    else:
+        pytest.importorskip("llama_cpp")

@@ -15,7 +15,6 @@ same KL (0.0028 vs llama.cpp's 0.0027 on today's Q4_0 grid; 512 tokens) and top-
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -25,12 +24,9 @@ from click.testing import CliRunner
 from maverick_quant.bundle import Bundle
 from maverick_quant.cli import cli
 
-from conftest import bundle_logits, make_tiny_llama4
+from conftest import bundle_logits, make_tiny_llama4, require_llama_cpp
 
-if os.environ.get("MAVERICK_QUANT_REQUIRE_CLIENTS"):  # .ci/run installs llama-cpp-python: missing is a failure
-    import llama_cpp  # noqa: F401
-else:
-    pytest.importorskip("llama_cpp")
+require_llama_cpp()
 
 
 def _run(*args) -> None:

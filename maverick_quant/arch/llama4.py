@@ -11,10 +11,13 @@ gated MLP of `intermediate_size_mlp` under `feed_forward`. Rope layers with
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from maverick_quant.arch.base import ArchTable, ExpertLinear, LayerPlan, LinearGroup, MoEBlock, TransformersModules
 from maverick_quant.arch.llama import ATTENTION_GROUPS, NORMS, attention_shapes, mlp_shapes, scale_groups
+from maverick_quant.errors import InputError
 
 EXPERTS = "feed_forward.experts."
 ROUTER = "feed_forward.router"
@@ -147,3 +150,22 @@ def maverick_config(**text_overrides: Any):
                           vision_config=MAVERICK_VISION)
     config.architectures = ["Llama4ForConditionalGeneration"]
     return config
+
+
+LLAMA4_IMAGE_MEAN_STD = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])  # transformers' Llama4ImageProcessor defaults
+
+
+def image_normalisation(root: Path) -> tuple[list[float], list[float], str]:
+    """(mean, std, where from): preprocessor_config.json when the model has one, else Llama 4's
+    processor defaults (0.5 for every channel)."""
+    path = root / "preprocessor_config.json"
+    if not path.is_file():
+        return (*LLAMA4_IMAGE_MEAN_STD, "Llama 4's processor defaults (no preprocessor_config.json)")
+    try:
+        config = json.loads(path.read_text())
+        mean, std = [float(v) for v in config["image_mean"]], [float(v) for v in config["image_std"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{path}: expected image_mean and image_std lists ({exc})") from None
+    if len(mean) != 3 or len(std) != 3:
+        raise InputError(f"{path}: image_mean and image_std need 3 values (RGB), got {len(mean)} and {len(std)}")
+    return mean, std, str(path.name)

@@ -176,6 +176,7 @@ def encode_q4_k(weight: QuantizedWeight) -> np.ndarray:
     return torch.cat([*header, scale_bytes, payload], dim=-1).flatten(-2).contiguous().numpy()
 
 
-def requantize_error(reference: torch.Tensor, stored: torch.Tensor) -> float:
-    """Relative Frobenius error ||stored - reference|| / ||reference|| of a re-quantized tensor."""
+def relative_error(stored: torch.Tensor, reference: torch.Tensor) -> float:
+    """Relative Frobenius error ||stored - reference|| / ||reference|| in fp64 (a re-quantized
+    tensor against its source, llama.cpp's image embeddings against the reference's)."""
     return float((stored.double() - reference.double()).norm() / reference.double().norm().clamp_min(1e-30))

@@ -38,7 +38,7 @@ from maverick_quant.arch.base import unfuse_experts
 from maverick_quant.bundle import Bundle
 from maverick_quant.checkpoint import TORCH_DTYPES, durable_replace
 from maverick_quant.compress.gguf_blocks import (BLOCK, BLOCK_TYPES, BlockType, block_type_for_grid, encode_blocks, grid_mismatch,
-                                                requantize_error, tensor_block_type)
+                                                relative_error, tensor_block_type)
 from maverick_quant.compress.kquant import rtn_quantize_k
 from maverick_quant.compress.types import QuantizedWeight
 from maverick_quant.errors import InputError
@@ -165,10 +165,11 @@ class FloatWeights:
 
     quant = None
 
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path, source=None):
+        """`source`: the model already opened by streaming.open_source (its index checked)."""
         from maverick_quant.streaming import open_source
 
-        self.source = open_source(model_dir)
+        self.source = source or open_source(model_dir)
         self.root, self.table, self.config = Path(model_dir), self.source.table, self.source.text_config
         self.num_layers, self.name = self.config.num_hidden_layers, Path(model_dir).name
 
@@ -356,7 +357,7 @@ class GGUFPlan:
         # gguf-py cannot quantize Q4_K: our round-to-nearest on its grid, packed by our packer
         blocks = (encode_blocks(rtn_quantize_k(reference), block_type) if block_type.k_quant
                   else gguf.quants.quantize(reference.numpy(), qtype))
-        error = requantize_error(reference, torch.from_numpy(gguf.quants.dequantize(blocks, qtype)))
+        error = relative_error(torch.from_numpy(gguf.quants.dequantize(blocks, qtype)), reference)
         self.report.requantized[gguf_name] = max(error, self.report.requantized.get(gguf_name, 0.0))
         return blocks
 

@@ -35,13 +35,13 @@ the requested type (Q8_0 by gguf-py's own quantizer, F16 where K is not a multip
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from maverick_quant.arch.llama4 import image_normalisation
+from maverick_quant.compress.gguf_blocks import BLOCK
 from maverick_quant.exporters.gguf import BundleWeights, FloatWeights, TensorJob, float_array, write_gguf_file
 from maverick_quant.errors import InputError
 from maverick_quant.recipe import MMPROJ_TYPES
@@ -70,24 +70,11 @@ BLOCK_LEVEL = {
 }
 PARAMETERS = ("vision_model.class_embedding", "vision_model.positional_embedding_vlm")  # no .weight in HF
 F32_TENSORS = ("V_ENC_EMBD_CLS", "V_ENC_EMBD_POS")
-LLAMA4_IMAGE_MEAN_STD = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])  # transformers' Llama4ImageProcessor defaults
 VISION_ROPE_THETA = 10000.0  # clip.cpp's llama4 graph fixes it
 # Hugging Face's vision LayerNorms are nn.LayerNorm(width) whatever `norm_eps` says, and its
 # MLPs nn.GELU() whatever `hidden_act` says: the file carries what HF computes.
 HF_LAYERNORM_EPS = 1e-5
 NO_BIAS = ("V_ENC_EMBD_PATCH", "V_MMPROJ_MLP", "V_MMPROJ_FC")  # clip.cpp's llama4 graph adds none
-
-
-@dataclass
-class MMProjExport:
-    """What an mmproj export did: tensors written, tokens per image chunk, where the image
-    normalisation came from, and matrices stored F16 because Q8_0 could not hold their K."""
-
-    path: Path
-    tensors: int = 0
-    tokens_per_chunk: int = 0
-    normalisation: str = ""
-    f16_fallbacks: list[str] = field(default_factory=list)
 
 
 def gguf_tensor_name(hf_name: str) -> tuple[str, str] | None:
@@ -146,29 +133,13 @@ def check_vision_config(vision, source: Path) -> int:
     return scale
 
 
-def image_normalisation(root: Path) -> tuple[list[float], list[float], str]:
-    """(mean, std, where from): preprocessor_config.json when the model has one, else Llama 4's
-    processor defaults (0.5 for every channel)."""
-    path = root / "preprocessor_config.json"
-    if not path.is_file():
-        return (*LLAMA4_IMAGE_MEAN_STD, "Llama 4's processor defaults (no preprocessor_config.json)")
-    try:
-        config = json.loads(path.read_text())
-        mean, std = [float(v) for v in config["image_mean"]], [float(v) for v in config["image_std"]]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"{path}: expected image_mean and image_std lists ({exc})") from None
-    if len(mean) != 3 or len(std) != 3:
-        raise InputError(f"{path}: image_mean and image_std need 3 values (RGB), got {len(mean)} and {len(std)}")
-    return mean, std, str(path.name)
-
-
 def tensor_type(member: str, shape: tuple[int, ...], mmproj_type: str) -> str:
     """The GGML type of one tensor, by llama.cpp's converter's rules (see the module docstring)."""
     if len(shape) == 1 or member in F32_TENSORS or member.endswith("_NORM"):
         return "F32"
     if member == "V_ENC_EMBD_PATCH":
         return "F16" if mmproj_type == "F16" else "F32"
-    if mmproj_type == "Q8_0" and shape[-1] % 32:
+    if mmproj_type == "Q8_0" and shape[-1] % BLOCK:
         return "F16"
     return mmproj_type
 
@@ -246,16 +217,15 @@ class MMProjPlan:
             raise InputError(f"--mmproj: {name}: shape {list(shape)}, expected {list(expected)} from config.json")
 
 
-def export_mmproj(plan: MMProjPlan, out_path: Path, show_progress: bool = True) -> MMProjExport:
+def export_mmproj(plan: MMProjPlan, out_path: Path, show_progress: bool = True) -> int:
     """Write the vision tower and projector of `plan` (a Llama 4 bundle or float model, checked
     when the plan was made) as llama.cpp's mmproj GGUF at `out_path` (under a temporary name,
-    renamed when complete)."""
+    renamed when complete); returns the number of tensors written."""
     import gguf
 
     writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ])
     add_mmproj_metadata(writer, plan)
-    tensors = write_gguf_file(writer, plan.jobs, Path(out_path), f"export mmproj {plan.mmproj_type}", show_progress)
-    return MMProjExport(Path(out_path), tensors, plan.tokens_per_chunk, plan.normalisation, list(plan.f16_fallbacks))
+    return write_gguf_file(writer, plan.jobs, Path(out_path), f"export mmproj {plan.mmproj_type}", show_progress)
 
 
 def add_mmproj_metadata(writer, plan: MMProjPlan) -> None:

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from maverick_quant.arch.llama4 import image_normalisation
+from maverick_quant.compress.gguf_blocks import relative_error
 from maverick_quant.errors import InputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -72,6 +74,9 @@ def check_mmproj(mmproj: Path, config) -> dict:
     normalisation {"mean", "std"}. Only the header is read."""
     import gguf
 
+    if getattr(config, "vision_config", None) is None:
+        raise InputError(f"--mmproj {mmproj}: the reference has no vision tower to compare it with")
+
     try:
         reader = gguf.GGUFReader(mmproj)
     except (OSError, ValueError) as exc:
@@ -101,16 +106,6 @@ def check_mmproj(mmproj: Path, config) -> dict:
             "std": [float(v) for v in value("clip.vision.image_std")]}
 
 
-def projector_width(mmproj: Path) -> int:
-    """Rows of the projector's `mm.model.fc.weight`: the width of each image embedding."""
-    import gguf
-
-    fc = next((t for t in gguf.GGUFReader(mmproj).tensors if t.name == "mm.model.fc.weight"), None)
-    if fc is None:
-        raise InputError(f"--mmproj {mmproj}: no mm.model.fc.weight tensor")
-    return int(fc.shape[1])  # gguf-py lists a tensor's shape fastest dimension first: [K, N]
-
-
 class ReferenceVision:
     """The original model's vision tower, adapter and projector, in fp32 on `device`, loaded
     tensor by tensor from its checkpoint (the text model is never read)."""
@@ -120,8 +115,6 @@ class ReferenceVision:
         from transformers.models.llama4.modeling_llama4 import Llama4MultiModalProjector, Llama4VisionModel
 
         config = source.checkpoint.load_config()
-        if getattr(config, "vision_config", None) is None:
-            raise InputError(f"--mmproj: the reference {source.checkpoint.model_dir} has no vision tower")
         self.config, self.device = config, torch.device(device)
         with no_init_weights():  # every parameter is loaded below; the rotary buffers are computed here
             self.tower, self.projector = Llama4VisionModel(config.vision_config), Llama4MultiModalProjector(config)
@@ -148,9 +141,10 @@ class LlamaCppVision:
     """llama.cpp's image encoder for a text GGUF + mmproj (libmtmd through llama-cpp-python), on
     the CPU. The text model is opened for its vocabulary and sizes only (mtmd tokenizes the
     image markers and checks the projector's width against it); its weights are not loaded.
-    A context manager: `with LlamaCppVision(...) as encoder`."""
+    A context manager: `with LlamaCppVision(...) as encoder`. `hidden`: the text model's width,
+    the projector's output (check_mmproj checks the file against it)."""
 
-    def __init__(self, text_gguf: Path, mmproj: Path, threads: int | None = None):
+    def __init__(self, text_gguf: Path, mmproj: Path, hidden: int, threads: int | None = None):
         import llama_cpp
         import llama_cpp.mtmd_cpp as mtmd
 
@@ -167,7 +161,7 @@ class LlamaCppVision:
         if not self.ctx:
             self.close()
             raise InputError(f"--mmproj {mmproj}: llama.cpp refused it beside {text_gguf} (its log says why)")
-        self.hidden = projector_width(mmproj)  # a vocab-only model reports no width
+        self.hidden = hidden  # a vocab-only model reports no width
         self.where = f"--mmproj {mmproj} beside {text_gguf}"
 
     def __enter__(self) -> "LlamaCppVision":
@@ -221,28 +215,23 @@ def hugging_face_token_order(tokens: torch.Tensor) -> torch.Tensor:
     return tokens.reshape(side, side, -1).transpose(0, 1).reshape(tokens.shape)
 
 
-def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    """||ours - reference|| / ||reference|| in fp64 (Frobenius over every token and channel)."""
-    return float((ours.double() - reference.double()).norm() / reference.double().norm())
-
-
-def vision_agreement(source, text_gguf: Path, mmproj: Path, images: list[np.ndarray],
-                     device: torch.device | str = "cpu", show_progress: bool = True) -> dict:
+def vision_agreement(source, text_gguf: Path, mmproj: Path, images: list[np.ndarray], device="cpu",
+                     show_progress: bool = True, in_file: dict | None = None) -> dict:
     """The report's `vision` section: per-image relative error of llama.cpp's image embeddings
     (mmproj) against the reference's, its mean and max, tokens per image, and both sides'
     image normalisation (a file whose mean/std differ from the reference's sees other pixels:
-    that shows in the error, and the report says where each came from)."""
+    that shows in the error, and the report says where each came from). `in_file`: what
+    check_mmproj returned, when the caller has checked the file already."""
     from tqdm.auto import tqdm
-
-    from maverick_quant.exporters.gguf_mmproj import image_normalisation
 
     if not images:
         raise InputError("--mmproj: no images to compare")
-    in_file = check_mmproj(mmproj, source.checkpoint.load_config())
+    config = source.checkpoint.load_config()
+    in_file = in_file or check_mmproj(mmproj, config)
     mean, std, where = image_normalisation(source.checkpoint.model_dir)
     reference = ReferenceVision(source, device)
     errors, tokens = [], 0
-    with LlamaCppVision(text_gguf, mmproj) as encoder:
+    with LlamaCppVision(text_gguf, mmproj, config.get_text_config().hidden_size) as encoder:
         for image in tqdm(images, desc="vision", unit="image", disable=not show_progress):
             ours, theirs = reference.embeddings(image, mean, std), encoder.embeddings(image)
             if theirs.shape != ours.shape:
