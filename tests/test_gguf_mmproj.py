@@ -284,6 +284,14 @@ def test_a_recipe_mmproj_on_a_model_without_a_vision_tower_is_refused_before_any
     assert not (tmp_path / "run").exists()
 
 
+def _validate_vision(reference: Path, text: Path, gguf_path: Path, mmproj: Path, report: Path, *extra,
+                     images: int = 2) -> tuple[int, str]:
+    """`validate` of a GGUF + mmproj on a window or two of `text`, gated on the image embeddings."""
+    return _run("validate", "--reference", reference, "--data", text, "--ctx", 32, "--max-windows", 1,
+                "--vision-images", images, "--gate", "vision.rel_error.max<=0.005", "--no-progress",
+                "--candidate", gguf_path, "--mmproj", mmproj, "--report", report, *extra)
+
+
 def test_validate_gates_a_gguf_candidates_image_embeddings(llama4_vision, small_text_file: Path, tmp_path: Path,
                                                            monkeypatch) -> None:
     """`validate --mmproj`: llama.cpp's image embeddings against the reference's vision tower,
@@ -298,24 +306,22 @@ def test_validate_gates_a_gguf_candidates_image_embeddings(llama4_vision, small_
         code, out = _run("export", bundle, "--format", "gguf", "--gguf-type", "Q8_0", "--out", tmp_path / f"{name}.gguf",
                          "--mmproj", tmp_path / f"mmproj-{name}.gguf", "--mmproj-type", "F32", "--no-progress")
         assert code == 0, out
-    common = ["--reference", model, "--data", small_text_file, "--ctx", 32, "--max-windows", 2, "--vision-images", 2,
-              "--gate", "vision.rel_error.max<=0.005", "--no-progress"]
-    code, out = _run("validate", *common, "--candidate", tmp_path / "ours.gguf", "--mmproj", tmp_path / "mmproj-ours.gguf",
-                     "--report", tmp_path / "r-ours")
+    code, out = _validate_vision(model, small_text_file, tmp_path / "ours.gguf", tmp_path / "mmproj-ours.gguf",
+                                 tmp_path / "r-ours")
     assert code == 0, out
     report = json.loads((tmp_path / "r-ours" / "report.json").read_text())
     assert report["vision"]["images"] == 2 and report["vision"]["tokens_per_image"] == 4
     assert report["vision"]["rel_error"]["max"] < 0.005
     assert "## Vision" in (tmp_path / "r-ours" / "report.md").read_text()
-    code, out = _run("validate", *common, "--candidate", tmp_path / "converter.gguf", "--mmproj",
-                     tmp_path / "mmproj-converter.gguf", "--report", tmp_path / "r-converter")
+    code, out = _validate_vision(model, small_text_file, tmp_path / "converter.gguf", tmp_path / "mmproj-converter.gguf",
+                                 tmp_path / "r-converter")
     assert code == 1 and "gate vision.rel_error.max<=0.005: FAIL" in out, out
     (tmp_path / "images").mkdir()
     for index, (size, mode) in enumerate([((80, 60), "RGBA"), ((30, 56), "L")]):
         image = Image.fromarray(synthetic_images(1, 90, seed=index)[0]).resize(size).convert(mode)
         image.save(tmp_path / "images" / f"{index}.png")
-    code, out = _run("validate", *common, "--candidate", tmp_path / "ours.gguf", "--mmproj", tmp_path / "mmproj-ours.gguf",
-                     "--images", tmp_path / "images", "--report", tmp_path / "r-images")
+    code, out = _validate_vision(model, small_text_file, tmp_path / "ours.gguf", tmp_path / "mmproj-ours.gguf",
+                                 tmp_path / "r-images", "--images", tmp_path / "images")
     assert code == 0, out
     assert json.loads((tmp_path / "r-images" / "report.json").read_text())["vision"]["images"] == 2
 
@@ -338,13 +344,11 @@ def test_validate_uses_the_models_image_normalisation_and_reports_a_file_that_di
     code, out = _run("export", model, "--format", "gguf", "--gguf-type", "F32", "--out", tmp_path / "own.gguf",
                      "--mmproj", tmp_path / "mmproj-own.gguf", "--mmproj-type", "F32", "--no-progress")
     assert code == 0, out
-    common = ["--reference", model, "--data", small_text_file, "--ctx", 32, "--max-windows", 1, "--vision-images", 1,
-              "--gate", "vision.rel_error.max<=0.005", "--no-progress"]
-    code, out = _run("validate", *common, "--candidate", tmp_path / "own.gguf", "--mmproj", tmp_path / "mmproj-own.gguf",
-                     "--report", tmp_path / "r-own")
+    code, out = _validate_vision(model, small_text_file, tmp_path / "own.gguf", tmp_path / "mmproj-own.gguf",
+                                 tmp_path / "r-own", images=1)
     assert code == 0, out
-    code, out = _run("validate", *common, "--candidate", plain, "--mmproj", tmp_path / "mmproj-plain.gguf",
-                     "--report", tmp_path / "r-plain")
+    code, out = _validate_vision(model, small_text_file, plain, tmp_path / "mmproj-plain.gguf", tmp_path / "r-plain",
+                                 images=1)
     assert code == 1, out
     assert "The image normalisation differs" in (tmp_path / "r-plain" / "report.md").read_text()
 
