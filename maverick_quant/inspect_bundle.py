@@ -89,8 +89,8 @@ def artifact_summary(path: Path, verify: bool = True) -> tuple[str, list[str] | 
 
     path = Path(path)
     if path.is_file():
-        manifest = path.with_name(path.name + ".manifest.json")
-        return gguf_summary(path), verify_manifest(manifest) if manifest.is_file() and verify else None
+        manifest = gguf_manifest(path)
+        return gguf_summary(path), verify_manifest(manifest) if manifest is not None and verify else None
     manifest = json.loads((path / "manifest.json").read_text())
     config = json.loads((path / "config.json").read_text())
     quant = config.get("quantization_config") or {}
@@ -102,8 +102,38 @@ def artifact_summary(path: Path, verify: bool = True) -> tuple[str, list[str] | 
     return "\n".join(lines), verify_manifest(path / "manifest.json") if verify else None
 
 
+def gguf_manifest(path: Path) -> Path | None:
+    """The manifest that lists a GGUF file: its own `<name>.manifest.json`, or (an mmproj) the
+    manifest of the GGUF it was exported with, beside it."""
+    own = path.with_name(path.name + ".manifest.json")
+    if own.is_file():
+        return own
+    for manifest in sorted(path.parent.glob("*.gguf.manifest.json")):
+        try:
+            if path.name in json.loads(manifest.read_text()).get("files", {}):
+                return manifest
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def projector_line(fields) -> str:
+    """What a llama4 mmproj holds (its `clip.*` keys): geometry and image tokens per chunk."""
+    def value(key: str):
+        content = fields[key].contents() if key in fields else None
+        return [round(v, 4) for v in content] if isinstance(content, list) else content
+
+    size, patch, scale = (value(f"clip.vision.{key}") for key in ("image_size", "patch_size", "projector.scale_factor"))
+    tokens = (size // patch) ** 2 // scale ** 2 if size and patch and scale else None
+    return (f"{value('clip.projector_type')} projector: {size}-pixel images, patch {patch}, {tokens} tokens per image "
+            f"chunk; vision width {value('clip.vision.embedding_length')} x {value('clip.vision.block_count')} blocks "
+            f"-> {value('clip.vision.projection_dim')}; image mean {value('clip.vision.image_mean')} std "
+            f"{value('clip.vision.image_std')}")
+
+
 def gguf_summary(path: Path) -> str:
-    """Architecture, tensor count and bytes per GGML type of a GGUF file (read with gguf-py)."""
+    """Architecture, tensor count and bytes per GGML type of a GGUF file (read with gguf-py);
+    for a vision projector (mmproj), its geometry too."""
     import gguf
 
     reader = gguf.GGUFReader(path)
@@ -114,4 +144,5 @@ def gguf_summary(path: Path) -> str:
         entry[1] += int(tensor.n_bytes)
     arch = reader.fields["general.architecture"].contents()
     types = ", ".join(f"{name}: {count} tensors {size / 2**20:.1f} MiB" for name, (count, size) in sorted(by_type.items()))
-    return f"{path}: GGUF {arch}, {len(reader.tensors)} tensors ({types})"
+    summary = f"{path}: GGUF {arch}, {len(reader.tensors)} tensors ({types})"
+    return summary + ("\n" + projector_line(reader.fields) if "clip.projector_type" in reader.fields else "")

@@ -215,6 +215,13 @@ def test_a_recipe_writes_the_mmproj_beside_its_gguf_and_validates_with_it(llama4
     assert "mmproj-f32.gguf" in manifest["files"]
     vision = json.loads((tmp_path / "run" / "report-model-q8_0.gguf" / "report.json").read_text())["vision"]
     assert vision["images"] == 8 and vision["mmproj"].endswith("mmproj-f32.gguf")
+    code, out = _run("inspect", tmp_path / "run" / "mmproj-f32.gguf")  # verified by the GGUF's manifest
+    assert code == 0 and "llama4 projector: 56-pixel images, patch 14, 4 tokens per image chunk" in out, out
+    assert "verified" in out
+    with open(tmp_path / "run" / "mmproj-f32.gguf", "ab") as file:
+        file.write(b"\0")
+    code, out = _run("inspect", tmp_path / "run" / "mmproj-f32.gguf")
+    assert code == 1 and "mmproj-f32.gguf" in out, out
 
 
 def test_the_models_image_normalisation_travels_through_the_bundle_into_the_mmproj(smollm2_dir: Path,
