@@ -155,6 +155,19 @@ def maverick_config(**text_overrides: Any):
 LLAMA4_IMAGE_MEAN_STD = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])  # transformers' Llama4ImageProcessor defaults
 
 
+def mmproj_geometry(config) -> dict[str, int]:
+    """llama.cpp's `clip.*` size keys (all uint32) of a Llama 4's vision tower and projector:
+    what `export --mmproj` writes and what `validate --mmproj` expects to read back."""
+    vision = config.vision_config
+    return {"clip.vision.image_size": vision.image_size, "clip.vision.patch_size": vision.patch_size,
+            "clip.vision.embedding_length": vision.hidden_size,
+            "clip.vision.feed_forward_length": vision.intermediate_size,
+            "clip.vision.block_count": vision.num_hidden_layers,
+            "clip.vision.attention.head_count": vision.num_attention_heads,
+            "clip.vision.projection_dim": config.get_text_config().hidden_size,
+            "clip.vision.projector.scale_factor": round(1 / vision.pixel_shuffle_ratio)}
+
+
 def image_normalisation(root: Path) -> tuple[list[float], list[float], str]:
     """(mean, std, where from): preprocessor_config.json when the model has one, else Llama 4's
     processor defaults (0.5 for every channel)."""

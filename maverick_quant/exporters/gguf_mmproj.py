@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from maverick_quant.arch.llama4 import image_normalisation
+from maverick_quant.arch.llama4 import image_normalisation, mmproj_geometry
 from maverick_quant.compress.gguf_blocks import BLOCK
 from maverick_quant.exporters.gguf import BundleWeights, FloatWeights, TensorJob, float_array, write_gguf_file
 from maverick_quant.errors import InputError
@@ -162,7 +162,7 @@ class MMProjPlan:
         if mmproj_type not in MMPROJ_TYPES:
             raise InputError(f"--mmproj-type {mmproj_type}: expected one of {list(MMPROJ_TYPES)}")
         self.weights, self.mmproj_type = weights, mmproj_type
-        config = AutoConfig.from_pretrained(weights.root, trust_remote_code=False)
+        self.config = config = AutoConfig.from_pretrained(weights.root, trust_remote_code=False)
         self.vision = getattr(config, "vision_config", None)
         if self.vision is None or config.model_type != "llama4":
             raise InputError(f"--mmproj: {weights.root} is not a Llama 4 model with a vision tower "
@@ -233,7 +233,6 @@ def add_mmproj_metadata(writer, plan: MMProjPlan) -> None:
     a key of another type aborts llama.cpp)."""
     import gguf
 
-    vision = plan.vision
     file_types = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "Q8_0": "MOSTLY_Q8_0"}
     writer.add_type(gguf.GGUFType.MMPROJ)
     writer.add_name(f"{plan.weights.name} (vision)")
@@ -241,15 +240,9 @@ def add_mmproj_metadata(writer, plan: MMProjPlan) -> None:
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_clip_has_vision_encoder(True)
     writer.add_clip_projector_type(gguf.VisionProjectorType.LLAMA4)
-    writer.add_vision_projection_dim(plan.text_hidden)
-    writer.add_vision_image_size(vision.image_size)
-    writer.add_vision_patch_size(vision.patch_size)
-    writer.add_vision_embedding_length(vision.hidden_size)
-    writer.add_vision_feed_forward_length(vision.intermediate_size)
-    writer.add_vision_block_count(vision.num_hidden_layers)
-    writer.add_vision_head_count(vision.num_attention_heads)
+    for key, value in mmproj_geometry(plan.config).items():
+        writer.add_uint32(key, value)
     writer.add_vision_attention_layernorm_eps(HF_LAYERNORM_EPS)
     writer.add_vision_image_mean(plan.mean)
     writer.add_vision_image_std(plan.std)
-    writer.add_vision_projector_scale_factor(plan.scale)
     writer.add_vision_use_gelu(True)

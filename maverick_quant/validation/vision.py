@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from maverick_quant.arch.llama4 import image_normalisation
+from maverick_quant.arch.llama4 import image_normalisation, mmproj_geometry
 from maverick_quant.compress.gguf_blocks import relative_error
 from maverick_quant.errors import InputError
 
@@ -86,11 +86,7 @@ def check_mmproj(mmproj: Path, config) -> dict:
     def value(key: str):
         return fields[key].contents() if key in fields else None
 
-    vision = config.vision_config
-    expected = {"general.architecture": "clip", "clip.projector_type": "llama4",
-                "clip.vision.image_size": vision.image_size, "clip.vision.patch_size": vision.patch_size,
-                "clip.vision.embedding_length": vision.hidden_size, "clip.vision.block_count": vision.num_hidden_layers,
-                "clip.vision.projector.scale_factor": round(1 / vision.pixel_shuffle_ratio)}
+    expected = {"general.architecture": "clip", "clip.projector_type": "llama4", **mmproj_geometry(config)}
     wrong = [f"{key} {value(key)!r} (the reference: {want!r})" for key, want in expected.items() if value(key) != want]
     fc = tensors.get("mm.model.fc.weight")
     hidden = config.get_text_config().hidden_size
