@@ -240,6 +240,20 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
     return torch.frombuffer(buffer, dtype=TORCH_DTYPES[info.dtype]).reshape(info.shape)
 
 
+def read_fully(fd: int, target: memoryview, offset: int, path: Path) -> None:
+    """Fill `target` with the file's bytes from `offset`. One `preadv` may return fewer bytes
+    than asked without being at the end of the file (Linux moves at most 2,147,479,552 bytes a
+    call; network and FUSE file systems return less), so it reads on until `target` is full;
+    only a read of 0 bytes (the end of the file) means the file is truncated."""
+    done = 0
+    while done < len(target):
+        count = os.preadv(fd, [target[done:]], offset + done)
+        if count == 0:
+            raise InputError(f"{path}: truncated while reading rows of a tensor (ends {len(target) - done} bytes "
+                             f"short of byte {offset + len(target)})")
+        done += count
+
+
 def read_rows(info: TensorInfo, rows: torch.Tensor) -> torch.Tensor:
     """Rows `rows` (sorted, unique int64 [U]) of the tensor at `info` [R, ...] -> [U, ...].
 
@@ -257,8 +271,7 @@ def read_rows(info: TensorInfo, rows: torch.Tensor) -> torch.Tensor:
     with open(info.file, "rb") as handle:
         for first, stop in zip([0, *breaks], [*breaks, rows.numel()]):
             target = memoryview(out)[first * row_bytes : stop * row_bytes]
-            if os.preadv(handle.fileno(), [target], info.begin + int(rows[first]) * row_bytes) != len(target):
-                raise InputError(f"{info.file}: truncated while reading rows of a tensor")
+            read_fully(handle.fileno(), target, info.begin + int(rows[first]) * row_bytes, info.file)
     if not out:
         return torch.empty((0, *info.shape[1:]), dtype=TORCH_DTYPES[info.dtype])
     return torch.frombuffer(out, dtype=TORCH_DTYPES[info.dtype]).reshape(rows.numel(), *info.shape[1:])
