@@ -133,6 +133,28 @@ def test_quantiles_by_hand():
     assert quantiles(torch.tensor([4.0, 0.0, 3.0, 1.0, 2.0]), (0.5, 0.9, 1.0, 0.0)) == pytest.approx([2.0, 3.6, 4.0, 0.0])
 
 
+def test_one_nan_token_fails_every_kl_quantile_gate():
+    """A broken candidate (one NaN logit row) must fail kl.median/p90/p99 gates, not only kl.mean:
+    torch's sort puts NaN last, which left the quantiles of the finite tokens."""
+    from maverick_quant.validation.gates import evaluate_gates, parse_gate
+
+    ref, cand, targets = _random_case(tokens=200, vocab=13, seed=5)
+    cand[7] = float("nan")
+    acc = MetricAccumulator()
+    acc.update(ref, cand, targets)
+    kl = acc.summary()["kl"]
+    assert all(math.isnan(kl[name]) for name in ("mean", "median", "p90", "p99", "max"))
+    results = evaluate_gates([parse_gate(f"kl.{name}<=1.0") for name in ("median", "p90", "p99")], acc.summary())
+    assert not any(result.passed for result in results)
+
+
+def test_the_median_expert_error_is_nan_when_an_expert_is():
+    from maverick_quant.validation.experts import nan_median
+
+    assert nan_median([0.1, 0.3, 0.2]) == pytest.approx(0.2)
+    assert math.isnan(nan_median([0.1, math.nan, 0.2, 0.3, 0.4]))
+
+
 def test_shape_mismatch_and_empty_summary():
     acc = MetricAccumulator()
     with pytest.raises(ValueError):

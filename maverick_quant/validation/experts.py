@@ -107,6 +107,12 @@ def _worst(values: list[tuple[float, int]]) -> dict:
     return {"min": value, "min_layer": layer}
 
 
+def nan_median(values: list[float]) -> float:
+    """The median, NaN when any value is NaN (statistics.median sorts NaN anywhere, so one
+    broken expert could leave a finite median that passes a gate)."""
+    return math.nan if any(math.isnan(v) for v in values) else statistics.median(values)
+
+
 def summarize_experts(errors: list[ExpertError], min_tokens: int = MIN_TOKENS_FOR_MAX) -> dict:
     """The report's "experts" entry: count, measured (experts with evaluation tokens),
     rel_error {pooled: sum of errors / sum of signals over all experts, median over measured
@@ -117,7 +123,7 @@ def summarize_experts(errors: list[ExpertError], min_tokens: int = MIN_TOKENS_FO
     if not measured:
         return summary
     rel_error = {"pooled": sum(e.error for e in measured) / max(sum(e.signal for e in measured), 1e-30),
-                 "median": statistics.median(e.rel_error for e in measured), "max_min_tokens": min_tokens}
+                 "median": nan_median([e.rel_error for e in measured]), "max_min_tokens": min_tokens}
     counted = [e for e in measured if e.tokens >= min_tokens]
     if counted:
         worst = max(counted, key=lambda e: e.rel_error if math.isfinite(e.rel_error) else math.inf)

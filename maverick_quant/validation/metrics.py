@@ -32,9 +32,13 @@ def quantiles(values: torch.Tensor, qs: tuple[float, ...]) -> list[float]:
     With x_(0) <= ... <= x_(n-1) sorted and position h = q (n - 1):
         Q(q) = x_(floor h) + (h - floor h) * (x_(ceil h) - x_(floor h))
     (numpy's default "linear" method; unlike torch.quantile it has no input-size limit).
+    Any NaN makes every quantile NaN, as in numpy: torch's sort puts NaN last, so the quantiles
+    of the rest would pass a gate that a broken (NaN) candidate must fail.
     """
     if values.numel() == 0:
         raise ValueError("quantiles of an empty tensor")
+    if values.isnan().any():
+        return [math.nan] * len(qs)
     ordered = values.reshape(-1).double().sort().values
     out = []
     for q in qs:
