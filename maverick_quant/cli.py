@@ -400,7 +400,7 @@ def imatrix(model_dir, data, calib, out, samples, seq_len, seed, chat_template, 
 @click.option("--protocol", type=click.Choice(["gptq", "llama.cpp"]), default="gptq", show_default=True,
               help="gptq: every token after a window's first scored; llama.cpp: BOS first, second half scored.")
 @click.option("--hellaswag", type=click.Path(path_type=Path), help="HellaSwag in llama.cpp's text layout (6 lines per task).")
-@click.option("--hellaswag-tasks", type=int, help="Score only the first N tasks (HellaSwag or --choices).")
+@click.option("--hellaswag-tasks", type=click.IntRange(min=1), help="Score only the first N tasks (HellaSwag or --choices).")
 @click.option("--choices", type=click.Path(path_type=Path),
               help='Your multiple-choice JSONL: {"context": ..., "choices": [...], "label": i} per line.')
 @click.option("--choices-pass-mib", type=click.IntRange(min=1), default=CHOICES_PASS_MIB, show_default=True,

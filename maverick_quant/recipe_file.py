@@ -110,8 +110,8 @@ class ValidationStep:
             raise InputError("validation.candidates: empty; expected bundle and/or the name of an export")
         if self.kernels is not None:
             _one_of("validation.kernels", self.kernels, KERNEL_BACKENDS)
-        for key in ("ctx", "max_windows", "batch", "choices_pass_mib"):
-            if getattr(self, key) < 1:
+        for key in ("ctx", "max_windows", "batch", "choices_pass_mib", "hellaswag_tasks"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise InputError(f"validation.{key}={getattr(self, key)}: expected a positive integer")
         from maverick_quant.validation.gates import parse_gate
 

@@ -46,7 +46,7 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
     from maverick_quant.resume import resumable_output_dir
     from maverick_quant.streaming import open_source
     from maverick_quant.validation.evaluate import GGUFCandidate, open_candidate
-    from maverick_quant.validation.gates import parse_gate
+    from maverick_quant.validation.gates import check_baseline, parse_gate
     from maverick_quant.validation.progress import ValidationState, validation_identity
 
     check_output_dir(report_dir, force)
@@ -56,6 +56,7 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
     reset_peak_memory(compute)
     parsed = [parse_gate(text) for text in gates]
     baseline_report = _read_baseline(baseline) if baseline else None
+    check_baseline(parsed, baseline_report)
     gguf = Path(candidate).is_file()
     ref_source = open_source(reference)
     cand_source = (GGUFCandidate(Path(candidate), gpu_layers=-1 if compute.type == "cuda" else 0) if gguf
@@ -63,7 +64,7 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
     tokenizer = load_tokenizer(reference)
     windows = eval_windows(data, tokenizer, ctx, max_windows, protocol)
     first = scored_from(protocol, ctx)
-    tasks = _read_benchmarks(hellaswag, choices, hellaswag_tasks)  # a bad file is refused before any work
+    tasks = _read_benchmarks(hellaswag, choices, hellaswag_tasks, tokenizer)  # a bad file is refused before any work
     benchmarks = {name: {"file": str(path), "sha256": sha256_file(path)} for name, (path, _) in tasks.items()}
     benchmarks.update(tasks=hellaswag_tasks, pass_mib=choices_pass_mib)
     images, in_file, seen_inputs = _vision_inputs(vision, ref_source, gguf)  # a wrong mmproj or image: before any work
@@ -202,13 +203,18 @@ def _expert_summary(candidate, measured: dict | None) -> dict:
     return {"experts": summary} if summary else {}
 
 
-def _read_benchmarks(hellaswag, choices, limit: int | None) -> dict[str, tuple[Path, list]]:
+def _read_benchmarks(hellaswag, choices, limit: int | None, tokenizer) -> dict[str, tuple[Path, list]]:
     """{"hellaswag" / "choices": (file, its first `limit` tasks)} of the benchmarks asked for;
-    InputError naming the file and line of a malformed task."""
-    from maverick_quant.validation.hellaswag import read_choice_jsonl, read_hellaswag
+    InputError naming the file and line of a malformed task, an empty file, or a task whose
+    choices `tokenizer` gives no shared first token."""
+    from maverick_quant.validation.hellaswag import encode_task, read_choice_jsonl, read_hellaswag
 
     readers = {"hellaswag": (hellaswag, read_hellaswag), "choices": (choices, read_choice_jsonl)}
-    return {name: (Path(path), read(path, limit)) for name, (path, read) in readers.items() if path}
+    tasks = {name: (Path(path), read(path, limit)) for name, (path, read) in readers.items() if path}
+    for _, items in tasks.values():
+        for task in items:  # a task no prefix conditions is refused here, not after the evaluation
+            encode_task(task, tokenizer)
+    return tasks
 
 
 def _choice_benchmarks(state, ref_source, cand_source, tokenizer, tasks: dict[str, tuple[Path, list]], kernels=None,

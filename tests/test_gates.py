@@ -3,7 +3,7 @@
 import pytest
 
 from maverick_quant.errors import InputError
-from maverick_quant.validation.gates import Gate, GateResult, evaluate_gates, flatten, parse_gate
+from maverick_quant.validation.gates import Gate, GateResult, check_baseline, evaluate_gates, flatten, parse_gate
 
 REPORT = {
     "reference": {"ppl": 5.0, "nll": 1.6},
@@ -104,6 +104,16 @@ def test_baseline_gate_without_baseline():
 def test_baseline_lacking_key():
     with pytest.raises(InputError, match="'top1_agreement'.*baseline report"):
         _evaluate("top1_agreement>=baseline-0.01", baseline=BASELINE)
+
+
+def test_baseline_problems_are_found_before_any_report_exists():
+    gates = [parse_gate("ppl_ratio<=1.05"), parse_gate("top1_agreement>=baseline-0.01")]
+    with pytest.raises(InputError, match="no baseline"):
+        check_baseline(gates, None)
+    with pytest.raises(InputError, match="'top1_agreement'.*baseline report"):
+        check_baseline(gates, BASELINE)
+    check_baseline([parse_gate("kl.mean<=baseline*1.1"), gates[0]], BASELINE)
+    check_baseline(gates[:1], None)
 
 
 def test_no_gates_and_unused_baseline():

@@ -46,6 +46,30 @@ def test_malformed_files_name_the_line(tmp_path: Path) -> None:
         read_choice_jsonl(jsonl)
 
 
+def test_a_file_without_tasks_is_refused(tmp_path: Path) -> None:
+    empty, blank = tmp_path / "empty.txt", tmp_path / "blank.jsonl"
+    empty.write_text("")
+    blank.write_text("\n\n")
+    with pytest.raises(InputError, match=r"empty.txt: no tasks"):
+        read_hellaswag(empty)
+    with pytest.raises(InputError, match=r"blank.jsonl: no tasks"):
+        read_choice_jsonl(blank)
+
+
+def test_choices_that_share_no_first_token_are_refused() -> None:
+    """Without BOS and context nothing predicts a choice's first token; forcing a one-token prefix
+    scored "London is big" after "Paris" (the first choice's first word)."""
+    vocabulary: dict[str, int] = {}
+
+    def no_bos_tokenizer(text: str, add_special_tokens: bool = True) -> dict:
+        return {"input_ids": [vocabulary.setdefault(word, len(vocabulary)) for word in text.split()]}
+
+    with pytest.raises(InputError, match="share no first token"):
+        encode_task(Task("", ("Paris is big", "London is big"), 0), no_bos_tokenizer)
+    encoded = encode_task(Task("Cities:", ("Paris is big", "London is big"), 0), no_bos_tokenizer)
+    assert encoded.prefix == (vocabulary["Cities:"],) and [len(s) for s in encoded.suffixes] == [3, 3]
+
+
 TASKS = [Task("The cat sat on the", ("mat.", "big red chair near the window."), 0),
          Task("Rain fell all day, so we", ("stayed in.", "went out.", "slept"), 2),
          Task("A", ("b c d e f g", "b"), 1)]

@@ -81,9 +81,17 @@ def test_a_gate_on_a_missing_key_keeps_the_finished_evaluation_for_resume(
     assert "expert_error.png" in (report / "report.md").read_text() and not state.exists()
 
 
+@pytest.mark.parametrize("content, extra, named", [
+    ('{"context": "The harbour", "choices": ["a", "b"]}\n', (), "bad.jsonl"),  # no label
+    ("\n\n", (), "bad.jsonl: no tasks"),
+    ('{"context": "The harbour", "choices": ["a", "b"], "label": 0}\n', ("--hellaswag-tasks", "0"), "--hellaswag-tasks"),
+    ('{"context": "The harbour", "choices": ["a", "b"], "label": 0}\n', ("--gate", "kl.mean<=baseline*1.1"),
+     "no baseline report was given"),
+])
 def test_a_malformed_benchmark_file_is_refused_before_any_layer(tiny_llama4_dir: Path, candidate: Path,
                                                                  small_text_file: Path, tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                 monkeypatch: pytest.MonkeyPatch, content: str,
+                                                                 extra: tuple[str, ...], named: str) -> None:
     import maverick_quant.validation.evaluate as evaluate_module
 
     def evaluated(*args, **kwargs):
@@ -91,8 +99,8 @@ def test_a_malformed_benchmark_file_is_refused_before_any_layer(tiny_llama4_dir:
 
     monkeypatch.setattr(evaluate_module, "evaluate", evaluated)
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"context": "The harbour", "choices": ["a", "b"]}\n', encoding="utf-8")
+    bad.write_text(content, encoding="utf-8")
     report = tmp_path / "report"
-    result = _invoke(_args(tiny_llama4_dir, candidate, small_text_file, report, "--choices", str(bad)))
-    assert result.exit_code == 2 and "bad.jsonl" in result.output, result.output
+    result = _invoke(_args(tiny_llama4_dir, candidate, small_text_file, report, "--choices", str(bad), *extra))
+    assert result.exit_code == 2 and named in result.output, result.output
     assert not report.exists() and not state_dir_for(report).exists()

@@ -129,6 +129,25 @@ def _lookup(flat: Mapping[str, float], key: str, gate: Gate, where: str) -> floa
     return flat[key]
 
 
+def _baseline_value(gate: Gate, flat_baseline: Mapping[str, float] | None) -> float | None:
+    """The baseline number a gate compares with (None for a gate with a fixed threshold), or
+    InputError when it needs a baseline that was not given or that lacks its key."""
+    if not gate.uses_baseline:
+        return None
+    if flat_baseline is None:
+        raise InputError(f"gate {gate.text!r} compares with `baseline` but no baseline report was given "
+                         "(pass --baseline PREVIOUS/report.json)")
+    return _lookup(flat_baseline, gate.key, gate, "baseline report")
+
+
+def check_baseline(gates: Sequence[Gate], baseline: Mapping | None) -> None:
+    """Before any work: InputError for a gate that needs a baseline report that was not given,
+    or a key that report lacks (found at the start, not after hours of evaluation)."""
+    flat_baseline = flatten(baseline) if baseline is not None else None
+    for gate in gates:
+        _baseline_value(gate, flat_baseline)
+
+
 def evaluate_gates(gates: Sequence[Gate], report: Mapping, baseline: Mapping | None = None) -> list[GateResult]:
     """Evaluate every gate on `report`, reading `baseline` for gates that use it.
 
@@ -140,12 +159,6 @@ def evaluate_gates(gates: Sequence[Gate], report: Mapping, baseline: Mapping | N
     results = []
     for gate in gates:
         actual = _lookup(flat, gate.key, gate, "report")
-        baseline_value = None
-        if gate.uses_baseline:
-            if flat_baseline is None:
-                raise InputError(f"gate {gate.text!r} compares with `baseline` but no baseline report was given "
-                                 "(pass --baseline PREVIOUS/report.json)")
-            baseline_value = _lookup(flat_baseline, gate.key, gate, "baseline report")
-        threshold = gate.threshold(baseline_value)
+        threshold = gate.threshold(_baseline_value(gate, flat_baseline))
         results.append(GateResult(gate.text, gate.key, actual, threshold, gate.passes(actual, threshold)))
     return results

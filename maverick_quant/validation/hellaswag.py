@@ -52,6 +52,13 @@ def read_hellaswag(path: Path, limit: int | None = None) -> list[Task]:
         tasks.append(Task(context, tuple(endings), int(label)))
         if limit is not None and len(tasks) >= limit:
             break
+    return _some(tasks, path)
+
+
+def _some(tasks: list[Task], path: Path) -> list[Task]:
+    """`tasks`, or InputError when the file held none (found before any work, not after hours)."""
+    if not tasks:
+        raise InputError(f"{path}: no tasks in the file")
     return tasks
 
 
@@ -71,7 +78,7 @@ def read_choice_jsonl(path: Path, limit: int | None = None) -> list[Task]:
         tasks.append(task)
         if limit is not None and len(tasks) >= limit:
             break
-    return tasks
+    return _some(tasks, path)
 
 
 @dataclass(frozen=True)
@@ -91,7 +98,11 @@ def encode_task(task: Task, tokenizer) -> EncodedTask:
     """BOS + context + " " + ending per choice, split at the choices' common prefix (llama.cpp
     scores the tokens after it; the prefix keeps >= 1 token and leaves each choice >= 1)."""
     encoded = [tokenizer(f"{task.context} {choice}", add_special_tokens=True)["input_ids"] for choice in task.choices]
-    shared = max(1, min(_common_prefix(encoded), min(map(len, encoded)) - 1))
+    common = _common_prefix(encoded)
+    if common == 0:
+        raise InputError(f"a task with context {task.context[:60]!r}: its choices share no first token (no BOS and "
+                         "no common context), so nothing predicts their first tokens; give every task a context")
+    shared = min(common, min(map(len, encoded)) - 1)
     return EncodedTask(tuple(encoded[0][:shared]), tuple(tuple(ids[shared:]) for ids in encoded))
 
 
