@@ -88,7 +88,7 @@ def run_export(bundle_dir, out, fmt="gptq", max_shard_size=5 * 10**9, force=Fals
     from maverick_quant.bundle import Bundle
     from maverick_quant.checkpoint import atomic_output_dir, check_output_dir
     from maverick_quant.exporters.artifact import write_artifact_files
-    from maverick_quant.exporters.packed import export_packed
+    from maverick_quant.exporters.packed import export_packed, float_for_engines
     from maverick_quant.exporters.registry import LAYOUTS
 
     check_output_dir(out, force)
@@ -96,6 +96,12 @@ def run_export(bundle_dir, out, fmt="gptq", max_shard_size=5 * 10**9, force=Fals
     with atomic_output_dir(out, force) as tmp:
         files = export_packed(bundle, tmp, LAYOUTS[fmt], max_shard_size, progress)
         write_artifact_files(bundle, tmp, fmt, report_dir=report_dir)
+    written_float = float_for_engines(bundle)
+    if written_float:
+        names = sorted({name for linears in written_float.values() for name in linears})
+        click.echo(f"written as float {bundle.float_dtype()} (the bundle's values): {', '.join(names)} in "
+                   f"{len(written_float)} layers; vLLM reads Llama 4's rope q/k and router right only as float "
+                   "weights (docs/exports.md)")
     click.echo(f"exported {fmt}: {len(files)} files -> {out}")
 
 

@@ -134,6 +134,27 @@ def test_validate_and_gptq_export_of_an_moe_bundle(moe_bundle: Path, tiny_llama4
     assert all(torch.equal(exported[name], bundled[name]) for name in bundled)
 
 
+@pytest.mark.parametrize("fmt", ["gptq"])  # compressed-tensors: tests/test_compressed_tensors.py (groups tiling K)
+def test_rope_layers_attention_is_written_float_for_vllm(moe_bundle: Path, tmp_path: Path, fmt: str) -> None:
+    """vLLM runs Llama 4 with neox rope and moves q/k rows from Hugging Face's interleaved
+    rotary pairs to its halves at load time, only for tensors named `.weight`
+    (llama4.py, permute_qk_weight_for_rotary): packed q/k would rotate the wrong pairs in
+    every rope layer. So a rope layer's q/k/v (one fused module in vLLM) are written as float
+    weights holding the bundle's values; a NoPE layer's stay packed."""
+    output = run("export", moe_bundle, "--format", fmt, "--out", tmp_path / fmt)
+    assert "written as float" in output
+    bundle, stored = Bundle(moe_bundle), Checkpoint(tmp_path / fmt).tensors
+    rope = bundle.text_config.no_rope_layers
+    assert 0 in rope and 1 in rope, rope  # both kinds of layer are checked
+    exported = open_export(tmp_path / fmt)
+    for index, uses_rope in enumerate(rope):
+        prefix = bundle.table.prefix(index)
+        for proj in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            assert (f"{prefix}{proj}.weight" in stored) == bool(uses_rope), (index, proj)
+        ours, theirs = bundle.layer_tensors(index, experts=False), exported.layer_tensors(index, experts=False)
+        assert torch.equal(theirs["self_attn.q_proj.weight"], ours["self_attn.q_proj.weight"])
+
+
 def test_awq_export_of_an_moe_bundle_holds_every_expert_and_reads_back_exactly(smollm2_dir: Path, tmp_path: Path) -> None:
     """The AWQ GEMM layout per expert; the router stays float. (A dense MLP of width 64: the
     tiny model's 48 is no multiple of a group, which the AWQ export refuses by name.)"""
@@ -292,7 +313,10 @@ def test_quantized_router_is_solved_exported_and_read_back(tiny_llama4_dir: Path
     assert "feed_forward.router" in quantized and "feed_forward.router.weight" not in passthrough
     run("export", tmp_path / "bundle", "--format", "gptq", "--out", tmp_path / "gptq")
     config = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]
-    assert "feed_forward.router" not in config["modules_to_not_convert"]
+    router = bundle.table.prefix(1) + "feed_forward.router"
+    assert router in config["modules_to_not_convert"]  # vLLM's Llama 4 router is never quantized: float weights
+    stored = Checkpoint(tmp_path / "gptq").tensors
+    assert f"{router}.weight" in stored and f"{router}.qweight" not in stored
     exported = open_export(tmp_path / "gptq").layer_tensors(1)
     assert torch.equal(exported["feed_forward.router.weight"], bundle.layer_tensors(1)["feed_forward.router.weight"])
 

@@ -115,6 +115,9 @@ class LayerPlan:
     moe:          the MoE block, or None for a dense layer.
     attention_window: tokens a query may see in this layer (chunked attention), or None.
     scale_groups: AWQ scaling groups in solve order (see ScaleGroup).
+    float_in_packed_exports: linears (relative names) that GPTQ / AWQ / compressed-tensors
+                  exports write as float `.weight` even when the bundle holds them quantized,
+                  because a serving engine reads them right only so (see arch/llama4.py).
     """
 
     groups: tuple[LinearGroup, ...]
@@ -123,6 +126,7 @@ class LayerPlan:
     moe: MoEBlock | None = None
     attention_window: int | None = None
     scale_groups: tuple[ScaleGroup, ...] = ()
+    float_in_packed_exports: tuple[str, ...] = ()
 
     @property
     def linears(self) -> tuple[str, ...]:

@@ -49,6 +49,26 @@ def is_moe_layer(config: Any, layer_index: int) -> bool:
     return layer_index in (getattr(config, "moe_layers", None) or ())
 
 
+ROPE_ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+
+
+def float_in_packed_exports(config: Any, layer_index: int) -> tuple[str, ...]:
+    """The linears of a layer that vLLM reads right from a packed (GPTQ / AWQ /
+    compressed-tensors) checkpoint only as float weights.
+
+    - q/k of a rope layer: Hugging Face stores their rows in interleaved-pair rotary order;
+      vLLM runs Llama 4 with neox-style rope and reorders the rows at load time
+      (`Llama4ForCausalLM.permute_qk_weight_for_rotary`) only for tensors named `.weight`
+      (and NVFP4 scales): packed int4 q/k would keep the wrong order, and every rope layer
+      would rotate the wrong pairs. v goes with them: vLLM fuses q/k/v into one module of one
+      quantization. NoPE layers (`no_rope_layers[i] == 0`) have no rotary and stay packed.
+    - The router: vLLM builds it as a `ReplicatedLinear` without quantization, so packed router
+      tensors are names it cannot load.
+    """
+    rope = bool((getattr(config, "no_rope_layers", None) or [1] * (layer_index + 1))[layer_index])
+    return (ROPE_ATTENTION if rope else ()) + ((ROUTER,) if is_moe_layer(config, layer_index) else ())
+
+
 def _plan(config: Any, layer_index: int) -> LayerPlan:
     hidden = config.hidden_size
     shapes = attention_shapes(config)
@@ -63,7 +83,8 @@ def _plan(config: Any, layer_index: int) -> LayerPlan:
             LinearGroup("mlp_mid", ("feed_forward.down_proj",)),
         )
         return LayerPlan(groups=groups, passthrough=NORMS, shapes=shapes, attention_window=window,
-                         scale_groups=scale_groups(config, "feed_forward."))
+                         scale_groups=scale_groups(config, "feed_forward."),
+                         float_in_packed_exports=float_in_packed_exports(config, layer_index))
     experts, inter = config.num_local_experts, config.intermediate_size
     shapes.update(mlp_shapes("feed_forward.shared_expert.", hidden, inter))
     shapes.update({
@@ -72,7 +93,8 @@ def _plan(config: Any, layer_index: int) -> LayerPlan:
         EXPERTS + "down_proj": (experts, inter, hidden),
     })
     return LayerPlan(groups=ATTENTION_GROUPS, passthrough=NORMS + (ROUTER + ".weight",), shapes=shapes,
-                     moe=moe_block(config), attention_window=window, scale_groups=scale_groups(config, None))
+                     moe=moe_block(config), attention_window=window, scale_groups=scale_groups(config, None),
+                     float_in_packed_exports=float_in_packed_exports(config, layer_index))
 
 
 def _model_shapes(prefix: str, lm_head: str) -> Any:

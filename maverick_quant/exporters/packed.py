@@ -56,14 +56,31 @@ class Layout:
 
 
 def unquantized_modules(bundle: Bundle) -> list[str]:
-    """Module name patterns left in float: routers (unless quantized), pass-through towers
-    (vision, projector) and lm_head. Used for `modules_to_not_convert` and, as negative
-    `dynamic` rules ("-:" + regex), by vLLM's loaders."""
+    """Module name patterns left in float: pass-through towers (vision, projector), lm_head,
+    routers, the linears a keep_float override kept and those written float for the engines
+    (`float_for_engines`). Used for `modules_to_not_convert` and, as negative `dynamic` rules
+    ("-:" + regex), by vLLM's loaders."""
     names = ["lm_head", *(prefix.rstrip(".") for prefix in bundle.table.passthrough_prefixes)]
-    quantized_router = bundle.manifest["recipe"].get("moe", {}).get("quantize_router", False)
     plans = [bundle.table.plan(bundle.text_config, i) for i in range(bundle.num_layers)]
-    routers = {plan.moe.router for plan in plans if plan.moe is not None}
-    return names + ([] if quantized_router else sorted(routers)) + kept_float_modules(bundle)
+    routers = sorted({plan.moe.router for plan in plans if plan.moe is not None})
+    written_float = [bundle.table.prefix(index) + name for index, linears in float_for_engines(bundle).items()
+                     for name in linears]
+    return list(dict.fromkeys(names + routers + kept_float_modules(bundle) + written_float))
+
+
+def float_for_engines(bundle: Bundle) -> dict[int, list[str]]:
+    """{layer: its quantized linears (relative names) that packed exports write as float
+    `.weight`, dequantized to the model's dtype}: those the layer plan's
+    `float_in_packed_exports` names (Llama 4's rope-layer q/k/v and a quantized router, which
+    vLLM reads right only as float). The values are the bundle's, so the exported function is
+    unchanged; only their storage is wider."""
+    out = {}
+    for index, layer in enumerate(bundle.manifest["layers"]):
+        plan = bundle.table.plan(bundle.text_config, index)
+        linears = [name for name in plan.float_in_packed_exports if name in layer["quantized"]]
+        if linears:
+            out[index] = linears
+    return out
 
 
 # vLLM loads these sibling linears as one fused module (packed_modules_mapping), on one quantization
@@ -158,7 +175,9 @@ def export_packed(bundle: Bundle, out_dir: Path, layout: Layout, max_shard_bytes
                   show_progress: bool = True) -> list[str]:
     """Write `bundle` in `layout` into the (empty) directory `out_dir`; returns the files written."""
     has_experts = any(layer.get("experts") for layer in bundle.manifest["layers"])
-    overrides, unquantized = bundle.overridden_grids(), unquantized_modules(bundle)  # fused sets checked first
+    written_float = float_for_engines(bundle)
+    unquantized = unquantized_modules(bundle)  # fused sets checked first
+    overrides = {module: grid for module, grid in bundle.overridden_grids().items() if module not in unquantized}
     problem = layout.check(bundle.quant, has_experts) or next(
         (f"{module} (a bits override): {why}" for module, grid in overrides.items() if (why := layout.check(grid, False))), None)
     if overrides and not layout.per_module_grids:
@@ -184,7 +203,8 @@ def export_packed(bundle: Bundle, out_dir: Path, layout: Layout, max_shard_bytes
         prefix = bundle.table.prefix(index)
         quantized, passthrough = bundle.quantized_layer(index)
         for name, weight in quantized.items():
-            writer.add_group(convert(prefix + name, weight))
+            writer.add_group({f"{prefix}{name}.weight": weight.dequantize(dtype)}
+                             if name in written_float.get(index, ()) else convert(prefix + name, weight))
         writer.add_group({prefix + name: t for name, t in passthrough.items()})
         for first, chunk in bundle.expert_chunks(index):
             experts = bundle.table.plan(bundle.text_config, index).moe.experts
