@@ -79,6 +79,22 @@ def test_wrong_shape_is_refused(model_copy: Path, tmp_path: Path) -> None:
     _assert_refused(_quantize_rtn(model_copy, tmp_path / "out"), tmp_path / "out", name, "[7, 96]")
 
 
+def test_a_gptq_export_refuses_a_zero_point_its_v1_format_cannot_store(model_copy: Path, tmp_path: Path) -> None:
+    """GPTQ v1 stores zero - 1; its readers add 1 back without wrapping, so zero 0 (stored 15)
+    would be read as 16. compressed-tensors stores the same bundle as it is."""
+    name = "model.layers.0.self_attn.o_proj.weight"
+    weight = Checkpoint(model_copy).get(name).clone()
+    weight[5, :32] = torch.linspace(0.01, 1.0, 32)  # no negative range: zero point 0 on an asymmetric grid
+    _rewrite_tensor(model_copy, name, weight)
+    assert _quantize_rtn(model_copy, tmp_path / "bundle", "--asym", "--group-size", "32").exit_code == 0
+    export = ["export", str(tmp_path / "bundle"), "--out"]
+    result = CliRunner().invoke(cli, [*export, str(tmp_path / "gptq"), "--format", "gptq"])
+    _assert_refused(result, tmp_path / "gptq", "model.layers.0.self_attn.o_proj", "zero point 0 in 1 of its",
+                    "--format compressed-tensors")
+    result = CliRunner().invoke(cli, [*export, str(tmp_path / "ct"), "--format", "compressed-tensors"])
+    assert result.exit_code == 0, result.output
+
+
 def test_nan_weights_are_refused(model_copy: Path, tmp_path: Path) -> None:
     name = "model.layers.2.self_attn.v_proj.weight"
     weight = load_file(str(model_copy / json.loads((model_copy / "model.safetensors.index.json").read_text())["weight_map"][name]))[name]
