@@ -29,10 +29,12 @@ import datetime
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from maverick_quant.compress.types import QuantizedWeight
+from maverick_quant.errors import InputError
 
 TIMEOUT_ENV = "MAVERICK_QUANT_DIST_TIMEOUT_MIN"  # how long a rank waits for the others (default 60)
 
@@ -72,6 +74,25 @@ class ExpertParallel:
         flag = torch.tensor([int(ok)], dtype=torch.int64)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
+
+    def rank0_value(self, value: int) -> int:
+        """Rank 0's `value`, on every rank (a collective: every rank must call it)."""
+        import torch.distributed as dist
+
+        tensor = torch.tensor([value], dtype=torch.int64)
+        dist.broadcast(tensor, 0)
+        return int(tensor.item())
+
+    def check_same_start(self, first_layer: int, state_folder: Path | None) -> None:
+        """InputError on every rank (finished work kept) unless all ranks go on from rank 0's
+        layer. A rank that does not see the run state (another host, the output on host 0 only)
+        would start at layer 0 while rank 0 resumes at layer k: the collectives still pair up
+        chunk by chunk, so rank 0 would write other layers' experts as layer k's, then hang."""
+        start = self.rank0_value(first_layer)
+        if not self.agree(start == first_layer):
+            raise InputError(f"--resume: the ranks disagree on the layer to go on from (rank 0: layer {start}, rank "
+                             f"{self.rank}: layer {first_layer}); every host must see the run state {state_folder} "
+                             "(a shared file system). The finished layers are kept", keep_work=True)
 
     def barrier(self) -> None:
         import torch.distributed as dist

@@ -192,6 +192,8 @@ def quantize_model(source: CheckpointSource, calibration: CalibrationSet | None,
     model = StreamingModel(source, batch=spec.batch_windows, device=device)
     refuse_overridden_experts(model, spec)
     first_layer, hidden = state.load_progress(writer.completed_layers()) if state else (0, None)
+    if parallel is not None:
+        parallel.check_same_start(first_layer, state.folder if state else None)
     if needs_data and hidden is None and first_layer < model.num_layers:  # else only the finish is left
         hidden = model.embed(calibration.input_ids)
     release_free_memory()

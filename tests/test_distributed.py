@@ -83,3 +83,36 @@ def test_an_output_rank_0_refuses_stops_both_ranks_then_resumes_under_torchrun(t
     assert _tensor_files(tmp_path / "bundle") == _tensor_files(reference)
     manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
     assert manifest["run_identity"]["quantize"]["moe"]["chunk_mib"] == 1
+
+
+RANKS_DISAGREE = """
+import sys
+from pathlib import Path
+from maverick_quant.distributed import ExpertParallel
+from maverick_quant.errors import InputError
+
+parallel, outcomes = ExpertParallel.from_env(), []
+for rank0_start, other_start in ((3, 3), (3, 0)):  # the second: a rank that did not see rank 0's run state
+    try:
+        parallel.check_same_start(rank0_start if parallel.writes else other_start, Path("/shared/out.state"))
+        outcomes.append("agreed")
+    except InputError as exc:
+        outcomes.append(f"refused, keep_work={exc.keep_work}: {exc}")
+Path(sys.argv[1], f"rank{parallel.rank}.txt").write_text("\\n".join(outcomes))
+parallel.close()
+"""
+
+
+def test_ranks_that_would_resume_at_different_layers_all_stop_keeping_the_work(tmp_path: Path) -> None:
+    """A rank without rank 0's run state (the output on host 0 only) would start at layer 0 while
+    rank 0 resumes at layer k; the chunk collectives would still pair up, and rank 0 would write
+    other layers' experts as layer k's. Both ranks stop instead, and the finished work is kept."""
+    script = tmp_path / "ranks.py"
+    script.write_text(RANKS_DISAGREE)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script), str(tmp_path)], env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    for rank in (0, 1):
+        agreed, refused = (tmp_path / f"rank{rank}.txt").read_text().splitlines()
+        assert agreed == "agreed" and refused.startswith("refused, keep_work=True"), refused
+        assert f"rank 0: layer 3, rank {rank}: layer {3 if rank == 0 else 0}" in refused and "/shared/out.state" in refused
