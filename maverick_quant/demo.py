@@ -62,9 +62,11 @@ def run_demo(work_dir: Path, eval_data: Path | None, samples: int, seq_len: int,
 def _print_table(rows: list[tuple[str, Path]]) -> None:
     import json
 
+    from maverick_quant.validation.gates import flatten
+
     click.echo("\n| eval data | float ppl | GPTQ 4-bit ppl | ratio | KL mean | top-1 agree | report |")
     click.echo("|---|---|---|---|---|---|---|")
     for label, report_dir in rows:
-        r = json.loads((report_dir / "report.json").read_text())
-        click.echo(f"| {label} | {r['reference']['ppl']:.3f} | {r['candidate']['ppl']:.3f} | {r['ppl_ratio']:.4f} | "
-                   f"{r['kl']['mean']:.4f} | {r['top1_agreement']:.3f} | {report_dir}/report.md |")
+        r = flatten(json.loads((report_dir / "report.json").read_text()))  # "NaN" / "Infinity" read back as floats
+        click.echo(f"| {label} | {r['reference.ppl']:.3f} | {r['candidate.ppl']:.3f} | {r['ppl_ratio']:.4f} | "
+                   f"{r['kl.mean']:.4f} | {r['top1_agreement']:.3f} | {report_dir}/report.md |")

@@ -96,3 +96,22 @@ def test_gates_section_from_report_dict_when_no_results_given(tmp_path):
     report = {**_report(), "gates": [{"gate": "tokens>=10", "actual": 12345, "threshold": 10.0, "passed": True}]}
     md = write_report(report, tmp_path)[-1].read_text()
     assert "All 1 gates passed" in md and "`tokens>=10` | 12,345 | 10 | PASS" in md
+
+
+def test_a_broken_candidates_report_is_strict_json_and_still_fails_its_gates(tmp_path):
+    """NaN and infinities are written as the strings "NaN" / "Infinity" (strict parsers refuse a
+    bare NaN, and jq reads it as null, which compares below every number); a gate on such a
+    report read back as a baseline still fails."""
+    nan, inf = float("nan"), float("inf")
+    report = {**_report(), "ppl_ratio": inf, "kl": {"mean": nan, "median": nan, "p90": nan, "p99": nan, "max": nan},
+              "layers": [{"layer": 0, "rel_error": torch.tensor(nan)}]}
+    text = write_report(report, tmp_path)[0].read_text()
+
+    def refuse_constant(name):
+        raise ValueError(f"not strict JSON: {name}")
+
+    written = json.loads(text, parse_constant=refuse_constant)
+    assert written["ppl_ratio"] == "Infinity" and written["kl"]["mean"] == "NaN"
+    assert written["layers"][0]["rel_error"] == "NaN"
+    results = evaluate_gates([parse_gate("ppl_ratio<=1.05"), parse_gate("kl.p99<=baseline*1.1")], written, written)
+    assert not any(result.passed for result in results)

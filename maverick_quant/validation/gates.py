@@ -106,10 +106,27 @@ def parse_gate(text: str) -> Gate:
     return Gate(text=text.strip(), key=match["key"], op=match["op"], value=value, baseline_op=baseline_op)
 
 
+# How report.json writes non-finite numbers: strict JSON has no NaN or Infinity, and a string is
+# what no numeric check passes by accident (jq reads a bare NaN as null, and null < 0.1 is true)
+NON_FINITE = MappingProxyType({"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf})
+
+
+def json_safe(value):
+    """`value` (nested dicts and lists) with each non-finite float replaced by its NON_FINITE name."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, Mapping):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
 def flatten(report: Mapping, prefix: str = "") -> dict[str, float]:
     """Numeric leaves of a nested dict under dotted keys: {"kl": {"mean": 0.1}} -> {"kl.mean": 0.1}.
 
-    Only int/float leaves reachable through dicts are kept (bools, strings and lists are skipped).
+    Only int/float leaves reachable through dicts are kept, and the NON_FINITE names a report
+    writes for NaN and infinities (bools, other strings and lists are skipped).
     """
     flat: dict[str, float] = {}
     for name, value in report.items():
@@ -118,6 +135,8 @@ def flatten(report: Mapping, prefix: str = "") -> dict[str, float]:
             flat.update(flatten(value, prefix=f"{key}."))
         elif isinstance(value, Real) and not isinstance(value, bool):
             flat[key] = float(value)
+        elif isinstance(value, str) and value in NON_FINITE:
+            flat[key] = NON_FINITE[value]
     return flat
 
 

@@ -18,7 +18,7 @@ from typing import IO
 import torch
 
 from maverick_quant.checkpoint import durable_replace
-from maverick_quant.validation.gates import GateResult
+from maverick_quant.validation.gates import GateResult, json_safe
 
 METRIC_KEYS = frozenset({"reference", "candidate", "ppl_ratio", "kl", "top1_agreement", "tokens", "gates", "layers", "vision",
                          "experts", "routing"})
@@ -303,7 +303,8 @@ def write_report(report: dict, out_dir: Path, *, kl_values: torch.Tensor | None 
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(report, indent=2, sort_keys=True, default=_json_default) + "\n"
+    plain = json.loads(json.dumps(report, default=_json_default))  # tensors, numpy and paths as JSON values
+    text = json.dumps(json_safe(plain), indent=2, sort_keys=True, allow_nan=False) + "\n"
     written = [_atomic_write(out_dir / "report.json", lambda handle: handle.write(text.encode()))]
     plots = []
     if kl_values is not None and kl_values.numel():
