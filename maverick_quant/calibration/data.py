@@ -159,24 +159,35 @@ def make_calibration(model_dir: Path, data: str, spec: CalibSpec, tokenizer=None
 PROTOCOLS = ("gptq", "llama.cpp")
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts BOS first when it encodes text (Llama 3 and 4 do, SmolLM2 does
+    not; a GGUF converted from it records the same as `tokenizer.ggml.add_bos_token`)."""
+    if tokenizer.bos_token_id is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
 def eval_windows(data: str | Path, tokenizer, ctx: int, max_windows: int | None, protocol: str = "gptq") -> torch.Tensor:
-    """Evaluation windows [W, ctx]: the text tokenized whole (BOS only at the very start) and
-    cut into non-overlapping windows from the start. Protocol "llama.cpp" (as
-    `llama-perplexity`) also puts BOS as the first token of every window; which tokens are
-    scored is `scored_from(protocol, ctx)`."""
+    """Evaluation windows [W, ctx]: the text tokenized whole and cut into non-overlapping
+    windows from the start; which tokens are scored is `scored_from(protocol, ctx)`.
+
+    "gptq": BOS (when the tokenizer has one) only at the very start of the text.
+    "llama.cpp", as `llama-perplexity`: where the vocabulary adds BOS (`adds_bos`), BOS at the
+    start and as the first token of every window (`tokens[batch_start] = BOS` when add_bos);
+    where it does not, the plain text, with no BOS anywhere."""
     if protocol not in PROTOCOLS:
         raise InputError(f"--protocol {protocol!r}: expected one of {list(PROTOCOLS)}")
     records = read_records(Path(data), tokenizer, chat_template=False)
     if not records:
         raise InputError(f"{data}: evaluation data is empty")
     stream = token_stream(records, tokenizer)
-    if tokenizer.bos_token_id is not None:
-        stream = torch.cat([torch.tensor([tokenizer.bos_token_id]), stream])
+    bos = tokenizer.bos_token_id if protocol == "gptq" or adds_bos(tokenizer) else None
+    if bos is not None:
+        stream = torch.cat([torch.tensor([bos]), stream])
     windows = contiguous_windows(stream, ctx, max_windows, str(data))
-    if protocol == "llama.cpp":
-        if tokenizer.bos_token_id is None:
-            raise InputError("--protocol llama.cpp puts BOS first in every window, but the tokenizer has no BOS token")
-        windows[:, 0] = tokenizer.bos_token_id
+    if protocol == "llama.cpp" and bos is not None:
+        windows[:, 0] = bos
     return windows
 
 
