@@ -368,12 +368,19 @@ def scale_block(model: StreamingModel, index: int, layer: torch.nn.Module, x: to
                 spec: QuantizeSpec) -> tuple[dict, torch.Tensor]:
     """AWQ's block-wide input scale (searched on the float block with float routing) folded
     into the layer, x rescaled in place to match, the shared expert's up -> down scale, and
-    (awq.clip) the shared expert's clipping."""
+    (awq.clip) the shared expert's clipping.
+
+    The norm's new weight is stored rounded (e.g. bf16: w' = bf16(w / s)), so x [T, D] is
+    rescaled by w' / w, not 1 / s: the block input the shipped model computes (the norm's
+    output is linear in its weight), as the dense path gets by running the layer again."""
     moe = model.plan(index).moe
     routing = route(x, layer.get_submodule(moe.router).weight, moe.top_k)
     block = search_block_scale(model, index, layer, x, routing, spec)
+    norm = layer.get_submodule(moe.residual_input)
+    before = norm.weight.data.float().clone()
     apply_block_scale(layer, moe, block.scales)
-    x /= block.scales
+    after, inverse = norm.weight.data.float(), 1 / block.scales.float()
+    x *= torch.where(before != 0, after / before, inverse).to(x.dtype)  # a zero weight's channel is 0 either way
     shared = scale_shared_down(layer, moe, x, spec)
     if spec.awq.clip:
         clip_shared(layer, moe, x, spec)

@@ -92,6 +92,26 @@ def test_moe_block_scales_keep_routing_and_the_float_block(tiny_llama4_dir: Path
     assert (ours - expected).abs().max() < 1e-4
 
 
+def test_the_moe_block_input_after_its_scale_is_what_the_stored_norm_computes(tiny_llama4_dir: Path) -> None:
+    """The norm's scaled weight is stored rounded (bf16 for Maverick): the calibration input x
+    must be the one that rounded weight gives, not x / s (up to 2^-9 off per channel)."""
+    from maverick_quant.experts import scale_block
+
+    model = StreamingModel(open_source(tiny_llama4_dir))
+    layer, moe = model.layer(1), model.plan(1).moe
+    layer.storage_dtype = torch.bfloat16  # as a bf16 checkpoint's layer
+    norm = layer.get_submodule(moe.residual_input)
+    h = torch.randn(200, 64, generator=torch.Generator().manual_seed(4))
+    spec = QuantizeSpec(method=Method.AWQ, awq=AWQSpec(sample_tokens=64, clip=False))
+    with torch.no_grad():
+        x = norm(h)
+        unscaled = x.clone()
+        _, scales = scale_block(model, 1, layer, x, spec)
+        shipped = norm(h)
+    assert torch.allclose(x, shipped, rtol=1e-6, atol=1e-7), (x - shipped).abs().max()
+    assert not torch.allclose(unscaled / scales, shipped, rtol=1e-6, atol=1e-7)  # what x / s gave
+
+
 def test_awq_gemm_export_reads_back_to_the_bundle(tiny_llama_dir: Path, small_text_file: Path, tmp_path: Path) -> None:
     from maverick_quant.exporters.registry import open_export
 
