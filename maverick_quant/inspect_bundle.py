@@ -119,12 +119,14 @@ def gguf_manifest(path: Path) -> Path | None:
 
 def projector_line(fields) -> str:
     """What a llama4 mmproj holds (its `clip.*` keys): geometry and image tokens per chunk."""
+    from maverick_quant.arch.llama4 import image_tokens_per_chunk
+
     def value(key: str):
         content = fields[key].contents() if key in fields else None
         return [round(v, 4) for v in content] if isinstance(content, list) else content
 
     size, patch, scale = (value(f"clip.vision.{key}") for key in ("image_size", "patch_size", "projector.scale_factor"))
-    tokens = (size // patch) ** 2 // scale ** 2 if size and patch and scale else None
+    tokens = image_tokens_per_chunk(size, patch, scale) if size and patch and scale else None
     return (f"{value('clip.projector_type')} projector: {size}-pixel images, patch {patch}, {tokens} tokens per image "
             f"chunk; vision width {value('clip.vision.embedding_length')} x {value('clip.vision.block_count')} blocks "
             f"-> {value('clip.vision.projection_dim')}; image mean {value('clip.vision.image_mean')} std "

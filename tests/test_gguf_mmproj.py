@@ -250,10 +250,9 @@ class MetaWeights:
     def __init__(self, config, root: Path):
         from transformers import Llama4ForConditionalGeneration
 
-        config.save_pretrained(root)
         with torch.device("meta"):
             model = Llama4ForConditionalGeneration(config)
-        self.root, self.name = root, "maverick"
+        self.root, self.name, self.model_config = root, "maverick", config
         self.infos = {name: (tuple(p.shape), p.dtype) for name, p in model.state_dict().items()
                       if name.startswith(("vision_model.", "multi_modal_projector."))}
 

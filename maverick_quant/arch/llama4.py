@@ -177,6 +177,11 @@ def maverick_config(**text_overrides: Any):
 LLAMA4_IMAGE_MEAN_STD = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])  # transformers' Llama4ImageProcessor defaults
 
 
+def image_tokens_per_chunk(image_size: int, patch_size: int, shuffle_scale: int) -> int:
+    """Image tokens per image_size² chunk: (S/p)² patches, merged sf × sf by the pixel shuffle."""
+    return (image_size // patch_size) ** 2 // shuffle_scale ** 2
+
+
 def mmproj_geometry(config) -> dict[str, int]:
     """llama.cpp's `clip.*` size keys (all uint32) of a Llama 4's vision tower and projector:
     what `export --mmproj` writes and what `validate --mmproj` expects to read back."""

@@ -114,6 +114,7 @@ class BundleWeights:
     def __init__(self, bundle: Bundle):
         self.bundle, self.root, self.table = bundle, bundle.root, bundle.table
         self.config, self.quant, self.num_layers = bundle.text_config, bundle.quant, bundle.num_layers
+        self.model_config = bundle.config  # the whole model's (a vision tower's too)
         self.name = Path(bundle.manifest["source"]["model_dir"]).name
         self._cached: tuple[int, tuple] | None = None  # (layer index, its decoded tensors)
 
@@ -172,6 +173,7 @@ class FloatWeights:
         self.source = source or open_source(model_dir)
         self.root, self.table, self.config = Path(model_dir), self.source.table, self.source.text_config
         self.num_layers, self.name = self.config.num_hidden_layers, Path(model_dir).name
+        self.model_config = self.source.config  # the whole model's (a vision tower's too)
 
     def model_tensor_info(self, name: str) -> tuple[tuple[int, ...], torch.dtype] | None:
         info = self.source.checkpoint.tensors.get(name)

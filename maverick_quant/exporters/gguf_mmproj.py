@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from maverick_quant.arch.llama4 import image_normalisation, mmproj_geometry
+from maverick_quant.arch.llama4 import image_normalisation, image_tokens_per_chunk, mmproj_geometry
 from maverick_quant.compress.gguf_blocks import BLOCK
 from maverick_quant.exporters.gguf import BundleWeights, FloatWeights, TensorJob, float_array, write_gguf_file
 from maverick_quant.errors import InputError
@@ -157,12 +157,10 @@ class MMProjPlan:
     """The mmproj tensors of a Llama 4 bundle or float model, in file order, with lazy loaders."""
 
     def __init__(self, weights: BundleWeights | FloatWeights, mmproj_type: str):
-        from transformers import AutoConfig
-
         if mmproj_type not in MMPROJ_TYPES:
             raise InputError(f"--mmproj-type {mmproj_type}: expected one of {list(MMPROJ_TYPES)}")
         self.weights, self.mmproj_type = weights, mmproj_type
-        self.config = config = AutoConfig.from_pretrained(weights.root, trust_remote_code=False)
+        self.config = config = weights.model_config
         self.vision = getattr(config, "vision_config", None)
         if self.vision is None or config.model_type != "llama4":
             raise InputError(f"--mmproj: {weights.root} is not a Llama 4 model with a vision tower "
@@ -181,8 +179,7 @@ class MMProjPlan:
 
     @property
     def tokens_per_chunk(self) -> int:
-        """Image tokens per image_size² chunk: (S/p)² patches merged sf × sf by the pixel shuffle."""
-        return (self.vision.image_size // self.vision.patch_size) ** 2 // self.scale ** 2
+        return image_tokens_per_chunk(self.vision.image_size, self.vision.patch_size, self.scale)
 
     def _jobs(self) -> list[TensorJob]:
         jobs = []
