@@ -79,20 +79,26 @@ GGUF_BYTES_PER_WEIGHT = {  # by the bundle's bits: the GGUF types it exports to 
     bits: {f"gguf {t.name}": t.bytes_per_block / t.block for t in BLOCK_TYPES.values() if t.bits == bits} for bits in (4, 8)}
 
 
-def output_bytes(params_by_grid: dict, base, passthrough: int, hidden: int) -> dict[str, int]:
+def output_bytes(params_by_grid: dict, base, passthrough: int, hidden: int,
+                 packed_float: dict | None = None) -> dict[str, int]:
     """Size of every output format: {format: bytes} from the quantized parameters on each grid
     ({QuantSpec: params}; bits overrides add grids beside the run's `base`) and the bytes passed
-    through (a per-channel grid has about params / hidden groups). In a GGUF a tensor on another
-    grid than the run's gets its own width's type (`block_type_for_grid`: Q8_0 for 8 bits, Q4_0 /
-    Q4_1 for 4); a width no GGUF type stores leaves the GGUF formats out (the export refuses it)."""
+    through (a per-channel grid has about params / hidden groups). `packed_float` ({grid:
+    (params, bytes in the model's dtype)}): those of each grid's parameters that GPTQ / AWQ /
+    compressed-tensors exports write as float (`LayerPlan.float_in_packed_exports`). In a GGUF a
+    tensor on another grid than the run's gets its own width's type (`block_type_for_grid`: Q8_0
+    for 8 bits, Q4_0 / Q4_1 for 4); a width no GGUF type stores leaves the GGUF formats out (the
+    export refuses it)."""
     outputs = {}
     for fmt, per_weight in FORMAT_BYTES_PER_WEIGHT.items():
         if not format_stores(fmt, base, params_by_grid):
             continue
         total = passthrough
         for grid, params in params_by_grid.items():
+            floated, float_bytes = (packed_float or {}).get(grid, (0, 0)) if fmt != "bundle" else (0, 0)
             code, per_group = per_weight(grid.bits, grid.group_size, grid.sym)
-            total += params * code + params / (grid.group_size if grid.group_size > 0 else hidden) * per_group
+            packed = params - floated
+            total += float_bytes + packed * code + packed / (grid.group_size if grid.group_size > 0 else hidden) * per_group
         outputs[fmt] = int(total)
     try:
         own = {grid: block_type_for_grid({"bits": grid.bits, "sym": grid.sym}) for grid in params_by_grid if grid != base}
@@ -388,23 +394,27 @@ def make_plan(name: str, table, config, sizes: dict[str, int], calib: CalibSpec,
     text = table.text_config(config)
     expected = table.expected_tensors(config)
     layers, params_by_grid, quantized_bytes, count, tensors, expert_params = [], {}, 0, 0, 0, 0
+    packed_float: dict = {}  # {grid: (params, bytes)} written float by packed exports
     for index in range(text.num_hidden_layers):
         cost, names, matrices = layer_cost(table, text, index, calib, spec, device, (shares or {}).get(index))
         layers.append(cost)
-        moe = table.plan(text, index).moe
+        layer_plan = table.plan(text, index)
         for name in names:
-            tensor = table.prefix(index) + name
+            tensor, weights = table.prefix(index) + name, math.prod(expected[table.prefix(index) + name])
             grid = spec.weights_for(tensor.removesuffix(".weight"))
-            params_by_grid[grid] = params_by_grid.get(grid, 0) + math.prod(expected[tensor])
-            expert_params += math.prod(expected[tensor]) if moe and name in moe.fused_names else 0
+            params_by_grid[grid] = params_by_grid.get(grid, 0) + weights
+            expert_params += weights if layer_plan.moe and name in layer_plan.moe.fused_names else 0
             quantized_bytes += sizes[tensor]
+            if name.removesuffix(".weight") in layer_plan.float_in_packed_exports:
+                floated, float_bytes = packed_float.get(grid, (0, 0))
+                packed_float[grid] = (floated + weights, float_bytes + sizes[tensor])
         count, tensors = count + matrices, tensors + len(names)
     params = sum(params_by_grid.values())
     passthrough = sum(sizes.values()) - quantized_bytes
     model_level = [table.embed, table.final_norm, table.lm_head]
     final = sum(size for tensor, size in sizes.items()
                 if tensor in model_level or tensor.startswith(table.passthrough_prefixes))
-    outputs = output_bytes(params_by_grid, spec.weights, passthrough, text.hidden_size)
+    outputs = output_bytes(params_by_grid, spec.weights, passthrough, text.hidden_size, packed_float)
     assumptions = [f"{calib.samples} x {calib.seq_len} calibration tokens, batch {spec.batch_windows}, "
                    f"expert chunks of {spec.moe.chunk_mib} MiB", _rates_assumption(rates, device),
                    "quantize runs on the CPU: no GPU memory is used" if device == "cpu" else

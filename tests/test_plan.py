@@ -308,3 +308,21 @@ def test_the_measured_range_search_rate_is_what_one_solve_with_it_adds(tmp_path:
     assert rates == json.loads((tmp_path / "rates.json").read_text()) and rates["model"] == compute_rates.COST_MODEL
     assert rates["clip_search_seconds_per_weight"] == pytest.approx(0.05 / (2048 * 1024))
     assert rates["gptq_flops_per_s"] == pytest.approx(1e9) and rates["gptq_column_seconds"] == pytest.approx(1e-6)
+
+
+def test_packed_export_sizes_count_llama4_rope_attention_as_float(tmp_path: Path) -> None:
+    """GPTQ / AWQ / compressed-tensors exports write Llama 4's rope-layer q/k/v float for vLLM
+    (docs/exports.md): their planned size is the same whether `keep_float` kept them at
+    quantization or not, while the bundle's is not."""
+    rope_attention = r"layers\.(?!(3|7|11|15|19|23|27|31|35|39|43|47)\.)\d+\.self_attn\.[qkv]_proj"
+    outputs = []
+    for extra in ([], ["--keep-float", rope_attention]):
+        result = CliRunner().invoke(cli, ["plan", "maverick", "--samples", "8", "--seq-len", "64",
+                                          "--json", str(tmp_path / f"plan{len(extra)}.json"), *extra])
+        assert result.exit_code == 0, result.output
+        outputs.append(json.loads((tmp_path / f"plan{len(extra)}.json").read_text())["outputs"])
+    quantized, kept = outputs
+    floated = 36 * (5120 * 5120 + 2 * 5120 * 1024)  # 36 rope layers' q/k/v
+    assert kept["bundle"] - quantized["bundle"] > 1.4 * floated  # 2 bytes (bf16) instead of ~0.52 (4 bits + scales)
+    for fmt in ("gptq", "compressed-tensors"):
+        assert abs(kept[fmt] - quantized[fmt]) <= 2, fmt
