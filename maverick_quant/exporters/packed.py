@@ -2,7 +2,9 @@
 
 Every quantized linear `m` becomes `m.<part>` tensors of the layout; routed experts are
 unfused, one module per expert (`...experts.{e}.{gate_proj,up_proj,down_proj}`); everything
-else passes through in its original dtype (norms, routers unless quantized, a vision tower).
+else passes through in its original dtype (norms, routers, a vision tower). Linears a layer plan
+names in `float_in_packed_exports` (Llama 4's rope-layer q/k/v, a quantized router) are written
+as float `.weight` holding the bundle's values: vLLM reads them right only so.
 `config.json` gains the layout's `quantization_config`. Shards are safetensors with an
 index, each module's tensors in one shard. `ExportSource` reads such a checkpoint back as
 float tensors layer by layer, so `validate` can stream it like the original.
