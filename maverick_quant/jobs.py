@@ -10,11 +10,15 @@ import contextlib
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from maverick_quant.errors import InputError
 from maverick_quant.recipe import Method
+
+if TYPE_CHECKING:
+    from maverick_quant.distributed import ExpertParallel
 
 
 def run_quantize(model_dir, out, spec, data, calib, calib_spec, force, progress, resume=False, device="auto"):
@@ -201,8 +205,6 @@ def run_generate(bundle_dir: Path, prompt: str, max_new_tokens: int, kernels: st
                  device: str = "auto") -> None:
     """Greedy generation from a bundle on the kernel backend `kernels` on `device`; streams the
     text, then prints the decode rate."""
-    import time
-
     import torch
     from transformers import TextStreamer
 
@@ -217,7 +219,10 @@ def run_generate(bundle_dir: Path, prompt: str, max_new_tokens: int, kernels: st
     check_kernels_device(kernels, compute)
     use_device(compute)
     backend = get_backend(kernels, compute)
-    dtype = torch.float32 if backend.name == "reference" else torch.bfloat16
+    # bf16 activations, except for the reference, and for Triton's CPU interpreter, which multiplies bf16 bit
+    # patterns in tl.dot (triton-lang/triton#11584) and so would generate garbage
+    dtype = torch.bfloat16 if backend.name != "reference" and not (backend.name == "triton" and compute.type != "cuda") \
+        else torch.float32
     model = load_quantized_model(bundle, backend, dtype, compute)
     tokenizer = load_tokenizer(bundle_dir)
     if chat:

@@ -26,16 +26,16 @@ class QuantLinear(torch.nn.Module):
 
     def __init__(self, weight: Int4Weight, backend: Backend):
         super().__init__()
-        self.in_features, self.out_features = weight.in_features, weight.out_features
-        self.backend, self.weight_int4 = backend, weight
-        self.prepared = backend.prepare(weight)
+        self.in_features, self.out_features, self.group_size = weight.in_features, weight.out_features, weight.group_size
+        self.backend = backend
+        self.prepared = backend.prepare(weight)  # only the backend's form is kept (cpu-int4 repacks it)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.backend.linear(x.reshape(-1, self.in_features), self.prepared)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, group={self.weight_int4.group_size}, " \
+        return f"in={self.in_features}, out={self.out_features}, group={self.group_size}, " \
                f"backend={self.backend.name}"
 
 
@@ -104,6 +104,9 @@ def quantized_layer(bundle, index: int, backend: Backend, dtype: torch.dtype = t
     plan = bundle.table.plan(config, index)
     module = bundle.table.build_layer(config, index)
     quantized, passthrough = bundle.quantized_layer(index)
+    router = quantized.pop(plan.moe.router, None) if plan.moe is not None else None
+    if router is not None:  # --moe-quantize-router: routing reads its weight, so it runs dequantized
+        passthrough[f"{plan.moe.router}.weight"] = router.dequantize()
     loaded = module.load_state_dict({k: v.to(device, dtype) for k, v in passthrough.items()}, strict=False, assign=True)
     prefix = bundle.table.prefix(index)
     try:

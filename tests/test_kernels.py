@@ -123,14 +123,24 @@ def moe_bundle(kernel_llama4_dir: Path, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def router_bundle(kernel_llama4_dir: Path, tmp_path_factory) -> Path:
+    """The MoE bundle with its routers quantized too (--moe-quantize-router)."""
+    out = tmp_path_factory.mktemp("kernels") / "router"
+    run("quantize", kernel_llama4_dir, "--method", "rtn", "--group-size", 32, "--moe-quantize-router", "--out", out,
+        "--no-progress")
+    return out
+
+
 def _ids(seed: int = 0, windows: int = 2) -> torch.Tensor:
     return torch.randint(0, 49152, (windows, LENGTH), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("which", ["dense_bundle", "moe_bundle"])
+@pytest.mark.parametrize("which", ["dense_bundle", "moe_bundle", "router_bundle"])
 def test_kernel_model_computes_the_dequantized_bundle(which: str, request) -> None:
     """Reference kernels: the same logits as the dequantized bundle (so QuantMoE's routing is
-    transformers' Llama4TextMoe); the CPU int4 op: the same up to bf16 activations."""
+    transformers' Llama4TextMoe; a quantized router routes with its dequantized values); the
+    CPU int4 op: the same up to bf16 activations."""
     bundle = Bundle(request.getfixturevalue(which))
     ids = _ids()
     expected = StreamingModel(bundle).forward(ids)
@@ -174,6 +184,16 @@ def test_generate_and_validate_run_a_bundle_on_the_kernels(dense_bundle: Path, t
     with_kernels, dequantized = (json.loads((tmp_path / name / "report.json").read_text()) for name in ("reference", "None"))
     assert with_kernels["kernels"] == "reference" and dequantized["kernels"] is None
     assert with_kernels["candidate"]["ppl"] == pytest.approx(dequantized["candidate"]["ppl"], rel=1e-4)
+
+
+def test_generate_on_triton_without_a_gpu_computes_in_fp32(moe_bundle: Path) -> None:
+    """Triton's CPU interpreter multiplies bf16 bit patterns in tl.dot (triton-lang/triton#11584):
+    on the interpreter `generate` runs fp32, and the prompt's GEMM (11 rows) and the decode
+    GEMVs pick the reference's tokens."""
+    prompt = "The harbour master counted the boats twice before the storm came in"
+    texts = {kernels: run("generate", moe_bundle, "--prompt", prompt, "--max-new-tokens", 4, "--kernels", kernels,
+                          "--device", "cpu").split("\n")[0] for kernels in ("reference", "triton")}
+    assert texts["triton"] == texts["reference"], texts
 
 
 def test_a_kernel_backed_moe_candidate_still_gets_its_experts_measured(moe_bundle: Path,

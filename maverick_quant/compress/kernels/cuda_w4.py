@@ -89,10 +89,6 @@ def w4a16_gemv(x: torch.Tensor, weight: Int4Weight, rows: int | None = None, row
                                    row_scale, rows, weight.group_size, torch.cuda.current_stream(x.device).cuda_stream)
 
 
-def _half_precision(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype in (torch.float16, torch.bfloat16) else x.half()
-
-
 class CudaBackend(Backend):
     """CUDA C++ GEMV for decode; Triton (or dequantize + cuBLAS) past GEMV_MAX_ROWS rows."""
 
@@ -115,20 +111,21 @@ class CudaBackend(Backend):
         return weight
 
     def linear(self, x: torch.Tensor, weight: Int4Weight) -> torch.Tensor:
-        if x.shape[0] > GEMV_MAX_ROWS:
+        """The CUDA GEMV for up to GEMV_MAX_ROWS fp16/bf16 rows; fp32 rows (validate's default)
+        go to the fp32-capable path rather than being rounded to half precision."""
+        if x.shape[0] > GEMV_MAX_ROWS or x.dtype == torch.float32:
             return self.large.linear(x, weight)
-        return w4a16_gemv(_half_precision(x), weight).to(x.dtype)
+        return w4a16_gemv(x, weight)
 
     def experts(self, x: torch.Tensor, choice: torch.Tensor, scores: torch.Tensor, gate_up: Int4Weight,
                 down: Int4Weight, act: Callable) -> torch.Tensor:
         tokens, top_k = choice.shape
-        if tokens * top_k > GEMV_MAX_ROWS:
+        if tokens * top_k > GEMV_MAX_ROWS or x.dtype == torch.float32:
             return self.large.experts(x, choice, scores, self.large.prepare_experts(gate_up),
                                       self.large.prepare_experts(down), act)
         pair_expert = choice.reshape(-1).to(torch.int32).contiguous()
         pair_token = torch.arange(tokens * top_k, device=x.device, dtype=torch.int32) // top_k
         pair_scale = scores.reshape(-1).float().contiguous()
-        x_half = _half_precision(x)
-        hidden = swiglu(w4a16_gemv(x_half, gate_up, tokens * top_k, pair_expert, pair_token, pair_scale), act)
+        hidden = swiglu(w4a16_gemv(x, gate_up, tokens * top_k, pair_expert, pair_token, pair_scale), act)
         routed = w4a16_gemv(hidden.contiguous(), down, row_expert=pair_expert)
-        return routed.view(tokens, top_k, -1).sum(dim=1).to(x.dtype)
+        return routed.view(tokens, top_k, -1).sum(dim=1)
