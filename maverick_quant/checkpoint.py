@@ -291,6 +291,20 @@ def check_output_dir(out: Path, force: bool) -> None:
         raise InputError(f"{out}: output already exists; pass --force to replace it")
 
 
+def check_output_apart(out: Path, inputs: dict[str, Path | str | None], option: str = "--out") -> None:
+    """InputError when the output `out` is one of `inputs` ({option or argument: path}) or a
+    folder holding one: a finished run replaces `out` (with --force), which would delete that
+    input. Checked before any work."""
+    target = Path(out).resolve()
+    for name, path in inputs.items():
+        if path is None or str(path) == "self":
+            continue
+        source = Path(path).resolve()
+        if source == target or target in source.parents:
+            raise InputError(f"{option} {out}: it is, or holds, the input {name} {path}, which finishing the run "
+                             f"would replace; write the output elsewhere")
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: Path, force: bool) -> Iterator[Path]:
     """Yield a temporary sibling directory that becomes `out` only if the block succeeds.

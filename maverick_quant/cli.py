@@ -70,7 +70,7 @@ def calibrate(model_dir, data, out, samples, seq_len, seed, chat_template, cover
               progress) -> None:
     """Draw a reproducible calibration set (token windows + provenance) from DATA."""
     from maverick_quant.calibration.data import make_calibration
-    from maverick_quant.checkpoint import atomic_output_dir, check_output_dir
+    from maverick_quant.checkpoint import atomic_output_dir, check_output_apart, check_output_dir
     from maverick_quant.devices import resolve_device, use_device
     from maverick_quant.resume import resumable_output_dir, run_identity
     from maverick_quant.streaming import open_source
@@ -79,6 +79,7 @@ def calibrate(model_dir, data, out, samples, seq_len, seed, chat_template, cover
         raise InputError("--resume: only a --coverage run keeps its finished layers to go on from; "
                          "drawing the windows alone is quick, run it again without --resume")
     check_output_dir(out, force)
+    check_output_apart(out, {"MODEL_DIR": model_dir, "--data": data})
     compute = resolve_device(device)
     use_device(compute)
     source = open_source(model_dir) if coverage else None  # refuse a bad model before tokenizing

@@ -26,7 +26,7 @@ def run_quantize(model_dir, out, spec, data, calib, calib_spec, force, progress,
     (devices.py; going on from an interrupted run's work directory with `resume`), print the
     summary."""
     from maverick_quant.calibration.data import CalibrationSet, make_calibration
-    from maverick_quant.checkpoint import check_output_dir
+    from maverick_quant.checkpoint import check_output_apart, check_output_dir
     from maverick_quant.devices import resolve_device
     from maverick_quant.pipeline import quantize_model
     from maverick_quant.distributed import ExpertParallel
@@ -34,6 +34,7 @@ def run_quantize(model_dir, out, spec, data, calib, calib_spec, force, progress,
     from maverick_quant.streaming import open_source
 
     check_output_dir(out, force)
+    check_output_apart(out, {"MODEL_DIR": model_dir, "--calib": calib, "--data": data})
     compute = resolve_device(device)
     source = open_source(model_dir)
     calibration = None
@@ -90,12 +91,13 @@ def _enter_output(stack: contextlib.ExitStack, out: Path, identity: dict, force:
 
 def run_export(bundle_dir, out, fmt="gptq", max_shard_size=5 * 10**9, force=False, report_dir=None, progress=True):
     from maverick_quant.bundle import Bundle
-    from maverick_quant.checkpoint import atomic_output_dir, check_output_dir
+    from maverick_quant.checkpoint import atomic_output_dir, check_output_apart, check_output_dir
     from maverick_quant.exporters.artifact import write_artifact_files
     from maverick_quant.exporters.packed import export_packed, float_for_engines
     from maverick_quant.exporters.registry import LAYOUTS
 
     check_output_dir(out, force)
+    check_output_apart(out, {"BUNDLE_DIR": bundle_dir})
     bundle = Bundle(bundle_dir)
     with atomic_output_dir(out, force) as tmp:
         files = export_packed(bundle, tmp, LAYOUTS[fmt], max_shard_size, progress)
@@ -109,11 +111,13 @@ def run_export(bundle_dir, out, fmt="gptq", max_shard_size=5 * 10**9, force=Fals
     click.echo(f"exported {fmt}: {len(files)} files -> {out}")
 
 
-def _check_output_file(out: Path, force: bool, example: str) -> None:
-    """Refuse an existing output (unless forced) or a directory where one file is written."""
-    from maverick_quant.checkpoint import check_output_dir
+def _check_output_file(out: Path, force: bool, example: str, inputs: dict | None = None) -> None:
+    """Refuse an existing output (unless forced), one of the `inputs` ({option: path}), or a
+    directory where one file is written."""
+    from maverick_quant.checkpoint import check_output_apart, check_output_dir
 
     check_output_dir(out, force)
+    check_output_apart(out, inputs or {})
     if Path(out).is_dir():
         raise InputError(f"{out}: is a directory; this writes one file (e.g. --out {example})")
 
@@ -128,7 +132,7 @@ def run_imatrix(model_dir, out, data, calib, calib_spec, force, progress, chunk_
     from maverick_quant.resume import resumable_output_dir, run_identity
     from maverick_quant.streaming import open_source
 
-    _check_output_file(out, force, "model.imatrix.gguf")
+    _check_output_file(out, force, "model.imatrix.gguf", {"--data": data})
     compute = resolve_device(device)
     use_device(compute)
     if calib is None and data is None:

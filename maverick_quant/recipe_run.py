@@ -27,7 +27,7 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
     its last finished layer; the other steps are redone. `device`
     (default: the recipe's quantize.device) is where the quantize step computes."""
     from maverick_quant.calibration.data import make_calibration
-    from maverick_quant.checkpoint import atomic_output_dir, check_output_dir
+    from maverick_quant.checkpoint import atomic_output_dir, check_output_apart, check_output_dir
     from maverick_quant.devices import resolve_device
     from maverick_quant.recipe_file import load_recipe
     from maverick_quant.streaming import open_source
@@ -37,6 +37,7 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
         check_output_dir(out, force)
     device = str(resolve_device(device or recipe.device, "--device" if device else "quantize.device"))
     model_dir = _recipe_model_dir(recipe.model)
+    check_output_apart(out, recipe_inputs(recipe, model_dir))
     source = open_source(model_dir)  # a bad model is refused here, before any work
     _check_recipe_files(recipe, model_dir)
     _check_mmproj_exports(recipe, model_dir, source)
@@ -106,15 +107,21 @@ def _finished_bundle_matches(bundle_dir: Path, source, spec, calibration) -> boo
     return not identity_changes(recorded, current)
 
 
+def recipe_inputs(recipe, model_dir: Path) -> dict[str, str | Path | None]:
+    """{recipe key: path} of what the recipe reads: the model and its data files."""
+    named = {"model": model_dir, "calibration.data": recipe.calibration_data}
+    if recipe.validation is not None:
+        named.update({"validation.data": recipe.validation.data, "validation.hellaswag": recipe.validation.hellaswag,
+                      "validation.choices": recipe.validation.choices})
+    return named
+
+
 def _check_recipe_files(recipe, model_dir: Path) -> None:
     """Every file the recipe names exists, and `self` data (text the model writes, in fp32)
     fits this machine's memory, before any work: validation's comes after hours of quantizing."""
     from maverick_quant.calibration.selfgen import check_fits_in_memory
 
-    named = {"calibration.data": recipe.calibration_data}
-    if recipe.validation is not None:
-        named.update({"validation.data": recipe.validation.data, "validation.hellaswag": recipe.validation.hellaswag,
-                      "validation.choices": recipe.validation.choices})
+    named = {key: path for key, path in recipe_inputs(recipe, model_dir).items() if key != "model"}
     for key, path in named.items():
         if path not in (None, "self") and not Path(path).is_file():
             raise InputError(f"{key}: {path} is not a file")

@@ -41,7 +41,7 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
     benchmarks (MiB); `resume`: go on with an interrupted run of the same inputs; `vision`:
     also compare a GGUF candidate's image embeddings (its mmproj) with the reference's."""
     from maverick_quant.calibration.data import eval_windows, load_tokenizer, scored_from
-    from maverick_quant.checkpoint import check_output_dir, sha256_file
+    from maverick_quant.checkpoint import check_output_apart, check_output_dir, sha256_file
     from maverick_quant.devices import check_kernels_device, reset_peak_memory, resolve_device, use_device
     from maverick_quant.resume import resumable_output_dir
     from maverick_quant.streaming import open_source
@@ -50,6 +50,10 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
     from maverick_quant.validation.progress import ValidationState, validation_identity
 
     check_output_dir(report_dir, force)
+    check_output_apart(report_dir, {"--reference": reference, "--candidate": candidate, "--data": data,
+                                    "--baseline": baseline, "--hellaswag": hellaswag, "--choices": choices,
+                                    "--mmproj": vision.mmproj if vision else None,
+                                    "--images": vision.images if vision else None}, "--report")
     compute = resolve_device(device)
     check_kernels_device(kernels, compute)
     use_device(compute)

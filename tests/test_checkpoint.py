@@ -95,6 +95,28 @@ def test_a_gptq_export_refuses_a_zero_point_its_v1_format_cannot_store(model_cop
     assert result.exit_code == 0, result.output
 
 
+def test_an_output_that_is_or_holds_an_input_is_refused_even_with_force(model_copy: Path, tmp_path: Path,
+                                                                         small_text_file: Path) -> None:
+    """A finished run replaces its output: with --out equal to the model (or a folder above it),
+    --force would have deleted the model after the run."""
+    assert _quantize_rtn(model_copy, tmp_path / "bundle").exit_code == 0
+    shards = {p.name: p.stat().st_size for p in _shards(model_copy)}
+    model, bundle, text = str(model_copy), str(tmp_path / "bundle"), str(small_text_file)
+    commands = {
+        "MODEL_DIR": ["quantize", model, "--method", "rtn", "--out", model],
+        "MODEL_DIR ": ["quantize", model, "--method", "rtn", "--out", str(tmp_path)],  # a folder above the model
+        "MODEL_DIR  ": ["calibrate", model, "--data", text, "--out", model],
+        "BUNDLE_DIR": ["export", bundle, "--format", "gptq", "--out", bundle],
+        "--candidate": ["validate", "--reference", model, "--candidate", bundle, "--data", text, "--report", bundle],
+    }
+    for name, command in commands.items():
+        result = CliRunner().invoke(cli, [*command, "--force", "--no-progress"] if command[0] != "export"
+                                    else [*command, "--force"])
+        assert result.exit_code == 2 and f"the input {name.strip()}" in result.output, (command, result.output)
+    assert {p.name: p.stat().st_size for p in _shards(model_copy)} == shards
+    assert (tmp_path / "bundle" / "manifest.json").is_file()
+
+
 def test_nan_weights_are_refused(model_copy: Path, tmp_path: Path) -> None:
     name = "model.layers.2.self_attn.v_proj.weight"
     weight = load_file(str(model_copy / json.loads((model_copy / "model.safetensors.index.json").read_text())["weight_map"][name]))[name]
