@@ -117,6 +117,30 @@ def test_an_output_that_is_or_holds_an_input_is_refused_even_with_force(model_co
     assert (tmp_path / "bundle" / "manifest.json").is_file()
 
 
+def test_a_hugging_face_cache_snapshot_of_linked_shards_opens_and_an_escaping_index_is_refused(
+        tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """In `snapshot_download`'s layout each shard is a link to ../../blobs/<sha256>, outside the
+    snapshot folder: the index is checked by name (no absolute path, no ..), not by link target."""
+    snapshot, blobs = tmp_path / "hub" / "snapshots" / "rev", tmp_path / "hub" / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for file in tiny_llama_dir.iterdir():
+        if file.suffix == ".safetensors":
+            shutil.copy(file, blobs / file.name)
+            (snapshot / file.name).symlink_to(Path("..", "..", "blobs", file.name))
+        else:
+            shutil.copy(file, snapshot / file.name)
+    checkpoint = Checkpoint(snapshot)
+    name = "model.embed_tokens.weight"
+    assert torch.equal(checkpoint.get(name), Checkpoint(tiny_llama_dir).get(name))
+    index = json.loads((snapshot / "model.safetensors.index.json").read_text())
+    index["weight_map"][name] = "../../blobs/" + index["weight_map"][name]
+    (snapshot / "model.safetensors.index.json").unlink()
+    (snapshot / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(InputError, match="points outside the model directory"):
+        Checkpoint(snapshot)
+
+
 def test_nan_weights_are_refused(model_copy: Path, tmp_path: Path) -> None:
     name = "model.layers.2.self_attn.v_proj.weight"
     weight = load_file(str(model_copy / json.loads((model_copy / "model.safetensors.index.json").read_text())["weight_map"][name]))[name]
