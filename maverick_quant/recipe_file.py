@@ -56,13 +56,16 @@ PROTOCOLS = ("gptq", "llama.cpp")
 @dataclass(frozen=True)
 class ExportStep:
     """One export of the bundle: `format`, and for GGUF its type, whether re-quantizing is
-    allowed, and the type of a Llama 4's vision projector file written beside it (`mmproj`)."""
+    allowed, the type of a Llama 4's vision projector file written beside it (`mmproj`) and
+    llama.cpp's pre-tokenizer name where it is not recognised from tokenizer.json (`gguf_pre`,
+    as `export --gguf-pre`)."""
 
     format: str
     gguf_type: str = "Q4_0"
     requantize: bool = False
     max_shard_size: int = 5 * 10**9
     mmproj: str | None = None
+    gguf_pre: str | None = None
 
     def __post_init__(self) -> None:
         _one_of("exports[].format", self.format, EXPORT_FORMATS)
@@ -74,6 +77,8 @@ class ExportStep:
                                  f"(format {self.format} keeps the vision tower in the checkpoint)")
         if self.max_shard_size < 1:
             raise InputError(f"exports[].max_shard_size={self.max_shard_size}: expected a positive number of bytes")
+        if self.gguf_pre is not None and self.format != "gguf":
+            raise InputError(f"exports[].gguf_pre: a pre-tokenizer name is for a gguf export, not {self.format}")
 
     @property
     def name(self) -> str:
@@ -102,6 +107,7 @@ class ValidationStep:
     choices_pass_mib: int = CHOICES_PASS_MIB
     kernels: str | None = None
     gates: tuple[str, ...] = ()
+    baseline: str | None = None  # an earlier report.json, for gates that compare with `baseline`
     candidates: tuple[str, ...] = ("bundle",)  # "bundle" and/or exports by output name (model-q4_0.gguf, model-gptq)
 
     def __post_init__(self) -> None:
@@ -179,11 +185,14 @@ def _check_export_grid(step: ExportStep, weights: QuantSpec) -> None:
     if weights.gguf_grid and step.format != "gguf" and not step.requantize:
         raise InputError(f"exports: format {step.format} cannot store quantize.gguf_grid {weights.gguf_grid}'s offset "
                          f"grid; only gguf_type {weights.gguf_grid} does (or set requantize: true on the export)")
-    if step.format == "gguf" and not step.requantize:
-        grid = {"scale_bits": 11, "k_quant": False, "free_min": False, **GGUF_GRIDS[step.gguf_type]}
-        if any(getattr(weights, key) != value for key, value in grid.items()):
-            raise InputError(f"exports: gguf_type {step.gguf_type} needs the bundle on its grid ({grid}); set "
-                             f"quantize.gguf_grid: {step.gguf_type}, or requantize: true on the export")
+    if step.format == "gguf" and not step.requantize:  # the exporter's own test: what it stores losslessly
+        from maverick_quant.compress.gguf_blocks import BLOCK_TYPES, grid_mismatch
+
+        grid = {key: getattr(weights, key) for key in ("bits", "group_size", "sym", "scale_bits", "k_quant", "free_min")}
+        why = grid_mismatch(grid, BLOCK_TYPES[step.gguf_type])
+        if why:
+            raise InputError(f"exports: gguf_type {step.gguf_type} cannot store the bundle's grid losslessly ({why}); "
+                             f"set quantize.gguf_grid: {step.gguf_type}, or requantize: true on the export")
 
 
 OVERRIDE_BITS = {**EXPORT_BITS, "awq": (), "gguf": (4, 8)}  # widths each export stores beside the bundle's

@@ -41,6 +41,8 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
     source = open_source(model_dir)  # a bad model is refused here, before any work
     _check_recipe_files(recipe, model_dir)
     _check_mmproj_exports(recipe, model_dir, source)
+    _check_gguf_exports(recipe, model_dir, source)
+    _check_validation(recipe, model_dir, device)
     check_lock_inputs(recipe, source)
     out = Path(out)
     steps = 2 + len(recipe.exports) + (len(recipe.validation.candidates) if recipe.validation is not None else 0)
@@ -58,16 +60,20 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
         step("calibrate: not needed for rtn")
         out.mkdir(parents=True, exist_ok=True)
     step(f"quantize: {recipe.quantize.method.value}, {recipe.quantize.weights.bits} bits, group {recipe.quantize.weights.group_size}")
-    if resume and _finished_bundle_matches(out / "bundle", source, recipe.quantize, calibration):
+    changes = _finished_bundle_changes(out / "bundle", source, recipe.quantize, calibration) if resume else None
+    if changes == []:
         click.echo(f"  {out / 'bundle'} was finished earlier with this recipe and model: kept")
+    elif changes and not force:
+        raise InputError(f"{out / 'bundle'}: --resume keeps a bundle of this recipe and model, but it was made with "
+                         f"other inputs ({'; '.join(changes)}); pass --force to replace it")
     else:
         run_quantize(model_dir, out / "bundle", recipe.quantize, None, calib_dir, recipe.calibration, True, progress,
                      resume, device)
     for export in recipe.exports:
         step(f"export: {export.format} -> {export.name}")
         if export.format == "gguf":
-            run_export_gguf(out / "bundle", out / export.name, export.gguf_type, export.requantize, force=True,
-                            progress=progress, mmproj=export.mmproj_name and out / export.mmproj_name,
+            run_export_gguf(out / "bundle", out / export.name, export.gguf_type, export.requantize, export.gguf_pre,
+                            force=True, progress=progress, mmproj=export.mmproj_name and out / export.mmproj_name,
                             mmproj_type=export.mmproj or "F16")
         else:
             run_export(out / "bundle", out / export.name, export.format, export.max_shard_size, force=True,
@@ -85,7 +91,7 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
             step(f"validate {candidate} on {v.data}" + (" (in llama.cpp)" if candidate.endswith(".gguf") else "")
                  + (f" with {vision.mmproj.name}" if vision else ""))
             passed &= run_validate(model_dir, out / candidate, data, out / report_name(candidate), v.ctx, v.max_windows,
-                                   v.gates, None, v.batch, True, progress, v.protocol, v.hellaswag, v.hellaswag_tasks,
+                                   v.gates, v.baseline, v.batch, True, progress, v.protocol, v.hellaswag, v.hellaswag_tasks,
                                    v.choices, v.kernels if candidate == "bundle" else None, device, v.choices_pass_mib,
                                    resume, vision=vision)
     _write_lock(recipe, device, Path(recipe_path), source, calibration, out / "recipe.lock.yaml")
@@ -93,18 +99,19 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
     return passed
 
 
-def _finished_bundle_matches(bundle_dir: Path, source, spec, calibration) -> bool:
-    """Whether `bundle_dir` is a finished bundle whose run identity (source fingerprint,
-    quantize spec, calibration tokens, tool version) equals this run's."""
+def _finished_bundle_changes(bundle_dir: Path, source, spec, calibration) -> list[str] | None:
+    """None when `bundle_dir` holds no finished bundle, else how its run identity (source
+    fingerprint, quantize spec, calibration tokens, tool version) differs from this run's
+    (empty: the same inputs)."""
     from maverick_quant.bundle import MANIFEST
     from maverick_quant.resume import identity_changes, run_identity
 
     if not (bundle_dir / MANIFEST).is_file():
-        return False
+        return None
     recorded = json.loads((bundle_dir / MANIFEST).read_text()).get("run_identity") or {}
     current = run_identity(source.checkpoint.fingerprint(), spec.to_dict(),
                            None if calibration is None else calibration.input_ids)
-    return not identity_changes(recorded, current)
+    return identity_changes(recorded, current) or (["no run identity recorded"] if not recorded else [])
 
 
 def recipe_inputs(recipe, model_dir: Path) -> dict[str, str | Path | None]:
@@ -112,7 +119,7 @@ def recipe_inputs(recipe, model_dir: Path) -> dict[str, str | Path | None]:
     named = {"model": model_dir, "calibration.data": recipe.calibration_data}
     if recipe.validation is not None:
         named.update({"validation.data": recipe.validation.data, "validation.hellaswag": recipe.validation.hellaswag,
-                      "validation.choices": recipe.validation.choices})
+                      "validation.choices": recipe.validation.choices, "validation.baseline": recipe.validation.baseline})
     return named
 
 
@@ -127,6 +134,30 @@ def _check_recipe_files(recipe, model_dir: Path) -> None:
             raise InputError(f"{key}: {path} is not a file")
     if "self" in named.values():
         check_fits_in_memory(model_dir)
+
+
+def _check_gguf_exports(recipe, model_dir: Path, source) -> None:
+    """What a gguf export refuses about the model (llama.cpp's limits on Llama 4, its rope, the
+    pre-tokenizer, widths not a multiple of 32), checked on the float model's headers before any
+    work; whether the bundle's grid fits the type is checked when the recipe is read."""
+    from maverick_quant.exporters.gguf import FloatWeights, plan_gguf_export
+
+    for export in recipe.exports:
+        if export.format == "gguf":
+            plan_gguf_export(FloatWeights(model_dir, source), export.gguf_type, True, export.gguf_pre)
+
+
+def _check_validation(recipe, model_dir: Path, device: str) -> None:
+    """The validation step's gates (and baseline), kernels' device, evaluation windows and
+    benchmark files, read and checked before any work: the step itself comes hours later."""
+    from maverick_quant.devices import resolve_device
+    from maverick_quant.validate_job import read_validation_inputs
+
+    v = recipe.validation
+    if v is None or v.data == "self":  # self-written evaluation text exists only after quantizing
+        return
+    read_validation_inputs(model_dir, v.data, v.ctx, v.max_windows, v.protocol, v.gates, v.baseline, v.hellaswag,
+                           v.choices, v.hellaswag_tasks, v.kernels, resolve_device(device))
 
 
 def _check_mmproj_exports(recipe, model_dir: Path, source) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 import torch
@@ -31,6 +32,37 @@ class VisionCheck:
     count: int = 8
 
 
+@dataclass(frozen=True)
+class ValidationInputs:
+    """What `validate` reads and checks before its evaluation (see read_validation_inputs)."""
+
+    gates: list
+    baseline: dict | None
+    tokenizer: Any
+    windows: torch.Tensor  # [W, ctx] token ids
+    first_scored: int
+    tasks: dict  # {"hellaswag" / "choices": (file, tasks)}
+
+
+def read_validation_inputs(reference, data, ctx, max_windows, protocol, gates, baseline, hellaswag, choices,
+                           hellaswag_tasks, kernels, compute) -> ValidationInputs:
+    """The gates (checked against the baseline report), the kernels' device, the evaluation
+    windows and the benchmark tasks: InputError on any before the evaluation starts (a recipe
+    calls this before it quantizes, as its validation comes hours later)."""
+    from maverick_quant.calibration.data import eval_windows, load_tokenizer, scored_from
+    from maverick_quant.devices import check_kernels_device
+    from maverick_quant.validation.gates import check_baseline, parse_gate
+
+    check_kernels_device(kernels, compute)
+    parsed = [parse_gate(text) for text in gates]
+    baseline_report = _read_baseline(baseline) if baseline else None
+    check_baseline(parsed, baseline_report)
+    tokenizer = load_tokenizer(reference)
+    windows = eval_windows(data, tokenizer, ctx, max_windows, protocol)
+    tasks = _read_benchmarks(hellaswag, choices, hellaswag_tasks, tokenizer)
+    return ValidationInputs(parsed, baseline_report, tokenizer, windows, scored_from(protocol, ctx), tasks)
+
+
 def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates=(), baseline=None,
                  batch=4, force=False, progress=True, protocol="gptq", hellaswag=None, hellaswag_tasks=None,
                  choices=None, kernels=None, device="auto", choices_pass_mib=CHOICES_PASS_MIB, resume=False,
@@ -40,13 +72,11 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
     layers run (devices.py); `choices_pass_mib`: hidden states per pass of the multiple-choice
     benchmarks (MiB); `resume`: go on with an interrupted run of the same inputs; `vision`:
     also compare a GGUF candidate's image embeddings (its mmproj) with the reference's."""
-    from maverick_quant.calibration.data import eval_windows, load_tokenizer, scored_from
     from maverick_quant.checkpoint import check_output_apart, check_output_dir, sha256_file
-    from maverick_quant.devices import check_kernels_device, reset_peak_memory, resolve_device, use_device
+    from maverick_quant.devices import reset_peak_memory, resolve_device, use_device
     from maverick_quant.resume import resumable_output_dir
     from maverick_quant.streaming import open_source
     from maverick_quant.validation.evaluate import GGUFCandidate, open_candidate
-    from maverick_quant.validation.gates import check_baseline, parse_gate
     from maverick_quant.validation.progress import ValidationState, validation_identity
 
     check_output_dir(report_dir, force)
@@ -55,20 +85,15 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
                                     "--mmproj": vision.mmproj if vision else None,
                                     "--images": vision.images if vision else None}, "--report")
     compute = resolve_device(device)
-    check_kernels_device(kernels, compute)
+    inputs = read_validation_inputs(reference, data, ctx, max_windows, protocol, gates, baseline, hellaswag, choices,
+                                    hellaswag_tasks, kernels, compute)
+    tokenizer, windows, first, tasks = inputs.tokenizer, inputs.windows, inputs.first_scored, inputs.tasks
     use_device(compute)
     reset_peak_memory(compute)
-    parsed = [parse_gate(text) for text in gates]
-    baseline_report = _read_baseline(baseline) if baseline else None
-    check_baseline(parsed, baseline_report)
     gguf = Path(candidate).is_file()
     ref_source = open_source(reference)
     cand_source = (GGUFCandidate(Path(candidate), gpu_layers=-1 if compute.type == "cuda" else 0) if gguf
                    else open_candidate(candidate))
-    tokenizer = load_tokenizer(reference)
-    windows = eval_windows(data, tokenizer, ctx, max_windows, protocol)
-    first = scored_from(protocol, ctx)
-    tasks = _read_benchmarks(hellaswag, choices, hellaswag_tasks, tokenizer)  # a bad file is refused before any work
     benchmarks = {name: {"file": str(path), "sha256": sha256_file(path)} for name, (path, _) in tasks.items()}
     benchmarks.update(tasks=hellaswag_tasks, pass_mib=choices_pass_mib)
     images, in_file, seen_inputs = _vision_inputs(vision, ref_source, gguf)  # a wrong mmproj or image: before any work
@@ -90,7 +115,7 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
         if seen is not None:  # measured first: minutes, where the evaluation takes hours
             report["vision"] = seen
         report["resources"] = _resources(compute)
-        outcomes = _gate(parsed, report, baseline_report, report_dir)
+        outcomes = _gate(inputs.gates, report, inputs.baseline, report_dir)
         _write(report, outcomes, result, work)
     _echo_summary(report, outcomes)
     return all(o.passed for o in outcomes)

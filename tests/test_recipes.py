@@ -42,7 +42,9 @@ def test_shipped_recipes_load() -> None:
     ({"quantize": {"method": "gptqq"}}, "quantize.method='gptqq': expected one of rtn, gptq, awq, awq+gptq"),
     ({"calibration": {"samples": "many"}}, "calibration.samples='many': expected int"),
     ({"exports": [{"format": "onnx"}]}, "exports[].format='onnx': expected one of gptq, awq"),
-    ({"exports": [{"format": "gguf", "gguf_type": "Q4_0"}]}, "gguf_type Q4_0 needs the bundle on its grid"),
+    ({"exports": [{"format": "gguf", "gguf_type": "Q4_0"}]},
+     "gguf_type Q4_0 cannot store the bundle's grid losslessly (Q4_0 stores a 4-bit symmetric grid"),
+    ({"exports": [{"format": "gptq", "gguf_pre": "llama3"}]}, "exports[].gguf_pre: a pre-tokenizer name is for a gguf"),
     ({"exports": [{"format": "gptq", "mmproj": "F16"}]}, "exports[].mmproj: only a gguf export writes"),
     ({"exports": [{"format": "gguf", "mmproj": "Q4_0"}]}, "exports[].mmproj='Q4_0': expected one of F16, F32, Q8_0"),
     ({"quantize": {"gguf_grid": "Q4_K"}}, "format gptq cannot store quantize.gguf_grid Q4_K's offset grid"),
@@ -177,9 +179,12 @@ def test_run_makes_bundle_exports_report_and_lock_and_gates_the_exit_code(tiny_l
     assert resumed.exit_code == 0 and "kept" in resumed.output, resumed.output
     assert (out / "bundle" / "manifest.json").stat().st_mtime_ns == stamp
     other_calibration = yaml.safe_load(recipe.read_text())
-    other_calibration["calibration"]["seed"] = 1  # other windows: the bundle must be made again
+    other_calibration["calibration"]["seed"] = 1  # other windows: the finished bundle is not this recipe's
     recipe.write_text(yaml.safe_dump(other_calibration))
     resumed = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(out), "--no-progress", "--resume"])
+    assert resumed.exit_code == 2 and "made with other inputs" in resumed.output and "--force" in resumed.output
+    assert (out / "bundle" / "manifest.json").stat().st_mtime_ns == stamp  # as the CLI: not replaced without --force
+    resumed = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(out), "--no-progress", "--resume", "--force"])
     assert resumed.exit_code == 0 and "kept" not in resumed.output, resumed.output
     assert (out / "bundle" / "manifest.json").stat().st_mtime_ns != stamp
 
@@ -234,6 +239,46 @@ def test_every_shipped_recipe_written_out_resolved_reads_back_as_itself(shipped:
     same recipe, gguf grids, MoE policies, AWQ and clip-search settings included."""
     recipe = load_recipe(shipped)
     assert parse_recipe(yaml.safe_load(yaml.safe_dump(recipe.to_dict())), shipped.parent) == recipe
+
+
+def test_a_gguf_export_of_any_grid_it_stores_losslessly_is_accepted() -> None:
+    """As `export --format gguf`: Q4_0 stores a symmetric 4-bit grid of any group multiple of 32."""
+    data = json.loads(json.dumps(VALID))
+    data["quantize"] = {**data["quantize"], "sym": True, "group_size": 128}
+    data["exports"] = [{"format": "gguf", "gguf_type": "Q4_0", "gguf_pre": "smollm"}]
+    assert parse_recipe(data).exports[0].gguf_pre == "smollm"
+
+
+@pytest.mark.parametrize("validation, message", [
+    ({"gates": ["ppl_ratio<=baseline*1.01"]}, "no baseline report was given"),
+    ({"kernels": "cuda"}, "--kernels cuda runs on cuda"),
+    ({"ctx": 100000}, "need at least one window of 100000"),
+    ({"hellaswag": "bad-hellaswag.txt"}, "is not a multiple of 6"),
+])
+def test_what_the_validation_step_would_refuse_is_refused_before_any_work(tiny_llama_dir: Path, small_text_file: Path,
+                                                                          tmp_path: Path, validation: dict,
+                                                                          message: str) -> None:
+    (tmp_path / "bad-hellaswag.txt").write_text("context\n0\nending\n")
+    recipe = tmp_path / "recipe.yaml"
+    validation = {"data": str(small_text_file), "ctx": 16, "max_windows": 2, **validation}
+    if "hellaswag" in validation:
+        validation["hellaswag"] = str(tmp_path / validation["hellaswag"])
+    recipe.write_text(yaml.safe_dump({"model": str(tiny_llama_dir), "quantize": {"method": "rtn"},
+                                      "validation": validation}))
+    result = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(tmp_path / "run"), "--device", "cpu"])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_gguf_export_llama_cpp_cannot_run_is_refused_before_any_work(tiny_llama4_dir: Path, tmp_path: Path) -> None:
+    """The tiny Llama 4's 16-token attention chunks are not llama.cpp's fixed 8192: the export
+    step would refuse it after quantizing; the recipe refuses it first."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"model": str(tiny_llama4_dir), "quantize": {"method": "rtn", "gguf_grid": "Q4_0"},
+                                      "exports": [{"format": "gguf", "gguf_type": "Q4_0"}]}))
+    result = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(tmp_path / "run"), "--device", "cpu"])
+    assert result.exit_code == 2 and "llama.cpp's llama4 cannot represent this model" in result.output, result.output
+    assert not (tmp_path / "run").exists()
 
 
 def test_self_validation_data_too_large_for_memory_is_refused_before_any_work(tiny_llama_dir: Path, tmp_path: Path,

@@ -502,16 +502,13 @@ def add_tokenizer(writer, model_dir: Path, vocab_size: int, pre: str) -> None:
     gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer)
 
 
-def export_gguf(weights: BundleWeights | FloatWeights, out_path: Path, gguf_type: str, requantize: bool = False,
-                pre: str | None = None, show_progress: bool = True) -> GGUFExport:
-    """Write a bundle (or, re-quantized by gguf-py, a float model) as a GGUF file at `out_path`
-    (written under a temporary name, renamed when complete)."""
-    import gguf
-
+def plan_gguf_export(weights: BundleWeights | FloatWeights, gguf_type: str, requantize: bool = False,
+                     pre: str | None = None, report: GGUFExport | None = None) -> tuple["GGUFPlan", str, list[TensorJob]]:
+    """(plan, llama.cpp pre-tokenizer name, tensor jobs) of a GGUF export, everything it refuses
+    checked from headers and config alone (nothing is read or written)."""
     if gguf_type not in BLOCK_TYPES and gguf_type not in FLOAT_GGUF_TYPES:
         raise InputError(f"--gguf-type {gguf_type}: expected one of {sorted(BLOCK_TYPES) + list(FLOAT_GGUF_TYPES)}")
-    report = GGUFExport(Path(out_path))
-    plan = GGUFPlan(weights, BLOCK_TYPES.get(gguf_type, gguf_type), requantize, report)
+    plan = GGUFPlan(weights, BLOCK_TYPES.get(gguf_type, gguf_type), requantize, report or GGUFExport(Path()))
     pre = pre or tokenizer_pre(weights.root, plan.config.model_type)
     if pre is None:
         raise InputError(f"{weights.root}/tokenizer.json: pre-tokenizer not recognised; name llama.cpp's with --gguf-pre "
@@ -520,6 +517,17 @@ def export_gguf(weights: BundleWeights | FloatWeights, out_path: Path, gguf_type
     for job in jobs:
         if job.ggml_type in BLOCK_TYPES and job.shape[-1] % BLOCK:
             raise InputError(f"--gguf-type {gguf_type}: {job.name} has K={job.shape[-1]}, not a multiple of {BLOCK}")
+    return plan, pre, jobs
+
+
+def export_gguf(weights: BundleWeights | FloatWeights, out_path: Path, gguf_type: str, requantize: bool = False,
+                pre: str | None = None, show_progress: bool = True) -> GGUFExport:
+    """Write a bundle (or, re-quantized by gguf-py, a float model) as a GGUF file at `out_path`
+    (written under a temporary name, renamed when complete)."""
+    import gguf
+
+    report = GGUFExport(Path(out_path))
+    plan, pre, jobs = plan_gguf_export(weights, gguf_type, requantize, pre, report)
     writer = gguf.GGUFWriter(path=None, arch=plan.arch)
     add_model_metadata(writer, plan.config, plan.arch, plan.block_type, weights.name)
     add_tokenizer(writer, weights.root, plan.config.vocab_size, pre)
