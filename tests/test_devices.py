@@ -218,7 +218,7 @@ def test_a_quantized_source_dequantizes_where_the_model_computes(tiny_llama4_dir
     assert {t.device.type for t in on_cpu.values()} == {"cpu"}
     model = StreamingModel(source, device="meta")
     tensors = model.layer_tensors(1)
-    assert model.device.type == "meta" and tensors["self_attn.q_proj.weight"].device.type == "meta"
+    assert model.device.type == "meta" and tensors["self_attn.o_proj.weight"].device.type == "meta"
     assert tensors["input_layernorm.weight"].device.type == "cpu"
     assert all(t.device.type == "meta" for t in model.expert_tensors(1, 0, 2).values())
     assert {name: t.shape for name, t in tensors.items()} == {name: t.shape for name, t in on_cpu.items()}
