@@ -392,11 +392,12 @@ def imatrix(model_dir, data, calib, out, samples, seq_len, seed, chat_template, 
 @click.option("--candidate", required=True, type=click.Path(path_type=Path), help="Bundle, export directory, or GGUF file (run in llama.cpp).")
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="Evaluation text (.txt or .jsonl).")
 @click.option("--report", "report_dir", required=True, type=click.Path(path_type=Path))
-@click.option("--ctx", default=512, show_default=True, help="Tokens per window.")
-@click.option("--max-windows", default=40, show_default=True, help="Windows evaluated (0 = all).")
+@click.option("--ctx", type=click.IntRange(min=2), default=512, show_default=True, help="Tokens per window.")
+@click.option("--max-windows", type=click.IntRange(min=0), default=40, show_default=True,
+              help="Windows evaluated (0 = all).")
 @click.option("--gate", "gates", multiple=True, help='e.g. "ppl_ratio<=1.05"; repeatable; exit 1 when one fails.')
 @click.option("--baseline", type=click.Path(path_type=Path), help="A previous report.json for `baseline` in gates.")
-@click.option("--batch", default=4, show_default=True, help="Windows per forward batch.")
+@click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True, help="Windows per forward batch.")
 @click.option("--force", is_flag=True, help="Replace an existing report directory.")
 @click.option("--protocol", type=click.Choice(["gptq", "llama.cpp"]), default="gptq", show_default=True,
               help="gptq: every token after a window's first scored; llama.cpp: BOS first, second half scored.")

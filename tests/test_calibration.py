@@ -41,6 +41,11 @@ def test_jsonl_text_and_chat_records(tiny_llama_dir, tokenizer, tmp_path: Path) 
     chat = make_calibration(tiny_llama_dir, str(chat_file), CalibSpec(samples=2, seq_len=16, chat_template=True), tokenizer)
     rendered = tokenizer.decode(chat.input_ids[0])
     assert "assistant" in rendered or "user" in rendered
+    plain = tmp_path / "chat.txt"  # a chat template asked of plain text (or of self) is refused, not left out
+    plain.write_text("some plain text " * 50)
+    for data in (str(plain), "self"):
+        with pytest.raises(InputError, match="--chat-template renders the 'messages' of a .jsonl file"):
+            make_calibration(tiny_llama_dir, data, CalibSpec(samples=2, seq_len=16, chat_template=True), tokenizer)
 
 
 @pytest.mark.parametrize("content, match", [("", "empty"), ("short text", "need at least"), ('{"text": 3}\n', "string 'text'")])

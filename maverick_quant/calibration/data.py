@@ -51,7 +51,9 @@ def read_records(path: Path, tokenizer, chat_template: bool) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: data file not found")
-    if path.suffix != ".jsonl":
+    if chat_template and path.suffix.lower() != ".jsonl":  # else the template would be silently left out
+        raise InputError(f"{path}: --chat-template renders the 'messages' of a .jsonl file; this is plain text")
+    if path.suffix.lower() != ".jsonl":
         text = path.read_text(encoding="utf-8", errors="replace")
         return [text] if text.strip() else []
     records = []
@@ -146,6 +148,8 @@ def load_tokenizer(model_dir: Path):
 def make_calibration(model_dir: Path, data: str, spec: CalibSpec, tokenizer=None) -> CalibrationSet:
     """Calibration windows from `data`: a .txt/.jsonl path, or "self" for model-generated text."""
     tokenizer = tokenizer or load_tokenizer(model_dir)
+    if data == "self" and spec.chat_template:
+        raise InputError("--chat-template renders the 'messages' of a .jsonl file; --data self is generated text")
     if data == "self":
         from maverick_quant.calibration.selfgen import generate_self_text
 
