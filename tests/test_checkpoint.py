@@ -141,6 +141,18 @@ def test_a_hugging_face_cache_snapshot_of_linked_shards_opens_and_an_escaping_in
         Checkpoint(snapshot)
 
 
+def test_the_fingerprint_tells_a_fine_tune_of_the_same_layout_apart(model_copy: Path) -> None:
+    """Same config, names, shapes and offsets (so the same headers), other weights: a resumed run
+    must not take it for the model it started on (the fingerprint samples tensor data)."""
+    before = Checkpoint(model_copy).fingerprint()
+    assert Checkpoint(model_copy).fingerprint() == before
+    shard = _shards(model_copy)[0]
+    tensors = load_file(str(shard))
+    save_file({name: t * 1.01 for name, t in tensors.items()}, str(shard), metadata={"format": "pt"})
+    assert read_safetensors_header(shard).keys() == tensors.keys()
+    assert Checkpoint(model_copy).fingerprint() != before
+
+
 def test_nan_weights_are_refused(model_copy: Path, tmp_path: Path) -> None:
     name = "model.layers.2.self_attn.v_proj.weight"
     weight = load_file(str(model_copy / json.loads((model_copy / "model.safetensors.index.json").read_text())["weight_map"][name]))[name]
