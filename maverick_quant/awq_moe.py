@@ -117,15 +117,23 @@ def search_block_scale(model: StreamingModel, index: int, layer: torch.nn.Module
     return ScaleSearch(candidates[best], best / spec.awq.grid, losses)
 
 
-def apply_block_scale(layer: torch.nn.Module, moe: MoEBlock, scales: torch.Tensor) -> None:
-    """Fold s into the block's input norm; scale the router's and the shared expert's gate/up columns."""
+def apply_block_scale(layer: torch.nn.Module, moe: MoEBlock, scales: torch.Tensor) -> torch.Tensor:
+    """Fold s [D] into the block's input norm, stored rounded (w' = as_stored(w / s), bf16 for
+    Maverick), and scale the router's and the shared expert's gate/up columns by the scale the
+    rounding realised, s' = w / w' (s where w' = 0): the folded block then computes the float
+    block's function exactly. Returns s' [D] fp32, which the routed experts' gate/up columns
+    and the block input (x / s') take too."""
     norm = layer.get_submodule(moe.residual_input)
+    before = norm.weight.data.float()
     norm.weight.data = as_stored(layer, norm.weight.data / scales.to(norm.weight.dtype))
+    after = norm.weight.data.float()
+    realised = torch.where(after != 0, before / after, scales.float())
     for name in (moe.router, *moe.shared[0].linears):
         module = layer.get_submodule(name)
-        module.weight.data = scale_columns(module.weight.data, scales)
+        module.weight.data = scale_columns(module.weight.data, realised)
     router = layer.get_submodule(moe.router)  # a float router is shipped in the checkpoint's dtype
     router.weight.data = as_stored(layer, router.weight.data)
+    return realised
 
 
 def scale_shared_down(layer: torch.nn.Module, moe: MoEBlock, x: torch.Tensor, spec: QuantizeSpec) -> ScaleSearch:

@@ -368,26 +368,23 @@ def scale_block(model: StreamingModel, index: int, layer: torch.nn.Module, x: to
                 spec: QuantizeSpec) -> tuple[dict, torch.Tensor]:
     """AWQ's block-wide input scale (searched on the float block with float routing) folded
     into the layer, x rescaled in place to match, the shared expert's up -> down scale, and
-    (awq.clip) the shared expert's clipping.
+    (awq.clip) the shared expert's clipping. Returns (stats, the block scale the stored norm
+    realised, s' [D]: `apply_block_scale`), which the routed experts take.
 
-    The norm's new weight is stored rounded (e.g. bf16: w' = bf16(w / s)), so x [T, D] is
-    rescaled by w' / w, not 1 / s: the block input the shipped model computes (the norm's
-    output is linear in its weight), as the dense path gets by running the layer again."""
+    x [T, D] becomes x / s', the block input the shipped norm computes (its output is linear
+    in its weight), as the dense path gets by running the layer again."""
     moe = model.plan(index).moe
     routing = route(x, layer.get_submodule(moe.router).weight, moe.top_k)
     block = search_block_scale(model, index, layer, x, routing, spec)
-    norm = layer.get_submodule(moe.residual_input)
-    before = norm.weight.data.float().clone()
-    apply_block_scale(layer, moe, block.scales)
-    after, inverse = norm.weight.data.float(), 1 / block.scales.float()
-    x *= torch.where(before != 0, after / before, inverse).to(x.dtype)  # a zero weight's channel is 0 either way
+    realised = apply_block_scale(layer, moe, block.scales)
+    x /= realised.to(x.dtype)
     shared = scale_shared_down(layer, moe, x, spec)
     if spec.awq.clip:
         clip_shared(layer, moe, x, spec)
     stats = {f"awq:{moe.residual_input}": {"ratio": block.ratio, "rtn_loss": float(block.losses[0]), "loss": float(block.losses.min())},
              f"awq:{moe.shared_module}.up_proj": {"ratio": shared.ratio, "rtn_loss": float(shared.losses[0]),
                                                    "loss": float(shared.losses.min())}}
-    return stats, block.scales
+    return stats, realised
 
 
 @torch.no_grad()

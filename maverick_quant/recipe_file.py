@@ -91,6 +91,9 @@ class ExportStep:
         return f"mmproj-{self.mmproj.lower()}.gguf" if self.mmproj else None
 
 
+VALIDATION_FILES = ("data", "hellaswag", "choices", "baseline")  # validation keys that name files
+
+
 @dataclass(frozen=True)
 class ValidationStep:
     """`validate` of each candidate (the bundle, and exports named by their output name: a GGUF
@@ -333,7 +336,7 @@ def parse_recipe(data: Any, base: Path = Path(".")) -> Recipe:
         kwargs = _section("validation", data["validation"], ValidationStep)
         if "data" not in kwargs:
             raise InputError("validation.data: missing; expected an evaluation text file")
-        for key in ("data", "hellaswag", "choices"):
+        for key in VALIDATION_FILES:
             if kwargs.get(key) not in (None, "self"):
                 kwargs[key] = str(_resolve(kwargs[key], base))
         validation = ValidationStep(**kwargs)

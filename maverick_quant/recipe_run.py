@@ -16,6 +16,7 @@ from maverick_quant.errors import InputError
 from maverick_quant.jobs import _recipe_model_dir, run_export, run_export_gguf, run_quantize
 from maverick_quant.validate_job import VisionCheck, run_validate
 from maverick_quant.recipe import Method
+from maverick_quant.recipe_file import VALIDATION_FILES
 
 
 def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool = True, resume: bool = False,
@@ -36,15 +37,11 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
     if not resume:
         check_output_dir(out, force)
     device = str(resolve_device(device or recipe.device, "--device" if device else "quantize.device"))
-    model_dir = _recipe_model_dir(recipe.model)
-    check_output_apart(out, recipe_inputs(recipe, model_dir))
+    model_dir, out = _recipe_model_dir(recipe.model), Path(out)
+    for replaced in recipe_outputs(recipe, out):  # `out` itself is never replaced, only these
+        check_output_apart(replaced, recipe_inputs(recipe, model_dir))
     source = open_source(model_dir)  # a bad model is refused here, before any work
-    _check_recipe_files(recipe, model_dir)
-    _check_mmproj_exports(recipe, model_dir, source)
-    _check_gguf_exports(recipe, model_dir, source)
-    _check_validation(recipe, model_dir, device)
-    check_lock_inputs(recipe, source)
-    out = Path(out)
+    _check_before_work(recipe, model_dir, source, device)
     steps = 2 + len(recipe.exports) + (len(recipe.validation.candidates) if recipe.validation is not None else 0)
     step = _step_printer(steps)
     calib_dir, calibration = None, None
@@ -52,20 +49,17 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
         step(f"calibrate: {recipe.calibration.samples} x {recipe.calibration.seq_len} tokens from {recipe.calibration_data}")
         calibration = make_calibration(model_dir, recipe.calibration_data, recipe.calibration)
         check_lock_calibration(recipe, calibration)
-        out.mkdir(parents=True, exist_ok=True)  # only now: bad calibration data leaves no directory behind
+    else:
+        step("calibrate: not needed for rtn")
+    keep_bundle = resume and _keep_finished_bundle(out / "bundle", source, recipe.quantize, calibration, force)
+    out.mkdir(parents=True, exist_ok=True)  # only now: bad input leaves no directory behind
+    if calibration is not None:
         calib_dir = out / "calibration"
         with atomic_output_dir(calib_dir, force=True) as tmp:
             calibration.save(tmp)
-    else:
-        step("calibrate: not needed for rtn")
-        out.mkdir(parents=True, exist_ok=True)
     step(f"quantize: {recipe.quantize.method.value}, {recipe.quantize.weights.bits} bits, group {recipe.quantize.weights.group_size}")
-    changes = _finished_bundle_changes(out / "bundle", source, recipe.quantize, calibration) if resume else None
-    if changes == []:
+    if keep_bundle:
         click.echo(f"  {out / 'bundle'} was finished earlier with this recipe and model: kept")
-    elif changes and not force:
-        raise InputError(f"{out / 'bundle'}: --resume keeps a bundle of this recipe and model, but it was made with "
-                         f"other inputs ({'; '.join(changes)}); pass --force to replace it")
     else:
         run_quantize(model_dir, out / "bundle", recipe.quantize, None, calib_dir, recipe.calibration, True, progress,
                      resume, device)
@@ -99,27 +93,49 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
     return passed
 
 
-def _finished_bundle_changes(bundle_dir: Path, source, spec, calibration) -> list[str] | None:
-    """None when `bundle_dir` holds no finished bundle, else how its run identity (source
-    fingerprint, quantize spec, calibration tokens, tool version) differs from this run's
-    (empty: the same inputs)."""
+def _keep_finished_bundle(bundle_dir: Path, source, spec, calibration, force: bool) -> bool:
+    """Under --resume: whether `bundle_dir` is a finished bundle whose run identity (source
+    fingerprint, quantize spec, calibration tokens, tool version) equals this run's, to keep.
+    One made from other inputs is InputError unless `force` (then it is made again), as
+    `quantize` refuses an existing output; checked before the run writes anything."""
     from maverick_quant.bundle import MANIFEST
     from maverick_quant.resume import identity_changes, run_identity
 
     if not (bundle_dir / MANIFEST).is_file():
-        return None
+        return False
     recorded = json.loads((bundle_dir / MANIFEST).read_text()).get("run_identity") or {}
     current = run_identity(source.checkpoint.fingerprint(), spec.to_dict(),
                            None if calibration is None else calibration.input_ids)
-    return identity_changes(recorded, current) or (["no run identity recorded"] if not recorded else [])
+    changes = identity_changes(recorded, current) if recorded else ["no run identity recorded"]
+    if changes and not force:
+        raise InputError(f"{bundle_dir}: --resume keeps a bundle of this recipe and model, but it was made with other "
+                         f"inputs ({'; '.join(changes)}); pass --force to replace it")
+    return not changes
+
+
+def recipe_outputs(recipe, out: Path) -> list[Path]:
+    """What a run replaces inside its output folder `out`: calibration, bundle, exports (and
+    projector files), reports, self-written evaluation text."""
+    exports = [out / name for export in recipe.exports for name in (export.name, export.mmproj_name) if name]
+    reports = [out / report_name(candidate) for candidate in (recipe.validation.candidates if recipe.validation else ())]
+    return [out / "calibration", out / "bundle", out / "eval-self.txt", *exports, *reports]
+
+
+def _check_before_work(recipe, model_dir: Path, source, device: str) -> None:
+    """What later steps would refuse, checked before calibrating: the files, the exports'
+    limits, the validation inputs, a lock's model and validation files."""
+    _check_recipe_files(recipe, model_dir)
+    _check_mmproj_exports(recipe, model_dir, source)
+    _check_gguf_exports(recipe, model_dir, source)
+    _check_validation(recipe, model_dir, device)
+    check_lock_inputs(recipe, source)
 
 
 def recipe_inputs(recipe, model_dir: Path) -> dict[str, str | Path | None]:
     """{recipe key: path} of what the recipe reads: the model and its data files."""
     named = {"model": model_dir, "calibration.data": recipe.calibration_data}
     if recipe.validation is not None:
-        named.update({"validation.data": recipe.validation.data, "validation.hellaswag": recipe.validation.hellaswag,
-                      "validation.choices": recipe.validation.choices, "validation.baseline": recipe.validation.baseline})
+        named.update({f"validation.{key}": getattr(recipe.validation, key) for key in VALIDATION_FILES})
     return named
 
 
@@ -154,10 +170,12 @@ def _check_validation(recipe, model_dir: Path, device: str) -> None:
     from maverick_quant.validate_job import read_validation_inputs
 
     v = recipe.validation
-    if v is None or v.data == "self":  # self-written evaluation text exists only after quantizing
+    if v is None:
         return
-    read_validation_inputs(model_dir, v.data, v.ctx, v.max_windows, v.protocol, v.gates, v.baseline, v.hellaswag,
-                           v.choices, v.hellaswag_tasks, v.kernels, resolve_device(device))
+    data = None if v.data == "self" else v.data  # self-written evaluation text exists only after quantizing
+    read_validation_inputs(model_dir, data, v.ctx, v.max_windows, v.protocol, v.gates, v.baseline, v.hellaswag,
+                           v.choices, v.hellaswag_tasks, v.kernels if "bundle" in v.candidates else None,
+                           resolve_device(device))
 
 
 def _check_mmproj_exports(recipe, model_dir: Path, source) -> None:
@@ -231,7 +249,7 @@ def _validation_hashes(recipe) -> dict:
 
     if recipe.validation is None:
         return {}
-    files = {key: getattr(recipe.validation, key) for key in ("data", "hellaswag", "choices")}
+    files = {key: getattr(recipe.validation, key) for key in VALIDATION_FILES}
     return {key: sha256_file(Path(value)) for key, value in files.items() if value not in (None, "self")}
 
 

@@ -39,7 +39,7 @@ class ValidationInputs:
     gates: list
     baseline: dict | None
     tokenizer: Any
-    windows: torch.Tensor  # [W, ctx] token ids
+    windows: torch.Tensor | None  # [W, ctx] token ids
     first_scored: int
     tasks: dict  # {"hellaswag" / "choices": (file, tasks)}
 
@@ -47,8 +47,9 @@ class ValidationInputs:
 def read_validation_inputs(reference, data, ctx, max_windows, protocol, gates, baseline, hellaswag, choices,
                            hellaswag_tasks, kernels, compute) -> ValidationInputs:
     """The gates (checked against the baseline report), the kernels' device, the evaluation
-    windows and the benchmark tasks: InputError on any before the evaluation starts (a recipe
-    calls this before it quantizes, as its validation comes hours later)."""
+    windows (none when `data` is None) and the benchmark tasks: InputError on any before the
+    evaluation starts (a recipe calls this before it quantizes, as its validation comes hours
+    later)."""
     from maverick_quant.calibration.data import eval_windows, load_tokenizer, scored_from
     from maverick_quant.devices import check_kernels_device
     from maverick_quant.validation.gates import check_baseline, parse_gate
@@ -58,7 +59,7 @@ def read_validation_inputs(reference, data, ctx, max_windows, protocol, gates, b
     baseline_report = _read_baseline(baseline) if baseline else None
     check_baseline(parsed, baseline_report)
     tokenizer = load_tokenizer(reference)
-    windows = eval_windows(data, tokenizer, ctx, max_windows, protocol)
+    windows = eval_windows(data, tokenizer, ctx, max_windows, protocol) if data is not None else None
     tasks = _read_benchmarks(hellaswag, choices, hellaswag_tasks, tokenizer)
     return ValidationInputs(parsed, baseline_report, tokenizer, windows, scored_from(protocol, ctx), tasks)
 

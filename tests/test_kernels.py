@@ -3,6 +3,7 @@ modules that `validate --kernels` and `generate` run (Triton: test_kernels_trito
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -41,6 +42,7 @@ def assert_same_weight(a: QuantizedWeight, b: QuantizedWeight) -> None:
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_runtime_layout_is_the_bundle_form_and_converts_to_every_export_layout(symmetric: bool) -> None:
     weight = random_quantized(48, 256, 64, symmetric)
+    weight = dataclasses.replace(weight, zeros=weight.zeros.clamp(min=1))  # GPTQ v1 holds zero points 1..15
     runtime = Int4Weight.from_quantized(weight)
     assert runtime.symmetric == symmetric and runtime.packed.shape == (48, 128)
     assert torch.equal(runtime.packed, encode_quantized("w", weight)["w.codes"])  # the bundle's bytes, not a repack

@@ -149,10 +149,12 @@ def test_one_nan_token_fails_every_kl_quantile_gate():
 
 
 def test_the_median_expert_error_is_nan_when_an_expert_is():
-    from maverick_quant.validation.experts import nan_median
+    from maverick_quant.validation.experts import ExpertError, summarize_experts
 
-    assert nan_median([0.1, 0.3, 0.2]) == pytest.approx(0.2)
-    assert math.isnan(nan_median([0.1, math.nan, 0.2, 0.3, 0.4]))
+    errors = [ExpertError(1, e, 10, error, 1.0) for e, error in enumerate([0.1, 0.3, 0.2, 0.4])]
+    assert summarize_experts(errors)["rel_error"]["median"] == pytest.approx(0.25)
+    errors[1] = ExpertError(1, 1, 10, math.nan, 1.0)
+    assert math.isnan(summarize_experts(errors)["rel_error"]["median"])
 
 
 def test_shape_mismatch_and_empty_summary():

@@ -72,14 +72,14 @@ def test_pack_rejects_bad_input():
         pack_along(torch.zeros(8), 4, 0)
 
 
-def _random_weight(bits: int, group_size: int, sym: bool, n: int = 32, k: int = 192) -> QuantizedWeight:
+def _random_weight(bits: int, group_size: int, sym: bool, n: int = 32, k: int = 192, lowest_zero: int = 0) -> QuantizedWeight:
     gen = torch.Generator().manual_seed(bits * 100 + group_size)
     groups = 1 if group_size == -1 else -(-k // group_size)
     if sym:
         zeros = torch.full((n, groups), 2 ** (bits - 1), dtype=torch.uint8)
     else:
-        zeros = torch.randint(0, 2**bits, (n, groups), generator=gen, dtype=torch.uint8)
-        zeros[0, 0], zeros[-1, -1] = 0, 2**bits - 1  # zero 0 is stored as 2^bits - 1 in v1
+        zeros = torch.randint(lowest_zero, 2**bits, (n, groups), generator=gen, dtype=torch.uint8)
+        zeros[0, 0], zeros[-1, -1] = lowest_zero, 2**bits - 1  # the grid's ends
     scales = (torch.rand(n, groups, generator=gen) * 0.01 + 1e-4).half()
     return QuantizedWeight(_codes((n, k), bits, seed=bits), scales, zeros, bits, group_size)
 
@@ -88,7 +88,7 @@ def _random_weight(bits: int, group_size: int, sym: bool, n: int = 32, k: int = 
 @pytest.mark.parametrize("group_size", [-1, 32, 128])
 @pytest.mark.parametrize("sym", [True, False])
 def test_gptq_tensors_round_trip(bits, group_size, sym):
-    qw = _random_weight(bits, group_size, sym)
+    qw = _random_weight(bits, group_size, sym, lowest_zero=1)  # v1 holds zero points 1 .. 2^bits - 1
     n, k = qw.shape
     groups = qw.scales.shape[1]
     tensors = to_gptq_tensors(qw)
@@ -100,7 +100,7 @@ def test_gptq_tensors_round_trip(bits, group_size, sym):
     assert torch.equal(tensors["g_idx"], torch.arange(k, dtype=torch.int32) // width)
     assert all(t.is_contiguous() for t in tensors.values())
     stored = unpack_along(tensors["qzeros"], bits, 1, n).t().long()
-    assert torch.equal(stored, (qw.zeros.long() - 1) % 2**bits)  # v1 convention
+    assert torch.equal(stored, qw.zeros.long() - 1)  # v1 convention
     back = from_gptq_tensors(tensors, bits, group_size)
     for name in ("codes", "scales", "zeros"):
         assert torch.equal(getattr(back, name), getattr(qw, name)), name
@@ -117,8 +117,21 @@ def test_solver_outputs_export_exactly(sym):
         assert torch.equal(back.dequantize(), qw.dequantize())
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_a_zero_point_gptq_v1_cannot_hold_is_refused_both_ways(bits):
+    """v1 stores zero - 1 and its readers add 1 without wrapping: zero 0 is refused when writing,
+    and a stored 2^bits - 1 (what another tool's wrapped zero 0 reads as: 2^bits) when reading,
+    where our reader used to wrap it back to 0 and call the checkpoint exact."""
+    with pytest.raises(ValueError, match=f"zero point 0 in \\d+ of its .* would take it as {2 ** bits}"):
+        to_gptq_tensors(_random_weight(bits, 32, sym=False, lowest_zero=0))
+    tensors = to_gptq_tensors(_random_weight(bits, 32, sym=False, lowest_zero=1))
+    tensors["qzeros"][0, 0] |= (2**bits - 1)  # the first group's first zero stored as 2^bits - 1
+    with pytest.raises(ValueError, match=f"zero points of {2 ** bits}"):
+        from_gptq_tensors(tensors, bits, 32)
+
+
 def test_from_gptq_tensors_checks_shapes():
-    tensors = to_gptq_tensors(_random_weight(4, 32, sym=False))
+    tensors = to_gptq_tensors(_random_weight(4, 32, sym=False, lowest_zero=1))
     with pytest.raises(ValueError, match="group_size=64"):
         from_gptq_tensors(tensors, 4, 64)
     with pytest.raises(ValueError, match="bits"):

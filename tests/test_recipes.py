@@ -270,6 +270,26 @@ def test_what_the_validation_step_would_refuse_is_refused_before_any_work(tiny_l
     assert not (tmp_path / "run").exists()
 
 
+def test_a_run_never_replaces_one_of_its_inputs(tiny_llama_dir: Path, small_text_file: Path, tmp_path: Path) -> None:
+    """A run replaces its steps' folders inside --out (bundle, exports, reports): a model that is
+    one of them is refused before any work; a model elsewhere under --out is left alone."""
+    import shutil
+
+    model = tmp_path / "run" / "bundle"
+    shutil.copytree(tiny_llama_dir, model)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"model": str(model), "quantize": {"method": "rtn", "group_size": 32}}))
+    result = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(tmp_path / "run"), "--resume", "--force"])
+    assert result.exit_code == 2 and "the input model" in result.output, result.output
+    assert (model / "config.json").is_file() and not (tmp_path / "run" / "calibration").exists()
+    shutil.move(str(model), str(tmp_path / "run" / "source"))
+    recipe.write_text(yaml.safe_dump({"model": str(tmp_path / "run" / "source"),
+                                      "quantize": {"method": "rtn", "group_size": 32}}))
+    result = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(tmp_path / "run"), "--resume", "--no-progress"])
+    assert result.exit_code == 0 and (tmp_path / "run" / "bundle" / "manifest.json").is_file(), result.output
+    assert (tmp_path / "run" / "source" / "config.json").is_file()
+
+
 def test_a_gguf_export_llama_cpp_cannot_run_is_refused_before_any_work(tiny_llama4_dir: Path, tmp_path: Path) -> None:
     """The tiny Llama 4's 16-token attention chunks are not llama.cpp's fixed 8192: the export
     step would refuse it after quantizing; the recipe refuses it first."""

@@ -89,11 +89,20 @@ def unpack_along(packed: torch.Tensor, bits: int, dim: int, length: int) -> torc
 
 
 def to_gptq_tensors(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
-    """A 2-D QuantizedWeight [N, K] -> {"qweight", "qzeros", "scales", "g_idx"} in the GPTQ v1 layout."""
+    """A 2-D QuantizedWeight [N, K] -> {"qweight", "qzeros", "scales", "g_idx"} in the GPTQ v1 layout.
+
+    v1 stores zero - 1, and its readers add the 1 back without wrapping (vLLM's exllama kernel:
+    `zero_offset = 1`; GPTQModel's v1 -> v2 conversion adds 1 per packed nibble and carries into
+    the next), so a zero point of 0 cannot be stored: ValueError, naming how many groups have it
+    (an asymmetric grid gives it to a group with almost no negative range)."""
     if qw.codes.dim() != 2:
         raise ValueError(f"to_gptq_tensors: expected a 2-D weight [N, K], got shape {qw.shape}")
-    mask = (1 << qw.bits) - 1
-    stored_zeros = (qw.zeros.to(torch.int64) - 1) & mask  # v1 stores zero - 1 (mod 2^bits)
+    zero_groups = int((qw.zeros == 0).sum())
+    if zero_groups:
+        raise ValueError(f"zero point 0 in {zero_groups} of its {qw.zeros.numel()} groups, which GPTQ's v1 format "
+                         f"(zero - 1 stored) cannot hold: its readers would take it as {1 << qw.bits}. Export "
+                         "--format compressed-tensors or awq (zero points stored as they are), or quantize with --sym")
+    stored_zeros = qw.zeros.to(torch.int64) - 1  # v1 stores zero - 1
     return {
         "qweight": pack_along(qw.codes.t(), qw.bits, dim=0),
         "qzeros": pack_along(stored_zeros.t(), qw.bits, dim=1),
@@ -117,7 +126,11 @@ def from_gptq_tensors(tensors: dict[str, torch.Tensor], bits: int, group_size: i
                 f"for K={k}, N={n}, bits={bits}, group_size={group_size}"
             )
     codes = unpack_along(qweight, bits, dim=0, length=k).t()
-    zeros = (unpack_along(qzeros, bits, dim=1, length=n).to(torch.int64) + 1) & ((1 << bits) - 1)
+    zeros = unpack_along(qzeros, bits, dim=1, length=n).to(torch.int64) + 1  # as its readers do: no wrapping
+    if (zeros > (1 << bits) - 1).any():
+        raise ValueError(f"GPTQ qzeros store {int((zeros > (1 << bits) - 1).sum())} zero points of {1 << bits} (a stored "
+                         f"{(1 << bits) - 1} + 1), outside the {bits}-bit grid: what a zero point of 0 written in the v1 "
+                         "format becomes for vLLM and GPTQModel")
     return QuantizedWeight(
         codes=codes.contiguous(),
         scales=scales.t().contiguous(),

@@ -66,24 +66,8 @@ def _check(quant: dict, has_experts: bool = False) -> str | None:
     return None
 
 
-def _to_gptq_v1(weight: QuantizedWeight, _quant: dict, _dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The GPTQ v1 tensors of `weight`; ValueError when a group's zero point is 0. v1 stores
-    zero - 1, and its readers add the 1 back without wrapping (vLLM's exllama kernel:
-    `zero_offset = 1`; GPTQModel's v1 -> v2 conversion adds 1 per packed nibble and carries
-    into the next), so a stored 2^bits - 1 reads as 2^bits: every weight of the group moves
-    by 2^bits x scale. An asymmetric grid gives zero 0 to a group with almost no negative range
-    (a large positive outlier)."""
-    zero_groups = int((weight.zeros == 0).sum())
-    if zero_groups:
-        raise ValueError(f"zero point 0 in {zero_groups} of its {weight.zeros.numel()} groups, which GPTQ's v1 "
-                         f"format (zero - 1 stored) cannot hold: its readers would take it as {1 << weight.bits}. "
-                         "Export --format compressed-tensors or awq (zero points stored as they are), or quantize "
-                         "with --sym")
-    return to_gptq_tensors(weight)
-
-
-GPTQ = Layout("gptq", ("qweight", "qzeros", "scales", "g_idx"), _to_gptq_v1, _from_gptq_checked, _check,
-              gptq_quantization_config, dynamic_grid)
+GPTQ = Layout("gptq", ("qweight", "qzeros", "scales", "g_idx"), lambda weight, _quant, _dtype: to_gptq_tensors(weight),
+              _from_gptq_checked, _check, gptq_quantization_config, dynamic_grid)
 
 
 def export_gptq(bundle: Bundle, out_dir: Path, max_shard_bytes: int = 5 * 10**9) -> list[str]:

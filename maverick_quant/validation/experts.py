@@ -18,12 +18,12 @@ choices that the other also makes (for top-1, the share of tokens sent to the sa
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import dataclass
 
 import torch
 
 from maverick_quant.calibration.moe import Routing, expert_hidden
+from maverick_quant.validation.metrics import quantiles
 
 MIN_TOKENS_FOR_MAX = 16
 """The worst expert (`rel_error.max`, a gate key) is taken over experts with at least this many
@@ -107,12 +107,6 @@ def _worst(values: list[tuple[float, int]]) -> dict:
     return {"min": value, "min_layer": layer}
 
 
-def nan_median(values: list[float]) -> float:
-    """The median, NaN when any value is NaN (statistics.median sorts NaN anywhere, so one
-    broken expert could leave a finite median that passes a gate)."""
-    return math.nan if any(math.isnan(v) for v in values) else statistics.median(values)
-
-
 def summarize_experts(errors: list[ExpertError], min_tokens: int = MIN_TOKENS_FOR_MAX) -> dict:
     """The report's "experts" entry: count, measured (experts with evaluation tokens),
     rel_error {pooled: sum of errors / sum of signals over all experts, median over measured
@@ -123,7 +117,8 @@ def summarize_experts(errors: list[ExpertError], min_tokens: int = MIN_TOKENS_FO
     if not measured:
         return summary
     rel_error = {"pooled": sum(e.error for e in measured) / max(sum(e.signal for e in measured), 1e-30),
-                 "median": nan_median([e.rel_error for e in measured]), "max_min_tokens": min_tokens}
+                 "median": quantiles(torch.tensor([e.rel_error for e in measured], dtype=torch.float64), (0.5,))[0],
+                 "max_min_tokens": min_tokens}  # NaN when an expert's error is (statistics.median would not say)
     counted = [e for e in measured if e.tokens >= min_tokens]
     if counted:
         worst = max(counted, key=lambda e: e.rel_error if math.isfinite(e.rel_error) else math.inf)
