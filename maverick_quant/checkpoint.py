@@ -308,10 +308,22 @@ def check_output_apart(out: Path, inputs: dict[str, Path | str | None], option: 
     for name, path in inputs.items():
         if path is None or str(path) == "self":
             continue
-        source = Path(path).resolve()
-        if source == target or target in source.parents:
-            raise InputError(f"{option} {out}: it is, or holds, the input {name} {path}, which finishing the run "
-                             f"would replace; write the output elsewhere")
+        for source in _resolved_parts(Path(path)):
+            if source == target or target in source.parents:
+                raise InputError(f"{option} {out}: it is, or holds, the input {name} {path}, which finishing the run "
+                                 f"would replace; write the output elsewhere")
+            if source in target.parents and target.exists():
+                raise InputError(f"{option} {out}: it is inside the input {name} {path} and exists, so finishing the "
+                                 f"run would replace part of that input; write the output elsewhere")
+
+
+def _resolved_parts(path: Path) -> list[Path]:
+    """`path` resolved, and for a folder the resolved targets of the links in it (a Hugging Face
+    cache snapshot's shards live in ../../blobs)."""
+    parts = [path.resolve()]
+    if path.is_dir():
+        parts += [child.resolve() for child in path.iterdir() if child.is_symlink()]
+    return parts
 
 
 @contextlib.contextmanager

@@ -260,7 +260,13 @@ LOCKED_INPUTS = {"model_fingerprint": "the model", "validation_sha256": "that va
 def check_lock_inputs(recipe, source) -> None:
     """A lock file's recipe runs only on what it was written from: InputError naming the model
     or validation file that changed, before any work. A recipe without `lock:` passes."""
-    _compare_with_lock(recipe, {"model_fingerprint": source.checkpoint.fingerprint(),
+    locked = (recipe.lock or {}).get("model_fingerprint")
+    current = source.checkpoint.fingerprint()
+    if locked not in (None, current) and locked == source.checkpoint.fingerprint(sample_bytes=0):
+        raise InputError(f"lock.model_fingerprint: written before 2026-12-07, when the fingerprint covered config.json "
+                         f"and the shard headers only, which match this model; its fingerprint is now {current} "
+                         "(put that in the lock, or remove the `lock:` section)")
+    _compare_with_lock(recipe, {"model_fingerprint": current,
                                 **{f"validation_sha256.{key}": value for key, value in _validation_hashes(recipe).items()}})
 
 

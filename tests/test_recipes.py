@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from maverick_quant.checkpoint import Checkpoint
 from maverick_quant.cli import cli
 from maverick_quant.errors import InputError
 from maverick_quant.recipe_file import Recipe, load_recipe, parse_recipe
@@ -226,6 +227,12 @@ def test_a_lock_file_runs_again_to_the_same_bundle_and_refuses_changed_inputs(ti
         result = CliRunner().invoke(cli, ["run", str(path), "--out", str(tmp_path / key), "--no-progress"])
         assert result.exit_code == 2 and f"lock.{key}" in result.output and "0" * 64 in result.output, (step, result.output)
         assert not (tmp_path / key).exists(), step
+    legacy = yaml.safe_load(lock_file.read_text())  # a lock whose fingerprint hashed headers only
+    legacy["lock"]["model_fingerprint"] = Checkpoint(tiny_llama_dir).fingerprint(sample_bytes=0)
+    (tmp_path / "legacy.yaml").write_text(yaml.safe_dump(legacy))
+    result = CliRunner().invoke(cli, ["run", str(tmp_path / "legacy.yaml"), "--out", str(tmp_path / "legacy")])
+    assert result.exit_code == 2 and "written before 2026-12-07" in result.output, result.output
+    assert Checkpoint(tiny_llama_dir).fingerprint() in result.output
     bad = yaml.safe_load(lock_file.read_text())
     bad["lock"]["fingerprint"] = "x"
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
