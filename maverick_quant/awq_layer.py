@@ -48,14 +48,25 @@ def as_stored(layer: torch.nn.Module, tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(getattr(layer, "storage_dtype", tensor.dtype)).to(tensor.dtype)
 
 
+def fold_into_stored_norm(layer: torch.nn.Module, norm: torch.nn.Module, scales: torch.Tensor) -> torch.Tensor:
+    """Fold s [D] into `norm`'s weight, which stays float in the bundle and so is stored rounded
+    (w' = as_stored(w / s), bf16 for Maverick); returns the scale that rounding realised,
+    s' = w / w' (s where w' = 0) [D] fp32. Consumers scaled by s' compute exactly what they
+    computed before the fold; scaled by s they would be off by up to 2^-9 per channel."""
+    before = norm.weight.data.float()
+    norm.weight.data = as_stored(layer, fold_into_norm(norm.weight.data, scales))
+    after = norm.weight.data.float()
+    return torch.where(after != 0, before / after, scales.float())
+
+
 def apply_scales(layer: torch.nn.Module, group: ScaleGroup, scales: torch.Tensor) -> None:
-    """Fold s into the producer and multiply the consumers' input columns by s (in place);
-    a norm producer stays in float in the bundle, so it is rounded to its stored dtype."""
+    """Fold s into the producer and multiply the consumers' input columns by s (in place); a
+    norm producer is stored rounded, and its consumers take the scale it realised."""
     prev = layer.get_submodule(group.prev)
-    fold = fold_into_norm if group.prev_norm else fold_into_previous_linear
-    prev.weight.data = fold(prev.weight.data, scales)
     if group.prev_norm:
-        prev.weight.data = as_stored(layer, prev.weight.data)
+        scales = fold_into_stored_norm(layer, prev, scales)
+    else:
+        prev.weight.data = fold_into_previous_linear(prev.weight.data, scales)
     for name in group.linears:
         module = layer.get_submodule(name)
         module.weight.data = scale_columns(module.weight.data, scales)

@@ -33,7 +33,7 @@ from maverick_quant.compress.awq import (CANDIDATES_AT_ONCE, ScaleSearch, candid
                                          rtn_fake, scale_columns, search_scales)
 from maverick_quant.groups import KEEP_FLOAT, linear_grid
 from maverick_quant.recipe import ExpertPolicy, QuantizeSpec, QuantSpec
-from maverick_quant.awq_layer import as_stored, weight_mean
+from maverick_quant.awq_layer import as_stored, fold_into_stored_norm, weight_mean
 from maverick_quant.streaming import StreamingModel
 
 
@@ -118,16 +118,11 @@ def search_block_scale(model: StreamingModel, index: int, layer: torch.nn.Module
 
 
 def apply_block_scale(layer: torch.nn.Module, moe: MoEBlock, scales: torch.Tensor) -> torch.Tensor:
-    """Fold s [D] into the block's input norm, stored rounded (w' = as_stored(w / s), bf16 for
-    Maverick), and scale the router's and the shared expert's gate/up columns by the scale the
-    rounding realised, s' = w / w' (s where w' = 0): the folded block then computes the float
-    block's function exactly. Returns s' [D] fp32, which the routed experts' gate/up columns
+    """Fold s [D] into the block's input norm (`fold_into_stored_norm`) and scale the router's and
+    the shared expert's gate/up columns by the scale it realised, s': the folded block computes
+    the float block's function. Returns s' [D] fp32, which the routed experts' gate/up columns
     and the block input (x / s') take too."""
-    norm = layer.get_submodule(moe.residual_input)
-    before = norm.weight.data.float()
-    norm.weight.data = as_stored(layer, norm.weight.data / scales.to(norm.weight.dtype))
-    after = norm.weight.data.float()
-    realised = torch.where(after != 0, before / after, scales.float())
+    realised = fold_into_stored_norm(layer, layer.get_submodule(moe.residual_input), scales)
     for name in (moe.router, *moe.shared[0].linears):
         module = layer.get_submodule(name)
         module.weight.data = scale_columns(module.weight.data, realised)

@@ -115,6 +115,26 @@ def test_the_moe_block_input_after_its_scale_is_what_the_stored_norm_computes(ti
     assert torch.allclose(folded_shared, float_shared, rtol=1e-5, atol=1e-6), (folded_shared - float_shared).abs().max()
 
 
+def test_a_scale_folded_into_a_bf16_norm_leaves_its_consumers_exact(tiny_llama_dir: Path) -> None:
+    """Dense AWQ: the norm is stored rounded (bf16 for Maverick), so q/k/v take the scale that
+    rounding realised, and on the stored norm's output they compute what they did before."""
+    from maverick_quant.awq_layer import apply_scales
+
+    model = StreamingModel(open_source(tiny_llama_dir))
+    layer, plan = model.layer(0), model.plan(0)
+    layer.storage_dtype = torch.bfloat16  # as a bf16 checkpoint's layer
+    group = next(g for g in plan.scale_groups if g.prev_norm)
+    norm, consumers = layer.get_submodule(group.prev), [layer.get_submodule(name) for name in group.linears]
+    h = torch.randn(50, norm.weight.shape[0], generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = [linear(norm(h)) for linear in consumers]
+        apply_scales(layer, group, torch.rand(norm.weight.shape[0], generator=torch.Generator().manual_seed(3)) + 0.5)
+        after = [linear(norm(h)) for linear in consumers]
+    assert norm.weight.dtype == torch.float32 and torch.equal(norm.weight, norm.weight.bfloat16().float())
+    for old, new in zip(before, after):
+        assert torch.allclose(new, old, rtol=1e-5, atol=1e-6), (new - old).abs().max()
+
+
 def test_awq_gemm_export_reads_back_to_the_bundle(tiny_llama_dir: Path, small_text_file: Path, tmp_path: Path) -> None:
     from maverick_quant.exporters.registry import open_export
 
