@@ -69,7 +69,7 @@ def _calib_spec(samples: int, seq_len: int, seed: int, chat_template: bool) -> C
 def calibrate(model_dir, data, out, samples, seq_len, seed, chat_template, coverage, force, device, resume,
               progress) -> None:
     """Draw a reproducible calibration set (token windows + provenance) from DATA."""
-    from maverick_quant.calibration.data import make_calibration
+    from maverick_quant.calibration.data import make_calibration, overlap_note
     from maverick_quant.checkpoint import atomic_output_dir, check_output_apart, check_output_dir
     from maverick_quant.devices import resolve_device, use_device
     from maverick_quant.resume import resumable_output_dir, run_identity
@@ -97,6 +97,8 @@ def calibrate(model_dir, data, out, samples, seq_len, seed, chat_template, cover
             write_coverage(counts, work)
             click.echo(coverage_summary(counts))
     click.echo(f"calibration: {calibration.input_ids.shape[0]} windows x {calibration.input_ids.shape[1]} tokens -> {out}")
+    if overlap_note(calibration):
+        click.echo(overlap_note(calibration))
 
 
 def quant_options(func):

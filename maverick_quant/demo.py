@@ -18,12 +18,15 @@ from maverick_quant.recipe import CalibSpec, Method, QuantizeSpec, QuantSpec
 EVAL_SEED = 1234
 
 
-def write_eval_text(model_dir: Path, path: Path, samples: int, seq_len: int) -> Path:
-    """Held-out self-generated evaluation text (another seed than calibration)."""
+def write_eval_text(model_dir: Path, path: Path, samples: int, seq_len: int, calibration_seed: int | None = None) -> Path:
+    """Held-out self-generated evaluation text, drawn with another seed than the calibration
+    text's (`calibration_seed` when that was self-generated too): generation with one seed
+    starts with the same texts, so the same seed would evaluate on the calibration text."""
     from maverick_quant.calibration.selfgen import generate_self_text
     from maverick_quant.checkpoint import write_text_atomic
 
-    texts = generate_self_text(model_dir, n_samples=samples, max_new_tokens=seq_len, seed=EVAL_SEED)
+    seed = EVAL_SEED + 1 if calibration_seed == EVAL_SEED else EVAL_SEED
+    texts = generate_self_text(model_dir, n_samples=samples, max_new_tokens=seq_len, seed=seed)
     write_text_atomic(path, "\n\n".join(texts))
     return path
 

@@ -25,7 +25,7 @@ def run_quantize(model_dir, out, spec, data, calib, calib_spec, force, progress,
     """Shared by `quantize` and `demo`: check everything, calibrate, quantize on `device`
     (devices.py; going on from an interrupted run's work directory with `resume`), print the
     summary."""
-    from maverick_quant.calibration.data import CalibrationSet, make_calibration
+    from maverick_quant.calibration.data import CalibrationSet, make_calibration, overlap_note
     from maverick_quant.checkpoint import check_output_apart, check_output_dir
     from maverick_quant.devices import resolve_device
     from maverick_quant.pipeline import quantize_model
@@ -42,6 +42,8 @@ def run_quantize(model_dir, out, spec, data, calib, calib_spec, force, progress,
         if calib is None and data is None:
             raise InputError(f"--method {spec.method.value} needs --data FILE|self or --calib DIR")
         calibration = CalibrationSet.load(calib) if calib else make_calibration(model_dir, data, calib_spec)
+        if overlap_note(calibration):
+            click.echo(overlap_note(calibration))
     identity = run_identity(source.checkpoint.fingerprint(), spec.to_dict(),
                             None if calibration is None else calibration.input_ids)
     parallel = ExpertParallel.from_env()  # under torchrun: routed experts split across the processes

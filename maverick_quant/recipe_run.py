@@ -79,7 +79,8 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
         if data == "self":  # held-out text the model writes itself (another seed than calibration)
             from maverick_quant.demo import write_eval_text
 
-            data = write_eval_text(model_dir, out / "eval-self.txt", 16, v.ctx)
+            data = write_eval_text(model_dir, out / "eval-self.txt", 16, v.ctx,
+                                   recipe.calibration.seed if recipe.calibration_data == "self" else None)
         for candidate in v.candidates:
             vision = _vision_check(recipe, out, candidate)
             step(f"validate {candidate} on {v.data}" + (" (in llama.cpp)" if candidate.endswith(".gguf") else "")

@@ -84,3 +84,33 @@ def test_self_generated_data_is_refused_before_loading_a_model_larger_than_memor
                                       "--seq-len", "16", "--out", str(tmp_path / "calib")])
     assert result.exit_code == 2 and str(tiny_llama_dir) in result.output and "pass the file instead" in result.output
     assert not (tmp_path / "calib").exists()
+
+
+def test_self_written_evaluation_text_never_shares_the_calibration_seed(tmp_path: Path, monkeypatch) -> None:
+    """Generation with one seed starts with the same texts: a recipe calibrating on `self` with
+    the evaluation text's seed would have validated on its own calibration text."""
+    from maverick_quant.calibration import selfgen
+    from maverick_quant.demo import EVAL_SEED, write_eval_text
+
+    seeds = []
+    monkeypatch.setattr(selfgen, "generate_self_text", lambda *args, seed, **kwargs: seeds.append(seed) or ["text"])
+    for calibration_seed in (None, 0, EVAL_SEED):
+        write_eval_text(tmp_path, tmp_path / "eval.txt", 2, 16, calibration_seed)
+    assert seeds[:2] == [EVAL_SEED, EVAL_SEED] and seeds[2] != EVAL_SEED
+
+
+def test_windows_that_must_overlap_come_with_a_note(tiny_llama_dir, tokenizer, tmp_path: Path) -> None:
+    """Random starts (GPTQ's convention) over a text shorter than samples x seq_len overlap:
+    `calibrate` says so instead of silently calibrating on a few distinct windows."""
+    from click.testing import CliRunner
+
+    from maverick_quant.calibration.data import overlap_note
+    from maverick_quant.cli import cli
+
+    text = tmp_path / "short.txt"
+    text.write_text("The river runs past the old mill and under the stone bridge. " * 20)
+    small = make_calibration(tiny_llama_dir, str(text), CalibSpec(samples=2, seq_len=16), tokenizer)
+    assert overlap_note(small) is None and small.meta["text_tokens"] > 32
+    result = CliRunner().invoke(cli, ["calibrate", str(tiny_llama_dir), "--data", str(text), "--samples", "64",
+                                      "--seq-len", "64", "--out", str(tmp_path / "calib")])
+    assert result.exit_code == 0 and "they overlap" in result.output and "short.txt" in result.output, result.output

@@ -121,9 +121,11 @@ def build_calibration(records: list[str], tokenizer, spec: CalibSpec, source: st
     """Windows drawn from the records, with the provenance a later run needs to trust them."""
     if not records:
         raise InputError(f"{source}: calibration data is empty")
-    windows = draw_windows(token_stream(records, tokenizer), spec, source)
+    stream = token_stream(records, tokenizer)
+    windows = draw_windows(stream, spec, source)
     meta = {
         "source": source,
+        "text_tokens": stream.numel(),
         "data_sha256": sha256_text(records),
         "samples": spec.samples,
         "seq_len": spec.seq_len,
@@ -133,6 +135,18 @@ def build_calibration(records: list[str], tokenizer, spec: CalibSpec, source: st
         "windows_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
     }
     return CalibrationSet(windows, meta)
+
+
+def overlap_note(calibration: CalibrationSet) -> str | None:
+    """A note when the windows, drawn at random starts (GPTQ's convention), ask for more tokens
+    than the text holds, so they must overlap (they may overlap anyway): None otherwise."""
+    text = calibration.meta.get("text_tokens")
+    drawn = calibration.input_ids.numel()
+    if not text or drawn <= text:
+        return None
+    return (f"note: {calibration.input_ids.shape[0]} windows x {calibration.input_ids.shape[1]} tokens draw "
+            f"{drawn / text:.1f}x the {text} tokens of {calibration.meta.get('source')}: they overlap, so the "
+            "calibration sees less distinct text than its size suggests; give more text or fewer samples")
 
 
 def load_tokenizer(model_dir: Path):
