@@ -97,8 +97,8 @@ def calibrate(model_dir, data, out, samples, seq_len, seed, chat_template, cover
             write_coverage(counts, work)
             click.echo(coverage_summary(counts))
     click.echo(f"calibration: {calibration.input_ids.shape[0]} windows x {calibration.input_ids.shape[1]} tokens -> {out}")
-    if overlap_note(calibration):
-        click.echo(overlap_note(calibration))
+    if note := overlap_note(calibration):
+        click.echo(note)
 
 
 def quant_options(func):

@@ -42,8 +42,8 @@ def run_quantize(model_dir, out, spec, data, calib, calib_spec, force, progress,
         if calib is None and data is None:
             raise InputError(f"--method {spec.method.value} needs --data FILE|self or --calib DIR")
         calibration = CalibrationSet.load(calib) if calib else make_calibration(model_dir, data, calib_spec)
-        if overlap_note(calibration):
-            click.echo(overlap_note(calibration))
+        if note := overlap_note(calibration):
+            click.echo(note)
     identity = run_identity(source.checkpoint.fingerprint(), spec.to_dict(),
                             None if calibration is None else calibration.input_ids)
     parallel = ExpertParallel.from_env()  # under torchrun: routed experts split across the processes
