@@ -263,6 +263,25 @@ class Bundle:
         stored as `{name}.weight` among its float tensors)."""
         return list(self.manifest["layers"][index].get("kept_float", []))
 
+    def stored_zero_points(self, index: int) -> Iterator[tuple[str, torch.Tensor]]:
+        """(relative module name, uint8 zero points) of every quantized linear of layer `index`:
+        [N, G] per linear, and [count, N, G] per linear of each routed-expert chunk (named
+        `{experts}.{first}-{last}.{linear}`). Only the `.zeros` tensors are read, about 1/group
+        of the codes' bytes, so an export can check every zero point before it writes."""
+        from safetensors import safe_open
+
+        record = self.manifest["layers"][index]
+        stored = [(record["file"], record["prefix"], {name: name for name in record["quantized"]})]
+        for chunk in record.get("experts", {}).get("chunks", []):
+            experts = self.table.plan(self.text_config, index).moe.experts
+            last = chunk["first"] + next(iter(chunk["shapes"].values()))[0] - 1
+            stored.append((chunk["file"], chunk["prefix"],
+                           {name: f"{experts}.{chunk['first']}-{last}.{name}" for name in chunk["shapes"]}))
+        for file, prefix, names in stored:
+            with safe_open(str(self.root / file), framework="pt") as handle:
+                for key, module in names.items():
+                    yield module, handle.get_tensor(f"{prefix}{key}.zeros")
+
     def expert_chunks(self, index: int) -> Iterator[tuple[int, dict[str, QuantizedWeight]]]:
         """(first expert, {linear name: QuantizedWeight [count, N, K]}) for each stored chunk
         of layer `index`'s routed experts (none for a dense layer)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,21 @@ def test_the_readme_demo_runs_the_whole_job(smollm2_dir: Path, tmp_path: Path) -
     assert (work / "gptq" / "config.json").is_file()
     code, out = _run("demo", "--work-dir", work, "--samples", 4, "--seq-len", 64, "--no-progress")
     assert code == 2 and "--force" in out
+
+
+def test_gptq_export_refuses_a_zero_point_0_before_writing(tiny_run, tmp_path: Path) -> None:
+    """A zero point of 0 in the last layer (GPTQ v1 cannot store it) is found by reading the
+    bundle's zero points alone, before the export writes its first shard."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_run["bundle"], bundle)
+    record = Bundle(bundle).manifest["layers"][-1]
+    name = record["prefix"] + "mlp.down_proj"
+    with open(bundle / record["file"], "r+b") as shard:  # one stored zero point set to 0, in place
+        header_bytes = int.from_bytes(shard.read(8), "little")
+        entry = json.loads(shard.read(header_bytes))[f"{name}.zeros"]
+        groups = entry["shape"][1]
+        shard.seek(8 + header_bytes + entry["data_offsets"][0] + 3 * groups)
+        shard.write(b"\x00")
+    code, out = _run("export", bundle, "--format", "gptq", "--out", tmp_path / "gptq")
+    assert code != 0 and f"{name}: zero point 0 in 1 of its" in out, out
+    assert not (tmp_path / "gptq").exists()

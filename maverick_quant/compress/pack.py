@@ -88,20 +88,30 @@ def unpack_along(packed: torch.Tensor, bits: int, dim: int, length: int) -> torc
     return codes.flatten(-2).to(torch.uint8).movedim(-1, dim).contiguous()
 
 
-def to_gptq_tensors(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
-    """A 2-D QuantizedWeight [N, K] -> {"qweight", "qzeros", "scales", "g_idx"} in the GPTQ v1 layout.
+def gptq_v1_zero_problem(zeros: torch.Tensor, bits: int) -> str | None:
+    """Why GPTQ's v1 format cannot hold the zero points `zeros` (uint8, any shape), or None.
 
     v1 stores zero - 1, and its readers add the 1 back without wrapping (vLLM's exllama kernel:
     `zero_offset = 1`; GPTQModel's v1 -> v2 conversion adds 1 per packed nibble and carries into
-    the next), so a zero point of 0 cannot be stored: ValueError, naming how many groups have it
-    (an asymmetric grid gives it to a group with almost no negative range)."""
+    the next), so a zero point of 0 cannot be stored (an asymmetric grid gives it to a group with
+    almost no negative range)."""
+    zero_groups = int((zeros == 0).sum())
+    if not zero_groups:
+        return None
+    return (f"zero point 0 in {zero_groups} of its {zeros.numel()} groups, which GPTQ's v1 format "
+            f"(zero - 1 stored) cannot hold: its readers would take it as {1 << bits}. Export "
+            "--format compressed-tensors or awq (zero points stored as they are), or quantize with --sym")
+
+
+def to_gptq_tensors(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """A 2-D QuantizedWeight [N, K] -> {"qweight", "qzeros", "scales", "g_idx"} in the GPTQ v1 layout.
+
+    A zero point of 0 cannot be stored (`gptq_v1_zero_problem`): ValueError."""
     if qw.codes.dim() != 2:
         raise ValueError(f"to_gptq_tensors: expected a 2-D weight [N, K], got shape {qw.shape}")
-    zero_groups = int((qw.zeros == 0).sum())
-    if zero_groups:
-        raise ValueError(f"zero point 0 in {zero_groups} of its {qw.zeros.numel()} groups, which GPTQ's v1 format "
-                         f"(zero - 1 stored) cannot hold: its readers would take it as {1 << qw.bits}. Export "
-                         "--format compressed-tensors or awq (zero points stored as they are), or quantize with --sym")
+    problem = gptq_v1_zero_problem(qw.zeros, qw.bits)
+    if problem:
+        raise ValueError(problem)
     stored_zeros = qw.zeros.to(torch.int64) - 1  # v1 stores zero - 1
     return {
         "qweight": pack_along(qw.codes.t(), qw.bits, dim=0),

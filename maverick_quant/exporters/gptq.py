@@ -20,7 +20,7 @@ import torch
 
 from maverick_quant import __version__
 from maverick_quant.bundle import Bundle
-from maverick_quant.compress.pack import PACK_BITS, from_gptq_tensors, to_gptq_tensors
+from maverick_quant.compress.pack import PACK_BITS, from_gptq_tensors, gptq_v1_zero_problem, to_gptq_tensors
 from maverick_quant.compress.types import QuantizedWeight
 from maverick_quant.exporters.packed import Layout, dynamic_grid, exclusion_fields, export_packed
 
@@ -67,7 +67,7 @@ def _check(quant: dict, has_experts: bool = False) -> str | None:
 
 
 GPTQ = Layout("gptq", ("qweight", "qzeros", "scales", "g_idx"), lambda weight, _quant, _dtype: to_gptq_tensors(weight),
-              _from_gptq_checked, _check, gptq_quantization_config, dynamic_grid)
+              _from_gptq_checked, _check, gptq_quantization_config, dynamic_grid, zero_points=gptq_v1_zero_problem)
 
 
 def export_gptq(bundle: Bundle, out_dir: Path, max_shard_bytes: int = 5 * 10**9) -> list[str]:

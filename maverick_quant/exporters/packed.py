@@ -45,6 +45,9 @@ class Layout:
     grid:        (quantization_config, full module name) -> (bits, group_size) of that module,
                  for reading an export back.
     per_module_grids: whether the layout's config can give modules their own grid (bits overrides).
+    zero_points: (uint8 zero points of one module, bits) -> None, or why the layout cannot store
+                 them; when given, every asymmetric module's zero points are checked before the
+                 export writes anything (`refused_zero_points`).
     """
 
     name: str
@@ -55,6 +58,7 @@ class Layout:
     config: Callable[[dict, dict, list[str], dict[str, dict]], dict]
     grid: Callable[[dict, str], tuple[int, int]] = lambda quant, _module: (int(quant["bits"]), int(quant["group_size"]))
     per_module_grids: bool = True
+    zero_points: Callable[[torch.Tensor, int], str | None] | None = None
 
 
 def unquantized_modules(bundle: Bundle) -> list[str]:
@@ -173,6 +177,27 @@ def dynamic_grid(quant: dict, module: str) -> tuple[int, int]:
     return int(quant["bits"]), int(quant["group_size"])
 
 
+def refused_zero_points(bundle: Bundle, layout: Layout, written_float: dict[int, list[str]]) -> str | None:
+    """Why `layout` cannot store some asymmetric module's zero points, naming the first such
+    modules, or None. Reads only the bundle's `.zeros` tensors (`Bundle.stored_zero_points`), so
+    a bundle the export would refuse halfway (hours into a large model) is refused first."""
+    grids = [bundle.quant, *bundle.overridden_grids().values()]
+    if layout.zero_points is None or all(grid["sym"] for grid in grids):
+        return None
+    refused = []
+    for index in range(bundle.num_layers):
+        quantized = bundle.manifest["layers"][index]["quantized"]
+        for module, zeros in bundle.stored_zero_points(index):
+            grid = bundle.tensor_quant(index, module) if module in quantized else bundle.quant
+            if grid["sym"] or module in written_float.get(index, ()):
+                continue
+            if why := layout.zero_points(zeros, int(grid["bits"])):
+                refused.append(f"{bundle.table.prefix(index)}{module}: {why}")
+    if not refused:
+        return None
+    return f"{len(refused)} modules' zero points cannot be stored, e.g. " + "; ".join(refused[:3])
+
+
 def export_packed(bundle: Bundle, out_dir: Path, layout: Layout, max_shard_bytes: int = 5 * 10**9,
                   show_progress: bool = True) -> list[str]:
     """Write `bundle` in `layout` into the (empty) directory `out_dir`; returns the files written."""
@@ -189,6 +214,7 @@ def export_packed(bundle: Bundle, out_dir: Path, layout: Layout, max_shard_bytes
     if grid:
         problem = (f"the bundle is on llama.cpp's own {grid} grid (quantize --gguf-grid {grid}: fp16 offsets that "
                    f"no (code - zero) x scale layout holds), which only --format gguf --gguf-type {grid} stores")
+    problem = problem or refused_zero_points(bundle, layout, written_float)
     if problem:
         raise InputError(f"--format {layout.name}: {problem}")
     dtype = bundle.float_dtype()
