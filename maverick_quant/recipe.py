@@ -202,16 +202,26 @@ class AWQSpec:
             raise InputError(f"awq.max_shrink={self.max_shrink}: expected a fraction in [0, 1)")
 
 
+WINDOW_DRAWS = ("random", "disjoint")
+
+
 @dataclass(frozen=True)
 class CalibSpec:
-    """How calibration windows are drawn from a text source."""
+    """How calibration windows are drawn from a text source.
+
+    windows: `random` starts anywhere in the text, so windows may overlap (GPTQ's convention);
+             `disjoint` windows never share a token (`calibration.data.draw_windows`).
+    """
 
     samples: int = 128
     seq_len: int = 512
     seed: int = 0
     chat_template: bool = False
+    windows: str = "random"
 
     def __post_init__(self) -> None:
+        if self.windows not in WINDOW_DRAWS:
+            raise InputError(f"windows={self.windows!r}: expected one of {', '.join(WINDOW_DRAWS)}")
         if self.samples < 1:
             raise InputError(f"samples={self.samples}: expected at least 1 calibration window")
         if self.seq_len < 2:

@@ -114,3 +114,37 @@ def test_windows_that_must_overlap_come_with_a_note(tiny_llama_dir, tokenizer, t
     result = CliRunner().invoke(cli, ["calibrate", str(tiny_llama_dir), "--data", str(text), "--samples", "64",
                                       "--seq-len", "64", "--out", str(tmp_path / "calib")])
     assert result.exit_code == 0 and "they overlap" in result.output and "short.txt" in result.output, result.output
+
+
+def test_disjoint_windows_share_no_token_and_are_seeded(tmp_path: Path) -> None:
+    """windows=disjoint: over a stream of distinct tokens (0..T-1) no position is drawn twice,
+    the windows are the stream's own runs, the draw follows the seed, and asking for more
+    windows than fit is refused, naming the option; random windows on the same stream overlap."""
+    from maverick_quant.calibration.data import draw_windows
+
+    stream = torch.arange(1000)
+    spec = CalibSpec(samples=15, seq_len=64, seed=7, windows="disjoint")  # 15 of the 15 slots: a tight fit
+    windows = draw_windows(stream, spec, "text.txt")
+    assert windows.shape == (15, 64) and windows.unique().numel() == 15 * 64
+    assert torch.equal(windows - windows[:, :1], torch.arange(64).expand(15, 64))  # contiguous runs
+    assert torch.equal(windows, draw_windows(stream, spec, "text.txt"))
+    assert not torch.equal(windows, draw_windows(stream, CalibSpec(samples=15, seq_len=64, seed=8, windows="disjoint"), "t"))
+    randomly = draw_windows(stream, CalibSpec(samples=15, seq_len=64, seed=7), "text.txt")
+    assert randomly.unique().numel() < 15 * 64  # what disjoint windows avoid
+    with pytest.raises(InputError, match=r"text.txt: windows=disjoint: 16 windows of 64 tokens need 1024 tokens, "
+                                         r"the text has 1000 \(15 windows\)"):
+        draw_windows(stream, CalibSpec(samples=16, seq_len=64, windows="disjoint"), "text.txt")
+    with pytest.raises(InputError, match="windows='overlapping': expected one of random, disjoint"):
+        CalibSpec(windows="overlapping")
+
+
+def test_calibrate_draws_disjoint_windows_and_records_it(tiny_llama_dir, small_text_file: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from maverick_quant.cli import cli
+
+    result = CliRunner().invoke(cli, ["calibrate", str(tiny_llama_dir), "--data", str(small_text_file), "--samples", "4",
+                                      "--seq-len", "16", "--windows", "disjoint", "--out", str(tmp_path / "calib")])
+    assert result.exit_code == 0, result.output
+    calibration = CalibrationSet.load(tmp_path / "calib")
+    assert calibration.meta["windows"] == "disjoint" and calibration.input_ids.shape == (4, 16)

@@ -42,6 +42,7 @@ def test_shipped_recipes_load() -> None:
     ({"quantize": {"moe": {"polcy": "routed"}}}, "quantize.moe.polcy: unknown key; expected one of policy"),
     ({"quantize": {"method": "gptqq"}}, "quantize.method='gptqq': expected one of rtn, gptq, awq, awq+gptq"),
     ({"calibration": {"samples": "many"}}, "calibration.samples='many': expected int"),
+    ({"calibration": {"windows": "sliding"}}, "calibration.windows='sliding': expected one of random, disjoint"),
     ({"exports": [{"format": "onnx"}]}, "exports[].format='onnx': expected one of gptq, awq"),
     ({"exports": [{"format": "gguf", "gguf_type": "Q4_0"}]},
      "gguf_type Q4_0 cannot store the bundle's grid losslessly (Q4_0 stores a 4-bit symmetric grid"),

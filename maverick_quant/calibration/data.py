@@ -91,12 +91,25 @@ def token_stream(records: list[str], tokenizer) -> torch.Tensor:
 
 
 def draw_windows(stream: torch.Tensor, spec: CalibSpec, source: str) -> torch.Tensor:
-    """N windows [N, L] at seeded random starts in [0, T - L]."""
+    """N windows [N, L] of the stream [T], at starts a generator seeded with `spec.seed` draws.
+
+    random:   N starts uniform in [0, T - L], drawn independently (windows may overlap).
+    disjoint: the text is cut into S = T // L slots after an offset uniform in [0, T - S L];
+              N of the S slots are drawn without replacement (N <= S, else InputError)."""
     total = stream.numel()
     if total < spec.seq_len:
         raise InputError(f"{source}: only {total} tokens of calibration text, need at least seq_len={spec.seq_len}")
     generator = torch.Generator().manual_seed(spec.seed)
-    starts = torch.randint(0, total - spec.seq_len + 1, (spec.samples,), generator=generator)
+    if spec.windows == "disjoint":
+        slots = total // spec.seq_len
+        if spec.samples > slots:
+            raise InputError(f"{source}: windows=disjoint: {spec.samples} windows of {spec.seq_len} tokens need "
+                             f"{spec.samples * spec.seq_len} tokens, the text has {total} ({slots} windows); give more "
+                             "text, fewer samples or a shorter seq_len, or draw random windows (they may overlap)")
+        offset = int(torch.randint(0, total - slots * spec.seq_len + 1, (1,), generator=generator))
+        starts = offset + spec.seq_len * torch.randperm(slots, generator=generator)[: spec.samples]
+    else:
+        starts = torch.randint(0, total - spec.seq_len + 1, (spec.samples,), generator=generator)
     return torch.stack([stream[s : s + spec.seq_len] for s in starts.tolist()])
 
 
@@ -131,6 +144,7 @@ def build_calibration(records: list[str], tokenizer, spec: CalibSpec, source: st
         "seq_len": spec.seq_len,
         "seed": spec.seed,
         "chat_template": spec.chat_template,
+        "windows": spec.windows,
         "tokenizer": getattr(tokenizer, "name_or_path", ""),
         "windows_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
     }
@@ -139,7 +153,8 @@ def build_calibration(records: list[str], tokenizer, spec: CalibSpec, source: st
 
 def overlap_note(calibration: CalibrationSet) -> str | None:
     """A note when the windows, drawn at random starts (GPTQ's convention), ask for more tokens
-    than the text holds, so they must overlap (they may overlap anyway): None otherwise."""
+    than the text holds, so they must overlap (they may overlap anyway; `windows=disjoint`
+    never do): None otherwise."""
     text = calibration.meta.get("text_tokens")
     drawn = calibration.input_ids.numel()
     if not text or drawn <= text:
