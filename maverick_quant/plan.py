@@ -399,13 +399,13 @@ def make_plan(name: str, table, config, sizes: dict[str, int], calib: CalibSpec,
         cost, names, matrices = layer_cost(table, text, index, calib, spec, device, (shares or {}).get(index))
         layers.append(cost)
         layer_plan = table.plan(text, index)
-        for name in names:
-            tensor, weights = table.prefix(index) + name, math.prod(expected[table.prefix(index) + name])
+        for linear in names:
+            tensor, weights = table.prefix(index) + linear, math.prod(expected[table.prefix(index) + linear])
             grid = spec.weights_for(tensor.removesuffix(".weight"))
             params_by_grid[grid] = params_by_grid.get(grid, 0) + weights
-            expert_params += weights if layer_plan.moe and name in layer_plan.moe.fused_names else 0
+            expert_params += weights if layer_plan.moe and linear in layer_plan.moe.fused_names else 0
             quantized_bytes += sizes[tensor]
-            if name.removesuffix(".weight") in layer_plan.float_in_packed_exports:
+            if linear.removesuffix(".weight") in layer_plan.float_in_packed_exports:
                 floated, float_bytes = packed_float.get(grid, (0, 0))
                 packed_float[grid] = (floated + weights, float_bytes + sizes[tensor])
         count, tensors = count + matrices, tensors + len(names)

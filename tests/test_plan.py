@@ -24,6 +24,7 @@ def test_maverick_plan_fits_one_host_with_64_gib(tmp_path: Path) -> None:
                                       "--json", str(tmp_path / "plan.json")])
     assert result.exit_code == 0, result.output
     plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["name"] == "maverick" and result.output.startswith("# Plan for maverick\n"), result.output[:80]
     # 24 MoE layers x 128 experts x 3 + 48 x 4 attention + 24 dense MLPs x 3 + 24 shared experts x 3
     assert plan["quantized_tensors"] == 24 * 128 * 3 + 48 * 4 + 24 * 3 + 24 * 3
     assert 3.8e11 < plan["quantized_params"] < 4.0e11
