@@ -32,7 +32,7 @@ from typing import Any, Iterator
 
 import torch
 
-from maverick_quant.checkpoint import (TORCH_DTYPES, TensorInfo, read_rows, read_safetensors_header, read_tensor, save_safetensors_atomic,
+from maverick_quant.checkpoint import (TORCH_DTYPES, TensorInfo, is_temporary, read_rows, read_safetensors_header, read_tensor, save_safetensors_atomic,
                                        sha256_file, write_json_atomic)
 from maverick_quant.arch.base import FusedExpertsBuilder
 from maverick_quant.compress.pack import pack_nibbles, unpack_nibbles
@@ -165,7 +165,9 @@ class BundleWriter:
         files = {}
         for path in sorted(self.root.rglob("*")):
             name = path.relative_to(self.root).as_posix()
-            if path.is_file() and path.name != MANIFEST:
+            if path.is_file() and is_temporary(path):  # a killed write's (a resumed run's work directory)
+                path.unlink()
+            elif path.is_file() and path.name != MANIFEST:
                 files[name] = {"sha256": recorded.get(name) or sha256_file(path), "bytes": path.stat().st_size}
         manifest = {"format": BUNDLE_FORMAT, "format_version": 1, **manifest, "layers": layers, "files": files}
         write_json_atomic(self.root / MANIFEST, manifest)

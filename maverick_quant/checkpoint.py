@@ -396,9 +396,20 @@ def _fsync_directory(path: Path) -> None:
         os.close(directory)
 
 
+def temporary_name(path: Path) -> Path:
+    """The name an atomic write of `path` writes first: `.NAME.tmp` beside it."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+def is_temporary(path: Path) -> bool:
+    """Whether `path` is an atomic write's temporary file (`temporary_name`), which a killed
+    write leaves behind and no finished output may list."""
+    return path.name.startswith(".") and path.name.endswith(".tmp")
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write `text` to a temporary name in the same directory, then rename over `path` (durably)."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temporary_name(path)
     tmp.write_text(text, encoding="utf-8")
     durable_replace(tmp, path)
 
@@ -422,7 +433,7 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metada
     from safetensors.torch import save_file
 
     global _atomic_writes
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temporary_name(path)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata or {"format": "pt"})
     _atomic_writes += 1
     if os.environ.get(KILL_DURING_WRITE) == str(_atomic_writes):

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from maverick_quant.bundle import Bundle
 from maverick_quant.checkpoint import KILL_DURING_WRITE
 from maverick_quant.cli import cli
 from maverick_quant.resume import state_dir_for, work_dir_for
@@ -183,6 +184,7 @@ def test_disk_full_keeps_finished_layers_and_resumes(tiny_llama_dir: Path, small
     result = runner.invoke(cli, args(tmp_path / "bundle") + ["--resume"])
     assert result.exit_code == 0, result.output
     assert _tensor_files(tmp_path / "bundle") == _tensor_files(tmp_path / "reference")
+    assert set(Bundle(tmp_path / "bundle").manifest["files"]) == set(Bundle(tmp_path / "reference").manifest["files"])
 
 
 def test_an_output_that_cannot_be_created_is_named(tiny_llama_dir: Path, tmp_path: Path) -> None:
@@ -279,8 +281,10 @@ def test_a_run_stopped_after_its_last_layer_resumes_without_recomputing_anything
     state = state_dir_for(tmp_path / "bundle")
     assert json.loads((state / "progress.json").read_text())["next_layer"] == 3 and not list(state.glob("hidden*"))
     monkeypatch.setattr(bundle_module, "save_safetensors_atomic", real_save)
+    (work_dir_for(tmp_path / "bundle") / ".manifest.json.tmp").write_text("{")  # as a kill inside the manifest's write leaves
     monkeypatch.setattr(StreamingModel, "embed", lambda *a: pytest.fail("embedded the calibration tokens again"))
     monkeypatch.setattr(StreamingModel, "layer", lambda *a: pytest.fail("built a finished layer again"))
     result = runner.invoke(cli, args(tmp_path / "bundle") + ["--resume"])
     assert result.exit_code == 0, result.output
     assert _tensor_files(tmp_path / "bundle") == _tensor_files(tmp_path / "reference")
+    assert set(Bundle(tmp_path / "bundle").manifest["files"]) == set(Bundle(tmp_path / "reference").manifest["files"])
