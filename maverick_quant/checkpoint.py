@@ -98,7 +98,10 @@ def _entry_fields(path: Path, name: str, entry) -> tuple[str, tuple[int, ...], i
 
 
 def _tensor_infos(path: Path, header: dict, data_size: int, data_start: int) -> dict[str, TensorInfo]:
-    infos, data_end = {}, 0
+    """The header's tensors, checked to tile the data section exactly: sorted by offset, each
+    starts where the one before ends, from 0 to the section's end (safetensors' own rule), so no
+    two tensors share bytes and no bytes go unexplained."""
+    infos, spans = {}, []
     for name, entry in header.items():
         dtype, shape, begin, end = _entry_fields(path, name, entry)
         numel = 1
@@ -106,8 +109,15 @@ def _tensor_infos(path: Path, header: dict, data_size: int, data_start: int) -> 
             numel *= dim
         if end - begin != numel * DTYPE_SIZES[dtype]:
             raise InputError(f"{path}: tensor {name!r} byte range {begin}..{end} does not match shape {list(shape)} {dtype}")
-        data_end = max(data_end, end)
+        spans.append((begin, end, name))
         infos[name] = TensorInfo(path, dtype, shape, data_start + begin, data_start + end)
+    data_end = 0
+    for begin, end, name in sorted(spans):
+        if begin != data_end:
+            raise InputError(f"{path}: corrupt safetensors file: tensor {name!r} byte range {begin}..{end} "
+                             f"{'overlaps the tensor before it' if begin < data_end else 'leaves unexplained bytes before it'} "
+                             f"(expected it to start at {data_end})")
+        data_end = end
     if data_end > data_size:
         raise InputError(f"{path}: truncated safetensors file: tensors need {data_end} data bytes, file has {data_size}")
     if data_end < data_size:
@@ -115,8 +125,9 @@ def _tensor_infos(path: Path, header: dict, data_size: int, data_start: int) -> 
     return infos
 
 
-def _shard_files(model_dir: Path) -> list[Path]:
-    """The shard files named by the index (checked to stay inside model_dir), or the single file."""
+def _shard_files(model_dir: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """(the shard files named by the index (checked to stay inside model_dir), the index's
+    {tensor: shard}), or ([the single file], None)."""
     index_path = model_dir / INDEX_NAME
     if index_path.exists():
         try:
@@ -132,12 +143,12 @@ def _shard_files(model_dir: Path) -> list[Path]:
             if not (model_dir / rel).exists():
                 raise InputError(f"{index_path}: tensor {name!r} is in {rel!r}, which is missing from {model_dir}")
             files.append(model_dir / rel)
-        return sorted(set(files))
+        return sorted(set(files)), weight_map
     if (model_dir / SINGLE_NAME).exists():
-        return [model_dir / SINGLE_NAME]
+        return [model_dir / SINGLE_NAME], None
     singles = sorted(model_dir.glob("*.safetensors"))
     if len(singles) == 1:
-        return singles
+        return singles, None
     pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         raise InputError(
@@ -147,6 +158,16 @@ def _shard_files(model_dir: Path) -> list[Path]:
     raise InputError(f"{model_dir}: no {SINGLE_NAME} or {INDEX_NAME} found")
 
 
+def _check_index(model_dir: Path, weight_map: dict[str, str], tensors: dict[str, TensorInfo]) -> None:
+    """InputError unless every tensor the index names is in some shard. (transformers and vLLM
+    load every tensor of the shard files the index lists, wherever the index places it, so a
+    tensor in another shard than indexed, or not indexed, is read as they read it.)"""
+    missing = sorted(set(weight_map) - set(tensors))
+    if missing:
+        raise InputError(f"{model_dir / INDEX_NAME}: {len(missing)} tensors it indexes are in no shard "
+                         f"(e.g. {missing[0]!r}, indexed in {weight_map[missing[0]]})")
+
+
 class Checkpoint:
     """A Hugging Face model directory read lazily: headers now, tensor data on demand."""
 
@@ -154,10 +175,16 @@ class Checkpoint:
         self.model_dir = Path(model_dir)
         if not (self.model_dir / "config.json").is_file():
             raise InputError(f"{self.model_dir}: not a model directory (no config.json)")
-        self.files = _shard_files(self.model_dir)
+        self.files, weight_map = _shard_files(self.model_dir)
         self.tensors: dict[str, TensorInfo] = {}
         for path in self.files:
-            self.tensors.update(read_safetensors_header(path))
+            for name, info in read_safetensors_header(path).items():
+                if name in self.tensors:
+                    raise InputError(f"{self.model_dir}: tensor {name!r} is stored twice, in "
+                                     f"{self.tensors[name].file.name} and in {path.name}")
+                self.tensors[name] = info
+        if weight_map is not None:
+            _check_index(self.model_dir, weight_map, self.tensors)
 
     def load_config(self):
         """The transformers config (never trust_remote_code)."""

@@ -305,6 +305,40 @@ def test_mangled_safetensors_headers_give_a_clean_error_never_a_traceback(tmp_pa
             assert dim >= 0
             numel *= dim
         assert 0 <= info.begin <= info.end <= len(shard) and info.end - info.begin == numel * DTYPE_SIZES[info.dtype]
+    spans = sorted((info.begin, info.end) for info in infos.values())
+    assert all(end == begin for (_, end), (begin, _) in zip(spans, spans[1:])), spans  # no shared bytes, no gaps
+    assert not spans or spans[-1][1] == len(shard)
+
+
+@pytest.mark.parametrize("offsets, words", [({"a": [0, 8], "b": [0, 8], "c": [16, 24]}, "'b' byte range 0..8 overlaps"),
+                                            ({"a": [0, 8], "b": [16, 24], "c": [24, 32]}, "'b' byte range 16..24 leaves "
+                                                                                         "unexplained bytes before it")])
+def test_tensors_that_share_bytes_or_leave_gaps_are_refused(tmp_path: Path, offsets: dict, words: str) -> None:
+    """The header's byte ranges must tile the data section, as safetensors itself requires:
+    two tensors over the same bytes would silently read the same values."""
+    header = {name: {"dtype": "F32", "shape": [2], "data_offsets": span} for name, span in offsets.items()}
+    body = json.dumps(header).encode()
+    path = tmp_path / "shard.safetensors"
+    path.write_bytes(struct.pack("<Q", len(body)) + body + bytes(max(end for _, end in offsets.values())))
+    with pytest.raises(InputError, match=f"shard.safetensors: corrupt safetensors file: tensor {words}"):
+        read_safetensors_header(path)
+
+
+def test_a_tensor_stored_twice_or_indexed_but_in_no_shard_is_refused(model_copy: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    index_path = model_copy / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    first, second = _shards(model_copy)[:2]
+    stray = next(iter(load_file(first)))
+    save_file({**load_file(second), stray: load_file(first)[stray]}, second, metadata={"format": "pt"})
+    _assert_refused(_quantize_rtn(model_copy, tmp_path / "out"), tmp_path / "out",
+                    f"tensor {stray!r} is stored twice, in {first.name} and in {second.name}")
+    save_file({k: v for k, v in load_file(second).items() if k != stray}, second, metadata={"format": "pt"})
+    index["weight_map"]["vision_model.extra.weight"] = second.name
+    index_path.write_text(json.dumps(index))
+    _assert_refused(_quantize_rtn(model_copy, tmp_path / "out"), tmp_path / "out",
+                    "1 tensors it indexes are in no shard (e.g. 'vision_model.extra.weight', indexed in")
 
 
 def test_a_finished_directory_is_flushed_file_by_file_before_it_is_renamed(tmp_path: Path, monkeypatch) -> None:
