@@ -221,6 +221,9 @@ class Checkpoint:
         info = self.tensors.get(name)
         if info is None:
             raise InputError(f"{self.model_dir}: tensor {name!r} not found")
+        if info.dtype not in TORCH_DTYPES:
+            raise InputError(f"{info.file}: tensor {name!r} has dtype {info.dtype}, which maverick-quant cannot read "
+                             f"(it reads {', '.join(TORCH_DTYPES)})")
         tensor = read_tensor(info)
         if check_finite and not all_finite(tensor):
             raise InputError(f"{info.file}: tensor {name!r} contains NaN or Inf values")

@@ -130,14 +130,28 @@ def quantize_layer_calibrated(model: StreamingModel, index: int, layer: torch.nn
     return quantized, {**stats, **awq_stats}
 
 
-def _model_level_tensors(source: CheckpointSource) -> dict[str, torch.Tensor]:
+def _model_level_names(source: CheckpointSource) -> list[str]:
     """Embeddings, final norm, an untied lm_head, and every tensor under the table's
-    pass-through prefixes (a vision tower and its projector), unchanged."""
+    pass-through prefixes (a vision tower and its projector)."""
     table, names = source.table, source.checkpoint.tensors
     wanted = [table.embed, table.final_norm] + ([table.lm_head] if table.lm_head in names else [])
     if table.passthrough_prefixes:
         wanted += [name for name in names if name.startswith(table.passthrough_prefixes)]
-    return {name: source.checkpoint.get(name) for name in wanted}
+    return wanted
+
+
+def _model_level_tensors(source: CheckpointSource) -> dict[str, torch.Tensor]:
+    """The model-level tensors (`_model_level_names`), unchanged."""
+    return {name: source.checkpoint.get(name) for name in _model_level_names(source)}
+
+
+def check_model_level_tensors(source: CheckpointSource) -> None:
+    """Read every model-level tensor once (readable dtype, finite: `Checkpoint.get`) and drop
+    it, before the first layer: they are written after the last layer, and a bad one found
+    there would throw away the whole run (for Maverick about 6 GB read: embeddings, lm_head
+    and the vision tower)."""
+    for name in _model_level_names(source):
+        source.checkpoint.get(name)
 
 
 def refuse_overridden_experts(model: StreamingModel, spec: QuantizeSpec) -> None:
@@ -194,6 +208,8 @@ def quantize_model(source: CheckpointSource, calibration: CalibrationSet | None,
     first_layer, hidden = state.load_progress(writer.completed_layers()) if state else (0, None)
     if parallel is not None:
         parallel.check_same_start(first_layer, state.folder if state else None)
+    if first_layer < model.num_layers and writes:
+        check_model_level_tensors(source)
     if needs_data and hidden is None and first_layer < model.num_layers:  # else only the finish is left
         hidden = model.embed(calibration.input_ids)
     release_free_memory()

@@ -359,3 +359,17 @@ def test_a_finished_directory_is_flushed_file_by_file_before_it_is_renamed(tmp_p
     assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"] and not staging.exists()
     assert sorted(synced[:2]) == sorted(str(staging / name) for name in ("config.json", "model.safetensors"))
     assert synced[2:] == [str(staging), str(tmp_path)]
+
+
+def test_a_bad_model_level_tensor_is_refused_before_the_first_layer(model_copy: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The final norm is written after the last layer; a NaN in it is found before the first
+    layer is built, not after hours of work that the refusal would throw away."""
+    from maverick_quant.streaming import StreamingModel
+
+    name = "model.norm.weight"
+    weight = load_file(str(model_copy / json.loads((model_copy / "model.safetensors.index.json").read_text())["weight_map"][name]))[name]
+    weight[3] = float("inf")
+    _rewrite_tensor(model_copy, name, weight)
+    monkeypatch.setattr(StreamingModel, "layer", lambda *a, **k: pytest.fail("built a layer before refusing"))
+    _assert_refused(_quantize_rtn(model_copy, tmp_path / "out"), tmp_path / "out", name, "NaN or Inf")
