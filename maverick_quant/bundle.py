@@ -32,7 +32,7 @@ from typing import Any, Iterator
 
 import torch
 
-from maverick_quant.checkpoint import (TORCH_DTYPES, TensorInfo, is_temporary, read_rows, read_safetensors_header, read_tensor, save_safetensors_atomic,
+from maverick_quant.checkpoint import (TORCH_DTYPES, TensorInfo, is_temporary, load_model_config, read_rows, read_safetensors_header, read_tensor, save_safetensors_atomic,
                                        sha256_file, write_json_atomic)
 from maverick_quant.arch.base import FusedExpertsBuilder
 from maverick_quant.compress.pack import pack_nibbles, unpack_nibbles
@@ -209,9 +209,8 @@ class Bundle:
             raise InputError(f"{self.root / MANIFEST}: format {self.manifest.get('format')!r}, expected {BUNDLE_FORMAT!r}")
         self._check_files_present()
         from maverick_quant.arch.registry import table_for
-        from transformers import AutoConfig
 
-        self.config = AutoConfig.from_pretrained(self.root, trust_remote_code=False)
+        self.config = load_model_config(self.root)
         self.table = table_for(self.config, str(self.root / "config.json"))
         self.text_config = self.table.text_config(self.config)
         self.quant = self.manifest["recipe"]["weights"]

@@ -325,11 +325,11 @@ def _plan_device(name: str) -> tuple[str, dict | None]:
 
 
 def _config_only(model_dir: Path):
-    from transformers import AutoConfig
+    from maverick_quant.checkpoint import load_model_config
 
     if not (model_dir / "config.json").is_file():
         raise InputError(f"{model_dir}: not a model directory (no config.json)")
-    return AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    return load_model_config(model_dir)
 
 
 def _recipe_model_dir(model: str) -> Path:

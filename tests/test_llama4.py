@@ -108,3 +108,34 @@ def test_expert_chunks_fit_the_budget_for_maverick() -> None:
         assert "--moe-chunk-mib 2048" in str(exc)
     else:
         raise AssertionError("a budget below one expert must be refused")
+
+
+def test_a_published_config_with_attn_temperature_tuning_4_is_read_as_on(tiny_llama4_dir, tmp_path) -> None:
+    """Meta's Llama 4 configs write `attn_temperature_tuning: 4`, which transformers 5's strict
+    config refuses: it is read as true (what it means), the bundle equals the one made from the
+    same model with `true`, and an export's config.json writes `true`; a config transformers
+    cannot read at all is an error naming the file, not a traceback."""
+    import json
+    import shutil
+
+    from conftest import run_cli
+
+    model = tmp_path / "published"
+    shutil.copytree(tiny_llama4_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    assert config["text_config"]["attn_temperature_tuning"] is True
+    config["text_config"]["attn_temperature_tuning"] = 4
+    (model / "config.json").write_text(json.dumps(config))
+    assert open_source(model).config.text_config.attn_temperature_tuning is True
+    for source, out in ((tiny_llama4_dir, tmp_path / "b-true"), (model, tmp_path / "b-4")):
+        code, output = run_cli("quantize", source, "--method", "rtn", "--out", out, "--no-progress")
+        assert code == 0, output
+    for layer in sorted((tmp_path / "b-true" / "layers").glob("*.safetensors")):
+        assert layer.read_bytes() == (tmp_path / "b-4" / "layers" / layer.name).read_bytes(), layer.name
+    code, output = run_cli("export", tmp_path / "b-4", "--format", "gptq", "--out", tmp_path / "gptq")
+    assert code == 0, output
+    assert json.loads((tmp_path / "gptq" / "config.json").read_text())["text_config"]["attn_temperature_tuning"] is True
+    config["text_config"]["hidden_size"] = "wide"
+    (model / "config.json").write_text(json.dumps(config))
+    code, output = run_cli("quantize", model, "--method", "rtn", "--out", tmp_path / "b-bad", "--no-progress")
+    assert code == 2 and f"{model / 'config.json'}: cannot be read as a transformers config" in output, output

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from maverick_quant.arch.base import FusedExpertsBuilder
 from maverick_quant.bundle import Bundle, copy_model_files
-from maverick_quant.checkpoint import Checkpoint, ShardedWriter, write_json_atomic
+from maverick_quant.checkpoint import Checkpoint, ShardedWriter, published_quirks_fixed, write_json_atomic
 from maverick_quant.compress.types import QuantizedWeight
 from maverick_quant.errors import InputError
 from maverick_quant.recipe import offset_grid_name
@@ -244,6 +244,7 @@ def export_packed(bundle: Bundle, out_dir: Path, layout: Layout, max_shard_bytes
     shards = writer.close()
     copied = copy_model_files(bundle.root, out_dir)
     config = json.loads((out_dir / "config.json").read_text())
+    published_quirks_fixed(config)  # what transformers 5 refuses, written as the value it means
     config["quantization_config"] = layout.config(bundle.quant, bundle.manifest["recipe"], unquantized, overrides)
     write_json_atomic(out_dir / "config.json", config)
     return shards + copied
