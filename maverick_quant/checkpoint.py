@@ -200,7 +200,7 @@ def load_model_config(folder: Path):
             config = AutoConfig.for_model(model_type, **data)
             config.name_or_path = str(folder)
             return config
-        return AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        return AutoConfig.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
     except (ValueError, OSError, KeyError, TypeError, StrictDataclassError) as exc:
         raise InputError(f"{path}: cannot be read as a transformers config ({exc})") from None
 

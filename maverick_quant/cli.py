@@ -395,7 +395,7 @@ def imatrix(model_dir, data, calib, out, samples, seq_len, seed, chat_template, 
 @cli.command()
 @click.option("--reference", required=True, type=click.Path(path_type=Path), help="Original model directory.")
 @click.option("--candidate", required=True, type=click.Path(path_type=Path), help="Bundle, export directory, or GGUF file (run in llama.cpp).")
-@click.option("--data", required=True, type=click.Path(path_type=Path), help="Evaluation text (.txt or .jsonl).")
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="Evaluation text (JSON Lines .jsonl/.ndjson/.json with 'text' records, else plain text).")
 @click.option("--report", "report_dir", required=True, type=click.Path(path_type=Path))
 @click.option("--ctx", type=click.IntRange(min=2), default=512, show_default=True, help="Tokens per window.")
 @click.option("--max-windows", type=click.IntRange(min=0), default=40, show_default=True,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,61 @@ def test_jsonl_text_and_chat_records(tiny_llama_dir, tokenizer, tmp_path: Path) 
     for data in (str(plain), "self"):
         with pytest.raises(InputError, match="--chat-template renders the 'messages' of a .jsonl file"):
             make_calibration(tiny_llama_dir, data, CalibSpec(samples=2, seq_len=16, chat_template=True), tokenizer)
+
+
+def test_json_lines_files_read_record_by_record(tiny_llama_dir, tokenizer, tmp_path: Path) -> None:
+    """Lines end at \\n only (a JSON string may hold U+2028 or U+0085 raw, as json.dumps(...,
+    ensure_ascii=False) writes it); `.json`/`.ndjson` JSON Lines (what Dataset.to_json writes)
+    are records, not plain text whose JSON syntax would be calibrated on; chat records are
+    joined without an EOS of ours after the template's own end of turn."""
+    from maverick_quant.calibration.data import read_records, token_stream
+
+    texts = ["first line\u2028still the first record", "second\x85record", "third record"]
+    body = "\n".join(json.dumps({"text": text}, ensure_ascii=False) for text in texts) + "\n"
+    for suffix in (".jsonl", ".json", ".ndjson"):
+        path = tmp_path / f"data{suffix}"
+        path.write_text(body, encoding="utf-8")
+        assert read_records(path, tokenizer, False) == texts, suffix
+    messages = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "It is 4."}]
+    chat_file = tmp_path / "chat.jsonl"
+    chat_file.write_text("\n".join(json.dumps({"messages": messages}) for _ in range(3)))
+    records = read_records(chat_file, tokenizer, True)
+    rendered = [tokenizer(record, add_special_tokens=False)["input_ids"] for record in records]
+    assert token_stream(records, tokenizer, join_with_eos=False).tolist() == [t for ids in rendered for t in ids]
+    chat = make_calibration(tiny_llama_dir, str(chat_file), CalibSpec(samples=1, seq_len=len(rendered[0]) * 3,
+                                                                      chat_template=True), tokenizer)
+    assert chat.input_ids[0].tolist() == [t for ids in rendered for t in ids]
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"text": "fine"}\n\xe9t\xe9\n', "bad.jsonl:2: not UTF-8 (byte 0xe9)"),
+    (b'["a list"]\n', "bad.jsonl:1: expected a JSON object per line, got list"),
+    (b'{"messages": []}\n', "bad.jsonl:1: --chat-template expects a non-empty 'messages' list"),
+    (b'{"messages": ["hi"]}\n', "bad.jsonl:1: --chat-template expects a non-empty 'messages' list"),
+])
+def test_malformed_json_lines_name_the_file_and_line(tiny_llama_dir, tokenizer, tmp_path: Path, content: bytes,
+                                                     message: str) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(InputError, match=re.escape(message)):
+        make_calibration(tiny_llama_dir, str(path), CalibSpec(samples=1, seq_len=2, chat_template=b"messages" in content),
+                         tokenizer)
+
+
+def test_a_model_name_that_is_not_a_folder_here_is_refused_never_downloaded(tmp_path: Path, monkeypatch) -> None:
+    """A hub name is refused before transformers could look it up (no network is touched:
+    HF_HUB_OFFLINE would make a lookup fail differently)."""
+    from click.testing import CliRunner
+
+    from maverick_quant.cli import cli
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    text = tmp_path / "t.txt"
+    text.write_text("words " * 100)
+    result = CliRunner().invoke(cli, ["calibrate", "meta-llama/Llama-3.2-1B", "--data", str(text), "--out",
+                                      str(tmp_path / "calib"), "--samples", "1", "--seq-len", "8"])
+    assert result.exit_code == 2 and "meta-llama/Llama-3.2-1B: not a model folder here" in result.output, result.output
+    assert "never downloads" in result.output and not (tmp_path / "calib").exists()
 
 
 @pytest.mark.parametrize("content, match", [("", "empty"), ("short text", "need at least"), ('{"text": 3}\n', "string 'text'")])

@@ -46,18 +46,27 @@ class CalibrationSet:
         return cls(input_ids, json.loads((calib_dir / CALIB_META).read_text()))
 
 
+JSON_LINES_SUFFIXES = (".jsonl", ".ndjson", ".json")  # JSON Lines, as `Dataset.to_json` writes them
+
+
 def read_records(path: Path, tokenizer, chat_template: bool) -> list[str]:
-    """The text records of a .txt or .jsonl file (chat messages rendered when asked)."""
+    """The text records of a JSON Lines file (`JSON_LINES_SUFFIXES`; chat messages rendered
+    when asked) or of any other file, read as one plain-text record."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: data file not found")
-    if chat_template and path.suffix.lower() != ".jsonl":  # else the template would be silently left out
+    json_lines = path.suffix.lower() in JSON_LINES_SUFFIXES
+    if chat_template and not json_lines:  # else the template would be silently left out
         raise InputError(f"{path}: --chat-template renders the 'messages' of a .jsonl file; this is plain text")
-    if path.suffix.lower() != ".jsonl":
+    if not json_lines:
         text = path.read_text(encoding="utf-8", errors="replace")
         return [text] if text.strip() else []
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):  # \n only: JSON strings may hold U+2028
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{path}:{number}: not UTF-8 (byte {raw[exc.start]:#04x}); JSON Lines are UTF-8") from None
         if line.strip():
             records.append(_record_text(path, number, line, tokenizer, chat_template))
     return records
@@ -68,20 +77,29 @@ def _record_text(path: Path, number: int, line: str, tokenizer, chat_template: b
         record = json.loads(line)
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+    if not isinstance(record, dict):
+        raise InputError(f"{path}:{number}: expected a JSON object per line, got {type(record).__name__}")
     if chat_template:
-        if not isinstance(record.get("messages"), list):
-            raise InputError(f"{path}:{number}: --chat-template expects a 'messages' list in every record")
+        messages = record.get("messages")
+        if not (isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)):
+            raise InputError(f"{path}:{number}: --chat-template expects a non-empty 'messages' list of "
+                             "{'role': ..., 'content': ...} objects in every record")
         if not getattr(tokenizer, "chat_template", None):
             raise InputError("--chat-template: the model's tokenizer has no chat template")
-        return tokenizer.apply_chat_template(record["messages"], tokenize=False)
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False)
+        except Exception as exc:  # jinja2's TemplateError, or what the template itself raises
+            raise InputError(f"{path}:{number}: the chat template cannot render these messages ({exc})") from None
     if not isinstance(record.get("text"), str):
         raise InputError(f"{path}:{number}: expected a string 'text' field (or use --chat-template with 'messages')")
     return record["text"]
 
 
-def token_stream(records: list[str], tokenizer) -> torch.Tensor:
-    """All records tokenized (no special tokens) and joined by EOS: int64 [T]."""
-    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+def token_stream(records: list[str], tokenizer, join_with_eos: bool = True) -> torch.Tensor:
+    """All records tokenized (no special tokens added) and joined by EOS: int64 [T]. Records
+    rendered by a chat template end their turns with the template's own tokens, so they are
+    joined without one (`join_with_eos=False`): no doubled end of turn that real chats never hold."""
+    separator = [tokenizer.eos_token_id] if join_with_eos and tokenizer.eos_token_id is not None else []
     ids: list[int] = []
     for record in records:
         if ids:
@@ -134,7 +152,7 @@ def build_calibration(records: list[str], tokenizer, spec: CalibSpec, source: st
     """Windows drawn from the records, with the provenance a later run needs to trust them."""
     if not records:
         raise InputError(f"{source}: calibration data is empty")
-    stream = token_stream(records, tokenizer)
+    stream = token_stream(records, tokenizer, join_with_eos=not spec.chat_template)
     windows = draw_windows(stream, spec, source)
     meta = {
         "source": source,
@@ -165,11 +183,15 @@ def overlap_note(calibration: CalibrationSet) -> str | None:
 
 
 def load_tokenizer(model_dir: Path):
-    """The model's own tokenizer (never trust_remote_code)."""
+    """The tokenizer of the local model folder `model_dir`: never downloaded (a name that is not
+    a folder here is refused, not looked up on a model hub), never trust_remote_code."""
     from transformers import AutoTokenizer
 
+    if not Path(model_dir).is_dir():
+        raise InputError(f"{model_dir}: not a model folder here (maverick-quant reads local folders only and never "
+                         "downloads; fetch the model first, e.g. `huggingface-cli download NAME --local-dir DIR`)")
     try:
-        return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise InputError(f"{model_dir}: cannot load its tokenizer ({exc})") from None
 

@@ -18,11 +18,14 @@ import torch
 
 def generate_self_text(model_dir: Path, n_samples: int, max_new_tokens: int, seed: int, batch_size: int = 16) -> list[str]:
     """`n_samples` decoded texts of up to `max_new_tokens` tokens each, deterministic for `seed`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from maverick_quant.calibration.data import load_tokenizer
 
     check_fits_in_memory(Path(model_dir))
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False).eval()
+    tokenizer = load_tokenizer(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False,
+                                                 local_files_only=True).eval()
     generator = torch.Generator().manual_seed(seed)
     first = torch.randint(0, len(tokenizer), (n_samples, 1), generator=generator)
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id

@@ -471,7 +471,7 @@ def tokenizer_pre(model_dir: Path, model_type: str) -> str | None:
 def add_tokenizer(writer, model_dir: Path, vocab_size: int, pre: str) -> None:
     """Byte-level BPE vocabulary (tokens, types, merges, special ids, chat template)."""
     import gguf
-    from transformers import AutoTokenizer
+    from maverick_quant.calibration.data import load_tokenizer
 
     if not (model_dir / "tokenizer.json").is_file():
         raise InputError(f"{model_dir}: --format gguf needs tokenizer.json (a Hugging Face fast tokenizer)")
@@ -479,7 +479,7 @@ def add_tokenizer(writer, model_dir: Path, vocab_size: int, pre: str) -> None:
     if model.get("type") != "BPE":
         raise InputError(f"{model_dir}/tokenizer.json: model type {model.get('type')!r}; --format gguf writes "
                          "byte-level BPE vocabularies only")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     by_id = {index: token for token, index in tokenizer.get_vocab().items()}
     if by_id and max(by_id) >= vocab_size:
         raise InputError(f"{model_dir}: the tokenizer has token id {max(by_id)}, beyond the model's vocab_size {vocab_size}")
