@@ -10,14 +10,14 @@ The disk part (reads, writes, hashes) is `disk.py`.
 
 from __future__ import annotations
 
-import json
+import re
 import time
 from pathlib import Path
 
 import torch
 
 from maverick_quant.checkpoint import write_json_atomic
-from maverick_quant.sources import cache_dir
+from maverick_quant.sources import cache_dir, read_cached
 
 
 COST_MODEL = 6  # bump when the rates measured change: cached rates of another model are not reused
@@ -95,12 +95,32 @@ def gptq_flops(rows: int, cols: int) -> float:
     return 2 * rows * cols**2 + cols**3
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo; else the platform's processor string)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def rates_cache(device: torch.device | str = "cpu") -> Path:
-    """Where this machine's measured rates on `device` are kept (per device, thread count and
-    cost-model version)."""
+    """Where this machine's measured rates on `device` are kept: per cost-model version, device
+    (the CPU's model and thread count, or the GPU's name) and torch version, so a cache in a home
+    folder shared by other machines, or kept across a torch upgrade, is not taken for this one's."""
     device = torch.device(device)
-    where = f"{torch.get_num_threads()}" if device.type == "cpu" else torch.cuda.get_device_name(device).replace(" ", "_")
-    return cache_dir() / f"plan-rates-v{COST_MODEL}-{device.type}-{where}.json"
+    where = f"{cpu_model()}-{torch.get_num_threads()}" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    slug = re.sub(r"[^A-Za-z0-9.]+", "_", f"{where}-torch{torch.__version__}")
+    return cache_dir() / f"plan-rates-v{COST_MODEL}-{device.type}-{slug}.json"
+
+
+RATE_KEYS = ("matmul_flops_per_s", "gptq_flops_per_s", "gptq_column_seconds", "clip_search_seconds_per_weight",
+             "dequantize_seconds_per_weight", "rtn_seconds_per_weight", "round_seconds_per_weight", "threads", "model",
+             "device")
 
 
 def machine_rates(cache: Path | None = None, device: torch.device | str = "cpu") -> dict:
@@ -111,14 +131,15 @@ def machine_rates(cache: Path | None = None, device: torch.device | str = "cpu")
     host's seconds per weight to dequantize a bundle's weight (validate's candidate); and the
     device's seconds per weight to round AWQ's scale candidates to nearest and to quantize a
     weight to nearest."""
-    if cache is not None and cache.is_file():
-        return json.loads(cache.read_text())
+    cached = read_cached(cache, RATE_KEYS)
+    if cached is not None and cached["model"] == COST_MODEL:
+        return cached
     device = torch.device(device)
     size = 1024 if device.type == "cpu" else 8192
     a = torch.randn(size, size, device=device)
     a @ a
     repeats = 8
-    matmul = repeats * 2 * size**3 / _timed(lambda: [a @ a for _ in range(repeats)], device)
+    matmul = repeats * 2 * size**3 / min(_timed(lambda: [a @ a for _ in range(repeats)], device) for _ in range(3))
     small, large = (512, 256), (2048, 1024)
     t_small, t_large = _gptq_seconds(*small, device), _gptq_seconds(*large, device)
     # solve t = K c + F / r for (c, 1/r) from the two measurements

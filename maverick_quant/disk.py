@@ -19,7 +19,6 @@ largest shard when a model directory is given; hash = sha256 over `PROBE_BYTES` 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import statistics
 import tempfile
@@ -28,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from maverick_quant.checkpoint import write_json_atomic
+from maverick_quant.sources import read_cached
 
 PROBE_BYTES = 64 * 2**20
 PROBES = 3
@@ -116,8 +116,9 @@ def measure_disk(folder: Path, model_dir: Path | None = None, cache_dir: Path | 
     shards = [shard for shard in shards if shard.stat().st_size >= PROBE_BYTES]  # big enough to time
     key = f"{folder.stat().st_dev}-{shards[-1].stat().st_dev if shards else 'same'}"
     cache = Path(cache_dir) / f"plan-disk-v1-{key}.json" if cache_dir is not None else None
-    if cache is not None and cache.is_file():  # measured once per pair of disks
-        return DiskRates(**{**json.loads(cache.read_text()), "where": f"measured earlier, kept in {cache}"})
+    cached = read_cached(cache, ("write", "read", "hash"))
+    if cached is not None and min(cached["write"], cached["read"], cached["hash"]) > 0:  # measured once per pair of disks
+        return DiskRates(cached["write"], cached["read"], cached["hash"], f"measured earlier, kept in {cache}")
     tries = [write_read_rates(folder) for _ in range(PROBES)]
     write, read = statistics.median(t[0] for t in tries), statistics.median(t[1] for t in tries)
     where = f"writes in {folder.resolve()}"

@@ -10,6 +10,7 @@ the `llm` tool, which we do not want).
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 from pathlib import Path
@@ -26,6 +27,18 @@ SMOLLM2_DIR_NAME = "smollm2-135m-instruct-f32"
 def cache_dir() -> Path:
     """`$MAVERICK_QUANT_CACHE`, else ~/.cache/maverick-quant."""
     return Path(os.environ.get("MAVERICK_QUANT_CACHE") or Path.home() / ".cache" / "maverick-quant")
+
+
+def read_cached(path: Path | None, keys: tuple[str, ...]) -> dict | None:
+    """The JSON object cached at `path` when it holds every one of `keys`, else None: a missing,
+    truncated or foreign cache file is measured again, never a traceback."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) and all(key in data for key in keys) else None
 
 
 def smollm2_gguf_path() -> Path:

@@ -106,6 +106,9 @@ def test_plan_times_the_disk_work_at_rates_measured_here(tmp_path: Path, monkeyp
     assert not list(tmp_path.glob(".maverick-quant-disk-probe-*"))
     again = measure_disk(tmp_path, cache_dir=tmp_path / "cache")
     assert (again.write, again.read, again.hash) == (rates.write, rates.read, rates.hash) and "kept in" in again.where
+    for cache in (tmp_path / "cache").glob("*.json"):  # a truncated cache is measured again, never a traceback
+        cache.write_text('{"write": 1')
+    assert "kept in" not in measure_disk(tmp_path, cache_dir=tmp_path / "cache").where
 
     fixed = DiskRates(write=1e9, read=2e9, hash=5e8, where="test")
     monkeypatch.setattr(disk, "measure_disk", lambda *args: fixed)
@@ -307,6 +310,9 @@ def test_the_measured_range_search_rate_is_what_one_solve_with_it_adds(tmp_path:
     monkeypatch.setattr(compute_rates, "_gptq_seconds", solve_seconds)
     rates = compute_rates.machine_rates(tmp_path / "rates.json", "cpu")
     assert rates == json.loads((tmp_path / "rates.json").read_text()) and rates["model"] == compute_rates.COST_MODEL
+    for broken in ("{", "{}", json.dumps({**rates, "model": compute_rates.COST_MODEL - 1})):  # measured again
+        (tmp_path / "rates.json").write_text(broken)
+        assert compute_rates.machine_rates(tmp_path / "rates.json", "cpu")["gptq_column_seconds"] == pytest.approx(1e-6)
     assert rates["clip_search_seconds_per_weight"] == pytest.approx(0.05 / (2048 * 1024))
     assert rates["gptq_flops_per_s"] == pytest.approx(1e9) and rates["gptq_column_seconds"] == pytest.approx(1e-6)
 

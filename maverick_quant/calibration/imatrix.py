@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from maverick_quant.checkpoint import durable_replace
 from maverick_quant.recipe import MoESpec
