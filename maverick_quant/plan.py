@@ -51,6 +51,7 @@ With `validation` settings it also plans validating the bundle (plan_validation.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,11 +68,29 @@ from maverick_quant.plan_awq import awq_layer_cost
 from maverick_quant.plan_validation import ValidationPlan, ValidationSettings, plan_validation, render_validation, time_validation
 from maverick_quant.recipe import CalibSpec, ExpertPolicy, Method, QuantizeSpec
 
-FORMAT_BYTES_PER_WEIGHT = {  # (code bytes per weight, bytes per group) beside the codes
-    "bundle": lambda bits, group, sym: (bits / 8, 2 + (0 if sym else 1)),
-    "gptq": lambda bits, group, sym: (bits / 8, 2 + bits / 8),
-    "awq": lambda bits, group, sym: (bits / 8, 2 + bits / 8),
-    "compressed-tensors": lambda bits, group, sym: (bits / 8, 2 + (0 if sym else bits / 8)),
+@functools.lru_cache(maxsize=None)
+def bundle_bytes_per_weight(grid) -> tuple[float, float]:
+    """(code bytes per weight, bytes per group) of the bundle's own encoding of a weight on
+    `grid` (a QuantSpec), measured on a probe weight [8, 1024] through `bundle.encode_quantized`:
+    codes nibble-packed at 4 bits or fewer, else a byte each; per group an fp16 scale and a
+    uint8 zero point (symmetric grids too), and an offset grid's super-block terms spread over
+    its groups."""
+    from maverick_quant.bundle import encode_quantized
+    from maverick_quant.compress.grid import rtn_quantize
+
+    rows, cols = 8, 1024
+    weight = rtn_quantize(torch.randn(rows, cols, generator=torch.Generator().manual_seed(0)), grid)
+    stored = sum(t.numel() * t.element_size() for t in encode_quantized("probe", weight).values())
+    code = 0.5 if grid.bits <= 4 else 1.0
+    groups = rows * (cols // grid.group_size if grid.group_size > 0 else 1)
+    return code, (stored - rows * cols * code) / groups
+
+
+FORMAT_BYTES_PER_WEIGHT = {  # grid -> (code bytes per weight, bytes per group) beside the codes
+    "bundle": bundle_bytes_per_weight,
+    "gptq": lambda grid: (grid.bits / 8, 2 + grid.bits / 8),
+    "awq": lambda grid: (grid.bits / 8, 2 + grid.bits / 8),
+    "compressed-tensors": lambda grid: (grid.bits / 8, 2 + (0 if grid.sym else grid.bits / 8)),
 }
 DEVICE_TERMS = frozenset({"layer", "hessians", "activations", "experts", "block_caches", "routing", "expert_inputs",
                           "awq_search"})
@@ -96,7 +115,7 @@ def output_bytes(params_by_grid: dict, base, passthrough: int, hidden: int,
         total = passthrough
         for grid, params in params_by_grid.items():
             floated, float_bytes = (packed_float or {}).get(grid, (0, 0)) if fmt != "bundle" else (0, 0)
-            code, per_group = per_weight(grid.bits, grid.group_size, grid.sym)
+            code, per_group = per_weight(grid)
             packed = params - floated
             total += float_bytes + packed * code + packed / (grid.group_size if grid.group_size > 0 else hidden) * per_group
         outputs[fmt] = int(total)

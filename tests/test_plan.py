@@ -24,7 +24,7 @@ def test_maverick_plan_fits_one_host_with_64_gib(tmp_path: Path) -> None:
                                       "--json", str(tmp_path / "plan.json")])
     assert result.exit_code == 0, result.output
     plan = json.loads((tmp_path / "plan.json").read_text())
-    assert plan["name"] == "maverick" and result.output.startswith("# Plan for maverick\n"), result.output[:80]
+    assert plan["model"] == "maverick" and result.output.startswith("# Plan for maverick\n"), result.output[:80]
     # 24 MoE layers x 128 experts x 3 + 48 x 4 attention + 24 dense MLPs x 3 + 24 shared experts x 3
     assert plan["quantized_tensors"] == 24 * 128 * 3 + 48 * 4 + 24 * 3 + 24 * 3
     assert 3.8e11 < plan["quantized_params"] < 4.0e11
@@ -333,3 +333,23 @@ def test_packed_export_sizes_count_llama4_rope_attention_as_float(tmp_path: Path
     assert kept["bundle"] - quantized["bundle"] > 1.4 * floated  # 2 bytes (bf16) instead of ~0.52 (4 bits + scales)
     for fmt in ("gptq", "compressed-tensors"):
         assert abs(kept[fmt] - quantized[fmt]) <= 2, fmt
+
+
+@pytest.mark.parametrize("grid", [["--bits", "4", "--sym"], ["--bits", "3", "--asym"], ["--bits", "8", "--sym"],
+                                  ["--gguf-grid", "Q4_1"]])
+def test_the_planned_bundle_holds_the_bytes_a_real_bundle_stores(tiny_llama_dir: Path, tmp_path: Path,
+                                                                 grid: list[str]) -> None:
+    """Planned bundle bytes = the tensor bytes an RTN bundle of the same grid stores: codes
+    nibble-packed only at 4 bits or fewer, a uint8 zero point per group on symmetric grids too,
+    Q4_1's offset-grid terms (the plan used to count bits/8 a weight and no symmetric zeros)."""
+    from maverick_quant.checkpoint import read_safetensors_header
+
+    options = [*grid, "--group-size", "32"] if grid[0] != "--gguf-grid" else grid
+    result = CliRunner().invoke(cli, ["plan", str(tiny_llama_dir), "--method", "rtn", *options, "--json", str(tmp_path / "p.json")])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(cli, ["quantize", str(tiny_llama_dir), "--method", "rtn", *options, "--out",
+                                      str(tmp_path / "bundle"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    stored = sum(info.end - info.begin for shard in (tmp_path / "bundle").rglob("*.safetensors")
+                 for info in read_safetensors_header(shard).values())
+    assert json.loads((tmp_path / "p.json").read_text())["outputs"]["bundle"] == stored
