@@ -104,3 +104,18 @@ def test_a_malformed_benchmark_file_is_refused_before_any_layer(tiny_llama4_dir:
     result = _invoke(_args(tiny_llama4_dir, candidate, small_text_file, report, "--choices", str(bad), *extra))
     assert result.exit_code == 2 and named in result.output, result.output
     assert not report.exists() and not state_dir_for(report).exists()
+
+
+def test_a_gguf_replaced_beside_its_old_sidecar_is_another_artifact(tmp_path) -> None:
+    """`export --force --mmproj` replaces the GGUF minutes before it rewrites the sidecar
+    manifest; a kill between leaves the old sidecar beside the new file, which a resumed
+    validation must not take for the file it evaluated."""
+    from maverick_quant.validation.progress import artifact_fingerprint
+
+    gguf, sidecar = tmp_path / "m.gguf", tmp_path / "m.gguf.manifest.json"
+    gguf.write_bytes(b"GGUF" + bytes(range(256)) * 10)
+    sidecar.write_text('{"files": {"m.gguf": {"bytes": 2564}}}')
+    before = artifact_fingerprint(gguf)
+    assert artifact_fingerprint(gguf) == before
+    gguf.write_bytes(b"GGUF" + bytes(range(255, -1, -1)) * 10)  # same size, other tensors
+    assert artifact_fingerprint(gguf) != before

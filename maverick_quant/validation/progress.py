@@ -37,16 +37,17 @@ EDGE_BYTES = 1 << 20  # a GGUF file is fingerprinted by its size and its first a
 def artifact_fingerprint(path: Path) -> str:
     """A cheap sha256 naming what a path holds: a bundle's or export's manifest.json (which
     hashes every file), a float model's config and shard headers (Checkpoint.fingerprint), a
-    GGUF file's `.manifest.json` sidecar when we exported it, else its size and first and last
-    MiB (a Maverick GGUF is over 200 GB)."""
+    file's size and first and last MiB (a Maverick GGUF is over 200 GB), with the `.manifest.json`
+    sidecar of a GGUF we exported (the file's own bytes count too: a GGUF replaced beside an old
+    sidecar, by a killed `export --force` or another tool, is not the file the sidecar hashed)."""
     from maverick_quant.checkpoint import Checkpoint
 
     path = Path(path)
     digest = hashlib.sha256()
     sidecar = path.with_name(path.name + ".manifest.json")  # our GGUF exports' manifest (hashes the file)
-    if path.is_file() and sidecar.is_file():
-        digest.update(sidecar.read_bytes())
-    elif path.is_file():
+    if path.is_file():
+        if sidecar.is_file():
+            digest.update(sidecar.read_bytes())
         size = path.stat().st_size
         with open(path, "rb") as handle:
             digest.update(str(size).encode() + handle.read(EDGE_BYTES))
