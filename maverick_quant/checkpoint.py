@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -388,6 +389,23 @@ def _resolved_parts(path: Path) -> list[Path]:
     return parts
 
 
+def partial_name(out: Path) -> Path:
+    """The temporary name `.NAME.partial-PID` an output is written under before its rename.
+    Leftovers of earlier runs that were killed (their `.partial-*`, or an `.old-*` that
+    `replace_dir` moved aside) are named in a warning with their size: nothing removes them, as
+    a run on another host of a shared file system may still own one."""
+    out = Path(out)
+    mine = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    leftovers = [p for pattern in (f".{out.name}.partial-*", f".{out.name}.old-*") for p in out.parent.glob(pattern)
+                 if p != mine]
+    if leftovers:
+        size = sum(f.stat().st_size for p in leftovers for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
+        warnings.warn(f"{len(leftovers)} leftovers of earlier runs of {out.name} that were stopped hold {size / 2**30:.2f} "
+                      f"GiB: {', '.join(p.name for p in leftovers[:3])} in {out.parent}; remove them if no run "
+                      "still writes them", stacklevel=2)
+    return mine
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: Path, force: bool) -> Iterator[Path]:
     """Yield a temporary sibling directory that becomes `out` only if the block succeeds.
@@ -398,7 +416,7 @@ def atomic_output_dir(out: Path, force: bool) -> Iterator[Path]:
     out = Path(out)
     check_output_dir(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    tmp = partial_name(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:

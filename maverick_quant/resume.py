@@ -294,11 +294,12 @@ def _prepare(work: Path, state: RunState, out: Path, force: bool, resume: bool) 
     elif unfinished:
         run_file = state.folder / RUN_FILE
         if not run_file.is_file():
-            raise InputError(f"{state.folder}: no {RUN_FILE}, so not a resumable run; pass --force to start over")
+            raise InputError(f"{state.folder}: no {RUN_FILE}, so not a resumable run; to start over, rerun without "
+                             "--resume and with --force")
         changes = identity_changes(json.loads(run_file.read_text()), state.identity)
         if changes:
             raise InputError(f"{work}: cannot resume, the run was started with different inputs: {'; '.join(changes)}. "
-                             "Rerun with the original inputs, or pass --force to start over")
+                             "Rerun with the original inputs, or, to start over, without --resume and with --force")
         work.mkdir(exist_ok=True)
         return
     work.mkdir()

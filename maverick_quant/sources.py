@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from maverick_quant.checkpoint import durable_replace_dir
+from maverick_quant.checkpoint import durable_replace_dir, partial_name
 from maverick_quant.errors import InputError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -61,7 +61,7 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torc
     folder, name = str(gguf_path.parent), gguf_path.name
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    tmp = partial_name(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}

@@ -373,3 +373,19 @@ def test_a_bad_model_level_tensor_is_refused_before_the_first_layer(model_copy: 
     _rewrite_tensor(model_copy, name, weight)
     monkeypatch.setattr(StreamingModel, "layer", lambda *a, **k: pytest.fail("built a layer before refusing"))
     _assert_refused(_quantize_rtn(model_copy, tmp_path / "out"), tmp_path / "out", name, "NaN or Inf")
+
+
+def test_leftovers_of_a_killed_run_are_named_with_their_size(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """A SIGKILL leaves `.OUT.partial-PID` (and `replace_dir` an `.OUT.old-PID`) that no later run
+    reuses, with a new PID each try: each run names them and their size, never silently."""
+    killed = tmp_path / ".out.partial-4242"
+    killed.mkdir()
+    (killed / "layer.safetensors").write_bytes(bytes(3 << 20))
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    with pytest.warns(UserWarning, match=r"1 leftovers of earlier runs of out that were stopped hold 0.00 GiB: "
+                                         r"\.out\.partial-4242 in "):
+        result = CliRunner().invoke(cli, ["calibrate", str(tiny_llama_dir), "--data", str(text), "--out",
+                                          str(tmp_path / "out"), "--samples", "2", "--seq-len", "8"])
+    assert result.exit_code == 0, result.output
+    assert killed.is_dir()  # named, not removed: a run on another host may still own it

@@ -15,14 +15,13 @@ down input act(gate) * up of those; gate and up share their input, so their entr
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from maverick_quant.checkpoint import durable_replace
+from maverick_quant.checkpoint import durable_replace, partial_name
 from maverick_quant.recipe import MoESpec
 from maverick_quant.streaming import StreamingModel, WeightSource
 
@@ -147,7 +146,7 @@ def write_imatrix_gguf(imatrix: Imatrix, out_path: Path, datasets: list[str]) ->
     import gguf
 
     out_path = Path(out_path)
-    tmp = out_path.with_name(f".{out_path.name}.partial-{os.getpid()}")
+    tmp = partial_name(out_path)
     writer = gguf.GGUFWriter(path=str(tmp), arch="imatrix")
     try:
         writer.add_string("general.type", "imatrix")

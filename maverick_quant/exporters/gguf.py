@@ -25,7 +25,6 @@ filled chunk by chunk).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -36,7 +35,7 @@ from tqdm.auto import tqdm
 
 from maverick_quant.arch.base import unfuse_experts
 from maverick_quant.bundle import Bundle
-from maverick_quant.checkpoint import TORCH_DTYPES, durable_replace
+from maverick_quant.checkpoint import TORCH_DTYPES, durable_replace, partial_name
 from maverick_quant.compress.gguf_blocks import (BLOCK, BLOCK_TYPES, BlockType, block_type_for_grid, encode_blocks, grid_mismatch,
                                                 relative_error, tensor_block_type)
 from maverick_quant.compress.kquant import rtn_quantize_k
@@ -544,7 +543,7 @@ def write_gguf_file(writer, jobs: list[TensorJob], out_path: Path, desc: str, sh
     for job in jobs:
         writer.add_tensor_info(job.name, job.byte_shape(), np.dtype(np.uint8), job.nbytes(),
                                raw_dtype=getattr(gguf.GGMLQuantizationType, job.ggml_type))
-    tmp = out_path.with_name(f".{out_path.name}.partial-{os.getpid()}")
+    tmp = partial_name(out_path)
     try:
         writer.write_header_to_file(path=tmp)
         writer.write_kv_data_to_file()
