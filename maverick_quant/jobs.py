@@ -154,7 +154,7 @@ def run_imatrix(model_dir, out, data, calib, calib_spec, force, progress, chunk_
 def run_export_gguf(source_dir, out, gguf_type="Q4_0", requantize=False, pre=None, force=False, report_dir=None,
                     progress=True, mmproj=None, mmproj_type="F16"):
     """GGUF of a bundle (lossless on its grid, or --requantize), or of a float model directory
-    (re-quantized by gguf-py: the plain GGUF other tools make, as a baseline); with `mmproj`,
+    (re-quantized by gguf-py, Q4_K by our round-to-nearest: the plain GGUF other tools make, as a baseline); with `mmproj`,
     a Llama 4's vision tower and projector too, as llama.cpp's multimodal projector file."""
     from maverick_quant.bundle import BUNDLE_FORMAT, MANIFEST, Bundle
     from maverick_quant.exporters.artifact import write_gguf_sidecars
@@ -173,7 +173,8 @@ def run_export_gguf(source_dir, out, gguf_type="Q4_0", requantize=False, pre=Non
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     report = export_gguf(weights, Path(out), gguf_type, requantize, pre, progress)
     lossless = (is_bundle and not report.requantized) or gguf_type in FLOAT_GGUF_TYPES
-    detail = gguf_type if lossless else f"{gguf_type} (re-quantized by gguf-py)"
+    detail = gguf_type if lossless else \
+        f"{gguf_type} (re-quantized by {'our round-to-nearest' if gguf_type == 'Q4_K' else 'gguf-py'})"
     click.echo(f"exported gguf {gguf_type}: {report.tensors} tensors -> {out}")
     if report.requantized:
         errors = sorted(report.requantized.values())

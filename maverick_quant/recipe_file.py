@@ -295,7 +295,7 @@ def _prefixed(prefix: str):
         raise InputError(f"{prefix}{exc}") from None
 
 
-# `quantize:` takes QuantizeSpec's own keys and QuantSpec's (scale_bits, k_quant and free_min come from gguf_grid)
+# `quantize:` takes QuantizeSpec's own keys and QuantSpec's but FROM_GGUF_GRID's (set by a gguf_grid, or left at their defaults)
 QUANTIZE_KEYS = {**_hints(QuantizeSpec, skip=("weights", "moe", "awq")), **_hints(QuantSpec, skip=FROM_GGUF_GRID)}
 
 

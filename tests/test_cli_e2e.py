@@ -134,3 +134,14 @@ def test_gptq_export_refuses_a_zero_point_0_before_writing(tiny_run, tmp_path: P
     code, out = _run("export", bundle, "--format", "gptq", "--out", tmp_path / "gptq")
     assert code != 0 and f"{name}: zero point 0 in 1 of its" in out, out
     assert not (tmp_path / "gptq").exists()
+
+
+def test_every_command_and_option_explains_itself() -> None:
+    """`--help` is the user's first reference: every command has a docstring and every option a help text."""
+    import click
+
+    from maverick_quant.cli import cli
+
+    silent = [f"{name} {param.opts[0]}" for name, command in cli.commands.items() for param in command.params
+              if isinstance(param, click.Option) and not param.help]
+    assert not silent and all(command.help for command in cli.commands.values()), silent
