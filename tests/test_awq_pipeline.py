@@ -42,21 +42,30 @@ def _run(*args) -> tuple[int, str]:
 
 def test_awq_and_awq_gptq_from_the_cli(tiny_llama_dir: Path, tiny_llama4_dir: Path, small_text_file: Path,
                                        tmp_path: Path) -> None:
-    common = ["--data", small_text_file, "--samples", 4, "--seq-len", 32, "--group-size", 32, "--no-progress"]
-    for method in ("awq", "awq+gptq"):
-        code, out = _run("quantize", tiny_llama_dir, "--method", method, "--out", tmp_path / method, *common)
+    """AWQ and AWQ+GPTQ bundles fold their scales into the norms and come closer to the float
+    model than round-to-nearest on the same grid (KL: the tiny random model predicts almost
+    uniformly, so its perplexity cannot tell a broken bundle from a good one). 32 x 32 tokens:
+    with 4 x 32, fewer tokens than down_proj's 160 inputs, GPTQ's Hessian is singular and the
+    AWQ+GPTQ bundle lost to RTN (measured KL 0.0080 vs 0.0067; at 32 x 32, 0.0044 vs 0.0067)."""
+    common = ["--data", small_text_file, "--seq-len", 32, "--group-size", 32, "--no-progress"]
+    kl = {}
+    for method in ("rtn", "awq", "awq+gptq"):
+        code, out = _run("quantize", tiny_llama_dir, "--method", method, "--out", tmp_path / method, *common, "--samples", 32)
         assert code == 0, out
-        bundle = Bundle(tmp_path / method)
-        assert "awq:input_layernorm" in bundle.manifest["layers"][0]
-        folded = bundle.layer_tensors(0)["input_layernorm.weight"]
-        assert not torch.equal(folded, open_source(tiny_llama_dir).layer_tensors(0)["input_layernorm.weight"])
+        if method != "rtn":
+            bundle = Bundle(tmp_path / method)
+            assert "awq:input_layernorm" in bundle.manifest["layers"][0]
+            folded = bundle.layer_tensors(0)["input_layernorm.weight"]
+            assert not torch.equal(folded, open_source(tiny_llama_dir).layer_tensors(0)["input_layernorm.weight"])
         code, out = _run("validate", "--reference", tiny_llama_dir, "--candidate", tmp_path / method, "--data",
-                         small_text_file, "--ctx", 32, "--max-windows", 2, "--report", tmp_path / f"r-{method}",
-                         "--gate", "ppl_ratio<=1.5")
+                         small_text_file, "--ctx", 32, "--max-windows", 8, "--report", tmp_path / f"r-{method}",
+                         "--gate", "kl.mean<=0.05", "--gate", "top1_agreement>=0.3")
         assert code == 0, out
+        kl[method] = json.loads((tmp_path / f"r-{method}" / "report.json").read_text())["kl"]["mean"]
+    assert kl["awq"] < kl["rtn"] and kl["awq+gptq"] < kl["rtn"], kl
     for method in ("awq", "awq+gptq"):
         code, out = _run("quantize", tiny_llama4_dir, "--method", method, "--out", tmp_path / f"moe-{method}",
-                         "--moe-min-tokens", 8, *common)
+                         "--moe-min-tokens", 8, *common, "--samples", 4)
         assert code == 0, out
         audit = json.loads((tmp_path / f"moe-{method}" / "audit.json").read_text())["experts"]
         assert all("awq_ratio" in record and record["awq_policy"] in ("routed", "mixed") for record in audit)
