@@ -160,5 +160,6 @@ def test_awq_gemm_export_reads_back_to_the_bundle(tiny_llama_dir: Path, small_te
         expected = bundled.layer_tensors(index)
         assert all(torch.equal(exported.layer_tensors(index)[name], expected[name]) for name in expected)
     code, out = _run("quantize", tiny_llama_dir, "--method", "rtn", "--bits", 8, "--out", tmp_path / "w8", "--no-progress")
+    assert code == 0, out
     code, out = _run("export", tmp_path / "w8", "--format", "awq", "--out", tmp_path / "awq8")
     assert code == 2 and "4-bit" in out and not (tmp_path / "awq8").exists()

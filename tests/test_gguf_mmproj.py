@@ -135,11 +135,11 @@ def test_mmproj_refusals_leave_nothing_written(llama4_vision, tiny_llama_dir: Pa
     (tmp_path / "p.gguf").write_bytes(b"keep")
     code, out = _run("export", bundle, "--format", "gguf", "--gguf-type", "Q8_0", "--out", tmp_path / "m.gguf",
                      "--mmproj", tmp_path / "p.gguf", "--no-progress")
-    assert code != 0 and "p.gguf" in out and "--force" in out
+    assert code == 2 and "p.gguf" in out and "--force" in out
     assert not (tmp_path / "m.gguf").exists() and (tmp_path / "p.gguf").read_bytes() == b"keep"
     code, out = _run("export", tiny_llama_dir, "--format", "gguf", "--gguf-type", "F32", "--out", tmp_path / "d.gguf",
                      "--mmproj", tmp_path / "q.gguf", "--no-progress")
-    assert code != 0 and "not a Llama 4 model with a vision tower" in out
+    assert code == 2 and "not a Llama 4 model with a vision tower" in out
     assert not (tmp_path / "d.gguf").exists() and not (tmp_path / "q.gguf").exists()
 
 
@@ -177,16 +177,16 @@ def test_a_bad_vision_tower_is_refused_before_the_text_gguf_is_written(smollm2_d
     model = make_tiny_llama4(smollm2_dir, tmp_path / "model", attention_chunk_size=8192)  # adapter input 64, not 128
     code, out = _run("export", model, "--format", "gguf", "--gguf-type", "F32", "--out", tmp_path / "m.gguf",
                      "--mmproj", tmp_path / "p.gguf", "--no-progress")
-    assert code != 0 and "vision_adapter.mlp.fc1.weight: shape [32, 64], expected [32, 128]" in out, out
+    assert code == 2 and "vision_adapter.mlp.fc1.weight: shape [32, 64], expected [32, 128]" in out, out
     assert not (tmp_path / "m.gguf").exists() and not (tmp_path / "p.gguf").exists()
     model = make_tiny_llama4(smollm2_dir, tmp_path / "model2", vision=VISION, attention_chunk_size=8192)
     (model / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5]}))
     code, out = _run("export", model, "--format", "gguf", "--gguf-type", "F32", "--out", tmp_path / "m.gguf",
                      "--mmproj", tmp_path / "p.gguf", "--no-progress")
-    assert code != 0 and "preprocessor_config.json: expected image_mean and image_std" in out, out
+    assert code == 2 and "preprocessor_config.json: expected image_mean and image_std" in out, out
     assert not (tmp_path / "m.gguf").exists() and not (tmp_path / "p.gguf").exists()
     code, out = _run("export", model, "--format", "gguf", "--out", tmp_path / "m.gguf", "--mmproj", tmp_path / "m.gguf")
-    assert code != 0 and "the same file as --out" in out
+    assert code == 2 and "the same file as --out" in out
     code, out = _run("export", model, "--format", "gguf", "--out", tmp_path / "m.gguf", "--mmproj-type", "F32")
     assert code == 2 and "--mmproj-type without --mmproj" in out
 
@@ -286,7 +286,7 @@ def test_a_recipe_mmproj_on_a_model_without_a_vision_tower_is_refused_before_any
     recipe.write_text(yaml.safe_dump({"model": str(tiny_llama_dir), "quantize": {"method": "rtn", "gguf_grid": "Q8_0"},
                                       "exports": [{"format": "gguf", "gguf_type": "Q8_0", "mmproj": "F16"}]}))
     code, out = _run("run", recipe, "--out", tmp_path / "run", "--no-progress")
-    assert code != 0 and "not a Llama 4 model with a vision tower" in out
+    assert code == 2 and "not a Llama 4 model with a vision tower" in out
     assert not (tmp_path / "run").exists()
 
 
@@ -366,7 +366,7 @@ def test_validate_refuses_an_mmproj_without_its_gguf(llama4_vision, small_text_f
               "--no-progress"]
     code, out = _run("validate", *common, "--candidate", llama4_vision["bundle"], "--mmproj", mmproj,
                      "--report", tmp_path / "r")
-    assert code != 0 and "the candidate must be the GGUF file it goes with" in out
+    assert code == 2 and "the candidate must be the GGUF file it goes with" in out
     assert not (tmp_path / "r").exists()
     code, out = _run("validate", *common, "--candidate", llama4_vision["bundle"], "--images", tmp_path,
                      "--report", tmp_path / "r")
@@ -376,5 +376,5 @@ def test_validate_refuses_an_mmproj_without_its_gguf(llama4_vision, small_text_f
                      "--no-progress")
     assert code == 0, out
     code, out = _run("validate", *common, "--candidate", text_gguf, "--mmproj", text_gguf, "--report", tmp_path / "r")
-    assert code != 0 and "not the projector of this reference" in out and "'llama4' (the reference: 'clip')" in out
+    assert code == 2 and "not the projector of this reference" in out and "'llama4' (the reference: 'clip')" in out
     assert not (tmp_path / "r").exists()

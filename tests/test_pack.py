@@ -151,7 +151,9 @@ def test_awq_gemm_layout_round_trips_and_uses_the_interleaved_nibble_order() -> 
     tensors = to_awq_tensors(qw)
     assert tensors["qweight"].shape == (64, 2) and tensors["qzeros"].shape == (2, 2) and tensors["scales"].shape == (2, 16)
     word = int(tensors["qweight"][3, 1]) & 0xFFFFFFFF  # input column 3, output columns 8..15
-    assert [(word >> (4 * i)) & 0xF for i in range(8)] == [int(codes[8 + AWQ_ORDER[i], 3]) for i in range(8)]
+    awq_gemm_order = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ's / vLLM's, written out: not the module's own constant
+    assert AWQ_ORDER == awq_gemm_order
+    assert [(word >> (4 * i)) & 0xF for i in range(8)] == [int(codes[8 + awq_gemm_order[i], 3]) for i in range(8)]
     back = from_awq_tensors(tensors, 4, 32)
     assert torch.equal(back.codes, codes) and torch.equal(back.zeros, zeros) and torch.equal(back.scales, qw.scales)
     with pytest.raises(ValueError, match="multiple of the group size"):

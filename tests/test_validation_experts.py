@@ -156,6 +156,6 @@ def test_experts_beat_rtn_on_held_out_tokens_only_with_enough_calibration_tokens
         run("validate", "--reference", tiny_llama4_dir, "--candidate", tmp_path / name, "--data", held_out,
             "--ctx", 40, "--max-windows", 30, "--report", tmp_path / f"report-{name}", "--no-progress")
         pooled[name] = json.loads((tmp_path / f"report-{name}" / "report.json").read_text())["experts"]["rel_error"]["pooled"]
-    assert pooled["gptq-16"] > 0.95 * pooled["rtn"]  # no better than RTN (measured 1.10x RTN's)
-    assert pooled["gptq-64"] < 0.85 * pooled["rtn"]
+    assert pooled["gptq-64"] < 0.85 * pooled["rtn"]  # (gptq-16 measured 1.10x RTN's: not asserted, a better
+    # starved-expert policy may lower it)
     assert pooled["gptq-64"] < 0.85 * pooled["gptq-16"]
