@@ -113,9 +113,24 @@ def test_bad_calibration_data(tiny_llama_dir, tokenizer, tmp_path: Path, content
 
 
 def test_eval_windows_are_contiguous(tokenizer, small_text_file: Path) -> None:
+    """GPTQ protocol: BOS once, then the text's own tokens, cut into consecutive windows."""
+    from maverick_quant.calibration.data import read_records, token_stream
+
     windows = eval_windows(small_text_file, tokenizer, ctx=16, max_windows=3)
+    stream = token_stream(read_records(small_text_file, tokenizer, False), tokenizer)
     assert windows.shape == (3, 16)
-    assert windows[0, 0].item() == tokenizer.bos_token_id
+    assert windows.flatten().tolist() == [tokenizer.bos_token_id, *stream[: 3 * 16 - 1].tolist()]
+
+
+def test_calibration_windows_are_runs_of_the_text(tiny_llama_dir, tokenizer, small_text_file: Path) -> None:
+    from maverick_quant.calibration.data import read_records, token_stream
+
+    stream = token_stream(read_records(small_text_file, tokenizer, False), tokenizer).tolist()
+    for windows in ("random", "disjoint"):
+        calibration = make_calibration(tiny_llama_dir, str(small_text_file), CalibSpec(samples=6, seq_len=24, seed=5,
+                                                                                       windows=windows), tokenizer)
+        for row in calibration.input_ids.tolist():
+            assert any(stream[s : s + 24] == row for s in range(len(stream) - 23)), windows
 
 
 def test_self_generated_data_is_refused_before_loading_a_model_larger_than_memory(tiny_llama_dir, tmp_path: Path,

@@ -322,3 +322,24 @@ def test_self_validation_data_too_large_for_memory_is_refused_before_any_work(ti
     result = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(tmp_path / "run")])
     assert result.exit_code == 2 and "whole model loaded in fp32" in result.output and str(tiny_llama_dir) in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_the_maverick_gptq_recipe_keeps_float_exactly_what_its_exports_write_float() -> None:
+    """The shipped Maverick GPTQ recipe: W4 g128 symmetric with Q4_0's scale rule and the clip
+    search, and its keep_float regex matches exactly the linears the packed exports write as
+    float for vLLM (the rope layers' q/k/v: `LayerPlan.float_in_packed_exports`), no NoPE layer."""
+    from maverick_quant.arch.llama4 import LLAMA4, maverick_config
+
+    recipe = load_recipe(REPO / "recipes" / "maverick-gptq-w4g128.yaml")
+    weights = recipe.quantize.weights
+    assert (weights.bits, weights.group_size, weights.sym, weights.signed_scale, weights.clip_search) == (4, 128, True, True, True)
+    text = LLAMA4.text_config(maverick_config())
+    kept = 0
+    for index in range(text.num_hidden_layers):
+        plan = LLAMA4.plan(text, index)
+        for linear in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            name = f"self_attn.{linear}"
+            expected = name in plan.float_in_packed_exports
+            assert recipe.quantize.keeps_float(LLAMA4.prefix(index) + name) == expected, (index, name)
+            kept += expected
+    assert kept == 36 * 3 and text.no_rope_layers[3] == 0  # 36 rope layers, NoPE every 4th
