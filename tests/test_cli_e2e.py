@@ -69,6 +69,22 @@ def test_validate_gates_and_exit_codes(tiny_run) -> None:
     assert code == 1 and "FAIL" in out
     code, out = _run(*common, "--report", tiny_run["root"] / "report-bad", "--gate", "kl.mean<<<0")
     assert code == 2 and not (tiny_run["root"] / "report-bad").exists()
+    baseline = tiny_run["root"] / "report-pass" / "report.json"
+    code, out = _run(*common, "--report", tiny_run["root"] / "report-b1", "--baseline", baseline,
+                     "--gate", "kl.mean<=baseline*1.5")
+    assert code == 0, out  # the same candidate: its KL equals the baseline's
+    code, out = _run(*common, "--report", tiny_run["root"] / "report-b2", "--baseline", baseline,
+                     "--gate", "kl.mean<=baseline*0.5")
+    assert code == 1 and "FAIL" in out, out
+    nan_baseline = tiny_run["root"] / "nan-report.json"  # what write_report emits for a NaN metric
+    nan_baseline.write_text(json.dumps({**report, "kl": {**report["kl"], "mean": "NaN"}}))
+    code, out = _run(*common, "--report", tiny_run["root"] / "report-b3", "--baseline", nan_baseline,
+                     "--gate", "kl.mean<=baseline*1.5")
+    assert code == 1 and "FAIL" in out, out  # nothing is below NaN
+    (tiny_run["root"] / "broken.json").write_text("{")
+    code, out = _run(*common, "--report", tiny_run["root"] / "report-b4", "--baseline", tiny_run["root"] / "broken.json",
+                     "--gate", "kl.mean<=baseline*1.5")
+    assert code == 2 and "broken.json" in out and not (tiny_run["root"] / "report-b4").exists(), out
 
 
 def test_gptq_rounds_otherwise_than_rtn_on_the_same_grid(tiny_run) -> None:
