@@ -166,3 +166,22 @@ def test_every_command_and_option_explains_itself() -> None:
     silent = [f"{name} {param.opts[0]}" for name, command in cli.commands.items() for param in command.params
               if isinstance(param, click.Option) and not param.help]
     assert not silent and all(command.help for command in cli.commands.values()), silent
+
+
+def test_no_true_sequential_solves_every_group_from_the_float_layer(tiny_run) -> None:
+    """--no-true-sequential: each group's Hessian comes from the float layer, so layer 0's first
+    group (q/k, whose input no earlier group changes) is solved exactly as in the true-sequential
+    run, and its down_proj (after the quantized attention and gate/up) is not; both the manifest
+    and the GPTQ export's quantization_config say so."""
+    out = tiny_run["root"] / "not-sequential"
+    code, output = _run("quantize", tiny_run["model"], "--calib", tiny_run["root"] / "calib", "--out", out, "--group-size", 64,
+                        "--asym", "--act-order", "--no-true-sequential", "--no-progress")
+    assert code == 0, output
+    sequential, parallel = Bundle(tiny_run["bundle"]).quantized_layer(0)[0], Bundle(out).quantized_layer(0)[0]
+    assert torch.equal(sequential["self_attn.q_proj"].codes, parallel["self_attn.q_proj"].codes)
+    assert not torch.equal(sequential["mlp.down_proj"].codes, parallel["mlp.down_proj"].codes)
+    assert Bundle(out).manifest["recipe"]["true_sequential"] is False
+    code, output = _run("export", out, "--format", "gptq", "--out", tiny_run["root"] / "not-sequential-gptq")
+    assert code == 0, output
+    config = json.loads((tiny_run["root"] / "not-sequential-gptq" / "config.json").read_text())
+    assert config["quantization_config"]["true_sequential"] is False
