@@ -177,6 +177,10 @@ def test_validate_gates_on_hellaswag_delta(tiny_llama_dir: Path, hellaswag_file:
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert report["hellaswag"]["tasks"] == 6 and report["hellaswag"]["delta"] == 0
     assert report["multiple_choice"]["tasks"] == 3
+    tasks_read = read_hellaswag(hellaswag_file, 6)  # the accuracy, scored independently: each choice alone in transformers
+    scores = torch.tensor(_separate_sequence_scores(tiny_llama_dir, tasks_read)).view(6, 4)
+    right = scores.argmax(1) == torch.tensor([task.label for task in tasks_read])
+    assert report["hellaswag"]["reference"]["acc"] == pytest.approx(100 * right.double().mean().item())
 
 
 def test_validate_passes_its_choices_memory_budget_down(tiny_llama_dir: Path, hellaswag_file: Path,
