@@ -185,3 +185,34 @@ def test_no_true_sequential_solves_every_group_from_the_float_layer(tiny_run) ->
     assert code == 0, output
     config = json.loads((tiny_run["root"] / "not-sequential-gptq" / "config.json").read_text())
     assert config["quantization_config"]["true_sequential"] is False
+
+
+def test_every_quantize_option_reaches_the_spec(monkeypatch, tmp_path: Path) -> None:
+    """Each quantize option lands in the field it names (the options pass through positional
+    helpers, where two swapped arguments of one type would go unnoticed)."""
+    from click.testing import CliRunner
+
+    import maverick_quant.jobs as jobs
+    from maverick_quant.cli import cli
+    from maverick_quant.recipe import AWQSpec, CalibSpec, ExpertPolicy, Method, MoESpec, QuantizeSpec, QuantSpec
+
+    seen = {}
+    monkeypatch.setattr(jobs, "run_quantize", lambda *args: seen.update(args=args))
+    result = CliRunner().invoke(cli, [
+        "quantize", str(tmp_path / "m"), "--out", str(tmp_path / "o"), "--method", "awq+gptq", "--bits", "3",
+        "--group-size", "64", "--asym", "--act-order", "--damp", "0.05", "--batch", "3",
+        "--no-true-sequential", "--keep-float", "lm_x", "--bits-override", "self_attn=8", "--data", "d.txt",
+        "--samples", "9", "--seq-len", "33", "--seed", "4", "--windows", "disjoint", "--moe-policy", "mixed",
+        "--moe-mix", "0.25", "--moe-min-tokens", "7", "--moe-require-full-rank", "--moe-fallback", "rtn",
+        "--moe-quantize-router", "--moe-chunk-mib", "64", "--awq-grid", "11", "--awq-duo", "--no-awq-clip",
+        "--awq-sample-tokens", "99", "--device", "cpu", "--resume", "--force", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    model, out, spec, data, calib, calib_spec, force, progress, resume, device = seen["args"]
+    assert spec == QuantizeSpec(
+        method=Method.AWQ_GPTQ, weights=QuantSpec(bits=3, group_size=64, sym=False, act_order=True, damp=0.05),
+        batch_windows=3, true_sequential=False, keep_float=("lm_x",), bits_overrides=("self_attn=8",),
+        moe=MoESpec(policy=ExpertPolicy.MIXED, mix=0.25, min_tokens=7, require_full_rank=True, fallback=ExpertPolicy.RTN,
+                    quantize_router=True, chunk_mib=64),
+        awq=AWQSpec(grid=11, duo_scaling=True, clip=False, sample_tokens=99))
+    assert calib_spec == CalibSpec(samples=9, seq_len=33, seed=4, windows="disjoint")
+    assert (data, calib, force, progress, resume, device) == ("d.txt", None, True, False, True, "cpu")
