@@ -56,6 +56,23 @@ def _calib_spec(samples: int, seq_len: int, seed: int, chat_template: bool, wind
     return CalibSpec(samples=samples, seq_len=seq_len, seed=seed, chat_template=chat_template, windows=windows)
 
 
+WINDOW_OPTIONS = ("data", "samples", "seq_len", "seed", "chat_template", "windows")  # what draws calibration windows
+
+
+def _refuse_ignored_with_calib(calib: Path | None) -> None:
+    """UsageError when `--calib DIR` comes with options that draw windows (--data, --samples...):
+    the directory's windows are used as they were drawn, so those options would be ignored."""
+    if calib is None:
+        return
+    context = click.get_current_context()
+    given = [f"--{name.replace('_', '-')}" for name in WINDOW_OPTIONS
+             if context.get_parameter_source(name) in (click.core.ParameterSource.COMMANDLINE,
+                                                        click.core.ParameterSource.ENVIRONMENT)]
+    if given:
+        raise click.UsageError(f"--calib {calib} holds windows drawn already, so {', '.join(given)} would be ignored: "
+                               "drop them, or draw new windows (calibrate, or --data instead of --calib)")
+
+
 @cli.command()
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--data", required=True, help="Text file, JSONL ('text' or 'messages'), or 'self' (model-generated).")
@@ -214,6 +231,7 @@ def quantize(model_dir, data, calib, out, method, gguf_grid, bits, group_size, s
     a crash, the same command with --resume goes on from the last finished layer."""
     from maverick_quant.jobs import run_quantize
 
+    _refuse_ignored_with_calib(calib)
     moe = _moe_spec(moe_policy, moe_mix, moe_min_tokens, moe_require_full_rank, moe_fallback, moe_quantize_router, moe_chunk_mib)
     awq = _awq_spec(awq_grid, awq_duo, awq_clip, awq_sample_tokens)
     spec = _quantize_spec(method, bits, group_size, sym, signed_scale, clip_search, act_order, damp, batch, true_sequential, moe, awq, gguf_grid,
@@ -389,6 +407,8 @@ def imatrix(model_dir, data, calib, out, samples, seq_len, seed, chat_template, 
     GGUF (for `llama-quantize --imatrix`), routed experts per expert. Each finished layer is
     kept beside OUT: after a crash, the same command with --resume goes on from there."""
     from maverick_quant.jobs import run_imatrix
+
+    _refuse_ignored_with_calib(calib)
 
     run_imatrix(model_dir, out, data, calib, _calib_spec(samples, seq_len, seed, chat_template, windows), force, progress,
                 moe_chunk_mib, device, resume)

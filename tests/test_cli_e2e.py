@@ -216,3 +216,12 @@ def test_every_quantize_option_reaches_the_spec(monkeypatch, tmp_path: Path) -> 
         awq=AWQSpec(grid=11, duo_scaling=True, clip=False, sample_tokens=99))
     assert calib_spec == CalibSpec(samples=9, seq_len=33, seed=4, windows="disjoint")
     assert (data, calib, force, progress, resume, device) == ("d.txt", None, True, False, True, "cpu")
+
+
+def test_window_options_beside_calib_are_refused_not_ignored(tiny_run, tmp_path: Path) -> None:
+    """--calib DIR brings its own windows: --samples, --data... beside it used to be silently ignored."""
+    for command in ("quantize", "imatrix"):
+        code, out = _run(command, tiny_run["model"], "--calib", tiny_run["root"] / "calib", "--samples", 64,
+                         "--data", tiny_run["text"], "--out", tmp_path / command)
+        assert code == 2 and "holds windows drawn already, so --data, --samples would be ignored" in out, out
+        assert not (tmp_path / command).exists()
