@@ -280,3 +280,71 @@ def test_clip_search_bundles_stay_lossless_in_gguf_and_are_refused_on_q4_k(tiny_
     code, out = _run("quantize", tiny_llama_dir, "--method", "rtn", "--gguf-grid", "Q4_K", "--clip-search",
                      "--out", tmp_path / "q4k", "--no-progress")
     assert code == 2 and "clip_search" in out and "Q4_K" in out
+
+
+def test_llama3_rope_factors_follow_llama_cpps_formula() -> None:
+    """rope_freqs for llama3 rope scaling, against the formula llama.cpp's converter writes
+    (per frequency: 1 below the high-frequency wavelength, `factor` above the low one, a smooth
+    blend between); other scaled rope types are refused, not written without their factors."""
+    import math
+
+    from transformers import LlamaConfig
+
+    from maverick_quant.errors import InputError
+    from maverick_quant.exporters.gguf import rope_factors
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    config = LlamaConfig(hidden_size=256, num_attention_heads=4, max_position_embeddings=131072, rope_theta=500000.0,
+                         rope_scaling=scaling)
+    dim, old = 64, 8192
+    expected = []
+    for i in range(0, dim, 2):
+        wavelength = 2 * math.pi * 500000.0 ** (i / dim)
+        if wavelength < old / 4.0:
+            expected.append(1.0)
+        elif wavelength > old / 1.0:
+            expected.append(8.0)
+        else:
+            smooth = (old / wavelength - 1.0) / (4.0 - 1.0)
+            expected.append(1 / ((1 - smooth) / 8.0 + smooth))
+    factors = rope_factors(config)
+    assert 1.0 in expected and 8.0 in expected and any(1.0 < f < 8.0 for f in expected)  # all three branches met
+    torch.testing.assert_close(factors, torch.tensor(expected, dtype=torch.float32), rtol=1e-5, atol=0)
+    assert rope_factors(LlamaConfig(hidden_size=256, num_attention_heads=4)) is None
+    yarn = LlamaConfig(hidden_size=256, num_attention_heads=4, rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                                              "original_max_position_embeddings": 4096})
+    with pytest.raises(InputError, match="rope_type 'yarn' is not written yet"):
+        rope_factors(yarn)
+
+
+@pytest.mark.parametrize("steps, model_type, name", [
+    ([{"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}], "llama", "gpt-2"),
+    ([{"type": "Digits", "individual_digits": True},
+      {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}], "llama", "smollm"),
+    ([{"type": "Split", "pattern": {"Regex": "x"}, "behavior": "Isolated", "invert": False}], "llama4_text", "llama4"),
+    ([{"type": "Split", "pattern": {"Regex": "x"}, "behavior": "Isolated", "invert": False}], "llama", None),
+])
+def test_the_pre_tokenizer_is_named_from_tokenizer_json(tmp_path: Path, steps: list, model_type: str, name) -> None:
+    import json
+
+    from maverick_quant.exporters.gguf import tokenizer_pre
+
+    pre = steps[0] if len(steps) == 1 else {"type": "Sequence", "pretokenizers": steps}
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"pre_tokenizer": pre, "model": {"type": "BPE"}}))
+    assert tokenizer_pre(tmp_path, model_type) == name
+
+
+def test_gguf_pre_names_the_pre_tokenizer_llama_cpp_reads(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    import gguf
+
+    code, out = _run("quantize", tiny_llama_dir, "--method", "rtn", "--group-size", 32, "--out", tmp_path / "b",
+                     "--no-progress")
+    assert code == 0, out
+    for pre, expected in ((None, "gpt-2"), ("llama3", "llama3")):
+        path = tmp_path / f"{expected}.gguf"
+        code, out = _run("export", tmp_path / "b", "--format", "gguf", "--gguf-type", "Q8_0", "--requantize", "--out", path,
+                         *(["--gguf-pre", pre] if pre else []))
+        assert code == 0, out
+        field = gguf.GGUFReader(path).fields["tokenizer.ggml.pre"]
+        assert bytes(field.parts[field.data[0]]).decode() == expected
