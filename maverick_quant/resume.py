@@ -31,6 +31,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import os
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -258,6 +259,9 @@ def resumable_output_dir(out: Path, identity: dict, force: bool = False, resume:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise InputError(f"{work}: another run is writing this output now") from None
+        if not _holds_the_lock_file(lock):  # a run that held it finished and removed the file meanwhile
+            raise InputError(f"{work}: another run finished this output while this one waited for it; run again")
+        check_output_dir(out, force)  # what that run may have made since the check above
         try:
             _prepare(work, state, out, force, resume)
             try:
@@ -276,6 +280,18 @@ def resumable_output_dir(out: Path, identity: dict, force: bool = False, resume:
             shutil.rmtree(state.folder, ignore_errors=True)
         finally:
             Path(lock.name).unlink(missing_ok=True)  # still ours: we hold the lock
+
+
+def _holds_the_lock_file(lock) -> bool:
+    """Whether the file `lock` holds is still the one at its path (a finishing run removes the
+    path while it holds the lock: a second run that opened it before and locked it after would
+    hold a file no third run sees, and all three would write the same output)."""
+    try:
+        linked = os.stat(lock.name)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(lock.fileno())
+    return (held.st_dev, held.st_ino) == (linked.st_dev, linked.st_ino)
 
 
 def _discard(work: Path, state: RunState) -> None:

@@ -208,6 +208,27 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(tiny_ll
     assert not out.exists() and not work.exists()
 
 
+def test_a_run_whose_lock_file_was_removed_while_it_waited_stops(tiny_llama_dir: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that opened the lock file just before a finishing run removed it, and locked it just
+    after, holds a file no later run sees: it stops instead of writing beside them."""
+    import fcntl
+
+    import maverick_quant.resume as resume
+
+    out, real_flock = tmp_path / "bundle", fcntl.flock
+
+    def finishing_run_removes_the_file(handle, operation):
+        Path(handle.name).unlink()  # what the finishing run's `finally` does, while we wait
+        Path(handle.name).write_text("")  # and a third run creates it anew
+        return real_flock(handle, operation)
+
+    monkeypatch.setattr(resume.fcntl, "flock", finishing_run_removes_the_file)
+    result = CliRunner().invoke(cli, ["quantize", str(tiny_llama_dir), "--method", "rtn", "--out", str(out), "--no-progress"])
+    assert result.exit_code == 2 and "another run finished this output while this one waited" in result.output, result.output
+    assert not out.exists() and not work_dir_for(out).exists()
+
+
 @pytest.mark.slow
 def test_a_run_killed_inside_a_moe_layer_reuses_the_expert_chunks_it_finished(tiny_llama4_dir: Path, uninterrupted,
                                                                             tmp_path: Path) -> None:
