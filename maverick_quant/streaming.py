@@ -93,12 +93,21 @@ class SequenceLayout:
     segments [S, L]: 0 for the shared prefix, k > 0 for the k-th branch, -1 for padding.
     Token q attends to token k iff k <= q and (segments[k] == 0 or segments[k] == segments[q]):
     every branch computes what it would compute as its own sequence prefix + branch.
-    (Llama 4's NoPE temperature tuning reads array positions, floor((p + 1) / 8192): equal to
-    the branch's own positions for rows shorter than 8191 tokens.)
+    (Llama 4's NoPE temperature tuning reads array positions, floor((p + 1) / floor_scale):
+    equal to the branch's own positions only for rows shorter than floor_scale tokens, so
+    `StreamingModel.apply` refuses longer packed rows; `packed_row_limit` gives the bound.)
     """
 
     positions: torch.Tensor
     segments: torch.Tensor
+
+    @staticmethod
+    def packed_row_limit(config) -> int | None:
+        """The longest packed row a text `config` computes right (None: no bound): shorter than
+        floor_scale when NoPE temperature tuning is on (it reads array positions)."""
+        if getattr(config, "attn_temperature_tuning", False) and getattr(config, "floor_scale", None):
+            return int(config.floor_scale) - 1
+        return None
 
     def attention_mask(self, rows: slice, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
         """Additive mask [B, 1, L, L] for the rows `rows` (0 allowed, -inf masked), on `device`."""
@@ -215,10 +224,12 @@ class StreamingModel:
         device; `rows` says which rows of the cache `chunk` is (needed with a packed `layout`)."""
         chunk = chunk.to(self.device)
         window = getattr(layer, "attention_window", None)
+        limit = SequenceLayout.packed_row_limit(self.config)
         if self.layout is None:
             mask = self._attention_mask(chunk, window)
-        elif rows is None or (window is not None and window < chunk.shape[1]):
-            raise ValueError("a packed layout needs the chunk's rows and rows shorter than the attention window")
+        elif rows is None or (window is not None and window < chunk.shape[1]) or (limit and chunk.shape[1] > limit):
+            raise ValueError("a packed layout needs the chunk's rows, and rows shorter than the attention window and "
+                             f"than the temperature tuning's floor_scale (rows of {chunk.shape[1]} tokens)")
         else:
             mask = self.layout.attention_mask(rows, chunk.dtype, chunk.device)
         return layer(chunk, attention_mask=mask, position_embeddings=self._position_embeddings(chunk, rows))

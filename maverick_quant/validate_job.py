@@ -60,7 +60,7 @@ def read_validation_inputs(reference, data, ctx, max_windows, protocol, gates, b
     check_baseline(parsed, baseline_report)
     tokenizer = load_tokenizer(reference)
     windows = eval_windows(data, tokenizer, ctx, max_windows, protocol) if data is not None else None
-    tasks = _read_benchmarks(hellaswag, choices, hellaswag_tasks, tokenizer)
+    tasks = _read_benchmarks(hellaswag, choices, hellaswag_tasks, tokenizer, reference)
     return ValidationInputs(parsed, baseline_report, tokenizer, windows, scored_from(protocol, ctx), tasks)
 
 
@@ -233,17 +233,18 @@ def _expert_summary(candidate, measured: dict | None) -> dict:
     return {"experts": summary} if summary else {}
 
 
-def _read_benchmarks(hellaswag, choices, limit: int | None, tokenizer) -> dict[str, tuple[Path, list]]:
+def _read_benchmarks(hellaswag, choices, limit: int | None, tokenizer, reference) -> dict[str, tuple[Path, list]]:
     """{"hellaswag" / "choices": (file, its first `limit` tasks)} of the benchmarks asked for;
-    InputError naming the file and line of a malformed task, an empty file, or a task whose
-    choices `tokenizer` gives no shared first token."""
-    from maverick_quant.validation.hellaswag import encode_task, read_choice_jsonl, read_hellaswag
+    InputError naming the file and line of a malformed task, an empty file, a task whose
+    choices `tokenizer` gives no shared first token, or one too long for the `reference`
+    model's packed rows (`check_packed_rows`): here, not after the evaluation."""
+    from maverick_quant.streaming import open_source
+    from maverick_quant.validation.hellaswag import check_packed_rows, encode_task, read_choice_jsonl, read_hellaswag
 
     readers = {"hellaswag": (hellaswag, read_hellaswag), "choices": (choices, read_choice_jsonl)}
     tasks = {name: (Path(path), read(path, limit)) for name, (path, read) in readers.items() if path}
-    for _, items in tasks.values():
-        for task in items:  # a task no prefix conditions is refused here, not after the evaluation
-            encode_task(task, tokenizer)
+    for path, items in tasks.values():
+        check_packed_rows([encode_task(task, tokenizer) for task in items], open_source(reference), str(path))
     return tasks
 
 

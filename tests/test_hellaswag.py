@@ -242,3 +242,20 @@ def test_branch_scoring_equals_the_packed_scoring() -> None:
 
     torch.testing.assert_close(branch_choice_scores(Causal(), encoded), mean_choice_logprobs(packed, logprob_of))
     assert packed.layout.positions[0].tolist() == [0, 1, 2, 3, 2, 3, 4] and packed.choices_per_task == (2, 1)
+
+
+def test_a_task_too_long_for_packed_rows_is_refused_before_the_evaluation(tiny_llama4_dir: Path, small_text_file: Path,
+                                                                           tmp_path: Path) -> None:
+    """The tiny Llama 4 attends in chunks of 16 tokens: a task whose context and choices pack into
+    more cannot be scored as separate sequences in one row, and is refused up front, naming the
+    file and the task (it used to fail inside the first layer with a ValueError)."""
+    tasks = tmp_path / "long.jsonl"
+    tasks.write_text(json.dumps({"context": "a short one", "choices": ["yes", "no"], "label": 0}) + "\n"
+                     + json.dumps({"context": "the river runs past the old mill " * 3, "choices": ["and on", "or off"],
+                                   "label": 1}) + "\n")
+    result = CliRunner().invoke(cli, ["validate", "--reference", str(tiny_llama4_dir), "--candidate", str(tiny_llama4_dir),
+                                      "--data", str(small_text_file), "--ctx", "16", "--max-windows", "1",
+                                      "--choices", str(tasks), "--report", str(tmp_path / "r"), "--no-progress"])
+    assert result.exit_code == 2, result.output
+    assert f"{tasks} task 2: its context and 2 choices pack into" in result.output
+    assert "this model computes packed rows of at most 16" in result.output and not (tmp_path / "r").exists()

@@ -94,6 +94,24 @@ class EncodedTask:
         return len(self.prefix) + sum(map(len, self.suffixes))
 
 
+def check_packed_rows(encoded: list[EncodedTask], source, where: str = "multiple-choice") -> None:
+    """InputError naming the first task whose packed row (prefix + every choice) a streamed
+    model cannot compute as separate sequences: rows must be shorter than every layer's
+    attention window (chunked attention) and than the NoPE temperature tuning's floor_scale
+    (`SequenceLayout.packed_row_limit`)."""
+    from maverick_quant.streaming import SequenceLayout
+
+    text = source.table.text_config(source.config)
+    windows = [source.table.plan(text, index).attention_window for index in range(text.num_hidden_layers)]
+    limits = [w for w in windows if w] + [SequenceLayout.packed_row_limit(text) or math.inf]
+    limit = min(limits)
+    for number, task in enumerate(encoded, start=1):
+        if task.packed_length > limit:
+            raise InputError(f"{where} task {number}: its context and {len(task.suffixes)} choices pack into "
+                             f"{task.packed_length} tokens; this model computes packed rows of at most {limit} "
+                             "(attention window, NoPE temperature tuning): shorten its context or choices")
+
+
 def encode_task(task: Task, tokenizer) -> EncodedTask:
     """BOS + context + " " + ending per choice, split at the choices' common prefix (llama.cpp
     scores the tokens after it; the prefix keeps >= 1 token and leaves each choice >= 1)."""
