@@ -390,20 +390,35 @@ def _resolved_parts(path: Path) -> list[Path]:
 
 
 def partial_name(out: Path) -> Path:
-    """The temporary name `.NAME.partial-PID` an output is written under before its rename.
-    Leftovers of earlier runs that were killed (their `.partial-*`, or an `.old-*` that
-    `replace_dir` moved aside) are named in a warning with their size: nothing removes them, as
-    a run on another host of a shared file system may still own one."""
+    """The temporary name `.NAME.partial-PID` an output is written under before its rename
+    (leftovers of earlier runs are named first: `warn_leftovers`)."""
     out = Path(out)
     mine = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    warn_leftovers(out, mine)
+    return mine
+
+
+def warn_leftovers(out: Path, mine: Path | None = None) -> None:
+    """Name in a warning, with their size, the leftovers of earlier runs of `out` that were
+    killed: their `.NAME.partial-PID`, or an `.NAME.old-PID` that `replace_dir` moved aside.
+    Nothing removes them, as a run on another host of a shared file system may still own one
+    (and may rename or remove its files while they are counted)."""
+    out = Path(out)
     leftovers = [p for pattern in (f".{out.name}.partial-*", f".{out.name}.old-*") for p in out.parent.glob(pattern)
                  if p != mine]
-    if leftovers:
-        size = sum(f.stat().st_size for p in leftovers for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
-        warnings.warn(f"{len(leftovers)} leftovers of earlier runs of {out.name} that were stopped hold {size / 2**30:.2f} "
-                      f"GiB: {', '.join(p.name for p in leftovers[:3])} in {out.parent}; remove them if no run "
-                      "still writes them", stacklevel=2)
-    return mine
+    if not leftovers:
+        return
+    size = 0
+    for path in leftovers:
+        for entry in [path] if not path.is_dir() else path.rglob("*"):
+            try:
+                size += entry.stat().st_size if entry.is_file() else 0
+            except FileNotFoundError:  # renamed or removed by the run that owns it
+                pass
+    shown = f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+    warnings.warn(f"{len(leftovers)} leftovers of earlier runs of {out.name} that were stopped hold {shown}: "
+                  f"{', '.join(p.name for p in leftovers[:3])} in {out.parent}; remove them if no run still "
+                  "writes them", stacklevel=3)
 
 
 @contextlib.contextmanager

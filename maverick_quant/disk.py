@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import socket
 import statistics
 import tempfile
 import time
@@ -110,11 +112,13 @@ def file_read_rate(path: Path, size: int = PROBE_BYTES) -> float:
 
 def measure_disk(folder: Path, model_dir: Path | None = None, cache_dir: Path | None = None) -> DiskRates:
     """The disk rates for a run writing to `folder` and reading `model_dir`'s shards (None:
-    reads as fast as `folder`), cached per (folder's device, model's device) in `cache_dir`."""
+    reads as fast as `folder`), cached per (host, folder's device, model's device) in
+    `cache_dir` (the host too: device numbers repeat across machines sharing a home folder)."""
     folder = Path(folder)
     shards = sorted(Path(model_dir).glob("*.safetensors"), key=lambda p: p.stat().st_size) if model_dir else []
     shards = [shard for shard in shards if shard.stat().st_size >= PROBE_BYTES]  # big enough to time
-    key = f"{folder.stat().st_dev}-{shards[-1].stat().st_dev if shards else 'same'}"
+    host = re.sub(r"[^A-Za-z0-9.]+", "_", socket.gethostname())
+    key = f"{host}-{folder.stat().st_dev}-{shards[-1].stat().st_dev if shards else 'same'}"
     cache = Path(cache_dir) / f"plan-disk-v1-{key}.json" if cache_dir is not None else None
     cached = read_cached(cache, ("write", "read", "hash"))
     if cached is not None and min(cached["write"], cached["read"], cached["hash"]) > 0:  # measured once per pair of disks

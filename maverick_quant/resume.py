@@ -43,7 +43,7 @@ from safetensors import SafetensorError
 
 from maverick_quant import __version__
 from maverick_quant.checkpoint import (check_output_dir, durable_replace, replace_dir, save_safetensors_atomic,
-                                       sha256_file, write_json_atomic)
+                                       sha256_file, warn_leftovers, write_json_atomic)
 from maverick_quant.errors import InputError
 
 RUN_FILE = "run.json"
@@ -248,6 +248,7 @@ def resumable_output_dir(out: Path, identity: dict, force: bool = False, resume:
     """
     out = Path(out)
     check_output_dir(out, force)
+    warn_leftovers(out)  # e.g. the .old-PID of a --force run killed while it removed the old output
     work, state = work_dir_for(out), RunState(state_dir_for(out), identity)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -259,10 +260,10 @@ def resumable_output_dir(out: Path, identity: dict, force: bool = False, resume:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise InputError(f"{work}: another run is writing this output now") from None
-        if not _holds_the_lock_file(lock):  # a run that held it finished and removed the file meanwhile
-            raise InputError(f"{work}: another run finished this output while this one waited for it; run again")
-        check_output_dir(out, force)  # what that run may have made since the check above
+        if not _holds_the_lock_file(lock):  # a run that held it removed the file meanwhile (it finished or stopped)
+            raise InputError(f"{work}: another run of this output removed its lock file while this one started; run again")
         try:
+            check_output_dir(out, force)  # what that run may have made since the check above
             _prepare(work, state, out, force, resume)
             try:
                 yield work, state

@@ -45,7 +45,7 @@ def test_jsonl_text_and_chat_records(tiny_llama_dir, tokenizer, tmp_path: Path) 
     plain = tmp_path / "chat.txt"  # a chat template asked of plain text (or of self) is refused, not left out
     plain.write_text("some plain text " * 50)
     for data in (str(plain), "self"):
-        with pytest.raises(InputError, match="--chat-template renders the 'messages' of a .jsonl file"):
+        with pytest.raises(InputError, match="--chat-template renders the 'messages' of a JSON Lines file"):
             make_calibration(tiny_llama_dir, data, CalibSpec(samples=2, seq_len=16, chat_template=True), tokenizer)
 
 
@@ -75,6 +75,8 @@ def test_json_lines_files_read_record_by_record(tiny_llama_dir, tokenizer, tmp_p
 
 @pytest.mark.parametrize("content, message", [
     (b'{"text": "fine"}\n\xe9t\xe9\n', "bad.jsonl:2: not UTF-8 (byte 0xe9)"),
+    (b'{\n  "text": "pretty"\n}\n', "bad.jsonl:1: not valid JSON (Expecting property name enclosed in double quotes); "
+                                    ".jsonl files are read as JSON Lines, one JSON object per line"),
     (b'["a list"]\n', "bad.jsonl:1: expected a JSON object per line, got list"),
     (b'{"messages": []}\n', "bad.jsonl:1: --chat-template expects a non-empty 'messages' list"),
     (b'{"messages": ["hi"]}\n', "bad.jsonl:1: --chat-template expects a non-empty 'messages' list"),

@@ -383,7 +383,7 @@ def test_leftovers_of_a_killed_run_are_named_with_their_size(tiny_llama_dir: Pat
     (killed / "layer.safetensors").write_bytes(bytes(3 << 20))
     text = tmp_path / "t.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
-    with pytest.warns(UserWarning, match=r"1 leftovers of earlier runs of out that were stopped hold 0.00 GiB: "
+    with pytest.warns(UserWarning, match=r"1 leftovers of earlier runs of out that were stopped hold 3.0 MiB: "
                                          r"\.out\.partial-4242 in "):
         result = CliRunner().invoke(cli, ["calibrate", str(tiny_llama_dir), "--data", str(text), "--out",
                                           str(tmp_path / "out"), "--samples", "2", "--seq-len", "8"])

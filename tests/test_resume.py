@@ -225,7 +225,7 @@ def test_a_run_whose_lock_file_was_removed_while_it_waited_stops(tiny_llama_dir:
 
     monkeypatch.setattr(resume.fcntl, "flock", finishing_run_removes_the_file)
     result = CliRunner().invoke(cli, ["quantize", str(tiny_llama_dir), "--method", "rtn", "--out", str(out), "--no-progress"])
-    assert result.exit_code == 2 and "another run finished this output while this one waited" in result.output, result.output
+    assert result.exit_code == 2 and "another run of this output removed its lock file while this one started" in result.output, result.output
     assert not out.exists() and not work_dir_for(out).exists()
 
 

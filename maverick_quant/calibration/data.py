@@ -1,10 +1,11 @@
 """Calibration and evaluation text -> token windows, saved as a reusable artifact.
 
-Sources: a plain text file, a JSONL file whose records have a `text` field or (with the
-chat template) a `messages` list rendered through the tokenizer's chat template, or
-`self` (text the model generates itself, see selfgen.py). All records are tokenized,
-joined with the EOS token into one stream, and N windows of L tokens are drawn at start
-positions chosen by a seeded generator, so the same inputs always give the same windows.
+Sources: a plain text file, a JSON Lines file (.jsonl, .ndjson, .json) whose records have a
+`text` field or (with the chat template) a `messages` list rendered through the tokenizer's
+chat template, or `self` (text the model generates itself, see selfgen.py). All records are
+tokenized and joined into one stream (with EOS between them; rendered chats end their turns
+themselves), and N windows of L tokens are drawn at start positions chosen by a seeded
+generator (`draw_windows`: random or disjoint), so the same inputs always give the same windows.
 """
 
 from __future__ import annotations
@@ -49,6 +50,21 @@ class CalibrationSet:
 JSON_LINES_SUFFIXES = (".jsonl", ".ndjson", ".json")  # JSON Lines, as `Dataset.to_json` writes them
 
 
+def text_lines(path: Path) -> list[str]:
+    """The lines of the UTF-8 text file `path`, split at \\n only (a \\r before it goes too): U+2028,
+    U+0085 and the like stay inside their line, as JSON strings may hold them raw. InputError
+    naming `path:line` for bytes that are not UTF-8."""
+    lines = []
+    for number, raw in enumerate(Path(path).read_bytes().split(b"\n"), start=1):
+        try:
+            lines.append(raw.decode("utf-8").removesuffix("\r"))
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{path}:{number}: not UTF-8 (byte {raw[exc.start]:#04x}); the file must be UTF-8") from None
+    if lines and not lines[-1]:  # the newline that ends the last line
+        lines.pop()
+    return lines
+
+
 def read_records(path: Path, tokenizer, chat_template: bool) -> list[str]:
     """The text records of a JSON Lines file (`JSON_LINES_SUFFIXES`; chat messages rendered
     when asked) or of any other file, read as one plain-text record."""
@@ -57,26 +73,21 @@ def read_records(path: Path, tokenizer, chat_template: bool) -> list[str]:
         raise InputError(f"{path}: data file not found")
     json_lines = path.suffix.lower() in JSON_LINES_SUFFIXES
     if chat_template and not json_lines:  # else the template would be silently left out
-        raise InputError(f"{path}: --chat-template renders the 'messages' of a .jsonl file; this is plain text")
+        raise InputError(f"{path}: --chat-template renders the 'messages' of a JSON Lines file "
+                         f"({', '.join(JSON_LINES_SUFFIXES)}); this is plain text")
     if not json_lines:
         text = path.read_text(encoding="utf-8", errors="replace")
         return [text] if text.strip() else []
-    records = []
-    for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):  # \n only: JSON strings may hold U+2028
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise InputError(f"{path}:{number}: not UTF-8 (byte {raw[exc.start]:#04x}); JSON Lines are UTF-8") from None
-        if line.strip():
-            records.append(_record_text(path, number, line, tokenizer, chat_template))
-    return records
+    return [_record_text(path, number, line, tokenizer, chat_template)
+            for number, line in enumerate(text_lines(path), start=1) if line.strip()]
 
 
 def _record_text(path: Path, number: int, line: str, tokenizer, chat_template: bool) -> str:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise InputError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        raise InputError(f"{path}:{number}: not valid JSON ({exc.msg}); {path.suffix} files are read as JSON Lines, "
+                         "one JSON object per line") from None
     if not isinstance(record, dict):
         raise InputError(f"{path}:{number}: expected a JSON object per line, got {type(record).__name__}")
     if chat_template:
@@ -200,7 +211,7 @@ def make_calibration(model_dir: Path, data: str, spec: CalibSpec, tokenizer=None
     """Calibration windows from `data`: a .txt/.jsonl path, or "self" for model-generated text."""
     tokenizer = tokenizer or load_tokenizer(model_dir)
     if data == "self" and spec.chat_template:
-        raise InputError("--chat-template renders the 'messages' of a .jsonl file; --data self is generated text")
+        raise InputError("--chat-template renders the 'messages' of a JSON Lines file; --data self is generated text")
     if data == "self":
         from maverick_quant.calibration.selfgen import generate_self_text
 

@@ -41,7 +41,9 @@ class Task:
 def read_hellaswag(path: Path, limit: int | None = None) -> list[Task]:
     """Tasks from llama.cpp's HellaSwag text file (6 lines per task); InputError naming the
     line on a malformed task."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    from maverick_quant.calibration.data import text_lines
+
+    lines = text_lines(path)
     if len(lines) % HELLASWAG_LINES:
         raise InputError(f"{path}: {len(lines)} lines is not a multiple of {HELLASWAG_LINES} (context, label, 4 endings)")
     tasks = []
@@ -64,8 +66,10 @@ def _some(tasks: list[Task], path: Path) -> list[Task]:
 
 def read_choice_jsonl(path: Path, limit: int | None = None) -> list[Task]:
     """Tasks from JSONL records {"context": str, "choices": [str, ...], "label": int}."""
+    from maverick_quant.calibration.data import text_lines
+
     tasks = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(text_lines(path), 1):
         if not line.strip():
             continue
         try:
