@@ -23,8 +23,8 @@ from maverick_quant.arch.base import LayerPlan, ScaleGroup
 from maverick_quant.calibration.capture import capture_samples
 from maverick_quant.compress.awq import (clip_weights, fold_into_norm, fold_into_previous_linear, output_loss,
                                          scale_columns, search_scales)
-from maverick_quant.groups import linear_grid, quantized_linears
-from maverick_quant.recipe import QuantizeSpec
+from maverick_quant.groups import linear_grid, quantized_linears, shipped_grid
+from maverick_quant.recipe import QuantizeSpec, QuantSpec
 from maverick_quant.streaming import StreamingModel
 
 
@@ -36,10 +36,16 @@ def _weights(layer: torch.nn.Module, names: tuple[str, ...]) -> list[torch.Tenso
     return [layer.get_submodule(name).weight.data.float() for name in names]
 
 
-def weight_mean(weights: list[torch.Tensor]) -> torch.Tensor:
-    """mean over output rows of |W| / max_row |W| [K] for the group's stacked weights (duo scaling)."""
-    stacked = torch.cat(weights).abs()
-    return (stacked / stacked.amax(1, keepdim=True).clamp_min(1e-12)).mean(0)
+def weight_mean(weights: list[torch.Tensor], grid: QuantSpec) -> torch.Tensor:
+    """Duo scaling's mean|w| [K]: each weight of the stacked rows [N, K] over the largest
+    magnitude of its own quantization group (of `grid`: AWQ's reference normalises per group,
+    not per row), then the mean over the rows."""
+    stacked = torch.cat(weights).float().abs()
+    k = stacked.shape[1]
+    width, groups = grid.group_width(k), grid.groups_for(k)
+    grouped = torch.nn.functional.pad(stacked, (0, groups * width - k)).view(-1, groups, width)
+    normalised = grouped / (grouped.amax(-1, keepdim=True) + 1e-6)
+    return normalised.flatten(1)[:, :k].mean(0)
 
 
 def as_stored(layer: torch.nn.Module, tensor: torch.Tensor) -> torch.Tensor:
@@ -82,10 +88,11 @@ def awq_scale_layer(model: StreamingModel, layer: torch.nn.Module, hidden: torch
             model.feed_layer(layer, hidden)
         sample = samples[group.linears[0]]
         weights = _weights(layer, group.linears)
-        duo = weight_mean(weights) if spec.awq.duo_scaling else None
-        result = search_scales(sample.mean_abs, duo, output_loss(sample.sample, weights, [linear_grid(layer, name, spec) for name in group.linears]), spec.awq)
+        duo = weight_mean(weights, spec.weights) if spec.awq.duo_scaling else None
+        grids = [shipped_grid(layer, name, spec) for name in group.linears]  # None: kept float, never rounded
+        result = search_scales(sample.mean_abs, duo, output_loss(sample.sample, weights, grids), spec.awq)
         apply_scales(layer, group, result.scales)
-        stats[f"awq:{group.prev}"] = {"ratio": result.ratio, "rtn_loss": float(result.losses[0]),
+        stats[f"awq:{group.prev}"] = {"ratio": result.ratio, "rtn_loss": result.rtn_loss,
                                       "loss": float(result.losses.min())}
     if spec.awq.clip and plan.scale_groups:
         clip_layer(model, layer, hidden, plan, spec, stride)
@@ -101,5 +108,7 @@ def clip_layer(model: StreamingModel, layer: torch.nn.Module, hidden: torch.Tens
     for group in plan.scale_groups:
         x = samples[group.linears[0]].sample
         for name in quantized_linears(layer, group.linears):  # a linear kept in float keeps its range
+            if name in group.unclipped:
+                continue
             module = layer.get_submodule(name)
             module.weight.data = clip_weights(module.weight.data, x, linear_grid(layer, name, spec), spec.awq).to(module.weight.dtype)

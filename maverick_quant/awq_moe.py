@@ -29,9 +29,9 @@ import torch
 from maverick_quant.arch.base import MoEBlock
 from maverick_quant.calibration.moe import (Routing, activation, expert_hidden, resolve_policy, sample_tokens,
                                             widest_expert_input)
-from maverick_quant.compress.awq import (CANDIDATES_AT_ONCE, ScaleSearch, candidate_scales, clip_weights, output_loss,
+from maverick_quant.compress.awq import (CANDIDATES_AT_ONCE, ScaleSearch, candidate_ratios, candidate_scales, clip_weights, output_loss,
                                          rtn_fake, scale_columns, search_scales)
-from maverick_quant.groups import KEEP_FLOAT, linear_grid
+from maverick_quant.groups import shipped_grid
 from maverick_quant.recipe import ExpertPolicy, QuantizeSpec, QuantSpec
 from maverick_quant.awq_layer import as_stored, fold_into_stored_norm, weight_mean
 from maverick_quant.streaming import StreamingModel
@@ -81,14 +81,18 @@ def _routed_outputs(sample: BlockSample, weights: dict[str, torch.Tensor], first
     return out
 
 
-def _scaled_rtn(W: torch.Tensor, scales: torch.Tensor, grid: QuantSpec) -> torch.Tensor:
-    """Q(W diag(s)) diag(s)^-1 for W [I, D] on `grid` under each candidate s [G, D] -> [G, I, D]."""
+def _scaled_rtn(W: torch.Tensor, scales: torch.Tensor, grid: QuantSpec | None) -> torch.Tensor:
+    """Q(W diag(s)) diag(s)^-1 for W [I, D] on `grid` under each candidate s [G, D] -> [G, I, D]
+    (W itself for each when `grid` is None: a linear kept in float)."""
+    if grid is None:
+        return W[None].expand(scales.shape[0], -1, -1)
     return rtn_fake(W[None] * scales[:, None, :], grid) / scales[:, None, :]
 
 
-def _shared_grids(layer: torch.nn.Module, moe: MoEBlock, spec: QuantizeSpec) -> tuple[QuantSpec, ...]:
-    """The grids of the shared expert's gate, up and down (a bits override may change them)."""
-    return tuple(linear_grid(layer, f"{moe.shared_module}.{name}", spec) for name in ("gate_proj", "up_proj", "down_proj"))
+def _shared_grids(layer: torch.nn.Module, moe: MoEBlock, spec: QuantizeSpec) -> tuple[QuantSpec | None, ...]:
+    """The grids the shared expert's gate, up and down are shipped on (a bits override may
+    change them; None: kept in float, `shipped_grid`)."""
+    return tuple(shipped_grid(layer, f"{moe.shared_module}.{name}", spec) for name in ("gate_proj", "up_proj", "down_proj"))
 
 
 def search_block_scale(model: StreamingModel, index: int, layer: torch.nn.Module, x: torch.Tensor,
@@ -99,7 +103,7 @@ def search_block_scale(model: StreamingModel, index: int, layer: torch.nn.Module
     act = activation(moe.activation)
     shared = layer.get_submodule(moe.shared_module)
     gate, up = shared.gate_proj.weight.float(), shared.up_proj.weight.float()
-    duo = weight_mean([gate, up]) if spec.awq.duo_scaling else None  # the shared expert stands for all consumers
+    duo = weight_mean([gate, up], spec.weights) if spec.awq.duo_scaling else None  # the shared expert stands for all consumers
     candidates = candidate_scales(x.abs().mean(0), duo, spec.awq)
     reference = _shared_output(layer, moe, sample.x, gate, up)
     grids = _shared_grids(layer, moe, spec)
@@ -114,7 +118,7 @@ def search_block_scale(model: StreamingModel, index: int, layer: torch.nn.Module
         quantized += _routed_outputs(sample, weights, first, act, candidates, spec)
     losses = (quantized - reference[None]).double().square().sum((1, 2)) / sample.x.shape[0]
     best = int(losses.argmin())
-    return ScaleSearch(candidates[best], best / spec.awq.grid, losses)
+    return ScaleSearch(candidates[best], candidate_ratios(spec.awq)[best], losses)
 
 
 def apply_block_scale(layer: torch.nn.Module, moe: MoEBlock, scales: torch.Tensor) -> torch.Tensor:
@@ -137,7 +141,7 @@ def scale_shared_down(layer: torch.nn.Module, moe: MoEBlock, x: torch.Tensor, sp
     rows = x[sample_tokens(x.shape[0], spec.awq.sample_tokens, x.device)]
     hidden = expert_hidden(rows, shared.gate_proj.weight.float(), shared.up_proj.weight.float(), activation(moe.activation))
     down = shared.down_proj.weight.float()
-    duo = weight_mean([down]) if spec.awq.duo_scaling else None
+    duo = weight_mean([down], spec.weights) if spec.awq.duo_scaling else None
     result = search_scales(hidden.abs().mean(0), duo, output_loss(hidden, [down], _shared_grids(layer, moe, spec)[2]),
                            spec.awq)
     shared.up_proj.weight.data = shared.up_proj.weight.data / result.scales.to(shared.up_proj.weight.dtype)[:, None]
@@ -151,8 +155,9 @@ def clip_expert(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, rows: 
     [D, I] on act(rows gate^T) * (rows up^T) computed with the clipped gate/up; each on its
     grid of `grids` (gate, up, down; default the run's)."""
     grids = grids or (spec.weights,) * 3
-    gate, up = (clip_weights(w, rows, g, spec.awq) for w, g in zip((gate, up), grids))
-    return gate, up, clip_weights(down, expert_hidden(rows, gate.float(), up.float(), act), grids[2], spec.awq)
+    gate, up = (w if g is None else clip_weights(w, rows, g, spec.awq) for w, g in zip((gate, up), grids))
+    return gate, up, down if grids[2] is None else clip_weights(down, expert_hidden(rows, gate.float(), up.float(), act),
+                                                                 grids[2], spec.awq)
 
 
 def clip_shared(layer: torch.nn.Module, moe: MoEBlock, x: torch.Tensor, spec: QuantizeSpec) -> None:
@@ -162,9 +167,8 @@ def clip_shared(layer: torch.nn.Module, moe: MoEBlock, x: torch.Tensor, spec: Qu
     rows = x[sample_tokens(x.shape[0], spec.awq.sample_tokens, x.device)].float()
     clipped = clip_expert(*(linear.weight.data for linear in linears), rows, activation(moe.activation), spec,
                           _shared_grids(layer, moe, spec))
-    for linear, weight in zip(linears, clipped):
-        if not getattr(linear, KEEP_FLOAT, False):  # a linear kept in float keeps its range
-            linear.weight.data = weight
+    for linear, weight in zip(linears, clipped):  # a linear kept in float keeps its range (grid None)
+        linear.weight.data = weight
 
 
 def _expert_rows(x: torch.Tensor, routing: Routing, expert: int, sample: torch.Tensor, policy: ExpertPolicy,
@@ -201,7 +205,7 @@ def scale_expert_chunk(x: torch.Tensor, routing: Routing, moe: MoEBlock, weights
             continue
         rows = _expert_rows(x, routing, expert, sample, policy, spec).float()
         hidden = expert_hidden(rows, gate[offset], up[offset], act)
-        duo = weight_mean([down[offset]]) if spec.awq.duo_scaling else None
+        duo = weight_mean([down[offset]], spec.weights) if spec.awq.duo_scaling else None
         result = search_scales(hidden.abs().mean(0), duo, output_loss(hidden, [down[offset]], spec.weights), spec.awq)
         up[offset] = up[offset] / result.scales[:, None]
         down[offset] = scale_columns(down[offset], result.scales)

@@ -381,8 +381,8 @@ def scale_block(model: StreamingModel, index: int, layer: torch.nn.Module, x: to
     shared = scale_shared_down(layer, moe, x, spec)
     if spec.awq.clip:
         clip_shared(layer, moe, x, spec)
-    stats = {f"awq:{moe.residual_input}": {"ratio": block.ratio, "rtn_loss": float(block.losses[0]), "loss": float(block.losses.min())},
-             f"awq:{moe.shared_module}.up_proj": {"ratio": shared.ratio, "rtn_loss": float(shared.losses[0]),
+    stats = {f"awq:{moe.residual_input}": {"ratio": block.ratio, "rtn_loss": block.rtn_loss, "loss": float(block.losses.min())},
+             f"awq:{moe.shared_module}.up_proj": {"ratio": shared.ratio, "rtn_loss": shared.rtn_loss,
                                                    "loss": float(shared.losses.min())}}
     return stats, realised
 

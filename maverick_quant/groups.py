@@ -68,6 +68,12 @@ def quantized_linears(layer: torch.nn.Module, names: tuple[str, ...]) -> tuple[s
     return tuple(name for name in names if not getattr(layer.get_submodule(name), KEEP_FLOAT, False))
 
 
+def shipped_grid(layer: torch.nn.Module, name: str, spec: QuantizeSpec) -> QuantSpec | None:
+    """The grid the linear `name` is shipped on (`linear_grid`), or None when it is kept in float:
+    AWQ's losses count no rounding error for it, as it is never rounded."""
+    return None if getattr(layer.get_submodule(name), KEEP_FLOAT, False) else linear_grid(layer, name, spec)
+
+
 def linear_grid(layer: torch.nn.Module, name: str, spec: QuantizeSpec) -> QuantSpec:
     """The grid the linear `name` of `layer` is quantized on: its bits override's (marked by
     `mark_linears`), else `spec.weights`."""

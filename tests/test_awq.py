@@ -27,7 +27,7 @@ def test_candidates_start_at_identity_and_are_normalised() -> None:
     assert torch.allclose(scales.amax(1) * scales.amin(1), torch.ones(10), atol=1e-5)
     assert (scales[5].argsort() == x_mean.argsort()).all()  # larger activations, larger scales
     duo = candidate_scales(x_mean, torch.rand(64) + 0.1, AWQSpec(grid=10, duo_scaling=True))
-    assert not torch.allclose(duo, scales)
+    assert duo.shape == (11, 64) and not torch.allclose(duo[1:], scales)  # s = 1 first, then the duo candidates
 
 
 def test_scale_search_beats_rtn_on_a_layer_with_outlier_channels() -> None:
@@ -173,3 +173,76 @@ def test_the_fused_rounding_equals_the_bundles_rounding_bit_for_bit(bits, group,
                                                                                           free_min=True)):
         W = torch.randn(2, 8, 512, generator=torch.Generator().manual_seed(1))
         assert torch.equal(rtn_fake(W, offset), rtn_quantize(W, offset).dequantize())
+
+
+def test_duo_scaling_keeps_plain_rtn_among_its_candidates() -> None:
+    """With duo scaling alpha = 0 is 1 / mean|w|, not s = 1: s = 1 is added as the first candidate,
+    so the search never ends worse than RTN and its `rtn_loss` is RTN's own loss."""
+    x, W = _outlier_layer(seed=3)
+    awq = AWQSpec(grid=10, duo_scaling=True)
+    w_mean = W.abs().mean(0) + 0.01
+    candidates = candidate_scales(x.abs().mean(0), w_mean, awq)
+    assert candidates.shape == (11, 128) and torch.equal(candidates[0], torch.ones(128))
+    result = search_scales(x.abs().mean(0), w_mean, output_loss(x, [W], SPEC), awq)
+    rtn_loss = (x @ (rtn_fake(W, SPEC) - W).T).square().sum() / x.shape[0]
+    assert result.rtn_loss == pytest.approx(float(rtn_loss), rel=1e-4) and result.losses.min() <= result.rtn_loss
+    assert result.ratio is None or result.ratio == (int(result.losses.argmin()) - 1) / 10
+
+
+def test_duo_scalings_weight_mean_is_normalised_per_group() -> None:
+    """mean|w| for duo scaling: each weight over the largest magnitude of its own group (as AWQ's
+    reference computes it), then averaged over the rows."""
+    from maverick_quant.awq_layer import weight_mean
+
+    W = torch.randn(6, 96, generator=torch.Generator().manual_seed(4))
+    W[:, 40] = 50.0  # one huge column: per row it would flatten every other group
+    grouped = W.abs().view(6, 3, 32)
+    expected = (grouped / (grouped.amax(-1, keepdim=True) + 1e-6)).view(6, 96).mean(0)
+    torch.testing.assert_close(weight_mean([W[:2], W[2:]], QuantSpec(group_size=32)), expected)
+
+
+def test_a_linear_kept_in_float_adds_no_error_to_the_scale_search() -> None:
+    x, W = _outlier_layer(seed=5)
+    kept = torch.randn(32, 128, generator=torch.Generator().manual_seed(6))
+    scales = candidate_scales(x.abs().mean(0), None, AWQSpec(grid=5))
+    torch.testing.assert_close(output_loss(x, [W, kept], [SPEC, None])(scales), output_loss(x, [W], SPEC)(scales))
+
+
+def test_q4_k_clipping_never_leaves_a_super_block_worse_than_unclipped() -> None:
+    """Q4_K's 8 groups share a super-block's d and dmin: per-group clip choices, put together,
+    could make groups worse than no clipping at all (measured up to 8.6x); every (row,
+    super-block) is now at most its unclipped error."""
+    from maverick_quant.compress.awq import _group_errors, group_inputs
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(400, 512, generator=g)
+    W = torch.randn(64, 512, generator=g) * 0.01
+    W[:, ::37] *= 40  # outlier columns
+    spec = QuantSpec(group_size=32, sym=False, k_quant=True)
+    clipped = clip_weights(W, x, spec, AWQSpec())
+    inputs = group_inputs(x, spec)
+
+    def block_errors(weight: torch.Tensor) -> torch.Tensor:
+        delta = (rtn_fake(weight, spec) - W).view(64, 16, 32)
+        return _group_errors(delta, inputs).view(64, 2, 8).sum(-1)
+
+    assert (block_errors(clipped) <= block_errors(W) * (1 + 1e-5)).all()
+    assert block_errors(clipped).sum() < block_errors(W).sum()  # and clipping still helps overall
+
+
+def test_awq_clips_neither_q_nor_k(tiny_llama_dir) -> None:
+    """q and k reach the model through q.k, not their own outputs: AWQ's clip search leaves them
+    (as the reference implementations do) and clips v, o and the MLP."""
+    from maverick_quant.awq_layer import clip_layer
+    from maverick_quant.recipe import Method, QuantizeSpec
+    from maverick_quant.streaming import StreamingModel, open_source
+
+    model = StreamingModel(open_source(tiny_llama_dir), batch=2)
+    hidden = model.embed(torch.randint(3, 49152, (4, 32), generator=torch.Generator().manual_seed(0)))
+    layer = model.layer(0)
+    before = {name: layer.get_submodule(name).weight.clone() for name in ("self_attn.q_proj", "self_attn.k_proj",
+                                                                           "self_attn.v_proj", "mlp.gate_proj")}
+    clip_layer(model, layer, hidden, model.plan(0), QuantizeSpec(method=Method.AWQ, weights=SPEC), stride=1)
+    unchanged = {name: torch.equal(weight, layer.get_submodule(name).weight) for name, weight in before.items()}
+    assert unchanged == {"self_attn.q_proj": True, "self_attn.k_proj": True, "self_attn.v_proj": False,
+                         "mlp.gate_proj": False}

@@ -43,11 +43,15 @@ class ScaleGroup:
     prev:       module path of the producer ("input_layernorm", "mlp.up_proj").
     linears:    the consumers, relative to the layer.
     prev_norm:  whether `prev` is a norm (weight [K]) rather than a linear (weight [K, K_in]).
+    unclipped:  consumers AWQ's clip search leaves alone: attention's q and k, whose error
+                reaches the model through the q.k product, not their own outputs (the AWQ
+                reference implementations skip them for that reason).
     """
 
     prev: str
     linears: tuple[str, ...]
     prev_norm: bool = True
+    unclipped: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

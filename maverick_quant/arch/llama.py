@@ -63,7 +63,8 @@ def scale_groups(config: Any, mlp: str | None) -> tuple[ScaleGroup, ...]:
     """AWQ groups of a Llama-style layer: input norm -> q/k/v; v -> o when every query head
     has its own value head (with grouped KV heads v's rows feed several o columns); and for
     a gated MLP under `mlp` ("mlp."): post-attention norm -> gate/up, up -> down."""
-    groups = [ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))]
+    groups = [ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                         unclipped=("self_attn.q_proj", "self_attn.k_proj"))]
     if config.num_key_value_heads == config.num_attention_heads:
         groups.append(ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), prev_norm=False))
     if mlp is not None:

@@ -7,8 +7,10 @@ Quantization error then lands on W diag(s): channels with large |x| get larger w
 hence relatively finer steps. The search tries s = mean|x|^alpha (or, with duo scaling,
 mean|x|^alpha / mean|w|^(1-alpha)) for alpha = 0, 1/grid, ..., normalised so that
 sqrt(max(s) min(s)) = 1, and keeps the alpha whose quantized output is closest to the float
-one under a loss the CALLER supplies (the linears' outputs, a whole MoE block...). alpha = 0
-is s = 1, i.e. plain RTN, so the chosen scales never do worse than RTN on that loss.
+one under a loss the CALLER supplies (the linears' outputs, a whole MoE block...). The first
+candidate is always s = 1, i.e. plain RTN (alpha = 0 without duo scaling; an extra candidate
+with it, where alpha = 0 is 1 / mean|w|), so the chosen scales never do worse than RTN on
+that loss, and its loss is the RTN loss the audit reports.
 
 Clipping then shrinks each (row, group) range to max|w| (1 - i/clip_grid) where that
 lowers the output error ||X_g (Q(w_g) - w_g)||^2 on sampled inputs.
@@ -24,21 +26,33 @@ from typing import Callable, NamedTuple
 import torch
 
 from maverick_quant.compress.grid import group_params, quantize_grouped, rtn_quantize
-from maverick_quant.compress.kquant import offset_grid_params
+from maverick_quant.compress.kquant import SUPER_BLOCK, offset_grid_params, uses_k_grid
 from maverick_quant.recipe import AWQSpec, QuantSpec
 
 
 @dataclass(frozen=True)
 class ScaleSearch:
-    """scales [K] chosen; ratio the alpha that gave them; losses [grid] of every candidate."""
+    """scales [K] chosen; ratio the alpha that gave them (None: s = 1 won a duo search);
+    losses [C] of every candidate (`candidate_ratios`), the first s = 1."""
 
     scales: torch.Tensor
-    ratio: float
+    ratio: float | None
     losses: torch.Tensor
+
+    @property
+    def rtn_loss(self) -> float:
+        """The loss of s = 1, plain round-to-nearest (the first candidate)."""
+        return float(self.losses[0])
+
+
+def candidate_ratios(awq: AWQSpec) -> list[float | None]:
+    """The alpha of each candidate of `candidate_scales`: i / grid, after a None for s = 1 with duo scaling."""
+    return ([None] if awq.duo_scaling else []) + [i / awq.grid for i in range(awq.grid)]
 
 
 def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None, awq: AWQSpec) -> torch.Tensor:
-    """Scales [grid, K] for alpha = i / grid from mean|x| [K] (and mean|w| [K] for duo scaling)."""
+    """Scales [C, K] for alpha = i / grid from mean|x| [K] (and mean|w| [K] for duo scaling,
+    after s = 1 as the first candidate: `candidate_ratios`)."""
     ratios = torch.arange(awq.grid, dtype=torch.float64, device=x_mean.device)[:, None] / awq.grid
     x = x_mean.double().clamp_min(1e-4)[None]
     if awq.duo_scaling:
@@ -46,7 +60,8 @@ def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None, awq: AWQ
     else:
         scales = x**ratios
     scales = scales.clamp_min(1e-4)
-    return (scales / (scales.amax(1, keepdim=True) * scales.amin(1, keepdim=True)).sqrt()).float()
+    scales = (scales / (scales.amax(1, keepdim=True) * scales.amin(1, keepdim=True)).sqrt()).float()
+    return torch.cat([torch.ones_like(scales[:1]), scales]) if awq.duo_scaling else scales
 
 
 CANDIDATES_AT_ONCE = 4  # scale candidates quantized together: a weight [N, K] is held as [4, N, K] fp32
@@ -80,16 +95,17 @@ def search_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None,
     candidates = candidate_scales(x_mean, w_mean, awq)
     losses = loss(candidates).double()
     best = int(torch.argmin(losses))
-    return ScaleSearch(candidates[best], best / awq.grid, losses)
+    return ScaleSearch(candidates[best], candidate_ratios(awq)[best], losses)
 
 
-def output_loss(x: torch.Tensor, weights: list[torch.Tensor], spec: QuantSpec | list[QuantSpec],
+def output_loss(x: torch.Tensor, weights: list[torch.Tensor], spec: QuantSpec | None | list[QuantSpec | None],
                 chunk: int = CANDIDATES_AT_ONCE) -> Callable[[torch.Tensor], torch.Tensor]:
     """The plain AWQ loss for linears sharing input x [T, K]: for each candidate s,
     sum over the linears of mean_t ||x_t (W_hat(s) - W)^T||^2 with W_hat(s) = scaled_quantized
-    on `spec` (one grid for all, or one per linear: bits overrides). Candidates are evaluated
-    `chunk` at a time to bound memory."""
+    on `spec` (one grid for all, or one per linear: bits overrides; None for a linear kept in
+    float, which adds no error). Candidates are evaluated `chunk` at a time to bound memory."""
     grids = spec if isinstance(spec, list) else [spec] * len(weights)
+    weights, grids = [w for w, g in zip(weights, grids) if g is not None], [g for g in grids if g is not None]
 
     def loss(scales: torch.Tensor) -> torch.Tensor:
         total = torch.zeros(scales.shape[0], dtype=torch.float64, device=scales.device)
@@ -150,7 +166,13 @@ def _group_errors(delta: torch.Tensor, inputs: GroupInputs) -> torch.Tensor:
 
 
 def _clip_rows(W: torch.Tensor, inputs: GroupInputs, spec: QuantSpec, awq: AWQSpec) -> torch.Tensor:
-    """`clip_weights` for one block of rows W [n, K] (the grid is per row, so blocks are independent)."""
+    """`clip_weights` for one block of rows W [n, K] (the grid is per row, so blocks are independent).
+
+    Each (row, group) keeps the shrink that gave it the least error, which is right where a
+    group's grid is its own. Q4_K's 8 groups of a 256-column super-block share its fp16 d and
+    dmin, set by its largest group: clipping one moves the others' steps, so the per-group
+    choices, put together, are evaluated once more and a super-block where they do worse than
+    no clipping is left unclipped (`_unclip_coupled`)."""
     n, k = W.shape
     width = spec.group_width(k)
     groups = spec.groups_for(k)
@@ -168,7 +190,22 @@ def _clip_rows(W: torch.Tensor, inputs: GroupInputs, spec: QuantSpec, awq: AWQSp
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = torch.where(better[..., None], clipped, best)
+        if step == 0:
+            unclipped_err = err
+    if uses_k_grid(spec.k_quant, k):
+        best = _unclip_coupled(best, Wg, unclipped_err, inputs, spec, k // SUPER_BLOCK)
     return best.view(n, -1)[:, :k].to(W.dtype)
+
+
+def _unclip_coupled(best: torch.Tensor, Wg: torch.Tensor, unclipped_err: torch.Tensor, inputs: GroupInputs,
+                    spec: QuantSpec, blocks: int) -> torch.Tensor:
+    """`best` [n, G, width] with every (row, super-block) whose groups' errors, rounded together
+    with their chosen clips, sum above its unclipped error reset to the unclipped weights Wg
+    (super-blocks are independent of each other: each has its own d and dmin)."""
+    n, groups, width = best.shape
+    together = _group_errors(rtn_fake(best.view(n, -1), spec).view(n, groups, width) - Wg, inputs)
+    worse = together.view(n, blocks, -1).sum(-1) > unclipped_err.view(n, blocks, -1).sum(-1)  # [n, blocks]
+    return torch.where(worse.repeat_interleave(groups // blocks, dim=1)[..., None], Wg, best)
 
 
 def fold_into_norm(norm_weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
