@@ -55,6 +55,9 @@ def read_validation_inputs(reference, data, ctx, max_windows, protocol, gates, b
     from maverick_quant.validation.gates import check_baseline, parse_gate
 
     check_kernels_device(kernels, compute)
+    if scored_from(protocol, ctx) >= ctx:
+        raise InputError(f"--ctx {ctx} with --protocol {protocol}: no token of a window is scored "
+                         f"(the protocol scores positions {scored_from(protocol, ctx)}..{ctx - 1}); use a longer --ctx")
     parsed = [parse_gate(text) for text in gates]
     baseline_report = _read_baseline(baseline) if baseline else None
     check_baseline(parsed, baseline_report)
@@ -95,6 +98,8 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
     ref_source = open_source(reference)
     cand_source = (GGUFCandidate(Path(candidate), gpu_layers=-1 if compute.type == "cuda" else 0) if gguf
                    else open_candidate(candidate))
+    if gguf:  # a file llama.cpp cannot load is refused here, not after the reference pass
+        cand_source.check_loads(ref_source.table.text_config(ref_source.config).vocab_size)
     benchmarks = {name: {"file": str(path), "sha256": sha256_file(path)} for name, (path, _) in tasks.items()}
     benchmarks.update(tasks=hellaswag_tasks, pass_mib=choices_pass_mib)
     images, in_file, seen_inputs = _vision_inputs(vision, ref_source, gguf)  # a wrong mmproj or image: before any work
@@ -159,7 +164,11 @@ def _vision_inputs(vision: VisionCheck | None, ref_source, gguf: bool) -> tuple[
     config = ref_source.checkpoint.load_config()
     in_file = check_mmproj(vision.mmproj, config)
     image_normalisation(ref_source.checkpoint.model_dir)
-    import llama_cpp.mtmd_cpp  # noqa: F401  (a missing client is refused here, not after the text evaluation)
+    try:  # a missing client is refused here, not after the text evaluation
+        import llama_cpp.mtmd_cpp  # noqa: F401
+    except ImportError:
+        raise InputError(f"--mmproj {vision.mmproj}: needs llama-cpp-python with its multimodal library "
+                         "(llama_cpp.mtmd_cpp); install a release that has it") from None
 
     size = config.vision_config.image_size
     images = (synthetic_images(vision.count, size) if vision.images is None

@@ -46,7 +46,8 @@ def test_parse_gate_forms(text, key, op, value, baseline_op):
     "text",
     ["", "   ", "ppl_ratio", "ppl_ratio<=", "<=1.05", "ppl_ratio=>1.05", "ppl_ratio=1.05", "ppl_ratio<==1",
      "ppl_ratio<=abc", "ppl_ratio<=baseline/2", "ppl_ratio<=baseline*", "ppl_ratio<=baseline*-1",
-     "ppl_ratio<=1.05 extra", "ppl_ratio<=nan", "ppl_ratio<=inf", "kl..mean<=1", "1kl<=1", "ppl ratio<=1"],
+     "ppl_ratio<=1.05 extra", "ppl_ratio<=nan", "ppl_ratio<=inf", "kl..mean<=1", "1kl<=1", "ppl ratio<=1",
+     "kl.mean<=baseline*1e999", "kl.mean<=baseline+1e999"],
 )
 def test_bad_gate_raises_input_error_naming_expression_and_form(text):
     with pytest.raises(InputError) as info:

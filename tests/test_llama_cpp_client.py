@@ -24,7 +24,7 @@ from click.testing import CliRunner
 from maverick_quant.bundle import Bundle
 from maverick_quant.cli import cli
 
-from conftest import bundle_logits, make_tiny_llama4, require_llama_cpp
+from conftest import bundle_logits, make_tiny_llama4, require_llama_cpp, run_cli
 
 require_llama_cpp()
 
@@ -190,3 +190,19 @@ def test_llama_cpp_branches_after_a_cached_prefix_equal_whole_sequences(smollm2_
         assert branch.shape == whole.shape
         assert (branch.argmax(-1) == whole.argmax(-1)).all()
         torch.testing.assert_close(branch, whole, atol=2e-2, rtol=0)
+
+
+def test_a_gguf_candidate_llama_cpp_cannot_load_is_refused_before_the_reference_pass(
+        tiny_llama_dir: Path, small_text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A truncated or foreign .gguf, or one of another vocabulary, exits 2 naming the file before
+    any layer runs (it used to fail inside the first llama.cpp window, after the whole reference
+    pass, with a ValueError traceback and exit 1: the code of a failed gate)."""
+    from maverick_quant.streaming import StreamingModel
+
+    monkeypatch.setattr(StreamingModel, "layer", lambda *a, **k: pytest.fail("ran a layer before refusing"))
+    not_gguf = tmp_path / "bad.gguf"
+    not_gguf.write_text("not a gguf at all")
+    code, out = run_cli("validate", "--reference", tiny_llama_dir, "--candidate", not_gguf, "--data", small_text_file,
+                     "--ctx", 16, "--max-windows", 1, "--report", tmp_path / "r", "--no-progress")
+    assert code == 2 and f"{not_gguf}: not a GGUF llama.cpp can load" in out, out
+    assert not (tmp_path / "r").exists() and not list(tmp_path.glob(".r.*"))

@@ -63,3 +63,18 @@ def test_llama_cpp_protocol_puts_bos_first_in_every_window_where_the_vocabulary_
     llama = eval_windows(small_text_file, tokenizer, 16, 4, "llama.cpp")
     assert adds_bos(tokenizer) and (llama[:, 0] == 1).all() and torch.equal(llama[:, 1:], gptq[:, 1:])
     assert gptq[0, 0] == 1 and not (gptq[1:, 0] == 1).any()
+
+
+def test_a_window_with_no_scored_token_is_refused_before_any_work(tiny_llama_dir: Path, small_text_file: Path,
+                                                                   tmp_path: Path) -> None:
+    """--ctx 2 under the llama.cpp protocol scores positions 2..1: nothing. Refused up front (the
+    whole evaluation used to run first, then fail with 'no tokens were scored')."""
+    from click.testing import CliRunner
+
+    from maverick_quant.cli import cli
+
+    result = CliRunner().invoke(cli, ["validate", "--reference", str(tiny_llama_dir), "--candidate", str(tiny_llama_dir),
+                                      "--data", str(small_text_file), "--ctx", "2", "--protocol", "llama.cpp",
+                                      "--report", str(tmp_path / "r"), "--no-progress"])
+    assert result.exit_code == 2 and "--ctx 2 with --protocol llama.cpp: no token of a window is scored" in result.output
+    assert not (tmp_path / "r").exists()

@@ -95,7 +95,10 @@ def test_minimal_report_without_plots_or_gates(tmp_path):
 def test_gates_section_from_report_dict_when_no_results_given(tmp_path):
     report = {**_report(), "gates": [{"gate": "tokens>=10", "actual": 12345, "threshold": 10.0, "passed": True}]}
     md = write_report(report, tmp_path)[-1].read_text()
-    assert "All 1 gates passed" in md and "`tokens>=10` | 12,345 | 10 | PASS" in md
+    assert "All 1 gates passed" in md and "`tokens>=10` | 12,345 | 10.0 | PASS" in md
+    close = {**_report(), "gates": [{"gate": "ppl_ratio<=1.05", "actual": 1.0500004, "threshold": 1.05, "passed": False}]}
+    md = write_report(close, tmp_path / "close")[-1].read_text()
+    assert "`ppl_ratio<=1.05` | 1.0500004 | 1.05 | FAIL" in md  # a narrow FAIL never reads as two equal numbers
 
 
 def test_a_broken_candidates_report_is_strict_json_and_still_fails_its_gates(tmp_path):

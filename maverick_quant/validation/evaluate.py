@@ -325,10 +325,32 @@ class GGUFCandidate:
         self._llama_cpp, self._model, self._threads = llama_cpp, None, threads or os.cpu_count()
         self._gpu_layers = gpu_layers
 
+    def check_loads(self, vocab_size: int) -> None:
+        """InputError unless the file is a whole GGUF (gguf-py reads every tensor's place in it:
+        a truncated download fails here) that llama.cpp loads (its header and vocabulary, no
+        weights), with `vocab_size` tokens, the reference's: before any work is done."""
+        import gguf
+
+        try:
+            gguf.GGUFReader(self.path)
+            vocab = self._llama_cpp.Llama(model_path=str(self.path), vocab_only=True, verbose=False)
+        except (ValueError, RuntimeError, OSError, KeyError, IndexError) as exc:
+            raise InputError(f"{self.path}: not a GGUF llama.cpp can load ({exc})") from None
+        tokens = vocab.n_vocab()
+        del vocab
+        if tokens != vocab_size:
+            raise InputError(f"{self.path}: its vocabulary has {tokens} tokens, the reference's {vocab_size}")
+
     def _context(self, tokens: int):
-        """The llama.cpp context, (re)made large enough for `tokens` tokens, its KV cache empty."""
+        """The llama.cpp context, (re)made large enough for `tokens` tokens (to the next power of
+        two, so sequences of growing length remake it a few times only; the old model is freed
+        first, never two copies at once), its KV cache empty."""
         if self._model is None or self._model.n_ctx() < tokens:
-            context = max(tokens, 512)  # short sequences (benchmark choices) reuse one context
+            import gc
+
+            context = max(512, 1 << (tokens - 1).bit_length())  # short sequences (benchmark choices) reuse one context
+            self._model = None
+            gc.collect()
             self._model = self._llama_cpp.Llama(model_path=str(self.path), n_ctx=context, n_batch=context,
                                                 logits_all=True, n_threads=self._threads, verbose=False,
                                                 n_gpu_layers=self._gpu_layers)

@@ -92,7 +92,10 @@ def _parse_threshold(text: str, rhs: str) -> tuple[float, str | None]:
         raise _bad_gate(text, f"cannot read threshold {rhs!r}" if rhs else "missing threshold")
     if match["op"] is None:
         return 1.0, "*"
-    return float(match["operand"]), match["op"]
+    operand = float(match["operand"])
+    if not math.isfinite(operand):
+        raise _bad_gate(text, f"baseline operand {match['operand']!r} is not a finite number")
+    return operand, match["op"]
 
 
 def parse_gate(text: str) -> Gate:

@@ -50,15 +50,21 @@ def _json_default(value):
     raise TypeError(f"report value of type {type(value).__name__} is not JSON serialisable")
 
 
-def _fmt(value) -> str:
-    """A number for people: ints with thousands separators, floats to 6 significant digits."""
+def _fmt(value, digits: int = 6) -> str:
+    """A number for people: ints with thousands separators, floats to `digits` significant digits."""
     if value is None:
         return "n/a"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
     if isinstance(value, int):
         return f"{value:,}"
-    return f"{value:.6g}"
+    return f"{value:.{digits}g}"
+
+
+def _fmt_exact(value) -> str:
+    """A gate's number in full (repr's shortest round-trip digits): a FAIL by 4e-7 must not read
+    as two equal numbers."""
+    return repr(value) if isinstance(value, float) else _fmt(value)
 
 
 def _get(report: Mapping, dotted: str):
@@ -101,7 +107,7 @@ def _gate_section(results: Sequence) -> list[str]:
     failed = sum(not passed for *_, passed in fields)
     verdict = f"**All {len(fields)} gates passed.**" if not failed else f"**{failed} of {len(fields)} gates FAILED.**"
     lines = ["## Gates", "", verdict, "", "| gate | actual | threshold | result |", "|---|---:|---:|---|"]
-    lines += [f"| `{gate}` | {_fmt(actual)} | {_fmt(threshold)} | {'PASS' if passed else 'FAIL'} |"
+    lines += [f"| `{gate}` | {_fmt_exact(actual)} | {_fmt_exact(threshold)} | {'PASS' if passed else 'FAIL'} |"
               for gate, actual, threshold, passed in fields]
     return lines
 
