@@ -90,7 +90,17 @@ def artifact_summary(path: Path, verify: bool = True) -> tuple[str, list[str] | 
     path = Path(path)
     if path.is_file():
         manifest = gguf_manifest(path)
-        return gguf_summary(path), verify_manifest(manifest) if manifest is not None and verify else None
+        bad = verify_manifest(manifest, complete=False) if manifest is not None and verify else None
+    else:
+        bad = verify_manifest(path / "manifest.json") if verify else None
+    try:  # verified first: a damaged file is reported as such, not as a parser's traceback
+        return (gguf_summary(path) if path.is_file() else _directory_summary(path)), bad
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        return f"{path}: cannot be read ({type(exc).__name__}: {exc})", [*(bad or []), f"{path.name} (unreadable)"]
+
+
+def _directory_summary(path: Path) -> str:
+    """An export directory's format, source, files and quantization_config, in two lines."""
     manifest = json.loads((path / "manifest.json").read_text())
     config = json.loads((path / "config.json").read_text())
     quant = config.get("quantization_config") or {}
@@ -99,7 +109,7 @@ def artifact_summary(path: Path, verify: bool = True) -> tuple[str, list[str] | 
              f"({', '.join(config.get('architectures', []))}), {len(manifest['files'])} files, {size / 2**20:.1f} MiB",
              "quantization_config: " + json.dumps({k: v for k, v in quant.items() if k not in ("ignore", "dynamic",
                                                                                                "modules_to_not_convert")})]
-    return "\n".join(lines), verify_manifest(path / "manifest.json") if verify else None
+    return "\n".join(lines)
 
 
 def gguf_manifest(path: Path) -> Path | None:

@@ -125,6 +125,11 @@ def test_export_directory_has_a_card_and_a_manifest_that_inspect_verifies(tiny_l
     assert manifest["format"] == "compressed-tensors" and "config.json" in manifest["files"]
     assert "compressed-tensors" in (tmp_path / "ct" / "README.md").read_text()
     assert "verified" in _run("inspect", tmp_path / "ct")
+    stray = tmp_path / "ct" / "generation_config.extra.json"  # a file the manifest does not list fails too
+    stray.write_text("{}")
+    result = CliRunner().invoke(cli, ["inspect", str(tmp_path / "ct")])
+    assert result.exit_code == 1 and "generation_config.extra.json (not in the manifest)" in result.output, result.output
+    stray.unlink()
     shard = next((tmp_path / "ct").glob("model*.safetensors"))
     with open(shard, "r+b") as handle:  # flip one byte of tensor data
         handle.seek(-1, 2)

@@ -174,6 +174,21 @@ def test_gguf_has_a_model_card_and_a_manifest_that_inspect_verifies(tiny_q4_0) -
     assert code == 0 and "GGUF llama" in out and "Q4_0:" in out and "verified" in out, out
 
 
+def test_inspect_reports_a_truncated_gguf_instead_of_a_traceback(tiny_q4_0, tmp_path: Path) -> None:
+    """The manifest is checked first; a file gguf-py can no longer parse is named as unreadable
+    (exit 1), where the summary used to raise a ValueError from deep inside gguf-py."""
+    import shutil
+
+    source = tiny_q4_0["gguf"]
+    for sidecar in (source, source.with_name(source.name + ".manifest.json")):
+        shutil.copy(sidecar, tmp_path / sidecar.name)
+    copy = tmp_path / source.name
+    with open(copy, "r+b") as handle:
+        handle.truncate(copy.stat().st_size - 1000)
+    code, out = _run("inspect", copy)
+    assert code == 1 and f"{copy}: cannot be read" in out and "hash or size mismatch" in out and copy.name in out, out
+
+
 def test_a_float_model_exports_as_gguf_pys_own_round_to_nearest(tiny_llama_dir: Path, tmp_path: Path) -> None:
     """The plain GGUF baseline: every linear rounded by gguf-py from the float checkpoint."""
     import gguf

@@ -127,12 +127,22 @@ def write_gguf_sidecars(bundle: Bundle | None, name: str, gguf_path: Path, detai
                        "files": file_records([gguf_path, *extra_files], gguf_path.parent)})
 
 
-def verify_manifest(manifest_path: Path) -> list[str]:
-    """Files listed in a manifest whose size or sha256 differ (or that are missing)."""
-    manifest = json.loads(Path(manifest_path).read_text())
-    root, bad = Path(manifest_path).parent, []
+def verify_manifest(manifest_path: Path, complete: bool = True) -> list[str]:
+    """Files listed in a manifest whose size or sha256 differ (or that are missing), and, for a
+    `complete` manifest (a bundle's or an export directory's, which lists every file of its
+    folder), files of the folder it does not list: a stray model.safetensors beside a sharded
+    export is what transformers loads first. (A GGUF's sidecar manifest is not complete: other
+    files may share its folder.)"""
+    manifest_path = Path(manifest_path)
+    manifest = json.loads(manifest_path.read_text())
+    root, bad = manifest_path.parent, []
     for name, record in manifest["files"].items():
         path = root / name
         if not path.is_file() or path.stat().st_size != record["bytes"] or sha256_file(path) != record["sha256"]:
             bad.append(name)
+    if complete:
+        listed = set(manifest["files"]) | {manifest_path.name}
+        bad += [f"{name} (not in the manifest)" for name in sorted(p.relative_to(root).as_posix()
+                                                                    for p in root.rglob("*") if p.is_file())
+                if name not in listed]
     return bad
