@@ -333,21 +333,53 @@ def test_llama3_rope_factors_follow_llama_cpps_formula() -> None:
         rope_factors(yarn)
 
 
-@pytest.mark.parametrize("steps, model_type, name", [
-    ([{"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}], "llama", "gpt-2"),
-    ([{"type": "Digits", "individual_digits": True},
-      {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}], "llama", "smollm"),
-    ([{"type": "Split", "pattern": {"Regex": "x"}, "behavior": "Isolated", "invert": False}], "llama4_text", "llama4"),
-    ([{"type": "Split", "pattern": {"Regex": "x"}, "behavior": "Isolated", "invert": False}], "llama", None),
+_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+_LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_LLAMA4_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+                 r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _split(regex: str) -> dict:
+    return {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}
+
+
+@pytest.mark.parametrize("steps, name", [
+    ([{**_BYTE_LEVEL, "use_regex": True}], "gpt-2"),
+    ([{"type": "Digits", "individual_digits": True}, {**_BYTE_LEVEL, "use_regex": True}], "smollm"),
+    ([_split(_LLAMA4_SPLIT), _BYTE_LEVEL], "llama4"),
+    ([_split(_LLAMA3_SPLIT), _BYTE_LEVEL], None),  # Llama 3's regex: named only by --gguf-pre, never taken for Llama 4's
+    ([{"type": "Metaspace", "replacement": "▁"}], None),
 ])
-def test_the_pre_tokenizer_is_named_from_tokenizer_json(tmp_path: Path, steps: list, model_type: str, name) -> None:
+def test_the_pre_tokenizer_is_named_from_tokenizer_json(tmp_path: Path, steps: list, name) -> None:
     import json
 
     from maverick_quant.exporters.gguf import tokenizer_pre
 
     pre = steps[0] if len(steps) == 1 else {"type": "Sequence", "pretokenizers": steps}
     (tmp_path / "tokenizer.json").write_text(json.dumps({"pre_tokenizer": pre, "model": {"type": "BPE"}}))
-    assert tokenizer_pre(tmp_path, model_type) == name
+    assert tokenizer_pre(tmp_path) == name
+
+
+@pytest.mark.parametrize("model, decoder, ok", [
+    ({"type": "BPE", "byte_fallback": False}, {"type": "ByteLevel"}, True),
+    ({"type": "BPE", "byte_fallback": True}, {"type": "Sequence", "decoders": [{"type": "ByteFallback"}]}, False),
+    ({"type": "BPE", "byte_fallback": False}, {"type": "Metaspace"}, False),
+    ({"type": "Unigram"}, {"type": "ByteLevel"}, False),
+])
+def test_only_byte_level_bpe_vocabularies_are_written(tmp_path: Path, model: dict, decoder: dict, ok: bool) -> None:
+    """A SentencePiece-style BPE (byte fallback, `▁` spaces) written as GPT-2 byte-level tokens
+    would tokenize wrongly in llama.cpp: refused, naming tokenizer.json."""
+    import json
+
+    from maverick_quant.errors import InputError
+    from maverick_quant.exporters.gguf import check_byte_level
+
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": model, "decoder": decoder}))
+    if ok:
+        check_byte_level(tmp_path)
+    else:
+        with pytest.raises(InputError, match="tokenizer.json: .* --format gguf writes byte-level BPE vocabularies only"):
+            check_byte_level(tmp_path)
 
 
 def test_gguf_pre_names_the_pre_tokenizer_llama_cpp_reads(tiny_llama_dir: Path, tmp_path: Path) -> None:

@@ -452,10 +452,15 @@ def add_model_metadata(writer, config, arch: str, block_type: BlockType, name: s
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def tokenizer_pre(model_dir: Path, model_type: str) -> str | None:
+LLAMA4_SPLIT_MARK = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"  # in Llama 4's (GPT-4o's) split regex
+
+
+def tokenizer_pre(model_dir: Path) -> str | None:
     """llama.cpp's pre-tokenizer name for a byte-level BPE tokenizer, read from the structure of
     tokenizer.json's pre_tokenizer: ByteLevel with its regex alone is "gpt-2"; individual digits
-    then ByteLevel is "smollm"; Llama 4's tokenizer is "llama4". None when not recognised."""
+    then ByteLevel is "smollm"; Llama 4's split regex (GPT-4o's o200k one, which llama.cpp
+    splits alike under "llama4" and "gpt-4o") then ByteLevel without its own regex is "llama4". None when not recognised (whatever the model's
+    architecture: a Llama 4 layout may carry another tokenizer, upcycled from a Llama 3)."""
     pre = json.loads((model_dir / "tokenizer.json").read_text()).get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [(step.get("type"), step.get("individual_digits"), step.get("use_regex"), step.get("add_prefix_space"))
@@ -464,7 +469,23 @@ def tokenizer_pre(model_dir: Path, model_type: str) -> str | None:
         return "gpt-2"
     if kinds == [("Digits", True, None, None), ("ByteLevel", None, True, False)]:
         return "smollm"
-    return "llama4" if model_type.startswith("llama4") else None
+    split = (steps[0].get("pattern") or {}).get("Regex", "") if steps and steps[0].get("type") == "Split" else ""
+    if len(steps) == 2 and LLAMA4_SPLIT_MARK in split and kinds[1][0] == "ByteLevel" and kinds[1][2] is False:
+        return "llama4"
+    return None
+
+
+def check_byte_level(model_dir: Path) -> None:
+    """InputError unless tokenizer.json is a byte-level BPE (GPT-2 style: ByteLevel decoding,
+    no byte fallback), the only vocabulary `add_tokenizer` writes right: a SentencePiece-style
+    BPE (`▁` spaces, <0x0A> byte tokens) needs llama.cpp's `llama` vocabulary instead."""
+    data = json.loads((model_dir / "tokenizer.json").read_text())
+    model, decoder = data.get("model") or {}, data.get("decoder") or {}
+    decoders = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
+    if model.get("type") != "BPE" or model.get("byte_fallback") or not any(d.get("type") == "ByteLevel" for d in decoders):
+        raise InputError(f"{model_dir}/tokenizer.json: model {model.get('type')!r} (byte_fallback "
+                         f"{bool(model.get('byte_fallback'))}), decoder {decoder.get('type')!r}; --format gguf writes "
+                         "byte-level BPE vocabularies only (GPT-2 style: a ByteLevel decoder, no byte fallback)")
 
 
 def add_tokenizer(writer, model_dir: Path, vocab_size: int, pre: str) -> None:
@@ -472,13 +493,7 @@ def add_tokenizer(writer, model_dir: Path, vocab_size: int, pre: str) -> None:
     import gguf
     from maverick_quant.calibration.data import load_tokenizer
 
-    if not (model_dir / "tokenizer.json").is_file():
-        raise InputError(f"{model_dir}: --format gguf needs tokenizer.json (a Hugging Face fast tokenizer)")
-    model = json.loads((model_dir / "tokenizer.json").read_text()).get("model", {})
-    if model.get("type") != "BPE":
-        raise InputError(f"{model_dir}/tokenizer.json: model type {model.get('type')!r}; --format gguf writes "
-                         "byte-level BPE vocabularies only")
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir)  # tokenizer.json checked by plan_gguf_export
     by_id = {index: token for token, index in tokenizer.get_vocab().items()}
     if by_id and max(by_id) >= vocab_size:
         raise InputError(f"{model_dir}: the tokenizer has token id {max(by_id)}, beyond the model's vocab_size {vocab_size}")
@@ -508,10 +523,13 @@ def plan_gguf_export(weights: BundleWeights | FloatWeights, gguf_type: str, requ
     if gguf_type not in BLOCK_TYPES and gguf_type not in FLOAT_GGUF_TYPES:
         raise InputError(f"--gguf-type {gguf_type}: expected one of {sorted(BLOCK_TYPES) + list(FLOAT_GGUF_TYPES)}")
     plan = GGUFPlan(weights, BLOCK_TYPES.get(gguf_type, gguf_type), requantize, report or GGUFExport(Path()))
-    pre = pre or tokenizer_pre(weights.root, plan.config.model_type)
+    if not (weights.root / "tokenizer.json").is_file():
+        raise InputError(f"{weights.root}: --format gguf needs tokenizer.json (a Hugging Face fast tokenizer)")
+    check_byte_level(weights.root)
+    pre = pre or tokenizer_pre(weights.root)
     if pre is None:
         raise InputError(f"{weights.root}/tokenizer.json: pre-tokenizer not recognised; name llama.cpp's with --gguf-pre "
-                         "(e.g. gpt-2, smollm, llama3, llama4)")
+                         "(e.g. gpt-2, smollm, llama-bpe for Llama 3, llama4)")
     jobs = plan.jobs()
     for job in jobs:
         if job.ggml_type in BLOCK_TYPES and job.shape[-1] % BLOCK:
