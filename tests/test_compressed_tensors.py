@@ -71,6 +71,9 @@ def test_transformers_loads_a_dense_export(tiny_llama_dir: Path, small_text_file
     config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     weights = config["config_groups"]["group_0"]["weights"]
     assert config["format"] == "pack-quantized" and weights["symmetric"] is sym and weights["group_size"] == 32
+    import compressed_tensors  # `version` is the format's (compressed-tensors'), ours is `quantizer`'s
+
+    assert config["version"] == compressed_tensors.__version__ and config["quantizer"].startswith("maverick-quant:")
     # the card warns against vLLM's W4A8-INT8 Marlin mode exactly when the scales may be negative
     assert ("VLLM_MARLIN_INPUT_DTYPE=int8" in (tmp_path / "ct" / "README.md").read_text()) is (grid[0] == "--gguf-grid")
 

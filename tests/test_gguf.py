@@ -395,3 +395,16 @@ def test_gguf_pre_names_the_pre_tokenizer_llama_cpp_reads(tiny_llama_dir: Path, 
         assert code == 0, out
         field = gguf.GGUFReader(path).fields["tokenizer.ggml.pre"]
         assert bytes(field.parts[field.data[0]]).decode() == expected
+
+
+def test_llama4_attention_layer_types_llama_cpp_cannot_run_are_refused() -> None:
+    """llama.cpp chunks attention on 3 layers of 4; transformers follows `layer_types`, which a
+    config may set otherwise (all full attention here): such a GGUF would compute another function."""
+    from maverick_quant.arch.llama4 import maverick_config
+    from maverick_quant.errors import InputError
+    from maverick_quant.exporters.gguf import check_llama4_for_llama_cpp
+
+    check_llama4_for_llama_cpp(maverick_config().text_config)  # Maverick's own: accepted
+    full = maverick_config(layer_types=["full_attention"] * 48).text_config
+    with pytest.raises(InputError, match=r"layer_types=\['full_attention'"):
+        check_llama4_for_llama_cpp(full)

@@ -60,8 +60,10 @@ def ct_quantization_config(quant: dict, recipe: dict, unquantized: list[str] = (
                                                        weights=_weight_args(json.loads(grid)), format=FORMAT)
     config = QuantizationConfig(config_groups=groups, format=FORMAT, quantization_status=QuantizationStatus.COMPRESSED,
                                 ignore=ignore_patterns(list(unquantized)))
-    return {**config.model_dump(mode="json"), "version": __version__, "quantizer": f"maverick-quant:{__version__}",
-            "method": recipe.get("method")}
+    import compressed_tensors
+
+    return {**config.model_dump(mode="json"), "version": compressed_tensors.__version__,  # the format's version, as its own writer
+            "quantizer": f"maverick-quant:{__version__}", "method": recipe.get("method")}
 
 
 def ct_grid(quant: dict, module: str) -> tuple[int, int]:

@@ -376,6 +376,7 @@ def check_llama4_for_llama_cpp(config) -> None:
     expected = {
         "moe_layers": [i for i in range(layers) if step and (i + 1) % step == 0],
         "no_rope_layers": [int((i + 1) % 4 != 0) for i in range(layers)],
+        "layer_types": ["chunked_attention" if (i + 1) % 4 else "full_attention" for i in range(layers)],
         "attention_chunk_size": 8192,
         "attn_temperature_tuning": True,
         "floor_scale": 8192,
@@ -385,6 +386,7 @@ def check_llama4_for_llama_cpp(config) -> None:
     actual = {key: getattr(config, key, None) for key in expected}
     actual["moe_layers"] = list(actual["moe_layers"] or [])
     actual["no_rope_layers"] = list(actual["no_rope_layers"] or [])
+    actual["layer_types"] = list(actual["layer_types"] or [])  # which layers attend in chunks (transformers reads it)
     actual["attn_temperature_tuning"] = bool(actual["attn_temperature_tuning"])  # configs write 4 for "on"
     wrong = [f"{key}={actual[key]!r} (llama.cpp: {value!r})" for key, value in expected.items() if actual[key] != value]
     if wrong:
