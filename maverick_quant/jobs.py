@@ -157,7 +157,7 @@ def run_export_gguf(source_dir, out, gguf_type="Q4_0", requantize=False, pre=Non
     (re-quantized by gguf-py, Q4_K by our round-to-nearest: the plain GGUF other tools make, as a baseline); with `mmproj`,
     a Llama 4's vision tower and projector too, as llama.cpp's multimodal projector file."""
     from maverick_quant.bundle import BUNDLE_FORMAT, MANIFEST, Bundle
-    from maverick_quant.exporters.artifact import write_gguf_sidecars
+    from maverick_quant.exporters.artifact import gguf_sidecars, write_gguf_sidecars
     from maverick_quant.exporters.gguf import FLOAT_GGUF_TYPES, BundleWeights, FloatWeights, export_gguf
     from maverick_quant.exporters.gguf_mmproj import MMProjPlan
 
@@ -171,6 +171,8 @@ def run_export_gguf(source_dir, out, gguf_type="Q4_0", requantize=False, pre=Non
     weights = BundleWeights(Bundle(source_dir)) if is_bundle else FloatWeights(Path(source_dir))
     vision = MMProjPlan(weights, mmproj_type) if mmproj is not None else None  # checks all before any writing
     Path(out).parent.mkdir(parents=True, exist_ok=True)
+    for stale in gguf_sidecars(Path(out)):  # a replaced GGUF's old card and manifest would describe the new file
+        stale.unlink(missing_ok=True)
     report = export_gguf(weights, Path(out), gguf_type, requantize, pre, progress)
     lossless = (is_bundle and not report.requantized) or gguf_type in FLOAT_GGUF_TYPES
     detail = gguf_type if lossless else \

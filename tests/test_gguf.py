@@ -408,3 +408,25 @@ def test_llama4_attention_layer_types_llama_cpp_cannot_run_are_refused() -> None
     full = maverick_config(layer_types=["full_attention"] * 48).text_config
     with pytest.raises(InputError, match=r"layer_types=\['full_attention'"):
         check_llama4_for_llama_cpp(full)
+
+
+def test_a_replaced_gguf_never_keeps_the_old_files_card_and_manifest(tiny_q4_0, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`export --force` over a GGUF removes its old card and manifest before writing: an export
+    that then fails (here: the writer raises) leaves no manifest describing another file."""
+    import shutil
+
+    import maverick_quant.exporters.gguf as gguf_exporter
+
+    source = tiny_q4_0["gguf"]
+    for name in (source.name, source.name + ".README.md", source.name + ".manifest.json"):
+        shutil.copy(source.with_name(name), tmp_path / name)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gguf_exporter, "export_gguf", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        _run("export", tiny_q4_0["bundle"], "--format", "gguf", "--gguf-type", "Q4_0", "--out", tmp_path / source.name,
+             "--force")
+    assert not (tmp_path / (source.name + ".manifest.json")).exists() and not (tmp_path / (source.name + ".README.md")).exists()

@@ -119,12 +119,18 @@ def write_gguf_sidecars(bundle: Bundle | None, name: str, gguf_path: Path, detai
     """Model card and manifest beside a GGUF file (of a bundle, or of the float model `name`);
     `extra_files` (an mmproj GGUF) are hashed into the same manifest."""
     gguf_path = Path(gguf_path)
-    write_text_atomic(gguf_path.with_name(gguf_path.name + ".README.md"),
-                      model_card(bundle, "gguf", detail, name, report_dir))
+    card, manifest = gguf_sidecars(gguf_path)
+    write_text_atomic(card, model_card(bundle, "gguf", detail, name, report_dir))
     source = bundle.manifest["source"] if bundle is not None else {"model_dir": name}
-    write_json_atomic(gguf_path.with_name(gguf_path.name + ".manifest.json"),
+    write_json_atomic(manifest,
                       {"format": "gguf", "detail": detail, "tool_version": __version__, "source": source,
                        "files": file_records([gguf_path, *extra_files], gguf_path.parent)})
+
+
+def gguf_sidecars(gguf_path: Path) -> list[Path]:
+    """The model card and manifest written beside a GGUF file (`write_gguf_sidecars`)."""
+    gguf_path = Path(gguf_path)
+    return [gguf_path.with_name(gguf_path.name + suffix) for suffix in (".README.md", ".manifest.json")]
 
 
 def verify_manifest(manifest_path: Path, complete: bool = True) -> list[str]:
