@@ -32,8 +32,9 @@ from typing import Any, Iterator
 
 import torch
 
-from maverick_quant.checkpoint import (TORCH_DTYPES, TensorInfo, is_temporary, load_model_config, read_rows, read_safetensors_header, read_tensor, save_safetensors_atomic,
+from maverick_quant.checkpoint import (TORCH_DTYPES, TensorInfo, is_temporary, read_rows, read_safetensors_header, read_tensor, save_safetensors_atomic,
                                        sha256_file, write_json_atomic)
+from maverick_quant.model_config import load_model_config
 from maverick_quant.arch.base import FusedExpertsBuilder
 from maverick_quant.compress.pack import pack_nibbles, unpack_nibbles
 from maverick_quant.compress.types import QuantizedWeight

@@ -169,43 +169,6 @@ def _check_index(model_dir: Path, weight_map: dict[str, str], tensors: dict[str,
                          f"(e.g. {missing[0]!r}, indexed in {weight_map[missing[0]]})")
 
 
-def published_quirks_fixed(config: dict) -> list[str]:
-    """Mend, in place, values that published configs hold and transformers 5's strict configs
-    refuse; returns what was changed. Llama 4's own configs write `attn_temperature_tuning: 4`
-    for "on" (transformers 4.51, vLLM and llama.cpp's converter read it as a truth value)."""
-    changed = []
-    for section, where in ((config, ""), (config.get("text_config"), "text_config.")):
-        value = section.get("attn_temperature_tuning") if isinstance(section, dict) else None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            section["attn_temperature_tuning"] = bool(value)
-            changed.append(f"{where}attn_temperature_tuning: {value} -> {bool(value)}")
-    return changed
-
-
-def load_model_config(folder: Path):
-    """The transformers config of `folder`/config.json, never with trust_remote_code; published
-    quirks (`published_quirks_fixed`) read as their authors meant. InputError naming the file
-    when transformers cannot read it."""
-    from huggingface_hub.errors import StrictDataclassError
-    from transformers import AutoConfig
-
-    path = Path(folder) / "config.json"
-    try:
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-        if published_quirks_fixed(data):
-            model_type = data.pop("model_type", None)
-            if model_type is None:
-                raise ValueError("no model_type")
-            config = AutoConfig.for_model(model_type, **data)
-            config.name_or_path = str(folder)
-            return config
-        return AutoConfig.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
-    except (ValueError, OSError, KeyError, TypeError, StrictDataclassError) as exc:
-        raise InputError(f"{path}: cannot be read as a transformers config ({exc})") from None
-
-
 class Checkpoint:
     """A Hugging Face model directory read lazily: headers now, tensor data on demand."""
 
@@ -225,7 +188,9 @@ class Checkpoint:
             _check_index(self.model_dir, weight_map, self.tensors)
 
     def load_config(self):
-        """The transformers config (never trust_remote_code): `load_model_config`."""
+        """The transformers config (never trust_remote_code): `model_config.load_model_config`."""
+        from maverick_quant.model_config import load_model_config
+
         return load_model_config(self.model_dir)
 
     def validate(self, expected: dict[str, tuple[int, ...]], config_dtype: str | None = None) -> None:

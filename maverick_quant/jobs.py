@@ -328,7 +328,7 @@ def _plan_device(name: str) -> tuple[str, dict | None]:
 
 
 def _config_only(model_dir: Path):
-    from maverick_quant.checkpoint import load_model_config
+    from maverick_quant.model_config import load_model_config
 
     if not (model_dir / "config.json").is_file():
         raise InputError(f"{model_dir}: not a model directory (no config.json)")
