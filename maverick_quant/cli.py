@@ -24,14 +24,39 @@ class BadInput(click.ClickException):
     exit_code = 2
 
 
+class RunFailed(click.ClickException):
+    """Any other error (disk full, out of memory, a bug): exit code 3, never 1, which a CI job
+    reads as a failed validation gate; the traceback is printed above the message."""
+
+    exit_code = 3
+
+
+class Interrupted(click.ClickException):
+    """Ctrl-C: exit code 130 (the shell's for SIGINT), not click's 1, a failed gate's."""
+
+    exit_code = 130
+
+
 class Group(click.Group):
-    """Turns InputError from any command into a clean message and exit code 2."""
+    """Exit codes: 0 done, 1 a validation gate failed (the commands exit so themselves), 2 bad
+    usage or input (InputError, click's usage errors), 3 any other failure, 130 interrupted."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except InputError as exc:
             raise BadInput(str(exc)) from None
+        except (click.ClickException, click.exceptions.Exit, SystemExit):
+            raise
+        except (KeyboardInterrupt, click.Abort):
+            raise Interrupted("interrupted; a resumable run (quantize, validate, calibrate --coverage, imatrix) "
+                              "goes on with --resume") from None
+        except Exception as exc:
+            import traceback
+
+            traceback.print_exc()
+            raise RunFailed(f"{type(exc).__name__}: {exc} (not bad input and not a failed gate: the traceback "
+                            "is above)") from None
 
 
 @click.group(cls=Group)

@@ -225,3 +225,21 @@ def test_window_options_beside_calib_are_refused_not_ignored(tiny_run, tmp_path:
                          "--data", tiny_run["text"], "--out", tmp_path / command)
         assert code == 2 and "holds windows drawn already, so --data, --samples would be ignored" in out, out
         assert not (tmp_path / command).exists()
+
+
+def test_an_interrupt_and_a_crash_never_exit_as_a_failed_gate(monkeypatch, tmp_path: Path) -> None:
+    """Exit 1 means a validation gate failed: Ctrl-C exits 130 and an unexpected error 3, with its
+    traceback (both exited 1 before, so a CI job read them as a failed gate)."""
+    import maverick_quant.jobs as jobs
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    def crashed(*args):
+        raise MemoryError("out of memory")
+
+    for failure, code, words in ((interrupted, 130, "interrupted; a resumable run"),
+                                 (crashed, 3, "MemoryError: out of memory (not bad input and not a failed gate")):
+        monkeypatch.setattr(jobs, "run_quantize", failure)
+        got, out = _run("quantize", tmp_path / "m", "--method", "rtn", "--out", tmp_path / "o")
+        assert got == code and words in out, out
