@@ -338,7 +338,7 @@ def inspect_command(path, plot, top, force, verify) -> None:
     if path.is_file() or _is_export(path):
         summary, bad = artifact_summary(path, verify)
         click.echo(summary)
-        if verify:
+        if verify or bad:  # an unreadable file fails even under --no-verify
             _report_verification(path, bad)
         return
     if plot:
@@ -371,7 +371,10 @@ def _is_export(path: Path) -> bool:
     from maverick_quant.exporters.registry import LAYOUTS
 
     manifest = path / "manifest.json"
-    return manifest.is_file() and json.loads(manifest.read_text()).get("format") in LAYOUTS
+    try:
+        return manifest.is_file() and json.loads(manifest.read_text()).get("format") in LAYOUTS
+    except (OSError, ValueError, AttributeError) as exc:
+        raise InputError(f"{manifest}: cannot be read ({exc})") from None
 
 
 @cli.command()

@@ -87,13 +87,13 @@ def artifact_summary(path: Path, verify: bool = True) -> tuple[str, list[str] | 
     or `verify` is off)."""
     from maverick_quant.exporters.artifact import verify_manifest
 
-    path = Path(path)
-    if path.is_file():
-        manifest = gguf_manifest(path)
-        bad = verify_manifest(manifest, complete=False) if manifest is not None and verify else None
-    else:
-        bad = verify_manifest(path / "manifest.json") if verify else None
+    path, bad = Path(path), None
     try:  # verified first: a damaged file is reported as such, not as a parser's traceback
+        if path.is_file():
+            manifest = gguf_manifest(path)
+            bad = verify_manifest(manifest, complete=False) if manifest is not None and verify else None
+        elif verify:
+            bad = verify_manifest(path / "manifest.json")
         return (gguf_summary(path) if path.is_file() else _directory_summary(path)), bad
     except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
         return f"{path}: cannot be read ({type(exc).__name__}: {exc})", [*(bad or []), f"{path.name} (unreadable)"]
@@ -115,7 +115,9 @@ def _directory_summary(path: Path) -> str:
 def gguf_manifest(path: Path) -> Path | None:
     """The manifest that lists a GGUF file: its own `<name>.manifest.json`, or (an mmproj) the
     manifest of the GGUF it was exported with, beside it."""
-    own = path.with_name(path.name + ".manifest.json")
+    from maverick_quant.exporters.artifact import gguf_sidecars
+
+    own = gguf_sidecars(path)[1]
     if own.is_file():
         return own
     for manifest in sorted(path.parent.glob("*.gguf.manifest.json")):

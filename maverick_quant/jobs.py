@@ -171,9 +171,9 @@ def run_export_gguf(source_dir, out, gguf_type="Q4_0", requantize=False, pre=Non
     weights = BundleWeights(Bundle(source_dir)) if is_bundle else FloatWeights(Path(source_dir))
     vision = MMProjPlan(weights, mmproj_type) if mmproj is not None else None  # checks all before any writing
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    for stale in gguf_sidecars(Path(out)):  # a replaced GGUF's old card and manifest would describe the new file
+    report = export_gguf(weights, Path(out), gguf_type, requantize, pre, progress)  # renamed over `out` when complete
+    for stale in gguf_sidecars(Path(out)):  # the replaced GGUF's card and manifest, which an mmproj failure would leave
         stale.unlink(missing_ok=True)
-    report = export_gguf(weights, Path(out), gguf_type, requantize, pre, progress)
     lossless = (is_bundle and not report.requantized) or gguf_type in FLOAT_GGUF_TYPES
     detail = gguf_type if lossless else \
         f"{gguf_type} (re-quantized by {'our round-to-nearest' if gguf_type == 'Q4_K' else 'gguf-py'})"

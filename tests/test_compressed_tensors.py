@@ -133,6 +133,10 @@ def test_export_directory_has_a_card_and_a_manifest_that_inspect_verifies(tiny_l
     result = CliRunner().invoke(cli, ["inspect", str(tmp_path / "ct")])
     assert result.exit_code == 1 and "generation_config.extra.json (not in the manifest)" in result.output, result.output
     stray.unlink()
+    (tmp_path / "ct" / ".gitattributes").write_text("*.safetensors filter=lfs\n")  # a Hub download's own files
+    (tmp_path / "ct" / ".cache" / "huggingface").mkdir(parents=True)
+    (tmp_path / "ct" / ".cache" / "huggingface" / "download.lock").write_text("")
+    assert "verified" in _run("inspect", tmp_path / "ct")
     shard = next((tmp_path / "ct").glob("model*.safetensors"))
     with open(shard, "r+b") as handle:  # flip one byte of tensor data
         handle.seek(-1, 2)

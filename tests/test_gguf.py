@@ -187,6 +187,8 @@ def test_inspect_reports_a_truncated_gguf_instead_of_a_traceback(tiny_q4_0, tmp_
         handle.truncate(copy.stat().st_size - 1000)
     code, out = _run("inspect", copy)
     assert code == 1 and f"{copy}: cannot be read" in out and "hash or size mismatch" in out and copy.name in out, out
+    code, out = _run("inspect", copy, "--no-verify")  # unreadable fails even unhashed
+    assert code == 1 and f"{copy.name} (unreadable)" in out, out
 
 
 def test_a_float_model_exports_as_gguf_pys_own_round_to_nearest(tiny_llama_dir: Path, tmp_path: Path) -> None:
@@ -412,21 +414,30 @@ def test_llama4_attention_layer_types_llama_cpp_cannot_run_are_refused() -> None
 
 def test_a_replaced_gguf_never_keeps_the_old_files_card_and_manifest(tiny_q4_0, tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """`export --force` over a GGUF removes its old card and manifest before writing: an export
-    that then fails (here: the writer raises) leaves no manifest describing another file."""
+    """`export --force` over a GGUF: while the new file is written under a temporary name the old
+    one, and its card and manifest, stay (a failed export changes nothing); once the new file is
+    renamed in, the old card and manifest go before anything else can fail (an mmproj write, the
+    new sidecars), so none is left describing another file."""
     import shutil
 
+    import maverick_quant.exporters.artifact as artifact
     import maverick_quant.exporters.gguf as gguf_exporter
 
     source = tiny_q4_0["gguf"]
-    for name in (source.name, source.name + ".README.md", source.name + ".manifest.json"):
+    sidecars = [tmp_path / (source.name + suffix) for suffix in (".README.md", ".manifest.json")]
+    for name in (source.name, *(path.name for path in sidecars)):
         shutil.copy(source.with_name(name), tmp_path / name)
+    export = ["export", tiny_q4_0["bundle"], "--format", "gguf", "--gguf-type", "Q4_0", "--out", tmp_path / source.name,
+              "--force"]
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(gguf_exporter, "export_gguf", disk_full)
-    code, out = _run("export", tiny_q4_0["bundle"], "--format", "gguf", "--gguf-type", "Q4_0", "--out",
-                     tmp_path / source.name, "--force")
+    with monkeypatch.context() as patch:
+        patch.setattr(gguf_exporter, "export_gguf", disk_full)
+        code, out = _run(*export)
     assert code == 3 and "OSError: [Errno 28] No space left on device (not bad input and not a failed gate" in out, out
-    assert not (tmp_path / (source.name + ".manifest.json")).exists() and not (tmp_path / (source.name + ".README.md")).exists()
+    assert all(path.exists() for path in sidecars)  # the old file is untouched, so its card and manifest stay true
+    monkeypatch.setattr(artifact, "write_gguf_sidecars", disk_full)
+    code, out = _run(*export)
+    assert code == 3 and not any(path.exists() for path in sidecars), out

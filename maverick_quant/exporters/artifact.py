@@ -137,8 +137,9 @@ def verify_manifest(manifest_path: Path, complete: bool = True) -> list[str]:
     """Files listed in a manifest whose size or sha256 differ (or that are missing), and, for a
     `complete` manifest (a bundle's or an export directory's, which lists every file of its
     folder), files of the folder it does not list: a stray model.safetensors beside a sharded
-    export is what transformers loads first. (A GGUF's sidecar manifest is not complete: other
-    files may share its folder.)"""
+    export is what transformers loads first. Hidden files and folders (`.gitattributes`, the
+    `.cache/` of a Hub download) are not the artifact's and are not counted. (A GGUF's sidecar
+    manifest is not complete: other files may share its folder.)"""
     manifest_path = Path(manifest_path)
     manifest = json.loads(manifest_path.read_text())
     root, bad = manifest_path.parent, []
@@ -148,7 +149,8 @@ def verify_manifest(manifest_path: Path, complete: bool = True) -> list[str]:
             bad.append(name)
     if complete:
         listed = set(manifest["files"]) | {manifest_path.name}
-        bad += [f"{name} (not in the manifest)" for name in sorted(p.relative_to(root).as_posix()
-                                                                    for p in root.rglob("*") if p.is_file())
+        present = (p.relative_to(root) for p in root.rglob("*") if p.is_file())
+        bad += [f"{name} (not in the manifest)" for name in sorted(path.as_posix() for path in present
+                                                                    if not any(part.startswith(".") for part in path.parts))
                 if name not in listed]
     return bad

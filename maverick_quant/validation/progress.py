@@ -41,10 +41,11 @@ def artifact_fingerprint(path: Path) -> str:
     sidecar of a GGUF we exported (the file's own bytes count too: a GGUF replaced beside an old
     sidecar, by a killed `export --force` or another tool, is not the file the sidecar hashed)."""
     from maverick_quant.checkpoint import Checkpoint
+    from maverick_quant.exporters.artifact import gguf_sidecars
 
     path = Path(path)
     digest = hashlib.sha256()
-    sidecar = path.with_name(path.name + ".manifest.json")  # our GGUF exports' manifest (hashes the file)
+    sidecar = gguf_sidecars(path)[1]  # our GGUF exports' manifest (hashes the file)
     if path.is_file():
         if sidecar.is_file():
             digest.update(sidecar.read_bytes())
