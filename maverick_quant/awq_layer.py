@@ -21,10 +21,10 @@ import torch
 
 from maverick_quant.arch.base import LayerPlan, ScaleGroup
 from maverick_quant.calibration.capture import capture_samples
-from maverick_quant.compress.awq import (clip_weights, fold_into_norm, fold_into_previous_linear, output_loss,
+from maverick_quant.compress.awq import (clip_weights, duo_weight_mean, fold_into_norm, fold_into_previous_linear, output_loss,
                                          scale_columns, search_scales)
 from maverick_quant.groups import linear_grid, quantized_linears, shipped_grid
-from maverick_quant.recipe import QuantizeSpec, QuantSpec
+from maverick_quant.recipe import QuantizeSpec
 from maverick_quant.streaming import StreamingModel
 
 
@@ -34,18 +34,6 @@ def _stride(hidden: torch.Tensor, tokens: int) -> int:
 
 def _weights(layer: torch.nn.Module, names: tuple[str, ...]) -> list[torch.Tensor]:
     return [layer.get_submodule(name).weight.data.float() for name in names]
-
-
-def weight_mean(weights: list[torch.Tensor], grid: QuantSpec) -> torch.Tensor:
-    """Duo scaling's mean|w| [K]: each weight of the stacked rows [N, K] over the largest
-    magnitude of its own quantization group (of `grid`: AWQ's reference normalises per group,
-    not per row), then the mean over the rows."""
-    stacked = torch.cat(weights).float().abs()
-    k = stacked.shape[1]
-    width, groups = grid.group_width(k), grid.groups_for(k)
-    grouped = torch.nn.functional.pad(stacked, (0, groups * width - k)).view(-1, groups, width)
-    normalised = grouped / (grouped.amax(-1, keepdim=True) + 1e-6)
-    return normalised.flatten(1)[:, :k].mean(0)
 
 
 def as_stored(layer: torch.nn.Module, tensor: torch.Tensor) -> torch.Tensor:
@@ -88,7 +76,7 @@ def awq_scale_layer(model: StreamingModel, layer: torch.nn.Module, hidden: torch
             model.feed_layer(layer, hidden)
         sample = samples[group.linears[0]]
         weights = _weights(layer, group.linears)
-        duo = weight_mean(weights, spec.weights) if spec.awq.duo_scaling else None
+        duo = duo_weight_mean(weights, spec.weights) if spec.awq.duo_scaling else None
         grids = [shipped_grid(layer, name, spec) for name in group.linears]  # None: kept float, never rounded
         result = search_scales(sample.mean_abs, duo, output_loss(sample.sample, weights, grids), spec.awq)
         apply_scales(layer, group, result.scales)

@@ -29,11 +29,12 @@ import torch
 from maverick_quant.arch.base import MoEBlock
 from maverick_quant.calibration.moe import (Routing, activation, expert_hidden, resolve_policy, sample_tokens,
                                             widest_expert_input)
-from maverick_quant.compress.awq import (CANDIDATES_AT_ONCE, ScaleSearch, candidate_ratios, candidate_scales, clip_weights, output_loss,
+from maverick_quant.compress.awq import (CANDIDATES_AT_ONCE, ScaleSearch, candidate_ratios, candidate_scales, clip_weights, duo_weight_mean,
+                                         output_loss,
                                          rtn_fake, scale_columns, search_scales)
 from maverick_quant.groups import shipped_grid
 from maverick_quant.recipe import ExpertPolicy, QuantizeSpec, QuantSpec
-from maverick_quant.awq_layer import as_stored, fold_into_stored_norm, weight_mean
+from maverick_quant.awq_layer import as_stored, fold_into_stored_norm
 from maverick_quant.streaming import StreamingModel
 
 
@@ -103,7 +104,7 @@ def search_block_scale(model: StreamingModel, index: int, layer: torch.nn.Module
     act = activation(moe.activation)
     shared = layer.get_submodule(moe.shared_module)
     gate, up = shared.gate_proj.weight.float(), shared.up_proj.weight.float()
-    duo = weight_mean([gate, up], spec.weights) if spec.awq.duo_scaling else None  # the shared expert stands for all consumers
+    duo = duo_weight_mean([gate, up], spec.weights) if spec.awq.duo_scaling else None  # the shared expert stands for all consumers
     candidates = candidate_scales(x.abs().mean(0), duo, spec.awq)
     reference = _shared_output(layer, moe, sample.x, gate, up)
     grids = _shared_grids(layer, moe, spec)
@@ -141,7 +142,7 @@ def scale_shared_down(layer: torch.nn.Module, moe: MoEBlock, x: torch.Tensor, sp
     rows = x[sample_tokens(x.shape[0], spec.awq.sample_tokens, x.device)]
     hidden = expert_hidden(rows, shared.gate_proj.weight.float(), shared.up_proj.weight.float(), activation(moe.activation))
     down = shared.down_proj.weight.float()
-    duo = weight_mean([down], spec.weights) if spec.awq.duo_scaling else None
+    duo = duo_weight_mean([down], spec.weights) if spec.awq.duo_scaling else None
     result = search_scales(hidden.abs().mean(0), duo, output_loss(hidden, [down], _shared_grids(layer, moe, spec)[2]),
                            spec.awq)
     shared.up_proj.weight.data = shared.up_proj.weight.data / result.scales.to(shared.up_proj.weight.dtype)[:, None]
@@ -199,13 +200,13 @@ def scale_expert_chunk(x: torch.Tensor, routing: Routing, moe: MoEBlock, weights
     for offset in range(down.shape[0]):
         expert = first + offset
         policy, reason = resolve_policy(int(routing.counts[expert]), spec.moe, widest_expert_input(down))
-        record = {"expert": expert, "awq_policy": policy.value, "awq_reason": reason, "awq_ratio": 0.0}
+        record = {"expert": expert, "awq_policy": policy.value, "awq_reason": reason, "awq_ratio": None}  # not searched
         records.append(record)
         if policy is ExpertPolicy.RTN:
             continue
         rows = _expert_rows(x, routing, expert, sample, policy, spec).float()
         hidden = expert_hidden(rows, gate[offset], up[offset], act)
-        duo = weight_mean([down[offset]], spec.weights) if spec.awq.duo_scaling else None
+        duo = duo_weight_mean([down[offset]], spec.weights) if spec.awq.duo_scaling else None
         result = search_scales(hidden.abs().mean(0), duo, output_loss(hidden, [down[offset]], spec.weights), spec.awq)
         up[offset] = up[offset] / result.scales[:, None]
         down[offset] = scale_columns(down[offset], result.scales)

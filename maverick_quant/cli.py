@@ -49,8 +49,10 @@ class Group(click.Group):
         except (click.ClickException, click.exceptions.Exit, SystemExit):
             raise
         except (KeyboardInterrupt, click.Abort):
-            raise Interrupted("interrupted; a resumable run (quantize, validate, calibrate --coverage, imatrix) "
-                              "goes on with --resume") from None
+            resumable = any(param.name == "resume" for param in ctx.command.commands[ctx.invoked_subcommand].params) \
+                if ctx.invoked_subcommand in ctx.command.commands else False
+            raise Interrupted("interrupted" + ("; the same command with --resume goes on from where it stopped"
+                                               if resumable else "")) from None
         except Exception as exc:
             import traceback
 

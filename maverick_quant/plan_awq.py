@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from maverick_quant.compress.awq import CANDIDATES_AT_ONCE
+from maverick_quant.compress.awq import CANDIDATES_AT_ONCE, candidate_ratios
 from maverick_quant.recipe import AWQSpec, QuantizeSpec
 
 FP32 = 4
@@ -69,16 +69,17 @@ def awq_layer_cost(plan, dense: dict[str, tuple[int, int]], config, calib, spec:
 
     awq = spec.awq
     tokens, hidden, inter = calib.samples * calib.seq_len, config.hidden_size, config.intermediate_size
-    sampled, grid, clips = min(awq.sample_tokens, tokens), awq.grid, clip_candidates(awq)
+    sampled, grid, clips = min(awq.sample_tokens, tokens), len(candidate_ratios(awq)), clip_candidates(awq)
     rounded = flops = 0.0
     widest = max((math.prod(shape) for shape in dense.values()), default=0)
     width = spec.weights.group_width
     for group in plan.scale_groups:
         shapes = [dense[name] for name in group.linears if name in dense]
+        clipped = [dense[name] for name in group.linears if name in dense and name not in group.unclipped]
         weights = sum(math.prod(shape) for shape in shapes)
-        rounded += grid * weights + clips * weights
+        rounded += grid * weights + clips * sum(math.prod(shape) for shape in clipped)
         flops += pass_flops(config, plan, calib, group.linears[0]) + grid * 2 * sampled * weights
-        flops += sum(clip_flops(sampled, n, k, width(k), clips) for n, k in shapes)
+        flops += sum(clip_flops(sampled, n, k, width(k), clips) for n, k in clipped)
     if clips and plan.scale_groups:  # the clip pass samples every group's input: it stops at the last group
         flops += pass_flops(config, plan, calib, plan.scale_groups[-1].linears[0])
     memory = 3 * CANDIDATES_AT_ONCE * widest * FP32

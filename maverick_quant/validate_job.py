@@ -55,7 +55,7 @@ def read_validation_inputs(reference, data, ctx, max_windows, protocol, gates, b
     from maverick_quant.validation.gates import check_baseline, parse_gate
 
     check_kernels_device(kernels, compute)
-    if scored_from(protocol, ctx) >= ctx:
+    if data is not None and scored_from(protocol, ctx) >= ctx:
         raise InputError(f"--ctx {ctx} with --protocol {protocol}: no token of a window is scored "
                          f"(the protocol scores positions {scored_from(protocol, ctx)}..{ctx - 1}); use a longer --ctx")
     parsed = [parse_gate(text) for text in gates]

@@ -192,13 +192,13 @@ def test_duo_scaling_keeps_plain_rtn_among_its_candidates() -> None:
 def test_duo_scalings_weight_mean_is_normalised_per_group() -> None:
     """mean|w| for duo scaling: each weight over the largest magnitude of its own group (as AWQ's
     reference computes it), then averaged over the rows."""
-    from maverick_quant.awq_layer import weight_mean
+    from maverick_quant.compress.awq import duo_weight_mean
 
     W = torch.randn(6, 96, generator=torch.Generator().manual_seed(4))
     W[:, 40] = 50.0  # one huge column: per row it would flatten every other group
     grouped = W.abs().view(6, 3, 32)
     expected = (grouped / (grouped.amax(-1, keepdim=True) + 1e-6)).view(6, 96).mean(0)
-    torch.testing.assert_close(weight_mean([W[:2], W[2:]], QuantSpec(group_size=32)), expected)
+    torch.testing.assert_close(duo_weight_mean([W[:2], W[2:]], QuantSpec(group_size=32)), expected)
 
 
 def test_a_linear_kept_in_float_adds_no_error_to_the_scale_search() -> None:

@@ -238,7 +238,7 @@ def test_an_interrupt_and_a_crash_never_exit_as_a_failed_gate(monkeypatch, tmp_p
     def crashed(*args):
         raise MemoryError("out of memory")
 
-    for failure, code, words in ((interrupted, 130, "interrupted; a resumable run"),
+    for failure, code, words in ((interrupted, 130, "interrupted; the same command with --resume goes on"),
                                  (crashed, 3, "MemoryError: out of memory (not bad input and not a failed gate")):
         monkeypatch.setattr(jobs, "run_quantize", failure)
         got, out = _run("quantize", tmp_path / "m", "--method", "rtn", "--out", tmp_path / "o")

@@ -45,6 +45,24 @@ class ScaleSearch:
         return float(self.losses[0])
 
 
+def split_groups(t: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """t [..., K] as fp32 [..., G, width] in the quantization groups of `spec` (the last group
+    zero-padded to the width)."""
+    k = t.shape[-1]
+    width, groups = spec.group_width(k), spec.groups_for(k)
+    return torch.nn.functional.pad(t.float(), (0, groups * width - k)).view(*t.shape[:-1], groups, width)
+
+
+def duo_weight_mean(weights: list[torch.Tensor], spec: QuantSpec) -> torch.Tensor:
+    """Duo scaling's mean|w| [K] of linears sharing an input: each weight of their stacked rows
+    [N, K] over the largest magnitude of its own quantization group (of `spec`: AWQ's reference
+    normalises per group, not per row), then the mean over the rows."""
+    stacked = torch.cat(weights)
+    grouped = split_groups(stacked, spec).abs()
+    normalised = grouped / (grouped.amax(-1, keepdim=True) + 1e-6)
+    return normalised.flatten(-2)[:, : stacked.shape[-1]].mean(0)
+
+
 def candidate_ratios(awq: AWQSpec) -> list[float | None]:
     """The alpha of each candidate of `candidate_scales`: i / grid, after a None for s = 1 with duo scaling."""
     return ([None] if awq.duo_scaling else []) + [i / awq.grid for i in range(awq.grid)]
@@ -148,9 +166,8 @@ class GroupInputs(NamedTuple):
 def group_inputs(x: torch.Tensor, spec: QuantSpec) -> GroupInputs:
     """`GroupInputs` of the sample x [T, K] (the last group zero-padded): the second moments
     when T > width (accumulated in fp64, held in fp32), else the sample itself."""
-    k = x.shape[-1]
-    width, groups = spec.group_width(k), spec.groups_for(k)
-    xg = torch.nn.functional.pad(x.float(), (0, groups * width - k)).view(-1, groups, width).transpose(0, 1)  # [G, T, w]
+    width = spec.group_width(x.shape[-1])
+    xg = split_groups(x, spec).transpose(0, 1)  # [G, T, w]
     if xg.shape[1] > width:
         return GroupInputs(torch.bmm(xg.transpose(1, 2).double(), xg.double()).float(), True)
     return GroupInputs(xg.transpose(1, 2).contiguous(), False)
@@ -174,10 +191,8 @@ def _clip_rows(W: torch.Tensor, inputs: GroupInputs, spec: QuantSpec, awq: AWQSp
     choices, put together, are evaluated once more and a super-block where they do worse than
     no clipping is left unclipped (`_unclip_coupled`)."""
     n, k = W.shape
-    width = spec.group_width(k)
     groups = spec.groups_for(k)
-    pad = groups * width - k
-    Wg = torch.nn.functional.pad(W.float(), (0, pad)).view(n, groups, width)
+    Wg = split_groups(W, spec)
     limit = Wg.abs().amax(-1, keepdim=True)  # [n, G, 1]
     best_err = torch.full((n, groups), float("inf"), device=W.device)
     best = Wg.clone()
@@ -185,7 +200,7 @@ def _clip_rows(W: torch.Tensor, inputs: GroupInputs, spec: QuantSpec, awq: AWQSp
         bound = limit * (1 - step / awq.clip_grid)
         clipped = torch.maximum(torch.minimum(Wg, bound), -bound)
         q = rtn_fake(clipped.view(n, -1)[:, :k], spec)
-        q = torch.nn.functional.pad(q, (0, pad)).view(n, groups, width)
+        q = split_groups(q, spec)
         err = _group_errors(q - Wg, inputs)  # [n, G]
         better = err < best_err
         best_err = torch.where(better, err, best_err)

@@ -50,15 +50,15 @@ def _json_default(value):
     raise TypeError(f"report value of type {type(value).__name__} is not JSON serialisable")
 
 
-def _fmt(value, digits: int = 6) -> str:
-    """A number for people: ints with thousands separators, floats to `digits` significant digits."""
+def _fmt(value) -> str:
+    """A number for people: ints with thousands separators, floats to 6 significant digits."""
     if value is None:
         return "n/a"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
     if isinstance(value, int):
         return f"{value:,}"
-    return f"{value:.{digits}g}"
+    return f"{value:.6g}"
 
 
 def _fmt_exact(value) -> str:
