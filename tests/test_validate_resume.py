@@ -119,3 +119,20 @@ def test_a_gguf_replaced_beside_its_old_sidecar_is_another_artifact(tmp_path) ->
     assert artifact_fingerprint(gguf) == before
     gguf.write_bytes(b"GGUF" + bytes(range(255, -1, -1)) * 10)  # same size, other tensors
     assert artifact_fingerprint(gguf) != before
+
+
+def test_a_split_gguf_is_fingerprinted_by_every_shard(tmp_path) -> None:
+    """llama.cpp loads a split GGUF whole: replacing its second shard makes it another artifact,
+    and a missing shard is named."""
+    from maverick_quant.errors import InputError
+    from maverick_quant.validation.progress import artifact_fingerprint
+
+    first, second = (tmp_path / f"m-0000{k}-of-00002.gguf" for k in (1, 2))
+    first.write_bytes(b"GGUF" + bytes(1000))
+    second.write_bytes(bytes(range(256)) * 8)
+    before = artifact_fingerprint(first)
+    second.write_bytes(bytes(range(255, -1, -1)) * 8)
+    assert artifact_fingerprint(first) != before
+    second.unlink()
+    with pytest.raises(InputError, match="m-00001-of-00002.gguf: a split GGUF of 2 files, m-00002-of-00002.gguf missing"):
+        artifact_fingerprint(first)

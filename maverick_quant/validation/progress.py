@@ -20,6 +20,7 @@ Every file is written to a temporary name and renamed (checkpoint.durable_replac
 from __future__ import annotations
 
 import hashlib
+import re
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +29,28 @@ import torch
 
 from maverick_quant import __version__
 from maverick_quant.checkpoint import save_safetensors_atomic, write_json_atomic
+from maverick_quant.errors import InputError
 from maverick_quant.resume import read_layer_tensors, save_layer_progress
 
 LAYERS_FILE = "layers.json"
 EDGE_BYTES = 1 << 20  # a GGUF file is fingerprinted by its size and its first and last MiB
+
+
+SPLIT_GGUF = re.compile(r"(?P<stem>.+)-(?P<part>\d{5})-of-(?P<count>\d{5})\.gguf")  # llama.cpp's gguf-split names
+
+
+def split_gguf_parts(path: Path) -> list[Path]:
+    """The files of the GGUF `path`: every shard `STEM-0000k-of-0000N.gguf` beside it when it is
+    one of a split, else `path`; InputError naming a missing shard."""
+    match = SPLIT_GGUF.fullmatch(path.name)
+    if match is None:
+        return [path]
+    count = int(match["count"])
+    parts = [path.with_name(f"{match['stem']}-{k:05d}-of-{count:05d}.gguf") for k in range(1, count + 1)]
+    missing = [part.name for part in parts if not part.is_file()]
+    if missing:
+        raise InputError(f"{path}: a split GGUF of {count} files, {', '.join(missing)} missing beside it")
+    return parts
 
 
 def artifact_fingerprint(path: Path) -> str:
@@ -39,7 +58,8 @@ def artifact_fingerprint(path: Path) -> str:
     hashes every file), a float model's config and shard headers (Checkpoint.fingerprint), a
     file's size and first and last MiB (a Maverick GGUF is over 200 GB), with the `.manifest.json`
     sidecar of a GGUF we exported (the file's own bytes count too: a GGUF replaced beside an old
-    sidecar, by a killed `export --force` or another tool, is not the file the sidecar hashed)."""
+    sidecar, by a killed `export --force` or another tool, is not the file the sidecar hashed).
+    A split GGUF (`NAME-00001-of-0000N.gguf`, which llama.cpp loads whole) counts every shard."""
     from maverick_quant.checkpoint import Checkpoint
     from maverick_quant.exporters.artifact import gguf_sidecars
 
@@ -49,11 +69,12 @@ def artifact_fingerprint(path: Path) -> str:
     if path.is_file():
         if sidecar.is_file():
             digest.update(sidecar.read_bytes())
-        size = path.stat().st_size
-        with open(path, "rb") as handle:
-            digest.update(str(size).encode() + handle.read(EDGE_BYTES))
-            handle.seek(max(0, size - EDGE_BYTES))
-            digest.update(handle.read())
+        for part in split_gguf_parts(path):
+            size = part.stat().st_size
+            with open(part, "rb") as handle:
+                digest.update(str(size).encode() + handle.read(EDGE_BYTES))
+                handle.seek(max(0, size - EDGE_BYTES))
+                digest.update(handle.read())
     elif (path / "manifest.json").is_file():
         digest.update((path / "manifest.json").read_bytes())
     else:
