@@ -252,8 +252,9 @@ def _read_benchmarks(hellaswag, choices, limit: int | None, tokenizer, reference
 
     readers = {"hellaswag": (hellaswag, read_hellaswag), "choices": (choices, read_choice_jsonl)}
     tasks = {name: (Path(path), read(path, limit)) for name, (path, read) in readers.items() if path}
+    source = open_source(reference) if tasks else None  # headers only, opened once for every file
     for path, items in tasks.values():
-        check_packed_rows([encode_task(task, tokenizer) for task in items], open_source(reference), str(path))
+        check_packed_rows([encode_task(task, tokenizer) for task in items], source, str(path))
     return tasks
 
 
