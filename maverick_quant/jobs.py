@@ -25,7 +25,7 @@ def run_quantize(model_dir, out, spec, data, calib, calib_spec, force, progress,
     """Shared by `quantize` and `demo`: check everything, calibrate, quantize on `device`
     (devices.py; going on from an interrupted run's work directory with `resume`), print the
     summary."""
-    from maverick_quant.calibration.data import CalibrationSet, make_calibration, overlap_note
+    from maverick_quant.calibration.data import overlap_note
     from maverick_quant.checkpoint import check_output_apart, check_output_dir
     from maverick_quant.devices import resolve_device
     from maverick_quant.pipeline import quantize_model
@@ -41,7 +41,7 @@ def run_quantize(model_dir, out, spec, data, calib, calib_spec, force, progress,
     if spec.method is not Method.RTN:
         if calib is None and data is None:
             raise InputError(f"--method {spec.method.value} needs --data FILE|self or --calib DIR")
-        calibration = CalibrationSet.load(calib) if calib else make_calibration(model_dir, data, calib_spec)
+        calibration = _calibration(source, model_dir, data, calib, calib_spec)
         if note := overlap_note(calibration):
             click.echo(note)
     identity = run_identity(source.checkpoint.fingerprint(), spec.to_dict(),
@@ -68,6 +68,16 @@ def run_quantize(model_dir, out, spec, data, calib, calib_spec, force, progress,
                    "input width (audit.json: rank_deficient); --moe-require-full-rank or --moe-policy mixed "
                    "avoids it (docs/moe.md)")
     return summary
+
+
+def _calibration(source, model_dir, data, calib, calib_spec):
+    """The calibration windows of `quantize` and `imatrix`: `--calib DIR` checked against the model
+    (ids inside its vocabulary, made by its tokenizer), or drawn now from `--data`."""
+    from maverick_quant.calibration.data import load_calibration_for, make_calibration
+
+    if calib:
+        return load_calibration_for(Path(calib), model_dir, source.text_config.vocab_size)
+    return make_calibration(model_dir, data, calib_spec)
 
 
 def _enter_output(stack: contextlib.ExitStack, out: Path, identity: dict, force: bool, resume: bool,
@@ -128,7 +138,6 @@ def run_imatrix(model_dir, out, data, calib, calib_spec, force, progress, chunk_
     """llama.cpp imatrix GGUF of MODEL_DIR's float model over a calibration set, its layers run
     on `device`; each layer's sums and the hidden states after it are kept in `.NAME.resume`
     beside `out`, so that `resume` goes on with an interrupted run of the same inputs (walk.py)."""
-    from maverick_quant.calibration.data import CalibrationSet, make_calibration
     from maverick_quant.calibration.imatrix import collect_imatrix, write_imatrix_gguf
     from maverick_quant.devices import resolve_device, use_device
     from maverick_quant.resume import resumable_output_dir, run_identity
@@ -140,7 +149,7 @@ def run_imatrix(model_dir, out, data, calib, calib_spec, force, progress, chunk_
     if calib is None and data is None:
         raise InputError("imatrix needs --data FILE|self or --calib DIR")
     source = open_source(model_dir)
-    calibration = CalibrationSet.load(calib) if calib else make_calibration(model_dir, data, calib_spec)
+    calibration = _calibration(source, model_dir, data, calib, calib_spec)
     identity = run_identity(source.checkpoint.fingerprint(), {}, calibration.input_ids, job="imatrix")
     out = Path(out)
     with resumable_output_dir(out, identity, force, resume, single_file=True) as (work, state):

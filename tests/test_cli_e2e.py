@@ -227,6 +227,39 @@ def test_window_options_beside_calib_are_refused_not_ignored(tiny_run, tmp_path:
         assert not (tmp_path / command).exists()
 
 
+def test_calib_of_another_tokenizer_or_vocabulary_is_refused(tiny_run, tmp_path: Path) -> None:
+    """--calib windows made by another tokenizer mean other text to this model, silently: refused
+    before any work, as are ids outside its vocabulary; the same model's windows pass."""
+    from maverick_quant.calibration.data import CalibrationSet
+
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(tiny_run["model"], other)
+    tokenizer = json.loads((other / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    vocab["the"], vocab["The"] = vocab["The"], vocab["the"]  # same ids, two of them mean other words
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    args = ("--out", tmp_path / "bundle", "--method", "gptq", "--group-size", 64, "--no-progress")
+    code, out = _run("quantize", other, "--calib", tiny_run["root"] / "calib", *args)
+    assert code == 2 and "another tokenizer" in out and str(tiny_run["root"] / "calib") in out, out
+    assert not (tmp_path / "bundle").exists()
+    code, out = _run("imatrix", other, "--calib", tiny_run["root"] / "calib", "--out", tmp_path / "m.imatrix.gguf")
+    assert code == 2 and "another tokenizer" in out, out
+
+    calibration = CalibrationSet.load(tiny_run["root"] / "calib")
+    beyond = calibration.input_ids.clone()
+    beyond[0, 0] = 49152
+    (tmp_path / "beyond").mkdir()
+    CalibrationSet(beyond, calibration.meta).save(tmp_path / "beyond")
+    code, out = _run("quantize", tiny_run["model"], "--calib", tmp_path / "beyond", *args)
+    assert code == 2 and "outside" in out and "vocabulary of 49152" in out, out
+
+    older = {key: value for key, value in calibration.meta.items() if key != "tokenizer_sha256"}
+    (tmp_path / "older").mkdir()
+    CalibrationSet(calibration.input_ids, older).save(tmp_path / "older")
+    code, out = _run("quantize", other, "--calib", tmp_path / "older", *args)
+    assert code == 0 and "records no tokenizer fingerprint" in out, out
+
+
 def test_an_interrupt_and_a_crash_never_exit_as_a_failed_gate(monkeypatch, tmp_path: Path) -> None:
     """Exit 1 means a validation gate failed: Ctrl-C exits 130 and an unexpected error 3, with its
     traceback (both exited 1 before, so a CI job read them as a failed gate)."""

@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
 import torch
 
 from maverick_quant.checkpoint import save_safetensors_atomic, write_json_atomic
@@ -175,9 +176,48 @@ def build_calibration(records: list[str], tokenizer, spec: CalibSpec, source: st
         "chat_template": spec.chat_template,
         "windows": spec.windows,
         "tokenizer": getattr(tokenizer, "name_or_path", ""),
+        "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
         "windows_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
     }
     return CalibrationSet(windows, meta)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the tokenizer's vocabulary (every token with its id, added tokens included) and
+    its BOS/EOS ids. Two tokenizers with the same fingerprint give the same ids the same meaning;
+    their normalizer and pre-tokenizer rules are not hashed (they are not stable across library
+    versions, and a vocabulary mismatch is the mistake this catches: a calibration set made
+    with another model family's tokenizer whose ids fall inside this model's vocabulary)."""
+    by_id = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    payload = {"vocab": by_id, "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id}
+    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
+
+
+def load_calibration_for(calib_dir: Path, model_dir: Path, vocab_size: int) -> CalibrationSet:
+    """The calibration set in `calib_dir`, checked against the model it will calibrate: every id
+    inside the model's `vocab_size`, and (for sets that record it) the tokenizer the windows
+    were made with equal to `model_dir`'s. InputError otherwise: windows of another tokenizer
+    would calibrate the model on text it never reads, with no error anywhere later."""
+    calibration = CalibrationSet.load(calib_dir)
+    ids = calibration.input_ids
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise InputError(f"--calib {calib_dir}: token ids span [{int(ids.min())}, {int(ids.max())}], outside "
+                         f"{model_dir}'s vocabulary of {vocab_size}: the windows were made for another model")
+    recorded = calibration.meta.get("tokenizer_sha256")
+    if recorded is None:
+        click.echo(f"note: --calib {calib_dir} records no tokenizer fingerprint (made by an older version): "
+                   f"not checked against {model_dir}'s tokenizer")
+        return calibration
+    try:
+        tokenizer = load_tokenizer(model_dir)
+    except InputError:
+        click.echo(f"note: {model_dir} has no tokenizer to compare --calib {calib_dir} with: not checked")
+        return calibration
+    if tokenizer_fingerprint(tokenizer) != recorded:
+        raise InputError(f"--calib {calib_dir}: its windows were tokenized by another tokenizer "
+                         f"({calibration.meta.get('tokenizer') or 'unnamed'}) than {model_dir}'s: make the "
+                         "calibration set again with this model (`maverick-quant calibrate`)")
+    return calibration
 
 
 def overlap_note(calibration: CalibrationSet) -> str | None:
