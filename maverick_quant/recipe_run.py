@@ -128,6 +128,7 @@ def _check_before_work(recipe, model_dir: Path, source, device: str) -> None:
     _check_recipe_files(recipe, model_dir)
     _check_mmproj_exports(recipe, model_dir, source)
     _check_gguf_exports(recipe, model_dir, source)
+    _check_packed_exports(recipe, source)
     _check_validation(recipe, model_dir, device)
     check_lock_inputs(recipe, source)
 
@@ -162,6 +163,19 @@ def _check_gguf_exports(recipe, model_dir: Path, source) -> None:
     for export in recipe.exports:
         if export.format == "gguf":
             plan_gguf_export(FloatWeights(model_dir, source), export.gguf_type, True, export.gguf_pre)
+
+
+def _check_packed_exports(recipe, source) -> None:
+    """What a gptq / awq / compressed-tensors export would refuse about the recipe's grid on this
+    model (for an MoE model, the grids vLLM's expert kernels take), before any work."""
+    from maverick_quant.exporters.registry import LAYOUTS
+
+    text = source.text_config
+    has_experts = any(source.table.plan(text, index).moe for index in range(text.num_hidden_layers))
+    grid = recipe.quantize.to_dict()["weights"]
+    for export in recipe.exports:
+        if export.format in LAYOUTS and (problem := LAYOUTS[export.format].check(grid, has_experts)):
+            raise InputError(f"exports: format {export.format}: {problem}")
 
 
 def _check_validation(recipe, model_dir: Path, device: str) -> None:

@@ -343,12 +343,27 @@ def test_validation_streams_experts_and_equals_the_whole_model(moe_bundle: Path,
     assert all(err > 0 for _, err in result.layer_errors)
 
 
-def test_gptq_export_refuses_an_asymmetric_moe_bundle_that_vllm_cannot_run(tiny_llama4_dir: Path, tmp_path: Path) -> None:
-    run("quantize", tiny_llama4_dir, "--method", "rtn", "--asym", "--group-size", 32, "--out", tmp_path / "rtn",
-        "--no-progress")
-    result = CliRunner().invoke(cli, ["export", str(tmp_path / "rtn"), "--format", "gptq", "--out", str(tmp_path / "g")])
-    assert result.exit_code == 2 and "symmetric" in result.output and "--sym" in result.output, result.output
-    assert not (tmp_path / "g").exists()
+@pytest.mark.parametrize("grid,refused,expected", [
+    (["--asym", "--group-size", 32], {"gptq": "--sym", "compressed-tensors": "Only symmetric quantization"}, ("awq",)),
+    (["--sym", "--bits", 2, "--group-size", 32], {"gptq": "bits in (4, 8)", "compressed-tensors": "bits in (4, 8)"}, ()),
+    (["--sym", "--group-size", -1], {"gptq": "not per channel", "compressed-tensors": "not per channel"}, ()),
+])
+def test_exports_refuse_moe_grids_that_vllms_expert_kernels_cannot_run(tokenizer_dir: Path, tmp_path: Path, grid: list,
+                                                                       refused: dict, expected: tuple) -> None:
+    """Llama 4's experts run in vLLM on MoeWNA16 or compressed-tensors' WNA16 MoE (never fused
+    Marlin: the router score scales the input): 4/8 bits in groups, and symmetric for
+    compressed-tensors. Other grids are refused before anything is written; AWQ stores zero points."""
+    from tests.conftest import make_tiny_llama4
+
+    model = make_tiny_llama4(tokenizer_dir, tmp_path / "model", intermediate_size_mlp=64)  # AWQ: groups of 32 tile K
+    run("quantize", model, "--method", "rtn", *grid, "--out", tmp_path / "rtn", "--no-progress")
+    for fmt, message in refused.items():
+        result = CliRunner().invoke(cli, ["export", str(tmp_path / "rtn"), "--format", fmt, "--out", str(tmp_path / fmt)])
+        assert result.exit_code == 2 and message in result.output and "MoE bundle" in result.output, result.output
+        assert not (tmp_path / fmt).exists()
+    for fmt in expected:
+        run("export", tmp_path / "rtn", "--format", fmt, "--out", tmp_path / fmt)
+        assert (tmp_path / fmt / "config.json").is_file()
 
 
 def test_quantize_shows_each_moe_layers_experts_under_the_bar_of_layers(tiny_llama4_dir: Path, tmp_path: Path) -> None:

@@ -309,6 +309,22 @@ def test_a_gguf_export_llama_cpp_cannot_run_is_refused_before_any_work(tiny_llam
     assert not (tmp_path / "run").exists()
 
 
+def test_a_packed_moe_export_vllm_cannot_run_is_refused_before_any_work(tiny_llama4_dir: Path, tiny_llama_dir: Path,
+                                                                      tmp_path: Path) -> None:
+    """An asymmetric grid on a Llama 4 cannot go to compressed-tensors (vLLM's MoE kernel is
+    symmetric only): refused before quantizing, while the same recipe on a dense Llama runs."""
+    for model, code in ((tiny_llama4_dir, 2), (tiny_llama_dir, 0)):
+        recipe = tmp_path / f"{model.name}.yaml"
+        recipe.write_text(yaml.safe_dump({"model": str(model), "quantize": {"method": "rtn", "sym": False, "group_size": 32},
+                                          "exports": [{"format": "compressed-tensors"}]}))
+        result = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(tmp_path / model.name), "--device", "cpu",
+                                          "--no-progress"])
+        assert result.exit_code == code, result.output
+        if code == 2:
+            assert "exports: format compressed-tensors" in result.output and "symmetric" in result.output, result.output
+            assert not (tmp_path / model.name).exists()
+
+
 def test_self_validation_data_too_large_for_memory_is_refused_before_any_work(tiny_llama_dir: Path, tmp_path: Path,
                                                                             monkeypatch) -> None:
     """`validation.data: self` is generated only after quantizing and exporting; a model whose

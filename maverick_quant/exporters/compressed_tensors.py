@@ -22,7 +22,7 @@ import re
 
 from maverick_quant import __version__
 from maverick_quant.compress.pack import PACK_BITS, from_compressed_tensors, to_compressed_tensors
-from maverick_quant.exporters.packed import Layout, fused_names
+from maverick_quant.exporters.packed import Layout, fused_names, vllm_moe_problem
 
 FORMAT = "pack-quantized"
 
@@ -81,8 +81,12 @@ def ct_grid(quant: dict, module: str) -> tuple[int, int]:
     return int(weights["num_bits"]), int(weights.get("group_size") or -1)
 
 
-def _check(quant: dict, _has_experts: bool = False) -> str | None:
-    return None if quant["bits"] in PACK_BITS else f"packs bits in {PACK_BITS}; this bundle has bits={quant['bits']}"
+def _check(quant: dict, has_experts: bool = False) -> str | None:
+    """Bits 2/4/8 packed in int32 words; for routed experts what vLLM's compressed-tensors MoE
+    kernel takes (`vllm_moe_problem`: 4/8 bits, grouped, symmetric)."""
+    if quant["bits"] not in PACK_BITS:
+        return f"packs bits in {PACK_BITS}; this bundle has bits={quant['bits']}"
+    return vllm_moe_problem(quant, symmetric_only=True) if has_experts else None
 
 
 COMPRESSED_TENSORS = Layout(

@@ -22,7 +22,7 @@ from maverick_quant import __version__
 from maverick_quant.bundle import Bundle
 from maverick_quant.compress.pack import PACK_BITS, from_gptq_tensors, gptq_v1_zero_problem, to_gptq_tensors
 from maverick_quant.compress.types import QuantizedWeight
-from maverick_quant.exporters.packed import Layout, dynamic_grid, exclusion_fields, export_packed
+from maverick_quant.exporters.packed import Layout, dynamic_grid, exclusion_fields, export_packed, vllm_moe_problem
 
 PACKABLE_BITS = PACK_BITS  # whole int32 words of codes
 
@@ -56,13 +56,16 @@ def _from_gptq_checked(tensors: dict[str, torch.Tensor], bits: int, group_size: 
 
 def _check(quant: dict, has_experts: bool = False) -> str | None:
     """What the GPTQ layout, and vLLM's GPTQ kernels that no CPU client can stand in for, accept:
-    bits 2/4/8; for routed experts a symmetric grid (vLLM runs GPTQ MoE only through Marlin,
-    whose GPTQ types are symmetric). desc_act is always written false (static groups)."""
+    bits 2/4/8; for routed experts what vLLM's MoE kernels take (`vllm_moe_problem`) and a
+    symmetric grid (Marlin's GPTQ types are symmetric: an asymmetric GPTQ checkpoint leaves
+    vLLM's Marlin path for all its layers). desc_act is always written false (static groups)."""
     if quant["bits"] not in PACKABLE_BITS:
         return f"stores bits in {PACKABLE_BITS}; this bundle has bits={quant['bits']}"
+    if has_experts and (problem := vllm_moe_problem(quant, symmetric_only=False)):
+        return problem
     if has_experts and not quant["sym"]:
-        return ("vLLM's GPTQ MoE kernel (Marlin) takes symmetric grids only; this MoE bundle is asymmetric. "
-                "Quantize with --sym, or export --format awq or compressed-tensors")
+        return ("vLLM's Marlin GPTQ kernels take symmetric grids only; this MoE bundle is asymmetric. "
+                "Quantize with --sym, or export --format awq (zero points included)")
     return None
 
 

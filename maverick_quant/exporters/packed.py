@@ -62,6 +62,31 @@ class Layout:
     zero_points: Callable[[torch.Tensor, int], str | None] | None = None
 
 
+VLLM_MOE_BITS = (4, 8)
+
+
+def vllm_moe_problem(quant: dict, symmetric_only: bool) -> str | None:
+    """What vLLM's kernels for Llama 4's routed experts refuse in the bundle's grid, or None.
+
+    Llama 4 multiplies the router score into the expert input (`apply_router_weight_on_input`),
+    which vLLM's fused Marlin MoE does not take (`check_moe_marlin_supports_layer`), so its
+    experts run on the kernels left: MoeWNA16 (GPTQ, AWQ) and compressed-tensors' WNA16 MoE
+    method. Both take 4 or 8 bits only, in groups (their scale tensors are sized by
+    hidden // group_size, negative for per-channel -1), and the compressed-tensors one asserts
+    a symmetric grid (`symmetric_only`)."""
+    if quant["bits"] not in VLLM_MOE_BITS:
+        return (f"vLLM's kernels for Llama 4's routed experts take bits in {VLLM_MOE_BITS}; this MoE bundle has "
+                f"bits={quant['bits']}")
+    if int(quant["group_size"]) == -1:
+        return ("vLLM's kernels for Llama 4's routed experts take grouped scales, not per channel; this MoE bundle "
+                "has group_size -1 (quantize with --group-size 128)")
+    if symmetric_only and not quant["sym"]:
+        return ("vLLM's compressed-tensors kernel for Llama 4's routed experts takes symmetric grids only "
+                "(`Only symmetric quantization is supported for MoE`); this MoE bundle is asymmetric. "
+                "Quantize with --sym, or export --format awq (zero points included)")
+    return None
+
+
 def unquantized_modules(bundle: Bundle) -> list[str]:
     """Module name patterns left in float: pass-through towers (vision, projector), lm_head,
     routers, the linears a keep_float override kept and those written float for the engines
