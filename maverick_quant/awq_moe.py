@@ -151,14 +151,26 @@ def scale_shared_down(layer: torch.nn.Module, moe: MoEBlock, x: torch.Tensor, sp
 
 
 def clip_expert(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, rows: torch.Tensor, act,
-                spec: QuantizeSpec, grids: tuple[QuantSpec, ...] | None = None) -> tuple[torch.Tensor, ...]:
+                spec: QuantizeSpec, grids: tuple[QuantSpec, ...] | None = None,
+                row_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """AWQ clipping of one gated MLP: gate, up [I, D] on its inputs rows [T, D], then down
-    [D, I] on act(rows gate^T) * (rows up^T) computed with the clipped gate/up; each on its
-    grid of `grids` (gate, up, down; default the run's)."""
+    [D, I] on h = act(rows gate^T) * (rows up^T) computed with the clipped gate/up; each on its
+    grid of `grids` (gate, up, down; default the run's). `row_weights` [T] (default 1) weigh
+    each row's squared error by w^2: gate/up see w x, down sees w h (h from the unweighted
+    row, as the nonlinearity is not homogeneous)."""
     grids = grids or (spec.weights,) * 3
-    gate, up = (w if g is None else clip_weights(w, rows, g, spec.awq) for w, g in zip((gate, up), grids))
-    return gate, up, down if grids[2] is None else clip_weights(down, expert_hidden(rows, gate.float(), up.float(), act),
-                                                                 grids[2], spec.awq)
+    weighted = rows if row_weights is None else rows * row_weights[:, None]
+    gate, up = (w if g is None else clip_weights(w, weighted, g, spec.awq) for w, g in zip((gate, up), grids))
+    if grids[2] is None:
+        return gate, up, down
+    return gate, up, clip_weights(down, _weighted_hidden(rows, gate.float(), up.float(), act, row_weights), grids[2], spec.awq)
+
+
+def _weighted_hidden(rows: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act,
+                     row_weights: torch.Tensor | None) -> torch.Tensor:
+    """w_t * act(x_t gate^T) * (x_t up^T) per row t: [T, I] (w = 1 without `row_weights`)."""
+    hidden = expert_hidden(rows, gate, up, act)
+    return hidden if row_weights is None else hidden * row_weights[:, None]
 
 
 def clip_shared(layer: torch.nn.Module, moe: MoEBlock, x: torch.Tensor, spec: QuantizeSpec) -> None:
@@ -173,18 +185,22 @@ def clip_shared(layer: torch.nn.Module, moe: MoEBlock, x: torch.Tensor, spec: Qu
 
 
 def _expert_rows(x: torch.Tensor, routing: Routing, expert: int, sample: torch.Tensor, policy: ExpertPolicy,
-                 spec: QuantizeSpec) -> torch.Tensor:
-    """What the expert reads for its scale search: at most `sample_tokens` of its routed
-    inputs x*score; under `mixed` also the sampled tokens at its would-be score, weighted by
-    sqrt(mix * n / T_s) so the loss weighs them as GPTQ's H_routed + mix * H_all does."""
+                 spec: QuantizeSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What the expert reads for its scale search: (rows [T, D], row weights [T] or None).
+    Rows are at most `sample_tokens` of its routed inputs x*score; under `mixed` also the
+    sampled tokens at their would-be score x*sigmoid(logit_e), weighted w = sqrt(mix * n / T_s)
+    so that squared errors weigh them as GPTQ's H_routed + mix * H_all does. The weight goes
+    on each row's error (`clip_expert`, `_weighted_hidden`), not into the input: down's input
+    act(x gate^T) * (x up^T) would shrink by about w^2, not w, from a scaled x."""
     tokens, scores = routing.tokens_of(expert)
     keep = sample_tokens(tokens.numel(), spec.awq.sample_tokens, tokens.device)
     rows = x[tokens[keep]] * scores[keep, None]
     if policy is not ExpertPolicy.MIXED:
-        return rows
+        return rows, None
     would_be = torch.sigmoid(routing.logits[sample, expert].float()).to(x.dtype)
     weight = (spec.moe.mix * rows.shape[0] / sample.numel()) ** 0.5 if rows.shape[0] else 1.0
-    return torch.cat([rows, x[sample] * (would_be * weight)[:, None]])
+    weights = torch.cat([torch.ones(rows.shape[0]), torch.full((sample.numel(),), weight)]).to(x.device)
+    return torch.cat([rows, x[sample] * would_be[:, None]]), weights
 
 
 def scale_expert_chunk(x: torch.Tensor, routing: Routing, moe: MoEBlock, weights: dict[str, torch.Tensor], first: int,
@@ -204,13 +220,15 @@ def scale_expert_chunk(x: torch.Tensor, routing: Routing, moe: MoEBlock, weights
         records.append(record)
         if policy is ExpertPolicy.RTN:
             continue
-        rows = _expert_rows(x, routing, expert, sample, policy, spec).float()
-        hidden = expert_hidden(rows, gate[offset], up[offset], act)
+        rows, row_weights = _expert_rows(x, routing, expert, sample, policy, spec)
+        rows = rows.float()
+        hidden = _weighted_hidden(rows, gate[offset], up[offset], act, row_weights)
         duo = duo_weight_mean([down[offset]], spec.weights) if spec.awq.duo_scaling else None
         result = search_scales(hidden.abs().mean(0), duo, output_loss(hidden, [down[offset]], spec.weights), spec.awq)
         up[offset] = up[offset] / result.scales[:, None]
         down[offset] = scale_columns(down[offset], result.scales)
         record["awq_ratio"] = result.ratio
         if spec.awq.clip:
-            gate[offset], up[offset], down[offset] = clip_expert(gate[offset], up[offset], down[offset], rows, act, spec)
+            gate[offset], up[offset], down[offset] = clip_expert(gate[offset], up[offset], down[offset], rows, act, spec,
+                                                                 row_weights=row_weights)
     return {"gate_proj": gate, "up_proj": up, "down_proj": down}, records

@@ -131,6 +131,39 @@ def test_expert_clipping_lowers_the_quantized_mlp_error() -> None:
     assert mlp_error(*clipped) < 0.95 * mlp_error(gate, up, down)
 
 
+def test_a_mixed_experts_awq_rows_weigh_its_errors_as_gptqs_mixed_hessian_does() -> None:
+    """Under the `mixed` fallback an expert's AWQ losses weigh its routed tokens and the sampled
+    ones at their would-be score as GPTQ's H_routed + mix * H_all does, for gate/up (on x) and
+    for down (on act(x gate^T) * (x up^T)): the weighted rows' second moments, over the routed
+    count, are GPTQ's Hessians. A weight put into x itself shrank down's sampled rows by ~w^2."""
+    from maverick_quant.awq_moe import _expert_rows, _weighted_hidden
+    from maverick_quant.calibration.moe import activation, expert_hidden, policy_hessian, route, sample_tokens
+    from maverick_quant.recipe import ExpertPolicy, MoESpec, QuantizeSpec
+
+    torch.manual_seed(5)
+    x, router = torch.randn(300, 32), torch.randn(4, 32)
+    router[3] *= 0.15  # expert 3 is routed few tokens
+    routing = route(x, router, 1)
+    n = int(routing.counts[3])
+    assert 0 < n < 40
+    spec = QuantizeSpec(weights=SPEC, moe=MoESpec(policy=ExpertPolicy.MIXED, mix=0.3))
+    sample = sample_tokens(x.shape[0], spec.awq.sample_tokens)
+    rows, weights = _expert_rows(x, routing, 3, sample, ExpertPolicy.MIXED, spec)
+    tokens, scores = routing.tokens_of(3)
+    routed, every = x[tokens] * scores[:, None], x[sample] * torch.sigmoid(routing.logits[sample, 3])[:, None]
+    gate, up, act = torch.randn(48, 32) * 0.2, torch.randn(48, 32) * 0.2, activation("silu")
+
+    def second_moment(a: torch.Tensor) -> torch.Tensor:
+        return a.T.double() @ a.double() / n
+
+    weighted_x = rows * weights[:, None]
+    torch.testing.assert_close(second_moment(weighted_x), policy_hessian(ExpertPolicy.MIXED, routed, every, spec.moe, 32).double(),
+                               rtol=1e-5, atol=1e-6)
+    gptq_down = policy_hessian(ExpertPolicy.MIXED, expert_hidden(routed, gate, up, act), expert_hidden(every, gate, up, act),
+                               spec.moe, 48).double()
+    torch.testing.assert_close(second_moment(_weighted_hidden(rows, gate, up, act, weights)), gptq_down, rtol=1e-5, atol=1e-6)
+
+
 def test_the_moe_block_search_quantizes_its_candidates_a_few_at_a_time_with_the_same_outputs() -> None:
     """Gate/up under 7 candidate scales, 3 at a time (a ragged last chunk) or all at once: the
     same routed outputs; the float pass (no scales) is unchanged by chunking."""
