@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -424,9 +425,27 @@ def durable_replace(tmp: Path, path: Path) -> None:
     is flushed to the disk first (fsync), and the directory entry after the rename. Without
     the first fsync a file system may persist the rename before the data, leaving `path`
     empty or zero-filled after a crash, which a resumed run would take as finished."""
+    _give_default_mode(tmp)
     _fsync_file(tmp)
     os.replace(tmp, path)
     _fsync_directory(path.parent)
+
+
+@functools.cache
+def _umask() -> int:
+    """The process's umask, read once (os.umask can only be read by setting it, briefly)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _give_default_mode(path: Path) -> None:
+    """Give the finished file `path` the mode a plain `open` would: 0o666 less the umask.
+    safetensors' writer and mkstemp create files 0o600, so published shards and reports were
+    unreadable to the other users of a shared volume or web server."""
+    wanted = 0o666 & ~_umask()
+    if path.stat().st_mode & 0o777 != wanted:
+        os.chmod(path, wanted)
 
 
 def durable_replace_dir(tmp: Path, path: Path) -> None:

@@ -87,6 +87,23 @@ def test_validate_gates_and_exit_codes(tiny_run) -> None:
     assert code == 2 and "broken.json" in out and not (tiny_run["root"] / "report-b4").exists(), out
 
 
+def test_published_files_get_the_mode_a_plain_open_gives(tiny_run, tmp_path: Path) -> None:
+    """Bundles, exports and reports are published: written under a temporary name (safetensors
+    and mkstemp create those 0o600), each must end with 0o666 less the umask like any file."""
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    code, out = _run("validate", "--reference", tiny_run["model"], "--candidate", tiny_run["bundle"], "--data",
+                     tiny_run["text"], "--ctx", 32, "--max-windows", 2, "--report", tmp_path / "report", "--no-progress")
+    assert code == 0, out
+    files = [p for folder in (tiny_run["bundle"], tiny_run["gptq"], tmp_path / "report") for p in folder.rglob("*")
+             if p.is_file()]
+    assert any(p.suffix == ".png" for p in files) and any(p.suffix == ".safetensors" for p in files)
+    wrong = {str(p): oct(p.stat().st_mode & 0o777) for p in files if p.stat().st_mode & 0o777 != 0o666 & ~mask}
+    assert not wrong, wrong
+
+
 def test_gptq_rounds_otherwise_than_rtn_on_the_same_grid(tiny_run) -> None:
     """On the fixture's own grid (asymmetric, group 64), GPTQ's codes differ from round-to-nearest's
     (the test used to compare against RTN on the default grid, which differs whatever GPTQ does)."""
