@@ -28,7 +28,7 @@ def run_quantize(model_dir, out, spec, data, calib, calib_spec, force, progress,
     from maverick_quant.calibration.data import overlap_note
     from maverick_quant.checkpoint import check_output_apart, check_output_dir
     from maverick_quant.devices import resolve_device
-    from maverick_quant.pipeline import quantize_model
+    from maverick_quant.pipeline import quantize_model, refuse_overridden_experts
     from maverick_quant.distributed import ExpertParallel
     from maverick_quant.resume import run_identity
     from maverick_quant.streaming import open_source
@@ -37,6 +37,7 @@ def run_quantize(model_dir, out, spec, data, calib, calib_spec, force, progress,
     check_output_apart(out, {"MODEL_DIR": model_dir, "--calib": calib, "--data": data})
     compute = resolve_device(device)
     source = open_source(model_dir)
+    refuse_overridden_experts(source, spec)  # before calibrating, which may take long (--data self)
     calibration = None
     if spec.method is not Method.RTN:
         if calib is None and data is None:
@@ -222,7 +223,9 @@ def _read_json(path: Path, what: str) -> dict:
 def run_generate(bundle_dir: Path, prompt: str, max_new_tokens: int, kernels: str = "auto", chat: bool = False,
                  device: str = "auto") -> None:
     """Greedy generation from a bundle on the kernel backend `kernels` on `device`; streams the
-    text, then prints the decode rate."""
+    text (a plain prompt followed by its continuation; under `chat` the reply only), then prints
+    the rate over the whole call (the prompt's prefill and any kernel compilation included).
+    Generation stops at the EOS ids of the bundle's generation_config.json where it has one."""
     import torch
     from transformers import TextStreamer
 
@@ -243,20 +246,25 @@ def run_generate(bundle_dir: Path, prompt: str, max_new_tokens: int, kernels: st
         else torch.float32
     model = load_quantized_model(bundle, backend, dtype, compute)
     tokenizer = load_tokenizer(bundle_dir)
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise InputError(f"--chat: {bundle_dir}'s tokenizer has no chat template; generate without --chat")
     if chat:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                             return_tensors="pt", return_dict=True)["input_ids"]
     else:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    if ids.shape[1] == 0:
+        raise InputError("--prompt: empty, and this tokenizer adds no BOS token: give some text to continue")
     ids = ids.to(compute)
     started = time.perf_counter()
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                             streamer=TextStreamer(tokenizer, skip_prompt=not chat), pad_token_id=tokenizer.eos_token_id)
+                             streamer=TextStreamer(tokenizer, skip_prompt=chat, skip_special_tokens=True),
+                             pad_token_id=tokenizer.eos_token_id)
     elapsed = time.perf_counter() - started
     new = out.shape[1] - ids.shape[1]
-    click.echo(f"\n{new} tokens in {elapsed:.1f} s ({new / elapsed:.2f} tokens/s, backend {backend.name} on {compute}, "
-               f"prompt {ids.shape[1]} tokens)", err=True)
+    click.echo(f"\n{new} tokens in {elapsed:.1f} s ({new / elapsed:.2f} tokens/s with the prompt's prefill, backend "
+               f"{backend.name} on {compute}, prompt {ids.shape[1]} tokens)", err=True)
 
 
 def run_plan(target: str, spec, calib_spec, json_out: Path | None = None, device: str | None = None,

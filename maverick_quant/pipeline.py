@@ -154,14 +154,16 @@ def check_model_level_tensors(source: CheckpointSource) -> None:
         source.checkpoint.get(name)
 
 
-def refuse_overridden_experts(model: StreamingModel, spec: QuantizeSpec) -> None:
+def refuse_overridden_experts(source, spec: QuantizeSpec) -> None:
     """InputError, before any work, when a keep_float or bits override pattern matches routed
-    experts: they are stored stacked on the run's one grid per projection."""
-    for index in range(model.num_layers):
-        moe = model.plan(index).moe
-        overrides = spec.keep_float or spec.bits_overrides
-        for linear in moe.expert_linears if moe is not None and overrides else ():
-            stacked = f"{model.table.prefix(index)}{moe.experts}"
+    experts of `source` (a model: its `table` and `text_config`): they are stored stacked on
+    the run's one grid per projection."""
+    text = source.text_config
+    overrides = spec.keep_float or spec.bits_overrides
+    for index in range(text.num_hidden_layers if overrides else 0):
+        moe = source.table.plan(text, index).moe
+        for linear in moe.expert_linears if moe is not None else ():
+            stacked = f"{source.table.prefix(index)}{moe.experts}"
             for module in (f"{stacked}.{linear.name}",
                            *(f"{stacked}.{expert}.{linear.name}" for expert in range(moe.num_experts))):
                 override = ("keep_float" if spec.keeps_float(module) else
@@ -203,8 +205,8 @@ def quantize_model(source: CheckpointSource, calibration: CalibrationSet | None,
     use_device(device)
     reset_peak_memory(device)
     resumed_from = warn_if_resumed_elsewhere(state, device_label(device))
+    refuse_overridden_experts(source, spec)
     model = StreamingModel(source, batch=spec.batch_windows, device=device)
-    refuse_overridden_experts(model, spec)
     first_layer, hidden = state.load_progress(writer.completed_layers()) if state else (0, None)
     if parallel is not None:
         parallel.check_same_start(first_layer, state.folder if state else None)

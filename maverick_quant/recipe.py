@@ -226,6 +226,8 @@ class CalibSpec:
             raise InputError(f"samples={self.samples}: expected at least 1 calibration window")
         if self.seq_len < 2:
             raise InputError(f"seq_len={self.seq_len}: expected at least 2 tokens per window")
+        if not 0 <= self.seed < 2**63:
+            raise InputError(f"seed={self.seed}: expected an integer in [0, 2^63)")
 
 
 class ExpertPolicy(str, enum.Enum):

@@ -79,6 +79,9 @@ class ExportStep:
             raise InputError(f"exports[].max_shard_size={self.max_shard_size}: expected a positive number of bytes")
         if self.gguf_pre is not None and self.format != "gguf":
             raise InputError(f"exports[].gguf_pre: a pre-tokenizer name is for a gguf export, not {self.format}")
+        if self.requantize and self.format != "gguf":
+            raise InputError(f"exports[].requantize: only a gguf export re-quantizes (to its gguf_type); format "
+                             f"{self.format} stores the bundle's grid as it is")
 
     @property
     def name(self) -> str:
@@ -122,6 +125,11 @@ class ValidationStep:
         for key in ("ctx", "max_windows", "batch", "choices_pass_mib", "hellaswag_tasks"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise InputError(f"validation.{key}={getattr(self, key)}: expected a positive integer")
+        from maverick_quant.calibration.data import scored_from
+
+        if scored_from(self.protocol, self.ctx) >= self.ctx:
+            raise InputError(f"validation.ctx={self.ctx}: with protocol {self.protocol} no token of a window is scored "
+                             f"(scoring starts at position {scored_from(self.protocol, self.ctx)})")
         from maverick_quant.validation.gates import parse_gate
 
         for gate in self.gates:
@@ -148,10 +156,12 @@ class Recipe:
         for step in self.exports:
             _check_export_grid(step, self.quantize.weights)
             _check_export_overrides(step, self.quantize)
+        names = ["bundle", *(step.name for step in self.exports)]
+        _refuse_repeats("exports[]", names[1:], "two exports would write the same output")
         if self.validation is not None:
-            names = ["bundle", *(step.name for step in self.exports)]
             for candidate in self.validation.candidates:
                 _one_of("validation.candidates[]", candidate, tuple(names))
+            _refuse_repeats("validation.candidates[]", list(self.validation.candidates), "it would be validated twice")
 
     def to_dict(self) -> dict:
         """Every value resolved (defaults included), in the recipe's own structure and YAML-friendly:
@@ -185,9 +195,9 @@ def _check_export_grid(step: ExportStep, weights: QuantSpec) -> None:
     if step.format in EXPORT_BITS and weights.bits not in EXPORT_BITS[step.format]:
         raise InputError(f"exports: format {step.format} stores bits {EXPORT_BITS[step.format]}, "
                          f"quantize.bits is {weights.bits}")
-    if weights.gguf_grid and step.format != "gguf" and not step.requantize:
+    if weights.gguf_grid and step.format != "gguf":
         raise InputError(f"exports: format {step.format} cannot store quantize.gguf_grid {weights.gguf_grid}'s offset "
-                         f"grid; only gguf_type {weights.gguf_grid} does (or set requantize: true on the export)")
+                         f"grid; only gguf_type {weights.gguf_grid} does (drop gguf_grid to export {step.format})")
     if step.format == "gguf" and not step.requantize:  # the exporter's own test: what it stores losslessly
         from maverick_quant.compress.gguf_blocks import BLOCK_TYPES, grid_mismatch
 
@@ -210,6 +220,15 @@ def _check_export_overrides(step: ExportStep, quantize: QuantizeSpec) -> None:
             stored = OVERRIDE_BITS[step.format] or "no other width"
             raise InputError(f"exports: format {step.format} stores {stored} beside the bundle's grid; "
                              f"quantize.bits_overrides entry {entry!r} asks for {bits} bits")
+
+
+def _refuse_repeats(key: str, values: list[str], why: str) -> None:
+    """InputError naming the first value of `values` that comes twice."""
+    seen = set()
+    for value in values:
+        if value in seen:
+            raise InputError(f"{key}: {value} appears twice ({why})")
+        seen.add(value)
 
 
 def _one_of(key: str, value: Any, allowed: tuple) -> None:
@@ -278,7 +297,11 @@ def _quantize(data: Any) -> tuple[QuantizeSpec, str | None, str]:
     if grid is not None:
         _one_of("quantize.gguf_grid", grid, tuple(sorted(GGUF_GRIDS)))
     weights = {k: top.pop(k) for k in list(top) if k in {f.name for f in dataclasses.fields(QuantSpec)}}
-    weights.update(GGUF_GRIDS.get(grid, {}))
+    for key, value in GGUF_GRIDS.get(grid, {}).items():
+        if key in weights and weights[key] != value:
+            raise InputError(f"quantize.{key}={weights[key]!r}: quantize.gguf_grid {grid} sets {key} to {value!r} "
+                             f"(drop the key, or drop gguf_grid)")
+        weights[key] = value
     moe_keys = _section("quantize.moe", data.get("moe"), MoESpec)
     awq_keys = _section("quantize.awq", data.get("awq"), AWQSpec)
     device = check_device_name(data.get("device", "auto"), "quantize.device")

@@ -166,16 +166,33 @@ def _check_gguf_exports(recipe, model_dir: Path, source) -> None:
 
 
 def _check_packed_exports(recipe, source) -> None:
-    """What a gptq / awq / compressed-tensors export would refuse about the recipe's grid on this
-    model (for an MoE model, the grids vLLM's expert kernels take), before any work."""
-    from maverick_quant.exporters.registry import LAYOUTS
+    """What a gptq / awq / compressed-tensors export would refuse about the recipe on this model,
+    before any work: its grid (for an MoE model, the grids vLLM's expert kernels take), and
+    keep_float / bits_overrides that treat siblings vLLM fuses (q/k/v, gate/up) differently."""
+    import dataclasses
 
-    text = source.text_config
-    has_experts = any(source.table.plan(text, index).moe for index in range(text.num_hidden_layers))
-    grid = recipe.quantize.to_dict()["weights"]
-    for export in recipe.exports:
-        if export.format in LAYOUTS and (problem := LAYOUTS[export.format].check(grid, has_experts)):
+    from maverick_quant.exporters.packed import refuse_split_fused_sets
+    from maverick_quant.exporters.registry import LAYOUTS
+    from maverick_quant.pipeline import refuse_overridden_experts
+
+    refuse_overridden_experts(source, recipe.quantize)
+    packed = [export for export in recipe.exports if export.format in LAYOUTS]
+    if not packed:
+        return
+    text, spec = source.text_config, recipe.quantize
+    plans = [source.table.plan(text, index) for index in range(text.num_hidden_layers)]
+    grid = spec.to_dict()["weights"]
+    for export in packed:
+        if problem := LAYOUTS[export.format].check(grid, any(plan.moe for plan in plans)):
             raise InputError(f"exports: format {export.format}: {problem}")
+    for index, plan in enumerate(plans):
+        prefix = source.table.prefix(index)
+        treatments = {name: "float" if spec.keeps_float(prefix + name) else dataclasses.asdict(spec.weights_for(prefix + name))
+                      for name in plan.linears}
+        try:
+            refuse_split_fused_sets(prefix, treatments)
+        except InputError as exc:
+            raise InputError(f"exports: format {packed[0].format}: {exc}") from None
 
 
 def _check_validation(recipe, model_dir: Path, device: str) -> None:
@@ -183,6 +200,7 @@ def _check_validation(recipe, model_dir: Path, device: str) -> None:
     benchmark files, read and checked before any work: the step itself comes hours later."""
     from maverick_quant.devices import resolve_device
     from maverick_quant.validate_job import read_validation_inputs
+    from maverick_quant.validation.evaluate import import_llama_cpp
 
     v = recipe.validation
     if v is None:
@@ -191,6 +209,9 @@ def _check_validation(recipe, model_dir: Path, device: str) -> None:
     read_validation_inputs(model_dir, data, v.ctx, v.max_windows, v.protocol, v.gates, v.baseline, v.hellaswag,
                            v.choices, v.hellaswag_tasks, v.kernels if "bundle" in v.candidates else None,
                            resolve_device(device))
+    for candidate in v.candidates:
+        if candidate.endswith(".gguf"):
+            import_llama_cpp(Path(candidate))
 
 
 def _check_mmproj_exports(recipe, model_dir: Path, source) -> None:

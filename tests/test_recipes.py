@@ -58,6 +58,13 @@ def test_shipped_recipes_load() -> None:
     ({"validation": {"data": "x", "candidates": ["model-q4_0.gguf"]}},
      "validation.candidates[]='model-q4_0.gguf': expected one of bundle, model-gptq, model-compressed-tensors"),
     ({"validation": {"data": "x", "candidates": []}}, "validation.candidates: empty"),
+    ({"validation": {"data": "x", "candidates": ["bundle", "bundle"]}}, "validation.candidates[]: bundle appears twice"),
+    ({"exports": [{"format": "gptq"}, {"format": "gptq", "max_shard_size": 10**9}]}, "exports[]: model-gptq appears twice"),
+    ({"exports": [{"format": "gptq", "requantize": True}]}, "exports[].requantize: only a gguf export re-quantizes"),
+    ({"quantize": {"gguf_grid": "Q4_0", "bits": 8}}, "quantize.bits=8: quantize.gguf_grid Q4_0 sets bits to 4"),
+    ({"quantize": {"gguf_grid": "Q4_0", "sym": False}}, "quantize.sym=False: quantize.gguf_grid Q4_0 sets sym to True"),
+    ({"validation": {"data": "x", "ctx": 2, "protocol": "llama.cpp"}}, "validation.ctx=2: with protocol llama.cpp no token"),
+    ({"calibration": {"seed": 2**64}}, "seed=18446744073709551616: expected an integer in [0, 2^63)"),
 ])
 def test_bad_recipes_name_the_key_and_the_allowed_values(change: dict, message: str) -> None:
     data = json.loads(json.dumps(VALID))
@@ -86,7 +93,7 @@ def _mangled(draw_value):
     return st.tuples(st.sampled_from(paths), st.sampled_from(["replace", "remove", "add"]), draw_value)
 
 
-ANY_VALUE = st.recursive(st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=True) | st.text(max_size=8),
+ANY_VALUE = st.recursive(st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8),
                          lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
                          max_leaves=6)
 
@@ -323,6 +330,37 @@ def test_a_packed_moe_export_vllm_cannot_run_is_refused_before_any_work(tiny_lla
         if code == 2:
             assert "exports: format compressed-tensors" in result.output and "symmetric" in result.output, result.output
             assert not (tmp_path / model.name).exists()
+
+
+@pytest.mark.parametrize("case", ["fused-split", "expert-override", "no-llama-cpp"])
+def test_what_a_later_step_refuses_about_the_overrides_or_clients_is_refused_before_any_work(
+        case: str, tiny_llama_dir: Path, tiny_llama4_dir: Path, small_text_file: Path, tmp_path: Path, monkeypatch) -> None:
+    """Each of these used to fail only after quantizing (and calibrating): a keep_float that
+    splits q/k/v, which vLLM fuses, before a gptq export; a keep_float matching routed experts;
+    a GGUF candidate with no llama-cpp-python to run it."""
+    import sys
+
+    recipe = {"model": str(tiny_llama_dir), "calibration": {"data": str(small_text_file), "samples": 2, "seq_len": 16},
+              "quantize": {"method": "gptq", "group_size": 32}}
+    if case == "fused-split":
+        recipe.update(exports=[{"format": "gptq"}])
+        recipe["quantize"]["keep_float"] = ["q_proj"]
+        message = "vLLM fuses q_proj/k_proj/v_proj"
+    elif case == "expert-override":
+        recipe["model"] = str(tiny_llama4_dir)
+        recipe["quantize"]["keep_float"] = ["experts"]
+        message = "keep_float matches the routed experts"
+    else:
+        monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp raises ImportError
+        recipe["quantize"].update(gguf_grid="Q4_0", method="rtn")
+        recipe.update(exports=[{"format": "gguf", "gguf_type": "Q4_0"}],
+                      validation={"data": str(small_text_file), "ctx": 16, "candidates": ["model-q4_0.gguf"]})
+        message = "install llama-cpp-python"
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(cli, ["run", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "run"), "--device",
+                                      "cpu", "--no-progress"])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "run").exists()
 
 
 def test_self_validation_data_too_large_for_memory_is_refused_before_any_work(tiny_llama_dir: Path, tmp_path: Path,

@@ -139,16 +139,23 @@ def check_fused_sets(bundle: Bundle) -> None:
     differently: one kept in float and another quantized, or quantized on different grids (bits
     overrides). vLLM cannot load either."""
     for index in range(bundle.num_layers):
-        prefix, layer = bundle.table.prefix(index), bundle.manifest["layers"][index]
-        for name in [*layer["quantized"], *bundle.kept_float(index)]:
-            parent, _, leaf = name.rpartition(".")
-            siblings = [f"{parent}.{s}" for s in _fused_siblings(leaf)]
-            treatments = {s: _treatment(bundle, index, s) for s in siblings}
-            if len({json.dumps(t, sort_keys=True) for t in treatments.values() if t is not None}) > 1:
-                stored = "; ".join(f"{prefix}{s}: {_describe(t)}" for s, t in treatments.items() if t is not None)
-                raise InputError(f"vLLM fuses {'/'.join(_fused_siblings(leaf))} into one module of one quantization, but "
-                                 f"they are stored differently ({stored}); give them the same --keep-float or "
-                                 f"--bits-override (e.g. '{re.escape(parent)}\\.({'|'.join(_fused_siblings(leaf))})')")
+        names = [*bundle.manifest["layers"][index]["quantized"], *bundle.kept_float(index)]
+        refuse_split_fused_sets(bundle.table.prefix(index), {name: _treatment(bundle, index, name) for name in names})
+
+
+def refuse_split_fused_sets(prefix: str, treatments: dict[str, str | dict]) -> None:
+    """InputError when two linears of one layer (`prefix`) that vLLM fuses into one module are
+    given different treatments ({relative linear name: "float" or its grid}): `check_fused_sets`
+    for a bundle, `run` for a recipe's overrides before any work."""
+    for name in treatments:
+        parent, _, leaf = name.rpartition(".")
+        siblings = {f"{parent}.{s}": treatments[f"{parent}.{s}"] for s in _fused_siblings(leaf)
+                    if f"{parent}.{s}" in treatments}
+        if len({json.dumps(t, sort_keys=True) for t in siblings.values()}) > 1:
+            stored = "; ".join(f"{prefix}{s}: {_describe(t)}" for s, t in siblings.items())
+            raise InputError(f"vLLM fuses {'/'.join(_fused_siblings(leaf))} into one module of one quantization, but "
+                             f"they are stored differently ({stored}); give them the same --keep-float or "
+                             f"--bits-override (e.g. '{re.escape(parent)}\\.({'|'.join(_fused_siblings(leaf))})')")
 
 
 def kept_float_modules(bundle: Bundle) -> list[str]:

@@ -309,17 +309,24 @@ def _layer_summary(steps: list[LayerResult]) -> dict:
     return out
 
 
+def import_llama_cpp(path: Path):
+    """llama-cpp-python's module, or InputError naming the GGUF candidate `path` that needs it."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise InputError(f"{path}: a GGUF candidate runs in llama.cpp; install llama-cpp-python") from None
+    return llama_cpp
+
+
 class GGUFCandidate:
     """A GGUF file run by llama.cpp (llama-cpp-python): it memory-maps the file itself, so the
     candidate is never streamed by us; only its logits for each window are read. `gpu_layers`:
     llama.cpp's n_gpu_layers (-1: all), honoured when llama-cpp-python was built with a GPU."""
 
     def __init__(self, path: Path, threads: int | None = None, gpu_layers: int = 0):
-        try:
-            import llama_cpp
-        except ImportError:
-            raise InputError(f"{path}: a GGUF candidate runs in llama.cpp; install llama-cpp-python") from None
         import os
+
+        llama_cpp = import_llama_cpp(path)
 
         self.path = Path(path)
         self._llama_cpp, self._model, self._threads = llama_cpp, None, threads or os.cpu_count()
