@@ -12,6 +12,8 @@ that build them (kept out of compress/, which stays tensors in, tensors out).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from maverick_quant.compress.kernels.backends import Backend, get_backend
@@ -154,6 +156,20 @@ class KernelModel(StreamingModel):
         return quantized_layer(self.source, index, self.backend, self.dtype, self.device)
 
 
+def _use_saved_stop_tokens(model, folder: Path) -> None:
+    """The model's BOS / EOS / pad ids from `folder`'s generation_config.json where it has one
+    (instruct models list their end-of-turn token there, not in config.json); its sampling
+    settings are not taken: generation here is greedy."""
+    from transformers import GenerationConfig
+
+    if not (Path(folder) / "generation_config.json").is_file():
+        return
+    saved = GenerationConfig.from_pretrained(folder, local_files_only=True)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(saved, key, None) is not None:
+            setattr(model.generation_config, key, getattr(saved, key))
+
+
 def load_quantized_model(bundle, backend: Backend | str = "auto", dtype: torch.dtype = torch.bfloat16,
                          device: torch.device | str = "cpu"):
     """The whole transformers CausalLM of `bundle` with kernel-backed layers on `device`, ready
@@ -171,7 +187,9 @@ def load_quantized_model(bundle, backend: Backend | str = "auto", dtype: torch.d
         return torch.nn.Parameter(bundle.model_tensor(name).to(device, dtype), requires_grad=False)
 
     model.model.embed_tokens.weight, model.model.norm.weight = tensor(table.embed), tensor(table.final_norm)
-    model.lm_head.weight = tensor(table.lm_head)
+    tied = table.lm_head not in bundle.model_tensor_names()  # one copy of a tied embedding, as transformers ties it
+    model.lm_head.weight = model.model.embed_tokens.weight if tied else tensor(table.lm_head)
+    _use_saved_stop_tokens(model, bundle.root)
     model.model.rotary_emb = table.build_rotary(config).to(device)
     for index in range(config.num_hidden_layers):
         model.model.layers[index] = quantized_layer(bundle, index, backend, dtype, device)

@@ -171,7 +171,7 @@ def test_generation_with_the_kv_cache_is_greedy_decoding_of_the_bundle(which: st
 def test_generate_and_validate_run_a_bundle_on_the_kernels(dense_bundle: Path, tiny_llama_dir: Path,
                                                            small_text_file: Path, tmp_path: Path) -> None:
     output = run("generate", dense_bundle, "--prompt", "The harbour", "--max-new-tokens", 4, "--kernels", "reference")
-    assert "4 tokens in" in output and "tokens/s, backend reference on cpu" in output
+    assert "4 tokens in" in output and "tokens/s with the prompt's prefill, backend reference on cpu" in output
     for kernels in ("reference", None):
         options = ["--kernels", kernels] if kernels else []
         run("validate", "--reference", tiny_llama_dir, "--candidate", dense_bundle, "--data", small_text_file,
@@ -186,6 +186,35 @@ def test_generate_and_validate_run_a_bundle_on_the_kernels(dense_bundle: Path, t
     with_kernels, dequantized = (json.loads((tmp_path / name / "report.json").read_text()) for name in ("reference", "None"))
     assert with_kernels["kernels"] == "reference" and dequantized["kernels"] is None
     assert with_kernels["candidate"]["ppl"] == pytest.approx(dequantized["candidate"]["ppl"], rel=1e-4)
+
+
+def test_a_tied_bundle_holds_one_embedding_and_generation_stops_at_the_saved_eos(tokenizer_dir: Path,
+                                                                                  tmp_path: Path) -> None:
+    """A tied lm_head is the embedding itself (one copy, as transformers ties it), and the EOS
+    ids of generation_config.json (where instruct models list their end of turn) stop greedy
+    generation: with the first token it would generate made an EOS, it stops after that token."""
+    from tests.conftest import make_tiny_llama
+
+    from maverick_quant.runtime import _use_saved_stop_tokens
+
+    model_dir = make_tiny_llama(tokenizer_dir, tmp_path / "tied", tie_word_embeddings=True)
+    run("quantize", model_dir, "--method", "rtn", "--group-size", 32, "--out", tmp_path / "bundle", "--no-progress")
+    bundle = Bundle(tmp_path / "bundle")
+    model = load_quantized_model(bundle, "reference", torch.float32)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    prompt = _ids(5, windows=1)[:, :6]
+    torch.testing.assert_close(model(prompt).logits, StreamingModel(bundle).forward(prompt), rtol=1e-4, atol=1e-4)
+    first = int(model(prompt).logits[0, -1].argmax())
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, first]}))
+    _use_saved_stop_tokens(model, tmp_path / "saved")
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert out.shape[1] == prompt.shape[1] + 1 and int(out[0, -1]) == first
+
+
+def test_generate_refuses_an_empty_prompt_without_a_traceback(dense_bundle: Path) -> None:
+    result = CliRunner().invoke(cli, ["generate", str(dense_bundle), "--prompt", "", "--kernels", "reference"])
+    assert result.exit_code == 2 and "--prompt: empty" in result.output, result.output
 
 
 def test_generate_on_triton_without_a_gpu_computes_in_fp32(moe_bundle: Path) -> None:
@@ -229,5 +258,10 @@ def test_kernels_refuse_a_float_model_a_grid_they_cannot_run_and_unknown_backend
         KernelModel(bundle, "reference").layer(1)
     with pytest.raises(ValueError, match="kernel backend 'tensorrt'"):
         get_backend("tensorrt")
+    with pytest.raises(InputError, match="kernel backend cpu-int4 needs the CPU"):
+        get_backend("cpu-int4", "cuda")  # named backends are checked when chosen, not at the first forward
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="kernel backend cuda needs a CUDA device"):
+            KernelModel(bundle, "cuda")
     result = CliRunner().invoke(cli, ["generate", str(tiny_llama_dir), "--prompt", "x"])
     assert result.exit_code == 2 and "not a bundle" in result.output
