@@ -327,14 +327,27 @@ class Bundle:
                        experts: slice = slice(None)) -> QuantizedWeight:
         """One linear of one stored expert chunk, QuantizedWeight [count, N, K] on `device` (the
         chunk's `experts` only: their packed codes move there and are unpacked there)."""
+        key = chunk["prefix"] + name
+        tensors = {f"{key}.{part}": tensor[experts].to(device) for part, tensor in self._stored_expert_parts(chunk, name).items()}
+        return decode_quantized(key, tensors, chunk["shapes"][name], self.quant["bits"], self.quant["group_size"])
+
+    def _stored_expert_parts(self, chunk: dict, name: str) -> dict[str, torch.Tensor]:
+        """{part: tensor as stored} of one linear of one expert chunk ("codes" nibble-packed
+        [count, N, K/2] for 4 bits, "scales" fp16 and "zeros" uint8 [count, N, G], ...): only
+        that linear's tensors are read."""
         from safetensors import safe_open
 
         key = chunk["prefix"] + name
         with safe_open(str(self.root / chunk["file"]), framework="pt") as handle:
             present = set(handle.keys())
-            tensors = {f"{key}.{part}": handle.get_tensor(f"{key}.{part}")[experts].to(device) for part in QUANTIZED_PARTS
-                       if f"{key}.{part}" in present}
-        return decode_quantized(key, tensors, chunk["shapes"][name], self.quant["bits"], self.quant["group_size"])
+            return {part: handle.get_tensor(f"{key}.{part}") for part in QUANTIZED_PARTS if f"{key}.{part}" in present}
+
+    def stored_expert_linear(self, index: int, name: str) -> Iterator[tuple[int, list[int], dict[str, torch.Tensor]]]:
+        """(first expert, shape [count, N, K], {part: tensor as stored}) of layer `index`'s
+        routed-expert linear `name`, chunk by chunk: the codes stay in their stored (packed) form,
+        for readers that take it as it is (the 4-bit kernels' runtime layout)."""
+        for chunk in self.manifest["layers"][index].get("experts", {}).get("chunks", []):
+            yield chunk["first"], chunk["shapes"][name], self._stored_expert_parts(chunk, name)
 
     def passthrough_info(self, index: int) -> dict[str, TensorInfo]:
         """Layer `index`'s float tensors (relative name -> header info), read without their data."""

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from maverick_quant.compress.kernels.backends import Backend, get_backend
-from maverick_quant.compress.kernels.layout import Int4Weight, concat_outputs
-from maverick_quant.compress.types import QuantizedWeight, concat_leading
+from maverick_quant.compress.kernels.layout import SYMMETRIC_ZERO, Int4Weight, check_kernel_grid
+from maverick_quant.compress.types import QuantizedWeight
 from maverick_quant.errors import InputError
 from maverick_quant.streaming import SequenceLayout, StreamingModel
 
@@ -90,13 +90,43 @@ def _runtime_linear(weight: QuantizedWeight, name: str, backend: Backend, dtype:
 
 def _routed_experts(bundle, index: int) -> dict[str, Int4Weight]:
     """Layer `index`'s routed experts as stacked runtime weights {"gate_up": [E, 2I, D/2], "down": [E, D, I/2]}."""
-    parts: dict[str, list[QuantizedWeight]] = {}
-    for _, chunk in bundle.expert_chunks(index):
-        for name, weight in chunk.items():
-            parts.setdefault(name, []).append(weight)
     prefix = f"{bundle.table.prefix(index)}experts."
-    stacked = {name: Int4Weight.from_quantized(concat_leading(chunks), prefix + name) for name, chunks in parts.items()}
-    return {"gate_up": concat_outputs([stacked["gate_proj"], stacked["up_proj"]]), "down": stacked["down_proj"]}
+    return {"gate_up": _stacked_expert_weight(bundle, index, ("gate_proj", "up_proj"), prefix),
+            "down": _stacked_expert_weight(bundle, index, ("down_proj",), prefix)}
+
+
+def _stacked_expert_weight(bundle, index: int, names: tuple[str, ...], prefix: str) -> Int4Weight:
+    """The routed-expert linears `names` of layer `index`, concatenated along N, as one stacked
+    Int4Weight [E, sum N, K/2]. The bundle stores 4-bit codes in the runtime layout, so each
+    chunk's stored tensors are copied straight into the result: host memory holds the result and
+    one chunk's tensor (Maverick: ~8 GB for a layer, where unpacking to a byte per code, stacking
+    and packing again held about 30). Zero points all 8 make the weight symmetric (no zeros)."""
+    moe = bundle.table.plan(bundle.text_config, index).moe
+    parts = {name: list(bundle.stored_expert_linear(index, name)) for name in names}
+    widths = [parts[name][0][1][1] for name in names]  # N of each linear (shapes [count, N, K])
+    in_features, grid = parts[names[0]][0][1][2], bundle.quant
+    groups = in_features // grid["group_size"]
+    packed = torch.empty(moe.num_experts, sum(widths), in_features // 2, dtype=torch.uint8)
+    scales = torch.empty(moe.num_experts, sum(widths), groups, dtype=torch.float16)
+    zeros = torch.empty(moe.num_experts, sum(widths), groups, dtype=torch.uint8)
+    row = 0
+    for name, width in zip(names, widths):
+        check_kernel_grid(grid["bits"], grid["group_size"], in_features, prefix + name)
+        filled = 0
+        for first, shape, stored in parts[name]:
+            if "super_scales" in stored:
+                raise ValueError(f"{prefix}{name}: the 4-bit kernel layout stores (code - zero) x scale grids; this "
+                                 "bundle's experts are on a llama.cpp offset grid (free fp16 offsets), which only GGUF stores")
+            rows = slice(first, first + shape[0])
+            packed[rows, row:row + width] = stored["codes"]
+            scales[rows, row:row + width] = stored["scales"]
+            zeros[rows, row:row + width] = stored["zeros"]
+            filled += shape[0]
+        if filled != moe.num_experts:
+            raise ValueError(f"{prefix}{name}: the bundle holds {filled} of {moe.num_experts} routed experts")
+        row += width
+    symmetric = bool((zeros == SYMMETRIC_ZERO).all())
+    return Int4Weight(packed, scales, None if symmetric else zeros, grid["group_size"])
 
 
 def quantized_layer(bundle, index: int, backend: Backend, dtype: torch.dtype = torch.float32,

@@ -127,10 +127,12 @@ def moe_bundle(kernel_llama4_dir: Path, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def router_bundle(kernel_llama4_dir: Path, tmp_path_factory) -> Path:
-    """The MoE bundle with its routers quantized too (--moe-quantize-router)."""
+    """The MoE bundle with its routers quantized too (--moe-quantize-router), asymmetric, its
+    experts stored in chunks of 7 + 1 (--moe-chunk-mib 1), which the kernels stack as stored."""
     out = tmp_path_factory.mktemp("kernels") / "router"
-    run("quantize", kernel_llama4_dir, "--method", "rtn", "--group-size", 32, "--moe-quantize-router", "--out", out,
-        "--no-progress")
+    run("quantize", kernel_llama4_dir, "--method", "rtn", "--group-size", 32, "--moe-quantize-router", "--asym",
+        "--moe-chunk-mib", 1, "--out", out, "--no-progress")
+    assert len(Bundle(out).manifest["layers"][1]["experts"]["chunks"]) == 2
     return out
 
 

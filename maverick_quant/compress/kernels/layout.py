@@ -2,7 +2,7 @@
 
     packed  uint8  [E?, N, K/2]  codes, K-contiguous: byte j of a row holds code 2j in its
                                  low nibble and code 2j+1 in its high nibble (the bundle's
-                                 on-disk form, so loading a bundle is a view, not a repack)
+                                 on-disk form: routed experts load as stored, unpacked never)
     scales  fp16   [E?, N, G]    G = K / group_size
     zeros   uint8  [E?, N, G]    integer zero points; None when symmetric (zero 8 everywhere)
 
@@ -97,23 +97,19 @@ class Int4Weight:
 
 
 def _check_kernel_grid(weight: QuantizedWeight, name: str) -> None:
-    k = weight.codes.shape[-1]
     weight.require_uniform(f"{name}: the 4-bit kernel layout")
-    if weight.bits != 4:
-        raise ValueError(f"{name}: the 4-bit kernels cannot run a {weight.bits}-bit weight (use the reference backend)")
-    if weight.group_size not in GROUP_SIZES:
-        raise ValueError(f"{name}: group size {weight.group_size} is not one the kernels support {GROUP_SIZES}")
-    if k % weight.group_size:
-        raise ValueError(f"{name}: K={k} is not a multiple of the group size {weight.group_size}")
+    check_kernel_grid(weight.bits, weight.group_size, weight.codes.shape[-1], name)
 
 
-def stack_experts(weights: list[Int4Weight]) -> Int4Weight:
-    """[N, K/2] per expert -> [E, N, K/2]; symmetric only if every expert is."""
-    zeros = None
-    if any(w.zeros is not None for w in weights):
-        zeros = torch.stack([w.zero_points() for w in weights])
-    return Int4Weight(torch.stack([w.packed for w in weights]), torch.stack([w.scales for w in weights]), zeros,
-                      weights[0].group_size)
+def check_kernel_grid(bits: int, group_size: int, in_features: int, name: str) -> None:
+    """ValueError naming `name` unless the kernels run this grid: 4 bits, a supported group
+    size that divides K = `in_features`."""
+    if bits != 4:
+        raise ValueError(f"{name}: the 4-bit kernels cannot run a {bits}-bit weight (use the reference backend)")
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"{name}: group size {group_size} is not one the kernels support {GROUP_SIZES}")
+    if in_features % group_size:
+        raise ValueError(f"{name}: K={in_features} is not a multiple of the group size {group_size}")
 
 
 def concat_outputs(weights: list[Int4Weight]) -> Int4Weight:
