@@ -1,7 +1,9 @@
 """Routing coverage: how many calibration tokens the float model routes to each expert.
 
 Run before a long quantize job (`calibrate --coverage`) so starved experts are seen up
-front; the same counts appear per expert in a bundle's audit.json after quantization.
+front. It is an estimate: quantize routes each layer on the hidden states of the layers it
+has already quantized (and, under AWQ, through the rescaled router), so a bundle's audit.json
+records the counts each expert was actually calibrated on, which may differ by a few tokens.
 """
 
 from __future__ import annotations

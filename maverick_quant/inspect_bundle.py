@@ -33,9 +33,8 @@ def bundle_summary(bundle: Bundle, top: int = 5) -> str:
     if by_tokens:
         lines.append("most used:  " + ", ".join(describe(r) for r in by_tokens[::-1][:top]))
         lines.append("least used: " + ", ".join(describe(r) for r in by_tokens[:top]))
-    fallbacks = [r for r in audit if "fallback" in r["reason"]]
-    lines.append(f"fallbacks: {len(fallbacks)}" + "".join(f"\n  L{r['layer']}/E{r['expert']}: {r['policy']} ({r['reason']})"
-                                                         for r in fallbacks))
+    fallbacks = [(r, key) for r in audit for key in ("reason", "awq_reason") if "fallback" in (r.get(key) or "")]
+    lines.append(f"fallbacks: {len(fallbacks)}" + "".join(_fallback_line(r, key) for r, key in fallbacks))
     deficient = [r for r in audit if r.get("rank_deficient")]
     if deficient:
         lines.append(f"rank-deficient routed Hessians: {len(deficient)} experts had fewer routed tokens than a "
@@ -44,6 +43,13 @@ def bundle_summary(bundle: Bundle, top: int = 5) -> str:
     lines.append("largest relative loss: " + ", ".join(
         f"L{r['layer']}/E{r['expert']} {max(l['rel_loss'] for l in r['linears'].values()):.4f}" for r in worst))
     return "\n".join(lines)
+
+
+def _fallback_line(record: dict, key: str) -> str:
+    """One expert's fallback: GPTQ's rounding policy (`reason`), or AWQ's scale search's
+    (`awq_reason`: under AWQ every expert then rounds to nearest, so `reason` says no fallback)."""
+    policy, stage = (record["policy"], "") if key == "reason" else (record.get("awq_policy"), "AWQ scales: ")
+    return f"\n  L{record['layer']}/E{record['expert']}: {stage}{policy} ({record[key]})"
 
 
 def _override_lines(bundle: Bundle) -> list[str]:

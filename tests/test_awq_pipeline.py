@@ -71,6 +71,10 @@ def test_awq_and_awq_gptq_from_the_cli(tiny_llama_dir: Path, tiny_llama4_dir: Pa
         assert all("awq_ratio" in record and record["awq_policy"] in ("routed", "mixed") for record in audit)
         assert any(record["awq_reason"].startswith("fallback") for record in audit)  # the starved expert
         assert {r["policy"] for r in audit} == ({"rtn"} if method == "awq" else {"routed", "mixed"})
+        code, out = _run("inspect", tmp_path / f"moe-{method}", "--no-verify")
+        starved = [r for r in audit if r["awq_reason"].startswith("fallback")]
+        assert code == 0 and f"fallbacks: {len(starved) + sum('fallback' in r['reason'] for r in audit)}" in out, out
+        assert f"L{starved[0]['layer']}/E{starved[0]['expert']}: AWQ scales: mixed" in out, out
 
 
 def test_moe_block_scales_keep_routing_and_the_float_block(tiny_llama4_dir: Path) -> None:
