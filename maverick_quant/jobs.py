@@ -21,10 +21,11 @@ if TYPE_CHECKING:
     from maverick_quant.distributed import ExpertParallel
 
 
-def run_quantize(model_dir, out, spec, data, calib, calib_spec, force, progress, resume=False, device="auto"):
-    """Shared by `quantize` and `demo`: check everything, calibrate, quantize on `device`
-    (devices.py; going on from an interrupted run's work directory with `resume`), print the
-    summary."""
+def run_quantize(model_dir, out, spec, data, calib, calib_spec, force, progress, resume=False, device="auto",
+                 drawn=None):
+    """Shared by `quantize`, `demo` and `run`: check everything, calibrate (or take the windows
+    `drawn` already, a CalibrationSet), quantize on `device` (devices.py; going on from an
+    interrupted run's work directory with `resume`), print the summary."""
     from maverick_quant.calibration.data import overlap_note
     from maverick_quant.checkpoint import check_output_apart, check_output_dir
     from maverick_quant.devices import resolve_device
@@ -40,9 +41,9 @@ def run_quantize(model_dir, out, spec, data, calib, calib_spec, force, progress,
     refuse_overridden_experts(source, spec)  # before calibrating, which may take long (--data self)
     calibration = None
     if spec.method is not Method.RTN:
-        if calib is None and data is None:
+        if drawn is None and calib is None and data is None:
             raise InputError(f"--method {spec.method.value} needs --data FILE|self or --calib DIR")
-        calibration = _calibration(source, model_dir, data, calib, calib_spec)
+        calibration = drawn if drawn is not None else _calibration(source, model_dir, data, calib, calib_spec)
         if note := overlap_note(calibration):
             click.echo(note)
     identity = run_identity(source.checkpoint.fingerprint(), spec.to_dict(),

@@ -34,17 +34,22 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
     from maverick_quant.streaming import open_source
 
     recipe = load_recipe(recipe_path)
+    if Path(out).exists() and not Path(out).is_dir():
+        raise InputError(f"--out {out}: a file; a run writes a directory")
     if not resume:
         check_output_dir(out, force)
     device = str(resolve_device(device or recipe.device, "--device" if device else "quantize.device"))
     model_dir, out = _recipe_model_dir(recipe.model), Path(out)
+    if out.resolve() == model_dir.resolve():
+        raise InputError(f"--out {out}: the model folder itself; a run writes its bundle, exports and reports into "
+                         "their own folder")
     for replaced in recipe_outputs(recipe, out):  # `out` itself is never replaced, only these
         check_output_apart(replaced, recipe_inputs(recipe, model_dir))
     source = open_source(model_dir)  # a bad model is refused here, before any work
     _check_before_work(recipe, model_dir, source, device)
     steps = 2 + len(recipe.exports) + (len(recipe.validation.candidates) if recipe.validation is not None else 0)
     step = _step_printer(steps)
-    calib_dir, calibration = None, None
+    calibration = None
     if recipe.quantize.method is not Method.RTN:
         step(f"calibrate: {recipe.calibration.samples} x {recipe.calibration.seq_len} tokens from {recipe.calibration_data}")
         calibration = make_calibration(model_dir, recipe.calibration_data, recipe.calibration)
@@ -53,16 +58,16 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
         step("calibrate: not needed for rtn")
     keep_bundle = resume and _keep_finished_bundle(out / "bundle", source, recipe.quantize, calibration, force)
     out.mkdir(parents=True, exist_ok=True)  # only now: bad input leaves no directory behind
-    if calibration is not None:
-        calib_dir = out / "calibration"
-        with atomic_output_dir(calib_dir, force=True) as tmp:
-            calibration.save(tmp)
+    _start_over_the_lock(recipe, out)
     step(f"quantize: {recipe.quantize.method.value}, {recipe.quantize.weights.bits} bits, group {recipe.quantize.weights.group_size}")
     if keep_bundle:
         click.echo(f"  {out / 'bundle'} was finished earlier with this recipe and model: kept")
     else:
-        run_quantize(model_dir, out / "bundle", recipe.quantize, None, calib_dir, recipe.calibration, True, progress,
-                     resume, device)
+        run_quantize(model_dir, out / "bundle", recipe.quantize, None, None, recipe.calibration, True, progress,
+                     resume, device, drawn=calibration)
+    if calibration is not None:  # saved once the bundle stands on it (a refused --resume leaves the old set)
+        with atomic_output_dir(out / "calibration", force=True) as tmp:
+            calibration.save(tmp)
     for export in recipe.exports:
         step(f"export: {export.format} -> {export.name}")
         if export.format == "gguf":
@@ -92,6 +97,17 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
     _write_lock(recipe, device, Path(recipe_path), source, calibration, out / "recipe.lock.yaml")
     click.echo(f"run finished -> {out} ({'gates passed' if passed else 'a gate FAILED'})")
     return passed
+
+
+def _start_over_the_lock(recipe, out: Path) -> None:
+    """Remove the lock file of an earlier run in `out` (this run writes its own when it ends: a
+    run that fails midway must not leave a lock describing another recipe beside its outputs),
+    and name what `out` holds that this recipe does not make (kept, from an earlier run)."""
+    (out / "recipe.lock.yaml").unlink(missing_ok=True)
+    made = {path.name for path in recipe_outputs(recipe, out)} | {"recipe.lock.yaml"}
+    foreign = sorted(entry.name for entry in out.iterdir() if entry.name not in made and not entry.name.startswith("."))
+    if foreign:
+        click.echo(f"note: {out} also holds {', '.join(foreign)}, which this recipe does not make (left as they are)")
 
 
 def _keep_finished_bundle(bundle_dir: Path, source, spec, calibration, force: bool) -> bool:

@@ -305,6 +305,67 @@ def test_a_run_never_replaces_one_of_its_inputs(tiny_llama_dir: Path, small_text
     assert (tmp_path / "run" / "source" / "config.json").is_file()
 
 
+def test_a_run_dir_never_holds_a_stale_lock_nor_is_it_the_model_or_a_file(tiny_llama_dir: Path, tmp_path: Path,
+                                                                        monkeypatch) -> None:
+    """A forced run that fails midway leaves no lock of the earlier recipe beside its new bundle,
+    and names what the earlier run made that this one does not; --out cannot be the model
+    folder, nor an existing file (it was a FileExistsError traceback under --force)."""
+    import maverick_quant.recipe_run as recipe_run
+
+    def recipe(**extra) -> Path:
+        path = tmp_path / f"recipe-{len(extra)}.yaml"
+        path.write_text(yaml.safe_dump({"model": str(tiny_llama_dir), "quantize": {"method": "rtn", "group_size": 32},
+                                        **extra}))
+        return path
+
+    run_dir = tmp_path / "run"
+    first = CliRunner().invoke(cli, ["run", str(recipe(exports=[{"format": "gptq"}])), "--out", str(run_dir), "--no-progress"])
+    assert first.exit_code == 0 and (run_dir / "recipe.lock.yaml").is_file(), first.output
+
+    def failing_export(*args, **kwargs):
+        raise InputError("export refused")
+
+    monkeypatch.setattr(recipe_run, "run_export", failing_export)
+    second = CliRunner().invoke(cli, ["run", str(recipe(exports=[{"format": "compressed-tensors"}], calibration={})),
+                                      "--out", str(run_dir), "--force", "--no-progress"])
+    assert second.exit_code == 2 and "export refused" in second.output, second.output
+    assert not (run_dir / "recipe.lock.yaml").exists() and (run_dir / "bundle" / "manifest.json").is_file()
+    assert f"note: {run_dir} also holds model-gptq, which this recipe does not make" in second.output
+    for out, message in ((tiny_llama_dir, "the model folder itself"), (tmp_path / "recipe-0.yaml", "a file")):
+        result = CliRunner().invoke(cli, ["run", str(recipe()), "--out", str(out), "--force"])
+        assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_a_refused_resume_leaves_the_calibration_of_the_run_it_refused(tiny_llama_dir: Path, small_text_file: Path,
+                                                                       tmp_path: Path) -> None:
+    """A run killed while quantizing, resumed with another seed, is refused before anything is
+    written: the calibration set is saved only once the bundle stands on it."""
+    import os
+    import subprocess
+    import sys
+
+    from maverick_quant.checkpoint import KILL_DURING_WRITE
+
+    def recipe(seed: int) -> Path:
+        path = tmp_path / f"recipe-{seed}.yaml"
+        path.write_text(yaml.safe_dump({"model": str(tiny_llama_dir), "quantize": {"method": "gptq", "group_size": 32},
+                                        "calibration": {"data": str(small_text_file), "samples": 2, "seq_len": 16,
+                                                        "seed": seed}}))
+        return path
+
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), KILL_DURING_WRITE: "2"}
+    killed = subprocess.run([sys.executable, "-m", "maverick_quant", "run", str(recipe(0)), "--out", str(run_dir),
+                             "--no-progress"], env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stdout + killed.stderr
+    result = CliRunner().invoke(cli, ["run", str(recipe(7)), "--out", str(run_dir), "--resume", "--no-progress"])
+    assert result.exit_code == 2 and "different inputs" in result.output, result.output
+    assert not (run_dir / "calibration").exists()
+    result = CliRunner().invoke(cli, ["run", str(recipe(0)), "--out", str(run_dir), "--resume", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((run_dir / "calibration" / "calib.json").read_text())["seed"] == 0
+
+
 def test_a_gguf_export_llama_cpp_cannot_run_is_refused_before_any_work(tiny_llama4_dir: Path, tmp_path: Path) -> None:
     """The tiny Llama 4's 16-token attention chunks are not llama.cpp's fixed 8192: the export
     step would refuse it after quantizing; the recipe refuses it first."""
