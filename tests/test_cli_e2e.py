@@ -156,6 +156,14 @@ def test_the_readme_demo_runs_the_whole_job(smollm2_dir: Path, tmp_path: Path) -
     assert code == 2 and "--force" in out
 
 
+def test_the_demo_refuses_bad_options_before_making_its_folder(tmp_path: Path) -> None:
+    """A refused demo left an empty work folder, which the next demo then refused as existing."""
+    for args, message in ((["--samples", 0], "--samples=0"), (["--seq-len", 1], "--seq-len=1"),
+                          (["--eval-data", tmp_path / "missing.txt"], "does not exist")):
+        code, out = _run("demo", "--work-dir", tmp_path / "demo", *args)
+        assert code == 2 and message in out and not (tmp_path / "demo").exists(), out
+
+
 def test_gptq_export_refuses_a_zero_point_0_before_writing(tiny_run, tmp_path: Path) -> None:
     """A zero point of 0 in the last layer (GPTQ v1 cannot store it) is found by reading the
     bundle's zero points alone, before the export writes its first shard."""
