@@ -43,11 +43,12 @@ def test_gemv_split_k(group: int, symmetric: bool, split_k: int) -> None:
     assert_matches(w4_gemv(x, weight, split_k=split_k), REFERENCE.linear(x, weight), torch.float32)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("group", [32, 128])
-def test_tiled_gemm(dtype: torch.dtype, group: int) -> None:
-    weight = Int4Weight.from_quantized(random_quantized(48, 256, group, symmetric=False, seed=7)).to(DEVICE)
-    x = torch.randn(21, 256, device=DEVICE)  # 21 rows: a ragged M block
+@pytest.mark.parametrize("dtype,group,symmetric", [(torch.float32, 32, False), (torch.float16, 32, False),
+                                                   (torch.float32, 128, False), (torch.float16, 128, False),
+                                                   (torch.float32, 64, True), (torch.float16, 64, True)])
+def test_tiled_gemm(dtype: torch.dtype, group: int, symmetric: bool) -> None:
+    weight = Int4Weight.from_quantized(random_quantized(48, 384, group, symmetric=symmetric, seed=7)).to(DEVICE)
+    x = torch.randn(21, 384, device=DEVICE)  # 21 rows: a ragged M block; K 384: 1.5 blocks of 256
     expected = REFERENCE.linear(x.to(dtype).float(), weight)
     assert_matches(w4_gemm(x.to(dtype), weight), expected, dtype)
 
