@@ -79,6 +79,12 @@ class ExportStep:
             raise InputError(f"exports[].max_shard_size={self.max_shard_size}: expected a positive number of bytes")
         if self.gguf_pre is not None and self.format != "gguf":
             raise InputError(f"exports[].gguf_pre: a pre-tokenizer name is for a gguf export, not {self.format}")
+        if self.format != "gguf" and self.gguf_type != ExportStep.gguf_type:
+            raise InputError(f"exports[].gguf_type={self.gguf_type}: only a gguf export has a type; format {self.format} "
+                             "stores the bundle's grid")
+        if self.format == "gguf" and self.max_shard_size != ExportStep.max_shard_size:
+            raise InputError("exports[].max_shard_size: a gguf export is written as one file; the shard size is for "
+                             "gptq, awq and compressed-tensors exports")
         if self.requantize and self.format != "gguf":
             raise InputError(f"exports[].requantize: only a gguf export re-quantizes (to its gguf_type); format "
                              f"{self.format} stores the bundle's grid as it is")
@@ -130,6 +136,11 @@ class ValidationStep:
         if scored_from(self.protocol, self.ctx) >= self.ctx:
             raise InputError(f"validation.ctx={self.ctx}: with protocol {self.protocol} no token of a window is scored "
                              f"(scoring starts at position {scored_from(self.protocol, self.ctx)})")
+        if self.hellaswag_tasks is not None and self.hellaswag is None:
+            raise InputError("validation.hellaswag_tasks: given without validation.hellaswag, the benchmark file it limits")
+        if self.kernels is not None and "bundle" not in self.candidates:
+            raise InputError("validation.kernels: runs the bundle on the 4-bit kernels, and bundle is not among "
+                             "validation.candidates")
         from maverick_quant.validation.gates import parse_gate
 
         for gate in self.gates:
@@ -338,14 +349,15 @@ def parse_recipe(data: Any, base: Path = Path(".")) -> Recipe:
     model = data.get("model")
     if not isinstance(model, str) or not model:
         raise InputError("model: expected a model directory (or builtin:smollm2-135m-instruct)")
-    calibration = dict(data.get("calibration") or {}) if isinstance(data.get("calibration") or {}, dict) else None
-    if calibration is None:
-        raise InputError("calibration: expected a mapping")
+    calibration = {} if data.get("calibration") is None else data["calibration"]
+    if not isinstance(calibration, dict):
+        raise InputError(f"calibration: expected a mapping, got {type(calibration).__name__}")
+    calibration = dict(calibration)
     calibration_data = calibration.pop("data", None)
     if calibration_data is not None and not isinstance(calibration_data, str):
         raise InputError(f"calibration.data={calibration_data!r}: expected a file path or 'self'")
     spec, grid, device = _quantize(data.get("quantize"))
-    exports = data.get("exports") or []
+    exports = [] if data.get("exports") is None else data["exports"]
     if not isinstance(exports, list):
         raise InputError("exports: expected a list of {format: ...} mappings")
     steps = []
