@@ -140,10 +140,14 @@ def recipe_outputs(recipe, out: Path) -> list[Path]:
 
 def _check_before_work(recipe, model_dir: Path, source, device: str) -> None:
     """What later steps would refuse, checked before calibrating: the files, the exports'
-    limits, the validation inputs, a lock's model and validation files."""
+    limits, overrides matching routed experts, the validation inputs, a lock's model and
+    validation files."""
+    from maverick_quant.pipeline import refuse_overridden_experts
+
     _check_recipe_files(recipe, model_dir)
     _check_mmproj_exports(recipe, model_dir, source)
     _check_gguf_exports(recipe, model_dir, source)
+    refuse_overridden_experts(source, recipe.quantize)
     _check_packed_exports(recipe, source)
     _check_validation(recipe, model_dir, device)
     check_lock_inputs(recipe, source)
@@ -189,9 +193,7 @@ def _check_packed_exports(recipe, source) -> None:
 
     from maverick_quant.exporters.packed import refuse_split_fused_sets
     from maverick_quant.exporters.registry import LAYOUTS
-    from maverick_quant.pipeline import refuse_overridden_experts
 
-    refuse_overridden_experts(source, recipe.quantize)
     packed = [export for export in recipe.exports if export.format in LAYOUTS]
     if not packed:
         return
