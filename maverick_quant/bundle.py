@@ -142,11 +142,24 @@ class BundleWriter:
                 for name, shape in record["shapes"].items()}
 
     def completed_layers(self) -> set[int]:
-        """Indices of layers whose tensors and stats are both on disk."""
-        done = set()
-        for stats in (self.root / "layers").glob("layer-*.json"):
-            if stats.with_suffix(".safetensors").is_file():
-                done.add(int(stats.stem.split("-")[1]))
+        """Indices of layers whose tensors and stats are both on disk. InputError when a finished
+        layer's file (or one of its expert chunks) no longer has the sha256 recorded when it was
+        written: damaged since, and a resumed run cannot redo it (the hidden states entering it
+        are gone), so it must start over rather than finish a bundle around it."""
+        done, damaged = set(), []
+        for stats in sorted((self.root / "layers").glob("layer-*.json")):
+            if not stats.with_suffix(".safetensors").is_file():
+                continue
+            record = json.loads(stats.read_text())
+            for part in [record, *record.get("experts", {}).get("chunks", [])]:
+                path = self.root / part["file"]
+                if not path.is_file() or sha256_file(path) != part["sha256"]:
+                    damaged.append(part["file"])
+            done.add(int(stats.stem.split("-")[1]))
+        if damaged:
+            raise InputError(f"{self.root}: finished layer files changed since they were written ({', '.join(damaged[:3])}"
+                             f"{'...' if len(damaged) > 3 else ''}: missing or another sha256); the run cannot go on "
+                             "from them: pass --force to start over")
         return done
 
     def write_passthrough(self, tensors: dict[str, torch.Tensor]) -> None:

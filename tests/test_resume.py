@@ -309,3 +309,24 @@ def test_a_run_stopped_after_its_last_layer_resumes_without_recomputing_anything
     assert result.exit_code == 0, result.output
     assert _tensor_files(tmp_path / "bundle") == _tensor_files(tmp_path / "reference")
     assert set(Bundle(tmp_path / "bundle").manifest["files"]) == set(Bundle(tmp_path / "reference").manifest["files"])
+    summaries = [Bundle(tmp_path / name).manifest["summary"]["mean_rel_loss"] for name in ("bundle", "reference")]
+    assert summaries[0] == pytest.approx(summaries[1], rel=1e-12)  # over every layer, not the resumed run's none
+
+
+def test_a_finished_layer_damaged_before_a_resume_is_refused_not_built_into_the_bundle(
+        tiny_llama_dir: Path, small_text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A finished layer file that changed while the run was stopped (truncated here) cannot be
+    redone (the hidden states entering it are gone): --resume refuses, naming it, where it used
+    to finish a bundle around it and exit 0."""
+    import maverick_quant.bundle as bundle_module
+    from maverick_quant.bundle import PASSTHROUGH
+
+    args, runner = _small_gptq_args(tiny_llama_dir, small_text_file), CliRunner()
+    real_save = _disk_full_on(Path(PASSTHROUGH).name, monkeypatch)
+    assert runner.invoke(cli, args(tmp_path / "bundle")).exit_code == 2
+    monkeypatch.setattr(bundle_module, "save_safetensors_atomic", real_save)
+    damaged = work_dir_for(tmp_path / "bundle") / "layers" / "layer-00001.safetensors"
+    os.truncate(damaged, 1000)
+    result = runner.invoke(cli, args(tmp_path / "bundle") + ["--resume"])
+    assert result.exit_code == 2 and "layers/layer-00001.safetensors" in result.output, result.output
+    assert "--force" in result.output and not (tmp_path / "bundle").exists()
