@@ -131,9 +131,12 @@ def _keep_finished_bundle(bundle_dir: Path, source, spec, calibration, force: bo
 
 
 def recipe_outputs(recipe, out: Path) -> list[Path]:
-    """What a run replaces inside its output folder `out`: calibration, bundle, exports (and
-    projector files), reports, self-written evaluation text."""
+    """What a run replaces inside its output folder `out`: calibration, bundle, exports (a GGUF
+    with its card and manifest, and projector files), reports, self-written evaluation text."""
+    from maverick_quant.exporters.artifact import gguf_sidecars
+
     exports = [out / name for export in recipe.exports for name in (export.name, export.mmproj_name) if name]
+    exports += [sidecar for path in exports if path.suffix == ".gguf" for sidecar in gguf_sidecars(path)]
     reports = [out / report_name(candidate) for candidate in (recipe.validation.candidates if recipe.validation else ())]
     return [out / "calibration", out / "bundle", out / "eval-self.txt", *exports, *reports]
 

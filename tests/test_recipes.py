@@ -337,6 +337,12 @@ def test_a_run_dir_never_holds_a_stale_lock_nor_is_it_the_model_or_a_file(tiny_l
     assert second.exit_code == 2 and "export refused" in second.output, second.output
     assert not (run_dir / "recipe.lock.yaml").exists() and (run_dir / "bundle" / "manifest.json").is_file()
     assert f"note: {run_dir} also holds model-gptq, which this recipe does not make" in second.output
+    monkeypatch.undo()
+    gguf = recipe(exports=[{"format": "gptq"}, {"format": "gguf", "gguf_type": "Q4_0", "requantize": True}])
+    for _ in range(2):  # the second finds only its own outputs (a GGUF's card and manifest included): no note
+        again = CliRunner().invoke(cli, ["run", str(gguf), "--out", str(run_dir), "--force", "--no-progress"])
+        assert again.exit_code == 0, again.output
+    assert "also holds" not in again.output, again.output
     for out, message in ((tiny_llama_dir, "the model folder itself"), (tmp_path / "recipe-0.yaml", "a file")):
         result = CliRunner().invoke(cli, ["run", str(recipe()), "--out", str(out), "--force"])
         assert result.exit_code == 2 and message in result.output, result.output
