@@ -415,7 +415,10 @@ def replace_dir(finished: Path, out: Path) -> None:
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
         os.replace(finished, out)
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:  # a file (or link) the output replaced with --force
+            old.unlink(missing_ok=True)
     else:
         os.replace(finished, out)
 

@@ -361,6 +361,20 @@ def test_a_finished_directory_is_flushed_file_by_file_before_it_is_renamed(tmp_p
     assert synced[2:] == [str(staging), str(tmp_path)]
 
 
+@pytest.mark.parametrize("existing", ["file", "dir"])
+def test_force_over_an_existing_output_leaves_nothing_of_it_behind(existing: str, tmp_path: Path) -> None:
+    """replace_dir moves the old output aside, renames the new one in, then deletes the old: a
+    file --force replaced used to stay behind as `.OUT.old-PID` (rmtree cannot remove a file)."""
+    from maverick_quant.checkpoint import replace_dir
+
+    out, finished = tmp_path / "out", tmp_path / ".out.partial"
+    out.mkdir() if existing == "dir" else out.write_text("old")
+    finished.mkdir()
+    (finished / "new.txt").write_text("new")
+    replace_dir(finished, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "new.txt").read_text() == "new"
+
+
 def test_a_bad_model_level_tensor_is_refused_before_the_first_layer(model_copy: Path, tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """The final norm is written after the last layer; a NaN in it is found before the first
