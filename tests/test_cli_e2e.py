@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import pytest
 import torch
 
 from maverick_quant.bundle import Bundle
+from maverick_quant.calibration.data import CalibrationSet
 from maverick_quant.exporters.registry import open_export
 
 from conftest import run_cli as _run
@@ -255,8 +258,6 @@ def test_window_options_beside_calib_are_refused_not_ignored(tiny_run, tmp_path:
 def test_calib_of_another_tokenizer_or_vocabulary_is_refused(tiny_run, tmp_path: Path) -> None:
     """--calib windows made by another tokenizer mean other text to this model, silently: refused
     before any work, as are ids outside its vocabulary; the same model's windows pass."""
-    from maverick_quant.calibration.data import CalibrationSet
-
     other = tmp_path / "other-tokenizer"
     shutil.copytree(tiny_run["model"], other)
     tokenizer = json.loads((other / "tokenizer.json").read_text())
@@ -274,7 +275,8 @@ def test_calib_of_another_tokenizer_or_vocabulary_is_refused(tiny_run, tmp_path:
     beyond = calibration.input_ids.clone()
     beyond[0, 0] = 49152
     (tmp_path / "beyond").mkdir()
-    CalibrationSet(beyond, calibration.meta).save(tmp_path / "beyond")
+    digest = hashlib.sha256(beyond.numpy().tobytes()).hexdigest()  # drawn so (not edited: that is refused too)
+    CalibrationSet(beyond, {**calibration.meta, "windows_sha256": digest}).save(tmp_path / "beyond")
     code, out = _run("quantize", tiny_run["model"], "--calib", tmp_path / "beyond", *args)
     assert code == 2 and "outside" in out and "vocabulary of 49152" in out, out
 
@@ -283,6 +285,36 @@ def test_calib_of_another_tokenizer_or_vocabulary_is_refused(tiny_run, tmp_path:
     CalibrationSet(calibration.input_ids, older).save(tmp_path / "older")
     code, out = _run("quantize", other, "--calib", tmp_path / "older", *args)
     assert code == 0 and "records no tokenizer fingerprint" in out, out
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("truncate", "not a readable safetensors file"),
+    ("json", "calib.json: not JSON"),
+    ("list", "calib.json: expected a JSON object, got list"),
+    ("float", "expected input_ids, int64 [windows, tokens]; found torch.float32"),
+    ("shape", "records 6 windows of 48 tokens"),
+    ("edit", "no longer have the sha256"),
+])
+def test_a_damaged_or_edited_calibration_directory_is_refused(tiny_run, tmp_path: Path, damage: str, message: str) -> None:
+    """--calib reads tokens.safetensors and calib.json: each way they can be broken exits 2
+    naming the file (tracebacks, or silently calibrating on edited windows, before)."""
+    import torch
+
+    from maverick_quant.checkpoint import save_safetensors_atomic
+
+    calib = tmp_path / "calib"
+    shutil.copytree(tiny_run["root"] / "calib", calib)
+    ids = CalibrationSet.load(calib).input_ids
+    if damage == "truncate":
+        os.truncate(calib / "tokens.safetensors", 20)
+    elif damage in ("json", "list"):
+        (calib / "calib.json").write_text("{" if damage == "json" else "[]")
+    else:
+        changed = {"float": ids.float(), "shape": ids[:3], "edit": ids.roll(1, dims=1)}[damage]
+        save_safetensors_atomic({"input_ids": changed}, calib / "tokens.safetensors")
+    code, out = _run("quantize", tiny_run["model"], "--calib", calib, "--out", tmp_path / "bundle", "--group-size", 64)
+    assert code == 2 and message in out, out
+    assert not (tmp_path / "bundle").exists()
 
 
 def test_an_interrupt_and_a_crash_never_exit_as_a_failed_gate(monkeypatch, tmp_path: Path) -> None:

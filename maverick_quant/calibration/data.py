@@ -42,10 +42,40 @@ class CalibrationSet:
         from safetensors.torch import load_file
 
         calib_dir = Path(calib_dir)
-        if not (calib_dir / CALIB_TOKENS).is_file() or not (calib_dir / CALIB_META).is_file():
+        tokens, meta_path = calib_dir / CALIB_TOKENS, calib_dir / CALIB_META
+        if not tokens.is_file() or not meta_path.is_file():
             raise InputError(f"{calib_dir}: not a calibration directory (expected {CALIB_TOKENS} and {CALIB_META})")
-        input_ids = load_file(str(calib_dir / CALIB_TOKENS))["input_ids"]
-        return cls(input_ids, json.loads((calib_dir / CALIB_META).read_text()))
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InputError(f"{meta_path}: not JSON ({exc})") from None
+        if not isinstance(meta, dict):
+            raise InputError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
+        try:
+            input_ids = load_file(str(tokens)).get("input_ids")
+        except Exception as exc:  # safetensors raises its own error types for a damaged file
+            raise InputError(f"{tokens}: not a readable safetensors file ({exc})") from None
+        _check_windows(tokens, input_ids, meta)
+        return cls(input_ids, meta)
+
+
+def _check_windows(path: Path, input_ids: torch.Tensor | None, meta: dict) -> None:
+    """InputError unless `input_ids` are the windows calib.json describes: an int64 [N, L]
+    tensor (N >= 1, L >= 2) of the recorded samples and seq_len, whose bytes have the recorded
+    sha256 (a set edited or damaged since it was drawn is not calibrated on silently)."""
+    if input_ids is None or input_ids.dtype != torch.long or input_ids.dim() != 2:
+        found = "no input_ids" if input_ids is None else f"{input_ids.dtype} {list(input_ids.shape)}"
+        raise InputError(f"{path}: expected input_ids, int64 [windows, tokens]; found {found}")
+    if input_ids.shape[0] < 1 or input_ids.shape[1] < 2:
+        raise InputError(f"{path}: input_ids {list(input_ids.shape)}: expected at least 1 window of 2 tokens")
+    recorded = (meta.get("samples"), meta.get("seq_len"))
+    if None not in recorded and tuple(input_ids.shape) != recorded:
+        raise InputError(f"{path}: input_ids {list(input_ids.shape)}, but {CALIB_META} records {recorded[0]} windows "
+                         f"of {recorded[1]} tokens")
+    digest = meta.get("windows_sha256")
+    if digest is not None and hashlib.sha256(input_ids.numpy().tobytes()).hexdigest() != digest:
+        raise InputError(f"{path}: the windows no longer have the sha256 {CALIB_META} records (edited or damaged "
+                         "since they were drawn); draw them again with `maverick-quant calibrate`")
 
 
 JSON_LINES_SUFFIXES = (".jsonl", ".ndjson", ".json")  # JSON Lines, as `Dataset.to_json` writes them
