@@ -29,7 +29,7 @@ def run_quantize(model_dir, out, spec, data, calib, calib_spec, force, progress,
     from maverick_quant.calibration.data import overlap_note
     from maverick_quant.checkpoint import check_output_apart, check_output_dir
     from maverick_quant.devices import resolve_device
-    from maverick_quant.pipeline import quantize_model, refuse_overridden_experts
+    from maverick_quant.pipeline import quantize_model, refuse_overridden_experts, refuse_unblockable_widths
     from maverick_quant.distributed import ExpertParallel
     from maverick_quant.resume import run_identity
     from maverick_quant.streaming import open_source
@@ -39,6 +39,7 @@ def run_quantize(model_dir, out, spec, data, calib, calib_spec, force, progress,
     compute = resolve_device(device)
     source = open_source(model_dir)
     refuse_overridden_experts(source, spec)  # before calibrating, which may take long (--data self)
+    refuse_unblockable_widths(source, spec)
     calibration = None
     if spec.method is not Method.RTN:
         if drawn is None and calib is None and data is None:

@@ -184,6 +184,32 @@ def refuse_overridden_experts(source, spec: QuantizeSpec) -> None:
                                      "e.g. to the shared expert or self_attn)")
 
 
+def refuse_unblockable_widths(source, spec: QuantizeSpec) -> None:
+    """InputError, before any work, when the run's grid is one of llama.cpp's offset grids
+    (`--gguf-grid Q4_1 / Q4_K`, whose blocks hold 32 columns; Q4_K's super-blocks fall back to
+    Q4_1 where K is not a multiple of 256) and a linear it quantizes has K not a multiple of
+    32, naming them: they were found in the middle of the run."""
+    if spec.weights.gguf_grid is None:
+        return
+    text, found = source.text_config, []
+    for index in range(text.num_hidden_layers):
+        plan, prefix = source.table.plan(text, index), source.table.prefix(index)
+        moe = plan.moe
+        router = (moe.router,) if moe is not None and spec.moe.quantize_router else ()
+        for name in plan.linears + router:
+            width = plan.shapes[f"{name}.weight"][1]
+            if not spec.keeps_float(prefix + name) and spec.weights_for(prefix + name).gguf_grid and width % 32:
+                found.append(f"{prefix}{name} (K={width})")
+        for linear in moe.expert_linears if moe is not None else ():
+            width = plan.shapes[linear.fused][1]  # fused [E, K, parts * N]
+            if width % 32:
+                found.append(f"{prefix}{moe.experts}.{linear.name} (K={width})")
+    if found:
+        raise InputError(f"--gguf-grid {spec.weights.gguf_grid}: llama.cpp's blocks hold 32 input columns, and "
+                         f"{len(found)} linears have K not a multiple of 32: {', '.join(found[:4])}"
+                         f"{', ...' if len(found) > 4 else ''} (keep them in float: --keep-float PATTERN)")
+
+
 def record_overridden_grids(layer: torch.nn.Module, quantized: dict, stats: dict, spec: QuantizeSpec) -> None:
     """Put the grid of each linear a bits override changed into its stats (the bundle's
     per-tensor record: `weights`, the fields that differ from the run's grid)."""

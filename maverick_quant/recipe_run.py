@@ -145,12 +145,13 @@ def _check_before_work(recipe, model_dir: Path, source, device: str) -> None:
     """What later steps would refuse, checked before calibrating: the files, the exports'
     limits, overrides matching routed experts, the validation inputs, a lock's model and
     validation files."""
-    from maverick_quant.pipeline import refuse_overridden_experts
+    from maverick_quant.pipeline import refuse_overridden_experts, refuse_unblockable_widths
 
     _check_recipe_files(recipe, model_dir)
     _check_mmproj_exports(recipe, model_dir, source)
     _check_gguf_exports(recipe, model_dir, source)
     refuse_overridden_experts(source, recipe.quantize)
+    refuse_unblockable_widths(source, recipe.quantize)
     _check_packed_exports(recipe, source)
     _check_validation(recipe, model_dir, device)
     check_lock_inputs(recipe, source)

@@ -219,3 +219,19 @@ def test_a_float_model_exports_as_round_to_nearest_q4_k(tiny_llama_dir: Path, sm
     assert tensors["blk.0.ffn_up.weight"].tensor_type.name == "Q4_K"
     assert np.array_equal(_gguf_dequantize(tensors["blk.0.ffn_up.weight"].data).reshape(up.shape),
                           rtn_quantize_k(up).dequantize().numpy())
+
+
+@pytest.mark.parametrize("grid", ["Q4_1", "Q4_K"])
+def test_an_offset_grid_refuses_widths_its_blocks_cannot_hold_before_any_work(grid: str, tiny_llama4_dir: Path,
+                                                                             tmp_path: Path) -> None:
+    """The tiny Llama 4's dense down_proj reads 48 columns, not a multiple of llama.cpp's blocks of
+    32: refused naming it before the first layer (it was a ValueError mid-run, exit 3); kept in
+    float, the run goes through."""
+    from conftest import run_cli
+
+    args = ["quantize", tiny_llama4_dir, "--method", "rtn", "--gguf-grid", grid, "--no-progress"]
+    code, out = run_cli(*args, "--out", tmp_path / "refused")
+    assert code == 2 and "layers.0.feed_forward.down_proj (K=48)" in out, out
+    assert not any(tmp_path.iterdir())
+    code, out = run_cli(*args, "--out", tmp_path / "bundle", "--keep-float", r"feed_forward\.down_proj")
+    assert code == 0 and Bundle(tmp_path / "bundle").quant["free_min" if grid == "Q4_1" else "k_quant"], out
