@@ -215,11 +215,14 @@ def _write_mmproj(plan, path: Path, progress: bool) -> None:
 
 
 def _read_json(path: Path, what: str) -> dict:
-    """The JSON in `path`, or InputError naming the file and what it should have been."""
+    """The JSON object in `path`, or InputError naming the file and what it should have been."""
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"{path}: cannot read {what} ({exc})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: cannot read {what} (expected a JSON object, got {type(data).__name__})")
+    return data
 
 
 def run_generate(bundle_dir: Path, prompt: str, max_new_tokens: int, kernels: str = "auto", chat: bool = False,

@@ -120,3 +120,16 @@ def test_baseline_problems_are_found_before_any_report_exists():
 def test_no_gates_and_unused_baseline():
     assert evaluate_gates([], REPORT, None) == []
     assert _evaluate("ppl_ratio<=1.05", baseline={})[0].passed
+
+
+@pytest.mark.parametrize("content,message", [(b"\xff\xfe\x00binary", "utf-8"), (b"[1, 2]", "expected a JSON object, got list"),
+                                             (b"{", "Expecting")])
+def test_a_baseline_that_is_not_a_json_object_is_refused_naming_it(tmp_path, content: bytes, message: str) -> None:
+    """Random bytes or a JSON list as --baseline (or --coverage) were tracebacks (exit 3)."""
+    from maverick_quant.errors import InputError
+    from maverick_quant.jobs import _read_json
+
+    path = tmp_path / "report.json"
+    path.write_bytes(content)
+    with pytest.raises(InputError, match=rf"report.json: cannot read baseline report \(.*{message}"):
+        _read_json(path, "baseline report")
