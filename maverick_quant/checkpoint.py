@@ -324,7 +324,13 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
 
 
 def check_output_dir(out: Path, force: bool) -> None:
-    """Refuse to overwrite an existing output unless forced (before any work starts)."""
+    """Refuse to overwrite an existing output unless forced, and an output path that names no
+    file or folder of its own ("", ".", ".."): it is replaced as a whole when the work ends.
+    Checked before any work starts."""
+    out = Path(out)
+    if out.name in ("", ".", ".."):
+        raise InputError(f"{str(out) or repr('')}: an output must name a new file or folder (it is replaced as a "
+                         "whole), not the working folder or one above it")
     if out.exists() and not force:
         raise InputError(f"{out}: output already exists; pass --force to replace it")
 
@@ -490,7 +496,9 @@ def is_temporary(path: Path) -> bool:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temporary name in the same directory, then rename over `path` (durably)."""
+    """Write `text` to a temporary name in the same directory (made if missing), then rename
+    over `path` (durably)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_name(path)
     tmp.write_text(text, encoding="utf-8")
     durable_replace(tmp, path)

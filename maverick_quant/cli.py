@@ -307,9 +307,9 @@ def plan(target, method, gguf_grid, bits, group_size, sym, signed_scale, clip_se
                           keep_float=keep_float, bits_overrides=bits_overrides,
                           awq=_awq_spec(awq_grid, awq_duo, awq_clip, awq_sample_tokens))
     if json_out is not None:
-        from maverick_quant.checkpoint import check_output_dir
+        from maverick_quant.jobs import check_output_file
 
-        check_output_dir(json_out, force)
+        check_output_file(json_out, force, "plan.json", option="--json")
     validation = None
     if validate_windows is not None:
         validation = {"windows": validate_windows, "ctx": validate_ctx, "batch": validate_batch, "tasks": hellaswag_tasks,
@@ -332,8 +332,8 @@ def inspect_command(path, plot, top, force, verify) -> None:
     directory or GGUF file (format, tensors, sizes). Either way every file's size and sha256 are
     verified against its manifest (unless --no-verify): exit 1 on a mismatch."""
     from maverick_quant.bundle import MANIFEST, Bundle
-    from maverick_quant.checkpoint import check_output_dir
     from maverick_quant.exporters.artifact import verify_manifest
+    from maverick_quant.jobs import check_output_file
     from maverick_quant.inspect_bundle import (artifact_summary, bundle_summary, expert_audit, expert_token_counts,
                                                plot_bundle_experts)
 
@@ -344,7 +344,7 @@ def inspect_command(path, plot, top, force, verify) -> None:
             _report_verification(path, bad)
         return
     if plot:
-        check_output_dir(plot, force)
+        check_output_file(plot, force, "experts.png", option="--plot")
     bundle = Bundle(path)
     click.echo(bundle_summary(bundle, top))
     if plot:

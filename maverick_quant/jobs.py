@@ -126,15 +126,15 @@ def run_export(bundle_dir, out, fmt="gptq", max_shard_size=5 * 10**9, force=Fals
     click.echo(f"exported {fmt}: {len(files)} files -> {out}")
 
 
-def _check_output_file(out: Path, force: bool, example: str, inputs: dict | None = None) -> None:
+def check_output_file(out: Path, force: bool, example: str, inputs: dict | None = None, option: str = "--out") -> None:
     """Refuse an existing output (unless forced), one of the `inputs` ({option: path}), or a
-    directory where one file is written."""
+    directory where one file is written (`option` names the file's option in the message)."""
     from maverick_quant.checkpoint import check_output_apart, check_output_dir
 
     check_output_dir(out, force)
-    check_output_apart(out, inputs or {})
+    check_output_apart(out, inputs or {}, option)
     if Path(out).is_dir():
-        raise InputError(f"{out}: is a directory; this writes one file (e.g. --out {example})")
+        raise InputError(f"{option} {out}: is a directory; this writes one file (e.g. {option} {example})")
 
 
 def run_imatrix(model_dir, out, data, calib, calib_spec, force, progress, chunk_mib, device="auto", resume=False):
@@ -146,7 +146,7 @@ def run_imatrix(model_dir, out, data, calib, calib_spec, force, progress, chunk_
     from maverick_quant.resume import resumable_output_dir, run_identity
     from maverick_quant.streaming import open_source
 
-    _check_output_file(out, force, "model.imatrix.gguf", {"--data": data})
+    check_output_file(out, force, "model.imatrix.gguf", {"--data": data})
     compute = resolve_device(device)
     use_device(compute)
     if calib is None and data is None:
@@ -173,9 +173,9 @@ def run_export_gguf(source_dir, out, gguf_type="Q4_0", requantize=False, pre=Non
     from maverick_quant.exporters.gguf import FLOAT_GGUF_TYPES, BundleWeights, FloatWeights, export_gguf
     from maverick_quant.exporters.gguf_mmproj import MMProjPlan
 
-    _check_output_file(out, force, "model-q4_0.gguf")
+    check_output_file(out, force, "model-q4_0.gguf")
     if mmproj is not None:
-        _check_output_file(mmproj, force, "mmproj-f16.gguf")
+        check_output_file(mmproj, force, "mmproj-f16.gguf")
         if Path(mmproj).resolve() == Path(out).resolve():
             raise InputError(f"--mmproj {mmproj}: the same file as --out")
     manifest = Path(source_dir) / MANIFEST

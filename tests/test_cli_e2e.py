@@ -159,6 +159,20 @@ def test_the_readme_demo_runs_the_whole_job(smollm2_dir: Path, tmp_path: Path) -
     assert code == 2 and "--force" in out
 
 
+def test_outputs_that_name_no_file_of_their_own_are_refused_and_missing_parents_made(tiny_run, tmp_path: Path,
+                                                                                   monkeypatch) -> None:
+    """--out . (or ..) would replace the working folder as a whole: refused up front, where it was
+    a traceback after the work; a --json that is a folder is refused; a missing parent is made."""
+    monkeypatch.chdir(tmp_path)
+    for out in (".", ".."):
+        code, output = _run("quantize", tiny_run["model"], "--method", "rtn", "--out", out, "--force")
+        assert code == 2 and "an output must name a new file or folder" in output, output
+    code, output = _run("plan", tiny_run["model"], "--json", tmp_path, "--force")
+    assert code == 2 and "--json" in output and "is a directory" in output, output
+    code, output = _run("plan", tiny_run["model"], "--json", tmp_path / "new" / "plan.json")
+    assert code == 0 and json.loads((tmp_path / "new" / "plan.json").read_text()), output
+
+
 def test_the_demo_refuses_bad_options_before_making_its_folder(tmp_path: Path) -> None:
     """A refused demo left an empty work folder, which the next demo then refused as existing."""
     for args, message in ((["--samples", 0], "--samples=0"), (["--seq-len", 1], "--seq-len=1"),

@@ -30,6 +30,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
     """Call write(file) on a temporary file next to `path`, then rename it onto `path`, durably
     (checkpoint.durable_replace)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
