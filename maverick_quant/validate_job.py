@@ -100,6 +100,7 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
                    else open_candidate(candidate))
     if gguf:  # a file llama.cpp cannot load is refused here, not after the reference pass
         cand_source.check_loads(ref_source.table.text_config(ref_source.config).vocab_size)
+    source_matches = _check_candidate_source(Path(candidate), ref_source, Path(reference))
     benchmarks = {name: {"file": str(path), "sha256": sha256_file(path)} for name, (path, _) in tasks.items()}
     benchmarks.update(tasks=hellaswag_tasks, pass_mib=choices_pass_mib)
     images, in_file, seen_inputs = _vision_inputs(vision, ref_source, gguf)  # a wrong mmproj or image: before any work
@@ -114,7 +115,7 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
         report = {**result.summary, "protocol": {"name": protocol, "ctx": ctx, "windows": int(windows.shape[0]),
                                                  "first_scored_position": first, "data": str(data)},
                   "reference_model": str(reference), "candidate_model": str(candidate), "tool_version": __version__,
-                  "kernels": kernels, "device": str(compute)}
+                  "kernels": kernels, "device": str(compute), "candidate_source_matches_reference": source_matches}
         report.update(_choice_benchmarks(state, ref_source, cand_source, tokenizer, tasks, kernels=kernels,
                                          progress=progress, device=compute, pass_mib=choices_pass_mib))
         report.update(_expert_summary(cand_source, result.summary.get("experts")))
@@ -125,6 +126,23 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
         _write(report, outcomes, result, work)
     _echo_summary(report, outcomes)
     return all(o.passed for o in outcomes)
+
+
+def _check_candidate_source(candidate: Path, ref_source, reference: Path) -> bool | None:
+    """Whether the model `candidate` records it was quantized from has the reference's
+    fingerprint (None: it records none); a note when not: a candidate of another model of the
+    same shapes validates without error, and its poor agreement would read as a bad quantization."""
+    from maverick_quant.exporters.artifact import recorded_source_fingerprint
+
+    recorded = recorded_source_fingerprint(candidate)
+    if recorded is None:
+        return None
+    matches = recorded == ref_source.checkpoint.fingerprint()
+    if not matches:
+        click.echo(f"note: {candidate} records that it was quantized from another model than {reference} "
+                   f"(source fingerprint {recorded[:12]}..., the reference's {ref_source.checkpoint.fingerprint()[:12]}...): "
+                   "the comparison measures the difference between two models, not a quantization")
+    return matches
 
 
 def _evaluation(state, ref_source, cand_source, windows: torch.Tensor, batch: int, progress: bool, first: int,

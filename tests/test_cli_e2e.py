@@ -173,6 +173,20 @@ def test_outputs_that_name_no_file_of_their_own_are_refused_and_missing_parents_
     assert code == 0 and json.loads((tmp_path / "new" / "plan.json").read_text()), output
 
 
+def test_validate_notes_a_candidate_quantized_from_another_model(tiny_run, tokenizer_dir: Path, tmp_path: Path) -> None:
+    """A candidate of another model with the same shapes used to validate silently; its manifest
+    records the source fingerprint, which is compared with the reference's (noted and reported)."""
+    from conftest import make_tiny_llama
+
+    other = make_tiny_llama(tokenizer_dir, tmp_path / "other", rms_norm_eps=1e-6)  # same shapes, another model
+    common = ["--candidate", tiny_run["gptq"], "--data", tiny_run["text"], "--ctx", 32, "--max-windows", 1, "--no-progress"]
+    for reference, matches in ((tiny_run["model"], True), (other, False)):
+        code, out = _run("validate", "--reference", reference, *common, "--report", tmp_path / f"r-{matches}")
+        assert code == 0 and ("quantized from another model" in out) is not matches, out
+        report = json.loads((tmp_path / f"r-{matches}" / "report.json").read_text())
+        assert report["candidate_source_matches_reference"] is matches
+
+
 def test_the_demo_refuses_bad_options_before_making_its_folder(tmp_path: Path) -> None:
     """A refused demo left an empty work folder, which the next demo then refused as existing."""
     for args, message in ((["--samples", 0], "--samples=0"), (["--seq-len", 1], "--seq-len=1"),

@@ -127,6 +127,19 @@ def write_gguf_sidecars(bundle: Bundle | None, name: str, gguf_path: Path, detai
                        "files": file_records([gguf_path, *extra_files], gguf_path.parent)})
 
 
+def recorded_source_fingerprint(candidate: Path) -> str | None:
+    """The fingerprint of the model a bundle, a directory export or a GGUF (through its sidecar
+    manifest) was quantized from, as its manifest records it; None where nothing records one
+    (a float model, a GGUF from elsewhere, an unreadable manifest)."""
+    candidate = Path(candidate)
+    manifest = gguf_sidecars(candidate)[1] if candidate.is_file() else candidate / "manifest.json"
+    try:
+        source = json.loads(manifest.read_text(encoding="utf-8")).get("source") or {}
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    return source.get("fingerprint") if isinstance(source, dict) else None
+
+
 def gguf_sidecars(gguf_path: Path) -> list[Path]:
     """The model card and manifest written beside a GGUF file (`write_gguf_sidecars`)."""
     gguf_path = Path(gguf_path)
