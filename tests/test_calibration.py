@@ -73,6 +73,15 @@ def test_json_lines_files_read_record_by_record(tiny_llama_dir, tokenizer, tmp_p
     assert chat.input_ids[0].tolist() == [t for ids in rendered for t in ids]
 
 
+def test_plain_text_that_is_not_utf8_is_refused_naming_the_line(tiny_llama_dir, tokenizer, tmp_path: Path) -> None:
+    """Plain text was read with replacement characters: a binary or Latin-1 file calibrated on
+    U+FFFD runs, silently. It is refused naming the file, line and byte."""
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("first line\nsecond line, caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(InputError, match=re.escape("latin1.txt:2: not UTF-8 (byte 0xe9), at file offset 27")):
+        make_calibration(tiny_llama_dir, str(path), CalibSpec(samples=1, seq_len=2), tokenizer)
+
+
 @pytest.mark.parametrize("content, message", [
     (b'{"text": "fine"}\n\xe9t\xe9\n', "bad.jsonl:2: not UTF-8 (byte 0xe9)"),
     (b'{\n  "text": "pretty"\n}\n', "bad.jsonl:1: not valid JSON (Expecting property name enclosed in double quotes); "

@@ -81,16 +81,23 @@ def _check_windows(path: Path, input_ids: torch.Tensor | None, meta: dict) -> No
 JSON_LINES_SUFFIXES = (".jsonl", ".ndjson", ".json")  # JSON Lines, as `Dataset.to_json` writes them
 
 
+def utf8_text(path: Path) -> str:
+    """The UTF-8 text file `path` as it is; InputError naming `path:line` and the byte where it
+    is not UTF-8 (a binary file, or another encoding, was read with replacement characters)."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise InputError(f"{path}:{line}: not UTF-8 (byte {raw[exc.start]:#04x}), at file offset {exc.start}: "
+                         "the file must be UTF-8 text") from None
+
+
 def text_lines(path: Path) -> list[str]:
     """The lines of the UTF-8 text file `path`, split at \\n only (a \\r before it goes too): U+2028,
     U+0085 and the like stay inside their line, as JSON strings may hold them raw. InputError
     naming `path:line` for bytes that are not UTF-8."""
-    lines = []
-    for number, raw in enumerate(Path(path).read_bytes().split(b"\n"), start=1):
-        try:
-            lines.append(raw.decode("utf-8").removesuffix("\r"))
-        except UnicodeDecodeError as exc:
-            raise InputError(f"{path}:{number}: not UTF-8 (byte {raw[exc.start]:#04x}); the file must be UTF-8") from None
+    lines = [line.removesuffix("\r") for line in utf8_text(path).split("\n")]
     if lines and not lines[-1]:  # the newline that ends the last line
         lines.pop()
     return lines
@@ -107,7 +114,7 @@ def read_records(path: Path, tokenizer, chat_template: bool) -> list[str]:
         raise InputError(f"{path}: --chat-template renders the 'messages' of a JSON Lines file "
                          f"({', '.join(JSON_LINES_SUFFIXES)}); this is plain text")
     if not json_lines:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        text = utf8_text(path)
         return [text] if text.strip() else []
     return [_record_text(path, number, line, tokenizer, chat_template)
             for number, line in enumerate(text_lines(path), start=1) if line.strip()]
