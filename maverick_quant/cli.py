@@ -86,16 +86,21 @@ def _calib_spec(samples: int, seq_len: int, seed: int, chat_template: bool, wind
 WINDOW_OPTIONS = ("data", "samples", "seq_len", "seed", "chat_template", "windows")  # what draws calibration windows
 
 
+def _given_options(names: tuple[str, ...]) -> list[str]:
+    """The options among `names` (parameter names) the user gave, on the command line or in the
+    environment, as "--option-name"s (not those left at their defaults)."""
+    context = click.get_current_context()
+    return [f"--{name.replace('_', '-')}" for name in names
+            if context.get_parameter_source(name) in (click.core.ParameterSource.COMMANDLINE,
+                                                       click.core.ParameterSource.ENVIRONMENT)]
+
+
 def _refuse_ignored_with_calib(calib: Path | None) -> None:
     """UsageError when `--calib DIR` comes with options that draw windows (--data, --samples...):
     the directory's windows are used as they were drawn, so those options would be ignored."""
     if calib is None:
         return
-    context = click.get_current_context()
-    given = [f"--{name.replace('_', '-')}" for name in WINDOW_OPTIONS
-             if context.get_parameter_source(name) in (click.core.ParameterSource.COMMANDLINE,
-                                                        click.core.ParameterSource.ENVIRONMENT)]
-    if given:
+    if given := _given_options(WINDOW_OPTIONS):
         raise click.UsageError(f"--calib {calib} holds windows drawn already, so {', '.join(given)} would be ignored: "
                                "drop them, or draw new windows (calibrate, or --data instead of --calib)")
 
@@ -285,12 +290,13 @@ def quantize(model_dir, data, calib, out, method, gguf_grid, bits, group_size, s
               help="Also plan validating the bundle on this many windows (a recipe plans its own validation step).")
 @click.option("--validate-ctx", type=click.IntRange(min=2), default=512, show_default=True, help="Tokens per validation window.")
 @click.option("--validate-batch", type=click.IntRange(min=1), default=4, show_default=True, help="Validation windows per batch.")
-@click.option("--validate-data", type=click.Path(path_type=Path), help="The validation text: the windows are cut from "
+@click.option("--validate-data", type=click.Path(path_type=Path, exists=True, dir_okay=False), help="The validation text: the windows are cut from "
               "it with the model's tokenizer (else --validate-windows are assumed).")
 @click.option("--hellaswag-tasks", type=click.IntRange(min=1), help="With --validate-windows: also plan this many "
               "HellaSwag tasks (the first N of --hellaswag, tokenized; else at the tokens per task measured with "
               "SmolLM2's tokenizer over the whole validation split).")
-@click.option("--hellaswag", type=click.Path(path_type=Path), help="HellaSwag file whose tasks are planned.")
+@click.option("--hellaswag", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="HellaSwag file whose tasks are planned.")
 def plan(target, method, gguf_grid, bits, group_size, sym, signed_scale, clip_search, act_order, damp, keep_float, bits_overrides, samples,
          seq_len, seed,
          chat_template, windows, moe_policy, moe_mix, moe_min_tokens, moe_require_full_rank, moe_fallback, moe_quantize_router, moe_chunk_mib,
@@ -323,7 +329,7 @@ def plan(target, method, gguf_grid, bits, group_size, sym, signed_scale, clip_se
 @cli.command("inspect")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--plot", type=click.Path(path_type=Path), help="Write a PNG heat map of tokens per expert per layer.")
-@click.option("--top", default=5, show_default=True, help="Experts listed as most/least used.")
+@click.option("--top", default=5, show_default=True, type=click.IntRange(min=1), help="Experts listed as most/least used.")
 @click.option("--force", is_flag=True, help="Replace an existing --plot file.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Re-hash every file against the manifest (a bundle of hundreds of GB takes minutes).")
@@ -385,7 +391,8 @@ def _is_export(path: Path) -> bool:
               help="gguf also takes a float model directory (re-quantized by gguf-py, Q4_K by our round-to-nearest: the plain GGUF baseline).")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path),
               help="Output directory (a .gguf file for --format gguf).")
-@click.option("--max-shard-size", default=5 * 10**9, show_default=True, help="Bytes per safetensors shard.")
+@click.option("--max-shard-size", default=5 * 10**9, show_default=True, type=click.IntRange(min=1),
+              help="Bytes per safetensors shard.")
 @click.option("--gguf-type", default="Q4_0", show_default=True, help="llama.cpp block type: Q4_0, Q4_1, Q4_K (Q4_1 where K is not a multiple of 256), Q8_0; or F32/F16 (linears dequantized: the input of llama.cpp's own llama-quantize).")
 @click.option("--requantize", is_flag=True,
               help="GGUF: re-round a bundle whose grid is not the type's (the added error is reported).")
@@ -410,6 +417,10 @@ def export(bundle_dir, fmt, out, max_shard_size, gguf_type, requantize, gguf_pre
                                "checkpoint itself")
     if mmproj_type is not None and mmproj is None:
         raise click.UsageError("--mmproj-type without --mmproj: name the projector file to write")
+    ignored = _given_options(("gguf_type", "requantize", "gguf_pre") if fmt != "gguf" else ("max_shard_size",))
+    if ignored:
+        raise click.UsageError(f"{', '.join(ignored)} would be ignored by --format {fmt} (the GGUF options are for "
+                               "--format gguf; --max-shard-size for the safetensors formats)")
     if report_dir is not None and not (report_dir / "report.json").is_file():
         raise InputError(f"--report {report_dir}: no report.json (expected a directory written by `validate --report`)")
     if fmt == "gguf":
@@ -488,6 +499,8 @@ def validate(reference, candidate, data, report_dir, ctx, max_windows, gates, ba
     same command with --resume goes on from there."""
     from maverick_quant.validate_job import VisionCheck, run_validate
 
+    if hellaswag_tasks is not None and hellaswag is None and choices is None:
+        raise click.UsageError("--hellaswag-tasks limits the tasks of --hellaswag or --choices; give one of them")
     if mmproj is None and (images is not None or vision_images is not None):
         raise click.UsageError("--images / --vision-images without --mmproj: name the projector file whose image "
                                "embeddings are compared")

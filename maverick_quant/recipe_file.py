@@ -136,8 +136,9 @@ class ValidationStep:
         if scored_from(self.protocol, self.ctx) >= self.ctx:
             raise InputError(f"validation.ctx={self.ctx}: with protocol {self.protocol} no token of a window is scored "
                              f"(scoring starts at position {scored_from(self.protocol, self.ctx)})")
-        if self.hellaswag_tasks is not None and self.hellaswag is None:
-            raise InputError("validation.hellaswag_tasks: given without validation.hellaswag, the benchmark file it limits")
+        if self.hellaswag_tasks is not None and self.hellaswag is None and self.choices is None:
+            raise InputError("validation.hellaswag_tasks: given without validation.hellaswag or validation.choices, "
+                             "the benchmark file it limits")
         if self.kernels is not None and "bundle" not in self.candidates:
             raise InputError("validation.kernels: runs the bundle on the 4-bit kernels, and bundle is not among "
                              "validation.candidates")

@@ -187,6 +187,25 @@ def test_validate_notes_a_candidate_quantized_from_another_model(tiny_run, token
         assert report["candidate_source_matches_reference"] is matches
 
 
+def test_options_the_command_would_ignore_or_cannot_use_are_refused(tiny_run, tmp_path: Path) -> None:
+    """GGUF options beside a safetensors format (and the shard size beside gguf), a task limit
+    without a benchmark, a shard size or --top under 1: each used to pass silently."""
+    cases = [
+        (["export", tiny_run["bundle"], "--format", "gptq", "--gguf-type", "Q4_K", "--out", tmp_path / "a"], "--gguf-type"),
+        (["export", tiny_run["bundle"], "--format", "gptq", "--requantize", "--out", tmp_path / "b"], "--requantize"),
+        (["export", tiny_run["bundle"], "--format", "gguf", "--max-shard-size", 10**6, "--out", tmp_path / "c.gguf"],
+         "--max-shard-size would be ignored"),
+        (["export", tiny_run["bundle"], "--format", "gptq", "--max-shard-size", 0, "--out", tmp_path / "d"], "0 is not in"),
+        (["validate", "--reference", tiny_run["model"], "--candidate", tiny_run["bundle"], "--data", tiny_run["text"],
+          "--hellaswag-tasks", 3, "--report", tmp_path / "r"], "--hellaswag-tasks limits"),
+        (["inspect", tiny_run["bundle"], "--top", -3], "-3 is not in"),
+    ]
+    for args, message in cases:
+        code, out = _run(*args)
+        assert code == 2 and message in out, (args, out)
+    assert not [p for p in tmp_path.iterdir()]
+
+
 def test_the_demo_refuses_bad_options_before_making_its_folder(tmp_path: Path) -> None:
     """A refused demo left an empty work folder, which the next demo then refused as existing."""
     for args, message in ((["--samples", 0], "--samples=0"), (["--seq-len", 1], "--seq-len=1"),

@@ -67,7 +67,7 @@ def test_shipped_recipes_load() -> None:
     ({"calibration": {"seed": 2**64}}, "seed=18446744073709551616: expected an integer in [0, 2^63)"),
     ({"exports": [{"format": "gptq", "gguf_type": "Q4_K"}]}, "exports[].gguf_type=Q4_K: only a gguf export has a type"),
     ({"exports": [{"format": "gguf", "gguf_type": "Q4_K", "max_shard_size": 10**9}]}, "a gguf export is written as one file"),
-    ({"validation": {"data": "x", "hellaswag_tasks": 10}}, "validation.hellaswag_tasks: given without validation.hellaswag"),
+    ({"validation": {"data": "x", "hellaswag_tasks": 10}}, "validation.hellaswag_tasks: given without validation.hellaswag or validation.choices"),
     ({"validation": {"data": "x", "kernels": "reference", "candidates": ["model-gptq"]}}, "bundle is not among"),
     ({"exports": 0}, "exports: expected a list"),
     ({"calibration": []}, "calibration: expected a mapping, got list"),
