@@ -70,8 +70,13 @@ def test_killed_validation_resumes_at_its_next_layer_and_reports_as_an_uninterru
 def test_a_gate_on_a_missing_key_keeps_the_finished_evaluation_for_resume(
         tiny_llama4_dir: Path, candidate: Path, small_text_file: Path, tmp_path: Path) -> None:
     report = tmp_path / "report"
-    typo = _invoke(_args(tiny_llama4_dir, candidate, small_text_file, report, "--gate", "kl.maen<=1"))
-    assert typo.exit_code == 2 and "no number 'kl.maen'" in typo.output and "rerun with the gates corrected and --resume" in typo.output
+    early = _invoke(_args(tiny_llama4_dir, candidate, small_text_file, report, "--gate", "kl.maen<=1"))
+    assert early.exit_code == 2 and "will hold no number 'kl.maen'" in early.output, early.output  # before any work
+    assert not state_dir_for(report).exists()
+    # a key inside a section whose contents depend on the run is found only in the report
+    typo = _invoke(_args(tiny_llama4_dir, candidate, small_text_file, report, "--gate", "experts.rel_errr.max<=1"))
+    assert (typo.exit_code == 2 and "no number 'experts.rel_errr.max'" in typo.output
+            and "rerun with the gates corrected and --resume" in typo.output), typo.output
     state = state_dir_for(report)
     assert (state / "evaluation.json").is_file() and not report.exists()
     (state / "layers-00004.safetensors").unlink()  # the evaluation is read back, not recomputed from the layers

@@ -162,6 +162,35 @@ def _baseline_value(gate: Gate, flat_baseline: Mapping[str, float] | None) -> fl
     return _lookup(flat_baseline, gate.key, gate, "baseline report")
 
 
+# Numbers every report holds (RUN_KEYS), and those of a validation on evaluation text (TEXT_KEYS);
+# tests/test_cli_e2e.py checks that a real report's numbers are these.
+RUN_KEYS = frozenset({"seconds", "resources.peak_rss_mib", "resources.peak_gpu_mib"})
+TEXT_KEYS = frozenset({"ppl_ratio", "top1_agreement", "tokens", "candidate.nll", "candidate.ppl", "reference.nll",
+                       "reference.ppl", "kl.mean", "kl.median", "kl.p90", "kl.p99", "kl.max", "protocol.ctx",
+                       "protocol.windows", "protocol.first_scored_position"})
+# Sections whose keys depend on the run (tasks, experts, images), with the option that makes the
+# section (None: the model or candidate decides, e.g. experts and routing for an MoE model).
+SECTIONS = MappingProxyType({"hellaswag": "--hellaswag", "choices": "--choices", "experts": None, "routing": None,
+                             "vision": None})
+
+
+def check_gate_keys(gates: Sequence[Gate], sections: set[str], text: bool) -> None:
+    """Before any work: InputError for a gate whose key the report will not hold (a misspelt
+    metric used to be found after the whole evaluation). `sections`: the optional sections the
+    run's options make ("hellaswag", "choices"); `text`: whether it evaluates text (--data).
+    Keys inside a section whose contents depend on the run are taken as given."""
+    known = RUN_KEYS | (TEXT_KEYS if text else frozenset())
+    for gate in gates:
+        section = gate.key.split(".", 1)[0]
+        if section in SECTIONS:
+            if SECTIONS[section] is not None and section not in sections:
+                raise InputError(f"gate {gate.text!r}: the report has {section} numbers only with {SECTIONS[section]}")
+        elif gate.key not in known:
+            sections_text = ", ".join(f"{name}.*" for name in SECTIONS)
+            raise InputError(f"gate {gate.text!r}: the report will hold no number {gate.key!r}; expected one of "
+                             f"{', '.join(sorted(known))} (or {sections_text})")
+
+
 def check_baseline(gates: Sequence[Gate], baseline: Mapping | None) -> None:
     """Before any work: InputError for a gate that needs a baseline report that was not given,
     or a key that report lacks (found at the start, not after hours of evaluation)."""
