@@ -327,7 +327,7 @@ def plan(target, method, gguf_grid, bits, group_size, sym, signed_scale, clip_se
 
 
 @cli.command("inspect")
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", type=click.Path(path_type=Path, exists=True))
 @click.option("--plot", type=click.Path(path_type=Path), help="Write a PNG heat map of tokens per expert per layer.")
 @click.option("--top", default=5, show_default=True, type=click.IntRange(min=1), help="Experts listed as most/least used.")
 @click.option("--force", is_flag=True, help="Replace an existing --plot file.")

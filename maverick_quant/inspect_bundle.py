@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from maverick_quant.bundle import Bundle
+from maverick_quant.errors import InputError
 
 
 def bundle_summary(bundle: Bundle, top: int = 5) -> str:
@@ -94,6 +95,12 @@ def artifact_summary(path: Path, verify: bool = True) -> tuple[str, list[str] | 
     from maverick_quant.exporters.artifact import verify_manifest
 
     path, bad = Path(path), None
+    if path.is_file():
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+        if magic != b"GGUF":
+            raise InputError(f"{path}: not a GGUF file (it starts with {magic!r}, a GGUF with b'GGUF'); inspect reads "
+                             "bundles, export directories and GGUF files")
     try:  # verified first: a damaged file is reported as such, not as a parser's traceback
         if path.is_file():
             manifest = gguf_manifest(path)

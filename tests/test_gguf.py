@@ -189,6 +189,11 @@ def test_inspect_reports_a_truncated_gguf_instead_of_a_traceback(tiny_q4_0, tmp_
     assert code == 1 and f"{copy}: cannot be read" in out and "hash or size mismatch" in out and copy.name in out, out
     code, out = _run("inspect", copy, "--no-verify")  # unreadable fails even unhashed
     assert code == 1 and f"{copy.name} (unreadable)" in out, out
+    (tmp_path / "random.gguf").write_bytes(bytes(range(256)) * 4)  # not a GGUF at all: bad input, not a mismatch
+    code, out = _run("inspect", tmp_path / "random.gguf")
+    assert code == 2 and "not a GGUF file (it starts with b'\\x00\\x01\\x02\\x03'" in out, out
+    code, out = _run("inspect", tmp_path / "missing")
+    assert code == 2 and "does not exist" in out, out
 
 
 def test_a_float_model_exports_as_gguf_pys_own_round_to_nearest(tiny_llama_dir: Path, tmp_path: Path) -> None:
