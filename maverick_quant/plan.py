@@ -386,11 +386,13 @@ def baseline_rss_bytes(table, config) -> int:
 
 def tensor_bytes(model_dir: Path | None, table, config) -> tuple[dict[str, int], str]:
     """Bytes of every tensor (from the shard headers, or from config.json's shapes at bf16
-    when the directory has no shards) and where the figures came from."""
-    from maverick_quant.checkpoint import Checkpoint
+    when the directory has no shards) and where the figures came from. Shards are checked
+    against config.json as `quantize` checks them (`open_source`: names, shapes, dtypes), so a
+    plan is never made of a checkpoint that quantize would refuse."""
+    from maverick_quant.streaming import open_source
 
     if model_dir is not None and any(Path(model_dir).glob("*.safetensors")):
-        checkpoint = Checkpoint(model_dir)
+        checkpoint = open_source(model_dir).checkpoint
         return {name: math.prod(info.shape) * DTYPE_SIZES[info.dtype] for name, info in checkpoint.tensors.items()}, "headers"
     sizes = {name: 2 * math.prod(shape) for name, shape in table.expected_tensors(config).items()}
     vision = getattr(config, "vision_config", None)

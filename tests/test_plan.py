@@ -38,6 +38,21 @@ def test_plan_of_a_missing_model_names_it(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "nowhere" in result.output
 
 
+def test_plan_refuses_a_checkpoint_its_config_does_not_describe(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """The plan reads the shard headers: a config.json that disagrees with them (more layers, a
+    wider hidden size) is refused as quantize refuses it, not planned (or a KeyError)."""
+    import shutil
+
+    for key, value, message in (("num_hidden_layers", 5, "missing tensor 'model.layers.3."),
+                                ("hidden_size", 128, "config.json implies")):
+        model = tmp_path / key
+        shutil.copytree(tiny_llama_dir, model)
+        config = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**config, key: value}))
+        result = CliRunner().invoke(cli, ["plan", str(model)])
+        assert result.exit_code == 2 and message in result.output, result.output
+
+
 def test_plan_json_never_replaces_a_file_without_force(tmp_path: Path) -> None:
     (tmp_path / "plan.json").write_text("mine")
     command = ["plan", "maverick", "--samples", "8", "--seq-len", "64", "--json", str(tmp_path / "plan.json")]
