@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Protocol
 
 import torch
 
 from maverick_quant.arch.base import ArchTable
 from maverick_quant.checkpoint import Checkpoint
+from maverick_quant.errors import InputError
 
 
 class StopForward(Exception):
@@ -289,6 +291,21 @@ class StreamingModel:
         return self.logits(hidden)
 
 
+def _refuse_our_artifact(model_dir: Path) -> None:
+    """InputError when `model_dir` is a bundle or an export of ours (its manifest.json names its
+    format), given where the original float model is expected: its tensors would be listed as
+    missing one by one."""
+    import json
+
+    try:
+        found = json.loads((model_dir / "manifest.json").read_text(encoding="utf-8")).get("format")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(found, str) and found:
+        raise InputError(f"{model_dir}: a maverick-quant {found} (its manifest.json says so), not the original float "
+                         "model this option reads")
+
+
 def open_source(model_dir) -> CheckpointSource:
     """Open a model directory, check the whole index against its architecture table, and wrap it.
 
@@ -297,6 +314,7 @@ def open_source(model_dir) -> CheckpointSource:
     """
     from maverick_quant.arch.registry import table_for
 
+    _refuse_our_artifact(Path(model_dir))
     checkpoint = Checkpoint(model_dir)
     config = checkpoint.load_config()
     table = table_for(config, str(checkpoint.model_dir / "config.json"))

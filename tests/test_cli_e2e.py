@@ -222,6 +222,14 @@ def test_options_the_command_would_ignore_or_cannot_use_are_refused(tiny_run, tm
     assert not [p for p in tmp_path.iterdir()]
 
 
+def test_a_bundle_or_export_given_as_the_float_model_is_named_as_such(tiny_run) -> None:
+    """--reference (or MODEL_DIR) a bundle listed its tensors as missing one by one."""
+    for artifact, kind in ((tiny_run["bundle"], "maverick-quant-bundle"), (tiny_run["gptq"], "gptq")):
+        code, out = _run("validate", "--reference", artifact, "--candidate", tiny_run["bundle"], "--data",
+                         tiny_run["text"], "--report", tiny_run["root"] / "never")
+        assert code == 2 and f"a maverick-quant {kind} (its manifest.json says so)" in out, out
+
+
 def test_the_demo_refuses_bad_options_before_making_its_folder(tmp_path: Path) -> None:
     """A refused demo left an empty work folder, which the next demo then refused as existing."""
     for args, message in ((["--samples", 0], "--samples=0"), (["--seq-len", 1], "--seq-len=1"),

@@ -247,8 +247,8 @@ def load_calibration_for(calib_dir: Path, model_dir: Path, vocab_size: int) -> C
         return calibration
     try:
         tokenizer = load_tokenizer(model_dir)
-    except InputError:
-        click.echo(f"note: {model_dir} has no tokenizer to compare --calib {calib_dir} with: not checked")
+    except InputError as exc:
+        click.echo(f"note: --calib {calib_dir} not checked against the model's tokenizer: {exc}")
         return calibration
     if tokenizer_fingerprint(tokenizer) != recorded:
         raise InputError(f"--calib {calib_dir}: its windows were tokenized by another tokenizer "

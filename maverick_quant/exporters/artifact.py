@@ -120,11 +120,13 @@ def write_gguf_sidecars(bundle: Bundle | None, name: str, gguf_path: Path, detai
     `extra_files` (an mmproj GGUF) are hashed into the same manifest."""
     gguf_path = Path(gguf_path)
     card, manifest = gguf_sidecars(gguf_path)
-    write_text_atomic(card, model_card(bundle, "gguf", detail, name, report_dir))
     source = bundle.manifest["source"] if bundle is not None else {"model_dir": name}
+    # the manifest first: an interrupt between the two leaves a verifiable GGUF without its card,
+    # never a card beside a GGUF that nothing verifies
     write_json_atomic(manifest,
                       {"format": "gguf", "detail": detail, "tool_version": __version__, "source": source,
                        "files": file_records([gguf_path, *extra_files], gguf_path.parent)})
+    write_text_atomic(card, model_card(bundle, "gguf", detail, name, report_dir))
 
 
 def recorded_source_fingerprint(candidate: Path) -> str | None:
