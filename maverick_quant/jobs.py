@@ -70,7 +70,36 @@ def run_quantize(model_dir, out, spec, data, calib, calib_spec, force, progress,
         click.echo(f"note: {deficient} experts were solved on routed Hessians from fewer tokens than a projection's "
                    "input width (audit.json: rank_deficient); --moe-require-full-rank or --moe-policy mixed "
                    "avoids it (docs/moe.md)")
+    if problems := kernel_problems(manifest):
+        click.echo(f"note: the 4-bit kernels (generate, validate --kernels) cannot run {len(problems)} linears of this "
+                   f"bundle, e.g. {problems[0]}; validate without --kernels reads it (docs/kernels.md)")
     return summary
+
+
+def kernel_problems(manifest: dict) -> list[str]:
+    """Why the 4-bit kernels cannot run each quantized linear of a bundle `manifest` that they
+    cannot (its grid: 4 bits, a group of 32/64/128 dividing K; none of llama.cpp's offset grids).
+    A linear a bits override put on another width runs as a float linear, so it is no problem."""
+    from maverick_quant.compress.kernels.layout import check_kernel_grid
+    from maverick_quant.recipe import offset_grid_name
+
+    problems = []
+    for layer in manifest["layers"]:
+        shapes = {name: info["shape"] for name, info in layer["quantized"].items()}
+        for chunk in layer.get("experts", {}).get("chunks", [])[:1]:  # the experts share one grid
+            shapes.update({f"experts.{name}": shape for name, shape in chunk["shapes"].items()})
+        for name, shape in shapes.items():
+            override = layer["quantized"].get(name, {}).get("weights", {})
+            if "bits" in override:  # another width than the bundle's runs as a plain float linear
+                continue
+            grid = {**manifest["recipe"]["weights"], **override}
+            try:
+                if offset_grid_name(grid):
+                    raise ValueError(f"{layer['prefix']}{name}: llama.cpp's {offset_grid_name(grid)} offset grid")
+                check_kernel_grid(grid["bits"], grid["group_size"], shape[-1], layer["prefix"] + name)
+            except ValueError as exc:
+                problems.append(str(exc))
+    return problems
 
 
 def _calibration(source, model_dir, data, calib, calib_spec):

@@ -214,6 +214,16 @@ def test_a_tied_bundle_holds_one_embedding_and_generation_stops_at_the_saved_eos
     assert out.shape[1] == prompt.shape[1] + 1 and int(out[0, -1]) == first
 
 
+def test_quantize_says_when_the_kernels_cannot_run_its_bundle(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """Group 64 does not divide the tiny Llama's K = 96 or 160: quantize says generate and validate
+    --kernels will refuse it (they did, with no word from quantize); group 32 runs."""
+    for group, refused in ((64, True), (32, False)):
+        output = run("quantize", tiny_llama_dir, "--method", "rtn", "--group-size", group, "--out", tmp_path / str(group),
+                     "--no-progress")
+        assert ("the 4-bit kernels (generate, validate --kernels) cannot run" in output) is refused, output
+        assert ("is not a multiple of the group size 64" in output) is refused, output
+
+
 def test_generate_refuses_an_empty_prompt_without_a_traceback(dense_bundle: Path) -> None:
     result = CliRunner().invoke(cli, ["generate", str(dense_bundle), "--prompt", "", "--kernels", "reference"])
     assert result.exit_code == 2 and "--prompt: empty" in result.output, result.output
