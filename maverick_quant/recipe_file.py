@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import os
 import types
 import typing
 from dataclasses import dataclass
@@ -401,8 +402,9 @@ def _lock(data: Any) -> dict | None:
 
 
 def _resolve(path: str, base: Path) -> Path:
+    """`path` (~ expanded) made absolute against `base` and normalised (no `..` left in the lock)."""
     candidate = Path(path).expanduser()
-    return candidate if candidate.is_absolute() else (base / candidate)
+    return Path(os.path.normpath(candidate if candidate.is_absolute() else base / candidate))
 
 
 def load_recipe(path: Path) -> Recipe:
@@ -417,6 +419,6 @@ def load_recipe(path: Path) -> Recipe:
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     try:
-        return parse_recipe(data, path.resolve().parent)
+        return parse_recipe(data, path.absolute().parent)  # relative to the recipe as named (a link's folder)
     except InputError as exc:
         raise InputError(f"{path}: {exc}") from None

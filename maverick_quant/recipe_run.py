@@ -285,7 +285,7 @@ def _write_lock(recipe, device: str, recipe_path: Path, source, calibration, pat
 
     provenance = {"model_fingerprint": source.checkpoint.fingerprint(), "device": device, **_calibration_hashes(calibration),
                   "validation_sha256": _validation_hashes(recipe),
-                  "recipe_file": {"path": str(recipe_path), "sha256": sha256_file(recipe_path)},
+                  "recipe_file": {"path": str(recipe_path.absolute()), "sha256": sha256_file(recipe_path)},
                   "versions": {"python": platform.python_version(), "maverick-quant": __version__,
                                **{p: version(p) for p in ("torch", "transformers", "safetensors", "gguf",
                                                           "compressed-tensors", "numpy", "triton")}}}
