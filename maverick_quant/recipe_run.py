@@ -120,7 +120,10 @@ def _keep_finished_bundle(bundle_dir: Path, source, spec, calibration, force: bo
 
     if not (bundle_dir / MANIFEST).is_file():
         return False
-    recorded = json.loads((bundle_dir / MANIFEST).read_text()).get("run_identity") or {}
+    try:
+        recorded = json.loads((bundle_dir / MANIFEST).read_text(encoding="utf-8")).get("run_identity") or {}
+    except (UnicodeDecodeError, ValueError, AttributeError) as exc:
+        raise InputError(f"{bundle_dir / MANIFEST}: damaged ({exc}); pass --force to make the bundle again") from None
     current = run_identity(source.checkpoint.fingerprint(), spec.to_dict(),
                            None if calibration is None else calibration.input_ids)
     changes = identity_changes(recorded, current) if recorded else ["no run identity recorded"]
