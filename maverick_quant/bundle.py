@@ -142,25 +142,36 @@ class BundleWriter:
                 for name, shape in record["shapes"].items()}
 
     def completed_layers(self) -> set[int]:
-        """Indices of layers whose tensors and stats are both on disk. InputError when a finished
-        layer's file (or one of its expert chunks) no longer has the sha256 recorded when it was
-        written: damaged since, and a resumed run cannot redo it (the hidden states entering it
-        are gone), so it must start over rather than finish a bundle around it."""
-        done, damaged = set(), []
+        """Indices of layers whose tensors and stats are both on disk, each checked as a resumed
+        run goes on from them: every finished file (layer and expert chunks) is a whole
+        safetensors file (its header read: a truncated one is caught), and the last finished
+        layer's files still have the sha256 recorded when they were written (all of them would
+        be hashing the whole bundle, 200 GB on Maverick, at every resume). InputError otherwise,
+        keeping the work: a finished layer cannot be redone (the hidden states entering it are
+        gone), so the file must be restored, or the run started over with --force."""
+        records = {}
         for stats in sorted((self.root / "layers").glob("layer-*.json")):
-            if not stats.with_suffix(".safetensors").is_file():
-                continue
-            record = json.loads(stats.read_text())
-            for part in [record, *record.get("experts", {}).get("chunks", [])]:
-                path = self.root / part["file"]
-                if not path.is_file() or sha256_file(path) != part["sha256"]:
-                    damaged.append(part["file"])
-            done.add(int(stats.stem.split("-")[1]))
+            if stats.with_suffix(".safetensors").is_file():
+                records[int(stats.stem.split("-")[1])] = json.loads(stats.read_text())
+        parts = {index: [record, *record.get("experts", {}).get("chunks", [])] for index, record in records.items()}
+        damaged = [part["file"] for index in parts for part in parts[index] if not self._whole_file(part["file"])]
+        if records and not damaged:
+            last = max(records)
+            damaged = [part["file"] for part in parts[last] if sha256_file(self.root / part["file"]) != part["sha256"]]
         if damaged:
             raise InputError(f"{self.root}: finished layer files changed since they were written ({', '.join(damaged[:3])}"
-                             f"{'...' if len(damaged) > 3 else ''}: missing or another sha256); the run cannot go on "
-                             "from them: pass --force to start over")
-        return done
+                             f"{'...' if len(damaged) > 3 else ''}: missing, cut short or another sha256); a finished "
+                             "layer cannot be redone: restore the file, or pass --force to start over", keep_work=True)
+        return set(records)
+
+    def _whole_file(self, name: str) -> bool:
+        """Whether the safetensors file `name` (under the root) is there and whole (its header
+        read and its data section ending at the end of the file)."""
+        try:
+            read_safetensors_header(self.root / name)
+        except (OSError, InputError):
+            return False
+        return True
 
     def write_passthrough(self, tensors: dict[str, torch.Tensor]) -> None:
         save_safetensors_atomic(tensors, self.root / PASSTHROUGH)

@@ -323,12 +323,12 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
     return digest.hexdigest()
 
 
-def check_output_dir(out: Path, force: bool) -> None:
-    """Refuse to overwrite an existing output unless forced, and an output path that names no
-    file or folder of its own ("", ".", ".."): it is replaced as a whole when the work ends.
-    Checked before any work starts."""
+def check_output_dir(out: Path, force: bool, replaced_whole: bool = True) -> None:
+    """Refuse to overwrite an existing output unless forced, and, for an output `replaced_whole`
+    when the work ends (all but `run`'s folder, whose steps are replaced inside it), a path that
+    names no file or folder of its own ("", ".", ".."). Checked before any work starts."""
     out = Path(out)
-    if out.name in ("", ".", ".."):
+    if replaced_whole and out.name in ("", ".", ".."):
         raise InputError(f"{str(out) or repr('')}: an output must name a new file or folder (it is replaced as a "
                          "whole), not the working folder or one above it")
     if out.exists() and not force:
@@ -442,7 +442,14 @@ def durable_replace(tmp: Path, path: Path) -> None:
 
 @functools.cache
 def _umask() -> int:
-    """The process's umask, read once (os.umask can only be read by setting it, briefly)."""
+    """The process's umask, read once: from /proc/self/status on Linux, else by setting it and
+    back (which, for that instant, would give a file another thread creates the wrong mode)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -493,6 +500,16 @@ def is_temporary(path: Path) -> bool:
     """Whether `path` is an atomic write's temporary file (`temporary_name`), which a killed
     write leaves behind and no finished output may list."""
     return path.name.startswith(".") and path.name.endswith(".tmp")
+
+
+def read_json_object(path: Path) -> dict | None:
+    """The JSON object in `path`, or None when the file is missing, unreadable, not JSON or not
+    an object (for files only consulted, such as a folder's manifest.json)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def write_text_atomic(path: Path, text: str) -> None:

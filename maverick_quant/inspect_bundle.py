@@ -34,8 +34,9 @@ def bundle_summary(bundle: Bundle, top: int = 5) -> str:
     if by_tokens:
         lines.append("most used:  " + ", ".join(describe(r) for r in by_tokens[::-1][:top]))
         lines.append("least used: " + ", ".join(describe(r) for r in by_tokens[:top]))
-    fallbacks = [(r, key) for r in audit for key in ("reason", "awq_reason") if "fallback" in (r.get(key) or "")]
-    lines.append(f"fallbacks: {len(fallbacks)}" + "".join(_fallback_line(r, key) for r, key in fallbacks))
+    fallbacks = [r for r in audit if _fallback_stages(r)]
+    lines.append(f"fallbacks: {len(fallbacks)}" + "".join(f"\n  L{r['layer']}/E{r['expert']}: {'; '.join(_fallback_stages(r))}"
+                                                         for r in fallbacks))
     deficient = [r for r in audit if r.get("rank_deficient")]
     if deficient:
         lines.append(f"rank-deficient routed Hessians: {len(deficient)} experts had fewer routed tokens than a "
@@ -46,11 +47,13 @@ def bundle_summary(bundle: Bundle, top: int = 5) -> str:
     return "\n".join(lines)
 
 
-def _fallback_line(record: dict, key: str) -> str:
-    """One expert's fallback: GPTQ's rounding policy (`reason`), or AWQ's scale search's
-    (`awq_reason`: under AWQ every expert then rounds to nearest, so `reason` says no fallback)."""
-    policy, stage = (record["policy"], "") if key == "reason" else (record.get("awq_policy"), "AWQ scales: ")
-    return f"\n  L{record['layer']}/E{record['expert']}: {stage}{policy} ({record[key]})"
+def _fallback_stages(record: dict) -> list[str]:
+    """What fell back for one expert: GPTQ's rounding policy (`reason`), AWQ's scale search
+    (`awq_reason`: under AWQ every expert then rounds, so `reason` says no fallback), or both."""
+    stages = [f"{record['policy']} ({record['reason']})"] if "fallback" in record["reason"] else []
+    if "fallback" in (record.get("awq_reason") or ""):
+        stages.append(f"AWQ scales: {record.get('awq_policy')} ({record['awq_reason']})")
+    return stages
 
 
 def _override_lines(bundle: Bundle) -> list[str]:

@@ -265,15 +265,14 @@ def run_generate(bundle_dir: Path, prompt: str, max_new_tokens: int, kernels: st
 
     from maverick_quant.bundle import Bundle
     from maverick_quant.calibration.data import load_tokenizer
-    from maverick_quant.compress.kernels.backends import get_backend
     from maverick_quant.devices import check_kernels_device, resolve_device, use_device
-    from maverick_quant.runtime import load_quantized_model
+    from maverick_quant.runtime import backend_named, load_quantized_model
 
     bundle = Bundle(bundle_dir)
     compute = resolve_device(device)
     check_kernels_device(kernels, compute)
     use_device(compute)
-    backend = get_backend(kernels, compute)
+    backend = backend_named(kernels, compute)
     # bf16 activations, except for the reference, and for Triton's CPU interpreter, which multiplies bf16 bit
     # patterns in tl.dot (triton-lang/triton#11584) and so would generate garbage
     dtype = torch.bfloat16 if backend.name != "reference" and not (backend.name == "triton" and compute.type != "cuda") \

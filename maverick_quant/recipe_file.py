@@ -132,11 +132,9 @@ class ValidationStep:
         for key in ("ctx", "max_windows", "batch", "choices_pass_mib", "hellaswag_tasks"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise InputError(f"validation.{key}={getattr(self, key)}: expected a positive integer")
-        from maverick_quant.calibration.data import scored_from
+        from maverick_quant.calibration.data import check_scored
 
-        if scored_from(self.protocol, self.ctx) >= self.ctx:
-            raise InputError(f"validation.ctx={self.ctx}: with protocol {self.protocol} no token of a window is scored "
-                             f"(scoring starts at position {scored_from(self.protocol, self.ctx)})")
+        check_scored(self.protocol, self.ctx, "validation.ctx")
         if self.hellaswag_tasks is not None and self.hellaswag is None and self.choices is None:
             raise InputError("validation.hellaswag_tasks: given without validation.hellaswag or validation.choices, "
                              "the benchmark file it limits")

@@ -37,7 +37,7 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
     if Path(out).exists() and not Path(out).is_dir():
         raise InputError(f"--out {out}: a file; a run writes a directory")
     if not resume:
-        check_output_dir(out, force)
+        check_output_dir(out, force, replaced_whole=False)  # only the steps' outputs inside it are replaced
     device = str(resolve_device(device or recipe.device, "--device" if device else "quantize.device"))
     model_dir, out = _recipe_model_dir(recipe.model), Path(out)
     if out.resolve() == model_dir.resolve():
@@ -58,7 +58,7 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
         step("calibrate: not needed for rtn")
     keep_bundle = resume and _keep_finished_bundle(out / "bundle", source, recipe.quantize, calibration, force)
     out.mkdir(parents=True, exist_ok=True)  # only now: bad input leaves no directory behind
-    _start_over_the_lock(recipe, out)
+    _start_over_the_lock(recipe, Path(recipe_path), out)
     step(f"quantize: {recipe.quantize.method.value}, {recipe.quantize.weights.bits} bits, group {recipe.quantize.weights.group_size}")
     if keep_bundle:
         click.echo(f"  {out / 'bundle'} was finished earlier with this recipe and model: kept")
@@ -99,11 +99,14 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
     return passed
 
 
-def _start_over_the_lock(recipe, out: Path) -> None:
+def _start_over_the_lock(recipe, recipe_path: Path, out: Path) -> None:
     """Remove the lock file of an earlier run in `out` (this run writes its own when it ends: a
     run that fails midway must not leave a lock describing another recipe beside its outputs),
-    and name what `out` holds that this recipe does not make (kept, from an earlier run)."""
-    (out / "recipe.lock.yaml").unlink(missing_ok=True)
+    unless it is the recipe being run, and name what `out` holds that this recipe does not make
+    (kept, from an earlier run)."""
+    lock = out / "recipe.lock.yaml"
+    if lock.exists() and lock.resolve() != Path(recipe_path).resolve():
+        lock.unlink()
     made = {path.name for path in recipe_outputs(recipe, out)} | {"recipe.lock.yaml"}
     foreign = sorted(entry.name for entry in out.iterdir() if entry.name not in made and not entry.name.startswith("."))
     if foreign:

@@ -98,22 +98,23 @@ def _routed_experts(bundle, index: int) -> dict[str, Int4Weight]:
 def _stacked_expert_weight(bundle, index: int, names: tuple[str, ...], prefix: str) -> Int4Weight:
     """The routed-expert linears `names` of layer `index`, concatenated along N, as one stacked
     Int4Weight [E, sum N, K/2]. The bundle stores 4-bit codes in the runtime layout, so each
-    chunk's stored tensors are copied straight into the result: host memory holds the result and
-    one chunk's tensor (Maverick: ~8 GB for a layer, where unpacking to a byte per code, stacking
-    and packing again held about 30). Zero points all 8 make the weight symmetric (no zeros)."""
-    moe = bundle.table.plan(bundle.text_config, index).moe
-    parts = {name: list(bundle.stored_expert_linear(index, name)) for name in names}
-    widths = [parts[name][0][1][1] for name in names]  # N of each linear (shapes [count, N, K])
-    in_features, grid = parts[names[0]][0][1][2], bundle.quant
+    chunk's stored tensors are copied straight into the result, one chunk at a time (Maverick:
+    ~8 GB for a layer, where unpacking to a byte per code, stacking and packing again held
+    about 30). Zero points all 8 make the weight symmetric (no zeros)."""
+    moe, grid = bundle.table.plan(bundle.text_config, index).moe, bundle.quant
+    chunks = bundle.manifest["layers"][index]["experts"]["chunks"]
+    widths = [chunks[0]["shapes"][name][1] for name in names]  # shapes [count, N, K]
+    in_features = chunks[0]["shapes"][names[0]][2]
+    for name in names:  # before anything is allocated or read
+        check_kernel_grid(grid["bits"], grid["group_size"], in_features, prefix + name)
     groups = in_features // grid["group_size"]
     packed = torch.empty(moe.num_experts, sum(widths), in_features // 2, dtype=torch.uint8)
     scales = torch.empty(moe.num_experts, sum(widths), groups, dtype=torch.float16)
     zeros = torch.empty(moe.num_experts, sum(widths), groups, dtype=torch.uint8)
     row = 0
     for name, width in zip(names, widths):
-        check_kernel_grid(grid["bits"], grid["group_size"], in_features, prefix + name)
         filled = 0
-        for first, shape, stored in parts[name]:
+        for first, shape, stored in bundle.stored_expert_linear(index, name):
             if "super_scales" in stored:
                 raise ValueError(f"{prefix}{name}: the 4-bit kernel layout stores (code - zero) x scale grids; this "
                                  "bundle's experts are on a llama.cpp offset grid (free fp16 offsets), which only GGUF stores")
@@ -162,6 +163,15 @@ def quantized_layer(bundle, index: int, backend: Backend, dtype: torch.dtype = t
     return module.eval()
 
 
+def backend_named(name: str, device: torch.device | str) -> Backend:
+    """`get_backend(name, device)`, its refusal (an unknown name, a backend that cannot run on
+    `device` or on this machine) as InputError naming it."""
+    try:
+        return get_backend(name, device)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+
+
 def _require_bundle(source) -> None:
     from maverick_quant.bundle import Bundle
 
@@ -180,7 +190,7 @@ class KernelModel(StreamingModel):
                  layout: SequenceLayout | None = None, device: torch.device | str = "cpu"):
         _require_bundle(bundle)
         super().__init__(bundle, dtype=dtype, batch=batch, layout=layout, device=device)
-        self.backend = get_backend(backend, self.device) if isinstance(backend, str) else backend
+        self.backend = backend_named(backend, self.device) if isinstance(backend, str) else backend
 
     def layer(self, index: int, tensors: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
         return quantized_layer(self.source, index, self.backend, self.dtype, self.device)
@@ -207,7 +217,7 @@ def load_quantized_model(bundle, backend: Backend | str = "auto", dtype: torch.d
     from transformers import AutoModelForCausalLM
 
     _require_bundle(bundle)
-    backend = get_backend(backend, device) if isinstance(backend, str) else backend
+    backend = backend_named(backend, device) if isinstance(backend, str) else backend
     config = bundle.text_config
     config._attn_implementation = "sdpa"
     with torch.device("meta"):

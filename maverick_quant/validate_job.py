@@ -50,17 +50,16 @@ def read_validation_inputs(reference, data, ctx, max_windows, protocol, gates, b
     windows (none when `data` is None) and the benchmark tasks: InputError on any before the
     evaluation starts (a recipe calls this before it quantizes, as its validation comes hours
     later)."""
-    from maverick_quant.calibration.data import eval_windows, load_tokenizer, scored_from
+    from maverick_quant.calibration.data import check_scored, eval_windows, load_tokenizer, scored_from
     from maverick_quant.devices import check_kernels_device
     from maverick_quant.validation.gates import check_baseline, check_gate_keys, parse_gate
 
     check_kernels_device(kernels, compute)
-    if data is not None and scored_from(protocol, ctx) >= ctx:
-        raise InputError(f"--ctx {ctx} with --protocol {protocol}: no token of a window is scored "
-                         f"(the protocol scores positions {scored_from(protocol, ctx)}..{ctx - 1}); use a longer --ctx")
+    if data is not None:
+        check_scored(protocol, ctx)
     parsed = [parse_gate(text) for text in gates]
     check_gate_keys(parsed, {name for name, path in (("hellaswag", hellaswag), ("choices", choices)) if path},
-                    text=data is not None)
+                    text=data is not None, gpu=compute.type == "cuda")
     baseline_report = _read_baseline(baseline) if baseline else None
     check_baseline(parsed, baseline_report)
     tokenizer = load_tokenizer(reference)

@@ -73,8 +73,10 @@ def test_awq_and_awq_gptq_from_the_cli(tiny_llama_dir: Path, tiny_llama4_dir: Pa
         assert {r["policy"] for r in audit} == ({"rtn"} if method == "awq" else {"routed", "mixed"})
         code, out = _run("inspect", tmp_path / f"moe-{method}", "--no-verify")
         starved = [r for r in audit if r["awq_reason"].startswith("fallback")]
-        assert code == 0 and f"fallbacks: {len(starved) + sum('fallback' in r['reason'] for r in audit)}" in out, out
-        assert f"L{starved[0]['layer']}/E{starved[0]['expert']}: AWQ scales: mixed" in out, out
+        experts = {(r["layer"], r["expert"]) for r in audit if "fallback" in r["awq_reason"] or "fallback" in r["reason"]}
+        assert code == 0 and f"fallbacks: {len(experts)}\n" in out, out  # an expert counted once, whatever fell back
+        line = next(l for l in out.splitlines() if l.strip().startswith(f"L{starved[0]['layer']}/E{starved[0]['expert']}:"))
+        assert "AWQ scales: mixed (fallback" in line, out
 
 
 def test_moe_block_scales_keep_routing_and_the_float_block(tiny_llama4_dir: Path) -> None:

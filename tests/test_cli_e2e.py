@@ -109,7 +109,9 @@ def test_published_files_get_the_mode_a_plain_open_gives(tiny_run, tmp_path: Pat
 
 def test_every_number_a_report_holds_is_a_gate_key_known_before_the_run(tiny_run, tmp_path: Path) -> None:
     """Gates are checked against the report's keys before any work (gates.check_gate_keys): each
-    number a real report holds must pass that check, and a misspelt one is refused up front."""
+    number a real report of a dense bundle holds must pass that check (a GGUF candidate's and a
+    kernel-backed one's hold the same; an MoE's adds experts.* and routing.*, taken as given),
+    and a misspelt one is refused up front."""
     from maverick_quant.validation.gates import check_gate_keys, flatten, parse_gate
 
     code, out = _run("validate", "--reference", tiny_run["model"], "--candidate", tiny_run["bundle"], "--data",

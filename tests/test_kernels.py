@@ -18,7 +18,7 @@ from maverick_quant.compress import pack
 from maverick_quant.compress.kernels.backends import (Backend, CpuInt4Backend, cpu_int4_available, dequantize,
                                                       get_backend)
 from maverick_quant.compress.kernels.layout import Int4Weight, concat_outputs, to_export_tensors
-from maverick_quant.runtime import KernelModel, load_quantized_model
+from maverick_quant.runtime import KernelModel, backend_named, load_quantized_model
 from maverick_quant.compress.types import QuantizedWeight
 from maverick_quant.errors import InputError
 from maverick_quant.streaming import StreamingModel, open_source
@@ -197,8 +197,6 @@ def test_a_tied_bundle_holds_one_embedding_and_generation_stops_at_the_saved_eos
     generation: with the first token it would generate made an EOS, it stops after that token."""
     from tests.conftest import make_tiny_llama
 
-    from maverick_quant.runtime import _use_saved_stop_tokens
-
     model_dir = make_tiny_llama(tokenizer_dir, tmp_path / "tied", tie_word_embeddings=True)
     run("quantize", model_dir, "--method", "rtn", "--group-size", 32, "--out", tmp_path / "bundle", "--no-progress")
     bundle = Bundle(tmp_path / "bundle")
@@ -207,9 +205,9 @@ def test_a_tied_bundle_holds_one_embedding_and_generation_stops_at_the_saved_eos
     prompt = _ids(5, windows=1)[:, :6]
     torch.testing.assert_close(model(prompt).logits, StreamingModel(bundle).forward(prompt), rtol=1e-4, atol=1e-4)
     first = int(model(prompt).logits[0, -1].argmax())
-    (tmp_path / "saved").mkdir()
-    (tmp_path / "saved" / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, first]}))
-    _use_saved_stop_tokens(model, tmp_path / "saved")
+    (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, first]}))  # the bundle copies it
+    run("quantize", model_dir, "--method", "rtn", "--group-size", 32, "--out", tmp_path / "stops", "--no-progress")
+    model = load_quantized_model(Bundle(tmp_path / "stops"), "reference", torch.float32)
     out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert out.shape[1] == prompt.shape[1] + 1 and int(out[0, -1]) == first
 
@@ -271,7 +269,7 @@ def test_kernels_refuse_a_float_model_a_grid_they_cannot_run_and_unknown_backend
     with pytest.raises(ValueError, match="kernel backend 'tensorrt'"):
         get_backend("tensorrt")
     with pytest.raises(InputError, match="kernel backend cpu-int4 needs the CPU"):
-        get_backend("cpu-int4", "cuda")  # named backends are checked when chosen, not at the first forward
+        backend_named("cpu-int4", "cuda")  # checked when chosen, not at the first forward
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="kernel backend cuda needs a CUDA device"):
             KernelModel(bundle, "cuda")

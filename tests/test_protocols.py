@@ -76,5 +76,5 @@ def test_a_window_with_no_scored_token_is_refused_before_any_work(tiny_llama_dir
     result = CliRunner().invoke(cli, ["validate", "--reference", str(tiny_llama_dir), "--candidate", str(tiny_llama_dir),
                                       "--data", str(small_text_file), "--ctx", "2", "--protocol", "llama.cpp",
                                       "--report", str(tmp_path / "r"), "--no-progress"])
-    assert result.exit_code == 2 and "--ctx 2 with --protocol llama.cpp: no token of a window is scored" in result.output
+    assert result.exit_code == 2 and "--ctx 2 with protocol llama.cpp: no token of a window is scored" in result.output
     assert not (tmp_path / "r").exists()

@@ -63,7 +63,7 @@ def test_shipped_recipes_load() -> None:
     ({"exports": [{"format": "gptq", "requantize": True}]}, "exports[].requantize: only a gguf export re-quantizes"),
     ({"quantize": {"gguf_grid": "Q4_0", "bits": 8}}, "quantize.bits=8: quantize.gguf_grid Q4_0 sets bits to 4"),
     ({"quantize": {"gguf_grid": "Q4_0", "sym": False}}, "quantize.sym=False: quantize.gguf_grid Q4_0 sets sym to True"),
-    ({"validation": {"data": "x", "ctx": 2, "protocol": "llama.cpp"}}, "validation.ctx=2: with protocol llama.cpp no token"),
+    ({"validation": {"data": "x", "ctx": 2, "protocol": "llama.cpp"}}, "validation.ctx 2 with protocol llama.cpp: no token of a window is scored"),
     ({"calibration": {"seed": 2**64}}, "seed=18446744073709551616: expected an integer in [0, 2^63)"),
     ({"exports": [{"format": "gptq", "gguf_type": "Q4_K"}]}, "exports[].gguf_type=Q4_K: only a gguf export has a type"),
     ({"exports": [{"format": "gguf", "gguf_type": "Q4_K", "max_shard_size": 10**9}]}, "a gguf export is written as one file"),
@@ -343,6 +343,9 @@ def test_a_run_dir_never_holds_a_stale_lock_nor_is_it_the_model_or_a_file(tiny_l
         again = CliRunner().invoke(cli, ["run", str(gguf), "--out", str(run_dir), "--force", "--no-progress"])
         assert again.exit_code == 0, again.output
     assert "also holds" not in again.output, again.output
+    lock = run_dir / "recipe.lock.yaml"
+    rerun = CliRunner().invoke(cli, ["run", str(lock), "--out", str(run_dir), "--force", "--no-progress"])
+    assert rerun.exit_code == 0 and lock.is_file(), rerun.output  # the lock run from its own folder is not removed
     for out, message in ((tiny_llama_dir, "the model folder itself"), (tmp_path / "recipe-0.yaml", "a file")):
         result = CliRunner().invoke(cli, ["run", str(recipe()), "--out", str(out), "--force"])
         assert result.exit_code == 2 and message in result.output, result.output

@@ -315,9 +315,11 @@ def test_a_run_stopped_after_its_last_layer_resumes_without_recomputing_anything
 
 def test_a_finished_layer_damaged_before_a_resume_is_refused_not_built_into_the_bundle(
         tiny_llama_dir: Path, small_text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A finished layer file that changed while the run was stopped (truncated here) cannot be
-    redone (the hidden states entering it are gone): --resume refuses, naming it, where it used
-    to finish a bundle around it and exit 0."""
+    """A finished layer file that changed while the run was stopped cannot be redone (the hidden
+    states entering it are gone): --resume refuses, naming it and keeping the work, where it used
+    to finish a bundle around it and exit 0. A byte changed in the last finished layer is found
+    by its sha256; an earlier layer cut short, by its header (hashing every layer would read
+    the whole bundle at each resume)."""
     import maverick_quant.bundle as bundle_module
     from maverick_quant.bundle import PASSTHROUGH
 
@@ -325,8 +327,14 @@ def test_a_finished_layer_damaged_before_a_resume_is_refused_not_built_into_the_
     real_save = _disk_full_on(Path(PASSTHROUGH).name, monkeypatch)
     assert runner.invoke(cli, args(tmp_path / "bundle")).exit_code == 2
     monkeypatch.setattr(bundle_module, "save_safetensors_atomic", real_save)
-    damaged = work_dir_for(tmp_path / "bundle") / "layers" / "layer-00001.safetensors"
-    os.truncate(damaged, 1000)
+    work = work_dir_for(tmp_path / "bundle")
+    last, earlier = work / "layers" / "layer-00002.safetensors", work / "layers" / "layer-00000.safetensors"
+    original = last.read_bytes()
+    last.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
     result = runner.invoke(cli, args(tmp_path / "bundle") + ["--resume"])
-    assert result.exit_code == 2 and "layers/layer-00001.safetensors" in result.output, result.output
-    assert "--force" in result.output and not (tmp_path / "bundle").exists()
+    assert result.exit_code == 2 and "layers/layer-00002.safetensors" in result.output, result.output
+    assert "restore the file, or pass --force" in result.output and work.is_dir() and not (tmp_path / "bundle").exists()
+    last.write_bytes(original)
+    os.truncate(earlier, 1000)
+    result = runner.invoke(cli, args(tmp_path / "bundle") + ["--resume"])
+    assert result.exit_code == 2 and "layers/layer-00000.safetensors" in result.output and work.is_dir(), result.output

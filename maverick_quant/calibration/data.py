@@ -47,6 +47,8 @@ class CalibrationSet:
             raise InputError(f"{calib_dir}: not a calibration directory (expected {CALIB_TOKENS} and {CALIB_META})")
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise InputError(f"{meta_path}: cannot be read ({exc.strerror or exc})") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise InputError(f"{meta_path}: not JSON ({exc})") from None
         if not isinstance(meta, dict):
@@ -227,7 +229,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
     with another model family's tokenizer whose ids fall inside this model's vocabulary)."""
     by_id = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
     payload = {"vocab": by_id, "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id}
-    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()  # ASCII escapes: any token encodes
 
 
 def load_calibration_for(calib_dir: Path, model_dir: Path, vocab_size: int) -> CalibrationSet:
@@ -339,3 +341,10 @@ def scored_from(protocol: str, ctx: int) -> int:
     llama-perplexity (first = n_ctx/2; logits first..n_ctx-2 score tokens first+1..n_ctx-1),
     positions ctx//2 + 1 .. ctx-1."""
     return ctx // 2 + 1 if protocol == "llama.cpp" else 1
+
+
+def check_scored(protocol: str, ctx: int, key: str = "--ctx") -> None:
+    """InputError (naming the option `key`) when windows of `ctx` tokens under `protocol` score no token."""
+    if scored_from(protocol, ctx) >= ctx:
+        raise InputError(f"{key} {ctx} with protocol {protocol}: no token of a window is scored (the protocol scores "
+                         f"positions {scored_from(protocol, ctx)}..{ctx - 1}); use a longer context")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from maverick_quant import __version__
 from maverick_quant.bundle import Bundle
-from maverick_quant.checkpoint import sha256_file, write_json_atomic, write_text_atomic
+from maverick_quant.checkpoint import read_json_object, sha256_file, write_json_atomic, write_text_atomic
 
 LOADING = {
     "gptq": "transformers + GPTQModel (`AutoModelForCausalLM.from_pretrained(DIR)`), vLLM (`vllm serve DIR`)",
@@ -135,10 +135,7 @@ def recorded_source_fingerprint(candidate: Path) -> str | None:
     (a float model, a GGUF from elsewhere, an unreadable manifest)."""
     candidate = Path(candidate)
     manifest = gguf_sidecars(candidate)[1] if candidate.is_file() else candidate / "manifest.json"
-    try:
-        source = json.loads(manifest.read_text(encoding="utf-8")).get("source") or {}
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-        return None
+    source = (read_json_object(manifest) or {}).get("source")
     return source.get("fingerprint") if isinstance(source, dict) else None
 
 

@@ -164,7 +164,8 @@ def _baseline_value(gate: Gate, flat_baseline: Mapping[str, float] | None) -> fl
 
 # Numbers every report holds (RUN_KEYS), and those of a validation on evaluation text (TEXT_KEYS);
 # tests/test_cli_e2e.py checks that a real report's numbers are these.
-RUN_KEYS = frozenset({"seconds", "resources.peak_rss_mib", "resources.peak_gpu_mib"})
+RUN_KEYS = frozenset({"seconds", "resources.peak_rss_mib"})
+GPU_KEYS = frozenset({"resources.peak_gpu_mib"})  # on a CUDA device only
 TEXT_KEYS = frozenset({"ppl_ratio", "top1_agreement", "tokens", "candidate.nll", "candidate.ppl", "reference.nll",
                        "reference.ppl", "kl.mean", "kl.median", "kl.p90", "kl.p99", "kl.max", "protocol.ctx",
                        "protocol.windows", "protocol.first_scored_position"})
@@ -174,12 +175,13 @@ SECTIONS = MappingProxyType({"hellaswag": "--hellaswag", "choices": "--choices",
                              "vision": None})
 
 
-def check_gate_keys(gates: Sequence[Gate], sections: set[str], text: bool) -> None:
+def check_gate_keys(gates: Sequence[Gate], sections: set[str], text: bool, gpu: bool = False) -> None:
     """Before any work: InputError for a gate whose key the report will not hold (a misspelt
     metric used to be found after the whole evaluation). `sections`: the optional sections the
-    run's options make ("hellaswag", "choices"); `text`: whether it evaluates text (--data).
-    Keys inside a section whose contents depend on the run are taken as given."""
-    known = RUN_KEYS | (TEXT_KEYS if text else frozenset())
+    run's options make ("hellaswag", "choices"); `text`: whether it evaluates text (--data);
+    `gpu`: whether it runs on a CUDA device. Keys inside a section whose contents depend on the
+    run are taken as given."""
+    known = RUN_KEYS | (TEXT_KEYS if text else frozenset()) | (GPU_KEYS if gpu else frozenset())
     for gate in gates:
         section = gate.key.split(".", 1)[0]
         if section in SECTIONS:

@@ -21,7 +21,6 @@ import torch
 
 from maverick_quant.compress.kernels.layout import Int4Weight, SYMMETRIC_ZERO
 from maverick_quant.compress.routing import group_by_expert
-from maverick_quant.errors import InputError
 from maverick_quant.recipe import KERNEL_BACKENDS
 
 
@@ -143,7 +142,7 @@ def get_backend(name: str = "auto", device: torch.device | str = "cpu") -> Backe
         return Backend()
     if name == "cpu-int4":
         if device.type != "cpu" or not cpu_int4_available():
-            raise InputError(f"kernel backend cpu-int4 needs the CPU and torch's _weight_int4pack_mm_for_cpu op "
+            raise ValueError(f"kernel backend cpu-int4 needs the CPU and torch's _weight_int4pack_mm_for_cpu op "
                              f"(device {device}; op {'present' if cpu_int4_available() else 'missing in this torch build'})")
         return CpuInt4Backend()
     if name == "triton":
@@ -155,6 +154,6 @@ def get_backend(name: str = "auto", device: torch.device | str = "cpu") -> Backe
     from maverick_quant.compress.kernels import cuda_w4
 
     if device.type != "cuda" or not cuda_w4.available():
-        raise InputError(f"kernel backend cuda needs a CUDA device, nvcc and its extension to build (device {device}; "
+        raise ValueError(f"kernel backend cuda needs a CUDA device, nvcc and its extension to build (device {device}; "
                          f"nvcc {cuda_w4.nvcc_path() or 'not found'})")
     return cuda_w4.CudaBackend()
