@@ -371,7 +371,6 @@ def test_calib_of_another_tokenizer_or_vocabulary_is_refused(tiny_run, tmp_path:
 def test_a_damaged_or_edited_calibration_directory_is_refused(tiny_run, tmp_path: Path, damage: str, message: str) -> None:
     """--calib reads tokens.safetensors and calib.json: each way they can be broken exits 2
     naming the file (tracebacks, or silently calibrating on edited windows, before)."""
-    import torch
 
     from maverick_quant.checkpoint import save_safetensors_atomic
 
