@@ -85,7 +85,8 @@ def main() -> None:
             summary = base.score(ref_model, ref_hidden, cand_model, cand_hidden, windows)
         audit = [r for layer in bundle.manifest["layers"] for r in layer.get("experts", {}).get("audit", [])]
         rows[name] = {"ppl": summary["candidate"]["ppl"], "kl_mean": summary["kl"]["mean"], "top1": summary["top1_agreement"],
-                      "fallbacks": sum("fallback" in r["reason"] for r in audit), **bundle.manifest["summary"],
+                      "fallbacks": sum("fallback" in r["reason"] or "fallback" in (r.get("awq_reason") or "")
+                                       for r in audit), **bundle.manifest["summary"],
                       **_expert_columns(summary)}
         print(json.dumps({name: rows[name]}), flush=True)
     _print_table(rows, args.group_size, args.expert_errors)
