@@ -116,6 +116,10 @@ class BundleWriter:
                   **{k: v for k, v in stats.items() if k not in quantized}}
         write_json_atomic(path.with_suffix(".json"), record)
 
+    def layer_record(self, index: int) -> dict[str, Any]:
+        """The stats record `write_layer` wrote for finished layer `index`."""
+        return json.loads((self.root / layer_file(index)).with_suffix(".json").read_text())
+
     def write_experts(self, index: int, name_prefix: str, first: int,
                       quantized: dict[str, QuantizedWeight]) -> dict[str, Any]:
         """One chunk of routed experts of layer `index`: {linear name: QuantizedWeight [count, N, K]},
@@ -180,7 +184,7 @@ class BundleWriter:
         """Gather layer stats and file hashes into manifest.json; returns the manifest. The layer
         and expert files keep the sha256 recorded when each was written (and flushed to the
         disk), so a terabyte bundle is not hashed twice; the other files are hashed here."""
-        layers = [json.loads((self.root / layer_file(i)).with_suffix(".json").read_text()) for i in range(num_layers)]
+        layers = [self.layer_record(i) for i in range(num_layers)]
         audit = [{"layer": i, **record} for i, layer in enumerate(layers)
                  for record in layer.get("experts", {}).get("audit", [])]
         if audit:

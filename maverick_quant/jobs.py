@@ -26,6 +26,7 @@ def run_quantize(model_dir, out, spec, data, calib, calib_spec, force, progress,
     """Shared by `quantize`, `demo` and `run`: check everything, calibrate (or take the windows
     `drawn` already, a CalibrationSet), quantize on `device` (devices.py; going on from an
     interrupted run's work directory with `resume`), print the summary."""
+    from maverick_quant.bundle import Bundle
     from maverick_quant.calibration.data import overlap_note
     from maverick_quant.checkpoint import check_output_apart, check_output_dir
     from maverick_quant.devices import resolve_device
@@ -70,33 +71,29 @@ def run_quantize(model_dir, out, spec, data, calib, calib_spec, force, progress,
         click.echo(f"note: {deficient} experts were solved on routed Hessians from fewer tokens than a projection's "
                    "input width (audit.json: rank_deficient); --moe-require-full-rank or --moe-policy mixed "
                    "avoids it (docs/moe.md)")
-    if problems := kernel_problems(manifest):
+    if problems := kernel_problems(Bundle(out)):
         click.echo(f"note: the 4-bit kernels (generate, validate --kernels) cannot run {len(problems)} linears of this "
                    f"bundle, e.g. {problems[0]}; validate without --kernels reads it (docs/kernels.md)")
     return summary
 
 
-def kernel_problems(manifest: dict) -> list[str]:
-    """Why the 4-bit kernels cannot run each quantized linear of a bundle `manifest` that they
-    cannot (its grid: 4 bits, a group of 32/64/128 dividing K; none of llama.cpp's offset grids).
-    A linear a bits override put on another width runs as a float linear, so it is no problem."""
+def kernel_problems(bundle) -> list[str]:
+    """Why the 4-bit kernels cannot run each quantized linear of `bundle` that they cannot
+    (`check_kernel_grid` on its grid and K). A linear a bits override put on another width than
+    the bundle's runs as a plain float linear, so it is no problem."""
     from maverick_quant.compress.kernels.layout import check_kernel_grid
     from maverick_quant.recipe import offset_grid_name
 
     problems = []
-    for layer in manifest["layers"]:
-        shapes = {name: info["shape"] for name, info in layer["quantized"].items()}
-        for chunk in layer.get("experts", {}).get("chunks", [])[:1]:  # the experts share one grid
-            shapes.update({f"experts.{name}": shape for name, shape in chunk["shapes"].items()})
-        for name, shape in shapes.items():
-            override = layer["quantized"].get(name, {}).get("weights", {})
-            if "bits" in override:  # another width than the bundle's runs as a plain float linear
+    for index, layer in enumerate(bundle.manifest["layers"]):
+        linears = {name: (bundle.tensor_quant(index, name), info["shape"]) for name, info in layer["quantized"].items()}
+        for chunk in layer.get("experts", {}).get("chunks", [])[:1]:  # the experts are on the run's grid
+            linears.update({f"experts.{name}": (bundle.quant, shape) for name, shape in chunk["shapes"].items()})
+        for name, (grid, shape) in linears.items():
+            if grid["bits"] != bundle.quant["bits"]:
                 continue
-            grid = {**manifest["recipe"]["weights"], **override}
             try:
-                if offset_grid_name(grid):
-                    raise ValueError(f"{layer['prefix']}{name}: llama.cpp's {offset_grid_name(grid)} offset grid")
-                check_kernel_grid(grid["bits"], grid["group_size"], shape[-1], layer["prefix"] + name)
+                check_kernel_grid(grid["bits"], grid["group_size"], shape[-1], layer["prefix"] + name, offset_grid_name(grid))
             except ValueError as exc:
                 problems.append(str(exc))
     return problems

@@ -9,7 +9,6 @@ inputs. RTN needs no calibration and runs no forward at all.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from maverick_quant import __version__
-from maverick_quant.bundle import BundleWriter, ReadOnlyWriter, copy_model_files, layer_file
+from maverick_quant.bundle import BundleWriter, ReadOnlyWriter, copy_model_files
 from maverick_quant.checkpoint import all_finite
 from maverick_quant.arch.base import LinearGroup
 from maverick_quant.calibration.data import CalibrationSet
@@ -155,12 +154,11 @@ def check_model_level_tensors(source: CheckpointSource) -> None:
         source.checkpoint.get(name)
 
 
-def _mean_rel_loss(out_dir: Path, num_layers: int) -> float | None:
-    """Mean relative loss of the dense linears over every layer's stats file in `out_dir`, the
-    layers a resumed run kept included (None when none recorded one)."""
+def _mean_rel_loss(writer: BundleWriter, num_layers: int) -> float | None:
+    """Mean relative loss of the dense linears over every layer's stats record, the layers a
+    resumed run kept included (None when none recorded one)."""
     losses = [info["rel_loss"] for index in range(num_layers)
-              for info in json.loads((Path(out_dir) / layer_file(index)).with_suffix(".json").read_text())["quantized"].values()
-              if "rel_loss" in info]
+              for info in writer.layer_record(index)["quantized"].values() if "rel_loss" in info]
     return sum(losses) / len(losses) if losses else None
 
 
@@ -289,7 +287,7 @@ def quantize_model(source: CheckpointSource, calibration: CalibrationSet | None,
         writer.write_passthrough(_model_level_tensors(source))
         copy_model_files(source.checkpoint.model_dir, out_dir)
     summary = RunSummary(time.perf_counter() - started, peak_rss_mib(),
-                         _mean_rel_loss(out_dir, model.num_layers) if needs_data and writes else None,
+                         _mean_rel_loss(writer, model.num_layers) if needs_data and writes else None,
                          model.num_layers, str(device), peak_device_mib(device))
     manifest = writer.finish({
         "tool_version": __version__,

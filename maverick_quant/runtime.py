@@ -20,6 +20,7 @@ from maverick_quant.compress.kernels.backends import Backend, get_backend
 from maverick_quant.compress.kernels.layout import SYMMETRIC_ZERO, Int4Weight, check_kernel_grid
 from maverick_quant.compress.types import QuantizedWeight
 from maverick_quant.errors import InputError
+from maverick_quant.recipe import offset_grid_name
 from maverick_quant.streaming import SequenceLayout, StreamingModel
 
 
@@ -98,15 +99,15 @@ def _routed_experts(bundle, index: int) -> dict[str, Int4Weight]:
 def _stacked_expert_weight(bundle, index: int, names: tuple[str, ...], prefix: str) -> Int4Weight:
     """The routed-expert linears `names` of layer `index`, concatenated along N, as one stacked
     Int4Weight [E, sum N, K/2]. The bundle stores 4-bit codes in the runtime layout, so each
-    chunk's stored tensors are copied straight into the result, one chunk at a time (Maverick:
-    ~8 GB for a layer, where unpacking to a byte per code, stacking and packing again held
-    about 30). Zero points all 8 make the weight symmetric (no zeros)."""
+    chunk's stored tensors are copied straight into the result, one chunk at a time: peak host
+    memory 1.2x the result, where unpacking to a byte per code, stacking and packing again took
+    5.6x (benchmarks/expert_load_memory.py). Zero points all 8 make the weight symmetric."""
     moe, grid = bundle.table.plan(bundle.text_config, index).moe, bundle.quant
     chunks = bundle.manifest["layers"][index]["experts"]["chunks"]
     widths = [chunks[0]["shapes"][name][1] for name in names]  # shapes [count, N, K]
     in_features = chunks[0]["shapes"][names[0]][2]
     for name in names:  # before anything is allocated or read
-        check_kernel_grid(grid["bits"], grid["group_size"], in_features, prefix + name)
+        check_kernel_grid(grid["bits"], grid["group_size"], in_features, prefix + name, offset_grid_name(grid))
     groups = in_features // grid["group_size"]
     packed = torch.empty(moe.num_experts, sum(widths), in_features // 2, dtype=torch.uint8)
     scales = torch.empty(moe.num_experts, sum(widths), groups, dtype=torch.float16)
@@ -115,9 +116,6 @@ def _stacked_expert_weight(bundle, index: int, names: tuple[str, ...], prefix: s
     for name, width in zip(names, widths):
         filled = 0
         for first, shape, stored in bundle.stored_expert_linear(index, name):
-            if "super_scales" in stored:
-                raise ValueError(f"{prefix}{name}: the 4-bit kernel layout stores (code - zero) x scale grids; this "
-                                 "bundle's experts are on a llama.cpp offset grid (free fp16 offsets), which only GGUF stores")
             rows = slice(first, first + shape[0])
             packed[rows, row:row + width] = stored["codes"]
             scales[rows, row:row + width] = stored["scales"]

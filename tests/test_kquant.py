@@ -235,3 +235,6 @@ def test_an_offset_grid_refuses_widths_its_blocks_cannot_hold_before_any_work(gr
     assert not any(tmp_path.iterdir())
     code, out = run_cli(*args, "--out", tmp_path / "bundle", "--keep-float", r"feed_forward\.down_proj")
     assert code == 0 and Bundle(tmp_path / "bundle").quant["free_min" if grid == "Q4_1" else "k_quant"], out
+    layers = Bundle(tmp_path / "bundle").manifest["layers"]  # no quantized linear runs on the kernels: each is named
+    quantized = sum(len(layer["quantized"]) + 3 * bool(layer.get("experts")) for layer in layers)
+    assert f"cannot run {quantized} linears of this bundle" in out and f"llama.cpp's {grid} grid" in out, out

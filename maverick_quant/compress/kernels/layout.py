@@ -101,9 +101,13 @@ def _check_kernel_grid(weight: QuantizedWeight, name: str) -> None:
     check_kernel_grid(weight.bits, weight.group_size, weight.codes.shape[-1], name)
 
 
-def check_kernel_grid(bits: int, group_size: int, in_features: int, name: str) -> None:
+def check_kernel_grid(bits: int, group_size: int, in_features: int, name: str, offset_grid: str | None = None) -> None:
     """ValueError naming `name` unless the kernels run this grid: 4 bits, a supported group
-    size that divides K = `in_features`."""
+    size that divides K = `in_features`, not one of llama.cpp's offset grids (`offset_grid`:
+    "Q4_K" / "Q4_1", whose free fp16 offsets only GGUF stores)."""
+    if offset_grid is not None:
+        raise ValueError(f"{name}: the 4-bit kernel layout stores (code - zero) x scale grids; this weight is on "
+                         f"llama.cpp's {offset_grid} grid (free fp16 offsets), which only GGUF {offset_grid} stores")
     if bits != 4:
         raise ValueError(f"{name}: the 4-bit kernels cannot run a {bits}-bit weight (use the reference backend)")
     if group_size not in GROUP_SIZES:
