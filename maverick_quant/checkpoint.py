@@ -512,6 +512,25 @@ def read_json_object(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+def load_json_object(path: Path, what: str) -> dict:
+    """The JSON object in `path`, or InputError naming the file and `what` it should have been
+    (for files a command needs, such as a bundle's manifest or a baseline report)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: cannot read {what} ({exc})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: cannot read {what} (expected a JSON object, got {type(data).__name__})")
+    return data
+
+
+def manifest_format(folder: Path) -> str | None:
+    """The `format` that `folder`/manifest.json names (a bundle's, an export's), or None where the
+    folder has no readable manifest object naming one (a float model folder, say)."""
+    found = (read_json_object(Path(folder) / "manifest.json") or {}).get("format")
+    return found if isinstance(found, str) and found else None
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write `text` to a temporary name in the same directory (made if missing), then rename
     over `path` (durably)."""

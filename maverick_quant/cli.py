@@ -6,7 +6,6 @@ names the file, tensor or option), with no partial output left behind.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -376,13 +375,10 @@ def _report_verification(path: Path, bad: list[str] | None) -> None:
 
 def _is_export(path: Path) -> bool:
     """An export directory: its manifest.json names an export format (a bundle's names the bundle format)."""
+    from maverick_quant.checkpoint import manifest_format
     from maverick_quant.exporters.registry import LAYOUTS
 
-    manifest = path / "manifest.json"
-    try:
-        return manifest.is_file() and json.loads(manifest.read_text()).get("format") in LAYOUTS
-    except (OSError, ValueError, AttributeError) as exc:
-        raise InputError(f"{manifest}: cannot be read ({exc})") from None
+    return manifest_format(path) in LAYOUTS
 
 
 @cli.command()

@@ -7,7 +7,6 @@ work), runs one stage, writes its output atomically and prints a one-line summar
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -194,7 +193,8 @@ def run_export_gguf(source_dir, out, gguf_type="Q4_0", requantize=False, pre=Non
     """GGUF of a bundle (lossless on its grid, or --requantize), or of a float model directory
     (re-quantized by gguf-py, Q4_K by our round-to-nearest: the plain GGUF other tools make, as a baseline); with `mmproj`,
     a Llama 4's vision tower and projector too, as llama.cpp's multimodal projector file."""
-    from maverick_quant.bundle import BUNDLE_FORMAT, MANIFEST, Bundle
+    from maverick_quant.bundle import BUNDLE_FORMAT, Bundle
+    from maverick_quant.checkpoint import manifest_format
     from maverick_quant.exporters.artifact import gguf_sidecars, write_gguf_sidecars
     from maverick_quant.exporters.gguf import FLOAT_GGUF_TYPES, BundleWeights, FloatWeights, export_gguf
     from maverick_quant.exporters.gguf_mmproj import MMProjPlan
@@ -204,8 +204,7 @@ def run_export_gguf(source_dir, out, gguf_type="Q4_0", requantize=False, pre=Non
         check_output_file(mmproj, force, "mmproj-f16.gguf")
         if Path(mmproj).resolve() == Path(out).resolve():
             raise InputError(f"--mmproj {mmproj}: the same file as --out")
-    manifest = Path(source_dir) / MANIFEST
-    is_bundle = manifest.is_file() and json.loads(manifest.read_text()).get("format") == BUNDLE_FORMAT
+    is_bundle = manifest_format(Path(source_dir)) == BUNDLE_FORMAT
     weights = BundleWeights(Bundle(source_dir)) if is_bundle else FloatWeights(Path(source_dir))
     vision = MMProjPlan(weights, mmproj_type) if mmproj is not None else None  # checks all before any writing
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -238,17 +237,6 @@ def _write_mmproj(plan, path: Path, progress: bool) -> None:
                f"{plan.tokens_per_chunk} tokens per image chunk; image normalisation from {plan.normalisation}")
     if plan.f16_fallbacks:
         click.echo(f"kept F16 (K not a multiple of 32 for Q8_0): {', '.join(plan.f16_fallbacks)}")
-
-
-def _read_json(path: Path, what: str) -> dict:
-    """The JSON object in `path`, or InputError naming the file and what it should have been."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: cannot read {what} ({exc})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: cannot read {what} (expected a JSON object, got {type(data).__name__})")
-    return data
 
 
 def run_generate(bundle_dir: Path, prompt: str, max_new_tokens: int, kernels: str = "auto", chat: bool = False,
@@ -305,7 +293,7 @@ def run_plan(target: str, spec, calib_spec, json_out: Path | None = None, device
     step, else `validation` ({windows, ctx, batch, tasks}; None: not planned); returns it."""
     from maverick_quant.arch.llama4 import maverick_config
     from maverick_quant.arch.registry import table_for
-    from maverick_quant.checkpoint import Checkpoint, write_json_atomic
+    from maverick_quant.checkpoint import Checkpoint, load_json_object, write_json_atomic
     from maverick_quant.plan import baseline_rss_bytes, expert_shares, make_plan, render, tensor_bytes
     from maverick_quant.plan_validation import validation_settings
     from maverick_quant.disk import measure_disk
@@ -327,7 +315,7 @@ def run_plan(target: str, spec, calib_spec, json_out: Path | None = None, device
     table = table_for(config, str(target))
     sizes, origin = tensor_bytes(model_dir, table, config)
     kind, rates = _plan_device(device or "auto")
-    shares = expert_shares(_read_json(Path(coverage), "coverage.json"), Path(coverage)) if coverage else None
+    shares = expert_shares(load_json_object(Path(coverage), "coverage.json"), Path(coverage)) if coverage else None
     try:
         disk, disk_note = measure_disk(Path.cwd(), model_dir, cache_dir()), None
     except OSError as exc:  # e.g. a read-only current directory: plan without the disk time

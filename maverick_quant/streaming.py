@@ -17,7 +17,7 @@ from typing import Any, Iterator, Protocol
 import torch
 
 from maverick_quant.arch.base import ArchTable
-from maverick_quant.checkpoint import Checkpoint, read_json_object
+from maverick_quant.checkpoint import Checkpoint, manifest_format
 from maverick_quant.errors import InputError
 
 
@@ -295,8 +295,8 @@ def _refuse_our_artifact(model_dir: Path) -> None:
     """InputError when `model_dir` is a bundle or an export of ours (its manifest.json names its
     format), given where the original float model is expected: its tensors would be listed as
     missing one by one."""
-    found = (read_json_object(model_dir / "manifest.json") or {}).get("format")
-    if isinstance(found, str) and found:
+    found = manifest_format(model_dir)
+    if found is not None:
         raise InputError(f"{model_dir}: a maverick-quant {found} (its manifest.json says so), not the original float "
                          "model this option reads")
 

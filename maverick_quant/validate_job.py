@@ -309,9 +309,9 @@ def _choice_benchmarks(state, ref_source, cand_source, tokenizer, tasks: dict[st
 
 
 def _read_baseline(path: Path) -> dict:
-    from maverick_quant.jobs import _read_json
+    from maverick_quant.checkpoint import load_json_object
 
-    return _read_json(path, "baseline report")
+    return load_json_object(path, "baseline report")
 
 
 def _echo_summary(report: dict, outcomes) -> None:

@@ -405,3 +405,18 @@ def test_an_interrupt_and_a_crash_never_exit_as_a_failed_gate(monkeypatch, tmp_p
         monkeypatch.setattr(jobs, "run_quantize", failure)
         got, out = _run("quantize", tmp_path / "m", "--method", "rtn", "--out", tmp_path / "o")
         assert got == code and words in out, out
+
+
+@pytest.mark.parametrize("content,message", [("{", "Expecting"), ("[]", "expected a JSON object, got list")])
+def test_a_bundle_whose_manifest_is_damaged_is_named_by_every_command(tiny_run, tmp_path: Path, content: str,
+                                                                      message: str) -> None:
+    """A manifest.json that is not a JSON object was a JSONDecodeError or AttributeError traceback
+    (exit 3) in inspect, export and generate; each now names the file (exit 2)."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_run["bundle"], bundle)
+    (bundle / "manifest.json").write_text(content)
+    for args in (("inspect", bundle), ("export", bundle, "--format", "awq", "--out", tmp_path / "awq"),
+                 ("generate", bundle, "--prompt", "The", "--max-new-tokens", 1)):
+        code, out = _run(*args)
+        assert code == 2 and f"{bundle / 'manifest.json'}: cannot read the bundle's manifest" in out \
+            and message in out, (args, out)

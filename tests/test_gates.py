@@ -127,9 +127,9 @@ def test_no_gates_and_unused_baseline():
 def test_a_baseline_that_is_not_a_json_object_is_refused_naming_it(tmp_path, content: bytes, message: str) -> None:
     """Random bytes or a JSON list as --baseline (or --coverage) were tracebacks (exit 3)."""
     from maverick_quant.errors import InputError
-    from maverick_quant.jobs import _read_json
+    from maverick_quant.checkpoint import load_json_object
 
     path = tmp_path / "report.json"
     path.write_bytes(content)
     with pytest.raises(InputError, match=rf"report.json: cannot read baseline report \(.*{message}"):
-        _read_json(path, "baseline report")
+        load_json_object(path, "baseline report")

@@ -17,7 +17,6 @@ half of each window scored (`llama-perplexity`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,17 +48,18 @@ class Evaluation:
 def open_candidate(path: Path):
     """A WeightSource for a bundle, a packed export (GPTQ, AWQ, compressed-tensors) or a plain
     float model directory. (Exports have a manifest.json too: the bundle's names its format.)"""
-    from maverick_quant.bundle import BUNDLE_FORMAT, MANIFEST, Bundle
+    from maverick_quant.bundle import BUNDLE_FORMAT, Bundle
+    from maverick_quant.checkpoint import manifest_format, read_json_object
     from maverick_quant.exporters.registry import LAYOUTS, open_export
     from maverick_quant.streaming import open_source
 
     path = Path(path)
-    if (path / MANIFEST).is_file() and json.loads((path / MANIFEST).read_text()).get("format") == BUNDLE_FORMAT:
+    if manifest_format(path) == BUNDLE_FORMAT:
         return Bundle(path)
     if not (path / "config.json").is_file():
         raise InputError(f"{path}: not a bundle, an export or a model directory")
-    quant = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
-    if quant.get("quant_method") in LAYOUTS:  # (a GGUF-converted float model also names a quant_method)
+    quant = (read_json_object(path / "config.json") or {}).get("quantization_config")  # open_source names a bad file
+    if isinstance(quant, dict) and quant.get("quant_method") in LAYOUTS:  # (a GGUF-converted float model also names a quant_method)
         return open_export(path)
     return open_source(path)
 
