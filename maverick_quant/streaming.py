@@ -143,7 +143,7 @@ class StreamingModel:
         self.config = source.table.text_config(source.config)
         self.config._attn_implementation = "sdpa"
         self.dtype, self.batch, self.layout, self.device = dtype, batch, layout, torch.device(device)
-        self.rotary = self.table.build_rotary(self.config).to(device=self.device, dtype=dtype)
+        self.rotary = self.table.build_rotary(self.config).to(device=self.device)  # inv_freq stays fp32, as in transformers
         self._final = None
         self._reads_on = {"device": self.device} if getattr(source, "dequantizes", False) else {}
 
