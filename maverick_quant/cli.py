@@ -67,7 +67,10 @@ def cli() -> None:
 
 
 def calib_options(func):
-    """--samples/--seq-len/--seed/--chat-template/--windows, shared by calibrate, quantize, plan and imatrix."""
+    """--samples/--seq-len/--seed/--chat-template/--windows/--bos, shared by calibrate, quantize, plan and imatrix."""
+    func = click.option("--bos/--no-bos", default=True, show_default=True,
+                        help="Where the tokenizer adds BOS to what it encodes (Llama 3 and 4), make it every window's "
+                             "first token, as the model reads text in use; tokenizers that add none are unaffected.")(func)
     func = click.option("--windows", type=click.Choice(WINDOW_DRAWS), default="random", show_default=True,
                         help="random: starts anywhere, windows may overlap (GPTQ's convention); "
                              "disjoint: no two windows share a token.")(func)
@@ -78,11 +81,11 @@ def calib_options(func):
     return func
 
 
-def _calib_spec(samples: int, seq_len: int, seed: int, chat_template: bool, windows: str) -> CalibSpec:
-    return CalibSpec(samples=samples, seq_len=seq_len, seed=seed, chat_template=chat_template, windows=windows)
+def _calib_spec(samples: int, seq_len: int, seed: int, chat_template: bool, windows: str, bos: bool) -> CalibSpec:
+    return CalibSpec(samples=samples, seq_len=seq_len, seed=seed, chat_template=chat_template, windows=windows, bos=bos)
 
 
-WINDOW_OPTIONS = ("data", "samples", "seq_len", "seed", "chat_template", "windows")  # what draws calibration windows
+WINDOW_OPTIONS = ("data", "samples", "seq_len", "seed", "chat_template", "windows", "bos")  # what draws calibration windows
 
 
 def _given_options(names: tuple[str, ...]) -> list[str]:
@@ -117,7 +120,7 @@ def _refuse_ignored_with_calib(calib: Path | None) -> None:
 @click.option("--resume", is_flag=True,
               help="Go on with an interrupted --coverage run of the same inputs (each finished layer is kept).")
 @click.option("--progress/--no-progress", default=True, help="Show progress bars (counts and rates) on stderr.")
-def calibrate(model_dir, data, out, samples, seq_len, seed, chat_template, windows, coverage, force, device, resume,
+def calibrate(model_dir, data, out, samples, seq_len, seed, chat_template, windows, bos, coverage, force, device, resume,
               progress) -> None:
     """Draw a reproducible calibration set (token windows + provenance) from DATA."""
     from maverick_quant.calibration.data import make_calibration, overlap_note
@@ -134,7 +137,7 @@ def calibrate(model_dir, data, out, samples, seq_len, seed, chat_template, windo
     compute = resolve_device(device)
     use_device(compute)
     source = open_source(model_dir) if coverage else None  # refuse a bad model before tokenizing
-    calibration = make_calibration(model_dir, data, _calib_spec(samples, seq_len, seed, chat_template, windows))
+    calibration = make_calibration(model_dir, data, _calib_spec(samples, seq_len, seed, chat_template, windows, bos))
     if not coverage:
         with atomic_output_dir(out, force) as tmp:
             calibration.save(tmp)
@@ -253,7 +256,7 @@ def _quantize_spec(method, bits, group_size, sym, signed_scale, clip_search, act
 @click.option("--progress/--no-progress", default=True, help="Show progress bars (counts and rates) on stderr.")
 def quantize(model_dir, data, calib, out, method, gguf_grid, bits, group_size, sym, signed_scale, clip_search, act_order, damp, keep_float,
              bits_overrides, samples,
-             seq_len, seed, chat_template, windows, moe_policy, moe_mix, moe_min_tokens, moe_require_full_rank, moe_fallback, moe_quantize_router,
+             seq_len, seed, chat_template, windows, bos, moe_policy, moe_mix, moe_min_tokens, moe_require_full_rank, moe_fallback, moe_quantize_router,
              moe_chunk_mib, awq_grid, awq_duo, awq_clip, awq_sample_tokens, batch, true_sequential, force, resume,
              device, progress) -> None:
     """Quantize MODEL_DIR layer by layer (routed experts chunk by chunk) into a bundle.
@@ -267,7 +270,7 @@ def quantize(model_dir, data, calib, out, method, gguf_grid, bits, group_size, s
     awq = _awq_spec(awq_grid, awq_duo, awq_clip, awq_sample_tokens)
     spec = _quantize_spec(method, bits, group_size, sym, signed_scale, clip_search, act_order, damp, batch, true_sequential, moe, awq, gguf_grid,
                           keep_float, bits_overrides)
-    run_quantize(model_dir, out, spec, data, calib, _calib_spec(samples, seq_len, seed, chat_template, windows), force, progress,
+    run_quantize(model_dir, out, spec, data, calib, _calib_spec(samples, seq_len, seed, chat_template, windows, bos), force, progress,
                  resume, device)
 
 
@@ -298,7 +301,7 @@ def quantize(model_dir, data, calib, out, method, gguf_grid, bits, group_size, s
               help="HellaSwag file whose tasks are planned.")
 def plan(target, method, gguf_grid, bits, group_size, sym, signed_scale, clip_search, act_order, damp, keep_float, bits_overrides, samples,
          seq_len, seed,
-         chat_template, windows, moe_policy, moe_mix, moe_min_tokens, moe_require_full_rank, moe_fallback, moe_quantize_router, moe_chunk_mib,
+         chat_template, windows, bos, moe_policy, moe_mix, moe_min_tokens, moe_require_full_rank, moe_fallback, moe_quantize_router, moe_chunk_mib,
          awq_grid, awq_duo, awq_clip, awq_sample_tokens, batch, json_out, force, coverage, device, validate_windows, validate_ctx, validate_batch, validate_data, hellaswag_tasks,
          hellaswag) -> None:
     """Predict a quantize run before it starts: tensors quantized and passed through, output
@@ -322,7 +325,7 @@ def plan(target, method, gguf_grid, bits, group_size, sym, signed_scale, clip_se
     elif hellaswag_tasks is not None or hellaswag is not None or validate_data is not None:
         raise click.UsageError("--validate-data, --hellaswag and --hellaswag-tasks plan the validation: give "
                                "--validate-windows too")
-    run_plan(target, spec, _calib_spec(samples, seq_len, seed, chat_template, windows), json_out, device, coverage, validation)
+    run_plan(target, spec, _calib_spec(samples, seq_len, seed, chat_template, windows, bos), json_out, device, coverage, validation)
 
 
 @cli.command("inspect")
@@ -438,7 +441,7 @@ def export(bundle_dir, fmt, out, max_shard_size, gguf_type, requantize, gguf_pre
               help="Where the model's layers run: auto (CUDA if present), cpu, cuda, cuda:N.")
 @click.option("--resume", is_flag=True, help="Go on from where an interrupted run with the same inputs stopped.")
 @click.option("--progress/--no-progress", default=True, help="Show progress bars (counts and rates) on stderr.")
-def imatrix(model_dir, data, calib, out, samples, seq_len, seed, chat_template, windows, moe_chunk_mib, force, device,
+def imatrix(model_dir, data, calib, out, samples, seq_len, seed, chat_template, windows, bos, moe_chunk_mib, force, device,
             resume, progress) -> None:
     """Write MODEL_DIR's activation statistics over the calibration set as a llama.cpp imatrix
     GGUF (for `llama-quantize --imatrix`), routed experts per expert. Each finished layer is
@@ -447,7 +450,7 @@ def imatrix(model_dir, data, calib, out, samples, seq_len, seed, chat_template, 
 
     _refuse_ignored_with_calib(calib)
 
-    run_imatrix(model_dir, out, data, calib, _calib_spec(samples, seq_len, seed, chat_template, windows), force, progress,
+    run_imatrix(model_dir, out, data, calib, _calib_spec(samples, seq_len, seed, chat_template, windows, bos), force, progress,
                 moe_chunk_mib, device, resume)
 
 

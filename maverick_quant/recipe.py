@@ -211,6 +211,10 @@ class CalibSpec:
 
     windows: `random` starts anywhere in the text, so windows may overlap (GPTQ's convention);
              `disjoint` windows never share a token (`calibration.data.draw_windows`).
+    bos:     where the tokenizer adds BOS to the text it encodes (Llama 3 and 4; `adds_bos`),
+             every window's first token is BOS, as in use, where position 0 always holds it
+             (the attention sink). Windows otherwise start mid-text; tokenizers that add no BOS
+             (SmolLM2) are unaffected.
     """
 
     samples: int = 128
@@ -218,6 +222,7 @@ class CalibSpec:
     seed: int = 0
     chat_template: bool = False
     windows: str = "random"
+    bos: bool = True
 
     def __post_init__(self) -> None:
         if self.windows not in WINDOW_DRAWS:

@@ -1,7 +1,7 @@
 """YAML recipes: the whole job in one file, validated on load, and the resolved lock file.
 
     model: path/to/model | builtin:smollm2-135m-instruct
-    calibration: {data: FILE | self, samples: 128, seq_len: 512, seed: 0, chat_template: false, windows: random}
+    calibration: {data: FILE | self, samples: 128, seq_len: 512, seed: 0, chat_template: false, windows: random, bos: true}
     quantize:
       method: gptq            # rtn | gptq | awq | awq+gptq
       bits: 4

@@ -230,3 +230,30 @@ def test_calibrate_draws_disjoint_windows_and_records_it(tiny_llama_dir, small_t
     assert result.exit_code == 0, result.output
     calibration = CalibrationSet.load(tmp_path / "calib")
     assert calibration.meta["windows"] == "disjoint" and calibration.input_ids.shape == (4, 16)
+
+
+def test_windows_start_with_bos_where_the_tokenizer_adds_it_unless_told_not_to(small_text_file: Path) -> None:
+    """Llama 4 always reads BOS at position 0 (its attention sink); calibration windows cut
+    mid-text never held it. Now each window starts with BOS where the tokenizer adds one, the
+    rest of the window unchanged; `bos=False` keeps the text as drawn."""
+    from maverick_quant.calibration.data import build_calibration, read_records
+
+    from test_protocols import _BosTokenizer
+
+    tokenizer = _BosTokenizer()
+    records = read_records(small_text_file, tokenizer, chat_template=False)
+    spec = CalibSpec(samples=6, seq_len=16, seed=3)
+    with_bos = build_calibration(records, tokenizer, spec, "text")
+    plain = build_calibration(records, tokenizer, CalibSpec(samples=6, seq_len=16, seed=3, bos=False), "text")
+    assert (with_bos.input_ids[:, 0] == tokenizer.bos_token_id).all() and with_bos.meta["bos_first"]
+    assert not (plain.input_ids[:, 0] == tokenizer.bos_token_id).any() and not plain.meta["bos_first"]
+    assert torch.equal(with_bos.input_ids[:, 1:], plain.input_ids[:, 1:])
+
+
+def test_a_tokenizer_that_adds_no_bos_draws_the_same_windows_either_way(tokenizer, small_text_file: Path) -> None:
+    """SmolLM2's tokenizer has a BOS token but adds none: its windows stay as drawn."""
+    from maverick_quant.calibration.data import build_calibration, read_records
+
+    records = read_records(small_text_file, tokenizer, chat_template=False)
+    drawn = [build_calibration(records, tokenizer, CalibSpec(samples=4, seq_len=32, bos=bos), "text") for bos in (True, False)]
+    assert torch.equal(drawn[0].input_ids, drawn[1].input_ids) and not drawn[0].meta["bos_first"]

@@ -56,6 +56,9 @@ class _BosTokenizer:
         ids = [self.vocabulary.setdefault(word, len(self.vocabulary) + 3) for word in text.split()]
         return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids}
 
+    def get_vocab(self) -> dict[str, int]:
+        return dict(self.vocabulary)
+
 
 def test_llama_cpp_protocol_puts_bos_first_in_every_window_where_the_vocabulary_adds_it(small_text_file: Path) -> None:
     tokenizer = _BosTokenizer()

@@ -205,6 +205,9 @@ def build_calibration(records: list[str], tokenizer, spec: CalibSpec, source: st
         raise InputError(f"{source}: calibration data is empty")
     stream = token_stream(records, tokenizer, join_with_eos=not spec.chat_template)
     windows = draw_windows(stream, spec, source)
+    bos_first = spec.bos and adds_bos(tokenizer)
+    if bos_first:
+        windows[:, 0] = tokenizer.bos_token_id
     meta = {
         "source": source,
         "text_tokens": stream.numel(),
@@ -214,6 +217,7 @@ def build_calibration(records: list[str], tokenizer, spec: CalibSpec, source: st
         "seed": spec.seed,
         "chat_template": spec.chat_template,
         "windows": spec.windows,
+        "bos_first": bos_first,
         "tokenizer": getattr(tokenizer, "name_or_path", ""),
         "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
         "windows_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
