@@ -211,7 +211,7 @@ def _check_packed_exports(recipe, source) -> None:
     plans = [source.table.plan(text, index) for index in range(text.num_hidden_layers)]
     grid = spec.to_dict()["weights"]
     for export in packed:
-        if problem := LAYOUTS[export.format].check(grid, any(plan.moe for plan in plans)):
+        if problem := LAYOUTS[export.format].check(grid, source.table.has_moe(source.config)):
             raise InputError(f"exports: format {export.format}: {problem}")
     for index, plan in enumerate(plans):
         prefix = source.table.prefix(index)
@@ -227,16 +227,19 @@ def _check_validation(recipe, model_dir: Path, device: str) -> None:
     """The validation step's gates (and baseline), kernels' device, evaluation windows and
     benchmark files, read and checked before any work: the step itself comes hours later."""
     from maverick_quant.devices import resolve_device
-    from maverick_quant.validate_job import read_validation_inputs
+    from maverick_quant.validate_job import CandidateRun, read_validation_inputs
     from maverick_quant.validation.evaluate import import_llama_cpp
 
     v = recipe.validation
     if v is None:
         return
     data = None if v.data == "self" else v.data  # self-written evaluation text exists only after quantizing
+    kernels = v.kernels if "bundle" in v.candidates else None
+    with_mmproj = {export.name for export in recipe.exports if export.mmproj}
+    runs = tuple(CandidateRun(gguf=name.endswith(".gguf"), kernels=name == "bundle" and kernels is not None,
+                              vision=name in with_mmproj) for name in v.candidates)
     read_validation_inputs(model_dir, data, v.ctx, v.max_windows, v.protocol, v.gates, v.baseline, v.hellaswag,
-                           v.choices, v.hellaswag_tasks, v.kernels if "bundle" in v.candidates else None,
-                           resolve_device(device))
+                           v.choices, v.hellaswag_tasks, kernels, resolve_device(device), runs)
     for candidate in v.candidates:
         if candidate.endswith(".gguf"):
             import_llama_cpp(Path(candidate))

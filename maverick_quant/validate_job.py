@@ -33,6 +33,16 @@ class VisionCheck:
 
 
 @dataclass(frozen=True)
+class CandidateRun:
+    """How a candidate will be evaluated, as far as the report's sections depend on it: a GGUF
+    (llama.cpp runs it whole), on the 4-bit `kernels`, with its projector compared (`vision`)."""
+
+    gguf: bool = False
+    kernels: bool = False
+    vision: bool = False
+
+
+@dataclass(frozen=True)
 class ValidationInputs:
     """What `validate` reads and checks before its evaluation (see read_validation_inputs)."""
 
@@ -45,21 +55,27 @@ class ValidationInputs:
 
 
 def read_validation_inputs(reference, data, ctx, max_windows, protocol, gates, baseline, hellaswag, choices,
-                           hellaswag_tasks, kernels, compute) -> ValidationInputs:
+                           hellaswag_tasks, kernels, compute, candidates: tuple[CandidateRun, ...]) -> ValidationInputs:
     """The gates (checked against the baseline report), the kernels' device, the evaluation
     windows (none when `data` is None) and the benchmark tasks: InputError on any before the
     evaluation starts (a recipe calls this before it quantizes, as its validation comes hours
     later)."""
     from maverick_quant.calibration.data import check_scored, eval_windows, load_tokenizer, scored_from
     from maverick_quant.devices import check_kernels_device
-    from maverick_quant.validation.gates import check_baseline, check_gate_keys, parse_gate
+    from maverick_quant.arch.registry import table_for
+    from maverick_quant.model_config import load_model_config
+    from maverick_quant.validation.gates import ReportShape, check_baseline, check_gate_keys, parse_gate
 
     check_kernels_device(kernels, compute)
     if data is not None:
         check_scored(protocol, ctx)
     parsed = [parse_gate(text) for text in gates]
-    check_gate_keys(parsed, {name for name, path in (("hellaswag", hellaswag), ("choices", choices)) if path},
-                    text=data is not None, gpu=compute.type == "cuda")
+    config = load_model_config(Path(reference))
+    moe = table_for(config, str(Path(reference) / "config.json")).has_moe(config)
+    for run in candidates:  # one gate list for every candidate of a recipe
+        check_gate_keys(parsed, ReportShape(text=data is not None, gpu=compute.type == "cuda", hellaswag=bool(hellaswag),
+                                            choices=bool(choices), moe=moe, gguf=run.gguf, kernels=run.kernels,
+                                            vision=run.vision))
     baseline_report = _read_baseline(baseline) if baseline else None
     check_baseline(parsed, baseline_report)
     tokenizer = load_tokenizer(reference)
@@ -90,8 +106,9 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
                                     "--mmproj": vision.mmproj if vision else None,
                                     "--images": vision.images if vision else None}, "--report")
     compute = resolve_device(device)
+    run = CandidateRun(gguf=Path(candidate).is_file(), kernels=kernels is not None, vision=vision is not None)
     inputs = read_validation_inputs(reference, data, ctx, max_windows, protocol, gates, baseline, hellaswag, choices,
-                                    hellaswag_tasks, kernels, compute)
+                                    hellaswag_tasks, kernels, compute, (run,))
     tokenizer, windows, first, tasks = inputs.tokenizer, inputs.windows, inputs.first_scored, inputs.tasks
     use_device(compute)
     reset_peak_memory(compute)

@@ -110,19 +110,23 @@ def test_published_files_get_the_mode_a_plain_open_gives(tiny_run, tmp_path: Pat
 def test_every_number_a_report_holds_is_a_gate_key_known_before_the_run(tiny_run, tmp_path: Path) -> None:
     """Gates are checked against the report's keys before any work (gates.check_gate_keys): each
     number a real report of a dense bundle holds must pass that check (a GGUF candidate's and a
-    kernel-backed one's hold the same; an MoE's adds experts.* and routing.*, taken as given),
+    kernel-backed one's hold the same; an MoE's adds experts.* and routing.*, whose keys are taken as given),
     and a misspelt one is refused up front."""
-    from maverick_quant.validation.gates import check_gate_keys, flatten, parse_gate
+    from maverick_quant.validation.gates import ReportShape, check_gate_keys, flatten, parse_gate
 
     code, out = _run("validate", "--reference", tiny_run["model"], "--candidate", tiny_run["bundle"], "--data",
                      tiny_run["text"], "--ctx", 32, "--max-windows", 1, "--report", tmp_path / "r", "--no-progress")
     assert code == 0, out
     numbers = flatten(json.loads((tmp_path / "r" / "report.json").read_text()))
-    check_gate_keys([parse_gate(f"{key}<=1") for key in numbers], set(), text=True)
+    check_gate_keys([parse_gate(f"{key}<=1") for key in numbers], ReportShape(text=True))
     code, out = _run("validate", "--reference", tiny_run["model"], "--candidate", tiny_run["bundle"], "--data",
                      tiny_run["text"], "--report", tmp_path / "typo", "--gate", "top1_agreemnt>=0.9",
                      "--gate", "hellaswag.delta>=-1")
     assert code == 2 and "will hold no number 'top1_agreemnt'" in out and not (tmp_path / "typo").exists(), out
+    code, out = _run("validate", "--reference", tiny_run["model"], "--candidate", tiny_run["bundle"], "--data",
+                     tiny_run["text"], "--report", tmp_path / "dense", "--gate", "experts.rel_error.max<=0.1")
+    assert code == 2 and "experts numbers only for a mixture-of-experts model" in out, out
+    assert not (tmp_path / "dense").exists()
 
 
 def test_gptq_rounds_otherwise_than_rtn_on_the_same_grid(tiny_run) -> None:

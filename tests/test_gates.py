@@ -3,7 +3,8 @@
 import pytest
 
 from maverick_quant.errors import InputError
-from maverick_quant.validation.gates import Gate, GateResult, check_baseline, evaluate_gates, flatten, parse_gate
+from maverick_quant.validation.gates import (Gate, GateResult, ReportShape, check_baseline, check_gate_keys,
+                                             evaluate_gates, flatten, parse_gate)
 
 REPORT = {
     "reference": {"ppl": 5.0, "nll": 1.6},
@@ -133,3 +134,35 @@ def test_a_baseline_that_is_not_a_json_object_is_refused_naming_it(tmp_path, con
     path.write_bytes(content)
     with pytest.raises(InputError, match=rf"report.json: cannot read baseline report \(.*{message}"):
         load_json_object(path, "baseline report")
+
+
+@pytest.mark.parametrize("value", ["Infinity", "-Infinity", "NaN"])
+def test_a_baseline_number_that_is_not_finite_is_refused_before_any_work(value: str) -> None:
+    """A baseline kl.mean of Infinity made kl.mean<=baseline*1.1 an infinite threshold: any
+    candidate passed."""
+    with pytest.raises(InputError, match=rf"the baseline report's kl.mean is {value.lower().replace('infinity', 'inf')}"):
+        check_baseline([parse_gate("kl.mean<=baseline*1.1")], {"kl": {"mean": value}})
+
+
+@pytest.mark.parametrize("key,shape,reason", [
+    ("multiple_choice.candidate.acc", ReportShape(text=True), "only with --choices"),
+    ("hellaswag.delta", ReportShape(text=True, choices=True), "only with --hellaswag"),
+    ("vision.rel_error.max", ReportShape(text=True, moe=True), "only with --mmproj"),
+    ("experts.rel_error.max", ReportShape(text=True), "only for a mixture-of-experts model"),
+    ("routing.agreement.mean", ReportShape(text=True, moe=True, gguf=True), "not for a GGUF candidate"),
+    ("experts.rel_error.max", ReportShape(text=True, moe=True, kernels=True), "not with kernels"),
+    ("routing.agreement.min", ReportShape(text=True, moe=True, kernels=True), "not with kernels"),
+])
+def test_a_section_the_run_will_not_make_is_refused_before_any_work(key: str, shape: ReportShape, reason: str) -> None:
+    """Such gates used to pass the up-front check and fail after the whole evaluation (a
+    `choices.*` gate could never be satisfied: the report's section is multiple_choice)."""
+    with pytest.raises(InputError, match=rf"gate '{key}<=1': the report has {key.split('.')[0]} numbers {reason}"):
+        check_gate_keys([parse_gate(f"{key}<=1")], shape)
+
+
+def test_sections_the_run_makes_are_accepted() -> None:
+    shape = ReportShape(text=True, hellaswag=True, choices=True, moe=True, kernels=True, vision=True)
+    check_gate_keys([parse_gate(f"{key}>=0") for key in ("multiple_choice.candidate.acc", "hellaswag.delta",
+                                                         "vision.rel_error.max", "experts.fallbacks")], shape)
+    check_gate_keys([parse_gate("experts.rel_error.max<=1"), parse_gate("routing.agreement.mean>=0.9")],
+                    ReportShape(text=True, moe=True))

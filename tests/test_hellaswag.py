@@ -172,7 +172,8 @@ def test_validate_gates_on_hellaswag_delta(tiny_llama_dir: Path, hellaswag_file:
     result = CliRunner().invoke(cli, ["validate", "--reference", str(tiny_llama_dir), "--candidate", str(tiny_llama_dir),
                                       "--data", str(small_text_file), "--ctx", "32", "--max-windows", "1",
                                       "--hellaswag", str(hellaswag_file), "--hellaswag-tasks", "6", "--choices", str(tasks),
-                                      "--report", str(tmp_path / "r"), "--gate", "hellaswag.delta>=-1.0", "--no-progress"])
+                                      "--report", str(tmp_path / "r"), "--gate", "hellaswag.delta>=-1.0",
+                                      "--gate", "multiple_choice.delta>=-1.0", "--no-progress"])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert report["hellaswag"]["tasks"] == 6 and report["hellaswag"]["delta"] == 0

@@ -148,6 +148,30 @@ def test_one_nan_token_fails_every_kl_quantile_gate():
     assert not any(result.passed for result in results)
 
 
+def test_a_candidate_emitting_nan_fails_a_top1_gate_and_its_tokens_are_counted():
+    """A NaN logit row's argmax counted as one disagreement: with 10 such rows in 200 tokens,
+    top1_agreement was 0.95 and a top1_agreement>=0.9 gate passed a broken candidate."""
+    from maverick_quant.validation.gates import evaluate_gates, parse_gate
+
+    ref, cand, targets = _random_case(tokens=200, vocab=13, seed=6)
+    cand[:10] = ref[:10]
+    cand[10:20] = float("nan")
+    acc = MetricAccumulator()
+    acc.update(ref, cand, targets)
+    summary = acc.summary()
+    assert summary["nonfinite_tokens"] == 10 and math.isnan(summary["top1_agreement"])
+    assert not evaluate_gates([parse_gate("top1_agreement>=0.5")], summary)[0].passed
+    clean = MetricAccumulator()
+    clean.update(ref, ref.clone(), targets)
+    assert clean.summary()["nonfinite_tokens"] == 0 and clean.summary()["top1_agreement"] == 1.0
+
+
+def test_quantiles_between_two_infinities_are_infinite():
+    """inf + (h - floor h) * (inf - inf) was NaN."""
+    inf = math.inf
+    assert quantiles(torch.tensor([0.1, 0.2, inf, inf]), (0.9, 0.5)) == [inf, pytest.approx(0.2 + 0.5 * inf)]
+
+
 def test_the_median_expert_error_is_nan_when_an_expert_is():
     from maverick_quant.validation.experts import ExpertError, summarize_experts
 

@@ -4,6 +4,7 @@ agreement of the two models (validation/experts.py)."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -94,6 +95,18 @@ def test_the_worst_expert_is_taken_over_experts_with_enough_tokens() -> None:
     assert summary["rel_error"]["pooled"] == pytest.approx(13 / 21)
     assert summary["rel_error"]["median"] == pytest.approx(0.3)  # of 0.1, 0.3 and 9.0
     assert [row["rel_error"] for row in summary["per_expert"]][2] is None
+
+
+@pytest.mark.parametrize("broken", [float("nan"), float("inf")])
+def test_a_broken_expert_is_the_max_whatever_its_token_count(broken: float) -> None:
+    """An expert whose output overflowed (NaN or inf error) with fewer than min_tokens tokens was
+    left out of the max: experts.rel_error.max<=0.1 passed with the max at 0.0."""
+    from maverick_quant.validation.gates import evaluate_gates, parse_gate
+
+    errors = [ExpertError(1, 0, 40, 1.0, 100.0), ExpertError(1, 1, 13, broken, 10.0)]
+    summary = summarize_experts(errors, min_tokens=16)
+    assert summary["rel_error"]["max_expert"] == 1 and not summary["rel_error"]["max"] < math.inf
+    assert not evaluate_gates([parse_gate("experts.rel_error.max<=0.1")], {"experts": summary})[0].passed
 
 
 def test_one_changed_expert_is_the_only_expert_with_error(tiny_llama4_dir: Path, tmp_path: Path) -> None:

@@ -196,6 +196,11 @@ class ArchTable:
     def prefix(self, layer_index: int) -> str:
         return self.layer_prefix.format(i=layer_index)
 
+    def has_moe(self, config: Any) -> bool:
+        """Whether any layer of the model `config` describes is a mixture of experts."""
+        text = self.text_config(config)
+        return any(self.plan(text, i).moe is not None for i in range(text.num_hidden_layers))
+
     def expected_tensors(self, config: Any) -> dict[str, tuple[int, ...]]:
         """Full tensor name -> shape for the whole model, from config alone."""
         text = self.text_config(config)

@@ -110,7 +110,8 @@ def _worst(values: list[tuple[float, int]]) -> dict:
 def summarize_experts(errors: list[ExpertError], min_tokens: int = MIN_TOKENS_FOR_MAX) -> dict:
     """The report's "experts" entry: count, measured (experts with evaluation tokens),
     rel_error {pooled: sum of errors / sum of signals over all experts, median over measured
-    experts, max over experts with >= `min_tokens` tokens, and where}, and one row per expert."""
+    experts, max over experts with >= `min_tokens` tokens or a non-finite error (a broken expert
+    fails a max gate whatever its token count), and where}, and one row per expert."""
     measured = [e for e in errors if e.tokens]
     rows = [{"layer": e.layer, "expert": e.expert, "eval_tokens": e.tokens, "rel_error": e.rel_error} for e in errors]
     summary = {"count": len(errors), "measured": len(measured), "per_expert": rows}
@@ -119,7 +120,7 @@ def summarize_experts(errors: list[ExpertError], min_tokens: int = MIN_TOKENS_FO
     rel_error = {"pooled": sum(e.error for e in measured) / max(sum(e.signal for e in measured), 1e-30),
                  "median": quantiles(torch.tensor([e.rel_error for e in measured], dtype=torch.float64), (0.5,))[0],
                  "max_min_tokens": min_tokens}  # NaN when an expert's error is (statistics.median would not say)
-    counted = [e for e in measured if e.tokens >= min_tokens]
+    counted = [e for e in measured if e.tokens >= min_tokens or not math.isfinite(e.rel_error)]  # NaN: always the max
     if counted:
         worst = max(counted, key=lambda e: e.rel_error if math.isfinite(e.rel_error) else math.inf)
         rel_error.update({"max": worst.rel_error, "max_layer": worst.layer, "max_expert": worst.expert})

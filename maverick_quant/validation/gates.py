@@ -159,34 +159,77 @@ def _baseline_value(gate: Gate, flat_baseline: Mapping[str, float] | None) -> fl
     if flat_baseline is None:
         raise InputError(f"gate {gate.text!r} compares with `baseline` but no baseline report was given "
                          "(pass --baseline PREVIOUS/report.json)")
-    return _lookup(flat_baseline, gate.key, gate, "baseline report")
+    value = _lookup(flat_baseline, gate.key, gate, "baseline report")
+    if not math.isfinite(value):  # inf*1.1 would pass any candidate; NaN would fail every one
+        raise InputError(f"gate {gate.text!r}: the baseline report's {gate.key} is {value}, not a number to compare "
+                         "with (pass a baseline whose candidate was sound, or a fixed threshold)")
+    return value
 
 
 # Numbers every report holds (RUN_KEYS), and those of a validation on evaluation text (TEXT_KEYS);
 # tests/test_cli_e2e.py checks that a real report's numbers are these.
 RUN_KEYS = frozenset({"seconds", "resources.peak_rss_mib"})
 GPU_KEYS = frozenset({"resources.peak_gpu_mib"})  # on a CUDA device only
-TEXT_KEYS = frozenset({"ppl_ratio", "top1_agreement", "tokens", "candidate.nll", "candidate.ppl", "reference.nll",
+TEXT_KEYS = frozenset({"ppl_ratio", "top1_agreement", "tokens", "nonfinite_tokens", "candidate.nll", "candidate.ppl", "reference.nll",
                        "reference.ppl", "kl.mean", "kl.median", "kl.p90", "kl.p99", "kl.max", "protocol.ctx",
                        "protocol.windows", "protocol.first_scored_position"})
-# Sections whose keys depend on the run (tasks, experts, images), with the option that makes the
-# section (None: the model or candidate decides, e.g. experts and routing for an MoE model).
-SECTIONS = MappingProxyType({"hellaswag": "--hellaswag", "choices": "--choices", "experts": None, "routing": None,
-                             "vision": None})
+# Sections whose keys depend on the run (tasks, experts, images); ReportShape says which a run's report holds.
+SECTIONS = ("hellaswag", "multiple_choice", "experts", "routing", "vision")
 
 
-def check_gate_keys(gates: Sequence[Gate], sections: set[str], text: bool, gpu: bool = False) -> None:
+@dataclass(frozen=True)
+class ReportShape:
+    """What a validation's report will hold, known before any work.
+
+    text: it evaluates text (--data); gpu: it runs on a CUDA device; hellaswag / choices: those
+    benchmarks run; moe: the model has MoE layers; gguf: the candidate is a GGUF, which
+    llama.cpp runs whole (no per-layer, per-expert or routing numbers); kernels: a bundle runs
+    on the 4-bit kernels, whose MoE layers run whole (no routing, no per-expert error);
+    vision: a GGUF's projector is compared too (--mmproj)."""
+
+    text: bool
+    gpu: bool = False
+    hellaswag: bool = False
+    choices: bool = False
+    moe: bool = False
+    gguf: bool = False
+    kernels: bool = False
+    vision: bool = False
+
+    def absent_because(self, key: str) -> str | None:
+        """Why the report will hold no section for gate key `key` (None: it will, or `key` is
+        not in a section). Keys inside a section the report holds are taken as given."""
+        section = key.split(".", 1)[0]
+        reasons = {
+            "hellaswag": None if self.hellaswag else "only with --hellaswag",
+            "multiple_choice": None if self.choices else "only with --choices",
+            "vision": None if self.vision else "only with --mmproj (a GGUF candidate's projector)",
+            "experts": self._expert_reason(key.startswith("experts.rel_error")),
+            "routing": self._expert_reason(True),
+        }
+        return reasons.get(section)
+
+    def _expert_reason(self, measured: bool) -> str | None:
+        """Why experts.* / routing.* numbers will be absent (`measured`: numbers the layer-by-layer
+        evaluation measures, not the bundle's quantize audit)."""
+        if not self.moe:
+            return "only for a mixture-of-experts model"
+        if self.gguf:
+            return "not for a GGUF candidate (llama.cpp runs it whole)"
+        if self.kernels and measured:
+            return "not with kernels (the 4-bit kernels run MoE layers whole)"
+        return None
+
+
+def check_gate_keys(gates: Sequence[Gate], shape: ReportShape) -> None:
     """Before any work: InputError for a gate whose key the report will not hold (a misspelt
-    metric used to be found after the whole evaluation). `sections`: the optional sections the
-    run's options make ("hellaswag", "choices"); `text`: whether it evaluates text (--data);
-    `gpu`: whether it runs on a CUDA device. Keys inside a section whose contents depend on the
-    run are taken as given."""
-    known = RUN_KEYS | (TEXT_KEYS if text else frozenset()) | (GPU_KEYS if gpu else frozenset())
+    metric, or a section this run will not make, used to be found after the whole evaluation)."""
+    known = RUN_KEYS | (TEXT_KEYS if shape.text else frozenset()) | (GPU_KEYS if shape.gpu else frozenset())
     for gate in gates:
         section = gate.key.split(".", 1)[0]
         if section in SECTIONS:
-            if SECTIONS[section] is not None and section not in sections:
-                raise InputError(f"gate {gate.text!r}: the report has {section} numbers only with {SECTIONS[section]}")
+            if reason := shape.absent_because(gate.key):
+                raise InputError(f"gate {gate.text!r}: the report has {section} numbers {reason}")
         elif gate.key not in known:
             sections_text = ", ".join(f"{name}.*" for name in SECTIONS)
             raise InputError(f"gate {gate.text!r}: the report will hold no number {gate.key!r}; expected one of "

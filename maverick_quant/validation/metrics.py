@@ -10,6 +10,9 @@ For each scored token t with target y_t, reference logits r_t [V] and candidate 
 
 Over all N scored tokens: ppl = exp(mean_t nll(t)), ppl_ratio = ppl_cand / ppl_ref,
 top1_agreement = mean_t agree(t), and mean / median / p90 / p99 / max of kl(t).
+A token whose kl(t) is NaN (a NaN or +inf logit: a broken model) is counted in
+`nonfinite_tokens`, and makes top1_agreement NaN like every other number: its argmax would
+otherwise count as one disagreement, and a top-1 gate pass a candidate that emits NaN.
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ def quantiles(values: torch.Tensor, qs: tuple[float, ...]) -> list[float]:
         position = q * (ordered.numel() - 1)
         low, high = math.floor(position), math.ceil(position)
         lo_value, hi_value = ordered[low].item(), ordered[high].item()
-        out.append(lo_value + (position - low) * (hi_value - lo_value) if high != low else lo_value)
+        out.append(lo_value if high == low or lo_value == hi_value else  # inf - inf would be NaN
+                   lo_value + (position - low) * (hi_value - lo_value))
     return out
 
 
@@ -115,6 +119,7 @@ class MetricAccumulator:
         self.nll_cand_sum = 0.0
         self.kl_sum = 0.0
         self.agree_count = 0
+        self.nonfinite_tokens = 0
         self._kl_chunks: list[torch.Tensor] = []
         self._workspace = Workspace()
 
@@ -140,6 +145,7 @@ class MetricAccumulator:
         self.nll_cand_sum += nll_cand.double().sum().item()
         self.kl_sum += kl.double().sum().item()
         self.agree_count += int(agree.sum().item())
+        self.nonfinite_tokens += int(kl.isnan().sum().item())
         self._kl_chunks.append(kl.detach().to(device="cpu", dtype=torch.float32))
 
     def kl_values(self) -> torch.Tensor:
@@ -152,7 +158,7 @@ class MetricAccumulator:
         """The nested metric dict (see the module docstring for the formulas).
 
         {"reference": {"ppl", "nll"}, "candidate": {"ppl", "nll"}, "ppl_ratio",
-         "kl": {"mean", "median", "p90", "p99", "max"}, "top1_agreement", "tokens"}
+         "kl": {"mean", "median", "p90", "p99", "max"}, "top1_agreement", "tokens", "nonfinite_tokens"}
         """
         if self.tokens == 0:
             raise InputError("no tokens were scored: the evaluation text gave no windows to compare")
@@ -166,6 +172,7 @@ class MetricAccumulator:
             "candidate": {"ppl": _exp(nll_cand), "nll": nll_cand},
             "ppl_ratio": _exp(nll_cand - nll_ref),
             "kl": kl,
-            "top1_agreement": self.agree_count / self.tokens,
+            "top1_agreement": math.nan if self.nonfinite_tokens else self.agree_count / self.tokens,
             "tokens": self.tokens,
+            "nonfinite_tokens": self.nonfinite_tokens,
         }

@@ -172,8 +172,9 @@ def _expert_section(experts: Mapping | None, routing: Mapping | None = None, sho
             lines += [f"Routing agreement, {label}: mean {_fmt(routing[key]['mean'])}, lowest "
                       f"{_fmt(routing[key]['min'])} (layer {routing[key]['min_layer']}).", ""]
     min_tokens = (error or {}).get("max_min_tokens", 0)
-    largest = sorted((r for r in rows if r.get("rel_error") is not None and r.get("eval_tokens", 0) >= min_tokens),
-                     key=lambda r: -r["rel_error"])[:shown]
+    largest = sorted((r for r in rows if r.get("rel_error") is not None
+                      and (r.get("eval_tokens", 0) >= min_tokens or not math.isfinite(r["rel_error"]))),
+                     key=lambda r: -_worst_first(r["rel_error"]))[:shown]
     lossy = sorted((r for r in rows if r.get("rel_loss") is not None), key=lambda r: -r["rel_loss"])[:shown]
     starved = sorted((r for r in rows if r.get("tokens") is not None), key=lambda r: r["tokens"])[:shown]
     lines += _expert_rows("Largest validation error", largest)
@@ -259,14 +260,22 @@ def plot_layer_errors(layer_errors: Sequence[tuple[str, float]], path: Path) -> 
     return _save_png(figure, path)
 
 
+def _worst_first(value: float) -> float:
+    """A sort key that puts NaN above every number (NaN compares false, so it used to land anywhere)."""
+    return math.inf if math.isnan(value) else value
+
+
 def _expert_heat_map(grid: Mapping[int, Sequence[float | None]], path: Path, title: str, label: str,
                      missing_label: str, log: bool = False) -> Path:
     """Heat map of one value per expert (x) per MoE layer (y), {layer: [value or None per
-    expert]}; missing values (None) are marked with a red dot labelled `missing_label`."""
+    expert]}; missing values (None) are marked with a red dot labelled `missing_label`, and
+    non-finite ones (a broken expert) with a black cross."""
     layers = sorted(grid)
+    missing = torch.tensor([[v is None for v in grid[layer]] for layer in layers])
     values = torch.tensor([[math.nan if v is None else float(v) for v in grid[layer]] for layer in layers],
                           dtype=torch.float64)
-    missing = values.isnan()
+    broken = ~values.isfinite() & ~missing
+    values[broken] = math.nan  # left blank by imshow, marked below
     shown = values.clamp_min(1e-12).log10() if log else values
     figure, axes = _new_figure(title)
     image = axes.imshow(shown.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
@@ -274,6 +283,10 @@ def _expert_heat_map(grid: Mapping[int, Sequence[float | None]], path: Path, tit
     if missing.any():
         starved = missing.nonzero().tolist()
         axes.scatter([e for _, e in starved], [l for l, _ in starved], marker=".", color="red", label=missing_label)
+    if broken.any():
+        cells = broken.nonzero().tolist()
+        axes.scatter([e for _, e in cells], [l for l, _ in cells], marker="x", color="black", label="non-finite")
+    if missing.any() or broken.any():
         axes.legend(loc="upper right")
     axes.set_xlabel("expert")
     axes.set_ylabel("layer")
