@@ -136,6 +136,9 @@ def _shard_files(model_dir: Path) -> tuple[list[Path], dict[str, str] | None]:
             weight_map = json.loads(index_path.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise InputError(f"{index_path}: not a valid safetensors index ({exc!r})") from None
+        if not isinstance(weight_map, dict):
+            raise InputError(f"{index_path}: not a valid safetensors index (weight_map is a "
+                             f"{type(weight_map).__name__}, expected an object of tensor name -> shard file)")
         files = []
         for name, rel in weight_map.items():
             # checked by name, not by resolving links: a Hugging Face cache snapshot's shards are
@@ -416,17 +419,20 @@ def atomic_output_dir(out: Path, force: bool) -> Iterator[Path]:
 
 def replace_dir(finished: Path, out: Path) -> None:
     """Rename the finished directory to `out`; an existing `out` is moved aside first and
-    removed only after the rename, so a crash never leaves neither."""
+    removed only after the rename is on the disk (the parent flushed), so a crash or a power loss
+    never leaves neither."""
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
         os.replace(finished, out)
+        _fsync_directory(out.parent)
         if old.is_dir() and not old.is_symlink():
             shutil.rmtree(old, ignore_errors=True)
         else:  # a file (or link) the output replaced with --force
             old.unlink(missing_ok=True)
     else:
         os.replace(finished, out)
+        _fsync_directory(out.parent)  # before the caller removes the state that could redo it
 
 
 def durable_replace(tmp: Path, path: Path) -> None:

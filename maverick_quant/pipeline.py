@@ -49,7 +49,9 @@ class RunSummary:
 
 def _check_finite(hidden: torch.Tensor, where: str) -> None:
     if not all_finite(hidden):
-        raise InputError(f"calibration activations became NaN/Inf at {where}; check the model's weights there")
+        raise InputError(f"calibration activations became NaN/Inf at {where}; check the model's weights there "
+                         "(the layers finished before it are kept: --resume once mended, --force to start over)",
+                         keep_work=True)
 
 
 def quantize_groups_gptq(model: StreamingModel, layer: torch.nn.Module, hidden: torch.Tensor,

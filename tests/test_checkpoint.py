@@ -65,6 +65,15 @@ def test_index_entry_outside_model_dir_is_refused(model_copy: Path, tmp_path: Pa
     _assert_refused(_quantize_rtn(model_copy, tmp_path / "out"), tmp_path / "out", "outside the model directory")
 
 
+@pytest.mark.parametrize("weight_map", [["model.embed_tokens.weight"], None])
+def test_an_index_whose_weight_map_is_not_an_object_is_refused(model_copy: Path, tmp_path: Path, weight_map) -> None:
+    """It was an AttributeError traceback (exit 3)."""
+    index_path = model_copy / "model.safetensors.index.json"
+    index_path.write_text(json.dumps({"weight_map": weight_map}))
+    _assert_refused(_quantize_rtn(model_copy, tmp_path / "out"), tmp_path / "out", "not a valid safetensors index",
+                    "weight_map is a")
+
+
 def _rewrite_tensor(model_dir: Path, name: str, value: torch.Tensor) -> Path:
     index = json.loads((model_dir / "model.safetensors.index.json").read_text())
     shard = model_dir / index["weight_map"][name]

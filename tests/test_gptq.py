@@ -341,6 +341,28 @@ def test_singular_hessian_with_dead_input(sym):
     assert (deq[:, 5] == 0).all()  # dead column zeroed, then exactly representable
 
 
+def test_dead_inputs_leave_the_damping_and_the_live_solve_as_without_them():
+    """Dead inputs (never seen: zero rows and columns of H) are independent of the rest, so the
+    live columns must solve as the reduced problem does. Their unit diagonal fill used to enter
+    mean(diag H), and with it the damping: 137x too much where activations are around 1e-2."""
+    gen = torch.Generator().manual_seed(21)
+    live = torch.cat([torch.arange(0, 40), torch.arange(56, 128)])
+    X = torch.zeros(300, 128)
+    X[:, live] = (torch.randn(300, live.numel(), generator=gen) @ torch.randn(live.numel(), live.numel(), generator=gen)
+                  * 1e-3)
+    H, W = X.T @ X / 300, _weight(24, 128, seed=22)
+    spec = QuantSpec(bits=4, group_size=-1, sym=True)
+    full = gptq_quantize(W, H, spec).weight.dequantize()
+    reduced = gptq_quantize(W[:, live], H[live][:, live], spec).weight.dequantize()
+    assert torch.equal(full[:, live], reduced) and (full[:, 40:56] == 0).all()
+
+
+def test_a_hessian_that_saw_no_input_is_refused():
+    with pytest.raises(ValueError, match=r"Hessian is zero \(batch elements \[1\]\)"):
+        gptq_quantize(_weight(8, 32, seed=23).expand(2, 8, 32), torch.stack([torch.eye(32), torch.zeros(32, 32)]),
+                      QuantSpec(group_size=32))
+
+
 def test_indefinite_hessian_escalates_damping():
     H = _indefinite(_correlated_hessian(64, 300, seed=13))
     spec = QuantSpec(bits=4, group_size=32)
@@ -352,6 +374,15 @@ def test_indefinite_hessian_escalates_damping():
 def test_hopeless_hessian_raises():
     with pytest.raises(ValueError, match="positive-definite"):
         gptq_quantize(_weight(8, 32, seed=15), -torch.eye(32), QuantSpec(group_size=32))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_rtn_refuses_a_weight_that_is_not_finite(bad: float) -> None:
+    """A NaN rounded to code 0 and an inf gave a 65504 scale, silently."""
+    W = _weight(8, 64, seed=24)
+    W[3, 7] = bad
+    with pytest.raises(ValueError, match=r"RTN: weight \[8, 64\] contains NaN/Inf"):
+        rtn_quantize(W, QuantSpec(group_size=32))
 
 
 def test_bad_inputs_raise():

@@ -179,6 +179,8 @@ def rtn_quantize(W: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     or on llama.cpp's Q4_K / Q4_1 offset grid (compress/kquant.py) for a k_quant or free_min spec."""
     from maverick_quant.compress.kquant import offset_grid_params, rtn_quantize_k  # kquant builds on this module
 
+    if not torch.isfinite(W).all():  # a NaN would round to code 0 and an inf to a 65504 scale, silently
+        raise ValueError(f"RTN: weight [{', '.join(map(str, W.shape))}] contains NaN/Inf")
     k = W.shape[-1]
     offset_params = offset_grid_params(spec, k)
     if offset_params is not None:
