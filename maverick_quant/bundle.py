@@ -45,7 +45,7 @@ AUDIT = "audit.json"
 PASSTHROUGH = "passthrough.safetensors"
 BUNDLE_FORMAT = "maverick-quant-bundle"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "generation_config.json", "chat_template.jinja", "vocab.json", "merges.txt")
+                   "generation_config.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")  # a vision model's image processing
 
 
@@ -323,11 +323,11 @@ class Bundle:
                                                           self.quant["group_size"])
                                    for name, shape in chunk["shapes"].items()}
 
-    def expert_linear_chunks(self, index: int, name: str) -> Iterator[QuantizedWeight]:
+    def expert_linear_chunks(self, index: int, name: str) -> Iterator[tuple[int, QuantizedWeight]]:
         """Layer `index`'s routed-expert linear `name` (e.g. "gate_proj"), chunk by chunk as
-        QuantizedWeight [count, N, K]; only that linear's tensors are read from each file."""
+        (first expert, QuantizedWeight [count, N, K]); only that linear's tensors are read."""
         for chunk in self.manifest["layers"][index].get("experts", {}).get("chunks", []):
-            yield self._expert_linear(chunk, name)
+            yield chunk["first"], self._expert_linear(chunk, name)
 
     def expert_tensors(self, index: int, first: int, count: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """Experts [first, first+count) of layer `index`, dequantized on `device` one expert at a

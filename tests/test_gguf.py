@@ -3,6 +3,8 @@ rotary row permutation, and whole exports read back with gguf-py's reader."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +155,44 @@ def test_llama4_export_stacks_experts_and_keeps_the_router_in_f32(smollm2_dir: P
     # the attention of Llama 4 is not permuted (llama.cpp's llama4 uses HF's rotary layout)
     assert np.array_equal(_dequantize(tensors["blk.0.attn_q.weight"]).reshape(ours["self_attn.q_proj.weight"].shape),
                           bundle.layer_tensors(0)["self_attn.q_proj.weight"].numpy())
+    _experts_land_at_their_own_index(bundle)
+
+
+def _experts_land_at_their_own_index(bundle: Bundle) -> None:
+    """Chunks are placed at their recorded first expert, not in the order they come (a manifest
+    listing them otherwise shuffled experts silently); overlaps and gaps are refused."""
+    from maverick_quant.errors import InputError
+    from maverick_quant.exporters.gguf import BundleWeights, plan_gguf_export
+
+    plan, _, _ = plan_gguf_export(BundleWeights(bundle), "Q8_0")
+    [(first, whole)] = list(bundle.expert_linear_chunks(1, "gate_proj"))
+    shape, name = (whole.codes.shape[0], whole.codes.shape[1], whole.codes.shape[2]), "blk.1.ffn_gate_exps.weight"
+    in_order = plan._stack_experts(name, shape, [(first, whole)])
+    assert np.array_equal(plan._stack_experts(name, shape, [(4, whole[4:]), (0, whole[:4])]), in_order)
+    with pytest.raises(InputError, match="expert chunk at 4 .4 experts. overlaps another"):
+        plan._stack_experts(name, shape, [(0, whole), (4, whole[4:])])
+    with pytest.raises(InputError, match="the bundle holds 4 experts, the config 8"):
+        plan._stack_experts(name, shape, [(0, whole[:4])])
+
+
+def test_a_chat_template_kept_in_chat_template_json_reaches_the_gguf(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """Llama 4's repositories ship chat_template.json; bundles did not copy it, so a GGUF made
+    from a bundle had no tokenizer.chat_template where one made from the model folder had."""
+    import gguf
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    template = config.pop("chat_template", None) or (model / "chat_template.jinja").read_text()
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    (model / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    code, out = _run("quantize", model, "--method", "rtn", "--gguf-grid", "Q8_0", "--out", tmp_path / "bundle",
+                     "--no-progress")
+    assert code == 0, out
+    code, out = _run("export", tmp_path / "bundle", "--format", "gguf", "--gguf-type", "Q8_0", "--out", tmp_path / "m.gguf")
+    assert code == 0, out
+    assert gguf.GGUFReader(tmp_path / "m.gguf").fields["tokenizer.chat_template"].contents() == template
 
 
 def test_llama4_configurations_llama_cpp_cannot_run_are_refused(tiny_llama4_dir: Path, tmp_path: Path) -> None:
@@ -342,7 +382,9 @@ def test_llama3_rope_factors_follow_llama_cpps_formula() -> None:
 
 _BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
 _LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+# the "original regex from tokenizer.json" llama.cpp's llama-vocab.cpp quotes for LLAMA_VOCAB_PRE_TYPE_GPT4O
 _LLAMA4_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+                 r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
                  r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
@@ -354,6 +396,10 @@ def _split(regex: str) -> dict:
     ([{**_BYTE_LEVEL, "use_regex": True}], "gpt-2"),
     ([{"type": "Digits", "individual_digits": True}, {**_BYTE_LEVEL, "use_regex": True}], "smollm"),
     ([_split(_LLAMA4_SPLIT), _BYTE_LEVEL], "llama4"),
+    # near misses llama.cpp would split by GPT-4o's rules anyway: left for --gguf-pre, never guessed
+    ([_split(_LLAMA4_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")), _BYTE_LEVEL], None),
+    ([_split(_LLAMA4_SPLIT.split("|[^")[0] + "|" + _LLAMA4_SPLIT.split("|", 9)[-1]), _BYTE_LEVEL], None),
+    ([{**_split(_LLAMA4_SPLIT), "behavior": "Removed"}, _BYTE_LEVEL], None),
     ([_split(_LLAMA3_SPLIT), _BYTE_LEVEL], None),  # Llama 3's regex: named only by --gguf-pre, never taken for Llama 4's
     ([{"type": "Metaspace", "replacement": "▁"}], None),
 ])

@@ -160,8 +160,10 @@ class BundleWeights:
 
 
 class FloatWeights:
-    """The GGUF writer's view of an original float model: every linear is re-quantized by
-    gguf-py (llama.cpp's own round-to-nearest), the plain GGUF others would make."""
+    """The GGUF writer's view of an original float model: every linear is re-quantized, Q4_0 /
+    Q4_1 / Q8_0 by gguf-py (llama.cpp's own round-to-nearest, the plain GGUF others would make),
+    Q4_K by our min/max round-to-nearest (llama-quantize's Q4_K searches each block's range, so
+    this baseline is weaker than llama.cpp's own Q4_K: docs/exports.md)."""
 
     quant = None
 
@@ -215,7 +217,7 @@ class FloatWeights:
     def expert_chunks(self, index: int, name: str):
         moe = self._plan(index).moe
         for first in range(moe.num_experts):  # one expert at a time: bounded memory
-            yield unfuse_experts(moe, self.source.expert_tensors(index, first, 1))[name].float()
+            yield first, unfuse_experts(moe, self.source.expert_tensors(index, first, 1))[name].float()
 
 
 class GGUFPlan:
@@ -288,16 +290,22 @@ class GGUFPlan:
         return jobs
 
     def _stack_experts(self, gguf_name: str, shape: tuple[int, int, int], chunks) -> np.ndarray:
-        """The stacked expert tensor's blocks [E, N, bytes], filled chunk by chunk (one copy held)."""
+        """The stacked expert tensor's blocks [E, N, bytes], filled chunk by chunk (one copy held)
+        from `chunks`, (first expert, weight [count, N, K]) pairs: each lands at its own first
+        expert, and every expert must be filled exactly once."""
         experts, n, k = shape
         row_bytes = TensorJob(gguf_name, (k,), self._tensor_type(k), lambda: None).nbytes()
-        out, first = np.empty((experts, n, row_bytes), dtype=np.uint8), 0
-        for weight in chunks:
+        out, filled = np.empty((experts, n, row_bytes), dtype=np.uint8), np.zeros(experts, dtype=bool)
+        for first, weight in chunks:
             blocks = self._encode(gguf_name, weight, self._block_type(k), self.exact)
+            if first + blocks.shape[0] > experts or filled[first : first + blocks.shape[0]].any():
+                raise InputError(f"--format gguf: {gguf_name}: the bundle's expert chunk at {first} "
+                                 f"({blocks.shape[0]} experts) overlaps another or passes the config's {experts}")
             out[first : first + blocks.shape[0]] = blocks.reshape(blocks.shape[0], n, row_bytes)
-            first += blocks.shape[0]
-        if first != shape[0]:
-            raise InputError(f"--format gguf: {gguf_name}: the bundle holds {first} experts, the config {shape[0]}")
+            filled[first : first + blocks.shape[0]] = True
+        if not filled.all():
+            raise InputError(f"--format gguf: {gguf_name}: the bundle holds {int(filled.sum())} experts, "
+                             f"the config {experts}")
         return out
 
     def _gguf_name(self, index: int, name: str) -> str:
@@ -413,8 +421,8 @@ def rope_factors(config) -> torch.Tensor | None:
 
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, torch.device("cpu"))
     dim = scaled.shape[0] * 2
-    default = 1.0 / (rope_theta(config) ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-    return (default / scaled.double()).float()
+    default = 1.0 / (rope_theta(config) ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    return default / scaled  # in float32, as transformers and llama.cpp's converter compute both
 
 
 def rope_theta(config) -> float:
@@ -454,14 +462,21 @@ def add_model_metadata(writer, config, arch: str, block_type: BlockType, name: s
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-LLAMA4_SPLIT_MARK = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"  # in Llama 4's (GPT-4o's) split regex
+_O200K_CONTRACTION = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+O200K_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+" + _O200K_CONTRACTION
+               + r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*" + _O200K_CONTRACTION
+               + r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+"""Llama 4's (GPT-4o's o200k) split regex, exactly: llama.cpp replaces it by its own fixed
+rules under the names "llama4" and "gpt-4o", so a tokenizer whose regex differs in any way
+would be split otherwise in llama.cpp than in transformers."""
 
 
 def tokenizer_pre(model_dir: Path) -> str | None:
     """llama.cpp's pre-tokenizer name for a byte-level BPE tokenizer, read from the structure of
     tokenizer.json's pre_tokenizer: ByteLevel with its regex alone is "gpt-2"; individual digits
     then ByteLevel is "smollm"; Llama 4's split regex (GPT-4o's o200k one, which llama.cpp
-    splits alike under "llama4" and "gpt-4o") then ByteLevel without its own regex is "llama4". None when not recognised (whatever the model's
+    splits alike under "llama4" and "gpt-4o"; exactly `O200K_SPLIT`, Isolated) then ByteLevel without its own regex
+    is "llama4". None when not recognised (whatever the model's
     architecture: a Llama 4 layout may carry another tokenizer, upcycled from a Llama 3)."""
     pre = json.loads((model_dir / "tokenizer.json").read_text()).get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
@@ -471,8 +486,10 @@ def tokenizer_pre(model_dir: Path) -> str | None:
         return "gpt-2"
     if kinds == [("Digits", True, None, None), ("ByteLevel", None, True, False)]:
         return "smollm"
-    split = (steps[0].get("pattern") or {}).get("Regex", "") if steps and steps[0].get("type") == "Split" else ""
-    if len(steps) == 2 and LLAMA4_SPLIT_MARK in split and kinds[1][0] == "ByteLevel" and kinds[1][2] is False:
+    split = steps[0] if steps and steps[0].get("type") == "Split" else {}
+    if (len(steps) == 2 and (split.get("pattern") or {}).get("Regex") == O200K_SPLIT
+            and split.get("behavior") == "Isolated" and split.get("invert") is False
+            and kinds[1][0] == "ByteLevel" and kinds[1][2] is False):
         return "llama4"
     return None
 
