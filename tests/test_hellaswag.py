@@ -197,6 +197,7 @@ def test_validate_passes_its_choices_memory_budget_down(tiny_llama_dir: Path, he
               "--hellaswag-tasks", "2", "--no-progress"]
     result = CliRunner().invoke(cli, [*common, "--choices-pass-mib", "3", "--report", str(tmp_path / "r")])
     assert result.exit_code == 0, result.output
+    assert "through the layers" not in result.output  # --no-progress silences the per-layer bar too
     assert budgets == [3, 3]
     result = CliRunner().invoke(cli, [*common, "--choices-pass-mib", "0", "--report", str(tmp_path / "r0")])
     assert result.exit_code == 2 and "--choices-pass-mib" in result.output

@@ -305,7 +305,8 @@ def choose_answers(source, encoded: list[EncodedTask], pad: int, block: int = CH
     chosen = torch.empty(len(encoded), dtype=torch.long)
     members = [order[start : start + block] for start in range(0, len(order), block)]
     blocks = [pack_tasks([encoded[i] for i in part], pad) for part in members]
-    scored = _block_scores(source, encoded, members, blocks, kernels, device, bar is not None, pass_mib)
+    shown = bar is not None and not getattr(bar, "disable", False)  # --no-progress hands in a disabled bar
+    scored = _block_scores(source, encoded, members, blocks, kernels, device, shown, pass_mib)
     for part, packed, scores in zip(members, blocks, scored):
         chosen[part] = predictions(scores, packed.choices_per_task)
         if bar is not None:
