@@ -40,6 +40,15 @@ class Group(click.Group):
     """Exit codes: 0 done, 1 a validation gate failed (the commands exit so themselves), 2 bad
     usage or input (InputError, click's usage errors), 3 any other failure, 130 interrupted."""
 
+    def resolve_command(self, ctx, args):
+        """The subcommand, refused under torchrun unless it splits its work (distributed.refuse_split)."""
+        from maverick_quant.distributed import refuse_split
+
+        name, command, rest = super().resolve_command(ctx, args)
+        if command is not None:
+            refuse_split(command.name)
+        return name, command, rest
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)

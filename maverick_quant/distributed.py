@@ -26,6 +26,7 @@ the output directory.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -37,6 +38,25 @@ from maverick_quant.compress.types import QuantizedWeight
 from maverick_quant.errors import InputError
 
 TIMEOUT_ENV = "MAVERICK_QUANT_DIST_TIMEOUT_MIN"  # how long a rank waits for the others (default 60)
+SPLIT_COMMANDS = ("quantize", "run")  # the commands whose work torchrun's processes share
+
+
+def world_size() -> int:
+    """How many processes torchrun started for this job (1 for a plain run)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def writes_outputs() -> bool:
+    """Whether this process writes the job's outputs: torchrun's rank 0, or a plain run."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def refuse_split(command: str) -> None:
+    """InputError when `command` is started by torchrun with several processes but is not one of
+    SPLIT_COMMANDS: each process would run the whole job and write the same outputs."""
+    if world_size() > 1 and command not in SPLIT_COMMANDS:
+        raise InputError(f"{command} runs as one process (WORLD_SIZE={world_size()}): only "
+                         f"{' and '.join(SPLIT_COMMANDS)} split their routed experts over torchrun's processes")
 
 
 @dataclass(frozen=True)
@@ -93,6 +113,22 @@ class ExpertParallel:
             raise InputError(f"--resume: the ranks disagree on the layer to go on from (rank 0: layer {start}, rank "
                              f"{self.rank}: layer {first_layer}); every host must see the run state {state_folder} "
                              "(a shared file system). The finished layers are kept", keep_work=True)
+
+    def check_same_inputs(self, identity: dict) -> None:
+        """InputError on every rank (finished work kept) unless every rank computes what rank 0
+        does: each top-level entry of the run's `identity` (model fingerprint, options, calibration
+        windows, tool version) compared by its sha256. Another calibration file or model copy on
+        one host would otherwise mix its experts into rank 0's bundle, silently."""
+        differing = []
+        for key in sorted(identity):
+            digest = hashlib.sha256(json.dumps(identity[key], sort_keys=True, default=str).encode()).digest()
+            mine = int.from_bytes(digest[:7], "little")  # 56 bits: an int64 every backend broadcasts
+            if not self.agree(self.rank0_value(mine) == mine):
+                differing.append(key)
+        if differing:
+            raise InputError(f"the ranks do not run the same inputs: {', '.join(differing)} differ from rank 0's on at "
+                             "least one rank (every host needs the same model, calibration and options); the finished "
+                             "layers are kept", keep_work=True)
 
     def barrier(self) -> None:
         import torch.distributed as dist

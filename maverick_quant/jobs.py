@@ -112,7 +112,8 @@ def _enter_output(stack: contextlib.ExitStack, out: Path, identity: dict, force:
                   parallel: "ExpertParallel | None"):
     """(work directory, run state) of this process. Under expert parallelism rank 0 prepares
     them (checks, lock, resume) and the other ranks then read its state without writing; if
-    rank 0 refuses the output, the others stop too instead of waiting for it."""
+    rank 0 refuses the output, the others stop too instead of waiting for it, and every rank
+    stops unless all run the same inputs (`ExpertParallel.check_same_inputs`)."""
     from maverick_quant.resume import ReadOnlyState, resumable_output_dir, state_dir_for, work_dir_for
 
     if parallel is None:
@@ -123,10 +124,12 @@ def _enter_output(stack: contextlib.ExitStack, out: Path, identity: dict, force:
             entered = stack.enter_context(resumable_output_dir(out, identity, force, resume))
         finally:
             parallel.agree(entered is not None)
-        return entered
-    if not parallel.agree(True):
-        raise InputError(f"{out}: rank 0 refused this output (its message says why); rank {parallel.rank} stops")
-    return work_dir_for(out), ReadOnlyState(state_dir_for(out), identity)
+    else:
+        if not parallel.agree(True):
+            raise InputError(f"{out}: rank 0 refused this output (its message says why); rank {parallel.rank} stops")
+        entered = work_dir_for(out), ReadOnlyState(state_dir_for(out), identity)
+    parallel.check_same_inputs(identity)
+    return entered
 
 
 def run_export(bundle_dir, out, fmt="gptq", max_shard_size=5 * 10**9, force=False, report_dir=None, progress=True):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -30,7 +31,7 @@ from maverick_quant.devices import device_label, peak_device_mib, quantized_to, 
 from maverick_quant.distributed import ExpertParallel
 from maverick_quant.errors import InputError
 from maverick_quant.host_memory import peak_rss_mib, release_free_memory
-from maverick_quant.recipe import Method, QuantizeSpec, grid_changes
+from maverick_quant.recipe import Method, QuantizeSpec, QuantSpec, grid_changes
 from maverick_quant.resume import RunState, warn_if_resumed_elsewhere
 from maverick_quant.streaming import CheckpointSource, StreamingModel
 
@@ -184,6 +185,26 @@ def refuse_overridden_experts(source, spec: QuantizeSpec) -> None:
                                      "e.g. to the shared expert or self_attn)")
 
 
+def quantized_widths(source, spec: QuantizeSpec) -> Iterator[tuple[str, int, QuantSpec]]:
+    """(full name, K, grid) of every linear the run quantizes, from the config alone: the
+    layers' linears (and the router under `moe.quantize_router`) on their own grid, each
+    routed-expert linear once per layer on the run's grid (overrides never match experts)."""
+    text = source.text_config
+    for index in range(text.num_hidden_layers):
+        plan, prefix = source.table.plan(text, index), source.table.prefix(index)
+        moe = plan.moe
+        router = (moe.router,) if moe is not None and spec.moe.quantize_router else ()
+        for name in plan.linears + router:
+            if not spec.keeps_float(prefix + name):
+                yield prefix + name, plan.shapes[f"{name}.weight"][1], spec.weights_for(prefix + name)
+        for linear in moe.expert_linears if moe is not None else ():
+            yield f"{prefix}{moe.experts}.{linear.name}", plan.shapes[linear.fused][1], spec.weights  # fused [E, K, parts * N]
+
+
+def _named_widths(found: list[tuple[str, int]]) -> str:
+    return f"{', '.join(f'{name} (K={width})' for name, width in found[:4])}{', ...' if len(found) > 4 else ''}"
+
+
 def refuse_unblockable_widths(source, spec: QuantizeSpec) -> None:
     """InputError, before any work, when the run's grid is one of llama.cpp's offset grids
     (`--gguf-grid Q4_1 / Q4_K`, whose blocks hold 32 columns; Q4_K's super-blocks fall back to
@@ -191,23 +212,22 @@ def refuse_unblockable_widths(source, spec: QuantizeSpec) -> None:
     32, naming them: they were found in the middle of the run."""
     if spec.weights.gguf_grid is None:
         return
-    text, found = source.text_config, []
-    for index in range(text.num_hidden_layers):
-        plan, prefix = source.table.plan(text, index), source.table.prefix(index)
-        moe = plan.moe
-        router = (moe.router,) if moe is not None and spec.moe.quantize_router else ()
-        for name in plan.linears + router:
-            width = plan.shapes[f"{name}.weight"][1]
-            if not spec.keeps_float(prefix + name) and spec.weights_for(prefix + name).gguf_grid and width % 32:
-                found.append(f"{prefix}{name} (K={width})")
-        for linear in moe.expert_linears if moe is not None else ():
-            width = plan.shapes[linear.fused][1]  # fused [E, K, parts * N]
-            if width % 32:
-                found.append(f"{prefix}{moe.experts}.{linear.name} (K={width})")
+    found = [(name, width) for name, width, grid in quantized_widths(source, spec) if grid.gguf_grid and width % 32]
     if found:
         raise InputError(f"--gguf-grid {spec.weights.gguf_grid}: llama.cpp's blocks hold 32 input columns, and "
-                         f"{len(found)} linears have K not a multiple of 32: {', '.join(found[:4])}"
-                         f"{', ...' if len(found) > 4 else ''} (keep them in float: --keep-float PATTERN)")
+                         f"{len(found)} linears have K not a multiple of 32: {_named_widths(found)} "
+                         "(keep them in float: --keep-float PATTERN)")
+
+
+def refuse_untiled_groups(source, spec: QuantizeSpec, fmt: str) -> None:
+    """InputError, before any work, for an export `fmt` whose layout needs groups that tile K
+    (AWQ GEMM, compressed-tensors) when a linear the run quantizes has K not a multiple of its
+    group size, naming them: a recipe found them only at its export step, hours in."""
+    found = [(name, width) for name, width, grid in quantized_widths(source, spec)
+             if grid.group_size > 0 and width % grid.group_size]
+    if found:
+        raise InputError(f"exports: format {fmt} needs K a multiple of the group size, and {len(found)} linears "
+                         f"have another K: {_named_widths(found)} (another group_size, keep_float, or format gptq)")
 
 
 def record_overridden_grids(layer: torch.nn.Module, quantized: dict, stats: dict, spec: QuantizeSpec) -> None:

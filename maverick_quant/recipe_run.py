@@ -13,6 +13,7 @@ import click
 
 from maverick_quant import __version__
 from maverick_quant.errors import InputError
+from maverick_quant.distributed import writes_outputs
 from maverick_quant.jobs import _recipe_model_dir, run_export, run_export_gguf, run_quantize
 from maverick_quant.validate_job import VisionCheck, run_validate
 from maverick_quant.recipe import Method
@@ -58,13 +59,16 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
         step("calibrate: not needed for rtn")
     keep_bundle = resume and _keep_finished_bundle(out / "bundle", source, recipe.quantize, calibration, force)
     out.mkdir(parents=True, exist_ok=True)  # only now: bad input leaves no directory behind
-    _start_over_the_lock(recipe, Path(recipe_path), out)
+    if writes_outputs():
+        _start_over_the_lock(recipe, Path(recipe_path), out)
     step(f"quantize: {recipe.quantize.method.value}, {recipe.quantize.weights.bits} bits, group {recipe.quantize.weights.group_size}")
     if keep_bundle:
         click.echo(f"  {out / 'bundle'} was finished earlier with this recipe and model: kept")
     else:
         run_quantize(model_dir, out / "bundle", recipe.quantize, None, None, recipe.calibration, True, progress,
                      resume, device, drawn=calibration)
+    if not writes_outputs():  # under torchrun the other ranks shared the experts; rank 0 alone goes on
+        return True
     if calibration is not None:  # saved once the bundle stands on it (a refused --resume leaves the old set)
         with atomic_output_dir(out / "calibration", force=True) as tmp:
             calibration.save(tmp)
@@ -197,12 +201,14 @@ def _check_gguf_exports(recipe, model_dir: Path, source) -> None:
 
 def _check_packed_exports(recipe, source) -> None:
     """What a gptq / awq / compressed-tensors export would refuse about the recipe on this model,
-    before any work: its grid (for an MoE model, the grids vLLM's expert kernels take), and
+    before any work: its grid (for an MoE model, the grids vLLM's expert kernels take), groups
+    that tile K where the layout needs them to, and
     keep_float / bits_overrides that treat siblings vLLM fuses (q/k/v, gate/up) differently."""
     import dataclasses
 
     from maverick_quant.exporters.packed import refuse_split_fused_sets
     from maverick_quant.exporters.registry import LAYOUTS
+    from maverick_quant.pipeline import refuse_untiled_groups
 
     packed = [export for export in recipe.exports if export.format in LAYOUTS]
     if not packed:
@@ -213,6 +219,8 @@ def _check_packed_exports(recipe, source) -> None:
     for export in packed:
         if problem := LAYOUTS[export.format].check(grid, source.table.has_moe(source.config)):
             raise InputError(f"exports: format {export.format}: {problem}")
+        if LAYOUTS[export.format].groups_tile_k:
+            refuse_untiled_groups(source, spec, export.format)
     for index, plan in enumerate(plans):
         prefix = source.table.prefix(index)
         treatments = {name: "float" if spec.keeps_float(prefix + name) else dataclasses.asdict(spec.weights_for(prefix + name))

@@ -101,6 +101,32 @@ def test_a_device_this_machine_lacks_is_refused_before_any_work(tiny_llama_dir: 
     assert not (tmp_path / "c").exists() and not (tmp_path / "m.gguf").exists()
 
 
+@pytest.mark.parametrize("name,env,gpus,expected", [
+    ("cuda", {"WORLD_SIZE": "4", "LOCAL_RANK": "3"}, 4, "cuda:3"),
+    ("cuda", {"WORLD_SIZE": "4", "LOCAL_RANK": "3"}, 1, "cuda:0"),  # one visible GPU per process
+    ("cuda", {"WORLD_SIZE": "4", "LOCAL_RANK": "3"}, 2, "LOCAL_RANK=3 has no GPU of its own on this machine's 2"),
+    ("cuda:0", {"WORLD_SIZE": "2", "LOCAL_RANK": "1"}, 2, "under torchrun puts every process on that GPU"),
+    ("cuda:1", {}, 2, "cuda:1"),
+])
+def test_each_torchrun_process_gets_a_gpu_of_its_own(monkeypatch, name: str, env: dict, gpus: int, expected: str) -> None:
+    """--device cuda:0 put every rank on GPU 0, and LOCAL_RANK 3 of 2 GPUs shared GPU 1, silently:
+    Maverick's 53 GiB per process then ran out of memory at the first MoE layer."""
+    from maverick_quant.devices import resolve_device
+    from maverick_quant.errors import InputError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    for key in ("WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    if expected.startswith("cuda"):
+        assert resolve_device(name) == torch.device(expected)
+    else:
+        with pytest.raises(InputError, match=expected):
+            resolve_device(name)
+
+
 def test_maverick_fits_one_80_gib_gpu_and_64_gib_of_host_memory(tmp_path: Path) -> None:
     """The shipped Maverick recipe's calibration (512 x 2048 tokens) planned for one GPU."""
     result = CliRunner().invoke(cli, ["plan", "maverick", "--samples", "512", "--seq-len", "2048", "--device", "cuda",

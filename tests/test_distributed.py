@@ -116,3 +116,67 @@ def test_ranks_that_would_resume_at_different_layers_all_stop_keeping_the_work(t
         agreed, refused = (tmp_path / f"rank{rank}.txt").read_text().splitlines()
         assert agreed == "agreed" and refused.startswith("refused, keep_work=True"), refused
         assert f"rank 0: layer 3, rank {rank}: layer {3 if rank == 0 else 0}" in refused and "/shared/out.state" in refused
+
+
+INPUTS_DIFFER = """
+import sys
+from pathlib import Path
+from maverick_quant.distributed import ExpertParallel
+from maverick_quant.errors import InputError
+
+parallel, outcomes = ExpertParallel.from_env(), []
+same = {"source_fingerprint": "f", "calibration_sha256": "c", "quantize": {"bits": 4}}
+for identity in (same, {**same, "calibration_sha256": "c" if parallel.writes else "other host's file"}):
+    try:
+        parallel.check_same_inputs(identity)
+        outcomes.append("agreed")
+    except InputError as exc:
+        outcomes.append(f"refused, keep_work={exc.keep_work}: {exc}")
+Path(sys.argv[1], f"rank{parallel.rank}.txt").write_text("\\n".join(outcomes))
+parallel.close()
+"""
+
+
+def test_ranks_given_other_calibration_data_all_stop_naming_it(tmp_path: Path) -> None:
+    """Another calibration file (or model copy, options, tool version) on one host mixed that
+    rank's experts into rank 0's bundle with exit 0; every rank now stops, naming what differs."""
+    script = tmp_path / "ranks.py"
+    script.write_text(INPUTS_DIFFER)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script), str(tmp_path)], env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    for rank in (0, 1):
+        agreed, refused = (tmp_path / f"rank{rank}.txt").read_text().splitlines()
+        assert agreed == "agreed" and refused.startswith("refused, keep_work=True"), refused
+        assert "calibration_sha256 differ from rank 0's" in refused and "source_fingerprint" not in refused
+
+
+def test_commands_that_do_not_split_refuse_torchrun(tiny_llama_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """validate, export, imatrix... under torchrun ran whole in every process, writing the same outputs."""
+    from click.testing import CliRunner
+
+    from maverick_quant.cli import cli
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = CliRunner().invoke(cli, ["calibrate", str(tiny_llama_dir), "--data", "self", "--out", str(tmp_path / "c")])
+    assert result.exit_code == 2 and "calibrate runs as one process (WORLD_SIZE=2)" in result.output, result.output
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_recipe_under_torchrun_exports_once_from_rank_0(tiny_llama4_dir: Path, single_process, tmp_path: Path) -> None:
+    """`run RECIPE` under torchrun: every rank used to go on to the exports and validations after
+    quantizing, racing rank 0's rename of the bundle (`not a bundle`) and writing the same files."""
+    import yaml
+
+    text, reference = single_process
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": str(tiny_llama4_dir),
+        "calibration": {"data": str(text), "samples": 4, "seq_len": 32},
+        "quantize": {"method": "gptq", "group_size": 32, "moe": {"chunk_mib": 1}},
+        "exports": [{"format": "gptq"}]}))
+    done = _torchrun(["run", str(recipe), "--out", str(tmp_path / "run"), "--no-progress"])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("exported gptq") == 1, done.stdout
+    assert _tensor_files(tmp_path / "run" / "bundle") == _tensor_files(reference)
+    assert (tmp_path / "run" / "model-gptq" / "config.json").is_file()

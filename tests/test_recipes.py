@@ -408,6 +408,25 @@ def test_a_packed_moe_export_vllm_cannot_run_is_refused_before_any_work(tiny_lla
             assert not (tmp_path / model.name).exists()
 
 
+@pytest.mark.parametrize("fmt", ["awq", "compressed-tensors"])
+def test_groups_that_do_not_tile_k_are_refused_before_any_work_for_layouts_that_need_them(
+        tiny_llama4_dir: Path, tmp_path: Path, fmt: str) -> None:
+    """The tiny Llama 4's dense MLP down has K=48: group 32 cannot tile it, which AWQ GEMM and
+    compressed-tensors need. The run used to quantize first and fail at the export step; gptq
+    (a shorter last group, g_idx) takes it."""
+    outputs = {}
+    for export, code in ((fmt, 2), ("gptq", 0)):
+        recipe = tmp_path / f"{export}.yaml"
+        recipe.write_text(yaml.safe_dump({"model": str(tiny_llama4_dir), "quantize": {"method": "rtn", "group_size": 32},
+                                          "exports": [{"format": export}]}))
+        result = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(tmp_path / export), "--no-progress"])
+        assert result.exit_code == code, result.output
+        outputs[export] = result.output
+    assert (f"exports: format {fmt} needs K a multiple of the group size, and 2 linears have another K: "
+            "language_model.model.layers.0.feed_forward.down_proj (K=48)") in outputs[fmt], outputs[fmt]
+    assert not (tmp_path / fmt).exists()
+
+
 @pytest.mark.parametrize("case", ["fused-split", "expert-override", "no-llama-cpp"])
 def test_what_a_later_step_refuses_about_the_overrides_or_clients_is_refused_before_any_work(
         case: str, tiny_llama_dir: Path, tiny_llama4_dir: Path, small_text_file: Path, tmp_path: Path, monkeypatch) -> None:

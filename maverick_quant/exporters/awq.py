@@ -35,4 +35,4 @@ def _check(quant: dict, _has_experts: bool = False) -> str | None:
 
 
 AWQ = Layout("awq", ("qweight", "qzeros", "scales"), lambda weight, _quant, _dtype: to_awq_tensors(weight),
-             from_awq_tensors, _check, awq_quantization_config, per_module_grids=False)
+             from_awq_tensors, _check, awq_quantization_config, per_module_grids=False, groups_tile_k=True)

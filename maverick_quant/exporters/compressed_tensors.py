@@ -92,4 +92,4 @@ def _check(quant: dict, has_experts: bool = False) -> str | None:
 COMPRESSED_TENSORS = Layout(
     "compressed-tensors", ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point"),
     lambda weight, quant, dtype: to_compressed_tensors(weight, quant["sym"], dtype), from_compressed_tensors,
-    _check, ct_quantization_config, ct_grid)
+    _check, ct_quantization_config, ct_grid, groups_tile_k=True)

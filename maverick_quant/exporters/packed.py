@@ -49,6 +49,8 @@ class Layout:
     zero_points: (uint8 zero points of one module, bits) -> None, or why the layout cannot store
                  them; when given, every asymmetric module's zero points are checked before the
                  export writes anything (`refused_zero_points`).
+    groups_tile_k: whether every module's K must be a multiple of its group size (no shorter
+                 last group), which a recipe checks before any work.
     """
 
     name: str
@@ -60,6 +62,7 @@ class Layout:
     grid: Callable[[dict, str], tuple[int, int]] = lambda quant, _module: (int(quant["bits"]), int(quant["group_size"]))
     per_module_grids: bool = True
     zero_points: Callable[[torch.Tensor, int], str | None] | None = None
+    groups_tile_k: bool = False
 
 
 VLLM_MOE_BITS = (4, 8)
