@@ -152,6 +152,10 @@ def run_export(bundle_dir, out, fmt="gptq", max_shard_size=5 * 10**9, force=Fals
                    f"{len(written_float)} layers; vLLM reads Llama 4's rope q/k and router right only as float "
                    "weights (docs/exports.md)")
     click.echo(f"exported {fmt}: {len(files)} files -> {out}")
+    if fmt in ("gptq", "awq") and bundle.table.has_moe(bundle.config):
+        click.echo(f"note: load this mixture of experts with vLLM: transformers and GPTQModel load a Llama 4's {fmt} "
+                   "experts without an error but compute garbage (docs/exports.md); for transformers, export "
+                   "compressed-tensors")
 
 
 def check_output_file(out: Path, force: bool, example: str, inputs: dict | None = None, option: str = "--out") -> None:

@@ -424,3 +424,16 @@ def test_a_bundle_whose_manifest_is_damaged_is_named_by_every_command(tiny_run, 
         code, out = _run(*args)
         assert code == 2 and f"{bundle / 'manifest.json'}: cannot read the bundle's manifest" in out \
             and message in out, (args, out)
+
+
+def test_no_export_shard_exceeds_the_shard_size_but_by_a_single_tensor(tiny_run) -> None:
+    """Embeddings, lm_head, the final norm (and a vision tower) went into one group, so one shard
+    held them all whatever --max-shard-size said (Maverick: about 4 GB of embeddings and lm_head
+    with its vision tower, over the 5 GB default)."""
+    from maverick_quant.checkpoint import read_safetensors_header
+
+    index = json.loads((tiny_run["gptq"] / "model.safetensors.index.json").read_text())
+    for shard in sorted(set(index["weight_map"].values())):
+        header = read_safetensors_header(tiny_run["gptq"] / shard)
+        sizes = [info.end - info.begin for info in header.values()]
+        assert len(sizes) == 1 or sum(sizes) <= 200_000, (shard, sorted(header))

@@ -84,9 +84,13 @@ def test_transformers_loads_a_dense_export(tiny_llama_dir: Path, small_text_file
         assert all(torch.equal(ours[name], theirs[name]) for name in ours)
 
     ids = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(1))
-    theirs = model_logits(tmp_path / "ct", ids, quantization_config=CompressedTensorsConfig(dequantize=True))
     ours = bundle_logits(tiny_llama_dir, bundle, ids, tmp_path / "float")
-    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+    # the card's mode: compressed (transformers' default) on a symmetric grid; packed zero points need dequantize=True
+    card = (tmp_path / "ct" / "README.md").read_text()
+    assert ("CompressedTensorsConfig(dequantize=True)" in card) is (not sym)
+    modes = [{"quantization_config": CompressedTensorsConfig(dequantize=True)}] + ([{}] if sym else [])
+    for mode in modes:
+        torch.testing.assert_close(model_logits(tmp_path / "ct", ids, **mode), ours, rtol=1e-4, atol=1e-4)
 
 
 def test_transformers_loads_a_llama4_moe_export(smollm2_dir: Path, small_text_file: Path, tmp_path: Path) -> None:
@@ -107,9 +111,18 @@ def test_transformers_loads_a_llama4_moe_export(smollm2_dir: Path, small_text_fi
     assert all(ignored(attention.format(i, p)) == (i != 3) for i in range(4) for p in "qkv"), ignore
 
     ids = torch.randint(0, 49152, (1, 40), generator=torch.Generator().manual_seed(2))
-    theirs = model_logits(tmp_path / "ct", ids, quantization_config=CompressedTensorsConfig(dequantize=True))
     ours = bundle_logits(tiny_llama4_dir, Bundle(tmp_path / "bundle"), ids, tmp_path / "float")
+    theirs = model_logits(tmp_path / "ct", ids, quantization_config=CompressedTensorsConfig(dequantize=True))
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model_logits(tmp_path / "ct", ids), ours, rtol=1e-4, atol=1e-4)  # compressed, as the card says
+    # the text alone (Llama4ForCausalLM: `model.layers.N...`, no `language_model.`) keeps the same modules in float:
+    # the ignore patterns used to name them with the prefix, and the rope layers' float q/k/v were then quantized
+    from transformers import AutoModelForCausalLM
+
+    text_only = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32).eval()
+    assert type(text_only).__name__ == "Llama4ForCausalLM"
+    with torch.no_grad():
+        torch.testing.assert_close(text_only(input_ids=ids).logits, ours, rtol=1e-4, atol=1e-4)
 
 
 def test_export_names_the_linear_whose_shape_the_format_cannot_store(tiny_llama_dir: Path, tmp_path: Path) -> None:

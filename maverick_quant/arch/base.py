@@ -177,6 +177,9 @@ class ArchTable:
     text_config:     config -> the language model's config (itself for text-only models).
     passthrough_prefixes: model-level tensors copied through untouched whatever their names
                      (a vision tower), checked for readability but not against config shapes.
+    text_root:       the prefix of the language model's names that loading its text alone
+                     drops ("language_model." of Llama4ForConditionalGeneration, which
+                     AutoModelForCausalLM loads as Llama4ForCausalLM: `model.layers.N...`).
     """
 
     architectures: tuple[str, ...]
@@ -192,6 +195,12 @@ class ArchTable:
     model_shapes: Callable[[Any], dict[str, tuple[int, ...]]]
     text_config: Callable[[Any], Any] = field(default=lambda config: config)
     passthrough_prefixes: tuple[str, ...] = ()
+    text_root: str = ""
+
+    def loader_name(self, name: str) -> str:
+        """`name` without `text_root`: the part of a module's name that every way of loading the
+        checkpoint ends with, for patterns matched anywhere in a name (`(.*\.)?` or substring)."""
+        return name.removeprefix(self.text_root) if self.text_root else name
 
     def prefix(self, layer_index: int) -> str:
         return self.layer_prefix.format(i=layer_index)

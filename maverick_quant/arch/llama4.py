@@ -128,7 +128,7 @@ def _table(architecture: str, root: str, **extra: Any) -> ArchTable:
 
 LLAMA4_CAUSAL = _table("Llama4ForCausalLM", "")
 LLAMA4 = _table("Llama4ForConditionalGeneration", "language_model.", text_config=lambda config: config.text_config,
-                passthrough_prefixes=("vision_model.", "multi_modal_projector."))
+                passthrough_prefixes=("vision_model.", "multi_modal_projector."), text_root="language_model.")
 
 
 MAVERICK_TEXT = dict(  # Llama-4-Maverick-17B-128E(-Instruct), public config.json

@@ -23,11 +23,29 @@ from maverick_quant.checkpoint import read_json_object, sha256_file, write_json_
 LOADING = {
     "gptq": "transformers + GPTQModel (`AutoModelForCausalLM.from_pretrained(DIR)`), vLLM (`vllm serve DIR`)",
     "awq": "transformers + GPTQModel (`AutoModelForCausalLM.from_pretrained(DIR)`), vLLM (`vllm serve DIR`)",
-    "compressed-tensors": "transformers + compressed-tensors (`from_pretrained(DIR, quantization_config="
-                          "CompressedTensorsConfig(dequantize=True))` on CPU), vLLM (`vllm serve DIR`)",
+    "compressed-tensors": "transformers + compressed-tensors (`AutoModelForCausalLM.from_pretrained(DIR)`; a Llama 4 "
+                          "with its vision tower: `Llama4ForConditionalGeneration`), vLLM (`vllm serve DIR`)",
+    "compressed-tensors-asym": "transformers + compressed-tensors (`from_pretrained(DIR, quantization_config="
+                               "CompressedTensorsConfig(dequantize=True))`: transformers' compressed mode does not "
+                               "take packed zero points; that mode decompresses every module with one grid), "
+                               "vLLM (`vllm serve DIR`)",
     "gguf": "llama.cpp (`llama-cli -m FILE`; with a Llama 4's projector file, `llama-mtmd-cli -m FILE --mmproj "
             "MMPROJ --image IMG`), llama-cpp-python (`Llama(model_path=FILE)`)",
 }
+# GPTQ/AWQ of a mixture of experts: transformers keeps Llama 4's fused experts at their random
+# initial weights (it unfuses only compressed-tensors checkpoints), and GPTQModel 7.6's llama4
+# definition leaves the dense layers' MLP uninitialised in Maverick's interleaved layout.
+MOE_PACKED_LOADING = ("vLLM (`vllm serve DIR`). transformers and GPTQModel do not load a Llama 4's experts in this "
+                      "layout (they load without an error and compute garbage); for transformers export "
+                      "compressed-tensors")
+
+
+def loading_hint(fmt: str, moe: bool, sym: bool = True) -> str:
+    """What loads an export in format `fmt` (of a mixture-of-experts model when `moe`, on a
+    symmetric grid when `sym`), for its card."""
+    if moe and fmt in ("gptq", "awq"):
+        return MOE_PACKED_LOADING
+    return LOADING["compressed-tensors-asym"] if fmt == "compressed-tensors" and not sym else LOADING[fmt]
 
 
 def file_records(paths: list[Path], root: Path) -> dict[str, dict]:
@@ -72,7 +90,7 @@ def model_card(bundle: Bundle | None, fmt: str, detail: str, name: str = "", rep
         f"`{calibration.get('source', 'none')}` (data sha256 `{calibration.get('data_sha256', '-')}`) |",
         f"| format | {fmt} {detail} |",
         *override_rows(bundle),
-        f"| load with | {LOADING[fmt]} |",
+        f"| load with | {loading_hint(fmt, bundle.table.has_moe(bundle.config), weights['sym'])} |",
     ]
     if weights.get("signed_scale") and fmt != "gguf":
         lines += ["", SIGNED_SCALE_CAUTION]

@@ -276,12 +276,15 @@ def export_packed(bundle: Bundle, out_dir: Path, layout: Layout, max_shard_bytes
                 module = f"{prefix}{experts}.{first + offset}"
                 writer.add_group({key: t for name, weight in chunk.items()
                                   for key, t in convert(f"{module}.{name}", weight[offset]).items()})
-    writer.add_group({name: bundle.model_tensor(name) for name in bundle.model_tensor_names()})
+    for name in bundle.model_tensor_names():  # one group each: embeddings, lm_head and a vision tower split over shards
+        writer.add_group({name: bundle.model_tensor(name)})
     shards = writer.close()
     copied = copy_model_files(bundle.root, out_dir)
     config = json.loads((out_dir / "config.json").read_text())
     published_quirks_fixed(config)  # what transformers 5 refuses, written as the value it means
-    config["quantization_config"] = layout.config(bundle.quant, bundle.manifest["recipe"], unquantized, overrides)
+    # matched anywhere in a name, so text-only loading (AutoModelForCausalLM on Llama 4) matches them too
+    unquantized_anywhere = list(dict.fromkeys(bundle.table.loader_name(name) for name in unquantized))
+    config["quantization_config"] = layout.config(bundle.quant, bundle.manifest["recipe"], unquantized_anywhere, overrides)
     write_json_atomic(out_dir / "config.json", config)
     return shards + copied
 
