@@ -31,6 +31,33 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+CGROUP_LIMITS = (  # (limit, usage) of this process's memory cgroup: v2, then v1
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+)
+
+
+def available_bytes(meminfo: str = "/proc/meminfo", cgroups=CGROUP_LIMITS) -> int | None:
+    """Bytes a new allocation can take: the smaller of the kernel's MemAvailable and what this
+    process's memory cgroup still allows (its limit minus its usage; a container's limit is
+    not in MemAvailable, which counts the whole host). None where neither can be read."""
+    found = []
+    try:
+        found += [int(line.split()[1]) * 1024 for line in Path(meminfo).read_text().splitlines()
+                  if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit_path, usage_path in cgroups:
+        try:
+            limit, usage = Path(limit_path).read_text().strip(), int(Path(usage_path).read_text())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 2**60:  # "max" (v2) or a huge number (v1): no limit
+            found.append(max(int(limit) - usage, 0))
+        break
+    return min(found) if found else None
+
+
 def release_free_memory() -> None:
     """Hand freed heap pages back to the OS (glibc `malloc_trim`), so that transient
     buffers of one layer (or the tokenizer's) do not stay resident for the whole run."""

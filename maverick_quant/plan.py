@@ -525,6 +525,18 @@ def _needs_line(plan: Plan) -> str:
     return f"- needs: one GPU with {gpu} GiB of free memory and {host} GiB of free host RAM"
 
 
+def _fit_here_line(plan: Plan, available: int | None = None) -> list[str]:
+    """A warning line when this machine has less host memory available now than the plan's
+    peak (`host_memory.available_bytes`, cgroup limits included; nothing where unknown)."""
+    from maverick_quant.host_memory import available_bytes
+
+    available = available_bytes() if available is None else available
+    if available is None or available >= plan.peak_host_bytes:
+        return []
+    return [f"- warning: this machine has {available / 2**30:.1f} GiB of host memory available now, less than the "
+            f"peak {plan.peak_host_bytes / 2**30:.1f} GiB: the run would not fit here"]
+
+
 def _time_line(plan: Plan) -> str:
     disk = plan.disk_seconds
     disk_text = "" if disk is None else (f"disk {sum(disk.values()):.0f} s: read {disk['read']:.0f}, write "
@@ -547,6 +559,7 @@ def render(plan: Plan) -> str:
              + ", ".join(f"{k} {gib(v)}" for k, v in plan.host_terms(peak).items()) + f"; final tensors {gib(plan.final_bytes)})",
              _device_line(plan, gib),
              _needs_line(plan),
+             *_fit_here_line(plan),
              f"- disk {gib(plan.disk_bytes)} (bundle + resumable hidden states + largest export)",
              _time_line(plan), "",
              "| output | size |", "|---|---|"]

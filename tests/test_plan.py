@@ -33,6 +33,37 @@ def test_maverick_plan_fits_one_host_with_64_gib(tmp_path: Path) -> None:
     assert "peak host memory" in result.output and "| gguf Q4_K |" in result.output
 
 
+def test_available_memory_is_the_smaller_of_meminfo_and_the_cgroup_limit(tmp_path: Path) -> None:
+    """A container's limit is not in MemAvailable, which counts the whole host: the self-data
+    check and plan's warning read both."""
+    from maverick_quant.host_memory import available_bytes
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       33554432 kB\nMemAvailable:    8388608 kB\n")
+    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
+    limit.write_text(f"{4 * 2**30}\n")
+    usage.write_text(f"{2**30}\n")
+    assert available_bytes(meminfo, [(limit, usage)]) == 3 * 2**30
+    limit.write_text("max\n")
+    assert available_bytes(meminfo, [(limit, usage)]) == 8 * 2**30
+    assert available_bytes(tmp_path / "none", [(tmp_path / "no", tmp_path / "ne")]) is None
+
+
+def test_plan_warns_when_this_machine_has_less_memory_than_the_peak(tmp_path: Path) -> None:
+    """plan printed what a run needs and exited 0 on a machine without it, with no word."""
+    from maverick_quant.plan import _fit_here_line
+
+    result = CliRunner().invoke(cli, ["plan", "maverick", "--samples", "128", "--seq-len", "2048", "--device", "cpu",
+                                      "--json", str(tmp_path / "plan.json")])
+    assert result.exit_code == 0, result.output
+
+    class Peak:
+        peak_host_bytes = json.loads((tmp_path / "plan.json").read_text())["peak_host_bytes"]
+
+    assert _fit_here_line(Peak(), available=2**30)[0].startswith("- warning: this machine has 1.0 GiB of host memory")
+    assert _fit_here_line(Peak(), available=Peak.peak_host_bytes) == []
+
+
 def test_plan_of_a_missing_model_names_it(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["plan", str(tmp_path / "nowhere")])
     assert result.exit_code == 2 and "nowhere" in result.output

@@ -58,11 +58,7 @@ def check_fits_in_memory(model_dir: Path, available: int | None = None) -> None:
 
 
 def available_memory() -> int | None:
-    """Bytes of memory available for a new allocation (Linux MemAvailable; None where unknown)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    """Bytes of memory available for a new allocation (host_memory.available_bytes; None where unknown)."""
+    from maverick_quant.host_memory import available_bytes
+
+    return available_bytes()
