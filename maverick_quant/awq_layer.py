@@ -21,7 +21,7 @@ import torch
 
 from maverick_quant.arch.base import LayerPlan, ScaleGroup
 from maverick_quant.calibration.capture import capture_samples
-from maverick_quant.compress.awq import (clip_weights, duo_weight_mean, fold_into_norm, fold_into_previous_linear, output_loss,
+from maverick_quant.compress.awq import (clip_weights, sample_stride, duo_weight_mean, fold_into_norm, fold_into_previous_linear, output_loss,
                                          scale_columns, search_scales)
 from maverick_quant.groups import linear_grid, quantized_linears, shipped_grid
 from maverick_quant.recipe import QuantizeSpec
@@ -29,7 +29,7 @@ from maverick_quant.streaming import StreamingModel
 
 
 def _stride(hidden: torch.Tensor, tokens: int) -> int:
-    return max(1, hidden.shape[0] * hidden.shape[1] // tokens)
+    return sample_stride(hidden.shape[0] * hidden.shape[1], tokens)
 
 
 def _weights(layer: torch.nn.Module, names: tuple[str, ...]) -> list[torch.Tensor]:

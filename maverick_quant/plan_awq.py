@@ -1,6 +1,7 @@
 """What AWQ's searches add to a quantize run (`plan` with --method awq or awq+gptq).
 
-Notation: T calibration tokens, T_s = min(awq.sample_tokens, T) sampled tokens, g = awq.grid
+Notation: T calibration tokens, T_s = min(awq.sample_tokens, T) sampled tokens (MoE searches;
+the dense groups' strided sample keeps `compress.awq.sampled_rows`, up to 2 T_s - 1), g = awq.grid
 scale candidates, c = max(1, floor(awq.max_shrink x awq.clip_grid)) clip candidates (0 without
 `awq.clip`), hidden D; an MoE layer has E routed experts of width I (top-k, n_e routed tokens
 for expert e) and a shared expert of width I_s. "Rounded" counts weights put through
@@ -39,7 +40,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from maverick_quant.compress.awq import CANDIDATES_AT_ONCE, candidate_ratios
+from maverick_quant.compress.awq import CANDIDATES_AT_ONCE, candidate_ratios, sampled_rows
 from maverick_quant.recipe import AWQSpec, QuantizeSpec
 
 FP32 = 4
@@ -70,6 +71,7 @@ def awq_layer_cost(plan, dense: dict[str, tuple[int, int]], config, calib, spec:
     awq = spec.awq
     tokens, hidden, inter = calib.samples * calib.seq_len, config.hidden_size, config.intermediate_size
     sampled, grid, clips = min(awq.sample_tokens, tokens), len(candidate_ratios(awq)), clip_candidates(awq)
+    strided = sampled_rows(tokens, awq.sample_tokens)  # the dense searches' strided sample (the MoE ones take T_s)
     rounded = flops = 0.0
     widest = max((math.prod(shape) for shape in dense.values()), default=0)
     width = spec.weights.group_width
@@ -78,8 +80,8 @@ def awq_layer_cost(plan, dense: dict[str, tuple[int, int]], config, calib, spec:
         clipped = [dense[name] for name in group.linears if name in dense and name not in group.unclipped]
         weights = sum(math.prod(shape) for shape in shapes)
         rounded += grid * weights + clips * sum(math.prod(shape) for shape in clipped)
-        flops += pass_flops(config, plan, calib, group.linears[0]) + grid * 2 * sampled * weights
-        flops += sum(clip_flops(sampled, n, k, width(k), clips) for n, k in clipped)
+        flops += pass_flops(config, plan, calib, group.linears[0]) + grid * 2 * strided * weights
+        flops += sum(clip_flops(strided, n, k, width(k), clips) for n, k in clipped)
     if clips and plan.scale_groups:  # the clip pass samples every group's input: it stops at the last group
         flops += pass_flops(config, plan, calib, plan.scale_groups[-1].linears[0])
     memory = 3 * CANDIDATES_AT_ONCE * widest * FP32

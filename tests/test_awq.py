@@ -265,7 +265,8 @@ def test_q4_k_clipping_never_leaves_a_super_block_worse_than_unclipped() -> None
 
 def test_awq_clips_neither_q_nor_k(tiny_llama_dir) -> None:
     """q and k reach the model through q.k, not their own outputs: AWQ's clip search leaves them
-    (as the reference implementations do) and clips v, o and the MLP."""
+    (as the reference implementations do) and clips v and the MLP (this tiny model's grouped KV
+    heads leave o_proj in no scale group: it is rounded to nearest, docs/awq.md)."""
     from maverick_quant.awq_layer import clip_layer
     from maverick_quant.recipe import Method, QuantizeSpec
     from maverick_quant.streaming import StreamingModel, open_source
@@ -279,3 +280,14 @@ def test_awq_clips_neither_q_nor_k(tiny_llama_dir) -> None:
     unchanged = {name: torch.equal(weight, layer.get_submodule(name).weight) for name, weight in before.items()}
     assert unchanged == {"self_attn.q_proj": True, "self_attn.k_proj": True, "self_attn.v_proj": False,
                          "mlp.gate_proj": False}
+
+
+@pytest.mark.parametrize("tokens,rows", [(100, 100), (1536, 1536), (2047, 2047), (2048, 1024), (262_144, 1024)])
+def test_the_dense_searches_sample_as_many_rows_as_plan_prices(tokens: int, rows: int) -> None:
+    """The stride max(1, T // 1024) keeps ceil(T / stride) rows, up to 2047 of them: plan priced min(1024, T)."""
+    from maverick_quant.awq_layer import _stride
+    from maverick_quant.compress.awq import sampled_rows
+
+    assert sampled_rows(tokens, 1024) == rows
+    hidden = torch.zeros(1, tokens, 1)
+    assert hidden.flatten(0, 1)[:: _stride(hidden, 1024)].shape[0] == rows

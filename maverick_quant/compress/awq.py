@@ -63,6 +63,17 @@ def duo_weight_mean(weights: list[torch.Tensor], spec: QuantSpec) -> torch.Tenso
     return normalised.flatten(-2)[:, : stacked.shape[-1]].mean(0)
 
 
+def sample_stride(tokens: int, sample_tokens: int) -> int:
+    """Every how many of `tokens` calibration tokens the searches sample one: max(1, T // T_s).
+    It keeps ceil(T / stride) rows, between T_s and 2 T_s - 1 (all T when T < 2 T_s)."""
+    return max(1, tokens // sample_tokens)
+
+
+def sampled_rows(tokens: int, sample_tokens: int) -> int:
+    """How many rows `sample_stride` keeps of `tokens`."""
+    return -(-tokens // sample_stride(tokens, sample_tokens))
+
+
 def candidate_ratios(awq: AWQSpec) -> list[float | None]:
     """The alpha of each candidate of `candidate_scales`: i / grid, after a None for s = 1 with duo scaling."""
     return ([None] if awq.duo_scaling else []) + [i / awq.grid for i in range(awq.grid)]
