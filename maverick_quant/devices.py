@@ -87,8 +87,25 @@ def use_device(device: torch.device) -> None:
 
 
 def device_label(device: torch.device) -> str:
-    """What a device computes like: "cpu", or the GPU's model name (resumed work is compared by it)."""
-    return "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    """What a device computes like (resumed work is compared by it): the GPU's model name, or
+    the CPU's with this process's thread count, on which BLAS reductions round ("cpu AMD EPYC
+    7B13 (2 threads)"); a CPU whose model cannot be read is "cpu (N threads)"."""
+    if device.type != "cpu":
+        return torch.cuda.get_device_name(device)
+    model = _cpu_model()
+    return f"cpu {model} ({torch.get_num_threads()} threads)" if model else f"cpu ({torch.get_num_threads()} threads)"
+
+
+def _cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """The CPU's model name from /proc/cpuinfo (None where unreadable)."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as stream:
+            for line in stream:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip() or None
+    except OSError:
+        return None
+    return None
 
 
 def quantized_to(quantized: dict[str, QuantizedWeight], device: torch.device | str) -> dict[str, QuantizedWeight]:

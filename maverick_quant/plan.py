@@ -378,10 +378,15 @@ def baseline_rss_bytes(table, config) -> int:
     meta): what a quantize process holds before its first tensor. Run from a fresh process."""
     with torch.device("meta"):
         table.build_layer(table.text_config(config), 0)
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    from maverick_quant.host_memory import peak_rss_mib
+
+    return int(peak_rss_mib() * 2**20)  # where /proc is not: the peak so far, an upper bound
 
 
 def tensor_bytes(model_dir: Path | None, table, config) -> tuple[dict[str, int], str]:

@@ -187,6 +187,22 @@ def test_resuming_on_another_device_warns_and_is_recorded(tmp_path: Path) -> Non
     assert warn_if_resumed_elsewhere(state, "cpu") is None
 
 
+def test_a_cpu_resumed_with_another_thread_count_is_another_device() -> None:
+    """BLAS reductions round by thread count, so a CPU run resumed with other threads is not
+    byte-identical; the label was "cpu" whatever the threads, and such a resume never warned."""
+    from maverick_quant.devices import device_label
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = device_label(torch.device("cpu"))
+        torch.set_num_threads(2)
+        two = device_label(torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert one.startswith("cpu") and one.endswith("(1 threads)") and two.endswith("(2 threads)") and one != two
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_coverage_and_imatrix_on_cuda_match_the_cpu_run(tiny_llama4_dir: Path) -> None:
     """`calibrate --coverage` and `imatrix --device` run the float model's layers on the GPU:
