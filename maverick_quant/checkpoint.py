@@ -530,10 +530,14 @@ def load_json_object(path: Path, what: str) -> dict:
     return data
 
 
-def manifest_format(folder: Path) -> str | None:
+def manifest_format(folder: Path, strict: bool = False) -> str | None:
     """The `format` that `folder`/manifest.json names (a bundle's, an export's), or None where the
-    folder has no readable manifest object naming one (a float model folder, say)."""
-    found = (read_json_object(Path(folder) / "manifest.json") or {}).get("format")
+    folder has no readable manifest object naming one (a float model folder, say). `strict`: a
+    manifest.json that is there but not a JSON object is InputError naming it (where a damaged
+    bundle would otherwise be read as a float model and fail on its tensors)."""
+    path = Path(folder) / "manifest.json"
+    data = load_json_object(path, "the manifest") if strict and path.is_file() else read_json_object(path) or {}
+    found = data.get("format")
     return found if isinstance(found, str) and found else None
 
 

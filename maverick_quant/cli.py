@@ -101,7 +101,8 @@ def _given_options(names: tuple[str, ...]) -> list[str]:
     """The options among `names` (parameter names) the user gave, on the command line or in the
     environment, as "--option-name"s (not those left at their defaults)."""
     context = click.get_current_context()
-    return [f"--{name.replace('_', '-')}" for name in names
+    flags = {param.name: "/".join(param.opts + param.secondary_opts) for param in context.command.params}
+    return [flags.get(name, f"--{name.replace('_', '-')}") for name in names
             if context.get_parameter_source(name) in (click.core.ParameterSource.COMMANDLINE,
                                                        click.core.ParameterSource.ENVIRONMENT)]
 

@@ -49,17 +49,15 @@ def resolve_device(name: str, option: str = "--device") -> torch.device:
     if not torch.cuda.is_available():
         raise InputError(f"{option}={name!r}: this machine has no CUDA device (torch {torch.__version__}); use cpu")
     device, count = torch.device("cuda" if name == "auto" else name), torch.cuda.device_count()
-    if device.index is not None:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise InputError(f"{option}={name!r} under torchrun puts every process on that GPU; pass cuda (each "
-                             "process takes GPU LOCAL_RANK)")
-        index = device.index
-    else:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if count > 1 and local_rank >= count:  # one visible GPU per process (CUDA_VISIBLE_DEVICES) is fine
-            raise InputError(f"{option}={name!r}: process LOCAL_RANK={local_rank} has no GPU of its own on this "
-                             f"machine's {count}; start at most {count} processes per host")
-        index = local_rank % count
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if count > 1 and local_rank >= count:  # one visible GPU per process (CUDA_VISIBLE_DEVICES) is fine
+        raise InputError(f"{option}={name!r}: process LOCAL_RANK={local_rank} has no GPU of its own on this "
+                         f"machine's {count}; start at most {count} processes per host")
+    own = local_rank % count
+    if device.index is not None and device.index != own and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError(f"{option}={name!r} under torchrun puts every process on that GPU; pass cuda (each "
+                         f"process takes GPU LOCAL_RANK, here cuda:{own})")
+    index = own if device.index is None else device.index
     if index >= count:
         raise InputError(f"{option}={name!r}: this machine has {count} CUDA device(s)")
     return torch.device("cuda", index)

@@ -31,31 +31,47 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-CGROUP_LIMITS = (  # (limit, usage) of this process's memory cgroup: v2, then v1
-    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+CGROUP_LIMITS = (  # (limit, usage, stat file, its inactive page cache key) of this process's memory cgroup: v2, v1
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat", "inactive_file"),
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+     "/sys/fs/cgroup/memory/memory.stat", "total_inactive_file"),
 )
 
 
 def available_bytes(meminfo: str = "/proc/meminfo", cgroups=CGROUP_LIMITS) -> int | None:
     """Bytes a new allocation can take: the smaller of the kernel's MemAvailable and what this
-    process's memory cgroup still allows (its limit minus its usage; a container's limit is
-    not in MemAvailable, which counts the whole host). None where neither can be read."""
+    process's memory cgroup still allows, its limit minus its working set (usage less the
+    inactive page cache the kernel reclaims first, as docker and the kubelet count it: a
+    container that streamed its model's shards holds them as cache). A container's limit is not
+    in MemAvailable, which counts the whole host. Only the cgroup namespace's root is read.
+    None where neither can be read."""
     found = []
     try:
         found += [int(line.split()[1]) * 1024 for line in Path(meminfo).read_text().splitlines()
                   if line.startswith("MemAvailable:")]
     except (OSError, ValueError, IndexError):
         pass
-    for limit_path, usage_path in cgroups:
+    for limit_path, usage_path, stat_path, cache_key in cgroups:
         try:
             limit, usage = Path(limit_path).read_text().strip(), int(Path(usage_path).read_text())
         except (OSError, ValueError):
             continue
         if limit.isdigit() and int(limit) < 2**60:  # "max" (v2) or a huge number (v1): no limit
-            found.append(max(int(limit) - usage, 0))
+            found.append(max(int(limit) - usage + _stat_value(stat_path, cache_key), 0))
         break
     return min(found) if found else None
+
+
+def _stat_value(path: str, key: str) -> int:
+    """`key`'s value in a cgroup memory.stat file (0 where unreadable)."""
+    try:
+        for line in Path(path).read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def release_free_memory() -> None:

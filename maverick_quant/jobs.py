@@ -135,7 +135,7 @@ def _enter_output(stack: contextlib.ExitStack, out: Path, identity: dict, force:
 def run_export(bundle_dir, out, fmt="gptq", max_shard_size=5 * 10**9, force=False, report_dir=None, progress=True):
     from maverick_quant.bundle import Bundle
     from maverick_quant.checkpoint import atomic_output_dir, check_output_apart, check_output_dir
-    from maverick_quant.exporters.artifact import write_artifact_files
+    from maverick_quant.exporters.artifact import moe_packed_caution, write_artifact_files
     from maverick_quant.exporters.packed import export_packed, float_for_engines
     from maverick_quant.exporters.registry import LAYOUTS
 
@@ -152,10 +152,8 @@ def run_export(bundle_dir, out, fmt="gptq", max_shard_size=5 * 10**9, force=Fals
                    f"{len(written_float)} layers; vLLM reads Llama 4's rope q/k and router right only as float "
                    "weights (docs/exports.md)")
     click.echo(f"exported {fmt}: {len(files)} files -> {out}")
-    if fmt in ("gptq", "awq") and bundle.table.has_moe(bundle.config):
-        click.echo(f"note: load this mixture of experts with vLLM: transformers and GPTQModel load a Llama 4's {fmt} "
-                   "experts without an error but compute garbage (docs/exports.md); for transformers, export "
-                   "compressed-tensors")
+    if caution := moe_packed_caution(bundle, fmt):
+        click.echo(f"note: {caution} (docs/exports.md)")
 
 
 def check_output_file(out: Path, force: bool, example: str, inputs: dict | None = None, option: str = "--out") -> None:
@@ -211,7 +209,7 @@ def run_export_gguf(source_dir, out, gguf_type="Q4_0", requantize=False, pre=Non
         check_output_file(mmproj, force, "mmproj-f16.gguf")
         if Path(mmproj).resolve() == Path(out).resolve():
             raise InputError(f"--mmproj {mmproj}: the same file as --out")
-    is_bundle = manifest_format(Path(source_dir)) == BUNDLE_FORMAT
+    is_bundle = manifest_format(Path(source_dir), strict=True) == BUNDLE_FORMAT
     weights = BundleWeights(Bundle(source_dir)) if is_bundle else FloatWeights(Path(source_dir))
     vision = MMProjPlan(weights, mmproj_type) if mmproj is not None else None  # checks all before any writing
     Path(out).parent.mkdir(parents=True, exist_ok=True)

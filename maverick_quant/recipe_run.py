@@ -247,7 +247,7 @@ def _check_validation(recipe, model_dir: Path, device: str) -> None:
     runs = tuple(CandidateRun(gguf=name.endswith(".gguf"), kernels=name == "bundle" and kernels is not None,
                               vision=name in with_mmproj) for name in v.candidates)
     read_validation_inputs(model_dir, data, v.ctx, v.max_windows, v.protocol, v.gates, v.baseline, v.hellaswag,
-                           v.choices, v.hellaswag_tasks, kernels, resolve_device(device), runs)
+                           v.choices, v.hellaswag_tasks, kernels, resolve_device(device), runs, text=True)
     for candidate in v.candidates:
         if candidate.endswith(".gguf"):
             import_llama_cpp(Path(candidate))

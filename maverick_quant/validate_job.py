@@ -55,11 +55,13 @@ class ValidationInputs:
 
 
 def read_validation_inputs(reference, data, ctx, max_windows, protocol, gates, baseline, hellaswag, choices,
-                           hellaswag_tasks, kernels, compute, candidates: tuple[CandidateRun, ...]) -> ValidationInputs:
+                           hellaswag_tasks, kernels, compute, candidates: tuple[CandidateRun, ...],
+                           text: bool | None = None) -> ValidationInputs:
     """The gates (checked against the baseline report), the kernels' device, the evaluation
     windows (none when `data` is None) and the benchmark tasks: InputError on any before the
     evaluation starts (a recipe calls this before it quantizes, as its validation comes hours
-    later)."""
+    later). `text`: whether the run evaluates text (default: `data` is given; a recipe's
+    self-written text exists only after quantizing)."""
     from maverick_quant.calibration.data import check_scored, eval_windows, load_tokenizer, scored_from
     from maverick_quant.devices import check_kernels_device
     from maverick_quant.arch.registry import table_for
@@ -67,13 +69,14 @@ def read_validation_inputs(reference, data, ctx, max_windows, protocol, gates, b
     from maverick_quant.validation.gates import ReportShape, check_baseline, check_gate_keys, parse_gate
 
     check_kernels_device(kernels, compute)
-    if data is not None:
+    text = data is not None if text is None else text
+    if text:
         check_scored(protocol, ctx)
     parsed = [parse_gate(text) for text in gates]
     config = load_model_config(Path(reference))
     moe = table_for(config, str(Path(reference) / "config.json")).has_moe(config)
     for run in candidates:  # one gate list for every candidate of a recipe
-        check_gate_keys(parsed, ReportShape(text=data is not None, gpu=compute.type == "cuda", hellaswag=bool(hellaswag),
+        check_gate_keys(parsed, ReportShape(text=text, gpu=compute.type == "cuda", hellaswag=bool(hellaswag),
                                             choices=bool(choices), moe=moe, gguf=run.gguf, kernels=run.kernels,
                                             vision=run.vision))
     baseline_report = _read_baseline(baseline) if baseline else None

@@ -152,6 +152,7 @@ def test_self_generated_data_is_refused_before_loading_a_model_larger_than_memor
 
     from click.testing import CliRunner
 
+    from maverick_quant import host_memory
     from maverick_quant.calibration import selfgen
     from maverick_quant.checkpoint import Checkpoint
     from maverick_quant.cli import cli
@@ -161,7 +162,7 @@ def test_self_generated_data_is_refused_before_loading_a_model_larger_than_memor
     with pytest.raises(InputError, match=r"whole model loaded in fp32, .* GiB, and this machine has"):
         selfgen.check_fits_in_memory(tiny_llama_dir, available=fp32 - 1)
 
-    monkeypatch.setattr(selfgen, "available_memory", lambda: 1024)
+    monkeypatch.setattr(host_memory, "available_bytes", lambda: 1024)
     result = CliRunner().invoke(cli, ["calibrate", str(tiny_llama_dir), "--data", "self", "--samples", "2",
                                       "--seq-len", "16", "--out", str(tmp_path / "calib")])
     assert result.exit_code == 2 and str(tiny_llama_dir) in result.output and "pass the file instead" in result.output

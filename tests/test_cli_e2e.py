@@ -82,8 +82,9 @@ def test_validate_gates_and_exit_codes(tiny_run) -> None:
     nan_baseline = tiny_run["root"] / "nan-report.json"  # what write_report emits for a NaN metric
     nan_baseline.write_text(json.dumps({**report, "kl": {**report["kl"], "mean": "NaN"}}))
     code, out = _run(*common, "--report", tiny_run["root"] / "report-b3", "--baseline", nan_baseline,
-                     "--gate", "kl.mean<=baseline*1.5")
-    assert code == 1 and "FAIL" in out, out  # nothing is below NaN
+                     "--gate", "kl.mean<=baseline*1.5")  # refused before any work: no threshold comes of NaN
+    assert code == 2 and "the baseline report's kl.mean is nan" in out, out
+    assert not (tiny_run["root"] / "report-b3").exists()
     (tiny_run["root"] / "broken.json").write_text("{")
     code, out = _run(*common, "--report", tiny_run["root"] / "report-b4", "--baseline", tiny_run["root"] / "broken.json",
                      "--gate", "kl.mean<=baseline*1.5")
@@ -330,6 +331,8 @@ def test_window_options_beside_calib_are_refused_not_ignored(tiny_run, tmp_path:
                          "--data", tiny_run["text"], "--out", tmp_path / command)
         assert code == 2 and "holds windows drawn already, so --data, --samples would be ignored" in out, out
         assert not (tmp_path / command).exists()
+    code, out = _run("quantize", tiny_run["model"], "--calib", tiny_run["root"] / "calib", "--no-bos", "--out", tmp_path / "q")
+    assert code == 2 and "so --bos/--no-bos would be ignored" in out, out  # the flag as given, not "--bos"
 
 
 def test_calib_of_another_tokenizer_or_vocabulary_is_refused(tiny_run, tmp_path: Path) -> None:
@@ -420,10 +423,12 @@ def test_a_bundle_whose_manifest_is_damaged_is_named_by_every_command(tiny_run, 
     shutil.copytree(tiny_run["bundle"], bundle)
     (bundle / "manifest.json").write_text(content)
     for args in (("inspect", bundle), ("export", bundle, "--format", "awq", "--out", tmp_path / "awq"),
-                 ("generate", bundle, "--prompt", "The", "--max-new-tokens", 1)):
+                 ("generate", bundle, "--prompt", "The", "--max-new-tokens", 1),
+                 ("export", bundle, "--format", "gguf", "--out", tmp_path / "m.gguf"),
+                 ("validate", "--reference", tiny_run["model"], "--candidate", bundle, "--data", tiny_run["text"],
+                  "--report", tmp_path / "report")):
         code, out = _run(*args)
-        assert code == 2 and f"{bundle / 'manifest.json'}: cannot read the bundle's manifest" in out \
-            and message in out, (args, out)
+        assert code == 2 and f"{bundle / 'manifest.json'}: cannot read the" in out and message in out, (args, out)
 
 
 def test_no_export_shard_exceeds_the_shard_size_but_by_a_single_tensor(tiny_run) -> None:

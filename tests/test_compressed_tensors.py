@@ -123,6 +123,10 @@ def test_transformers_loads_a_llama4_moe_export(smollm2_dir: Path, small_text_fi
     assert type(text_only).__name__ == "Llama4ForCausalLM"
     with torch.no_grad():
         torch.testing.assert_close(text_only(input_ids=ids).logits, ours, rtol=1e-4, atol=1e-4)
+    # the same bundle as GPTQ: in this interleaved layout neither transformers nor GPTQModel loads it right
+    result = CliRunner().invoke(cli, ["export", str(tmp_path / "bundle"), "--format", "gptq", "--out", str(tmp_path / "gptq")])
+    assert result.exit_code == 0 and "note: transformers and GPTQModel load this mixture of experts" in result.output
+    assert "| load with | vLLM (`vllm serve DIR`); transformers and GPTQModel" in (tmp_path / "gptq" / "README.md").read_text()
 
 
 def test_export_names_the_linear_whose_shape_the_format_cannot_store(tiny_llama_dir: Path, tmp_path: Path) -> None:

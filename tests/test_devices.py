@@ -106,6 +106,7 @@ def test_a_device_this_machine_lacks_is_refused_before_any_work(tiny_llama_dir: 
     ("cuda", {"WORLD_SIZE": "4", "LOCAL_RANK": "3"}, 1, "cuda:0"),  # one visible GPU per process
     ("cuda", {"WORLD_SIZE": "4", "LOCAL_RANK": "3"}, 2, "LOCAL_RANK=3 has no GPU of its own on this machine's 2"),
     ("cuda:0", {"WORLD_SIZE": "2", "LOCAL_RANK": "1"}, 2, "under torchrun puts every process on that GPU"),
+    ("cuda:1", {"WORLD_SIZE": "2", "LOCAL_RANK": "1"}, 2, "cuda:1"),  # its own: `run` resolves the device twice
     ("cuda:1", {}, 2, "cuda:1"),
 ])
 def test_each_torchrun_process_gets_a_gpu_of_its_own(monkeypatch, name: str, env: dict, gpus: int, expected: str) -> None:
@@ -122,6 +123,7 @@ def test_each_torchrun_process_gets_a_gpu_of_its_own(monkeypatch, name: str, env
         monkeypatch.setenv(key, value)
     if expected.startswith("cuda"):
         assert resolve_device(name) == torch.device(expected)
+        assert resolve_device(str(resolve_device(name))) == torch.device(expected)  # a resolved name resolves again
     else:
         with pytest.raises(InputError, match=expected):
             resolve_device(name)

@@ -150,8 +150,8 @@ def test_a_baseline_number_that_is_not_finite_is_refused_before_any_work(value: 
     ("vision.rel_error.max", ReportShape(text=True, moe=True), "only with --mmproj"),
     ("experts.rel_error.max", ReportShape(text=True), "only for a mixture-of-experts model"),
     ("routing.agreement.mean", ReportShape(text=True, moe=True, gguf=True), "not for a GGUF candidate"),
-    ("experts.rel_error.max", ReportShape(text=True, moe=True, kernels=True), "not with kernels"),
     ("routing.agreement.min", ReportShape(text=True, moe=True, kernels=True), "not with kernels"),
+    ("experts.rel_error.max", ReportShape(text=False, moe=True, hellaswag=True), "only with --data"),
 ])
 def test_a_section_the_run_will_not_make_is_refused_before_any_work(key: str, shape: ReportShape, reason: str) -> None:
     """Such gates used to pass the up-front check and fail after the whole evaluation (a
@@ -163,6 +163,7 @@ def test_a_section_the_run_will_not_make_is_refused_before_any_work(key: str, sh
 def test_sections_the_run_makes_are_accepted() -> None:
     shape = ReportShape(text=True, hellaswag=True, choices=True, moe=True, kernels=True, vision=True)
     check_gate_keys([parse_gate(f"{key}>=0") for key in ("multiple_choice.candidate.acc", "hellaswag.delta",
-                                                         "vision.rel_error.max", "experts.fallbacks")], shape)
+                                                         "vision.rel_error.max", "experts.fallbacks",
+                                                         "experts.rel_error.max")], shape)  # kernels: still measured
     check_gate_keys([parse_gate("experts.rel_error.max<=1"), parse_gate("routing.agreement.mean>=0.9")],
                     ReportShape(text=True, moe=True))

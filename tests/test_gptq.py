@@ -357,10 +357,13 @@ def test_dead_inputs_leave_the_damping_and_the_live_solve_as_without_them():
     assert torch.equal(full[:, live], reduced) and (full[:, 40:56] == 0).all()
 
 
-def test_a_hessian_that_saw_no_input_is_refused():
-    with pytest.raises(ValueError, match=r"Hessian is zero \(batch elements \[1\]\)"):
-        gptq_quantize(_weight(8, 32, seed=23).expand(2, 8, 32), torch.stack([torch.eye(32), torch.zeros(32, 32)]),
-                      QuantSpec(group_size=32))
+def test_a_hessian_that_saw_no_input_rounds_to_nearest_instead_of_zeroing_the_weight():
+    """H = 0 (no input ever reached the linear) marked every column dead: the whole weight was
+    zeroed with a loss of 0. It is now solved against the identity: round to nearest."""
+    W, spec = _weight(8, 32, seed=23).expand(2, 8, 32), QuantSpec(group_size=32)
+    result = gptq_quantize(W, torch.stack([_correlated_hessian(32, 100, seed=24), torch.zeros(32, 32)]), spec)
+    assert torch.equal(result.weight[1].dequantize(), rtn_quantize(W[1], spec).dequantize())
+    assert result.weight[1].dequantize().abs().sum() > 0 and float(result.loss[1]) == 0
 
 
 def test_indefinite_hessian_escalates_damping():

@@ -40,16 +40,18 @@ def test_available_memory_is_the_smaller_of_meminfo_and_the_cgroup_limit(tmp_pat
 
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       33554432 kB\nMemAvailable:    8388608 kB\n")
-    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
+    limit, usage, stat = tmp_path / "memory.max", tmp_path / "memory.current", tmp_path / "memory.stat"
     limit.write_text(f"{4 * 2**30}\n")
-    usage.write_text(f"{2**30}\n")
-    assert available_bytes(meminfo, [(limit, usage)]) == 3 * 2**30
+    usage.write_text(f"{3 * 2**30}\n")  # 2 GiB of it page cache the kernel reclaims first (streamed shards)
+    stat.write_text(f"anon {2**30}\nfile {2 * 2**30}\ninactive_file {2 * 2**30}\n")
+    cgroup = [(limit, usage, stat, "inactive_file")]
+    assert available_bytes(meminfo, cgroup) == 3 * 2**30
     limit.write_text("max\n")
-    assert available_bytes(meminfo, [(limit, usage)]) == 8 * 2**30
-    assert available_bytes(tmp_path / "none", [(tmp_path / "no", tmp_path / "ne")]) is None
+    assert available_bytes(meminfo, cgroup) == 8 * 2**30
+    assert available_bytes(tmp_path / "none", [(tmp_path / "no", tmp_path / "ne", tmp_path / "ns", "x")]) is None
 
 
-def test_plan_warns_when_this_machine_has_less_memory_than_the_peak(tmp_path: Path) -> None:
+def test_plan_warns_when_this_machine_has_less_memory_than_the_peak(tmp_path: Path, monkeypatch) -> None:
     """plan printed what a run needs and exited 0 on a machine without it, with no word."""
     from maverick_quant.plan import _fit_here_line
 
@@ -62,6 +64,12 @@ def test_plan_warns_when_this_machine_has_less_memory_than_the_peak(tmp_path: Pa
 
     assert _fit_here_line(Peak(), available=2**30)[0].startswith("- warning: this machine has 1.0 GiB of host memory")
     assert _fit_here_line(Peak(), available=Peak.peak_host_bytes) == []
+    import maverick_quant.host_memory as host_memory
+
+    for available, warned in ((2**30, True), (2**50, False)):  # the printed plan says it
+        monkeypatch.setattr(host_memory, "available_bytes", lambda: available)
+        result = CliRunner().invoke(cli, ["plan", "maverick", "--samples", "128", "--seq-len", "2048", "--device", "cpu"])
+        assert result.exit_code == 0 and ("- warning: this machine has" in result.output) is warned, result.output
 
 
 def test_plan_of_a_missing_model_names_it(tmp_path: Path) -> None:

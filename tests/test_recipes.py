@@ -462,9 +462,9 @@ def test_self_validation_data_too_large_for_memory_is_refused_before_any_work(ti
                                                                             monkeypatch) -> None:
     """`validation.data: self` is generated only after quantizing and exporting; a model whose
     fp32 weights exceed the available memory (made so here) is refused before calibrating."""
-    from maverick_quant.calibration import selfgen
+    from maverick_quant import host_memory
 
-    monkeypatch.setattr(selfgen, "available_memory", lambda: 1024)
+    monkeypatch.setattr(host_memory, "available_bytes", lambda: 1024)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({"model": str(tiny_llama_dir), "quantize": {"method": "rtn"},
                                       "validation": {"data": "self"}}))
@@ -492,3 +492,19 @@ def test_the_maverick_gptq_recipe_keeps_float_exactly_what_its_exports_write_flo
             assert recipe.quantize.keeps_float(LLAMA4.prefix(index) + name) == expected, (index, name)
             kept += expected
     assert kept == 36 * 3 and text.no_rope_layers[3] == 0  # 36 rope layers, NoPE every 4th
+
+
+@pytest.mark.parametrize("shipped", sorted((REPO / "recipes").glob("smollm2-*.yaml")), ids=lambda path: path.name)
+def test_shipped_smollm2_recipes_pass_every_check_made_before_work(shipped: Path, smollm2_dir: Path) -> None:
+    """The demo recipe was refused before any work: its `data: self` validation was checked as
+    one without text (its ppl_ratio gate 'never held'), and its compressed-tensors export cannot
+    tile SmolLM2's 576-wide inputs with group 128. Every check `run` makes first must pass."""
+    from maverick_quant.jobs import _recipe_model_dir
+    from maverick_quant.recipe_run import _check_before_work
+    from maverick_quant.streaming import open_source
+
+    recipe = load_recipe(shipped)
+    if recipe.calibration_data not in (None, "self") and not Path(recipe.calibration_data).is_file():
+        pytest.skip(f"{recipe.calibration_data} is not here (../shared/data)")
+    model_dir = _recipe_model_dir(recipe.model)
+    _check_before_work(recipe, model_dir, open_source(model_dir), "cpu")

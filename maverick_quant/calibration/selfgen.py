@@ -50,15 +50,10 @@ def check_fits_in_memory(model_dir: Path, available: int | None = None) -> None:
     from maverick_quant.errors import InputError
 
     needed = 4 * sum(math.prod(info.shape) for info in Checkpoint(model_dir).tensors.values())
-    available = available_memory() if available is None else available
+    from maverick_quant import host_memory
+
+    available = host_memory.available_bytes() if available is None else available
     if available is not None and needed > available:
         raise InputError(f"{model_dir}: `self` data generates text with the whole model loaded in fp32, "
                          f"{needed / 2**30:.1f} GiB, and this machine has {available / 2**30:.1f} GiB available: "
                          "generate the text where the model fits (or write it another way) and pass the file instead")
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available for a new allocation (host_memory.available_bytes; None where unknown)."""
-    from maverick_quant.host_memory import available_bytes
-
-    return available_bytes()

@@ -185,17 +185,18 @@ def _mask_dead_inputs(Wt: torch.Tensor, H: torch.Tensor) -> None:
     Such a column contributes nothing to the loss, and the filled diagonal keeps H invertible
     while leaving mean(diag H), which scales the damping, at the seen inputs' mean: the unit
     fill of the original GPTQ dominated it where activations are small (137x the damping
-    asked for at K = 512 with 16 dead inputs of scale 1e-2). ValueError when a matrix saw no
-    input at all (H = 0): its weight would be zeroed whole with a loss of 0.
+    asked for at K = 512 with 16 dead inputs of scale 1e-2). A matrix that saw no input at
+    all (H = 0: e.g. an expert's down projection whose gate/up are zero) is solved against the
+    identity instead, i.e. rounded to nearest: zeroing its whole weight would have been a
+    silent guess, and its loss is 0 either way.
     """
     diag = H.diagonal(dim1=-2, dim2=-1)
     dead = diag == 0
-    seen = (~dead).sum(-1)
-    if (seen == 0).any():
-        raise ValueError(f"GPTQ: Hessian is zero (batch elements {(seen == 0).nonzero().flatten().tolist()}): "
-                         "no calibration token reached these inputs")
-    seen_mean = diag.sum(-1) / seen  # dead entries add 0
-    diag.copy_(torch.where(dead, seen_mean.unsqueeze(-1), diag))
+    seen = (~dead).sum(-1, keepdim=True)
+    none_seen = seen == 0  # [B, 1]
+    dead &= ~none_seen
+    fill = torch.where(none_seen, 1.0, diag.sum(-1, keepdim=True) / seen.clamp_min(1))  # dead entries add 0
+    diag.copy_(torch.where(dead | none_seen, fill, diag))
     Wt.masked_fill_(dead.unsqueeze(-1), 0.0)
 
 

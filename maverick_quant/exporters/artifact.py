@@ -32,19 +32,26 @@ LOADING = {
     "gguf": "llama.cpp (`llama-cli -m FILE`; with a Llama 4's projector file, `llama-mtmd-cli -m FILE --mmproj "
             "MMPROJ --image IMG`), llama-cpp-python (`Llama(model_path=FILE)`)",
 }
-# GPTQ/AWQ of a mixture of experts: transformers keeps Llama 4's fused experts at their random
-# initial weights (it unfuses only compressed-tensors checkpoints), and GPTQModel 7.6's llama4
-# definition leaves the dense layers' MLP uninitialised in Maverick's interleaved layout.
-MOE_PACKED_LOADING = ("vLLM (`vllm serve DIR`). transformers and GPTQModel do not load a Llama 4's experts in this "
-                      "layout (they load without an error and compute garbage); for transformers export "
-                      "compressed-tensors")
+def moe_packed_caution(bundle: Bundle, fmt: str) -> str | None:
+    """Which clients compute garbage from a GPTQ/AWQ export of a mixture of experts, without an
+    error: transformers keeps Llama 4's fused experts at their random initial weights (it
+    unfuses only compressed-tensors checkpoints), and GPTQModel 7.6's llama4 definition leaves
+    the dense layers' MLP uninitialised where MoE and dense layers interleave (Maverick). None
+    for other exports."""
+    text = bundle.text_config
+    layers = [bundle.table.plan(text, index).moe is not None for index in range(text.num_hidden_layers)]
+    if fmt not in ("gptq", "awq") or not any(layers):
+        return None
+    wrong = "transformers and GPTQModel" if not all(layers) else "transformers (GPTQModel loads it)"
+    return f"{wrong} load this mixture of experts without an error but compute garbage: serve it with vLLM, or " \
+           "export compressed-tensors for transformers"
 
 
-def loading_hint(fmt: str, moe: bool, sym: bool = True) -> str:
-    """What loads an export in format `fmt` (of a mixture-of-experts model when `moe`, on a
-    symmetric grid when `sym`), for its card."""
-    if moe and fmt in ("gptq", "awq"):
-        return MOE_PACKED_LOADING
+def loading_hint(bundle: Bundle, fmt: str) -> str:
+    """What loads an export of `bundle` in format `fmt`, for its card."""
+    if caution := moe_packed_caution(bundle, fmt):
+        return f"vLLM (`vllm serve DIR`); {caution}"
+    sym = bundle.quant["sym"] and all(grid.get("sym", True) for grid in bundle.overridden_grids().values())
     return LOADING["compressed-tensors-asym"] if fmt == "compressed-tensors" and not sym else LOADING[fmt]
 
 
@@ -90,7 +97,7 @@ def model_card(bundle: Bundle | None, fmt: str, detail: str, name: str = "", rep
         f"`{calibration.get('source', 'none')}` (data sha256 `{calibration.get('data_sha256', '-')}`) |",
         f"| format | {fmt} {detail} |",
         *override_rows(bundle),
-        f"| load with | {loading_hint(fmt, bundle.table.has_moe(bundle.config), weights['sym'])} |",
+        f"| load with | {loading_hint(bundle, fmt)} |",
     ]
     if weights.get("signed_scale") and fmt != "gguf":
         lines += ["", SIGNED_SCALE_CAUTION]

@@ -54,7 +54,7 @@ def open_candidate(path: Path):
     from maverick_quant.streaming import open_source
 
     path = Path(path)
-    if manifest_format(path) == BUNDLE_FORMAT:
+    if manifest_format(path, strict=True) == BUNDLE_FORMAT:
         return Bundle(path)
     if not (path / "config.json").is_file():
         raise InputError(f"{path}: not a bundle, an export or a model directory")

@@ -184,8 +184,9 @@ class ReportShape:
     text: it evaluates text (--data); gpu: it runs on a CUDA device; hellaswag / choices: those
     benchmarks run; moe: the model has MoE layers; gguf: the candidate is a GGUF, which
     llama.cpp runs whole (no per-layer, per-expert or routing numbers); kernels: a bundle runs
-    on the 4-bit kernels, whose MoE layers run whole (no routing, no per-expert error);
-    vision: a GGUF's projector is compared too (--mmproj)."""
+    on the 4-bit kernels, whose MoE layers run whole (no routing; its experts are still
+    measured, on the reference's side); vision: a GGUF's projector is compared too (--mmproj).
+    Per-expert errors and routing are measured by the layer-by-layer evaluation of text."""
 
     text: bool
     gpu: bool = False
@@ -204,19 +205,21 @@ class ReportShape:
             "hellaswag": None if self.hellaswag else "only with --hellaswag",
             "multiple_choice": None if self.choices else "only with --choices",
             "vision": None if self.vision else "only with --mmproj (a GGUF candidate's projector)",
-            "experts": self._expert_reason(key.startswith("experts.rel_error")),
-            "routing": self._expert_reason(True),
+            "experts": self._expert_reason(measured=key.startswith("experts.rel_error"), routing=False),
+            "routing": self._expert_reason(measured=True, routing=True),
         }
         return reasons.get(section)
 
-    def _expert_reason(self, measured: bool) -> str | None:
+    def _expert_reason(self, measured: bool, routing: bool) -> str | None:
         """Why experts.* / routing.* numbers will be absent (`measured`: numbers the layer-by-layer
-        evaluation measures, not the bundle's quantize audit)."""
+        evaluation measures, not the bundle's quantize audit; `routing`: the candidate's routing)."""
         if not self.moe:
             return "only for a mixture-of-experts model"
         if self.gguf:
             return "not for a GGUF candidate (llama.cpp runs it whole)"
-        if self.kernels and measured:
+        if measured and not self.text:
+            return "only with --data (the layer-by-layer evaluation of text measures them)"
+        if routing and self.kernels:
             return "not with kernels (the 4-bit kernels run MoE layers whole)"
         return None
 
