@@ -85,68 +85,53 @@ def test_an_output_rank_0_refuses_stops_both_ranks_then_resumes_under_torchrun(t
     assert manifest["run_identity"]["quantize"]["moe"]["chunk_mib"] == 1
 
 
-RANKS_DISAGREE = """
+RANK_SCRIPT = """
 import sys
 from pathlib import Path
 from maverick_quant.distributed import ExpertParallel
 from maverick_quant.errors import InputError
 
 parallel, outcomes = ExpertParallel.from_env(), []
-for rank0_start, other_start in ((3, 3), (3, 0)):  # the second: a rank that did not see rank 0's run state
+for attempt in ATTEMPTS:
     try:
-        parallel.check_same_start(rank0_start if parallel.writes else other_start, Path("/shared/out.state"))
+        CALL
         outcomes.append("agreed")
     except InputError as exc:
         outcomes.append(f"refused, keep_work={exc.keep_work}: {exc}")
 Path(sys.argv[1], f"rank{parallel.rank}.txt").write_text("\\n".join(outcomes))
 parallel.close()
 """
+
+
+def _two_ranks_try(tmp_path: Path, attempts: str, call: str) -> list[list[str]]:
+    """Each rank's outcome ("agreed" or "refused, keep_work=...: message") of `call` (Python, with
+    `parallel` and `attempt` in scope) for each of `attempts`, under torchrun with 2 processes."""
+    script = tmp_path / "ranks.py"
+    script.write_text(RANK_SCRIPT.replace("ATTEMPTS", attempts).replace("CALL", call))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script), str(tmp_path)], env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return [(tmp_path / f"rank{rank}.txt").read_text().splitlines() for rank in (0, 1)]
 
 
 def test_ranks_that_would_resume_at_different_layers_all_stop_keeping_the_work(tmp_path: Path) -> None:
     """A rank without rank 0's run state (the output on host 0 only) would start at layer 0 while
     rank 0 resumes at layer k; the chunk collectives would still pair up, and rank 0 would write
     other layers' experts as layer k's. Both ranks stop instead, and the finished work is kept."""
-    script = tmp_path / "ranks.py"
-    script.write_text(RANKS_DISAGREE)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(script), str(tmp_path)], env=_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    for rank in (0, 1):
-        agreed, refused = (tmp_path / f"rank{rank}.txt").read_text().splitlines()
+    outcomes = _two_ranks_try(tmp_path, "((3, 3), (3, 0))",  # the second: a rank that did not see rank 0's run state
+                              'parallel.check_same_start(attempt[0] if parallel.writes else attempt[1], Path("/shared/out.state"))')
+    for rank, (agreed, refused) in enumerate(outcomes):
         assert agreed == "agreed" and refused.startswith("refused, keep_work=True"), refused
         assert f"rank 0: layer 3, rank {rank}: layer {3 if rank == 0 else 0}" in refused and "/shared/out.state" in refused
-
-
-INPUTS_DIFFER = """
-import sys
-from pathlib import Path
-from maverick_quant.distributed import ExpertParallel
-from maverick_quant.errors import InputError
-
-parallel, outcomes = ExpertParallel.from_env(), []
-same = {"source_fingerprint": "f", "calibration_sha256": "c", "quantize": {"bits": 4}}
-for identity in (same, {**same, "calibration_sha256": "c" if parallel.writes else "other host's file"}):
-    try:
-        parallel.check_same_inputs(identity)
-        outcomes.append("agreed")
-    except InputError as exc:
-        outcomes.append(f"refused, keep_work={exc.keep_work}: {exc}")
-Path(sys.argv[1], f"rank{parallel.rank}.txt").write_text("\\n".join(outcomes))
-parallel.close()
-"""
 
 
 def test_ranks_given_other_calibration_data_all_stop_naming_it(tmp_path: Path) -> None:
     """Another calibration file (or model copy, options, tool version) on one host mixed that
     rank's experts into rank 0's bundle with exit 0; every rank now stops, naming what differs."""
-    script = tmp_path / "ranks.py"
-    script.write_text(INPUTS_DIFFER)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(script), str(tmp_path)], env=_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    for rank in (0, 1):
-        agreed, refused = (tmp_path / f"rank{rank}.txt").read_text().splitlines()
+    same = '{"source_fingerprint": "f", "calibration_sha256": "c", "quantize": {"bits": 4}}'
+    outcomes = _two_ranks_try(tmp_path, f'({same}, {{**{same}, "calibration_sha256": "c" if parallel.writes else "x"}})',
+                              "parallel.check_same_inputs(attempt)")
+    for agreed, refused in outcomes:
         assert agreed == "agreed" and refused.startswith("refused, keep_work=True"), refused
         assert "calibration_sha256 differ from rank 0's" in refused and "source_fingerprint" not in refused
 
