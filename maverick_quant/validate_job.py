@@ -205,7 +205,7 @@ def _vision_inputs(vision: VisionCheck | None, ref_source, gguf: bool) -> tuple[
     image_normalisation(ref_source.checkpoint.model_dir)
     try:  # a missing client is refused here, not after the text evaluation
         import llama_cpp.mtmd_cpp  # noqa: F401
-    except ImportError:
+    except (ImportError, OSError, RuntimeError):  # no module, or its shared library missing or unloadable
         raise InputError(f"--mmproj {vision.mmproj}: needs llama-cpp-python with its multimodal library "
                          "(llama_cpp.mtmd_cpp); install a release that has it") from None
 

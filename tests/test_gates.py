@@ -167,3 +167,12 @@ def test_sections_the_run_makes_are_accepted() -> None:
                                                          "experts.rel_error.max")], shape)  # kernels: still measured
     check_gate_keys([parse_gate("experts.rel_error.max<=1"), parse_gate("routing.agreement.mean>=0.9")],
                     ReportShape(text=True, moe=True))
+
+
+def test_a_vision_key_the_section_never_holds_is_refused_before_any_work() -> None:
+    """The vision section's numbers are fixed; a misspelt one passed the check and failed after
+    the whole text evaluation."""
+    shape = ReportShape(text=True, moe=True, gguf=True, vision=True)
+    check_gate_keys([parse_gate("vision.rel_error.max<=0.005"), parse_gate("vision.images>=8")], shape)
+    with pytest.raises(InputError, match=r"no number 'vision.rel_eror.max'; expected one of vision.images"):
+        check_gate_keys([parse_gate("vision.rel_eror.max<=0.005")], shape)

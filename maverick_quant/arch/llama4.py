@@ -196,13 +196,17 @@ def mmproj_geometry(config) -> dict[str, int]:
 
 
 def image_normalisation(root: Path) -> tuple[list[float], list[float], str]:
-    """(mean, std, where from): preprocessor_config.json when the model has one, else Llama 4's
-    processor defaults (0.5 for every channel)."""
+    """(mean, std, where from): preprocessor_config.json when the model has one, else the
+    `image_processor` of processor_config.json (where transformers 5 saves a processor's image
+    settings), else Llama 4's processor defaults (0.5 for every channel)."""
     path = root / "preprocessor_config.json"
+    if not path.is_file() and (root / "processor_config.json").is_file():
+        path = root / "processor_config.json"
     if not path.is_file():
         return (*LLAMA4_IMAGE_MEAN_STD, "Llama 4's processor defaults (no preprocessor_config.json)")
     try:
         config = json.loads(path.read_text())
+        config = config["image_processor"] if path.name == "processor_config.json" else config
         mean, std = [float(v) for v in config["image_mean"]], [float(v) for v in config["image_std"]]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{path}: expected image_mean and image_std lists ({exc})") from None

@@ -175,6 +175,7 @@ TEXT_KEYS = frozenset({"ppl_ratio", "top1_agreement", "tokens", "nonfinite_token
                        "protocol.windows", "protocol.first_scored_position"})
 # Sections whose keys depend on the run (tasks, experts, images); ReportShape says which a run's report holds.
 SECTIONS = ("hellaswag", "multiple_choice", "experts", "routing", "vision")
+VISION_KEYS = frozenset({"vision.images", "vision.tokens_per_image", "vision.rel_error.mean", "vision.rel_error.max"})
 
 
 @dataclass(frozen=True)
@@ -233,6 +234,9 @@ def check_gate_keys(gates: Sequence[Gate], shape: ReportShape) -> None:
         if section in SECTIONS:
             if reason := shape.absent_because(gate.key):
                 raise InputError(f"gate {gate.text!r}: the report has {section} numbers {reason}")
+            if section == "vision" and gate.key not in VISION_KEYS:  # a fixed set, unlike the benchmarks' sections
+                raise InputError(f"gate {gate.text!r}: the report will hold no number {gate.key!r}; expected one of "
+                                 f"{', '.join(sorted(VISION_KEYS))}")
         elif gate.key not in known:
             sections_text = ", ".join(f"{name}.*" for name in SECTIONS)
             raise InputError(f"gate {gate.text!r}: the report will hold no number {gate.key!r}; expected one of "

@@ -192,7 +192,7 @@ def _vision_section(vision: Mapping | None) -> list[str]:
              f"relative error of the image embeddings mean {_fmt(error['mean'])}, max {_fmt(error['max'])}.", "",
              f"{vision['token_order']}.", ""]
     reference, in_file = norms.get("reference"), norms.get("mmproj")
-    if reference and in_file and (reference["mean"], reference["std"]) != (in_file["mean"], in_file["std"]):
+    if reference and in_file and not _same_normalisation(reference, in_file):
         lines += [f"**The image normalisation differs**: the reference's mean {reference['mean']} std "
                   f"{reference['std']} (from {reference['from']}), the mmproj's mean {in_file['mean']} std "
                   f"{in_file['std']}.", ""]
@@ -258,6 +258,13 @@ def plot_layer_errors(layer_errors: Sequence[tuple[str, float]], path: Path) -> 
     if len(errors) <= 16:
         axes.set_xticks(range(len(errors)), [name for name, _ in layer_errors], rotation=45, ha="right")
     return _save_png(figure, path)
+
+
+def _same_normalisation(reference: Mapping, in_file: Mapping) -> bool:
+    """Whether two image normalisations agree up to float32 (the GGUF stores them as float32:
+    0.48 reads back as 0.4799999892...)."""
+    pairs = [(a, b) for key in ("mean", "std") for a, b in zip(reference[key], in_file[key], strict=True)]
+    return all(math.isclose(a, b, rel_tol=1e-6) for a, b in pairs)
 
 
 def _worst_first(value: float) -> float:

@@ -55,7 +55,7 @@ def read_images(folder: Path, count: int, size: int) -> list[np.ndarray]:
         try:
             with Image.open(path) as image:
                 images.append(np.array(image.convert("RGB").resize((size, size), Image.BICUBIC)))
-        except (OSError, UnidentifiedImageError) as exc:
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
             raise InputError(f"--images: {path}: not a readable image ({exc})") from None
     return images
 
