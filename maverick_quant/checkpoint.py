@@ -326,16 +326,24 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
     return digest.hexdigest()
 
 
-def check_output_dir(out: Path, force: bool, replaced_whole: bool = True) -> None:
+def check_output_dir(out: Path, force: bool, replaced_whole: bool = True, is_file: bool = False) -> None:
     """Refuse to overwrite an existing output unless forced, and, for an output `replaced_whole`
     when the work ends (all but `run`'s folder, whose steps are replaced inside it), a path that
-    names no file or folder of its own ("", ".", ".."). Checked before any work starts."""
+    names no file or folder of its own ("", ".", ".."). Even forced, an output folder replaces
+    only a folder and an output file (`is_file`) only a regular file: --force over a user's file,
+    or a device such as /dev/null, replaced it. Checked before any work starts."""
     out = Path(out)
     if replaced_whole and out.name in ("", ".", ".."):
         raise InputError(f"{str(out) or repr('')}: an output must name a new file or folder (it is replaced as a "
                          "whole), not the working folder or one above it")
-    if out.exists() and not force:
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not force:
         raise InputError(f"{out}: output already exists; pass --force to replace it")
+    if (out.is_file() if is_file else out.is_dir()) is False:
+        raise InputError(f"{out}: exists and is not {'a regular file' if is_file else 'a folder'} (a "
+                         f"{'folder, device or broken link' if is_file else 'file, device or broken link'}); --force "
+                         f"replaces only an earlier output {'file' if is_file else 'folder'}: remove it or write elsewhere")
 
 
 def check_output_apart(out: Path, inputs: dict[str, Path | str | None], option: str = "--out") -> None:

@@ -432,6 +432,10 @@ def export(bundle_dir, fmt, out, max_shard_size, gguf_type, requantize, gguf_pre
                                "--format gguf; --max-shard-size for the safetensors formats)")
     if report_dir is not None and not (report_dir / "report.json").is_file():
         raise InputError(f"--report {report_dir}: no report.json (expected a directory written by `validate --report`)")
+    if report_dir is not None:  # read now: the card quotes it only once the export is written
+        from maverick_quant.checkpoint import load_json_object
+
+        load_json_object(report_dir / "report.json", "a validation report")
     if fmt == "gguf":
         run_export_gguf(bundle_dir, out, gguf_type, requantize, gguf_pre, force, report_dir, progress, mmproj,
                         mmproj_type or "F16")
@@ -479,9 +483,10 @@ def imatrix(model_dir, data, calib, out, samples, seq_len, seed, chat_template, 
 @click.option("--force", is_flag=True, help="Replace an existing report directory.")
 @click.option("--protocol", type=click.Choice(["gptq", "llama.cpp"]), default="gptq", show_default=True,
               help="gptq: every token after a window's first scored; llama.cpp: BOS first, second half scored.")
-@click.option("--hellaswag", type=click.Path(path_type=Path), help="HellaSwag in llama.cpp's text layout (6 lines per task).")
+@click.option("--hellaswag", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="HellaSwag in llama.cpp's text layout (6 lines per task).")
 @click.option("--hellaswag-tasks", type=click.IntRange(min=1), help="Score only the first N tasks (HellaSwag or --choices).")
-@click.option("--choices", type=click.Path(path_type=Path),
+@click.option("--choices", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help='Your multiple-choice JSONL: {"context": ..., "choices": [...], "label": i} per line.')
 @click.option("--choices-pass-mib", type=click.IntRange(min=1), default=CHOICES_PASS_MIB, show_default=True,
               help="Hidden states (MiB) of multiple-choice tasks streamed through the layers per pass over the "

@@ -161,10 +161,10 @@ def check_output_file(out: Path, force: bool, example: str, inputs: dict | None 
     directory where one file is written (`option` names the file's option in the message)."""
     from maverick_quant.checkpoint import check_output_apart, check_output_dir
 
-    check_output_dir(out, force)
-    check_output_apart(out, inputs or {}, option)
     if Path(out).is_dir():
         raise InputError(f"{option} {out}: is a directory; this writes one file (e.g. {option} {example})")
+    check_output_dir(out, force, is_file=True)
+    check_output_apart(out, inputs or {}, option)
 
 
 def run_imatrix(model_dir, out, data, calib, calib_spec, force, progress, chunk_mib, device="auto", resume=False):
@@ -205,6 +205,8 @@ def run_export_gguf(source_dir, out, gguf_type="Q4_0", requantize=False, pre=Non
     from maverick_quant.exporters.gguf_mmproj import MMProjPlan
 
     check_output_file(out, force, "model-q4_0.gguf")
+    for sidecar in gguf_sidecars(Path(out)):  # written beside it: a user's file of that name is replaced too
+        check_output_file(sidecar, force, sidecar.name, option="--out's sidecar")
     if mmproj is not None:
         check_output_file(mmproj, force, "mmproj-f16.gguf")
         if Path(mmproj).resolve() == Path(out).resolve():
@@ -258,6 +260,10 @@ def run_generate(bundle_dir: Path, prompt: str, max_new_tokens: int, kernels: st
     from maverick_quant.devices import check_kernels_device, resolve_device, use_device
     from maverick_quant.runtime import backend_named, load_quantized_model
 
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:  # bytes from the shell that are not UTF-8 reach Python as surrogates
+        raise InputError(f"--prompt: not UTF-8 text ({exc.reason} at character {exc.start})") from None
     bundle = Bundle(bundle_dir)
     compute = resolve_device(device)
     check_kernels_device(kernels, compute)

@@ -76,6 +76,9 @@ def read_validation_inputs(reference, data, ctx, max_windows, protocol, gates, b
     config = load_model_config(Path(reference))
     moe = table_for(config, str(Path(reference) / "config.json")).has_moe(config)
     for run in candidates:  # one gate list for every candidate of a recipe
+        if run.gguf and run.kernels:  # the report would record kernels that never ran
+            raise InputError("--kernels runs a bundle's 4-bit weights on our kernels; a GGUF candidate runs in "
+                             "llama.cpp: drop --kernels")
         check_gate_keys(parsed, ReportShape(text=text, gpu=compute.type == "cuda", hellaswag=bool(hellaswag),
                                             choices=bool(choices), moe=moe, gguf=run.gguf, kernels=run.kernels,
                                             vision=run.vision))

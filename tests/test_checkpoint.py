@@ -412,3 +412,26 @@ def test_leftovers_of_a_killed_run_are_named_with_their_size(tiny_llama_dir: Pat
                                           str(tmp_path / "out"), "--samples", "2", "--seq-len", "8"])
     assert result.exit_code == 0, result.output
     assert killed.is_dir()  # named, not removed: a run on another host may still own it
+
+
+def test_force_replaces_only_an_output_of_its_own_kind(tmp_path: Path) -> None:
+    """`validate --report FILE --force` replaced a user's file with a report folder, and
+    `--report /dev/null --force` replaced the device: a folder output now replaces only a
+    folder, a file output only a regular file (here a FIFO stands in for the device)."""
+    import os
+
+    from maverick_quant.checkpoint import check_output_dir
+    from maverick_quant.jobs import check_output_file
+
+    victim, pipe, folder = tmp_path / "victim.txt", tmp_path / "pipe", tmp_path / "earlier"
+    victim.write_text("keep me")
+    os.mkfifo(pipe)
+    folder.mkdir()
+    check_output_dir(folder, force=True)
+    check_output_file(victim, True, "model.gguf")
+    for refused, check in ((victim, lambda: check_output_dir(victim, force=True)),
+                           (pipe, lambda: check_output_dir(pipe, force=True)),
+                           (pipe, lambda: check_output_file(pipe, True, "model.gguf"))):
+        with pytest.raises(InputError, match=rf"{refused.name}: exists and is not a"):
+            check()
+    assert victim.read_text() == "keep me"

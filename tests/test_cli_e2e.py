@@ -442,3 +442,9 @@ def test_no_export_shard_exceeds_the_shard_size_but_by_a_single_tensor(tiny_run)
         header = read_safetensors_header(tiny_run["gptq"] / shard)
         sizes = [info.end - info.begin for info in header.values()]
         assert len(sizes) == 1 or sum(sizes) <= 200_000, (shard, sorted(header))
+
+
+def test_a_prompt_that_is_not_utf8_is_named(tiny_run) -> None:
+    """Bytes from the shell that are not UTF-8 reach Python as surrogates: the tokenizer raised a TypeError."""
+    code, out = _run("generate", tiny_run["bundle"], "--prompt", "Hi \udcff there", "--max-new-tokens", 1)
+    assert code == 2 and "--prompt: not UTF-8 text" in out, out

@@ -492,3 +492,18 @@ def test_a_replaced_gguf_never_keeps_the_old_files_card_and_manifest(tiny_q4_0, 
     monkeypatch.setattr(artifact, "write_gguf_sidecars", disk_full)
     code, out = _run(*export)
     assert code == 3 and not any(path.exists() for path in sidecars), out
+
+def test_a_gguf_export_neither_replaces_files_beside_it_nor_reads_its_report_late(tiny_q4_0, tmp_path: Path) -> None:
+    """A user's NAME.gguf.README.md beside the output was overwritten without --force; a damaged
+    --report was read after the whole export (a traceback, and the new GGUF left without its card)."""
+    card = tmp_path / "m.gguf.README.md"
+    card.write_text("mine")
+    code, out = _run("export", tiny_q4_0["bundle"], "--format", "gguf", "--gguf-type", "Q4_0", "--out", tmp_path / "m.gguf")
+    assert code == 2 and "m.gguf.README.md: output already exists" in out and card.read_text() == "mine", out
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "report.json").write_text("{")
+    code, out = _run("export", tiny_q4_0["bundle"], "--format", "gguf", "--gguf-type", "Q4_0", "--out", tmp_path / "n.gguf",
+                     "--report", report)
+    assert code == 2 and "report.json: cannot read a validation report" in out, out
+    assert not (tmp_path / "n.gguf").exists() and not (tmp_path / "n.gguf.manifest.json").exists()

@@ -46,6 +46,39 @@ def test_malformed_files_name_the_line(tmp_path: Path) -> None:
         read_choice_jsonl(jsonl)
 
 
+@pytest.mark.parametrize("record, message", [
+    ('{"context": "c", "choices": "blue", "label": 0}', "list of two or more strings"),  # was split into letters
+    ('{"context": "c", "choices": {"a": 1, "b": 2}, "label": 0}', "list of two or more strings"),
+    ('{"context": "c", "choices": ["x", "y"], "label": 1.7}', "must be an integer"),  # was cut to 1
+    ('{"context": "c", "choices": ["x", "y"], "label": true}', "must be an integer"),
+    ('{"context": "c", "choices": ["x", "y"], "label": "1"}', "must be an integer"),
+    ('{"context": null, "choices": ["x", "y"], "label": 0}', "must be a string"),  # was the text "None"
+    ('{"context": "c", "choices": ["x", "x"], "label": 0}', "distinct and non-empty"),
+    ('{"context": "c", "choices": ["x", " "], "label": 0}', "distinct and non-empty"),
+    ('{"context": "c", "choices": ["x", "y"], "label": Infinity}', "must be an integer"),
+    ('{"context": "c", "choices": ["x", "y"], "label": 1e999}', "must be an integer"),
+    ('[1, 2]', "expected an object"),
+])
+def test_choice_records_of_the_wrong_types_are_refused_not_coerced(tmp_path: Path, record: str, message: str) -> None:
+    """Silently coerced fields scored other tasks than the file meant: a choices string became
+    its letters, a label of 1.7 became 1, a null context the text "None"."""
+    jsonl = tmp_path / "bad.jsonl"
+    jsonl.write_text(record + "\n")
+    with pytest.raises(InputError, match=rf"bad.jsonl:1: .*{message}"):
+        read_choice_jsonl(jsonl)
+
+
+@pytest.mark.parametrize("label, endings", [("\u00b2", "a\nb\nc\nd"), ("0", "a\na\nc\nd"), ("0", "a\n\nc\nd")])
+def test_hellaswag_labels_that_are_not_ascii_and_repeated_endings_are_refused(tmp_path: Path, label: str,
+                                                                             endings: str) -> None:
+    """A superscript two passed isdigit() and int() raised (a traceback); repeated or empty
+    endings were scored as a tie broken by order."""
+    bad = tmp_path / "bad.txt"
+    bad.write_text(f"ctx\n{label}\n{endings}\n")
+    with pytest.raises(InputError, match=r"bad.txt:[12]: "):
+        read_hellaswag(bad)
+
+
 def test_a_file_without_tasks_is_refused(tmp_path: Path) -> None:
     empty, blank = tmp_path / "empty.txt", tmp_path / "blank.jsonl"
     empty.write_text("")

@@ -206,3 +206,6 @@ def test_a_gguf_candidate_llama_cpp_cannot_load_is_refused_before_the_reference_
                      "--ctx", 16, "--max-windows", 1, "--report", tmp_path / "r", "--no-progress")
     assert code == 2 and f"{not_gguf}: not a GGUF llama.cpp can load" in out, out
     assert not (tmp_path / "r").exists() and not list(tmp_path.glob(".r.*"))
+    code, out = run_cli("validate", "--reference", tiny_llama_dir, "--candidate", not_gguf, "--data", small_text_file,
+                        "--kernels", "reference", "--report", tmp_path / "r", "--no-progress")
+    assert code == 2 and "a GGUF candidate runs in llama.cpp: drop --kernels" in out, out  # it was recorded as run

@@ -118,3 +118,11 @@ def test_a_broken_candidates_report_is_strict_json_and_still_fails_its_gates(tmp
     assert written["layers"][0]["rel_error"] == "NaN"
     results = evaluate_gates([parse_gate("ppl_ratio<=1.05"), parse_gate("kl.p99<=baseline*1.1")], written, written)
     assert not any(result.passed for result in results)
+
+
+def test_a_path_that_is_not_utf8_is_written_escaped_not_a_crash_at_the_end(tmp_path):
+    """`--data $'dat\\xff.txt'` reaches Python as a surrogate: report.md's encode raised after
+    the whole evaluation (exit 3)."""
+    report = {**_report(), "protocol": {**_report()["protocol"], "data": "dat\udcff.txt"}}
+    paths = write_report(report, tmp_path / "r")
+    assert "dat\\udcff.txt" in paths[-1].read_text() and json.loads(paths[0].read_text())["protocol"]["data"] == "dat\udcff.txt"

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from maverick_quant import __version__
 from maverick_quant.bundle import Bundle
-from maverick_quant.checkpoint import read_json_object, sha256_file, write_json_atomic, write_text_atomic
+from maverick_quant.checkpoint import (load_json_object, read_json_object, sha256_file, write_json_atomic,
+                                       write_text_atomic)
 
 LOADING = {
     "gptq": "transformers + GPTQModel (`AutoModelForCausalLM.from_pretrained(DIR)`), vLLM (`vllm serve DIR`)",
@@ -102,7 +103,7 @@ def model_card(bundle: Bundle | None, fmt: str, detail: str, name: str = "", rep
     if weights.get("signed_scale") and fmt != "gguf":
         lines += ["", SIGNED_SCALE_CAUTION]
     if report_dir is not None:
-        summary = json.loads((Path(report_dir) / "report.json").read_text())
+        summary = load_json_object(Path(report_dir) / "report.json", "a validation report")
         lines += ["", f"## Validation ({summary.get('candidate_model', 'candidate')} against "
                       f"{summary.get('reference_model', 'the reference')})", "", "```json",
                   json.dumps({key: summary.get(key) for key in ("protocol", "reference", "candidate", "ppl_ratio", "kl",

@@ -49,9 +49,9 @@ def read_hellaswag(path: Path, limit: int | None = None) -> list[Task]:
     tasks = []
     for start in range(0, len(lines), HELLASWAG_LINES):
         context, label, *endings = lines[start : start + HELLASWAG_LINES]
-        if not label.strip().isdigit() or not 0 <= int(label) < len(endings):
+        if label.strip() not in {str(i) for i in range(len(endings))}:  # ASCII digits only: int() refuses others
             raise InputError(f"{path}:{start + 2}: label {label!r} is not an integer in [0, {len(endings) - 1}]")
-        tasks.append(Task(context, tuple(endings), int(label)))
+        tasks.append(_checked(Task(context, tuple(endings), int(label)), f"{path}:{start + 1}"))
         if limit is not None and len(tasks) >= limit:
             break
     return _some(tasks, path)
@@ -64,6 +64,29 @@ def _some(tasks: list[Task], path: Path) -> list[Task]:
     return tasks
 
 
+def _checked(task: Task, where: str) -> Task:
+    """`task`, or InputError naming `where` when two choices are equal or one is empty: the
+    score of a tie would depend on how it is broken."""
+    if any(not choice.strip() for choice in task.choices) or len(set(task.choices)) < len(task.choices):
+        raise InputError(f"{where}: the choices must be distinct and non-empty, got {list(task.choices)!r}")
+    return task
+
+
+def _choice_task(record, where: str) -> Task:
+    """A task from one JSONL record {"context": str, "choices": [str, ...], "label": int}, its
+    types checked (a string of choices was split into letters, a label of 1.7 cut to 1)."""
+    if not isinstance(record, dict) or not {"context", "choices", "label"} <= set(record):
+        raise InputError(f"{where}: expected an object with \"context\", \"choices\" and \"label\"")
+    context, choices, label = record["context"], record["choices"], record["label"]
+    if not isinstance(context, str):
+        raise InputError(f"{where}: \"context\" must be a string, got {type(context).__name__}")
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+        raise InputError(f"{where}: \"choices\" must be a list of two or more strings, got {choices!r}")
+    if type(label) is not int or not 0 <= label < len(choices):
+        raise InputError(f"{where}: \"label\" must be an integer in [0, {len(choices) - 1}], got {label!r}")
+    return _checked(Task(context, tuple(choices), label), where)
+
+
 def read_choice_jsonl(path: Path, limit: int | None = None) -> list[Task]:
     """Tasks from JSONL records {"context": str, "choices": [str, ...], "label": int}."""
     from maverick_quant.calibration.data import text_lines
@@ -74,12 +97,9 @@ def read_choice_jsonl(path: Path, limit: int | None = None) -> list[Task]:
             continue
         try:
             record = json.loads(line)
-            task = Task(str(record["context"]), tuple(map(str, record["choices"])), int(record["label"]))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise InputError(f"{path}:{number}: expected {{\"context\", \"choices\", \"label\"}} ({exc})") from None
-        if len(task.choices) < 2 or not 0 <= task.label < len(task.choices):
-            raise InputError(f"{path}:{number}: need >= 2 choices and a label indexing them")
-        tasks.append(task)
+        except ValueError as exc:  # JSONDecodeError, and the out-of-range numbers Python's parser refuses
+            raise InputError(f"{path}:{number}: not JSON ({exc})") from None
+        tasks.append(_choice_task(record, f"{path}:{number}"))
         if limit is not None and len(tasks) >= limit:
             break
     return _some(tasks, path)

@@ -345,5 +345,6 @@ def write_report(report: dict, out_dir: Path, *, kl_values: torch.Tensor | None 
         plots.append(plot_expert_errors(measured, out_dir / "expert_error.png"))
     markdown = render_markdown(report, gate_results, layer_errors, plots)
     written += plots
-    written.append(_atomic_write(out_dir / "report.md", lambda handle: handle.write(markdown.encode())))
+    # a path that is not UTF-8 (a byte the file system kept) is shown escaped, not a crash at the very end
+    written.append(_atomic_write(out_dir / "report.md", lambda handle: handle.write(markdown.encode("utf-8", "backslashreplace"))))
     return written
