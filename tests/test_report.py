@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from maverick_quant.errors import InputError
 from maverick_quant.validation.gates import evaluate_gates, parse_gate
 from maverick_quant.validation.report import PNG_SIGNATURE, write_report
 
@@ -104,7 +105,7 @@ def test_gates_section_from_report_dict_when_no_results_given(tmp_path):
 def test_a_broken_candidates_report_is_strict_json_and_still_fails_its_gates(tmp_path):
     """NaN and infinities are written as the strings "NaN" / "Infinity" (strict parsers refuse a
     bare NaN, and jq reads it as null, which compares below every number); a gate on such a
-    report read back as a baseline still fails."""
+    report still fails, and read back as a baseline it is refused."""
     nan, inf = float("nan"), float("inf")
     report = {**_report(), "ppl_ratio": inf, "kl": {"mean": nan, "median": nan, "p90": nan, "p99": nan, "max": nan},
               "layers": [{"layer": 0, "rel_error": torch.tensor(nan)}]}
@@ -116,8 +117,10 @@ def test_a_broken_candidates_report_is_strict_json_and_still_fails_its_gates(tmp
     written = json.loads(text, parse_constant=refuse_constant)
     assert written["ppl_ratio"] == "Infinity" and written["kl"]["mean"] == "NaN"
     assert written["layers"][0]["rel_error"] == "NaN"
-    results = evaluate_gates([parse_gate("ppl_ratio<=1.05"), parse_gate("kl.p99<=baseline*1.1")], written, written)
+    results = evaluate_gates([parse_gate("ppl_ratio<=1.05"), parse_gate("kl.p99<=1")], written)
     assert not any(result.passed for result in results)
+    with pytest.raises(InputError, match="the baseline report's kl.p99 is nan"):  # as a baseline: refused outright
+        evaluate_gates([parse_gate("kl.p99<=baseline*1.1")], written, written)
 
 
 def test_a_path_that_is_not_utf8_is_written_escaped_not_a_crash_at_the_end(tmp_path):
