@@ -97,7 +97,7 @@ def read_choice_jsonl(path: Path, limit: int | None = None) -> list[Task]:
             continue
         try:
             record = json.loads(line)
-        except ValueError as exc:  # JSONDecodeError, and the out-of-range numbers Python's parser refuses
+        except ValueError as exc:  # JSONDecodeError is one
             raise InputError(f"{path}:{number}: not JSON ({exc})") from None
         tasks.append(_choice_task(record, f"{path}:{number}"))
         if limit is not None and len(tasks) >= limit:
