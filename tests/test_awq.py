@@ -284,10 +284,15 @@ def test_awq_clips_neither_q_nor_k(tiny_llama_dir) -> None:
 
 @pytest.mark.parametrize("tokens,rows", [(100, 100), (1536, 1536), (2047, 2047), (2048, 1024), (262_144, 1024)])
 def test_the_dense_searches_sample_as_many_rows_as_plan_prices(tokens: int, rows: int) -> None:
-    """The stride max(1, T // 1024) keeps ceil(T / stride) rows, up to 2047 of them: plan priced min(1024, T)."""
+    """The stride max(1, T // 1024) keeps ceil(T / stride) rows, up to 2047 of them: plan priced min(1024, T).
+    The rows counted are those the searches' own sampler keeps, fed in uneven batches as windows come."""
     from maverick_quant.awq_layer import _stride
+    from maverick_quant.calibration.capture import ActivationSample
     from maverick_quant.compress.awq import sampled_rows
 
     assert sampled_rows(tokens, 1024) == rows
     hidden = torch.zeros(1, tokens, 1)
-    assert hidden.flatten(0, 1)[:: _stride(hidden, 1024)].shape[0] == rows
+    sampler = ActivationSample(1, _stride(hidden, 1024))
+    for batch in torch.arange(tokens, dtype=torch.float32).unsqueeze(-1).split(37):
+        sampler.add(batch)
+    assert sampler.sample.shape[0] == rows
