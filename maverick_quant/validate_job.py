@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import click
@@ -52,6 +53,11 @@ class ValidationInputs:
     windows: torch.Tensor | None  # [W, ctx] token ids
     first_scored: int
     tasks: dict  # {"hellaswag" / "choices": (file, tasks)}
+    facts: dict  # what the report will record of what it measures on (known_facts)
+
+
+# The report section of each multiple-choice benchmark (by its name in ValidationInputs.tasks)
+BENCHMARK_SECTION = MappingProxyType({"hellaswag": "hellaswag", "choices": "multiple_choice"})
 
 
 def read_validation_inputs(reference, data, ctx, max_windows, protocol, gates, baseline, hellaswag, choices,
@@ -83,11 +89,34 @@ def read_validation_inputs(reference, data, ctx, max_windows, protocol, gates, b
                                             choices=bool(choices), moe=moe, gguf=run.gguf, kernels=run.kernels,
                                             vision=run.vision))
     baseline_report = _read_baseline(baseline) if baseline else None
-    check_baseline(parsed, baseline_report)
+    check_baseline(parsed, baseline_report)  # a missing key: before the windows are read
     tokenizer = load_tokenizer(reference)
     windows = eval_windows(data, tokenizer, ctx, max_windows, protocol) if data is not None else None
     tasks = _read_benchmarks(hellaswag, choices, hellaswag_tasks, tokenizer, reference)
-    return ValidationInputs(parsed, baseline_report, tokenizer, windows, scored_from(protocol, ctx), tasks)
+    facts = known_facts(reference, protocol, ctx, windows, tasks)
+    unchecked = check_baseline(parsed, baseline_report, facts)
+    if unchecked:
+        click.echo(f"note: the baseline report {baseline} does not record {', '.join(unchecked)} (written by an older "
+                   "version): whether its numbers were measured as this run's could not be checked on those")
+    return ValidationInputs(parsed, baseline_report, tokenizer, windows, scored_from(protocol, ctx), tasks, facts)
+
+
+def known_facts(reference: Path, protocol: str, ctx: int, windows: torch.Tensor | None, tasks: dict) -> dict:
+    """What a report records of what it measured on, known before any work (report-shaped, as
+    gates.check_comparable reads it): the reference's fingerprint; the protocol and a sha256 of
+    the evaluation windows [W, ctx] (none without text); per benchmark, its task count and
+    its file's sha256."""
+    from maverick_quant.calibration.data import scored_from
+    from maverick_quant.checkpoint import Checkpoint, sha256_file
+    from maverick_quant.resume import tensor_sha256
+
+    facts: dict = {"reference_fingerprint": Checkpoint(reference).fingerprint()}
+    if windows is not None:
+        facts["protocol"] = {"name": protocol, "ctx": ctx, "windows": int(windows.shape[0]),
+                             "first_scored_position": scored_from(protocol, ctx), "windows_sha256": tensor_sha256(windows)}
+    for name, (path, items) in tasks.items():
+        facts[BENCHMARK_SECTION[name]] = {"tasks": len(items), "sha256": sha256_file(path)}
+    return facts
 
 
 def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates=(), baseline=None,
@@ -136,9 +165,9 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
         seen = (_vision(state, ref_source, Path(candidate), vision.mmproj, images, in_file, compute, progress)
                 if images else None)
         result = _evaluation(state, ref_source, cand_source, windows, batch, progress, first, kernels, compute, gguf)
-        report = {**result.summary, "protocol": {"name": protocol, "ctx": ctx, "windows": int(windows.shape[0]),
-                                                 "first_scored_position": first, "data": str(data)},
-                  "reference_model": str(reference), "candidate_model": str(candidate), "tool_version": __version__,
+        report = {**result.summary, "protocol": {**inputs.facts["protocol"], "data": str(data)},
+                  "reference_model": str(reference), "reference_fingerprint": inputs.facts["reference_fingerprint"],
+                  "candidate_model": str(candidate), "tool_version": __version__,
                   "kernels": kernels, "device": str(compute), "candidate_source_matches_reference": source_matches}
         report.update(_choice_benchmarks(state, ref_source, cand_source, tokenizer, tasks, kernels=kernels,
                                          progress=progress, device=compute, pass_mib=choices_pass_mib))
@@ -306,6 +335,7 @@ def _choice_benchmarks(state, ref_source, cand_source, tokenizer, tasks: dict[st
     `_read_benchmarks`): accuracy drift and wall time, layers on `device`, `pass_mib` of hidden
     states per pass over the weights; each kept in `state` once finished (a resumed run reads
     it back)."""
+    from maverick_quant.checkpoint import sha256_file
     from maverick_quant.validation.hellaswag import evaluate_choices
 
     def drift(name: str) -> dict:
@@ -316,18 +346,15 @@ def _choice_benchmarks(state, ref_source, cand_source, tokenizer, tasks: dict[st
         started = time.perf_counter()
         result = evaluate_choices(ref_source, cand_source, items, tokenizer, kernels=kernels, show_progress=progress,
                                   device=device, pass_mib=pass_mib)
-        result = {**result, "file": str(path), "seconds": time.perf_counter() - started}
+        result = {**result, "file": str(path), "sha256": sha256_file(path), "seconds": time.perf_counter() - started}
         state.save_result(f"benchmark-{name}", result)
         return result
 
-    out = {}
-    if "hellaswag" in tasks:
-        out["hellaswag"] = drift("hellaswag")
+    out = {BENCHMARK_SECTION[name]: drift(name) for name in ("hellaswag", "choices") if name in tasks}
+    if "hellaswag" in out:
         click.echo(f"hellaswag ({out['hellaswag']['tasks']} tasks): reference {out['hellaswag']['reference']['acc']:.2f}%  "
                    f"candidate {out['hellaswag']['candidate']['acc']:.2f}%  delta {out['hellaswag']['delta']:+.2f} "
                    f"+- {out['hellaswag']['delta_ci95']:.2f} pp")
-    if "choices" in tasks:
-        out["multiple_choice"] = drift("choices")
     return out
 
 

@@ -13,6 +13,7 @@ import torch
 
 from maverick_quant.bundle import Bundle
 from maverick_quant.calibration.data import CalibrationSet
+from maverick_quant.checkpoint import Checkpoint
 from maverick_quant.exporters.registry import open_export
 
 from conftest import run_cli as _run
@@ -89,6 +90,11 @@ def test_validate_gates_and_exit_codes(tiny_run) -> None:
     code, out = _run(*common, "--report", tiny_run["root"] / "report-b4", "--baseline", tiny_run["root"] / "broken.json",
                      "--gate", "kl.mean<=baseline*1.5")
     assert code == 2 and "broken.json" in out and not (tiny_run["root"] / "report-b4").exists(), out
+    assert report["reference_fingerprint"] == Checkpoint(tiny_run["model"]).fingerprint()
+    code, out = _run(*common[:-2], "2", "--no-progress", "--report", tiny_run["root"] / "report-b5", "--baseline", baseline,
+                     "--gate", "kl.mean<=baseline*1.5")  # a baseline of 3 windows: refused before any work
+    assert code == 2 and "measured with protocol.windows = 3, this run with 2" in out, out
+    assert not (tiny_run["root"] / "report-b5").exists()
 
 
 def test_published_files_get_the_mode_a_plain_open_gives(tiny_run, tmp_path: Path) -> None:

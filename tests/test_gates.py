@@ -176,3 +176,72 @@ def test_a_vision_key_the_section_never_holds_is_refused_before_any_work() -> No
     check_gate_keys([parse_gate("vision.rel_error.max<=0.005"), parse_gate("vision.images>=8")], shape)
     with pytest.raises(InputError, match=r"no number 'vision.rel_eror.max'; expected one of vision.images"):
         check_gate_keys([parse_gate("vision.rel_eror.max<=0.005")], shape)
+
+
+MEASURED_ON = {"reference_fingerprint": "ref-a",
+               "protocol": {"name": "gptq", "ctx": 512, "windows": 40, "first_scored_position": 256,
+                            "windows_sha256": "w-a"},
+               "hellaswag": {"tasks": 400, "sha256": "h-a"}}
+
+
+def _measured_on(**changes) -> dict:
+    """MEASURED_ON with dotted facts replaced ({"protocol.ctx": 1024} or {"hellaswag": None} to drop a section)."""
+    import copy
+
+    facts = copy.deepcopy(MEASURED_ON)
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split("__")
+        holder = facts
+        for part in parents:
+            holder = holder[part]
+        if value is None:
+            del holder[leaf]
+        else:
+            holder[leaf] = value
+    return facts
+
+
+@pytest.mark.parametrize("fact,value", [("protocol__windows_sha256", "w-b"), ("protocol__ctx", 1024),
+                                        ("protocol__windows", 20), ("protocol__first_scored_position", 0),
+                                        ("protocol__name", "llama.cpp"), ("reference_fingerprint", "ref-b")])
+def test_a_text_gate_refuses_a_baseline_measured_on_other_windows_or_another_reference(fact: str, value) -> None:
+    """A baseline measured on other text (another --max-windows, ctx, data file or protocol)
+    or against another reference gave the gate another measurement's number to pass under."""
+    from maverick_quant.validation.gates import check_comparable
+
+    baseline = {**_measured_on(**{fact: value}), "kl": {"mean": 0.05}}
+    dotted = fact.replace("__", ".")
+    with pytest.raises(InputError, match=rf"kl.mean<=baseline\*1.1.*measured with {dotted} = {value!r}"):
+        check_comparable([parse_gate("kl.mean<=baseline*1.1")], MEASURED_ON, baseline)
+    assert check_comparable([parse_gate("kl.mean<=0.1")], MEASURED_ON, baseline) == []  # a fixed threshold: nothing to compare
+
+
+def test_each_gate_checks_only_what_its_number_was_measured_on() -> None:
+    from maverick_quant.validation.gates import check_comparable
+
+    other_tasks = _measured_on(hellaswag__tasks=100)
+    check_comparable([parse_gate("kl.mean<=baseline*1.1")], MEASURED_ON, other_tasks)  # text numbers: tasks do not matter
+    with pytest.raises(InputError, match="hellaswag.tasks = 100"):
+        check_comparable([parse_gate("hellaswag.delta>=baseline-1")], MEASURED_ON, other_tasks)
+    other_text = _measured_on(protocol__windows_sha256="w-b")
+    check_comparable([parse_gate("hellaswag.delta>=baseline-1"), parse_gate("seconds<=baseline*2")], MEASURED_ON,
+                     other_text)
+    with pytest.raises(InputError, match="protocol.windows_sha256"):  # measured on the text, layer by layer
+        check_comparable([parse_gate("experts.rel_error.max<=baseline*1.2")], MEASURED_ON, other_text)
+    with pytest.raises(InputError, match="reference_fingerprint"):  # every number is against the reference
+        check_comparable([parse_gate("seconds<=baseline*2")], MEASURED_ON, _measured_on(reference_fingerprint="ref-b"))
+
+
+def test_an_older_baseline_is_checked_on_what_it_records_and_the_rest_is_named() -> None:
+    from maverick_quant.validation.gates import check_comparable
+
+    older = {"protocol": {"name": "gptq", "ctx": 512, "windows": 40, "first_scored_position": 256}, "kl": {"mean": 0.05}}
+    gates = [parse_gate("kl.mean<=baseline*1.1"), parse_gate("kl.p99<=baseline*1.1")]
+    assert check_comparable(gates, MEASURED_ON, older) == ["reference_fingerprint", "protocol.windows_sha256"]
+    with pytest.raises(InputError, match="protocol.ctx = 2048"):
+        check_comparable(gates, MEASURED_ON, {**older, "protocol": {**older["protocol"], "ctx": 2048}})
+    # what this run does not know yet (a recipe's self-written text) is checked later, on the report
+    assert check_comparable(gates, {"reference_fingerprint": "ref-a"}, _measured_on(protocol__ctx=2048)) == []
+    with pytest.raises(InputError, match="protocol.ctx = 2048"):
+        evaluate_gates(gates, {**MEASURED_ON, "kl": {"mean": 0.04, "p99": 0.1}},
+                       {**_measured_on(protocol__ctx=2048), "kl": {"mean": 0.05, "p99": 0.3}})

@@ -199,7 +199,7 @@ class ArchTable:
 
     def loader_name(self, name: str) -> str:
         """`name` without `text_root`: the part of a module's name that every way of loading the
-        checkpoint ends with, for patterns matched anywhere in a name (`(.*\.)?` or substring)."""
+        checkpoint ends with, for patterns matched anywhere in a name (a `(.*\\.)?` prefix, or a substring)."""
         return name.removeprefix(self.text_root) if self.text_root else name
 
     def prefix(self, layer_index: int) -> str:

@@ -243,20 +243,79 @@ def check_gate_keys(gates: Sequence[Gate], shape: ReportShape) -> None:
                              f"{', '.join(sorted(known))} (or {sections_text})")
 
 
-def check_baseline(gates: Sequence[Gate], baseline: Mapping | None) -> None:
+# What a baseline report must share with this run for a gate to compare their numbers: every
+# number is measured against the same reference model; text numbers (and the per-expert and
+# routing ones, measured on that text) on the same token windows scored from the same position;
+# a benchmark's accuracy on the same tasks of the same file. Reports written before a fact was
+# recorded lack it: those facts are left unchecked (and named in a note).
+REFERENCE_FACTS = ("reference_fingerprint",)
+TEXT_FACTS = ("protocol.name", "protocol.ctx", "protocol.windows", "protocol.first_scored_position",
+              "protocol.windows_sha256")
+BENCHMARK_SECTIONS = ("hellaswag", "multiple_choice")
+
+
+def comparable_facts(key: str) -> tuple[str, ...]:
+    """The dotted report facts a baseline must share with this run for gate key `key`."""
+    section = key.split(".", 1)[0]
+    if section in BENCHMARK_SECTIONS:
+        return REFERENCE_FACTS + (f"{section}.tasks", f"{section}.sha256")
+    if key in TEXT_KEYS or section in ("experts", "routing"):
+        return REFERENCE_FACTS + TEXT_FACTS
+    return REFERENCE_FACTS
+
+
+def _fact(report: Mapping, dotted: str):
+    """report's value at dotted path `dotted` ("protocol.ctx" -> report["protocol"]["ctx"]), or None."""
+    value = report
+    for part in dotted.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def check_comparable(gates: Sequence[Gate], run_facts: Mapping, baseline: Mapping | None) -> list[str]:
+    """InputError for a gate comparing with a baseline measured on something else than this run
+    (another reference model, other windows, other tasks): its threshold would be a number of
+    another measurement, and a gate on it would pass or fail for that reason alone. Facts are
+    compared where both `run_facts` (report-shaped: this run's report, or what is known of it
+    before any work) and `baseline` hold them; returns the facts this run holds that the
+    baseline does not record (an older report), which could not be checked."""
+    unchecked: list[str] = []
+    if baseline is None:
+        return unchecked
+    for gate in (gate for gate in gates if gate.uses_baseline):
+        for name in comparable_facts(gate.key):
+            ours, theirs = _fact(run_facts, name), _fact(baseline, name)
+            if ours is None:
+                continue
+            if theirs is None:
+                unchecked += [name] if name not in unchecked else []
+            elif ours != theirs:
+                raise InputError(f"gate {gate.text!r}: the baseline report was measured with {name} = {theirs!r}, "
+                                 f"this run with {ours!r}: its {gate.key} is not comparable (pass a baseline "
+                                 "report of the same reference, text and tasks, or a fixed threshold)")
+    return unchecked
+
+
+def check_baseline(gates: Sequence[Gate], baseline: Mapping | None, run_facts: Mapping | None = None) -> list[str]:
     """Before any work: InputError for a gate that needs a baseline report that was not given,
-    or a key that report lacks (found at the start, not after hours of evaluation)."""
+    a key that report lacks, or a baseline measured on something else than `run_facts`, what
+    is known of this run's report before any work (check_comparable; found at the start, not
+    after hours of evaluation). Returns the facts the baseline could not be checked on."""
     flat_baseline = flatten(baseline) if baseline is not None else None
     for gate in gates:
         _baseline_value(gate, flat_baseline)
+    return check_comparable(gates, run_facts or {}, baseline)
 
 
 def evaluate_gates(gates: Sequence[Gate], report: Mapping, baseline: Mapping | None = None) -> list[GateResult]:
     """Evaluate every gate on `report`, reading `baseline` for gates that use it.
 
-    InputError when a key is absent from the report or baseline, or a gate needs a baseline
-    that was not given.
+    InputError when a key is absent from the report or baseline, a gate needs a baseline that
+    was not given, or the baseline was measured on something else than `report` (check_comparable).
     """
+    check_comparable(gates, report, baseline)
     flat = flatten(report)
     flat_baseline = flatten(baseline) if baseline is not None else None
     results = []
