@@ -347,9 +347,11 @@ def check_output_dir(out: Path, force: bool, replaced_whole: bool = True, is_fil
 
 
 def check_output_apart(out: Path, inputs: dict[str, Path | str | None], option: str = "--out") -> None:
-    """InputError when the output `out` is one of `inputs` ({option or argument: path}) or a
-    folder holding one: a finished run replaces `out` (with --force), which would delete that
-    input. Checked before any work."""
+    """InputError when the output `out` is one of `inputs` ({option or argument: path}), a
+    folder holding one, or inside an input folder: a finished run replaces `out` (with --force),
+    which would delete that input, and a new file or folder inside an input changes it (a
+    bundle or export whose manifest lists its files then fails `inspect`; a model folder may be
+    a read-only cache snapshot). Checked before any work."""
     target = Path(out).resolve()
     for name, path in inputs.items():
         if path is None or str(path) == "self":
@@ -358,9 +360,10 @@ def check_output_apart(out: Path, inputs: dict[str, Path | str | None], option: 
             if source == target or target in source.parents:
                 raise InputError(f"{option} {out}: it is, or holds, the input {name} {path}, which finishing the run "
                                  f"would replace; write the output elsewhere")
-            if source in target.parents and target.exists():
-                raise InputError(f"{option} {out}: it is inside the input {name} {path} and exists, so finishing the "
-                                 f"run would replace part of that input; write the output elsewhere")
+            if source in target.parents:
+                raise InputError(f"{option} {out}: it is inside the input {name} {path}; writing there would change "
+                                 f"that input (a bundle's or export's manifest no longer matches its folder); write "
+                                 f"the output elsewhere")
 
 
 def _resolved_parts(path: Path) -> list[Path]:

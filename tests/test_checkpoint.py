@@ -127,6 +127,14 @@ def test_an_output_that_is_or_holds_an_input_is_refused_even_with_force(model_co
     assert (tmp_path / "bundle" / "manifest.json").is_file()
     inside = CliRunner().invoke(cli, ["export", bundle, "--format", "gptq", "--out", f"{bundle}/layers", "--force"])
     assert inside.exit_code == 2 and "inside the input BUNDLE_DIR" in inside.output, inside.output
+    # a new folder inside the bundle: it no longer matched its manifest, and `inspect` failed on it
+    inside = CliRunner().invoke(cli, ["export", bundle, "--format", "gptq", "--out", f"{bundle}/gptq"])
+    assert inside.exit_code == 2 and "inside the input BUNDLE_DIR" in inside.output, inside.output
+    report = ["validate", "--reference", model, "--candidate", bundle, "--data", text, "--report", f"{model}/report"]
+    inside = CliRunner().invoke(cli, [*report, "--no-progress"])
+    assert inside.exit_code == 2 and "inside the input --reference" in inside.output, inside.output
+    assert not (tmp_path / "bundle" / "gptq").exists() and not (model_copy / "report").exists()
+    assert CliRunner().invoke(cli, ["inspect", bundle]).exit_code == 0
     assert Bundle(tmp_path / "bundle").num_layers > 0
 
 
