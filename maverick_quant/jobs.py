@@ -142,6 +142,7 @@ def run_export(bundle_dir, out, fmt="gptq", max_shard_size=5 * 10**9, force=Fals
     check_output_dir(out, force)
     check_output_apart(out, {"BUNDLE_DIR": bundle_dir})
     bundle = Bundle(bundle_dir)
+    check_card_report(report_dir, bundle.manifest["source"]["fingerprint"], bundle)
     with atomic_output_dir(out, force) as tmp:
         files = export_packed(bundle, tmp, LAYOUTS[fmt], max_shard_size, progress)
         write_artifact_files(bundle, tmp, fmt, report_dir=report_dir)
@@ -154,6 +155,19 @@ def run_export(bundle_dir, out, fmt="gptq", max_shard_size=5 * 10**9, force=Fals
     click.echo(f"exported {fmt}: {len(files)} files -> {out}")
     if caution := moe_packed_caution(bundle, fmt):
         click.echo(f"note: {caution} (docs/exports.md)")
+
+
+def check_card_report(report_dir: Path | None, source_fingerprint: str, bundle) -> None:
+    """Before any writing: the validation report an export's card quotes must be of this export's
+    model (artifact.check_report_describes); a note names what an older report cannot show."""
+    from maverick_quant.exporters.artifact import check_report_describes
+
+    if report_dir is None:
+        return
+    unchecked = check_report_describes(Path(report_dir), source_fingerprint, bundle)
+    if unchecked:
+        click.echo(f"note: --report {report_dir} does not record {', '.join(unchecked)} (written by an older "
+                   "version): the card quotes it unchecked on those")
 
 
 def check_output_file(out: Path, force: bool, example: str, inputs: dict | None = None, option: str = "--out") -> None:
@@ -213,6 +227,8 @@ def run_export_gguf(source_dir, out, gguf_type="Q4_0", requantize=False, pre=Non
             raise InputError(f"--mmproj {mmproj}: the same file as --out")
     is_bundle = manifest_format(Path(source_dir), strict=True) == BUNDLE_FORMAT
     weights = BundleWeights(Bundle(source_dir)) if is_bundle else FloatWeights(Path(source_dir))
+    check_card_report(report_dir, weights.bundle.manifest["source"]["fingerprint"] if is_bundle
+                      else weights.source.checkpoint.fingerprint(), weights.bundle if is_bundle else None)
     vision = MMProjPlan(weights, mmproj_type) if mmproj is not None else None  # checks all before any writing
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     report = export_gguf(weights, Path(out), gguf_type, requantize, pre, progress)  # renamed over `out` when complete

@@ -130,6 +130,7 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
     also compare a GGUF candidate's image embeddings (its mmproj) with the reference's."""
     from maverick_quant.checkpoint import check_output_apart, check_output_dir, sha256_file
     from maverick_quant.devices import reset_peak_memory, resolve_device, use_device
+    from maverick_quant.exporters.artifact import recorded_bundle
     from maverick_quant.resume import resumable_output_dir
     from maverick_quant.streaming import open_source
     from maverick_quant.validation.evaluate import GGUFCandidate, open_candidate
@@ -167,7 +168,8 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
         result = _evaluation(state, ref_source, cand_source, windows, batch, progress, first, kernels, compute, gguf)
         report = {**result.summary, "protocol": {**inputs.facts["protocol"], "data": str(data)},
                   "reference_model": str(reference), "reference_fingerprint": inputs.facts["reference_fingerprint"],
-                  "candidate_model": str(candidate), "tool_version": __version__,
+                  "candidate_model": str(candidate), "candidate_bundle_manifest_sha256": recorded_bundle(Path(candidate)),
+                  "tool_version": __version__,
                   "kernels": kernels, "device": str(compute), "candidate_source_matches_reference": source_matches}
         report.update(_choice_benchmarks(state, ref_source, cand_source, tokenizer, tasks, kernels=kernels,
                                          progress=progress, device=compute, pass_mib=choices_pass_mib))

@@ -97,6 +97,39 @@ def test_validate_gates_and_exit_codes(tiny_run) -> None:
     assert not (tiny_run["root"] / "report-b5").exists()
 
 
+def test_an_export_card_quotes_only_a_report_of_its_own_bundle(tiny_run, tmp_path: Path) -> None:
+    """`export --report` put any report into the card: another bundle's validation (or one
+    against another model) was published as this export's."""
+    report = tmp_path / "report"
+    code, out = _run("validate", "--reference", tiny_run["model"], "--candidate", tiny_run["gptq"], "--data",
+                     tiny_run["text"], "--ctx", 32, "--max-windows", 1, "--report", report, "--no-progress")
+    assert code == 0, out
+    assert json.loads((report / "report.json").read_text())["candidate_bundle_manifest_sha256"] == \
+        hashlib.sha256((tiny_run["bundle"] / "manifest.json").read_bytes()).hexdigest()  # the gptq export's bundle
+    code, out = _run("export", tiny_run["bundle"], "--format", "gptq", "--out", tmp_path / "gptq",
+                     "--report", report)  # a report of the bundle's other gptq export: the same weights
+    assert code == 0 and "## Validation" in (tmp_path / "gptq" / "README.md").read_text(), out
+    code, out = _run("quantize", tiny_run["model"], "--method", "rtn", "--out", tmp_path / "rtn", "--no-progress")
+    assert code == 0, out
+    code, out = _run("export", tmp_path / "rtn", "--format", "gptq", "--out", tmp_path / "rtn-gptq", "--report", report)
+    assert code == 2 and "it validated another bundle" in out and not (tmp_path / "rtn-gptq").exists(), out
+    other = tmp_path / "other"
+    other.mkdir()
+    written = json.loads((report / "report.json").read_text())
+    (other / "report.json").write_text(json.dumps({**written, "reference_fingerprint": "0" * 64}))
+    code, out = _run("export", tiny_run["bundle"], "--format", "gguf", "--gguf-type", "Q8_0", "--requantize",
+                     "--out", tmp_path / "m.gguf", "--report", other)
+    assert code == 2 and "not the model this export was quantized from" in out and not (tmp_path / "m.gguf").exists(), out
+    del written["reference_fingerprint"], written["candidate_bundle_manifest_sha256"]  # as an older version wrote it
+    (other / "report.json").write_text(json.dumps(written))
+    code, out = _run("export", tmp_path / "rtn", "--format", "gptq", "--out", tmp_path / "rtn-gptq", "--report", other)
+    assert code == 0 and "does not record reference_fingerprint, candidate_bundle_manifest_sha256" in out, out
+    # a float model's GGUF quotes its report too (it was dropped), checked against the model
+    code, out = _run("export", tiny_run["model"], "--format", "gguf", "--gguf-type", "F16", "--out", tmp_path / "f.gguf",
+                     "--report", report)
+    assert code == 0 and "## Validation" in (tmp_path / "f.gguf.README.md").read_text(), out
+
+
 def test_published_files_get_the_mode_a_plain_open_gives(tiny_run, tmp_path: Path) -> None:
     """Bundles, exports and reports are published: written under a temporary name (safetensors
     and mkstemp create those 0o600), each must end with 0o666 less the umask like any file."""

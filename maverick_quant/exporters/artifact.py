@@ -3,7 +3,9 @@
     README.md      model card: source model and fingerprint, recipe, calibration data
                    fingerprint, tool version, how to load the format, and the validation
                    summary of a `validate` report when one is given (`export --report DIR`).
-    manifest.json  {"format", "tool_version", "source", "files": {name: {"sha256", "bytes"}}}
+    manifest.json  {"format", "tool_version", "source", "bundle_manifest_sha256" (the sha256 of
+                   the bundle's manifest.json, which hashes its every file; absent for a float
+                   model's GGUF), "files": {name: {"sha256", "bytes"}}}
 
 A GGUF export is one file (two with a Llama 4's `--mmproj` projector file, hashed into the
 same manifest); its card and manifest sit beside it as `<name>.gguf.README.md` and
@@ -17,9 +19,10 @@ import os
 from pathlib import Path
 
 from maverick_quant import __version__
-from maverick_quant.bundle import Bundle
-from maverick_quant.checkpoint import (load_json_object, read_json_object, sha256_file, write_json_atomic,
-                                       write_text_atomic)
+from maverick_quant.bundle import BUNDLE_FORMAT, MANIFEST, Bundle
+from maverick_quant.checkpoint import (load_json_object, manifest_format, read_json_object, sha256_file,
+                                       write_json_atomic, write_text_atomic)
+from maverick_quant.errors import InputError
 
 LOADING = {
     "gptq": "transformers + GPTQModel (`AutoModelForCausalLM.from_pretrained(DIR)`), vLLM (`vllm serve DIR`)",
@@ -76,7 +79,8 @@ def model_card(bundle: Bundle | None, fmt: str, detail: str, name: str = "", rep
     `validate` report whose summary the card quotes."""
     if bundle is None:
         return (f"# {name} — {fmt} {detail}\n\nRound-to-nearest by the exporter ({fmt} {detail}), no calibration: "
-                f"written by maverick-quant {__version__} as a baseline.\n\nLoad with: {LOADING[fmt]}\n")
+                f"written by maverick-quant {__version__} as a baseline.\n\nLoad with: {LOADING[fmt]}\n"
+                + validation_section(report_dir))
     manifest, recipe = bundle.manifest, bundle.manifest["recipe"]
     weights, calibration = recipe["weights"], manifest.get("calibration") or {}
     grid = f"{weights['bits']}-bit, group {weights['group_size']}, {'symmetric' if weights['sym'] else 'asymmetric'}"
@@ -102,15 +106,60 @@ def model_card(bundle: Bundle | None, fmt: str, detail: str, name: str = "", rep
     ]
     if weights.get("signed_scale") and fmt != "gguf":
         lines += ["", SIGNED_SCALE_CAUTION]
-    if report_dir is not None:
-        summary = load_json_object(Path(report_dir) / "report.json", "a validation report")
-        lines += ["", f"## Validation ({summary.get('candidate_model', 'candidate')} against "
-                      f"{summary.get('reference_model', 'the reference')})", "", "```json",
-                  json.dumps({key: summary.get(key) for key in ("protocol", "reference", "candidate", "ppl_ratio", "kl",
-                                                                "top1_agreement", "hellaswag", "gates") if key in summary},
-                             indent=2, default=str),
-                  "```"]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + validation_section(report_dir)
+
+
+def validation_section(report_dir: Path | None) -> str:
+    """The card's summary of the `validate` report in `report_dir` ("" without one)."""
+    if report_dir is None:
+        return ""
+    summary = load_json_object(Path(report_dir) / "report.json", "a validation report")
+    quoted = {key: summary.get(key) for key in ("protocol", "reference", "candidate", "ppl_ratio", "kl",
+                                                "top1_agreement", "hellaswag", "gates") if key in summary}
+    return "\n".join(["", f"## Validation ({summary.get('candidate_model', 'candidate')} against "
+                           f"{summary.get('reference_model', 'the reference')})", "", "```json",
+                       json.dumps(quoted, indent=2, default=str), "```"]) + "\n"
+
+
+def bundle_manifest_sha256(bundle: Bundle) -> str:
+    """sha256 of the bundle's manifest.json, which hashes every file of the bundle: what its
+    exports record, and validation reports of it or of them (recorded_bundle)."""
+    return sha256_file(bundle.root / MANIFEST)
+
+
+def recorded_bundle(candidate: Path) -> str | None:
+    """bundle_manifest_sha256 of the bundle `candidate` is (a bundle folder) or was exported from
+    (an export folder, or a GGUF through its sidecar manifest); None where nothing records one
+    (a float model, a float model's GGUF, a GGUF from elsewhere, an export older than the record)."""
+    candidate = Path(candidate)
+    if candidate.is_dir() and manifest_format(candidate) == BUNDLE_FORMAT:
+        return sha256_file(candidate / MANIFEST)
+    manifest = gguf_sidecars(candidate)[1] if candidate.is_file() else candidate / "manifest.json"
+    found = (read_json_object(manifest) or {}).get("bundle_manifest_sha256")
+    return found if isinstance(found, str) else None
+
+
+def check_report_describes(report_dir: Path, source_fingerprint: str, bundle: Bundle | None) -> list[str]:
+    """InputError when the `validate` report in `report_dir`, which an export's card would quote,
+    measured something else than the export: a candidate against another reference model than
+    the one quantized (`source_fingerprint`), or a candidate that is not `bundle` nor one of its
+    exports. Returns what the report does not record (written by an older version), unchecked."""
+    report = load_json_object(Path(report_dir) / "report.json", "a validation report")
+    expected = {"reference_fingerprint": (source_fingerprint, "the reference model it was measured against is not "
+                                                              "the model this export was quantized from"),
+                "candidate_bundle_manifest_sha256": (bundle_manifest_sha256(bundle) if bundle is not None else None,
+                                                     "it validated another bundle, or an export of another bundle")}
+    unchecked = []
+    for key, (ours, why) in expected.items():
+        theirs = report.get(key)
+        if ours is None:
+            continue
+        if theirs is None:
+            unchecked.append(key)
+        elif theirs != ours:
+            raise InputError(f"--report {report_dir}: {why} (its {key} {str(theirs)[:12]}..., this export's "
+                             f"{ours[:12]}...); pass the report of a validation of this bundle or its exports")
+    return unchecked
 
 
 def override_rows(bundle: Bundle) -> list[str]:
@@ -137,7 +186,9 @@ def write_artifact_files(bundle: Bundle, out_dir: Path, fmt: str, detail: str = 
     write_text_atomic(out_dir / "README.md", model_card(bundle, fmt, detail, report_dir=report_dir))
     files = [path for path in out_dir.rglob("*") if path.is_file() and path.name != "manifest.json"]
     write_json_atomic(out_dir / "manifest.json", {"format": fmt, "detail": detail, "tool_version": __version__,
-                                                  "source": bundle.manifest["source"], "files": file_records(files, out_dir)})
+                                                  "source": bundle.manifest["source"],
+                                                  "bundle_manifest_sha256": bundle_manifest_sha256(bundle),
+                                                  "files": file_records(files, out_dir)})
 
 
 def write_gguf_sidecars(bundle: Bundle | None, name: str, gguf_path: Path, detail: str,
@@ -147,10 +198,11 @@ def write_gguf_sidecars(bundle: Bundle | None, name: str, gguf_path: Path, detai
     gguf_path = Path(gguf_path)
     card, manifest = gguf_sidecars(gguf_path)
     source = bundle.manifest["source"] if bundle is not None else {"model_dir": name}
+    from_bundle = {"bundle_manifest_sha256": bundle_manifest_sha256(bundle)} if bundle is not None else {}
     # the manifest first: an interrupt between the two leaves a verifiable GGUF without its card,
     # never a card beside a GGUF that nothing verifies
     write_json_atomic(manifest,
-                      {"format": "gguf", "detail": detail, "tool_version": __version__, "source": source,
+                      {"format": "gguf", "detail": detail, "tool_version": __version__, "source": source, **from_bundle,
                        "files": file_records([gguf_path, *extra_files], gguf_path.parent)})
     write_text_atomic(card, model_card(bundle, "gguf", detail, name, report_dir))
 
