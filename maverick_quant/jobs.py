@@ -104,7 +104,7 @@ def _calibration(source, model_dir, data, calib, calib_spec):
     from maverick_quant.calibration.data import load_calibration_for, make_calibration
 
     if calib:
-        return load_calibration_for(Path(calib), model_dir, source.text_config.vocab_size)
+        return load_calibration_for(Path(calib), model_dir, source.config)
     return make_calibration(model_dir, data, calib_spec)
 
 
@@ -274,6 +274,7 @@ def run_generate(bundle_dir: Path, prompt: str, max_new_tokens: int, kernels: st
     from maverick_quant.bundle import Bundle
     from maverick_quant.calibration.data import load_tokenizer
     from maverick_quant.devices import check_kernels_device, resolve_device, use_device
+    from maverick_quant.model_config import check_positions
     from maverick_quant.runtime import backend_named, load_quantized_model
 
     try:
@@ -289,7 +290,6 @@ def run_generate(bundle_dir: Path, prompt: str, max_new_tokens: int, kernels: st
     # patterns in tl.dot (triton-lang/triton#11584) and so would generate garbage
     dtype = torch.bfloat16 if backend.name != "reference" and not (backend.name == "triton" and compute.type != "cuda") \
         else torch.float32
-    model = load_quantized_model(bundle, backend, dtype, compute)
     tokenizer = load_tokenizer(bundle_dir)
     if chat and not getattr(tokenizer, "chat_template", None):
         raise InputError(f"--chat: {bundle_dir}'s tokenizer has no chat template; generate without --chat")
@@ -300,6 +300,9 @@ def run_generate(bundle_dir: Path, prompt: str, max_new_tokens: int, kernels: st
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     if ids.shape[1] == 0:
         raise InputError("--prompt: empty, and this tokenizer adds no BOS token: give some text to continue")
+    check_positions(bundle.config, ids.shape[1] + max_new_tokens,
+                    f"--prompt ({ids.shape[1]} tokens) and --max-new-tokens {max_new_tokens}", bundle_dir)
+    model = load_quantized_model(bundle, backend, dtype, compute)  # minutes for a large bundle: after the checks
     ids = ids.to(compute)
     started = time.perf_counter()
     with torch.no_grad():

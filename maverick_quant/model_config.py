@@ -45,3 +45,14 @@ def load_model_config(folder: Path):
         return AutoConfig.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
     except (ValueError, OSError, KeyError, TypeError, StrictDataclassError) as exc:
         raise InputError(f"{path}: cannot be read as a transformers config ({exc})") from None
+
+
+def check_positions(config, length: int, what: str, where: Path) -> None:
+    """InputError when `length` tokens at positions 0 .. length-1 (an evaluation or calibration
+    window, a prompt with its new tokens) pass the max_position_embeddings of the model whose
+    transformers `config` (or its text config) was read from the folder `where`: positions
+    the model and its RoPE scaling were not made for, whose numbers describe no use of it."""
+    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit < length:
+        raise InputError(f"{what}: {length} positions, past the model's max_position_embeddings of {limit} "
+                         f"({Path(where) / 'config.json'}); use at most {limit}")

@@ -71,15 +71,16 @@ def read_validation_inputs(reference, data, ctx, max_windows, protocol, gates, b
     from maverick_quant.calibration.data import check_scored, eval_windows, load_tokenizer, scored_from
     from maverick_quant.devices import check_kernels_device
     from maverick_quant.arch.registry import table_for
-    from maverick_quant.model_config import load_model_config
+    from maverick_quant.model_config import check_positions, load_model_config
     from maverick_quant.validation.gates import ReportShape, check_baseline, check_gate_keys, parse_gate
 
     check_kernels_device(kernels, compute)
     text = data is not None if text is None else text
-    if text:
-        check_scored(protocol, ctx)
     parsed = [parse_gate(text) for text in gates]
     config = load_model_config(Path(reference))
+    if text:
+        check_scored(protocol, ctx)
+        check_positions(config, ctx, "--ctx", reference)
     moe = table_for(config, str(Path(reference) / "config.json")).has_moe(config)
     for run in candidates:  # one gate list for every candidate of a recipe
         if run.gguf and run.kernels:  # the report would record kernels that never ran

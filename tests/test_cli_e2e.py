@@ -14,6 +14,7 @@ import torch
 from maverick_quant.bundle import Bundle
 from maverick_quant.calibration.data import CalibrationSet
 from maverick_quant.checkpoint import Checkpoint
+from maverick_quant.errors import InputError
 from maverick_quant.exporters.registry import open_export
 
 from conftest import run_cli as _run
@@ -128,6 +129,28 @@ def test_an_export_card_quotes_only_a_report_of_its_own_bundle(tiny_run, tmp_pat
     code, out = _run("export", tiny_run["model"], "--format", "gguf", "--gguf-type", "F16", "--out", tmp_path / "f.gguf",
                      "--report", report)
     assert code == 0 and "## Validation" in (tmp_path / "f.gguf.README.md").read_text(), out
+
+
+def test_lengths_past_the_models_positions_are_refused_before_any_work(tiny_run, tmp_path: Path) -> None:
+    """Windows or a generation longer than max_position_embeddings (2048 here) ran at positions
+    the model was not made for, without a word."""
+    from maverick_quant.calibration.data import load_calibration_for
+    from maverick_quant.model_config import load_model_config
+
+    code, out = _run("validate", "--reference", tiny_run["model"], "--candidate", tiny_run["gptq"], "--data",
+                     tiny_run["text"], "--ctx", 4096, "--report", tmp_path / "r", "--no-progress")
+    assert code == 2 and "--ctx: 4096 positions, past the model's max_position_embeddings of 2048" in out, out
+    assert not (tmp_path / "r").exists()
+    code, out = _run("calibrate", tiny_run["model"], "--data", tiny_run["text"], "--out", tmp_path / "c",
+                     "--seq-len", 2049, "--samples", 1)
+    assert code == 2 and "--seq-len: 2049 positions" in out and not (tmp_path / "c").exists(), out
+    code, out = _run("generate", tiny_run["bundle"], "--prompt", "The fox", "--max-new-tokens", 2047, "--kernels", "reference")
+    assert code == 2 and "and --max-new-tokens 2047: 2049 positions" in out, out
+    config = load_model_config(tiny_run["model"])
+    assert load_calibration_for(tiny_run["root"] / "calib", tiny_run["model"], config).input_ids.shape[-1] == 48
+    config.max_position_embeddings = 32
+    with pytest.raises(InputError, match=r"--calib .*calib's windows: 48 positions, past .* of 32"):
+        load_calibration_for(tiny_run["root"] / "calib", tiny_run["model"], config)
 
 
 def test_published_files_get_the_mode_a_plain_open_gives(tiny_run, tmp_path: Path) -> None:

@@ -236,13 +236,17 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()  # ASCII escapes: any token encodes
 
 
-def load_calibration_for(calib_dir: Path, model_dir: Path, vocab_size: int) -> CalibrationSet:
-    """The calibration set in `calib_dir`, checked against the model it will calibrate: every id
-    inside the model's `vocab_size`, and (for sets that record it) the tokenizer the windows
-    were made with equal to `model_dir`'s. InputError otherwise: windows of another tokenizer
-    would calibrate the model on text it never reads, with no error anywhere later."""
+def load_calibration_for(calib_dir: Path, model_dir: Path, config) -> CalibrationSet:
+    """The calibration set in `calib_dir`, checked against the model it will calibrate (its
+    transformers `config`): every id inside the model's vocabulary, windows no longer than its
+    max_position_embeddings, and (for sets that record it) the tokenizer the windows were made
+    with equal to `model_dir`'s. InputError otherwise: windows of another tokenizer would
+    calibrate the model on text it never reads, with no error anywhere later."""
+    from maverick_quant.model_config import check_positions
+
     calibration = CalibrationSet.load(calib_dir)
-    ids = calibration.input_ids
+    ids, vocab_size = calibration.input_ids, config.get_text_config().vocab_size
+    check_positions(config, ids.shape[-1], f"--calib {calib_dir}'s windows", model_dir)
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
         raise InputError(f"--calib {calib_dir}: token ids span [{int(ids.min())}, {int(ids.max())}], outside "
                          f"{model_dir}'s vocabulary of {vocab_size}: the windows were made for another model")
@@ -292,6 +296,9 @@ def load_tokenizer(model_dir: Path):
 
 def make_calibration(model_dir: Path, data: str, spec: CalibSpec, tokenizer=None) -> CalibrationSet:
     """Calibration windows from `data`: a .txt/.jsonl path, or "self" for model-generated text."""
+    from maverick_quant.model_config import check_positions, load_model_config
+
+    check_positions(load_model_config(Path(model_dir)), spec.seq_len, "--seq-len", model_dir)
     tokenizer = tokenizer or load_tokenizer(model_dir)
     if data == "self" and spec.chat_template:
         raise InputError("--chat-template renders the 'messages' of a JSON Lines file; --data self is generated text")
