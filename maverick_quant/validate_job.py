@@ -147,6 +147,10 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
     inputs = read_validation_inputs(reference, data, ctx, max_windows, protocol, gates, baseline, hellaswag, choices,
                                     hellaswag_tasks, kernels, compute, (run,))
     tokenizer, windows, first, tasks = inputs.tokenizer, inputs.windows, inputs.first_scored, inputs.tasks
+    if kernels == "auto":  # the report, and the identity a resumed run must match, name the backend that runs
+        from maverick_quant.runtime import backend_named
+
+        kernels = backend_named(kernels, compute).name
     use_device(compute)
     reset_peak_memory(compute)
     gguf = Path(candidate).is_file()

@@ -174,7 +174,7 @@ def test_generate_and_validate_run_a_bundle_on_the_kernels(dense_bundle: Path, t
                                                            small_text_file: Path, tmp_path: Path) -> None:
     output = run("generate", dense_bundle, "--prompt", "The harbour", "--max-new-tokens", 4, "--kernels", "reference")
     assert "4 tokens in" in output and "tokens/s with the prompt's prefill, backend reference on cpu" in output
-    for kernels in ("reference", None):
+    for kernels in ("reference", "auto", None):
         options = ["--kernels", kernels] if kernels else []
         run("validate", "--reference", tiny_llama_dir, "--candidate", dense_bundle, "--data", small_text_file,
             "--ctx", LENGTH, "--max-windows", 2, "--report", tmp_path / str(kernels), "--no-progress", *options)
@@ -185,8 +185,10 @@ def test_generate_and_validate_run_a_bundle_on_the_kernels(dense_bundle: Path, t
     result = CliRunner().invoke(cli, ["generate", str(dense_bundle), "--prompt", "x", "--kernels", "cpu-int4",
                                       "--device", "meta"])
     assert result.exit_code == 2 and "--device='meta': expected auto, cpu, cuda or cuda:N" in result.output
-    with_kernels, dequantized = (json.loads((tmp_path / name / "report.json").read_text()) for name in ("reference", "None"))
+    with_kernels, auto, dequantized = (json.loads((tmp_path / name / "report.json").read_text())
+                                       for name in ("reference", "auto", "None"))
     assert with_kernels["kernels"] == "reference" and dequantized["kernels"] is None
+    assert auto["kernels"] == get_backend("auto", "cpu").name != "auto"  # the backend that ran, not the request
     assert with_kernels["candidate"]["ppl"] == pytest.approx(dequantized["candidate"]["ppl"], rel=1e-4)
 
 
