@@ -32,7 +32,7 @@ from typing import Any, Iterator
 
 import torch
 
-from maverick_quant.checkpoint import (TORCH_DTYPES, TensorInfo, is_temporary, load_json_object, read_rows, read_safetensors_header, read_tensor, save_safetensors_atomic,
+from maverick_quant.checkpoint import (TORCH_DTYPES, TensorInfo, is_temporary, load_json_object, read_rows, read_safetensors_header, read_tensor, require_exists, save_safetensors_atomic,
                                        sha256_file, write_json_atomic)
 from maverick_quant.model_config import load_model_config
 from maverick_quant.arch.base import FusedExpertsBuilder
@@ -231,6 +231,7 @@ class Bundle:
 
     def __init__(self, root: Path | str):
         self.root = Path(root)
+        require_exists(self.root)
         if not (self.root / MANIFEST).is_file():
             raise InputError(f"{self.root}: not a bundle (no {MANIFEST})")
         self.manifest = load_json_object(self.root / MANIFEST, "the bundle's manifest")

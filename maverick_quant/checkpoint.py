@@ -173,11 +173,18 @@ def _check_index(model_dir: Path, weight_map: dict[str, str], tensors: dict[str,
                          f"(e.g. {missing[0]!r}, indexed in {weight_map[missing[0]]})")
 
 
+def require_exists(path: Path) -> None:
+    """InputError when nothing is at `path` (said as such, not as a folder of the wrong kind)."""
+    if not Path(path).exists():
+        raise InputError(f"{path}: no such file or directory")
+
+
 class Checkpoint:
     """A Hugging Face model directory read lazily: headers now, tensor data on demand."""
 
     def __init__(self, model_dir: Path | str):
         self.model_dir = Path(model_dir)
+        require_exists(self.model_dir)
         if not (self.model_dir / "config.json").is_file():
             raise InputError(f"{self.model_dir}: not a model directory (no config.json)")
         self.files, weight_map = _shard_files(self.model_dir)

@@ -356,6 +356,10 @@ def inspect_command(path, plot, top, force, verify) -> None:
                                                plot_bundle_experts)
 
     if path.is_file() or _is_export(path):
+        ignored = _given_options(("plot", "top", "force"))
+        if ignored:
+            raise click.UsageError(f"{', '.join(ignored)} would be ignored: they describe a bundle's experts, and "
+                                   f"{path} is an export (run inspect on the bundle it was exported from)")
         summary, bad = artifact_summary(path, verify)
         click.echo(summary)
         if verify or bad:  # an unreadable file fails even under --no-verify
@@ -513,8 +517,9 @@ def validate(reference, candidate, data, report_dir, ctx, max_windows, gates, ba
     same command with --resume goes on from there."""
     from maverick_quant.validate_job import VisionCheck, run_validate
 
-    if hellaswag_tasks is not None and hellaswag is None and choices is None:
-        raise click.UsageError("--hellaswag-tasks limits the tasks of --hellaswag or --choices; give one of them")
+    if hellaswag is None and choices is None and (ignored := _given_options(("hellaswag_tasks", "choices_pass_mib"))):
+        raise click.UsageError(f"{', '.join(ignored)} would be ignored: it sets the multiple-choice benchmarks "
+                               "(--hellaswag or --choices); give one of them")
     if mmproj is None and (images is not None or vision_images is not None):
         raise click.UsageError("--images / --vision-images without --mmproj: name the projector file whose image "
                                "embeddings are compared")

@@ -30,6 +30,9 @@ def load_model_config(folder: Path):
     from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
+    from maverick_quant.checkpoint import require_exists
+
+    require_exists(Path(folder))
     path = Path(folder) / "config.json"
     try:
         data = json.loads(path.read_text())

@@ -174,7 +174,8 @@ def _require_bundle(source) -> None:
     from maverick_quant.bundle import Bundle
 
     if not isinstance(source, Bundle):
-        raise InputError(f"{getattr(source, 'root', source)}: the kernels run a quantized bundle "
+        where = getattr(source, "root", None) or getattr(getattr(source, "checkpoint", None), "model_dir", "the candidate")
+        raise InputError(f"{where}: the kernels run a quantized bundle "
                          "(exports are validated through their readers, GGUF through llama.cpp)")
 
 

@@ -91,6 +91,9 @@ def read_validation_inputs(reference, data, ctx, max_windows, protocol, gates, b
                                             vision=run.vision))
     baseline_report = _read_baseline(baseline) if baseline else None
     check_baseline(parsed, baseline_report)  # a missing key: before the windows are read
+    if baseline and not any(gate.uses_baseline for gate in parsed):
+        click.echo(f"note: no gate compares with `baseline` (e.g. kl.mean<=baseline*1.1): the baseline report "
+                   f"{baseline} is not used")
     tokenizer = load_tokenizer(reference)
     windows = eval_windows(data, tokenizer, ctx, max_windows, protocol) if data is not None else None
     tasks = _read_benchmarks(hellaswag, choices, hellaswag_tasks, tokenizer, reference)
@@ -129,7 +132,7 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
     layers run (devices.py); `choices_pass_mib`: hidden states per pass of the multiple-choice
     benchmarks (MiB); `resume`: go on with an interrupted run of the same inputs; `vision`:
     also compare a GGUF candidate's image embeddings (its mmproj) with the reference's."""
-    from maverick_quant.checkpoint import check_output_apart, check_output_dir, sha256_file
+    from maverick_quant.checkpoint import check_output_apart, check_output_dir, require_exists, sha256_file
     from maverick_quant.devices import reset_peak_memory, resolve_device, use_device
     from maverick_quant.exporters.artifact import recorded_bundle
     from maverick_quant.resume import resumable_output_dir
@@ -142,6 +145,7 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
                                     "--baseline": baseline, "--hellaswag": hellaswag, "--choices": choices,
                                     "--mmproj": vision.mmproj if vision else None,
                                     "--images": vision.images if vision else None}, "--report")
+    require_exists(Path(candidate))
     compute = resolve_device(device)
     run = CandidateRun(gguf=Path(candidate).is_file(), kernels=kernels is not None, vision=vision is not None)
     inputs = read_validation_inputs(reference, data, ctx, max_windows, protocol, gates, baseline, hellaswag, choices,
@@ -332,6 +336,8 @@ def _read_benchmarks(hellaswag, choices, limit: int | None, tokenizer, reference
     tasks = {name: (Path(path), read(path, limit)) for name, (path, read) in readers.items() if path}
     source = open_source(reference) if tasks else None  # headers only, opened once for every file
     for path, items in tasks.values():
+        if limit is not None and len(items) < limit:
+            click.echo(f"note: --hellaswag-tasks {limit}, but {path} holds {len(items)} tasks: all {len(items)} are scored")
         check_packed_rows([encode_task(task, tokenizer) for task in items], source, str(path))
     return tasks
 

@@ -81,6 +81,8 @@ def test_validate_gates_and_exit_codes(tiny_run) -> None:
     code, out = _run(*common, "--report", tiny_run["root"] / "report-b2", "--baseline", baseline,
                      "--gate", "kl.mean<=baseline*0.5")
     assert code == 1 and "FAIL" in out, out
+    code, out = _run(*common, "--report", tiny_run["root"] / "report-b6", "--baseline", baseline, "--gate", "kl.mean<=1")
+    assert code == 0 and f"the baseline report {baseline} is not used" in out, out  # it was silent
     nan_baseline = tiny_run["root"] / "nan-report.json"  # what write_report emits for a NaN metric
     nan_baseline.write_text(json.dumps({**report, "kl": {**report["kl"], "mean": "NaN"}}))
     code, out = _run(*common, "--report", tiny_run["root"] / "report-b3", "--baseline", nan_baseline,
@@ -282,13 +284,32 @@ def test_options_the_command_would_ignore_or_cannot_use_are_refused(tiny_run, tm
          "--max-shard-size would be ignored"),
         (["export", tiny_run["bundle"], "--format", "gptq", "--max-shard-size", 0, "--out", tmp_path / "d"], "0 is not in"),
         (["validate", "--reference", tiny_run["model"], "--candidate", tiny_run["bundle"], "--data", tiny_run["text"],
-          "--hellaswag-tasks", 3, "--report", tmp_path / "r"], "--hellaswag-tasks limits"),
+          "--hellaswag-tasks", 3, "--report", tmp_path / "r"], "--hellaswag-tasks would be ignored"),
+        (["validate", "--reference", tiny_run["model"], "--candidate", tiny_run["bundle"], "--data", tiny_run["text"],
+          "--choices-pass-mib", 64, "--report", tmp_path / "r"], "--choices-pass-mib would be ignored"),
+        (["inspect", tiny_run["gptq"], "--plot", tmp_path / "e.png"], "--plot would be ignored"),
         (["inspect", tiny_run["bundle"], "--top", -3], "-3 is not in"),
     ]
     for args, message in cases:
         code, out = _run(*args)
         assert code == 2 and message in out, (args, out)
     assert not [p for p in tmp_path.iterdir()]
+
+
+def test_a_missing_input_is_named_missing(tiny_run, tmp_path: Path) -> None:
+    """A path with nothing at it was called "not a bundle (no manifest.json)" or a config
+    transformers cannot read."""
+    missing = tmp_path / "missing"
+    for args in (["export", missing, "--format", "gptq", "--out", tmp_path / "o"],
+                 ["generate", missing, "--prompt", "x"],
+                 ["quantize", missing, "--method", "rtn", "--out", tmp_path / "b"],
+                 ["validate", "--reference", missing, "--candidate", tiny_run["bundle"], "--data", tiny_run["text"],
+                  "--report", tmp_path / "r"],
+                 ["validate", "--reference", tiny_run["model"], "--candidate", missing, "--data", tiny_run["text"],
+                  "--report", tmp_path / "r"]):
+        code, out = _run(*args)
+        assert code == 2 and f"{missing}: no such file or directory" in out, (args, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_a_bundle_or_export_given_as_the_float_model_is_named_as_such(tiny_run) -> None:

@@ -208,6 +208,7 @@ def test_validate_gates_on_hellaswag_delta(tiny_llama_dir: Path, hellaswag_file:
                                       "--report", str(tmp_path / "r"), "--gate", "hellaswag.delta>=-1.0",
                                       "--gate", "multiple_choice.delta>=-1.0", "--no-progress"])
     assert result.exit_code == 0, result.output
+    assert f"--hellaswag-tasks 6, but {tasks} holds 3 tasks: all 3 are scored" in result.output  # it was silent
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert report["hellaswag"]["tasks"] == 6 and report["hellaswag"]["delta"] == 0
     assert report["multiple_choice"]["tasks"] == 3

@@ -182,6 +182,10 @@ def test_generate_and_validate_run_a_bundle_on_the_kernels(dense_bundle: Path, t
                                       "--data", str(small_text_file), "--report", str(tmp_path / "cuda-on-cpu"),
                                       "--kernels", "cuda", "--device", "cpu"])
     assert result.exit_code == 2 and "--kernels cuda runs on cuda, and --device is cpu" in result.output
+    result = CliRunner().invoke(cli, ["validate", "--reference", str(tiny_llama_dir), "--candidate", str(tiny_llama_dir),
+                                      "--data", str(small_text_file), "--report", str(tmp_path / "float"),
+                                      "--kernels", "reference"])  # a float candidate: named (it read <CheckpointSource ...>)
+    assert result.exit_code == 2 and f"{tiny_llama_dir}: the kernels run a quantized bundle" in result.output
     result = CliRunner().invoke(cli, ["generate", str(dense_bundle), "--prompt", "x", "--kernels", "cpu-int4",
                                       "--device", "meta"])
     assert result.exit_code == 2 and "--device='meta': expected auto, cpu, cuda or cuda:N" in result.output

@@ -49,11 +49,12 @@ def open_candidate(path: Path):
     """A WeightSource for a bundle, a packed export (GPTQ, AWQ, compressed-tensors) or a plain
     float model directory. (Exports have a manifest.json too: the bundle's names its format.)"""
     from maverick_quant.bundle import BUNDLE_FORMAT, Bundle
-    from maverick_quant.checkpoint import manifest_format, read_json_object
+    from maverick_quant.checkpoint import manifest_format, read_json_object, require_exists
     from maverick_quant.exporters.registry import LAYOUTS, open_export
     from maverick_quant.streaming import open_source
 
     path = Path(path)
+    require_exists(path)
     if manifest_format(path, strict=True) == BUNDLE_FORMAT:
         return Bundle(path)
     if not (path / "config.json").is_file():
