@@ -173,10 +173,19 @@ def _check_index(model_dir: Path, weight_map: dict[str, str], tensors: dict[str,
                          f"(e.g. {missing[0]!r}, indexed in {weight_map[missing[0]]})")
 
 
+NEVER_DOWNLOADS = ("maverick-quant reads local folders only and never downloads; fetch the model first, e.g. "
+                   "`huggingface-cli download NAME --local-dir DIR`")
+
+
 def require_exists(path: Path) -> None:
-    """InputError when nothing is at `path` (said as such, not as a folder of the wrong kind)."""
-    if not Path(path).exists():
-        raise InputError(f"{path}: no such file or directory")
+    """InputError when nothing is at `path` (said as such, not as a folder of the wrong kind; a
+    relative ORG/NAME is taken for a model hub's name, which is never looked up)."""
+    path = Path(path)
+    if path.exists():
+        return
+    if not path.is_absolute() and len(path.parts) == 2:
+        raise InputError(f"{path}: not a model folder here ({NEVER_DOWNLOADS})")
+    raise InputError(f"{path}: no such file or directory")
 
 
 class Checkpoint:

@@ -142,6 +142,9 @@ def calibrate(model_dir, data, out, samples, seq_len, seed, chat_template, windo
     if resume and not coverage:
         raise InputError("--resume: only a --coverage run keeps its finished layers to go on from; "
                          "drawing the windows alone is quick, run it again without --resume")
+    if not coverage and _given_options(("device",)):
+        raise click.UsageError("--device would be ignored: it says where --coverage runs the model's layers "
+                               "(drawing windows runs no model; --data self generates on the CPU)")
     check_output_dir(out, force)
     check_output_apart(out, {"MODEL_DIR": model_dir, "--data": data})
     compute = resolve_device(device)
@@ -275,6 +278,9 @@ def quantize(model_dir, data, calib, out, method, gguf_grid, bits, group_size, s
     a crash, the same command with --resume goes on from the last finished layer."""
     from maverick_quant.jobs import run_quantize
 
+    if method == "rtn" and (ignored := _given_options(("calib", *WINDOW_OPTIONS))):
+        raise click.UsageError(f"{', '.join(ignored)} would be ignored: --method rtn rounds each weight to nearest "
+                               "without calibration data")
     _refuse_ignored_with_calib(calib)
     moe = _moe_spec(moe_policy, moe_mix, moe_min_tokens, moe_require_full_rank, moe_fallback, moe_quantize_router, moe_chunk_mib)
     awq = _awq_spec(awq_grid, awq_duo, awq_clip, awq_sample_tokens)

@@ -86,7 +86,8 @@ def test_plain_text_that_is_not_utf8_is_refused_naming_the_line(tiny_llama_dir, 
     (b'{"text": "fine"}\n\xe9t\xe9\n', "bad.jsonl:2: not UTF-8 (byte 0xe9)"),
     (b'{\n  "text": "pretty"\n}\n', "bad.jsonl:1: not valid JSON (Expecting property name enclosed in double quotes); "
                                     ".jsonl files are read as JSON Lines, one JSON object per line"),
-    (b'["a list"]\n', "bad.jsonl:1: expected a JSON object per line, got list"),
+    (b'["a list"]\n', "bad.jsonl:1: expected a JSON object per record, got list"),
+    (b'{"text": "a \\ud800 b"}\n', "bad.jsonl:1: the text holds an unpaired UTF-16 surrogate ('\\ud800'"),
     (b'{"messages": []}\n', "bad.jsonl:1: --chat-template expects a non-empty 'messages' list"),
     (b'{"messages": ["hi"]}\n', "bad.jsonl:1: --chat-template expects a non-empty 'messages' list"),
 ])
@@ -97,6 +98,74 @@ def test_malformed_json_lines_name_the_file_and_line(tiny_llama_dir, tokenizer, 
     with pytest.raises(InputError, match=re.escape(message)):
         make_calibration(tiny_llama_dir, str(path), CalibSpec(samples=1, seq_len=2, chat_template=b"messages" in content),
                          tokenizer)
+
+
+def test_data_files_are_read_as_their_writers_meant_them(tokenizer, tmp_path: Path) -> None:
+    """An editor's byte-order mark was tokenized as text (and a JSON Lines one refused); a
+    Windows text file's \r became a token per line in calibration; a .json array (Alpaca's
+    layout) was refused; empty records added bare separators; a gzip file was called "not
+    UTF-8" and a folder "not found"."""
+    from maverick_quant.calibration.data import read_records
+
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbfHello there")
+    assert read_records(bom, tokenizer, False) == ["Hello there"]
+    bom_lines = tmp_path / "bom.jsonl"
+    bom_lines.write_bytes(b'\xef\xbb\xbf{"text": "one"}\n{"text": "two"}\n')
+    assert read_records(bom_lines, tokenizer, False) == ["one", "two"]
+    crlf = tmp_path / "crlf.txt"
+    crlf.write_bytes(b"first line\r\nsecond line\r\n")
+    assert read_records(crlf, tokenizer, False) == ["first line\nsecond line\n"]
+    assert read_records(crlf, tokenizer, False, calibration=False) == ["first line\r\nsecond line\r\n"]  # as llama.cpp reads it
+    array = tmp_path / "alpaca.json"
+    array.write_text(json.dumps([{"text": "one"}, {"text": ""}, {"text": "  "}, {"text": "four"}], indent=2))
+    assert read_records(array, tokenizer, False) == ["one", "four"]
+    lines = tmp_path / "hf.jsonl"  # Dataset.to_json of wikitext holds empty records
+    lines.write_text("\n".join(json.dumps({"text": text}) for text in ("one", "", "two")))
+    assert read_records(lines, tokenizer, False) == ["one", "two"]
+    array.write_text(json.dumps([{"text": "one"}, ["two"]]))
+    with pytest.raises(InputError, match=r"alpaca.json: record 1: expected a JSON object per record, got list"):
+        read_records(array, tokenizer, False)
+    gz = tmp_path / "text.txt.gz"
+    gz.write_bytes(b"\x1f\x8b\x08\x00rest")
+    with pytest.raises(InputError, match=r"text.txt.gz: gzip-compressed; decompress it first"):
+        read_records(gz, tokenizer, False)
+    with pytest.raises(InputError, match=r": a directory; expected a text or JSON Lines file"):
+        read_records(tmp_path, tokenizer, False)
+    no_text = tmp_path / "no_text.jsonl"
+    no_text.write_text('{"body": "x"}\n')
+    with pytest.raises(InputError, match=r"no_text.jsonl:1: expected a string 'text' field$"):  # validate has no --chat-template
+        read_records(no_text, tokenizer, False, calibration=False)
+
+
+def test_records_are_joined_by_the_end_of_text_token_not_the_end_of_turn(tokenizer) -> None:
+    """SmolLM2-Instruct's EOS is <|im_end|>, its end of turn: documents joined by it read as
+    chat turns. They are joined by <|endoftext|>, as in pretraining."""
+    from maverick_quant.calibration.data import document_separator, token_stream
+
+    end_of_text = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert document_separator(tokenizer) == end_of_text != tokenizer.eos_token_id
+    one, two = (tokenizer(text, add_special_tokens=False)["input_ids"] for text in ("one", "two"))
+    assert token_stream(["one", "two"], tokenizer).tolist() == [*one, end_of_text, *two]
+
+
+def test_a_chat_template_that_prints_the_date_renders_the_same_on_any_day(tiny_llama_dir, tmp_path: Path,
+                                                                         monkeypatch) -> None:
+    """Llama 3.x templates print today's date (strftime_now, or date_string): the same records
+    gave other windows the next day, so a lock or a --resume no longer matched."""
+    import datetime
+
+    from maverick_quant.calibration import data
+
+    tokenizer = load_tokenizer(tiny_llama_dir)
+    tokenizer.chat_template = ("{{ 'Today: ' + strftime_now('%d %b %Y') + ' / ' + (date_string | default('none')) }}"
+                               "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    first = data.read_records(chat, tokenizer, True)
+    monkeypatch.setattr(data, "TEMPLATE_DATE", datetime.datetime(2031, 1, 2))  # as if run another day
+    assert first == ["Today: 26 Jul 2024 / 26 Jul 2024hi"]
+    assert data.read_records(chat, tokenizer, True) == ["Today: 02 Jan 2031 / 02 Jan 2031hi"]  # the date is ours alone
 
 
 def test_a_model_name_that_is_not_a_folder_here_is_refused_never_downloaded(tmp_path: Path, monkeypatch) -> None:

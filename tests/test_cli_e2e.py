@@ -288,6 +288,10 @@ def test_options_the_command_would_ignore_or_cannot_use_are_refused(tiny_run, tm
         (["validate", "--reference", tiny_run["model"], "--candidate", tiny_run["bundle"], "--data", tiny_run["text"],
           "--choices-pass-mib", 64, "--report", tmp_path / "r"], "--choices-pass-mib would be ignored"),
         (["inspect", tiny_run["gptq"], "--plot", tmp_path / "e.png"], "--plot would be ignored"),
+        (["quantize", tiny_run["model"], "--method", "rtn", "--data", tiny_run["text"], "--samples", 4, "--out",
+          tmp_path / "q"], "--data, --samples would be ignored: --method rtn"),
+        (["calibrate", tiny_run["model"], "--data", tiny_run["text"], "--device", "cpu", "--out", tmp_path / "c"],
+         "--device would be ignored"),
         (["inspect", tiny_run["bundle"], "--top", -3], "-3 is not in"),
     ]
     for args, message in cases:

@@ -10,6 +10,8 @@ generator (`draw_windows`: random or disjoint), so the same inputs always give t
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import hashlib
 import json
 from dataclasses import dataclass
@@ -83,12 +85,22 @@ def _check_windows(path: Path, input_ids: torch.Tensor | None, meta: dict) -> No
 JSON_LINES_SUFFIXES = (".jsonl", ".ndjson", ".json")  # JSON Lines, as `Dataset.to_json` writes them
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+# What a chat template that prints today's date (Llama 3.x: strftime_now, date_string) renders
+# instead: the same records then give the same windows on any day (locks, --resume).
+TEMPLATE_DATE = datetime.datetime(2024, 7, 26)
+
+
 def utf8_text(path: Path) -> str:
-    """The UTF-8 text file `path` as it is; InputError naming `path:line` and the byte where it
-    is not UTF-8 (a binary file, or another encoding, was read with replacement characters)."""
+    """The UTF-8 text file `path` as it is, less a leading byte-order mark (an editor's, which
+    would otherwise be tokenized as text); InputError naming `path:line` and the byte where it
+    is not UTF-8 (a binary file, or another encoding, was read with replacement characters),
+    or for a gzip file."""
     raw = Path(path).read_bytes()
+    if raw.startswith(GZIP_MAGIC):
+        raise InputError(f"{path}: gzip-compressed; decompress it first (gunzip -k {path})")
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         raise InputError(f"{path}:{line}: not UTF-8 (byte {raw[exc.start]:#04x}), at file offset {exc.start}: "
@@ -105,10 +117,15 @@ def text_lines(path: Path) -> list[str]:
     return lines
 
 
-def read_records(path: Path, tokenizer, chat_template: bool) -> list[str]:
-    """The text records of a JSON Lines file (`JSON_LINES_SUFFIXES`; chat messages rendered
-    when asked) or of any other file, read as one plain-text record."""
+def read_records(path: Path, tokenizer, chat_template: bool, calibration: bool = True) -> list[str]:
+    """The non-empty text records of a JSON Lines file (`JSON_LINES_SUFFIXES`; chat messages
+    rendered when asked), of a .json file holding one JSON array of such records, or of any
+    other file, read as one plain-text record. `calibration`: read for calibration windows
+    (a plain text's \r\n line ends read as \n, as Python's and datasets' text readers do),
+    else for evaluation (bytes as llama-perplexity reads them; --chat-template is not offered)."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: a directory; expected a text or JSON Lines file")
     if not path.is_file():
         raise InputError(f"{path}: data file not found")
     json_lines = path.suffix.lower() in JSON_LINES_SUFFIXES
@@ -117,40 +134,120 @@ def read_records(path: Path, tokenizer, chat_template: bool) -> list[str]:
                          f"({', '.join(JSON_LINES_SUFFIXES)}); this is plain text")
     if not json_lines:
         text = utf8_text(path)
+        text = text.replace("\r\n", "\n") if calibration else text
         return [text] if text.strip() else []
-    return [_record_text(path, number, line, tokenizer, chat_template)
-            for number, line in enumerate(text_lines(path), start=1) if line.strip()]
+    if path.suffix.lower() == ".json" and (array := _json_array(path)) is not None:
+        numbered = [(f"{path}: record {index}", record) for index, record in enumerate(array)]
+    else:
+        numbered = [(f"{path}:{number}", _json_object(path, number, line))
+                    for number, line in enumerate(text_lines(path), start=1) if line.strip()]
+    texts = (_record_text(where, record, tokenizer, chat_template, calibration) for where, record in numbered)
+    return [text for text in texts if text.strip()]  # an empty record would add a bare separator
 
 
-def _record_text(path: Path, number: int, line: str, tokenizer, chat_template: bool) -> str:
+def _json_array(path: Path) -> list | None:
+    """The records of a .json file that holds one JSON array (`json.dump(records)`, as Alpaca
+    and many exports are), or None for a JSON Lines file."""
+    text = utf8_text(path)
+    if not text.lstrip().startswith("["):
+        return None
     try:
-        record = json.loads(line)
+        records = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); a .json file is read as one JSON "
+                         "array of records, or as JSON Lines") from None
+    if not isinstance(records, list):
+        raise InputError(f"{path}: expected one JSON array of records, got {type(records).__name__}")
+    return records
+
+
+def _json_object(path: Path, number: int, line: str):
+    """Line `number` of a JSON Lines file, parsed; InputError naming `path:number` when it is not JSON."""
+    try:
+        return json.loads(line)
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}:{number}: not valid JSON ({exc.msg}); {path.suffix} files are read as JSON Lines, "
                          "one JSON object per line") from None
+
+
+def _record_text(where: str, record, tokenizer, chat_template: bool, calibration: bool) -> str:
+    """The text of one record (at `where`, "file:line"): its 'text', or its 'messages' rendered
+    by the chat template (dated TEMPLATE_DATE). InputError naming `where` for a record of
+    another shape, and for text that cannot be encoded (a lone UTF-16 surrogate escape)."""
     if not isinstance(record, dict):
-        raise InputError(f"{path}:{number}: expected a JSON object per line, got {type(record).__name__}")
-    if chat_template:
-        messages = record.get("messages")
-        if not (isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)):
-            raise InputError(f"{path}:{number}: --chat-template expects a non-empty 'messages' list of "
-                             "{'role': ..., 'content': ...} objects in every record")
-        if not getattr(tokenizer, "chat_template", None):
-            raise InputError("--chat-template: the model's tokenizer has no chat template")
-        try:
-            return tokenizer.apply_chat_template(messages, tokenize=False)
-        except Exception as exc:  # jinja2's TemplateError, or what the template itself raises
-            raise InputError(f"{path}:{number}: the chat template cannot render these messages ({exc})") from None
-    if not isinstance(record.get("text"), str):
-        raise InputError(f"{path}:{number}: expected a string 'text' field (or use --chat-template with 'messages')")
-    return record["text"]
+        raise InputError(f"{where}: expected a JSON object per record, got {type(record).__name__}")
+    text = _rendered(where, record, tokenizer) if chat_template else record.get("text")
+    if not isinstance(text, str):
+        hint = " (or use --chat-template with 'messages')" if calibration else ""
+        raise InputError(f"{where}: expected a string 'text' field{hint}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(f"{where}: the text holds an unpaired UTF-16 surrogate ({text[exc.start]!r}, a truncated "
+                         "escape such as half an emoji), which is no character") from None
+    return text
+
+
+def _rendered(where: str, record: dict, tokenizer) -> str:
+    """A record's 'messages' rendered by the tokenizer's chat template, dated TEMPLATE_DATE."""
+    messages = record.get("messages")
+    if not (isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)):
+        raise InputError(f"{where}: --chat-template expects a non-empty 'messages' list of "
+                         "{'role': ..., 'content': ...} objects in every record")
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError("--chat-template: the model's tokenizer has no chat template")
+    try:
+        with _template_clock_at(TEMPLATE_DATE):
+            return tokenizer.apply_chat_template(messages, tokenize=False, date_string=TEMPLATE_DATE.strftime("%d %b %Y"))
+    except Exception as exc:  # jinja2's TemplateError, or what the template itself raises
+        raise InputError(f"{where}: the chat template cannot render these messages ({exc})") from None
+
+
+@contextlib.contextmanager
+def _template_clock_at(moment: datetime.datetime):
+    """transformers' `strftime_now` template global reads `moment` instead of the clock while
+    this holds (it calls `datetime.now()` of its module; render keywords cannot replace it,
+    as transformers passes them to the template as text). Where the module has no such name,
+    only `date_string` fixes the date."""
+    from transformers.utils import chat_template_utils
+
+    real = getattr(chat_template_utils, "datetime", None)
+    if real is None:
+        yield
+        return
+
+    class Stopped(real):
+        @classmethod
+        def now(cls, tz=None):
+            return moment
+
+    chat_template_utils.datetime = Stopped
+    try:
+        yield
+    finally:
+        chat_template_utils.datetime = real
+
+
+# Tokens that end a document in pretraining, by family: Llama 3 and 4, GPT-2's BPE (SmolLM2), Llama 2.
+# An instruct tokenizer's EOS is its end of turn (<|eot|>, <|eot_id|>, <|im_end|>): not a document's end.
+END_OF_TEXT_TOKENS = ("<|end_of_text|>", "<|endoftext|>", "</s>")
+
+
+def document_separator(tokenizer) -> int | None:
+    """The id that joins two documents: the first of END_OF_TEXT_TOKENS in the vocabulary,
+    else the tokenizer's EOS (None without either)."""
+    vocab = tokenizer.get_vocab()
+    found = next((vocab[token] for token in END_OF_TEXT_TOKENS if token in vocab), None)
+    return found if found is not None else tokenizer.eos_token_id
 
 
 def token_stream(records: list[str], tokenizer, join_with_eos: bool = True) -> torch.Tensor:
-    """All records tokenized (no special tokens added) and joined by EOS: int64 [T]. Records
-    rendered by a chat template end their turns with the template's own tokens, so they are
-    joined without one (`join_with_eos=False`): no doubled end of turn that real chats never hold."""
-    separator = [tokenizer.eos_token_id] if join_with_eos and tokenizer.eos_token_id is not None else []
+    """All records tokenized (no special tokens added) and joined by the end-of-text token
+    (`document_separator`): int64 [T]. Records rendered by a chat template end their turns with
+    the template's own tokens, so they are joined without one (`join_with_eos=False`): no
+    doubled end of turn that real chats never hold."""
+    end_of_text = document_separator(tokenizer) if join_with_eos else None
+    separator = [end_of_text] if end_of_text is not None else []
     ids: list[int] = []
     for record in records:
         if ids:
@@ -218,6 +315,7 @@ def build_calibration(records: list[str], tokenizer, spec: CalibSpec, source: st
         "chat_template": spec.chat_template,
         "windows": spec.windows,
         "bos_first": bos_first,
+        "separator_id": document_separator(tokenizer) if not spec.chat_template else None,
         "tokenizer": getattr(tokenizer, "name_or_path", ""),
         "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
         "windows_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
@@ -285,9 +383,10 @@ def load_tokenizer(model_dir: Path):
     a folder here is refused, not looked up on a model hub), never trust_remote_code."""
     from transformers import AutoTokenizer
 
+    from maverick_quant.checkpoint import NEVER_DOWNLOADS
+
     if not Path(model_dir).is_dir():
-        raise InputError(f"{model_dir}: not a model folder here (maverick-quant reads local folders only and never "
-                         "downloads; fetch the model first, e.g. `huggingface-cli download NAME --local-dir DIR`)")
+        raise InputError(f"{model_dir}: not a model folder here ({NEVER_DOWNLOADS})")
     try:
         return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False, local_files_only=True)
     except (OSError, ValueError) as exc:
@@ -334,7 +433,7 @@ def eval_windows(data: str | Path, tokenizer, ctx: int, max_windows: int | None,
     where it does not, the plain text, with no BOS anywhere."""
     if protocol not in PROTOCOLS:
         raise InputError(f"--protocol {protocol!r}: expected one of {list(PROTOCOLS)}")
-    records = read_records(Path(data), tokenizer, chat_template=False)
+    records = read_records(Path(data), tokenizer, chat_template=False, calibration=False)
     if not records:
         raise InputError(f"{data}: evaluation data is empty")
     stream = token_stream(records, tokenizer)
