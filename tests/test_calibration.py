@@ -327,3 +327,24 @@ def test_a_tokenizer_that_adds_no_bos_draws_the_same_windows_either_way(tokenize
     records = read_records(small_text_file, tokenizer, chat_template=False)
     drawn = [build_calibration(records, tokenizer, CalibSpec(samples=4, seq_len=32, bos=bos), "text") for bos in (True, False)]
     assert torch.equal(drawn[0].input_ids, drawn[1].input_ids) and not drawn[0].meta["bos_first"]
+
+
+def test_a_long_text_is_tokenized_in_pieces_with_the_ids_of_one_call(tokenizer, wiki_valid_path: Path,
+                                                                     monkeypatch) -> None:
+    """A plain text took ~600 bytes per token in one tokenizer call (a 1 GB corpus: ~150 GB).
+    Cut into pieces before lines that start a word, it gives the same ids; a tokenizer whose
+    pieces would differ at a cut (SentencePiece's dummy prefix) gets the whole text at once."""
+    from maverick_quant.calibration import data
+
+    text = wiki_valid_path.read_text(encoding="utf-8")[:60_000]
+    whole = tokenizer(text, add_special_tokens=False)["input_ids"]
+    monkeypatch.setattr(data, "PIECE_CHARS", 5_000)
+    pieces = data.record_ids(text, tokenizer)
+    assert len(pieces) >= 10 and torch.cat(pieces).tolist() == whole
+    assert "".join(data.text_pieces(text, 5_000)) == text
+
+    class DummyPrefix:  # marks the start of every call, as a dummy prefix changes a piece's first token
+        def __call__(self, piece, add_special_tokens):
+            return {"input_ids": [-1, *tokenizer(piece, add_special_tokens=False)["input_ids"]]}
+
+    assert [ids.tolist() for ids in data.record_ids(text, DummyPrefix())] == [[-1, *whole]]

@@ -14,6 +14,7 @@ import contextlib
 import datetime
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -247,13 +248,54 @@ def token_stream(records: list[str], tokenizer, join_with_eos: bool = True) -> t
     the template's own tokens, so they are joined without one (`join_with_eos=False`): no
     doubled end of turn that real chats never hold."""
     end_of_text = document_separator(tokenizer) if join_with_eos else None
-    separator = [end_of_text] if end_of_text is not None else []
-    ids: list[int] = []
+    separator = torch.tensor([end_of_text] if end_of_text is not None else [], dtype=torch.long)
+    parts: list[torch.Tensor] = []
     for record in records:
-        if ids:
-            ids.extend(separator)
-        ids.extend(tokenizer(record, add_special_tokens=False)["input_ids"])
-    return torch.tensor(ids, dtype=torch.long)
+        if parts:
+            parts.append(separator)
+        parts.extend(record_ids(record, tokenizer))
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+
+# A record longer than this (characters) is tokenized piece by piece: the fast tokenizer keeps
+# offsets and more per token (about 600 bytes), so a 1 GB text in one call would take ~150 GB.
+PIECE_CHARS = 1 << 20
+SEAM_CHARS = 512  # characters each side of a cut that check_cut_is_invisible tokenizes
+
+
+def record_ids(text: str, tokenizer) -> list[torch.Tensor]:
+    """The token ids of `text` (no special tokens added) as int64 pieces: the whole text in one
+    call, or, for a text longer than PIECE_CHARS, pieces cut after newlines that a word follows
+    (CUT_AFTER, where byte-level BPE pre-tokenizers split anyway), provided that
+    such a cut changes no token (`cut_is_invisible`: a SentencePiece tokenizer's dummy prefix
+    would add one at each piece's start; it then gets the whole text in one call)."""
+    pieces = text_pieces(text, PIECE_CHARS)
+    if len(pieces) > 1 and not cut_is_invisible(pieces[0], pieces[1], tokenizer):
+        pieces = [text]
+    return [torch.tensor(tokenizer(piece, add_special_tokens=False)["input_ids"], dtype=torch.long) for piece in pieces]
+
+
+# Where a long text is cut: right after a newline that a word follows (at most one space before
+# it: GPT-2's and Llama 3's pre-tokenizers end a token at that newline and start one at the word).
+CUT_AFTER = re.compile(r"\n(?= ?\S)")
+
+
+def text_pieces(text: str, size: int) -> list[str]:
+    """`text` cut into pieces of at least `size` characters (the last may be shorter), each
+    right after a newline CUT_AFTER accepts; one piece where there is none."""
+    pieces, start = [], 0
+    while len(text) - start > size and (cut := CUT_AFTER.search(text, start + size)) is not None:
+        pieces.append(text[start : cut.end()])
+        start = cut.end()
+    return pieces + [text[start:]]
+
+
+def cut_is_invisible(before: str, after: str, tokenizer) -> bool:
+    """Whether tokenizing the SEAM_CHARS either side of the cut between `before` and `after`
+    separately gives the ids of tokenizing them together."""
+    left, right = before[-SEAM_CHARS:], after[:SEAM_CHARS]
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    return ids(left) + ids(right) == ids(left + right)
 
 
 def draw_windows(stream: torch.Tensor, spec: CalibSpec, source: str) -> torch.Tensor:
