@@ -35,6 +35,7 @@ CONFIGS = {
     "gptq mixed (mix 0.1)": ["--moe-policy", "mixed"],
     "awq (routed, fallback mixed)": ["--method", "awq"],
     "awq+gptq (routed, fallback mixed)": ["--method", "awq+gptq"],
+    "awq+gptq clipped (routed, fallback mixed)": ["--method", "awq+gptq", "--awq-clip"],
 }
 
 

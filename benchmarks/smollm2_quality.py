@@ -51,7 +51,7 @@ CONFIGS = {  # name: quantize CLI options
     "awq-w4-g64-asym": ["--method", "awq", "--bits", "4", "--group-size", "64", "--asym"],
     "awq-w4-g64-asym-duo": ["--method", "awq", "--bits", "4", "--group-size", "64", "--asym", "--awq-duo"],
     "awq+gptq-w4-g64-asym": ["--method", "awq+gptq", "--bits", "4", "--group-size", "64", "--asym"],
-    "awq+gptq-w4-g64-asym-noclip": ["--method", "awq+gptq", "--bits", "4", "--group-size", "64", "--asym", "--no-awq-clip"],
+    "awq+gptq-w4-g64-asym-clip": ["--method", "awq+gptq", "--bits", "4", "--group-size", "64", "--asym", "--awq-clip"],
     "awq-w4-g128-sym": ["--method", "awq", "--bits", "4", "--group-size", "128", "--sym"],
     "awq+gptq-w4-g128-sym": ["--method", "awq+gptq", "--bits", "4", "--group-size", "128", "--sym"],
 }

@@ -221,8 +221,9 @@ def awq_options(func):
     """AWQ scale and clip search (see AWQSpec); used by --method awq and awq+gptq."""
     func = click.option("--awq-sample-tokens", default=AWQSpec.sample_tokens, show_default=True,
                         help="Calibration tokens (evenly sampled) in the scale and clip losses.")(func)
-    func = click.option("--awq-clip/--no-awq-clip", default=AWQSpec.clip, show_default=True,
-                        help="Also search a clipping range per (row, group) after scaling.")(func)
+    func = click.option("--awq-clip/--no-awq-clip", default=None,
+                        help="Also search a clipping range per (row, group) after scaling (default: on for awq, "
+                             "off for awq+gptq, whose GPTQ solve then targets the unclipped scaled weights).")(func)
     func = click.option("--awq-duo/--no-awq-duo", default=AWQSpec.duo_scaling, show_default=True,
                         help="Duo scaling: s = mean|x|^a / mean|w|^(1-a).")(func)
     func = click.option("--awq-grid", default=AWQSpec.grid, show_default=True, help="Exponents tried: a = i / grid.")(func)

@@ -183,14 +183,17 @@ class AWQSpec:
 
     grid:        ratios alpha = i / grid, i = 0..grid-1, tried for s = mean|x|^alpha.
     duo_scaling: s = mean|x|^alpha / mean|w|^(1 - alpha) instead.
-    clip:        also search a per-(row, group) clipping range after scaling.
+    clip:        also search a per-(row, group) clipping range after scaling; None: by method
+                 (QuantizeSpec sets it): on for awq, off for awq+gptq, whose GPTQ then solves
+                 against the scaled weights themselves, not clipped ones (llm-compressor's
+                 AWQ+GPTQ does not clip either; docs/awq.md has the measurement).
     clip_grid, max_shrink: clip ranges max|w| * (1 - i / clip_grid) for i < max_shrink * clip_grid.
     sample_tokens: calibration tokens sampled (evenly) for the scale and clip losses.
     """
 
     grid: int = 20
     duo_scaling: bool = False
-    clip: bool = True
+    clip: bool | None = None
     clip_grid: int = 20
     max_shrink: float = 0.5
     sample_tokens: int = 1024
@@ -315,6 +318,8 @@ class QuantizeSpec:
             raise InputError(f"method={self.method!r}: expected one of {[m.value for m in Method]}")
         if self.batch_windows < 1:
             raise InputError(f"batch_windows={self.batch_windows}: expected a positive integer")
+        if self.awq.clip is None:  # frozen: the resolved default is set once, here (True where unused, as before)
+            object.__setattr__(self, "awq", dataclasses.replace(self.awq, clip=self.method is not Method.AWQ_GPTQ))
         if self.weights.clip_search and self.method.searches_scales:
             raise InputError(f"clip_search with method {self.method.value}: AWQ searches its clipping range against "
                              "the layer's outputs itself (awq.clip); use clip_search with gptq or rtn")

@@ -244,7 +244,7 @@ def test_the_planned_clip_flops_are_what_the_clip_search_computes(tokens: int) -
     from maverick_quant.plan_awq import clip_candidates, clip_flops
     from maverick_quant.recipe import AWQSpec, QuantSpec
 
-    awq = AWQSpec()
+    awq = AWQSpec(clip=True)
     with FlopCounterMode(display=False) as counter:
         clip_weights(torch.randn(48, 256), torch.randn(tokens, 256), QuantSpec(bits=4, group_size=64), awq)
     assert counter.get_total_flops() == clip_flops(tokens, 48, 256, 64, clip_candidates(awq))
