@@ -249,7 +249,7 @@ def test_a_quantized_source_dequantizes_where_the_model_computes(tiny_llama4_dir
     from maverick_quant.validation.evaluate import open_candidate
 
     bundle = tmp_path / "bundle"
-    result = CliRunner().invoke(cli, ["quantize", str(tiny_llama4_dir), "--method", "rtn", "--data", str(small_text_file),
+    result = CliRunner().invoke(cli, ["quantize", str(tiny_llama4_dir), "--method", "rtn",
                                       "--group-size", "32", "--out", str(bundle), "--no-progress"])
     assert result.exit_code == 0, result.output
     path = bundle
