@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import re
 from dataclasses import dataclass
 
@@ -154,7 +155,7 @@ class QuantSpec:
 def parse_bits_override(entry: str) -> tuple[str, int]:
     """"REGEX=BITS" (a bits override, e.g. "self_attn=8") -> (REGEX, BITS); InputError otherwise."""
     pattern, separator, bits = entry.rpartition("=")
-    if not separator or not pattern or not bits.strip().isdecimal() or not bits.strip().isascii():
+    if not separator or not pattern or not bits.strip().isdecimal() or not bits.strip().isascii() or len(bits.strip()) > 2:
         raise InputError(f"bits_overrides entry {entry!r}: expected REGEX=BITS, e.g. 'self_attn=8'")
     try:
         re.compile(pattern)
@@ -206,6 +207,7 @@ class AWQSpec:
 
 
 WINDOW_DRAWS = ("random", "disjoint")
+MAX_COUNT = 2**31 - 1  # windows, tokens per window: beyond it a count is a typo, and torch's generators overflow
 
 
 @dataclass(frozen=True)
@@ -230,10 +232,10 @@ class CalibSpec:
     def __post_init__(self) -> None:
         if self.windows not in WINDOW_DRAWS:
             raise InputError(f"windows={self.windows!r}: expected one of {', '.join(WINDOW_DRAWS)}")
-        if self.samples < 1:
-            raise InputError(f"samples={self.samples}: expected at least 1 calibration window")
-        if self.seq_len < 2:
-            raise InputError(f"seq_len={self.seq_len}: expected at least 2 tokens per window")
+        if not 1 <= self.samples <= MAX_COUNT:
+            raise InputError(f"samples={self.samples}: expected from 1 to {MAX_COUNT:,} calibration windows")
+        if not 2 <= self.seq_len <= MAX_COUNT:
+            raise InputError(f"seq_len={self.seq_len}: expected from 2 to {MAX_COUNT:,} tokens per window")
         if not 0 <= self.seed < 2**63:
             raise InputError(f"seed={self.seed}: expected an integer in [0, 2^63)")
 
@@ -282,8 +284,8 @@ class MoESpec:
                 raise InputError(f"moe.{name}={getattr(self, name)!r}: expected one of {[p.value for p in ExpertPolicy]}")
         if self.fallback is ExpertPolicy.ROUTED:
             raise InputError("moe.fallback=routed: expected mixed or rtn (routed is what starved experts fall back from)")
-        if not 0.0 < self.mix:
-            raise InputError(f"moe.mix={self.mix}: expected a positive weight for H_all, e.g. 0.1")
+        if not 0.0 < self.mix < math.inf:
+            raise InputError(f"moe.mix={self.mix}: expected a positive, finite weight for H_all, e.g. 0.1")
         if self.min_tokens < 1:
             raise InputError(f"moe.min_tokens={self.min_tokens}: expected at least 1 (an expert with no tokens has no routed Hessian)")
         if self.all_tokens < 1 or self.chunk_mib < 1:

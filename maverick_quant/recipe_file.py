@@ -138,6 +138,9 @@ class ValidationStep:
         if self.hellaswag_tasks is not None and self.hellaswag is None and self.choices is None:
             raise InputError("validation.hellaswag_tasks: given without validation.hellaswag or validation.choices, "
                              "the benchmark file it limits")
+        if self.choices_pass_mib != CHOICES_PASS_MIB and self.hellaswag is None and self.choices is None:
+            raise InputError("validation.choices_pass_mib: given without validation.hellaswag or validation.choices, "
+                             "the benchmarks whose passes it sizes")
         if self.kernels is not None and "bundle" not in self.candidates:
             raise InputError("validation.kernels: runs the bundle on the 4-bit kernels, and bundle is not among "
                              "validation.candidates")
@@ -405,17 +408,45 @@ def _resolve(path: str, base: Path) -> Path:
     return Path(os.path.normpath(candidate if candidate.is_absolute() else base / candidate))
 
 
+def _unique_keys_loader():
+    """yaml.SafeLoader refusing a key given twice in one mapping (YAML keeps the last silently:
+    a second `gates:` dropped the first list, a second `quantize:` the whole first section)."""
+    import yaml
+
+    class UniqueKeysLoader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        first_line: dict = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in first_line:
+                    raise InputError(f"line {line}: key {key!r} is given twice in one mapping (first on line "
+                                     f"{first_line[key]}); YAML would keep only the last")
+                first_line[key] = line
+            except TypeError:  # an unhashable key: SafeLoader's own error names it
+                break
+        return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+    UniqueKeysLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return UniqueKeysLoader
+
+
 def load_recipe(path: Path) -> Recipe:
     """Read and validate a YAML recipe file."""
     import yaml
 
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_keys_loader())
     except OSError as exc:
         raise InputError(f"{path}: cannot read recipe ({exc.strerror or exc})") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except InputError as exc:  # a repeated key
+        raise InputError(f"{path}: {exc}") from None
     try:
         return parse_recipe(data, path.absolute().parent)  # relative to the recipe as named (a link's folder)
     except InputError as exc:

@@ -39,6 +39,10 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
         raise InputError(f"--out {out}: a file; a run writes a directory")
     if not resume:
         check_output_dir(out, force, replaced_whole=False)  # only the steps' outputs inside it are replaced
+    elif Path(out).is_dir() and not force and not holds_a_run(Path(out)):
+        raise InputError(f"--out {out} --resume: the folder holds no earlier run (no recipe.lock.yaml, bundle or "
+                         "unfinished bundle) to go on with, and its contents would be replaced; name a new folder, "
+                         "or pass --force to replace them")
     device = str(resolve_device(device or recipe.device, "--device" if device else "quantize.device"))
     model_dir, out = _recipe_model_dir(recipe.model), Path(out)
     if out.resolve() == model_dir.resolve():
@@ -88,7 +92,7 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
         if data == "self":  # held-out text the model writes itself (another seed than calibration)
             from maverick_quant.demo import write_eval_text
 
-            data = write_eval_text(model_dir, out / "eval-self.txt", 16, v.ctx,
+            data = write_eval_text(model_dir, out / "eval-self.txt", v.max_windows or 16, v.ctx,  # ~ a window each
                                    recipe.calibration.seed if recipe.calibration_data == "self" else None)
         for candidate in v.candidates:
             vision = _vision_check(recipe, out, candidate)
@@ -138,6 +142,16 @@ def _keep_finished_bundle(bundle_dir: Path, source, spec, calibration, force: bo
         raise InputError(f"{bundle_dir}: --resume keeps a bundle of this recipe and model, but it was made with other "
                          f"inputs ({'; '.join(changes)}); pass --force to replace it")
     return not changes
+
+
+def holds_a_run(out: Path) -> bool:
+    """Whether the folder `out` holds what a `run` leaves: its lock, a bundle, or an unfinished
+    bundle's work and state."""
+    from maverick_quant.resume import state_dir_for, work_dir_for
+
+    bundle = out / "bundle"
+    return any(path.exists() for path in (out / "recipe.lock.yaml", bundle / "manifest.json", work_dir_for(bundle),
+                                          state_dir_for(bundle)))
 
 
 def recipe_outputs(recipe, out: Path) -> list[Path]:

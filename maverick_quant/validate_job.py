@@ -97,7 +97,7 @@ def read_validation_inputs(reference, data, ctx, max_windows, protocol, gates, b
     tokenizer = load_tokenizer(reference)
     windows = eval_windows(data, tokenizer, ctx, max_windows, protocol) if data is not None else None
     tasks = _read_benchmarks(hellaswag, choices, hellaswag_tasks, tokenizer, reference)
-    facts = known_facts(reference, protocol, ctx, windows, tasks)
+    facts = known_facts(reference, protocol, ctx, windows, tasks, text)
     unchecked = check_baseline(parsed, baseline_report, facts)
     if unchecked:
         click.echo(f"note: the baseline report {baseline} does not record {', '.join(unchecked)} (written by an older "
@@ -105,19 +105,22 @@ def read_validation_inputs(reference, data, ctx, max_windows, protocol, gates, b
     return ValidationInputs(parsed, baseline_report, tokenizer, windows, scored_from(protocol, ctx), tasks, facts)
 
 
-def known_facts(reference: Path, protocol: str, ctx: int, windows: torch.Tensor | None, tasks: dict) -> dict:
+def known_facts(reference: Path, protocol: str, ctx: int, windows: torch.Tensor | None, tasks: dict,
+                text: bool = True) -> dict:
     """What a report records of what it measured on, known before any work (report-shaped, as
     gates.check_comparable reads it): the reference's fingerprint; the protocol and a sha256 of
-    the evaluation windows [W, ctx] (none without text); per benchmark, its task count and
-    its file's sha256."""
+    the evaluation windows [W, ctx] (with `text` but no windows yet, a recipe's self-written
+    text, the protocol only; none without text); per benchmark, its task count and its file's
+    sha256."""
     from maverick_quant.calibration.data import scored_from
     from maverick_quant.checkpoint import Checkpoint, sha256_file
     from maverick_quant.resume import tensor_sha256
 
     facts: dict = {"reference_fingerprint": Checkpoint(reference).fingerprint()}
+    if text:
+        facts["protocol"] = {"name": protocol, "ctx": ctx, "first_scored_position": scored_from(protocol, ctx)}
     if windows is not None:
-        facts["protocol"] = {"name": protocol, "ctx": ctx, "windows": int(windows.shape[0]),
-                             "first_scored_position": scored_from(protocol, ctx), "windows_sha256": tensor_sha256(windows)}
+        facts["protocol"].update(windows=int(windows.shape[0]), windows_sha256=tensor_sha256(windows))
     for name, (path, items) in tasks.items():
         facts[BENCHMARK_SECTION[name]] = {"tasks": len(items), "sha256": sha256_file(path)}
     return facts

@@ -71,6 +71,10 @@ def test_shipped_recipes_load() -> None:
     ({"validation": {"data": "x", "kernels": "reference", "candidates": ["model-gptq"]}}, "bundle is not among"),
     ({"exports": 0}, "exports: expected a list"),
     ({"calibration": []}, "calibration: expected a mapping, got list"),
+    ({"validation": {"data": "x", "choices_pass_mib": 100}}, "validation.choices_pass_mib: given without"),
+    ({"quantize": {"moe": {"policy": "mixed", "mix": float("inf")}}}, "moe.mix=inf: expected a positive, finite weight"),
+    ({"calibration": {"samples": 10**20}}, "samples=100000000000000000000: expected from 1 to 2,147,483,647"),
+    ({"quantize": {"bits_overrides": ["mlp=" + "9" * 4400]}}, "expected REGEX=BITS"),
 ])
 def test_bad_recipes_name_the_key_and_the_allowed_values(change: dict, message: str) -> None:
     data = json.loads(json.dumps(VALID))
@@ -273,22 +277,51 @@ def test_a_gguf_export_of_any_grid_it_stores_losslessly_is_accepted() -> None:
 @pytest.mark.parametrize("validation, message", [
     ({"gates": ["ppl_ratio<=baseline*1.01"]}, "no baseline report was given"),
     ({"kernels": "cuda"}, "--kernels cuda runs on cuda"),
-    ({"ctx": 100000}, "need at least one window of 100000"),
+    ({"data": "short.txt"}, "need at least one window of 16"),
+    ({"ctx": 100000}, "past the model's max_position_embeddings of 2048"),
     ({"hellaswag": "bad-hellaswag.txt"}, "is not a multiple of 6"),
 ])
 def test_what_the_validation_step_would_refuse_is_refused_before_any_work(tiny_llama_dir: Path, small_text_file: Path,
                                                                           tmp_path: Path, validation: dict,
                                                                           message: str) -> None:
     (tmp_path / "bad-hellaswag.txt").write_text("context\n0\nending\n")
+    (tmp_path / "short.txt").write_text("a few words")
     recipe = tmp_path / "recipe.yaml"
     validation = {"data": str(small_text_file), "ctx": 16, "max_windows": 2, **validation}
-    if "hellaswag" in validation:
-        validation["hellaswag"] = str(tmp_path / validation["hellaswag"])
+    for key in ("hellaswag", "data"):
+        validation[key] = str(tmp_path / validation[key]) if key in validation else None
+    validation = {key: value for key, value in validation.items() if value is not None}
     recipe.write_text(yaml.safe_dump({"model": str(tiny_llama_dir), "quantize": {"method": "rtn"},
                                       "validation": validation}))
     result = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(tmp_path / "run"), "--device", "cpu"])
     assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_a_key_given_twice_is_refused_naming_its_lines(tmp_path: Path) -> None:
+    """YAML keeps the last of two equal keys: a second `gates:` silently dropped the first list,
+    and the run passed on the looser gates."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model: m\nvalidation:\n  data: a.txt\n  gates: ['ppl_ratio<=1.0001']\n  batch: 2\n"
+                      "  gates: ['ppl_ratio<=100']\n")
+    with pytest.raises(InputError, match=r"recipe.yaml: line 6: key 'gates' is given twice in one mapping \(first on line 4\)"):
+        load_recipe(recipe)
+
+
+def test_resume_refuses_a_folder_that_holds_no_run(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """`run --resume` on a folder holding no run replaced its report/ and calibration/ without --force."""
+    out = tmp_path / "mine"
+    (out / "report").mkdir(parents=True)
+    (out / "report" / "notes.txt").write_text("mine")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"model": str(tiny_llama_dir), "quantize": {"method": "rtn", "group_size": 32}}))
+    result = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(out), "--resume", "--no-progress"])
+    assert result.exit_code == 2 and "the folder holds no earlier run" in result.output, result.output
+    assert (out / "report" / "notes.txt").read_text() == "mine" and not (out / "bundle").exists()
+    fresh = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(tmp_path / "new"), "--resume", "--no-progress"])
+    assert fresh.exit_code == 0, fresh.output  # a folder not there yet: nothing to replace
+    again = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(tmp_path / "new"), "--resume", "--no-progress"])
+    assert again.exit_code == 0, again.output  # the run it left
 
 
 def test_a_run_never_replaces_one_of_its_inputs(tiny_llama_dir: Path, small_text_file: Path, tmp_path: Path) -> None:
@@ -306,7 +339,8 @@ def test_a_run_never_replaces_one_of_its_inputs(tiny_llama_dir: Path, small_text
     shutil.move(str(model), str(tmp_path / "run" / "source"))
     recipe.write_text(yaml.safe_dump({"model": str(tmp_path / "run" / "source"),
                                       "quantize": {"method": "rtn", "group_size": 32}}))
-    result = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(tmp_path / "run"), "--resume", "--no-progress"])
+    result = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(tmp_path / "run"), "--resume", "--no-progress",
+                                      "--force"])  # the folder holds no run: --resume alone is refused
     assert result.exit_code == 0 and (tmp_path / "run" / "bundle" / "manifest.json").is_file(), result.output
     assert (tmp_path / "run" / "source" / "config.json").is_file()
 
@@ -508,3 +542,18 @@ def test_shipped_smollm2_recipes_pass_every_check_made_before_work(shipped: Path
         pytest.skip(f"{recipe.calibration_data} is not here (../shared/data)")
     model_dir = _recipe_model_dir(recipe.model)
     _check_before_work(recipe, model_dir, open_source(model_dir), "cpu")
+
+
+def test_a_self_text_validation_compares_its_baseline_before_any_work(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """`validation.data: self` is written after quantizing, so the baseline's windows were
+    compared only then; its protocol and ctx are known before any work."""
+    baseline = tmp_path / "report.json"
+    baseline.write_text(json.dumps({"protocol": {"name": "gptq", "ctx": 32, "first_scored_position": 1},
+                                    "kl": {"mean": 0.1}}))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"model": str(tiny_llama_dir), "quantize": {"method": "rtn"},
+                                      "validation": {"data": "self", "ctx": 64, "baseline": str(baseline),
+                                                     "gates": ["kl.mean<=baseline*1.1"]}}))
+    result = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(tmp_path / "run"), "--no-progress"])
+    assert result.exit_code == 2 and "measured with protocol.ctx = 32, this run with 64" in result.output, result.output
+    assert not (tmp_path / "run").exists()
