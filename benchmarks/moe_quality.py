@@ -76,8 +76,8 @@ def main() -> None:
         if "fallback rtn" in name:
             bundle_dir = bundle_dir.with_name(bundle_dir.name + "-rtnfallback")
         if not bundle_dir.exists():
-            base.cli("quantize", str(model_dir), "--calib", str(calib), "--out", str(bundle_dir), "--no-progress",
-                     "--group-size", str(args.group_size), *options)
+            base.cli("quantize", str(model_dir), *base.calib_options(calib, options), "--out", str(bundle_dir),
+                     "--no-progress", "--group-size", str(args.group_size), *options)
         bundle = Bundle(bundle_dir)
         if args.expert_errors:
             summary = evaluate(open_source(model_dir), bundle, windows, show_progress=False).summary

@@ -61,6 +61,12 @@ def cli(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "maverick_quant", *args], check=True)
 
 
+def calib_options(calib: Path, options: list[str]) -> list[str]:
+    """`--calib DIR` for a method that reads calibration data (quantize refuses it beside rtn)."""
+    rtn = "--method" in options and options[options.index("--method") + 1] == "rtn"
+    return [] if rtn else ["--calib", str(calib)]
+
+
 def full_model_baseline_rss(model_dir: Path, calib: Path) -> float:
     """Peak RSS (MiB) of a separate process that does what a whole-model tool does: load the
     fp32 model with transformers, make every weight resident (a model in use touches every
@@ -151,7 +157,8 @@ def main() -> None:
             continue
         bundle_dir = args.work / name.split(" ")[0]
         if not bundle_dir.exists():
-            cli("quantize", str(model_dir), "--calib", str(calib), "--out", str(bundle_dir), "--no-progress", *options)
+            cli("quantize", str(model_dir), *calib_options(calib, options), "--out", str(bundle_dir), "--no-progress",
+                *options)
         bundle = Bundle(bundle_dir)
         cand_model, cand_hidden = final_hidden(bundle, windows)
         summary = score(ref_model, ref_hidden, cand_model, cand_hidden, windows)
