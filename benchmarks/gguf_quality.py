@@ -106,7 +106,8 @@ def main() -> None:
     name = f"{args.method}-{args.type}" + ("-clip" if args.clip_search else "")
     bundle = args.work / name
     if not bundle.exists():
-        base.cli("quantize", str(model_dir), "--calib", str(calib), "--out", str(bundle), "--method", args.method,
+        method = ["--method", args.method]
+        base.cli("quantize", str(model_dir), *base.calib_options(calib, method), "--out", str(bundle), *method,
                  "--gguf-grid", args.type, "--no-progress", *(["--clip-search"] if args.clip_search else []))
     ours, plain = args.work / f"{name}.gguf", args.work / f"plain-{args.type}.gguf"
     if not ours.exists():
