@@ -178,6 +178,7 @@ def _check_before_work(recipe, model_dir: Path, source, device: str) -> None:
     refuse_unblockable_widths(source, recipe.quantize)
     _check_packed_exports(recipe, source)
     _check_validation(recipe, model_dir, device)
+    _check_kernel_grids(recipe, source)
     check_lock_inputs(recipe, source)
 
 
@@ -243,6 +244,27 @@ def _check_packed_exports(recipe, source) -> None:
             refuse_split_fused_sets(prefix, treatments)
         except InputError as exc:
             raise InputError(f"exports: format {packed[0].format}: {exc}") from None
+
+
+def _check_kernel_grids(recipe, source) -> None:
+    """With `validation.kernels` on the bundle: every linear the run quantizes on its grid must be
+    one the 4-bit kernels run (`check_kernel_grid`, as `quantize` notes afterwards); it was found
+    at the validation step, after the whole quantize. Bits-override linears run as float."""
+    from maverick_quant.compress.kernels.layout import check_kernel_grid
+    from maverick_quant.pipeline import quantized_widths
+    from maverick_quant.recipe import offset_grid_name
+
+    v = recipe.validation
+    if v is None or v.kernels is None or "bundle" not in v.candidates:
+        return
+    for name, width, grid in quantized_widths(source, recipe.quantize):
+        if grid.bits != recipe.quantize.weights.bits:
+            continue
+        try:
+            check_kernel_grid(grid.bits, grid.group_size, width, name, offset_grid_name(dataclasses.asdict(grid)))
+        except ValueError as exc:
+            raise InputError(f"validation.kernels {v.kernels}: {exc}; validate the bundle without kernels (drop "
+                             "validation.kernels), or quantize on a grid they run") from None
 
 
 def _check_validation(recipe, model_dir: Path, device: str) -> None:

@@ -277,6 +277,8 @@ def test_a_gguf_export_of_any_grid_it_stores_losslessly_is_accepted() -> None:
 @pytest.mark.parametrize("validation, message", [
     ({"gates": ["ppl_ratio<=baseline*1.01"]}, "no baseline report was given"),
     ({"kernels": "cuda"}, "--kernels cuda runs on cuda"),
+    ({"kernels": "reference"}, "validation.kernels reference: model.layers.0.self_attn.q_proj: K=96 is not a multiple "
+                               "of the group size 128; validate the bundle without kernels"),
     ({"data": "short.txt"}, "need at least one window of 16"),
     ({"ctx": 100000}, "past the model's max_position_embeddings of 2048"),
     ({"hellaswag": "bad-hellaswag.txt"}, "is not a multiple of 6"),

@@ -109,7 +109,7 @@ def check_kernel_grid(bits: int, group_size: int, in_features: int, name: str, o
         raise ValueError(f"{name}: the 4-bit kernel layout stores (code - zero) x scale grids; this weight is on "
                          f"llama.cpp's {offset_grid} grid (free fp16 offsets), which only GGUF {offset_grid} stores")
     if bits != 4:
-        raise ValueError(f"{name}: the 4-bit kernels cannot run a {bits}-bit weight (use the reference backend)")
+        raise ValueError(f"{name}: the 4-bit kernels cannot run a {bits}-bit weight")
     if group_size not in GROUP_SIZES:
         raise ValueError(f"{name}: group size {group_size} is not one the kernels support {GROUP_SIZES}")
     if in_features % group_size:
