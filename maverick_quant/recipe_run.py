@@ -110,11 +110,18 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
 def _start_over_the_lock(recipe, recipe_path: Path, out: Path) -> None:
     """Remove the lock file of an earlier run in `out` (this run writes its own when it ends: a
     run that fails midway must not leave a lock describing another recipe beside its outputs),
-    unless it is the recipe being run, and name what `out` holds that this recipe does not make
-    (kept, from an earlier run)."""
+    unless it is the recipe being run, and the reports this recipe writes (an earlier run's
+    passing gates must not stand beside a bundle they never measured, if this run fails before
+    its validation); name what `out` holds that this recipe does not make (kept, from an
+    earlier run)."""
+    import shutil
+
     lock = out / "recipe.lock.yaml"
     if lock.exists() and lock.resolve() != Path(recipe_path).resolve():
         lock.unlink()
+    for report in (out / report_name(c) for c in (recipe.validation.candidates if recipe.validation else ())):
+        if (report / "report.json").is_file():
+            shutil.rmtree(report)
     made = {path.name for path in recipe_outputs(recipe, out)} | {"recipe.lock.yaml"}
     foreign = sorted(entry.name for entry in out.iterdir() if entry.name not in made and not entry.name.startswith("."))
     if foreign:
@@ -162,7 +169,9 @@ def recipe_outputs(recipe, out: Path) -> list[Path]:
     exports = [out / name for export in recipe.exports for name in (export.name, export.mmproj_name) if name]
     exports += [sidecar for path in exports if path.suffix == ".gguf" for sidecar in gguf_sidecars(path)]
     reports = [out / report_name(candidate) for candidate in (recipe.validation.candidates if recipe.validation else ())]
-    return [out / "calibration", out / "bundle", out / "eval-self.txt", *exports, *reports]
+    calibration = [out / "calibration"] if recipe.quantize.method is not Method.RTN else []
+    self_text = [out / "eval-self.txt"] if recipe.validation is not None and recipe.validation.data == "self" else []
+    return [*calibration, out / "bundle", *self_text, *exports, *reports]
 
 
 def _check_before_work(recipe, model_dir: Path, source, device: str) -> None:

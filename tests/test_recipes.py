@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from maverick_quant.bundle import Bundle
 from maverick_quant.checkpoint import Checkpoint
 from maverick_quant.cli import cli
 from maverick_quant.errors import InputError
@@ -559,3 +560,32 @@ def test_a_self_text_validation_compares_its_baseline_before_any_work(tiny_llama
     result = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(tmp_path / "run"), "--no-progress"])
     assert result.exit_code == 2 and "measured with protocol.ctx = 32, this run with 64" in result.output, result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_a_forced_run_leaves_no_earlier_report_and_names_an_earlier_calibration(tiny_llama_dir: Path,
+                                                                               small_text_file: Path, tmp_path: Path,
+                                                                               monkeypatch) -> None:
+    """After `run --force` failed before its validation, the earlier run's report (gates passed)
+    stood beside the new bundle; an rtn recipe over a gptq run kept its calibration/ unnamed."""
+    from maverick_quant import recipe_run
+
+    validation = {"data": str(small_text_file), "ctx": 16, "max_windows": 2, "gates": ["ppl_ratio<=100"]}
+    gptq = tmp_path / "gptq.yaml"
+    gptq.write_text(yaml.safe_dump({"model": str(tiny_llama_dir), "calibration": {"data": str(small_text_file),
+                                    "samples": 2, "seq_len": 16}, "quantize": {"method": "gptq", "group_size": 32},
+                                    "validation": validation}))
+    out = tmp_path / "run"
+    first = CliRunner().invoke(cli, ["run", str(gptq), "--out", str(out), "--no-progress"])
+    assert first.exit_code == 0 and (out / "report" / "report.json").is_file(), first.output
+    rtn = tmp_path / "rtn.yaml"
+    rtn.write_text(yaml.safe_dump({"model": str(tiny_llama_dir), "quantize": {"method": "rtn", "group_size": 32},
+                                   "validation": validation}))
+
+    def fails(*args, **kwargs):
+        raise InputError("the validation step failed")
+
+    monkeypatch.setattr(recipe_run, "run_validate", fails)
+    second = CliRunner().invoke(cli, ["run", str(rtn), "--out", str(out), "--force", "--no-progress"])
+    assert second.exit_code == 2 and "the validation step failed" in second.output, second.output
+    assert "also holds calibration, which this recipe does not make" in second.output
+    assert not (out / "report").exists() and Bundle(out / "bundle").manifest["recipe"]["method"] == "rtn"
