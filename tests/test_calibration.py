@@ -348,3 +348,19 @@ def test_a_long_text_is_tokenized_in_pieces_with_the_ids_of_one_call(tokenizer, 
             return {"input_ids": [-1, *tokenizer(piece, add_special_tokens=False)["input_ids"]]}
 
     assert [ids.tolist() for ids in data.record_ids(text, DummyPrefix())] == [[-1, *whole]]
+
+
+def test_self_generated_samples_never_open_on_an_added_token(tokenizer) -> None:
+    """The first token of a `self` sample was drawn over the whole vocabulary, special and
+    reserved tokens included (Llama 4 reserves about a thousand)."""
+    from maverick_quant.calibration.selfgen import first_tokens
+
+    added = set(tokenizer.added_tokens_decoder)
+    generator = torch.Generator().manual_seed(3)
+    plain = torch.randint(0, len(tokenizer), (4000, 1), generator=generator)
+    hits = [row for row in range(4000) if int(plain[row, 0]) in added]
+    assert hits  # the seed draws some added tokens: 17 of SmolLM2's 49,152 ids
+    first = first_tokens(tokenizer, 4000, 3)
+    assert not any(int(token) in added for token in first[:, 0])
+    keep = [row for row in range(4000) if row not in hits]
+    assert torch.equal(first[keep], plain[keep])  # every other sample keeps its draw

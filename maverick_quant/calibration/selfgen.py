@@ -1,6 +1,7 @@
 """Data-free calibration: text the model generates itself.
 
-Each sample starts from BOS and one vocabulary token drawn by the seed (as LLM-QAT's
+Each sample starts from BOS and one vocabulary token drawn by the seed, never an added
+(special or reserved) token (as LLM-QAT's
 data-free recipe does, so samples do not all open alike), then is sampled with
 temperature 1 and top-k 50. This loads the whole model with transformers in fp32: fine
 for small models; a model larger than the available memory is refused before loading
@@ -26,8 +27,7 @@ def generate_self_text(model_dir: Path, n_samples: int, max_new_tokens: int, see
     tokenizer = load_tokenizer(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False,
                                                  local_files_only=True).eval()
-    generator = torch.Generator().manual_seed(seed)
-    first = torch.randint(0, len(tokenizer), (n_samples, 1), generator=generator)
+    first = first_tokens(tokenizer, n_samples, seed)
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     prompts = torch.cat([torch.full((n_samples, 1), bos), first], dim=1)
     texts = []
@@ -40,6 +40,19 @@ def generate_self_text(model_dir: Path, n_samples: int, max_new_tokens: int, see
                                     pad_token_id=tokenizer.eos_token_id)
             texts.extend(tokenizer.batch_decode(output[:, 1:], skip_special_tokens=True))
     return texts
+
+
+def first_tokens(tokenizer, n_samples: int, seed: int) -> torch.Tensor:
+    """Each sample's first token [n_samples, 1], drawn uniformly from the vocabulary by `seed`;
+    a draw that is an added token (special, control or reserved: Llama 4 reserves about a
+    thousand) is drawn again from the same generator, so the other samples keep their draw."""
+    generator = torch.Generator().manual_seed(seed)
+    first = torch.randint(0, len(tokenizer), (n_samples, 1), generator=generator)
+    added = set(tokenizer.added_tokens_decoder)
+    for row in range(n_samples):
+        while int(first[row, 0]) in added:
+            first[row, 0] = int(torch.randint(0, len(tokenizer), (1,), generator=generator))
+    return first
 
 
 def check_fits_in_memory(model_dir: Path, available: int | None = None) -> None:
