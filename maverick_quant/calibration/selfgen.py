@@ -1,9 +1,8 @@
 """Data-free calibration: text the model generates itself.
 
 Each sample starts from BOS and one vocabulary token drawn by the seed, never an added
-(special or reserved) token (as LLM-QAT's
-data-free recipe does, so samples do not all open alike), then is sampled with
-temperature 1 and top-k 50. This loads the whole model with transformers in fp32: fine
+(special or reserved) token (as LLM-QAT's data-free recipe does, so samples do not all
+open alike), then is sampled with temperature 1 and top-k 50. This loads the whole model with transformers in fp32: fine
 for small models; a model larger than the available memory is refused before loading
 (`check_fits_in_memory`): generate once on a machine that holds it and pass the text with
 --data.
