@@ -95,6 +95,11 @@ def _calib_spec(samples: int, seq_len: int, seed: int, chat_template: bool, wind
 
 
 WINDOW_OPTIONS = ("data", "samples", "seq_len", "seed", "chat_template", "windows", "bos")  # what draws calibration windows
+# What `plan` reads from its options for a model folder, and from the recipe for a recipe
+PLAN_RUN_OPTIONS = ("method", "gguf_grid", "bits", "group_size", "sym", "signed_scale", "clip_search", "act_order", "damp",
+                    "keep_float", "bits_overrides", "samples", "seq_len", "moe_policy", "moe_mix", "moe_min_tokens",
+                    "moe_require_full_rank", "moe_fallback", "moe_quantize_router", "moe_chunk_mib", "awq_grid", "awq_duo",
+                    "awq_clip", "awq_sample_tokens", "batch")
 
 
 def _given_options(names: tuple[str, ...]) -> list[str]:
@@ -327,6 +332,12 @@ def plan(target, method, gguf_grid, bits, group_size, sym, signed_scale, clip_se
     `maverick` (Llama 4 Maverick's published config, bf16)."""
     from maverick_quant.jobs import run_plan
 
+    if ignored := _given_options(("seed", "chat_template", "windows", "bos")):
+        raise click.UsageError(f"{', '.join(ignored)} would be ignored: which windows are drawn does not change the "
+                               "plan (--samples and --seq-len do)")
+    if str(target).endswith((".yaml", ".yml")) and (ignored := _given_options(PLAN_RUN_OPTIONS)):
+        raise click.UsageError(f"{', '.join(ignored)} would be ignored: the recipe {target} sets the run (edit it, or "
+                               "plan its model folder with these options)")
     moe = _moe_spec(moe_policy, moe_mix, moe_min_tokens, moe_require_full_rank, moe_fallback, moe_quantize_router, moe_chunk_mib)
     spec = _quantize_spec(method, bits, group_size, sym, signed_scale, clip_search, act_order, damp, batch, moe=moe, gguf_grid=gguf_grid,
                           keep_float=keep_float, bits_overrides=bits_overrides,

@@ -19,6 +19,8 @@ from maverick_quant.exporters.registry import open_export
 
 from conftest import run_cli as _run
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_llama_dir: Path, tmp_path_factory) -> dict[str, Path]:
@@ -293,6 +295,9 @@ def test_options_the_command_would_ignore_or_cannot_use_are_refused(tiny_run, tm
           tmp_path / "q"], "--data, --samples would be ignored: --method rtn"),
         (["calibrate", tiny_run["model"], "--data", tiny_run["text"], "--device", "cpu", "--out", tmp_path / "c"],
          "--device would be ignored"),
+        (["plan", tiny_run["model"], "--seed", 3], "--seed would be ignored"),
+        (["plan", REPO / "recipes" / "smollm2-demo.yaml", "--samples", 4, "--group-size", 32],
+         "--group-size, --samples would be ignored: the recipe"),
         (["inspect", tiny_run["bundle"], "--top", -3], "-3 is not in"),
     ]
     for args, message in cases:
