@@ -101,7 +101,8 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
             passed &= run_validate(model_dir, out / candidate, data, out / report_name(candidate), v.ctx, v.max_windows,
                                    v.gates, v.baseline, v.batch, True, progress, v.protocol, v.hellaswag, v.hellaswag_tasks,
                                    v.choices, v.kernels if candidate == "bundle" else None, device, v.choices_pass_mib,
-                                   resume, vision=vision)
+                                   resume, vision=vision,
+                                   restart_changed=f"the validation of {candidate}" if force else None)
     _write_lock(recipe, device, Path(recipe_path), source, calibration, out / "recipe.lock.yaml")
     click.echo(f"run finished -> {out} ({'gates passed' if passed else 'a gate FAILED'})")
     return passed

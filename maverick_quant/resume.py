@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import click
 import torch
 from safetensors import SafetensorError
 
@@ -236,13 +237,14 @@ class ReadOnlyState(RunState):
 
 @contextlib.contextmanager
 def resumable_output_dir(out: Path, identity: dict, force: bool = False, resume: bool = False,
-                         single_file: bool = False) -> Iterator[tuple[Path, RunState]]:
+                         single_file: bool = False, restart_changed: str | None = None) -> Iterator[tuple[Path, RunState]]:
     """Yield (work directory, run state) of `out`; the work directory becomes `out` when the
     block succeeds (`single_file`: the file work/NAME becomes the file `out`, the work directory
     is removed), and the state is removed.
 
     Without `resume`, an unfinished run is refused unless `force` discards it. With `resume`,
-    its run.json must equal `identity`. Bad input found during the run (InputError) removes
+    its run.json must equal `identity`; `restart_changed` (a `run --resume --force` step: what
+    the note calls the step) starts an unfinished run of other inputs over instead. Bad input found during the run (InputError) removes
     both, unless it says to keep the work (`keep_work`); any other failure keeps them for `--resume`, and an OSError (disk full, unwritable
     directory) becomes an InputError that says what failed and what was kept.
     """
@@ -264,7 +266,7 @@ def resumable_output_dir(out: Path, identity: dict, force: bool = False, resume:
             raise InputError(f"{work}: another run of this output removed its lock file while this one started; run again")
         try:
             check_output_dir(out, force)  # what that run may have made since the check above
-            _prepare(work, state, out, force, resume)
+            _prepare(work, state, out, force, resume, restart_changed)
             try:
                 yield work, state
             except InputError as exc:
@@ -300,8 +302,9 @@ def _discard(work: Path, state: RunState) -> None:
     shutil.rmtree(state.folder, ignore_errors=True)
 
 
-def _prepare(work: Path, state: RunState, out: Path, force: bool, resume: bool) -> None:
-    """Start a new run, or check that an unfinished one may be resumed with this identity."""
+def _prepare(work: Path, state: RunState, out: Path, force: bool, resume: bool, restart_changed: str | None = None) -> None:
+    """Start a new run, or check that an unfinished one may be resumed with this identity (or,
+    with `restart_changed`, start one of other inputs over)."""
     unfinished = work.exists() or state.folder.exists()
     if unfinished and not resume:
         if not force:
@@ -314,11 +317,16 @@ def _prepare(work: Path, state: RunState, out: Path, force: bool, resume: bool) 
             raise InputError(f"{state.folder}: no {RUN_FILE}, so not a resumable run; to start over, rerun without "
                              "--resume and with --force")
         changes = identity_changes(json.loads(run_file.read_text()), state.identity)
-        if changes:
+        if changes and restart_changed:
+            click.echo(f"note: {restart_changed} starts over: its unfinished run had other inputs ({'; '.join(changes)})")
+            _discard(work, state)
+        elif changes:
             raise InputError(f"{work}: cannot resume, the run was started with different inputs: {'; '.join(changes)}. "
-                             "Rerun with the original inputs, or, to start over, without --resume and with --force")
-        work.mkdir(exist_ok=True)
-        return
+                             "Rerun with the original inputs, or, to start over, without --resume and with --force "
+                             "(under `run`: --resume --force starts an unfinished validation over and keeps the bundle)")
+        else:
+            work.mkdir(exist_ok=True)
+            return
     work.mkdir()
     state.folder.mkdir()
     write_json_atomic(state.folder / RUN_FILE, state.identity)

@@ -129,12 +129,14 @@ def known_facts(reference: Path, protocol: str, ctx: int, windows: torch.Tensor 
 def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates=(), baseline=None,
                  batch=4, force=False, progress=True, protocol="gptq", hellaswag=None, hellaswag_tasks=None,
                  choices=None, kernels=None, device="auto", choices_pass_mib=CHOICES_PASS_MIB, resume=False,
-                 vision: VisionCheck | None = None) -> bool:
+                 vision: VisionCheck | None = None, restart_changed: str | None = None) -> bool:
     """Shared by `validate`, `run` and `demo`; returns whether every gate passed. `kernels`: run a
     bundle candidate through that kernel backend (None: dequantize it); `device`: where the
     layers run (devices.py); `choices_pass_mib`: hidden states per pass of the multiple-choice
     benchmarks (MiB); `resume`: go on with an interrupted run of the same inputs; `vision`:
-    also compare a GGUF candidate's image embeddings (its mmproj) with the reference's."""
+    also compare a GGUF candidate's image embeddings (its mmproj) with the reference's;
+    `restart_changed`: under `resume`, start an unfinished run of other inputs over (`run
+    --resume --force`; the text names the step in a note)."""
     from maverick_quant.checkpoint import check_output_apart, check_output_dir, require_exists, sha256_file
     from maverick_quant.devices import reset_peak_memory, resolve_device, use_device
     from maverick_quant.exporters.artifact import recorded_bundle
@@ -173,7 +175,7 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
     identity = validation_identity(reference, candidate, windows, {"protocol": protocol, "ctx": ctx, "batch": batch,
                                                                    "kernels": kernels, "device": str(compute),
                                                                    **benchmarks, **seen_inputs})
-    with resumable_output_dir(Path(report_dir), identity, force, resume) as (work, run_state):
+    with resumable_output_dir(Path(report_dir), identity, force, resume, restart_changed=restart_changed) as (work, run_state):
         state = ValidationState(run_state.folder)
         seen = (_vision(state, ref_source, Path(candidate), vision.mmproj, images, in_file, compute, progress)
                 if images else None)

@@ -357,3 +357,26 @@ def test_activations_turning_nan_keep_the_finished_layers_for_a_resume(tiny_llam
     assert result.exit_code == 2 and "NaN/Inf at the output of layer 1" in result.output, result.output
     assert "--resume" in result.output and state_dir_for(tmp_path / "bundle").is_dir()
     assert (work_dir_for(tmp_path / "bundle") / "layers" / "layer-00000.safetensors").is_file()
+
+
+def test_a_run_step_given_resume_and_force_starts_an_unfinished_run_of_other_inputs_over(tmp_path: Path,
+                                                                                          capsys) -> None:
+    """`run --resume` after a validation setting changed refused with advice (drop --resume, add
+    --force) that made the whole bundle again; `--resume --force` now starts that step over."""
+    from maverick_quant.errors import InputError
+    from maverick_quant.resume import resumable_output_dir
+
+    out = tmp_path / "report"
+    with pytest.raises(RuntimeError):  # a run of ctx 512 interrupted
+        with resumable_output_dir(out, {"ctx": 512}) as (work, _):
+            (work / "half.json").write_text("{}")
+            raise RuntimeError("interrupted")
+    with pytest.raises(InputError, match=r"ctx \(512 -> 256\).*--resume --force starts an unfinished validation over"):
+        with resumable_output_dir(out, {"ctx": 256}, force=True, resume=True):
+            pass
+    assert (work_dir_for(out) / "half.json").is_file()  # refused: kept as it was
+    with resumable_output_dir(out, {"ctx": 256}, force=True, resume=True, restart_changed="the validation") as (work, _):
+        assert not (work / "half.json").exists()  # started over
+        (work / "report.json").write_text("{}")
+    assert "the validation starts over: its unfinished run had other inputs (ctx (512 -> 256))" in capsys.readouterr().out
+    assert (out / "report.json").is_file() and not state_dir_for(out).exists()
