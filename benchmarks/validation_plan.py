@@ -47,10 +47,10 @@ def model_dir(work: Path, name: str) -> Path:
     return path
 
 
-def bundle_dir(work: Path, name: str, model: Path, text: Path) -> Path:
+def bundle_dir(work: Path, name: str, model: Path) -> Path:
     bundle = work / f"bundle-{name}"
     if not bundle.exists():
-        cli("quantize", model, "--method", "rtn", "--data", text, "--out", bundle, "--no-progress", "--device", "cpu")
+        cli("quantize", model, "--method", "rtn", "--out", bundle, "--no-progress", "--device", "cpu")
     return bundle
 
 
@@ -61,7 +61,7 @@ def measure(work: Path, case: str, args) -> dict:
     shape, hellaswag = shape.removesuffix("+hs"), shape.endswith("+hs")
     windows, ctx, batch = (int(v) for v in shape.split("x"))
     model = model_dir(work, name)
-    bundle = bundle_dir(work, name, model, args.text)
+    bundle = bundle_dir(work, name, model)
     tasks = ["--hellaswag", args.hellaswag, "--hellaswag-tasks", args.tasks] if hellaswag else []  # both commands
     plan_json, report = work / f"plan-{case}.json", work / f"report-{case}"
     cli("plan", model, "--method", "rtn", "--device", "cpu", "--validate-windows", windows, "--validate-ctx", ctx,

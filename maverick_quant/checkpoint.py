@@ -177,13 +177,13 @@ NEVER_DOWNLOADS = ("maverick-quant reads local folders only and never downloads;
                    "`huggingface-cli download NAME --local-dir DIR`")
 
 
-def require_exists(path: Path) -> None:
-    """InputError when nothing is at `path` (said as such, not as a folder of the wrong kind; a
-    relative ORG/NAME is taken for a model hub's name, which is never looked up)."""
+def require_exists(path: Path, model: bool = False) -> None:
+    """InputError when nothing is at `path` (said as such, not as a folder of the wrong kind; for
+    a `model` folder, a relative ORG/NAME is taken for a model hub's name, never looked up)."""
     path = Path(path)
     if path.exists():
         return
-    if not path.is_absolute() and len(path.parts) == 2:
+    if model and not path.is_absolute() and len(path.parts) == 2:
         raise InputError(f"{path}: not a model folder here ({NEVER_DOWNLOADS})")
     raise InputError(f"{path}: no such file or directory")
 
@@ -193,7 +193,7 @@ class Checkpoint:
 
     def __init__(self, model_dir: Path | str):
         self.model_dir = Path(model_dir)
-        require_exists(self.model_dir)
+        require_exists(self.model_dir, model=True)
         if not (self.model_dir / "config.json").is_file():
             raise InputError(f"{self.model_dir}: not a model directory (no config.json)")
         self.files, weight_map = _shard_files(self.model_dir)

@@ -32,7 +32,7 @@ def load_model_config(folder: Path):
 
     from maverick_quant.checkpoint import require_exists
 
-    require_exists(Path(folder))
+    require_exists(Path(folder), model=True)
     path = Path(folder) / "config.json"
     try:
         data = json.loads(path.read_text())

@@ -324,7 +324,8 @@ class QuantizeSpec:
             object.__setattr__(self, "awq", dataclasses.replace(self.awq, clip=self.method is not Method.AWQ_GPTQ))
         if self.weights.clip_search and self.method.searches_scales:
             raise InputError(f"clip_search with method {self.method.value}: AWQ searches its clipping range against "
-                             "the layer's outputs itself (awq.clip); use clip_search with gptq or rtn")
+                             "the layer's outputs itself (awq.clip: on for awq, off by default for awq+gptq); use "
+                             "clip_search with gptq or rtn")
         for pattern in self.keep_float:
             try:
                 re.compile(pattern)

@@ -419,6 +419,8 @@ def _unique_keys_loader():
     def mapping(loader, node, deep=False):
         first_line: dict = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`, merged by SafeLoader itself
+                continue
             key = loader.construct_object(key_node, deep=deep)
             line = key_node.start_mark.line + 1
             try:

@@ -342,6 +342,11 @@ def test_a_long_text_is_tokenized_in_pieces_with_the_ids_of_one_call(tokenizer, 
     pieces = data.record_ids(text, tokenizer)
     assert len(pieces) >= 10 and torch.cat(pieces).tolist() == whole
     assert "".join(data.text_pieces(text, 5_000)) == text
+    # blank lines, indented lines: GPT-2's BPE keeps a whitespace run at a piece's end whole ("\n\n"
+    # is one id) where one call gives its last character to the word after ("\n", "\n", "The")
+    prose = "".join(f"Line {i} of the text.\n\nThe next one{i}.\n  \nIndented\n    code {i}\n" for i in range(2_000))
+    cut = data.record_ids(prose, tokenizer)
+    assert len(cut) > 5 and torch.cat(cut).tolist() == tokenizer(prose, add_special_tokens=False)["input_ids"]
 
     class DummyPrefix:  # marks the start of every call, as a dummy prefix changes a piece's first token
         def __call__(self, piece, add_special_tokens):

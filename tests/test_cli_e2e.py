@@ -129,9 +129,19 @@ def test_an_export_card_quotes_only_a_report_of_its_own_bundle(tiny_run, tmp_pat
     (other / "report.json").write_text(json.dumps(written))
     code, out = _run("export", tmp_path / "rtn", "--format", "gptq", "--out", tmp_path / "rtn-gptq", "--report", other)
     assert code == 0 and "does not record reference_fingerprint, candidate_bundle_manifest_sha256" in out, out
-    # a float model's GGUF quotes its report too (it was dropped), checked against the model
+    # a report of a candidate that is no bundle's (the float model itself) is not an export's
+    of_float = tmp_path / "of-float"
+    code, out = _run("validate", "--reference", tiny_run["model"], "--candidate", tiny_run["model"], "--data",
+                     tiny_run["text"], "--ctx", 32, "--max-windows", 1, "--report", of_float, "--no-progress")
+    assert code == 0 and json.loads((of_float / "report.json").read_text())["candidate_bundle_manifest_sha256"] is None
+    code, out = _run("export", tiny_run["bundle"], "--format", "gptq", "--out", tmp_path / "g2", "--report", of_float)
+    assert code == 2 and "a candidate of no bundle (its candidate_bundle_manifest_sha256 null" in out, out
+    # a float model's GGUF quotes its report too (it was dropped), checked against the model, and not a bundle's
     code, out = _run("export", tiny_run["model"], "--format", "gguf", "--gguf-type", "F16", "--out", tmp_path / "f.gguf",
                      "--report", report)
+    assert code == 2 and "not a float model's GGUF" in out, out
+    code, out = _run("export", tiny_run["model"], "--format", "gguf", "--gguf-type", "F16", "--out", tmp_path / "f.gguf",
+                     "--report", of_float)
     assert code == 0 and "## Validation" in (tmp_path / "f.gguf.README.md").read_text(), out
 
 

@@ -63,7 +63,7 @@ def test_plan_is_within_15_percent_of_a_real_validate_peak(tiny_llama4_dir: Path
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     run = lambda *args: subprocess.run([sys.executable, "-m", "maverick_quant", *args], check=True, env=env,  # noqa: E731
                                        stdout=subprocess.DEVNULL)
-    run("quantize", str(tiny_llama4_dir), "--method", "rtn", "--data", str(small_text_file), "--out",
+    run("quantize", str(tiny_llama4_dir), "--method", "rtn", "--out",
         str(tmp_path / "bundle"), "--no-progress")
     settings = ["--ctx", "256", "--max-windows", "24", "--batch", "8"]
     run("plan", str(tiny_llama4_dir), "--method", "rtn", "--device", "cpu", "--validate-windows", "24", "--validate-ctx",

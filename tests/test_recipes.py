@@ -309,6 +309,11 @@ def test_a_key_given_twice_is_refused_naming_its_lines(tmp_path: Path) -> None:
                       "  gates: ['ppl_ratio<=100']\n")
     with pytest.raises(InputError, match=r"recipe.yaml: line 6: key 'gates' is given twice in one mapping \(first on line 4\)"):
         load_recipe(recipe)
+    merged = tmp_path / "merged.yaml"  # a YAML merge key is no repeated key
+    merged.write_text("model: m\nexports:\n  - &packed {format: gptq, max_shard_size: 1000000}\n"
+                      "  - {<<: *packed, format: compressed-tensors}\nquantize: {method: rtn}\n")
+    exports = load_recipe(merged).exports
+    assert [(step.format, step.max_shard_size) for step in exports] == [("gptq", 10**6), ("compressed-tensors", 10**6)]
 
 
 def test_resume_refuses_a_folder_that_holds_no_run(tiny_llama_dir: Path, tmp_path: Path) -> None:

@@ -266,18 +266,21 @@ SEAM_CHARS = 512  # characters each side of a cut that check_cut_is_invisible to
 def record_ids(text: str, tokenizer) -> list[torch.Tensor]:
     """The token ids of `text` (no special tokens added) as int64 pieces: the whole text in one
     call, or, for a text longer than PIECE_CHARS, pieces cut after newlines that a word follows
-    (CUT_AFTER, where byte-level BPE pre-tokenizers split anyway), provided that
-    such a cut changes no token (`cut_is_invisible`: a SentencePiece tokenizer's dummy prefix
-    would add one at each piece's start; it then gets the whole text in one call)."""
+    (CUT_AFTER, where byte-level BPE pre-tokenizers split anyway), provided that no cut
+    changes a token (`cut_is_invisible` at every cut, ~1 KiB of text each: a SentencePiece
+    tokenizer's dummy prefix would add one at each piece's start; the text then goes whole)."""
     pieces = text_pieces(text, PIECE_CHARS)
-    if len(pieces) > 1 and not cut_is_invisible(pieces[0], pieces[1], tokenizer):
+    if not all(cut_is_invisible(before, after, tokenizer) for before, after in zip(pieces, pieces[1:])):
         pieces = [text]
     return [torch.tensor(tokenizer(piece, add_special_tokens=False)["input_ids"], dtype=torch.long) for piece in pieces]
 
 
-# Where a long text is cut: right after a newline that a word follows (at most one space before
-# it: GPT-2's and Llama 3's pre-tokenizers end a token at that newline and start one at the word).
-CUT_AFTER = re.compile(r"\n(?= ?\S)")
+# Where a long text is cut: right after a newline that a space and a word follow, or that a word
+# follows directly and a non-space character precedes. GPT-2's `\s+(?!\S)` leaves a whitespace
+# run's last character to the word after it only when no space begins that word: "\n\nThe" is
+# "\n", "\n", "The" in one call but "\n\n" | "The" cut in two; " \n The" is " \n", " The" either
+# way. Llama 3's `\s*[\r\n]+` ends a token at any such newline.
+CUT_AFTER = re.compile(r"\n(?= \S)|(?<=\S)\n(?=\S)")
 
 
 def text_pieces(text: str, size: int) -> list[str]:

@@ -143,22 +143,26 @@ def check_report_describes(report_dir: Path, source_fingerprint: str, bundle: Bu
     """InputError when the `validate` report in `report_dir`, which an export's card would quote,
     measured something else than the export: a candidate against another reference model than
     the one quantized (`source_fingerprint`), or a candidate that is not `bundle` nor one of its
-    exports. Returns what the report does not record (written by an older version), unchecked."""
+    exports (without a bundle, a float model's GGUF: a candidate that is no bundle's). Returns
+    what the report does not record (written by an older version), unchecked; a key it holds
+    as null is a mismatch, not an omission."""
     report = load_json_object(Path(report_dir) / "report.json", "a validation report")
     expected = {"reference_fingerprint": (source_fingerprint, "the reference model it was measured against is not "
                                                               "the model this export was quantized from"),
                 "candidate_bundle_manifest_sha256": (bundle_manifest_sha256(bundle) if bundle is not None else None,
-                                                     "it validated another bundle, or an export of another bundle")}
+                                                     "it validated another bundle, an export of another bundle, or "
+                                                     "a candidate of no bundle" if bundle is not None else
+                                                     "it validated a bundle or one of its exports, not a float model's "
+                                                     "GGUF")}
     unchecked = []
     for key, (ours, why) in expected.items():
-        theirs = report.get(key)
-        if ours is None:
-            continue
-        if theirs is None:
+        if key not in report:
             unchecked.append(key)
-        elif theirs != ours:
-            raise InputError(f"--report {report_dir}: {why} (its {key} {str(theirs)[:12]}..., this export's "
-                             f"{ours[:12]}...); pass the report of a validation of this bundle or its exports")
+        elif report[key] != ours:
+            theirs = "null" if report[key] is None else f"{str(report[key])[:12]}..."
+            raise InputError(f"--report {report_dir}: {why} (its {key} {theirs}, this export's "
+                             f"{'null' if ours is None else ours[:12] + '...'}); pass the report of a validation of "
+                             "this export's weights")
     return unchecked
 
 
