@@ -407,5 +407,9 @@ def _compare_with_lock(recipe, found: dict[str, str]) -> None:
         expected = recipe.lock.get(section)
         expected = expected.get(name) if name and isinstance(expected, dict) else expected
         if expected is not None and value != expected:
+            locked_by = (recipe.lock.get("versions") or {}).get("maverick-quant")
+            tool = (f"; or maverick-quant {__version__}, which wrote no lock of it ({locked_by} did), reads or draws them "
+                    "otherwise" if locked_by != __version__ else "")
             raise InputError(f"lock.{key}: the lock file was written from {expected}, this run finds {value}: "
-                             f"{LOCKED_INPUTS[section]} changed since (remove the `lock:` section to run it anyway)")
+                             f"{LOCKED_INPUTS[section]} changed since{tool} (remove the `lock:` section to run it "
+                             "anyway)")

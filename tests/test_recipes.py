@@ -246,6 +246,11 @@ def test_a_lock_file_runs_again_to_the_same_bundle_and_refuses_changed_inputs(ti
         result = CliRunner().invoke(cli, ["run", str(path), "--out", str(tmp_path / key), "--no-progress"])
         assert result.exit_code == 2 and f"lock.{key}" in result.output and "0" * 64 in result.output, (step, result.output)
         assert not (tmp_path / key).exists(), step
+    older = yaml.safe_load(lock_file.read_text())  # the windows changed, and so did the tool that drew them
+    older["lock"]["calibration_windows_sha256"], older["lock"]["versions"]["maverick-quant"] = "0" * 64, "0.0.1"
+    (tmp_path / "older.yaml").write_text(yaml.safe_dump(older))
+    result = CliRunner().invoke(cli, ["run", str(tmp_path / "older.yaml"), "--out", str(tmp_path / "older"), "--no-progress"])
+    assert result.exit_code == 2 and "which wrote no lock of it (0.0.1 did), reads or draws them otherwise" in result.output
     legacy = yaml.safe_load(lock_file.read_text())  # a lock whose fingerprint hashed headers only
     legacy["lock"]["model_fingerprint"] = Checkpoint(tiny_llama_dir).fingerprint(sample_bytes=0)
     (tmp_path / "legacy.yaml").write_text(yaml.safe_dump(legacy))
