@@ -68,7 +68,8 @@ def read_validation_inputs(reference, data, ctx, max_windows, protocol, gates, b
     evaluation starts (a recipe calls this before it quantizes, as its validation comes hours
     later). `text`: whether the run evaluates text (default: `data` is given; a recipe's
     self-written text exists only after quantizing)."""
-    from maverick_quant.calibration.data import check_scored, eval_windows, load_tokenizer, scored_from
+    from maverick_quant.calibration.data import (check_ids_in_vocabulary, check_scored, eval_windows, load_tokenizer,
+                                                 scored_from)
     from maverick_quant.devices import check_kernels_device
     from maverick_quant.arch.registry import table_for
     from maverick_quant.model_config import check_positions, load_model_config
@@ -96,6 +97,9 @@ def read_validation_inputs(reference, data, ctx, max_windows, protocol, gates, b
                    f"{baseline} is not used")
     tokenizer = load_tokenizer(reference)
     windows = eval_windows(data, tokenizer, ctx, max_windows, protocol) if data is not None else None
+    if windows is not None:
+        check_ids_in_vocabulary(windows, config, f"--data {data}", reference,
+                                "the reference's tokenizer holds ids its model has no embedding for")
     tasks = _read_benchmarks(hellaswag, choices, hellaswag_tasks, tokenizer, reference)
     facts = known_facts(reference, protocol, ctx, windows, tasks, text)
     unchecked = check_baseline(parsed, baseline_report, facts)

@@ -369,3 +369,17 @@ def test_self_generated_samples_never_open_on_an_added_token(tokenizer) -> None:
     assert not any(int(token) in added for token in first[:, 0])
     keep = [row for row in range(4000) if row not in hits]
     assert torch.equal(first[keep], plain[keep])  # every other sample keeps its draw
+
+
+def test_windows_holding_ids_past_the_models_vocabulary_are_refused(tiny_llama_dir, small_text_file: Path,
+                                                                    tmp_path: Path) -> None:
+    """Ids the embedding has no row for (a tokenizer of more tokens than the model, an added
+    end-of-text token) failed in the first layer, or read past the table on a GPU."""
+    import shutil
+
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(tiny_llama_dir / name, tmp_path / name)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "vocab_size": 100}))
+    with pytest.raises(InputError, match=r"--data .*small.txt: token ids span \[\d+, \d+\], outside .* vocabulary of 100"):
+        make_calibration(tmp_path, str(small_text_file), CalibSpec(samples=2, seq_len=16))

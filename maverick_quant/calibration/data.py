@@ -388,11 +388,9 @@ def load_calibration_for(calib_dir: Path, model_dir: Path, config) -> Calibratio
     from maverick_quant.model_config import check_positions
 
     calibration = CalibrationSet.load(calib_dir)
-    ids, vocab_size = calibration.input_ids, config.get_text_config().vocab_size
+    ids = calibration.input_ids
     check_positions(config, ids.shape[-1], f"--calib {calib_dir}'s windows", model_dir)
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        raise InputError(f"--calib {calib_dir}: token ids span [{int(ids.min())}, {int(ids.max())}], outside "
-                         f"{model_dir}'s vocabulary of {vocab_size}: the windows were made for another model")
+    check_ids_in_vocabulary(ids, config, f"--calib {calib_dir}", model_dir, "the windows were made for another model")
     recorded = calibration.meta.get("tokenizer_sha256")
     if recorded is None:
         click.echo(f"note: --calib {calib_dir} records no tokenizer fingerprint (made by an older version): "
@@ -438,11 +436,32 @@ def load_tokenizer(model_dir: Path):
         raise InputError(f"{model_dir}: cannot load its tokenizer ({exc})") from None
 
 
-def make_calibration(model_dir: Path, data: str, spec: CalibSpec, tokenizer=None) -> CalibrationSet:
-    """Calibration windows from `data`: a .txt/.jsonl path, or "self" for model-generated text."""
-    from maverick_quant.model_config import check_positions, load_model_config
+def check_ids_in_vocabulary(ids: torch.Tensor, config, what: str, model_dir: Path, why: str) -> None:
+    """InputError naming `what` when a token id of `ids` lies outside the embedding of the model
+    whose transformers `config` this is (`why`: the likely cause): the layers would fail on it
+    hours in (or, on a GPU, read memory past the table)."""
+    vocab_size = config.get_text_config().vocab_size
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise InputError(f"{what}: token ids span [{int(ids.min())}, {int(ids.max())}], outside {model_dir}'s "
+                         f"vocabulary of {vocab_size}: {why}")
 
-    check_positions(load_model_config(Path(model_dir)), spec.seq_len, "--seq-len", model_dir)
+
+def make_calibration(model_dir: Path, data: str, spec: CalibSpec, tokenizer=None) -> CalibrationSet:
+    """Calibration windows from `data`: a .txt/.jsonl path, or "self" for model-generated text;
+    InputError when they do not fit the model (check_positions, check_ids_in_vocabulary)."""
+    from maverick_quant.model_config import load_model_config
+
+    config = load_model_config(Path(model_dir))
+    calibration = _draw_calibration(model_dir, data, spec, config, tokenizer)
+    check_ids_in_vocabulary(calibration.input_ids, config, f"--data {data}", model_dir,
+                            "its tokenizer (or end-of-text token) holds ids the model has no embedding for")
+    return calibration
+
+
+def _draw_calibration(model_dir: Path, data: str, spec: CalibSpec, config, tokenizer=None) -> CalibrationSet:
+    from maverick_quant.model_config import check_positions
+
+    check_positions(config, spec.seq_len, "--seq-len", model_dir)
     tokenizer = tokenizer or load_tokenizer(model_dir)
     if data == "self" and spec.chat_template:
         raise InputError("--chat-template renders the 'messages' of a JSON Lines file; --data self is generated text")
