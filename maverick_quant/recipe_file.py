@@ -357,7 +357,7 @@ def parse_recipe(data: Any, base: Path = Path(".")) -> Recipe:
         raise InputError(f"calibration: expected a mapping, got {type(calibration).__name__}")
     calibration = dict(calibration)
     calibration_data = calibration.pop("data", None)
-    if calibration_data is not None and not isinstance(calibration_data, str):
+    if calibration_data is not None and (not isinstance(calibration_data, str) or not calibration_data.strip()):
         raise InputError(f"calibration.data={calibration_data!r}: expected a file path or 'self'")
     spec, grid, device = _quantize(data.get("quantize"))
     exports = [] if data.get("exports") is None else data["exports"]
@@ -375,6 +375,8 @@ def parse_recipe(data: Any, base: Path = Path(".")) -> Recipe:
         if "data" not in kwargs:
             raise InputError("validation.data: missing; expected an evaluation text file")
         for key in VALIDATION_FILES:
+            if kwargs.get(key) is not None and not kwargs[key].strip():
+                raise InputError(f"validation.{key}: empty; expected a file path")
             if kwargs.get(key) not in (None, "self"):
                 kwargs[key] = str(_resolve(kwargs[key], base))
         validation = ValidationStep(**kwargs)

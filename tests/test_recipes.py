@@ -73,6 +73,8 @@ def test_shipped_recipes_load() -> None:
     ({"exports": 0}, "exports: expected a list"),
     ({"calibration": []}, "calibration: expected a mapping, got list"),
     ({"validation": {"data": "x", "choices_pass_mib": 100}}, "validation.choices_pass_mib: given without"),
+    ({"validation": {"data": " "}}, "validation.data: empty; expected a file path"),
+    ({"calibration": {"data": ""}}, "calibration.data='': expected a file path or 'self'"),
     ({"quantize": {"moe": {"policy": "mixed", "mix": float("inf")}}}, "moe.mix=inf: expected a positive, finite weight"),
     ({"calibration": {"samples": 10**20}}, "samples=100000000000000000000: expected from 1 to 2,147,483,647"),
     ({"quantize": {"bits_overrides": ["mlp=" + "9" * 4400]}}, "expected REGEX=BITS"),
