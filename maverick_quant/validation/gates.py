@@ -264,8 +264,9 @@ def comparable_facts(key: str) -> tuple[str, ...]:
     return REFERENCE_FACTS
 
 
-def _fact(report: Mapping, dotted: str):
-    """report's value at dotted path `dotted` ("protocol.ctx" -> report["protocol"]["ctx"]), or None."""
+def dotted_value(report: Mapping, dotted: str):
+    """report's value at dotted path `dotted` ("protocol.ctx" -> report["protocol"]["ctx"]), or
+    None when any part is missing."""
     value = report
     for part in dotted.split("."):
         if not isinstance(value, Mapping) or part not in value:
@@ -286,7 +287,7 @@ def check_comparable(gates: Sequence[Gate], run_facts: Mapping, baseline: Mappin
         return unchecked
     for gate in (gate for gate in gates if gate.uses_baseline):
         for name in comparable_facts(gate.key):
-            ours, theirs = _fact(run_facts, name), _fact(baseline, name)
+            ours, theirs = dotted_value(run_facts, name), dotted_value(baseline, name)
             if ours is None:
                 continue
             if theirs is None:

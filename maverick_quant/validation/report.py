@@ -18,7 +18,7 @@ from typing import IO
 import torch
 
 from maverick_quant.checkpoint import durable_replace
-from maverick_quant.validation.gates import GateResult, json_safe
+from maverick_quant.validation.gates import GateResult, dotted_value as _get, json_safe
 
 METRIC_KEYS = frozenset({"reference", "candidate", "ppl_ratio", "kl", "top1_agreement", "tokens", "gates", "layers", "vision",
                          "experts", "routing"})
@@ -66,16 +66,6 @@ def _fmt_exact(value) -> str:
     """A gate's number in full (repr's shortest round-trip digits): a FAIL by 4e-7 must not read
     as two equal numbers."""
     return repr(value) if isinstance(value, float) else _fmt(value)
-
-
-def _get(report: Mapping, dotted: str):
-    """report["a"]["b"] for "a.b", or None when any part is missing."""
-    node = report
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return None
-        node = node[part]
-    return node
 
 
 def _metric_table(report: Mapping) -> list[str]:
