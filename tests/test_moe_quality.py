@@ -36,10 +36,11 @@ def test_gptq_beats_rtn_on_the_upcycled_moe_for_every_policy(smollm2_dir: Path, 
                                  "--seq-len", "512", "--out", str(tmp_path / "calib")])
     assert result.exit_code == 0, result.output
     kl, ratios = {}, {}
-    for name, options in {"rtn": ["--method", "rtn"], "routed": ["--moe-policy", "routed", "--moe-min-tokens", "64"],
-                          "mixed": ["--moe-policy", "mixed"]}.items():
-        result = runner.invoke(cli, ["quantize", str(model), "--calib", str(tmp_path / "calib"), "--group-size", "64",
-                                     "--out", str(tmp_path / name), "--no-progress", *options])
+    calib = ["--calib", str(tmp_path / "calib")]
+    for name, options in {"rtn": ["--method", "rtn"], "routed": [*calib, "--moe-policy", "routed", "--moe-min-tokens", "64"],
+                          "mixed": [*calib, "--moe-policy", "mixed"]}.items():
+        result = runner.invoke(cli, ["quantize", str(model), "--group-size", "64", "--out", str(tmp_path / name),
+                                     "--no-progress", *options])
         assert result.exit_code == 0, result.output
         kl[name], ratios[name] = _fidelity(model, tmp_path / name, wiki_test_path, tmp_path / f"report-{name}")
     print(f"upcycled MoE: mean KL {kl}, ppl ratios {ratios}")
