@@ -80,21 +80,32 @@ def kernel_problems(bundle) -> list[str]:
     """Why the 4-bit kernels cannot run each quantized linear of `bundle` that they cannot
     (`check_kernel_grid` on its grid and K). A linear a bits override put on another width than
     the bundle's runs as a plain float linear, so it is no problem."""
+    def linears():
+        for index, layer in enumerate(bundle.manifest["layers"]):
+            for name, info in layer["quantized"].items():
+                yield layer["prefix"] + name, info["shape"][-1], bundle.tensor_quant(index, name)
+            for chunk in layer.get("experts", {}).get("chunks", [])[:1]:  # the experts are on the run's grid
+                for name, shape in chunk["shapes"].items():
+                    yield f"{layer['prefix']}experts.{name}", shape[-1], bundle.quant
+
+    return kernel_grid_problems(linears(), bundle.quant["bits"])
+
+
+def kernel_grid_problems(linears, run_bits: int) -> list[str]:
+    """Why the 4-bit kernels cannot run each of `linears` ((full name, K, grid dict) triples)
+    that they cannot (`check_kernel_grid`); a linear on another width than the run's `run_bits`
+    (a bits override) runs as a plain float linear, so it is no problem."""
     from maverick_quant.compress.kernels.layout import check_kernel_grid
     from maverick_quant.recipe import offset_grid_name
 
     problems = []
-    for index, layer in enumerate(bundle.manifest["layers"]):
-        linears = {name: (bundle.tensor_quant(index, name), info["shape"]) for name, info in layer["quantized"].items()}
-        for chunk in layer.get("experts", {}).get("chunks", [])[:1]:  # the experts are on the run's grid
-            linears.update({f"experts.{name}": (bundle.quant, shape) for name, shape in chunk["shapes"].items()})
-        for name, (grid, shape) in linears.items():
-            if grid["bits"] != bundle.quant["bits"]:
-                continue
-            try:
-                check_kernel_grid(grid["bits"], grid["group_size"], shape[-1], layer["prefix"] + name, offset_grid_name(grid))
-            except ValueError as exc:
-                problems.append(str(exc))
+    for name, width, grid in linears:
+        if grid["bits"] != run_bits:
+            continue
+        try:
+            check_kernel_grid(grid["bits"], grid["group_size"], width, name, offset_grid_name(grid))
+        except ValueError as exc:
+            problems.append(str(exc))
     return problems
 
 

@@ -260,21 +260,16 @@ def _check_kernel_grids(recipe, source) -> None:
     """With `validation.kernels` on the bundle: every linear the run quantizes on its grid must be
     one the 4-bit kernels run (`check_kernel_grid`, as `quantize` notes afterwards); it was found
     at the validation step, after the whole quantize. Bits-override linears run as float."""
-    from maverick_quant.compress.kernels.layout import check_kernel_grid
+    from maverick_quant.jobs import kernel_grid_problems
     from maverick_quant.pipeline import quantized_widths
-    from maverick_quant.recipe import offset_grid_name
 
     v = recipe.validation
     if v is None or v.kernels is None or "bundle" not in v.candidates:
         return
-    for name, width, grid in quantized_widths(source, recipe.quantize):
-        if grid.bits != recipe.quantize.weights.bits:
-            continue
-        try:
-            check_kernel_grid(grid.bits, grid.group_size, width, name, offset_grid_name(dataclasses.asdict(grid)))
-        except ValueError as exc:
-            raise InputError(f"validation.kernels {v.kernels}: {exc}; validate the bundle without kernels (drop "
-                             "validation.kernels), or quantize on a grid they run") from None
+    linears = ((name, width, dataclasses.asdict(grid)) for name, width, grid in quantized_widths(source, recipe.quantize))
+    if problems := kernel_grid_problems(linears, recipe.quantize.weights.bits):
+        raise InputError(f"validation.kernels {v.kernels}: {problems[0]}; validate the bundle without kernels (drop "
+                         "validation.kernels), or quantize on a grid they run")
 
 
 def _check_validation(recipe, model_dir: Path, device: str) -> None:
@@ -409,7 +404,7 @@ def _compare_with_lock(recipe, found: dict[str, str]) -> None:
         if expected is not None and value != expected:
             locked_by = (recipe.lock.get("versions") or {}).get("maverick-quant")
             tool = (f"; or maverick-quant {__version__}, which wrote no lock of it ({locked_by} did), reads or draws them "
-                    "otherwise" if locked_by != __version__ else "")
+                    "otherwise" if locked_by not in (None, __version__) else "")
             raise InputError(f"lock.{key}: the lock file was written from {expected}, this run finds {value}: "
                              f"{LOCKED_INPUTS[section]} changed since{tool} (remove the `lock:` section to run it "
                              "anyway)")
