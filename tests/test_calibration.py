@@ -67,7 +67,7 @@ def test_json_lines_files_read_record_by_record(tiny_llama_dir, tokenizer, tmp_p
     chat_file.write_text("\n".join(json.dumps({"messages": messages}) for _ in range(3)))
     records = read_records(chat_file, tokenizer, True)
     rendered = [tokenizer(record, add_special_tokens=False)["input_ids"] for record in records]
-    assert token_stream(records, tokenizer, join_with_eos=False).tolist() == [t for ids in rendered for t in ids]
+    assert token_stream(records, tokenizer, separate_documents=False).tolist() == [t for ids in rendered for t in ids]
     chat = make_calibration(tiny_llama_dir, str(chat_file), CalibSpec(samples=1, seq_len=len(rendered[0]) * 3,
                                                                       chat_template=True), tokenizer)
     assert chat.input_ids[0].tolist() == [t for ids in rendered for t in ids]

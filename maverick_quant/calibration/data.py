@@ -242,12 +242,12 @@ def document_separator(tokenizer) -> int | None:
     return found if found is not None else tokenizer.eos_token_id
 
 
-def token_stream(records: list[str], tokenizer, join_with_eos: bool = True) -> torch.Tensor:
+def token_stream(records: list[str], tokenizer, separate_documents: bool = True) -> torch.Tensor:
     """All records tokenized (no special tokens added) and joined by the end-of-text token
     (`document_separator`): int64 [T]. Records rendered by a chat template end their turns with
-    the template's own tokens, so they are joined without one (`join_with_eos=False`): no
+    the template's own tokens, so they are joined without one (`separate_documents=False`): no
     doubled end of turn that real chats never hold."""
-    end_of_text = document_separator(tokenizer) if join_with_eos else None
+    end_of_text = document_separator(tokenizer) if separate_documents else None
     separator = torch.tensor([end_of_text] if end_of_text is not None else [], dtype=torch.long)
     parts: list[torch.Tensor] = []
     for record in records:
@@ -345,7 +345,7 @@ def build_calibration(records: list[str], tokenizer, spec: CalibSpec, source: st
     """Windows drawn from the records, with the provenance a later run needs to trust them."""
     if not records:
         raise InputError(f"{source}: calibration data is empty")
-    stream = token_stream(records, tokenizer, join_with_eos=not spec.chat_template)
+    stream = token_stream(records, tokenizer, separate_documents=not spec.chat_template)
     windows = draw_windows(stream, spec, source)
     bos_first = spec.bos and adds_bos(tokenizer)
     if bos_first:
