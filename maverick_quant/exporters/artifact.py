@@ -134,9 +134,15 @@ def recorded_bundle(candidate: Path) -> str | None:
     candidate = Path(candidate)
     if candidate.is_dir() and manifest_format(candidate) == BUNDLE_FORMAT:
         return sha256_file(candidate / MANIFEST)
-    manifest = gguf_sidecars(candidate)[1] if candidate.is_file() else candidate / "manifest.json"
-    found = (read_json_object(manifest) or {}).get("bundle_manifest_sha256")
+    found = candidate_manifest(candidate).get("bundle_manifest_sha256")
     return found if isinstance(found, str) else None
+
+
+def candidate_manifest(candidate: Path) -> dict:
+    """The manifest of a bundle or directory export (its manifest.json) or of a GGUF (its sidecar
+    `.manifest.json`); {} where there is none or it is not a JSON object."""
+    candidate = Path(candidate)
+    return read_json_object(gguf_sidecars(candidate)[1] if candidate.is_file() else candidate / "manifest.json") or {}
 
 
 def check_report_describes(report_dir: Path, source_fingerprint: str, bundle: Bundle | None) -> list[str]:
@@ -215,9 +221,7 @@ def recorded_source_fingerprint(candidate: Path) -> str | None:
     """The fingerprint of the model a bundle, a directory export or a GGUF (through its sidecar
     manifest) was quantized from, as its manifest records it; None where nothing records one
     (a float model, a GGUF from elsewhere, an unreadable manifest)."""
-    candidate = Path(candidate)
-    manifest = gguf_sidecars(candidate)[1] if candidate.is_file() else candidate / "manifest.json"
-    source = (read_json_object(manifest) or {}).get("source")
+    source = candidate_manifest(candidate).get("source")
     return source.get("fingerprint") if isinstance(source, dict) else None
 
 
