@@ -30,7 +30,7 @@ from maverick_quant.awq_moe import apply_block_scale, clip_shared, scale_expert_
 from maverick_quant.calibration.capture import capture_inputs
 from maverick_quant.calibration.moe import (Routing, activation, expert_hidden, mean_outer, policy_hessian,
                                             resolve_policy, route, routed_forward, sample_tokens,
-                                            widest_expert_input)
+                                            widest_expert_input, all_token_sample_size)
 from maverick_quant.compress.gptq import gptq_quantize_each
 from maverick_quant.compress.grid import rtn_quantize
 from maverick_quant.compress.types import QuantizedWeight
@@ -251,8 +251,8 @@ def quantize_expert_chunk(x: torch.Tensor, routing: Routing, moe: MoEBlock, weig
     projections are built from the already quantized gate/up (sequential within the expert).
     """
     count = weights[moe.experts_mid[0].name].shape[0]
-    sample = sample_tokens(x.shape[0], spec.moe.all_tokens, x.device)
     widest = widest_expert_input(weights[moe.experts_mid[0].name])
+    sample = sample_tokens(x.shape[0], all_token_sample_size(spec.moe, widest), x.device)
     decisions = [resolve_policy(int(routing.counts[first + e]), spec.moe, widest) for e in range(count)]
     act = activation(moe.activation)
     in_names, mid_names = tuple(l.name for l in moe.experts_in), tuple(l.name for l in moe.experts_mid)
@@ -279,20 +279,23 @@ def quantize_expert_chunk(x: torch.Tensor, routing: Routing, moe: MoEBlock, weig
     quantized.update(mid_quantized)
     stats.update(mid_stats)
     widths = {**{name: x.shape[1] for name in in_names}, **{name: width for name in mid_names}}
-    return quantized, _audit_records(routing, first, decisions, stats, widths)
+    return quantized, _audit_records(routing, first, decisions, stats, widths, sample.numel())
 
 
 def _audit_records(routing: Routing, first: int, decisions: list, stats: dict[str, dict],
-                   widths: dict[str, int]) -> list[dict]:
+                   widths: dict[str, int], sampled: int) -> list[dict]:
     """One record per expert of the chunk: tokens, share, policy and why, damping, per-linear
-    losses, and `rank_deficient`: the linears solved on a routed Hessian from fewer tokens than
-    their input width K (rank < K: GPTQ fixes the null space by damping alone; docs/moe.md)."""
+    losses, and `rank_deficient`: the linears solved on a Hessian from fewer rows than their
+    input width K (rank < K: GPTQ fixes the null space by damping alone; docs/moe.md): a
+    `routed` expert's routed tokens, a `mixed` one's routed tokens plus the `sampled` rows of
+    its all-token term."""
     total = max(int(routing.counts.sum()), 1)
     records = []
     for e, (policy, reason) in enumerate(decisions):
         tokens = int(routing.counts[first + e])
         linears = {name: {key: values[e] for key, values in s.items()} for name, s in stats.items()}
-        deficient = [name for name, k in widths.items() if tokens < k] if policy is ExpertPolicy.ROUTED else []
+        rows = tokens + sampled * (policy is ExpertPolicy.MIXED)
+        deficient = [name for name, k in widths.items() if rows < k] if policy is not ExpertPolicy.RTN else []
         records.append({"expert": first + e, "tokens": tokens, "share": tokens / total, "policy": policy.value,
                         "reason": reason, "damp": max(l["damp"] for l in linears.values()), "linears": linears,
                         "rank_deficient": deficient})

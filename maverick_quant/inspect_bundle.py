@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from maverick_quant.bundle import Bundle
+from maverick_quant.calibration.moe import RANK_DEFICIENT_ADVICE
 from maverick_quant.errors import InputError
 
 
@@ -39,8 +40,8 @@ def bundle_summary(bundle: Bundle, top: int = 5) -> str:
                                                          for r in fallbacks))
     deficient = [r for r in audit if r.get("rank_deficient")]
     if deficient:
-        lines.append(f"rank-deficient routed Hessians: {len(deficient)} experts had fewer routed tokens than a "
-                     "projection's input width (--moe-require-full-rank or --moe-policy mixed avoids it; docs/moe.md)")
+        lines.append(f"rank-deficient Hessians: {len(deficient)} experts were solved on fewer rows than a projection's "
+                     f"input width K ({RANK_DEFICIENT_ADVICE})")
     worst = sorted(calibrated, key=lambda r: -max(l["rel_loss"] for l in r["linears"].values()))[:top]
     lines.append("largest relative loss: " + ", ".join(
         f"L{r['layer']}/E{r['expert']} {max(l['rel_loss'] for l in r['linears'].values()):.4f}" for r in worst))

@@ -67,9 +67,10 @@ def run_quantize(model_dir, out, spec, data, calib, calib_spec, force, progress,
     deficient = sum(bool(record.get("rank_deficient")) for layer in manifest["layers"]
                     for record in layer.get("experts", {}).get("audit", []))
     if deficient:
-        click.echo(f"note: {deficient} experts were solved on routed Hessians from fewer tokens than a projection's "
-                   "input width (audit.json: rank_deficient); --moe-require-full-rank or --moe-policy mixed "
-                   "avoids it (docs/moe.md)")
+        from maverick_quant.calibration.moe import RANK_DEFICIENT_ADVICE
+
+        click.echo(f"note: {deficient} experts were solved on Hessians from fewer rows than a projection's input "
+                   f"width K (audit.json: rank_deficient); {RANK_DEFICIENT_ADVICE}")
     if problems := kernel_problems(Bundle(out)):
         click.echo(f"note: the 4-bit kernels (generate, validate --kernels) cannot run {len(problems)} linears of this "
                    f"bundle, e.g. {problems[0]}; validate without --kernels reads it (docs/kernels.md)")

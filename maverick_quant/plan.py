@@ -9,9 +9,9 @@ Memory model of a calibrated run (GPTQ/AWQ, bytes; S windows x L tokens, hidden 
     routing      S * L * E * 4 in an MoE layer: the router logits of every token
     expert_inputs  (n_chunk + M_c T_s) * D * 4 + 3 * n_hot * I * 4 in an MoE layer: the routed
                  inputs x*score of the busiest chunk of experts (n_chunk tokens in all) and the
-                 all-token sample (T_s = min(S L, moe.all_tokens)) of each of its M_c experts solved
+                 all-token sample (T_s = min(S L, all_token_sample_size)) of each of its M_c experts solved
                  under `mixed` (the run's policy and min_tokens rule on the expected tokens),
-                 then gate, up and their product for the busiest expert (n_hot tokens) while its
+                 then gate, up and their product for the busiest expert (n_hot rows: + T_s if mixed) while its
                  down Hessian is built. Routing is taken as even (S L k / E tokens per expert)
                  unless `plan --coverage` gives the measured tokens per expert
     layer        the layer's dense tensors in fp32, twice (weights and their quantized copy)
@@ -58,7 +58,7 @@ from pathlib import Path
 
 import torch
 
-from maverick_quant.calibration.moe import expected_policies
+from maverick_quant.calibration.moe import all_token_sample_size, expected_policies
 from maverick_quant.checkpoint import DTYPE_SIZES
 from maverick_quant.compress.gguf_blocks import BLOCK, BLOCK_TYPES, block_type_for_grid
 from maverick_quant.compute_rates import gptq_flops
@@ -272,10 +272,11 @@ def layer_cost(table, config, index: int, calib: CalibSpec, spec: QuantizeSpec,
                                  if set(group.linears) & solved_dense)
         counts = [routed * share for share in shares or [1 / moe.num_experts] * moe.num_experts]
         policies = expected_policies(counts, spec.rounding_moe, max(hidden, inter))
+        sampled = min(tokens, all_token_sample_size(spec.moe, max(hidden, inter)))
         solved = sum(policy is not ExpertPolicy.RTN for policy in policies)  # `rtn` experts: rounded in closed form
         # rows a solved expert's Hessians read: its routed tokens, and under `mixed` the all-token sample too
         hessian_rows = sum(count for count, policy in zip(counts, policies) if policy is not ExpertPolicy.RTN)
-        hessian_rows += sum(policy is ExpertPolicy.MIXED for policy in policies) * min(tokens, spec.moe.all_tokens)
+        hessian_rows += sum(policy is ExpertPolicy.MIXED for policy in policies) * sampled
         hessian_flops += 2 * hessian_rows * (hidden**2 + inter**2)  # gate/up share one H, then down's
         matmul += 2 * hessian_rows * 2 * hidden * inter + 2 * routed * expert_params  # down's inputs; every output
         solves += [(2 * solved, inter, hidden), (solved, hidden, inter)]
@@ -285,8 +286,7 @@ def layer_cost(table, config, index: int, calib: CalibSpec, spec: QuantizeSpec,
         per_expert = 12 * (expert_params + hessians) if calibrated else 2 * 4 * expert_params
         memory["experts"] = per_chunk * per_expert
         if calibrated:
-            memory["expert_inputs"] = expert_input_bytes(counts, policies, hidden, inter, per_chunk,
-                                                         min(tokens, spec.moe.all_tokens))
+            memory["expert_inputs"] = expert_input_bytes(counts, policies, hidden, inter, per_chunk, sampled)
         if device != "cpu":
             memory["expert_reads"] = per_chunk * expert_params * 2
     weights = sum(count * n * k for count, n, k in solves) + rounded
@@ -348,12 +348,13 @@ def expert_input_bytes(counts: list[float], policies: list[ExpertPolicy], hidden
     """The `expert_inputs` term: routed inputs [n_e, D] of the busiest chunk of `per_chunk`
     consecutive experts (those solved: an `rtn` expert reads none) plus an all-token sample
     [T_s, D] for each of its `mixed` experts, and the three [n_hot, I] intermediates of the
-    busiest solved expert; `counts` [E]: routed tokens per expert, `policies` [E]: theirs."""
+    busiest solved expert (n_hot: its routed tokens, plus T_s under `mixed`: its down Hessian
+    reads both at once); `counts` [E]: routed tokens per expert, `policies` [E]: theirs."""
     solved = [policy is not ExpertPolicy.RTN for policy in policies]
     rows = [count * is_solved + sampled * (policy is ExpertPolicy.MIXED)
             for count, policy, is_solved in zip(counts, policies, solved)]
     busiest = max(sum(rows[first : first + per_chunk]) for first in range(0, len(rows), per_chunk))
-    hottest = max((count for count, is_solved in zip(counts, solved) if is_solved), default=0)
+    hottest = max((row for row, is_solved in zip(rows, solved) if is_solved), default=0)
     return int(busiest * hidden * 4 + 3 * hottest * inter * 4)
 
 

@@ -264,7 +264,9 @@ class MoESpec:
                 a mean of n < K outer products, has rank < K, and GPTQ would fix the weights'
                 action on the other directions by damping alone (docs/moe.md).
     fallback:   `mixed` (its H_routed part is kept) or `rtn` (round to nearest, H = I) as last resort.
-    all_tokens: sample size for H_all,e.
+    all_tokens: the most rows in H_all,e's sample; None: max(4096, 2 K) for the widest input K
+                of the expert's projections, so that H_all,e has full rank (Maverick: 16,384;
+                `calibration.moe.all_token_sample_size`).
     chunk_mib:  memory budget of one chunk of experts (fp32 weights, Hessians, workspace).
     quantize_router: quantize the router linear too (default: kept in float).
     """
@@ -274,7 +276,7 @@ class MoESpec:
     min_tokens: int = 128
     require_full_rank: bool = False
     fallback: ExpertPolicy = ExpertPolicy.MIXED
-    all_tokens: int = 4096
+    all_tokens: int | None = None
     chunk_mib: int = 8192
     quantize_router: bool = False
 
@@ -288,8 +290,9 @@ class MoESpec:
             raise InputError(f"moe.mix={self.mix}: expected a positive, finite weight for H_all, e.g. 0.1")
         if self.min_tokens < 1:
             raise InputError(f"moe.min_tokens={self.min_tokens}: expected at least 1 (an expert with no tokens has no routed Hessian)")
-        if self.all_tokens < 1 or self.chunk_mib < 1:
-            raise InputError("moe.all_tokens and moe.chunk_mib: expected positive integers")
+        if (self.all_tokens is not None and self.all_tokens < 1) or self.chunk_mib < 1:
+            raise InputError("moe.all_tokens and moe.chunk_mib: expected positive integers (all_tokens: or null, "
+                             "for max(4096, 2 K))")
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from maverick_quant.arch.base import unfuse_experts
 from maverick_quant.bundle import Bundle
 from maverick_quant.checkpoint import Checkpoint
-from maverick_quant.calibration.moe import route
+from maverick_quant.calibration.moe import all_token_sample_size, route
 from maverick_quant.cli import cli
 from maverick_quant.compress.grid import rtn_quantize
 from maverick_quant.experts import quantize_expert_chunk
@@ -38,7 +38,7 @@ def moe_bundle(tiny_llama4_dir: Path, tmp_path_factory) -> Path:
     output = run("quantize", tiny_llama4_dir, "--data", _text(tmp_path_factory.mktemp("text"), "wiki.valid.tokens"),
         "--samples", WINDOWS, "--seq-len", LENGTH, "--group-size", 32, "--moe-min-tokens", 8, "--moe-chunk-mib", 1,
         "--out", out, "--no-progress")
-    assert "experts were solved on routed Hessians from fewer tokens than a projection's input width" in output
+    assert "experts were solved on Hessians from fewer rows than a projection's input width K" in output
     return out
 
 
@@ -66,8 +66,8 @@ def test_every_expert_is_quantized_and_audited(moe_bundle: Path) -> None:
         assert set(record["linears"]) == {"gate_proj", "up_proj", "down_proj"}
         assert all(0 <= l["rel_loss"] < 1 and l["damp"] > 0 for l in record["linears"].values())
         widths = {"gate_proj": 64, "up_proj": 64, "down_proj": 32}  # input widths: hidden 64, expert intermediate 32
-        routed = record["policy"] == "routed"
-        assert record["rank_deficient"] == [name for name, k in widths.items() if routed and record["tokens"] < k]
+        rows = record["tokens"] + (WINDOWS * LENGTH if record["policy"] == "mixed" else 0)  # mixed: + every token
+        assert record["rank_deficient"] == [name for name, k in widths.items() if rows < k]
     assert any(r["tokens"] < 8 for r in audit)  # the fixture starves expert 0
     assert any(r["rank_deficient"] for r in audit)  # and routes fewer tokens than inputs to some others
 
@@ -252,13 +252,40 @@ def test_require_full_rank_sends_experts_with_fewer_tokens_than_inputs_to_the_fa
             assert torch.equal(full[name].codes[e], expected[name].codes[e])
 
 
+def test_the_all_token_sample_holds_at_least_twice_the_widest_input_by_default() -> None:
+    """H_all,e of `mixed` is a mean over T_s sampled rows, so rank <= T_s: by default T_s is
+    max(4096, 2 K) (Maverick's down_proj, K = 8192: 16,384 rows, where 4096 left rank 4096)."""
+    assert all_token_sample_size(MoESpec(), 8192) == 16_384
+    assert all_token_sample_size(MoESpec(), 64) == 4096
+    assert all_token_sample_size(MoESpec(all_tokens=100), 8192) == 100  # given: kept
+
+
+def test_mixed_experts_are_audited_rank_deficient_when_routed_plus_sampled_rows_are_fewer_than_k(
+        tiny_llama4_dir: Path) -> None:
+    """A `mixed` expert's Hessian reads its routed tokens plus the all-token sample: with a
+    sample of 16 rows, an expert with n routed tokens is rank-deficient on the linears of K >
+    n + 16 (gate/up K = 64, down K = 32); with the default sample (here every one of 600
+    tokens) on none."""
+    x, routing, moe, weights = _chunk_inputs(tiny_llama4_dir, tokens=600)
+    _, small = quantize_expert_chunk(x, routing, moe, weights, 0,
+                                     QuantizeSpec(moe=MoESpec(policy=ExpertPolicy.MIXED, min_tokens=1, all_tokens=16)))
+    widths = {"gate_proj": 64, "up_proj": 64, "down_proj": 32}
+    for record in small:
+        assert record["policy"] == "mixed"
+        assert record["rank_deficient"] == [name for name, k in widths.items() if record["tokens"] + 16 < k]
+    assert any(r["rank_deficient"] for r in small)
+    _, default = quantize_expert_chunk(x, routing, moe, weights, 0,
+                                       QuantizeSpec(moe=MoESpec(policy=ExpertPolicy.MIXED, min_tokens=1)))
+    assert [r["rank_deficient"] for r in default] == [[]] * EXPERTS
+
+
 def test_inspect_summarizes_experts_and_draws_the_heat_map(moe_bundle: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["inspect", str(moe_bundle), "--plot", str(tmp_path / "experts.png")])
     assert result.exit_code == 0, result.output
     assert "most used:" in result.output and "fallbacks: " in result.output and "L1/E0" in result.output
     audit = json.loads((moe_bundle / "audit.json").read_text())["experts"]
     deficient = sum(bool(r["rank_deficient"]) for r in audit)
-    assert f"rank-deficient routed Hessians: {deficient} experts" in result.output
+    assert f"rank-deficient Hessians: {deficient} experts" in result.output
     assert (tmp_path / "experts.png").read_bytes()[:4] == b"\x89PNG"
     assert "files verified against the manifest" in result.output
     again = CliRunner().invoke(cli, ["inspect", str(moe_bundle), "--plot", str(tmp_path / "experts.png")])

@@ -132,8 +132,10 @@ def test_plan_takes_the_busiest_experts_inputs_from_measured_coverage(tiny_llama
     busy = run_plan(str(tiny_llama4_dir), spec, calib, device="cpu", coverage=hot).layers[1].memory["expert_inputs"]
     # one chunk holds all 8 experts (2 MiB). Even: 64 tokens each < min_tokens 128, so all 8 fall back to
     # `mixed` and hold a 512-token sample [512, 64]; hot: expert 0 (512 tokens) is routed, the 7 others mixed.
-    # The busiest expert's three [n, 32] intermediates: 512 vs 64 rows.
-    assert busy - even == 3 * (512 - 512 // 8) * 32 * 4 - 512 * 64 * 4
+    # The busiest expert's three [n, 32] intermediates: hot, expert 0's 512 routed rows (a mixed one's
+    # 0 + 512 sampled rows tie it); even, 64 routed + 512 sampled rows (a mixed down Hessian reads both).
+    assert even == (8 * 64 + 8 * 512) * 64 * 4 + 3 * (64 + 512) * 32 * 4
+    assert busy - even == 3 * (512 - (64 + 512)) * 32 * 4 - 512 * 64 * 4
     assert busy == (512 + 7 * 512) * 64 * 4 + 3 * 512 * 32 * 4
     # with min_tokens 1 no expert falls back, so none holds a sample
     routed_only = QuantizeSpec(moe=MoESpec(chunk_mib=2, min_tokens=1))

@@ -117,6 +117,22 @@ def expected_policies(counts: list[float], spec: MoESpec, width: int) -> list[Ex
     return [resolve_policy(round(count), spec, width)[0] for count in counts]
 
 
+RANK_DEFICIENT_ADVICE = ("--moe-require-full-rank or --moe-policy mixed avoids it, where the calibration holds at least "
+                         "K tokens for mixed's all-token sample (docs/moe.md)")
+AUTO_SAMPLE_FLOOR = 4096  # rows of H_all,e's sample at least, when `moe.all_tokens` is left to the default
+
+
+def all_token_sample_size(spec: MoESpec, width: int) -> int:
+    """T_s, the most rows in the all-token sample behind a `mixed` expert's H_all,e.
+
+    `spec.all_tokens` when given, else max(4096, 2 K) for `width` K, the widest input of the
+    expert's projections (`widest_expert_input`): a mean of n outer products has rank <= n, so a
+    sample of fewer than K rows would leave H_all,e rank-deficient too, and `mixed` would fix
+    the null space by damping alone, as `routed` does (Maverick: K = 8192 for down, T_s = 16,384).
+    """
+    return spec.all_tokens if spec.all_tokens is not None else max(AUTO_SAMPLE_FLOOR, 2 * width)
+
+
 def sample_tokens(total: int, limit: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Evenly spaced, deterministic token indices [min(total, limit)] for H_all, on `device`
     (computed on the host: the same indices on every device)."""
