@@ -68,13 +68,20 @@ KERNEL_DEVICES = {"cpu-int4": "cpu", "cuda": "cuda"}  # kernel backends that run
 
 def check_kernels_device(kernels: str | None, device: torch.device) -> None:
     """InputError when kernel backend `kernels` cannot run on `device` (triton runs on CUDA, or
-    anywhere under TRITON_INTERPRET=1; reference and auto run anywhere)."""
+    anywhere under TRITON_INTERPRET=1; reference and auto run anywhere), or cannot run on this
+    machine at all (the CUDA backend without nvcc or failing to build, Triton not installed,
+    the int4 CPU op missing from this torch): found before any work, not at the validation step
+    after hours of quantizing. Building the CUDA extension here costs nothing later (cached)."""
+    from maverick_quant.runtime import backend_named
+
     kind = KERNEL_DEVICES.get(kernels)
     if kernels == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         kind = "cuda"
     if kind is not None and kind != device.type:
         raise InputError(f"--kernels {kernels} runs on {kind}, and --device is {device}: pass --device {kind} "
                          f"(or --kernels auto)")
+    if kernels not in (None, "auto", "reference"):  # auto falls back to what runs; reference runs anywhere
+        backend_named(kernels, device)
 
 
 def use_device(device: torch.device) -> None:

@@ -308,6 +308,23 @@ def test_what_the_validation_step_would_refuse_is_refused_before_any_work(tiny_l
     assert not (tmp_path / "run").exists()
 
 
+def test_kernels_this_machine_cannot_run_are_refused_before_any_work(tiny_llama_dir: Path, small_text_file: Path,
+                                                                     tmp_path: Path, monkeypatch) -> None:
+    """`validation.kernels: cpu-int4` where torch lacks the int4 op (as `cuda` without nvcc) was
+    found at the validation step, after the whole quantize: now before any work."""
+    from maverick_quant.compress.kernels import backends
+
+    monkeypatch.setattr(backends, "cpu_int4_available", lambda: False)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"model": str(tiny_llama_dir), "quantize": {"method": "rtn", "group_size": 32},
+                                      "validation": {"data": str(small_text_file), "ctx": 16, "max_windows": 2,
+                                                     "kernels": "cpu-int4"}}))
+    result = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(tmp_path / "run"), "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    assert "kernel backend cpu-int4 needs the CPU and torch's _weight_int4pack_mm_for_cpu op" in result.output
+    assert "missing in this torch build" in result.output and not (tmp_path / "run").exists()
+
+
 def test_a_key_given_twice_is_refused_naming_its_lines(tmp_path: Path) -> None:
     """YAML keeps the last of two equal keys: a second `gates:` silently dropped the first list,
     and the run passed on the looser gates."""
