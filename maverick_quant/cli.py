@@ -14,7 +14,7 @@ import click
 from maverick_quant import __version__
 from maverick_quant.errors import InputError
 from maverick_quant.recipe import (CHOICES_PASS_MIB, GGUF_GRIDS, KERNEL_BACKENDS, MMPROJ_TYPES, AWQSpec, CalibSpec, WINDOW_DRAWS, ExpertPolicy, Method, MoESpec, QuantizeSpec,
-                                   QuantSpec)
+                                   QuantSpec, settings_unread_by)
 
 
 class BadInput(click.ClickException):
@@ -100,6 +100,25 @@ PLAN_RUN_OPTIONS = ("method", "gguf_grid", "bits", "group_size", "sym", "signed_
                     "keep_float", "bits_overrides", "samples", "seq_len", "moe_policy", "moe_mix", "moe_min_tokens",
                     "moe_require_full_rank", "moe_fallback", "moe_quantize_router", "moe_chunk_mib", "awq_grid", "awq_duo",
                     "awq_clip", "awq_sample_tokens", "batch")
+
+
+# the setting (recipe key, `settings_unread_by`) each quantize option sets, where a method may not read it
+OPTION_SETTINGS = {"act_order": "act_order", "damp": "damp", "true_sequential": "true_sequential", "batch": "batch_windows",
+                   "moe_policy": "moe.policy", "moe_mix": "moe.mix", "moe_min_tokens": "moe.min_tokens",
+                   "moe_require_full_rank": "moe.require_full_rank", "moe_fallback": "moe.fallback",
+                   "awq_grid": "awq.grid", "awq_duo": "awq.duo_scaling", "awq_clip": "awq.clip",
+                   "awq_sample_tokens": "awq.sample_tokens"}
+
+
+def _refuse_unread_options(method: str, calibration: tuple[str, ...]) -> None:
+    """UsageError naming the options given that `method` never reads (`settings_unread_by`):
+    `calibration` (the options that draw windows) under rtn, the GPTQ solve's under awq, AWQ's
+    under gptq..."""
+    unread = settings_unread_by(Method(method))
+    names = [name for name, key in OPTION_SETTINGS.items() if key in unread]
+    if ignored := _given_options(((*calibration,) if "calibration" in unread else ()) + tuple(names)):
+        raise click.UsageError(f"{', '.join(ignored)} would be ignored: --method {method} does not read them "
+                               "(drop them, or choose a method that does)")
 
 
 def _given_options(names: tuple[str, ...]) -> list[str]:
@@ -284,9 +303,7 @@ def quantize(model_dir, data, calib, out, method, gguf_grid, bits, group_size, s
     a crash, the same command with --resume goes on from the last finished layer."""
     from maverick_quant.jobs import run_quantize
 
-    if method == "rtn" and (ignored := _given_options(("calib", *WINDOW_OPTIONS))):
-        raise click.UsageError(f"{', '.join(ignored)} would be ignored: --method rtn rounds each weight to nearest "
-                               "without calibration data")
+    _refuse_unread_options(method, ("calib", *WINDOW_OPTIONS))
     _refuse_ignored_with_calib(calib)
     moe = _moe_spec(moe_policy, moe_mix, moe_min_tokens, moe_require_full_rank, moe_fallback, moe_quantize_router, moe_chunk_mib)
     awq = _awq_spec(awq_grid, awq_duo, awq_clip, awq_sample_tokens)
@@ -338,6 +355,7 @@ def plan(target, method, gguf_grid, bits, group_size, sym, signed_scale, clip_se
     if str(target).endswith((".yaml", ".yml")) and (ignored := _given_options(PLAN_RUN_OPTIONS)):
         raise click.UsageError(f"{', '.join(ignored)} would be ignored: the recipe {target} sets the run (edit it, or "
                                "plan its model folder with these options)")
+    _refuse_unread_options(method, ("samples", "seq_len"))
     moe = _moe_spec(moe_policy, moe_mix, moe_min_tokens, moe_require_full_rank, moe_fallback, moe_quantize_router, moe_chunk_mib)
     spec = _quantize_spec(method, bits, group_size, sym, signed_scale, clip_search, act_order, damp, batch, moe=moe, gguf_grid=gguf_grid,
                           keep_float=keep_float, bits_overrides=bits_overrides,

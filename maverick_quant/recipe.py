@@ -295,6 +295,24 @@ class MoESpec:
                              "for max(4096, 2 K))")
 
 
+GPTQ_SOLVE_KEYS = ("act_order", "damp", "block_size", "true_sequential")
+EXPERT_POLICY_KEYS = tuple(f"moe.{key}" for key in ("policy", "mix", "min_tokens", "require_full_rank", "fallback", "all_tokens"))
+
+
+def settings_unread_by(method: Method) -> tuple[str, ...]:
+    """The settings `method` never reads, as recipe keys under `quantize:` (`moe.`/`awq.` ones
+    dotted), and "calibration" for the whole calibration section: given with this method they
+    would be ignored without a word, so recipes and the CLI refuse them and lock files leave
+    them out. rtn reads no data; awq rounds after its search (no GPTQ solve; its expert
+    fallback samples awq.sample_tokens, not moe.all_tokens); gptq searches no AWQ scales."""
+    awq = tuple(f"awq.{field.name}" for field in dataclasses.fields(AWQSpec))
+    if method is Method.RTN:
+        return ("calibration", "batch_windows", *GPTQ_SOLVE_KEYS, *EXPERT_POLICY_KEYS, *awq)
+    if method is Method.AWQ:
+        return (*GPTQ_SOLVE_KEYS, "moe.all_tokens")
+    return awq if method is Method.GPTQ else ()
+
+
 @dataclass(frozen=True)
 class QuantizeSpec:
     """Everything a quantize run needs besides the model and the calibration tokens.

@@ -45,7 +45,7 @@ from maverick_quant.compress.pack import PACK_BITS
 from maverick_quant.devices import check_device_name
 from maverick_quant.errors import InputError
 from maverick_quant.recipe import (CHOICES_PASS_MIB, GGUF_GRIDS, KERNEL_BACKENDS, MMPROJ_TYPES, AWQSpec, CalibSpec, Method, MoESpec, QuantizeSpec, QuantSpec,
-                                   parse_bits_override)
+                                   parse_bits_override, settings_unread_by)
 
 BUILTIN_MODELS = {"builtin:smollm2-135m-instruct"}
 EXPORT_FORMATS = ("gptq", "awq", "compressed-tensors", "gguf")
@@ -189,7 +189,7 @@ class Recipe:
                   "validation": None if self.validation is None else dataclasses.asdict(self.validation)}
         if self.lock is not None:
             recipe["lock"] = self.lock
-        return _plain(recipe)
+        return _plain(_drop_unread(recipe, self.quantize.method))
 
 
 def _plain(value: Any) -> Any:
@@ -360,6 +360,7 @@ def parse_recipe(data: Any, base: Path = Path(".")) -> Recipe:
     if calibration_data is not None and (not isinstance(calibration_data, str) or not calibration_data.strip()):
         raise InputError(f"calibration.data={calibration_data!r}: expected a file path or 'self'")
     spec, grid, device = _quantize(data.get("quantize"))
+    _refuse_unread(spec.method, data.get("quantize") or {}, data.get("calibration") or {})
     exports = [] if data.get("exports") is None else data["exports"]
     if not isinstance(exports, list):
         raise InputError("exports: expected a list of {format: ...} mappings")
@@ -388,6 +389,33 @@ def parse_recipe(data: Any, base: Path = Path(".")) -> Recipe:
         calibration_spec = CalibSpec(**calibration_keys)
     return Recipe(model=model, calibration_data=calibration_data, calibration=calibration_spec, quantize=spec,
                   exports=tuple(steps), validation=validation, gguf_grid=grid, device=device, lock=_lock(data.get("lock")))
+
+
+def _refuse_unread(method: Method, quantize: dict, calibration: dict) -> None:
+    """InputError naming the first key given under `quantize:` (or a `calibration:` section)
+    that `method` never reads (`settings_unread_by`): the run would ignore it silently."""
+    given = [*(["calibration"] if calibration else []), *(key for key in quantize if key not in ("moe", "awq")),
+             *(f"{section}.{key}" for section in ("moe", "awq") for key in (quantize.get(section) or {}))]
+    unread = settings_unread_by(method)
+    for key in given:
+        if key == "calibration" and key in unread:
+            raise InputError(f"calibration: method {method.value} rounds each weight to nearest without calibration "
+                             "data; drop the section (or choose gptq, awq or awq+gptq)")
+        if key in unread:
+            raise InputError(f"quantize.{key}: method {method.value} does not read it, so it would be ignored; drop "
+                             "the key (or choose a method that reads it)")
+
+
+def _drop_unread(recipe: dict, method: Method) -> dict:
+    """`recipe` (Recipe.to_dict's form) without the settings `method` never reads: a lock file
+    lists what the run used, and reads back as a recipe `_refuse_unread` accepts."""
+    for key in settings_unread_by(method):
+        section, _, name = key.rpartition(".")
+        holder = recipe if key == "calibration" else recipe["quantize"][section] if section else recipe["quantize"]
+        holder.pop(name, None)
+    if not recipe["quantize"].get("awq", True):
+        del recipe["quantize"]["awq"]
+    return recipe
 
 
 def _lock(data: Any) -> dict | None:

@@ -210,7 +210,8 @@ def test_plan_prices_awqs_searches_at_the_measured_rounding_rate(tmp_path: Path,
 
     rates = dict(RATES)
     monkeypatch.setattr(compute_rates, "machine_rates", lambda *args: rates)
-    gptq, awq, both = (_planned(tmp_path, "--method", m, "--no-awq-clip") for m in ("gptq", "awq", "awq+gptq"))
+    gptq, awq, both = (_planned(tmp_path, "--method", m, *(["--no-awq-clip"] if m != "gptq" else []))  # gptq reads no awq options
+                       for m in ("gptq", "awq", "awq+gptq"))
     rates["rtn_seconds_per_weight"] *= 2
     both_slower = _planned(tmp_path, "--method", "awq+gptq", "--no-awq-clip")
     searches = both["compute_seconds"] - gptq["compute_seconds"]
@@ -340,8 +341,8 @@ def test_plan_adds_the_measured_range_search_time_for_every_quantized_weight(tmp
 
     def planned(*options: str) -> dict:
         out = tmp_path / f"plan{len(list(tmp_path.iterdir()))}.json"
-        result = CliRunner().invoke(cli, ["plan", "maverick", "--samples", "8", "--seq-len", "64", *options,
-                                          "--json", str(out)])
+        calibration = [] if "rtn" in options else ["--samples", "8", "--seq-len", "64"]  # rtn reads none
+        result = CliRunner().invoke(cli, ["plan", "maverick", *calibration, *options, "--json", str(out)])
         assert result.exit_code == 0, result.output
         return json.loads(out.read_text())
 

@@ -78,6 +78,11 @@ def test_shipped_recipes_load() -> None:
     ({"quantize": {"moe": {"policy": "mixed", "mix": float("inf")}}}, "moe.mix=inf: expected a positive, finite weight"),
     ({"calibration": {"samples": 10**20}}, "samples=100000000000000000000: expected from 1 to 2,147,483,647"),
     ({"quantize": {"bits_overrides": ["mlp=" + "9" * 4400]}}, "expected REGEX=BITS"),
+    # settings the method never reads (each was ignored without a word)
+    ({"quantize": {"method": "rtn"}}, "calibration: method rtn rounds each weight to nearest without calibration data"),
+    ({"quantize": {"awq": {"grid": 10}}}, "quantize.awq.grid: method gptq does not read it"),
+    ({"quantize": {"method": "awq", "act_order": True}}, "quantize.act_order: method awq does not read it"),
+    ({"quantize": {"method": "awq", "moe": {"all_tokens": 100}}}, "quantize.moe.all_tokens: method awq does not read it"),
 ])
 def test_bad_recipes_name_the_key_and_the_allowed_values(change: dict, message: str) -> None:
     data = json.loads(json.dumps(VALID))
@@ -272,6 +277,23 @@ def test_every_shipped_recipe_written_out_resolved_reads_back_as_itself(shipped:
     same recipe, gguf grids, MoE policies, AWQ and clip-search settings included."""
     recipe = load_recipe(shipped)
     assert parse_recipe(yaml.safe_load(yaml.safe_dump(recipe.to_dict())), shipped.parent) == recipe
+
+
+def test_a_lock_lists_only_the_settings_its_method_reads_and_reads_back_as_itself() -> None:
+    """An rtn recipe's lock has no calibration section, GPTQ or AWQ keys, nor expert policies
+    (rtn reads none: given, they are refused); a gptq one no `awq:` section; awq+gptq all."""
+    for method, absent in (("rtn", ("damp", "act_order", "true_sequential", "batch_windows", "awq")),
+                           ("gptq", ("awq",)), ("awq", ("damp", "act_order", "block_size"))):
+        data = {"model": "m", "quantize": {"method": method}, **({} if method == "rtn" else {"calibration": {"data": "self"}})}
+        recipe = parse_recipe(data)
+        written = recipe.to_dict()
+        assert ("calibration" in written) is (method != "rtn")
+        assert not set(absent) & set(written["quantize"]), (method, written["quantize"])
+        assert parse_recipe(yaml.safe_load(yaml.safe_dump(written))) == recipe
+    assert set(parse_recipe({"model": "m", "calibration": {"data": "self"},
+                             "quantize": {"method": "awq+gptq"}}).to_dict()["quantize"]) >= {"damp", "awq"}
+    assert parse_recipe({"model": "m", "quantize": {"method": "rtn"}}).to_dict()["quantize"]["moe"] == \
+        {"quantize_router": False, "chunk_mib": 8192}
 
 
 def test_a_gguf_export_of_any_grid_it_stores_losslessly_is_accepted() -> None:
@@ -514,6 +536,7 @@ def test_what_a_later_step_refuses_about_the_overrides_or_clients_is_refused_bef
     else:
         monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp raises ImportError
         recipe["quantize"].update(gguf_grid="Q4_0", method="rtn")
+        del recipe["calibration"]  # rtn reads none
         recipe.update(exports=[{"format": "gguf", "gguf_type": "Q4_0"}],
                       validation={"data": str(small_text_file), "ctx": 16, "candidates": ["model-q4_0.gguf"]})
         message = "install llama-cpp-python"

@@ -162,9 +162,10 @@ def test_experts_beat_rtn_on_held_out_tokens_only_with_enough_calibration_tokens
 
     calibration, held_out = _text(tmp_path, "wiki.valid.tokens"), _text(tmp_path, "wiki.test.raw")
     pooled = {}
-    for name, options in {"rtn": ["--method", "rtn"], "gptq-16": ["--data", calibration, "--samples", 16, "--seq-len", 40],
-                          "gptq-64": ["--data", calibration, "--samples", 64, "--seq-len", 40]}.items():
-        run("quantize", tiny_llama4_dir, *options, "--moe-min-tokens", 8, "--group-size", 32,
+    gptq = ["--moe-min-tokens", 8, "--data", calibration, "--seq-len", 40]
+    for name, options in {"rtn": ["--method", "rtn"], "gptq-16": [*gptq, "--samples", 16],
+                          "gptq-64": [*gptq, "--samples", 64]}.items():
+        run("quantize", tiny_llama4_dir, *options, "--group-size", 32,
             "--out", tmp_path / name, "--no-progress")
         run("validate", "--reference", tiny_llama4_dir, "--candidate", tmp_path / name, "--data", held_out,
             "--ctx", 40, "--max-windows", 30, "--report", tmp_path / f"report-{name}", "--no-progress")
