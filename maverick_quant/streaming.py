@@ -65,6 +65,13 @@ class CheckpointModelTensors:
     def embedding_rows(self, rows: torch.Tensor) -> torch.Tensor:
         return self.checkpoint.get_rows(self.table.embed, rows)
 
+    def check_head(self) -> None:
+        """Read the final norm and the lm_head once (a readable dtype, finite: `Checkpoint.get`)
+        and drop them: they are used after the last layer, where a bad one would throw away a
+        whole validation pass (quantize reads every model-level tensor so up front)."""
+        for name in (self.table.final_norm, self.table.lm_head):
+            self.model_tensor(name)
+
 
 class CheckpointSource(CheckpointModelTensors):
     """The original model read lazily from its safetensors shards."""

@@ -168,6 +168,7 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
     reset_peak_memory(compute)
     gguf = Path(candidate).is_file()
     ref_source = open_source(reference)
+    ref_source.check_head()
     cand_source = (GGUFCandidate(Path(candidate), gpu_layers=-1 if compute.type == "cuda" else 0) if gguf
                    else open_candidate(candidate))
     if gguf:  # a file llama.cpp cannot load is refused here, not after the reference pass

@@ -183,6 +183,42 @@ def test_nan_weights_are_refused(model_copy: Path, tmp_path: Path) -> None:
     _assert_refused(_quantize_rtn(model_copy, tmp_path / "out"), tmp_path / "out", name, "NaN")
 
 
+def _tensor(model_dir: Path, name: str) -> torch.Tensor:
+    return load_file(str(model_dir / json.loads((model_dir / "model.safetensors.index.json").read_text())["weight_map"][name]))[name]
+
+
+def test_a_reference_whose_activations_overflow_is_refused_naming_the_layer(model_copy: Path, tiny_llama_dir: Path,
+                                                                             small_text_file: Path, tmp_path: Path) -> None:
+    """Finite weights whose activations overflow fp32 (layer 1's gate/up x 1e21): the reference's
+    logits went NaN, every KL term counted 0, and kl.mean<=0.01 passed with exit 0."""
+    for name in ("model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"):
+        _rewrite_tensor(model_copy, name, _tensor(model_copy, name) * 1e21)
+    assert _quantize_rtn(tiny_llama_dir, tmp_path / "bundle").exit_code == 0
+    result = CliRunner().invoke(cli, ["validate", "--reference", str(model_copy), "--candidate", str(tmp_path / "bundle"),
+                                      "--data", str(small_text_file), "--ctx", "16", "--max-windows", "2",
+                                      "--gate", "kl.mean<=0.01", "--report", str(tmp_path / "report"), "--no-progress"])
+    assert result.exit_code == 2, result.output
+    assert "the reference's hidden states became NaN/Inf at the output of layer 1" in result.output
+    assert not (tmp_path / "report").exists()
+
+
+def test_a_nan_in_the_reference_head_is_refused_before_the_first_layer(model_copy: Path, tiny_llama_dir: Path,
+                                                                       small_text_file: Path, tmp_path: Path,
+                                                                       monkeypatch) -> None:
+    """The final norm (and lm_head) are used after the last layer: a NaN there was found only then."""
+    import maverick_quant.validation.evaluate as evaluate
+
+    weight = _tensor(model_copy, "model.norm.weight")
+    weight[3] = float("nan")
+    _rewrite_tensor(model_copy, "model.norm.weight", weight)
+    assert _quantize_rtn(tiny_llama_dir, tmp_path / "bundle").exit_code == 0
+    monkeypatch.setattr(evaluate, "_advance_layer", lambda *args: pytest.fail("a layer ran"))
+    result = CliRunner().invoke(cli, ["validate", "--reference", str(model_copy), "--candidate", str(tmp_path / "bundle"),
+                                      "--data", str(small_text_file), "--ctx", "16", "--max-windows", "2",
+                                      "--report", str(tmp_path / "report"), "--no-progress"])
+    assert result.exit_code == 2 and "tensor 'model.norm.weight' contains NaN or Inf values" in result.output, result.output
+
+
 def test_existing_output_needs_force(tiny_llama_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()

@@ -166,6 +166,24 @@ def test_a_candidate_emitting_nan_fails_a_top1_gate_and_its_tokens_are_counted()
     assert clean.summary()["nonfinite_tokens"] == 0 and clean.summary()["top1_agreement"] == 1.0
 
 
+def test_a_reference_emitting_nan_or_inf_gives_nan_kl_not_zero():
+    """NaN (or +Inf) reference logits made log p_ref NaN, which the p_ref = 0 mask counted as a
+    0 term: a broken reference scored KL 0 and passed every KL gate."""
+    ref, cand, targets = _random_case(tokens=50, vocab=13, seed=8)
+    ref[4] = float("nan")
+    ref[9, 2] = float("inf")
+    cand[20, 5] = float("inf")
+    acc = MetricAccumulator()
+    acc.update(ref, cand, targets)
+    kl = acc.kl_values()
+    assert [t for t in range(50) if math.isnan(kl[t])] == [4, 9, 20]
+    assert acc.summary()["nonfinite_tokens"] == 3 and math.isnan(acc.summary()["kl"]["mean"])
+    ref[9, 2] = ref[4] = cand[20, 5] = 0.0
+    clean = MetricAccumulator()
+    clean.update(ref, cand, targets)
+    assert clean.summary()["nonfinite_tokens"] == 0
+
+
 def test_quantiles_between_two_infinities_are_infinite():
     """inf + (h - floor h) * (inf - inf) was NaN."""
     inf = math.inf

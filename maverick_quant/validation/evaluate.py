@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from maverick_quant.calibration.moe import Routing
+from maverick_quant.checkpoint import all_finite
 from maverick_quant.errors import InputError
 from maverick_quant.host_memory import release_free_memory
 from maverick_quant.recipe import MoESpec
@@ -253,6 +254,7 @@ def evaluate(reference: WeightSource, candidate: WeightSource, windows: torch.Te
     h_ref, h_cand = caches["reference"], caches["candidate"]
     for index in _layer_bar(ref_model.num_layers, start, windows, "validate layers", show_progress):
         steps.append(_advance_layer(ref_model, cand_model, index, h_ref, h_cand, expert_chunk_mib))
+        _check_reference_finite(h_ref, index, reference)
         _record_layer(state, index, caches, steps)
         release_free_memory()
     metrics = _score(ref_model, cand_model, windows, h_ref, h_cand, first_scored)
@@ -260,6 +262,17 @@ def evaluate(reference: WeightSource, candidate: WeightSource, windows: torch.Te
     summary["seconds"] = time.perf_counter() - started
     summary.update(_layer_summary(steps))
     return Evaluation(summary, metrics.kl_values(), [(f"layer {i}", step.rel_error) for i, step in enumerate(steps)])
+
+
+def _check_reference_finite(h_ref: torch.Tensor, index: int, reference: WeightSource) -> None:
+    """InputError when the reference's hidden states [W, L, D] left layer `index` NaN or Inf:
+    every measure after it would compare with nothing (a candidate can break, the reference
+    it is judged against cannot)."""
+    if not all_finite(h_ref):
+        where = getattr(getattr(reference, "checkpoint", None), "model_dir", "the reference")
+        raise InputError(f"{where}: the reference's hidden states became NaN/Inf at the output of layer {index}; "
+                         "check the model's weights there (a float model that overflows in fp32 cannot be compared "
+                         "with)")
 
 
 def _resume_layers(state: ValidationState | None, fresh) -> tuple[int, dict[str, torch.Tensor], list[LayerResult]]:
@@ -404,6 +417,7 @@ def evaluate_gguf(reference: WeightSource, candidate: GGUFCandidate, windows: to
     hidden = caches["reference"]
     for index in _layer_bar(ref_model.num_layers, start, windows, "reference layers", show_progress):
         forward_layer(ref_model, index, hidden)
+        _check_reference_finite(hidden, index, reference)
         _record_layer(state, index, caches, [])
     metrics = MetricAccumulator()
     llama_started = time.perf_counter()

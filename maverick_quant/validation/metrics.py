@@ -66,7 +66,8 @@ def token_metrics(ref_logits: torch.Tensor, cand_logits: torch.Tensor, targets: 
     """Per-token (nll_ref, nll_cand, kl, agree) for logits [T, V] and targets [T], all in fp32.
 
     Returns four [T] tensors: fp32 NLLs and KL (clamped at 0 against rounding), bool agreement.
-    Terms with p_ref(v) = 0 contribute 0 to the KL (the limit of p log p). The [T, V]
+    Terms with p_ref(v) = 0 contribute 0 to the KL (the limit of p log p); a token whose log
+    probabilities hold a NaN on either side (NaN or +Inf logits) gets KL NaN. The [T, V]
     intermediates (log p_ref, log p_cand, p_ref and a mask) are written into `workspace`
     (one is made when None): a caller scoring many chunks reuses one.
     """
@@ -78,10 +79,13 @@ def token_metrics(ref_logits: torch.Tensor, cand_logits: torch.Tensor, targets: 
     nll_ref = -log_ref.gather(-1, index).squeeze(-1)
     nll_cand = -log_cand.gather(-1, index).squeeze(-1)
     agree = ref_logits.argmax(dim=-1) == cand_logits.argmax(dim=-1)
+    # a NaN log-probability anywhere in a row (NaN or +Inf logits, on either side) makes its KL NaN:
+    # masked as p_ref = 0 below, it counted 0, and a reference gone NaN passed every KL gate
+    broken = torch.ne(log_ref, log_ref, out=unseen).any(dim=-1) | torch.ne(log_cand, log_cand, out=unseen).any(dim=-1)
     torch.exp(log_ref, out=p_ref)
-    torch.gt(p_ref, 0, out=unseen).logical_not_()  # p_ref = 0 (or NaN): the term counts 0
+    torch.gt(p_ref, 0, out=unseen).logical_not_()  # p_ref = 0: the term counts 0
     kl = log_ref.sub_(log_cand).mul_(p_ref).masked_fill_(unseen, 0.0).sum(dim=-1).clamp_min(0.0)
-    return nll_ref, nll_cand, kl, agree
+    return nll_ref, nll_cand, kl.masked_fill_(broken, math.nan), agree
 
 
 class Workspace:
