@@ -36,7 +36,7 @@ from maverick_quant.compress.grid import rtn_quantize
 from maverick_quant.compress.types import QuantizedWeight
 from maverick_quant.devices import quantized_to
 from maverick_quant.errors import InputError
-from maverick_quant.groups import solve_group
+from maverick_quant.groups import require_finite_hessian, solve_group
 from maverick_quant.recipe import ExpertPolicy, Method, MoESpec, QuantizeSpec, QuantSpec
 from maverick_quant.streaming import StopForward, StreamingModel
 
@@ -236,6 +236,7 @@ def _solve_batch(weights: dict[str, torch.Tensor], names: tuple[str, ...], H: to
     Hessians H [E_s, K, K] as one batch, the others (H = I: `rtn`) rounded to nearest in closed
     form (see `_stack_hessians`); per-expert losses [E_c] are returned for the audit."""
     quantized, stats = {}, {}
+    require_finite_hessian(H, tuple(f"routed experts' {name}" for name in names))
     for name in names:
         result = gptq_quantize_each(weights[name], H, solved, spec.weights)
         quantized[name] = result.weight

@@ -8,11 +8,22 @@ from __future__ import annotations
 import torch
 
 from maverick_quant.arch.base import LinearGroup
+from maverick_quant.checkpoint import all_finite
+from maverick_quant.errors import InputError
 from maverick_quant.calibration.capture import capture_attention_mixed, capture_inputs
 from maverick_quant.compress.gptq import GPTQResult, gptq_quantize, identity_solve
 from maverick_quant.compress.types import QuantizedWeight
 from maverick_quant.recipe import QuantizeSpec, QuantSpec
 from maverick_quant.streaming import StreamingModel
+
+
+def require_finite_hessian(H: torch.Tensor | None, names: tuple[str, ...]) -> None:
+    """InputError naming the linears `names` when their Hessian H [..., K, K] holds NaN/Inf:
+    activations finite yet so large that their outer products overflow fp32 (a norm weight of
+    1e20, say): the model's content, named here, not a solver's traceback."""
+    if H is not None and not all_finite(H):
+        raise InputError(f"{'/'.join(names)}: the Hessian of their inputs overflowed to NaN/Inf (activations "
+                         "too large for fp32); check the model's weights before them")
 
 
 def set_weight(layer: torch.nn.Module, name: str, weight: QuantizedWeight) -> None:
@@ -88,6 +99,7 @@ def solve_group(layer: torch.nn.Module, group: LinearGroup, H: torch.Tensor | No
     A per-KV-head H [kv, K, K] solves W [kv*hd, K] as a batch W.view(kv, hd, K); H None is
     H = I, solved in closed form (`identity_solve`: round to nearest)."""
     quantized, stats = {}, {}
+    require_finite_hessian(H, group.linears)
     for name in quantized_linears(layer, group.linears):
         weight, grid = layer.get_submodule(name).weight.data.float(), linear_grid(layer, name, spec)
         per_head = H is not None and H.dim() == 3

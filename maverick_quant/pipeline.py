@@ -29,7 +29,7 @@ from maverick_quant.groups import group_hessian, linear_grid, mark_linears, quan
 from maverick_quant.compress.types import QuantizedWeight
 from maverick_quant.devices import device_label, peak_device_mib, quantized_to, reset_peak_memory, use_device
 from maverick_quant.distributed import ExpertParallel
-from maverick_quant.errors import InputError
+from maverick_quant.errors import InputError, kept_when_refused
 from maverick_quant.host_memory import peak_rss_mib, release_free_memory
 from maverick_quant.recipe import Method, QuantizeSpec, QuantSpec, grid_changes
 from maverick_quant.resume import RunState, warn_if_resumed_elsewhere
@@ -275,33 +275,34 @@ def quantize_model(source: CheckpointSource, calibration: CalibrationSet | None,
                disable=not show_progress, initial=first_layer, total=model.num_layers)
     losses = []
     for index in bar:
-        layer_started = time.perf_counter()
-        tensors = source.layer_tensors(index, experts=False)
-        layer = model.layer(index, tensors)
-        prefix, moe = model.table.prefix(index), model.plan(index).moe
-        router = (moe.router,) if moe is not None and spec.moe.quantize_router else ()
-        kept = mark_linears(layer, prefix, model.plan(index).linears + router, spec)
-        store = moe and ExpertChunks(writer, state, index, f"{prefix}{moe.experts}.", spec.weights, parallel,
-                                     show_progress)
-        if needs_data:
-            quantized, stats = quantize_layer_calibrated(model, index, layer, hidden, spec, store)
-            _check_finite(hidden, f"the output of layer {index}")
-            losses.extend(stats[name]["rel_loss"] for name in quantized if "rel_loss" in stats[name])
-            if losses:
-                bar.set_postfix(rel_loss=f"{sum(losses) / len(losses):.4f}")
-        else:
-            quantized, stats = quantize_layer_rtn(model, index, layer, spec, store)
-        floats = model.plan(index).passthrough + tuple(f"{name}.weight" for name in kept)
-        passthrough = {name: layer.get_parameter(name).data.to("cpu", tensors[name].dtype)  # AWQ may have folded scales in
-                       for name in floats if name.removesuffix(".weight") not in quantized}
-        quantized = quantized_to(quantized, "cpu")
-        if kept:
-            stats["kept_float"] = list(kept)
-        record_overridden_grids(layer, quantized, stats, spec)
-        stats["seconds"] = time.perf_counter() - layer_started
-        writer.write_layer(index, prefix, quantized, passthrough, stats)
-        if state is not None:  # after the last layer no hidden states are needed again
-            state.save_progress(index + 1, hidden if index + 1 < model.num_layers else None, device_label(device))
+        with kept_when_refused(index):
+            layer_started = time.perf_counter()
+            tensors = source.layer_tensors(index, experts=False)
+            layer = model.layer(index, tensors)
+            prefix, moe = model.table.prefix(index), model.plan(index).moe
+            router = (moe.router,) if moe is not None and spec.moe.quantize_router else ()
+            kept = mark_linears(layer, prefix, model.plan(index).linears + router, spec)
+            store = moe and ExpertChunks(writer, state, index, f"{prefix}{moe.experts}.", spec.weights, parallel,
+                                         show_progress)
+            if needs_data:
+                quantized, stats = quantize_layer_calibrated(model, index, layer, hidden, spec, store)
+                _check_finite(hidden, f"the output of layer {index}")
+                losses.extend(stats[name]["rel_loss"] for name in quantized if "rel_loss" in stats[name])
+                if losses:
+                    bar.set_postfix(rel_loss=f"{sum(losses) / len(losses):.4f}")
+            else:
+                quantized, stats = quantize_layer_rtn(model, index, layer, spec, store)
+            floats = model.plan(index).passthrough + tuple(f"{name}.weight" for name in kept)
+            passthrough = {name: layer.get_parameter(name).data.to("cpu", tensors[name].dtype)  # AWQ may have folded scales in
+                           for name in floats if name.removesuffix(".weight") not in quantized}
+            quantized = quantized_to(quantized, "cpu")
+            if kept:
+                stats["kept_float"] = list(kept)
+            record_overridden_grids(layer, quantized, stats, spec)
+            stats["seconds"] = time.perf_counter() - layer_started
+            writer.write_layer(index, prefix, quantized, passthrough, stats)
+            if state is not None:  # after the last layer no hidden states are needed again
+                state.save_progress(index + 1, hidden if index + 1 < model.num_layers else None, device_label(device))
         del layer, tensors, quantized, passthrough
         release_free_memory()
     del hidden

@@ -175,16 +175,67 @@ def test_the_fingerprint_tells_a_fine_tune_of_the_same_layout_apart(model_copy: 
     assert Checkpoint(model_copy).fingerprint() != before
 
 
-def test_nan_weights_are_refused(model_copy: Path, tmp_path: Path) -> None:
-    name = "model.layers.2.self_attn.v_proj.weight"
-    weight = load_file(str(model_copy / json.loads((model_copy / "model.safetensors.index.json").read_text())["weight_map"][name]))[name]
-    weight[0, 0] = float("nan")
-    _rewrite_tensor(model_copy, name, weight)
-    _assert_refused(_quantize_rtn(model_copy, tmp_path / "out"), tmp_path / "out", name, "NaN")
+def _patch_first_value(model_dir: Path, name: str, value: float) -> float:
+    """Overwrite the first element of fp32 tensor `name` in its shard, in place (as a disk
+    error would, or a mend of one); returns the value it held."""
+    shard = model_dir / json.loads((model_dir / "model.safetensors.index.json").read_text())["weight_map"][name]
+    info = read_safetensors_header(shard)[name]
+    assert info.dtype == "F32"
+    offset = info.begin  # absolute, header included
+    with open(shard, "r+b") as handle:
+        handle.seek(offset)
+        old = struct.unpack("<f", handle.read(4))[0]
+        handle.seek(offset)
+        handle.write(struct.pack("<f", value))
+    return old
 
 
 def _tensor(model_dir: Path, name: str) -> torch.Tensor:
     return load_file(str(model_dir / json.loads((model_dir / "model.safetensors.index.json").read_text())["weight_map"][name]))[name]
+
+
+def test_nan_weights_are_refused_and_the_finished_layers_kept(model_copy: Path, tiny_llama_dir: Path,
+                                                              tmp_path: Path, monkeypatch) -> None:
+    """A NaN in layer 2's shard is refused naming the file, tensor and layer; layers 0-1, done
+    already (hours on Maverick), are kept: once the shard is mended, --resume finishes the run
+    into the bundle a run on the sound model makes (a NaN in layer 0: nothing to keep)."""
+    # the run's identity samples 64 KiB of each shard at three places, which on Maverick's 5 GB shards
+    # rarely covers one bad value; in these tiny shards it covers everything, so sample 16 bytes here
+    whole_fingerprint = Checkpoint.fingerprint
+    monkeypatch.setattr(Checkpoint, "fingerprint", lambda self, sample_bytes=16: whole_fingerprint(self, 16))
+    name = "model.layers.2.self_attn.v_proj.weight"
+    sound = _patch_first_value(model_copy, name, float("nan"))  # in place: the shard keeps its size and header
+    result = _quantize_rtn(model_copy, tmp_path / "out")
+    assert result.exit_code == 2 and name in result.output and "NaN" in result.output, result.output
+    assert "(in layer 2); the finished layers 0-1 are kept: mend it, then --resume" in result.output
+    _patch_first_value(model_copy, name, sound)
+    resumed = _quantize_rtn(model_copy, tmp_path / "out", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert _quantize_rtn(tiny_llama_dir, tmp_path / "whole").exit_code == 0
+    for index in range(3):
+        ours, whole = Bundle(tmp_path / "out").layer_tensors(index), Bundle(tmp_path / "whole").layer_tensors(index)
+        assert all(torch.equal(ours[key], whole[key]) for key in whole)
+    first = "model.layers.0.self_attn.v_proj.weight"
+    broken = _tensor(model_copy, first)
+    broken[0, 0] = float("nan")
+    _rewrite_tensor(model_copy, first, broken)
+    _assert_refused(_quantize_rtn(model_copy, tmp_path / "out0"), tmp_path / "out0", first, "NaN", "(in layer 0)")
+
+
+def test_inputs_whose_hessian_overflows_are_refused_naming_the_linears(model_copy: Path, small_text_file: Path,
+                                                                       tmp_path: Path) -> None:
+    """Finite activations too large for fp32 outer products (layer 1's input norm x 1e20): GPTQ's
+    solver raised a ValueError naming nothing (exit 3); now exit 2 naming the linears and layer,
+    with layer 0 kept."""
+    name = "model.layers.1.input_layernorm.weight"
+    _rewrite_tensor(model_copy, name, _tensor(model_copy, name) * 1e20)
+    result = CliRunner().invoke(cli, ["quantize", str(model_copy), "--data", str(small_text_file), "--samples", "2",
+                                      "--seq-len", "16", "--group-size", "32", "--out", str(tmp_path / "out"),
+                                      "--no-progress"])
+    assert result.exit_code == 2, result.output
+    assert ("self_attn.q_proj/self_attn.k_proj: the Hessian of their inputs overflowed to NaN/Inf"
+            in result.output), result.output
+    assert "(in layer 1); the finished layer 0 is kept" in result.output
 
 
 def test_a_reference_whose_activations_overflow_is_refused_naming_the_layer(model_copy: Path, tiny_llama_dir: Path,
@@ -199,6 +250,7 @@ def test_a_reference_whose_activations_overflow_is_refused_naming_the_layer(mode
                                       "--gate", "kl.mean<=0.01", "--report", str(tmp_path / "report"), "--no-progress"])
     assert result.exit_code == 2, result.output
     assert "the reference's hidden states became NaN/Inf at the output of layer 1" in result.output
+    assert "(in layer 1); the finished layer 0 is kept" in result.output  # for --resume, once the model is mended
     assert not (tmp_path / "report").exists()
 
 

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from maverick_quant.calibration.moe import Routing
 from maverick_quant.checkpoint import all_finite
-from maverick_quant.errors import InputError
+from maverick_quant.errors import InputError, kept_when_refused
 from maverick_quant.host_memory import release_free_memory
 from maverick_quant.recipe import MoESpec
 from maverick_quant.streaming import StreamingModel, WeightSource
@@ -253,8 +253,9 @@ def evaluate(reference: WeightSource, candidate: WeightSource, windows: torch.Te
                                                            "candidate": cand_model.embed(windows)})
     h_ref, h_cand = caches["reference"], caches["candidate"]
     for index in _layer_bar(ref_model.num_layers, start, windows, "validate layers", show_progress):
-        steps.append(_advance_layer(ref_model, cand_model, index, h_ref, h_cand, expert_chunk_mib))
-        _check_reference_finite(h_ref, index, reference)
+        with kept_when_refused(index):
+            steps.append(_advance_layer(ref_model, cand_model, index, h_ref, h_cand, expert_chunk_mib))
+            _check_reference_finite(h_ref, index, reference)
         _record_layer(state, index, caches, steps)
         release_free_memory()
     metrics = _score(ref_model, cand_model, windows, h_ref, h_cand, first_scored)
@@ -416,8 +417,9 @@ def evaluate_gguf(reference: WeightSource, candidate: GGUFCandidate, windows: to
     start, caches, _ = _resume_layers(state, lambda: {"reference": ref_model.embed(windows)})
     hidden = caches["reference"]
     for index in _layer_bar(ref_model.num_layers, start, windows, "reference layers", show_progress):
-        forward_layer(ref_model, index, hidden)
-        _check_reference_finite(hidden, index, reference)
+        with kept_when_refused(index):
+            forward_layer(ref_model, index, hidden)
+            _check_reference_finite(hidden, index, reference)
         _record_layer(state, index, caches, [])
     metrics = MetricAccumulator()
     llama_started = time.perf_counter()
