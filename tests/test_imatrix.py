@@ -96,6 +96,25 @@ def test_imatrix_needs_calibration_data(tiny_llama_dir: Path, tmp_path: Path) ->
     assert not (tmp_path / "x.gguf").exists()
 
 
+def test_activations_that_overflow_are_refused_not_written_into_the_imatrix(tiny_llama_dir: Path, small_text_file: Path,
+                                                                             tmp_path: Path) -> None:
+    """Layer 1's gate/up x 1e21 (finite weights) overflow fp32: the imatrix held NaN/Inf square
+    sums for every later linear, which llama-quantize would read, and exited 0."""
+    import shutil
+
+    from tests.test_checkpoint import _rewrite_tensor, _tensor
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    for name in ("model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"):
+        _rewrite_tensor(model, name, _tensor(model, name) * 1e21)
+    result = CliRunner().invoke(cli, ["imatrix", str(model), "--data", str(small_text_file), "--samples", 2, "--seq-len",
+                                      16, "--out", str(tmp_path / "x.gguf"), "--no-progress"])
+    assert result.exit_code == 2, result.output
+    assert "the hidden states became NaN/Inf at the output of this layer" in result.output
+    assert "(in layer 1); the finished layer 0 is kept" in result.output and not (tmp_path / "x.gguf").exists()
+
+
 def test_imatrix_refuses_a_directory_as_output(tiny_llama_dir: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["imatrix", str(tiny_llama_dir), "--data", "self", "--out", str(tmp_path), "--force"])
     assert result.exit_code == 2 and "is a directory" in result.output
