@@ -507,3 +507,22 @@ def test_a_gguf_export_neither_replaces_files_beside_it_nor_reads_its_report_lat
                      "--report", report)
     assert code == 2 and "report.json: cannot read a validation report" in out, out
     assert not (tmp_path / "n.gguf").exists() and not (tmp_path / "n.gguf.manifest.json").exists()
+
+
+def test_an_f16_export_of_values_past_65504_is_refused_naming_the_tensor(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """Dequantized values above F16's range were written as Inf into the GGUF (exit 0)."""
+    from tests.test_checkpoint import _rewrite_tensor, _tensor
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    weight = _tensor(model, name)
+    weight[1] *= 1e6
+    _rewrite_tensor(model, name, weight)
+    code, out = _run("quantize", model, "--method", "rtn", "--group-size", 32, "--out", tmp_path / "bundle", "--no-progress")
+    assert code == 0, out
+    code, out = _run("export", tmp_path / "bundle", "--format", "gguf", "--gguf-type", "F16", "--out", tmp_path / "f16.gguf")
+    assert code == 2 and "blk.0.attn_q.weight: values of magnitude up to" in out and "exceed F16's 65504" in out, out
+    assert not (tmp_path / "f16.gguf").exists()
+    code, out = _run("export", tmp_path / "bundle", "--format", "gguf", "--gguf-type", "F32", "--out", tmp_path / "f32.gguf")
+    assert code == 0, out

@@ -262,7 +262,7 @@ class GGUFPlan:
     def _model_job(self, gguf_name: str, name: str, ggml_type: str | None = None) -> TensorJob:
         shape, dtype = self.weights.model_tensor_info(name)
         ggml_type = ggml_type or FLOAT_TYPES.get(dtype, "F32")
-        return TensorJob(gguf_name, shape, ggml_type, lambda: float_array(self.weights.model_tensor(name), ggml_type))
+        return TensorJob(gguf_name, shape, ggml_type, lambda: float_array(self.weights.model_tensor(name), ggml_type, gguf_name))
 
     def _layer_jobs(self, index: int) -> list[TensorJob]:
         weights, jobs = self.weights, []
@@ -270,8 +270,8 @@ class GGUFPlan:
             linear = name.removesuffix(".weight")
             gguf_name = self._gguf_name(index, name if name in LAYER_NAMES else linear)
             ggml_type = "F32" if gguf_name.split(".")[2] in F32_LAYER_TENSORS else FLOAT_TYPES[dtype]
-            jobs.append(TensorJob(gguf_name, shape, ggml_type, lambda n=name, l=linear, t=ggml_type:
-                                  float_array(self._rotary(l, weights.float_tensor(index, n)), t)))
+            jobs.append(TensorJob(gguf_name, shape, ggml_type, lambda n=name, l=linear, t=ggml_type, g=gguf_name:
+                                  float_array(self._rotary(l, weights.float_tensor(index, n)), t, g)))
         for name, shape in weights.linear_shapes(index).items():
             gguf_name = self._gguf_name(index, name)
             if gguf_name.split(".")[2] == "ffn_gate_inp":  # a quantized router: its values, in F32
@@ -350,7 +350,7 @@ class GGUFPlan:
         """The stored blocks of one tensor in `block_type`: exactly the bundle's codes when
         `exact`, else re-rounded by llama.cpp's rules (its error goes into the report)."""
         if isinstance(block_type, str):
-            return float_array(as_float(weight), block_type).view(np.uint8)
+            return float_array(as_float(weight), block_type, gguf_name).view(np.uint8)
         if exact:
             try:
                 return encode_blocks(weight, block_type)
@@ -401,11 +401,16 @@ def check_llama4_for_llama_cpp(config) -> None:
         raise InputError("--format gguf: llama.cpp's llama4 cannot represent this model: " + "; ".join(wrong))
 
 
-def float_array(tensor: torch.Tensor, ggml_type: str) -> np.ndarray:
-    """A float tensor as the numpy array GGUFWriter stores for `ggml_type` (BF16 as raw bytes)."""
+def float_array(tensor: torch.Tensor, ggml_type: str, name: str) -> np.ndarray:
+    """A float tensor as the numpy array GGUFWriter stores for `ggml_type` (BF16 as raw bytes);
+    InputError naming the tensor `name` when F16 cannot hold its values (|x| > 65504 became Inf)."""
     if ggml_type == "BF16":
         return tensor.to(torch.bfloat16).contiguous().view(torch.uint8).numpy()
-    return tensor.to(torch.float16 if ggml_type == "F16" else torch.float32).contiguous().numpy()
+    array = tensor.to(torch.float16 if ggml_type == "F16" else torch.float32).contiguous().numpy()
+    if ggml_type == "F16" and not np.isfinite(array).all():
+        raise InputError(f"{name}: values of magnitude up to {float(tensor.abs().max()):.4g} exceed F16's 65504 and "
+                         "would be stored as Inf; export it as F32 or BF16 (--gguf-type F32 / --mmproj-type F32)")
+    return array
 
 
 def rope_factors(config) -> torch.Tensor | None:

@@ -144,10 +144,11 @@ def tensor_type(member: str, shape: tuple[int, ...], mmproj_type: str) -> str:
     return mmproj_type
 
 
-def tensor_data(tensor: torch.Tensor, ggml_type: str) -> np.ndarray:
-    """The bytes GGUFWriter stores for `tensor` in `ggml_type` (Q8_0 by gguf-py's quantizer)."""
+def tensor_data(tensor: torch.Tensor, ggml_type: str, name: str) -> np.ndarray:
+    """The bytes GGUFWriter stores for `tensor` (GGUF name `name`) in `ggml_type` (Q8_0 by
+    gguf-py's quantizer)."""
     if ggml_type != "Q8_0":
-        return float_array(tensor, ggml_type)
+        return float_array(tensor, ggml_type, name)
     import gguf
 
     return gguf.quants.quantize(tensor.float().numpy(), gguf.GGMLQuantizationType.Q8_0)
@@ -194,8 +195,8 @@ class MMProjPlan:
             if self.mmproj_type == "Q8_0" and ggml_type == "F16":
                 self.f16_fallbacks.append(gguf_name)
             jobs.append(TensorJob(gguf_name, shape, ggml_type,
-                                  lambda name=name, ggml_type=ggml_type: tensor_data(self.weights.model_tensor(name),
-                                                                                     ggml_type)))
+                                  lambda name=name, ggml_type=ggml_type, gguf_name=gguf_name: tensor_data(
+                                      self.weights.model_tensor(name), ggml_type, gguf_name)))
         return jobs
 
     def _check_shape(self, name: str, member: str, shape: tuple[int, ...]) -> None:
