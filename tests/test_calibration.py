@@ -238,6 +238,27 @@ def test_self_generated_data_is_refused_before_loading_a_model_larger_than_memor
     assert not (tmp_path / "calib").exists()
 
 
+def test_self_generated_data_from_a_model_whose_logits_turn_nan_is_refused_naming_it(tiny_llama_dir, tmp_path: Path) -> None:
+    """Layer 1's gate/up x 1e21 overflow fp32: sampling failed with torch's 'probability tensor
+    contains inf, nan' traceback (exit 3)."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from maverick_quant.cli import cli
+    from tests.test_checkpoint import _rewrite_tensor, _tensor
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    for name in ("model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"):
+        _rewrite_tensor(model, name, _tensor(model, name) * 1e21)
+    result = CliRunner().invoke(cli, ["calibrate", str(model), "--data", "self", "--samples", "2", "--seq-len", "16",
+                                      "--out", str(tmp_path / "calib")])
+    assert result.exit_code == 2, result.output
+    assert f"{model}: the model's logits became NaN/Inf while generating its own calibration text" in result.output
+    assert not (tmp_path / "calib").exists()
+
+
 def test_self_written_evaluation_text_never_shares_the_calibration_seed(tmp_path: Path, monkeypatch) -> None:
     """Generation with one seed starts with the same texts: a recipe calibrating on `self` with
     the evaluation text's seed would have validated on its own calibration text."""

@@ -18,7 +18,7 @@ import torch
 
 def generate_self_text(model_dir: Path, n_samples: int, max_new_tokens: int, seed: int, batch_size: int = 16) -> list[str]:
     """`n_samples` decoded texts of up to `max_new_tokens` tokens each, deterministic for `seed`."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, LogitsProcessorList
 
     from maverick_quant.calibration.data import load_tokenizer
 
@@ -36,9 +36,29 @@ def generate_self_text(model_dir: Path, n_samples: int, max_new_tokens: int, see
             batch = prompts[start : start + batch_size]
             output = model.generate(batch, attention_mask=torch.ones_like(batch), do_sample=True, temperature=1.0,
                                     top_k=50, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                                    pad_token_id=tokenizer.eos_token_id)
+                                    pad_token_id=tokenizer.eos_token_id,
+                                    logits_processor=LogitsProcessorList([_refuse_broken_logits(model_dir)]))
             texts.extend(tokenizer.batch_decode(output[:, 1:], skip_special_tokens=True))
     return texts
+
+
+def _refuse_broken_logits(model_dir: Path):
+    """A transformers logits processor raising InputError naming `model_dir` when a step's
+    logits hold NaN or +Inf (a model whose activations overflow): sampling from them failed
+    with torch's "probability tensor contains inf, nan" traceback. -Inf is fine: processors
+    use it to forbid tokens (min_new_tokens forbids EOS)."""
+    from transformers import LogitsProcessor
+
+    from maverick_quant.errors import InputError
+
+    class RefuseBrokenLogits(LogitsProcessor):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            if torch.isnan(scores).any() or torch.isposinf(scores).any():
+                raise InputError(f"{model_dir}: the model's logits became NaN/Inf while generating its own calibration "
+                                 "text (--data self); check its weights, or calibrate on a text file")
+            return scores
+
+    return RefuseBrokenLogits()
 
 
 def first_tokens(tokenizer, n_samples: int, seed: int) -> torch.Tensor:
