@@ -321,7 +321,48 @@ def open_source(model_dir) -> CheckpointSource:
     _refuse_our_artifact(Path(model_dir))
     checkpoint = Checkpoint(model_dir)
     config = checkpoint.load_config()
+    _refuse_quantized(checkpoint, config)
     table = table_for(config, str(checkpoint.model_dir / "config.json"))
     declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    checkpoint.validate(table.expected_tensors(config), declared)
+    expected = table.expected_tensors(config)
+    checkpoint.validate(expected, declared)
+    _refuse_unread_tensors(checkpoint, table, config, expected)
     return CheckpointSource(checkpoint, table, config)
+
+
+def _refuse_quantized(checkpoint: Checkpoint, config) -> None:
+    """InputError when config.json declares the checkpoint quantized already (Meta's FP8
+    Maverick, a GPTQ / AWQ / compressed-tensors export): its weights are codes and scales,
+    not the float weights this tool quantizes; said before their dtypes and names are."""
+    quantization = getattr(config, "quantization_config", None)
+    if quantization:
+        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else \
+            getattr(quantization, "quant_method", "?")
+        raise InputError(f"{checkpoint.model_dir / 'config.json'}: the model is quantized already (quantization_config, "
+                         f"quant_method {method}); maverick-quant quantizes a float checkpoint: use the BF16/FP16 "
+                         "release (or dequantize it first)")
+
+
+# buffers some checkpoints carry that every loader recomputes from config.json
+RECOMPUTED_BUFFERS = ("rotary_emb.inv_freq",)
+
+
+def _refuse_unread_tensors(checkpoint: Checkpoint, table: ArchTable, config, expected: dict) -> None:
+    """InputError naming the tensors the run would drop without a word: layers past
+    num_hidden_layers, biases config.json does not declare, any other name the architecture
+    table does not read (and no pass-through prefix covers). A tied lm_head that the checkpoint
+    also stores is accepted when it equals the embedding (engines tie it; we would run the
+    stored one), and refused when it differs."""
+    lm_head = table.lm_head
+    unread = sorted(name for name in checkpoint.tensors if name not in expected and name != lm_head
+                    and not name.startswith(table.passthrough_prefixes) and not name.endswith(RECOMPUTED_BUFFERS))
+    if unread:
+        shown = ", ".join(unread[:5]) + (f" and {len(unread) - 5} more" if len(unread) > 5 else "")
+        raise InputError(f"{checkpoint.model_dir}: {len(unread)} tensors that config.json does not describe would be "
+                         f"dropped: {shown} (num_hidden_layers, attention_bias / mlp_bias, or another architecture?)")
+    if lm_head in checkpoint.tensors and lm_head not in expected:  # tie_word_embeddings, yet a head is stored
+        if not torch.equal(checkpoint.get(lm_head), checkpoint.get(table.embed)):
+            raise InputError(f"{checkpoint.model_dir}: config.json ties the output head to the embedding "
+                             f"(tie_word_embeddings), but {lm_head!r} is stored and differs from {table.embed!r}: "
+                             "engines would run the embedding, this tool the stored head; set tie_word_embeddings "
+                             "to false (or drop the stored head)")

@@ -271,6 +271,68 @@ def test_a_nan_in_the_reference_head_is_refused_before_the_first_layer(model_cop
     assert result.exit_code == 2 and "tensor 'model.norm.weight' contains NaN or Inf values" in result.output, result.output
 
 
+def _add_tensor(model_dir: Path, name: str, value: torch.Tensor, beside: str) -> None:
+    """Store a new tensor `name` in the shard that holds `beside`, and in the index."""
+    index_path = model_dir / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    _rewrite_tensor(model_dir, beside, _tensor(model_dir, beside))  # the shard, unchanged ...
+    shard = model_dir / index["weight_map"][beside]
+    tensors = load_file(str(shard))
+    tensors[name] = value  # ... and the new tensor beside it
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    index["weight_map"][name] = shard.name
+    index_path.write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("case", ["fewer-layers", "bias", "inv-freq"])
+def test_tensors_config_json_does_not_describe_are_refused_not_dropped(case: str, model_copy: Path, tmp_path: Path) -> None:
+    """A checkpoint with a layer more than num_hidden_layers, or a q_proj bias config.json does
+    not declare, was quantized without them (exit 0): another function than the one shipped.
+    Rotary inv_freq buffers (older Llama checkpoints) are recomputed by every loader: accepted."""
+    config = json.loads((model_copy / "config.json").read_text())
+    if case == "fewer-layers":
+        config["num_hidden_layers"] -= 1
+        (model_copy / "config.json").write_text(json.dumps(config))
+        last = config["num_hidden_layers"]
+        words = ("tensors that config.json does not describe would be dropped", f"model.layers.{last}.")
+    else:
+        name = "model.layers.0.self_attn." + ("q_proj.bias" if case == "bias" else "rotary_emb.inv_freq")
+        _add_tensor(model_copy, name, torch.ones(8), beside="model.layers.0.self_attn.q_proj.weight")
+        words = ("1 tensors that config.json does not describe would be dropped: model.layers.0.self_attn.q_proj.bias",)
+    result = _quantize_rtn(model_copy, tmp_path / "out")
+    if case == "inv-freq":
+        assert result.exit_code == 0, result.output
+    else:
+        _assert_refused(result, tmp_path / "out", *words)
+
+
+def test_a_stored_head_under_tie_word_embeddings_must_equal_the_embedding(model_copy: Path, tmp_path: Path) -> None:
+    """tie_word_embeddings with a stored lm_head: engines run the embedding, we ran the stored
+    head, so a differing one validated another model than the one served; an equal one is fine."""
+    config = json.loads((model_copy / "config.json").read_text())
+    embed = _tensor(model_copy, "model.embed_tokens.weight")
+    if config.get("tie_word_embeddings"):
+        _add_tensor(model_copy, "lm_head.weight", embed * 2, beside="model.embed_tokens.weight")
+    else:
+        config["tie_word_embeddings"] = True
+        (model_copy / "config.json").write_text(json.dumps(config))
+        _rewrite_tensor(model_copy, "lm_head.weight", embed * 2)
+    _assert_refused(_quantize_rtn(model_copy, tmp_path / "out"), tmp_path / "out",
+                    "ties the output head to the embedding (tie_word_embeddings), but 'lm_head.weight' is stored and differs")
+    _rewrite_tensor(model_copy, "lm_head.weight", embed)
+    assert _quantize_rtn(model_copy, tmp_path / "out").exit_code == 0
+
+
+def test_a_checkpoint_quantized_already_is_refused_naming_its_method(model_copy: Path, tmp_path: Path) -> None:
+    """Meta's FP8 Maverick (and GPTQ / compressed-tensors checkpoints) were refused with lines of
+    dtype or missing-tensor complaints that never said why."""
+    config = json.loads((model_copy / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0}
+    (model_copy / "config.json").write_text(json.dumps(config))
+    _assert_refused(_quantize_rtn(model_copy, tmp_path / "out"), tmp_path / "out",
+                    "the model is quantized already (quantization_config, quant_method fbgemm_fp8)")
+
+
 def test_existing_output_needs_force(tiny_llama_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
