@@ -321,26 +321,34 @@ def open_source(model_dir) -> CheckpointSource:
     _refuse_our_artifact(Path(model_dir))
     checkpoint = Checkpoint(model_dir)
     config = checkpoint.load_config()
-    _refuse_quantized(checkpoint, config)
     table = table_for(config, str(checkpoint.model_dir / "config.json"))
     declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     expected = table.expected_tensors(config)
-    checkpoint.validate(expected, declared)
+    with _said_quantized(checkpoint, config):
+        checkpoint.validate(expected, declared)
     _refuse_unread_tensors(checkpoint, table, config, expected)
     return CheckpointSource(checkpoint, table, config)
 
 
-def _refuse_quantized(checkpoint: Checkpoint, config) -> None:
-    """InputError when config.json declares the checkpoint quantized already (Meta's FP8
-    Maverick, a GPTQ / AWQ / compressed-tensors export): its weights are codes and scales,
-    not the float weights this tool quantizes; said before their dtypes and names are."""
-    quantization = getattr(config, "quantization_config", None)
-    if quantization:
+@contextlib.contextmanager
+def _said_quantized(checkpoint: Checkpoint, config):
+    """A checkpoint whose tensors do not match the float model config.json describes, and
+    whose config.json declares it quantized (Meta's FP8 Maverick, a GPTQ / AWQ /
+    compressed-tensors export: codes and scales, not float weights), is refused saying so first
+    (the dtype and missing-tensor complaints never said why). A quantization_config over the
+    float tensors expected (a model dequantized from GGUF by transformers keeps quant_method
+    gguf) is accepted: the tensors are what is read."""
+    try:
+        yield
+    except InputError as exc:
+        quantization = getattr(config, "quantization_config", None)
+        if not quantization:
+            raise
         method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else \
             getattr(quantization, "quant_method", "?")
         raise InputError(f"{checkpoint.model_dir / 'config.json'}: the model is quantized already (quantization_config, "
                          f"quant_method {method}); maverick-quant quantizes a float checkpoint: use the BF16/FP16 "
-                         "release (or dequantize it first)")
+                         f"release (or dequantize it first). {exc}") from None
 
 
 # buffers some checkpoints carry that every loader recomputes from config.json

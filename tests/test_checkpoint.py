@@ -329,8 +329,11 @@ def test_a_checkpoint_quantized_already_is_refused_naming_its_method(model_copy:
     config = json.loads((model_copy / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0}
     (model_copy / "config.json").write_text(json.dumps(config))
+    assert _quantize_rtn(model_copy, tmp_path / "float").exit_code == 0  # float tensors under it (dequantized): read
+    name = "model.layers.1.mlp.up_proj.weight"
+    _rewrite_tensor(model_copy, name, _tensor(model_copy, name).to(torch.float8_e4m3fn))
     _assert_refused(_quantize_rtn(model_copy, tmp_path / "out"), tmp_path / "out",
-                    "the model is quantized already (quantization_config, quant_method fbgemm_fp8)")
+                    "the model is quantized already (quantization_config, quant_method fbgemm_fp8)", "F8_E4M3")
 
 
 def test_existing_output_needs_force(tiny_llama_dir: Path, tmp_path: Path) -> None:
