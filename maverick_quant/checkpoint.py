@@ -215,7 +215,9 @@ class Checkpoint:
 
     def validate(self, expected: dict[str, tuple[int, ...]], config_dtype: str | None = None) -> None:
         """Every expected tensor present with that shape and a float dtype (the one config.json
-        names as `dtype`/`torch_dtype`, when it names one), before any work."""
+        names as `dtype`/`torch_dtype`, when it names one; vectors such as norm weights may be
+        stored in F32 beside 16-bit matrices, as some releases do and transformers loads),
+        before any work."""
         wanted = CONFIG_DTYPES.get(str(config_dtype).removeprefix("torch."))
         problems = []
         for name, shape in expected.items():
@@ -226,7 +228,7 @@ class Checkpoint:
                 problems.append(f"tensor {name!r} in {info.file.name} has shape {list(info.shape)}, config.json implies {list(shape)}")
             elif info.dtype not in FLOAT_DTYPES:
                 problems.append(f"tensor {name!r} in {info.file.name} has dtype {info.dtype}, expected one of {sorted(FLOAT_DTYPES)}")
-            elif wanted is not None and info.dtype != wanted:
+            elif wanted is not None and info.dtype != wanted and not (info.dtype == "F32" and len(shape) == 1):
                 problems.append(f"tensor {name!r} in {info.file.name} has dtype {info.dtype}, config.json says {config_dtype}")
         if problems:
             shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")

@@ -419,6 +419,23 @@ def test_dtype_that_disagrees_with_config_is_refused(model_copy: Path, tmp_path:
     _assert_refused(_quantize_rtn(model_copy, tmp_path / "out"), tmp_path / "out", name, "BF16, config.json says")
 
 
+def test_f32_norms_beside_bf16_matrices_are_read(model_copy: Path, tmp_path: Path) -> None:
+    """A bf16 release that stores its norm weights in F32 (transformers loads it) was refused;
+    its matrices must still be bf16."""
+    shards = {}
+    for name, tensor in {name: _tensor(model_copy, name) for name in Checkpoint(model_copy).tensors}.items():
+        shards[name] = tensor if tensor.dim() == 1 else tensor.to(torch.bfloat16)
+    for name, tensor in shards.items():
+        _rewrite_tensor(model_copy, name, tensor)
+    config = json.loads((model_copy / "config.json").read_text())
+    config["dtype"] = config["torch_dtype"] = "bfloat16"
+    (model_copy / "config.json").write_text(json.dumps(config))
+    assert _quantize_rtn(model_copy, tmp_path / "out").exit_code == 0
+    name = "model.layers.0.self_attn.o_proj.weight"
+    _rewrite_tensor(model_copy, name, shards[name].float())
+    _assert_refused(_quantize_rtn(model_copy, tmp_path / "out2"), tmp_path / "out2", name, "F32, config.json says")
+
+
 def _valid_shard_bytes() -> bytes:
     from safetensors.torch import save
 
