@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from maverick_quant.errors import InputError
+from maverick_quant.errors import ContentError, InputError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -246,7 +246,7 @@ class Checkpoint:
                              f"(it reads {', '.join(TORCH_DTYPES)})")
         tensor = read_tensor(info)
         if check_finite and not all_finite(tensor):
-            raise InputError(f"{info.file}: tensor {name!r} contains NaN or Inf values")
+            raise ContentError(f"{info.file}: tensor {name!r} contains NaN or Inf values")
         return tensor
 
     def get_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
@@ -256,7 +256,7 @@ class Checkpoint:
             raise InputError(f"{self.model_dir}: tensor {name!r} not found")
         tensor = read_rows(info, rows)
         if not all_finite(tensor):
-            raise InputError(f"{info.file}: tensor {name!r} contains NaN or Inf values")
+            raise ContentError(f"{info.file}: tensor {name!r} contains NaN or Inf values")
         return tensor
 
     def fingerprint(self, sample_bytes: int = 1 << 16) -> str:

@@ -18,17 +18,24 @@ class InputError(Exception):
         self.keep_work = keep_work
 
 
+class ContentError(InputError):
+    """Bad model content (NaN or Inf in a tensor, activations or statistics that overflow):
+    found inside a layer of a long run, mending the model and `--resume` go on from there
+    (`kept_when_refused`); an option found wrong mid-run would change the run's identity, so
+    that refusal keeps nothing."""
+
+
 @contextlib.contextmanager
 def kept_when_refused(index: int):
-    """Bad input found inside layer `index` of a layer-by-layer run (a NaN in its shard,
-    statistics that overflow) is named with the layer and, after finished layers, keeps them
-    for `--resume` once mended (as activations gone NaN do) instead of throwing away hours of
-    work (quantize and validate)."""
+    """A ContentError raised inside layer `index` of a layer-by-layer run (a NaN in its shard,
+    activations or statistics that overflow) is named with the layer and, after finished
+    layers, keeps them for `--resume` once the model is mended instead of throwing away hours
+    of work (quantize, validate, imatrix, coverage). Other InputErrors pass unchanged."""
     try:
         yield
-    except InputError as exc:
+    except ContentError as exc:
         if exc.keep_work:
             raise
         finished = "layer 0 is" if index == 1 else f"layers 0-{index - 1} are"
         kept = f"; the finished {finished} kept: mend it, then --resume, or --force to start over" if index else ""
-        raise InputError(f"{exc} (in layer {index}){kept}", keep_work=index > 0) from None
+        raise ContentError(f"{exc} (in layer {index}){kept}", keep_work=index > 0) from None

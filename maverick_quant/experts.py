@@ -280,22 +280,28 @@ def quantize_expert_chunk(x: torch.Tensor, routing: Routing, moe: MoEBlock, weig
     quantized.update(mid_quantized)
     stats.update(mid_stats)
     widths = {**{name: x.shape[1] for name in in_names}, **{name: width for name in mid_names}}
-    return quantized, _audit_records(routing, first, decisions, stats, widths, sample.numel())
+    return quantized, _audit_records(routing, first, decisions, stats, widths, sample)
+
+
+def _distinct_rows(routed: torch.Tensor, sample: torch.Tensor) -> int:
+    """How many distinct tokens a `mixed` Hessian reads: its routed tokens [n] and the all-token
+    sample [T_s] (token indices) overlap, and a token read twice adds no rank."""
+    return int(torch.unique(torch.cat([routed, sample])).numel())
 
 
 def _audit_records(routing: Routing, first: int, decisions: list, stats: dict[str, dict],
-                   widths: dict[str, int], sampled: int) -> list[dict]:
+                   widths: dict[str, int], sample: torch.Tensor) -> list[dict]:
     """One record per expert of the chunk: tokens, share, policy and why, damping, per-linear
-    losses, and `rank_deficient`: the linears solved on a Hessian from fewer rows than their
-    input width K (rank < K: GPTQ fixes the null space by damping alone; docs/moe.md): a
-    `routed` expert's routed tokens, a `mixed` one's routed tokens plus the `sampled` rows of
-    its all-token term."""
+    losses, and `rank_deficient`: the linears solved on a Hessian from fewer distinct tokens
+    than their input width K (rank < K: GPTQ fixes the null space by damping alone;
+    docs/moe.md): a `routed` expert's routed tokens, a `mixed` one's routed tokens and the
+    all-token `sample` [T_s] (token indices) together, each token counted once."""
     total = max(int(routing.counts.sum()), 1)
     records = []
     for e, (policy, reason) in enumerate(decisions):
         tokens = int(routing.counts[first + e])
         linears = {name: {key: values[e] for key, values in s.items()} for name, s in stats.items()}
-        rows = tokens + sampled * (policy is ExpertPolicy.MIXED)
+        rows = _distinct_rows(routing.tokens_of(first + e)[0], sample) if policy is ExpertPolicy.MIXED else tokens
         deficient = [name for name, k in widths.items() if rows < k] if policy is not ExpertPolicy.RTN else []
         records.append({"expert": first + e, "tokens": tokens, "share": tokens / total, "policy": policy.value,
                         "reason": reason, "damp": max(l["damp"] for l in linears.values()), "linears": linears,

@@ -9,7 +9,7 @@ import torch
 
 from maverick_quant.arch.base import LinearGroup
 from maverick_quant.checkpoint import all_finite
-from maverick_quant.errors import InputError
+from maverick_quant.errors import ContentError
 from maverick_quant.calibration.capture import capture_attention_mixed, capture_inputs
 from maverick_quant.compress.gptq import GPTQResult, gptq_quantize, identity_solve
 from maverick_quant.compress.types import QuantizedWeight
@@ -18,11 +18,11 @@ from maverick_quant.streaming import StreamingModel
 
 
 def require_finite_hessian(H: torch.Tensor | None, names: tuple[str, ...]) -> None:
-    """InputError naming the linears `names` when their Hessian H [..., K, K] holds NaN/Inf:
+    """ContentError naming the linears `names` when their Hessian H [..., K, K] holds NaN/Inf:
     activations finite yet so large that their outer products overflow fp32 (a norm weight of
     1e20, say): the model's content, named here, not a solver's traceback."""
     if H is not None and not all_finite(H):
-        raise InputError(f"{'/'.join(names)}: the Hessian of their inputs overflowed to NaN/Inf (activations "
+        raise ContentError(f"{'/'.join(names)}: the Hessian of their inputs overflowed to NaN/Inf (activations "
                          "too large for fp32); check the model's weights before them")
 
 

@@ -29,11 +29,11 @@ from maverick_quant.groups import group_hessian, linear_grid, mark_linears, quan
 from maverick_quant.compress.types import QuantizedWeight
 from maverick_quant.devices import device_label, peak_device_mib, quantized_to, reset_peak_memory, use_device
 from maverick_quant.distributed import ExpertParallel
-from maverick_quant.errors import InputError, kept_when_refused
+from maverick_quant.errors import ContentError, InputError, kept_when_refused
 from maverick_quant.host_memory import peak_rss_mib, release_free_memory
 from maverick_quant.recipe import Method, QuantizeSpec, QuantSpec, grid_changes
 from maverick_quant.resume import RunState, warn_if_resumed_elsewhere
-from maverick_quant.streaming import CheckpointSource, StreamingModel
+from maverick_quant.streaming import CheckpointSource, StreamingModel, check_tied_head
 
 
 @dataclass(frozen=True)
@@ -50,9 +50,7 @@ class RunSummary:
 
 def _check_finite(hidden: torch.Tensor, where: str) -> None:
     if not all_finite(hidden):
-        raise InputError(f"calibration activations became NaN/Inf at {where}; check the model's weights there "
-                         "(the layers finished before it are kept: --resume once mended, --force to start over)",
-                         keep_work=True)
+        raise ContentError(f"calibration activations became NaN/Inf at {where}; check the model's weights there")
 
 
 def quantize_groups_gptq(model: StreamingModel, layer: torch.nn.Module, hidden: torch.Tensor,
@@ -155,6 +153,7 @@ def check_model_level_tensors(source: CheckpointSource) -> None:
     and the vision tower)."""
     for name in _model_level_names(source):
         source.checkpoint.get(name)
+    check_tied_head(source)
 
 
 def _mean_rel_loss(writer: BundleWriter, num_layers: int) -> float | None:

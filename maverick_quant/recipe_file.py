@@ -360,7 +360,8 @@ def parse_recipe(data: Any, base: Path = Path(".")) -> Recipe:
     if calibration_data is not None and (not isinstance(calibration_data, str) or not calibration_data.strip()):
         raise InputError(f"calibration.data={calibration_data!r}: expected a file path or 'self'")
     spec, grid, device = _quantize(data.get("quantize"))
-    _refuse_unread(spec.method, data.get("quantize") or {}, data.get("calibration") or {})
+    if data.get("lock") is None:  # a lock written before 0.3.0 lists every key: what it ran on is in its lock section
+        _refuse_unread(spec.method, data.get("quantize") or {}, data.get("calibration") or {})
     exports = [] if data.get("exports") is None else data["exports"]
     if not isinstance(exports, list):
         raise InputError("exports: expected a list of {format: ...} mappings")
@@ -392,18 +393,21 @@ def parse_recipe(data: Any, base: Path = Path(".")) -> Recipe:
 
 
 def _refuse_unread(method: Method, quantize: dict, calibration: dict) -> None:
-    """InputError naming the first key given under `quantize:` (or a `calibration:` section)
-    that `method` never reads (`settings_unread_by`): the run would ignore it silently."""
-    given = [*(["calibration"] if calibration else []), *(key for key in quantize if key not in ("moe", "awq")),
+    """InputError naming every key given under `quantize:` (and a `calibration:` section with
+    any value set) that `method` never reads (`settings_unread_by`): the run would ignore them
+    silently. Whole methods only: a key another key makes moot (moe.mix under policy routed
+    with fallback rtn) is accepted."""
+    given = [*(["calibration"] if any(value is not None for value in calibration.values()) else []),
+             *(key for key in quantize if key not in ("moe", "awq")),
              *(f"{section}.{key}" for section in ("moe", "awq") for key in (quantize.get(section) or {}))]
-    unread = settings_unread_by(method)
-    for key in given:
-        if key == "calibration" and key in unread:
-            raise InputError(f"calibration: method {method.value} rounds each weight to nearest without calibration "
-                             "data; drop the section (or choose gptq, awq or awq+gptq)")
-        if key in unread:
-            raise InputError(f"quantize.{key}: method {method.value} does not read it, so it would be ignored; drop "
-                             "the key (or choose a method that reads it)")
+    unread = [key for key in given if key in settings_unread_by(method)]
+    if "calibration" in unread:
+        raise InputError(f"calibration: method {method.value} rounds each weight to nearest without calibration data; "
+                         "drop the section (or choose gptq, awq or awq+gptq)")
+    if unread:
+        keys, them = ", ".join(f"quantize.{key}" for key in unread), "it" if len(unread) == 1 else "them"
+        raise InputError(f"{keys}: method {method.value} does not read {them}, so the run would ignore {them}; drop "
+                         f"{them} (or choose a method that does)")
 
 
 def _drop_unread(recipe: dict, method: Method) -> dict:

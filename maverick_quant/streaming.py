@@ -65,13 +65,6 @@ class CheckpointModelTensors:
     def embedding_rows(self, rows: torch.Tensor) -> torch.Tensor:
         return self.checkpoint.get_rows(self.table.embed, rows)
 
-    def check_head(self) -> None:
-        """Read the final norm and the lm_head once (a readable dtype, finite: `Checkpoint.get`)
-        and drop them: they are used after the last layer, where a bad one would throw away a
-        whole validation pass (quantize reads every model-level tensor so up front)."""
-        for name in (self.table.final_norm, self.table.lm_head):
-            self.model_tensor(name)
-
 
 class CheckpointSource(CheckpointModelTensors):
     """The original model read lazily from its safetensors shards."""
@@ -79,6 +72,14 @@ class CheckpointSource(CheckpointModelTensors):
     def __init__(self, checkpoint: Checkpoint, table: ArchTable, config: Any):
         self.checkpoint, self.table, self.config = checkpoint, table, config
         self.text_config = table.text_config(config)
+
+    def check_head(self) -> None:
+        """Read the final norm and the lm_head once (a readable dtype, finite: `Checkpoint.get`)
+        and drop them: they are used after the last layer, where a bad one would throw away a
+        whole validation pass (quantize reads every model-level tensor so up front)."""
+        for name in (self.table.final_norm, self.table.lm_head):
+            self.model_tensor(name)
+        check_tied_head(self)
 
     def layer_tensors(self, index: int, experts: bool = True) -> dict[str, torch.Tensor]:
         prefix = self.table.prefix(index)
@@ -326,7 +327,7 @@ def open_source(model_dir) -> CheckpointSource:
     expected = table.expected_tensors(config)
     with _said_quantized(checkpoint, config):
         checkpoint.validate(expected, declared)
-    _refuse_unread_tensors(checkpoint, table, config, expected)
+        _refuse_unread_tensors(checkpoint, table, expected)
     return CheckpointSource(checkpoint, table, config)
 
 
@@ -337,15 +338,15 @@ def _said_quantized(checkpoint: Checkpoint, config):
     compressed-tensors export: codes and scales, not float weights), is refused saying so first
     (the dtype and missing-tensor complaints never said why). A quantization_config over the
     float tensors expected (a model dequantized from GGUF by transformers keeps quant_method
-    gguf) is accepted: the tensors are what is read."""
+    gguf) is accepted: the tensors are what is read (and their faults are not called quantized)."""
     try:
         yield
     except InputError as exc:
         quantization = getattr(config, "quantization_config", None)
-        if not quantization:
-            raise
         method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else \
             getattr(quantization, "quant_method", "?")
+        if not quantization or method == "gguf":
+            raise
         raise InputError(f"{checkpoint.model_dir / 'config.json'}: the model is quantized already (quantization_config, "
                          f"quant_method {method}); maverick-quant quantizes a float checkpoint: use the BF16/FP16 "
                          f"release (or dequantize it first). {exc}") from None
@@ -355,12 +356,11 @@ def _said_quantized(checkpoint: Checkpoint, config):
 RECOMPUTED_BUFFERS = ("rotary_emb.inv_freq",)
 
 
-def _refuse_unread_tensors(checkpoint: Checkpoint, table: ArchTable, config, expected: dict) -> None:
+def _refuse_unread_tensors(checkpoint: Checkpoint, table: ArchTable, expected: dict) -> None:
     """InputError naming the tensors the run would drop without a word: layers past
     num_hidden_layers, biases config.json does not declare, any other name the architecture
-    table does not read (and no pass-through prefix covers). A tied lm_head that the checkpoint
-    also stores is accepted when it equals the embedding (engines tie it; we would run the
-    stored one), and refused when it differs."""
+    table does not read (and no pass-through prefix covers). A head stored beside
+    tie_word_embeddings is left to `check_tied_head` (it reads data; this reads headers)."""
     lm_head = table.lm_head
     unread = sorted(name for name in checkpoint.tensors if name not in expected and name != lm_head
                     and not name.startswith(table.passthrough_prefixes) and not name.endswith(RECOMPUTED_BUFFERS))
@@ -368,9 +368,18 @@ def _refuse_unread_tensors(checkpoint: Checkpoint, table: ArchTable, config, exp
         shown = ", ".join(unread[:5]) + (f" and {len(unread) - 5} more" if len(unread) > 5 else "")
         raise InputError(f"{checkpoint.model_dir}: {len(unread)} tensors that config.json does not describe would be "
                          f"dropped: {shown} (num_hidden_layers, attention_bias / mlp_bias, or another architecture?)")
-    if lm_head in checkpoint.tensors and lm_head not in expected:  # tie_word_embeddings, yet a head is stored
-        if not torch.equal(checkpoint.get(lm_head), checkpoint.get(table.embed)):
-            raise InputError(f"{checkpoint.model_dir}: config.json ties the output head to the embedding "
-                             f"(tie_word_embeddings), but {lm_head!r} is stored and differs from {table.embed!r}: "
-                             "engines would run the embedding, this tool the stored head; set tie_word_embeddings "
-                             "to false (or drop the stored head)")
+
+
+def check_tied_head(source: "CheckpointSource") -> None:
+    """InputError when config.json ties the output head to the embedding (tie_word_embeddings)
+    yet the checkpoint stores a head that differs from it: engines would serve the embedding,
+    while this tool quantizes and validates the stored head. An equal one is fine. Reads both
+    tensors: called where they are read anyway (quantize's and validate's up-front checks)."""
+    head, embed = source.table.lm_head, source.table.embed
+    tied = head not in source.table.model_shapes(source.text_config)
+    if tied and head in source.checkpoint.tensors and not torch.equal(source.checkpoint.get(head),
+                                                                       source.checkpoint.get(embed)):
+        raise InputError(f"{source.checkpoint.model_dir}: config.json ties the output head to the embedding "
+                         f"(tie_word_embeddings), but {head!r} is stored and differs from {embed!r}: engines would run "
+                         "the embedding, this tool the stored head; set tie_word_embeddings to false (or drop the "
+                         "stored head)")

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from maverick_quant.checkpoint import all_finite
-from maverick_quant.errors import InputError, kept_when_refused
+from maverick_quant.errors import ContentError, kept_when_refused
 from maverick_quant.resume import RunState, warn_if_resumed_elsewhere
 
 
@@ -39,8 +39,8 @@ def walk_layers(layers: int, hidden: torch.Tensor, step: Callable[[int, torch.Te
     walk goes on from the hidden states saved after the last of them. With a state, each
     layer's results, then the hidden states entering the next layer, then the progress
     record are written before the layer's results are yielded (no hidden states after the last).
-    Hidden states that turn NaN/Inf, and bad input found inside a layer, raise InputError
-    naming the layer (the finished layers kept for --resume: `errors.kept_when_refused`).
+    Hidden states that turn NaN/Inf, and bad model content found inside a layer, raise
+    ContentError naming the layer (the finished layers kept for --resume: `errors.kept_when_refused`).
     `device` (devices.device_label) is recorded with the progress; resuming on another one warns.
     """
     warn_if_resumed_elsewhere(state, device)
@@ -54,7 +54,7 @@ def walk_layers(layers: int, hidden: torch.Tensor, step: Callable[[int, torch.Te
             with kept_when_refused(index):
                 results = step(index, hidden)
                 if not all_finite(hidden):  # what the later layers gathered would be NaN (an imatrix llama.cpp reads)
-                    raise InputError("the hidden states became NaN/Inf at the output of this layer; check the model's "
+                    raise ContentError("the hidden states became NaN/Inf at the output of this layer; check the model's "
                                      "weights there")
             if state is not None:
                 state.save_layer_results(index, results)

@@ -218,6 +218,27 @@ def test_validate_gates_on_hellaswag_delta(tiny_llama_dir: Path, hellaswag_file:
     assert report["hellaswag"]["reference"]["acc"] == pytest.approx(100 * right.double().mean().item())
 
 
+def test_a_nan_score_is_no_answer_and_a_reference_giving_one_is_refused(tiny_llama_dir: Path, monkeypatch) -> None:
+    """argmax picked the NaN choice, so a broken candidate's NaN scores counted as answers (a
+    quarter of them right by chance) and a broken reference set the accuracy it was judged by."""
+    from maverick_quant.errors import ContentError
+    from maverick_quant.validation import hellaswag
+    from maverick_quant.validation.hellaswag import NO_ANSWER, evaluate_choices, predictions
+
+    scores = torch.tensor([0.1, 0.9, 0.2, 0.3, float("nan"), 5.0, 0.0, 0.0, 1.0, float("inf")])
+    assert predictions(scores, (4, 4, 2)).tolist() == [1, NO_ANSWER, NO_ANSWER]
+    tasks = [Task("The cat sat on the", ("mat.", "moon.", "sea.", "sky."), 0)] * 2
+    tokenizer = load_tokenizer(tiny_llama_dir)
+    source = open_source(tiny_llama_dir)
+    real = hellaswag.choose_answers
+    broken = lambda *args, **kwargs: torch.full((len(args[1]),), NO_ANSWER)  # noqa: E731
+    monkeypatch.setattr(hellaswag, "choose_answers", lambda src, *a, **k: (broken if src is source else real)(src, *a, **k))
+    with pytest.raises(ContentError, match="the reference scored 2 multiple-choice tasks NaN/Inf"):
+        evaluate_choices(source, open_source(tiny_llama_dir), tasks, tokenizer, show_progress=False)
+    drift = evaluate_choices(open_source(tiny_llama_dir), source, tasks, tokenizer, show_progress=False)
+    assert drift["candidate"]["acc"] == 0  # a broken candidate answers nothing right
+
+
 def test_validate_passes_its_choices_memory_budget_down(tiny_llama_dir: Path, hellaswag_file: Path,
                                                        small_text_file: Path, tmp_path: Path, monkeypatch) -> None:
     """`--choices-pass-mib` reaches the grouping of blocks into passes (for both models); 0 is refused."""

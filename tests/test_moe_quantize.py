@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from maverick_quant.arch.base import unfuse_experts
 from maverick_quant.bundle import Bundle
 from maverick_quant.checkpoint import Checkpoint
-from maverick_quant.calibration.moe import all_token_sample_size, route
+from maverick_quant.calibration.moe import all_token_sample_size, route, sample_tokens
 from maverick_quant.cli import cli
 from maverick_quant.compress.grid import rtn_quantize
 from maverick_quant.experts import quantize_expert_chunk
@@ -66,7 +66,7 @@ def test_every_expert_is_quantized_and_audited(moe_bundle: Path) -> None:
         assert set(record["linears"]) == {"gate_proj", "up_proj", "down_proj"}
         assert all(0 <= l["rel_loss"] < 1 and l["damp"] > 0 for l in record["linears"].values())
         widths = {"gate_proj": 64, "up_proj": 64, "down_proj": 32}  # input widths: hidden 64, expert intermediate 32
-        rows = record["tokens"] + (WINDOWS * LENGTH if record["policy"] == "mixed" else 0)  # mixed: + every token
+        rows = WINDOWS * LENGTH if record["policy"] == "mixed" else record["tokens"]  # mixed: every token (640 < 4096)
         assert record["rank_deficient"] == [name for name, k in widths.items() if rows < k]
     assert any(r["tokens"] < 8 for r in audit)  # the fixture starves expert 0
     assert any(r["rank_deficient"] for r in audit)  # and routes fewer tokens than inputs to some others
@@ -260,23 +260,32 @@ def test_the_all_token_sample_holds_at_least_twice_the_widest_input_by_default()
     assert all_token_sample_size(MoESpec(all_tokens=100), 8192) == 100  # given: kept
 
 
-def test_mixed_experts_are_audited_rank_deficient_when_routed_plus_sampled_rows_are_fewer_than_k(
+def test_mixed_experts_are_audited_rank_deficient_when_their_distinct_tokens_are_fewer_than_k(
         tiny_llama4_dir: Path) -> None:
-    """A `mixed` expert's Hessian reads its routed tokens plus the all-token sample: with a
-    sample of 16 rows, an expert with n routed tokens is rank-deficient on the linears of K >
-    n + 16 (gate/up K = 64, down K = 32); with the default sample (here every one of 600
-    tokens) on none."""
+    """A `mixed` expert's Hessian reads its routed tokens and the all-token sample, which
+    overlap: with a sample of 16 rows, an expert is rank-deficient on the linears (gate/up K =
+    64, down K = 32) whose K exceeds the distinct tokens of both; with the default sample (here
+    every one of 600 tokens) on none. With 40 calibration tokens in all, no sample helps: gate/up
+    stay rank-deficient, though routed + sampled rows (up to 40 + 40) can reach 64."""
+    widths = {"gate_proj": 64, "up_proj": 64, "down_proj": 32}
     x, routing, moe, weights = _chunk_inputs(tiny_llama4_dir, tokens=600)
     _, small = quantize_expert_chunk(x, routing, moe, weights, 0,
                                      QuantizeSpec(moe=MoESpec(policy=ExpertPolicy.MIXED, min_tokens=1, all_tokens=16)))
-    widths = {"gate_proj": 64, "up_proj": 64, "down_proj": 32}
+    sample = set(sample_tokens(600, 16).tolist())
+    overlapping = 0
     for record in small:
+        routed = set(routing.tokens_of(record["expert"])[0].tolist())
+        overlapping += bool(routed & sample)
         assert record["policy"] == "mixed"
-        assert record["rank_deficient"] == [name for name, k in widths.items() if record["tokens"] + 16 < k]
-    assert any(r["rank_deficient"] for r in small)
+        assert record["rank_deficient"] == [name for name, k in widths.items() if len(routed | sample) < k]
+    assert overlapping and any(r["rank_deficient"] for r in small)
     _, default = quantize_expert_chunk(x, routing, moe, weights, 0,
                                        QuantizeSpec(moe=MoESpec(policy=ExpertPolicy.MIXED, min_tokens=1)))
     assert [r["rank_deficient"] for r in default] == [[]] * EXPERTS
+    x, routing, moe, weights = _chunk_inputs(tiny_llama4_dir, tokens=40)
+    _, few = quantize_expert_chunk(x, routing, moe, weights, 0,
+                                   QuantizeSpec(moe=MoESpec(policy=ExpertPolicy.MIXED, min_tokens=1)))
+    assert [r["rank_deficient"] for r in few] == [["gate_proj", "up_proj"]] * EXPERTS
 
 
 def test_inspect_summarizes_experts_and_draws_the_heat_map(moe_bundle: Path, tmp_path: Path) -> None:

@@ -81,7 +81,8 @@ def test_shipped_recipes_load() -> None:
     # settings the method never reads (each was ignored without a word)
     ({"quantize": {"method": "rtn"}}, "calibration: method rtn rounds each weight to nearest without calibration data"),
     ({"quantize": {"awq": {"grid": 10}}}, "quantize.awq.grid: method gptq does not read it"),
-    ({"quantize": {"method": "awq", "act_order": True}}, "quantize.act_order: method awq does not read it"),
+    ({"quantize": {"method": "awq", "act_order": True, "damp": 0.1}},
+     "quantize.act_order, quantize.damp: method awq does not read them, so the run would ignore them"),
     ({"quantize": {"method": "awq", "moe": {"all_tokens": 100}}}, "quantize.moe.all_tokens: method awq does not read it"),
 ])
 def test_bad_recipes_name_the_key_and_the_allowed_values(change: dict, message: str) -> None:
@@ -294,6 +295,11 @@ def test_a_lock_lists_only_the_settings_its_method_reads_and_reads_back_as_itsel
                              "quantize": {"method": "awq+gptq"}}).to_dict()["quantize"]) >= {"damp", "awq"}
     assert parse_recipe({"model": "m", "quantize": {"method": "rtn"}}).to_dict()["quantize"]["moe"] == \
         {"quantize_router": False, "chunk_mib": 8192}
+    # a lock written before 0.3.0 listed every key for every method: it still runs as a recipe
+    old_lock = {"model": "m", "calibration": {"data": None, "samples": 128}, "lock": {"device": "cpu"},
+                "quantize": {"method": "rtn", "damp": 0.01, "awq": {"grid": 20}, "moe": {"policy": "routed"}}}
+    assert parse_recipe(old_lock).quantize.method.value == "rtn"
+    assert parse_recipe({"model": "m", "calibration": {"data": None}, "quantize": {"method": "rtn"}})  # nothing set
 
 
 def test_a_gguf_export_of_any_grid_it_stores_losslessly_is_accepted() -> None:

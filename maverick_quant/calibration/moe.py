@@ -117,8 +117,8 @@ def expected_policies(counts: list[float], spec: MoESpec, width: int) -> list[Ex
     return [resolve_policy(round(count), spec, width)[0] for count in counts]
 
 
-RANK_DEFICIENT_ADVICE = ("--moe-require-full-rank or --moe-policy mixed avoids it, where the calibration holds at least "
-                         "K tokens for mixed's all-token sample (docs/moe.md)")
+RANK_DEFICIENT_ADVICE = ("a routed expert: --moe-require-full-rank or --moe-policy mixed; a mixed one: at least K "
+                         "calibration tokens in all, within moe.all_tokens (docs/moe.md)")
 AUTO_SAMPLE_FLOOR = 4096  # rows of H_all,e's sample at least, when `moe.all_tokens` is left to the default
 
 

@@ -54,8 +54,8 @@ def _refuse_broken_logits(model_dir: Path):
     class RefuseBrokenLogits(LogitsProcessor):
         def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
             if torch.isnan(scores).any() or torch.isposinf(scores).any():
-                raise InputError(f"{model_dir}: the model's logits became NaN/Inf while generating its own calibration "
-                                 "text (--data self); check its weights, or calibrate on a text file")
+                raise InputError(f"{model_dir}: the model's logits became NaN/Inf while it generated text of its own "
+                                 "(data: self); check its weights, or give a text file")
             return scores
 
     return RefuseBrokenLogits()

@@ -409,7 +409,8 @@ def float_array(tensor: torch.Tensor, ggml_type: str, name: str) -> np.ndarray:
     array = tensor.to(torch.float16 if ggml_type == "F16" else torch.float32).contiguous().numpy()
     if ggml_type == "F16" and not np.isfinite(array).all():
         raise InputError(f"{name}: values of magnitude up to {float(tensor.abs().max()):.4g} exceed F16's 65504 and "
-                         "would be stored as Inf; export it as F32 or BF16 (--gguf-type F32 / --mmproj-type F32)")
+                         "would be stored as Inf; export as F32 (--gguf-type F32, or for the projector --mmproj-type F32; "
+                         "in a recipe exports[].gguf_type / exports[].mmproj: F32)")
     return array
 
 

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from maverick_quant.calibration.moe import Routing
 from maverick_quant.checkpoint import all_finite
-from maverick_quant.errors import InputError, kept_when_refused
+from maverick_quant.errors import ContentError, InputError, kept_when_refused
 from maverick_quant.host_memory import release_free_memory
 from maverick_quant.recipe import MoESpec
 from maverick_quant.streaming import StreamingModel, WeightSource
@@ -266,12 +266,12 @@ def evaluate(reference: WeightSource, candidate: WeightSource, windows: torch.Te
 
 
 def _check_reference_finite(h_ref: torch.Tensor, index: int, reference: WeightSource) -> None:
-    """InputError when the reference's hidden states [W, L, D] left layer `index` NaN or Inf:
+    """ContentError when the reference's hidden states [W, L, D] left layer `index` NaN or Inf:
     every measure after it would compare with nothing (a candidate can break, the reference
     it is judged against cannot)."""
     if not all_finite(h_ref):
         where = getattr(getattr(reference, "checkpoint", None), "model_dir", "the reference")
-        raise InputError(f"{where}: the reference's hidden states became NaN/Inf at the output of layer {index}; "
+        raise ContentError(f"{where}: the reference's hidden states became NaN/Inf at the output of layer {index}; "
                          "check the model's weights there (a float model that overflows in fp32 cannot be compared "
                          "with)")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from maverick_quant.errors import InputError
+from maverick_quant.errors import ContentError, InputError
 from maverick_quant.host_memory import release_free_memory
 from maverick_quant.recipe import CHOICES_PASS_MIB
 from maverick_quant.streaming import SequenceLayout, StreamingModel, WeightSource
@@ -292,9 +292,15 @@ def branch_choice_scores(candidate, encoded: list[EncodedTask]) -> torch.Tensor:
     return torch.stack(scores)
 
 
+NO_ANSWER = -1  # a task whose scores are not all finite: never counted right
+
+
 def predictions(scores: torch.Tensor, choices_per_task: tuple[int, ...]) -> torch.Tensor:
-    """The argmax choice of each task [tasks] from the scores of all choices [choices]."""
-    return torch.stack([part.argmax() for part in scores.split(list(choices_per_task))])
+    """The argmax choice of each task [tasks] from the scores of all choices [choices];
+    NO_ANSWER for a task with a NaN or infinite score (argmax would pick the NaN: a broken
+    model's answers were counted as its choices)."""
+    return torch.stack([part.argmax() if torch.isfinite(part).all() else torch.tensor(NO_ANSWER)
+                        for part in scores.split(list(choices_per_task))])
 
 
 def accuracy_drift(correct_ref: torch.Tensor, correct_cand: torch.Tensor) -> dict:
@@ -359,7 +365,11 @@ def evaluate_choices(reference: WeightSource, candidate, tasks: list[Task], toke
     encoded = [encode_task(task, tokenizer) for task in tasks]
     labels, pad = torch.tensor([task.label for task in tasks]), tokenizer.eos_token_id or 0
     with tqdm(total=2 * len(tasks), desc="multiple choice (both models)", unit="task", disable=not show_progress) as bar:
-        reference_right = choose_answers(reference, encoded, pad, block, bar=bar, device=device, pass_mib=pass_mib) == labels
+        reference_choice = choose_answers(reference, encoded, pad, block, bar=bar, device=device, pass_mib=pass_mib)
+        if (reference_choice == NO_ANSWER).any():  # a candidate can break, the reference it is judged against cannot
+            raise ContentError(f"the reference scored {int((reference_choice == NO_ANSWER).sum())} multiple-choice "
+                               "tasks NaN/Inf: its activations overflow; check its weights")
+        reference_right = reference_choice == labels
         candidate_right = choose_answers(candidate, encoded, pad, block, kernels, bar=bar, device=device,
                                          pass_mib=pass_mib) == labels
     return accuracy_drift(reference_right, candidate_right)
