@@ -331,6 +331,14 @@ def read_experts(model: StreamingModel, index: int, first: int, count: int) -> d
     return {name: weight.to(model.device) for name, weight in unfuse_experts(moe, fused).items()}
 
 
+def check_expert_budget(model: StreamingModel, chunk_mib: int) -> None:
+    """InputError before any work when one routed expert of `model` does not fit `chunk_mib`
+    (`experts_per_chunk`): found in the first MoE layer otherwise, after the layers before it."""
+    first_moe = next((index for index in range(model.num_layers) if model.plan(index).moe is not None), None)
+    if first_moe is not None:
+        experts_per_chunk(model.plan(first_moe).moe, model.config.hidden_size, model.config.intermediate_size, chunk_mib)
+
+
 def expert_chunks(moe: MoEBlock, config, chunk_mib: int):
     """(first, count) of each chunk of experts within the memory budget `chunk_mib`."""
     step = experts_per_chunk(moe, config.hidden_size, config.intermediate_size, chunk_mib)

@@ -23,7 +23,7 @@ from maverick_quant.checkpoint import all_finite
 from maverick_quant.arch.base import LinearGroup
 from maverick_quant.calibration.data import CalibrationSet
 from maverick_quant.compress.grid import rtn_quantize
-from maverick_quant.experts import ExpertChunks, quantize_moe_block, rtn_moe_block
+from maverick_quant.experts import ExpertChunks, check_expert_budget, quantize_moe_block, rtn_moe_block
 from maverick_quant.awq_layer import awq_scale_layer
 from maverick_quant.groups import group_hessian, linear_grid, mark_linears, quantized_linears, set_weight, solve_group
 from maverick_quant.compress.types import QuantizedWeight
@@ -262,6 +262,7 @@ def quantize_model(source: CheckpointSource, calibration: CalibrationSet | None,
     resumed_from = warn_if_resumed_elsewhere(state, device_label(device))
     refuse_overridden_experts(source, spec)
     model = StreamingModel(source, batch=spec.batch_windows, device=device)
+    check_expert_budget(model, spec.moe.chunk_mib)
     first_layer, hidden = state.load_progress(writer.completed_layers()) if state else (0, None)
     if parallel is not None:
         parallel.check_same_start(first_layer, state.folder if state else None)

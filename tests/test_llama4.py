@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from maverick_quant.arch.base import FusedExpertsBuilder, unfuse_experts
@@ -139,3 +140,24 @@ def test_a_published_config_with_attn_temperature_tuning_4_is_read_as_on(tiny_ll
     (model / "config.json").write_text(json.dumps(config))
     code, output = run_cli("quantize", model, "--method", "rtn", "--out", tmp_path / "b-bad", "--no-progress")
     assert code == 2 and f"{model / 'config.json'}: cannot be read as a transformers config" in output, output
+
+
+def test_a_chunk_budget_below_one_expert_is_refused_before_the_first_layer(tiny_llama4_dir, tmp_path, monkeypatch) -> None:
+    """It was found in the first MoE layer, after the dense layers before it were quantized
+    (Maverick: layer 1), and took them along."""
+    from click.testing import CliRunner
+
+    import maverick_quant.experts as experts
+    import maverick_quant.pipeline as pipeline
+    from maverick_quant.cli import cli
+    from maverick_quant.errors import InputError
+
+    def too_small(moe, hidden, inter, budget_mib):
+        raise InputError(f"--moe-chunk-mib {budget_mib}: one expert needs more; raise the budget")
+
+    monkeypatch.setattr(experts, "experts_per_chunk", too_small)
+    monkeypatch.setattr(pipeline, "quantize_layer_rtn", lambda *args: pytest.fail("a layer was quantized"))
+    result = CliRunner().invoke(cli, ["quantize", str(tiny_llama4_dir), "--method", "rtn", "--out", str(tmp_path / "b"),
+                                      "--moe-chunk-mib", "3", "--no-progress"])
+    assert result.exit_code == 2 and "--moe-chunk-mib 3: one expert needs more" in result.output, result.output
+    assert not any(tmp_path.iterdir())

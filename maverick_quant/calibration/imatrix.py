@@ -84,10 +84,11 @@ def collect_imatrix(source: WeightSource, input_ids: torch.Tensor, batch: int = 
     on `device`, hidden states on the host). `state` (resume.RunState): keep each layer's sums
     and the hidden states after it, and go on from an earlier attempt's (walk.py)."""
     from maverick_quant.devices import device_label
-    from maverick_quant.experts import run_moe_layer
+    from maverick_quant.experts import check_expert_budget, run_moe_layer
     from maverick_quant.walk import walk_layers
 
     model = StreamingModel(source, batch=batch, device=device)
+    check_expert_budget(model, chunk_mib)
     out = Imatrix(chunk_count=int(input_ids.shape[0]), chunk_size=int(input_ids.shape[1]))
 
     def step(index: int, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
