@@ -23,7 +23,7 @@ def require_finite_hessian(H: torch.Tensor | None, names: tuple[str, ...]) -> No
     1e20, say): the model's content, named here, not a solver's traceback."""
     if H is not None and not all_finite(H):
         raise ContentError(f"{'/'.join(names)}: the Hessian of their inputs overflowed to NaN/Inf (activations "
-                         "too large for fp32); check the model's weights before them")
+                           "too large for fp32); check the model's weights before them")
 
 
 def set_weight(layer: torch.nn.Module, name: str, weight: QuantizedWeight) -> None:

@@ -272,8 +272,8 @@ def _check_reference_finite(h_ref: torch.Tensor, index: int, reference: WeightSo
     if not all_finite(h_ref):
         where = getattr(getattr(reference, "checkpoint", None), "model_dir", "the reference")
         raise ContentError(f"{where}: the reference's hidden states became NaN/Inf at the output of layer {index}; "
-                         "check the model's weights there (a float model that overflows in fp32 cannot be compared "
-                         "with)")
+                           "check the model's weights there (a float model that overflows in fp32 cannot be compared "
+                           "with)")
 
 
 def _resume_layers(state: ValidationState | None, fresh) -> tuple[int, dict[str, torch.Tensor], list[LayerResult]]:
