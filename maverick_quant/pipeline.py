@@ -19,7 +19,6 @@ from tqdm.auto import tqdm
 
 from maverick_quant import __version__
 from maverick_quant.bundle import BundleWriter, ReadOnlyWriter, copy_model_files
-from maverick_quant.checkpoint import all_finite
 from maverick_quant.arch.base import LinearGroup
 from maverick_quant.calibration.data import CalibrationSet
 from maverick_quant.compress.grid import rtn_quantize
@@ -29,11 +28,11 @@ from maverick_quant.groups import group_hessian, linear_grid, mark_linears, quan
 from maverick_quant.compress.types import QuantizedWeight
 from maverick_quant.devices import device_label, peak_device_mib, quantized_to, reset_peak_memory, use_device
 from maverick_quant.distributed import ExpertParallel
-from maverick_quant.errors import ContentError, InputError, kept_when_refused
+from maverick_quant.errors import InputError, kept_when_refused
 from maverick_quant.host_memory import peak_rss_mib, release_free_memory
 from maverick_quant.recipe import Method, QuantizeSpec, QuantSpec, grid_changes
 from maverick_quant.resume import RunState, warn_if_resumed_elsewhere
-from maverick_quant.streaming import CheckpointSource, StreamingModel, check_tied_head
+from maverick_quant.streaming import CheckpointSource, StreamingModel, check_tied_head, require_finite_hidden
 
 
 @dataclass(frozen=True)
@@ -46,11 +45,6 @@ class RunSummary:
     layers: int
     device: str = "cpu"
     peak_device_mib: float | None = None  # peak CUDA allocation; None on the CPU
-
-
-def _check_finite(hidden: torch.Tensor, where: str) -> None:
-    if not all_finite(hidden):
-        raise ContentError(f"calibration activations became NaN/Inf at {where}; check the model's weights there")
 
 
 def quantize_groups_gptq(model: StreamingModel, layer: torch.nn.Module, hidden: torch.Tensor,
@@ -286,7 +280,7 @@ def quantize_model(source: CheckpointSource, calibration: CalibrationSet | None,
                                          show_progress)
             if needs_data:
                 quantized, stats = quantize_layer_calibrated(model, index, layer, hidden, spec, store)
-                _check_finite(hidden, f"the output of layer {index}")
+                require_finite_hidden(hidden, index, "the calibration windows'")
                 losses.extend(stats[name]["rel_loss"] for name in quantized if "rel_loss" in stats[name])
                 if losses:
                     bar.set_postfix(rel_loss=f"{sum(losses) / len(losses):.4f}")

@@ -415,8 +415,10 @@ def _drop_unread(recipe: dict, method: Method) -> dict:
     lists what the run used, and reads back as a recipe `_refuse_unread` accepts."""
     for key in settings_unread_by(method):
         section, _, name = key.rpartition(".")
-        holder = recipe if key == "calibration" else recipe["quantize"][section] if section else recipe["quantize"]
-        holder.pop(name, None)
+        if key == "calibration":
+            recipe.pop(key, None)
+        else:
+            (recipe["quantize"][section] if section else recipe["quantize"]).pop(name, None)
     if not recipe["quantize"].get("awq", True):
         del recipe["quantize"]["awq"]
     return recipe

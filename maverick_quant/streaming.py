@@ -17,8 +17,8 @@ from typing import Any, Iterator, Protocol
 import torch
 
 from maverick_quant.arch.base import ArchTable
-from maverick_quant.checkpoint import Checkpoint, manifest_format
-from maverick_quant.errors import InputError
+from maverick_quant.checkpoint import Checkpoint, all_finite, manifest_format
+from maverick_quant.errors import ContentError, InputError
 
 
 class StopForward(Exception):
@@ -44,6 +44,15 @@ class WeightSource(Protocol):
     def expert_tensors(self, index: int, first: int, count: int) -> dict[str, torch.Tensor]:
         """Routed experts [first, first+count) of MoE layer `index` as the model's fused
         tensors {relative name: [count, ...]}, reading no other expert."""
+
+
+def require_finite_hidden(hidden: torch.Tensor, index: int, whose: str) -> None:
+    """ContentError when the hidden states `hidden` [..., D] leaving layer `index` hold NaN or
+    Inf (finite weights whose activations overflow fp32): every later layer, statistic and
+    score would be computed on them. `whose` opens the message ("the reference's")."""
+    if not all_finite(hidden):
+        raise ContentError(f"{whose} hidden states became NaN/Inf at the output of layer {index}; check the model's "
+                           "weights there")
 
 
 def layer_tensor_names(table: ArchTable, text_config: Any, index: int, experts: bool) -> list[str]:

@@ -23,9 +23,9 @@ from typing import Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from maverick_quant.checkpoint import all_finite
-from maverick_quant.errors import ContentError, kept_when_refused
+from maverick_quant.errors import kept_when_refused
 from maverick_quant.resume import RunState, warn_if_resumed_elsewhere
+from maverick_quant.streaming import require_finite_hidden
 
 
 def walk_layers(layers: int, hidden: torch.Tensor, step: Callable[[int, torch.Tensor], dict[str, torch.Tensor]],
@@ -53,9 +53,7 @@ def walk_layers(layers: int, hidden: torch.Tensor, step: Callable[[int, torch.Te
         for index in range(start, layers):
             with kept_when_refused(index):
                 results = step(index, hidden)
-                if not all_finite(hidden):  # what the later layers gathered would be NaN (an imatrix llama.cpp reads)
-                    raise ContentError("the hidden states became NaN/Inf at the output of this layer; check the model's "
-                                     "weights there")
+                require_finite_hidden(hidden, index, "the")  # else what the later layers gather is NaN
             if state is not None:
                 state.save_layer_results(index, results)
                 state.save_progress(index + 1, hidden if index + 1 < layers else None, device)

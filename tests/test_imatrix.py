@@ -111,7 +111,7 @@ def test_activations_that_overflow_are_refused_not_written_into_the_imatrix(tiny
     result = CliRunner().invoke(cli, ["imatrix", str(model), "--data", str(small_text_file), "--samples", 2, "--seq-len",
                                       16, "--out", str(tmp_path / "x.gguf"), "--no-progress"])
     assert result.exit_code == 2, result.output
-    assert "the hidden states became NaN/Inf at the output of this layer" in result.output
+    assert "the hidden states became NaN/Inf at the output of layer 1" in result.output
     assert "(in layer 1); the finished layer 0 is kept" in result.output and not (tmp_path / "x.gguf").exists()
 
 

@@ -344,15 +344,15 @@ def test_activations_turning_nan_keep_the_finished_layers_for_a_resume(tiny_llam
                                                                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """NaN/Inf calibration activations after layer 1 are bad input (exit 2), found hours in on
     Maverick: they used to delete every finished layer with the run's state."""
-    import maverick_quant.pipeline as pipeline_module
+    import maverick_quant.streaming as streaming_module
 
-    real_check, outputs = pipeline_module.all_finite, []
+    real_check, outputs = streaming_module.all_finite, []
 
     def nan_after_layer_1(hidden):
         outputs.append(hidden)
         return real_check(hidden) and len(outputs) != 2
 
-    monkeypatch.setattr(pipeline_module, "all_finite", nan_after_layer_1)
+    monkeypatch.setattr(streaming_module, "all_finite", nan_after_layer_1)
     result = CliRunner().invoke(cli, _small_gptq_args(tiny_llama_dir, small_text_file)(tmp_path / "bundle"))
     assert result.exit_code == 2 and "NaN/Inf at the output of layer 1" in result.output, result.output
     assert "--resume" in result.output and state_dir_for(tmp_path / "bundle").is_dir()

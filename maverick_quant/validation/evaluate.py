@@ -25,11 +25,10 @@ import torch
 from tqdm.auto import tqdm
 
 from maverick_quant.calibration.moe import Routing
-from maverick_quant.checkpoint import all_finite
-from maverick_quant.errors import ContentError, InputError, kept_when_refused
+from maverick_quant.errors import InputError, kept_when_refused
 from maverick_quant.host_memory import release_free_memory
 from maverick_quant.recipe import MoESpec
-from maverick_quant.streaming import StreamingModel, WeightSource
+from maverick_quant.streaming import StreamingModel, WeightSource, require_finite_hidden
 from maverick_quant.validation.experts import (ExpertError, candidate_block_input, compare_expert_chunk,
                                                routing_agreement, squared_norm, summarize_experts, summarize_routing)
 from maverick_quant.validation.metrics import MetricAccumulator
@@ -255,7 +254,7 @@ def evaluate(reference: WeightSource, candidate: WeightSource, windows: torch.Te
     for index in _layer_bar(ref_model.num_layers, start, windows, "validate layers", show_progress):
         with kept_when_refused(index):
             steps.append(_advance_layer(ref_model, cand_model, index, h_ref, h_cand, expert_chunk_mib))
-            _check_reference_finite(h_ref, index, reference)
+            require_finite_hidden(h_ref, index, f"{_where(reference)}: the reference's")
         _record_layer(state, index, caches, steps)
         release_free_memory()
     metrics = _score(ref_model, cand_model, windows, h_ref, h_cand, first_scored)
@@ -265,15 +264,10 @@ def evaluate(reference: WeightSource, candidate: WeightSource, windows: torch.Te
     return Evaluation(summary, metrics.kl_values(), [(f"layer {i}", step.rel_error) for i, step in enumerate(steps)])
 
 
-def _check_reference_finite(h_ref: torch.Tensor, index: int, reference: WeightSource) -> None:
-    """ContentError when the reference's hidden states [W, L, D] left layer `index` NaN or Inf:
-    every measure after it would compare with nothing (a candidate can break, the reference
-    it is judged against cannot)."""
-    if not all_finite(h_ref):
-        where = getattr(getattr(reference, "checkpoint", None), "model_dir", "the reference")
-        raise ContentError(f"{where}: the reference's hidden states became NaN/Inf at the output of layer {index}; "
-                           "check the model's weights there (a float model that overflows in fp32 cannot be compared "
-                           "with)")
+def _where(reference: WeightSource):
+    """The reference's model folder, for messages (a candidate can break, the reference it is
+    judged against cannot: its hidden states are checked finite after every layer)."""
+    return getattr(getattr(reference, "checkpoint", None), "model_dir", "the reference")
 
 
 def _resume_layers(state: ValidationState | None, fresh) -> tuple[int, dict[str, torch.Tensor], list[LayerResult]]:
@@ -419,7 +413,7 @@ def evaluate_gguf(reference: WeightSource, candidate: GGUFCandidate, windows: to
     for index in _layer_bar(ref_model.num_layers, start, windows, "reference layers", show_progress):
         with kept_when_refused(index):
             forward_layer(ref_model, index, hidden)
-            _check_reference_finite(hidden, index, reference)
+            require_finite_hidden(hidden, index, f"{_where(reference)}: the reference's")
         _record_layer(state, index, caches, [])
     metrics = MetricAccumulator()
     llama_started = time.perf_counter()
