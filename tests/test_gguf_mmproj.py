@@ -390,3 +390,33 @@ def test_validate_refuses_an_mmproj_without_its_gguf(llama4_vision, small_text_f
     code, out = _run("validate", *common, "--candidate", text_gguf, "--mmproj", text_gguf, "--report", tmp_path / "r")
     assert code == 2 and "not the projector of this reference" in out and "'llama4' (the reference: 'clip')" in out
     assert not (tmp_path / "r").exists()
+
+
+def test_a_vision_tower_f16_cannot_hold_is_refused_before_a_recipes_quantize(llama4_vision, tmp_path: Path) -> None:
+    """A vision weight past F16's 65504 (stored as Inf) was found at the export step, after the
+    whole quantize; `run` now refuses it before any work, naming the tensor, and F32 runs."""
+    import shutil
+
+    import yaml
+
+    from test_checkpoint import _rewrite_tensor
+
+    model = tmp_path / "model"
+    shutil.copytree(llama4_vision["model"], model)
+    name = "vision_model.model.layers.0.self_attn.q_proj.weight"
+    index = json.loads((model / "model.safetensors.index.json").read_text())["weight_map"]
+    from safetensors.torch import load_file
+
+    weight = load_file(str(model / index[name]))[name]
+    weight[0, 0] = 1e5
+    _rewrite_tensor(model, name, weight)
+    outputs = {}
+    for mmproj in ("F16", "F32"):
+        recipe = tmp_path / f"{mmproj}.yaml"
+        recipe.write_text(yaml.safe_dump({"model": str(model), "quantize": {"method": "rtn", "gguf_grid": "Q8_0"},
+                                          "exports": [{"format": "gguf", "gguf_type": "Q8_0", "mmproj": mmproj}]}))
+        outputs[mmproj] = _run("run", recipe, "--out", tmp_path / mmproj, "--no-progress")
+    code, out = outputs["F16"]
+    assert code == 2 and "values of magnitude up to 1e+05 exceed F16's 65504" in out, out
+    assert "v.blk.0.attn_q.weight" in out and not (tmp_path / "F16").exists()
+    assert outputs["F32"][0] == 0, outputs["F32"][1]

@@ -177,6 +177,7 @@ class MMProjPlan:
         self.mean, self.std, self.normalisation = image_normalisation(weights.root)
         self.f16_fallbacks: list[str] = []
         self.jobs = self._jobs()  # every name, shape and type checked before anything is written
+        self._check_f16_range()
 
     @property
     def tokens_per_chunk(self) -> int:
@@ -198,6 +199,14 @@ class MMProjPlan:
                                   lambda name=name, ggml_type=ggml_type, gguf_name=gguf_name: tensor_data(
                                       self.weights.model_tensor(name), ggml_type, gguf_name)))
         return jobs
+
+    def _check_f16_range(self) -> None:
+        """Every F16 tensor's values are read and refused, naming it, when F16 cannot hold them
+        (|x| > 65504 became Inf): `run` makes this plan before its quantize, so a vision tower
+        F16 cannot store is found then, not at the export step hours later."""
+        for job in self.jobs:
+            if job.ggml_type == "F16":
+                job.load()
 
     def _check_shape(self, name: str, member: str, shape: tuple[int, ...]) -> None:
         """The shapes clip.cpp multiplies without checking (a mismatch aborts it, or is silent)."""
