@@ -254,7 +254,7 @@ def evaluate(reference: WeightSource, candidate: WeightSource, windows: torch.Te
     for index in _layer_bar(ref_model.num_layers, start, windows, "validate layers", show_progress):
         with kept_when_refused(index):
             steps.append(_advance_layer(ref_model, cand_model, index, h_ref, h_cand, expert_chunk_mib))
-            require_finite_hidden(h_ref, index, f"{_where(reference)}: the reference's")
+            require_finite_hidden(h_ref, index, f"{reference_folder(reference)}: the reference's")
         _record_layer(state, index, caches, steps)
         release_free_memory()
     metrics = _score(ref_model, cand_model, windows, h_ref, h_cand, first_scored)
@@ -264,7 +264,7 @@ def evaluate(reference: WeightSource, candidate: WeightSource, windows: torch.Te
     return Evaluation(summary, metrics.kl_values(), [(f"layer {i}", step.rel_error) for i, step in enumerate(steps)])
 
 
-def _where(reference: WeightSource):
+def reference_folder(reference: WeightSource):
     """The reference's model folder, for messages (a candidate can break, the reference it is
     judged against cannot: its hidden states are checked finite after every layer)."""
     return getattr(getattr(reference, "checkpoint", None), "model_dir", "the reference")
@@ -413,7 +413,7 @@ def evaluate_gguf(reference: WeightSource, candidate: GGUFCandidate, windows: to
     for index in _layer_bar(ref_model.num_layers, start, windows, "reference layers", show_progress):
         with kept_when_refused(index):
             forward_layer(ref_model, index, hidden)
-            require_finite_hidden(hidden, index, f"{_where(reference)}: the reference's")
+            require_finite_hidden(hidden, index, f"{reference_folder(reference)}: the reference's")
         _record_layer(state, index, caches, [])
     metrics = MetricAccumulator()
     llama_started = time.perf_counter()

@@ -367,8 +367,11 @@ def evaluate_choices(reference: WeightSource, candidate, tasks: list[Task], toke
     with tqdm(total=2 * len(tasks), desc="multiple choice (both models)", unit="task", disable=not show_progress) as bar:
         reference_choice = choose_answers(reference, encoded, pad, block, bar=bar, device=device, pass_mib=pass_mib)
         if (reference_choice == NO_ANSWER).any():  # a candidate can break, the reference it is judged against cannot
-            raise ContentError(f"the reference scored {int((reference_choice == NO_ANSWER).sum())} multiple-choice "
-                               "tasks NaN/Inf: its activations overflow; check its weights")
+            from maverick_quant.validation.evaluate import reference_folder
+
+            raise ContentError(f"{reference_folder(reference)}: the reference scored "
+                               f"{int((reference_choice == NO_ANSWER).sum())} multiple-choice tasks NaN/Inf: its "
+                               "activations overflow; check its weights")
         reference_right = reference_choice == labels
         candidate_right = choose_answers(candidate, encoded, pad, block, kernels, bar=bar, device=device,
                                          pass_mib=pass_mib) == labels
