@@ -32,8 +32,9 @@ from typing import Any, Iterator
 
 import torch
 
-from maverick_quant.checkpoint import (TORCH_DTYPES, TensorInfo, is_temporary, load_json_object, read_rows, read_safetensors_header, read_tensor, require_exists, save_safetensors_atomic,
-                                       sha256_file, write_json_atomic)
+from maverick_quant.checkpoint import (TORCH_DTYPES, TensorInfo, load_json_object, read_rows, read_safetensors_header,
+                                       read_tensor, require_exists, sha256_file)
+from maverick_quant.outputs import is_temporary, save_safetensors_atomic, write_json_atomic
 from maverick_quant.model_config import load_model_config
 from maverick_quant.arch.base import FusedExpertsBuilder
 from maverick_quant.compress.pack import pack_nibbles, unpack_nibbles

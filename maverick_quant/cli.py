@@ -158,7 +158,7 @@ def calibrate(model_dir, data, out, samples, seq_len, seed, chat_template, windo
               progress) -> None:
     """Draw a reproducible calibration set (token windows + provenance) from DATA."""
     from maverick_quant.calibration.data import make_calibration, overlap_note
-    from maverick_quant.checkpoint import atomic_output_dir, check_output_apart, check_output_dir
+    from maverick_quant.outputs import atomic_output_dir, check_output_apart, check_output_dir
     from maverick_quant.devices import resolve_device, use_device
     from maverick_quant.resume import resumable_output_dir, run_identity
     from maverick_quant.streaming import open_source

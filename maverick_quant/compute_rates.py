@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from maverick_quant.checkpoint import write_json_atomic
+from maverick_quant.outputs import write_json_atomic
 from maverick_quant.sources import cache_dir, read_cached
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from maverick_quant.checkpoint import write_json_atomic
+from maverick_quant.outputs import write_json_atomic
 from maverick_quant.errors import InputError
 from maverick_quant.experts import run_moe_layer
 from maverick_quant.streaming import StreamingModel, WeightSource

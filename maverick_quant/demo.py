@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from maverick_quant.checkpoint import check_output_dir
+from maverick_quant.outputs import check_output_dir
 from maverick_quant.errors import InputError
 from maverick_quant.recipe import CalibSpec, Method, QuantizeSpec, QuantSpec
 
@@ -25,7 +25,7 @@ def write_eval_text(model_dir: Path, path: Path, samples: int, seq_len: int, cal
     text's (`calibration_seed` when that was self-generated too): generation with one seed
     starts with the same texts, so the same seed would evaluate on the calibration text."""
     from maverick_quant.calibration.selfgen import generate_self_text
-    from maverick_quant.checkpoint import write_text_atomic
+    from maverick_quant.outputs import write_text_atomic
 
     seed = EVAL_SEED + 1 if calibration_seed == EVAL_SEED else EVAL_SEED
     texts = generate_self_text(model_dir, n_samples=samples, max_new_tokens=seq_len, seed=seed)

@@ -28,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from maverick_quant.checkpoint import write_json_atomic
+from maverick_quant.outputs import write_json_atomic
 from maverick_quant.sources import read_cached
 
 PROBE_BYTES = 64 * 2**20

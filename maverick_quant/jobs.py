@@ -27,7 +27,7 @@ def run_quantize(model_dir, out, spec, data, calib, calib_spec, force, progress,
     interrupted run's work directory with `resume`), print the summary."""
     from maverick_quant.bundle import Bundle
     from maverick_quant.calibration.data import overlap_note
-    from maverick_quant.checkpoint import check_output_apart, check_output_dir
+    from maverick_quant.outputs import check_output_apart, check_output_dir
     from maverick_quant.devices import resolve_device
     from maverick_quant.pipeline import quantize_model, refuse_overridden_experts, refuse_unblockable_widths
     from maverick_quant.distributed import ExpertParallel
@@ -146,7 +146,7 @@ def _enter_output(stack: contextlib.ExitStack, out: Path, identity: dict, force:
 
 def run_export(bundle_dir, out, fmt="gptq", max_shard_size=5 * 10**9, force=False, report_dir=None, progress=True):
     from maverick_quant.bundle import Bundle
-    from maverick_quant.checkpoint import atomic_output_dir, check_output_apart, check_output_dir
+    from maverick_quant.outputs import atomic_output_dir, check_output_apart, check_output_dir
     from maverick_quant.exporters.artifact import moe_packed_caution, write_artifact_files
     from maverick_quant.exporters.packed import export_packed, float_for_engines
     from maverick_quant.exporters.registry import LAYOUTS
@@ -185,7 +185,7 @@ def check_card_report(report_dir: Path | None, source_fingerprint: str, bundle) 
 def check_output_file(out: Path, force: bool, example: str, inputs: dict | None = None, option: str = "--out") -> None:
     """Refuse an existing output (unless forced), one of the `inputs` ({option: path}), or a
     directory where one file is written (`option` names the file's option in the message)."""
-    from maverick_quant.checkpoint import check_output_apart, check_output_dir
+    from maverick_quant.outputs import check_output_apart, check_output_dir
 
     if Path(out).is_dir():
         raise InputError(f"{option} {out}: is a directory; this writes one file (e.g. {option} {example})")
@@ -335,7 +335,8 @@ def run_plan(target: str, spec, calib_spec, json_out: Path | None = None, device
     step, else `validation` ({windows, ctx, batch, tasks}; None: not planned); returns it."""
     from maverick_quant.arch.llama4 import maverick_config
     from maverick_quant.arch.registry import table_for
-    from maverick_quant.checkpoint import Checkpoint, load_json_object, write_json_atomic
+    from maverick_quant.checkpoint import Checkpoint, load_json_object
+    from maverick_quant.outputs import write_json_atomic
     from maverick_quant.plan import baseline_rss_bytes, expert_shares, make_plan, render, tensor_bytes
     from maverick_quant.plan_validation import validation_settings
     from maverick_quant.disk import measure_disk

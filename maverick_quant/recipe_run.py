@@ -29,7 +29,7 @@ def run_recipe(recipe_path: Path, out: Path, force: bool = False, progress: bool
     its last finished layer; the other steps are redone. `device`
     (default: the recipe's quantize.device) is where the quantize step computes."""
     from maverick_quant.calibration.data import make_calibration
-    from maverick_quant.checkpoint import atomic_output_dir, check_output_apart, check_output_dir
+    from maverick_quant.outputs import atomic_output_dir, check_output_apart, check_output_dir
     from maverick_quant.devices import resolve_device
     from maverick_quant.recipe_file import load_recipe
     from maverick_quant.streaming import open_source
@@ -333,7 +333,8 @@ def _write_lock(recipe, device: str, recipe_path: Path, source, calibration, pat
 
     import yaml
 
-    from maverick_quant.checkpoint import sha256_file, write_text_atomic
+    from maverick_quant.checkpoint import sha256_file
+    from maverick_quant.outputs import write_text_atomic
 
     def version(package: str) -> str | None:
         try:

@@ -13,7 +13,7 @@ lives beside it in `.NAME.resume`, never inside the bundle (whose manifest hashe
                           half-written file; the previous hidden-states file is removed after it
 
 Every file is written to a temporary name, flushed to the disk and renamed
-(checkpoint.durable_replace), so a finished file survives a power loss. The hidden states are
+(outputs.durable_replace), so a finished file survives a power loss. The hidden states are
 bound to their layer by name rather than by a checksum: for Maverick they are 20 GiB per
 layer, and a sha256 after each of 48 layers would hash a terabyte (docs/maverick.md).
 
@@ -43,8 +43,9 @@ import torch
 from safetensors import SafetensorError
 
 from maverick_quant import __version__
-from maverick_quant.checkpoint import (check_output_dir, durable_replace, replace_dir, save_safetensors_atomic,
-                                       sha256_file, warn_leftovers, write_json_atomic)
+from maverick_quant.checkpoint import sha256_file
+from maverick_quant.outputs import (check_output_dir, durable_replace, replace_dir, save_safetensors_atomic,
+                                    warn_leftovers, write_json_atomic)
 from maverick_quant.errors import InputError
 
 RUN_FILE = "run.json"

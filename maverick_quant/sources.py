@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from maverick_quant.checkpoint import durable_replace_dir, partial_name
+from maverick_quant.outputs import durable_replace_dir, partial_name
 from maverick_quant.errors import InputError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from maverick_quant.bundle import TOKENIZER_FILES
-from maverick_quant.checkpoint import Checkpoint, ShardedWriter, atomic_output_dir
+from maverick_quant.checkpoint import Checkpoint
+from maverick_quant.outputs import ShardedWriter, atomic_output_dir
 
 ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 

@@ -141,7 +141,8 @@ def run_validate(reference, candidate, data, report_dir, ctx, max_windows, gates
     also compare a GGUF candidate's image embeddings (its mmproj) with the reference's;
     `restart_changed`: under `resume`, start an unfinished run of other inputs over (`run
     --resume --force`; the text names the step in a note)."""
-    from maverick_quant.checkpoint import check_output_apart, check_output_dir, require_exists, sha256_file
+    from maverick_quant.checkpoint import require_exists, sha256_file
+    from maverick_quant.outputs import check_output_apart, check_output_dir
     from maverick_quant.devices import reset_peak_memory, resolve_device, use_device
     from maverick_quant.exporters.artifact import recorded_bundle
     from maverick_quant.resume import resumable_output_dir

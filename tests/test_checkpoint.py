@@ -533,7 +533,7 @@ def test_a_finished_directory_is_flushed_file_by_file_before_it_is_renamed(tmp_p
     fsync'ed before the rename, and the parent after it."""
     import os
 
-    from maverick_quant.checkpoint import durable_replace_dir
+    from maverick_quant.outputs import durable_replace_dir
 
     staging, target = tmp_path / ".model.partial", tmp_path / "model"
     staging.mkdir()
@@ -552,7 +552,7 @@ def test_a_finished_directory_is_flushed_file_by_file_before_it_is_renamed(tmp_p
 def test_force_over_an_existing_output_leaves_nothing_of_it_behind(existing: str, tmp_path: Path) -> None:
     """replace_dir moves the old output aside, renames the new one in, then deletes the old: a
     file --force replaced used to stay behind as `.OUT.old-PID` (rmtree cannot remove a file)."""
-    from maverick_quant.checkpoint import replace_dir
+    from maverick_quant.outputs import replace_dir
 
     out, finished = tmp_path / "out", tmp_path / ".out.partial"
     out.mkdir() if existing == "dir" else out.write_text("old")
@@ -598,7 +598,7 @@ def test_force_replaces_only_an_output_of_its_own_kind(tmp_path: Path) -> None:
     folder, a file output only a regular file (here a FIFO stands in for the device)."""
     import os
 
-    from maverick_quant.checkpoint import check_output_dir
+    from maverick_quant.outputs import check_output_dir
     from maverick_quant.jobs import check_output_file
 
     victim, pipe, folder = tmp_path / "victim.txt", tmp_path / "pipe", tmp_path / "earlier"

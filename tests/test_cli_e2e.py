@@ -489,7 +489,7 @@ def test_a_damaged_or_edited_calibration_directory_is_refused(tiny_run, tmp_path
     """--calib reads tokens.safetensors and calib.json: each way they can be broken exits 2
     naming the file (tracebacks, or silently calibrating on edited windows, before)."""
 
-    from maverick_quant.checkpoint import save_safetensors_atomic
+    from maverick_quant.outputs import save_safetensors_atomic
 
     calib = tmp_path / "calib"
     shutil.copytree(tiny_run["root"] / "calib", calib)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from maverick_quant.checkpoint import KILL_DURING_WRITE
+from maverick_quant.outputs import KILL_DURING_WRITE
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -453,7 +453,7 @@ def test_a_refused_resume_leaves_the_calibration_of_the_run_it_refused(tiny_llam
     import subprocess
     import sys
 
-    from maverick_quant.checkpoint import KILL_DURING_WRITE
+    from maverick_quant.outputs import KILL_DURING_WRITE
 
     def recipe(seed: int) -> Path:
         path = tmp_path / f"recipe-{seed}.yaml"

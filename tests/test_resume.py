@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from maverick_quant.bundle import Bundle
-from maverick_quant.checkpoint import KILL_DURING_WRITE
+from maverick_quant.outputs import KILL_DURING_WRITE
 from maverick_quant.cli import cli
 from maverick_quant.resume import state_dir_for, work_dir_for
 
@@ -261,7 +261,7 @@ def test_hidden_states_are_bound_to_their_layer_by_name(tmp_path: Path) -> None:
 
     import torch
 
-    from maverick_quant.checkpoint import save_safetensors_atomic, write_json_atomic
+    from maverick_quant.outputs import save_safetensors_atomic, write_json_atomic
     from maverick_quant.errors import InputError
     from maverick_quant.resume import RunState, hidden_file
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import click
 import torch
 
-from maverick_quant.checkpoint import save_safetensors_atomic, write_json_atomic
+from maverick_quant.outputs import save_safetensors_atomic, write_json_atomic
 from maverick_quant.errors import InputError
 from maverick_quant.recipe import CalibSpec
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from maverick_quant.checkpoint import durable_replace, partial_name
+from maverick_quant.outputs import durable_replace, partial_name
 from maverick_quant.recipe import MoESpec
 from maverick_quant.streaming import StreamingModel, WeightSource
 

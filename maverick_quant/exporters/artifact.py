@@ -20,8 +20,8 @@ from pathlib import Path
 
 from maverick_quant import __version__
 from maverick_quant.bundle import BUNDLE_FORMAT, MANIFEST, Bundle
-from maverick_quant.checkpoint import (load_json_object, manifest_format, read_json_object, sha256_file,
-                                       write_json_atomic, write_text_atomic)
+from maverick_quant.checkpoint import load_json_object, manifest_format, read_json_object, sha256_file
+from maverick_quant.outputs import write_json_atomic, write_text_atomic
 from maverick_quant.errors import InputError
 
 LOADING = {

@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 
 from maverick_quant.arch.base import unfuse_experts
 from maverick_quant.bundle import Bundle
-from maverick_quant.checkpoint import TORCH_DTYPES, durable_replace, partial_name
+from maverick_quant.checkpoint import TORCH_DTYPES
+from maverick_quant.outputs import durable_replace, partial_name
 from maverick_quant.compress.gguf_blocks import (BLOCK, BLOCK_TYPES, BlockType, block_type_for_grid, encode_blocks, grid_mismatch,
                                                 relative_error, tensor_block_type)
 from maverick_quant.compress.kquant import rtn_quantize_k

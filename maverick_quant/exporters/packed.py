@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from maverick_quant.arch.base import FusedExpertsBuilder
 from maverick_quant.bundle import Bundle, copy_model_files
-from maverick_quant.checkpoint import Checkpoint, ShardedWriter, write_json_atomic
+from maverick_quant.checkpoint import Checkpoint
+from maverick_quant.outputs import ShardedWriter, write_json_atomic
 from maverick_quant.model_config import published_quirks_fixed
 from maverick_quant.compress.types import QuantizedWeight
 from maverick_quant.errors import InputError

@@ -14,7 +14,7 @@ quantize does):
     evaluation.json / .safetensors  the finished perplexity / KL evaluation (summary, per-token KL)
     benchmark-NAME.json       a finished multiple-choice benchmark (hellaswag, choices)
 
-Every file is written to a temporary name and renamed (checkpoint.durable_replace).
+Every file is written to a temporary name and renamed (outputs.durable_replace).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from maverick_quant import __version__
-from maverick_quant.checkpoint import save_safetensors_atomic, write_json_atomic
+from maverick_quant.outputs import save_safetensors_atomic, write_json_atomic
 from maverick_quant.errors import InputError
 from maverick_quant.resume import read_layer_tensors, save_layer_progress
 

@@ -17,7 +17,7 @@ from typing import IO
 
 import torch
 
-from maverick_quant.checkpoint import durable_replace
+from maverick_quant.outputs import durable_replace
 from maverick_quant.validation.gates import GateResult, dotted_value as _get, json_safe
 
 METRIC_KEYS = frozenset({"reference", "candidate", "ppl_ratio", "kl", "top1_agreement", "tokens", "gates", "layers", "vision",
@@ -29,7 +29,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
     """Call write(file) on a temporary file next to `path`, then rename it onto `path`, durably
-    (checkpoint.durable_replace)."""
+    (outputs.durable_replace)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
