@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2)
     parser.add_argument("--types", nargs="+", default=["F32", "F16", "Q8_0"])
     args = parser.parse_args()
-    from maverick_quant.exporters.gguf import FloatWeights
+    from maverick_quant.exporters.gguf_weights import FloatWeights
     from maverick_quant.exporters.gguf_mmproj import MMProjPlan, export_mmproj
     from maverick_quant.streaming import open_source
     from maverick_quant.validation.vision import synthetic_images, vision_agreement

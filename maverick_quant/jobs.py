@@ -227,7 +227,8 @@ def run_export_gguf(source_dir, out, gguf_type="Q4_0", requantize=False, pre=Non
     from maverick_quant.bundle import BUNDLE_FORMAT, Bundle
     from maverick_quant.checkpoint import manifest_format
     from maverick_quant.exporters.artifact import gguf_sidecars, write_gguf_sidecars
-    from maverick_quant.exporters.gguf import FLOAT_GGUF_TYPES, BundleWeights, FloatWeights, export_gguf
+    from maverick_quant.exporters.gguf import FLOAT_GGUF_TYPES, export_gguf
+    from maverick_quant.exporters.gguf_weights import BundleWeights, FloatWeights
     from maverick_quant.exporters.gguf_mmproj import MMProjPlan
 
     check_output_file(out, force, "model-q4_0.gguf")

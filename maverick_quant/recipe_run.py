@@ -217,7 +217,8 @@ def _check_gguf_exports(recipe, model_dir: Path, source) -> None:
     """What a gguf export refuses about the model (llama.cpp's limits on Llama 4, its rope, the
     pre-tokenizer, widths not a multiple of 32), checked on the float model's headers before any
     work; whether the bundle's grid fits the type is checked when the recipe is read."""
-    from maverick_quant.exporters.gguf import FloatWeights, plan_gguf_export
+    from maverick_quant.exporters.gguf import plan_gguf_export
+    from maverick_quant.exporters.gguf_weights import FloatWeights
 
     for export in recipe.exports:
         if export.format == "gguf":
@@ -297,7 +298,7 @@ def _check_validation(recipe, model_dir: Path, device: str) -> None:
 def _check_mmproj_exports(recipe, model_dir: Path, source) -> None:
     """An `exports[].mmproj` step's vision tower is checked against llama.cpp's projector before
     any work (config, tensor names and shapes, image normalisation: nothing is read but headers)."""
-    from maverick_quant.exporters.gguf import FloatWeights
+    from maverick_quant.exporters.gguf_weights import FloatWeights
     from maverick_quant.exporters.gguf_mmproj import MMProjPlan
 
     for export in recipe.exports:

@@ -162,7 +162,8 @@ def _experts_land_at_their_own_index(bundle: Bundle) -> None:
     """Chunks are placed at their recorded first expert, not in the order they come (a manifest
     listing them otherwise shuffled experts silently); overlaps and gaps are refused."""
     from maverick_quant.errors import InputError
-    from maverick_quant.exporters.gguf import BundleWeights, plan_gguf_export
+    from maverick_quant.exporters.gguf import plan_gguf_export
+    from maverick_quant.exporters.gguf_weights import BundleWeights
 
     plan, _, _ = plan_gguf_export(BundleWeights(bundle), "Q8_0")
     [(first, whole)] = list(bundle.expert_linear_chunks(1, "gate_proj"))
@@ -353,7 +354,7 @@ def test_llama3_rope_factors_follow_llama_cpps_formula() -> None:
     from transformers import LlamaConfig
 
     from maverick_quant.errors import InputError
-    from maverick_quant.exporters.gguf import rope_factors
+    from maverick_quant.exporters.gguf_metadata import rope_factors
 
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
@@ -406,7 +407,7 @@ def _split(regex: str) -> dict:
 def test_the_pre_tokenizer_is_named_from_tokenizer_json(tmp_path: Path, steps: list, name) -> None:
     import json
 
-    from maverick_quant.exporters.gguf import tokenizer_pre
+    from maverick_quant.exporters.gguf_metadata import tokenizer_pre
 
     pre = steps[0] if len(steps) == 1 else {"type": "Sequence", "pretokenizers": steps}
     (tmp_path / "tokenizer.json").write_text(json.dumps({"pre_tokenizer": pre, "model": {"type": "BPE"}}))
@@ -425,7 +426,7 @@ def test_only_byte_level_bpe_vocabularies_are_written(tmp_path: Path, model: dic
     import json
 
     from maverick_quant.errors import InputError
-    from maverick_quant.exporters.gguf import check_byte_level
+    from maverick_quant.exporters.gguf_metadata import check_byte_level
 
     (tmp_path / "tokenizer.json").write_text(json.dumps({"model": model, "decoder": decoder}))
     if ok:
@@ -455,7 +456,7 @@ def test_llama4_attention_layer_types_llama_cpp_cannot_run_are_refused() -> None
     config may set otherwise (all full attention here): such a GGUF would compute another function."""
     from maverick_quant.arch.llama4 import maverick_config
     from maverick_quant.errors import InputError
-    from maverick_quant.exporters.gguf import check_llama4_for_llama_cpp
+    from maverick_quant.exporters.gguf_metadata import check_llama4_for_llama_cpp
 
     check_llama4_for_llama_cpp(maverick_config().text_config)  # Maverick's own: accepted
     full = maverick_config(layer_types=["full_attention"] * 48).text_config

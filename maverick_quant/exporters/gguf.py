@@ -16,6 +16,9 @@ unless `requantize` is set: then gguf-py re-quantizes the bundle's dequantized w
 relative error this adds is reported per tensor. Norms and the router are F32; embeddings and
 the output head keep the checkpoint's float dtype.
 
+What is read (a bundle, or a float model re-quantized) is in exporters/gguf_weights.py; the
+metadata and vocabulary llama.cpp reads in exporters/gguf_metadata.py.
+
 Writing streams: every tensor's info (name, shape, type, size) is known from the bundle's
 manifest and headers, so the header is written first and then one tensor at a time (one
 stacked expert tensor is the largest thing held, about 3 GB for a Maverick layer in Q4_0,
@@ -24,7 +27,6 @@ filled chunk by chunk).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -33,15 +35,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from maverick_quant.arch.base import unfuse_experts
-from maverick_quant.bundle import Bundle
-from maverick_quant.checkpoint import TORCH_DTYPES
 from maverick_quant.outputs import durable_replace, partial_name
 from maverick_quant.compress.gguf_blocks import (BLOCK, BLOCK_TYPES, BlockType, block_type_for_grid, encode_blocks, grid_mismatch,
                                                 relative_error, tensor_block_type)
 from maverick_quant.compress.kquant import rtn_quantize_k
 from maverick_quant.compress.types import QuantizedWeight
 from maverick_quant.errors import InputError
+from maverick_quant.exporters.gguf_metadata import (add_model_metadata, add_tokenizer, check_byte_level,
+                                                    check_llama4_for_llama_cpp, rope_factors, tokenizer_pre)
+from maverick_quant.exporters.gguf_weights import BundleWeights, FloatWeights
 
 LAYER_NAMES = {
     "input_layernorm.weight": "attn_norm",
@@ -106,119 +108,6 @@ def permute_rows(weight: QuantizedWeight | torch.Tensor, order: torch.Tensor) ->
     if isinstance(weight, torch.Tensor):
         return weight[order]
     return weight.map_tensors(lambda t: t[order])
-
-
-class BundleWeights:
-    """The GGUF writer's view of a bundle: linears as QuantizedWeight, read lazily."""
-
-    def __init__(self, bundle: Bundle):
-        self.bundle, self.root, self.table = bundle, bundle.root, bundle.table
-        self.config, self.quant, self.num_layers = bundle.text_config, bundle.quant, bundle.num_layers
-        self.model_config = bundle.config  # the whole model's (a vision tower's too)
-        self.name = Path(bundle.manifest["source"]["model_dir"]).name
-        self._cached: tuple[int, tuple] | None = None  # (layer index, its decoded tensors)
-
-    def model_tensor_info(self, name: str) -> tuple[tuple[int, ...], torch.dtype] | None:
-        if name not in self.bundle.model_tensor_names() and name != self.table.embed:
-            return None
-        info = self.bundle.model_tensor_info(name)
-        return tuple(info.shape), TORCH_DTYPES[info.dtype]
-
-    def model_tensor(self, name: str) -> torch.Tensor:
-        return self.bundle.model_tensor(name)
-
-    def model_tensor_names(self) -> list[str]:
-        """Names of the model-level tensors kept in float (embeddings, norms, a vision tower)."""
-        return self.bundle.model_tensor_names()
-
-    def float_infos(self, index: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        return {name: (tuple(info.shape), TORCH_DTYPES[info.dtype]) for name, info in self.bundle.passthrough_info(index).items()}
-
-    def _layer(self, index: int):
-        """Layer `index` decoded once while its tensors are written (one layer held at a time)."""
-        if self._cached is None or self._cached[0] != index:
-            self._cached = (index, self.bundle.quantized_layer(index))
-        return self._cached[1]
-
-    def float_tensor(self, index: int, name: str) -> torch.Tensor:
-        return self._layer(index)[1][name]
-
-    def linear_shapes(self, index: int) -> dict[str, tuple[int, ...]]:
-        return {name: tuple(info["shape"]) for name, info in self.bundle.manifest["layers"][index]["quantized"].items()}
-
-    def linear(self, index: int, name: str) -> QuantizedWeight:
-        return self._layer(index)[0][name]
-
-    def linear_grid(self, index: int, name: str) -> dict:
-        return self.bundle.tensor_quant(index, name)
-
-    def expert_shapes(self, index: int) -> dict[str, tuple[int, ...]]:
-        chunks = self.bundle.manifest["layers"][index].get("experts", {}).get("chunks", [])
-        return {name: tuple(shape[-2:]) for name, shape in chunks[0]["shapes"].items()} if chunks else {}
-
-    def expert_chunks(self, index: int, name: str):
-        return self.bundle.expert_linear_chunks(index, name)
-
-
-class FloatWeights:
-    """The GGUF writer's view of an original float model: every linear is re-quantized, Q4_0 /
-    Q4_1 / Q8_0 by gguf-py (llama.cpp's own round-to-nearest, the plain GGUF others would make),
-    Q4_K by our min/max round-to-nearest (llama-quantize's Q4_K searches each block's range, so
-    this baseline is weaker than llama.cpp's own Q4_K: docs/exports.md)."""
-
-    quant = None
-
-    def __init__(self, model_dir: Path, source=None):
-        """`source`: the model already opened by streaming.open_source (its index checked)."""
-        from maverick_quant.streaming import open_source
-
-        self.source = source or open_source(model_dir)
-        self.root, self.table, self.config = Path(model_dir), self.source.table, self.source.text_config
-        self.num_layers, self.name = self.config.num_hidden_layers, Path(model_dir).name
-        self.model_config = self.source.config  # the whole model's (a vision tower's too)
-
-    def model_tensor_info(self, name: str) -> tuple[tuple[int, ...], torch.dtype] | None:
-        info = self.source.checkpoint.tensors.get(name)
-        return None if info is None else (tuple(info.shape), TORCH_DTYPES[info.dtype])
-
-    def model_tensor(self, name: str) -> torch.Tensor:
-        return self.source.checkpoint.get(name)
-
-    def model_tensor_names(self) -> list[str]:
-        return list(self.source.checkpoint.tensors)
-
-    def _plan(self, index: int):
-        return self.table.plan(self.config, index)
-
-    def float_infos(self, index: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        prefix, infos = self.table.prefix(index), self.source.checkpoint.tensors
-        return {name: (tuple(infos[prefix + name].shape), TORCH_DTYPES[infos[prefix + name].dtype])
-                for name in self._plan(index).passthrough}
-
-    def float_tensor(self, index: int, name: str) -> torch.Tensor:
-        return self.source.checkpoint.get(self.table.prefix(index) + name)
-
-    def linear_shapes(self, index: int) -> dict[str, tuple[int, ...]]:
-        plan = self._plan(index)
-        return {name: tuple(plan.shapes[f"{name}.weight"]) for name in plan.linears}
-
-    def linear(self, index: int, name: str) -> torch.Tensor:
-        return self.source.checkpoint.get(f"{self.table.prefix(index)}{name}.weight").float()
-
-    def linear_grid(self, index: int, name: str) -> None:
-        return None  # every linear is re-quantized to the export's type
-
-    def expert_shapes(self, index: int) -> dict[str, tuple[int, ...]]:
-        """Per-expert [N, K] of the gated MLP's linears (Llama 4 names), from the config."""
-        if self._plan(index).moe is None:
-            return {}
-        inter, hidden = self.config.intermediate_size, self.config.hidden_size
-        return {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
-
-    def expert_chunks(self, index: int, name: str):
-        moe = self._plan(index).moe
-        for first in range(moe.num_experts):  # one expert at a time: bounded memory
-            yield first, unfuse_experts(moe, self.source.expert_tensors(index, first, 1))[name].float()
 
 
 class GGUFPlan:
@@ -376,32 +265,6 @@ def as_float(weight: QuantizedWeight | torch.Tensor) -> torch.Tensor:
     return weight.float() if isinstance(weight, torch.Tensor) else weight.dequantize()
 
 
-def check_llama4_for_llama_cpp(config) -> None:
-    """llama.cpp's llama4 graph fixes what Hugging Face configures: MoE on every
-    `interleave_moe_layer_step`-th layer, no rope on every 4th layer, chunked attention of
-    8192 tokens, attention temperature tuning on, and q/k L2 norms unless the model has 128
-    experts. A GGUF of any other configuration would compute a different function: refused."""
-    layers, step = config.num_hidden_layers, config.interleave_moe_layer_step
-    expected = {
-        "moe_layers": [i for i in range(layers) if step and (i + 1) % step == 0],
-        "no_rope_layers": [int((i + 1) % 4 != 0) for i in range(layers)],
-        "layer_types": ["chunked_attention" if (i + 1) % 4 else "full_attention" for i in range(layers)],
-        "attention_chunk_size": 8192,
-        "attn_temperature_tuning": True,
-        "floor_scale": 8192,
-        "attn_scale": 0.1,
-        "use_qk_norm": config.num_local_experts != 128,
-    }
-    actual = {key: getattr(config, key, None) for key in expected}
-    actual["moe_layers"] = list(actual["moe_layers"] or [])
-    actual["no_rope_layers"] = list(actual["no_rope_layers"] or [])
-    actual["layer_types"] = list(actual["layer_types"] or [])  # which layers attend in chunks (transformers reads it)
-    actual["attn_temperature_tuning"] = bool(actual["attn_temperature_tuning"])  # configs write 4 for "on"
-    wrong = [f"{key}={actual[key]!r} (llama.cpp: {value!r})" for key, value in expected.items() if actual[key] != value]
-    if wrong:
-        raise InputError("--format gguf: llama.cpp's llama4 cannot represent this model: " + "; ".join(wrong))
-
-
 def float_array(tensor: torch.Tensor, ggml_type: str, name: str) -> np.ndarray:
     """A float tensor as the numpy array GGUFWriter stores for `ggml_type` (BF16 as raw bytes);
     InputError naming the tensor `name` when F16 cannot hold its values (|x| > 65504 became Inf)."""
@@ -413,133 +276,6 @@ def float_array(tensor: torch.Tensor, ggml_type: str, name: str) -> np.ndarray:
                          "would be stored as Inf; export as F32 (--gguf-type F32, or for the projector --mmproj-type F32; "
                          "in a recipe exports[].gguf_type / exports[].mmproj: F32)")
     return array
-
-
-def rope_factors(config) -> torch.Tensor | None:
-    """llama.cpp's `rope_freqs` [head_dim/2] for llama3-type rope scaling (None otherwise):
-    the default inverse frequencies divided by the scaled ones, from transformers' own rope code."""
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in ("default", "llama3"):
-        raise InputError(f"--format gguf: rope_type {rope_type!r} is not written yet (default and llama3 are)")
-    if rope_type != "llama3":
-        return None
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, torch.device("cpu"))
-    dim = scaled.shape[0] * 2
-    default = 1.0 / (rope_theta(config) ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    return default / scaled  # in float32, as transformers and llama.cpp's converter compute both
-
-
-def rope_theta(config) -> float:
-    params = getattr(config, "rope_parameters", None) or {}
-    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
-
-
-def add_model_metadata(writer, config, arch: str, block_type: BlockType, name: str) -> None:
-    """The hyper-parameters llama.cpp reads for `arch` (keys as llama.cpp's converter writes them)."""
-    import gguf
-
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(name)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(getattr(config, "intermediate_size_mlp", None) or config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_freq_base(rope_theta(config))
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_vocab_size(config.vocab_size)
-    writer.add_rope_dimension_count(head_dim)
-    if arch == "llama4":
-        writer.add_expert_count(config.num_local_experts)
-        writer.add_expert_used_count(config.num_experts_per_tok)
-        writer.add_interleave_moe_layer_step(config.interleave_moe_layer_step)
-        writer.add_expert_feed_forward_length(config.intermediate_size)
-    if isinstance(block_type, str):  # a float GGUF
-        file_type = "ALL_F32" if block_type == "F32" else "MOSTLY_F16"
-    else:  # Q4_K_S: Q4_K nearly everywhere
-        file_type = "MOSTLY_Q4_K_S" if block_type.k_quant else f"MOSTLY_{block_type.name}"
-    writer.add_file_type(getattr(gguf.LlamaFileType, file_type))
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-
-
-_O200K_CONTRACTION = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-O200K_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+" + _O200K_CONTRACTION
-               + r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*" + _O200K_CONTRACTION
-               + r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-"""Llama 4's (GPT-4o's o200k) split regex, exactly: llama.cpp replaces it by its own fixed
-rules under the names "llama4" and "gpt-4o", so a tokenizer whose regex differs in any way
-would be split otherwise in llama.cpp than in transformers."""
-
-
-def tokenizer_pre(model_dir: Path) -> str | None:
-    """llama.cpp's pre-tokenizer name for a byte-level BPE tokenizer, read from the structure of
-    tokenizer.json's pre_tokenizer: ByteLevel with its regex alone is "gpt-2"; individual digits
-    then ByteLevel is "smollm"; Llama 4's split regex (GPT-4o's o200k one, which llama.cpp
-    splits alike under "llama4" and "gpt-4o"; exactly `O200K_SPLIT`, Isolated) then ByteLevel without its own regex
-    is "llama4". None when not recognised (whatever the model's
-    architecture: a Llama 4 layout may carry another tokenizer, upcycled from a Llama 3)."""
-    pre = json.loads((model_dir / "tokenizer.json").read_text()).get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    kinds = [(step.get("type"), step.get("individual_digits"), step.get("use_regex"), step.get("add_prefix_space"))
-             for step in steps]
-    if kinds == [("ByteLevel", None, True, False)]:
-        return "gpt-2"
-    if kinds == [("Digits", True, None, None), ("ByteLevel", None, True, False)]:
-        return "smollm"
-    split = steps[0] if steps and steps[0].get("type") == "Split" else {}
-    if (len(steps) == 2 and (split.get("pattern") or {}).get("Regex") == O200K_SPLIT
-            and split.get("behavior") == "Isolated" and split.get("invert") is False
-            and kinds[1][0] == "ByteLevel" and kinds[1][2] is False):
-        return "llama4"
-    return None
-
-
-def check_byte_level(model_dir: Path) -> None:
-    """InputError unless tokenizer.json is a byte-level BPE (GPT-2 style: ByteLevel decoding,
-    no byte fallback), the only vocabulary `add_tokenizer` writes right: a SentencePiece-style
-    BPE (`▁` spaces, <0x0A> byte tokens) needs llama.cpp's `llama` vocabulary instead."""
-    data = json.loads((model_dir / "tokenizer.json").read_text())
-    model, decoder = data.get("model") or {}, data.get("decoder") or {}
-    decoders = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
-    if model.get("type") != "BPE" or model.get("byte_fallback") or not any(d.get("type") == "ByteLevel" for d in decoders):
-        raise InputError(f"{model_dir}/tokenizer.json: model {model.get('type')!r} (byte_fallback "
-                         f"{bool(model.get('byte_fallback'))}), decoder {decoder.get('type')!r}; --format gguf writes "
-                         "byte-level BPE vocabularies only (GPT-2 style: a ByteLevel decoder, no byte fallback)")
-
-
-def add_tokenizer(writer, model_dir: Path, vocab_size: int, pre: str) -> None:
-    """Byte-level BPE vocabulary (tokens, types, merges, special ids, chat template)."""
-    import gguf
-    from maverick_quant.calibration.data import load_tokenizer
-
-    tokenizer = load_tokenizer(model_dir)  # tokenizer.json checked by plan_gguf_export
-    by_id = {index: token for token, index in tokenizer.get_vocab().items()}
-    if by_id and max(by_id) >= vocab_size:
-        raise InputError(f"{model_dir}: the tokenizer has token id {max(by_id)}, beyond the model's vocab_size {vocab_size}")
-    added = tokenizer.added_tokens_decoder
-    tokens, types = [], []
-    for index in range(vocab_size):
-        if index not in by_id:
-            tokens.append(f"[PAD{index}]")
-            types.append(gguf.TokenType.UNUSED)
-        elif index in added:
-            tokens.append(by_id[index])
-            types.append(gguf.TokenType.CONTROL if added[index].special else gguf.TokenType.USER_DEFINED)
-        else:
-            tokens.append(by_id[index])
-            types.append(gguf.TokenType.NORMAL)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer)
 
 
 def plan_gguf_export(weights: BundleWeights | FloatWeights, gguf_type: str, requantize: bool = False,

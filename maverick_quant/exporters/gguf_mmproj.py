@@ -42,7 +42,8 @@ import torch
 
 from maverick_quant.arch.llama4 import image_normalisation, image_tokens_per_chunk, mmproj_geometry
 from maverick_quant.compress.gguf_blocks import BLOCK
-from maverick_quant.exporters.gguf import BundleWeights, FloatWeights, TensorJob, float_array, write_gguf_file
+from maverick_quant.exporters.gguf import TensorJob, float_array, write_gguf_file
+from maverick_quant.exporters.gguf_weights import BundleWeights, FloatWeights
 from maverick_quant.errors import InputError
 from maverick_quant.recipe import MMPROJ_TYPES
 
