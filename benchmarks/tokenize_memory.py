@@ -23,13 +23,13 @@ def measure(tokenizer_dir: str, text_file: str, way: str) -> None:
     """One way ("whole" or "pieces") in this process: prints tokens, MiB added and seconds."""
     from transformers import AutoTokenizer
 
-    from maverick_quant.calibration import data
+    from maverick_quant.calibration import data, records
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     if way == "whole":
         data.PIECE_CHARS = 1 << 62
     before, started = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
-    stream = data.token_stream(data.read_records(Path(text_file), tokenizer, False), tokenizer)
+    stream = data.token_stream(records.read_records(Path(text_file), tokenizer, False), tokenizer)
     added = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     print(f"{way}: {stream.numel()} tokens, peak RSS added {added:.0f} MiB, {time.perf_counter() - started:.1f} s")
 

@@ -13,7 +13,8 @@ import argparse
 
 import torch
 
-from maverick_quant.calibration.data import draw_windows, load_tokenizer, read_records, token_stream
+from maverick_quant.calibration.data import draw_windows, load_tokenizer, token_stream
+from maverick_quant.calibration.records import read_records
 from maverick_quant.errors import InputError
 from maverick_quant.recipe import WINDOW_DRAWS, CalibSpec
 

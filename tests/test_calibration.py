@@ -54,7 +54,8 @@ def test_json_lines_files_read_record_by_record(tiny_llama_dir, tokenizer, tmp_p
     ensure_ascii=False) writes it); `.json`/`.ndjson` JSON Lines (what Dataset.to_json writes)
     are records, not plain text whose JSON syntax would be calibrated on; chat records are
     joined without an EOS of ours after the template's own end of turn."""
-    from maverick_quant.calibration.data import read_records, token_stream
+    from maverick_quant.calibration.data import token_stream
+    from maverick_quant.calibration.records import read_records
 
     texts = ["first line\u2028still the first record", "second\x85record", "third record"]
     body = "\n".join(json.dumps({"text": text}, ensure_ascii=False) for text in texts) + "\n"
@@ -105,7 +106,7 @@ def test_data_files_are_read_as_their_writers_meant_them(tokenizer, tmp_path: Pa
     Windows text file's \r became a token per line in calibration; a .json array (Alpaca's
     layout) was refused; empty records added bare separators; a gzip file was called "not
     UTF-8" and a folder "not found"."""
-    from maverick_quant.calibration.data import read_records
+    from maverick_quant.calibration.records import read_records
 
     bom = tmp_path / "bom.txt"
     bom.write_bytes(b"\xef\xbb\xbfHello there")
@@ -155,17 +156,17 @@ def test_a_chat_template_that_prints_the_date_renders_the_same_on_any_day(tiny_l
     gave other windows the next day, so a lock or a --resume no longer matched."""
     import datetime
 
-    from maverick_quant.calibration import data
+    from maverick_quant.calibration import records
 
     tokenizer = load_tokenizer(tiny_llama_dir)
     tokenizer.chat_template = ("{{ 'Today: ' + strftime_now('%d %b %Y') + ' / ' + (date_string | default('none')) }}"
                                "{% for m in messages %}{{ m['content'] }}{% endfor %}")
     chat = tmp_path / "chat.jsonl"
     chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
-    first = data.read_records(chat, tokenizer, True)
-    monkeypatch.setattr(data, "TEMPLATE_DATE", datetime.datetime(2031, 1, 2))  # as if run another day
+    first = records.read_records(chat, tokenizer, True)
+    monkeypatch.setattr(records, "TEMPLATE_DATE", datetime.datetime(2031, 1, 2))  # as if run another day
     assert first == ["Today: 26 Jul 2024 / 26 Jul 2024hi"]
-    assert data.read_records(chat, tokenizer, True) == ["Today: 02 Jan 2031 / 02 Jan 2031hi"]  # the date is ours alone
+    assert records.read_records(chat, tokenizer, True) == ["Today: 02 Jan 2031 / 02 Jan 2031hi"]  # the date is ours alone
 
 
 def test_a_model_name_that_is_not_a_folder_here_is_refused_never_downloaded(tmp_path: Path, monkeypatch) -> None:
@@ -194,7 +195,8 @@ def test_bad_calibration_data(tiny_llama_dir, tokenizer, tmp_path: Path, content
 
 def test_eval_windows_are_contiguous(tokenizer, small_text_file: Path) -> None:
     """GPTQ protocol: BOS once, then the text's own tokens, cut into consecutive windows."""
-    from maverick_quant.calibration.data import read_records, token_stream
+    from maverick_quant.calibration.data import token_stream
+    from maverick_quant.calibration.records import read_records
 
     windows = eval_windows(small_text_file, tokenizer, ctx=16, max_windows=3)
     stream = token_stream(read_records(small_text_file, tokenizer, False), tokenizer)
@@ -203,7 +205,8 @@ def test_eval_windows_are_contiguous(tokenizer, small_text_file: Path) -> None:
 
 
 def test_calibration_windows_are_runs_of_the_text(tiny_llama_dir, tokenizer, small_text_file: Path) -> None:
-    from maverick_quant.calibration.data import read_records, token_stream
+    from maverick_quant.calibration.data import token_stream
+    from maverick_quant.calibration.records import read_records
 
     stream = token_stream(read_records(small_text_file, tokenizer, False), tokenizer).tolist()
     for windows in ("random", "disjoint"):
@@ -327,7 +330,8 @@ def test_windows_start_with_bos_where_the_tokenizer_adds_it_unless_told_not_to(s
     """Llama 4 always reads BOS at position 0 (its attention sink); calibration windows cut
     mid-text never held it. Now each window starts with BOS where the tokenizer adds one, the
     rest of the window unchanged; `bos=False` keeps the text as drawn."""
-    from maverick_quant.calibration.data import build_calibration, read_records
+    from maverick_quant.calibration.data import build_calibration
+    from maverick_quant.calibration.records import read_records
 
     from test_protocols import _BosTokenizer
 
@@ -343,7 +347,8 @@ def test_windows_start_with_bos_where_the_tokenizer_adds_it_unless_told_not_to(s
 
 def test_a_tokenizer_that_adds_no_bos_draws_the_same_windows_either_way(tokenizer, small_text_file: Path) -> None:
     """SmolLM2's tokenizer has a BOS token but adds none: its windows stay as drawn."""
-    from maverick_quant.calibration.data import build_calibration, read_records
+    from maverick_quant.calibration.data import build_calibration
+    from maverick_quant.calibration.records import read_records
 
     records = read_records(small_text_file, tokenizer, chat_template=False)
     drawn = [build_calibration(records, tokenizer, CalibSpec(samples=4, seq_len=32, bos=bos), "text") for bos in (True, False)]

@@ -41,7 +41,7 @@ class Task:
 def read_hellaswag(path: Path, limit: int | None = None) -> list[Task]:
     """Tasks from llama.cpp's HellaSwag text file (6 lines per task); InputError naming the
     line on a malformed task."""
-    from maverick_quant.calibration.data import text_lines
+    from maverick_quant.calibration.records import text_lines
 
     lines = text_lines(path)
     if len(lines) % HELLASWAG_LINES:
@@ -89,7 +89,7 @@ def _choice_task(record, where: str) -> Task:
 
 def read_choice_jsonl(path: Path, limit: int | None = None) -> list[Task]:
     """Tasks from JSONL records {"context": str, "choices": [str, ...], "label": int}."""
-    from maverick_quant.calibration.data import text_lines
+    from maverick_quant.calibration.records import text_lines
 
     tasks = []
     for number, line in enumerate(text_lines(path), 1):
