@@ -1,7 +1,9 @@
 """The `maverick-quant` command line. Each command parses options into specs and calls one function.
 
-Exit codes: 0 success; 1 a validation gate failed; 2 bad usage or bad input (the message
-names the file, tensor or option), with no partial output left behind.
+Exit codes (`Group`): 0 success; 1 a validation gate failed; 2 bad usage or bad input (the
+message names the file, tensor or option) or an output that cannot be written (a full disk);
+3 any other failure (the traceback is printed); 130 interrupted. Input refused before any work
+leaves no output; a refusal mid-run keeps the finished layers for `--resume`.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ class Interrupted(click.ClickException):
 
 class Group(click.Group):
     """Exit codes: 0 done, 1 a validation gate failed (the commands exit so themselves), 2 bad
-    usage or input (InputError, click's usage errors), 3 any other failure, 130 interrupted."""
+    usage or input (InputError, click's usage errors) or an output the machine cannot write
+    (`outputs.WRITE_FAILURES`: a full disk, a read-only folder), 3 any other failure, 130
+    interrupted."""
 
     def resolve_command(self, ctx, args):
         """The subcommand, refused under torchrun unless it splits its work (distributed.refuse_split)."""
@@ -64,6 +68,10 @@ class Group(click.Group):
         except Exception as exc:
             import traceback
 
+            from maverick_quant.outputs import WRITE_FAILURES, io_failure
+
+            if isinstance(exc, OSError) and exc.errno in WRITE_FAILURES:  # outputs are renamed into place only when whole
+                raise BadInput(f"{io_failure(exc)}; fix the cause and run the command again") from None
             traceback.print_exc()
             raise RunFailed(f"{type(exc).__name__}: {exc} (not bad input and not a failed gate: the traceback "
                             "is above)") from None

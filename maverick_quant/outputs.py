@@ -14,6 +14,7 @@ import errno
 import functools
 import json
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -230,6 +231,31 @@ def write_json_atomic(path: Path, data: dict) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
+WRITE_FAILURES = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO})
+"""errno values of an output the machine cannot write (a full disk or quota, a file-size limit, a
+read-only or forbidden folder, a failing device): exit 2 naming the file, not a traceback."""
+
+
+def io_failure(exc: OSError) -> str:
+    """A failed read or write as "FILE: CAUSE" ("the disk is full" for ENOSPC)."""
+    cause = "the disk is full" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
+    return f"{exc.filename or 'writing the output'}: {cause}"
+
+
+_OS_ERROR_CODE = re.compile(r"\(os error (\d+)\)")
+
+
+def _as_os_error(exc: Exception, path: Path) -> OSError | None:
+    """The OSError inside a SafetensorError, naming `path` (safetensors' writer reports a full
+    disk as "I/O error: No space left on device (os error 28)", not as an OSError), or None
+    when it is no I/O error."""
+    found = _OS_ERROR_CODE.search(str(exc))
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), str(path))
+
+
 KILL_DURING_WRITE = "MAVERICK_QUANT_KILL_DURING_WRITE"  # fault injection for the resume tests
 _atomic_writes = 0
 
@@ -241,11 +267,19 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metada
     Fault injection: with MAVERICK_QUANT_KILL_DURING_WRITE=N in the environment, the process
     SIGKILLs itself during its N-th such write, leaving half a temporary file behind (the
     resume tests use it to crash in the middle of a write deterministically)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     global _atomic_writes
     tmp = temporary_name(path)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata or {"format": "pt"})
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata or {"format": "pt"})
+    except SafetensorError as exc:
+        tmp.unlink(missing_ok=True)
+        failure = _as_os_error(exc, path)
+        if failure is None:
+            raise
+        raise failure from exc
     _atomic_writes += 1
     if os.environ.get(KILL_DURING_WRITE) == str(_atomic_writes):
         os.truncate(tmp, tmp.stat().st_size // 2)

@@ -27,7 +27,6 @@ A lock file beside the work directory keeps two runs from writing it at once.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import json
@@ -44,7 +43,7 @@ from safetensors import SafetensorError
 
 from maverick_quant import __version__
 from maverick_quant.checkpoint import sha256_file
-from maverick_quant.outputs import (check_output_dir, durable_replace, replace_dir, save_safetensors_atomic,
+from maverick_quant.outputs import (check_output_dir, durable_replace, io_failure, replace_dir, save_safetensors_atomic,
                                     warn_leftovers, write_json_atomic)
 from maverick_quant.errors import InputError
 
@@ -334,7 +333,4 @@ def _prepare(work: Path, state: RunState, out: Path, force: bool, resume: bool, 
 
 
 def _io_failure_message(exc: OSError, work: Path) -> str:
-    what = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
-    where = f" writing {exc.filename}" if exc.filename else ""
-    return (f"{where.strip() or 'writing the output'}: {what}. Finished layers are kept in {work}; "
-            "fix the cause and rerun the same command with --resume")
+    return f"{io_failure(exc)}. Finished layers are kept in {work}; fix the cause and rerun the same command with --resume"

@@ -380,3 +380,31 @@ def test_a_run_step_given_resume_and_force_starts_an_unfinished_run_of_other_inp
         (work / "report.json").write_text("{}")
     assert "the validation starts over: its unfinished run had other inputs (ctx (512 -> 256))" in capsys.readouterr().out
     assert (out / "report.json").is_file() and not state_dir_for(out).exists()
+
+
+def _cli_with_file_size_limit(limit: int, *args) -> subprocess.CompletedProcess:
+    """`maverick-quant ARGS` in a process that cannot write a file past `limit` bytes: every
+    write beyond it fails with EFBIG (Python ignores SIGXFSZ), as writes to a full disk fail."""
+    import resource
+
+    return subprocess.run([sys.executable, "-m", "maverick_quant", *map(str, args)], capture_output=True, text=True,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+
+
+def test_real_failing_writes_exit_2_naming_the_file(tiny_llama_dir: Path, small_text_file: Path,
+                                                    tmp_path: Path) -> None:
+    """safetensors' writer reports a failed write (a full disk) as a SafetensorError, which is no
+    OSError: quantize, validate and imatrix exited 3 with a traceback instead of exit 2 naming
+    the file and keeping the finished layers; a failed export, or `run`'s, exited 3 too."""
+    quantize = ["quantize", tiny_llama_dir, "--method", "rtn", "--group-size", "32", "--no-progress"]
+    failed = _cli_with_file_size_limit(32 * 1024, *quantize, "--out", tmp_path / "bundle")
+    assert failed.returncode == 2, failed.stderr + failed.stdout
+    assert "File too large. Finished layers are kept in" in failed.stderr and ".safetensors" in failed.stderr
+    assert "Traceback" not in failed.stderr and not (tmp_path / "bundle").exists()
+    resumed = _cli_with_file_size_limit(1 << 30, *quantize, "--out", tmp_path / "bundle", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    failed = _cli_with_file_size_limit(32 * 1024, "export", tmp_path / "bundle", "--format", "gptq", "--out",
+                                       tmp_path / "gptq", "--no-progress")
+    assert failed.returncode == 2 and "File too large; fix the cause and run the command again" in failed.stderr, \
+        failed.stderr
+    assert "Traceback" not in failed.stderr and not (tmp_path / "gptq").exists()
