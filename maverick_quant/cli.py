@@ -353,7 +353,7 @@ def plan(target, method, gguf_grid, bits, group_size, sym, signed_scale, clip_se
          hellaswag) -> None:
     """Predict a quantize run before it starts: tensors quantized and passed through, output
     size per format, peak host and GPU memory, disk and time. TARGET: a model directory (only
-    config.json and the safetensors headers are read), a recipe .yaml (its options win), or
+    config.json and the safetensors headers are read), a recipe .yaml (its settings are planned; run options beside it are refused), or
     `maverick` (Llama 4 Maverick's published config, bf16)."""
     from maverick_quant.jobs import run_plan
 
