@@ -346,15 +346,19 @@ def quantize(model_dir, data, calib, out, method, gguf_grid, bits, group_size, s
               "SmolLM2's tokenizer over the whole validation split).")
 @click.option("--hellaswag", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="HellaSwag file whose tasks are planned.")
+@click.option("--remeasure", is_flag=True, help="Measure this machine's compute and disk rates again instead of the "
+              "cached ones (a cache measured while other work shared the cores is replaced by the first plan made "
+              "on an idle machine anyway).")
 def plan(target, method, gguf_grid, bits, group_size, sym, signed_scale, clip_search, act_order, damp, keep_float, bits_overrides, samples,
          seq_len, seed,
          chat_template, windows, bos, moe_policy, moe_mix, moe_min_tokens, moe_require_full_rank, moe_fallback, moe_quantize_router, moe_chunk_mib,
          awq_grid, awq_duo, awq_clip, awq_sample_tokens, batch, json_out, force, coverage, device, validate_windows, validate_ctx, validate_batch, validate_data, hellaswag_tasks,
-         hellaswag) -> None:
+         hellaswag, remeasure) -> None:
     """Predict a quantize run before it starts: tensors quantized and passed through, output
     size per format, peak host and GPU memory, disk and time. TARGET: a model directory (only
-    config.json and the safetensors headers are read), a recipe .yaml (its settings are planned; run options beside it are refused), or
-    `maverick` (Llama 4 Maverick's published config, bf16)."""
+    config.json and the safetensors headers are read), a recipe .yaml (its settings are
+    planned; run options beside it are refused), or `maverick` (Llama 4 Maverick's published
+    config, bf16)."""
     from maverick_quant.jobs import run_plan
 
     if ignored := _given_options(("seed", "chat_template", "windows", "bos")):
@@ -379,7 +383,8 @@ def plan(target, method, gguf_grid, bits, group_size, sym, signed_scale, clip_se
     elif hellaswag_tasks is not None or hellaswag is not None or validate_data is not None:
         raise click.UsageError("--validate-data, --hellaswag and --hellaswag-tasks plan the validation: give "
                                "--validate-windows too")
-    run_plan(target, spec, _calib_spec(samples, seq_len, seed, chat_template, windows, bos), json_out, device, coverage, validation)
+    run_plan(target, spec, _calib_spec(samples, seq_len, seed, chat_template, windows, bos), json_out, device, coverage, validation,
+             remeasure)
 
 
 @cli.command("inspect")

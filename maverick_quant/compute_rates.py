@@ -10,6 +10,8 @@ The disk part (reads, writes, hashes) is `disk.py`.
 
 from __future__ import annotations
 
+import datetime
+import os
 import re
 import time
 from pathlib import Path
@@ -120,20 +122,44 @@ def rates_cache(device: torch.device | str = "cpu") -> Path:
 
 RATE_KEYS = ("matmul_flops_per_s", "gptq_flops_per_s", "gptq_column_seconds", "clip_search_seconds_per_weight",
              "dequantize_seconds_per_weight", "rtn_seconds_per_weight", "round_seconds_per_weight", "threads", "model",
-             "device")
+             "device", "measured_at", "load_per_core")
+BUSY_LOAD_PER_CORE = 0.5  # a 1-minute load average per core above this: other work shares the cores
 
 
-def machine_rates(cache: Path | None = None, device: torch.device | str = "cpu") -> dict:
+def load_per_core() -> float | None:
+    """The 1-minute load average per core: the other work sharing the cores (None where unknown)."""
+    try:
+        return os.getloadavg()[0] / (os.cpu_count() or 1)
+    except OSError:
+        return None
+
+
+def measured_busy(rates: dict) -> bool:
+    """Whether `rates` were measured while other work shared the cores (then slower than the
+    machine is: timed solves under a load of 3.5 per core came out 10-70x slower here)."""
+    return (rates.get("load_per_core") or 0.0) > BUSY_LOAD_PER_CORE
+
+
+def _usable(cached: dict | None, remeasure: bool) -> bool:
+    """A cache is used unless asked to measure again, of another cost model, or measured while
+    the machine was busy and it is idle now (then the measurement is replaced)."""
+    if cached is None or remeasure or cached["model"] != COST_MODEL:
+        return False
+    return not measured_busy(cached) or (load_per_core() or 0.0) > BUSY_LOAD_PER_CORE
+
+
+def machine_rates(cache: Path | None = None, device: torch.device | str = "cpu", remeasure: bool = False) -> dict:
     """Measured on this machine's `device` (cached in `cache`): fp32 matmul flops/s, and GPTQ's
     cost model t(N, K) = K * column_seconds + gptq_flops(N, K) / gptq_flops_per_s fitted to two
     real solves (a small one, where the per-column overhead dominates, and a larger one); and
     what `clip_search` adds per weight, the larger solve timed with and without it; and the
     host's seconds per weight to dequantize a bundle's weight (validate's candidate); and the
     device's seconds per weight to round AWQ's scale candidates to nearest and to quantize a
-    weight to nearest."""
+    weight to nearest. Each measurement records when, and the load it ran under."""
     cached = read_cached(cache, RATE_KEYS)
-    if cached is not None and cached["model"] == COST_MODEL:
+    if _usable(cached, remeasure):
         return cached
+    load = load_per_core()  # before our own timed work adds to it
     device = torch.device(device)
     size = 1024 if device.type == "cpu" else 8192
     a = torch.randn(size, size, device=device)
@@ -150,7 +176,8 @@ def machine_rates(cache: Path | None = None, device: torch.device | str = "cpu")
     rates = {"matmul_flops_per_s": matmul, "gptq_flops_per_s": 1 / inverse_rate, "gptq_column_seconds": column,
              "clip_search_seconds_per_weight": clip, "dequantize_seconds_per_weight": dequantize_seconds_per_weight(),
              "rtn_seconds_per_weight": rtn_seconds_per_weight(device), "round_seconds_per_weight": round_seconds_per_weight(device),
-             "threads": torch.get_num_threads(), "model": COST_MODEL,
+             "threads": torch.get_num_threads(), "model": COST_MODEL, "load_per_core": load,
+             "measured_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
              "device": "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device)}
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)

@@ -110,10 +110,12 @@ def file_read_rate(path: Path, size: int = PROBE_BYTES) -> float:
         os.close(fd)
 
 
-def measure_disk(folder: Path, model_dir: Path | None = None, cache_dir: Path | None = None) -> DiskRates:
+def measure_disk(folder: Path, model_dir: Path | None = None, cache_dir: Path | None = None,
+                 remeasure: bool = False) -> DiskRates:
     """The disk rates for a run writing to `folder` and reading `model_dir`'s shards (None:
     reads as fast as `folder`), cached per (host, folder's device, model's device) in
-    `cache_dir` (the host too: device numbers repeat across machines sharing a home folder)."""
+    `cache_dir` (the host too: device numbers repeat across machines sharing a home folder);
+    `remeasure`: measured again whatever the cache holds."""
     folder = Path(folder)
     shards = sorted(Path(model_dir).glob("*.safetensors"), key=lambda p: p.stat().st_size) if model_dir else []
     shards = [shard for shard in shards if shard.stat().st_size >= PROBE_BYTES]  # big enough to time
@@ -121,7 +123,7 @@ def measure_disk(folder: Path, model_dir: Path | None = None, cache_dir: Path | 
     key = f"{host}-{folder.stat().st_dev}-{shards[-1].stat().st_dev if shards else 'same'}"
     cache = Path(cache_dir) / f"plan-disk-v1-{key}.json" if cache_dir is not None else None
     cached = read_cached(cache, ("write", "read", "hash"))
-    if cached is not None and min(cached["write"], cached["read"], cached["hash"]) > 0:  # measured once per pair of disks
+    if cached is not None and not remeasure and min(cached["write"], cached["read"], cached["hash"]) > 0:  # measured once per pair of disks
         return DiskRates(cached["write"], cached["read"], cached["hash"], f"measured earlier, kept in {cache}")
     tries = [write_read_rates(folder) for _ in range(PROBES)]
     write, read = statistics.median(t[0] for t in tries), statistics.median(t[1] for t in tries)

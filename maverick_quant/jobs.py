@@ -329,11 +329,12 @@ def run_generate(bundle_dir: Path, prompt: str, max_new_tokens: int, kernels: st
 
 
 def run_plan(target: str, spec, calib_spec, json_out: Path | None = None, device: str | None = None,
-             coverage: Path | None = None, validation: dict | None = None):
+             coverage: Path | None = None, validation: dict | None = None, remeasure: bool = False):
     """`maverick-quant plan`: print (and optionally write as JSON) the plan of a run on `device`
     (default: a recipe's quantize.device, else auto), with the routing measured in `coverage`
     (a coverage.json; None: even routing), and of validating its bundle: a recipe's validation
-    step, else `validation` ({windows, ctx, batch, tasks}; None: not planned); returns it."""
+    step, else `validation` ({windows, ctx, batch, tasks}; None: not planned), with this machine's
+    compute and disk rates measured again when `remeasure`, else as cached; returns it."""
     from maverick_quant.arch.llama4 import maverick_config
     from maverick_quant.arch.registry import table_for
     from maverick_quant.checkpoint import Checkpoint, load_json_object
@@ -358,10 +359,10 @@ def run_plan(target: str, spec, calib_spec, json_out: Path | None = None, device
         config = Checkpoint(model_dir).load_config() if any(model_dir.glob("*.safetensors")) else _config_only(model_dir)
     table = table_for(config, str(target))
     sizes, origin = tensor_bytes(model_dir, table, config)
-    kind, rates = _plan_device(device or "auto")
+    kind, rates = _plan_device(device or "auto", remeasure)
     shares = expert_shares(load_json_object(Path(coverage), "coverage.json"), Path(coverage)) if coverage else None
     try:
-        disk, disk_note = measure_disk(Path.cwd(), model_dir, cache_dir()), None
+        disk, disk_note = measure_disk(Path.cwd(), model_dir, cache_dir(), remeasure), None
     except OSError as exc:  # e.g. a read-only current directory: plan without the disk time
         disk, disk_note = None, f"disk work not timed: its rates could not be measured here ({exc})"
     checked, notes = (None, []) if validation is None else validation_settings(**validation, model_dir=model_dir)
@@ -391,7 +392,7 @@ def _recipe_validation(step) -> tuple[dict, list[str]]:
              "protocol": step.protocol}, left_out)
 
 
-def _plan_device(name: str) -> tuple[str, dict | None]:
+def _plan_device(name: str, remeasure: bool = False) -> tuple[str, dict | None]:
     """("cpu" | "cuda", the measured rates of that device here, or None when this machine has
     no such device: a plan for a GPU may be made anywhere, but only timed on one)."""
     import torch
@@ -403,7 +404,7 @@ def _plan_device(name: str) -> tuple[str, dict | None]:
     if kind == "cuda" and not torch.cuda.is_available():
         return kind, None
     device = resolve_device(kind)  # timed on this process's GPU whichever index was named
-    return kind, machine_rates(rates_cache(device), device)
+    return kind, machine_rates(rates_cache(device), device, remeasure)
 
 
 def _config_only(model_dir: Path):

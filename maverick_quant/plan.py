@@ -172,6 +172,7 @@ class Plan:
     disk_io: dict[str, int] | None = None  # bytes {"read", "write", "hash"} (disk_work)
     disk_seconds: dict[str, float] | None = None  # the same at measured rates (disk.py)
     validation: ValidationPlan | None = None  # validating the bundle, when asked for
+    rates: dict | None = None  # the compute rates it was timed with (compute_rates.machine_rates)
 
     @property
     def total_seconds(self) -> float | None:
@@ -222,7 +223,7 @@ class Plan:
                 "gpu_bytes": self.peak_device_bytes, "peak_gpu_layer": {"index": gpu.index, **self.device_terms(gpu)},
                 "outputs": self.outputs, "disk_bytes": self.disk_bytes,
                 "seconds": self.total_seconds, "compute_seconds": self.seconds, "disk_seconds": self.disk_seconds,
-                "disk_io_bytes": self.disk_io,
+                "disk_io_bytes": self.disk_io, "rates": self.rates,
                 "assumptions": self.assumptions,
                 "validation": None if self.validation is None else self.validation.to_dict(self.baseline_bytes)}
 
@@ -462,7 +463,8 @@ def make_plan(name: str, table, config, sizes: dict[str, int], calib: CalibSpec,
         time_validation(checked, rates, disk)
     return Plan(name, params, count, passthrough, len(sizes) - tensors, baseline, layers, final, outputs,
                 None if rates is None else planned_seconds(layers, rates, spec.weights.clip_search), resume, assumptions, device,
-                dict(zip(("read", "write", "hash"), work)), disk.seconds(*work) if disk is not None else None, checked)
+                dict(zip(("read", "write", "hash"), work)), disk.seconds(*work) if disk is not None else None, checked,
+                rates)
 
 
 def disk_work(checkpoint: int, bundle: int, resume: int, layers: int, reread: int = 0) -> tuple[int, int, int]:
@@ -505,10 +507,14 @@ def planned_seconds(layers: list[LayerCost], rates: dict, clip_search: bool = Fa
 
 
 def _rates_assumption(rates: dict | None, device: str) -> str:
+    from maverick_quant.compute_rates import measured_busy
+
     if rates is None:
         return f"time not estimated: no {device} device on this machine to measure (run `plan` where the job runs)"
     where = f"{rates['threads']} threads" if device == "cpu" else rates.get("device", device)
-    return (f"rates measured here: fp32 matmul {rates['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, GPTQ solve "
+    when = f" {rates['measured_at']}" if rates.get("measured_at") else ""
+    busy = f" under a load of {rates['load_per_core']:.1f} per core" if measured_busy(rates) else ""
+    return (f"rates measured here{when}{busy}: fp32 matmul {rates['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, GPTQ solve "
             f"{rates['gptq_flops_per_s'] / 1e9:.1f} GFLOP/s + {1e3 * rates['gptq_column_seconds']:.2f} ms per column, "
             f"range search (clip_search) {1e9 * rates['clip_search_seconds_per_weight']:.1f} s per billion weights, "
             f"round to nearest {1e9 * rates['round_seconds_per_weight']:.1f} s per billion weights, on {where}")
@@ -543,6 +549,17 @@ def _fit_here_line(plan: Plan, available: int | None = None) -> list[str]:
             f"peak {plan.peak_host_bytes / 2**30:.1f} GiB: the run would not fit here"]
 
 
+def _busy_line(rates: dict | None) -> list[str]:
+    """A warning line when the compute rates were measured while other work shared the cores."""
+    from maverick_quant.compute_rates import measured_busy
+
+    if rates is None or not measured_busy(rates):
+        return []
+    return [f"- warning: the compute rates were measured while other work shared the cores (load "
+            f"{rates['load_per_core']:.1f} per core): the times are overstated; `plan --remeasure` when the machine "
+            "is idle (a cache measured so is replaced by the first plan made on an idle machine)"]
+
+
 def _time_line(plan: Plan) -> str:
     disk = plan.disk_seconds
     disk_text = "" if disk is None else (f"disk {sum(disk.values()):.0f} s: read {disk['read']:.0f}, write "
@@ -567,7 +584,7 @@ def render(plan: Plan) -> str:
              _needs_line(plan),
              *_fit_here_line(plan),
              f"- disk {gib(plan.disk_bytes)} (bundle + resumable hidden states + largest export)",
-             _time_line(plan), "",
+             _time_line(plan), *_busy_line(plan.rates), "",
              "| output | size |", "|---|---|"]
     lines += [f"| {fmt} | {gib(size)} |" for fmt, size in plan.outputs.items()]
     lines += ["", "Assumptions:"] + [f"- {a}" for a in plan.assumptions]

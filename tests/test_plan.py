@@ -165,6 +165,7 @@ def test_plan_times_the_disk_work_at_rates_measured_here(tmp_path: Path, monkeyp
     for cache in (tmp_path / "cache").glob("*.json"):  # a truncated cache is measured again, never a traceback
         cache.write_text('{"write": 1')
     assert "kept in" not in measure_disk(tmp_path, cache_dir=tmp_path / "cache").where
+    assert "kept in" not in measure_disk(tmp_path, cache_dir=tmp_path / "cache", remeasure=True).where
 
     fixed = DiskRates(write=1e9, read=2e9, hash=5e8, where="test")
     monkeypatch.setattr(disk, "measure_disk", lambda *args: fixed)
@@ -410,3 +411,46 @@ def test_the_planned_bundle_holds_the_bytes_a_real_bundle_stores(tiny_llama_dir:
     stored = sum(info.end - info.begin for shard in (tmp_path / "bundle").rglob("*.safetensors")
                  for info in read_safetensors_header(shard).values())
     assert json.loads((tmp_path / "p.json").read_text())["outputs"]["bundle"] == stored
+
+
+def test_rates_measured_under_load_are_flagged_and_replaced_when_the_machine_is_idle(tmp_path: Path,
+                                                                                    monkeypatch) -> None:
+    """Rates cached while other work shared the cores (here, clip search measured 74x slower)
+    were kept for good: the plan overstated every later run's time with no word of it. They
+    record when and under what load they were measured; a busy measurement is flagged in the
+    plan and replaced by the first plan on an idle machine; `--remeasure` measures again."""
+    import maverick_quant.compute_rates as compute_rates
+
+    solves = []
+    monkeypatch.setattr(compute_rates, "_gptq_seconds", lambda rows, cols, device, clip_search=False:
+                        solves.append(rows) or 1e-6 * cols + 1e-9 * compute_rates.gptq_flops(rows, cols))
+    cache, load = tmp_path / "rates.json", {"now": 3.5}
+    monkeypatch.setattr(compute_rates, "load_per_core", lambda: load["now"])
+    busy = compute_rates.machine_rates(cache, "cpu")
+    assert busy["load_per_core"] == 3.5 and compute_rates.measured_busy(busy) and busy["measured_at"].endswith("UTC")
+    measured = len(solves)
+    assert compute_rates.machine_rates(cache, "cpu") == busy and len(solves) == measured  # still busy: kept
+    monkeypatch.setattr(compute_rates, "machine_rates", lambda *args: busy)
+    out = CliRunner().invoke(cli, ["plan", "maverick", "--samples", "8", "--seq-len", "64"]).output
+    assert "- warning: the compute rates were measured while other work shared the cores (load 3.5 per core)" in out
+    assert f"rates measured here {busy['measured_at']} under a load of 3.5 per core" in out
+    monkeypatch.undo()
+    monkeypatch.setattr(compute_rates, "_gptq_seconds", lambda rows, cols, device, clip_search=False:
+                        solves.append(rows) or 1e-6 * cols + 1e-9 * compute_rates.gptq_flops(rows, cols))
+    monkeypatch.setattr(compute_rates, "load_per_core", lambda: load["now"])
+    load["now"] = 0.1
+    idle = compute_rates.machine_rates(cache, "cpu")
+    assert idle["load_per_core"] == 0.1 and len(solves) > measured and not compute_rates.measured_busy(idle)
+    measured = len(solves)
+    assert compute_rates.machine_rates(cache, "cpu") == idle and len(solves) == measured  # idle measurement: kept
+    compute_rates.machine_rates(cache, "cpu", remeasure=True)
+    assert len(solves) > measured
+    import maverick_quant.disk as disk
+
+    seen = {}
+    monkeypatch.setattr(compute_rates, "machine_rates", lambda cache, device, remeasure: seen.update(rates=remeasure) or idle)
+    monkeypatch.setattr(disk, "measure_disk", lambda folder, model, cache, remeasure: seen.update(disk=remeasure)
+                        or disk.DiskRates(1e9, 1e9, 1e9, "test"))
+    for flag in ([], ["--remeasure"]):
+        assert CliRunner().invoke(cli, ["plan", "maverick", "--samples", "8", "--seq-len", "64", *flag]).exit_code == 0
+        assert seen == {"rates": bool(flag), "disk": bool(flag)}
