@@ -136,7 +136,7 @@ def load_per_core() -> float | None:
 
 def measured_busy(rates: dict) -> bool:
     """Whether `rates` were measured while other work shared the cores (then slower than the
-    machine is: timed solves under a load of 3.5 per core came out 10-70x slower here)."""
+    machine is: the range search's rate came out 13x slower here at a load of 3.5 per core)."""
     return (rates.get("load_per_core") or 0.0) > BUSY_LOAD_PER_CORE
 
 

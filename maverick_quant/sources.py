@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from maverick_quant.outputs import durable_replace_dir, partial_name
+from maverick_quant.outputs import durable_replace_dir, partial_name, write_json_atomic
 from maverick_quant.errors import InputError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -70,10 +70,23 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torc
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     model.config.architectures = ["LlamaForCausalLM"]
     model.config.save_pretrained(tmp)
+    drop_gguf_quantization_config(tmp)
     model.generation_config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     durable_replace_dir(tmp, out_dir)
     return out_dir
+
+
+def drop_gguf_quantization_config(folder: Path) -> None:
+    """Remove the `quantization_config` (quant_method gguf) transformers keeps in the config of a
+    model it dequantized from GGUF: the tensors are float, and tools that read the key (llm-
+    compressor's oneshot) refuse the folder as quantized already. Folders converted before this
+    are mended in place on first use."""
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text())
+    if (config.get("quantization_config") or {}).get("quant_method") == "gguf":
+        del config["quantization_config"]
+        write_json_atomic(path, config)
 
 
 def smollm2_hf_dir() -> Path:
@@ -82,4 +95,5 @@ def smollm2_hf_dir() -> Path:
     if not ((target / "config.json").is_file() and (target / "model.safetensors").is_file()):
         target.parent.mkdir(parents=True, exist_ok=True)
         convert_gguf_to_hf(smollm2_gguf_path(), target)
+    drop_gguf_quantization_config(target)
     return target

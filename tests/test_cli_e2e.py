@@ -558,3 +558,19 @@ def test_a_prompt_that_is_not_utf8_is_named(tiny_run) -> None:
     """Bytes from the shell that are not UTF-8 reach Python as surrogates: the tokenizer raised a TypeError."""
     code, out = _run("generate", tiny_run["bundle"], "--prompt", "Hi \udcff there", "--max-new-tokens", 1)
     assert code == 2 and "--prompt: not UTF-8 text" in out, out
+
+
+def test_the_converted_smollm2_declares_no_gguf_quantization(smollm2_dir: Path, tmp_path: Path) -> None:
+    """transformers keeps `quantization_config: {quant_method: gguf}` in the config of a model it
+    dequantized from GGUF; over float tensors it made llm-compressor's oneshot refuse the demo's
+    model as quantized already. It is dropped (and dropped from folders converted before); any
+    other quantization_config is left as it is."""
+    from maverick_quant.sources import drop_gguf_quantization_config
+
+    assert "quantization_config" not in json.loads((smollm2_dir / "config.json").read_text())
+    for method, kept in (("gguf", False), ("fbgemm_fp8", True)):
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {
+            "quant_method": method}}))
+        drop_gguf_quantization_config(tmp_path)
+        config = json.loads((tmp_path / "config.json").read_text())
+        assert ("quantization_config" in config) is kept and config["model_type"] == "llama"

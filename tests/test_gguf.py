@@ -488,11 +488,11 @@ def test_a_replaced_gguf_never_keeps_the_old_files_card_and_manifest(tiny_q4_0, 
     with monkeypatch.context() as patch:
         patch.setattr(gguf_exporter, "export_gguf", disk_full)
         code, out = _run(*export)
-    assert code == 3 and "OSError: [Errno 28] No space left on device (not bad input and not a failed gate" in out, out
+    assert code == 2 and "the disk is full; fix the cause and run the command again" in out, out
     assert all(path.exists() for path in sidecars)  # the old file is untouched, so its card and manifest stay true
     monkeypatch.setattr(artifact, "write_gguf_sidecars", disk_full)
     code, out = _run(*export)
-    assert code == 3 and not any(path.exists() for path in sidecars), out
+    assert code == 2 and not any(path.exists() for path in sidecars), out
 
 def test_a_gguf_export_neither_replaces_files_beside_it_nor_reads_its_report_late(tiny_q4_0, tmp_path: Path) -> None:
     """A user's NAME.gguf.README.md beside the output was overwritten without --force; a damaged
