@@ -61,7 +61,7 @@ import torch
 from maverick_quant.calibration.moe import all_token_sample_size, expected_policies
 from maverick_quant.checkpoint import DTYPE_SIZES
 from maverick_quant.compress.gguf_blocks import BLOCK, BLOCK_TYPES, block_type_for_grid
-from maverick_quant.compute_rates import gptq_flops
+from maverick_quant.compute_rates import gptq_flops, measured_busy
 from maverick_quant.disk import DiskRates
 from maverick_quant.errors import InputError
 from maverick_quant.plan_awq import awq_layer_cost
@@ -507,8 +507,6 @@ def planned_seconds(layers: list[LayerCost], rates: dict, clip_search: bool = Fa
 
 
 def _rates_assumption(rates: dict | None, device: str) -> str:
-    from maverick_quant.compute_rates import measured_busy
-
     if rates is None:
         return f"time not estimated: no {device} device on this machine to measure (run `plan` where the job runs)"
     where = f"{rates['threads']} threads" if device == "cpu" else rates.get("device", device)
@@ -551,8 +549,6 @@ def _fit_here_line(plan: Plan, available: int | None = None) -> list[str]:
 
 def _busy_line(rates: dict | None) -> list[str]:
     """A warning line when the compute rates were measured while other work shared the cores."""
-    from maverick_quant.compute_rates import measured_busy
-
     if rates is None or not measured_busy(rates):
         return []
     return [f"- warning: the compute rates were measured while other work shared the cores (load "
