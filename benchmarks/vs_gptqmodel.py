@@ -49,8 +49,8 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "wikitext-2"
+from head_to_head import DATA, REPO, cached_cost, calibrate_once, figures_of, quantize_ours, validate
+
 DEFAULT_GM_PYTHON = Path(os.environ.get("MAVERICK_QUANT_GPTQMODEL_PYTHON") or
                          Path.home() / ".cache" / "maverick-quant" / "gptqmodel-7.6.0-venv" / "bin" / "python")
 CLIENT = REPO / "tests" / "clients" / "gptqmodel_logits.py"
@@ -84,62 +84,14 @@ def gm_worker(spec_path: str) -> None:
     }, indent=2))
 
 
-def measured(command: list[str], log: Path, env: dict | None = None) -> tuple[float, float, list[float]]:
-    """Run `command` (output to `log`); its wall seconds, peak RSS (MiB, ru_maxrss via wait4) and
-    the 1-minute load average at its start and end (other work on the cores inflates the seconds)."""
-    load_before, started = os.getloadavg()[0], time.perf_counter()
-    with log.open("w") as out:
-        child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode:
-        raise SystemExit(f"{' '.join(command)} exited {child.returncode}; see {log}")
-    return time.perf_counter() - started, usage.ru_maxrss / 1024, [load_before, os.getloadavg()[0]]
-
-
-def quantize_ours(model_dir: Path, calib: Path, out: Path, options: list[str]) -> dict:
-    from maverick_quant.bundle import Bundle
-
-    from smollm2_quality import calib_options
-
-    cost = out.with_name(out.name + ".cost.json")
-    if not cost.exists():
-        command = [sys.executable, "-m", "maverick_quant", "quantize", str(model_dir), *calib_options(calib, options),
-                   "--out", str(out), "--no-progress", "--force", *options]
-        wall, rss, load = measured(command, out.with_name(out.name + ".quantize.log"))
-        cost.write_text(json.dumps({"wall_seconds": wall, "peak_rss_mib": rss, "loadavg_1min": load,
-                                    "command": command}, indent=2))
-    summary = Bundle(out).manifest["summary"]
-    return {**json.loads(cost.read_text()), "tool_seconds": summary.get("seconds"),
-            "tool_peak_rss_mib": summary.get("peak_rss_mib")}
-
-
 def quantize_gm(python: Path, model_dir: Path, tokens: Path, out: Path, damp: float | None, dtype: str,
                 batch: int) -> dict:
-    result = out.with_name(out.name + ".result.json")
-    cost = out.with_name(out.name + ".cost.json")
-    if not cost.exists():
-        spec = out.with_name(out.name + ".spec.json")
-        spec.write_text(json.dumps({"model": str(model_dir), "tokens": str(tokens), "out": str(out), "damp": damp,
-                                    "dtype": dtype, "batch": batch, "result": str(result)}))
-        command = [str(python), __file__, "--gm-worker", str(spec)]
-        wall, rss, load = measured(command, out.with_name(out.name + ".quantize.log"), env={**os.environ, **GM_ENV})
-        cost.write_text(json.dumps({"wall_seconds": wall, "peak_rss_mib": rss, "loadavg_1min": load,
-                                    "command": command}, indent=2))
+    result, spec = out.with_name(out.name + ".result.json"), out.with_name(out.name + ".spec.json")
+    spec.write_text(json.dumps({"model": str(model_dir), "tokens": str(tokens), "out": str(out), "damp": damp,
+                                "dtype": dtype, "batch": batch, "result": str(result)}))
+    cost = cached_cost(out, [str(python), __file__, "--gm-worker", str(spec)], env={**os.environ, **GM_ENV})
     settings = json.loads(result.read_text())
-    return {**json.loads(cost.read_text()), "tool_seconds": settings["quantize_call_seconds"], "gptqmodel": settings}
-
-
-def validate(model_dir: Path, candidate: Path, report: Path, windows: int, ctx: int) -> tuple[dict | None, str]:
-    """report.json of `maverick-quant validate`, or None and its refusal (output tail)."""
-    if not (report / "report.json").exists():
-        run = subprocess.run([sys.executable, "-m", "maverick_quant", "validate", "--reference", str(model_dir),
-                              "--candidate", str(candidate), "--data", str(DATA / "wiki.test.raw"), "--ctx", str(ctx),
-                              "--max-windows", str(windows), "--report", str(report), "--no-progress", "--force"],
-                             capture_output=True, text=True)
-        if run.returncode != 0 or not (report / "report.json").exists():
-            return None, f"exit {run.returncode}: " + (run.stderr.strip() or run.stdout.strip())[-2000:]
-    return json.loads((report / "report.json").read_text()), ""
+    return {**cost, "tool_seconds": settings["quantize_call_seconds"], "gptqmodel": settings}
 
 
 @torch.no_grad()
@@ -197,15 +149,10 @@ def main() -> None:
     from maverick_quant.calibration.data import CalibrationSet
     from maverick_quant.sources import smollm2_hf_dir
 
-    from smollm2_quality import cli
-
     model_dir = smollm2_hf_dir()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    calib = work / f"calib-{args.samples}x{args.seq_len}"
-    if not calib.exists():
-        cli("calibrate", str(model_dir), "--data", str(DATA / "wiki.valid.tokens"), "--out", str(calib),
-            "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--no-progress")
+    calib = calibrate_once(model_dir, work, args.samples, args.seq_len)
     tokens = work / f"calib-{args.samples}x{args.seq_len}-input_ids.npy"
     ids = CalibrationSet.load(calib).input_ids
     np.save(tokens, ids.numpy(), allow_pickle=False)
@@ -232,9 +179,7 @@ def main() -> None:
             rows[name]["validate_refused"] = refusal
             print(f"validate refused {out}: {refusal}", flush=True)
             continue
-        rows[name].update(ppl=report["candidate"]["ppl"], ref_ppl=report["reference"]["ppl"],
-                          ppl_ratio=report["ppl_ratio"], kl_mean=report["kl"]["mean"], top1=report["top1_agreement"],
-                          scored_tokens=report["tokens"], validate_seconds=report["seconds"])
+        rows[name].update(figures_of(report))
         if tool == "gptqmodel":
             rows[name]["reading_check"] = check_gm_reading(args.gptqmodel_python, model_dir, out, work)
         print(json.dumps({name: rows[name]}), flush=True)

@@ -54,13 +54,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "wikitext-2"
+from head_to_head import DATA, cached_cost, calibrate_once, figures_of, measured, quantize_ours, validate
+
+LC_ENV = {"CUDA_VISIBLE_DEVICES": ""}
 DEFAULT_VENV = Path.home() / ".cache" / "maverick-quant" / "llmcompressor-venv"
 
 
@@ -200,62 +200,14 @@ def lc_decompress(spec_path: str) -> None:
 # orchestration: our environment
 # ---------------------------------------------------------------------------------------------
 
-def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "maverick_quant", *args], check=check, capture_output=True,
-                          text=True)
-
-
-def timed(command: list[str], log: Path, env: dict | None = None) -> float:
-    started = time.perf_counter()
-    with log.open("w") as out:
-        subprocess.run(command, check=True, stdout=out, stderr=subprocess.STDOUT, env=env)
-    return time.perf_counter() - started
-
-
-def quantize_ours(model_dir: Path, calib: Path, out: Path, options: list[str]) -> dict:
-    from maverick_quant.bundle import Bundle
-
-    if not out.exists():
-        rtn = options[options.index("--method") + 1] == "rtn"
-        command = [sys.executable, "-m", "maverick_quant", "quantize", str(model_dir), "--out", str(out),
-                   "--no-progress", "--device", "cpu", *([] if rtn else ["--calib", str(calib)]), *options]
-        wall = timed(command, out.with_name(out.name + ".quantize.log"))
-        (out.with_name(out.name + ".wall.json")).write_text(json.dumps({"wall_seconds": wall}))
-    summary = Bundle(out).manifest["summary"]
-    wall = json.loads(out.with_name(out.name + ".wall.json").read_text())["wall_seconds"]
-    return {"wall_seconds": wall, "tool_seconds": summary.get("seconds"), "peak_rss_mib": summary.get("peak_rss_mib")}
-
-
 def quantize_llmc(python: Path, model_dir: Path, tokens: Path, out: Path, spec: dict) -> dict:
-    result = out.with_name(out.name + ".result.json")
-    if not result.exists():
-        spec_path = out.with_name(out.name + ".spec.json")
-        spec_path.write_text(json.dumps({**spec, "model": str(model_dir), "tokens": str(tokens), "out": str(out),
-                                         "result": str(result)}))
-        wall = timed([str(python), __file__, "--lc-worker", str(spec_path)],
-                     out.with_name(out.name + ".quantize.log"), env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-        figures = json.loads(result.read_text())
-        result.write_text(json.dumps({**figures, "wall_seconds": wall}, indent=2))
+    result, spec_path = out.with_name(out.name + ".result.json"), out.with_name(out.name + ".spec.json")
+    spec_path.write_text(json.dumps({**spec, "model": str(model_dir), "tokens": str(tokens), "out": str(out),
+                                     "result": str(result)}))
+    cost = cached_cost(out, [str(python), __file__, "--lc-worker", str(spec_path)], env={**os.environ, **LC_ENV})
     figures = json.loads(result.read_text())
-    return {"wall_seconds": figures["wall_seconds"], "tool_seconds": figures["oneshot_seconds"],
-            "peak_rss_mib": figures["peak_rss_mib"], "llmc": figures}
-
-
-def validate(model_dir: Path, candidate: Path, report: Path, windows: int) -> tuple[dict | None, str]:
-    """report.json of `maverick-quant validate`, or None and the refusal (its stderr tail)."""
-    if not (report / "report.json").exists():
-        run = cli("validate", "--reference", str(model_dir), "--candidate", str(candidate), "--data",
-                  str(DATA / "wiki.test.raw"), "--ctx", "512", "--max-windows", str(windows), "--report", str(report),
-                  "--no-progress", "--device", "cpu", "--force", check=False)
-        if run.returncode not in (0, 1) or not (report / "report.json").exists():
-            return None, f"exit {run.returncode}: " + (run.stderr.strip() or run.stdout.strip())[-2000:]
-    return json.loads((report / "report.json").read_text()), ""
-
-
-def figures_of(report: dict) -> dict:
-    return {"ppl": report["candidate"]["ppl"], "ref_ppl": report["reference"]["ppl"],
-            "ppl_ratio": report["candidate"]["ppl"] / report["reference"]["ppl"], "kl_mean": report["kl"]["mean"],
-            "top1": report["top1_agreement"], "scored_tokens": report.get("tokens")}
+    return {**cost, "tool_seconds": figures["oneshot_seconds"], "tool_peak_rss_mib": figures["peak_rss_mib"],
+            "llmc": figures}
 
 
 def main() -> None:
@@ -283,10 +235,7 @@ def main() -> None:
     model_dir = smollm2_hf_dir()
     python = args.venv / "bin" / "python"
     args.work.mkdir(parents=True, exist_ok=True)
-    calib = args.work / f"calib-{args.samples}x{args.seq_len}"
-    if not calib.exists():
-        cli("calibrate", str(model_dir), "--data", str(DATA / "wiki.valid.tokens"), "--out", str(calib),
-            "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--no-progress")
+    calib = calibrate_once(model_dir, args.work, args.samples, args.seq_len)
     tokens = args.work / f"calib-{args.samples}x{args.seq_len}.input_ids.pt"
     ids = CalibrationSet.load(calib).input_ids
     assert tuple(ids.shape) == (args.samples, args.seq_len), ids.shape
@@ -313,8 +262,8 @@ def main() -> None:
                 spec = fp32.with_name(fp32.name + ".spec.json")
                 spec.write_text(json.dumps({"source": str(out), "out": str(fp32), "result": str(check),
                                             "text": str(DATA / "wiki.test.raw")}))
-                timed([str(python), __file__, "--lc-decompress", str(spec)], fp32.with_name(fp32.name + ".log"),
-                      env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+                measured([str(python), __file__, "--lc-decompress", str(spec)], fp32.with_name(fp32.name + ".log"),
+                         env={**os.environ, **LC_ENV})
             row["decompress_check"] = json.loads(check.read_text())
             report, refusal = validate(model_dir, fp32, args.work / f"{name}-decompressed.report", args.windows)
             row["validated"] = str(fp32)
