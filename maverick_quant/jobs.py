@@ -29,7 +29,8 @@ def run_quantize(model_dir, out, spec, data, calib, calib_spec, force, progress,
     from maverick_quant.calibration.data import overlap_note
     from maverick_quant.outputs import check_output_apart, check_output_dir
     from maverick_quant.devices import resolve_device
-    from maverick_quant.pipeline import quantize_model, refuse_overridden_experts, refuse_unblockable_widths
+    from maverick_quant.pipeline import (quantize_model, rank_deficient_note, refuse_overridden_experts,
+                                         refuse_unblockable_widths)
     from maverick_quant.distributed import ExpertParallel
     from maverick_quant.resume import run_identity
     from maverick_quant.streaming import open_source
@@ -45,8 +46,9 @@ def run_quantize(model_dir, out, spec, data, calib, calib_spec, force, progress,
         if drawn is None and calib is None and data is None:
             raise InputError(f"--method {spec.method.value} needs --data FILE|self or --calib DIR")
         calibration = drawn if drawn is not None else _calibration(source, model_dir, data, calib, calib_spec)
-        if note := overlap_note(calibration):
-            click.echo(note)
+        for note in (overlap_note(calibration), rank_deficient_note(source, spec, calibration.input_ids.numel())):
+            if note:
+                click.echo(note)
     identity = run_identity(source.checkpoint.fingerprint(), spec.to_dict(),
                             None if calibration is None else calibration.input_ids)
     parallel = ExpertParallel.from_env()  # under torchrun: routed experts split across the processes

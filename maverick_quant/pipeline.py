@@ -212,6 +212,29 @@ def refuse_unblockable_widths(source, spec: QuantizeSpec) -> None:
                          "(keep them in float: --keep-float PATTERN)")
 
 
+def rank_deficient_note(source, spec: QuantizeSpec, tokens: int) -> str | None:
+    """A note when a GPTQ run's calibration holds fewer tokens than the input width K of a
+    linear it solves (routed experts aside: they are audited per expert, `calibration.moe`).
+
+    H = X^T X / n over the n calibration tokens X [n, K] has rank at most n, so for n < K
+    GPTQ solves against a Hessian blind to K - n input directions: only the damping
+    (`damp` x mean diag H) stands for them, and the solve fits the calibration text closely
+    (on SmolLM2 with 512 tokens, below down_proj's K = 1536, GPTQ scored worse than RTN).
+    None when every solved linear has K <= n, or the method solves no GPTQ."""
+    if not spec.method.solves_gptq:
+        return None
+    experts = {f"{source.table.prefix(index)}{plan.moe.experts}." for index in range(source.text_config.num_hidden_layers)
+               if (plan := source.table.plan(source.text_config, index)).moe is not None}
+    found = [(name, width) for name, width, _ in quantized_widths(source, spec)
+             if width > tokens and not name.startswith(tuple(experts))]
+    if not found:
+        return None
+    widest = max(width for _, width in found)
+    return (f"note: the calibration holds {tokens} tokens, fewer than the input width of {len(found)} linears GPTQ "
+            f"solves: {_named_widths(found)}; their Hessians are rank-deficient (rank <= {tokens}) and the solve "
+            f"fits the calibration text closely: give at least {widest} tokens (--samples x --seq-len), or raise --damp")
+
+
 def refuse_untiled_groups(source, spec: QuantizeSpec, fmt: str) -> None:
     """InputError, before any work, for an export `fmt` whose layout needs groups that tile K
     (AWQ GEMM, compressed-tensors) when a linear the run quantizes has K not a multiple of its

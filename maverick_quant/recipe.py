@@ -28,6 +28,11 @@ class Method(str, enum.Enum):
         """Whether the method runs AWQ's scale (and clip) searches before quantizing."""
         return self in (Method.AWQ, Method.AWQ_GPTQ)
 
+    @property
+    def solves_gptq(self) -> bool:
+        """Whether the method's weights come from GPTQ's solve against the inputs' Hessian."""
+        return self in (Method.GPTQ, Method.AWQ_GPTQ)
+
 
 ALLOWED_GROUP_SIZES = (-1, 32, 64, 128, 256)
 

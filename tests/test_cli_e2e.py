@@ -434,6 +434,16 @@ def test_every_quantize_option_reaches_the_spec(monkeypatch, tmp_path: Path) -> 
     assert (data, calib, force, progress, resume, device) == ("d.txt", None, True, False, True, "cpu")
 
 
+def test_quantize_says_when_its_calibration_is_narrower_than_a_linear(tiny_run, tmp_path: Path) -> None:
+    """2 x 48 = 96 tokens: enough for the hidden width (96), not for down_proj's 160 inputs,
+    whose Hessians are then rank-deficient: the run goes on and says which linears, and how
+    many tokens would do."""
+    code, out = _run("quantize", tiny_run["model"], "--data", tiny_run["text"], "--samples", 2, "--seq-len", 48,
+                     "--group-size", 32, "--out", tmp_path / "q", "--no-progress")
+    assert code == 0 and "the calibration holds 96 tokens, fewer than the input width of 3 linears" in out, out
+    assert "model.layers.0.mlp.down_proj (K=160)" in out and "at least 160 tokens" in out, out
+
+
 def test_window_options_beside_calib_are_refused_not_ignored(tiny_run, tmp_path: Path) -> None:
     """--calib DIR brings its own windows: --samples, --data... beside it used to be silently ignored."""
     for command in ("quantize", "imatrix"):

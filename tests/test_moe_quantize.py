@@ -411,3 +411,24 @@ def test_quantize_shows_each_moe_layers_experts_under_the_bar_of_layers(tiny_lla
     output = run("quantize", tiny_llama4_dir, "--method", "rtn", "--group-size", 32, "--out", tmp_path / "bundle")
     assert "rtn layers" in output and "layer 1 experts" in output and "layer 3 experts" in output
     assert "/8 " in output.split("layer 1 experts", 1)[1].split("\r", 1)[0]  # 8 experts counted
+
+
+def test_a_gptq_run_on_fewer_tokens_than_a_linears_width_is_told_which_but_not_for_routed_experts(
+        tiny_llama4_dir: Path) -> None:
+    """Dense and shared-expert linears of the tiny Llama 4 read K = 64 (hidden, attention
+    output), 48 (the dense MLP's down) or 32 (the shared expert's down); routed experts (K = 64
+    and 32) are audited per expert instead, so never named here."""
+    from maverick_quant.pipeline import rank_deficient_note
+    from maverick_quant.recipe import Method
+
+    source = open_source(tiny_llama4_dir)
+    note = rank_deficient_note(source, QuantizeSpec(), 40)
+    assert note is not None and "holds 40 tokens" in note and "at least 64 tokens" in note, note
+    assert "layers.0.self_attn.q_proj (K=64)" in note and ".experts." not in note, note
+    # dense layers 0 and 2: q k v o gate up (64) and down (48); MoE layers 1 and 3: q k v o and
+    # the shared expert's gate up (64); not the shared down (32 < 40) nor the routed experts
+    assert "input width of 26 linears" in note, note
+    assert "input width of 24 linears" in rank_deficient_note(source, QuantizeSpec(), 48)  # K = 48 is met by 48
+    assert rank_deficient_note(source, QuantizeSpec(), 64) is None  # every width met
+    assert rank_deficient_note(source, QuantizeSpec(method=Method.AWQ), 8) is None  # no GPTQ solve
+    assert rank_deficient_note(source, QuantizeSpec(method=Method.AWQ_GPTQ), 8) is not None
