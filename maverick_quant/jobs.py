@@ -341,7 +341,8 @@ def run_plan(target: str, spec, calib_spec, json_out: Path | None = None, device
     from maverick_quant.arch.registry import table_for
     from maverick_quant.checkpoint import Checkpoint, load_json_object
     from maverick_quant.outputs import write_json_atomic
-    from maverick_quant.plan import baseline_rss_bytes, expert_shares, make_plan, render, tensor_bytes
+    from maverick_quant.plan import baseline_rss_bytes, expert_shares, make_plan, tensor_bytes
+    from maverick_quant.plan_render import render
     from maverick_quant.plan_validation import validation_settings
     from maverick_quant.disk import measure_disk
     from maverick_quant.sources import cache_dir

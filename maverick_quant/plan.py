@@ -51,7 +51,6 @@ With `validation` settings it also plans validating the bundle (plan_validation.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,84 +59,16 @@ import torch
 
 from maverick_quant.calibration.moe import all_token_sample_size, expected_policies
 from maverick_quant.checkpoint import DTYPE_SIZES
-from maverick_quant.compress.gguf_blocks import BLOCK, BLOCK_TYPES, block_type_for_grid
 from maverick_quant.compute_rates import gptq_flops, measured_busy
 from maverick_quant.disk import DiskRates
 from maverick_quant.errors import InputError
 from maverick_quant.plan_awq import awq_layer_cost
-from maverick_quant.plan_validation import ValidationPlan, ValidationSettings, plan_validation, render_validation, time_validation
+from maverick_quant.plan_outputs import output_bytes
+from maverick_quant.plan_validation import ValidationPlan, ValidationSettings, plan_validation, time_validation
 from maverick_quant.recipe import CalibSpec, ExpertPolicy, Method, QuantizeSpec
 
-@functools.lru_cache(maxsize=None)
-def bundle_bytes_per_weight(grid) -> tuple[float, float]:
-    """(code bytes per weight, bytes per group) of the bundle's own encoding of a weight on
-    `grid` (a QuantSpec), measured on a probe weight [8, 1024] through `bundle.encode_quantized`:
-    codes nibble-packed at 4 bits or fewer, else a byte each; per group an fp16 scale and a
-    uint8 zero point (symmetric grids too), and an offset grid's super-block terms spread over
-    its groups."""
-    from maverick_quant.bundle import encode_quantized
-    from maverick_quant.compress.grid import rtn_quantize
-
-    rows, cols = 8, 1024
-    weight = rtn_quantize(torch.randn(rows, cols, generator=torch.Generator().manual_seed(0)), grid)
-    stored = sum(t.numel() * t.element_size() for t in encode_quantized("probe", weight).values())
-    code = 0.5 if grid.bits <= 4 else 1.0
-    groups = rows * (cols // grid.group_size if grid.group_size > 0 else 1)
-    return code, (stored - rows * cols * code) / groups
-
-
-FORMAT_BYTES_PER_WEIGHT = {  # grid -> (code bytes per weight, bytes per group) beside the codes
-    "bundle": bundle_bytes_per_weight,
-    "gptq": lambda grid: (grid.bits / 8, 2 + grid.bits / 8),
-    "awq": lambda grid: (grid.bits / 8, 2 + grid.bits / 8),
-    "compressed-tensors": lambda grid: (grid.bits / 8, 2 + (0 if grid.sym else grid.bits / 8)),
-}
 DEVICE_TERMS = frozenset({"layer", "hessians", "activations", "experts", "block_caches", "routing", "expert_inputs",
                           "awq_search"})
-GGUF_BYTES_PER_WEIGHT = {  # by the bundle's bits: the GGUF types it exports to (bytes per weight)
-    bits: {f"gguf {t.name}": t.bytes_per_block / t.block for t in BLOCK_TYPES.values() if t.bits == bits} for bits in (4, 8)}
-
-
-def output_bytes(params_by_grid: dict, base, passthrough: int, hidden: int,
-                 packed_float: dict | None = None) -> dict[str, int]:
-    """Size of every output format: {format: bytes} from the quantized parameters on each grid
-    ({QuantSpec: params}; bits overrides add grids beside the run's `base`) and the bytes passed
-    through (a per-channel grid has about params / hidden groups). `packed_float` ({grid:
-    (params, bytes in the model's dtype)}): those of each grid's parameters that GPTQ / AWQ /
-    compressed-tensors exports write as float (`LayerPlan.float_in_packed_exports`). In a GGUF a
-    tensor on another grid than the run's gets its own width's type (`block_type_for_grid`: Q8_0
-    for 8 bits, Q4_0 / Q4_1 for 4); a width no GGUF type stores leaves the GGUF formats out (the
-    export refuses it)."""
-    outputs = {}
-    for fmt, per_weight in FORMAT_BYTES_PER_WEIGHT.items():
-        if not format_stores(fmt, base, params_by_grid):
-            continue
-        total = passthrough
-        for grid, params in params_by_grid.items():
-            floated, float_bytes = (packed_float or {}).get(grid, (0, 0)) if fmt != "bundle" else (0, 0)
-            code, per_group = per_weight(grid)
-            packed = params - floated
-            total += float_bytes + packed * code + packed / (grid.group_size if grid.group_size > 0 else hidden) * per_group
-        outputs[fmt] = int(total)
-    try:
-        own = {grid: block_type_for_grid({"bits": grid.bits, "sym": grid.sym}) for grid in params_by_grid if grid != base}
-    except ValueError:
-        return outputs
-    for fmt, per_weight in GGUF_BYTES_PER_WEIGHT.get(base.bits, {}).items():
-        outputs[fmt] = int(passthrough + sum(params * (per_weight if grid == base else own[grid].bytes_per_block / BLOCK)
-                                             for grid, params in params_by_grid.items()))
-    return outputs
-
-
-def format_stores(fmt: str, base, params_by_grid: dict) -> bool:
-    """Whether export format `fmt` can store the run's grid `base` and every override width
-    beside it (the limits `recipe_file` checks recipes against; the bundle stores anything)."""
-    from maverick_quant.recipe_file import EXPORT_BITS, OVERRIDE_BITS
-
-    if fmt not in EXPORT_BITS:
-        return True
-    others = {grid.bits for grid in params_by_grid if grid != base}
-    return base.bits in EXPORT_BITS[fmt] and all(bits == base.bits or bits in OVERRIDE_BITS[fmt] for bits in others)
 
 
 @dataclass
@@ -516,74 +447,3 @@ def _rates_assumption(rates: dict | None, device: str) -> str:
             f"{rates['gptq_flops_per_s'] / 1e9:.1f} GFLOP/s + {1e3 * rates['gptq_column_seconds']:.2f} ms per column, "
             f"range search (clip_search) {1e9 * rates['clip_search_seconds_per_weight']:.1f} s per billion weights, "
             f"round to nearest {1e9 * rates['round_seconds_per_weight']:.1f} s per billion weights, on {where}")
-
-
-def _device_line(plan: Plan, gib) -> str:
-    if plan.device == "cpu":
-        return "- GPU memory: none (quantize on the CPU)"
-    layer = plan.peak_device_layer
-    return (f"- peak GPU memory {gib(plan.peak_device_bytes)} (layer {layer.index}: "
-            + ", ".join(f"{k} {gib(v)}" for k, v in plan.device_terms(layer).items()) + ")")
-
-
-def _needs_line(plan: Plan) -> str:
-    """What the run needs, rounded up to whole GiB (the CUDA context's ~0.5 GiB included)."""
-    host = -(-plan.peak_host_bytes // 2**30)
-    if plan.device == "cpu":
-        return f"- needs: a host with {host} GiB of free RAM"
-    gpu = -(-(plan.peak_device_bytes + 2**29) // 2**30)
-    return f"- needs: one GPU with {gpu} GiB of free memory and {host} GiB of free host RAM"
-
-
-def _fit_here_line(plan: Plan, available: int | None = None) -> list[str]:
-    """A warning line when this machine has less host memory available now than the plan's
-    peak (`host_memory.available_bytes`, cgroup limits included; nothing where unknown)."""
-    from maverick_quant.host_memory import available_bytes
-
-    available = available_bytes() if available is None else available
-    if available is None or available >= plan.peak_host_bytes:
-        return []
-    return [f"- warning: this machine has {available / 2**30:.1f} GiB of host memory available now, less than the "
-            f"peak {plan.peak_host_bytes / 2**30:.1f} GiB: the run would not fit here"]
-
-
-def _busy_line(rates: dict | None) -> list[str]:
-    """A warning line when the compute rates were measured while other work shared the cores."""
-    if rates is None or not measured_busy(rates):
-        return []
-    return [f"- warning: the compute rates were measured while other work shared the cores (load "
-            f"{rates['load_per_core']:.1f} per core): the times are overstated; `plan --remeasure` when the machine "
-            "is idle (a cache measured so is replaced by the first plan made on an idle machine)"]
-
-
-def _time_line(plan: Plan) -> str:
-    disk = plan.disk_seconds
-    disk_text = "" if disk is None else (f"disk {sum(disk.values()):.0f} s: read {disk['read']:.0f}, write "
-                                         f"{disk['write']:.0f}, sha256 {disk['hash']:.0f}")
-    if plan.seconds is None:
-        return "- estimated time: not estimated (see assumptions)" + (f"; {disk_text} of it" if disk else "")
-    total = plan.total_seconds
-    return f"- estimated time {total / 3600:.2f} h ({total:.0f} s: compute {plan.seconds:.0f} s" + \
-        (f", {disk_text}" if disk else "") + ")"
-
-
-def render(plan: Plan) -> str:
-    """The plan as a short Markdown report."""
-    gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
-    peak = plan.peak_layer
-    lines = [f"# Plan for {plan.model}", "",
-             f"- quantize {plan.quantized_tensors} matrices ({plan.quantized_params / 1e9:.3f} B params); "
-             f"pass through {plan.passthrough_tensors} tensors ({gib(plan.passthrough_bytes)})",
-             f"- peak host memory {gib(plan.peak_host_bytes)} (baseline {gib(plan.baseline_bytes)}; layer {peak.index}: "
-             + ", ".join(f"{k} {gib(v)}" for k, v in plan.host_terms(peak).items()) + f"; final tensors {gib(plan.final_bytes)})",
-             _device_line(plan, gib),
-             _needs_line(plan),
-             *_fit_here_line(plan),
-             f"- disk {gib(plan.disk_bytes)} (bundle + resumable hidden states + largest export)",
-             _time_line(plan), *_busy_line(plan.rates), "",
-             "| output | size |", "|---|---|"]
-    lines += [f"| {fmt} | {gib(size)} |" for fmt, size in plan.outputs.items()]
-    lines += ["", "Assumptions:"] + [f"- {a}" for a in plan.assumptions]
-    if plan.validation is not None:
-        lines += render_validation(plan.validation, plan.baseline_bytes)
-    return "\n".join(lines)

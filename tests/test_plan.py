@@ -53,7 +53,7 @@ def test_available_memory_is_the_smaller_of_meminfo_and_the_cgroup_limit(tmp_pat
 
 def test_plan_warns_when_this_machine_has_less_memory_than_the_peak(tmp_path: Path, monkeypatch) -> None:
     """plan printed what a run needs and exited 0 on a machine without it, with no word."""
-    from maverick_quant.plan import _fit_here_line
+    from maverick_quant.plan_render import _fit_here_line
 
     result = CliRunner().invoke(cli, ["plan", "maverick", "--samples", "128", "--seq-len", "2048", "--device", "cpu",
                                       "--json", str(tmp_path / "plan.json")])
