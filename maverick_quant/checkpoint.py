@@ -268,12 +268,16 @@ class Checkpoint:
         return digest.hexdigest()
 
 
-def all_finite(tensor: torch.Tensor, chunk: int = 1 << 20) -> bool:
-    """No NaN or Inf in `tensor`, checked `chunk` elements at a time so the boolean and
-    intermediate temporaries of `isfinite` stay small for activation caches of any size."""
-    if not tensor.is_floating_point():
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf in `tensor`: its smallest and largest values are both finite (an Inf is an
+    extreme, and torch.aminmax propagates NaN), found in one pass that allocates nothing the
+    size of the tensor. Every weight read and every layer's hidden states pass here: on this
+    2-core CPU `isfinite(t).all()` took 57 ms per Mi fp32 elements, aminmax 0.18 ms
+    (`python benchmarks/finite_check.py`)."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
         return True
-    return all(bool(torch.isfinite(part).all()) for part in tensor.reshape(-1).split(chunk))
+    low, high = torch.aminmax(tensor)
+    return bool(low.isfinite() & high.isfinite())
 
 
 def read_tensor(info: TensorInfo) -> torch.Tensor:

@@ -405,12 +405,26 @@ def test_rows_are_read_whole_when_the_os_returns_short_reads(tiny_llama_dir: Pat
     assert len(calls) > 1
 
 
-def test_all_finite_finds_a_nan_in_any_chunk() -> None:
-    tensor = torch.zeros(10_000)
-    assert all_finite(tensor, chunk=1000)
-    tensor[9_999] = float("nan")
-    assert not all_finite(tensor, chunk=1000)
-    assert all_finite(torch.tensor([1, 2, 3]))  # integers are always finite
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_all_finite_finds_a_nan_or_inf_anywhere(dtype: torch.dtype) -> None:
+    """Anywhere: the first element, one inside the vectorized body, the last of an odd-sized
+    tail, in a transposed (non-contiguous) view; and a NaN beside an Inf."""
+    generator = torch.Generator().manual_seed(0)
+    tensor = torch.randn(4097, generator=generator).to(dtype)
+    assert all_finite(tensor)
+    for position in (0, 1000, 4096):
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            spoiled = tensor.clone()
+            spoiled[position] = bad
+            assert not all_finite(spoiled), (position, bad)
+    view = torch.randn(64, 100, generator=generator).to(dtype).t()
+    assert all_finite(view)
+    view[3, 5] = float("nan")
+    assert not all_finite(view)
+    both = tensor.clone()
+    both[[7, 9]] = torch.tensor([float("inf"), float("nan")], dtype=dtype)
+    assert not all_finite(both)
+    assert all_finite(torch.tensor([1, 2, 3])) and all_finite(torch.empty(0, dtype=dtype))  # integers, nothing
 
 
 def test_dtype_that_disagrees_with_config_is_refused(model_copy: Path, tmp_path: Path) -> None:
