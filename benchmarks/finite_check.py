@@ -1,6 +1,6 @@
 """How fast the NaN/Inf check that every weight read and every layer's hidden states pass is.
 
-`checkpoint.all_finite` (one torch.aminmax pass: both extremes finite) against the check it
+`compress.finite.all_finite` (one torch.aminmax pass: both extremes finite) against the check it
 replaced (`torch.isfinite(t).all()`, 1 Mi elements at a time), on fp32 and bf16 tensors of
 `--mib` MiB each, with the time both would add to reading Maverick's weights (about 400 B bf16
 parameters, every one read and checked once per quantize). Prints a Markdown table.
@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from maverick_quant.checkpoint import all_finite
+from maverick_quant.compress.finite import all_finite
 
 MAVERICK_PARAMS = 400e9
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 
 from maverick_quant.arch.base import LinearGroup
-from maverick_quant.checkpoint import all_finite
 from maverick_quant.errors import ContentError
 from maverick_quant.calibration.capture import capture_attention_mixed, capture_inputs
+from maverick_quant.compress.finite import all_finite
 from maverick_quant.compress.gptq import GPTQResult, gptq_quantize, identity_solve
 from maverick_quant.compress.types import QuantizedWeight
 from maverick_quant.recipe import QuantizeSpec, QuantSpec

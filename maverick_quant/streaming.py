@@ -17,7 +17,8 @@ from typing import Any, Iterator, Protocol
 import torch
 
 from maverick_quant.arch.base import ArchTable
-from maverick_quant.checkpoint import Checkpoint, all_finite, manifest_format
+from maverick_quant.checkpoint import Checkpoint, manifest_format
+from maverick_quant.compress.finite import all_finite
 from maverick_quant.errors import ContentError, InputError
 
 

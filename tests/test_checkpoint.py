@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from maverick_quant.bundle import Bundle
-from maverick_quant.checkpoint import DTYPE_SIZES, Checkpoint, all_finite, read_safetensors_header
+from maverick_quant.checkpoint import DTYPE_SIZES, Checkpoint, read_safetensors_header
+from maverick_quant.compress.finite import all_finite
 from maverick_quant.cli import cli
 from maverick_quant.errors import InputError
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from maverick_quant.compress.finite import all_finite
 from maverick_quant.compress.types import QuantizedWeight, group_index
 from maverick_quant.recipe import QuantSpec
 
@@ -179,7 +180,7 @@ def rtn_quantize(W: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     or on llama.cpp's Q4_K / Q4_1 offset grid (compress/kquant.py) for a k_quant or free_min spec."""
     from maverick_quant.compress.kquant import offset_grid_params, rtn_quantize_k  # kquant builds on this module
 
-    if not torch.isfinite(W).all():  # a NaN would round to code 0 and an inf to a 65504 scale, silently
+    if not all_finite(W):  # a NaN would round to code 0 and an inf to a 65504 scale, silently
         raise ValueError(f"RTN: weight [{', '.join(map(str, W.shape))}] contains NaN/Inf")
     k = W.shape[-1]
     offset_params = offset_grid_params(spec, k)
