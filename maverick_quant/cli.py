@@ -1,6 +1,6 @@
 """The `maverick-quant` command line. Each command parses options into specs and calls one function.
 
-Exit codes (`Group`): 0 success; 1 a validation gate failed; 2 bad usage or bad input (the
+Exit codes (`cli_group.Group`): 0 success; 1 a validation gate failed; 2 bad usage or bad input (the
 message names the file, tensor or option) or an output that cannot be written (a full disk);
 3 any other failure (the traceback is printed); 130 interrupted. Input refused before any work
 leaves no output; a refusal mid-run keeps the finished layers for `--resume`.
@@ -14,139 +14,18 @@ from pathlib import Path
 import click
 
 from maverick_quant import __version__
+from maverick_quant.cli_group import Group
+from maverick_quant.cli_options import (PLAN_RUN_OPTIONS, WINDOW_OPTIONS, awq_options, awq_spec, calib_options, calib_spec,
+                                        given_options, moe_options, moe_spec, quant_options, quantize_spec,
+                                        refuse_ignored_with_calib, refuse_unread_options)
 from maverick_quant.errors import InputError
-from maverick_quant.recipe import (CHOICES_PASS_MIB, GGUF_GRIDS, KERNEL_BACKENDS, MMPROJ_TYPES, AWQSpec, CalibSpec, WINDOW_DRAWS, ExpertPolicy, Method, MoESpec, QuantizeSpec,
-                                   QuantSpec, settings_unread_by)
-
-
-class BadInput(click.ClickException):
-    """InputError shown to the user; exit code 2 like click's usage errors."""
-
-    exit_code = 2
-
-
-class RunFailed(click.ClickException):
-    """Any other error (disk full, out of memory, a bug): exit code 3, never 1, which a CI job
-    reads as a failed validation gate; the traceback is printed above the message."""
-
-    exit_code = 3
-
-
-class Interrupted(click.ClickException):
-    """Ctrl-C: exit code 130 (the shell's for SIGINT), not click's 1, a failed gate's."""
-
-    exit_code = 130
-
-
-class Group(click.Group):
-    """Exit codes: 0 done, 1 a validation gate failed (the commands exit so themselves), 2 bad
-    usage or input (InputError, click's usage errors) or an output the machine cannot write
-    (`outputs.WRITE_FAILURES`: a full disk, a read-only folder), 3 any other failure, 130
-    interrupted."""
-
-    def resolve_command(self, ctx, args):
-        """The subcommand, refused under torchrun unless it splits its work (distributed.refuse_split)."""
-        from maverick_quant.distributed import refuse_split
-
-        name, command, rest = super().resolve_command(ctx, args)
-        if command is not None:
-            refuse_split(command.name)
-        return name, command, rest
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except InputError as exc:
-            raise BadInput(str(exc)) from None
-        except (click.ClickException, click.exceptions.Exit, SystemExit):
-            raise
-        except (KeyboardInterrupt, click.Abort):
-            resumable = any(param.name == "resume" for param in ctx.command.commands[ctx.invoked_subcommand].params) \
-                if ctx.invoked_subcommand in ctx.command.commands else False
-            raise Interrupted("interrupted" + ("; the same command with --resume goes on from where it stopped"
-                                               if resumable else "")) from None
-        except Exception as exc:
-            import traceback
-
-            from maverick_quant.outputs import WRITE_FAILURES, io_failure
-
-            if isinstance(exc, OSError) and exc.errno in WRITE_FAILURES:  # outputs are renamed into place only when whole
-                raise BadInput(f"{io_failure(exc)}; fix the cause and run the command again") from None
-            traceback.print_exc()
-            raise RunFailed(f"{type(exc).__name__}: {exc} (not bad input and not a failed gate: the traceback "
-                            "is above)") from None
+from maverick_quant.recipe import CHOICES_PASS_MIB, KERNEL_BACKENDS, MMPROJ_TYPES, MoESpec
 
 
 @click.group(cls=Group)
 @click.version_option(__version__, prog_name="maverick-quant")
 def cli() -> None:
     """Compress Llama-family models (Llama 4 Maverick first) to 4 bits and prove they are still good."""
-
-
-def calib_options(func):
-    """--samples/--seq-len/--seed/--chat-template/--windows/--bos, shared by calibrate, quantize, plan and imatrix."""
-    func = click.option("--bos/--no-bos", default=True, show_default=True,
-                        help="Where the tokenizer adds BOS to what it encodes (Llama 3 and 4), make it every window's "
-                             "first token, as the model reads text in use; tokenizers that add none are unaffected.")(func)
-    func = click.option("--windows", type=click.Choice(WINDOW_DRAWS), default="random", show_default=True,
-                        help="random: starts anywhere, windows may overlap (GPTQ's convention); "
-                             "disjoint: no two windows share a token.")(func)
-    func = click.option("--chat-template", is_flag=True, help="JSONL 'messages' rendered with the model's chat template.")(func)
-    func = click.option("--seed", default=0, show_default=True, help="Seed for window positions and self-generated text.")(func)
-    func = click.option("--seq-len", default=512, show_default=True, help="Tokens per calibration window.")(func)
-    func = click.option("--samples", default=128, show_default=True, help="Number of calibration windows.")(func)
-    return func
-
-
-def _calib_spec(samples: int, seq_len: int, seed: int, chat_template: bool, windows: str, bos: bool) -> CalibSpec:
-    return CalibSpec(samples=samples, seq_len=seq_len, seed=seed, chat_template=chat_template, windows=windows, bos=bos)
-
-
-WINDOW_OPTIONS = ("data", "samples", "seq_len", "seed", "chat_template", "windows", "bos")  # what draws calibration windows
-# What `plan` reads from its options for a model folder, and from the recipe for a recipe
-PLAN_RUN_OPTIONS = ("method", "gguf_grid", "bits", "group_size", "sym", "signed_scale", "clip_search", "act_order", "damp",
-                    "keep_float", "bits_overrides", "samples", "seq_len", "moe_policy", "moe_mix", "moe_min_tokens",
-                    "moe_require_full_rank", "moe_fallback", "moe_quantize_router", "moe_chunk_mib", "awq_grid", "awq_duo",
-                    "awq_clip", "awq_sample_tokens", "batch")
-
-
-# the setting (recipe key, `settings_unread_by`) each quantize option sets, where a method may not read it
-OPTION_SETTINGS = {"act_order": "act_order", "damp": "damp", "true_sequential": "true_sequential", "batch": "batch_windows",
-                   "moe_policy": "moe.policy", "moe_mix": "moe.mix", "moe_min_tokens": "moe.min_tokens",
-                   "moe_require_full_rank": "moe.require_full_rank", "moe_fallback": "moe.fallback",
-                   "awq_grid": "awq.grid", "awq_duo": "awq.duo_scaling", "awq_clip": "awq.clip",
-                   "awq_sample_tokens": "awq.sample_tokens"}
-
-
-def _refuse_unread_options(method: str, calibration: tuple[str, ...]) -> None:
-    """UsageError naming the options given that `method` never reads (`settings_unread_by`):
-    `calibration` (the options that draw windows) under rtn, the GPTQ solve's under awq, AWQ's
-    under gptq..."""
-    unread = settings_unread_by(Method(method))
-    names = [name for name, key in OPTION_SETTINGS.items() if key in unread]
-    if ignored := _given_options(((*calibration,) if "calibration" in unread else ()) + tuple(names)):
-        raise click.UsageError(f"{', '.join(ignored)} would be ignored: --method {method} does not read them "
-                               "(drop them, or choose a method that does)")
-
-
-def _given_options(names: tuple[str, ...]) -> list[str]:
-    """The options among `names` (parameter names) the user gave, on the command line or in the
-    environment, as "--option-name"s (not those left at their defaults)."""
-    context = click.get_current_context()
-    flags = {param.name: "/".join(param.opts + param.secondary_opts) for param in context.command.params}
-    return [flags.get(name, f"--{name.replace('_', '-')}") for name in names
-            if context.get_parameter_source(name) in (click.core.ParameterSource.COMMANDLINE,
-                                                       click.core.ParameterSource.ENVIRONMENT)]
-
-
-def _refuse_ignored_with_calib(calib: Path | None) -> None:
-    """UsageError when `--calib DIR` comes with options that draw windows (--data, --samples...):
-    the directory's windows are used as they were drawn, so those options would be ignored."""
-    if calib is None:
-        return
-    if given := _given_options(WINDOW_OPTIONS):
-        raise click.UsageError(f"--calib {calib} holds windows drawn already, so {', '.join(given)} would be ignored: "
-                               "drop them, or draw new windows (calibrate, or --data instead of --calib)")
 
 
 @cli.command()
@@ -174,7 +53,7 @@ def calibrate(model_dir, data, out, samples, seq_len, seed, chat_template, windo
     if resume and not coverage:
         raise InputError("--resume: only a --coverage run keeps its finished layers to go on from; "
                          "drawing the windows alone is quick, run it again without --resume")
-    if not coverage and _given_options(("device",)):
+    if not coverage and given_options(("device",)):
         raise click.UsageError("--device would be ignored: it says where --coverage runs the model's layers "
                                "(drawing windows runs no model; --data self generates on the CPU)")
     check_output_dir(out, force)
@@ -182,7 +61,7 @@ def calibrate(model_dir, data, out, samples, seq_len, seed, chat_template, windo
     compute = resolve_device(device)
     use_device(compute)
     source = open_source(model_dir) if coverage else None  # refuse a bad model before tokenizing
-    calibration = make_calibration(model_dir, data, _calib_spec(samples, seq_len, seed, chat_template, windows, bos))
+    calibration = make_calibration(model_dir, data, calib_spec(samples, seq_len, seed, chat_template, windows, bos))
     if not coverage:
         with atomic_output_dir(out, force) as tmp:
             calibration.save(tmp)
@@ -198,89 +77,6 @@ def calibrate(model_dir, data, out, samples, seq_len, seed, chat_template, windo
     click.echo(f"calibration: {calibration.input_ids.shape[0]} windows x {calibration.input_ids.shape[1]} tokens -> {out}")
     if note := overlap_note(calibration):
         click.echo(note)
-
-
-def quant_options(func):
-    """Options of the weight grid and solver."""
-    func = click.option("--keep-float", multiple=True, metavar="REGEX",
-                        help="Leave linears whose full module name matches REGEX (re.search) unquantized, in the "
-                             "model's float dtype, e.g. 'self_attn' or 'layers\\.0\\.'; repeatable. Not routed "
-                             "experts.")(func)
-    func = click.option("--bits-override", "bits_overrides", multiple=True, metavar="REGEX=BITS",
-                        help="Quantize linears whose full module name matches REGEX (re.search) with BITS bits "
-                             "instead, e.g. 'self_attn=8'; repeatable, the first match wins. On a --gguf-grid "
-                             "Q4_K/Q4_1 run they get the symmetric group-32 grid (8 bits: Q8_0). Not routed experts.")(func)
-    func = click.option("--damp", default=0.01, show_default=True, help="GPTQ relative damping (raised automatically on failure).")(func)
-    func = click.option("--act-order", is_flag=True, help="GPTQ act-order (static groups, trivial g_idx).")(func)
-    func = click.option("--signed-scale", is_flag=True,
-                        help="Symmetric grids: llama.cpp Q4_0's scale rule, scale = the group's largest-magnitude "
-                             "weight / -2^(bits-1) (exact extreme, finer step, scales of either sign; "
-                             "--gguf-grid Q4_0 sets it).")(func)
-    func = click.option("--clip-search", is_flag=True,
-                        help="Search each group's range (shrunk by up to 79%) for the least |w - q|^2.4 instead "
-                             "of its min/max (GPTQ's mse search).")(func)
-    func = click.option("--sym/--asym", default=True, show_default=True, help="Symmetric or asymmetric grid.")(func)
-    func = click.option("--group-size", default=128, show_default=True, help="Columns per scale: -1, 32, 64, 128 or 256.")(func)
-    func = click.option("--bits", default=4, show_default=True, help="Bits per weight, 2-8.")(func)
-    func = click.option("--method", type=click.Choice([m.value for m in Method]), default="gptq", show_default=True,
-                        help="gptq; awq (scale search, then round to nearest); awq+gptq (AWQ's scales, then GPTQ); "
-                             "rtn (round to nearest, no calibration).")(func)
-    func = click.option("--gguf-grid", type=click.Choice(sorted(GGUF_GRIDS)),
-                        help="Solve on exactly the grid of this llama.cpp type (sets --bits, --group-size, --sym; Q4_0 also --signed-scale), "
-                             "so `export --format gguf` is lossless.")(func)
-    return func
-
-
-def moe_options(func):
-    """How routed experts are calibrated (see MoESpec); the decisions land in audit.json."""
-    policies = [p.value for p in ExpertPolicy]
-    func = click.option("--moe-chunk-mib", default=8192, show_default=True,
-                        help="Memory budget of one chunk of experts (Maverick: about 2.6 GB per expert).")(func)
-    func = click.option("--moe-quantize-router", is_flag=True, help="Quantize the router too (default: kept in float).")(func)
-    func = click.option("--moe-fallback", type=click.Choice(["mixed", "rtn"]), default="mixed", show_default=True,
-                        help="Policy of experts with fewer than --moe-min-tokens routed tokens.")(func)
-    func = click.option("--moe-require-full-rank", is_flag=True,
-                        help="Also fall back for experts with fewer routed tokens than a projection's input width "
-                             "(a rank-deficient routed Hessian).")(func)
-    func = click.option("--moe-min-tokens", default=128, show_default=True, help="Routed tokens below which an expert falls back.")(func)
-    func = click.option("--moe-mix", default=0.1, show_default=True, help="Weight of the all-token Hessian in 'mixed'.")(func)
-    func = click.option("--moe-policy", type=click.Choice(policies), default="routed", show_default=True,
-                        help="routed: tokens routed to the expert; mixed: + all tokens at its score; rtn: no calibration.")(func)
-    return func
-
-
-def awq_options(func):
-    """AWQ scale and clip search (see AWQSpec); used by --method awq and awq+gptq."""
-    func = click.option("--awq-sample-tokens", default=AWQSpec.sample_tokens, show_default=True,
-                        help="Calibration tokens (evenly sampled) in the scale and clip losses.")(func)
-    func = click.option("--awq-clip/--no-awq-clip", default=None,
-                        help="Also search a clipping range per (row, group) after scaling (default: on for awq, "
-                             "off for awq+gptq, whose GPTQ solve then targets the unclipped scaled weights).")(func)
-    func = click.option("--awq-duo/--no-awq-duo", default=AWQSpec.duo_scaling, show_default=True,
-                        help="Duo scaling: s = mean|x|^a / mean|w|^(1-a).")(func)
-    func = click.option("--awq-grid", default=AWQSpec.grid, show_default=True, help="Exponents tried: a = i / grid.")(func)
-    return func
-
-
-def _awq_spec(awq_grid, awq_duo, awq_clip, awq_sample_tokens) -> AWQSpec:
-    return AWQSpec(grid=awq_grid, duo_scaling=awq_duo, clip=awq_clip, sample_tokens=awq_sample_tokens)
-
-
-def _moe_spec(moe_policy, moe_mix, moe_min_tokens, moe_require_full_rank, moe_fallback, moe_quantize_router,
-              moe_chunk_mib) -> MoESpec:
-    return MoESpec(policy=ExpertPolicy(moe_policy), mix=moe_mix, min_tokens=moe_min_tokens,
-                   require_full_rank=moe_require_full_rank,
-                   fallback=ExpertPolicy(moe_fallback), quantize_router=moe_quantize_router, chunk_mib=moe_chunk_mib)
-
-
-def _quantize_spec(method, bits, group_size, sym, signed_scale, clip_search, act_order, damp, batch, true_sequential=True,
-                   moe: MoESpec = MoESpec(), awq: AWQSpec = AWQSpec(), gguf_grid: str | None = None,
-                   keep_float: tuple[str, ...] = (), bits_overrides: tuple[str, ...] = ()) -> QuantizeSpec:
-    grid = {"bits": bits, "group_size": group_size, "sym": sym, "signed_scale": signed_scale, **GGUF_GRIDS.get(gguf_grid, {})}
-    weights = QuantSpec(**grid, clip_search=clip_search, act_order=act_order, damp=damp)
-    return QuantizeSpec(method=Method(method), weights=weights, batch_windows=batch, true_sequential=true_sequential,
-                        moe=moe, awq=awq, keep_float=tuple(keep_float),
-                        bits_overrides=tuple(bits_overrides))
 
 
 @cli.command()
@@ -311,13 +107,13 @@ def quantize(model_dir, data, calib, out, method, gguf_grid, bits, group_size, s
     a crash, the same command with --resume goes on from the last finished layer."""
     from maverick_quant.jobs import run_quantize
 
-    _refuse_unread_options(method, ("calib", *WINDOW_OPTIONS))
-    _refuse_ignored_with_calib(calib)
-    moe = _moe_spec(moe_policy, moe_mix, moe_min_tokens, moe_require_full_rank, moe_fallback, moe_quantize_router, moe_chunk_mib)
-    awq = _awq_spec(awq_grid, awq_duo, awq_clip, awq_sample_tokens)
-    spec = _quantize_spec(method, bits, group_size, sym, signed_scale, clip_search, act_order, damp, batch, true_sequential, moe, awq, gguf_grid,
+    refuse_unread_options(method, ("calib", *WINDOW_OPTIONS))
+    refuse_ignored_with_calib(calib)
+    moe = moe_spec(moe_policy, moe_mix, moe_min_tokens, moe_require_full_rank, moe_fallback, moe_quantize_router, moe_chunk_mib)
+    awq = awq_spec(awq_grid, awq_duo, awq_clip, awq_sample_tokens)
+    spec = quantize_spec(method, bits, group_size, sym, signed_scale, clip_search, act_order, damp, batch, true_sequential, moe, awq, gguf_grid,
                           keep_float, bits_overrides)
-    run_quantize(model_dir, out, spec, data, calib, _calib_spec(samples, seq_len, seed, chat_template, windows, bos), force, progress,
+    run_quantize(model_dir, out, spec, data, calib, calib_spec(samples, seq_len, seed, chat_template, windows, bos), force, progress,
                  resume, device)
 
 
@@ -361,17 +157,17 @@ def plan(target, method, gguf_grid, bits, group_size, sym, signed_scale, clip_se
     config, bf16)."""
     from maverick_quant.jobs import run_plan
 
-    if ignored := _given_options(("seed", "chat_template", "windows", "bos")):
+    if ignored := given_options(("seed", "chat_template", "windows", "bos")):
         raise click.UsageError(f"{', '.join(ignored)} would be ignored: which windows are drawn does not change the "
                                "plan (--samples and --seq-len do)")
-    if str(target).endswith((".yaml", ".yml")) and (ignored := _given_options(PLAN_RUN_OPTIONS)):
+    if str(target).endswith((".yaml", ".yml")) and (ignored := given_options(PLAN_RUN_OPTIONS)):
         raise click.UsageError(f"{', '.join(ignored)} would be ignored: the recipe {target} sets the run (edit it, or "
                                "plan its model folder with these options)")
-    _refuse_unread_options(method, ("samples", "seq_len"))
-    moe = _moe_spec(moe_policy, moe_mix, moe_min_tokens, moe_require_full_rank, moe_fallback, moe_quantize_router, moe_chunk_mib)
-    spec = _quantize_spec(method, bits, group_size, sym, signed_scale, clip_search, act_order, damp, batch, moe=moe, gguf_grid=gguf_grid,
+    refuse_unread_options(method, ("samples", "seq_len"))
+    moe = moe_spec(moe_policy, moe_mix, moe_min_tokens, moe_require_full_rank, moe_fallback, moe_quantize_router, moe_chunk_mib)
+    spec = quantize_spec(method, bits, group_size, sym, signed_scale, clip_search, act_order, damp, batch, moe=moe, gguf_grid=gguf_grid,
                           keep_float=keep_float, bits_overrides=bits_overrides,
-                          awq=_awq_spec(awq_grid, awq_duo, awq_clip, awq_sample_tokens))
+                          awq=awq_spec(awq_grid, awq_duo, awq_clip, awq_sample_tokens))
     if json_out is not None:
         from maverick_quant.jobs import check_output_file
 
@@ -383,7 +179,7 @@ def plan(target, method, gguf_grid, bits, group_size, sym, signed_scale, clip_se
     elif hellaswag_tasks is not None or hellaswag is not None or validate_data is not None:
         raise click.UsageError("--validate-data, --hellaswag and --hellaswag-tasks plan the validation: give "
                                "--validate-windows too")
-    run_plan(target, spec, _calib_spec(samples, seq_len, seed, chat_template, windows, bos), json_out, device, coverage, validation,
+    run_plan(target, spec, calib_spec(samples, seq_len, seed, chat_template, windows, bos), json_out, device, coverage, validation,
              remeasure)
 
 
@@ -405,7 +201,7 @@ def inspect_command(path, plot, top, force, verify) -> None:
                                                plot_bundle_experts)
 
     if path.is_file() or _is_export(path):
-        ignored = _given_options(("plot", "top", "force"))
+        ignored = given_options(("plot", "top", "force"))
         if ignored:
             raise click.UsageError(f"{', '.join(ignored)} would be ignored: they describe a bundle's experts, and "
                                    f"{path} is an export (run inspect on the bundle it was exported from)")
@@ -479,7 +275,7 @@ def export(bundle_dir, fmt, out, max_shard_size, gguf_type, requantize, gguf_pre
                                "checkpoint itself")
     if mmproj_type is not None and mmproj is None:
         raise click.UsageError("--mmproj-type without --mmproj: name the projector file to write")
-    ignored = _given_options(("gguf_type", "requantize", "gguf_pre") if fmt != "gguf" else ("max_shard_size",))
+    ignored = given_options(("gguf_type", "requantize", "gguf_pre") if fmt != "gguf" else ("max_shard_size",))
     if ignored:
         raise click.UsageError(f"{', '.join(ignored)} would be ignored by --format {fmt} (the GGUF options are for "
                                "--format gguf; --max-shard-size for the safetensors formats)")
@@ -515,9 +311,9 @@ def imatrix(model_dir, data, calib, out, samples, seq_len, seed, chat_template, 
     kept beside OUT: after a crash, the same command with --resume goes on from there."""
     from maverick_quant.jobs import run_imatrix
 
-    _refuse_ignored_with_calib(calib)
+    refuse_ignored_with_calib(calib)
 
-    run_imatrix(model_dir, out, data, calib, _calib_spec(samples, seq_len, seed, chat_template, windows, bos), force, progress,
+    run_imatrix(model_dir, out, data, calib, calib_spec(samples, seq_len, seed, chat_template, windows, bos), force, progress,
                 moe_chunk_mib, device, resume)
 
 
@@ -566,7 +362,7 @@ def validate(reference, candidate, data, report_dir, ctx, max_windows, gates, ba
     same command with --resume goes on from there."""
     from maverick_quant.validate_job import VisionCheck, run_validate
 
-    if hellaswag is None and choices is None and (ignored := _given_options(("hellaswag_tasks", "choices_pass_mib"))):
+    if hellaswag is None and choices is None and (ignored := given_options(("hellaswag_tasks", "choices_pass_mib"))):
         raise click.UsageError(f"{', '.join(ignored)} would be ignored: it sets the multiple-choice benchmarks "
                                "(--hellaswag or --choices); give one of them")
     if mmproj is None and (images is not None or vision_images is not None):
