@@ -1,8 +1,9 @@
 """Options shared by several `maverick-quant` commands, and the specs they parse into.
 
-quantize, plan and `run`'s recipe read the same settings: the option decorators here keep one
-spelling, default and help text per setting, and the *_spec functions turn the parsed values
-into the frozen specs of maverick_quant.recipe. The refusals name options a command was given
+calibrate, quantize, plan and imatrix take the same window options, quantize and plan the same
+grid, MoE and AWQ options: the decorators here keep one spelling, default and help text per
+setting, and the *_spec functions turn the parsed values into the frozen specs of
+maverick_quant.recipe (which `run`'s recipe files parse into too). The refusals name options a command was given
 but would ignore (an option a method never reads, window options beside --calib).
 """
 
