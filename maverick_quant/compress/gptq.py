@@ -253,7 +253,8 @@ def _try_inverse_cholesky(H: torch.Tensor, add: torch.Tensor) -> tuple[torch.Ten
     GPTQ run on this CPU and 7x as long at K = 1,536; the error against fp64 is the same:
     `python benchmarks/inverse_cholesky.py`.) At most two [B, K, K] temporaries live at once
     beside H (the solve of a Maverick expert's down projection holds a handful of 256 MiB
-    matrices)."""
+    matrices): L^-1 is solved in place into an identity laid out column-major, as LAPACK's
+    triangular solve writes (out of place, the solve held a third), and U keeps that layout."""
     flipped = H.flip(-2, -1)
     flipped.diagonal(dim1=-2, dim2=-1).add_(add.unsqueeze(-1))  # J (aI) J = aI
     L, info = torch.linalg.cholesky_ex(flipped)
@@ -261,8 +262,8 @@ def _try_inverse_cholesky(H: torch.Tensor, add: torch.Tensor) -> tuple[torch.Ten
     failed = info != 0
     if failed.any():  # failed factors are garbage: keep them finite
         L[failed] = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
-    eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device).expand_as(L)
-    inverse = torch.linalg.solve_triangular(L, eye, upper=False)
+    inverse = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device).expand_as(L).contiguous().mT
+    torch.linalg.solve_triangular(L, inverse, upper=False, out=inverse)
     del L
     U = inverse.flip(-2, -1)
     del inverse
