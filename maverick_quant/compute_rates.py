@@ -22,8 +22,7 @@ from maverick_quant.outputs import write_json_atomic
 from maverick_quant.sources import cache_dir, read_cached
 
 
-COST_MODEL = 7  # bump when the rates measured change: cached rates of another model are not reused (7: GPTQ's factor
-# from one Cholesky, 2026-12-07)
+COST_MODEL = 6  # bump when the rates measured change: cached rates of another model are not reused
 
 
 def _timed(fn, device: torch.device) -> float:

@@ -244,30 +244,20 @@ def _damped_inverse_cholesky(H: torch.Tensor, damp0: float) -> tuple[torch.Tenso
 
 
 def _try_inverse_cholesky(H: torch.Tensor, add: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each A = H [B, K, K] + add[b] * I: (upper Cholesky factor U of A^-1 [B, K, K], ok bool [B]).
-
-    With J the reversal of the K indices, J A J = L L^T (Cholesky, L lower) gives A = R R^T for
-    R = J L J, upper triangular; so A^-1 = R^-T R^-1 = U^T U with U = R^-1 = J L^-1 J, upper
-    triangular with a positive diagonal: GPTQ's factor from one factorization and one triangular
-    inverse. (Forming A^-1 with cholesky_inverse and factoring it again took 24% of a SmolLM2
-    GPTQ run on this CPU and 7x as long at K = 1,536; the error against fp64 is the same:
-    `python benchmarks/inverse_cholesky.py`.) At most two [B, K, K] temporaries live at once
-    beside H (the solve of a Maverick expert's down projection holds a handful of 256 MiB
-    matrices): L^-1 is solved in place into an identity laid out column-major, as LAPACK's
-    triangular solve writes (out of place, the solve held a third), and U keeps that layout."""
-    flipped = H.flip(-2, -1)
-    flipped.diagonal(dim1=-2, dim2=-1).add_(add.unsqueeze(-1))  # J (aI) J = aI
-    L, info = torch.linalg.cholesky_ex(flipped)
-    del flipped
+    """For each H [B, K, K] + add[b] * I: (upper Cholesky of its inverse [B, K, K], ok bool [B]).
+    At most two [B, K, K] temporaries live at once beside H (the solve of a Maverick expert's
+    down projection holds a handful of 256 MiB matrices)."""
+    L = H.clone()
+    L.diagonal(dim1=-2, dim2=-1).add_(add.unsqueeze(-1))
+    L, info = torch.linalg.cholesky_ex(L)
     failed = info != 0
     if failed.any():  # failed factors are garbage: keep them finite
         L[failed] = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
-    inverse = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device).expand_as(L).contiguous().mT
-    torch.linalg.solve_triangular(L, inverse, upper=False, out=inverse)
+    inverse = torch.cholesky_inverse(L)
     del L
-    U = inverse.flip(-2, -1)
+    U, info_inv = torch.linalg.cholesky_ex(inverse, upper=True)
     del inverse
-    return U, (info == 0) & finite_each(U)
+    return U, (info == 0) & (info_inv == 0) & finite_each(U)
 
 
 def _block_bounds(k: int, block_size: int, break_every: int) -> list[tuple[int, int]]:
