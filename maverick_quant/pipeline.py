@@ -178,10 +178,11 @@ def refuse_overridden_experts(source, spec: QuantizeSpec) -> None:
                                      "e.g. to the shared expert or self_attn)")
 
 
-def quantized_widths(source, spec: QuantizeSpec) -> Iterator[tuple[str, int, QuantSpec]]:
+def quantized_widths(source, spec: QuantizeSpec, experts: bool = True) -> Iterator[tuple[str, int, QuantSpec]]:
     """(full name, K, grid) of every linear the run quantizes, from the config alone: the
     layers' linears (and the router under `moe.quantize_router`) on their own grid, each
-    routed-expert linear once per layer on the run's grid (overrides never match experts)."""
+    routed-expert linear once per layer on the run's grid (overrides never match experts;
+    left out with `experts` False)."""
     text = source.text_config
     for index in range(text.num_hidden_layers):
         plan, prefix = source.table.plan(text, index), source.table.prefix(index)
@@ -190,7 +191,7 @@ def quantized_widths(source, spec: QuantizeSpec) -> Iterator[tuple[str, int, Qua
         for name in plan.linears + router:
             if not spec.keeps_float(prefix + name):
                 yield prefix + name, plan.shapes[f"{name}.weight"][1], spec.weights_for(prefix + name)
-        for linear in moe.expert_linears if moe is not None else ():
+        for linear in moe.expert_linears if moe is not None and experts else ():
             yield f"{prefix}{moe.experts}.{linear.name}", plan.shapes[linear.fused][1], spec.weights  # fused [E, K, parts * N]
 
 
@@ -223,10 +224,7 @@ def rank_deficient_note(source, spec: QuantizeSpec, tokens: int) -> str | None:
     None when every solved linear has K <= n, or the method solves no GPTQ."""
     if not spec.method.solves_gptq:
         return None
-    experts = {f"{source.table.prefix(index)}{plan.moe.experts}." for index in range(source.text_config.num_hidden_layers)
-               if (plan := source.table.plan(source.text_config, index)).moe is not None}
-    found = [(name, width) for name, width, _ in quantized_widths(source, spec)
-             if width > tokens and not name.startswith(tuple(experts))]
+    found = [(name, width) for name, width, _ in quantized_widths(source, spec, experts=False) if width > tokens]
     if not found:
         return None
     widest = max(width for _, width in found)
