@@ -41,7 +41,9 @@ fp32 HF folder, checked against the compressed model's own logits, and that is v
 
 Quantize wall time is the whole process (start, model load, calibration, save) timed from
 here, plus the tool's own figure (ours: the manifest's seconds; llm-compressor: `oneshot`
-alone); peak RSS is each quantize process's VmHWM. Prints a Markdown table; --json writes figures.
+alone); peak RSS is each quantize process's (ru_maxrss from wait4, `head_to_head.measured`; the
+tool's own beside it: our manifest's, llm-compressor's worker's VmHWM). Prints a Markdown table;
+--json writes figures.
 
     ~/.cache/maverick-quant/llmcompressor-venv/bin/pip install torch==2.13.0 llmcompressor==0.14.0.1
     python benchmarks/vs_llmcompressor.py --work /tmp/mq-vs-lc --json /tmp/mq-vs-lc/figures.json
