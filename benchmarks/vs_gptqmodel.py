@@ -142,7 +142,6 @@ def main() -> None:
     parser.add_argument("--gptqmodel-python", type=Path, default=DEFAULT_GM_PYTHON)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
 
     import numpy as np
 
