@@ -76,6 +76,11 @@ def configs(gptq_group: int, awq_group: int) -> dict[str, dict]:
         f"gptq-{gptq_grid}-actorder": {"tool": "ours", "grid": gptq_grid,
                                        "options": ["--method", "gptq", "--bits", "4", "--group-size", gg, "--sym",
                                                    "--act-order", "--damp", "0.01"]},
+        # llm-compressor's order of work: each layer's statistics in one pass, before any of its linears is quantized
+        f"gptq-{gptq_grid}-actorder-one-pass": {"tool": "ours", "grid": gptq_grid,
+                                                "options": ["--method", "gptq", "--bits", "4", "--group-size", gg,
+                                                            "--sym", "--act-order", "--damp", "0.01",
+                                                            "--no-true-sequential"]},
         f"gptq-{gptq_grid}": {"tool": "ours", "grid": gptq_grid,
                               "options": ["--method", "gptq", "--bits", "4", "--group-size", gg, "--sym"]},
         f"llmc-gptq-{gptq_grid}": {"tool": "llmc", "grid": gptq_grid, "method": "gptq", "group_size": gptq_group,
