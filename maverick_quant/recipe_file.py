@@ -25,18 +25,14 @@
 
 Every section maps onto a frozen dataclass. An unknown key, a value of the wrong type, or
 an impossible value (bits 9, a group size no format stores) is refused with `InputError`
-naming the key and the allowed values, before any work. Relative paths are relative to the
-recipe file.
+naming the key and the allowed values, before any work (the generic checks are in
+recipe_schema.py). Relative paths are relative to the recipe file.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import enum
 import os
-import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +42,8 @@ from maverick_quant.devices import check_device_name
 from maverick_quant.errors import InputError
 from maverick_quant.recipe import (CHOICES_PASS_MIB, GGUF_GRIDS, KERNEL_BACKENDS, MMPROJ_TYPES, AWQSpec, CalibSpec, Method, MoESpec, QuantizeSpec, QuantSpec,
                                    parse_bits_override, settings_unread_by)
+from maverick_quant.recipe_schema import (field_types, one_of, plain, prefixed, refuse_repeats, section,
+                                           unique_keys_loader)
 
 BUILTIN_MODELS = {"builtin:smollm2-135m-instruct"}
 EXPORT_FORMATS = ("gptq", "awq", "compressed-tensors", "gguf")
@@ -69,10 +67,10 @@ class ExportStep:
     gguf_pre: str | None = None
 
     def __post_init__(self) -> None:
-        _one_of("exports[].format", self.format, EXPORT_FORMATS)
-        _one_of("exports[].gguf_type", self.gguf_type, GGUF_TYPES)
+        one_of("exports[].format", self.format, EXPORT_FORMATS)
+        one_of("exports[].gguf_type", self.gguf_type, GGUF_TYPES)
         if self.mmproj is not None:
-            _one_of("exports[].mmproj", self.mmproj, MMPROJ_TYPES)
+            one_of("exports[].mmproj", self.mmproj, MMPROJ_TYPES)
             if self.format != "gguf":
                 raise InputError(f"exports[].mmproj: only a gguf export writes llama.cpp's projector file "
                                  f"(format {self.format} keeps the vision tower in the checkpoint)")
@@ -124,11 +122,11 @@ class ValidationStep:
     candidates: tuple[str, ...] = ("bundle",)  # "bundle" and/or exports by output name (model-q4_0.gguf, model-gptq)
 
     def __post_init__(self) -> None:
-        _one_of("validation.protocol", self.protocol, PROTOCOLS)
+        one_of("validation.protocol", self.protocol, PROTOCOLS)
         if not self.candidates:
             raise InputError("validation.candidates: empty; expected bundle and/or the name of an export")
         if self.kernels is not None:
-            _one_of("validation.kernels", self.kernels, KERNEL_BACKENDS)
+            one_of("validation.kernels", self.kernels, KERNEL_BACKENDS)
         for key in ("ctx", "max_windows", "batch", "choices_pass_mib", "hellaswag_tasks"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise InputError(f"validation.{key}={getattr(self, key)}: expected a positive integer")
@@ -171,11 +169,11 @@ class Recipe:
             _check_export_grid(step, self.quantize.weights)
             _check_export_overrides(step, self.quantize)
         names = ["bundle", *(step.name for step in self.exports)]
-        _refuse_repeats("exports[]", names[1:], "two exports would write the same output")
+        refuse_repeats("exports[]", names[1:], "two exports would write the same output")
         if self.validation is not None:
             for candidate in self.validation.candidates:
-                _one_of("validation.candidates[]", candidate, tuple(names))
-            _refuse_repeats("validation.candidates[]", list(self.validation.candidates), "it would be validated twice")
+                one_of("validation.candidates[]", candidate, tuple(names))
+            refuse_repeats("validation.candidates[]", list(self.validation.candidates), "it would be validated twice")
 
     def to_dict(self) -> dict:
         """Every value resolved (defaults included), in the recipe's own structure and YAML-friendly:
@@ -189,16 +187,7 @@ class Recipe:
                   "validation": None if self.validation is None else dataclasses.asdict(self.validation)}
         if self.lock is not None:
             recipe["lock"] = self.lock
-        return _plain(_drop_unread(recipe, self.quantize.method))
-
-
-def _plain(value: Any) -> Any:
-    """`value` with every tuple made a list (YAML's safe dumper writes no tuples)."""
-    if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
-    return value
+        return plain(_drop_unread(recipe, self.quantize.method))
 
 
 EXPORT_BITS = {"gptq": PACK_BITS, "compressed-tensors": PACK_BITS, "awq": (4,)}  # AWQ's layout is 4-bit only
@@ -236,67 +225,6 @@ def _check_export_overrides(step: ExportStep, quantize: QuantizeSpec) -> None:
                              f"quantize.bits_overrides entry {entry!r} asks for {bits} bits")
 
 
-def _refuse_repeats(key: str, values: list[str], why: str) -> None:
-    """InputError naming the first value of `values` that comes twice."""
-    seen = set()
-    for value in values:
-        if value in seen:
-            raise InputError(f"{key}: {value} appears twice ({why})")
-        seen.add(value)
-
-
-def _one_of(key: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise InputError(f"{key}={value!r}: expected one of {', '.join(map(str, allowed))}")
-
-
-def _check_type(key: str, value: Any, hint: Any) -> Any:
-    """`value` as the field type `hint` (bool, int, float, str, an enum, optional or tuple of str)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType) and type(None) in args:
-        if value is None:
-            return None
-        hint = next(a for a in args if a is not type(None))
-        origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is tuple:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise InputError(f"{key}: expected a list of strings, got {value!r}")
-        return tuple(value)
-    if isinstance(hint, type) and issubclass(hint, enum.Enum):
-        allowed = [member.value for member in hint]
-        if value not in allowed:
-            raise InputError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
-        return hint(value)
-    expected = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(hint)
-    if expected is None:
-        raise InputError(f"{key}: unsupported field type {hint}")
-    if not isinstance(value, expected) or (hint is not bool and isinstance(value, bool)):
-        raise InputError(f"{key}={value!r}: expected {hint.__name__}")
-    return float(value) if hint is float else value
-
-
-def _hints(cls: type, skip: tuple[str, ...] = ()) -> dict[str, Any]:
-    """{field name: type} of dataclass `cls`, in declaration order, without `skip`."""
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name not in skip}
-
-
-def _section(key: str, data: Any, fields: dict[str, Any] | type) -> dict[str, Any]:
-    """Keyword arguments from the mapping `data`, each key checked against `fields` (a
-    dataclass or {name: type}) and each value against its type."""
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise InputError(f"{key}: expected a mapping, got {type(data).__name__}")
-    fields = _hints(fields) if isinstance(fields, type) else fields
-    out = {}
-    for name, value in data.items():
-        if name not in fields:
-            raise InputError(f"{key}.{name}: unknown key; expected one of {', '.join(fields)}")
-        out[name] = _check_type(f"{key}.{name}", value, fields[name])
-    return out
-
-
 def _quantize(data: Any) -> tuple[QuantizeSpec, str | None, str]:
     """(spec, gguf_grid, device) of the `quantize:` section."""
     data = {} if data is None else data
@@ -306,34 +234,25 @@ def _quantize(data: Any) -> tuple[QuantizeSpec, str | None, str]:
     for name in data:
         if name not in QUANTIZE_KEYS and name not in nested:
             raise InputError(f"quantize.{name}: unknown key; expected one of {', '.join([*QUANTIZE_KEYS, *nested])}")
-    top = _section("quantize", {k: v for k, v in data.items() if k not in nested}, QUANTIZE_KEYS)
+    top = section("quantize", {k: v for k, v in data.items() if k not in nested}, QUANTIZE_KEYS)
     grid = data.get("gguf_grid")
     if grid is not None:
-        _one_of("quantize.gguf_grid", grid, tuple(sorted(GGUF_GRIDS)))
+        one_of("quantize.gguf_grid", grid, tuple(sorted(GGUF_GRIDS)))
     weights = {k: top.pop(k) for k in list(top) if k in {f.name for f in dataclasses.fields(QuantSpec)}}
     for key, value in GGUF_GRIDS.get(grid, {}).items():
         if key in weights and weights[key] != value:
             raise InputError(f"quantize.{key}={weights[key]!r}: quantize.gguf_grid {grid} sets {key} to {value!r} "
                              f"(drop the key, or drop gguf_grid)")
         weights[key] = value
-    moe_keys = _section("quantize.moe", data.get("moe"), MoESpec)
-    awq_keys = _section("quantize.awq", data.get("awq"), AWQSpec)
+    moe_keys = section("quantize.moe", data.get("moe"), MoESpec)
+    awq_keys = section("quantize.awq", data.get("awq"), AWQSpec)
     device = check_device_name(data.get("device", "auto"), "quantize.device")
-    with _prefixed("quantize."):
+    with prefixed("quantize."):
         return QuantizeSpec(weights=QuantSpec(**weights), moe=MoESpec(**moe_keys), awq=AWQSpec(**awq_keys), **top), grid, device
 
 
-@contextlib.contextmanager
-def _prefixed(prefix: str):
-    """Prefix the key an InputError names with its recipe section ("bits=9" -> "quantize.bits=9")."""
-    try:
-        yield
-    except InputError as exc:
-        raise InputError(f"{prefix}{exc}") from None
-
-
 # `quantize:` takes QuantizeSpec's own keys and QuantSpec's but FROM_GGUF_GRID's (set by a gguf_grid, or left at their defaults)
-QUANTIZE_KEYS = {**_hints(QuantizeSpec, skip=("weights", "moe", "awq")), **_hints(QuantSpec, skip=FROM_GGUF_GRID)}
+QUANTIZE_KEYS = {**field_types(QuantizeSpec, skip=("weights", "moe", "awq")), **field_types(QuantSpec, skip=FROM_GGUF_GRID)}
 
 
 TOP_KEYS = ("model", "calibration", "quantize", "exports", "validation", "lock")
@@ -367,13 +286,13 @@ def parse_recipe(data: Any, base: Path = Path(".")) -> Recipe:
         raise InputError("exports: expected a list of {format: ...} mappings")
     steps = []
     for number, step in enumerate(exports):
-        kwargs = _section(f"exports[{number}]", step, ExportStep)
+        kwargs = section(f"exports[{number}]", step, ExportStep)
         if "format" not in kwargs:
             raise InputError(f"exports[{number}].format: missing; expected one of {', '.join(EXPORT_FORMATS)}")
         steps.append(ExportStep(**kwargs))
     validation = None
     if data.get("validation") is not None:
-        kwargs = _section("validation", data["validation"], ValidationStep)
+        kwargs = section("validation", data["validation"], ValidationStep)
         if "data" not in kwargs:
             raise InputError("validation.data: missing; expected an evaluation text file")
         for key in VALIDATION_FILES:
@@ -385,8 +304,8 @@ def parse_recipe(data: Any, base: Path = Path(".")) -> Recipe:
     model = model if model in BUILTIN_MODELS else str(_resolve(model, base))
     if calibration_data not in (None, "self"):
         calibration_data = str(_resolve(calibration_data, base))
-    calibration_keys = _section("calibration", calibration, CalibSpec)
-    with _prefixed("calibration."):
+    calibration_keys = section("calibration", calibration, CalibSpec)
+    with prefixed("calibration."):
         calibration_spec = CalibSpec(**calibration_keys)
     return Recipe(model=model, calibration_data=calibration_data, calibration=calibration_spec, quantize=spec,
                   exports=tuple(steps), validation=validation, gguf_grid=grid, device=device, lock=_lock(data.get("lock")))
@@ -444,41 +363,13 @@ def _resolve(path: str, base: Path) -> Path:
     return Path(os.path.normpath(candidate if candidate.is_absolute() else base / candidate))
 
 
-def _unique_keys_loader():
-    """yaml.SafeLoader refusing a key given twice in one mapping (YAML keeps the last silently:
-    a second `gates:` dropped the first list, a second `quantize:` the whole first section)."""
-    import yaml
-
-    class UniqueKeysLoader(yaml.SafeLoader):
-        pass
-
-    def mapping(loader, node, deep=False):
-        first_line: dict = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`, merged by SafeLoader itself
-                continue
-            key = loader.construct_object(key_node, deep=deep)
-            line = key_node.start_mark.line + 1
-            try:
-                if key in first_line:
-                    raise InputError(f"line {line}: key {key!r} is given twice in one mapping (first on line "
-                                     f"{first_line[key]}); YAML would keep only the last")
-                first_line[key] = line
-            except TypeError:  # an unhashable key: SafeLoader's own error names it
-                break
-        return yaml.SafeLoader.construct_mapping(loader, node, deep)
-
-    UniqueKeysLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
-    return UniqueKeysLoader
-
-
 def load_recipe(path: Path) -> Recipe:
     """Read and validate a YAML recipe file."""
     import yaml
 
     path = Path(path)
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_keys_loader())
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=unique_keys_loader())
     except OSError as exc:
         raise InputError(f"{path}: cannot read recipe ({exc.strerror or exc})") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
