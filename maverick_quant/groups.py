@@ -1,6 +1,6 @@
 """One linear group of a decoder layer: collect its Hessian by running the layer, solve it.
 
-Shared by the dense path (pipeline.py) and the MoE path (experts.py).
+Shared by the dense path (pipeline.py) and the MoE path (experts.py, expert_solve.py).
 """
 
 from __future__ import annotations

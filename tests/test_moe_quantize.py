@@ -15,7 +15,7 @@ from maverick_quant.checkpoint import Checkpoint
 from maverick_quant.calibration.moe import all_token_sample_size, route, sample_tokens
 from maverick_quant.cli import cli
 from maverick_quant.compress.grid import rtn_quantize
-from maverick_quant.experts import quantize_expert_chunk
+from maverick_quant.expert_solve import quantize_expert_chunk
 from maverick_quant.exporters.registry import open_export
 from maverick_quant.recipe import ExpertPolicy, MoESpec, QuantizeSpec
 from maverick_quant.streaming import StreamingModel, open_source
