@@ -46,7 +46,8 @@ def run_quantize(model_dir, out, spec, data, calib, calib_spec, force, progress,
         if drawn is None and calib is None and data is None:
             raise InputError(f"--method {spec.method.value} needs --data FILE|self or --calib DIR")
         calibration = drawn if drawn is not None else _calibration(source, model_dir, data, calib, calib_spec)
-        for note in (overlap_note(calibration), rank_deficient_note(source, spec, calibration.input_ids.numel())):
+        tokens = calibration.input_ids.numel()
+        for note in (overlap_note(calibration), rank_deficient_note(source.table, source.text_config, spec, tokens)):
             if note:
                 click.echo(note)
     identity = run_identity(source.checkpoint.fingerprint(), spec.to_dict(),

@@ -178,14 +178,13 @@ def refuse_overridden_experts(source, spec: QuantizeSpec) -> None:
                                      "e.g. to the shared expert or self_attn)")
 
 
-def quantized_widths(source, spec: QuantizeSpec, experts: bool = True) -> Iterator[tuple[str, int, QuantSpec]]:
-    """(full name, K, grid) of every linear the run quantizes, from the config alone: the
-    layers' linears (and the router under `moe.quantize_router`) on their own grid, each
-    routed-expert linear once per layer on the run's grid (overrides never match experts;
-    left out with `experts` False)."""
-    text = source.text_config
+def quantized_widths(table, text, spec: QuantizeSpec, experts: bool = True) -> Iterator[tuple[str, int, QuantSpec]]:
+    """(full name, K, grid) of every linear the run quantizes, from the architecture `table`
+    and the text config `text` alone: the layers' linears (and the router under
+    `moe.quantize_router`) on their own grid, each routed-expert linear once per layer on the
+    run's grid (overrides never match experts; left out with `experts` False)."""
     for index in range(text.num_hidden_layers):
-        plan, prefix = source.table.plan(text, index), source.table.prefix(index)
+        plan, prefix = table.plan(text, index), table.prefix(index)
         moe = plan.moe
         router = (moe.router,) if moe is not None and spec.moe.quantize_router else ()
         for name in plan.linears + router:
@@ -206,14 +205,15 @@ def refuse_unblockable_widths(source, spec: QuantizeSpec) -> None:
     32, naming them: they were found in the middle of the run."""
     if spec.weights.gguf_grid is None:
         return
-    found = [(name, width) for name, width, grid in quantized_widths(source, spec) if grid.gguf_grid and width % 32]
+    found = [(name, width) for name, width, grid in quantized_widths(source.table, source.text_config, spec)
+             if grid.gguf_grid and width % 32]
     if found:
         raise InputError(f"--gguf-grid {spec.weights.gguf_grid}: llama.cpp's blocks hold 32 input columns, and "
                          f"{len(found)} linears have K not a multiple of 32: {_named_widths(found)} "
                          "(keep them in float: --keep-float PATTERN)")
 
 
-def rank_deficient_note(source, spec: QuantizeSpec, tokens: int) -> str | None:
+def rank_deficient_note(table, text, spec: QuantizeSpec, tokens: int) -> str | None:
     """A note when a GPTQ run's calibration holds fewer tokens than the input width K of a
     linear it solves (routed experts aside: they are audited per expert, `calibration.moe`).
 
@@ -224,7 +224,7 @@ def rank_deficient_note(source, spec: QuantizeSpec, tokens: int) -> str | None:
     None when every solved linear has K <= n, or the method solves no GPTQ."""
     if not spec.method.solves_gptq:
         return None
-    found = [(name, width) for name, width, _ in quantized_widths(source, spec, experts=False) if width > tokens]
+    found = [(name, width) for name, width, _ in quantized_widths(table, text, spec, experts=False) if width > tokens]
     if not found:
         return None
     widest = max(width for _, width in found)
@@ -237,7 +237,7 @@ def refuse_untiled_groups(source, spec: QuantizeSpec, fmt: str) -> None:
     """InputError, before any work, for an export `fmt` whose layout needs groups that tile K
     (AWQ GEMM, compressed-tensors) when a linear the run quantizes has K not a multiple of its
     group size, naming them: a recipe found them only at its export step, hours in."""
-    found = [(name, width) for name, width, grid in quantized_widths(source, spec)
+    found = [(name, width) for name, width, grid in quantized_widths(source.table, source.text_config, spec)
              if grid.group_size > 0 and width % grid.group_size]
     if found:
         raise InputError(f"exports: format {fmt} needs K a multiple of the group size, and {len(found)} linears "

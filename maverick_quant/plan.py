@@ -104,6 +104,7 @@ class Plan:
     disk_seconds: dict[str, float] | None = None  # the same at measured rates (disk.py)
     validation: ValidationPlan | None = None  # validating the bundle, when asked for
     rates: dict | None = None  # the compute rates it was timed with (compute_rates.machine_rates)
+    notes: list[str] = field(default_factory=list)  # what the run would warn about (pipeline.rank_deficient_note)
 
     @property
     def total_seconds(self) -> float | None:
@@ -155,7 +156,7 @@ class Plan:
                 "outputs": self.outputs, "disk_bytes": self.disk_bytes,
                 "seconds": self.total_seconds, "compute_seconds": self.seconds, "disk_seconds": self.disk_seconds,
                 "disk_io_bytes": self.disk_io, "rates": self.rates,
-                "assumptions": self.assumptions,
+                "assumptions": self.assumptions, "notes": self.notes,
                 "validation": None if self.validation is None else self.validation.to_dict(self.baseline_bytes)}
 
 
@@ -392,10 +393,13 @@ def make_plan(name: str, table, config, sizes: dict[str, int], calib: CalibSpec,
         checked = plan_validation(table, text, validation, sum(sizes.values()), quantized_bytes / max(params, 1),
                                   outputs["bundle"], params, expert_params / max(params, 1), device, shares)
         time_validation(checked, rates, disk)
+    from maverick_quant.pipeline import rank_deficient_note
+
+    note = rank_deficient_note(table, text, spec, calib.samples * calib.seq_len)
     return Plan(name, params, count, passthrough, len(sizes) - tensors, baseline, layers, final, outputs,
                 None if rates is None else planned_seconds(layers, rates, spec.weights.clip_search), resume, assumptions, device,
                 dict(zip(("read", "write", "hash"), work)), disk.seconds(*work) if disk is not None else None, checked,
-                rates)
+                rates, [note] if note else [])
 
 
 def disk_work(checkpoint: int, bundle: int, resume: int, layers: int, reread: int = 0) -> tuple[int, int, int]:

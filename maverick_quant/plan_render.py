@@ -69,7 +69,7 @@ def render(plan: Plan) -> str:
              _needs_line(plan),
              *_fit_here_line(plan),
              f"- disk {gib(plan.disk_bytes)} (bundle + resumable hidden states + largest export)",
-             _time_line(plan), *_busy_line(plan.rates), "",
+             _time_line(plan), *_busy_line(plan.rates), *(f"- {note}" for note in plan.notes), "",
              "| output | size |", "|---|---|"]
     lines += [f"| {fmt} | {gib(size)} |" for fmt, size in plan.outputs.items()]
     lines += ["", "Assumptions:"] + [f"- {a}" for a in plan.assumptions]

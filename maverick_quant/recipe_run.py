@@ -267,7 +267,8 @@ def _check_kernel_grids(recipe, source) -> None:
     v = recipe.validation
     if v is None or v.kernels is None or "bundle" not in v.candidates:
         return
-    linears = ((name, width, dataclasses.asdict(grid)) for name, width, grid in quantized_widths(source, recipe.quantize))
+    widths = quantized_widths(source.table, source.text_config, recipe.quantize)
+    linears = ((name, width, dataclasses.asdict(grid)) for name, width, grid in widths)
     if problems := kernel_grid_problems(linears, recipe.quantize.weights.bits):
         raise InputError(f"validation.kernels {v.kernels}: {problems[0]}; validate the bundle without kernels (drop "
                          "validation.kernels), or quantize on a grid they run")

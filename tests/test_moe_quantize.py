@@ -422,13 +422,14 @@ def test_a_gptq_run_on_fewer_tokens_than_a_linears_width_is_told_which_but_not_f
     from maverick_quant.recipe import Method
 
     source = open_source(tiny_llama4_dir)
-    note = rank_deficient_note(source, QuantizeSpec(), 40)
+    table, text = source.table, source.text_config
+    note = rank_deficient_note(table, text, QuantizeSpec(), 40)
     assert note is not None and "holds 40 tokens" in note and "at least 64 tokens" in note, note
     assert "layers.0.self_attn.q_proj (K=64)" in note and ".experts." not in note, note
     # dense layers 0 and 2: q k v o gate up (64) and down (48); MoE layers 1 and 3: q k v o and
     # the shared expert's gate up (64); not the shared down (32 < 40) nor the routed experts
     assert "input width of 26 linears" in note, note
-    assert "input width of 24 linears" in rank_deficient_note(source, QuantizeSpec(), 48)  # K = 48 is met by 48
-    assert rank_deficient_note(source, QuantizeSpec(), 64) is None  # every width met
-    assert rank_deficient_note(source, QuantizeSpec(method=Method.AWQ), 8) is None  # no GPTQ solve
-    assert rank_deficient_note(source, QuantizeSpec(method=Method.AWQ_GPTQ), 8) is not None
+    assert "input width of 24 linears" in rank_deficient_note(table, text, QuantizeSpec(), 48)  # K = 48 is met by 48
+    assert rank_deficient_note(table, text, QuantizeSpec(), 64) is None  # every width met
+    assert rank_deficient_note(table, text, QuantizeSpec(method=Method.AWQ), 8) is None  # no GPTQ solve
+    assert rank_deficient_note(table, text, QuantizeSpec(method=Method.AWQ_GPTQ), 8) is not None

@@ -454,3 +454,22 @@ def test_rates_measured_under_load_are_flagged_and_replaced_when_the_machine_is_
     for flag in ([], ["--remeasure"]):
         assert CliRunner().invoke(cli, ["plan", "maverick", "--samples", "8", "--seq-len", "64", *flag]).exit_code == 0
         assert seen == {"rates": bool(flag), "disk": bool(flag)}
+
+
+def test_plan_notes_a_calibration_with_fewer_tokens_than_a_solved_linear_reads(tiny_llama_dir: Path,
+                                                                                tmp_path: Path) -> None:
+    """`plan` says before the run what `quantize` would note at its start: GPTQ solving linears
+    whose input width K exceeds the calibration's tokens (the tiny Llama's 3 down_proj read
+    K = 160, the rest 96), in its report and its JSON."""
+    def planned(*options: str) -> tuple[str, list[str]]:
+        out = tmp_path / f"plan{len(list(tmp_path.iterdir()))}.json"
+        result = CliRunner().invoke(cli, ["plan", str(tiny_llama_dir), *options, "--json", str(out)])
+        assert result.exit_code == 0, result.output
+        return result.output, json.loads(out.read_text())["notes"]
+
+    output, notes = planned("--samples", "1", "--seq-len", "128")
+    assert len(notes) == 1 and "holds 128 tokens, fewer than the input width of 3 linears" in notes[0], notes
+    assert "model.layers.0.mlp.down_proj (K=160)" in notes[0] and "at least 160 tokens" in notes[0], notes
+    assert f"- {notes[0]}" in output
+    assert planned("--samples", "2", "--seq-len", "80")[1] == []  # 160 tokens meet K = 160
+    assert planned("--samples", "1", "--seq-len", "64", "--method", "awq")[1] == []  # AWQ solves no GPTQ
