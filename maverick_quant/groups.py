@@ -49,6 +49,28 @@ def group_hessian(model: StreamingModel, layer: torch.nn.Module, hidden: torch.T
     return accumulator.hessian(), accumulator.tokens
 
 
+def layer_hessians(model: StreamingModel, layer: torch.nn.Module, hidden: torch.Tensor,
+                   groups: tuple[LinearGroup, ...]) -> list[tuple[torch.Tensor, int]]:
+    """(H, tokens) of each of `groups` (in the layer's execution order) as `group_hessian` gives
+    them, bit for bit, from the layer as it is, in fewer passes: one pass for all groups but
+    the attention-mixed ones (hooked together, stopping at the last group's input), and one
+    eager pass per attention-mixed group. Where the groups are solved from the float layer
+    (not true-sequential), this replaces a pass per group, each running the layer again up to
+    its group's input."""
+    plain = tuple(group.linears[0] for group in groups if not group.mixed_by_attention)
+    found = {}
+    if plain:
+        with capture_inputs(layer, plain, stop=True) as accumulators:
+            model.feed_layer(layer, hidden)
+        found = {name: (acc.hessian(), acc.tokens) for name, acc in accumulators.items()}
+        short = [name for name in plain if found[name][1] != found[plain[-1]][1]]
+        if short:  # a group listed after the one the pass stopped at: the table's order is not the layer's
+            raise RuntimeError(f"{', '.join(short)}: input not seen on every window before {plain[-1]}'s; "
+                               "the groups are not in the layer's execution order")
+    return [group_hessian(model, layer, hidden, group) if group.mixed_by_attention else found[group.linears[0]]
+            for group in groups]
+
+
 def result_stats(result: GPTQResult) -> dict[str, float]:
     """Loss, relative loss and damping of a (possibly batched) GPTQ result, summed over the batch."""
     total = (result.loss / result.rel_loss.clamp_min(1e-30)).sum()

@@ -24,7 +24,7 @@ from maverick_quant.calibration.data import CalibrationSet
 from maverick_quant.compress.grid import rtn_quantize
 from maverick_quant.experts import ExpertChunks, check_expert_budget, quantize_moe_block, rtn_moe_block
 from maverick_quant.awq_layer import awq_scale_layer
-from maverick_quant.groups import group_hessian, linear_grid, mark_linears, quantized_linears, set_weight, solve_group
+from maverick_quant.groups import group_hessian, layer_hessians, linear_grid, mark_linears, quantized_linears, set_weight, solve_group
 from maverick_quant.compress.types import QuantizedWeight
 from maverick_quant.devices import device_label, peak_device_mib, quantized_to, reset_peak_memory, use_device
 from maverick_quant.distributed import ExpertParallel
@@ -50,18 +50,17 @@ class RunSummary:
 def quantize_groups_gptq(model: StreamingModel, layer: torch.nn.Module, hidden: torch.Tensor,
                          groups: tuple[LinearGroup, ...], spec: QuantizeSpec) -> tuple[dict[str, QuantizedWeight], dict[str, dict]]:
     """GPTQ the linears of `groups`, in order. True-sequential: each group's statistics are
-    collected after the groups before it were quantized; otherwise all statistics come from
-    the float layer. Layer weights end up dequantized."""
-    quantized, stats, pending = {}, {}, []
-    for group in groups:
-        if quantized_linears(layer, group.linears):  # else every member stays float: no statistics needed
-            pending.append((group, *group_hessian(model, layer, hidden, group)))
-        if spec.true_sequential or group is groups[-1]:
-            for member, H, tokens in pending:
-                member_quantized, member_stats = solve_group(layer, member, H, tokens, spec)
-                quantized.update(member_quantized)
-                stats.update(member_stats)
-            pending.clear()
+    collected (a pass of the layer up to its input) after the groups before it were quantized;
+    otherwise all statistics come from the float layer, in one pass (`layer_hessians`). Layer
+    weights end up dequantized."""
+    quantized, stats = {}, {}
+    live = tuple(group for group in groups if quantized_linears(layer, group.linears))  # else no statistics needed
+    hessians = None if spec.true_sequential else iter(layer_hessians(model, layer, hidden, live))
+    for group in live:
+        H, tokens = group_hessian(model, layer, hidden, group) if hessians is None else next(hessians)
+        group_quantized, group_stats = solve_group(layer, group, H, tokens, spec)
+        quantized.update(group_quantized)
+        stats.update(group_stats)
     return quantized, stats
 
 

@@ -177,7 +177,7 @@ def layer_cost(table, config, index: int, calib: CalibSpec, spec: QuantizeSpec,
     memory = {"layer": 2 * 4 * sum(math.prod(s) for n, s in plan.shapes.items() if not (plan.moe and n in plan.moe.fused_names))}
     names, count = [name + ".weight" for name in dense], len(dense)
     solved_dense = set(dense) if spec.method is not Method.AWQ else set()  # `awq` rounds them after its searches
-    matmul, hessian_flops = gptq_passes(plan, config, calib, solved_dense)
+    matmul, hessian_flops = gptq_passes(plan, config, calib, solved_dense, spec.true_sequential)
     solves = [(1, *dense[name]) for name in solved_dense]
     rounded = sum(math.prod(shape) for name, shape in dense.items() if name not in solved_dense)
     if calibrated:
@@ -251,16 +251,18 @@ def pass_flops(config, plan, calib: CalibSpec, stop: str | None = None) -> float
     return 2.0 * calib.samples * calib.seq_len * plan.params_before(stop) + attention
 
 
-def gptq_passes(plan, config, calib: CalibSpec, solved: set[str]) -> tuple[float, float]:
+def gptq_passes(plan, config, calib: CalibSpec, solved: set[str], true_sequential: bool = True) -> tuple[float, float]:
     """(forward flops, Hessian flops) of GPTQ's dense groups in one layer: the pass of each group
     solved (a linear in `solved`) stops at its input (the values' runs the attention module,
     eager, to its output, the output projection included), then the output pass; each group
     solved accumulates 2 T K^2, the values' per KV head the attention-mixed form
-    (capture.mixed_hessian_flops)."""
+    (capture.mixed_hessian_flops). Not `true_sequential`, the groups but the values' share one
+    pass, to the last one's input (groups.layer_hessians)."""
     from maverick_quant.calibration.capture import mixed_hessian_flops
 
     tokens = calib.samples * calib.seq_len
     forward, hessian = pass_flops(config, plan, calib), 0.0  # the output pass
+    last_plain = None  # the input the shared pass stops at, when not true-sequential
     for index, group in enumerate(plan.groups):
         if not set(group.linears) & solved:  # every linear kept in float (or rounded): no pass, no Hessian
             continue
@@ -271,8 +273,11 @@ def gptq_passes(plan, config, calib: CalibSpec, solved: set[str]) -> tuple[float
             kv = config.num_key_value_heads
             hessian += calib.samples * mixed_hessian_flops(kv, config.num_attention_heads // kv, calib.seq_len, width)
         else:
-            forward += pass_flops(config, plan, calib, group.linears[0])
+            forward += pass_flops(config, plan, calib, group.linears[0]) if true_sequential else 0.0
+            last_plain = group.linears[0]
             hessian += 2.0 * tokens * width**2
+    if not true_sequential and last_plain is not None:
+        forward += pass_flops(config, plan, calib, last_plain)
     return forward, hessian
 
 

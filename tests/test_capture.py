@@ -82,3 +82,37 @@ def test_add_mixed_equals_the_explicit_sum_of_mixed_outer_products(length, width
     ])
     assert accumulator.tokens == batch * repeat * length
     assert torch.allclose(accumulator.sum, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_llama_dir", "tiny_llama4_dir"])
+def test_one_pass_for_a_layers_groups_gives_each_groups_own_hessian(model_fixture, request) -> None:
+    """`layer_hessians` (the statistics of --no-true-sequential) equals a `group_hessian` pass per
+    group, bit for bit and with the same token counts, on dense layers (q/k, the attention-mixed
+    v, o, gate/up, down) and on Llama 4's attention before an MoE block (chunked attention)."""
+    from maverick_quant.groups import group_hessian, layer_hessians
+
+    model, hidden = _model_and_hidden(request.getfixturevalue(model_fixture), windows=3, length=24)
+    passes = []
+    feed_layer = model.feed_layer
+    model.feed_layer = lambda *args, **kwargs: passes.append(1) or feed_layer(*args, **kwargs)
+    for index in range(2):
+        layer, groups = model.layer(index), model.plan(index).groups
+        passes.clear()
+        together = layer_hessians(model, layer, hidden, groups)
+        assert len(together) == len(groups) and len(passes) == 2  # one pass for the plain groups, one for v's
+        for group, (H, tokens) in zip(groups, together):
+            alone, alone_tokens = group_hessian(model, layer, hidden, group)
+            assert torch.equal(H, alone) and tokens == alone_tokens, group.name
+
+
+def test_one_pass_refuses_groups_out_of_the_layers_order(tiny_llama_dir) -> None:
+    """Hooked together, the pass stops at the last group's input: a group listed after one that
+    runs later in the layer would miss windows, and is refused, not solved on part of them."""
+    from maverick_quant.groups import layer_hessians
+
+    model, hidden = _model_and_hidden(tiny_llama_dir)
+    layer, groups = model.layer(0), model.plan(0).groups
+    down, attention_input = groups[-1], groups[0]
+    assert down.linears == ("mlp.down_proj",) and not attention_input.mixed_by_attention
+    with pytest.raises(RuntimeError, match="mlp.down_proj.*execution order"):
+        layer_hessians(model, layer, hidden, (down, attention_input))

@@ -290,6 +290,9 @@ def test_a_pass_is_priced_up_to_where_it_stops() -> None:
     assert forward == 2 * tokens * sum(passes) + 5 * attention  # all but q/k's go through the attention
     assert hessian == 2 * tokens * (2 * 5120**2 + (40 * 128) ** 2 + 16384**2) + 4 * mixed_hessian_flops(8, 5, 2048, 5120)
     assert gptq_passes(dense, text, calib, set()) == (2 * tokens * (attn + 3 * mlp) + attention, 0.0)  # output pass only
+    # --no-true-sequential: the values' pass, one pass to down's input for the other groups, the output pass
+    assert gptq_passes(dense, text, calib, set(dense.linears), true_sequential=False) == (
+        2 * tokens * (attn + (attn + 2 * mlp) + (attn + 3 * mlp)) + 3 * attention, hessian)
 
 
 @pytest.mark.parametrize("repeat,length,width", [(3, 64, 32), (3, 16, 200)])
