@@ -9,6 +9,7 @@ inputs. RTN needs no calibration and runs no forward at all.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from maverick_quant import __version__
+from maverick_quant.attention_replay import AttentionReplay
 from maverick_quant.bundle import BundleWriter, ReadOnlyWriter, copy_model_files
 from maverick_quant.arch.base import LinearGroup
 from maverick_quant.calibration.data import CalibrationSet
@@ -48,16 +50,21 @@ class RunSummary:
 
 
 def quantize_groups_gptq(model: StreamingModel, layer: torch.nn.Module, hidden: torch.Tensor,
-                         groups: tuple[LinearGroup, ...], spec: QuantizeSpec) -> tuple[dict[str, QuantizedWeight], dict[str, dict]]:
+                         groups: tuple[LinearGroup, ...], spec: QuantizeSpec,
+                         replay: AttentionReplay | None = None) -> tuple[dict[str, QuantizedWeight], dict[str, dict]]:
     """GPTQ the linears of `groups`, in order. True-sequential: each group's statistics are
-    collected (a pass of the layer up to its input) after the groups before it were quantized;
-    otherwise all statistics come from the float layer, in one pass (`layer_hessians`). Layer
-    weights end up dequantized."""
+    collected (a pass of the layer up to its input) after the groups before it were quantized,
+    the passes after the last attention group's solve recording the attention's outputs once
+    into `replay` and replaying them after (attention_replay.py); otherwise all statistics come
+    from the float layer, in one pass (`layer_hessians`). Layer weights end up dequantized."""
     quantized, stats = {}, {}
     live = tuple(group for group in groups if quantized_linears(layer, group.linears))  # else no statistics needed
     hessians = None if spec.true_sequential else iter(layer_hessians(model, layer, hidden, live))
-    for group in live:
-        H, tokens = group_hessian(model, layer, hidden, group) if hessians is None else next(hessians)
+    attention = f"{model.table.attention}."
+    final_attention = max((i for i, g in enumerate(live) if g.linears[0].startswith(attention)), default=-1)
+    for index, group in enumerate(live):
+        with replay.around_pass() if replay is not None and index > final_attention else contextlib.nullcontext():
+            H, tokens = group_hessian(model, layer, hidden, group) if hessians is None else next(hessians)
         group_quantized, group_stats = solve_group(layer, group, H, tokens, spec)
         quantized.update(group_quantized)
         stats.update(group_stats)
@@ -69,11 +76,14 @@ def quantize_layer_gptq(model: StreamingModel, index: int, layer: torch.nn.Modul
     """GPTQ layer `index` and advance `hidden` [S, L, D] to its (quantized) output.
 
     Dense groups first; an MoE block is then solved by `experts.quantize_moe_block`, which
-    streams routed experts through `store`."""
+    streams routed experts through `store`. A dense layer's output pass replays the attention
+    outputs its MLP groups' passes recorded (true-sequential; attention_replay.py)."""
     plan = model.plan(index)
-    quantized, stats = quantize_groups_gptq(model, layer, hidden, plan.groups, spec)
+    replay = AttentionReplay(layer.get_submodule(model.table.attention), hidden.shape[0]) if spec.true_sequential else None
+    quantized, stats = quantize_groups_gptq(model, layer, hidden, plan.groups, spec, replay)
     if plan.moe is None:
-        model.run_layer(layer, hidden, out=hidden)
+        with replay.replaying() if replay is not None and replay.outputs is not None else contextlib.nullcontext():
+            model.run_layer(layer, hidden, out=hidden)
         return quantized, stats
     moe_quantized, moe_stats = quantize_moe_block(model, index, layer, hidden, spec, store)
     return {**quantized, **moe_quantized}, {**stats, **moe_stats}

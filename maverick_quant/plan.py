@@ -5,6 +5,8 @@ Memory model of a calibrated run (GPTQ/AWQ, bytes; S windows x L tokens, hidden 
 
     baseline     this process's resident size after importing the model code (measured)
     cache        S * L * D * 4: the hidden states of every window (host memory)
+    attention_outputs  S * L * D * 4 in a dense layer solved true-sequentially: its attention's
+                 outputs, kept for the MLP groups' passes (attention_replay.py; host memory)
     block_caches 2 * S * L * D * 4 in an MoE layer: the block input x and its output
     routing      S * L * E * 4 in an MoE layer: the router logits of every token
     expert_inputs  (n_chunk + M_c T_s) * D * 4 + 3 * n_hot * I * 4 in an MoE layer: the routed
@@ -27,7 +29,7 @@ Memory model of a calibrated run (GPTQ/AWQ, bytes; S windows x L tokens, hidden 
     awq_search   (awq, awq+gptq) the scale and clip candidates (plan_awq.py)
 
 On the CPU every term is host memory. On a GPU (devices.py) the DEVICE_TERMS live there and
-the host keeps the cache, the expert reads and the final tensors:
+the host keeps the cache, the attention outputs, the expert reads and the final tensors:
 
     peak host   = baseline + max(max over layers of the layer's host terms, final)
     peak device = max over layers of the layer's device terms (torch's allocations; the CUDA
@@ -177,7 +179,7 @@ def layer_cost(table, config, index: int, calib: CalibSpec, spec: QuantizeSpec,
     memory = {"layer": 2 * 4 * sum(math.prod(s) for n, s in plan.shapes.items() if not (plan.moe and n in plan.moe.fused_names))}
     names, count = [name + ".weight" for name in dense], len(dense)
     solved_dense = set(dense) if spec.method is not Method.AWQ else set()  # `awq` rounds them after its searches
-    matmul, hessian_flops = gptq_passes(plan, config, calib, solved_dense, spec.true_sequential)
+    matmul, hessian_flops = gptq_passes(plan, config, calib, solved_dense, spec.true_sequential, table.attention)
     solves = [(1, *dense[name]) for name in solved_dense]
     rounded = sum(math.prod(shape) for name, shape in dense.items() if name not in solved_dense)
     if calibrated:
@@ -187,6 +189,8 @@ def layer_cost(table, config, index: int, calib: CalibSpec, spec: QuantizeSpec,
             memory["routing"] = tokens * plan.moe.num_experts * 4
         if solved_dense:  # `awq` rounds the dense linears: no Hessian
             memory["hessians"] = 3 * widest**2 * 4
+        if spec.true_sequential and replay_starts(plan, solved_dense, table.attention) is not None:
+            memory["attention_outputs"] = tokens * hidden * 4  # kept for the MLP groups' passes (attention_replay.py)
         inter = max((s[0] for s in dense.values()), default=hidden)
         memory["activations"] = spec.batch_windows * calib.seq_len * max(3 * hidden, 2 * inter) * 4 * 2
     counts = None
@@ -251,18 +255,25 @@ def pass_flops(config, plan, calib: CalibSpec, stop: str | None = None) -> float
     return 2.0 * calib.samples * calib.seq_len * plan.params_before(stop) + attention
 
 
-def gptq_passes(plan, config, calib: CalibSpec, solved: set[str], true_sequential: bool = True) -> tuple[float, float]:
+def gptq_passes(plan, config, calib: CalibSpec, solved: set[str], true_sequential: bool = True,
+                attention: str = "self_attn") -> tuple[float, float]:
     """(forward flops, Hessian flops) of GPTQ's dense groups in one layer: the pass of each group
     solved (a linear in `solved`) stops at its input (the values' runs the attention module,
     eager, to its output, the output projection included), then the output pass; each group
     solved accumulates 2 T K^2, the values' per KV head the attention-mixed form
-    (capture.mixed_hessian_flops). Not `true_sequential`, the groups but the values' share one
-    pass, to the last one's input (groups.layer_hessians)."""
+    (capture.mixed_hessian_flops).
+
+    True-sequential, the passes after the last group of the `attention` module's linears
+    replay its outputs (attention_replay.py): the first of them computes the attention, the
+    later ones and the output pass only the linears after it. Not true-sequential, the groups
+    but the values' share one pass, to the last one's input (groups.layer_hessians)."""
     from maverick_quant.calibration.capture import mixed_hessian_flops
 
     tokens = calib.samples * calib.seq_len
-    forward, hessian = pass_flops(config, plan, calib), 0.0  # the output pass
-    last_plain = None  # the input the shared pass stops at, when not true-sequential
+    recording = replay_starts(plan, solved, attention) if true_sequential else None
+    attention_params = sum(math.prod(plan.shapes[f"{name}.weight"]) for name in plan.linears
+                           if name.startswith(f"{attention}."))
+    forward, hessian, last_plain = 0.0, 0.0, None
     for index, group in enumerate(plan.groups):
         if not set(group.linears) & solved:  # every linear kept in float (or rounded): no pass, no Hessian
             continue
@@ -272,13 +283,30 @@ def gptq_passes(plan, config, calib: CalibSpec, solved: set[str], true_sequentia
             forward += 2.0 * tokens * plan.params_before(after) + attention_flops(config, plan, tokens, calib.seq_len)
             kv = config.num_key_value_heads
             hessian += calib.samples * mixed_hessian_flops(kv, config.num_attention_heads // kv, calib.seq_len, width)
+            continue
+        hessian += 2.0 * tokens * width**2
+        last_plain = group.linears[0]
+        if not true_sequential:
+            continue
+        if recording is not None and index > recording:  # the attention's outputs replayed: the linears after it only
+            forward += 2.0 * tokens * (plan.params_before(last_plain) - attention_params)
         else:
-            forward += pass_flops(config, plan, calib, group.linears[0]) if true_sequential else 0.0
-            last_plain = group.linears[0]
-            hessian += 2.0 * tokens * width**2
+            forward += pass_flops(config, plan, calib, last_plain)
     if not true_sequential and last_plain is not None:
         forward += pass_flops(config, plan, calib, last_plain)
-    return forward, hessian
+    replayed = recording is not None
+    output = 2.0 * tokens * (plan.params_before() - attention_params) if replayed else pass_flops(config, plan, calib)
+    return forward + output, hessian
+
+
+def replay_starts(plan, solved: set[str], attention: str = "self_attn") -> int | None:
+    """The index in plan.groups of the group whose true-sequential pass records the attention's
+    outputs for the later passes (attention_replay.py): the first group solved (a linear in
+    `solved`), not attention-mixed, after the last solved group of the `attention` module's
+    linears; None where there is none (an MoE layer's groups are its attention's)."""
+    live = [(index, group) for index, group in enumerate(plan.groups) if set(group.linears) & solved]
+    final_attention = max((index for index, group in live if group.linears[0].startswith(f"{attention}.")), default=-1)
+    return next((index for index, group in live if index > final_attention and not group.mixed_by_attention), None)
 
 
 def expert_input_bytes(counts: list[float], policies: list[ExpertPolicy], hidden: int, inter: int, per_chunk: int,

@@ -279,15 +279,16 @@ def test_a_pass_is_priced_up_to_where_it_stops() -> None:
     assert attention == 4 * 4 * 2048 * 2048 * 40 * 128  # every key of the 2048-token window (chunks of 8192)
     assert pass_flops(text, dense, calib, "self_attn.o_proj") == 2 * 4 * 2048 * (q + 2 * kv) + attention
     # GPTQ: q/k's pass computes nothing; the values' runs the attention module whole (o_proj
-    # before its hook stops the pass); o's, gate/up's and down's stop at their inputs; then the output pass
+    # before its hook stops the pass); o's and gate/up's stop at their inputs, gate/up's keeping
+    # the attention's outputs, which down's pass and the output pass replay (the MLP only)
     from maverick_quant.calibration.capture import mixed_hessian_flops
     from maverick_quant.plan import gptq_passes
 
     tokens = 4 * 2048
     forward, hessian = gptq_passes(dense, text, calib, set(dense.linears))
     attn = q + 2 * kv + o
-    passes = [attn, q + 2 * kv, attn, attn + 2 * mlp, attn + 3 * mlp]
-    assert forward == 2 * tokens * sum(passes) + 5 * attention  # all but q/k's go through the attention
+    passes = [attn, q + 2 * kv, attn, 2 * mlp, 3 * mlp]
+    assert forward == 2 * tokens * sum(passes) + 3 * attention  # v's, o's and gate/up's compute the attention
     assert hessian == 2 * tokens * (2 * 5120**2 + (40 * 128) ** 2 + 16384**2) + 4 * mixed_hessian_flops(8, 5, 2048, 5120)
     assert gptq_passes(dense, text, calib, set()) == (2 * tokens * (attn + 3 * mlp) + attention, 0.0)  # output pass only
     # --no-true-sequential: the values' pass, one pass to down's input for the other groups, the output pass
@@ -476,3 +477,25 @@ def test_plan_notes_a_calibration_with_fewer_tokens_than_a_solved_linear_reads(t
     assert f"- {notes[0]}" in output
     assert planned("--samples", "2", "--seq-len", "80")[1] == []  # 160 tokens meet K = 160
     assert planned("--samples", "1", "--seq-len", "64", "--method", "awq")[1] == []  # AWQ solves no GPTQ
+
+
+def test_a_dense_layer_solved_true_sequentially_holds_its_attention_outputs() -> None:
+    """The replayed attention outputs (attention_replay.py) are a host term as large as the
+    hidden-state cache, in Maverick's dense layers only, and only when a group after the
+    attention is solved true-sequentially."""
+    from maverick_quant.arch.llama4 import maverick_config
+    from maverick_quant.arch.registry import table_for
+    from maverick_quant.plan import layer_cost
+    from maverick_quant.recipe import CalibSpec, QuantizeSpec
+
+    config = maverick_config()
+    table = table_for(config)
+    text, calib = table.text_config(config), CalibSpec(samples=4, seq_len=2048)
+
+    def memory(index: int, **spec) -> dict:
+        return layer_cost(table, text, index, calib, QuantizeSpec(**spec))[0].memory
+
+    assert memory(0)["attention_outputs"] == memory(0)["cache"] == 4 * 2048 * 5120 * 4
+    assert "attention_outputs" not in memory(1)  # an MoE layer: its block takes the attention's output in one pass
+    assert "attention_outputs" not in memory(0, true_sequential=False)
+    assert "attention_outputs" not in memory(0, keep_float=("feed_forward",))  # no group solved after the attention

@@ -1,0 +1,77 @@
+"""True-sequential GPTQ keeps a dense layer's attention outputs once its attention linears are
+solved, and replays them to the later passes (attention_replay.py): the same results bit for
+bit, with the attention computed in one pass instead of three."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from maverick_quant.attention_replay import AttentionReplay
+from maverick_quant.pipeline import quantize_groups_gptq, quantize_layer_gptq
+from maverick_quant.recipe import QuantizeSpec, QuantSpec
+from maverick_quant.streaming import StreamingModel, open_source
+
+
+def _model_and_hidden(model_dir, windows: int = 3, length: int = 24):
+    model = StreamingModel(open_source(model_dir), batch=2)
+    ids = torch.randint(0, 1000, (windows, length), generator=torch.Generator().manual_seed(0))
+    return model, model.embed(ids)
+
+
+def _attention_computed(layer: torch.nn.Module, attention: str) -> list[int]:
+    """A list that grows by one each time the attention's q projection really runs."""
+    calls: list[int] = []
+    layer.get_submodule(f"{attention}.q_proj").register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_llama_dir", "tiny_llama4_dir"])
+def test_a_dense_layer_quantized_with_replay_is_the_same_bit_for_bit(model_fixture, request) -> None:
+    """Layer 0 (dense; Llama 4's with chunked attention of 16 tokens in 24-token windows), 3
+    windows in batches of 2: with replay, the codes of every linear and the layer's output
+    equal those of the passes that compute the attention again, and the attention runs twice
+    (2 batches) less in each of the down pass and the output pass."""
+    model, hidden = _model_and_hidden(request.getfixturevalue(model_fixture))
+    spec, attention = QuantizeSpec(weights=QuantSpec(bits=4, group_size=32)), model.table.attention
+    replayed_layer, replayed_hidden = model.layer(0), hidden.clone()
+    replayed_calls = _attention_computed(replayed_layer, attention)
+    replayed, _ = quantize_layer_gptq(model, 0, replayed_layer, replayed_hidden, spec, None)
+
+    computed_layer, computed_hidden = model.layer(0), hidden.clone()
+    computed_calls = _attention_computed(computed_layer, attention)
+    computed, _ = quantize_groups_gptq(model, computed_layer, computed_hidden, model.plan(0).groups, spec)
+    model.run_layer(computed_layer, computed_hidden, out=computed_hidden)
+
+    assert replayed.keys() == computed.keys() and len(replayed) == 7
+    for name in replayed:
+        assert torch.equal(replayed[name].codes, computed[name].codes), name
+        assert torch.equal(replayed[name].scales, computed[name].scales), name
+    assert torch.equal(replayed_hidden, computed_hidden)
+    assert len(computed_calls) - len(replayed_calls) == 2 * 2
+
+
+def test_a_replay_serves_exactly_the_recorded_windows(tiny_llama_dir) -> None:
+    """Replayed passes must go through the recorded windows, all of them, in order; a pass that
+    did not see every window records nothing."""
+    model, hidden = _model_and_hidden(tiny_llama_dir)
+    layer = model.layer(0)
+    replay = AttentionReplay(layer.get_submodule(model.table.attention), hidden.shape[0])
+    with replay.recording():
+        model.feed_layer(layer, hidden[:2])
+    assert replay.outputs is None
+    with pytest.raises(RuntimeError, match="no attention outputs were recorded"):
+        with replay.replaying():
+            pass
+    with replay.recording():
+        expected = model.run_layer(layer, hidden)
+    assert replay.outputs is not None and replay.outputs.shape == hidden.shape
+    with replay.replaying():
+        assert torch.equal(model.run_layer(layer, hidden), expected)
+    with pytest.raises(RuntimeError, match="went through 2 of the 3 recorded windows"):
+        with replay.replaying():
+            model.run_layer(layer, hidden[:2])
+    with pytest.raises(RuntimeError, match="asked for windows 2..3 of 3"):
+        with replay.replaying():
+            model.run_layer(layer, torch.cat([hidden, hidden[:1]]))
+    assert "forward" not in vars(replay.module)  # the module's own forward is back after each replay
