@@ -1,19 +1,23 @@
-"""Keep a layer's attention outputs once its attention is final, instead of recomputing them.
+"""Keep a layer's attention once its q/k/v are final, instead of recomputing it in every pass.
 
 True-sequential GPTQ runs a layer once per linear group, each pass up to the group's input
 (groups.group_hessian), and once more for the layer's output. A Llama layer's groups are q/k,
-v, o (the attention's), gate/up and down (the MLP's), so after o is solved the passes for
-gate/up, for down and for the output each compute the same attention again: the projections,
-the rotary embedding and softmax(QK^T)V, the most expensive part of a pass at 512+ tokens.
+v, o (the attention's), gate/up and down (the MLP's); once v is solved, the attention before
+its output projection o no longer changes, yet the passes for o, gate/up and down and the
+output pass each compute it again: the q/k/v projections, the rotary embedding and
+softmax(QK^T)V, the most expensive part of a pass at 512+ tokens. An MoE layer's pass to its
+block (experts.capture_block_io) does the same after o.
 
-`AttentionReplay` keeps the attention module's output [S, L, D] (S windows of L tokens, D
-hidden) from the first of those passes (`recording`) and serves it to the later ones
-(`replaying`) in place of the module's forward: the same tensors the module would compute
-again, so the results are the same bit for bit. Passes go through the windows in order, a
-batch of B at a time (StreamingModel.feed_layer / run_layer), so the b-th call of a pass gets
-rows [cursor, cursor + B) and the cursor must reach S at the end of every pass.
+`AttentionReplay` keeps the input of the output projection, A [S, L, H*hd] (S windows of L
+tokens), from the first of those passes (`recording`: o's own, whose pass stops right at that
+input) and serves the later ones (`replaying`): the attention module's forward is replaced by
+o(A) for the windows at hand, with o's weights as they are then (quantized once o is solved).
+These are the tensors the module would compute again, so the results are the same bit for bit.
+Passes go through the windows in order, a batch at a time (StreamingModel.feed_layer /
+run_layer), so a pass's b-th call gets the rows after those of its earlier calls, and every
+replayed pass must go through all S windows.
 
-Cost: one more host tensor the size of the hidden-state cache, for the dense layers' MLP groups.
+Cost: one more host tensor the size of the hidden-state cache while the layer is solved.
 """
 
 from __future__ import annotations
@@ -25,63 +29,68 @@ import torch
 
 
 class AttentionReplay:
-    """The outputs of `module` (a decoder layer's attention, returning (output [B, L, D],
-    weights)) over all `windows` calibration windows, recorded in one pass and replayed in
-    the next ones."""
+    """The inputs of `projection` (the attention's output projection, inside `attention`,
+    which returns (projection's output [B, L, D], weights)) over all `windows` calibration
+    windows, kept in one pass and replayed through `projection` in the next ones."""
 
-    def __init__(self, module: torch.nn.Module, windows: int):
-        self.module, self.windows = module, windows
-        self.outputs: torch.Tensor | None = None  # [S, L, D] on the host, once a pass recorded every window
+    def __init__(self, attention: torch.nn.Module, projection: torch.nn.Module, windows: int):
+        self.attention, self.projection, self.windows = attention, projection, windows
+        self.inputs: torch.Tensor | None = None  # [S, L, H*hd] on the host, once a pass kept every window
         self._cursor = 0
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[None]:
-        """Within the block, every output of the module is kept, in window order; kept for
-        replay only when the pass saw all windows (else the block leaves nothing behind)."""
+        """Within the block, every input of the projection is kept, in window order (its hook
+        runs before any other, so a hook that stops the pass there comes after it); kept for
+        replay only when the pass saw all windows."""
         kept: dict[str, torch.Tensor] = {}
         self._cursor = 0
 
-        def keep(_module, _args, out) -> None:
-            batch = out[0].detach()
-            if "outputs" not in kept:
-                kept["outputs"] = torch.empty((self.windows, *batch.shape[1:]), dtype=batch.dtype)
-            kept["outputs"][self._cursor : self._cursor + batch.shape[0]] = batch
+        def keep(_module, args) -> None:
+            batch = args[0].detach()
+            if "inputs" not in kept:
+                kept["inputs"] = torch.empty((self.windows, *batch.shape[1:]), dtype=batch.dtype)
+            kept["inputs"][self._cursor : self._cursor + batch.shape[0]] = batch
             self._cursor += batch.shape[0]
 
-        handle = self.module.register_forward_hook(keep)
+        handle = self.projection.register_forward_pre_hook(keep, prepend=True)
         try:
             yield
         finally:
             handle.remove()
         if self._cursor == self.windows:
-            self.outputs = kept["outputs"]
+            self.inputs = kept["inputs"]
 
     @contextlib.contextmanager
     def replaying(self) -> Iterator[None]:
-        """Within the block, the module's forward returns the recorded outputs of the next
-        windows (as many as its input holds) without computing anything. RuntimeError when a
-        pass does not go through exactly the recorded windows."""
-        if self.outputs is None:
-            raise RuntimeError("no attention outputs were recorded to replay")
+        """Within the block, the attention module's forward returns the projection of the kept
+        inputs of the next windows (as many as its input holds) without computing the rest.
+        RuntimeError when a pass does not go through exactly the kept windows."""
+        if self.inputs is None:
+            raise RuntimeError("no attention inputs were kept to replay")
         self._cursor = 0
 
-        def recorded(hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, None]:
+        def replayed(hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, None]:
             first, count = self._cursor, hidden_states.shape[0]
             if first + count > self.windows:
                 raise RuntimeError(f"attention replay: a pass asked for windows {first}..{first + count - 1} of "
-                                   f"{self.windows} recorded")
+                                   f"{self.windows} kept")
             self._cursor += count
-            return self.outputs[first : first + count].to(hidden_states.device), None
+            return self.projection(self.inputs[first : first + count].to(hidden_states.device)), None
 
-        self.module.forward = recorded
+        self.attention.forward = replayed
         try:
             yield
         finally:
-            del self.module.forward  # back to the class's forward
+            del self.attention.forward  # back to the class's forward
         if self._cursor != self.windows:
             raise RuntimeError(f"attention replay: a pass went through {self._cursor} of the {self.windows} "
-                               "recorded windows")
+                               "kept windows")
 
     def around_pass(self) -> contextlib.AbstractContextManager:
-        """`replaying` once a pass recorded the outputs, else `recording`."""
-        return self.recording() if self.outputs is None else self.replaying()
+        """`replaying` once a pass kept the inputs, else `recording`."""
+        return self.recording() if self.inputs is None else self.replaying()
+
+    def replaying_if_kept(self) -> contextlib.AbstractContextManager:
+        """`replaying` when a pass kept the inputs, else nothing."""
+        return contextlib.nullcontext() if self.inputs is None else self.replaying()

@@ -236,15 +236,18 @@ def expert_chunks(moe: MoEBlock, config, chunk_mib: int):
 
 @torch.no_grad()
 def quantize_moe_block(model: StreamingModel, index: int, layer: torch.nn.Module, hidden: torch.Tensor,
-                       spec: QuantizeSpec, store: ExpertChunks) -> tuple[dict[str, QuantizedWeight], dict]:
+                       spec: QuantizeSpec, store: ExpertChunks,
+                       x: torch.Tensor | None = None) -> tuple[dict[str, QuantizedWeight], dict]:
     """Quantize layer `index`'s MoE block and advance `hidden` to the layer's output.
 
+    `x`: the block's input [S*L, D] when the caller ran `capture_block_io` already (`hidden`
+    then holds the residual stream entering the block); None to run it here.
     `store` keeps each chunk of experts (and gives back the chunks a killed attempt finished).
     Returns the shared expert's (and router's) quantized weights and the block's stats:
     {"experts": {"chunks": [...], "audit": [...]}, <shared linear>: {...}}.
     """
     moe = model.plan(index).moe
-    x = capture_block_io(model, layer, moe, hidden)
+    x = capture_block_io(model, layer, moe, hidden) if x is None else x
     awq = spec.method.searches_scales
     awq_stats, block_scales = ({}, None) if not awq else scale_block(model, index, layer, x, spec)
     scale_spec = spec  # AWQ's per-expert search follows the user's policy and fallback

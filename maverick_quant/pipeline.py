@@ -24,7 +24,8 @@ from maverick_quant.bundle import BundleWriter, ReadOnlyWriter, copy_model_files
 from maverick_quant.arch.base import LinearGroup
 from maverick_quant.calibration.data import CalibrationSet
 from maverick_quant.compress.grid import rtn_quantize
-from maverick_quant.experts import ExpertChunks, check_expert_budget, quantize_moe_block, rtn_moe_block
+from maverick_quant.experts import (ExpertChunks, capture_block_io, check_expert_budget, quantize_moe_block,
+                                    rtn_moe_block)
 from maverick_quant.awq_layer import awq_scale_layer
 from maverick_quant.groups import group_hessian, layer_hessians, linear_grid, mark_linears, quantized_linears, set_weight, solve_group
 from maverick_quant.compress.types import QuantizedWeight
@@ -53,17 +54,19 @@ def quantize_groups_gptq(model: StreamingModel, layer: torch.nn.Module, hidden: 
                          groups: tuple[LinearGroup, ...], spec: QuantizeSpec,
                          replay: AttentionReplay | None = None) -> tuple[dict[str, QuantizedWeight], dict[str, dict]]:
     """GPTQ the linears of `groups`, in order. True-sequential: each group's statistics are
-    collected (a pass of the layer up to its input) after the groups before it were quantized,
-    the passes after the last attention group's solve recording the attention's outputs once
-    into `replay` and replaying them after (attention_replay.py); otherwise all statistics come
-    from the float layer, in one pass (`layer_hessians`). Layer weights end up dequantized."""
+    collected (a pass of the layer up to its input) after the groups before it were quantized;
+    once the attention's q/k/v are solved, the first pass keeps the attention's output
+    projection inputs in `replay` and the later ones replay them (attention_replay.py).
+    Otherwise all statistics come from the float layer, in one pass (`layer_hessians`). Layer
+    weights end up dequantized."""
     quantized, stats = {}, {}
     live = tuple(group for group in groups if quantized_linears(layer, group.linears))  # else no statistics needed
     hessians = None if spec.true_sequential else iter(layer_hessians(model, layer, hidden, live))
-    attention = f"{model.table.attention}."
-    final_attention = max((i for i, g in enumerate(live) if g.linears[0].startswith(attention)), default=-1)
+    table = model.table
+    core = max((i for i, g in enumerate(live)  # the last group solved inside the attention, before its output projection
+                if g.linears[0].startswith(f"{table.attention}.") and table.attention_output not in g.linears), default=-1)
     for index, group in enumerate(live):
-        with replay.around_pass() if replay is not None and index > final_attention else contextlib.nullcontext():
+        with replay.around_pass() if replay is not None and index > core else contextlib.nullcontext():
             H, tokens = group_hessian(model, layer, hidden, group) if hessians is None else next(hessians)
         group_quantized, group_stats = solve_group(layer, group, H, tokens, spec)
         quantized.update(group_quantized)
@@ -76,16 +79,22 @@ def quantize_layer_gptq(model: StreamingModel, index: int, layer: torch.nn.Modul
     """GPTQ layer `index` and advance `hidden` [S, L, D] to its (quantized) output.
 
     Dense groups first; an MoE block is then solved by `experts.quantize_moe_block`, which
-    streams routed experts through `store`. A dense layer's output pass replays the attention
-    outputs its MLP groups' passes recorded (true-sequential; attention_replay.py)."""
-    plan = model.plan(index)
-    replay = AttentionReplay(layer.get_submodule(model.table.attention), hidden.shape[0]) if spec.true_sequential else None
+    streams routed experts through `store`. The output pass of a dense layer, and an MoE
+    layer's pass to its block, replay the attention kept by the groups' passes
+    (true-sequential; attention_replay.py)."""
+    plan, table = model.plan(index), model.table
+    replay = None
+    if spec.true_sequential:
+        replay = AttentionReplay(layer.get_submodule(table.attention), layer.get_submodule(table.attention_output),
+                                 hidden.shape[0])
     quantized, stats = quantize_groups_gptq(model, layer, hidden, plan.groups, spec, replay)
-    if plan.moe is None:
-        with replay.replaying() if replay is not None and replay.outputs is not None else contextlib.nullcontext():
+    with replay.replaying_if_kept() if replay is not None else contextlib.nullcontext():
+        if plan.moe is None:
             model.run_layer(layer, hidden, out=hidden)
-        return quantized, stats
-    moe_quantized, moe_stats = quantize_moe_block(model, index, layer, hidden, spec, store)
+            return quantized, stats
+        x = capture_block_io(model, layer, plan.moe, hidden)
+    del replay
+    moe_quantized, moe_stats = quantize_moe_block(model, index, layer, hidden, spec, store, x)
     return {**quantized, **moe_quantized}, {**stats, **moe_stats}
 
 

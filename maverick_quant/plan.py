@@ -5,8 +5,9 @@ Memory model of a calibrated run (GPTQ/AWQ, bytes; S windows x L tokens, hidden 
 
     baseline     this process's resident size after importing the model code (measured)
     cache        S * L * D * 4: the hidden states of every window (host memory)
-    attention_outputs  S * L * D * 4 in a dense layer solved true-sequentially: its attention's
-                 outputs, kept for the MLP groups' passes (attention_replay.py; host memory)
+    attention_outputs  S * L * D * 4 in a dense layer solved true-sequentially: the inputs of its
+                 attention's output projection, kept for the later passes (attention_replay.py;
+                 host memory; an MoE layer frees them before it reads its experts, its peak)
     block_caches 2 * S * L * D * 4 in an MoE layer: the block input x and its output
     routing      S * L * E * 4 in an MoE layer: the router logits of every token
     expert_inputs  (n_chunk + M_c T_s) * D * 4 + 3 * n_hot * I * 4 in an MoE layer: the routed
@@ -179,7 +180,8 @@ def layer_cost(table, config, index: int, calib: CalibSpec, spec: QuantizeSpec,
     memory = {"layer": 2 * 4 * sum(math.prod(s) for n, s in plan.shapes.items() if not (plan.moe and n in plan.moe.fused_names))}
     names, count = [name + ".weight" for name in dense], len(dense)
     solved_dense = set(dense) if spec.method is not Method.AWQ else set()  # `awq` rounds them after its searches
-    matmul, hessian_flops = gptq_passes(plan, config, calib, solved_dense, spec.true_sequential, table.attention)
+    matmul, hessian_flops = gptq_passes(plan, config, calib, solved_dense, spec.true_sequential, table.attention,
+                                        table.attention_output)
     solves = [(1, *dense[name]) for name in solved_dense]
     rounded = sum(math.prod(shape) for name, shape in dense.items() if name not in solved_dense)
     if calibrated:
@@ -189,8 +191,9 @@ def layer_cost(table, config, index: int, calib: CalibSpec, spec: QuantizeSpec,
             memory["routing"] = tokens * plan.moe.num_experts * 4
         if solved_dense:  # `awq` rounds the dense linears: no Hessian
             memory["hessians"] = 3 * widest**2 * 4
-        if spec.true_sequential and replay_starts(plan, solved_dense, table.attention) is not None:
-            memory["attention_outputs"] = tokens * hidden * 4  # kept for the MLP groups' passes (attention_replay.py)
+        if spec.true_sequential and not plan.moe and replay_starts(plan, solved_dense, table.attention,
+                                                                   table.attention_output) is not None:
+            memory["attention_outputs"] = tokens * hidden * 4  # kept for the later passes (attention_replay.py)
         inter = max((s[0] for s in dense.values()), default=hidden)
         memory["activations"] = spec.batch_windows * calib.seq_len * max(3 * hidden, 2 * inter) * 4 * 2
     counts = None
@@ -256,23 +259,24 @@ def pass_flops(config, plan, calib: CalibSpec, stop: str | None = None) -> float
 
 
 def gptq_passes(plan, config, calib: CalibSpec, solved: set[str], true_sequential: bool = True,
-                attention: str = "self_attn") -> tuple[float, float]:
+                attention: str = "self_attn", attention_output: str = "self_attn.o_proj") -> tuple[float, float]:
     """(forward flops, Hessian flops) of GPTQ's dense groups in one layer: the pass of each group
     solved (a linear in `solved`) stops at its input (the values' runs the attention module,
-    eager, to its output, the output projection included), then the output pass; each group
-    solved accumulates 2 T K^2, the values' per KV head the attention-mixed form
-    (capture.mixed_hessian_flops).
+    eager, to its output, the output projection included), then the output pass (to the MoE
+    block in an MoE layer); each group solved accumulates 2 T K^2, the values' per KV head the
+    attention-mixed form (capture.mixed_hessian_flops).
 
-    True-sequential, the passes after the last group of the `attention` module's linears
-    replay its outputs (attention_replay.py): the first of them computes the attention, the
-    later ones and the output pass only the linears after it. Not true-sequential, the groups
-    but the values' share one pass, to the last one's input (groups.layer_hessians)."""
+    True-sequential, once the `attention` module's linears but its `attention_output`
+    projection are solved, the first pass keeps the projection's inputs and the later ones and
+    the output pass replay them (attention_replay.py): they compute the projection and the
+    linears after it only. Not true-sequential, the groups but the values' share one pass, to
+    the last one's input (groups.layer_hessians)."""
     from maverick_quant.calibration.capture import mixed_hessian_flops
 
     tokens = calib.samples * calib.seq_len
-    recording = replay_starts(plan, solved, attention) if true_sequential else None
-    attention_params = sum(math.prod(plan.shapes[f"{name}.weight"]) for name in plan.linears
-                           if name.startswith(f"{attention}."))
+    recording = replay_starts(plan, solved, attention, attention_output) if true_sequential else None
+    core_params = sum(math.prod(plan.shapes[f"{name}.weight"]) for name in plan.linears  # skipped by a replay
+                      if name.startswith(f"{attention}.") and name != attention_output)
     forward, hessian, last_plain = 0.0, 0.0, None
     for index, group in enumerate(plan.groups):
         if not set(group.linears) & solved:  # every linear kept in float (or rounded): no pass, no Hessian
@@ -288,25 +292,27 @@ def gptq_passes(plan, config, calib: CalibSpec, solved: set[str], true_sequentia
         last_plain = group.linears[0]
         if not true_sequential:
             continue
-        if recording is not None and index > recording:  # the attention's outputs replayed: the linears after it only
-            forward += 2.0 * tokens * (plan.params_before(last_plain) - attention_params)
+        if recording is not None and index > recording:  # replayed: the output projection and what follows it
+            forward += 2.0 * tokens * (plan.params_before(last_plain) - core_params)
         else:
             forward += pass_flops(config, plan, calib, last_plain)
     if not true_sequential and last_plain is not None:
         forward += pass_flops(config, plan, calib, last_plain)
     replayed = recording is not None
-    output = 2.0 * tokens * (plan.params_before() - attention_params) if replayed else pass_flops(config, plan, calib)
+    output = 2.0 * tokens * (plan.params_before() - core_params) if replayed else pass_flops(config, plan, calib)
     return forward + output, hessian
 
 
-def replay_starts(plan, solved: set[str], attention: str = "self_attn") -> int | None:
-    """The index in plan.groups of the group whose true-sequential pass records the attention's
-    outputs for the later passes (attention_replay.py): the first group solved (a linear in
-    `solved`), not attention-mixed, after the last solved group of the `attention` module's
-    linears; None where there is none (an MoE layer's groups are its attention's)."""
+def replay_starts(plan, solved: set[str], attention: str = "self_attn",
+                  attention_output: str = "self_attn.o_proj") -> int | None:
+    """The index in plan.groups of the group whose true-sequential pass keeps the attention's
+    output projection inputs for the later passes (attention_replay.py): the first group
+    solved (a linear in `solved`), not attention-mixed, after the last solved group of the
+    `attention` module's linears but its `attention_output`; None where there is none."""
     live = [(index, group) for index, group in enumerate(plan.groups) if set(group.linears) & solved]
-    final_attention = max((index for index, group in live if group.linears[0].startswith(f"{attention}.")), default=-1)
-    return next((index for index, group in live if index > final_attention and not group.mixed_by_attention), None)
+    core = max((index for index, group in live
+                if group.linears[0].startswith(f"{attention}.") and attention_output not in group.linears), default=-1)
+    return next((index for index, group in live if index > core and not group.mixed_by_attention), None)
 
 
 def expert_input_bytes(counts: list[float], policies: list[ExpertPolicy], hidden: int, inter: int, per_chunk: int,

@@ -279,16 +279,18 @@ def test_a_pass_is_priced_up_to_where_it_stops() -> None:
     assert attention == 4 * 4 * 2048 * 2048 * 40 * 128  # every key of the 2048-token window (chunks of 8192)
     assert pass_flops(text, dense, calib, "self_attn.o_proj") == 2 * 4 * 2048 * (q + 2 * kv) + attention
     # GPTQ: q/k's pass computes nothing; the values' runs the attention module whole (o_proj
-    # before its hook stops the pass); o's and gate/up's stop at their inputs, gate/up's keeping
-    # the attention's outputs, which down's pass and the output pass replay (the MLP only)
+    # before its hook stops the pass); o's stops at its input, which it keeps: gate/up's and
+    # down's passes and the output pass replay it (o_proj and the MLP only)
     from maverick_quant.calibration.capture import mixed_hessian_flops
     from maverick_quant.plan import gptq_passes
 
     tokens = 4 * 2048
     forward, hessian = gptq_passes(dense, text, calib, set(dense.linears))
     attn = q + 2 * kv + o
-    passes = [attn, q + 2 * kv, attn, 2 * mlp, 3 * mlp]
-    assert forward == 2 * tokens * sum(passes) + 3 * attention  # v's, o's and gate/up's compute the attention
+    passes = [attn, q + 2 * kv, o, o + 2 * mlp, o + 3 * mlp]
+    assert forward == 2 * tokens * sum(passes) + 2 * attention  # v's and o's compute the attention
+    moe_forward, _ = gptq_passes(moe, text, calib, {name for group in moe.groups for name in group.linears})
+    assert moe_forward == 2 * tokens * (attn + q + 2 * kv + o) + 2 * attention  # the pass to the block replays
     assert hessian == 2 * tokens * (2 * 5120**2 + (40 * 128) ** 2 + 16384**2) + 4 * mixed_hessian_flops(8, 5, 2048, 5120)
     assert gptq_passes(dense, text, calib, set()) == (2 * tokens * (attn + 3 * mlp) + attention, 0.0)  # output pass only
     # --no-true-sequential: the values' pass, one pass to down's input for the other groups, the output pass
@@ -480,9 +482,9 @@ def test_plan_notes_a_calibration_with_fewer_tokens_than_a_solved_linear_reads(t
 
 
 def test_a_dense_layer_solved_true_sequentially_holds_its_attention_outputs() -> None:
-    """The replayed attention outputs (attention_replay.py) are a host term as large as the
-    hidden-state cache, in Maverick's dense layers only, and only when a group after the
-    attention is solved true-sequentially."""
+    """The kept inputs of the attention's output projection (attention_replay.py) are a host
+    term as large as the hidden-state cache, in Maverick's dense layers (an MoE layer's peak
+    comes after they are freed), when a group after q/k/v is solved true-sequentially."""
     from maverick_quant.arch.llama4 import maverick_config
     from maverick_quant.arch.registry import table_for
     from maverick_quant.plan import layer_cost
@@ -496,6 +498,7 @@ def test_a_dense_layer_solved_true_sequentially_holds_its_attention_outputs() ->
         return layer_cost(table, text, index, calib, QuantizeSpec(**spec))[0].memory
 
     assert memory(0)["attention_outputs"] == memory(0)["cache"] == 4 * 2048 * 5120 * 4
-    assert "attention_outputs" not in memory(1)  # an MoE layer: its block takes the attention's output in one pass
+    assert "attention_outputs" not in memory(1)  # an MoE layer frees them before it reads its experts, its peak
     assert "attention_outputs" not in memory(0, true_sequential=False)
-    assert "attention_outputs" not in memory(0, keep_float=("feed_forward",))  # no group solved after the attention
+    assert memory(0, keep_float=("feed_forward",))["attention_outputs"]  # o's pass keeps them for the output pass
+    assert "attention_outputs" not in memory(0, keep_float=("o_proj", "feed_forward"))  # no group solved after q/k/v

@@ -169,6 +169,8 @@ class ArchTable:
     layer_prefix:    format string of a decoder layer's tensor prefix, e.g. "model.layers.{i}.".
     plan:            (text config, layer index) -> LayerPlan.
     attention:       path of the attention module in a layer (returns (output, weights) in eager mode).
+    attention_output: path of its output projection, whose output is the module's output
+                     (attention_replay.py replays it on the projection's kept inputs).
     embed, final_norm, lm_head: model-level tensor names (lm_head may be tied to embed).
     build_layer:     (text config, layer_index) -> the transformers decoder-layer module (on meta).
     build_rotary:    text config -> module mapping (hidden, position_ids) to position embeddings.
@@ -186,6 +188,7 @@ class ArchTable:
     layer_prefix: str
     plan: Callable[[Any, int], LayerPlan]
     attention: str
+    attention_output: str
     embed: str
     final_norm: str
     lm_head: str

@@ -87,6 +87,7 @@ LLAMA = ArchTable(
     layer_prefix="model.layers.{i}.",
     plan=_llama_plan,
     attention="self_attn",
+    attention_output="self_attn.o_proj",
     embed="model.embed_tokens.weight",
     final_norm="model.norm.weight",
     lm_head="lm_head.weight",

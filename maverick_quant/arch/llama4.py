@@ -115,6 +115,7 @@ def _table(architecture: str, root: str, **extra: Any) -> ArchTable:
         layer_prefix=model + "layers.{i}.",
         plan=_plan,
         attention="self_attn",
+        attention_output="self_attn.o_proj",
         embed=f"{model}embed_tokens.weight",
         final_norm=f"{model}norm.weight",
         lm_head=f"{root}lm_head.weight",
