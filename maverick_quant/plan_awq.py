@@ -12,7 +12,7 @@ are matmuls, priced at its fp32 matmul rate (compress/awq.py, awq_layer.py, awq_
         rounded g Wg, flops g 2 T_s Wg (each candidate's outputs on the sample),
         plus a pass of the layer over all T tokens to sample the group's input, which stops at
         the group: 2 T P_before (the weights of the linears computed before the group's,
-        LayerPlan.params_before) and, past the attention, the attention (plan.pass_flops)
+        LayerPlan.params_before) and, past the attention, the attention (plan_passes.pass_flops)
     clipping (per linear W [N, K] with groups of width w, on rows = T_s sampled inputs): rounded
         c N K, flops c 2 min(rows, w) N K (each candidate's error projected on the groups'
         second moments when rows > w, built once for 2 rows K w, else on the rows themselves;
@@ -66,7 +66,7 @@ def awq_layer_cost(plan, dense: dict[str, tuple[int, int]], config, calib, spec:
     """AWQ's searches in one layer: `plan` the layer's LayerPlan, `dense` its quantized dense
     linears {name: (N, K)}, `config` the text config, `calib` the CalibSpec, `counts` [E] the
     expected routed tokens per expert (None for a dense layer)."""
-    from maverick_quant.plan import pass_flops
+    from maverick_quant.plan_passes import pass_flops
 
     awq = spec.awq
     tokens, hidden, inter = calib.samples * calib.seq_len, config.hidden_size, config.intermediate_size

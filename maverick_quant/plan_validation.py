@@ -63,6 +63,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from maverick_quant.plan_passes import attention_flops
 from maverick_quant.validation.hellaswag import CHOICE_BLOCK, group_blocks
 from maverick_quant.validation.metrics import DEFAULT_CHUNK_ELEMENTS
 
@@ -240,8 +241,6 @@ def _phases(table, text, settings: ValidationSettings, stored_bytes: float, cand
 def _forward_flops(table, text, tokens: float, span: float) -> tuple[float, float]:
     """(sum_l F_l, sum_l R_l) x `tokens`: one forward of every layer over `tokens` tokens whose
     attention spans `span` tokens, and the routed experts' part alone."""
-    from maverick_quant.plan import attention_flops  # (plan imports this module)
-
     forward = routed = 0.0
     for index in range(text.num_hidden_layers):
         plan = table.plan(text, index)

@@ -261,7 +261,7 @@ def test_a_pass_is_priced_up_to_where_it_stops() -> None:
     MoE layer a whole pass ends at the block (attention only)."""
     from maverick_quant.arch.llama4 import maverick_config
     from maverick_quant.arch.registry import table_for
-    from maverick_quant.plan import attention_flops, pass_flops
+    from maverick_quant.plan_passes import attention_flops, pass_flops
     from maverick_quant.recipe import CalibSpec
 
     config = maverick_config()
@@ -282,7 +282,7 @@ def test_a_pass_is_priced_up_to_where_it_stops() -> None:
     # before its hook stops the pass); o's stops at its input, which it keeps: gate/up's and
     # down's passes and the output pass replay it (o_proj and the MLP only)
     from maverick_quant.calibration.capture import mixed_hessian_flops
-    from maverick_quant.plan import gptq_passes
+    from maverick_quant.plan_passes import gptq_passes
 
     tokens = 4 * 2048
     forward, hessian = gptq_passes(dense, text, calib, set(dense.linears))
