@@ -17,6 +17,10 @@ Passes go through the windows in order, a batch at a time (StreamingModel.feed_l
 run_layer), so a pass's b-th call gets the rows after those of its earlier calls, and every
 replayed pass must go through all S windows.
 
+A replayed pass runs nothing inside the attention before the projection, so it must not need
+those modules' hooks: AWQ's clip pass samples q_proj's input and is not replayed (awq_layer.py
+does not replay; its one pass that could, down's search, is not worth the coupling).
+
 Cost: one more host tensor the size of the hidden-state cache while the layer is solved.
 """
 
@@ -26,6 +30,13 @@ import contextlib
 from typing import Iterator
 
 import torch
+
+
+def in_attention_core(name: str, attention: str, attention_output: str) -> bool:
+    """Whether the linear (or norm) `name` of a layer is computed inside the `attention` module
+    before its output projection `attention_output`: while such a tensor changes, the kept
+    inputs of the projection go stale."""
+    return name.startswith(f"{attention}.") and name != attention_output
 
 
 class AttentionReplay:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+from maverick_quant.attention_replay import in_attention_core
 from maverick_quant.recipe import CalibSpec
 
 
@@ -52,7 +53,7 @@ def gptq_passes(plan, config, calib: CalibSpec, solved: set[str], true_sequentia
     tokens = calib.samples * calib.seq_len
     recording = replay_starts(plan, solved, attention, attention_output) if true_sequential else None
     core_params = sum(math.prod(plan.shapes[f"{name}.weight"]) for name in plan.linears  # skipped by a replay
-                      if name.startswith(f"{attention}.") and name != attention_output)
+                      if in_attention_core(name, attention, attention_output))
     forward, hessian, last_plain = 0.0, 0.0, None
     for index, group in enumerate(plan.groups):
         if not set(group.linears) & solved:  # every linear kept in float (or rounded): no pass, no Hessian
@@ -87,5 +88,5 @@ def replay_starts(plan, solved: set[str], attention: str = "self_attn",
     `attention` module's linears but its `attention_output`; None where there is none."""
     live = [(index, group) for index, group in enumerate(plan.groups) if set(group.linears) & solved]
     core = max((index for index, group in live
-                if group.linears[0].startswith(f"{attention}.") and attention_output not in group.linears), default=-1)
+                if in_attention_core(group.linears[0], attention, attention_output)), default=-1)
     return next((index for index, group in live if index > core and not group.mixed_by_attention), None)

@@ -82,11 +82,13 @@ def test_a_replay_serves_exactly_the_recorded_windows(tiny_llama_dir) -> None:
     assert "forward" not in vars(replay.attention)  # the module's own forward is back after each replay
 
 
-def test_a_llama4_bundle_is_the_same_with_and_without_replay(tiny_llama4_dir, small_text_file, tmp_path,
-                                                             monkeypatch) -> None:
+@pytest.mark.parametrize("method,replayed", [("gptq", 3 + 1 + 3 + 1), ("awq+gptq", 3 + 1 + 3 + 1)])
+def test_a_llama4_bundle_is_the_same_with_and_without_replay(method, replayed, tiny_llama4_dir, small_text_file,
+                                                             tmp_path, monkeypatch) -> None:
     """The whole tiny Llama 4 (dense layers 0 and 2, MoE layers 1 and 3), quantized with the
-    replay (3 replayed passes in a dense layer: gate/up, down, output; 1 in an MoE layer: to
-    its block) and without it: every tensor of the two bundles is the same."""
+    replay and without it: every tensor of the two bundles is the same. GPTQ replays 3 passes
+    in a dense layer (gate/up, down, output) and 1 in an MoE layer (to its block), after AWQ's
+    scaling too."""
     from click.testing import CliRunner
     from safetensors.torch import load_file
 
@@ -98,12 +100,12 @@ def test_a_llama4_bundle_is_the_same_with_and_without_replay(tiny_llama4_dir, sm
 
     def quantize(out):
         result = CliRunner().invoke(cli, ["quantize", str(tiny_llama4_dir), "--data", str(small_text_file), "--samples",
-                                          "3", "--seq-len", "24", "--batch", "2", "--group-size", "32", "--out",
-                                          str(out), "--no-progress"])
+                                          "3", "--seq-len", "24", "--batch", "2", "--group-size", "32", "--method",
+                                          method, "--out", str(out), "--no-progress"])
         assert result.exit_code == 0, result.output
 
     quantize(tmp_path / "replayed")
-    assert len(replays) == 3 + 1 + 3 + 1
+    assert len(replays) == replayed
     monkeypatch.setattr(AttentionReplay, "around_pass", lambda self: contextlib.nullcontext())
     monkeypatch.setattr(AttentionReplay, "replaying_if_kept", lambda self: contextlib.nullcontext())
     quantize(tmp_path / "computed")
