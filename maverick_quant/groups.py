@@ -62,7 +62,10 @@ def layer_hessians(model: StreamingModel, layer: torch.nn.Module, hidden: torch.
     if plain:
         with capture_inputs(layer, plain, stop=True) as accumulators:
             model.feed_layer(layer, hidden)
-        found = {name: (acc.hessian(), acc.tokens) for name, acc in accumulators.items()}
+        for name in plain:  # each fp64 sum released once its fp32 H is made
+            acc = accumulators.pop(name)
+            found[name] = (acc.hessian(), acc.tokens)
+        del acc
         short = [name for name in plain if found[name][1] != found[plain[-1]][1]]
         if short:  # a group listed after the one the pass stopped at: the table's order is not the layer's
             raise RuntimeError(f"{', '.join(short)}: input not seen on every window before {plain[-1]}'s; "

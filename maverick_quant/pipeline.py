@@ -4,7 +4,8 @@ Sequential GPTQ: for each decoder layer, in the table's group order (q/k/v, o, g
 down), collect the group's input Hessian by running the layer (whose earlier groups are
 already quantized) over the cached hidden states of all calibration windows, solve, and
 put the dequantized weights back; then the quantized layer produces the next layer's
-inputs. RTN needs no calibration and runs no forward at all.
+inputs. From o's pass on, the attention is computed once and replayed (attention_replay.py).
+RTN needs no calibration and runs no forward at all.
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ def quantize_groups_gptq(model: StreamingModel, layer: torch.nn.Module, hidden: 
     collected (a pass of the layer up to its input) after the groups before it were quantized;
     once the attention's q/k/v are solved, the first pass keeps the attention's output
     projection inputs in `replay` and the later ones replay them (attention_replay.py).
-    Otherwise all statistics come from the float layer, in one pass (`layer_hessians`). Layer
-    weights end up dequantized."""
+    Otherwise all statistics come from the float layer, in one pass plus the values' eager pass
+    (`layer_hessians`). Layer weights end up dequantized."""
     quantized, stats = {}, {}
     live = tuple(group for group in groups if quantized_linears(layer, group.linears))  # else no statistics needed
     hessians = None if spec.true_sequential else iter(layer_hessians(model, layer, hidden, live))

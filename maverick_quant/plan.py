@@ -5,9 +5,11 @@ Memory model of a calibrated run (GPTQ/AWQ, bytes; S windows x L tokens, hidden 
 
     baseline     this process's resident size after importing the model code (measured)
     cache        S * L * D * 4: the hidden states of every window (host memory)
-    attention_outputs  S * L * D * 4 in a dense layer solved true-sequentially: the inputs of its
-                 attention's output projection, kept for the later passes (attention_replay.py;
-                 host memory; an MoE layer frees them before it reads its experts, its peak)
+    attention_outputs  S * L * H_q * head_dim * 4 in a layer solved true-sequentially: the inputs of
+                 its attention's output projection, kept for the later passes (attention_replay.py;
+                 host memory). On the CPU an MoE layer frees them before it reads its experts,
+                 its peak; on a GPU they are counted beside the expert reads, which come after
+                 them (an overestimate of at most one chunk's reads)
     block_caches 2 * S * L * D * 4 in an MoE layer: the block input x and its output
     routing      S * L * E * 4 in an MoE layer: the router logits of every token
     expert_inputs  (n_chunk + M_c T_s) * D * 4 + 3 * n_hot * I * 4 in an MoE layer: the routed
@@ -192,9 +194,10 @@ def layer_cost(table, config, index: int, calib: CalibSpec, spec: QuantizeSpec,
             memory["routing"] = tokens * plan.moe.num_experts * 4
         if solved_dense:  # `awq` rounds the dense linears: no Hessian
             memory["hessians"] = 3 * widest**2 * 4
-        if spec.true_sequential and not plan.moe and replay_starts(plan, solved_dense, table.attention,
-                                                                   table.attention_output) is not None:
-            memory["attention_outputs"] = tokens * hidden * 4  # kept for the later passes (attention_replay.py)
+        replays = spec.true_sequential and replay_starts(plan, solved_dense, table.attention,
+                                                         table.attention_output) is not None
+        if replays and (not plan.moe or device != "cpu"):  # kept for the later passes (attention_replay.py)
+            memory["attention_outputs"] = tokens * plan.shapes[f"{table.attention_output}.weight"][1] * 4
         inter = max((s[0] for s in dense.values()), default=hidden)
         memory["activations"] = spec.batch_windows * calib.seq_len * max(3 * hidden, 2 * inter) * 4 * 2
     counts = None

@@ -1,7 +1,8 @@
 """Run a decoder-only model one layer at a time over cached hidden states.
 
 Only the embedding rows being looked up, one decoder layer and the hidden states of the
-windows are in memory. A layer is transformers' own decoder-layer class, built on the meta
+windows are in memory (and, while GPTQ solves a layer, its attention's kept output-projection
+inputs: attention_replay.py). A layer is transformers' own decoder-layer class, built on the meta
 device and given the layer's tensors (no re-implemented attention). Quantize and validate
 share this engine through the `WeightSource` protocol: the original checkpoint, a bundle
 and an export all provide float tensors layer by layer.

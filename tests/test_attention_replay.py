@@ -30,28 +30,37 @@ def _attention_computed(layer: torch.nn.Module, attention: str) -> list[int]:
 
 
 @pytest.mark.parametrize("model_fixture", ["tiny_llama_dir", "tiny_llama4_dir"])
-def test_a_dense_layer_quantized_with_replay_is_the_same_bit_for_bit(model_fixture, request) -> None:
+@pytest.mark.parametrize("keep_float,solved,replayed_passes", [((), 7, 3), (("o_proj",), 6, 2), (("self_attn",), 3, 2)])
+def test_a_dense_layer_quantized_with_replay_is_the_same_bit_for_bit(model_fixture, keep_float, solved,
+                                                                     replayed_passes, request) -> None:
     """Layer 0 (dense; Llama 4's with chunked attention of 16 tokens in 24-token windows), 3
     windows in batches of 2: with replay, the codes of every linear and the layer's output
     equal those of the passes that compute the attention again, and the attention runs twice
-    (2 batches) less in each of the gate/up, down and output passes."""
+    (2 batches) less in each replayed pass: gate/up's, down's and the output pass after o's
+    pass kept the inputs; down's and the output pass after gate/up's kept them, where o (or
+    the whole attention) stays in float."""
+    from maverick_quant.groups import mark_linears
+
     model, hidden = _model_and_hidden(request.getfixturevalue(model_fixture))
-    spec, attention = QuantizeSpec(weights=QuantSpec(bits=4, group_size=32)), model.table.attention
+    spec = QuantizeSpec(weights=QuantSpec(bits=4, group_size=32), keep_float=keep_float)
+    attention, prefix, names = model.table.attention, model.table.prefix(0), model.plan(0).linears
     replayed_layer, replayed_hidden = model.layer(0), hidden.clone()
+    mark_linears(replayed_layer, prefix, names, spec)
     replayed_calls = _attention_computed(replayed_layer, attention)
     replayed, _ = quantize_layer_gptq(model, 0, replayed_layer, replayed_hidden, spec, None)
 
     computed_layer, computed_hidden = model.layer(0), hidden.clone()
+    mark_linears(computed_layer, prefix, names, spec)
     computed_calls = _attention_computed(computed_layer, attention)
     computed, _ = quantize_groups_gptq(model, computed_layer, computed_hidden, model.plan(0).groups, spec)
     model.run_layer(computed_layer, computed_hidden, out=computed_hidden)
 
-    assert replayed.keys() == computed.keys() and len(replayed) == 7
+    assert replayed.keys() == computed.keys() and len(replayed) == solved
     for name in replayed:
         assert torch.equal(replayed[name].codes, computed[name].codes), name
         assert torch.equal(replayed[name].scales, computed[name].scales), name
     assert torch.equal(replayed_hidden, computed_hidden)
-    assert len(computed_calls) - len(replayed_calls) == 3 * 2
+    assert len(computed_calls) - len(replayed_calls) == replayed_passes * 2
 
 
 def test_a_replay_serves_exactly_the_recorded_windows(tiny_llama_dir) -> None:

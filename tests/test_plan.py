@@ -483,8 +483,9 @@ def test_plan_notes_a_calibration_with_fewer_tokens_than_a_solved_linear_reads(t
 
 def test_a_dense_layer_solved_true_sequentially_holds_its_attention_outputs() -> None:
     """The kept inputs of the attention's output projection (attention_replay.py) are a host
-    term as large as the hidden-state cache, in Maverick's dense layers (an MoE layer's peak
-    comes after they are freed), when a group after q/k/v is solved true-sequentially."""
+    term of S x L x H_q x head_dim, in Maverick's dense layers (on the CPU an MoE layer's peak
+    comes after they are freed; on a GPU its host memory holds them, then the expert reads),
+    when a group after q/k/v is solved true-sequentially."""
     from maverick_quant.arch.llama4 import maverick_config
     from maverick_quant.arch.registry import table_for
     from maverick_quant.plan import layer_cost
@@ -494,11 +495,12 @@ def test_a_dense_layer_solved_true_sequentially_holds_its_attention_outputs() ->
     table = table_for(config)
     text, calib = table.text_config(config), CalibSpec(samples=4, seq_len=2048)
 
-    def memory(index: int, **spec) -> dict:
-        return layer_cost(table, text, index, calib, QuantizeSpec(**spec))[0].memory
+    def memory(index: int, device: str = "cpu", **spec) -> dict:
+        return layer_cost(table, text, index, calib, QuantizeSpec(**spec), device)[0].memory
 
-    assert memory(0)["attention_outputs"] == memory(0)["cache"] == 4 * 2048 * 5120 * 4
+    assert memory(0)["attention_outputs"] == memory(0)["cache"] == 4 * 2048 * (40 * 128) * 4  # o_proj's input width
     assert "attention_outputs" not in memory(1)  # an MoE layer frees them before it reads its experts, its peak
+    assert memory(1, "cuda")["attention_outputs"] == memory(0)["attention_outputs"]  # on a GPU: beside the host's expert reads
     assert "attention_outputs" not in memory(0, true_sequential=False)
     assert memory(0, keep_float=("feed_forward",))["attention_outputs"]  # o's pass keeps them for the output pass
     assert "attention_outputs" not in memory(0, keep_float=("o_proj", "feed_forward"))  # no group solved after q/k/v
