@@ -39,6 +39,14 @@ def in_attention_core(name: str, attention: str, attention_output: str) -> bool:
     return name.startswith(f"{attention}.") and name != attention_output
 
 
+def last_core_group(groups, attention: str, attention_output: str) -> int:
+    """The index in `groups` (LinearGroups, in the layer's order) of the last group computed
+    inside the attention before its output projection (`in_attention_core`), -1 if none: the
+    passes of the groups after it can keep, then replay, the projection's inputs."""
+    return max((index for index, group in enumerate(groups)
+                if in_attention_core(group.linears[0], attention, attention_output)), default=-1)
+
+
 class AttentionReplay:
     """The inputs of `projection` (the attention's output projection, inside `attention`,
     which returns (projection's output [B, L, D], weights)) over all `windows` calibration

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from maverick_quant import __version__
-from maverick_quant.attention_replay import AttentionReplay, in_attention_core
+from maverick_quant.attention_replay import AttentionReplay, last_core_group
 from maverick_quant.bundle import BundleWriter, ReadOnlyWriter, copy_model_files
 from maverick_quant.arch.base import LinearGroup
 from maverick_quant.calibration.data import CalibrationSet
@@ -64,8 +64,7 @@ def quantize_groups_gptq(model: StreamingModel, layer: torch.nn.Module, hidden: 
     live = tuple(group for group in groups if quantized_linears(layer, group.linears))  # else no statistics needed
     hessians = None if spec.true_sequential else iter(layer_hessians(model, layer, hidden, live))
     table = model.table
-    core = max((i for i, g in enumerate(live)  # the last group solved inside the attention, before its output projection
-                if in_attention_core(g.linears[0], table.attention, table.attention_output)), default=-1)
+    core = last_core_group(live, table.attention, table.attention_output)
     for index, group in enumerate(live):
         with replay.around_pass() if replay is not None and index > core else contextlib.nullcontext():
             H, tokens = group_hessian(model, layer, hidden, group) if hessians is None else next(hessians)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-from maverick_quant.attention_replay import in_attention_core
+from maverick_quant.attention_replay import in_attention_core, last_core_group
 from maverick_quant.recipe import CalibSpec
 
 
@@ -87,6 +87,6 @@ def replay_starts(plan, solved: set[str], attention: str = "self_attn",
     solved (a linear in `solved`), not attention-mixed, after the last solved group of the
     `attention` module's linears but its `attention_output`; None where there is none."""
     live = [(index, group) for index, group in enumerate(plan.groups) if set(group.linears) & solved]
-    core = max((index for index, group in live
-                if in_attention_core(group.linears[0], attention, attention_output)), default=-1)
-    return next((index for index, group in live if index > core and not group.mixed_by_attention), None)
+    core = last_core_group([group for _, group in live], attention, attention_output)
+    return next((index for position, (index, group) in enumerate(live)
+                 if position > core and not group.mixed_by_attention), None)
