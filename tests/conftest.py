@@ -156,6 +156,16 @@ def small_text_file(tmp_path: Path) -> Path:
     return path
 
 
+def streaming_model_and_hidden(model_dir: Path, windows: int = 3, length: int = 20):
+    """(StreamingModel of `model_dir` in batches of 2 windows, the embedded hidden states
+    [windows, length, D] of seeded random token ids)."""
+    from maverick_quant.streaming import StreamingModel, open_source
+
+    model = StreamingModel(open_source(model_dir), batch=2)
+    ids = torch.randint(0, 1000, (windows, length), generator=torch.Generator().manual_seed(0))
+    return model, model.embed(ids)
+
+
 def model_logits(model_dir: Path, ids: torch.Tensor, **kwargs) -> torch.Tensor:
     """Logits [B, L, V] of the model in `model_dir`, loaded by transformers with its config's architecture."""
     import json

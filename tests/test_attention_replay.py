@@ -13,13 +13,7 @@ import torch
 from maverick_quant.attention_replay import AttentionReplay
 from maverick_quant.pipeline import quantize_groups_gptq, quantize_layer_gptq
 from maverick_quant.recipe import QuantizeSpec, QuantSpec
-from maverick_quant.streaming import StreamingModel, open_source
-
-
-def _model_and_hidden(model_dir, windows: int = 3, length: int = 24):
-    model = StreamingModel(open_source(model_dir), batch=2)
-    ids = torch.randint(0, 1000, (windows, length), generator=torch.Generator().manual_seed(0))
-    return model, model.embed(ids)
+from conftest import streaming_model_and_hidden
 
 
 def _attention_computed(layer: torch.nn.Module, attention: str) -> list[int]:
@@ -41,7 +35,7 @@ def test_a_dense_layer_quantized_with_replay_is_the_same_bit_for_bit(model_fixtu
     the whole attention) stays in float."""
     from maverick_quant.groups import mark_linears
 
-    model, hidden = _model_and_hidden(request.getfixturevalue(model_fixture))
+    model, hidden = streaming_model_and_hidden(request.getfixturevalue(model_fixture), length=24)
     spec = QuantizeSpec(weights=QuantSpec(bits=4, group_size=32), keep_float=keep_float)
     attention, prefix, names = model.table.attention, model.table.prefix(0), model.plan(0).linears
     replayed_layer, replayed_hidden = model.layer(0), hidden.clone()
@@ -66,7 +60,7 @@ def test_a_dense_layer_quantized_with_replay_is_the_same_bit_for_bit(model_fixtu
 def test_a_replay_serves_exactly_the_recorded_windows(tiny_llama_dir) -> None:
     """Replayed passes must go through the kept windows, all of them, in order; a pass that did
     not see every window keeps nothing."""
-    model, hidden = _model_and_hidden(tiny_llama_dir)
+    model, hidden = streaming_model_and_hidden(tiny_llama_dir, length=24)
     layer = model.layer(0)
     table = model.table
     replay = AttentionReplay(layer.get_submodule(table.attention), layer.get_submodule(table.attention_output),

@@ -6,13 +6,7 @@ import pytest
 import torch
 
 from maverick_quant.calibration.capture import HessianAccumulator, capture_attention_mixed, capture_inputs
-from maverick_quant.streaming import StreamingModel, open_source
-
-
-def _model_and_hidden(model_dir, windows=3, length=20):
-    model = StreamingModel(open_source(model_dir), batch=2)
-    ids = torch.randint(0, 1000, (windows, length), generator=torch.Generator().manual_seed(0))
-    return model, model.embed(ids)
+from conftest import streaming_model_and_hidden
 
 
 def _attention_output_sq_change(model, layer, hidden, name, delta) -> float:
@@ -30,7 +24,7 @@ def _attention_output_sq_change(model, layer, hidden, name, delta) -> float:
 
 
 def test_plain_hessian_is_mean_outer_product(tiny_llama_dir) -> None:
-    model, hidden = _model_and_hidden(tiny_llama_dir)
+    model, hidden = streaming_model_and_hidden(tiny_llama_dir)
     layer = model.layer(0)
     inputs = []
     handle = layer.get_submodule("mlp.down_proj").register_forward_pre_hook(lambda _m, a: inputs.append(a[0].clone()))
@@ -44,7 +38,7 @@ def test_plain_hessian_is_mean_outer_product(tiny_llama_dir) -> None:
 def test_attention_mixed_hessian_predicts_the_attention_output_error(tiny_llama_dir) -> None:
     """tr(dW_g H_g dW_g^T) summed over KV heads, times the query heads per KV head, equals the
     mean squared change of the attention output: the value projection's exact objective."""
-    model, hidden = _model_and_hidden(tiny_llama_dir)
+    model, hidden = streaming_model_and_hidden(tiny_llama_dir)
     layer = model.layer(1)
     config = model.config
     kv, repeat = config.num_key_value_heads, config.num_attention_heads // config.num_key_value_heads
@@ -59,7 +53,7 @@ def test_attention_mixed_hessian_predicts_the_attention_output_error(tiny_llama_
 
 
 def test_eager_and_sdpa_layers_agree(tiny_llama_dir) -> None:
-    model, hidden = _model_and_hidden(tiny_llama_dir)
+    model, hidden = streaming_model_and_hidden(tiny_llama_dir)
     layer = model.layer(2)
     sdpa = model.run_layer(layer, hidden)
     with model.eager_attention():
@@ -91,7 +85,7 @@ def test_one_pass_for_a_layers_groups_gives_each_groups_own_hessian(model_fixtur
     v, o, gate/up, down) and on Llama 4's attention before an MoE block (chunked attention)."""
     from maverick_quant.groups import group_hessian, layer_hessians
 
-    model, hidden = _model_and_hidden(request.getfixturevalue(model_fixture), windows=3, length=24)
+    model, hidden = streaming_model_and_hidden(request.getfixturevalue(model_fixture), windows=3, length=24)
     passes = []
     feed_layer = model.feed_layer
     model.feed_layer = lambda *args, **kwargs: passes.append(1) or feed_layer(*args, **kwargs)
@@ -110,7 +104,7 @@ def test_one_pass_refuses_groups_out_of_the_layers_order(tiny_llama_dir) -> None
     runs later in the layer would miss windows, and is refused, not solved on part of them."""
     from maverick_quant.groups import layer_hessians
 
-    model, hidden = _model_and_hidden(tiny_llama_dir)
+    model, hidden = streaming_model_and_hidden(tiny_llama_dir)
     layer, groups = model.layer(0), model.plan(0).groups
     down, attention_input = groups[-1], groups[0]
     assert down.linears == ("mlp.down_proj",) and not attention_input.mixed_by_attention
